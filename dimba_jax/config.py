@@ -1,0 +1,117 @@
+"""The one place every config field is defined and documented.
+
+`configs/*.py` files start from `default_config()` and override what differs; the comment on
+each field here is its documentation. Unknown keys are an error (the ConfigDict is locked).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns the full, locked default configuration (every field documented inline)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Master seed: parameters, data order, noise and sampling all derive from it.
+    c.task = "dimba"  # What to train: "dimba" (the diffusion denoiser) or "ar" (causal Mamba-2 LM baseline).
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.d_model = 128  # Residual stream width; also the token-embedding dimension.
+    m.n_layers = 4  # Number of Mamba-2 blocks in the denoiser / LM.
+    m.d_state = 32  # SSM state size N per head (Mamba-2 default 128).
+    m.expand = 2  # d_inner = expand * d_model.
+    m.headdim = 32  # SSD head dimension P; nheads = d_inner // headdim.
+    m.ngroups = 1  # B/C groups shared by heads (nheads % ngroups == 0).
+    m.d_conv = 4  # Width of the depthwise causal conv over [x | B | C].
+    m.chunk_size = 64  # SSD chunk length (any seqlen works; padded internally).
+    m.ssd_impl = "auto"  # "auto" | "xla" | "reference" | "pallas" (see dimba_jax.ssd.ssd).
+    m.bidirectional = True  # DIMBA denoiser sees both sides (forward + flipped scan); False = causal ablation.
+    m.conditioning = "film"  # How timestep + pooled prompt condition the blocks: "film" or "additive".
+    m.prompt_encoder = "mlp"  # "mlp" (light, trained) or "frozen" (a Mamba-2 stack from a checkpoint, no grads).
+    m.prompt_encoder_checkpoint = ""  # Workdir of a dimba_jax run whose blocks form the frozen prompt encoder.
+    m.tie_embeddings = True  # Output head weight-tied to the (normalised) embedding; False = separate head.
+    m.embed_scale = 1.0  # Embedding rows are L2-normalised, then multiplied by embed_scale * sqrt(d_model)... see models/dimba.py.
+    m.time_embed_dim = 128  # Width of the sinusoidal timestep embedding before its MLP.
+    m.self_condition = True  # Feed the previous x0 estimate back as an input channel (Plaid/CDCD).
+    m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
+    m.compute_dtype = "float32"  # Activations dtype: "float32" or "bfloat16" (params stay in train.param_dtype).
+
+    # ------------------------------------------------------------ diffusion
+    d = c.diffusion = ml_collections.ConfigDict()
+    d.timesteps = 1000  # Training T: t ~ U{1..T}; samplers may use fewer steps (respacing).
+    d.cosine_s = 0.008  # Offset s of the cosine schedule alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
+    d.ce_weight = 1.0  # Weight of the rounding cross-entropy CE(head(x0_hat), tokens) beside the x0 MSE.
+    d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).
+    d.prompt_drop_prob = 0.1  # Probability of dropping the prompt (classifier-free guidance training).
+    d.layout_probs = (0.3, 0.5, 0.2)  # Probabilities of prompt layouts per example: (none, prefix, infill).
+    d.max_prompt_frac = 0.5  # Largest fraction of a window used as a prompt / kept context.
+
+    # ---------------------------------------------------------------- sample
+    s = c.sample = ml_collections.ConfigDict()
+    s.sampler = "ddim"  # "ddim" or "ddpm".
+    s.steps = 32  # Reverse steps at sampling time (<= diffusion.timesteps; respaced).
+    s.eta = 0.0  # DDIM eta (0 = deterministic; 1 = DDPM-like variance).
+    s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional only, 0 = unconditional).
+    s.clamp = True  # Snap x0_hat toward the embedding table (softmax-weighted) at each step.
+    s.length = 128  # Generated tokens per sample (excluding the prompt).
+    s.num_samples = 4  # Samples written at each sampling interval / in --mode sample.
+    s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.
+
+    # ------------------------------------------------------------------ data
+    a = c.data = ml_collections.ConfigDict()
+    a.source = "embedded"  # "embedded" (corpus shipped in the package) | "files:GLOB" (.txt/.jsonl/.jsonl.xz) | "tfds:NAME".
+    a.val_source = ""  # Validation source in the same syntax; "" = the held-out part of `source`.
+    a.text_field = "text"  # Field holding the text in jsonl records / tfds examples.
+    a.tfds_split = "train"  # Split read from a tfds source.
+    a.tokenizer = "byte"  # "byte" (no files) or "bpe" (the committed BPE vocabulary in the package).
+    a.seq_len = 128  # Tokens per training window (documents packed with EOS).
+    a.shuffle_buffer_docs = 0  # Reserved; shuffling is a global grain index shuffle over windows (deterministic).
+    a.num_workers = 0  # grain worker processes (0 = in-process).
+    a.max_docs = 0  # Use at most this many documents (0 = all); handy for quick experiments.
+
+    # ----------------------------------------------------------------- train
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 300  # Optimizer steps.
+    t.batch_size = 32  # Global batch size in windows (split across processes and data/fsdp devices).
+    t.grad_accum = 1  # Micro-batches accumulated per optimizer step.
+    t.lr = 3e-3  # Peak learning rate (AdamW).
+    t.warmup_steps = 30  # Linear warm-up steps, then cosine decay to lr * final_lr_frac.
+    t.final_lr_frac = 0.1  # Cosine decay floor as a fraction of the peak learning rate.
+    t.weight_decay = 0.01  # AdamW decoupled weight decay (not on A_log, dt_bias, D, norms, embeddings).
+    t.decay_embeddings = False  # Apply weight decay to embeddings too.
+    t.b1 = 0.9  # AdamW beta1.
+    t.b2 = 0.95  # AdamW beta2.
+    t.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+    t.ema_decay = 0.999  # EMA of parameters used for sampling (0 = no EMA).
+    t.param_dtype = "float32"  # Parameter and optimizer-state dtype.
+    t.checkpoint_every = 100  # Save a checkpoint every this many steps (and at the end / on SIGTERM).
+    t.keep_checkpoints = 3  # Keep the last N checkpoints.
+    t.log_every = 10  # Metrics (JSON lines + TensorBoard) every this many steps.
+    t.sample_every = 0  # Write samples every this many steps (0 = only at the end).
+    t.eval_every = 0  # Validation loss every this many steps (0 = only at the end).
+    t.eval_batches = 4  # Validation batches per evaluation.
+
+    # ------------------------------------------------------------------ mesh
+    h = c.mesh = ml_collections.ConfigDict()
+    h.data = -1  # Size of the `data` mesh axis (-1 = all remaining devices).
+    h.fsdp = 1  # Size of the `fsdp` axis (parameters and optimizer state sharded over it).
+    h.tensor = 1  # Size of the `tensor` axis (model-parallel inner dimensions).
+    # Logical axis name -> mesh axes. Layers annotate parameters with logical names only.
+    h.axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("vocab", "tensor"),
+        ("state", None),
+        ("conv", None),
+        ("seq", None),
+    )
+    # Multi-process: leave empty to read the cluster's environment (SLURM/TPU) or run one process.
+    h.coordinator_address = ""  # "host:port" of process 0 for jax.distributed.initialize.
+    h.num_processes = 1  # Total processes (with coordinator_address).
+    h.process_id = 0  # This process's index (with coordinator_address).
+
+    c.lock()
+    return c

@@ -1,0 +1,1 @@
+"""dimba_jax.interop"""
