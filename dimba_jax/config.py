@@ -69,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
     a.shuffle_buffer_docs = 0  # Reserved; shuffling is a global grain index shuffle over windows (deterministic).
     a.num_workers = 0  # grain worker processes (0 = in-process).
     a.max_docs = 0  # Use at most this many documents (0 = all); handy for quick experiments.
+    a.tfds_data_dir = ""  # data_dir of tfds sources ("" = tfds's default, ~/tensorflow_datasets).
+    a.heldout_fraction = 0.05  # files/tfds sources without val_source: last fraction of documents held out for validation.
+    a.token_cache_dir = ""  # Cache the tokenised training stream here as .npy (memory-mapped on reuse); "" = no cache.
 
     # ----------------------------------------------------------------- train
     t = c.train = ml_collections.ConfigDict()
@@ -91,6 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.sample_every = 0  # Write samples every this many steps (0 = only at the end).
     t.eval_every = 0  # Validation loss every this many steps (0 = only at the end).
     t.eval_batches = 4  # Validation batches per evaluation.
+    t.async_checkpointing = True  # Save checkpoints in a background thread (training continues during the write).
+    t.peak_flops = 0.0  # Peak FLOP/s per device for MFU (0 = from the table in dimba_jax/train/flops.py by device kind).
 
     # ------------------------------------------------------------------ mesh
     h = c.mesh = ml_collections.ConfigDict()
@@ -112,6 +117,13 @@ def default_config() -> ml_collections.ConfigDict:
     h.coordinator_address = ""  # "host:port" of process 0 for jax.distributed.initialize.
     h.num_processes = 1  # Total processes (with coordinator_address).
     h.process_id = 0  # This process's index (with coordinator_address).
+
+    # -------------------------------------------------------------------- ar
+    # Autoregressive baseline (task="ar", dimba_jax.models.ar); model sizes come from `model`.
+    r = c.ar = ml_collections.ConfigDict()
+    r.temperature = 1.0  # Sampling temperature of the AR baseline's samples (0 = greedy argmax).
+    r.top_p = 0.95  # Nucleus mass of the AR baseline's samples (1 = no truncation).
+    r.pad_vocab_size_multiple = 16  # Embedding rows padded to this multiple (mamba_ssm's rule; 16 in the published Mamba-2 checkpoints).
 
     c.lock()
     return c

@@ -1,1 +1,143 @@
-"""dimba_jax.ssd"""
+"""Mamba-2 SSD: one function, `ssd`, with three implementations behind it.
+
+    from dimba_jax.ssd import ssd
+    y = ssd(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+
+- impl="reference": the sequential recurrence (`lax.scan` over time); the ground truth.
+- impl="xla": chunked SSD in plain XLA (`chunked.py`); runs everywhere, differentiable.
+- impl="pallas": Pallas GPU kernels (`pallas_gpu.py`, Hopper); falls back to "xla", with a logged
+  warning giving the reason, when the module is absent or does not support the call.
+- impl="auto": "pallas" on a Hopper GPU when it supports the call, else "xla". Never fails
+  because a kernel is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+import jax
+
+from dimba_jax.ssd import _common
+from dimba_jax.ssd.chunked import chunked_scan
+from dimba_jax.ssd.reference import reference_scan
+
+__all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS"]
+
+IMPLS = _common.IMPLS
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _on_hopper_gpu() -> bool:
+    """True when the default backend is an NVIDIA GPU of compute capability 9.x (H100/H200)."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    capability = str(getattr(device, "compute_capability", ""))
+    if capability:
+        return capability.split(".")[0] == "9"
+    kind = str(getattr(device, "device_kind", "")).upper()
+    return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
+
+
+def _load_pallas():
+    """Returns the `pallas_gpu` module, or (None, reason) when it cannot be imported."""
+    try:
+        return importlib.import_module("dimba_jax.ssd.pallas_gpu"), ""
+    except Exception as e:  # absent module, or a jax without Mosaic GPU: fall back, never fail
+        return None, f"dimba_jax.ssd.pallas_gpu could not be imported ({type(e).__name__}: {e})"
+
+
+def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
+    """Which implementation `ssd(..., impl=impl)` runs for these arguments, and why.
+
+    Args:
+      impl: one of IMPLS.  kwargs: the keyword arguments of `ssd` (forwarded to
+        `pallas_gpu.supported` when the Pallas kernel is a candidate).
+    Returns:
+      (chosen impl in {"reference", "xla", "pallas"}, reason string; "" when impl was honoured).
+    """
+    if impl in ("reference", "xla"):
+        return impl, ""
+    if impl == "auto" and not _on_hopper_gpu():
+        return "xla", "auto: not on a Hopper GPU"
+    module, reason = _load_pallas()
+    if module is None:
+        return "xla", reason
+    try:
+        ok, why = module.supported(**kwargs)
+    except Exception as e:
+        ok, why = False, f"pallas_gpu.supported raised {type(e).__name__}: {e}"
+    if not ok:
+        return "xla", f"pallas kernel does not support this call: {why}"
+    return "pallas", ""
+
+
+def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
+        return_final_states=False, impl="auto"):
+    """Mamba-2 SSD scan with the semantics of mamba_ssm's `mamba_chunk_scan_combined`.
+
+    dt <- clip(softplus?(dt + dt_bias), *dt_limit) (float32);
+    h_t = exp(dt_t A) h_{t-1} + dt_t (x_t outer B_t) (state headdim x dstate per head);
+    y_t = h_t . C_t + D x_t;  y <- y * silu(z) when z is given.
+    The state resets to zero wherever seq_idx changes; initial_states is the state before the
+    first step and applies to the first segment only.
+
+    Args:
+      x: (batch, seqlen, nheads, headdim) float (bf16 / f32); sets the output dtype.
+      dt: (batch, seqlen, nheads).
+      A: (nheads,) (negative for a decaying state).
+      B, C: (batch, seqlen, ngroups, dstate); nheads % ngroups == 0; head h uses group
+        h // (nheads // ngroups).
+      chunk_size: int > 0, the block length of the chunked algorithms (results do not depend
+        on it beyond rounding; seqlen need not be a multiple of it).
+      D: (nheads,) or (nheads, headdim) skip weight, or None.
+      z: (batch, seqlen, nheads, headdim) gate, or None.
+      dt_bias: (nheads,) or None.  dt_softplus: bool.  dt_limit: (min, max) clip of dt.
+      initial_states: (batch, nheads, headdim, dstate) or None.
+      seq_idx: (batch, seqlen) int or None (packed sequences).
+      return_final_states: also return the state after the last step.
+      impl: "auto" | "xla" | "reference" | "pallas".
+    Returns:
+      y: (batch, seqlen, nheads, headdim) in x.dtype, and, if return_final_states,
+      final_states: (batch, nheads, headdim, dstate) float32.
+    Raises:
+      ValueError on wrong shapes/ranks, mismatched batch/seqlen, nheads % ngroups != 0,
+      chunk_size <= 0, a bad dt_limit or an unknown impl.
+    """
+    _common.validate_inputs(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                            dt_limit=dt_limit, initial_states=initial_states,
+                            seq_idx=seq_idx, impl=impl)
+    options = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                   initial_states=initial_states, seq_idx=seq_idx,
+                   return_final_states=return_final_states)
+    chosen, reason = resolve_impl(impl, x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size,
+                                  **options)
+    if impl == "pallas" and chosen != "pallas":
+        _warn_once(f"ssd(impl='pallas') falls back to 'xla': {reason}")
+    if chosen == "pallas":
+        module, _ = _load_pallas()
+        return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+
+    dt_eff = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    segments = _common.segment_ids(seq_idx)
+    if chosen == "reference":
+        y, final_states = reference_scan(x, dt_eff, A, B, C, initial_states=initial_states,
+                                         segment_ids=segments)
+    else:
+        y, final_states = chunked_scan(x, dt_eff, A, B, C, int(chunk_size),
+                                       initial_states=initial_states, segment_ids=segments)
+    y = _common.apply_skip_and_gate(y, x, D=D, z=z)
+    return (y, final_states) if return_final_states else y

@@ -1,0 +1,287 @@
+"""One-call GPU driver: (optionally train,) then time and judge DIMBA vs the AR baseline.
+
+Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` — the issue's format
+{"device", "command", "reference": {"judge_ppl", "entropy"}, "rows": [...], "long_context": [...]}
+— after every measured spec, so a run cut short keeps everything it measured and the next run
+continues where it stopped (finished specs are skipped). Make the plots and the Markdown table
+afterwards on any machine with `python benchmarks/plot_pareto.py`.
+
+Typical use on one H200 (the lead's single call; total wall time bounded by --budget-s):
+
+    python benchmarks/pareto.py --data-dir .gpu/data --train-seconds 100 \\
+        --dimba runs/dimba_small --ar runs/ar_small --judge runs/judge \\
+        --results benchmarks/results/pareto_h200.json --out $OUT/pareto_h200.json --budget-s 500
+
+Phases, in order, each within what is left of --budget-s:
+ 1. train (only with --train-seconds > 0): judge, AR baseline, DIMBA, each from its config
+    (--judge-config configs/judge.py, --ar-config configs/ar_small.py, --dimba-config
+    configs/small.py) into its workdir for about that many seconds; an existing workdir is
+    resumed (its checkpoint continues), so repeated calls keep training the same models.
+ 2. load the three models from their workdirs (EMA weights when present).
+ 3. the headline specs: AR and DIMBA DDIM T=64 at the longest length, unprompted.
+ 4. the long-context study (denoiser forward at L = 1k..64k, random weights of the DIMBA
+    config; --long-context "" skips it).
+ 5. every other selected spec, most important first, until the budget is spent.
+Subset flags (--models, --samplers, --steps, --lengths, --prompted, --variants, --batches)
+select a part of the grid so results can accumulate over several short calls.
+
+`--smoke` runs the whole pipeline on CPU in seconds: tiny random-weight models built from the
+default config (byte tokenizer), tiny lengths and step counts, the embedded validation books.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+import time
+
+# Runnable as `python benchmarks/pareto.py` from the repository root without installation.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import jax  # noqa: E402
+
+from dimba_jax.evaluate import harness, judge as judge_lib, loading, long_context  # noqa: E402
+from dimba_jax.evaluate import results as results_lib  # noqa: E402
+from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator  # noqa: E402
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dimba", default="runs/dimba_small", help="DIMBA training workdir")
+    p.add_argument("--ar", default="runs/ar_small", help="AR baseline training workdir")
+    p.add_argument("--judge", default="runs/judge", help="judge (AR LM) training workdir")
+    p.add_argument("--dimba-config", default="configs/small.py")
+    p.add_argument("--ar-config", default="configs/ar_small.py")
+    p.add_argument("--judge-config", default="configs/judge.py")
+    p.add_argument("--train-seconds", type=float, default=0.0,
+                   help="train each model about this long first (resuming its workdir); 0 = no training")
+    p.add_argument("--data-dir", default="",
+                   help="directory with train-*.jsonl.xz and validation.jsonl.xz (the shared corpus); "
+                        "sets data.source/val_source of the trained configs and the validation books")
+    p.add_argument("--val-source", default="",
+                   help="validation books (open_source spec); default: --data-dir's validation file, "
+                        "else the DIMBA config's data.val_source, else the embedded validation books")
+    p.add_argument("--results", default="benchmarks/results/pareto_h200.json",
+                   help="existing results to merge into (read if present)")
+    p.add_argument("--out", default="", help="where to write the merged results (default: --results)")
+    p.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole call")
+    p.add_argument("--models", default="ar,dimba")
+    p.add_argument("--samplers", default="ddim,ddpm")
+    p.add_argument("--steps", default="8,16,32,64,128,256")
+    p.add_argument("--lengths", default="1024,256")
+    p.add_argument("--prompted", default="0,1", help="0 = unconditional, 1 = prompted")
+    p.add_argument("--variants", default="", help="comma list of ablation variants: "
+                   + ", ".join(k for k in harness.VARIANTS if k) + " ('' = default settings)")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (3 at larger batches)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--judge-window", type=int, default=1024)
+    p.add_argument("--judge-batch", type=int, default=16)
+    p.add_argument("--long-context", default="1024,4096,16384,65536",
+                   help="lengths of the long-context study ('' = skip)")
+    p.add_argument("--overwrite", action="store_true", help="re-measure specs already in the results")
+    p.add_argument("--compile-cache", default="runs/jax_cache",
+                   help="persistent XLA compilation cache ('' = off); survives between calls on a warm machine")
+    p.add_argument("--smoke", action="store_true", help="tiny random models on CPU (tests)")
+    p.add_argument("--no-headline-first", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- configs
+def load_config_file(path: str):
+    """`get_config()` of an ml_collections config file (FileNotFoundError if missing)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def smoke_config(task: str):
+    """A tiny config for CPU smoke runs (byte tokenizer, one narrow layer)."""
+    from dimba_jax.config import default_config
+
+    c = default_config()
+    c.task = task
+    c.model.d_model = 32
+    c.model.n_layers = 1
+    c.model.d_state = 8
+    c.model.headdim = 16
+    c.model.chunk_size = 16
+    c.model.time_embed_dim = 32
+    c.model.ssd_impl = "xla"
+    c.diffusion.timesteps = 100
+    c.data.tokenizer = "byte"
+    c.data.seq_len = 32
+    return c
+
+
+def _apply_data_dir(config, data_dir: str) -> None:
+    if data_dir:
+        config.data.source = f"files:{os.path.join(data_dir, 'train-*.jsonl.xz')}"
+        config.data.val_source = f"files:{os.path.join(data_dir, 'validation.jsonl.xz')}"
+
+
+# ----------------------------------------------------------------------------- training
+def train_for(config, workdir: str, seconds: float, log) -> None:
+    """Trains `config` into `workdir` for about `seconds` (resuming an existing run)."""
+    from dimba_jax.train import loop
+
+    if hasattr(config.train, "max_seconds"):
+        with config.unlocked():
+            config.train.max_seconds = float(seconds)
+        log(f"[pareto] training {config.task} into {workdir} for {seconds:.0f}s")
+        loop.train_and_evaluate(config, workdir)
+    else:  # no time budget in the trainer: estimate steps from a short first run
+        raise ValueError("the trainer has no config.train.max_seconds; cannot train by time budget")
+
+
+# ----------------------------------------------------------------------------- validation text
+def validation_texts(args, dimba_config, limit_docs: int = 64) -> list[str]:
+    """The validation books (documents as strings)."""
+    from dimba_jax.data.sources import open_source
+
+    spec = args.val_source
+    if not spec and args.data_dir:
+        spec = f"files:{os.path.join(args.data_dir, 'validation.jsonl.xz')}"
+    if not spec and dimba_config is not None and dimba_config.data.val_source:
+        spec = dimba_config.data.val_source
+    if not spec:
+        spec = "embedded"
+    src = open_source(spec, split="validation" if spec == "embedded" else "all")
+    return [src[i] for i in range(min(len(src), limit_docs))]
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget_s
+    out_path = args.out or args.results
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.compile_cache and not args.smoke:
+        os.makedirs(args.compile_cache, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    device = jax.devices()[0]
+    device_name = f"{device.platform}:{getattr(device, 'device_kind', '')} x{jax.device_count()}"
+    command = "python benchmarks/pareto.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    log(f"[pareto] device {device_name}; budget {args.budget_s:.0f}s")
+
+    models_info = {}
+    if args.smoke:
+        dimba_cfg, ar_cfg, judge_cfg = smoke_config("dimba"), smoke_config("ar"), smoke_config("ar")
+        dimba_model, _, dimba_tok = loading.fresh_model(dimba_cfg, seed=0)
+        ar_model, _, ar_tok = loading.fresh_model(ar_cfg, seed=1)
+        judge_model, _, judge_tok = loading.fresh_model(judge_cfg, seed=2)
+        for name, m in (("dimba", dimba_model), ("ar", ar_model), ("judge", judge_model)):
+            models_info[name] = {"workdir": None, "step": 0, "params": loading.count_params(m),
+                                 "note": "random weights (smoke)"}
+    else:
+        if args.train_seconds > 0:
+            for name, cfg_path, workdir in (("judge", args.judge_config, args.judge),
+                                            ("ar", args.ar_config, args.ar),
+                                            ("dimba", args.dimba_config, args.dimba)):
+                left = deadline - time.perf_counter()
+                if left < 3 * args.train_seconds:  # keep time for evaluation
+                    log(f"[pareto] skipping training of {name}: only {left:.0f}s left")
+                    continue
+                cfg = load_config_file(cfg_path)
+                _apply_data_dir(cfg, args.data_dir)
+                train_for(cfg, workdir, args.train_seconds, log)
+        loaded = {}
+        for name, workdir in (("dimba", args.dimba), ("ar", args.ar), ("judge", args.judge)):
+            model, _, cfg, tok, step = loading.load_model(workdir)
+            loaded[name] = (model, cfg, tok)
+            models_info[name] = {"workdir": workdir, "step": step, "params": loading.count_params(model),
+                                 "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
+                                 "seq_len": int(cfg.data.seq_len), "tokenizer": cfg.data.tokenizer,
+                                 "tokens_seen": int(step) * int(cfg.train.batch_size) * int(cfg.data.seq_len)}
+        (dimba_model, dimba_cfg, dimba_tok), (ar_model, ar_cfg, ar_tok), (judge_model, judge_cfg, judge_tok) = (
+            loaded["dimba"], loaded["ar"], loaded["judge"])
+
+    val_texts = validation_texts(args, None if args.smoke else dimba_cfg)
+    judge = judge_lib.Judge(judge_model, judge_tok, window=args.judge_window, batch_size=args.judge_batch)
+    generators = {"dimba": DimbaGenerator(dimba_model, dimba_cfg, dimba_tok),
+                  "ar": ArGenerator.from_config(ar_model, ar_cfg, ar_tok)}
+
+    variants = _strs(args.variants) if args.variants else [""]  # ",noclamp" = default + noclamp
+    specs = harness.plan(models=_strs(args.models), samplers=_strs(args.samplers),
+                         steps=_ints(args.steps), lengths=_ints(args.lengths),
+                         prompted=[bool(int(v)) for v in _strs(args.prompted)], variants=variants)
+    options = harness.HarnessOptions(batches=_ints(args.batches), repeats_small=args.repeats,
+                                     repeats_large=max(1, min(3, args.repeats)),
+                                     prompt_len=args.prompt_len, overwrite=args.overwrite)
+    # start from the existing results (--results), write to --out
+    if out_path != args.results and os.path.exists(args.results) and not os.path.exists(out_path):
+        results_lib.save(results_lib.load(args.results), out_path)
+    res = results_lib.load(out_path)
+    res.setdefault("models", {}).update(models_info)
+    results_lib.save(res, out_path)
+
+    def run_specs(subset):
+        options.time_budget_s = max(0.0, deadline - time.perf_counter())
+        return harness.run_harness(generators, judge, subset, val_texts, out_path, options=options,
+                                   command=command, device=device_name, log=log)
+
+    headline = [s for s in specs if not s.prompted and not s.variant and s.L_gen == max(s.L_gen for s in specs)
+                and (s.model == "ar" or (s.sampler == "ddim" and s.steps == 64))]
+    if not args.no_headline_first and headline:
+        run_specs(headline)
+
+    lc_lengths = _ints(args.long_context) if args.long_context else []
+    if args.smoke and lc_lengths == _ints("1024,4096,16384,65536"):
+        lc_lengths = [64, 256]
+    if lc_lengths and deadline - time.perf_counter() > 20:
+        lc_model, _, _ = loading.fresh_model(dimba_cfg, dimba_tok, seed=0)
+        res = results_lib.load(out_path)
+        done = {r["L"] for r in res.get("long_context", [])}
+        todo = [L for L in lc_lengths if args.overwrite or L not in done]
+
+        def save_row(row):
+            r = results_lib.load(out_path)
+            results_lib.merge_long_context(r, [row])
+            r["long_context_slope"] = long_context.slope_of(r["long_context"])
+            r["long_context_model"] = {"d_model": int(dimba_cfg.model.d_model),
+                                       "n_layers": int(dimba_cfg.model.n_layers),
+                                       "bidirectional": bool(dimba_cfg.model.bidirectional),
+                                       "compute_dtype": str(dimba_cfg.model.compute_dtype),
+                                       "ssd_impl": str(dimba_cfg.model.ssd_impl),
+                                       "params": loading.count_params(lc_model),
+                                       "weights": "random (timing only)", "batch": 1}
+            results_lib.add_command(r, command, device_name)
+            results_lib.save(r, out_path)
+            log(f"[pareto] long context L={row['L']}: {row['step_ms']:.3f} ms, peak "
+                f"{row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 3)} GiB")
+
+        if todo:
+            long_context.measure_scaling(long_context.dimba_forward_step_factory(lc_model), todo,
+                                         repeats=args.repeats,
+                                         time_budget_s=max(0.0, deadline - time.perf_counter() - 10),
+                                         on_result=save_row)
+        del lc_model
+
+    rest = [s for s in specs if s not in headline]
+    if rest:
+        run_specs(rest)
+    res = results_lib.load(out_path)
+    results_lib.validate(res)
+    log(f"[pareto] done in {time.perf_counter() - t_start:.0f}s: {len(res['rows'])} rows, "
+        f"{len(res['long_context'])} long-context rows -> {out_path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Check and time the Pallas SSD kernels against the XLA chunked SSD on one GPU.
+
+Usage (on the GPU machine, from the repository root):
+    PYTHONPATH=$PWD python3 benchmarks/ssd_pallas_bench.py --out benchmarks/results
+
+What it does, in one run:
+  1. correctness: pallas (every kernel variant) vs the float32 sequential reference, forward
+     and all gradients, float32 and bfloat16, fresh random inputs (seqlen not a multiple of the
+     chunk); the XLA chunked SSD's bf16 error is printed beside it for scale;
+  2. timing at the four DESIGN.md shapes (bf16, dstate 128, headdim 64, 1 group, chunk 256 for
+     xla): forward and forward+backward (vjp of y w.r.t. x, dt, A, B, C, D with dt_bias +
+     softplus), median of >= 50 timed runs after warm-up;
+  3. writes ssd_h200.json (the issue's format, plus variant rows and errors) and ssd_h200.md.
+
+Timing: each sample is the wall time of `inner` back-to-back calls followed by one
+block_until_ready, divided by `inner` (amortises Python dispatch, as a CUDA-graph replay would);
+the median over samples is reported. Inputs are regenerated per shape (random normal, never zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimba_jax.ssd import _common
+from dimba_jax.ssd import pallas_gpu
+from dimba_jax.ssd.chunked import chunked_scan
+from dimba_jax.ssd.reference import reference_scan
+
+SHAPES = [  # name, B, L, H  (P=64, N=128, 1 group, chunk 256), mamba_ssm Triton fwd / fwd+bwd ms
+    ("130m-L2k", 8, 2048, 24, 1.02, 4.81),
+    ("130m-L8k", 2, 8192, 24, 0.93, 3.91),
+    ("1.3b-L2k", 8, 2048, 64, 0.99, 5.52),
+    ("130m-L32k", 1, 32768, 24, 1.06, 5.20),
+]
+P, N, G, CHUNK = 64, 128, 1, 256
+
+
+def nominal_flops(b, l, h, p=P, n=N, q=CHUNK):
+    """Forward FLOPs of chunked SSD at chunk q (full Q x Q blocks): C B^T, (CB o L) x, chunk
+    states and state->output; forward+backward counted as 3x forward."""
+    nc = math.ceil(l / q)
+    return b * h * nc * (2 * q * q * n + 2 * q * q * p + 4 * q * n * p)
+
+
+def min_bytes(b, l, h, itemsize=2, p=P, n=N, g=G):
+    """Fewest bytes of a forward: read x, B, C, dt once, write y once."""
+    return itemsize * (2 * b * l * h * p + 2 * b * l * g * n) + 4 * b * l * h
+
+
+def xla_ssd(x, dt, A, B, C, D=None, dt_bias=None, chunk_size=CHUNK):
+    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=True)
+    y, _ = chunked_scan(x, dtp, A, B, C, chunk_size)
+    return _common.apply_skip_and_gate(y, x, D=D)
+
+
+def pallas_ssd(block_len, num_warps):
+    def fn(x, dt, A, B, C, D=None, dt_bias=None):
+        return pallas_gpu.ssd_pallas(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias,
+                                     dt_softplus=True, block_len=block_len, num_warps=num_warps)
+    return fn
+
+
+def make_inputs(key, b, l, h, dtype, p=P, n=N, g=G):
+    ks = jax.random.split(key, 8)
+    return dict(
+        x=jax.random.normal(ks[0], (b, l, h, p)).astype(dtype),
+        dt=jax.random.normal(ks[1], (b, l, h)) - 1.0,
+        A=-jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
+        B=jax.random.normal(ks[3], (b, l, g, n)).astype(dtype),
+        C=jax.random.normal(ks[4], (b, l, g, n)).astype(dtype),
+        D=jax.random.normal(ks[5], (h,)),
+        dt_bias=jax.random.normal(ks[6], (h,)) * 0.5,
+    ), jax.random.normal(ks[7], (b, l, h, p)).astype(dtype)
+
+
+ARGS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+
+
+def fwd_fn(fn):
+    return jax.jit(lambda *a: fn(*a))
+
+
+def fwdbwd_fn(fn):
+    def f(dy, *a):
+        y, vjp = jax.vjp(fn, *a)
+        return y, vjp(dy)
+    return jax.jit(f)
+
+
+def time_ms(f, args, n, inner):
+    jax.block_until_ready(f(*args))
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner * 1e3)
+    return statistics.median(samples), float(np.percentile(samples, 10)), float(np.percentile(samples, 90))
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def reference_ssd(x, dt, A, B, C, D=None, dt_bias=None):
+    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=True)
+    with jax.default_matmul_precision("highest"):
+        y, _ = reference_scan(x, dtp, A, B, C)
+    return _common.apply_skip_and_gate(y, x, D=D)
+
+
+def check(fn, dtype, seed, dims):
+    b, l, h, p, g, n = dims
+    inputs, dy = make_inputs(jax.random.key(seed), b, l, h, dtype, p, n, g)
+    args = [inputs[k] for k in ARGS]
+    y, grads = fwdbwd_fn(fn)(dy, *args)
+    y_ref, grads_ref = fwdbwd_fn(reference_ssd)(dy, *args)
+    err = {"y": rel(y, y_ref)}
+    for k, gr, gr_ref in zip(ARGS, grads, grads_ref):
+        err["d" + k] = rel(gr, gr_ref)
+    return err
+
+
+def write(result, a):
+    """Writes ssd_h200.json and ssd_h200.md under a.out (called after every shape)."""
+    with open(os.path.join(a.out, "ssd_h200.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = ["| shape | impl | fwd ms | fwd+bwd ms | fwd / mamba_ssm | fwd+bwd / mamba_ssm | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"] + result["variant_rows"]:
+        if "fwd_ms" not in r:
+            lines.append(f"| {r['shape']} | {r['impl']} | error | error | | | | |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['impl']}{' (' + r['variant'] + ')' if 'variant' in r else ''} "
+            f"| {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwd_ms'] / r['mamba_ssm_fwd_ms']:.2f} "
+            f"| {r['fwdbwd_ms'] / r['mamba_ssm_fwdbwd_ms']:.2f} | {r['fwd_tflops']:.0f} "
+            f"| {r['fwdbwd_tflops']:.0f} |")
+    md = (f"# SSD on {result['device']} (jax {result['jax']})\n\n"
+          f"Command: `{result['command']}`\n\nbf16, headdim 64, dstate 128, 1 group; medians of "
+          f"{a.runs} samples. TFLOP/s are nominal (chunk-256 SSD FLOPs, fwd+bwd = 3x fwd). "
+          f"Targets: fwd <= 0.5x and fwd+bwd <= 0.4x mamba_ssm.\n\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(a.out, "ssd_h200.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--variants", default="64x4,128x4,128x8",
+                    help="pallas kernel variants, block_len x num_warps, comma separated")
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-xla", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    dev = jax.devices()[0]
+    print("device:", dev.device_kind, dev.platform, getattr(dev, "compute_capability", ""),
+          "jax", jax.__version__, flush=True)
+    ok, why = pallas_gpu.supported(x=jnp.zeros((1, 1, 1, P)), dt=None, A=None,
+                                   B=jnp.zeros((1, 1, 1, N)), C=None, chunk_size=CHUNK)
+    print("supported:", ok, why, flush=True)
+    variants = [tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
+    result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
+              "jax": jax.__version__, "rows": [], "variant_rows": [], "errors": {}}
+
+    # ---------------------------------------------------------------- correctness
+    if not a.skip_check:
+        rng = np.random.default_rng()
+        for dims in [(2, 300, 4, 64, 1, 128), (1, 517, 6, 64, 2, 64)]:
+            for dtype in (jnp.float32, jnp.bfloat16):
+                tag = f"{jnp.dtype(dtype).name}-{'x'.join(map(str, dims))}"
+                for q, nw in variants:
+                    key = f"pallas_{q}x{nw}/{tag}"
+                    try:
+                        err = check(pallas_ssd(q, nw), dtype, int(rng.integers(1 << 30)), dims)
+                    except Exception as e:  # report and carry on: one variant may not compile
+                        err = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                    result["errors"][key] = err
+                    print(key, json.dumps(err), flush=True)
+                err = check(xla_ssd, dtype, int(rng.integers(1 << 30)), dims)
+                result["errors"][f"xla/{tag}"] = err
+                print(f"xla/{tag}", json.dumps(err), flush=True)
+
+    # ---------------------------------------------------------------- timing
+    want = set(a.shapes.split(","))
+    for name, b, l, h, ref_fwd, ref_fb in SHAPES:
+        if name not in want:
+            continue
+        inputs, dy = make_inputs(jax.random.key(hash(name) % (1 << 30)), b, l, h, jnp.bfloat16)
+        args = [inputs[k] for k in ARGS]
+        flops = nominal_flops(b, l, h)
+        base = {"shape": name, "B": b, "L": l, "H": h, "P": P, "N": N, "chunk": CHUNK,
+                "mamba_ssm_fwd_ms": ref_fwd, "mamba_ssm_fwdbwd_ms": ref_fb,
+                "nominal_fwd_gflop": flops / 1e9, "min_fwd_mbytes": min_bytes(b, l, h) / 1e6}
+        impls = [] if a.skip_xla else [("xla", None, xla_ssd)]
+        impls += [(f"pallas_{q}x{nw}", (q, nw), pallas_ssd(q, nw)) for q, nw in variants]
+        best = None
+        for label, var, fn in impls:
+            row = dict(base, impl=label)
+            try:
+                row["fwd_ms"], row["fwd_p10"], row["fwd_p90"] = time_ms(fwd_fn(fn), args, a.runs, a.inner)
+                row["fwdbwd_ms"], row["fwdbwd_p10"], row["fwdbwd_p90"] = time_ms(
+                    fwdbwd_fn(fn), [dy] + args, a.runs, a.inner)
+                row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                row["fwdbwd_tflops"] = 3 * flops / row["fwdbwd_ms"] / 1e9
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(json.dumps(row), flush=True)
+            if var is None:
+                result["rows"].append(row)
+            else:
+                row["block_len"], row["num_warps"] = var
+                result["variant_rows"].append(row)
+                if "fwdbwd_ms" in row and (best is None or row["fwdbwd_ms"] < best["fwdbwd_ms"]):
+                    best = row
+        if best is not None:
+            result["rows"].append(dict(best, impl="pallas", variant=best["impl"]))
+        write(result, a)
+
+    write(result, a)
+
+
+if __name__ == "__main__":
+    main()

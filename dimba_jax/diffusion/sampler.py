@@ -1,0 +1,192 @@
+"""Reverse diffusion: DDPM and DDIM with respacing, classifier-free guidance, clamping, self-conditioning.
+
+`sample(...)` runs the whole reverse process as ONE `jax.jit` whose body is a `lax.scan` over the
+kept timesteps (the number of steps is static through the shapes of the timestep arrays), so the
+model is traced once per compilation whatever the number of steps.
+
+Respacing: `steps` (1..T) kept timesteps tau_S = T > ... > tau_1 = 1 (CosineSchedule.respaced_timesteps);
+each step goes from tau_i to tau_{i-1} using alpha_bar at both (for DDPM the per-step beta is
+1 - alpha_bar(tau_i)/alpha_bar(tau_{i-1}), the respaced-DDPM rule of Nichol & Dhariwal). The step
+after tau_1 goes to "time 0", treated as clean data (alpha_bar = 1): its posterior has zero
+variance and mean x0_hat, so the final state *is* the last x0 estimate.
+
+Per step, with x0_hat the model's estimate:
+* CFG: x0_hat = uncond + w (cond - uncond), w = `guidance` (1 = conditional only, one forward;
+  0 = unconditional only, one forward; otherwise both branches in one batched forward). The
+  unconditional branch is the same layout with the prompt dropped (DimbaModel `drop_prompt`).
+* clamp (switch): x0_hat <- softmax(head(x0_hat)) @ E, the softmax-weighted embedding.
+* known positions are re-imposed (clean embeddings) in x0_hat and in x_{t-1} at every step.
+* self-conditioning (switch): the previous step's final x0_hat is fed to the next step.
+* DDPM: x_{t-1} ~ N(mu_post, var_post) of q(x_{t-1} | x_t, x0_hat).
+  DDIM: x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
+  eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t),
+  sigma = eta sqrt((1 - ab_prev)/(1 - ab_t)) sqrt(1 - ab_t/ab_prev); eta = 1 equals DDPM.
+Read-out: argmax of the head on the final x0 (or a sample at `temperature` > 0); known positions
+return their given tokens exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dimba_jax.diffusion.schedule import CosineSchedule
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def ddpm_posterior(x_t: jax.Array, x0_hat: jax.Array, ab_t, ab_prev) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of q(x_prev | x_t, x0_hat) between timesteps with alpha_bar ab_t < ab_prev.
+
+    x_t, x0_hat: float (..., d); ab_t, ab_prev: scalars or arrays broadcastable to them.
+    Returns (mean float32 like x_t, std float32 scalar/broadcastable).
+    """
+    ab_t = jnp.asarray(ab_t, jnp.float32)
+    ab_prev = jnp.asarray(ab_prev, jnp.float32)
+    beta = 1.0 - ab_t / ab_prev
+    coef_x0 = jnp.sqrt(ab_prev) * beta / (1.0 - ab_t)
+    coef_xt = jnp.sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab_t)
+    var = beta * (1.0 - ab_prev) / (1.0 - ab_t)
+    return coef_x0 * x0_hat + coef_xt * x_t, jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def ddim_posterior(x_t: jax.Array, x0_hat: jax.Array, ab_t, ab_prev, eta) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of the DDIM(eta) step from alpha_bar ab_t to ab_prev (see the module docstring).
+
+    Shapes as in `ddpm_posterior`; eta: float scalar >= 0.
+    """
+    ab_t = jnp.asarray(ab_t, jnp.float32)
+    ab_prev = jnp.asarray(ab_prev, jnp.float32)
+    eps_hat = (x_t - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1.0 - ab_t)
+    sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
+    mean = jnp.sqrt(ab_prev) * x0_hat + jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma ** 2, 0.0)) * eps_hat
+    return mean, sigma
+
+
+def cut_at_eos(ids, eos_id: int) -> list[int]:
+    """Token ids up to (not including) the first `eos_id`: any 1-D int sequence -> list[int]."""
+    out = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+        if i == eos_id:
+            break
+        out.append(int(i))
+    return out
+
+
+def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(timesteps int32 (S,), alpha_bar at them (S,), alpha_bar at the next-kept (S,)), descending;
+    the last "previous" alpha_bar is 1 (clean data). ValueError for steps outside 1..T."""
+    ts = schedule.respaced_timesteps(steps)
+    ab = schedule.alpha_bar.astype(np.float32)
+    ab_t = ab[ts]
+    ab_prev = np.concatenate([ab[ts[1:]], np.ones((1,), np.float32)])
+    return ts, ab_t, ab_prev
+
+
+def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: jax.Array, rng: jax.Array, *,
+           steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
+           self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False):
+    """Generates the unknown positions of token sequences.
+
+    Args:
+      model: a `DimbaModel`.
+      schedule: the training schedule.
+      tokens_known: int32 (b, L) — ids at known positions (anything elsewhere).
+      cond_mask: bool (b, L) — True = known position (kept exactly), False = generate.
+      rng: PRNG key (same key -> same output).
+      steps: reverse steps, 1..T (respaced when < T).
+      sampler: "ddim" or "ddpm".
+      eta: DDIM noise scale (0 deterministic, 1 = DDPM's variance); ignored by "ddpm".
+      guidance: CFG scale w (1 conditional, 0 unconditional).
+      clamp: snap x0_hat to the softmax-weighted embedding each step.
+      self_condition: feed back the previous x0_hat (None = the model's setting; needs a
+        self-conditioned model).
+      temperature: 0 = argmax read-out, > 0 = sample from softmax(logits / temperature).
+      return_x0: also return the final x0 estimate.
+    Returns:
+      int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
+      pair (ids, x0 float32 (b, L, d)).
+    Raises:
+      ValueError: steps outside 1..T, unknown sampler, bad shapes, negative eta/temperature.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    tokens_known = jnp.asarray(tokens_known, jnp.int32)
+    cond_mask = jnp.asarray(cond_mask, bool)
+    if tokens_known.ndim != 2 or cond_mask.shape != tokens_known.shape:
+        raise ValueError(f"tokens_known {tokens_known.shape} and cond_mask {cond_mask.shape} must both be (batch, L)")
+    if eta < 0 or temperature < 0:
+        raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
+    if self_condition is None:
+        self_condition = model.self_condition
+    if self_condition and not model.self_condition:
+        raise ValueError("self_condition=True needs a model built with model.self_condition=True")
+    ts, ab_t, ab_prev = respaced_alphas(schedule, steps)
+    graphdef, state = nnx.split(model)
+    ids, x0 = _sample_jit(graphdef, state, tokens_known, cond_mask, rng, jnp.asarray(ts), jnp.asarray(ab_t),
+                          jnp.asarray(ab_prev), jnp.float32(eta), sampler=sampler, guidance=float(guidance),
+                          clamp=bool(clamp), self_condition=bool(self_condition), temperature=float(temperature))
+    return (ids, x0) if return_x0 else ids
+
+
+def predict_x0(model, x_t, t_scalar, tokens, known, clean, self_cond, *, guidance: float, clamp: bool):
+    """One guided, clamped, re-imposed x0 estimate. x_t (b, L, d); t_scalar int; returns float32 (b, L, d)."""
+    b = x_t.shape[0]
+    t = jnp.full((b,), t_scalar, jnp.int32)
+    if guidance == 1.0:
+        x0 = model(x_t, t, tokens, known, self_cond=self_cond)
+    elif guidance == 0.0:
+        x0 = model(x_t, t, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool))
+    else:
+        two = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
+        drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+        both = model(two(x_t), two(t), two(tokens), two(known), self_cond=two(self_cond), drop_prompt=drop)
+        cond, uncond = both[:b], both[b:]
+        x0 = uncond + guidance * (cond - uncond)
+    if clamp:
+        x0 = model.clamp_to_embeddings(x0)
+    return jnp.where(known[..., None], clean, x0)
+
+
+def read_out(model, x0: jax.Array, tokens_known: jax.Array, known: jax.Array, rng: jax.Array,
+             temperature: float) -> jax.Array:
+    """Token ids from the final x0: argmax of the head (or a temperature sample); known kept. -> int32 (b, L)."""
+    logits = model.logits(x0)
+    if temperature > 0:
+        ids = jax.random.categorical(rng, logits / temperature, axis=-1)
+    else:
+        ids = jnp.argmax(logits, axis=-1)
+    return jnp.where(known, tokens_known, ids.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
+                                             "temperature"))
+def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
+                self_condition, temperature):
+    model = nnx.merge(graphdef, state)
+    b, length = tokens.shape
+    clean = model.embed(tokens)
+    r_init, r_loop, r_read = jax.random.split(rng, 3)
+    x = jax.random.normal(r_init, (b, length, model.d_model), jnp.float32)
+    x = jnp.where(known[..., None], clean, x)
+
+    def body(carry, step):
+        x_t, x0_prev, key = carry
+        t, a_t, a_prev = step
+        sc = x0_prev if self_condition else None
+        x0 = predict_x0(model, x_t, t, tokens, known, clean, sc, guidance=guidance, clamp=clamp)
+        if sampler == "ddpm":
+            mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
+        else:
+            mean, std = ddim_posterior(x_t, x0, a_t, a_prev, eta)
+        key, sub = jax.random.split(key)
+        x_next = mean + std * jax.random.normal(sub, x_t.shape, jnp.float32)
+        x_next = jnp.where(known[..., None], clean, x_next)
+        return (x_next, x0, key), None
+
+    (_, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), r_loop), (ts, ab_t, ab_prev))
+    return read_out(model, x0, tokens, known, r_read, temperature), x0

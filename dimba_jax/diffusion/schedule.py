@@ -1,0 +1,111 @@
+"""The cosine noise schedule of DIMBA and the forward (noising) process.
+
+Formula (the seed's, used exactly, with no renormalisation by its value at t = 0):
+
+    alpha_bar(t) = cos^2( ((t / T + s) / (1 + s)) * pi / 2 ),   s = 0.008,  t = 0 .. T
+    beta_t       = 1 - alpha_bar(t) / alpha_bar(t - 1),          t = 1 .. T
+
+Decisions where the formula leaves a gap (documented and tested):
+
+* alpha_bar(0) = cos^2(s / (1 + s) * pi/2) ~= 0.99984, not 1: the seed does not renormalise, so
+  neither do we. The *sampler* treats "time 0" as clean data (alpha_bar_prev = 1 at its last step,
+  which simply returns the x0 estimate, as DDPM does).
+* alpha_bar(T) = cos^2(pi/2) = 0 makes beta_T = 1. As is usual (Nichol & Dhariwal 2021) beta is
+  clipped at `max_beta` = 0.999. To keep alpha_bar and beta consistent (alpha_bar(t) =
+  alpha_bar(t-1) * (1 - beta_t) at every t) the clip is applied to alpha_bar too, which only changes
+  alpha_bar(T) from 0 to 0.001 * alpha_bar(T-1) (~2e-9 for T = 1000): every stored alpha_bar equals the
+  formula to within 1e-8 absolute.
+* Tables are computed in float64 numpy and stored as float32.
+
+Training draws t ~ U{1..T}; noising is x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cosine_alpha_bar(t: np.ndarray, timesteps: int, s: float = 0.008) -> np.ndarray:
+    """The raw formula alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), float64, any shape of t."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.cos(((t / timesteps + s) / (1.0 + s)) * math.pi / 2.0) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule:
+    """Discrete cosine schedule with T steps.
+
+    Attributes:
+      timesteps: T (training steps; t in 1..T).
+      s: the cosine offset.
+      max_beta: clip of beta_t (0.999).
+      alpha_bar: float32 (T + 1,) — alpha_bar[t] for t = 0..T (see module docstring).
+      betas: float32 (T + 1,) — betas[t] = 1 - alpha_bar[t] / alpha_bar[t - 1]; betas[0] = 0.
+    """
+
+    timesteps: int
+    s: float
+    max_beta: float
+    alpha_bar: np.ndarray
+    betas: np.ndarray
+
+    def __hash__(self):  # usable as a static jit argument
+        return hash((self.timesteps, self.s, self.max_beta))
+
+    def __eq__(self, other):
+        return (isinstance(other, CosineSchedule)
+                and (self.timesteps, self.s, self.max_beta) == (other.timesteps, other.s, other.max_beta))
+
+    def alpha_bar_at(self, t: jax.Array) -> jax.Array:
+        """alpha_bar for integer timesteps t (any shape, int, values 0..T) -> float32, same shape."""
+        return jnp.asarray(self.alpha_bar)[t]
+
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """Training timesteps t ~ U{1..T}: int32 of `shape`."""
+        return jax.random.randint(rng, shape, 1, self.timesteps + 1, dtype=jnp.int32)
+
+    def respaced_timesteps(self, steps: int) -> np.ndarray:
+        """The `steps` kept timesteps for a respaced reverse process, descending, int32 (steps,).
+
+        A strided subsequence of 1..T that always contains T (start from pure noise) and 1:
+        round(linspace(T, 1, steps)); all distinct because steps <= T makes the spacing >= 1.
+        Raises ValueError if steps <= 0 or steps > T.
+        """
+        if not isinstance(steps, (int, np.integer)) or steps <= 0 or steps > self.timesteps:
+            raise ValueError(f"steps must be an integer in 1..{self.timesteps} (the training T), got {steps!r}")
+        if steps == 1:
+            return np.array([self.timesteps], dtype=np.int32)
+        ts = np.round(np.linspace(self.timesteps, 1, steps)).astype(np.int32)
+        assert len(np.unique(ts)) == steps
+        return ts
+
+
+def cosine_schedule(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> CosineSchedule:
+    """Builds the cosine schedule (see module docstring). Raises ValueError for timesteps < 1."""
+    if timesteps < 1:
+        raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}")
+    ab = cosine_alpha_bar(np.arange(timesteps + 1), timesteps, s)
+    for t in range(1, timesteps + 1):  # beta clip, propagated into alpha_bar (only bites at t ~ T)
+        ab[t] = max(ab[t], (1.0 - max_beta) * ab[t - 1])
+    betas = np.zeros(timesteps + 1)
+    betas[1:] = 1.0 - ab[1:] / ab[:-1]
+    return CosineSchedule(timesteps, s, max_beta, ab.astype(np.float32), betas.astype(np.float32))
+
+
+def schedule_from_config(diffusion_config) -> CosineSchedule:
+    """The schedule of `config.diffusion` (fields `timesteps`, `cosine_s`)."""
+    return cosine_schedule(int(diffusion_config.timesteps), float(diffusion_config.cosine_s))
+
+
+def add_noise(schedule: CosineSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Forward process q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise.
+
+    x0, noise: float (b, L, d); t: int (b,) in 0..T. Returns float32 (b, L, d).
+    """
+    ab = schedule.alpha_bar_at(t).astype(jnp.float32)[:, None, None]
+    return jnp.sqrt(ab) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - ab) * noise.astype(jnp.float32)

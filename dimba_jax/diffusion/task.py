@@ -1,0 +1,199 @@
+"""`DimbaTask`: the DIMBA model seen through the trainer's `Task` interface, plus text generation.
+
+    task = DimbaTask(config)                       # tokenizer from config.data.tokenizer
+    model = task.init_model(nnx.Rngs(0))
+    loss, metrics = task.loss(model, {"tokens": tokens}, rng)          # pure; jit/grad it
+    task.generate(model, ["Once upon a time"], length=64, steps=32)    # prompted continuations
+    task.infill(model, "The [MASK] sat on the mat.", span_length=8)    # fill the gaps
+    task.eval_metrics(model, {"tokens": tokens}, ts=(100, 500, 900))   # validation numbers
+
+Prompts are a known prefix of the one sequence [prompt | generation]; a prompt must fit the
+training context (config.data.seq_len tokens), the generation length is free (the Mamba-2 denoiser
+handles any length; quality is best up to seq_len). Generated text is cut at the first EOS.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dimba_jax.diffusion import sampler as sampling
+from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
+from dimba_jax.diffusion.schedule import schedule_from_config
+from dimba_jax.models.dimba import DimbaModel
+from dimba_jax.train import flops as flops_lib
+
+DEFAULT_EVAL_TS = (50, 250, 500, 750, 950)  # fractions of T=1000; scaled to the config's T
+
+
+class DimbaTask:
+    """DIMBA as a `dimba_jax.train.task.Task` (init_model / loss / sample_text / flops_per_token)
+    plus `generate`, `infill` and `eval_metrics`.
+
+    Args:
+      config: the full config (sections model, diffusion, sample, data, train).
+      tokenizer: an object with encode/decode/vocab_size/eos_id; None = get_tokenizer(config.data.tokenizer).
+    """
+
+    def __init__(self, config, tokenizer=None):
+        if tokenizer is None:
+            from dimba_jax.data.tokenizers import get_tokenizer
+            tokenizer = get_tokenizer(config.data.tokenizer)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.schedule = schedule_from_config(config.diffusion)
+        self._eval_at_t = nnx.jit(self._eval_terms)
+        self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
+
+    # ------------------------------------------------------------------ Task interface
+    def init_model(self, rngs: nnx.Rngs) -> DimbaModel:
+        """A fresh `DimbaModel` (vocabulary of the tokenizer, params in config.train.param_dtype)."""
+        return DimbaModel(self.config.model, self.tokenizer.vocab_size,
+                          param_dtype=self.config.train.param_dtype, rngs=rngs)
+
+    def loss(self, model: DimbaModel, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """batch {"tokens": int32 (b, L)} -> (float32 loss, metrics: loss, mse, ce, acc, embed_norm,
+        embed_mean_dir, known_frac). Pure in (model state, batch, rng). See diffusion/losses.py."""
+        if "tokens" not in batch:
+            raise ValueError(f"batch needs a 'tokens' entry, got keys {sorted(batch)}")
+        return diffusion_loss(model, self.schedule, jnp.asarray(batch["tokens"], jnp.int32), rng,
+                              self.config.diffusion)
+
+    def sample_text(self, model: DimbaModel, rng: jax.Array, num: int) -> list[str]:
+        """`num` unprompted samples of config.sample.length tokens with the config.sample settings."""
+        s = self.config.sample
+        tokens = jnp.zeros((num, int(s.length)), jnp.int32)
+        out = sampling.sample(model, self.schedule, tokens, jnp.zeros_like(tokens, bool), rng,
+                              **self._sampler_kwargs())
+        return [self._decode(row) for row in np.asarray(out)]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (matmul multiply-adds x 2; see dimba_jax/train/flops.py).
+
+        forward = the Mamba-2 blocks (x2 mixers when bidirectional) + the tied head (2 d V)
+                + the stem: input projection 2 (2d+1) d (or (d+1) without self-conditioning),
+                  output projection 2 d^2, prompt MLP 2 (d 2d + 2d d) (counted at every position);
+        training = 3 x forward (forward + backward) + self_cond_prob x forward (the no-grad
+                   self-conditioning pass). Per-sequence work (timestep MLP, FiLM) is ignored.
+        """
+        m, d = self.config.model, int(self.config.model.d_model)
+        n_in = d * (2 if m.self_condition else 1) + 1
+        stem = 2.0 * n_in * d + 2.0 * d * d + (8.0 * d * d if m.prompt_encoder == "mlp" else 0.0)
+        fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=self.tokenizer.vocab_size, seq_len=seq_len,
+                                                directions=2 if m.bidirectional else 1, extra_per_token=stem)
+        extra = float(self.config.diffusion.self_cond_prob) * fwd if m.self_condition else 0.0
+        return flops_lib.training_flops(fwd) + extra
+
+    # ------------------------------------------------------------------ generation
+    def _sampler_kwargs(self, steps=None, sampler=None, eta=None, guidance=None, clamp=None,
+                        temperature=None) -> dict:
+        s = self.config.sample
+        pick = lambda v, d: d if v is None else v
+        return dict(steps=int(pick(steps, s.steps)), sampler=pick(sampler, s.sampler),
+                    eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
+                    clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)))
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
+
+    def generate(self, model: DimbaModel, prompts: list[str], length: int | None = None,
+                 steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+                 guidance: float | None = None, clamp: bool | None = None, seed: int = 0,
+                 temperature: float | None = None) -> list[str]:
+        """Continues each prompt by `length` tokens (default config.sample.length).
+
+        Each prompt's tokens are the known prefix; prompts of different lengths share one batch
+        of length max_prompt + length. Returns the continuations only (decoded, cut at the first
+        EOS), one string per prompt. An empty prompt gives an unconditional sample.
+        Raises ValueError: no prompts, length <= 0, a prompt longer than config.data.seq_len,
+        steps outside 1..T, unknown sampler.
+        """
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        length = int(self.config.sample.length if length is None else length)
+        if length <= 0:
+            raise ValueError(f"length must be > 0, got {length}")
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        context = int(self.config.data.seq_len)
+        for i, row in enumerate(ids):
+            if len(row) > context:
+                raise ValueError(f"prompt {i} has {len(row)} tokens but the context (data.seq_len) is "
+                                 f"{context} tokens")
+        max_prompt = max(len(r) for r in ids)
+        total = max_prompt + length
+        tokens = np.zeros((len(ids), total), np.int32)
+        mask = np.zeros((len(ids), total), bool)
+        for i, row in enumerate(ids):
+            tokens[i, :len(row)] = row
+            mask[i, :len(row)] = True
+        out = np.asarray(sampling.sample(
+            model, self.schedule, tokens, mask, jax.random.key(seed),
+            **self._sampler_kwargs(steps, sampler, eta, guidance, clamp, temperature)))
+        return [self._decode(out[i, len(row):len(row) + length]) for i, row in enumerate(ids)]
+
+    def infill(self, model: DimbaModel, text: str, mask_token: str = "[MASK]", span_length: int = 16,
+               steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+               guidance: float | None = None, clamp: bool | None = None, seed: int = 0,
+               temperature: float | None = None) -> str:
+        """Replaces every `mask_token` in `text` by `span_length` generated tokens (each span cut at
+        its first EOS) and returns the completed text. ValueError if `mask_token` does not occur
+        or span_length <= 0."""
+        if not mask_token or mask_token not in text:
+            raise ValueError(f"infill: mask token {mask_token!r} does not occur in the text")
+        if span_length <= 0:
+            raise ValueError(f"span_length must be > 0, got {span_length}")
+        parts = [self.tokenizer.encode(p) for p in text.split(mask_token)]
+        tokens, mask, spans = [], [], []
+        for j, part in enumerate(parts):
+            tokens += part
+            mask += [True] * len(part)
+            if j < len(parts) - 1:
+                spans.append(len(tokens))
+                tokens += [0] * span_length
+                mask += [False] * span_length
+        out = np.asarray(sampling.sample(
+            model, self.schedule, np.asarray([tokens], np.int32), np.asarray([mask]), jax.random.key(seed),
+            **self._sampler_kwargs(steps, sampler, eta, guidance, clamp, temperature)))[0]
+        pieces = []
+        for j, part in enumerate(parts):
+            pieces.append(self.tokenizer.decode(part))
+            if j < len(spans):
+                pieces.append(self._decode(out[spans[j]:spans[j] + span_length]))
+        return "".join(pieces)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_terms(self, model, tokens, t, noise):
+        mask = jnp.zeros(tokens.shape, bool)  # unconditional layout: every position generated
+        terms = denoise_terms(model, self.schedule, tokens, t, mask, jnp.zeros((tokens.shape[0],), bool),
+                              noise, True, float(self.config.diffusion.ce_weight))
+        terms.pop("x0_hat")
+        return terms
+
+    def default_eval_ts(self) -> tuple[int, ...]:
+        """Timesteps used by eval_metrics by default: 5%, 25%, 50%, 75%, 95% of T."""
+        big_t = self.schedule.timesteps
+        return tuple(sorted({max(1, min(big_t, round(f * big_t / 1000))) for f in DEFAULT_EVAL_TS}))
+
+    def eval_metrics(self, model: DimbaModel, batch: dict, ts=None, rng: jax.Array | None = None) -> dict[str, float]:
+        """Validation numbers on one batch {"tokens": int32 (b, L)}.
+
+        Returns floats: loss, mse, ce, acc (the training loss with its random draws from `rng`,
+        default key 0), and for each t in `ts` (default `default_eval_ts()`): loss_t{t}, mse_t{t},
+        ce_t{t}, acc_t{t} — unconditional layout (every position generated), self-conditioning
+        pass on when the model has it, fixed noise. acc is the head's token accuracy on x0_hat.
+        """
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        rng = jax.random.key(0) if rng is None else rng
+        r_loss, r_noise = jax.random.split(rng)
+        _, metrics = self._loss_jit(model, tokens, r_loss)
+        out = {k: float(metrics[k]) for k in ("loss", "mse", "ce", "acc")}
+        noise = jax.random.normal(r_noise, (*tokens.shape, model.d_model), jnp.float32)
+        for t in (self.default_eval_ts() if ts is None else ts):
+            t = int(t)
+            if not 1 <= t <= self.schedule.timesteps:
+                raise ValueError(f"eval timestep {t} outside 1..{self.schedule.timesteps}")
+            terms = self._eval_at_t(model, tokens, jnp.full((tokens.shape[0],), t, jnp.int32), noise)
+            out.update({f"{k}_t{t}": float(terms[k]) for k in ("loss", "mse", "ce", "acc")})
+        return out

@@ -1,0 +1,109 @@
+"""Adapters that give the harness one interface to both models: ``generate(spec, prompts, batch, seed)``.
+
+* `ArGenerator`: the causal Mamba-2 LM baseline, ``dimba_jax.models.ar.generate`` (prefill of
+  the prompt, then recurrent `step` decoding in one jitted `lax.scan`), nucleus sampling at
+  ``temperature`` / ``top_p`` (defaults: config.ar.* if present, else 1.0 / 0.95). Unprompted
+  samples start from the EOS id ("start of a document").
+* `DimbaGenerator`: ``dimba_jax.diffusion.sampler.sample`` over one sequence
+  [prompt | L_gen generated positions]; settings come from config.sample (eta, guidance, clamp,
+  temperature) and the model (self-conditioning), overridden by the spec's variant
+  (`harness.VARIANTS`).
+Both return int32 (batch, L_gen): the generated tokens only. Everything a user's call does is
+inside `generate` (argument transfer, the jitted program, slicing off the prompt), so the harness
+times what a user waits for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _section_get(config: Any, section: str, name: str, default):
+    sec = config.get(section) if hasattr(config, "get") else getattr(config, section, None)
+    if sec is None:
+        return default
+    return sec.get(name, default) if hasattr(sec, "get") else getattr(sec, name, default)
+
+
+class ArGenerator:
+    """The AR baseline behind the harness interface (see module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, temperature: float = 1.0, top_p: float = 0.95):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.eos_id = int(tokenizer.eos_id)
+
+    @classmethod
+    def from_config(cls, model: Any, config: Any, tokenizer: Any) -> "ArGenerator":
+        """Sampling settings from config.ar.temperature / top_p when the config has them."""
+        return cls(model, tokenizer, temperature=_section_get(config, "ar", "temperature", 1.0),
+                   top_p=_section_get(config, "ar", "top_p", 0.95))
+
+    def generate(self, spec, prompts: np.ndarray | None, batch: int, seed: int) -> jax.Array:
+        """int32 (batch, spec.L_gen) new tokens; prompts int32 (batch, P) or None (start at EOS)."""
+        from dimba_jax.models.ar import generate
+
+        if prompts is None:
+            prompts = np.full((batch, 1), self.eos_id, np.int32)
+        if prompts.shape[0] != batch:
+            raise ValueError(f"prompts have batch {prompts.shape[0]}, expected {batch}")
+        return generate(self.model, prompts, spec.L_gen, jax.random.PRNGKey(seed),
+                        temperature=self.temperature, top_p=self.top_p)
+
+
+class DimbaGenerator:
+    """DIMBA behind the harness interface (see module docstring).
+
+    Args:
+      model: a DimbaModel.
+      config: its full config (config.diffusion for the schedule, config.sample for defaults).
+      tokenizer: the model's tokenizer.
+    """
+
+    def __init__(self, model: Any, config: Any, tokenizer: Any):
+        from dimba_jax.diffusion.schedule import schedule_from_config
+
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.schedule = schedule_from_config(config.diffusion)
+        s = config.sample
+        self.defaults = {"eta": float(s.eta), "guidance": float(s.guidance), "clamp": bool(s.clamp),
+                         "temperature": float(s.temperature),
+                         "self_condition": bool(getattr(model, "self_condition", False))}
+
+    def options(self, spec) -> dict:
+        """Sampler keyword arguments of `spec`: config defaults overridden by its variant."""
+        from dimba_jax.evaluate.harness import VARIANTS
+
+        opts = dict(self.defaults)
+        opts.update(VARIANTS[spec.variant])
+        if not spec.prompted:
+            opts["guidance"] = 1.0  # nothing to guide by: one forward per step
+        if opts["self_condition"] and not self.defaults["self_condition"]:
+            raise ValueError("variant asks for self-conditioning but the model was not trained with it")
+        return opts
+
+    def generate(self, spec, prompts: np.ndarray | None, batch: int, seed: int) -> jax.Array:
+        """int32 (batch, spec.L_gen) generated tokens; prompts int32 (batch, P) known prefix or None."""
+        from dimba_jax.diffusion.sampler import sample
+
+        p_len = 0 if prompts is None else int(prompts.shape[1])
+        total = p_len + spec.L_gen
+        tokens = np.zeros((batch, total), np.int32)
+        known = np.zeros((batch, total), bool)
+        if p_len:
+            if prompts.shape[0] != batch:
+                raise ValueError(f"prompts have batch {prompts.shape[0]}, expected {batch}")
+            tokens[:, :p_len] = prompts
+            known[:, :p_len] = True
+        ids = sample(self.model, self.schedule, jnp.asarray(tokens), jnp.asarray(known),
+                     jax.random.PRNGKey(seed), steps=spec.steps, sampler=spec.sampler,
+                     **self.options(spec))
+        return ids[:, p_len:]

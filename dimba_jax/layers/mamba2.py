@@ -1,0 +1,377 @@
+"""The Mamba-2 mixer (causal, with single-token `step`) and its bidirectional wrapper.
+
+Data flow of one causal `Mamba2` mixer (no residual, no outer norm; the model adds those):
+
+    u (b, l, d_model)
+    -> in_proj (no bias)            -> [z | x | B | C | dt]   widths d_inner, d_inner,
+                                       ngroups*d_state, ngroups*d_state, nheads
+                                       (mamba_ssm's row order, so checkpoints map 1:1)
+    -> depthwise causal conv1d (width d_conv, bias) + SiLU over [x | B | C]
+    -> SSD: y = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True)  (A = -exp(A_log))
+    -> gated RMSNorm: normalise(y * silu(z)) per group of d_inner/ngroups channels, eps 1e-5
+    -> out_proj (no bias)           -> (b, l, d_model)
+
+Initialisation follows the Mamba-2 paper / mamba_ssm: A_log = log U(1, 16); dt drawn
+log-uniformly in [dt_min, dt_max] = [1e-3, 0.1], floored at 1e-4 and stored as
+dt_bias = softplus^-1(dt); D = 1; conv weight and bias U(+-1/sqrt(d_conv)) and the projections
+U(+-1/sqrt(fan_in)) (PyTorch's defaults, which mamba_ssm keeps); the norm weight is 1.
+
+Compute happens in `dtype`; parameters are stored in `param_dtype`; dt, A, D, the conv
+accumulation, the norm and the SSD states are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dimba_jax.layers.norms import GatedRMSNorm, partitioned
+
+
+class Mamba2Cache(NamedTuple):
+    """Recurrent state of one causal Mamba2 mixer (a pytree; carry it through `lax.scan`).
+
+    conv_state: (batch, d_conv - 1, conv_dim) the last d_conv-1 inputs of the causal conv
+        ([x | B | C] before the conv), oldest first; dtype = the cache dtype.
+    ssm_state: (batch, nheads, headdim, d_state) float32 SSM state h_t.
+    """
+
+    conv_state: jax.Array
+    ssm_state: jax.Array
+
+
+# ----------------------------------------------------------------------------- initialisers
+
+def _uniform(bound: float):
+    """Initializer U(-bound, bound) (PyTorch's default for Linear/Conv1d with bound 1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+def _a_log_init(a_min: float, a_max: float):
+    """A_log = log(U(a_min, a_max)) so that A = -exp(A_log) lies in [-a_max, -a_min]."""
+
+    def init(key, shape, dtype=jnp.float32):
+        a = jax.random.uniform(key, shape, jnp.float32, a_min, a_max)
+        return jnp.log(a).astype(dtype)
+
+    return init
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
+    """dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max], floored at dt_floor."""
+
+    def init(key, shape, dtype=jnp.float32):
+        log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+        dt = jnp.maximum(jnp.exp(log_dt), dt_floor)
+        # inverse of softplus(x) = log(1 + e^x): x = dt + log(1 - e^-dt)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def _ssd(*args, **kwargs):
+    """Late import of the SSD dispatcher (dimba_jax.ssd.ssd, DESIGN.md section 3)."""
+    from dimba_jax.ssd import ssd
+
+    return ssd(*args, **kwargs)
+
+
+def _flip(x):
+    return None if x is None else jnp.flip(x, axis=1)
+
+
+# ------------------------------------------------------------------------------- causal mixer
+
+class Mamba2(nnx.Module):
+    """Causal Mamba-2 mixer (see the module docstring for the data flow).
+
+    Args:
+      d_model: input/output width.
+      d_state: SSM state size N (per group).
+      expand: d_inner = expand * d_model.
+      headdim: SSD head dimension P; nheads = d_inner // headdim.
+      ngroups: B/C groups (nheads % ngroups == 0); also the gated-norm groups.
+      d_conv: width of the depthwise causal conv over [x | B | C].
+      chunk_size: SSD chunk length.
+      ssd_impl: "auto" | "xla" | "reference" | "pallas" (dimba_jax.ssd.ssd's `impl`).
+      dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
+      a_init_range: A = -U(a_init_range) at init.
+      dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
+      out_proj_init_scale: multiplies the out_proj init bound (LMs use 1/sqrt(n_layers)).
+      dtype: compute dtype of activations; param_dtype: parameter dtype.
+
+    Parameters (logical axes): in_proj.kernel (d_model, d_in_proj) ("embed", "mlp");
+    conv_weight (d_conv, conv_dim) ("conv", "mlp"); conv_bias (conv_dim,) ("mlp",);
+    dt_bias, A_log, D (nheads,) ("heads",); norm.weight (d_inner,) ("mlp",);
+    out_proj.kernel (d_inner, d_model) ("mlp", "embed").
+    """
+
+    def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 a_init_range: tuple[float, float] = (1.0, 16.0),
+                 dt_limit: tuple[float, float] = (0.0, float("inf")),
+                 out_proj_init_scale: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        d_inner = expand * d_model
+        if min(d_model, d_state, expand, headdim, ngroups, d_conv, chunk_size) <= 0:
+            raise ValueError("Mamba2: all sizes must be positive")
+        if d_inner % headdim:
+            raise ValueError(f"Mamba2: d_inner={d_inner} (expand*d_model) must be divisible "
+                             f"by headdim={headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads={nheads} must be divisible by ngroups={ngroups}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
+        self.ngroups, self.d_conv, self.chunk_size, self.ssd_impl = ngroups, d_conv, chunk_size, ssd_impl
+        self.d_inner, self.nheads = d_inner, nheads
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.dtype, self.param_dtype = dtype, param_dtype
+
+        self.in_proj = nnx.Linear(
+            d_model, self.d_in_proj, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(_uniform(1.0 / math.sqrt(d_model)), ("embed", "mlp")),
+            rngs=rngs)
+        conv_bound = 1.0 / math.sqrt(d_conv)
+        self.conv_weight = nnx.Param(partitioned(_uniform(conv_bound), ("conv", "mlp"))(
+            rngs.params(), (d_conv, self.conv_dim), param_dtype))
+        self.conv_bias = nnx.Param(partitioned(_uniform(conv_bound), ("mlp",))(
+            rngs.params(), (self.conv_dim,), param_dtype))
+        self.dt_bias = nnx.Param(partitioned(_dt_bias_init(dt_min, dt_max, dt_init_floor),
+                                             ("heads",))(rngs.params(), (nheads,), param_dtype))
+        self.A_log = nnx.Param(partitioned(_a_log_init(*a_init_range), ("heads",))(
+            rngs.params(), (nheads,), param_dtype))
+        self.D = nnx.Param(partitioned(nnx.initializers.ones, ("heads",))(
+            rngs.params(), (nheads,), param_dtype))
+        self.norm = GatedRMSNorm(d_inner, ngroups, eps=1e-5, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = nnx.Linear(
+            d_inner, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(_uniform(out_proj_init_scale / math.sqrt(d_inner)),
+                                    ("mlp", "embed")),
+            rngs=rngs)
+
+    # ------------------------------------------------------------------ pieces (shared by paths)
+    def _check_input(self, u: jax.Array, name: str, ndim: int) -> None:
+        if u.ndim != ndim or u.shape[-1] != self.d_model:
+            want = "(batch, seqlen, d_model)" if ndim == 3 else "(batch, d_model)"
+            raise ValueError(f"Mamba2.{name}: expected {want} with d_model={self.d_model}, "
+                             f"got shape {u.shape}")
+
+    def _split_proj(self, zxbcdt: jax.Array):
+        """(..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., nheads)."""
+        z = zxbcdt[..., :self.d_inner]
+        xbc = zxbcdt[..., self.d_inner:self.d_inner + self.conv_dim]
+        dt = zxbcdt[..., self.d_inner + self.conv_dim:]
+        return z, xbc, dt
+
+    def _split_xbc(self, xbc: jax.Array):
+        """(b, l, conv_dim) -> x (b,l,h,p), B (b,l,g,n), C (b,l,g,n)."""
+        gn = self.ngroups * self.d_state
+        lead = xbc.shape[:-1]
+        x = xbc[..., :self.d_inner].reshape(*lead, self.nheads, self.headdim)
+        b = xbc[..., self.d_inner:self.d_inner + gn].reshape(*lead, self.ngroups, self.d_state)
+        c = xbc[..., self.d_inner + gn:].reshape(*lead, self.ngroups, self.d_state)
+        return x, b, c
+
+    def _conv(self, xbc: jax.Array, seq_idx: jax.Array | None) -> jax.Array:
+        """Depthwise causal conv + bias + SiLU. xbc (b, l, conv_dim) -> same shape, `dtype`.
+
+        out[t] = bias + sum_k w[k] * xbc[t - (d_conv-1) + k], zero before t = 0 and, with
+        seq_idx, zero for inputs from a different packed sequence than t's.
+        """
+        k_width, seqlen = self.d_conv, xbc.shape[1]
+        w = self.conv_weight[...].astype(jnp.float32)
+        xpad = jnp.pad(xbc.astype(jnp.float32), ((0, 0), (k_width - 1, 0), (0, 0)))
+        if seq_idx is not None:
+            spad = jnp.pad(seq_idx, ((0, 0), (k_width - 1, 0)), constant_values=-1)
+        acc = self.conv_bias[...].astype(jnp.float32)
+        for k in range(k_width):
+            term = xpad[:, k:k + seqlen] * w[k]
+            if seq_idx is not None and k < k_width - 1:
+                term = jnp.where((spad[:, k:k + seqlen] == seq_idx)[..., None], term, 0.0)
+            acc = acc + term
+        return jax.nn.silu(acc).astype(self.dtype)
+
+    def _ssm_params(self):
+        """float32 (A, D, dt_bias), each (nheads,)."""
+        a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        return a, self.D[...].astype(jnp.float32), self.dt_bias[...].astype(jnp.float32)
+
+    def _conv_tail(self, xbc: jax.Array) -> jax.Array:
+        """Last d_conv-1 conv inputs of xbc (b, l, c), left-zero-padded when l < d_conv-1."""
+        keep = self.d_conv - 1
+        if keep == 0:
+            return xbc[:, :0]
+        padded = jnp.pad(xbc, ((0, 0), (keep, 0), (0, 0)))
+        return padded[:, -keep:]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, u: jax.Array, *, seq_idx: jax.Array | None = None,
+                return_cache: bool = False):
+        """Parallel forward; optionally also the cache after the last token (prefill).
+
+        u: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int, packed-sequence ids.
+        Returns y (batch, seqlen, d_model) in `dtype`, and with return_cache a Mamba2Cache
+        (conv_state in `dtype`) such that `step` continues the sequence exactly.
+        """
+        self._check_input(u, "__call__", 3)
+        if seq_idx is not None and seq_idx.shape != u.shape[:2]:
+            raise ValueError(f"Mamba2: seq_idx must have shape {u.shape[:2]}, got {seq_idx.shape}")
+        batch, seqlen, _ = u.shape
+        zxbcdt = self.in_proj(u.astype(self.dtype))
+        z, xbc_in, dt = self._split_proj(zxbcdt)
+        x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
+        a, d, dt_bias = self._ssm_params()
+        out = _ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
+                   dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
+                   return_final_states=return_cache, impl=self.ssd_impl)
+        y, final = out if return_cache else (out, None)
+        y = self.norm(y.reshape(batch, seqlen, self.d_inner).astype(self.dtype), z)
+        y = self.out_proj(y)
+        if not return_cache:
+            return y
+        cache = Mamba2Cache(conv_state=self._conv_tail(xbc_in).astype(self.dtype),
+                            ssm_state=final.astype(jnp.float32))
+        return y, cache
+
+    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None) -> jax.Array:
+        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in `dtype`."""
+        return self.forward(u, seq_idx=seq_idx)
+
+    # ------------------------------------------------------------------------ recurrent step
+    def init_cache(self, batch: int, dtype=jnp.float32) -> Mamba2Cache:
+        """Zero cache: conv_state (batch, d_conv-1, conv_dim) in `dtype`, ssm_state float32."""
+        return Mamba2Cache(
+            conv_state=jnp.zeros((batch, self.d_conv - 1, self.conv_dim), dtype),
+            ssm_state=jnp.zeros((batch, self.nheads, self.headdim, self.d_state), jnp.float32))
+
+    def step(self, u_t: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
+        """Advances one token. u_t: (batch, d_model) -> (y_t (batch, d_model) in `dtype`, cache).
+
+        Running `step` over a sequence from `init_cache` equals the parallel forward.
+        """
+        self._check_input(u_t, "step", 2)
+        batch = u_t.shape[0]
+        if cache.ssm_state.shape != (batch, self.nheads, self.headdim, self.d_state):
+            raise ValueError(f"Mamba2.step: cache ssm_state shape {cache.ssm_state.shape} does "
+                             f"not match batch {batch} and this block")
+        zxbcdt = self.in_proj(u_t.astype(self.dtype))
+        z, xbc, dt = self._split_proj(zxbcdt)
+        window = jnp.concatenate([cache.conv_state, xbc[:, None].astype(cache.conv_state.dtype)],
+                                 axis=1)  # (b, d_conv, conv_dim), oldest first
+        conv = jnp.sum(window.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
+                       axis=1) + self.conv_bias[...].astype(jnp.float32)
+        x, b, c = self._split_xbc(jax.nn.silu(conv))  # float32: (b,h,p), (b,g,n), (b,g,n)
+        a, d, dt_bias = self._ssm_params()
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
+        dt = jnp.clip(dt, self.dt_limit[0], self.dt_limit[1])  # (b, h)
+        heads_per_group = self.nheads // self.ngroups
+        b = jnp.repeat(b, heads_per_group, axis=1)  # (b, h, n)
+        c = jnp.repeat(c, heads_per_group, axis=1)
+        decay = jnp.exp(dt * a)  # (b, h)
+        state = (cache.ssm_state * decay[:, :, None, None]
+                 + (dt[:, :, None] * x)[..., None] * b[:, :, None, :])
+        y = jnp.einsum("bhpn,bhn->bhp", state, c) + d[:, None] * x
+        y = self.norm(y.reshape(batch, self.d_inner).astype(self.dtype), z)
+        y = self.out_proj(y)
+        return y, Mamba2Cache(conv_state=window[:, 1:], ssm_state=state)
+
+
+# ------------------------------------------------------------------------ bidirectional mixer
+
+class BidirectionalMamba2(nnx.Module):
+    """Bidirectional Mamba-2 mixer: a causal scan plus a scan over the flipped sequence.
+
+        y = out( ( N_f(SSD_f(conv_f(xBC))) + flip(N_b(SSD_b(conv_b(flip(xBC))))) ) / 2 )
+
+    `.fwd` and `.bwd` are two complete `Mamba2` mixers (so a causal checkpoint maps onto each
+    one with the same function). The backward direction reads the sequence right to left.
+
+    Weight sharing (`share_projections`, default True, Caduceus-style):
+      * shared: in_proj (so z, x, B, C, dt projections) and out_proj. `bwd.in_proj` and
+        `bwd.out_proj` are the *same* module objects as `fwd`'s (an NNX shared reference: one
+        parameter, one gradient). The projections are then computed once for both directions.
+      * per direction, always: the conv (weight, bias), A_log, dt_bias, D and the gated-norm
+        weight, i.e. everything that shapes the time dynamics.
+      Why shared by default: (1) a bidirectional block then has the parameter count and the
+      projection FLOPs of one causal block (projections are >97% of a block's parameters), so the
+      AR baseline and the denoiser compare at equal size layer for layer, and the extra cost of
+      seeing both sides is only the second conv + SSD; (2) warm-starting from a causal
+      checkpoint gives both directions the same projections anyway; (3) the direction-specific
+      dynamics (decay rates, step sizes, conv filters) are what distinguishes the two scans.
+      Caduceus ties in/out projections the same way; MDLM's dimamba and Vim keep two full sets
+      (`share_projections=False` reproduces that: independent in_proj/out_proj per direction);
+      Hydra's quasiseparable mixer is a different operator and is not offered here.
+    Combination: the mean of the two directions (not the sum), so the output scale matches a
+    single causal mixer's; with shared out_proj the mean is taken before the (linear) out_proj.
+
+    Both directions' SSDs run as ONE `ssd` call with 2*nheads heads (the backward half in
+    flipped time), and both convs as one depthwise conv; with `seq_idx` the two scans are run
+    as separate calls because the backward one needs the flipped segment ids.
+
+    Args: those of `Mamba2` plus `share_projections`.
+    """
+
+    def __init__(self, d_model: int, *, share_projections: bool = True, rngs: nnx.Rngs,
+                 **mamba2_kwargs):
+        self.share_projections = share_projections
+        self.fwd = Mamba2(d_model, rngs=rngs, **mamba2_kwargs)
+        self.bwd = Mamba2(d_model, rngs=rngs, **mamba2_kwargs)
+        if share_projections:
+            self.bwd.in_proj = self.fwd.in_proj
+            self.bwd.out_proj = self.fwd.out_proj
+        self.d_model = d_model
+
+    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None) -> jax.Array:
+        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in the blocks' `dtype`."""
+        f, bk = self.fwd, self.bwd
+        f._check_input(u, "__call__", 3)
+        if seq_idx is not None and seq_idx.shape != u.shape[:2]:
+            raise ValueError(f"BidirectionalMamba2: seq_idx must have shape {u.shape[:2]}, "
+                             f"got {seq_idx.shape}")
+        batch, seqlen, _ = u.shape
+        u = u.astype(f.dtype)
+        zxf = f.in_proj(u)
+        zxb = zxf if self.share_projections else bk.in_proj(u)
+        z_f, xbc_f, dt_f = f._split_proj(zxf)
+        z_b, xbc_b, dt_b = bk._split_proj(zxb)
+        seq_r = _flip(seq_idx)
+        # Both directions in "scan time": backward inputs are flipped.
+        xbc_f = f._conv(xbc_f, seq_idx)
+        xbc_b = bk._conv(_flip(xbc_b), seq_r)
+        dt_b = _flip(dt_b)
+        x_f, b_f, c_f = f._split_xbc(xbc_f)
+        x_b, b_b, c_b = bk._split_xbc(xbc_b)
+        a_f, d_f, bias_f = f._ssm_params()
+        a_b, d_b, bias_b = bk._ssm_params()
+        common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl)
+        if seq_idx is None and f.dt_limit == bk.dt_limit:
+            cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731
+            y = _ssd(cat(x_f, x_b), cat(dt_f, dt_b).astype(jnp.float32), cat(a_f, a_b, 0),
+                     cat(b_f, b_b), cat(c_f, c_b), f.chunk_size, D=cat(d_f, d_b, 0),
+                     dt_bias=cat(bias_f, bias_b, 0), **common)
+            y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
+        else:
+            y_f = _ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,
+                       dt_bias=bias_f, seq_idx=seq_idx, **common)
+            y_b = _ssd(x_b, dt_b.astype(jnp.float32), a_b, b_b, c_b, bk.chunk_size, D=d_b,
+                       dt_bias=bias_b, seq_idx=seq_r, dt_softplus=True, dt_limit=bk.dt_limit,
+                       impl=bk.ssd_impl)
+        y_f = f.norm(y_f.reshape(batch, seqlen, f.d_inner).astype(f.dtype), z_f)
+        y_b = bk.norm(_flip(y_b).reshape(batch, seqlen, bk.d_inner).astype(bk.dtype), z_b)
+        if self.share_projections:
+            return f.out_proj((y_f + y_b) * 0.5)
+        return (f.out_proj(y_f) + bk.out_proj(y_b)) * 0.5

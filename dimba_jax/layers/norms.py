@@ -1,0 +1,94 @@
+"""RMS normalisation layers: plain RMSNorm and the gated, grouped RMSNorm of Mamba-2.
+
+Both compute in float32 whatever the input dtype and return the input's dtype (or `dtype`
+when given). Parameters carry logical axis names for sharding ("embed" for norms over
+d_model, "mlp" for the gated norm over d_inner).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def partitioned(init, names: tuple):
+    """Wraps an initializer with logical axis names (no eager placement: the trainer shards).
+
+    `eager_sharding=False` keeps variable creation independent of any mesh context, so the
+    same module can be built in tests, under `jax.jit(..., out_shardings=...)`, or on a mesh.
+    """
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2, -1) + eps), computed in float32. Shape preserved."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * weight over the last axis (eps inside the square root).
+
+    Args:
+      dim: size of the normalised (last) axis.
+      eps: added to the mean square (mamba_ssm uses 1e-5).
+      dtype: output dtype; None = the input's dtype.
+      param_dtype: dtype of `weight` (initialised to ones).
+      axis_name: logical axis name of `weight` ("embed" for d_model, "mlp" for d_inner).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, dtype=None, param_dtype=jnp.float32,
+                 axis_name: str = "embed", rngs: nnx.Rngs):
+        del rngs  # deterministic init (ones); kept for the uniform constructor signature
+        self.dim = dim
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(partitioned(nnx.initializers.ones, (axis_name,))(
+            jax.random.key(0), (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., dim) any float dtype -> (..., dim) in `dtype` (default: x.dtype)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RMSNorm expects last axis {self.dim}, got shape {x.shape}")
+        out_dtype = self.dtype or x.dtype
+        y = _rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
+        return y.astype(out_dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """Mamba-2's gated RMSNorm with the gate applied first (mamba_ssm `norm_before_gate=False`).
+
+    g = y * silu(z); g is split into `ngroups` groups of dim/ngroups channels along the last
+    axis, each group normalised by its own RMS, then multiplied by `weight` (dim,).
+
+    Args:
+      dim: channels (d_inner); must be divisible by ngroups.
+      ngroups: normalisation groups (Mamba-2's ngroups, so tensor-parallel shards stay local).
+      eps: added to each group's mean square (1e-5 as in mamba_ssm).
+      dtype: output dtype; None = y's dtype.
+      param_dtype: dtype of `weight` (initialised to ones; logical axis "mlp").
+    """
+
+    def __init__(self, dim: int, ngroups: int = 1, eps: float = 1e-5, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        del rngs
+        if ngroups <= 0 or dim % ngroups:
+            raise ValueError(f"GatedRMSNorm: dim {dim} must be divisible by ngroups {ngroups}")
+        self.dim = dim
+        self.ngroups = ngroups
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(partitioned(nnx.initializers.ones, ("mlp",))(
+            jax.random.key(0), (dim,), param_dtype))
+
+    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """y, z: (..., dim) -> normalise(y * silu(z)) * weight, (..., dim) in `dtype` or y.dtype."""
+        if y.shape != z.shape or y.shape[-1] != self.dim:
+            raise ValueError(f"GatedRMSNorm expects y and z of shape (..., {self.dim}); "
+                             f"got {y.shape} and {z.shape}")
+        out_dtype = self.dtype or y.dtype
+        g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        grouped = g.reshape(*g.shape[:-1], self.ngroups, self.dim // self.ngroups)
+        g = _rms_normalize(grouped, self.eps).reshape(g.shape)
+        return (g * self.weight[...].astype(jnp.float32)).astype(out_dtype)

@@ -1,0 +1,217 @@
+"""The DIMBA denoiser: D(x_t, known prompt, tau(t)) -> x0_hat over one sequence [prompt | generation].
+
+Decisions (see DESIGN.md section 2):
+
+* **Embeddings at a fixed scale.** The table's rows are L2-normalised and multiplied by
+  `embed_scale * sqrt(d_model)`, so every entry has ~unit variance, matching the N(0, I) noise.
+  The x0 MSE therefore cannot shrink the embeddings (the classic collapse of learned-embedding
+  diffusion). The output head is weight-tied to this normalised table:
+  logits = exp(logit_scale) * (x @ E^T) / (embed_scale * sqrt(d_model)), a cosine-like score
+  with a learned temperature (`logit_scale`, init 0 so an exact embedding scores
+  sqrt(d_model) * embed_scale). `tie_embeddings=False` uses a separate Linear head instead.
+* **One sequence with a mask.** `cond_mask` (b, L) is True at known (clean) positions. The input
+  per position is [x_in | self_cond | mask], projected to d_model, where x_in is x_t at generated
+  positions and the clean embedding at known positions (re-imposed inside the model, so callers
+  may pass anything there). The self-conditioning channel (the previous x0 estimate, zeros when
+  absent) is overwritten at known positions by the same clean value, so it never carries more
+  than the model is allowed to see. The output x0_hat has the clean embeddings re-imposed at known
+  positions.
+* **Prompt conditioning.** The prompt encoder turns the visible prompt positions into c (b, L, d):
+  added to the hidden state there, and its mean over visible positions (zero when none), through
+  a linear map, joins tau(t): cond = silu(tau(t) + W_pool mean(c)). `cond` modulates every block
+  by FiLM (scale/shift of the normalised block input) or additively (shift), per
+  `model.conditioning`.
+* **Classifier-free guidance (prompt dropout).** A dropped example (`drop_prompt`) keeps the same
+  layout — the same positions are generated, so the conditional and unconditional x0 estimates
+  can be combined position by position — but every known position shows a learned, fixed-norm
+  "null" embedding instead of its token (input and self-conditioning channels), the mask channel
+  still says "known" (these positions are not to be generated), and the prompt encoder sees
+  nothing (c = 0). We rejected "mask = 0 at dropped positions": it would make the null positions
+  look like generated positions with an odd x_t, conflating two roles.
+* **Blocks.** Pre-norm residual blocks h <- h + Mamba2(cond(RMSNorm(h))), bidirectional
+  (`BidirectionalMamba2`: forward scan plus flipped scan) by default, causal `Mamba2` when
+  `model.bidirectional` is False; then a final RMSNorm and a linear map to x0_hat. The residual
+  stream and the stem/head run in float32; the mixers compute in `model.compute_dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
+                                           load_frozen_prompt_encoder, make_block_conditioning)
+from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
+from dimba_jax.layers.norms import RMSNorm, partitioned
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name) -> jnp.dtype:
+    """"float32" | "bfloat16" | "float16" (or a dtype) -> jnp dtype; anything else -> ValueError."""
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def normalize_rows(table: jax.Array, scale: float) -> jax.Array:
+    """Each row of (V, d) L2-normalised then multiplied by `scale` (float32)."""
+    table = table.astype(jnp.float32)
+    return table * (scale * jax.lax.rsqrt(jnp.sum(jnp.square(table), -1, keepdims=True) + 1e-12))
+
+
+class DimbaBlock(nnx.Module):
+    """Pre-norm residual Mamba-2 block with FiLM / additive conditioning.
+
+    __call__(h float32 (b, L, d), c float32 (b, cond_dim) or None) -> float32 (b, L, d).
+    With c=None the conditioning is skipped (used when a trained stack serves as a frozen encoder).
+    """
+
+    def __init__(self, model_cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        m = model_cfg
+        self.norm = RMSNorm(m.d_model, param_dtype=param_dtype, rngs=rngs)
+        self.cond = make_block_conditioning(m.conditioning, m.d_model, m.d_model,
+                                            param_dtype=param_dtype, rngs=rngs)
+        mixer_cls = BidirectionalMamba2 if m.bidirectional else Mamba2
+        self.mixer = mixer_cls(m.d_model, d_state=m.d_state, expand=m.expand, headdim=m.headdim,
+                               ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
+                               ssd_impl=m.ssd_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
+        x = self.norm(h)
+        if c is not None:
+            x = self.cond(x, c)
+        return h + self.mixer(x.astype(self.dtype)).astype(h.dtype)
+
+
+class DimbaModel(nnx.Module):
+    """The DIMBA denoiser (see the module docstring for every design decision).
+
+    Args:
+      model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
+        chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
+        prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
+        compute_dtype).
+      vocab_size: number of token ids (embedding rows).
+      param_dtype: parameter dtype (config.train.param_dtype).
+      prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
+        e.g. a `FrozenPromptEncoder` built from given blocks).
+      rngs: parameter initialisation.
+    """
+
+    def __init__(self, model_cfg, vocab_size: int, *, param_dtype=jnp.float32,
+                 prompt_encoder: nnx.Module | None = None, rngs: nnx.Rngs):
+        m = model_cfg
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        param_dtype = resolve_dtype(param_dtype)
+        d = int(m.d_model)
+        self.d_model = d
+        self.vocab_size = int(vocab_size)
+        self.self_condition = bool(m.self_condition)
+        self.tie_embeddings = bool(m.tie_embeddings)
+        self.embed_norm = float(m.embed_scale) * math.sqrt(d)  # the fixed row norm
+        self.compute_dtype = resolve_dtype(m.compute_dtype)
+
+        normal = nnx.initializers.normal(1.0)
+        self.embedding = nnx.Param(partitioned(normal, ("vocab", "embed"))(rngs.params(), (vocab_size, d), param_dtype))
+        self.null_embedding = nnx.Param(partitioned(normal, ("embed",))(rngs.params(), (d,), param_dtype))
+        if self.tie_embeddings:
+            self.logit_scale = nnx.Param(partitioned(nnx.initializers.zeros_init(), ())(rngs.params(), (), param_dtype))
+        else:
+            self.head = dense(d, vocab_size, ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
+
+        n_in = d * (2 if self.self_condition else 1) + 1
+        self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
+        self.time_embed = TimestepEmbedding(int(m.time_embed_dim), d, param_dtype=param_dtype, rngs=rngs)
+        self.pool_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+        if prompt_encoder is not None:
+            self.prompt_encoder = prompt_encoder
+        elif m.prompt_encoder == "mlp":
+            self.prompt_encoder = MlpPromptEncoder(d, param_dtype=param_dtype, rngs=rngs)
+        elif m.prompt_encoder == "frozen":
+            self.prompt_encoder = load_frozen_prompt_encoder(m.prompt_encoder_checkpoint, d,
+                                                             param_dtype=param_dtype, rngs=rngs)
+        else:
+            raise ValueError(f"model.prompt_encoder must be 'mlp' or 'frozen', got {m.prompt_encoder!r}")
+        if m.n_layers < 1:
+            raise ValueError(f"model.n_layers must be >= 1, got {m.n_layers}")
+        self.blocks = nnx.List([DimbaBlock(m, dtype=self.compute_dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(int(m.n_layers))])
+        self.final_norm = RMSNorm(d, param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+
+    # ------------------------------------------------------------------ embeddings and head
+    def embedding_table(self) -> jax.Array:
+        """The normalised embedding table E: float32 (V, d), every row of norm embed_scale*sqrt(d)."""
+        return normalize_rows(self.embedding[...], self.embed_norm)
+
+    def null_vector(self) -> jax.Array:
+        """The "dropped prompt" embedding: float32 (d,), norm embed_scale*sqrt(d)."""
+        return normalize_rows(self.null_embedding[...][None, :], self.embed_norm)[0]
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Clean embeddings x0 of token ids: int (b, L) -> float32 (b, L, d)."""
+        return jnp.take(self.embedding_table(), tokens, axis=0)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Head: float (b, L, d) -> float32 logits (b, L, V) (tied: scaled x @ E^T; else Linear)."""
+        x = x.astype(jnp.float32)
+        if self.tie_embeddings:
+            scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
+            return jnp.einsum("bld,vd->blv", x, self.embedding_table()) * scale
+        return self.head(x).astype(jnp.float32)
+
+    def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
+        """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, d) -> float32 (b, L, d)."""
+        return jnp.einsum("blv,vd->bld", jax.nn.softmax(self.logits(x), axis=-1), self.embedding_table())
+
+    # ------------------------------------------------------------------ denoiser
+    def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
+                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None) -> jax.Array:
+        """Predicts x0.
+
+        Args:
+          x_t: float (b, L, d) noisy embeddings (values at known positions are ignored).
+          t: int or float (b,) timesteps in 1..T.
+          tokens: int32 (b, L) token ids; only the known positions are read.
+          cond_mask: bool (b, L), True = known (clean) position.
+          self_cond: float (b, L, d) previous x0 estimate, or None (= zeros).
+          drop_prompt: bool (b,) — True replaces the prompt by the null embedding (CFG), or None.
+        Returns:
+          float32 (b, L, d) x0_hat, clean (or null, if dropped) embeddings at known positions.
+        """
+        b, length, d = x_t.shape
+        if d != self.d_model or tokens.shape != (b, length) or cond_mask.shape != (b, length):
+            raise ValueError(f"DimbaModel: x_t {x_t.shape}, tokens {tokens.shape}, cond_mask "
+                             f"{cond_mask.shape} do not agree (d_model {self.d_model})")
+        known = cond_mask.astype(bool)
+        if drop_prompt is None:
+            drop_prompt = jnp.zeros((b,), bool)
+        visible = known & ~drop_prompt.astype(bool)[:, None]
+        clean = self.embed(tokens)
+        shown = jnp.where(visible[..., None], clean, self.null_vector())  # what a known position shows
+        x_in = jnp.where(known[..., None], shown, x_t.astype(jnp.float32))
+        feats = [x_in]
+        if self.self_condition:
+            sc = jnp.zeros_like(x_in) if self_cond is None else self_cond.astype(jnp.float32)
+            feats.append(jnp.where(known[..., None], shown, sc))
+        feats.append(known[..., None].astype(jnp.float32))
+        h = self.in_proj(jnp.concatenate(feats, axis=-1))
+
+        c_pos = self.prompt_encoder(clean, tokens, visible).astype(jnp.float32)  # zero where not visible
+        h = h + c_pos
+        n_visible = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1).astype(jnp.float32)
+        pooled = jnp.sum(c_pos, axis=1) / n_visible
+        cond = jax.nn.silu(self.time_embed(t) + self.pool_proj(pooled))
+
+        for block in self.blocks:
+            h = block(h, cond)
+        x0 = self.out_proj(self.final_norm(h)).astype(jnp.float32)
+        return jnp.where(known[..., None], shown, x0)

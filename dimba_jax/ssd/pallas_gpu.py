@@ -1,0 +1,448 @@
+"""SSD on NVIDIA GPUs with Pallas kernels, forward and backward (`ssd(..., impl="pallas")`).
+
+Status: the kernels use the Pallas **Triton** backend (`jax.experimental.pallas.triton`), whose
+`dot` lowers to the tensor cores (wgmma on Hopper). The issue asks for Mosaic GPU
+(`jax.experimental.pallas.mosaic_gpu`); this Triton version is the correct, measured stepping
+stone (docs/ssd_kernel_notes.md says what a Mosaic GPU port would change).
+
+Algorithm (chunked SSD, `Q` = `block_len` positions per chunk, chosen here for the kernels: the
+result does not depend on the chunk length, only the speed does). With the chunk-local
+cumulative log-decay s_t = sum_{u<=t in chunk} dt_u A and xd = x * dt:
+
+  1. `_chunk_state` kernel, grid (batch, heads, chunks):
+        S_c = xd^T @ (B * exp(s_end - s))                       (headdim x dstate, float32)
+  2. `_state_pass` kernel, grid (batch, heads, headdim blocks), sequential over chunks:
+        h_0 = initial_states;  h_{c+1} = exp(s_end_c) h_c + S_c
+  3. `_chunk_out` kernel, grid (batch, heads, chunks):
+        y = ((C B^T) o L) @ xd + exp(s) * (C @ h_c^T),   L_ij = exp(s_i - s_j) [i >= j]
+
+The backward (a `jax.custom_vjp`) mirrors it: the `_chunk_state` kernel again for the gradient
+reaching each chunk's incoming state from its outputs, a reverse `_state_pass`, and one
+`_chunk_bwd` kernel giving dx, dB, dC, ddt and ds per chunk. dt preprocessing (bias, softplus,
+clip), the cumulative sum of dt*A, the D skip and the z gate stay in XLA, outside the custom_vjp,
+so autodiff handles them.
+
+Not supported (`supported()` says why; the dispatcher falls back to `xla`): `seq_idx`, a
+non-Hopper device, headdim or dstate that is not a power of two in [16, 256].
+
+This module imports without a GPU: the Triton Pallas module is imported lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from dimba_jax.ssd import _common
+
+# Chunk length used by the kernels (a power of two); the caller's chunk_size is only a hint.
+DEFAULT_BLOCK_LEN = 64
+# headdim rows of the state carried by one program of the state-passing kernels.
+_STATE_ROWS = 16
+
+
+def _triton():
+    """The Pallas Triton module, imported on first use."""
+    from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
+    return plt
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+    """a @ b (optionally transposed) on the tensor cores, float32 accumulation."""
+    return _triton().dot(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _device_reason() -> str | None:
+    """None when the default device is a Hopper GPU, else why not."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError as e:  # no backend at all
+        return f"no jax device ({e})"
+    if dev.platform != "gpu":
+        return f"default device is {dev.platform}, not an NVIDIA GPU"
+    cc = str(getattr(dev, "compute_capability", ""))
+    if not cc.startswith("9"):
+        return f"GPU compute capability {cc!r} is not Hopper (9.x)"
+    try:
+        _triton()
+    except ImportError as e:
+        return f"jax.experimental.pallas.triton unavailable ({e})"
+    return None
+
+
+def supported(*, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+              dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
+              return_final_states=False) -> tuple[bool, str]:
+    """Whether `ssd_pallas` handles these arguments on the current device.
+
+    Args: as `dimba_jax.ssd.ssd` (arrays or anything with .shape and .dtype).
+    Returns:
+      (True, "") or (False, reason) where reason names the device or option that is unsupported.
+    """
+    del dt, A, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states
+    del return_final_states
+    if seq_idx is not None:
+        return False, "pallas SSD kernel does not support seq_idx (packed sequences) yet"
+    headdim, dstate = x.shape[-1], B.shape[-1]
+    if not (_pow2(headdim) and 16 <= headdim <= 256):
+        return False, f"pallas SSD kernel needs headdim a power of two in [16, 256], got {headdim}"
+    if not (_pow2(dstate) and 16 <= dstate <= 256):
+        return False, f"pallas SSD kernel needs dstate a power of two in [16, 256], got {dstate}"
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                  jnp.dtype(jnp.float16)):
+        return False, f"pallas SSD kernel needs x in float32/bfloat16/float16, got {x.dtype}"
+    reason = _device_reason()
+    if reason is not None:
+        return False, reason
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. Every kernel sees one chunk of Q positions of one (batch, head) unless noted.
+# --------------------------------------------------------------------------------------------
+
+
+def _last(v, q):
+    """v[q-1] of a (q,) vector, without a scalar load."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    return jnp.sum(jnp.where(idx == q - 1, v, 0.0))
+
+
+def _chunk_state_kernel(u_ref, v_ref, dt_ref, s_ref, o_ref, *, q, mode):
+    """o = u^T @ (v * w[:, None]) with w = exp(s_end - s) * dt ("state") or exp(s) ("dout")."""
+    u = u_ref[...]
+    s = s_ref[...]
+    if mode == "state":
+        w = jnp.exp(_last(s, q) - s) * dt_ref[...]
+    else:
+        w = jnp.exp(s)
+    vw = (v_ref[...].astype(jnp.float32) * w[:, None]).astype(u.dtype)
+    o_ref[...] = _dot(u, vw, trans_a=True).astype(o_ref.dtype)
+
+
+def _state_pass_fwd_kernel(st_ref, dec_ref, h0_ref, hprev_ref, fin_ref, *, nc):
+    """h_0 = h0; hprev[c] = h_c; h_{c+1} = dec[c] * h_c + S[c]; fin = h_nc (rows block)."""
+
+    def body(c, h):
+        hprev_ref[c] = h
+        return dec_ref[c] * h + st_ref[c]
+
+    fin_ref[...] = jax.lax.fori_loop(0, nc, body, h0_ref[...])
+
+
+def _state_pass_bwd_kernel(dhp_ref, hprev_ref, dec_ref, dfin_ref, dst_ref, dsend_ref, dh0_ref,
+                           *, nc):
+    """Reverse of `_state_pass_fwd_kernel`: dS[c] = dh_{c+1}; ds_end[c] = dec[c] <h_c, dh_{c+1}>;
+    dh_c = dhprev[c] + dec[c] dh_{c+1}; dh0 = dh_0."""
+
+    def body(i, dh):
+        c = nc - 1 - i
+        dst_ref[c] = dh
+        dec = dec_ref[c]
+        dsend_ref[c] = dec * jnp.sum(hprev_ref[c] * dh)
+        return dhp_ref[c] + dec * dh
+
+    dh0_ref[...] = jax.lax.fori_loop(0, nc, body, dfin_ref[...])
+
+
+def _masked_decay(s, q):
+    """L_ij = exp(s_i - s_j) for i >= j, else 0 (q x q float32)."""
+    i = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    return jnp.exp(jnp.where(i >= j, s[:, None] - s[None, :], -jnp.inf))
+
+
+def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, y_ref, *, q):
+    """y = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) for one chunk."""
+    x = x_ref[...]
+    cdt = x.dtype
+    b = b_ref[...]
+    c = c_ref[...]
+    dt = dt_ref[...]
+    s = s_ref[...]
+    g = _dot(c, b, trans_b=True)
+    m = (g * _masked_decay(s, q)).astype(cdt)
+    xd = (x.astype(jnp.float32) * dt[:, None]).astype(cdt)
+    y = _dot(m, xd)
+    h = h_ref[...].astype(cdt)
+    y = y + jnp.exp(s)[:, None] * _dot(c, h, trans_b=True)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref,
+                      dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, *, q):
+    """Gradients of one chunk's outputs (y and its state S) w.r.t. x, B, C, dt and s."""
+    f32 = jnp.float32
+    x = x_ref[...]
+    cdt = x.dtype
+    b = b_ref[...]
+    c = c_ref[...]
+    dt = dt_ref[...]
+    s = s_ref[...]
+    dy = dy_ref[...].astype(cdt)
+    h = h_ref[...].astype(cdt)
+    dst = dst_ref[...].astype(cdt)
+
+    xf = x.astype(f32)
+    xd_f = xf * dt[:, None]
+    xd = xd_f.astype(cdt)
+    lmask = _masked_decay(s, q)
+    m_f = _dot(c, b, trans_b=True) * lmask
+    m = m_f.astype(cdt)
+    dm = _dot(dy, xd, trans_b=True)                 # (q, q) dL/dM
+    w = dm * m_f                                      # dL/d(s_i - s_j), zero above the diagonal
+    dg = (dm * lmask).astype(cdt)                     # dL/d(C B^T)
+    e_s = jnp.exp(s)
+    e_end = jnp.exp(_last(s, q) - s)
+
+    b_dst = _dot(b, dst, trans_b=True)              # (q, p)
+    dxd = _dot(m, dy, trans_a=True) + e_end[:, None] * b_dst
+    dc = _dot(dg, b) + e_s[:, None] * _dot(dy, h)
+    db = _dot(dg, c, trans_a=True) + e_end[:, None] * _dot(xd, dst)
+    y_off = e_s[:, None] * _dot(c, h, trans_b=True)
+    v = e_end * jnp.sum(xd_f * b_dst, axis=1)
+    idx = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    ds = (jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
+          + jnp.sum(dy.astype(f32) * y_off, axis=1)
+          - v + jnp.where(idx == q - 1, jnp.sum(v), 0.0))
+
+    dx_ref[...] = (dxd * dt[:, None]).astype(dx_ref.dtype)
+    ddt_ref[...] = jnp.sum(dxd * xf, axis=1)
+    db_ref[...] = db.astype(db_ref.dtype)
+    dc_ref[...] = dc.astype(dc_ref.dtype)
+    ds_ref[...] = ds
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers. Layouts: x (b, Lp, h, p); B/C (b, Lp, g, n); dt, s (b, h, Lp) float32;
+# chunk states (b, h, nc, p, n) float32.
+# --------------------------------------------------------------------------------------------
+
+
+def _params(num_warps, num_stages=2):
+    return _triton().CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _specs(q, p, n, hpg):
+    """BlockSpecs for grid (batch, head, chunk)."""
+    xs = pl.BlockSpec((None, q, None, p), lambda bi, hi, ci: (bi, ci, hi, 0))
+    bs = pl.BlockSpec((None, q, None, n), lambda bi, hi, ci: (bi, ci, hi // hpg, 0))
+    vs = pl.BlockSpec((None, None, q), lambda bi, hi, ci: (bi, hi, ci))
+    sts = pl.BlockSpec((None, None, None, p, n), lambda bi, hi, ci: (bi, hi, ci, 0, 0))
+    hn = pl.BlockSpec((None, q, None, n), lambda bi, hi, ci: (bi, ci, hi, 0))
+    return xs, bs, vs, sts, hn
+
+
+def _chunk_state_call(u, v, dt, s, *, q, hpg, mode, num_warps, interpret):
+    bsz, lp, nh, p = u.shape
+    n = v.shape[-1]
+    nc = lp // q
+    xs, bs, vs, sts, _ = _specs(q, p, n, hpg)
+    return pl.pallas_call(
+        functools.partial(_chunk_state_kernel, q=q, mode=mode),
+        out_shape=jax.ShapeDtypeStruct((bsz, nh, nc, p, n), jnp.float32),
+        grid=(bsz, nh, nc),
+        in_specs=[xs, bs, vs, vs],
+        out_specs=sts,
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name=f"ssd_chunk_{mode}",
+    )(u, v, dt, s)
+
+
+def _state_pass_fwd_call(states, dec, h0, *, interpret):
+    bsz, nh, nc, p, n = states.shape
+    r = min(_STATE_ROWS, p)
+    seq = pl.BlockSpec((None, None, nc, r, n), lambda bi, hi, ri: (bi, hi, 0, ri, 0))
+    one = pl.BlockSpec((None, None, r, n), lambda bi, hi, ri: (bi, hi, ri, 0))
+    decs = pl.BlockSpec((None, None, nc), lambda bi, hi, ri: (bi, hi, 0))
+    return pl.pallas_call(
+        functools.partial(_state_pass_fwd_kernel, nc=nc),
+        out_shape=(jax.ShapeDtypeStruct(states.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, nh, p, n), jnp.float32)),
+        grid=(bsz, nh, p // r),
+        in_specs=[seq, decs, one],
+        out_specs=(seq, one),
+        compiler_params=_params(4),
+        interpret=interpret,
+        name="ssd_state_pass_fwd",
+    )(states, dec, h0)
+
+
+def _state_pass_bwd_call(dhprev, hprev, dec, dfin, *, interpret):
+    bsz, nh, nc, p, n = dhprev.shape
+    r = min(_STATE_ROWS, p)
+    nr = p // r
+    seq = pl.BlockSpec((None, None, nc, r, n), lambda bi, hi, ri: (bi, hi, 0, ri, 0))
+    one = pl.BlockSpec((None, None, r, n), lambda bi, hi, ri: (bi, hi, ri, 0))
+    decs = pl.BlockSpec((None, None, nc), lambda bi, hi, ri: (bi, hi, 0))
+    dsend_spec = pl.BlockSpec((None, None, None, nc), lambda bi, hi, ri: (bi, hi, ri, 0))
+    return pl.pallas_call(
+        functools.partial(_state_pass_bwd_kernel, nc=nc),
+        out_shape=(jax.ShapeDtypeStruct(dhprev.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, nh, nr, nc), jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, nh, p, n), jnp.float32)),
+        grid=(bsz, nh, nr),
+        in_specs=[seq, seq, decs, one],
+        out_specs=(seq, dsend_spec, one),
+        compiler_params=_params(4),
+        interpret=interpret,
+        name="ssd_state_pass_bwd",
+    )(dhprev, hprev, dec, dfin)
+
+
+def _chunk_out_call(x, b, c, dt, s, hprev, *, q, hpg, out_dtype, num_warps, interpret):
+    bsz, lp, nh, p = x.shape
+    n = b.shape[-1]
+    nc = lp // q
+    xs, bs, vs, sts, _ = _specs(q, p, n, hpg)
+    return pl.pallas_call(
+        functools.partial(_chunk_out_kernel, q=q),
+        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+        grid=(bsz, nh, nc),
+        in_specs=[xs, bs, bs, vs, vs, sts],
+        out_specs=xs,
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="ssd_chunk_out",
+    )(x, b, c, dt, s, hprev)
+
+
+def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, *, q, hpg, num_warps, interpret):
+    bsz, lp, nh, p = x.shape
+    n = b.shape[-1]
+    nc = lp // q
+    xs, bs, vs, sts, hn = _specs(q, p, n, hpg)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_chunk_bwd_kernel, q=q),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((bsz, lp, nh, n), f32),
+                   jax.ShapeDtypeStruct((bsz, lp, nh, n), f32),
+                   jax.ShapeDtypeStruct((bsz, nh, lp), f32),
+                   jax.ShapeDtypeStruct((bsz, nh, lp), f32)),
+        grid=(bsz, nh, nc),
+        in_specs=[xs, bs, bs, vs, vs, xs, sts, sts],
+        out_specs=(xs, hn, hn, vs, vs),
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="ssd_chunk_bwd",
+    )(x, b, c, dt, s, dy, hprev, dstates)
+
+
+# --------------------------------------------------------------------------------------------
+# The differentiable core: padded, chunk-aligned inputs in, y (float32) and final state out.
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_end_decay(s, q):
+    bsz, nh, lp = s.shape
+    return jnp.exp(s.reshape(bsz, nh, lp // q, q)[..., -1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(x, b, c, dt, s, h0, cfg):
+    """cfg = (q, heads_per_group, num_warps, interpret). Returns y (float32), final state."""
+    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, cfg)
+    return y, fin
+
+
+def _core_fwd_impl(x, b, c, dt, s, h0, cfg):
+    q, hpg, nw, interp = cfg
+    states = _chunk_state_call(x, b, dt, s, q=q, hpg=hpg, mode="state", num_warps=nw,
+                               interpret=interp)
+    hprev, fin = _state_pass_fwd_call(states, _chunk_end_decay(s, q), h0, interpret=interp)
+    y = _chunk_out_call(x, b, c, dt, s, hprev, q=q, hpg=hpg, out_dtype=jnp.float32,
+                        num_warps=nw, interpret=interp)
+    return y, fin, hprev
+
+
+def _core_fwd(x, b, c, dt, s, h0, cfg):
+    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, cfg)
+    return (y, fin), (x, b, c, dt, s, hprev)
+
+
+def _core_bwd(cfg, res, grads):
+    q, hpg, nw, interp = cfg
+    x, b, c, dt, s, hprev = res
+    dy, dfin = grads
+    bsz, lp, nh, _ = x.shape
+    g, n = b.shape[2], b.shape[3]
+    nc = lp // q
+    dy = dy.astype(x.dtype)
+    dhprev = _chunk_state_call(dy, c, dt, s, q=q, hpg=hpg, mode="dout", num_warps=nw,
+                               interpret=interp)
+    dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, q),
+                                               dfin.astype(jnp.float32), interpret=interp)
+    dx, db_h, dc_h, ddt, ds = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, q=q, hpg=hpg,
+                                              num_warps=nw, interpret=interp)
+    ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)
+    db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3).astype(b.dtype)
+    dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3).astype(c.dtype)
+    return dx, db, dc, ddt, ds, dh0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
+               return_final_states=False, block_len: int | None = None, num_warps: int = 4,
+               interpret: bool = False):
+    """SSD through the Pallas GPU kernels; same semantics and returns as `dimba_jax.ssd.ssd`.
+
+    Args:
+      x: (batch, seqlen, nheads, headdim) float32/bfloat16/float16.
+      dt: (batch, seqlen, nheads).  A: (nheads,).  B, C: (batch, seqlen, ngroups, dstate).
+      chunk_size: accepted for the common signature; the kernels use `block_len` positions per
+        chunk (default DEFAULT_BLOCK_LEN), which changes only speed, not the result.
+      D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: see `ssd`.
+      seq_idx: must be None (see `supported`).
+      block_len: kernel chunk length, a power of two >= 16.  num_warps: warps per program.
+      interpret: run the kernels in the Pallas interpreter (any device; for tests on CPU).
+    Returns:
+      y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
+      dstate) float32].
+    Raises:
+      ValueError for invalid shapes or an option the kernels do not support.
+    """
+    sizes = _common.validate_inputs(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                    dt_limit=dt_limit, initial_states=initial_states,
+                                    seq_idx=seq_idx, impl="pallas")
+    if seq_idx is not None:
+        raise ValueError("ssd_pallas: seq_idx is not supported by the Pallas kernels; use impl='xla'")
+    q = int(block_len or DEFAULT_BLOCK_LEN)
+    if not (_pow2(q) and q >= 16):
+        raise ValueError(f"ssd_pallas: block_len must be a power of two >= 16, got {q}")
+    bsz, seqlen, nh = sizes["batch"], sizes["seqlen"], sizes["nheads"]
+    p, g, n = sizes["headdim"], sizes["ngroups"], sizes["dstate"]
+    cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    lp = -(-seqlen // q) * q
+    pad = lp - seqlen
+    xk, bk, ck = x.astype(cdt), B.astype(cdt), C.astype(cdt)
+    if pad:
+        pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+        xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
+        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
+    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
+    a = dtk * A.astype(jnp.float32)[None, :, None]
+    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
+    if initial_states is None:
+        h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
+    else:
+        h0 = initial_states.astype(jnp.float32)
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, (q, nh // g, int(num_warps), bool(interpret)))
+    y = _common.apply_skip_and_gate(y[:, :seqlen], x, D=D, z=z)
+    if return_final_states:
+        return y, fin
+    return y

@@ -1,0 +1,100 @@
+"""The optimiser: AdamW with warm-up + cosine decay, global-norm clipping, a weight-decay mask,
+and the exponential moving average (EMA) of the parameters used for sampling.
+
+Parameters and optimizer state are kept in `config.train.param_dtype` (float32 by default);
+the model computes in `config.model.compute_dtype`. Gradient accumulation is done by the train
+step (an explicit scan over micro-batches, see `dimba_jax.train.step`), not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Parameters that are never decayed, by leaf name: the SSM's decay rates, time-step biases and
+# skip connection (Mamba-2 trains them without weight decay).
+NO_DECAY_NAMES = frozenset({"A_log", "dt_bias", "D"})
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine decay to
+    `lr * final_lr_frac` at `steps`. Returns a function step (int) -> learning rate (float32)."""
+    t = train_config
+    warmup = max(0, min(int(t.warmup_steps), int(t.steps)))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(t.lr), warmup_steps=warmup,
+        decay_steps=max(int(t.steps), warmup + 1), end_value=float(t.lr) * float(t.final_lr_frac))
+
+
+def weight_decay_mask(params: Any, logical_axes: Any, decay_embeddings: bool = False) -> Any:
+    """True for the parameters AdamW decays.
+
+    Decayed: parameters with >= 2 dimensions (projection kernels, conv filters), except
+      - the SSM parameters named in NO_DECAY_NAMES (A_log, dt_bias, D — even D of shape (H, P)),
+      - embeddings and the output head: any parameter with the logical axis "vocab",
+        unless `decay_embeddings`.
+    Never decayed: 1-D parameters (norm scales, biases).
+
+    Args:
+      params: pytree of arrays (or ShapeDtypeStructs), nested dicts keyed by module path.
+      logical_axes: pytree with params' structure whose leaves are tuples of logical names
+        (or None for unannotated parameters).
+    """
+    def decide(path, leaf, axes):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in NO_DECAY_NAMES or len(leaf.shape) < 2:
+            return False
+        if axes is not None and "vocab" in axes and not decay_embeddings:
+            return False
+        return True
+    axes_leaves = jax.tree.leaves(logical_axes, is_leaf=lambda x: x is None or isinstance(x, tuple))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if len(axes_leaves) != len(flat):
+        raise ValueError("logical_axes must have the structure of params")
+    return jax.tree.unflatten(treedef, [decide(p, x, a) for (p, x), a in zip(flat, axes_leaves)])
+
+
+def make_optimizer(train_config, params: Any, logical_axes: Any) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, weight_decay, mask).
+
+    Args:
+      train_config: `config.train`.
+      params: the parameter pytree (arrays or ShapeDtypeStructs) — used only for the mask.
+      logical_axes: logical axis names per parameter (see `weight_decay_mask`).
+    """
+    t = train_config
+    mask = weight_decay_mask(params, logical_axes, bool(t.decay_embeddings))
+    parts = []
+    if float(t.grad_clip) > 0:
+        parts.append(optax.clip_by_global_norm(float(t.grad_clip)))
+    parts.append(optax.adamw(learning_rate_schedule(t), b1=float(t.b1), b2=float(t.b2),
+                             eps=1e-8, weight_decay=float(t.weight_decay), mask=mask))
+    return optax.chain(*parts)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """EMA decay used after optimizer step `step` (1-based): min(decay, (1 + step) / (10 + step)).
+
+    The warm-up keeps the EMA from being dominated by the random initialisation early on.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """ema <- d * ema + (1 - d) * params with d = `ema_decay_at(step, decay)` (leafwise, in
+    the EMA's dtype)."""
+    d = ema_decay_at(step, decay)
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype),
+                        ema, params)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of all leaves, in float32 (scalar)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.float32(0.0)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

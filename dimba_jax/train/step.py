@@ -1,0 +1,169 @@
+"""The jitted train and eval steps, global-batch assembly and the non-finite guard.
+
+The train step is a pure function (state, rest, batch) -> (state, metrics, health), jitted with
+explicit in/out shardings and the state donated. Gradient accumulation is a `lax.scan` over
+micro-batches inside the step. Step n draws its randomness from fold_in(state.rng, n), so a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dimba_jax.train import mesh as mesh_lib
+from dimba_jax.train import optim
+from dimba_jax.train.state import ModelParts, TrainState
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a step produced a non-finite loss or gradient (the state is not saved)."""
+
+
+def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:
+    """Sharding of every batch array: dimension 0 split by the "batch" rule, the rest whole."""
+    spec = mesh_lib.batch_spec(mesh_lib.rules_dict(axis_rules), mesh, ndim=1)
+    return NamedSharding(mesh, spec)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles the global batch from this process's rows.
+
+    Args:
+      local_batch: {"tokens": int32 (global_batch / process_count, seq_len), ...} — the rows
+        this process read (each process reads a disjoint shard of the data).
+      sharding: `batch_sharding(...)`.
+    Returns:
+      {name: jax.Array (global_batch, ...)} sharded by `sharding`.
+    """
+    out = {}
+    n = jax.process_count()
+    for name, x in local_batch.items():
+        x = np.asarray(x)
+        out[name] = jax.make_array_from_process_local_data(
+            sharding, x, (x.shape[0] * n,) + x.shape[1:])
+    return out
+
+
+def _split_micro(batch: dict[str, jax.Array], accum: int, mesh: Mesh, spec: PartitionSpec):
+    """(B, ...) -> (accum, B/accum, ...) such that every device keeps its own rows: micro-batch
+    i takes rows i, i + accum, i + 2 accum, ... of each device's contiguous block."""
+    def split(x):
+        b = x.shape[0]
+        y = x.reshape((b // accum, accum) + x.shape[1:])
+        y = jnp.swapaxes(y, 0, 1)
+        micro_spec = PartitionSpec(None, *spec)
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, micro_spec))
+    return jax.tree.map(split, batch)
+
+
+def make_loss_fn(task, parts: ModelParts) -> Callable:
+    """(params, rest, batch, rng) -> (loss, metrics): the task's loss on the rebuilt model."""
+    def loss_fn(params, rest, batch, rng):
+        model = parts.merge(params, rest)
+        loss, metrics = task.loss(model, batch, rng)
+        return loss.astype(jnp.float32), metrics
+    return loss_fn
+
+
+def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, train_config,
+                    mesh: Mesh, shardings: TrainState, rest_shardings: Any,
+                    data_sharding: NamedSharding) -> Callable:
+    """Builds the jitted train step.
+
+    Returns:
+      step(state, rest, batch) -> (new_state, metrics, health) where
+        metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm",
+          "param_norm", "lr";
+        health: {"finite": bool scalar (loss and grad norm finite),
+                 "nonfinite_grads": nested dict like params of bool scalars (True = this
+                 parameter's gradient has a NaN/Inf)}.
+      `state` is donated: do not reuse it after the call.
+    """
+    accum = int(train_config.grad_accum)
+    ema_decay = float(train_config.ema_decay)
+    schedule = optim.learning_rate_schedule(train_config)
+    loss_fn = make_loss_fn(task, parts)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    spec = data_sharding.spec
+
+    def compute_grads(params, rest, batch, rng):
+        if accum == 1:
+            return grad_fn(params, rest, batch, rng)
+        micro = _split_micro(batch, accum, mesh, spec)
+
+        def body(carry, xs):
+            i, mb = xs
+            (loss, metrics), grads = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, params, rest,
+                                                   jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        scale = 1.0 / accum
+        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), \
+            jax.tree.map(lambda g: g * scale, grads)
+
+    def step(state: TrainState, rest, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng)
+        grad_norm = optim.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1
+        ema = None if state.ema is None else optim.update_ema(state.ema, params, new_step, ema_decay)
+        new_state = TrainState(step=new_step, params=params, opt_state=opt_state, ema=ema,
+                               rng=state.rng)
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in task_metrics.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optim.global_norm(params),
+                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+        health = {
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            "nonfinite_grads": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads),
+        }
+        return new_state, metrics, health
+
+    repl = mesh_lib.replicated(mesh)
+    return jax.jit(step, in_shardings=(shardings, rest_shardings, data_sharding),
+                   out_shardings=(shardings, repl, repl), donate_argnums=(0,))
+
+
+def make_eval_step(task, parts: ModelParts, mesh: Mesh, param_shardings: Any,
+                   rest_shardings: Any, data_sharding: NamedSharding) -> Callable:
+    """Jitted eval: (params, rest, batch, rng) -> dict of float32 scalar metrics ("loss" + the
+    task's parts), with a fixed rng so evaluations are comparable across steps."""
+    loss_fn = make_loss_fn(task, parts)
+
+    def evaluate(params, rest, batch, rng):
+        loss, metrics = loss_fn(params, rest, batch, rng)
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        out["loss"] = loss
+        return out
+
+    repl = mesh_lib.replicated(mesh)
+    return jax.jit(evaluate, in_shardings=(param_shardings, rest_shardings, data_sharding, repl),
+                   out_shardings=repl)
+
+
+def raise_if_nonfinite(step: int, metrics: dict[str, Any], health: dict[str, Any]) -> None:
+    """Raises NonFiniteError naming the step, the loss parts and the parameters whose
+    gradients are non-finite, if `health["finite"]` is False. Fetches values to the host."""
+    if bool(jax.device_get(health["finite"])):
+        return
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = jax.device_get(health["nonfinite_grads"])
+    flat = jax.tree_util.tree_flatten_with_path(bad)[0]
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, v in flat if bool(v)]
+    parts = ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()))
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {step}: {parts}; parameters with non-finite "
+        f"gradients ({len(names)}): {', '.join(names[:20]) or 'none'}"
+        f"{' ...' if len(names) > 20 else ''}. The state of this step was not saved; "
+        "resume restarts from the last checkpoint.")

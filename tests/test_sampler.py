@@ -1,0 +1,244 @@
+"""Samplers: posterior algebra, a Python-loop reference, determinism, CFG, respacing, one trace."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dimba_jax.config import default_config
+from dimba_jax.diffusion import sampler as sampling
+from dimba_jax.diffusion.schedule import cosine_schedule
+from dimba_jax.diffusion.task import DimbaTask
+from dimba_jax.models.dimba import DimbaModel
+
+T_SMALL = 20
+B, L, V = 2, 16, 40
+
+
+def tiny_config():
+    c = default_config()
+    with c.unlocked():
+        c.model.update(d_model=32, n_layers=1, d_state=16, headdim=16, chunk_size=16, time_embed_dim=32,
+                       ssd_impl="reference")
+        c.diffusion.timesteps = T_SMALL
+        c.data.seq_len = 32
+    return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = tiny_config()
+    model = DimbaModel(c.model, V, rngs=nnx.Rngs(0))
+    # make the (fresh, zero-initialised) conditioning matter so the prompt visibly changes outputs
+    model.logit_scale[...] = jnp.asarray(1.5)
+    sch = cosine_schedule(T_SMALL)
+    tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V, dtype=jnp.int32)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    return model, sch, tokens, mask
+
+
+# ---------------------------------------------------------------- posterior algebra
+def _gauss_posterior(x_t, x0, a_t, a_p):
+    """q(x_prev | x_t, x0) by conditioning the joint Gaussian (float64, independent derivation)."""
+    cov = math.sqrt(a_t / a_p) * (1 - a_p)
+    mean = math.sqrt(a_p) * x0 + cov / (1 - a_t) * (x_t - math.sqrt(a_t) * x0)
+    var = (1 - a_p) - cov ** 2 / (1 - a_t)
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def test_ddpm_posterior_matches_gaussian_conditioning():
+    sch = cosine_schedule(1000)
+    rng = np.random.default_rng(0)
+    x_t, x0 = rng.normal(size=(2, 8))
+    for t, t_prev in [(1000, 999), (500, 499), (2, 1), (1, 0), (700, 300)]:
+        a_t = float(sch.alpha_bar[t])
+        a_p = 1.0 if t_prev == 0 else float(sch.alpha_bar[t_prev])
+        mean, std = sampling.ddpm_posterior(jnp.asarray(x_t, jnp.float32), jnp.asarray(x0, jnp.float32), a_t, a_p)
+        want_mean, want_std = _gauss_posterior(x_t, x0, a_t, a_p)
+        np.testing.assert_allclose(np.asarray(mean), want_mean, rtol=2e-4, atol=2e-5)
+        assert float(std) == pytest.approx(want_std, rel=2e-3, abs=1e-6)
+
+
+def test_ddim_eta1_makes_the_ddpm_update_over_all_T_steps():
+    sch = cosine_schedule(1000)
+    ts, ab_t, ab_prev = sampling.respaced_alphas(sch, 1000)  # every step T..1
+    np.testing.assert_array_equal(ts, np.arange(1000, 0, -1))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x_t = jax.random.normal(k1, (1000, 6))
+    x0 = jax.random.normal(k2, (1000, 6))
+    a_t, a_p = jnp.asarray(ab_t)[:, None], jnp.asarray(ab_prev)[:, None]
+    m_ddpm, s_ddpm = sampling.ddpm_posterior(x_t, x0, a_t, a_p)
+    m_ddim, s_ddim = sampling.ddim_posterior(x_t, x0, a_t, a_p, 1.0)
+    np.testing.assert_allclose(np.asarray(m_ddim), np.asarray(m_ddpm), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(s_ddim), np.asarray(s_ddpm), rtol=1e-3, atol=1e-6)
+    assert float(s_ddpm[-1, 0]) == 0.0 and np.all(np.asarray(s_ddpm[:-1]) > 0)  # last step returns x0
+
+
+def test_ddim_eta0_is_deterministic_and_exact_for_consistent_inputs():
+    sch = cosine_schedule(1000)
+    rng = np.random.default_rng(1)
+    x0, eps = rng.normal(size=(2, 8)).astype(np.float32)
+    a_t, a_p = float(sch.alpha_bar[600]), float(sch.alpha_bar[350])
+    x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+    mean, std = sampling.ddim_posterior(jnp.asarray(x_t), jnp.asarray(x0), a_t, a_p, 0.0)
+    assert float(std) == 0.0
+    np.testing.assert_allclose(np.asarray(mean), math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a Python-loop reference sampler
+_ref_call = nnx.jit(lambda m, x, t, tok, mask, sc, drop: m(x, t, tok, mask, self_cond=sc, drop_prompt=drop))
+
+
+def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition):
+    """Step by step in Python with its own respacing and its own posterior formulas."""
+    big_t = sch.timesteps
+    ts = [int(round(big_t - i * (big_t - 1) / (steps - 1))) for i in range(steps)] if steps > 1 else [big_t]
+    ab = lambda t: 1.0 if t == 0 else float(sch.alpha_bar[t])
+    r_init, key, _ = jax.random.split(rng, 3)
+    b = tokens.shape[0]
+    clean = model.embed(tokens)
+    known = mask[..., None]
+    x = jnp.where(known, clean, jax.random.normal(r_init, clean.shape))
+    x0_prev = jnp.zeros_like(x)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else 0
+        tb = jnp.full((b,), t, jnp.int32)
+        sc = x0_prev if self_condition else None
+        cond = _ref_call(model, x, tb, tokens, mask, sc, jnp.zeros((b,), bool))
+        uncond = _ref_call(model, x, tb, tokens, mask, sc, jnp.ones((b,), bool))
+        x0 = uncond + guidance * (cond - uncond)
+        if clamp:
+            x0 = jax.nn.softmax(model.logits(x0), -1) @ model.embedding_table()
+        x0 = jnp.where(known, clean, x0)
+        a_t, a_p = ab(t), ab(t_prev)
+        if sampler == "ddpm":
+            mean, std = _gauss_posterior(x, x0, a_t, a_p)
+        else:
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            std = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+            mean = math.sqrt(a_p) * x0 + math.sqrt(max(1 - a_p - std ** 2, 0.0)) * eps
+        key, sub = jax.random.split(key)
+        x = jnp.where(known, clean, mean + std * jax.random.normal(sub, x.shape))
+        x0_prev = x0
+    ids = jnp.where(mask, tokens, jnp.argmax(model.logits(x0), -1))
+    return ids, x0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=True, self_condition=True),
+    dict(sampler="ddpm", eta=0.0, guidance=0.0, clamp=False, self_condition=True),
+    dict(sampler="ddim", eta=0.5, guidance=2.0, clamp=True, self_condition=False),
+])
+def test_scan_sampler_matches_python_loop(setup, kw):
+    model, sch, tokens, mask = setup
+    rng = jax.random.key(7)
+    ids, x0 = sampling.sample(model, sch, tokens, mask, rng, steps=4, return_x0=True, **kw)
+    ref_ids, ref_x0 = reference_sample(model, sch, tokens, mask, rng, steps=4, **kw)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(ref_x0), rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+
+
+def test_deterministic_given_seed_and_keeps_prompt(setup):
+    model, sch, tokens, mask = setup
+    kw = dict(steps=4, sampler="ddim", eta=0.0, guidance=1.0, clamp=True, self_condition=True, return_x0=True)
+    a_ids, a_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(3), **kw)
+    b_ids, b_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(3), **kw)
+    _, c_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(4), **kw)
+    np.testing.assert_array_equal(np.asarray(a_ids), np.asarray(b_ids))
+    np.testing.assert_array_equal(np.asarray(a_x0), np.asarray(b_x0))
+    assert not np.allclose(np.asarray(a_x0)[:, 5:], np.asarray(c_x0)[:, 5:])
+    np.testing.assert_array_equal(np.asarray(a_ids)[:, :5], np.asarray(tokens)[:, :5])
+    np.testing.assert_allclose(np.asarray(a_x0)[:, :5], np.asarray(model.embed(tokens))[:, :5])
+
+
+def test_guidance_zero_is_unconditional(setup):
+    """w = 0 must ignore what the prompt says (same layout, prompt content hidden); w = 1 must not."""
+    model, sch, tokens, mask = setup
+    other = tokens.at[:, :5].set((tokens[:, :5] + 7) % V)
+    kw = dict(steps=4, sampler="ddim", eta=0.0, clamp=True, self_condition=True, return_x0=True)
+    _, x0_a = sampling.sample(model, sch, tokens, mask, jax.random.key(5), guidance=0.0, **kw)
+    _, x0_b = sampling.sample(model, sch, other, mask, jax.random.key(5), guidance=0.0, **kw)
+    np.testing.assert_allclose(np.asarray(x0_a)[:, 5:], np.asarray(x0_b)[:, 5:], atol=1e-6)
+    _, x0_c = sampling.sample(model, sch, tokens, mask, jax.random.key(5), guidance=1.0, **kw)
+    _, x0_d = sampling.sample(model, sch, other, mask, jax.random.key(5), guidance=1.0, **kw)
+    assert np.abs(np.asarray(x0_c)[:, 5:] - np.asarray(x0_d)[:, 5:]).max() > 1e-3
+
+
+def test_full_T_ddim_eta1_equals_ddpm_and_model_traced_once(setup, monkeypatch):
+    model, sch, tokens, mask = setup
+    calls = []
+    original = DimbaModel.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DimbaModel, "__call__", counting)
+    kw = dict(guidance=1.0, clamp=False, self_condition=True, return_x0=True)
+    ids_ddpm, x0_ddpm = sampling.sample(model, sch, tokens, mask, jax.random.key(9), steps=T_SMALL,
+                                        sampler="ddpm", **kw)
+    n_ddpm = len(calls)
+    ids_ddim, x0_ddim = sampling.sample(model, sch, tokens, mask, jax.random.key(9), steps=T_SMALL,
+                                        sampler="ddim", eta=1.0, **kw)
+    n_both = len(calls)
+    np.testing.assert_allclose(np.asarray(x0_ddim), np.asarray(x0_ddpm), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(ids_ddim), np.asarray(ids_ddpm))
+    # one trace of the model per compilation, whatever the number of steps (20 here)
+    assert n_ddpm == 1 and n_both == 2
+    sampling.sample(model, sch, tokens, mask, jax.random.key(9), steps=3, sampler="ddim", guidance=2.5)
+    assert len(calls) == 3  # CFG: both branches in one batched call
+
+
+def test_respacing_uses_the_strided_timesteps(setup):
+    model, sch, tokens, mask = setup
+    seen = []
+    original = DimbaModel.__call__
+    ts, _, _ = sampling.respaced_alphas(sch, 5)
+    np.testing.assert_array_equal(ts, [20, 15, 10, 6, 1])  # round(linspace(20, 1, 5))
+    # the reference loop (own respacing) agrees with the scan at steps < T (x0 compared)
+    ids, x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(2), steps=5, sampler="ddim", eta=0.0,
+                              guidance=1.0, clamp=True, self_condition=True, return_x0=True)
+    _, ref_x0 = reference_sample(model, sch, tokens, mask, jax.random.key(2), steps=5, sampler="ddim", eta=0.0,
+                                 guidance=1.0, clamp=True, self_condition=True)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(ref_x0), rtol=2e-4, atol=2e-4)
+    del seen, original
+
+
+def test_bad_arguments(setup):
+    model, sch, tokens, mask = setup
+    for steps in (0, -1, T_SMALL + 1):
+        with pytest.raises(ValueError, match="steps"):
+            sampling.sample(model, sch, tokens, mask, jax.random.key(0), steps=steps)
+    with pytest.raises(ValueError, match="sampler"):
+        sampling.sample(model, sch, tokens, mask, jax.random.key(0), steps=2, sampler="euler")
+    with pytest.raises(ValueError, match="cond_mask"):
+        sampling.sample(model, sch, tokens, mask[:, :3], jax.random.key(0), steps=2)
+
+
+def test_cut_at_eos():
+    assert sampling.cut_at_eos([5, 6, 9, 7, 9], 9) == [5, 6]
+    assert sampling.cut_at_eos(np.array([1, 2, 3]), 9) == [1, 2, 3]
+    assert sampling.cut_at_eos([9, 1], 9) == []
+
+
+def test_task_generate_and_infill():
+    c = tiny_config()
+    with c.unlocked():
+        c.sample.steps = 3
+    task = DimbaTask(c)  # byte tokenizer
+    model = task.init_model(nnx.Rngs(1))
+    outs = task.generate(model, ["Hello", "A longer prompt"], length=6, seed=0)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+    assert all(len(o.encode("utf-8", "replace")) <= 6 * 3 for o in outs)
+    assert outs == task.generate(model, ["Hello", "A longer prompt"], length=6, seed=0)
+    with pytest.raises(ValueError, match=r"40 tokens.*32"):
+        task.generate(model, ["x" * 40], length=4)
+    with pytest.raises(ValueError, match="steps"):
+        task.generate(model, ["Hi"], length=4, steps=0)
+    with pytest.raises(ValueError, match="mask token"):
+        task.infill(model, "no gaps here")
+    filled = task.infill(model, "ab[MASK]cd", span_length=3, steps=3)
+    assert filled.startswith("ab") and filled.endswith("cd")
