@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge-config", default="configs/judge.py")
     p.add_argument("--train-seconds", type=float, default=0.0,
                    help="train each model about this long first (resuming its workdir); 0 = no training")
+    p.add_argument("--eval-reserve-s", type=float, default=150.0,
+                   help="never start a training phase that would leave less than this for evaluation")
+    p.add_argument("--spec-reserve-s", type=float, default=40.0,
+                   help="start no new spec when less than this is left of the budget (compile + timing)")
     p.add_argument("--data-dir", default="",
                    help="directory with train-*.jsonl.xz and validation.jsonl.xz (the shared corpus); "
                         "sets data.source/val_source of the trained configs and the validation books")
@@ -135,17 +139,43 @@ def _apply_data_dir(config, data_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def train_for(config, workdir: str, seconds: float, log) -> None:
-    """Trains `config` into `workdir` for about `seconds` (resuming an existing run)."""
-    from dimba_jax.train import loop
+def train_for(config, workdir: str, seconds: float, log) -> dict:
+    """Trains `config` into `workdir` for about `seconds` of wall time, resuming an existing run.
 
-    if hasattr(config.train, "max_seconds"):
-        with config.unlocked():
-            config.train.max_seconds = float(seconds)
-        log(f"[pareto] training {config.task} into {workdir} for {seconds:.0f}s")
-        loop.train_and_evaluate(config, workdir)
-    else:  # no time budget in the trainer: estimate steps from a short first run
-        raise ValueError("the trainer has no config.train.max_seconds; cannot train by time budget")
+    The trainer stops cleanly on SIGTERM (finish the step, checkpoint, return), so a thread sends
+    this process SIGTERM after `seconds` (and every 5 s until the trainer returns); the run keeps its config's step count and learning-rate
+    schedule, and the next call resumes it from the checkpoint. A SIGTERM that arrives after the
+    trainer returned is ignored here. Returns the trainer's summary.
+    """
+    import signal
+    import threading
+
+    from dimba_jax.train.loop import train_and_evaluate
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: log("[pareto] SIGTERM outside the training loop ignored"))
+    done = threading.Event()
+
+    def stopper():  # SIGTERM at the deadline, repeated until the trainer has returned (in case
+        if done.wait(seconds):  # the first one came before its handler was installed)
+            return
+        while not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.wait(5.0)
+
+    log(f"[pareto] training {config.task} into {workdir} for <= {seconds:.0f}s "
+        f"(config steps {int(config.train.steps)})")
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    try:
+        summary = train_and_evaluate(config, workdir)
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(signal.SIGTERM, previous)
+    log(f"[pareto] {config.task} at step {summary.get('step')} after {time.perf_counter() - t0:.0f}s; "
+        f"last metrics {summary.get('last_metrics')}")
+    return summary
 
 
 # ----------------------------------------------------------------------------- validation text
@@ -195,7 +225,7 @@ def main(argv=None) -> dict:
                                             ("ar", args.ar_config, args.ar),
                                             ("dimba", args.dimba_config, args.dimba)):
                 left = deadline - time.perf_counter()
-                if left < 3 * args.train_seconds:  # keep time for evaluation
+                if left - args.train_seconds < args.eval_reserve_s:  # keep time for evaluation
                     log(f"[pareto] skipping training of {name}: only {left:.0f}s left")
                     continue
                 cfg = load_config_file(cfg_path)
@@ -231,8 +261,8 @@ def main(argv=None) -> dict:
     res.setdefault("models", {}).update(models_info)
     results_lib.save(res, out_path)
 
-    def run_specs(subset):
-        options.time_budget_s = max(0.0, deadline - time.perf_counter())
+    def run_specs(subset):  # no spec starts with less than --spec-reserve-s left
+        options.time_budget_s = max(0.0, deadline - time.perf_counter() - args.spec_reserve_s)
         return harness.run_harness(generators, judge, subset, val_texts, out_path, options=options,
                                    command=command, device=device_name, log=log)
 

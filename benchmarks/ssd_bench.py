@@ -230,7 +230,11 @@ def stage_breakdown(b, l, h, p, n, chunk, warmup, iters):
             * jnp.exp(Acs)[..., None],
             (Cc, states, Acs)),
     }
-    return {k: round(time_fn(jax.jit(f), a, warmup, iters), 4) for k, (f, a) in stages.items()}
+    times = {k: round(time_fn(jax.jit(f), a, warmup, iters), 4) for k, (f, a) in stages.items()}
+    intra, intra_args = stages["intra (CB, decay, (CB o decay) x)"]
+    intra_grad = jax.jit(jax.grad(lambda *a: jnp.sum(intra(*a)), argnums=(0, 1, 2, 3, 4)))
+    times["intra fwd+bwd (grad of sum)"] = round(time_fn(intra_grad, intra_args, warmup, iters), 4)
+    return times
 
 
 # ------------------------------------------------------------------ reporting

@@ -63,10 +63,11 @@ def xla_ssd(x, dt, A, B, C, D=None, dt_bias=None, chunk_size=CHUNK):
     return _common.apply_skip_and_gate(y, x, D=D)
 
 
-def pallas_ssd(block_len, num_warps):
+def pallas_ssd(block_len, warps_fwd, warps_bwd):
     def fn(x, dt, A, B, C, D=None, dt_bias=None):
         return pallas_gpu.ssd_pallas(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias,
-                                     dt_softplus=True, block_len=block_len, num_warps=num_warps)
+                                     dt_softplus=True, block_len=block_len,
+                                     num_warps_fwd=warps_fwd, num_warps_bwd=warps_bwd)
     return fn
 
 
@@ -167,8 +168,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--variants", default="64x4,128x4,128x8",
-                    help="pallas kernel variants, block_len x num_warps, comma separated")
+    ap.add_argument("--variants", default="128x4x8,64x4x4",
+                    help="pallas kernel variants, block_len x warps_fwd x warps_bwd, comma separated")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-xla", action="store_true")
@@ -190,10 +191,10 @@ def main():
         for dims in [(2, 300, 4, 64, 1, 128), (1, 517, 6, 64, 2, 64)]:
             for dtype in (jnp.float32, jnp.bfloat16):
                 tag = f"{jnp.dtype(dtype).name}-{'x'.join(map(str, dims))}"
-                for q, nw in variants:
-                    key = f"pallas_{q}x{nw}/{tag}"
+                for var in variants:
+                    key = f"pallas_{'x'.join(map(str, var))}/{tag}"
                     try:
-                        err = check(pallas_ssd(q, nw), dtype, int(rng.integers(1 << 30)), dims)
+                        err = check(pallas_ssd(*var), dtype, int(rng.integers(1 << 30)), dims)
                     except Exception as e:  # report and carry on: one variant may not compile
                         err = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
                     result["errors"][key] = err
@@ -214,7 +215,7 @@ def main():
                 "mamba_ssm_fwd_ms": ref_fwd, "mamba_ssm_fwdbwd_ms": ref_fb,
                 "nominal_fwd_gflop": flops / 1e9, "min_fwd_mbytes": min_bytes(b, l, h) / 1e6}
         impls = [] if a.skip_xla else [("xla", None, xla_ssd)]
-        impls += [(f"pallas_{q}x{nw}", (q, nw), pallas_ssd(q, nw)) for q, nw in variants]
+        impls += [(f"pallas_{'x'.join(map(str, v))}", v, pallas_ssd(*v)) for v in variants]
         best = None
         for label, var, fn in impls:
             row = dict(base, impl=label)
@@ -230,7 +231,7 @@ def main():
             if var is None:
                 result["rows"].append(row)
             else:
-                row["block_len"], row["num_warps"] = var
+                row["block_len"], row["warps_fwd"], row["warps_bwd"] = var
                 result["variant_rows"].append(row)
                 if "fwdbwd_ms" in row and (best is None or row["fwdbwd_ms"] < best["fwdbwd_ms"]):
                     best = row

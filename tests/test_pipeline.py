@@ -187,3 +187,24 @@ def test_build_tokenizer_and_data_on_embedded_defaults():
     text = tok.decode(batch[0])
     assert sum(c.isalpha() or c.isspace() for c in text) > 0.8 * len(text)  # English prose
     assert len(evals) == 2 and evals[0]["tokens"].shape == (4, config.data.seq_len)
+
+
+@pytest.mark.slow
+def test_worker_process_gives_the_same_batches_and_resumes(corpus):
+    data, _ = corpus
+    reference = take(make_train_iterator(data, BYTE, global_batch_size=4, seed=4), 8)
+    data.num_workers = 1  # one grain worker process (spawned; each costs a few seconds to start)
+    it = make_train_iterator(data, BYTE, global_batch_size=4, seed=4)
+    try:
+        first = take(it, 3)
+        state = json.loads(json.dumps(it.get_state()))
+    finally:
+        it.close()
+    resumed = make_train_iterator(data, BYTE, global_batch_size=4, seed=4)
+    try:
+        resumed.set_state(state)
+        rest = take(resumed, 5)
+    finally:
+        resumed.close()
+    for x, y in zip(first + rest, reference):
+        np.testing.assert_array_equal(x, y)

@@ -77,8 +77,10 @@ def _value_and_grads(fn, inputs, cot):
     return y, fin, grads
 
 
-def _check(fn, dtype, seed, dims):
+def _check(fn, dtype, seed, dims, d_per_channel=False):
     inputs, cot = _inputs(seed, dtype, *dims)
+    if d_per_channel:
+        inputs["D"] = jax.random.normal(jax.random.key(seed + 1), (dims[2], dims[3]))
     y, fin, grads = _value_and_grads(fn, inputs, cot)
     y_ref, fin_ref, grads_ref = _value_and_grads(_reference, inputs, cot)
     assert y.shape == inputs["x"].shape and y.dtype == inputs["x"].dtype
@@ -116,9 +118,22 @@ def test_rejects_seq_idx_and_bad_block_len():
 
 
 def test_interpreted_kernels_match_reference_forward_and_grads():
-    """The kernel bodies, run by the Pallas interpreter: 3 chunks of 16, the last one partial."""
+    """The kernel bodies, run by the Pallas interpreter: 3 chunks of 16, the last one partial,
+    D per (head, channel)."""
     _check(_pallas(block_len=16, interpret=True), jnp.float32, seed=3,
-           dims=(2, 41, 4, 16, 2, 16))
+           dims=(1, 41, 4, 16, 2, 16), d_per_channel=True)
+
+
+def test_interpreted_kernels_without_options_match_reference():
+    """No D, no z, no initial state, default dt handling: plain scan output."""
+    inputs, _ = _inputs(4, jnp.float32, 1, 37, 2, 16, 1, 16)
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C")]
+    y = pallas_gpu.ssd_pallas(*args, 8, block_len=16, interpret=True)
+    dtp = _common.process_dt(inputs["dt"])
+    with jax.default_matmul_precision("highest"):
+        y_ref, _ = reference_scan(*args[:1], dtp, *args[2:])
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert _rel(y, y_ref) < TOL[jnp.float32]
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -20,9 +20,9 @@ VOCAB = 24
 
 
 class ToyModel(nnx.Module):
-    def __init__(self, d: int, rngs: nnx.Rngs):
+    def __init__(self, d: int, vocab: int, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.1)
-        self.embed = nnx.Param(nnx.with_partitioning(init, ("vocab", "embed"))(rngs.params(), (VOCAB, d)))
+        self.embed = nnx.Param(nnx.with_partitioning(init, ("vocab", "embed"))(rngs.params(), (vocab, d)))
         self.w1 = nnx.Param(nnx.with_partitioning(init, ("embed", "mlp"))(rngs.params(), (d, 2 * d)))
         self.w2 = nnx.Param(nnx.with_partitioning(init, ("mlp", "embed"))(rngs.params(), (2 * d, d)))
         self.A_log = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("heads",))(rngs.params(), (4,)))
@@ -43,13 +43,15 @@ class ToyTask:
         self.config = config
         self.tokenizer = tokenizer
         self.d = int(config.model.d_model)
+        self.vocab = VOCAB if tokenizer is None else int(tokenizer.vocab_size)
+        self.dropout = 0.1  # fraction of input tokens zeroed at random (uses the step rng)
 
     def init_model(self, rngs):
-        return ToyModel(self.d, rngs)
+        return ToyModel(self.d, self.vocab, rngs)
 
     def loss(self, model, batch, rng):
         tokens = batch["tokens"]
-        keep = jax.random.bernoulli(rng, 0.9, tokens[:, :-1].shape)
+        keep = jax.random.bernoulli(rng, 1.0 - self.dropout, tokens[:, :-1].shape)
         inputs = jnp.where(keep, tokens[:, :-1], 0)
         logits = model(inputs).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, -1)
@@ -59,13 +61,13 @@ class ToyTask:
         return loss, {"ce": ce, "keep": jnp.mean(keep.astype(jnp.float32))}
 
     def sample_text(self, model, rng, num):
-        ids = jax.random.randint(rng, (num, 4), 0, VOCAB)
+        ids = jax.random.randint(rng, (num, 4), 0, self.vocab)
         nxt = jnp.argmax(model(ids), -1)
         return [" ".join(str(int(i)) for i in row) for row in np.asarray(nxt)]
 
     def flops_per_token(self, seq_len):
         d = self.d
-        return 3.0 * (2 * d * 2 * d * 2 + 2 * d * VOCAB)
+        return 3.0 * (2 * d * 2 * d * 2 + 2 * d * self.vocab)
 
 
 class ToyData:
@@ -108,9 +110,9 @@ def toy_config(steps: int = 8, **train):
     c.train.lr = 1e-2
     c.train.log_every = 1
     c.train.checkpoint_every = 0
-    c.train.eval_batches = 1
+    c.train.eval_batches = 0  # no eval / samples by default: each costs a compilation
     c.train.async_checkpointing = True
-    c.sample.num_samples = 2
+    c.sample.num_samples = 0
     for k, v in train.items():
         c.train[k] = v
     return c

@@ -46,7 +46,7 @@ import numpy as np
 from dimba_jax.data.sources import DocumentSource, limit_documents, open_source
 from dimba_jax.data.tokenizers import Tokenizer, get_tokenizer
 
-_CHUNK_CHARS = 4_000_000  # characters tokenised per encode_batch call (bounds peak memory)
+_CHUNK_CHARS = 16_000_000  # characters per encode_batch call: documents in a call are encoded in parallel
 
 
 # ------------------------------------------------------------------------------ tokenisation
@@ -94,7 +94,8 @@ def tokenize_documents(source: DocumentSource, tokenizer: Tokenizer, *, progress
 
 
 def _cache_key(source: DocumentSource, tokenizer: Tokenizer) -> str:
-    text = f"v1|{source.fingerprint}|{source.description}|{tokenizer.fingerprint}"
+    tok_id = getattr(tokenizer, "fingerprint", None) or f"{tokenizer.name}-{tokenizer.vocab_size}-{tokenizer.eos_id}"
+    text = f"v1|{source.fingerprint}|{source.description}|{tok_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

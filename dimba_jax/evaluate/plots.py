@@ -46,8 +46,12 @@ def plot_ppl_vs_latency(results: dict, path: str, batch: int = 1) -> str:
     plt = _plt()
     rows = [r for r in results["rows"] if r["batch"] == batch and r.get("judge_ppl") is not None]
     panels = _panels(rows) or [(0, False)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (L, prompted) in zip(axes[0], panels):
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.8 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (L, prompted) in zip(axes.ravel(), panels):
         for sampler, marker in (("ddim", "o"), ("ddpm", "s")):
             pts = sorted(_default_rows(rows, model="dimba", sampler=sampler, L_gen=L,
                                        prompted=prompted), key=lambda r: r["steps"])

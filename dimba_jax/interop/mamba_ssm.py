@@ -217,8 +217,18 @@ def lm_kwargs_from_config(config: Mapping) -> dict:
 
 
 def config_from_lm(model) -> dict:
-    """MambaLM -> mamba_ssm `config.json` dict (the inverse of `lm_kwargs_from_config`)."""
+    """MambaLM -> mamba_ssm `config.json` dict (the inverse of `lm_kwargs_from_config`).
+
+    If the model's padded vocabulary is not vocab_size rounded up to its
+    pad_vocab_size_multiple (a file padded by another rule), pad_vocab_size_multiple is written
+    as the padded size itself, so that mamba_ssm rebuilds exactly this embedding shape.
+    """
+    from dimba_jax.models.ar import padded_vocab
+
     mixer = model.layers[0].mixer
+    multiple = model.pad_vocab_size_multiple
+    if padded_vocab(model.vocab_size, multiple) != model.padded_vocab_size:
+        multiple = model.padded_vocab_size
     return {
         "d_model": model.d_model,
         "d_intermediate": 0,
@@ -232,6 +242,6 @@ def config_from_lm(model) -> dict:
         "rms_norm": True,
         "residual_in_fp32": True,
         "fused_add_norm": True,
-        "pad_vocab_size_multiple": model.pad_vocab_size_multiple,
+        "pad_vocab_size_multiple": multiple,
         "tie_embeddings": model.tie_embeddings,
     }

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from dimba_jax.ssd import _common
 
 # Chunk length used by the kernels (a power of two); the caller's chunk_size is only a hint.
-DEFAULT_BLOCK_LEN = 64
+DEFAULT_BLOCK_LEN = 128
 # headdim rows of the state carried by one program of the state-passing kernels.
 _STATE_ROWS = 16
 
@@ -52,8 +52,12 @@ def _triton():
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
-    """a @ b (optionally transposed) on the tensor cores, float32 accumulation."""
-    return _triton().dot(a, b, trans_a=trans_a, trans_b=trans_b)
+    """a @ b (optionally transposed) on the tensor cores, float32 accumulation.
+
+    bf16/f16 operands use the tensor cores directly; float32 operands are multiplied in full
+    float32 (IEEE, not tf32: Triton's default for float32 would lose ~3e-4 relative accuracy)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return _triton().dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _pow2(n: int) -> bool:
@@ -132,7 +136,7 @@ def _state_pass_fwd_kernel(st_ref, dec_ref, h0_ref, hprev_ref, fin_ref, *, nc):
     """h_0 = h0; hprev[c] = h_c; h_{c+1} = dec[c] * h_c + S[c]; fin = h_nc (rows block)."""
 
     def body(c, h):
-        hprev_ref[c] = h
+        hprev_ref[c] = h.astype(hprev_ref.dtype)
         return dec_ref[c] * h + st_ref[c]
 
     fin_ref[...] = jax.lax.fori_loop(0, nc, body, h0_ref[...])
@@ -160,8 +164,8 @@ def _masked_decay(s, q):
     return jnp.exp(jnp.where(i >= j, s[:, None] - s[None, :], -jnp.inf))
 
 
-def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, y_ref, *, q):
-    """y = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) for one chunk."""
+def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref, *, q):
+    """y = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) + D x for one chunk."""
     x = x_ref[...]
     cdt = x.dtype
     b = b_ref[...]
@@ -174,12 +178,14 @@ def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, y_ref, *, q):
     y = _dot(m, xd)
     h = h_ref[...].astype(cdt)
     y = y + jnp.exp(s)[:, None] * _dot(c, h, trans_b=True)
+    y = y + d_ref[...][None, :] * x.astype(jnp.float32)
     y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref,
-                      dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, *, q):
-    """Gradients of one chunk's outputs (y and its state S) w.r.t. x, B, C, dt and s."""
+def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref, d_ref,
+                      dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref, *, q):
+    """Gradients of one chunk's outputs (y and its state S) w.r.t. x, B, C, dt, s and D
+    (dD as this chunk's partial sum over positions)."""
     f32 = jnp.float32
     x = x_ref[...]
     cdt = x.dtype
@@ -214,7 +220,10 @@ def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref
           + jnp.sum(dy.astype(f32) * y_off, axis=1)
           - v + jnp.where(idx == q - 1, jnp.sum(v), 0.0))
 
-    dx_ref[...] = (dxd * dt[:, None]).astype(dx_ref.dtype)
+    d = d_ref[...]
+    dy_f = dy.astype(f32)
+    dx_ref[...] = (dxd * dt[:, None] + d[None, :] * dy_f).astype(dx_ref.dtype)
+    dd_ref[...] = jnp.sum(dy_f * xf, axis=0)
     ddt_ref[...] = jnp.sum(dxd * xf, axis=1)
     db_ref[...] = db.astype(db_ref.dtype)
     dc_ref[...] = dc.astype(dc_ref.dtype)
@@ -238,14 +247,15 @@ def _specs(q, p, n, hpg):
     vs = pl.BlockSpec((None, None, q), lambda bi, hi, ci: (bi, hi, ci))
     sts = pl.BlockSpec((None, None, None, p, n), lambda bi, hi, ci: (bi, hi, ci, 0, 0))
     hn = pl.BlockSpec((None, q, None, n), lambda bi, hi, ci: (bi, ci, hi, 0))
-    return xs, bs, vs, sts, hn
+    ds = pl.BlockSpec((None, p), lambda bi, hi, ci: (hi, 0))
+    return xs, bs, vs, sts, hn, ds
 
 
 def _chunk_state_call(u, v, dt, s, *, q, hpg, mode, num_warps, interpret):
     bsz, lp, nh, p = u.shape
     n = v.shape[-1]
     nc = lp // q
-    xs, bs, vs, sts, _ = _specs(q, p, n, hpg)
+    xs, bs, vs, sts, _, _ = _specs(q, p, n, hpg)
     return pl.pallas_call(
         functools.partial(_chunk_state_kernel, q=q, mode=mode),
         out_shape=jax.ShapeDtypeStruct((bsz, nh, nc, p, n), jnp.float32),
@@ -258,7 +268,7 @@ def _chunk_state_call(u, v, dt, s, *, q, hpg, mode, num_warps, interpret):
     )(u, v, dt, s)
 
 
-def _state_pass_fwd_call(states, dec, h0, *, interpret):
+def _state_pass_fwd_call(states, dec, h0, *, hprev_dtype, interpret):
     bsz, nh, nc, p, n = states.shape
     r = min(_STATE_ROWS, p)
     seq = pl.BlockSpec((None, None, nc, r, n), lambda bi, hi, ri: (bi, hi, 0, ri, 0))
@@ -266,7 +276,7 @@ def _state_pass_fwd_call(states, dec, h0, *, interpret):
     decs = pl.BlockSpec((None, None, nc), lambda bi, hi, ri: (bi, hi, 0))
     return pl.pallas_call(
         functools.partial(_state_pass_fwd_kernel, nc=nc),
-        out_shape=(jax.ShapeDtypeStruct(states.shape, jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct(states.shape, hprev_dtype),
                    jax.ShapeDtypeStruct((bsz, nh, p, n), jnp.float32)),
         grid=(bsz, nh, p // r),
         in_specs=[seq, decs, one],
@@ -299,43 +309,48 @@ def _state_pass_bwd_call(dhprev, hprev, dec, dfin, *, interpret):
     )(dhprev, hprev, dec, dfin)
 
 
-def _chunk_out_call(x, b, c, dt, s, hprev, *, q, hpg, out_dtype, num_warps, interpret):
+def _chunk_out_call(x, b, c, dt, s, hprev, d, *, q, hpg, num_warps, interpret):
     bsz, lp, nh, p = x.shape
     n = b.shape[-1]
     nc = lp // q
-    xs, bs, vs, sts, _ = _specs(q, p, n, hpg)
+    xs, bs, vs, sts, _, dspec = _specs(q, p, n, hpg)
     return pl.pallas_call(
         functools.partial(_chunk_out_kernel, q=q),
-        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(bsz, nh, nc),
-        in_specs=[xs, bs, bs, vs, vs, sts],
+        in_specs=[xs, bs, bs, vs, vs, sts, dspec],
         out_specs=xs,
         compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_out",
-    )(x, b, c, dt, s, hprev)
+    )(x, b, c, dt, s, hprev, d)
 
 
-def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, *, q, hpg, num_warps, interpret):
+def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, num_warps, interpret):
     bsz, lp, nh, p = x.shape
     n = b.shape[-1]
     nc = lp // q
-    xs, bs, vs, sts, hn = _specs(q, p, n, hpg)
+    xs, bs, vs, sts, hn, dspec = _specs(q, p, n, hpg)
     f32 = jnp.float32
+    # Per-head dB/dC (summed over the heads of a group afterwards) in the operand dtype: halves
+    # the largest write of the backward for bf16.
+    gdt = x.dtype
     return pl.pallas_call(
         functools.partial(_chunk_bwd_kernel, q=q),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((bsz, lp, nh, n), f32),
-                   jax.ShapeDtypeStruct((bsz, lp, nh, n), f32),
+                   jax.ShapeDtypeStruct((bsz, lp, nh, n), gdt),
+                   jax.ShapeDtypeStruct((bsz, lp, nh, n), gdt),
                    jax.ShapeDtypeStruct((bsz, nh, lp), f32),
-                   jax.ShapeDtypeStruct((bsz, nh, lp), f32)),
+                   jax.ShapeDtypeStruct((bsz, nh, lp), f32),
+                   jax.ShapeDtypeStruct((bsz, nh, nc, p), f32)),
         grid=(bsz, nh, nc),
-        in_specs=[xs, bs, bs, vs, vs, xs, sts, sts],
-        out_specs=(xs, hn, hn, vs, vs),
+        in_specs=[xs, bs, bs, vs, vs, xs, sts, sts, dspec],
+        out_specs=(xs, hn, hn, vs, vs,
+                   pl.BlockSpec((None, None, None, p), lambda bi, hi, ci: (bi, hi, ci, 0))),
         compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_bwd",
-    )(x, b, c, dt, s, dy, hprev, dstates)
+    )(x, b, c, dt, s, dy, hprev, dstates, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,46 +363,52 @@ def _chunk_end_decay(s, q):
     return jnp.exp(s.reshape(bsz, nh, lp // q, q)[..., -1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _core(x, b, c, dt, s, h0, cfg):
-    """cfg = (q, heads_per_group, num_warps, interpret). Returns y (float32), final state."""
-    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(x, b, c, dt, s, h0, d, cfg):
+    """cfg = (q, heads_per_group, warps_fwd, warps_bwd, interpret).
+
+    Returns y = scan output + D x in x.dtype, and the final state (float32)."""
+    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, d, cfg)
     return y, fin
 
 
-def _core_fwd_impl(x, b, c, dt, s, h0, cfg):
-    q, hpg, nw, interp = cfg
-    states = _chunk_state_call(x, b, dt, s, q=q, hpg=hpg, mode="state", num_warps=nw,
+def _core_fwd_impl(x, b, c, dt, s, h0, d, cfg):
+    q, hpg, nwf, _, interp = cfg
+    states = _chunk_state_call(x, b, dt, s, q=q, hpg=hpg, mode="state", num_warps=nwf,
                                interpret=interp)
-    hprev, fin = _state_pass_fwd_call(states, _chunk_end_decay(s, q), h0, interpret=interp)
-    y = _chunk_out_call(x, b, c, dt, s, hprev, q=q, hpg=hpg, out_dtype=jnp.float32,
-                        num_warps=nw, interpret=interp)
+    # The incoming states are stored in the operand dtype: the output kernel multiplies them
+    # in that dtype anyway (bf16 tensor cores), so float32 storage would only cost bytes.
+    hprev, fin = _state_pass_fwd_call(states, _chunk_end_decay(s, q), h0, hprev_dtype=x.dtype,
+                                      interpret=interp)
+    y = _chunk_out_call(x, b, c, dt, s, hprev, d, q=q, hpg=hpg, num_warps=nwf,
+                        interpret=interp)
     return y, fin, hprev
 
 
-def _core_fwd(x, b, c, dt, s, h0, cfg):
-    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, cfg)
-    return (y, fin), (x, b, c, dt, s, hprev)
+def _core_fwd(x, b, c, dt, s, h0, d, cfg):
+    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, d, cfg)
+    return (y, fin), (x, b, c, dt, s, hprev, d)
 
 
 def _core_bwd(cfg, res, grads):
-    q, hpg, nw, interp = cfg
-    x, b, c, dt, s, hprev = res
+    q, hpg, _, nwb, interp = cfg
+    x, b, c, dt, s, hprev, d = res
     dy, dfin = grads
     bsz, lp, nh, _ = x.shape
     g, n = b.shape[2], b.shape[3]
     nc = lp // q
     dy = dy.astype(x.dtype)
-    dhprev = _chunk_state_call(dy, c, dt, s, q=q, hpg=hpg, mode="dout", num_warps=nw,
+    dhprev = _chunk_state_call(dy, c, dt, s, q=q, hpg=hpg, mode="dout", num_warps=nwb,
                                interpret=interp)
     dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, q),
                                                dfin.astype(jnp.float32), interpret=interp)
-    dx, db_h, dc_h, ddt, ds = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, q=q, hpg=hpg,
-                                              num_warps=nw, interpret=interp)
+    dx, db_h, dc_h, ddt, ds, dd = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
+                                                  hpg=hpg, num_warps=nwb, interpret=interp)
     ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)
-    db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3).astype(b.dtype)
-    dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3).astype(c.dtype)
-    return dx, db, dc, ddt, ds, dh0
+    f32 = jnp.float32
+    db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(b.dtype)
+    dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(c.dtype)
+    return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2))
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -395,8 +416,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
                dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
-               return_final_states=False, block_len: int | None = None, num_warps: int = 4,
-               interpret: bool = False):
+               return_final_states=False, block_len: int | None = None,
+               num_warps_fwd: int = 4, num_warps_bwd: int = 8, interpret: bool = False):
     """SSD through the Pallas GPU kernels; same semantics and returns as `dimba_jax.ssd.ssd`.
 
     Args:
@@ -406,7 +427,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
         chunk (default DEFAULT_BLOCK_LEN), which changes only speed, not the result.
       D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: see `ssd`.
       seq_idx: must be None (see `supported`).
-      block_len: kernel chunk length, a power of two >= 16.  num_warps: warps per program.
+      block_len: kernel chunk length, a power of two >= 16.
+      num_warps_fwd, num_warps_bwd: warps per program of the forward / backward kernels.
       interpret: run the kernels in the Pallas interpreter (any device; for tests on CPU).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
@@ -441,8 +463,17 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
         h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
     else:
         h0 = initial_states.astype(jnp.float32)
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, (q, nh // g, int(num_warps), bool(interpret)))
-    y = _common.apply_skip_and_gate(y[:, :seqlen], x, D=D, z=z)
+    if D is None:
+        d = jnp.zeros((nh, p), jnp.float32)
+    else:
+        d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
+    cfg = (q, nh // g, int(num_warps_fwd), int(num_warps_bwd), bool(interpret))
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, cfg)
+    y = y[:, :seqlen]
+    if z is not None:
+        y = _common.apply_skip_and_gate(y, x, z=z)
+    else:
+        y = y.astype(x.dtype)
     if return_final_states:
         return y, fin
     return y

@@ -215,6 +215,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
         return result
 
     def run_samples(step_done):
+        if int(config.sample.num_samples) <= 0:
+            return []
         samples = _sample(task, parts, state, rest, mesh, seed, step_done,
                           int(config.sample.num_samples))
         text = metrics_lib.write_samples(workdir, step_done, samples, enabled=is_main)
@@ -251,7 +253,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
                 check(pending)
                 writer.write(step_done, values)
                 summary["last_metrics"] = values
-                shown = {k: values[k] for k in sorted(values) if k not in ("param_norm", "step_time_s")}
+                shown = {k: values[k] for k in sorted(values)
+                         if k not in ("param_norm", "step_time_s") and values[k] is not None}
                 bar.update(0, **shown)
             bar.update(1)
 

@@ -1,0 +1,148 @@
+"""The training loss: masked terms against numpy, a tiny training run (the loss falls, the
+embeddings keep their norm; without normalisation they would shrink), self-conditioning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dimba_jax.models.dimba as dimba_module
+from dimba_jax.config import default_config
+from dimba_jax.diffusion.losses import (denoise_terms, diffusion_loss, masked_accuracy, masked_cross_entropy,
+                                        masked_mse)
+from dimba_jax.diffusion.schedule import cosine_schedule
+from dimba_jax.diffusion.task import DimbaTask
+from dimba_jax.models.dimba import DimbaModel
+
+V, BATCH, SEQ = 64, 8, 32
+
+
+def tiny_config():
+    c = default_config()
+    with c.unlocked():
+        c.model.update(d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=16, time_embed_dim=32,
+                       ssd_impl="reference")
+        c.diffusion.timesteps = 100
+        c.data.seq_len = SEQ
+    return c
+
+
+def test_masked_terms_match_numpy():
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, size=(3, 5))
+    mask = rng.random((3, 5)) < 0.5
+    sel = mask.astype(bool)
+    assert float(masked_mse(pred, target, mask)) == pytest.approx(np.mean((pred - target)[sel] ** 2), rel=1e-5)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    assert float(masked_cross_entropy(logits, tokens, mask)) == pytest.approx(nll[sel].mean(), rel=1e-5)
+    assert float(masked_accuracy(logits, tokens, mask)) == pytest.approx((logits.argmax(-1) == tokens)[sel].mean())
+    assert float(masked_mse(pred, target, np.zeros((3, 5), bool))) == 0.0  # empty mask: no NaN
+
+
+def _batch():
+    # learnable structure: arithmetic progressions mod V with per-row start and stride
+    start = np.arange(BATCH)[:, None] * 5
+    stride = 1 + np.arange(BATCH)[:, None] % 3
+    return jnp.asarray((start + stride * np.arange(SEQ)[None, :]) % V, jnp.int32)
+
+
+def _train(cfg, steps=30):
+    sch = cosine_schedule(cfg.diffusion.timesteps)
+    model = DimbaModel(cfg.model, V, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    tokens = _batch()
+
+    @nnx.jit
+    def step(model, opt, rng):
+        (loss, metrics), grads = nnx.value_and_grad(
+            lambda m: diffusion_loss(m, sch, tokens, rng, cfg.diffusion), has_aux=True)(model)
+        opt.update(model, grads)
+        return metrics
+
+    @nnx.jit
+    def evaluate(model):  # the same draws every time: a fixed yardstick
+        terms = [diffusion_loss(model, sch, tokens, jax.random.key(100 + i), cfg.diffusion)[1] for i in range(4)]
+        return jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *terms)
+
+    before = evaluate(model)
+    raw_before = float(jnp.mean(jnp.linalg.norm(model.embedding[...], axis=-1)))
+    for i in range(steps):
+        step(model, opt, jax.random.key(i))
+    after = evaluate(model)
+    raw_after = float(jnp.mean(jnp.linalg.norm(model.embedding[...], axis=-1)))
+    return model, before, after, raw_before, raw_after
+
+
+def test_loss_falls_and_embeddings_keep_their_norm(monkeypatch):
+    cfg = tiny_config()
+    with cfg.unlocked():
+        cfg.diffusion.ce_weight = 0.1
+    model, before, after, raw_before, raw_after = _train(cfg)
+    fixed = float(np.sqrt(32))
+    assert float(after["loss"]) < 0.8 * float(before["loss"]), (before, after)
+    assert float(after["mse"]) < float(before["mse"]), (before, after)
+    # the embeddings the loss sees keep their fixed norm while the MSE drops ...
+    assert float(after["embed_norm"]) == pytest.approx(fixed, rel=1e-4)
+    norms = np.linalg.norm(np.asarray(model.embedding_table()), axis=-1)
+    np.testing.assert_allclose(norms, fixed, rtol=1e-4)
+    assert raw_after > 0.9 * raw_before  # and the raw parameter did not shrink either
+    # ... and they stay spread out (not all rows pointing one way)
+    assert float(after["embed_mean_dir"]) < 0.5
+
+    # Control: the same run without row normalisation lets the x0 MSE shrink the embeddings.
+    monkeypatch.setattr(dimba_module, "normalize_rows", lambda table, scale: table.astype(jnp.float32))
+    _, c_before, c_after, _, _ = _train(cfg)
+    assert float(c_after["embed_norm"]) < 0.9 * float(c_before["embed_norm"]), (c_before, c_after)
+
+
+def test_self_conditioning_pass_and_metrics():
+    cfg = tiny_config()
+    sch = cosine_schedule(cfg.diffusion.timesteps)
+    model = DimbaModel(cfg.model, V, rngs=nnx.Rngs(1))
+    # make the self-conditioning input matter
+    model.in_proj.kernel[...] = model.in_proj.kernel[...] * 3.0
+    tokens = _batch()
+    t = jnp.full((BATCH,), 30, jnp.int32)
+    mask = jnp.zeros(tokens.shape, bool)
+    noise = jax.random.normal(jax.random.key(0), (BATCH, SEQ, 32))
+    drop = jnp.zeros((BATCH,), bool)
+
+    @nnx.jit
+    def both(model):
+        on = denoise_terms(model, sch, tokens, t, mask, drop, noise, jnp.array(True), 1.0)
+        off = denoise_terms(model, sch, tokens, t, mask, drop, noise, jnp.array(False), 1.0)
+        return on["x0_hat"], off["x0_hat"]
+
+    on, off = both(model)
+    assert np.abs(np.asarray(on - off)).max() > 1e-4
+    loss, metrics = nnx.jit(lambda m: diffusion_loss(m, sch, tokens, jax.random.key(3), cfg.diffusion))(model)
+    assert set(metrics) >= {"loss", "mse", "ce", "acc", "embed_norm", "embed_mean_dir", "known_frac"}
+    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(
+        float(metrics["mse"]) + cfg.diffusion.ce_weight * float(metrics["ce"]), rel=1e-5)
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        diffusion_loss(model, sch, tokens[0], jax.random.key(0), cfg.diffusion)
+
+
+def test_task_loss_eval_and_flops():
+    cfg = tiny_config()
+    with cfg.unlocked():
+        cfg.model.n_layers = 1
+    task = DimbaTask(cfg)
+    model = task.init_model(nnx.Rngs(0))
+    tokens = _batch()
+    with pytest.raises(ValueError, match="tokens"):
+        task.loss(model, {"ids": tokens}, jax.random.key(0))
+    out = task.eval_metrics(model, {"tokens": tokens}, ts=(5, 95))
+    assert set(out) == {"loss", "mse", "ce", "acc"} | {f"{k}_t{t}" for k in ("loss", "mse", "ce", "acc") for t in (5, 95)}
+    assert out["mse_t5"] < out["mse_t95"]  # less noise, easier x0
+    with pytest.raises(ValueError, match="outside"):
+        task.eval_metrics(model, {"tokens": tokens}, ts=(0,))
+    f_bi = task.flops_per_token(SEQ)
+    with cfg.unlocked():
+        cfg.model.bidirectional = False
+    assert DimbaTask(cfg).flops_per_token(SEQ) < f_bi

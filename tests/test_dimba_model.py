@@ -1,0 +1,169 @@
+"""The DIMBA denoiser: shapes, fixed-norm embeddings, masking, CFG dropout, causal vs
+bidirectional dependence, conditioning variants, the frozen prompt encoder, axis names."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dimba_jax.config import default_config
+from dimba_jax.layers.conditioning import (FrozenParam, FrozenPromptEncoder, load_frozen_prompt_encoder,
+                                           sinusoidal_embedding)
+from dimba_jax.models.dimba import DimbaModel
+
+B, L, V, D = 2, 32, 50, 32
+ALLOWED_AXES = {"batch", "embed", "mlp", "heads", "vocab", "state", "conv", "seq", None}
+
+
+def model_cfg(**over):
+    c = default_config()
+    with c.unlocked():
+        c.model.update(d_model=D, n_layers=2, d_state=16, headdim=16, chunk_size=16, time_embed_dim=32,
+                       ssd_impl="reference")
+        c.model.update(**over)
+    return c.model
+
+
+@nnx.jit
+def call(model, x_t, t, tokens, mask, self_cond=None, drop_prompt=None):
+    """One jitted forward (eager execution of the scan-based SSD is slow)."""
+    return model(x_t, t, tokens, mask, self_cond=self_cond, drop_prompt=drop_prompt)
+
+
+def inputs(seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x_t = jax.random.normal(k1, (B, L, D))
+    tokens = jax.random.randint(k2, (B, L), 0, V, dtype=jnp.int32)
+    t = jax.random.randint(k3, (B,), 1, 1001)
+    return x_t, t, tokens
+
+
+def test_shapes_fixed_norm_embeddings_and_reimposed_prompt():
+    model = DimbaModel(model_cfg(embed_scale=2.0), V, rngs=nnx.Rngs(0))
+    x_t, t, tokens = inputs()
+    mask = jnp.broadcast_to(jnp.arange(L) < 6, (B, L))
+    out = call(model, x_t, t, tokens, mask)
+    assert out.shape == (B, L, D) and out.dtype == jnp.float32
+    norms = np.linalg.norm(np.asarray(model.embedding_table()), axis=-1)
+    np.testing.assert_allclose(norms, 2.0 * math.sqrt(D), rtol=1e-5)
+    assert float(jnp.linalg.norm(model.null_vector())) == pytest.approx(2.0 * math.sqrt(D), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(out[:, :6]), np.asarray(model.embed(tokens))[:, :6], atol=1e-6)
+    assert model.logits(out).shape == (B, L, V)
+    # the tied head ranks an exact embedding first
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(model.logits(model.embed(tokens)), -1)), np.asarray(tokens))
+    # values given at known positions of x_t are ignored (the clean embedding is used)
+    out2 = call(model, x_t.at[:, :6].set(100.0), t, tokens, mask)
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(out), atol=1e-5)
+    with pytest.raises(ValueError, match="do not agree"):
+        model(x_t[:, :5], t, tokens, mask)
+
+
+def test_raw_embedding_scale_has_no_effect():
+    """Shrinking the raw parameter (what an x0 loss would do) leaves the embeddings unchanged."""
+    model = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(0))
+    before = np.asarray(model.embedding_table())
+    model.embedding[...] = model.embedding[...] * 1e-3
+    np.testing.assert_allclose(np.asarray(model.embedding_table()), before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_causal_vs_bidirectional_dependence(bidirectional):
+    model = DimbaModel(model_cfg(bidirectional=bidirectional), V, rngs=nnx.Rngs(1))
+    x_t, t, tokens = inputs(1)
+    mask = jnp.zeros((B, L), bool)
+    j = 12
+    base = call(model, x_t, t, tokens, mask)
+    moved = call(model, x_t.at[:, j].add(3.0), t, tokens, mask)
+    diff = np.abs(np.asarray(moved - base)).max(axis=(0, 2))
+    assert diff[j:].max() > 1e-3  # the position itself and the future always see it
+    if bidirectional:
+        assert diff[:j].min() > 1e-6, "every earlier position must see the change"
+    else:
+        assert diff[:j].max() < 1e-6, "causal: the past must not depend on the future"
+
+
+def test_dropped_prompt_hides_its_content_everywhere():
+    """CFG branch: with drop_prompt the output may not depend on the prompt's tokens, even
+    through the self-conditioning channel; without it, it must."""
+    model = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(2))
+    # non-zero conditioning maps so the prompt path is live (zero-initialised FiLM otherwise)
+    for blk in model.blocks:
+        blk.cond.proj.kernel[...] = 0.1 * jax.random.normal(jax.random.key(3), blk.cond.proj.kernel.shape)
+    x_t, t, tokens = inputs(2)
+    other = tokens.at[:, :8].set((tokens[:, :8] + 5) % V)
+    mask = jnp.broadcast_to(jnp.arange(L) < 8, (B, L))
+    sc_a = model.embed(tokens)  # a self-cond input that carries the prompt at known positions
+    sc_b = model.embed(other)
+    drop = jnp.ones((B,), bool)
+    a = call(model, x_t, t, tokens, mask, sc_a, drop)
+    b = call(model, x_t, t, other, mask, sc_b, drop)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    c = call(model, x_t, t, tokens, mask, sc_a)
+    d = call(model, x_t, t, other, mask, sc_b)
+    assert np.abs(np.asarray(c - d))[:, 8:].max() > 1e-4
+    # the self-conditioning channel itself is an input at generated positions
+    e = call(model, x_t, t, tokens, mask, jnp.zeros_like(x_t))
+    assert np.abs(np.asarray(c - e))[:, 8:].max() > 1e-4
+
+
+@pytest.mark.parametrize("over", [dict(conditioning="additive", tie_embeddings=False),
+                                  dict(conditioning="film", self_condition=False, compute_dtype="bfloat16")])
+def test_variants_run(over):
+    model = DimbaModel(model_cfg(**over), V, rngs=nnx.Rngs(3))
+    x_t, t, tokens = inputs(3)
+    out = call(model, x_t, t, tokens, jnp.zeros((B, L), bool))
+    assert out.shape == (B, L, D) and out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    assert model.logits(out).shape == (B, L, V)
+    assert hasattr(model, "head") == (not model_cfg(**over).tie_embeddings)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="conditioning"):
+        DimbaModel(model_cfg(conditioning="cross"), V, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="prompt_encoder"):
+        DimbaModel(model_cfg(prompt_encoder="transformer"), V, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="compute_dtype|dtype"):
+        DimbaModel(model_cfg(compute_dtype="int8"), V, rngs=nnx.Rngs(0))
+    with pytest.raises(FileNotFoundError, match="prompt_encoder_checkpoint"):
+        load_frozen_prompt_encoder("", D, rngs=nnx.Rngs(0))
+
+
+def test_frozen_prompt_encoder_from_given_blocks():
+    donor = DimbaModel(model_cfg(n_layers=1, d_model=16, headdim=8, time_embed_dim=16), V, rngs=nnx.Rngs(4))
+    enc = FrozenPromptEncoder(donor.embedding_table(), list(donor.blocks), donor.final_norm, D, rngs=nnx.Rngs(5))
+    model = DimbaModel(model_cfg(prompt_encoder="frozen"), V, prompt_encoder=enc, rngs=nnx.Rngs(6))
+    frozen = nnx.state(model.prompt_encoder, FrozenParam)
+    n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(frozen))
+    assert n_frozen > V * 16  # embedding table plus the donor's block weights
+    params = nnx.state(model.prompt_encoder, nnx.Param)
+    assert {str(p[0]) for p, _ in nnx.to_flat_state(params)} == {"proj"}  # only the projection trains
+
+    x_t, t, tokens = inputs(4)
+    mask = jnp.broadcast_to(jnp.arange(L) < 8, (B, L))
+    other = tokens.at[:, :8].set((tokens[:, :8] + 5) % V)
+    assert np.abs(np.asarray(call(model, x_t, t, tokens, mask) - call(model, x_t, t, other, mask)))[:, 8:].max() > 1e-5
+
+    def loss(m):
+        return jnp.mean(jnp.square(m(x_t, t, tokens, mask)))
+    grads = nnx.jit(nnx.grad(loss))(model)
+    flat = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(grads)}
+    assert not any(k[0] == "prompt_encoder" and k[1] != "proj" for k in flat)
+    assert float(jnp.abs(flat[("prompt_encoder", "proj", "kernel")][...]).max()) > 0
+
+
+def test_parameters_carry_allowed_logical_axes():
+    model = DimbaModel(model_cfg(tie_embeddings=False), V, rngs=nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+        assert names is not None, f"{path} has no logical axis names"
+        assert len(names) == var[...].ndim and set(names) <= ALLOWED_AXES, (path, names)
+
+
+def test_sinusoidal_embedding_values():
+    emb = np.asarray(sinusoidal_embedding(jnp.array([0, 3]), 8))
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+    np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]), rtol=1e-5)
+    np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])

@@ -1,0 +1,81 @@
+"""The Pareto harness end to end (--smoke: tiny random models on CPU), resuming, and the plots."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dimba_jax.evaluate import harness, results
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_plan_puts_the_headline_first_and_filters_variants():
+    specs = harness.plan(models=("ar", "dimba"), samplers=("ddim", "ddpm"), steps=(8, 64),
+                         lengths=(256, 1024), prompted=(False, True), variants=("", "cfg2"))
+    assert specs[0] == harness.RunSpec("ar", "ar", 1024, 1024, False)
+    assert specs[1] == harness.RunSpec("dimba", "ddim", 64, 1024, False)
+    assert all(s.prompted for s in specs if s.variant == "cfg2")
+    assert all(s.model == "dimba" for s in specs if s.variant)
+    # 2 lengths x 2 prompted x (1 AR + 2 samplers x 2 steps) + cfg2 on prompted only (2 x 4)
+    assert len(specs) == 2 * 2 * 5 + 2 * 4
+    with pytest.raises(ValueError):
+        harness.plan(variants=("nonsense",))
+    with pytest.raises(ValueError):
+        harness.plan(models=("gpt",))
+
+
+def test_cut_at_eos():
+    assert harness.cut_at_eos([5, 6, 9, 7], 9) == [5, 6]
+    assert harness.cut_at_eos(np.array([1, 2]), 9) == [1, 2]
+
+
+def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
+    import pareto
+    import plot_pareto
+
+    out = str(tmp_path / "pareto.json")
+    argv = ["--smoke", "--results", out, "--models", "ar,dimba", "--samplers", "ddim",
+            "--steps", "2", "--lengths", "8", "--prompted", "1", "--batches", "1,2",
+            "--repeats", "1", "--prompt-len", "4", "--judge-window", "16", "--judge-batch", "4",
+            "--long-context", "16,32"]
+    res = pareto.main(argv)
+    results.validate(res)
+    with open(out) as f:
+        on_disk = json.load(f)
+    results.validate(on_disk)
+    rows = on_disk["rows"]
+    assert len(rows) == 4  # (ar, dimba) x batches (1, 2)
+    assert {(r["model"], r["batch"]) for r in rows} == {("ar", 1), ("ar", 2), ("dimba", 1), ("dimba", 2)}
+    for r in rows:
+        assert set(r) == set(results.ROW_KEYS)
+        assert r["prompted"] is True and r["L_gen"] == 8
+        assert r["latency_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 8 / (r["latency_ms"] / 1e3))
+        # a random judge over a 257-token vocabulary: perplexity near (but not above ~2x) 257
+        assert 50 < r["judge_ppl"] < 600
+        assert 0 < r["entropy"] < np.log2(257)  # bits per byte token
+        assert r["steps"] == (8 if r["model"] == "ar" else 2)  # AR: one network call per token
+    assert [r["L"] for r in on_disk["long_context"]] == [16, 32]
+    assert on_disk["reference"]["judge_ppl"] > 0 and on_disk["reference"]["entropy"] > 0
+    assert on_disk["models"]["dimba"]["params"] > 0
+
+    # resuming: every spec is already measured, so nothing is recompiled or re-timed
+    before = {results.row_key(r): r["latency_ms"] for r in rows}
+    t0 = time.perf_counter()
+    pareto.main(argv)
+    again = results.load(out)
+    assert {results.row_key(r): r["latency_ms"] for r in again["rows"]} == before
+    assert time.perf_counter() - t0 < 15
+
+    docs = tmp_path / "docs"
+    paths = plot_pareto.main(["--results", out, "--docs", str(docs)])
+    for name in ("pareto_ppl_vs_latency.png", "pareto_quality_vs_steps.png", "long_context_step_time.png"):
+        assert (docs / name).stat().st_size > 5000
+    table = open(os.path.splitext(out)[0] + ".md").read()
+    assert table.count("| ar | ar |") == 2 and table.count("| dimba | ddim |") == 2
+    assert len(paths) == 4

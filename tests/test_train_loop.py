@@ -1,0 +1,153 @@
+"""The training loop on one device with a toy task: exact resume after SIGTERM, corrupt-checkpoint
+fallback, the non-finite abort, gradient accumulation, the weight-decay mask, EMA and schedule."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimba_jax.train import checkpoint as ckpt_lib
+from dimba_jax.train import mesh as mesh_lib
+from dimba_jax.train import optim
+from dimba_jax.train import state as state_lib
+from dimba_jax.train import step as step_lib
+from dimba_jax.train.loop import train_and_evaluate
+from dimba_jax.train.metrics import read_metrics
+from train_toy import ToyData, ToyTask, toy_config, toy_factories
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+def _run(config, workdir, **kw):
+    data, evals = toy_factories(**kw)
+    return train_and_evaluate(config, str(workdir), task=ToyTask(config), data_factory=data,
+                              eval_factory=evals)
+
+
+def _final_params(workdir, ema):
+    params, step = ckpt_lib.load_params_for_inference(str(workdir), prefer_ema=ema)
+    return step, params
+
+
+class _SigtermData(ToyData):
+    """Sends this process a real SIGTERM while the batch of call `at` is being read."""
+
+    def __init__(self, *a, at, **kw):
+        super().__init__(*a, **kw)
+        self.at = at
+
+    def __next__(self):
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+def test_sigterm_saves_and_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
+    config = toy_config(8)
+    full = _run(config, tmp_path / "full")
+    assert full["step"] == 8 and not full["preempted"]
+
+    def sigterm_data(cfg, tok, pid, nproc):
+        return _SigtermData(8, 12, int(cfg.seed), pid, at=4)
+    _, evals = toy_factories()
+    part = train_and_evaluate(config, str(tmp_path / "cut"), task=ToyTask(config),
+                              data_factory=sigterm_data, eval_factory=evals)
+    assert part["preempted"] and part["step"] == 4
+    assert ckpt_lib.Checkpointer(str(tmp_path / "cut")).all_steps() == [4]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler given back
+
+    resumed = _run(config, tmp_path / "cut")
+    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), (a, b)  # bitwise: the same float32 values
+    for ema in (False, True):
+        (sa, pa), (sb, pb) = _final_params(tmp_path / "full", ema), _final_params(tmp_path / "cut", ema)
+        assert sa == sb == 8
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
+    work = tmp_path / "run"
+    _run(toy_config(6, checkpoint_every=2), work)
+    ref = _losses(work)
+    ckdir = work / "checkpoints"
+    assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [2, 4, 6]
+    for root, _, files in os.walk(ckdir / "6" / "params"):  # garble every array file of step 6
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+    (ckdir / "7.orbax-checkpoint-tmp-1").mkdir()  # a save cut short: must be ignored
+
+    caplog.set_level("WARNING")
+    config = toy_config(6, checkpoint_every=2, eval_batches=1)
+    config.sample.num_samples = 2
+    out = _run(config, work)
+    assert out["start_step"] == 4 and out["step"] == 6
+    assert len(out["samples"]) == 2 and "=== step 6" in (work / "samples.txt").read_text()
+    assert read_metrics(work, "eval")[-1]["step"] == 6 and np.isfinite(out["eval"]["loss"])
+    assert "unreadable" in caplog.text and "step 6" in caplog.text
+    assert (ckdir / "6.corrupt").is_dir()  # moved aside, not deleted
+    again = {r["step"]: r["loss"] for r in read_metrics(work, "train")[6:]}
+    assert again == {5: ref[5], 6: ref[6]}
+
+
+def test_nonfinite_loss_aborts_with_the_step_and_parameters_and_saves_nothing_bad(tmp_path):
+    with pytest.raises(step_lib.NonFiniteError) as err:
+        _run(toy_config(6, checkpoint_every=1), tmp_path, nan_at=3)
+    msg = str(err.value)
+    assert "step 3" in msg and "loss=nan" in msg and "w1" in msg and "embed" in msg
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
+
+
+def _one_step_params(accum):
+    config = toy_config(1, grad_accum=accum, warmup_steps=0)
+    task = ToyTask(config)
+    task.dropout = 0.0  # the loss then ignores its rng, so micro-batching must not change it
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
+    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
+    sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, jnp.float32, True)
+    st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True)
+    ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
+    fn = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
+    batch = step_lib.global_batch(next(ToyData(8, 12)), ds)
+    new, metrics, _ = fn(st, rest, batch)
+    return jax.device_get(new.params), float(metrics["loss"]), float(metrics["grad_norm"])
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    p1, l1, g1 = _one_step_params(1)
+    p4, l4, g4 = _one_step_params(4)
+    assert l1 == pytest.approx(l4, rel=1e-6) and g1 == pytest.approx(g4, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def test_weight_decay_mask_spares_ssm_params_norms_and_embeddings():
+    params = {"embed": jnp.zeros((5, 4)), "w1": jnp.zeros((4, 8)), "A_log": jnp.zeros((4,)),
+              "D": jnp.zeros((4, 2)), "dt_bias": jnp.zeros((4,)), "norm": jnp.zeros((4,))}
+    axes = {"embed": ("vocab", "embed"), "w1": ("embed", "mlp"), "A_log": ("heads",),
+            "D": ("heads", None), "dt_bias": ("heads",), "norm": ("embed",)}
+    mask = optim.weight_decay_mask(params, axes)
+    assert mask == {"embed": False, "w1": True, "A_log": False, "D": False, "dt_bias": False,
+                    "norm": False}
+    assert optim.weight_decay_mask(params, axes, decay_embeddings=True)["embed"] is True
+
+
+def test_ema_and_learning_rate_schedule():
+    ema = optim.update_ema({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, jnp.int32(1000), 0.9)
+    np.testing.assert_allclose(ema["w"], 0.9)
+    early = optim.update_ema({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, jnp.int32(1), 0.999)
+    np.testing.assert_allclose(early["w"], 2.0 / 11.0, rtol=1e-6)  # warm-up: (1+1)/(10+1)
+    config = toy_config(100, warmup_steps=10, lr=1.0, final_lr_frac=0.1)
+    lr = optim.learning_rate_schedule(config.train)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # cosine midpoint
