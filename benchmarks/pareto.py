@@ -19,8 +19,9 @@ Phases, in order, each within what is left of --budget-s:
     resumed (its checkpoint continues), so repeated calls keep training the same models.
  2. load the three models from their workdirs (EMA weights when present).
  3. the headline specs: AR and DIMBA DDIM T=64 at the longest length, unprompted.
- 4. the long-context study (denoiser forward at L = 1k..64k, random weights of the DIMBA
-    config; --long-context "" skips it).
+ 4. the long-context study: one denoiser forward at batch 1 for L = 1k..64k, of the evaluated
+    DIMBA model (or, with --long-context-config, of any config with random weights: timing does
+    not depend on the weights); --long-context "" skips it.
  5. every other selected spec, most important first, until the budget is spent.
 Subset flags (--models, --samplers, --steps, --lengths, --prompted, --variants, --batches)
 select a part of the grid so results can accumulate over several short calls.
@@ -90,10 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (3 at larger batches)")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--judge-window", type=int, default=1024)
+    p.add_argument("--judge-window", type=int, default=0,
+                   help="judge scoring window in tokens (0 = the judge's training data.seq_len)")
     p.add_argument("--judge-batch", type=int, default=16)
     p.add_argument("--long-context", default="1024,4096,16384,65536",
                    help="lengths of the long-context study ('' = skip)")
+    p.add_argument("--long-context-config", default="",
+                   help="config file of the model whose denoiser the long-context study times, with "
+                        "random weights (default: the evaluated DIMBA model itself)")
     p.add_argument("--overwrite", action="store_true", help="re-measure specs already in the results")
     p.add_argument("--compile-cache", default="runs/jax_cache",
                    help="persistent XLA compilation cache ('' = off); survives between calls on a warm machine")
@@ -194,6 +199,48 @@ def validation_texts(args, dimba_config, limit_docs: int = 64) -> list[str]:
     return [src[i] for i in range(min(len(src), limit_docs))]
 
 
+LONG_CONTEXT_DEFAULT = "1024,4096,16384,65536"
+
+
+def run_long_context(args, cfg, model, weights: str, lengths, out_path: str, command: str,
+                     device_name: str, deadline: float, log) -> None:
+    """Denoiser forward time and memory at each length (skipping those already in the results).
+
+    "peak_gib" is the step program's own footprint from XLA's buffer assignment (arguments +
+    outputs + temporaries, per length; exact for what the step needs). The device's high-water
+    mark ("device_peak_gib") is recorded beside it, but it counts everything the process did
+    before (training, batch-64 generation), so it is only an upper bound.
+    """
+    res = results_lib.load(out_path)
+    done = {r["L"] for r in res.get("long_context", [])}
+    todo = [L for L in lengths if args.overwrite or L not in done]
+    info = {"d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
+            "bidirectional": bool(cfg.model.bidirectional), "compute_dtype": str(cfg.model.compute_dtype),
+            "ssd_impl": str(cfg.model.ssd_impl), "chunk_size": int(cfg.model.chunk_size),
+            "params": loading.count_params(model), "weights": weights, "batch": 1,
+            "step": "DimbaModel forward (self-conditioning input on, no clamp, no prompt)"}
+
+    def save_row(row):
+        row = dict(row, device_peak_gib=row["peak_gib"])
+        if row.get("compiled_gib") is not None:
+            row["peak_gib"] = row["compiled_gib"]
+        r = results_lib.load(out_path)
+        results_lib.merge_long_context(r, [row])
+        r["long_context_slope"] = long_context.slope_of(r["long_context"])
+        r["long_context_model"] = info
+        results_lib.add_command(r, command, device_name)
+        results_lib.save(r, out_path)
+        peak = row["peak_gib"]
+        log(f"[pareto] long context L={row['L']}: {row['step_ms']:.3f} ms, "
+            f"peak {'n/a' if peak is None else f'{peak:.3f}'} GiB")
+
+    if todo:
+        long_context.measure_scaling(long_context.dimba_forward_step_factory(model), todo,
+                                     repeats=args.repeats,
+                                     time_budget_s=max(0.0, deadline - time.perf_counter() - 10),
+                                     on_result=save_row)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -243,7 +290,9 @@ def main(argv=None) -> dict:
             loaded["dimba"], loaded["ar"], loaded["judge"])
 
     val_texts = validation_texts(args, None if args.smoke else dimba_cfg)
-    judge = judge_lib.Judge(judge_model, judge_tok, window=args.judge_window, batch_size=args.judge_batch)
+    judge_window = args.judge_window or int(judge_cfg.data.seq_len)
+    judge = judge_lib.Judge(judge_model, judge_tok, window=judge_window, batch_size=args.judge_batch)
+    res_models_extra = {"judge_window": judge_window}
     generators = {"dimba": DimbaGenerator(dimba_model, dimba_cfg, dimba_tok),
                   "ar": ArGenerator.from_config(ar_model, ar_cfg, ar_tok)}
 
@@ -259,6 +308,7 @@ def main(argv=None) -> dict:
         results_lib.save(results_lib.load(args.results), out_path)
     res = results_lib.load(out_path)
     res.setdefault("models", {}).update(models_info)
+    res["models"]["judge"].update(res_models_extra)
     results_lib.save(res, out_path)
 
     def run_specs(subset):  # no spec starts with less than --spec-reserve-s left
@@ -272,41 +322,26 @@ def main(argv=None) -> dict:
         run_specs(headline)
 
     lc_lengths = _ints(args.long_context) if args.long_context else []
-    if args.smoke and lc_lengths == _ints("1024,4096,16384,65536"):
+    if args.smoke and args.long_context == LONG_CONTEXT_DEFAULT:
         lc_lengths = [64, 256]
     if lc_lengths and deadline - time.perf_counter() > 20:
-        lc_model, _, _ = loading.fresh_model(dimba_cfg, dimba_tok, seed=0)
-        res = results_lib.load(out_path)
-        done = {r["L"] for r in res.get("long_context", [])}
-        todo = [L for L in lc_lengths if args.overwrite or L not in done]
-
-        def save_row(row):
-            r = results_lib.load(out_path)
-            results_lib.merge_long_context(r, [row])
-            r["long_context_slope"] = long_context.slope_of(r["long_context"])
-            r["long_context_model"] = {"d_model": int(dimba_cfg.model.d_model),
-                                       "n_layers": int(dimba_cfg.model.n_layers),
-                                       "bidirectional": bool(dimba_cfg.model.bidirectional),
-                                       "compute_dtype": str(dimba_cfg.model.compute_dtype),
-                                       "ssd_impl": str(dimba_cfg.model.ssd_impl),
-                                       "params": loading.count_params(lc_model),
-                                       "weights": "random (timing only)", "batch": 1}
-            results_lib.add_command(r, command, device_name)
-            results_lib.save(r, out_path)
-            log(f"[pareto] long context L={row['L']}: {row['step_ms']:.3f} ms, peak "
-                f"{row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 3)} GiB")
-
-        if todo:
-            long_context.measure_scaling(long_context.dimba_forward_step_factory(lc_model), todo,
-                                         repeats=args.repeats,
-                                         time_budget_s=max(0.0, deadline - time.perf_counter() - 10),
-                                         on_result=save_row)
+        if args.long_context_config:
+            lc_cfg = load_config_file(args.long_context_config)
+            lc_model, _, _ = loading.fresh_model(lc_cfg, seed=0)
+            weights = f"random ({args.long_context_config}; timing does not depend on weights)"
+        else:
+            lc_cfg, lc_model = dimba_cfg, dimba_model
+            weights = "the evaluated DIMBA model" + (" (random, smoke)" if args.smoke else "")
+        run_long_context(args, lc_cfg, lc_model, weights, lc_lengths, out_path, command, device_name,
+                         deadline, log)
         del lc_model
 
     rest = [s for s in specs if s not in headline]
     if rest:
         run_specs(rest)
     res = results_lib.load(out_path)
+    res["pre_split_fast_path"] = {name: bool(g.fast) for name, g in generators.items()}
+    results_lib.save(res, out_path)
     results_lib.validate(res)
     log(f"[pareto] done in {time.perf_counter() - t_start:.0f}s: {len(res['rows'])} rows, "
         f"{len(res['long_context'])} long-context rows -> {out_path}")

@@ -62,7 +62,7 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode == "train":
             config = ov.apply_overrides(ov.load_config_file(args.config), pairs)
+            from dimba_jax.train.distributed import initialize_distributed
+            initialize_distributed(config.mesh)  # before any other jax call
             _setup_logging()
             from dimba_jax.train.loop import train_and_evaluate
             summary = train_and_evaluate(config, args.workdir)

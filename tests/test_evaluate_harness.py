@@ -63,6 +63,8 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
     assert [r["L"] for r in on_disk["long_context"]] == [16, 32]
     assert on_disk["reference"]["judge_ppl"] > 0 and on_disk["reference"]["entropy"] > 0
     assert on_disk["models"]["dimba"]["params"] > 0
+    # the pre-split path gave exactly the public API's samples for both models
+    assert results.load(out)["pre_split_fast_path"] == {"ar": True, "dimba": True}
 
     # resuming: every spec is already measured, so nothing is recompiled or re-timed
     before = {results.row_key(r): r["latency_ms"] for r in rows}

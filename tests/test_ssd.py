@@ -290,3 +290,48 @@ def test_auto_and_pallas_work_on_cpu(caplog):
         assert reason and any("falls back to 'xla'" in r.getMessage() for r in caplog.records)
     else:
         np.testing.assert_allclose(y_pallas, y_xla, rtol=2e-2, atol=2e-2)
+
+
+class _FakeKernelModule:
+    """Stands in for dimba_jax.ssd.pallas_gpu: claims support, then fails or answers."""
+
+    def __init__(self, supported=True, fail=False):
+        self._supported, self._fail = supported, fail
+
+    def supported(self, **kwargs):
+        return self._supported, "" if self._supported else "fake: unsupported"
+
+    def ssd_pallas(self, x, dt, A, B, C, chunk_size, **options):
+        if self._fail:
+            raise RuntimeError("fake kernel failure")
+        return ssd(x, dt, A, B, C, chunk_size, impl="reference", **options)
+
+
+def test_auto_dispatch_on_a_hopper_with_and_without_a_working_kernel(monkeypatch):
+    args, kw = make_inputs(52, seqlen=6)
+    monkeypatch.setattr(ssd_package, "_on_hopper_gpu", lambda: True)
+    # a kernel that works is used by auto (here it answers with the reference: exact match)
+    monkeypatch.setattr(ssd_package, "_load_pallas", lambda: (_FakeKernelModule(), ""))
+    assert resolve_impl("auto", **args, chunk_size=4)[0] == "pallas"
+    y_ref = ssd(**args, chunk_size=4, impl="reference")
+    np.testing.assert_array_equal(ssd(**args, chunk_size=4, impl="auto"), y_ref)
+    # an unsupported call, or a kernel that raises, falls back to xla; explicit pallas raises
+    y_xla = ssd(**args, chunk_size=4, impl="xla")
+    for module in (_FakeKernelModule(supported=False), _FakeKernelModule(fail=True)):
+        monkeypatch.setattr(ssd_package, "_load_pallas", lambda m=module: (m, ""))
+        np.testing.assert_array_equal(ssd(**args, chunk_size=4, impl="auto"), y_xla)
+    with pytest.raises(RuntimeError, match="fake kernel failure"):
+        ssd(**args, chunk_size=4, impl="pallas")
+
+
+@pytest.mark.gpu
+def test_xla_matches_reference_on_gpu_moderate_shape():
+    """On the device: bf16 xla vs the float32 reference at a Mamba-2-like shape (P 64, N 128)."""
+    args, kw = make_inputs(61, batch=2, seqlen=600, nheads=8, headdim=64, ngroups=1, dstate=128,
+                           dtype=jnp.bfloat16, n_segments=2, init=True, D="head", dt_bias=True)
+    y = run_ssd(args, kw, chunk_size=256, dt_softplus=True, impl="xla")
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    kw32 = {k: (v.astype(jnp.float32) if k != "seq_idx" else v) for k, v in kw.items()}
+    with jax.default_matmul_precision("highest"):
+        y_ref = run_ssd(args32, kw32, chunk_size=256, dt_softplus=True, impl="reference")
+    assert max_rel_err(y.astype(jnp.float32), y_ref) < BF16_TOLERANCE

@@ -5,10 +5,13 @@ DIMBA denoiser (the work of one sampling step: embed -> N bidirectional Mamba-2 
 at batch 1 for L = 1k, 4k, 16k, 64k, and fit the log-log slope: linear scaling is slope 1,
 attention-like quadratic scaling slope 2.
 
-The weights are random (freshly initialised from the config): time and memory of a forward
-pass do not depend on the values of the weights, only on the shapes, so no checkpoint is needed
-and any size of model can be studied. Lengths are run in increasing order so that the device's
-high-water mark (which cannot be reset) is, at each L, that of the current length.
+Time and memory of a forward pass depend on the shapes, not on the values of the weights, so
+random weights (freshly initialised from a config) serve as well as a checkpoint and any size of
+model can be studied. Each length's step is compiled ahead of time; its memory is reported two
+ways: "compiled_gib", XLA's buffer assignment for that program (arguments + outputs +
+temporaries: what the step itself needs, per L), and "peak_gib", the device's high-water mark
+since the process started (lengths run in increasing order so it is that of the current length
+unless earlier work in the process used more; None on CPU).
 """
 
 from __future__ import annotations

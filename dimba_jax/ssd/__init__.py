@@ -26,6 +26,9 @@ from dimba_jax.ssd.reference import reference_scan
 __all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS"]
 
 IMPLS = _common.IMPLS
+# impl="auto" tries the Pallas kernel first on Hopper GPUs. Set to False if measurements show the
+# kernel slower than "xla" (benchmarks/results/ssd_*_h200.md); "auto" then always means "xla".
+AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -70,6 +73,8 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
     """
     if impl in ("reference", "xla"):
         return impl, ""
+    if impl == "auto" and not AUTO_PREFERS_PALLAS:
+        return "xla", "auto: AUTO_PREFERS_PALLAS is False"
     if impl == "auto" and not _on_hopper_gpu():
         return "xla", "auto: not on a Hopper GPU"
     module, reason = _load_pallas()
@@ -129,7 +134,12 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
         _warn_once(f"ssd(impl='pallas') falls back to 'xla': {reason}")
     if chosen == "pallas":
         module, _ = _load_pallas()
-        return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+        if impl == "pallas":  # asked for explicitly: a kernel error is a bug, let it surface
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+        try:
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+        except Exception as e:  # auto must never fail because of the kernel (trace-time errors)
+            _warn_once(f"ssd(impl='auto'): pallas kernel failed ({type(e).__name__}: {e}); using 'xla'")
 
     dt_eff = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     segments = _common.segment_ids(seq_idx)
