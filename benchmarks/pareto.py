@@ -8,9 +8,11 @@ afterwards on any machine with `python benchmarks/plot_pareto.py`.
 
 Typical use on one H200 (the lead's single call; total wall time bounded by --budget-s):
 
-    python benchmarks/pareto.py --data-dir .gpu/data --train-seconds 100 \\
-        --dimba runs/dimba_small --ar runs/ar_small --judge runs/judge \\
-        --results benchmarks/results/pareto_h200.json --out $OUT/pareto_h200.json --budget-s 500
+    python benchmarks/pareto.py --train-seconds 100 \\
+        --dimba runs/small --ar runs/ar_small --judge runs/judge \\
+        --results benchmarks/results/pareto_h200.json --out $OUT/pareto_h200.json --budget-s 540
+
+(the configs read the shared corpus from $DIMBA_DATA, default .gpu/data; --data-dir overrides)
 
 Phases, in order, each within what is left of --budget-s:
  1. train (only with --train-seconds > 0): judge, AR baseline, DIMBA, each from its config
@@ -59,7 +61,7 @@ def _strs(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dimba", default="runs/dimba_small", help="DIMBA training workdir")
+    p.add_argument("--dimba", default="runs/small", help="DIMBA training workdir")
     p.add_argument("--ar", default="runs/ar_small", help="AR baseline training workdir")
     p.add_argument("--judge", default="runs/judge", help="judge (AR LM) training workdir")
     p.add_argument("--dimba-config", default="configs/small.py")
@@ -67,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge-config", default="configs/judge.py")
     p.add_argument("--train-seconds", type=float, default=0.0,
                    help="train each model about this long first (resuming its workdir); 0 = no training")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="with --train-seconds: set train.steps of the DIMBA and AR configs to this (same "
+                        "batch and seq_len, so the same tokens; the LR schedule completes); 0 = config's")
+    p.add_argument("--judge-steps", type=int, default=0, help="likewise train.steps of the judge")
     p.add_argument("--eval-reserve-s", type=float, default=150.0,
                    help="never start a training phase that would leave less than this for evaluation")
     p.add_argument("--spec-reserve-s", type=float, default=40.0,
@@ -74,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="",
                    help="directory with train-*.jsonl.xz and validation.jsonl.xz (the shared corpus); "
                         "sets data.source/val_source of the trained configs and the validation books")
+    p.add_argument("--token-cache", default="runs/token_cache",
+                   help="data.token_cache_dir for the trained configs that leave it empty ('' = none)")
     p.add_argument("--val-source", default="",
                    help="validation books (open_source spec); default: --data-dir's validation file, "
                         "else the DIMBA config's data.val_source, else the embedded validation books")
@@ -93,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--judge-window", type=int, default=0,
                    help="judge scoring window in tokens (0 = the judge's training data.seq_len)")
+    p.add_argument("--judge-stride", type=int, default=0,
+                   help="judge window step (0 = half the window: every scored token after the first "
+                        "window sees at least half a window of context)")
     p.add_argument("--judge-batch", type=int, default=16)
+    p.add_argument("--no-ema", action="store_true", help="load raw parameters instead of the EMA")
     p.add_argument("--long-context", default="1024,4096,16384,65536",
                    help="lengths of the long-context study ('' = skip)")
     p.add_argument("--long-context-config", default="",
@@ -137,10 +149,13 @@ def smoke_config(task: str):
     return c
 
 
-def _apply_data_dir(config, data_dir: str) -> None:
+def _apply_data_dir(config, data_dir: str, token_cache: str) -> None:
+    """Points the config at the shared corpus in `data_dir` and at a shared token cache."""
     if data_dir:
         config.data.source = f"files:{os.path.join(data_dir, 'train-*.jsonl.xz')}"
         config.data.val_source = f"files:{os.path.join(data_dir, 'validation.jsonl.xz')}"
+    if token_cache and "token_cache_dir" in config.data and not config.data.token_cache_dir:
+        config.data.token_cache_dir = token_cache  # the three models tokenize the corpus once
 
 
 # ----------------------------------------------------------------------------- training
@@ -184,8 +199,13 @@ def train_for(config, workdir: str, seconds: float, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- validation text
-def validation_texts(args, dimba_config, limit_docs: int = 64) -> list[str]:
-    """The validation books (documents as strings)."""
+def validation_texts(args, dimba_config, limit_docs: int = 64, max_chars: int = 60_000) -> list[str]:
+    """The validation books (documents as strings), each cut to its first `max_chars` characters.
+
+    Prompts and reference excerpts are cut from these; 60k characters (~15k BPE tokens) per book
+    leave ~12 non-overlapping 1024-token excerpts after the skipped front matter, and keep the
+    tokenization of the books to a second or two.
+    """
     from dimba_jax.data.sources import open_source
 
     spec = args.val_source
@@ -196,7 +216,7 @@ def validation_texts(args, dimba_config, limit_docs: int = 64) -> list[str]:
     if not spec:
         spec = "embedded"
     src = open_source(spec, split="validation" if spec == "embedded" else "all")
-    return [src[i] for i in range(min(len(src), limit_docs))]
+    return [src[i][:max_chars] for i in range(min(len(src), limit_docs))]
 
 
 LONG_CONTEXT_DEFAULT = "1024,4096,16384,65536"
@@ -276,11 +296,17 @@ def main(argv=None) -> dict:
                     log(f"[pareto] skipping training of {name}: only {left:.0f}s left")
                     continue
                 cfg = load_config_file(cfg_path)
-                _apply_data_dir(cfg, args.data_dir)
+                _apply_data_dir(cfg, args.data_dir, args.token_cache)
+                steps = args.judge_steps if name == "judge" else args.train_steps
+                if steps > 0:
+                    cfg.train.steps = steps
+                    cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every) or steps, steps)
+                    cfg.train.sample_every = 0  # samples and validation only at the end: time
+                    cfg.train.eval_every = 0  # goes to training
                 train_for(cfg, workdir, args.train_seconds, log)
         loaded = {}
         for name, workdir in (("dimba", args.dimba), ("ar", args.ar), ("judge", args.judge)):
-            model, _, cfg, tok, step = loading.load_model(workdir)
+            model, _, cfg, tok, step = loading.load_model(workdir, prefer_ema=not args.no_ema)
             loaded[name] = (model, cfg, tok)
             models_info[name] = {"workdir": workdir, "step": step, "params": loading.count_params(model),
                                  "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
@@ -291,8 +317,10 @@ def main(argv=None) -> dict:
 
     val_texts = validation_texts(args, None if args.smoke else dimba_cfg)
     judge_window = args.judge_window or int(judge_cfg.data.seq_len)
-    judge = judge_lib.Judge(judge_model, judge_tok, window=judge_window, batch_size=args.judge_batch)
-    res_models_extra = {"judge_window": judge_window}
+    judge_stride = args.judge_stride or max(1, judge_window // 2)
+    judge = judge_lib.Judge(judge_model, judge_tok, window=judge_window, stride=judge_stride,
+                            batch_size=args.judge_batch)
+    res_models_extra = {"judge_window": judge_window, "judge_stride": judge_stride}
     generators = {"dimba": DimbaGenerator(dimba_model, dimba_cfg, dimba_tok),
                   "ar": ArGenerator.from_config(ar_model, ar_cfg, ar_tok)}
 

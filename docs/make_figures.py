@@ -83,7 +83,7 @@ def draw_dataflow(path: str) -> None:
                     "bidirectional Mamba-2\ndenoiser $\\times N$\n(forward scan + flipped scan)\nFiLM / additive conditioning",
                     NET, weight="bold", fontsize=9)
     x0hat = _box(ax, 11.2, y, 1.2, 1.1, "$\\hat X_0$\n(B, L, d)", DATA)
-    head = _box(ax, 12.8, y, 1.45, 1.1, "tied head\nlogits $=\\hat X_0 E^\\top$", NET)
+    head = _box(ax, 12.8, y, 1.45, 1.1, "tied head\nlogits $\\propto\\hat X_0 E^\\top$", NET)
     out = _box(ax, 14.35, y, 1.2, 1.1, "tokens\n(argmax,\ncut at EOS)", DATA)
 
     _arrow(ax, _right(tokens), _left(embed))

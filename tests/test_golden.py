@@ -66,7 +66,8 @@ def test_lm_matches_mamba_ssm():
         assert model.padded_vocab_size == arrays["logits"].shape[-1] == 304
         load_lm(model, params)
         logits = jitted(model)(ids)
-        assert rel_err(logits, arrays["logits"]) <= MAX_REL, (impl, rel_err(logits, arrays["logits"]))
+        err = rel_err(logits, arrays["logits"])
+        assert err <= MAX_REL, (impl, err)
     # token-by-token recurrent decoding reproduces the same logits
     step_logits, _ = run_steps(model, ids[:, :20], model.init_cache(2))
     assert rel_err(step_logits, arrays["logits"][:, :20]) <= MAX_REL

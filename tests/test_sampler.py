@@ -156,6 +156,11 @@ def test_deterministic_given_seed_and_keeps_prompt(setup):
     _, c_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(4), **kw)
     np.testing.assert_array_equal(np.asarray(a_ids), np.asarray(b_ids))
     np.testing.assert_array_equal(np.asarray(a_x0), np.asarray(b_x0))
+    fn = sampling.make_sample_fn(model, sch, steps=4, sampler="ddim", eta=0.0, guidance=1.0, clamp=True,
+                                 self_condition=True)
+    f_ids, f_x0 = fn(tokens, mask, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(f_ids), np.asarray(a_ids))
+    np.testing.assert_array_equal(np.asarray(f_x0), np.asarray(a_x0))
     assert not np.allclose(np.asarray(a_x0)[:, 5:], np.asarray(c_x0)[:, 5:])
     np.testing.assert_array_equal(np.asarray(a_ids)[:, :5], np.asarray(tokens)[:, :5])
     np.testing.assert_allclose(np.asarray(a_x0)[:, :5], np.asarray(model.embed(tokens))[:, :5], atol=1e-5)

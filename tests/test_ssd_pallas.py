@@ -18,10 +18,13 @@ from dimba_jax.ssd import _common
 from dimba_jax.ssd import pallas_gpu
 from dimba_jax.ssd.reference import reference_scan
 
-# Relative L2 error bounds vs the float32 sequential reference. float32: the kernels' float32
-# dots are IEEE (not tf32), so errors sit near 1e-6; bf16: operands rounded to bf16 as in every
-# bf16 SSD kernel (measured ~3e-3 on y, up to ~6e-3 on dA, which sums over everything).
-TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1.5e-2}
+# Relative L2 error bounds vs the float32 sequential reference. float32 on the GPU: the kernels'
+# float32 products run on the tensor cores in tf32 (measured on an H200: ~4e-4 on y and most
+# gradients, up to 1.1e-3 on d(dt_bias), a sum over every position); in the CPU interpreter they
+# are exact (~1e-6). bf16: operands rounded to bf16 as in every bf16 SSD kernel (measured ~3e-3
+# on y, up to ~5e-3 on dA; the XLA chunked SSD shows the same, up to 7.5e-3 on dA).
+TOL = {jnp.float32: 2.5e-3, jnp.bfloat16: 1.5e-2}
+INTERPRET_TOL = 1e-5  # the interpreter's float32 dots are exact float32
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_states", "dt_bias")
 
 
@@ -77,7 +80,7 @@ def _value_and_grads(fn, inputs, cot):
     return y, fin, grads
 
 
-def _check(fn, dtype, seed, dims, d_per_channel=False):
+def _check(fn, dtype, seed, dims, d_per_channel=False, tol=None):
     inputs, cot = _inputs(seed, dtype, *dims)
     if d_per_channel:
         inputs["D"] = jax.random.normal(jax.random.key(seed + 1), (dims[2], dims[3]))
@@ -87,8 +90,9 @@ def _check(fn, dtype, seed, dims, d_per_channel=False):
     errors = {"y": _rel(y, y_ref), "final_states": _rel(fin, fin_ref)}
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         errors["d" + name] = _rel(g, g_ref)
-    bad = {k: v for k, v in errors.items() if not v < TOL[dtype]}
-    assert not bad, f"{jnp.dtype(dtype).name} {dims}: errors over {TOL[dtype]}: {bad} (all: {errors})"
+    tol = TOL[dtype] if tol is None else tol
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"{jnp.dtype(dtype).name} {dims}: errors over {tol}: {bad} (all: {errors})"
 
 
 # ----------------------------------------------------------------------------------------- CPU
@@ -99,19 +103,16 @@ def test_supported_is_false_with_reason_without_hopper():
                                    chunk_size=4)
     if jax.devices()[0].platform != "gpu":
         assert ok is False and "not an NVIDIA GPU" in why
-    ok, why = pallas_gpu.supported(x=x, dt=None, A=None, B=B, C=B, chunk_size=4,
-                                   seq_idx=jnp.zeros((1, 8), jnp.int32))
-    assert ok is False and "seq_idx" in why
     ok, why = pallas_gpu.supported(x=jnp.zeros((1, 8, 2, 24)), dt=None, A=None, B=B, C=B,
                                    chunk_size=4)
     assert ok is False and "headdim" in why
 
 
-def test_rejects_seq_idx_and_bad_block_len():
+def test_rejects_bad_block_len_and_shapes():
     inputs, _ = _inputs(0, jnp.float32, 1, 8, 2, 16, 1, 16)
     with pytest.raises(ValueError, match="seq_idx"):
         pallas_gpu.ssd_pallas(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 4,
-                              seq_idx=jnp.zeros((1, 8), jnp.int32), interpret=True)
+                              seq_idx=jnp.zeros((1, 7), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="block_len"):
         pallas_gpu.ssd_pallas(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 4,
                               block_len=24, interpret=True)
@@ -121,7 +122,7 @@ def test_interpreted_kernels_match_reference_forward_and_grads():
     """The kernel bodies, run by the Pallas interpreter: 3 chunks of 16, the last one partial,
     D per (head, channel)."""
     _check(_pallas(block_len=16, interpret=True), jnp.float32, seed=3,
-           dims=(1, 41, 4, 16, 2, 16), d_per_channel=True)
+           dims=(1, 41, 4, 16, 2, 16), d_per_channel=True, tol=INTERPRET_TOL)
 
 
 def test_interpreted_kernels_without_options_match_reference():
@@ -133,7 +134,51 @@ def test_interpreted_kernels_without_options_match_reference():
     with jax.default_matmul_precision("highest"):
         y_ref, _ = reference_scan(*args[:1], dtp, *args[2:])
     assert y.shape == y_ref.shape and y.dtype == jnp.float32
-    assert _rel(y, y_ref) < TOL[jnp.float32]
+    assert _rel(y, y_ref) < INTERPRET_TOL
+
+
+def _seq_idx(batch, seqlen, seed):
+    """Random packed-sequence ids: boundaries anywhere, also at chunk starts, ids may repeat."""
+    rng = np.random.default_rng(seed)
+    ids = np.cumsum(rng.random((batch, seqlen)) < 0.08, axis=1)
+    ids[:, seqlen // 2:] = ids[:, seqlen // 2:] % 2  # a pattern like 3, 0, 1: still a reset
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _check_seq_idx(dtype, seed, dims, tol, **kw):
+    """Forward and gradients (x, dt, A, B, C, initial_states) with packed sequences."""
+    inputs, (wy, wf) = _inputs(seed, dtype, *dims)
+    seq_idx = _seq_idx(dims[0], dims[1], seed)
+    names = ("x", "dt", "A", "B", "C", "initial_states")
+
+    def pallas_fn(x, dt, A, B, C, h0):
+        return pallas_gpu.ssd_pallas(x, dt, A, B, C, 8, initial_states=h0, seq_idx=seq_idx,
+                                     return_final_states=True, **kw)
+
+    def ref_fn(x, dt, A, B, C, h0):
+        with jax.default_matmul_precision("highest"):
+            y, fin = reference_scan(x, _common.process_dt(dt), A, B, C, initial_states=h0,
+                                    segment_ids=_common.segment_ids(seq_idx))
+        return y.astype(x.dtype), fin
+
+    def run(fn):
+        def loss(*a):
+            y, fin = fn(*a)
+            return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(fin * wf), (y, fin)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(
+            *(inputs[k] for k in names))
+
+    (_, (y, fin)), grads = run(pallas_fn)
+    (_, (y_ref, fin_ref)), grads_ref = run(ref_fn)
+    errors = {"y": _rel(y, y_ref), "final_states": _rel(fin, fin_ref)}
+    errors.update({"d" + k: _rel(a, b) for k, a, b in zip(names, grads, grads_ref)})
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"seq_idx {dims}: errors over {tol}: {bad} (all: {errors})"
+
+
+def test_interpreted_kernels_with_seq_idx_match_reference():
+    _check_seq_idx(jnp.float32, 5, (2, 45, 2, 16, 1, 16), INTERPRET_TOL, block_len=16,
+                   interpret=True)
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -155,3 +200,10 @@ def test_gpu_kernels_match_reference(dtype, case):
     assert ok, why
     seed = int(np.random.default_rng().integers(1 << 30))  # fresh inputs on every run
     _check(_pallas(block_len=block_len), dtype, seed, tuple(dims))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gpu_kernels_with_seq_idx_match_reference(dtype):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    _check_seq_idx(dtype, seed, (2, 700, 4, 64, 1, 128), TOL[dtype], block_len=128)

@@ -143,6 +143,8 @@ class DimbaGenerator:
                 ab_prev, jnp.float32(opts["eta"]), sampler=spec.sampler,
                 guidance=float(opts["guidance"]), clamp=bool(opts["clamp"]),
                 self_condition=bool(opts["self_condition"]), temperature=float(opts["temperature"]))
+            if isinstance(ids, tuple):  # (ids, x0) in newer versions of the sampler
+                ids = ids[0]
             return ids[:, p_len:]
 
         key = (tokens.shape, spec.steps, spec.sampler, tuple(sorted(opts.items())))

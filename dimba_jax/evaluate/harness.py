@@ -176,7 +176,8 @@ def ensure_reference(results: dict, judge: judge_lib.Judge, val_texts: Sequence[
                      length: int, num: int, skip_tokens: int, headline_length: int) -> None:
     """Computes the real-text reference at `length` judge tokens into results (if missing)."""
     key = str(int(length))
-    if key not in results.setdefault("reference_by_L", {}):
+    known = results.setdefault("reference_by_L", {}).get(key)
+    if known is None or known.get("num") != num:  # (re)compute for this sample-set size
         try:
             stats = judge_lib.reference_stats(judge, val_texts, num, length, skip_tokens)
         except ValueError:

@@ -233,8 +233,12 @@ def real_token_chunks(texts: Sequence[str], tokenizer: Any, num: int, length: in
     if num < 1 or length < 1:
         raise ValueError(f"num and length must be >= 1, got {num}, {length}")
     books = []
-    for t in texts:
-        ids = tokenizer_encode(tokenizer, t)[skip_tokens:]
+    if hasattr(tokenizer, "encode_batch"):  # parallel (dimba_jax tokenizers)
+        encoded = [list(map(int, a)) for a in tokenizer.encode_batch(list(texts))]
+    else:
+        encoded = [tokenizer_encode(tokenizer, t) for t in texts]
+    for ids in encoded:
+        ids = ids[skip_tokens:]
         if len(ids) >= length:
             books.append(ids)
     if not books:

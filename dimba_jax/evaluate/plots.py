@@ -27,6 +27,22 @@ def _plt():
     return plt
 
 
+def _plain_ticks(ax, x: bool = True, y: bool = True) -> None:
+    """Plain numbers (not 2.5x10^2) on log axes; minor ticks labelled when under one decade.
+
+    Call after the data and the scales are set (it reads the axis limits).
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    for on, axis, lim in ((x, ax.xaxis, ax.get_xlim()), (y, ax.yaxis, ax.get_ylim())):
+        if not on:
+            continue
+        axis.set_major_formatter(fmt)
+        narrow = lim[0] > 0 and lim[1] / lim[0] < 10
+        axis.set_minor_formatter(fmt if narrow else NullFormatter())
+
+
 def _default_rows(rows: Sequence[dict], **match) -> list[dict]:
     """Rows of the default variant matching all `match` items."""
     return [r for r in rows if not r.get("variant") and all(r.get(k) == v for k, v in match.items())]
@@ -75,6 +91,7 @@ def plot_ppl_vs_latency(results: dict, path: str, batch: int = 1) -> str:
             ax.axhline(ref["judge_ppl"], ls="--", color="green", label="real text")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_ticks(ax)
         ax.set_xlabel(f"latency per call at batch {batch} (ms)")
         ax.set_ylabel("judge perplexity")
         ax.set_title(f"L_gen={L}, {'prompted' if prompted else 'unconditional'}")
@@ -111,6 +128,7 @@ def plot_quality_vs_steps(results: dict, path: str) -> str:
             ax.set_xscale("log", base=2)
             if metric == "judge_ppl":
                 ax.set_yscale("log")
+            _plain_ticks(ax, y=metric == "judge_ppl")
             ax.set_xlabel("denoising steps T")
             ax.set_ylabel("judge perplexity" if metric == "judge_ppl" else "entropy (bits/token)")
             ax.set_title(f"L_gen={L}, {'prompted' if prompted else 'unconditional'}", fontsize=9)
@@ -140,6 +158,7 @@ def plot_step_time_vs_length(results: dict, path: str) -> str:
                             textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_ticks(ax)
     ax.set_xlabel("sequence length L")
     ax.set_ylabel("step time (ms)")
     ax.set_title(f"Long context — {results.get('device', '')}", fontsize=9)

@@ -205,7 +205,8 @@ def _numpy_to_torch(array: np.ndarray):
 
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dimba_jax.interop.checkpoint",
-                                     description="Inspect / round-trip mamba_ssm Mamba-2 checkpoints.")
+                                     description="Inspect / round-trip mamba_ssm Mamba-2 "
+                                                 "checkpoints.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_inspect = sub.add_parser("inspect", help="print the architecture and parameter count")
     p_inspect.add_argument("ckpt_dir")

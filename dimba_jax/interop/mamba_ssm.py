@@ -53,7 +53,9 @@ def _mixer_torch_shapes(block) -> dict[str, tuple[int, ...]]:
     }
 
 
-def get_array(state_dict: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def get_array(state_dict: Mapping[str, np.ndarray], name: str,
+              shape: tuple[int, ...]) -> np.ndarray:
+    """state_dict[name] as numpy, checked to have `shape` (ValueError naming it otherwise)."""
     if name not in state_dict:
         raise ValueError(f"state dict has no parameter {name!r}")
     value = np.asarray(state_dict[name])
@@ -136,7 +138,8 @@ def load_lm(model, state_dict: Mapping[str, np.ndarray]) -> None:
     emb = get_array(state_dict, "backbone.embedding.weight", (v_pad, d))
     assign_param(model.embedding.embedding, emb)
     for i, layer in enumerate(model.layers):
-        assign_param(layer.norm.weight, get_array(state_dict, f"backbone.layers.{i}.norm.weight", (d,)))
+        norm = get_array(state_dict, f"backbone.layers.{i}.norm.weight", (d,))
+        assign_param(layer.norm.weight, norm)
         load_mixer(layer.mixer, state_dict, prefix=f"backbone.layers.{i}.mixer.")
     assign_param(model.norm_f.weight, get_array(state_dict, "backbone.norm_f.weight", (d,)))
     if model.lm_head is None:

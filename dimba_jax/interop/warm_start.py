@@ -84,8 +84,8 @@ def warm_start_denoiser(blocks: Sequence, embedding, ckpt_dir: str | os.PathLike
             names.load_mixer(mixer, state, prefix=f"backbone.layers.{i}.mixer.")
         norm = getattr(block, "norm", None)
         if norm is not None and getattr(norm, "dim", None) == d_model:
-            names.assign_param(norm.weight, names.get_array(state, f"backbone.layers.{i}.norm.weight",
-                                                   (d_model,)))
+            weight = names.get_array(state, f"backbone.layers.{i}.norm.weight", (d_model,))
+            names.assign_param(norm.weight, weight)
     rows = 0
     if embedding is not None:
         table = np.asarray(state["backbone.embedding.weight"])
@@ -96,5 +96,6 @@ def warm_start_denoiser(blocks: Sequence, embedding, ckpt_dir: str | os.PathLike
         rows = min(ours.shape[0], arch["vocab_size"])
         embedding[...] = ours.at[:rows].set(jnp.asarray(table[:rows], ours.dtype))
     if final_norm is not None:
-        names.assign_param(final_norm.weight, names.get_array(state, "backbone.norm_f.weight", (d_model,)))
+        weight = names.get_array(state, "backbone.norm_f.weight", (d_model,))
+        names.assign_param(final_norm.weight, weight)
     return dict(layers=len(blocks), embedding_rows=rows, checkpoint_layers=arch["n_layers"])

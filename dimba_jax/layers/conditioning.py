@@ -136,34 +136,48 @@ class FrozenPromptEncoder(nnx.Module):
         return _mask(self.proj(h), visible)
 
 
+class PreNormResidual(nnx.Module):
+    """h + layer.mixer(layer.norm(h)) for a layer with `norm` and `mixer` (the AR baseline's layers)."""
+
+    def __init__(self, layer: nnx.Module):
+        self.layer = layer
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return h + self.layer.mixer(self.layer.norm(h)).astype(h.dtype)
+
+
 def load_frozen_prompt_encoder(workdir: str, d_model: int, *, param_dtype=jnp.float32,
                                rngs: nnx.Rngs) -> FrozenPromptEncoder:
     """Builds a `FrozenPromptEncoder` from the latest checkpoint of a dimba_jax run in `workdir`.
 
-    Uses `dimba_jax.train.checkpoint.load_params_for_inference(workdir)`, which must return the
-    restored model (or a tuple whose first nnx.Module item is it). The model must expose
-    `embedding_table()` (or `embed.embedding`), `blocks` and `final_norm` (DIMBA and the AR baseline do).
-    Raises FileNotFoundError for an empty workdir path and ValueError for an unusable model.
+    The run's model is rebuilt from its saved config and loaded (EMA weights when present) by
+    `dimba_jax.train.inference.load_model_for_inference`. It must expose `embedding_table()` (or
+    `embedding.embedding`), `blocks` (or pre-norm `layers` with `norm` and `mixer`) and
+    `final_norm` (or `norm_f`): a DIMBA denoiser's stack (whose blocks then run without their
+    timestep conditioning) or the AR baseline's.
+    Raises FileNotFoundError for an empty path / missing workdir or checkpoint, ValueError for an
+    unusable model.
     """
     if not workdir:
         raise FileNotFoundError("model.prompt_encoder='frozen' needs model.prompt_encoder_checkpoint (a workdir)")
-    from dimba_jax.train import checkpoint as ckpt  # late import: trainer module, optional at test time
-    loaded = ckpt.load_params_for_inference(workdir)
-    model = loaded
-    if isinstance(loaded, (tuple, list)):
-        model = next((x for x in loaded if isinstance(x, nnx.Module)), None)
-    if not isinstance(model, nnx.Module):
-        raise ValueError(f"load_params_for_inference({workdir!r}) returned no nnx.Module")
-    if hasattr(model, "embedding_table"):
+    from dimba_jax.train.inference import load_model_for_inference  # late import: avoids a cycle
+    model = load_model_for_inference(workdir).model
+    if hasattr(model, "embedding_table"):  # DIMBA denoiser
         table = model.embedding_table()
-    elif hasattr(model, "embed") and hasattr(model.embed, "embedding"):
-        table = model.embed.embedding[...]
+    elif hasattr(model, "embedding") and hasattr(model.embedding, "embedding"):  # AR baseline (nnx.Embed)
+        table = model.embedding.embedding[...]
     else:
         raise ValueError(f"checkpoint model {type(model).__name__} has no token embedding table")
     norm = getattr(model, "final_norm", None) or getattr(model, "norm_f", None)
-    if not hasattr(model, "blocks") or norm is None:
-        raise ValueError(f"checkpoint model {type(model).__name__} lacks `blocks` / `final_norm`")
-    return FrozenPromptEncoder(jax.lax.stop_gradient(table), list(model.blocks), norm, d_model,
+    if hasattr(model, "blocks"):
+        blocks = list(model.blocks)
+    elif hasattr(model, "layers"):  # pre-norm layers whose residual add lives in the LM
+        blocks = [PreNormResidual(layer) for layer in model.layers]
+    else:
+        blocks = None
+    if blocks is None or norm is None:
+        raise ValueError(f"checkpoint model {type(model).__name__} lacks blocks/layers or a final norm")
+    return FrozenPromptEncoder(jax.lax.stop_gradient(table), blocks, norm, d_model,
                                param_dtype=param_dtype, rngs=rngs)
 
 

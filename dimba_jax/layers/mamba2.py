@@ -47,7 +47,7 @@ class Mamba2Cache(NamedTuple):
 # ----------------------------------------------------------------------------- initialisers
 
 def _uniform(bound: float):
-    """Initializer U(-bound, bound) (PyTorch's default for Linear/Conv1d with bound 1/sqrt(fan_in))."""
+    """Initializer U(-bound, bound); PyTorch's Linear/Conv1d default uses bound 1/sqrt(fan_in)."""
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
@@ -133,7 +133,8 @@ class Mamba2(nnx.Module):
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
-        self.ngroups, self.d_conv, self.chunk_size, self.ssd_impl = ngroups, d_conv, chunk_size, ssd_impl
+        self.ngroups, self.d_conv, self.chunk_size = ngroups, d_conv, chunk_size
+        self.ssd_impl = ssd_impl
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads

@@ -182,7 +182,8 @@ class MambaLM(nnx.Module):
         """One token: ids_t (batch,) int -> (logits (batch, V_pad) float32, new cache)."""
         self._check_ids(ids_t, 1, "step")
         if len(cache) != len(self.layers):
-            raise ValueError(f"MambaLM.step: cache has {len(cache)} layers, model {len(self.layers)}")
+            raise ValueError(f"MambaLM.step: cache has {len(cache)} layers, the model "
+                             f"{len(self.layers)}")
         h = self._embed(ids_t)
         residual = jnp.zeros(h.shape, jnp.float32)
         new_cache = []
@@ -268,11 +269,13 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     if float(temperature) < 0:
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not isinstance(prompt_ids, jax.core.Tracer):
-        max_id = int(jnp.max(prompt_ids))
-        if max_id >= model.vocab_size or int(jnp.min(prompt_ids)) < 0:
-            raise ValueError(f"generate: prompt ids must be in [0, {model.vocab_size}), "
-                             f"got max {max_id}")
+    try:  # concrete prompts are range-checked; traced ones (generate inside jit) cannot be
+        max_id, min_id = int(jnp.max(prompt_ids)), int(jnp.min(prompt_ids))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        max_id, min_id = 0, 0
+    if max_id >= model.vocab_size or min_id < 0:
+        raise ValueError(f"generate: prompt ids must be in [0, {model.vocab_size}), got "
+                         f"[{min_id}, {max_id}]")
     graphdef, state = nnx.split(model)
     return _generate_jit(graphdef, state, prompt_ids.astype(jnp.int32), rng,
                          jnp.float32(temperature), jnp.float32(top_p), int(num_new))
@@ -347,7 +350,8 @@ class ArTask:
         del rng
         tokens = batch["tokens"]
         if tokens.ndim != 2 or tokens.shape[1] < 2:
-            raise ValueError(f"ArTask.loss: tokens must be (batch, seq_len >= 2), got {tokens.shape}")
+            raise ValueError(f"ArTask.loss: tokens must be (batch, seq_len >= 2), got "
+                             f"{tokens.shape}")
         logits = model(tokens[:, :-1])
         ce, accuracy = next_token_metrics(logits, tokens[:, 1:])
         return ce, {"ce": ce, "accuracy": accuracy}
@@ -382,4 +386,6 @@ def _ar_field(config, name: str, default):
     section = config.get("ar") if hasattr(config, "get") else getattr(config, "ar", None)
     if section is None:
         return default
-    return section.get(name, default) if hasattr(section, "get") else getattr(section, name, default)
+    if hasattr(section, "get"):
+        return section.get(name, default)
+    return getattr(section, name, default)

@@ -1,9 +1,9 @@
 """SSD on NVIDIA GPUs with Pallas kernels, forward and backward (`ssd(..., impl="pallas")`).
 
-Status: the kernels use the Pallas **Triton** backend (`jax.experimental.pallas.triton`), whose
-`dot` lowers to the tensor cores (wgmma on Hopper). The issue asks for Mosaic GPU
-(`jax.experimental.pallas.mosaic_gpu`); this Triton version is the correct, measured stepping
-stone (docs/ssd_kernel_notes.md says what a Mosaic GPU port would change).
+Status: the kernels use the Pallas **Triton** backend (`jax.experimental.pallas.triton`, deprecated
+in jax 0.11 but working there), whose `dot` reaches the tensor cores. The issue asks for Mosaic GPU
+(`jax.experimental.pallas.mosaic_gpu`); this Triton version is the stepping stone. Measured state
+and plans are in docs/ssd_kernel_notes.md.
 
 Algorithm (chunked SSD, `Q` = `block_len` positions per chunk, chosen here for the kernels: the
 result does not depend on the chunk length, only the speed does). With the chunk-local
@@ -12,18 +12,20 @@ cumulative log-decay s_t = sum_{u<=t in chunk} dt_u A and xd = x * dt:
   1. `_chunk_state` kernel, grid (batch, heads, chunks):
         S_c = xd^T @ (B * exp(s_end - s))                       (headdim x dstate, float32)
   2. `_state_pass` kernel, grid (batch, heads, headdim blocks), sequential over chunks:
-        h_0 = initial_states;  h_{c+1} = exp(s_end_c) h_c + S_c
-  3. `_chunk_out` kernel, grid (batch, heads, chunks):
-        y = ((C B^T) o L) @ xd + exp(s) * (C @ h_c^T),   L_ij = exp(s_i - s_j) [i >= j]
+        h_0 = initial_states;  h_{c+1} = exp(s_end_c) h_c + S_c  (stored in the operand dtype)
+  3. `_chunk_out` kernel, grid (batch, heads, chunks), output in x.dtype:
+        y = ((C B^T) o L) @ xd + exp(s) * (C @ h_c^T) + D x,   L_ij = exp(s_i - s_j) [i >= j]
 
 The backward (a `jax.custom_vjp`) mirrors it: the `_chunk_state` kernel again for the gradient
 reaching each chunk's incoming state from its outputs, a reverse `_state_pass`, and one
-`_chunk_bwd` kernel giving dx, dB, dC, ddt and ds per chunk. dt preprocessing (bias, softplus,
-clip), the cumulative sum of dt*A, the D skip and the z gate stay in XLA, outside the custom_vjp,
-so autodiff handles them.
+`_chunk_bwd` kernel giving dx, dB, dC (per head, summed over a group's heads in XLA), ddt, ds and
+dD partial sums per chunk. dt preprocessing (bias, softplus, clip), the cumulative sum of dt*A
+and the z gate stay in XLA outside the custom_vjp, so autodiff handles them.
 
-Not supported (`supported()` says why; the dispatcher falls back to `xla`): `seq_idx`, a
-non-Hopper device, headdim or dstate that is not a power of two in [16, 256].
+Packed sequences (`seq_idx`) are handled by per-position segment masks (only when given: the
+kernels without them are unchanged). Not supported (`supported()` says why; the dispatcher falls
+back to `xla`): a non-Hopper device, headdim or dstate that is not a power of two in [16, 256],
+dtypes other than float32/bfloat16/float16.
 
 This module imports without a GPU: the Triton Pallas module is imported lazily.
 """
@@ -54,10 +56,12 @@ def _triton():
 def _dot(a, b, trans_a=False, trans_b=False):
     """a @ b (optionally transposed) on the tensor cores, float32 accumulation.
 
-    bf16/f16 operands use the tensor cores directly; float32 operands are multiplied in full
-    float32 (IEEE, not tf32: Triton's default for float32 would lose ~3e-4 relative accuracy)."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return _triton().dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+    bf16/f16 operands: plain tensor-core products. float32 operands: Triton's default tf32
+    tensor-core products (~4e-4 relative error, the same as XLA's default float32 matmuls on
+    this GPU). Full-float32 (IEEE) products were tried: at block_len 128 they need more shared
+    memory than an H200 has (393 KB requested, 227 KB available) and compile for minutes.
+    """
+    return _triton().dot(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 def _pow2(n: int) -> bool:
@@ -92,9 +96,7 @@ def supported(*, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_so
       (True, "") or (False, reason) where reason names the device or option that is unsupported.
     """
     del dt, A, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states
-    del return_final_states
-    if seq_idx is not None:
-        return False, "pallas SSD kernel does not support seq_idx (packed sequences) yet"
+    del seq_idx, return_final_states
     headdim, dstate = x.shape[-1], B.shape[-1]
     if not (_pow2(headdim) and 16 <= headdim <= 256):
         return False, f"pallas SSD kernel needs headdim a power of two in [16, 256], got {headdim}"
@@ -120,14 +122,29 @@ def _last(v, q):
     return jnp.sum(jnp.where(idx == q - 1, v, 0.0))
 
 
-def _chunk_state_kernel(u_ref, v_ref, dt_ref, s_ref, o_ref, *, q, mode):
-    """o = u^T @ (v * w[:, None]) with w = exp(s_end - s) * dt ("state") or exp(s) ("dout")."""
+def _split(refs, n_in, has_seg):
+    """(inputs, seg_ref or None, outputs) of a kernel whose optional segment input is last."""
+    if has_seg:
+        return refs[:n_in], refs[n_in], refs[n_in + 1:]
+    return refs[:n_in], None, refs[n_in:]
+
+
+def _chunk_state_kernel(*refs, q, mode, has_seg):
+    """o = u^T @ (v * w[:, None]) with w = exp(s_end - s) * dt ("state") or exp(s) ("dout").
+
+    With segments (packed sequences), w is zeroed outside the chunk's last segment ("state") or
+    outside the segment of the incoming state ("dout")."""
+    (u_ref, v_ref, dt_ref, s_ref), seg_ref, (o_ref,) = _split(refs, 4, has_seg)
     u = u_ref[...]
     s = s_ref[...]
     if mode == "state":
         w = jnp.exp(_last(s, q) - s) * dt_ref[...]
+        if has_seg:
+            w = w * seg_ref[2]
     else:
         w = jnp.exp(s)
+        if has_seg:
+            w = w * seg_ref[1]
     vw = (v_ref[...].astype(jnp.float32) * w[:, None]).astype(u.dtype)
     o_ref[...] = _dot(u, vw, trans_a=True).astype(o_ref.dtype)
 
@@ -157,15 +174,20 @@ def _state_pass_bwd_kernel(dhp_ref, hprev_ref, dec_ref, dfin_ref, dst_ref, dsend
     dh0_ref[...] = jax.lax.fori_loop(0, nc, body, dfin_ref[...])
 
 
-def _masked_decay(s, q):
-    """L_ij = exp(s_i - s_j) for i >= j, else 0 (q x q float32)."""
+def _masked_decay(s, q, seg=None):
+    """L_ij = exp(s_i - s_j) for i >= j (and seg_i == seg_j when segments are given), else 0."""
     i = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    return jnp.exp(jnp.where(i >= j, s[:, None] - s[None, :], -jnp.inf))
+    keep = i >= j
+    if seg is not None:
+        keep = keep & (seg[:, None] == seg[None, :])
+    return jnp.exp(jnp.where(keep, s[:, None] - s[None, :], -jnp.inf))
 
 
-def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref, *, q):
+def _chunk_out_kernel(*refs, q, has_seg):
     """y = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) + D x for one chunk."""
+    (x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref), seg_ref, (y_ref,) = _split(
+        refs, 7, has_seg)
     x = x_ref[...]
     cdt = x.dtype
     b = b_ref[...]
@@ -173,19 +195,21 @@ def _chunk_out_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref, *
     dt = dt_ref[...]
     s = s_ref[...]
     g = _dot(c, b, trans_b=True)
-    m = (g * _masked_decay(s, q)).astype(cdt)
+    m = (g * _masked_decay(s, q, seg_ref[0] if has_seg else None)).astype(cdt)
     xd = (x.astype(jnp.float32) * dt[:, None]).astype(cdt)
     y = _dot(m, xd)
     h = h_ref[...].astype(cdt)
-    y = y + jnp.exp(s)[:, None] * _dot(c, h, trans_b=True)
+    e_s = jnp.exp(s) * seg_ref[1] if has_seg else jnp.exp(s)
+    y = y + e_s[:, None] * _dot(c, h, trans_b=True)
     y = y + d_ref[...][None, :] * x.astype(jnp.float32)
     y_ref[...] = y.astype(y_ref.dtype)
 
 
-def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref, d_ref,
-                      dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref, *, q):
+def _chunk_bwd_kernel(*refs, q, has_seg):
     """Gradients of one chunk's outputs (y and its state S) w.r.t. x, B, C, dt, s and D
     (dD as this chunk's partial sum over positions)."""
+    ((x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref, d_ref), seg_ref,
+     (dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref)) = _split(refs, 9, has_seg)
     f32 = jnp.float32
     x = x_ref[...]
     cdt = x.dtype
@@ -200,7 +224,7 @@ def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref
     xf = x.astype(f32)
     xd_f = xf * dt[:, None]
     xd = xd_f.astype(cdt)
-    lmask = _masked_decay(s, q)
+    lmask = _masked_decay(s, q, seg_ref[0] if has_seg else None)
     m_f = _dot(c, b, trans_b=True) * lmask
     m = m_f.astype(cdt)
     dm = _dot(dy, xd, trans_b=True)                 # (q, q) dL/dM
@@ -208,6 +232,9 @@ def _chunk_bwd_kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref
     dg = (dm * lmask).astype(cdt)                     # dL/d(C B^T)
     e_s = jnp.exp(s)
     e_end = jnp.exp(_last(s, q) - s)
+    if has_seg:  # incoming state reaches the first segment only; S collects the last one only
+        e_s = e_s * seg_ref[1]
+        e_end = e_end * seg_ref[2]
 
     b_dst = _dot(b, dst, trans_b=True)              # (q, p)
     dxd = _dot(m, dy, trans_a=True) + e_end[:, None] * b_dst
@@ -251,21 +278,33 @@ def _specs(q, p, n, hpg):
     return xs, bs, vs, sts, hn, ds
 
 
-def _chunk_state_call(u, v, dt, s, *, q, hpg, mode, num_warps, interpret):
+def _seg_spec(q):
+    """Segment rows (batch, 4, Lp): seg id, in-first-segment, in-last-segment, chunk keep."""
+    return pl.BlockSpec((None, 4, q), lambda bi, hi, ci: (bi, 0, ci))
+
+
+def _with_seg(in_specs, args, seg, q):
+    if seg is None:
+        return in_specs, args
+    return in_specs + [_seg_spec(q)], args + (seg,)
+
+
+def _chunk_state_call(u, v, dt, s, seg, *, q, hpg, mode, num_warps, interpret):
     bsz, lp, nh, p = u.shape
     n = v.shape[-1]
     nc = lp // q
     xs, bs, vs, sts, _, _ = _specs(q, p, n, hpg)
+    in_specs, args = _with_seg([xs, bs, vs, vs], (u, v, dt, s), seg, q)
     return pl.pallas_call(
-        functools.partial(_chunk_state_kernel, q=q, mode=mode),
+        functools.partial(_chunk_state_kernel, q=q, mode=mode, has_seg=seg is not None),
         out_shape=jax.ShapeDtypeStruct((bsz, nh, nc, p, n), jnp.float32),
         grid=(bsz, nh, nc),
-        in_specs=[xs, bs, vs, vs],
+        in_specs=in_specs,
         out_specs=sts,
         compiler_params=_params(num_warps),
         interpret=interpret,
         name=f"ssd_chunk_{mode}",
-    )(u, v, dt, s)
+    )(*args)
 
 
 def _state_pass_fwd_call(states, dec, h0, *, hprev_dtype, interpret):
@@ -309,24 +348,27 @@ def _state_pass_bwd_call(dhprev, hprev, dec, dfin, *, interpret):
     )(dhprev, hprev, dec, dfin)
 
 
-def _chunk_out_call(x, b, c, dt, s, hprev, d, *, q, hpg, num_warps, interpret):
+def _chunk_out_call(x, b, c, dt, s, hprev, d, seg, *, q, hpg, num_warps, interpret):
     bsz, lp, nh, p = x.shape
     n = b.shape[-1]
     nc = lp // q
     xs, bs, vs, sts, _, dspec = _specs(q, p, n, hpg)
+    in_specs, args = _with_seg([xs, bs, bs, vs, vs, sts, dspec], (x, b, c, dt, s, hprev, d),
+                               seg, q)
     return pl.pallas_call(
-        functools.partial(_chunk_out_kernel, q=q),
+        functools.partial(_chunk_out_kernel, q=q, has_seg=seg is not None),
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(bsz, nh, nc),
-        in_specs=[xs, bs, bs, vs, vs, sts, dspec],
+        in_specs=in_specs,
         out_specs=xs,
         compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_out",
-    )(x, b, c, dt, s, hprev, d)
+    )(*args)
 
 
-def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, num_warps, interpret):
+def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, seg, *, q, hpg, num_warps,
+                    interpret):
     bsz, lp, nh, p = x.shape
     n = b.shape[-1]
     nc = lp // q
@@ -335,8 +377,10 @@ def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, num_warps,
     # Per-head dB/dC (summed over the heads of a group afterwards) in the operand dtype: halves
     # the largest write of the backward for bf16.
     gdt = x.dtype
+    in_specs, args = _with_seg([xs, bs, bs, vs, vs, xs, sts, sts, dspec],
+                               (x, b, c, dt, s, dy, hprev, dstates, d), seg, q)
     return pl.pallas_call(
-        functools.partial(_chunk_bwd_kernel, q=q),
+        functools.partial(_chunk_bwd_kernel, q=q, has_seg=seg is not None),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((bsz, lp, nh, n), gdt),
                    jax.ShapeDtypeStruct((bsz, lp, nh, n), gdt),
@@ -344,13 +388,13 @@ def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, num_warps,
                    jax.ShapeDtypeStruct((bsz, nh, lp), f32),
                    jax.ShapeDtypeStruct((bsz, nh, nc, p), f32)),
         grid=(bsz, nh, nc),
-        in_specs=[xs, bs, bs, vs, vs, xs, sts, sts, dspec],
+        in_specs=in_specs,
         out_specs=(xs, hn, hn, vs, vs,
                    pl.BlockSpec((None, None, None, p), lambda bi, hi, ci: (bi, hi, ci, 0))),
         compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_bwd",
-    )(x, b, c, dt, s, dy, hprev, dstates, d)
+    )(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,60 +402,84 @@ def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, num_warps,
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_end_decay(s, q):
+def _chunk_end_decay(s, seg, q):
+    """exp(s at each chunk's end), (b, h, nc); zero for chunks that start a new segment."""
     bsz, nh, lp = s.shape
-    return jnp.exp(s.reshape(bsz, nh, lp // q, q)[..., -1])
+    dec = jnp.exp(s.reshape(bsz, nh, lp // q, q)[..., -1])
+    if seg is not None:
+        dec = dec * seg[:, 3].reshape(bsz, 1, lp // q, q)[..., -1]
+    return dec
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _core(x, b, c, dt, s, h0, d, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core(x, b, c, dt, s, h0, d, seg, cfg):
     """cfg = (q, heads_per_group, warps_fwd, warps_bwd, interpret).
 
     Returns y = scan output + D x in x.dtype, and the final state (float32)."""
-    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, d, cfg)
+    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg)
     return y, fin
 
 
-def _core_fwd_impl(x, b, c, dt, s, h0, d, cfg):
+def _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg):
     q, hpg, nwf, _, interp = cfg
-    states = _chunk_state_call(x, b, dt, s, q=q, hpg=hpg, mode="state", num_warps=nwf,
+    states = _chunk_state_call(x, b, dt, s, seg, q=q, hpg=hpg, mode="state", num_warps=nwf,
                                interpret=interp)
     # The incoming states are stored in the operand dtype: the output kernel multiplies them
     # in that dtype anyway (bf16 tensor cores), so float32 storage would only cost bytes.
-    hprev, fin = _state_pass_fwd_call(states, _chunk_end_decay(s, q), h0, hprev_dtype=x.dtype,
+    hprev, fin = _state_pass_fwd_call(states, _chunk_end_decay(s, seg, q), h0, hprev_dtype=x.dtype,
                                       interpret=interp)
-    y = _chunk_out_call(x, b, c, dt, s, hprev, d, q=q, hpg=hpg, num_warps=nwf,
+    y = _chunk_out_call(x, b, c, dt, s, hprev, d, seg, q=q, hpg=hpg, num_warps=nwf,
                         interpret=interp)
     return y, fin, hprev
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, cfg):
-    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, d, cfg)
-    return (y, fin), (x, b, c, dt, s, hprev, d)
+def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
+    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg)
+    return (y, fin), (x, b, c, dt, s, hprev, d, seg)
 
 
 def _core_bwd(cfg, res, grads):
     q, hpg, _, nwb, interp = cfg
-    x, b, c, dt, s, hprev, d = res
+    x, b, c, dt, s, hprev, d, seg = res
     dy, dfin = grads
     bsz, lp, nh, _ = x.shape
     g, n = b.shape[2], b.shape[3]
     nc = lp // q
     dy = dy.astype(x.dtype)
-    dhprev = _chunk_state_call(dy, c, dt, s, q=q, hpg=hpg, mode="dout", num_warps=nwb,
+    dhprev = _chunk_state_call(dy, c, dt, s, seg, q=q, hpg=hpg, mode="dout", num_warps=nwb,
                                interpret=interp)
-    dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, q),
+    dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, seg, q),
                                                dfin.astype(jnp.float32), interpret=interp)
-    dx, db_h, dc_h, ddt, ds, dd = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
+    dx, db_h, dc_h, ddt, ds, dd = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, seg,
+                                                  q=q,
                                                   hpg=hpg, num_warps=nwb, interpret=interp)
     ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)
     f32 = jnp.float32
     db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(b.dtype)
     dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(c.dtype)
-    return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2))
+    dseg = None if seg is None else jnp.zeros_like(seg)
+    return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2)), dseg
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def _segment_rows(seg_ids, lp, q):
+    """Per-position segment data the kernels read, (batch, 4, Lp) float32.
+
+    Rows: 0 the segment id; 1 whether the position is in the segment of the state entering its
+    chunk (the last segment of the previous chunk; segment 0 for the first chunk, where
+    initial_states apply); 2 whether it is in its chunk's last segment; 3 (read at chunk ends)
+    whether the entering state survives the whole chunk (no segment change inside it).
+    Padding continues the last segment.
+    """
+    bsz, seqlen = seg_ids.shape
+    seg = jnp.pad(seg_ids.astype(jnp.int32), ((0, 0), (0, lp - seqlen)), mode="edge")
+    chunks = seg.reshape(bsz, lp // q, q)
+    last = chunks[..., -1:]                                               # (b, nc, 1)
+    prev = jnp.concatenate([jnp.zeros_like(last[:, :1]), last[:, :-1]], axis=1)
+    rows = [chunks, chunks == prev, chunks == last, jnp.broadcast_to(last == prev, chunks.shape)]
+    return jnp.stack([r.astype(jnp.float32).reshape(bsz, lp) for r in rows], axis=1)
 
 
 def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -426,7 +494,7 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
       chunk_size: accepted for the common signature; the kernels use `block_len` positions per
         chunk (default DEFAULT_BLOCK_LEN), which changes only speed, not the result.
       D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: see `ssd`.
-      seq_idx: must be None (see `supported`).
+      seq_idx: (batch, seqlen) int or None; the state resets where it changes.
       block_len: kernel chunk length, a power of two >= 16.
       num_warps_fwd, num_warps_bwd: warps per program of the forward / backward kernels.
       interpret: run the kernels in the Pallas interpreter (any device; for tests on CPU).
@@ -439,8 +507,6 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
     sizes = _common.validate_inputs(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                     dt_limit=dt_limit, initial_states=initial_states,
                                     seq_idx=seq_idx, impl="pallas")
-    if seq_idx is not None:
-        raise ValueError("ssd_pallas: seq_idx is not supported by the Pallas kernels; use impl='xla'")
     q = int(block_len or DEFAULT_BLOCK_LEN)
     if not (_pow2(q) and q >= 16):
         raise ValueError(f"ssd_pallas: block_len must be a power of two >= 16, got {q}")
@@ -468,7 +534,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     cfg = (q, nh // g, int(num_warps_fwd), int(num_warps_bwd), bool(interpret))
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, cfg)
+    seg = None if seq_idx is None else _segment_rows(_common.segment_ids(seq_idx), lp, q)
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, seg, cfg)
     y = y[:, :seqlen]
     if z is not None:
         y = _common.apply_skip_and_gate(y, x, z=z)

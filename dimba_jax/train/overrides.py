@@ -82,7 +82,7 @@ def parse_value(text: str, current, key: str):
         return tuple(value) if isinstance(value, list) else value
     except (ValueError, SyntaxError):
         pass
-    raise ValueError(f"--config.{key}={text!r}: expected a {type(current).__name__}")
+    raise ValueError(f"--config.{key}={text!r}: expected {type(current).__name__}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]

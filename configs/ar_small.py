@@ -1,0 +1,49 @@
+"""ar_small: the autoregressive baseline for configs/small.py — a causal Mamba-2 LM with the
+same parameter count (~32M vs DIMBA small's ~32.9M), tokenizer, data, batch and steps.
+
+Launch manual
+-------------
+Data as in configs/small.py (`$DIMBA_DATA`, default `.gpu/data`, or --config.data.source=...).
+    python -m dimba_jax.main --config configs/ar_small.py --workdir runs/ar_small
+    python -m dimba_jax.main --workdir runs/ar_small --mode sample --prompt "It was a dark" --length 256
+    python -m dimba_jax.main --workdir runs/ar_small --mode eval
+Same tokens seen as DIMBA small: keep train.steps x train.batch_size x data.seq_len equal.
+Sampling: config.ar.temperature / config.ar.top_p (recurrent decoding in one jitted scan).
+
+Model: d_model 512, 17 causal Mamba-2 blocks (headdim 64, d_state 64), tied head.
+"""
+
+import os
+
+from dimba_jax.config import default_config
+
+
+def get_config():
+    data = os.environ.get("DIMBA_DATA", ".gpu/data")
+    c = default_config()
+    c.task = "ar"
+    c.model.d_model = 512
+    c.model.n_layers = 17
+    c.model.d_state = 64
+    c.model.headdim = 64
+    c.model.chunk_size = 128
+    c.model.bidirectional = False
+    c.model.compute_dtype = "bfloat16"
+    c.model.ssd_impl = "auto"
+    c.data.source = f"files:{data}/train-*.jsonl.xz"
+    c.data.val_source = f"files:{data}/validation.jsonl.xz"
+    c.data.tokenizer = "bpe"
+    c.data.seq_len = 256
+    c.data.token_cache_dir = f"{data}/cache"
+    c.train.steps = 4000
+    c.train.batch_size = 64
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 200
+    c.train.weight_decay = 0.1
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 50
+    c.train.sample_every = 1000
+    c.train.eval_every = 1000
+    c.train.eval_batches = 8
+    c.sample.length = 256
+    return c

@@ -1,0 +1,58 @@
+"""small: a ~33M-parameter DIMBA on one GPU and the shared Gutenberg corpus (bf16, BPE 8k).
+
+Launch manual
+-------------
+Data: the shared corpus `../shared/data/gutenberg/*.jsonl.xz` (~41 MB). On a machine without
+`../shared`, copy it into an ignored folder of the repo first:
+    mkdir -p .gpu/data && cp ../shared/data/gutenberg/*.jsonl.xz .gpu/data/
+The data folder is `$DIMBA_DATA` (default `.gpu/data`), or override the sources directly:
+    --config.data.source='files:/path/train-*.jsonl.xz' --config.data.val_source='files:/path/validation.jsonl.xz'
+
+Train (one GPU, ~10 minutes at the default 4000 steps x 64 x 256 tokens = 65M tokens):
+    python -m dimba_jax.main --config configs/small.py --workdir runs/small
+Sample / evaluate:
+    python -m dimba_jax.main --workdir runs/small --mode sample --prompt "It was a dark" --steps 64
+    python -m dimba_jax.main --workdir runs/small --mode eval
+Several GPUs of one host: nothing to change (the `data` mesh axis takes all devices); shard
+parameters too with --config.mesh.fsdp=N --config.mesh.data=1. Several hosts:
+launch/slurm_gpu.sbatch. Tokenised data is cached in `$DIMBA_DATA/cache` (reused on resume).
+
+Model: d_model 512, 12 bidirectional Mamba-2 blocks (headdim 64, d_state 64), FiLM
+conditioning, tied head; ~32.9M parameters with the 8192-token BPE.
+"""
+
+import os
+
+from dimba_jax.config import default_config
+
+
+def get_config():
+    data = os.environ.get("DIMBA_DATA", ".gpu/data")
+    c = default_config()
+    c.task = "dimba"
+    c.model.d_model = 512
+    c.model.n_layers = 12
+    c.model.d_state = 64
+    c.model.headdim = 64
+    c.model.chunk_size = 128
+    c.model.time_embed_dim = 256
+    c.model.compute_dtype = "bfloat16"
+    c.model.ssd_impl = "auto"
+    c.data.source = f"files:{data}/train-*.jsonl.xz"
+    c.data.val_source = f"files:{data}/validation.jsonl.xz"
+    c.data.tokenizer = "bpe"
+    c.data.seq_len = 256
+    c.data.token_cache_dir = f"{data}/cache"
+    c.train.steps = 4000
+    c.train.batch_size = 64
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 200
+    c.train.weight_decay = 0.1
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 50
+    c.train.sample_every = 1000
+    c.train.eval_every = 1000
+    c.train.eval_batches = 8
+    c.sample.length = 256
+    c.sample.steps = 64
+    return c

@@ -1,0 +1,106 @@
+"""`python -m dimba_jax.main`: train a few steps, sample, eval in a temp dir; and the errors
+(unknown key with suggestions, missing workdir/checkpoint, prompt too long, steps <= 0,
+an incompatible workdir) exit non-zero and leave the workdir untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dimba_jax.main import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "configs/tiny.py", "--config.model.d_model=32", "--config.model.n_layers=1",
+        "--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.steps=3",
+        "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+        "--config.sample.length=16", "--config.sample.steps=4", "--config.sample.num_samples=1",
+        "--config.train.eval_batches=1"]
+
+
+def _snapshot(workdir):
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("cli") / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "dimba_jax.main", *TINY, "--workdir", work],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "done: step 3" in proc.stdout
+    return work
+
+
+def test_train_writes_config_metrics_samples_and_checkpoints(trained):
+    cfg = json.load(open(os.path.join(trained, "config.json")))
+    assert cfg["model"]["d_model"] == 32 and cfg["train"]["steps"] == 3
+    steps = [json.loads(l)["step"] for l in open(os.path.join(trained, "metrics.jsonl"))
+             if json.loads(l)["split"] == "train"]
+    assert steps == [1, 2, 3]
+    assert "=== step 3" in open(os.path.join(trained, "samples.txt")).read()
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["2", "3"]
+
+
+def test_sample_and_eval_print_results_and_write_nothing(trained, capsys):
+    before = _snapshot(trained)
+    assert main(["--workdir", trained, "--mode", "sample", "--prompt", "The sea", "--steps", "3",
+                 "--sampler", "ddpm", "--length", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sample 0 (step 3) ---" in out and "\nThe sea" in out
+    assert main(["--workdir", trained, "--mode", "sample", "--config.sample.num_samples=2",
+                 "--steps", "2"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+    assert main(["--workdir", trained, "--mode", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "eval at step 3" in out and " loss = " in out and "acc_t" in out
+    assert _snapshot(trained) == before
+
+
+def test_errors_are_clear_nonzero_and_overwrite_nothing(trained, tmp_path, capsys):
+    before = _snapshot(trained)
+    assert main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "x"),
+                 "--config.train.stpes=3"]) == 2
+    assert "unknown config key --config.train.stpes; did you mean --config.train.steps" \
+        in capsys.readouterr().err
+    assert main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "x"),
+                 "--config.model.d_modle=3"]) == 2
+    assert "--config.model.d_model" in capsys.readouterr().err
+    assert main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "x"),
+                 "--config.train.steps=many"]) == 2
+    assert "expected int" in capsys.readouterr().err
+    assert main([*TINY, "--workdir", str(tmp_path / "x"), "--config.train.steps=0"]) == 2
+    assert "train.steps must be > 0" in capsys.readouterr().err
+    assert main(["--workdir", str(tmp_path / "missing"), "--mode", "sample"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--workdir", str(tmp_path / "empty"), "--mode", "eval"]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    assert main(["--workdir", trained, "--mode", "sample", "--prompt", "word " * 40]) == 2
+    assert "longer than the model's context of 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--workdir", trained, "--mode", "sample", "--steps", "0"])
+    assert e.value.code == 2 and "--steps must be > 0" in capsys.readouterr().err
+    assert main([*TINY, "--workdir", trained, "--config.model.d_model=48"]) == 2
+    assert "different architecture" in capsys.readouterr().err
+    assert _snapshot(trained) == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_modes_and_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("train", "sample", "eval", "--prompt", "--steps", "--sampler", "--config.SECTION.FIELD"):
+        assert word in out
