@@ -43,6 +43,8 @@ SHAPES = [  # name, B, L, H  (P=64, N=128, 1 group, chunk 256), mamba_ssm Triton
     ("130m-L32k", 1, 32768, 24, 1.06, 5.20),
 ]
 P, N, G, CHUNK = 64, 128, 1, 256
+# The kernel version these numbers belong to (docs/ssd_kernel_notes.md lists the versions).
+KERNEL_VERSION = "v3"
 
 
 def nominal_flops(b, l, h, p=P, n=N, q=CHUNK):
@@ -183,7 +185,8 @@ def main():
     print("supported:", ok, why, flush=True)
     variants = [tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
     result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
-              "jax": jax.__version__, "rows": [], "variant_rows": [], "errors": {}}
+              "jax": jax.__version__, "code_version": KERNEL_VERSION, "rows": [],
+              "variant_rows": [], "errors": {}}
 
     # ---------------------------------------------------------------- correctness
     if not a.skip_check:

@@ -28,7 +28,7 @@ __all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS"]
 IMPLS = _common.IMPLS
 # impl="auto" tries the Pallas kernel first on Hopper GPUs. Set to False if measurements show the
 # kernel slower than "xla" (benchmarks/results/ssd_*_h200.md); "auto" then always means "xla".
-AUTO_PREFERS_PALLAS = True
+AUTO_PREFERS_PALLAS = False  # Pallas (Triton backend) v2/v3 is not yet timed on a GPU: see docs/ssd_kernel_notes.md
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
