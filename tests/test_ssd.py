@@ -310,6 +310,7 @@ class _FakeKernelModule:
 def test_auto_dispatch_on_a_hopper_with_and_without_a_working_kernel(monkeypatch):
     args, kw = make_inputs(52, seqlen=6)
     monkeypatch.setattr(ssd_package, "_on_hopper_gpu", lambda: True)
+    monkeypatch.setattr(ssd_package, "AUTO_PREFERS_PALLAS", True)
     # a kernel that works is used by auto (here it answers with the reference: exact match)
     monkeypatch.setattr(ssd_package, "_load_pallas", lambda: (_FakeKernelModule(), ""))
     assert resolve_impl("auto", **args, chunk_size=4)[0] == "pallas"
