@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config file of the model whose denoiser the long-context study times, with "
                         "random weights (default: the evaluated DIMBA model itself)")
     p.add_argument("--overwrite", action="store_true", help="re-measure specs already in the results")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="keep rows measured with other checkpoints (default: drop them when the "
+                        "workdir/step/size of a model changed)")
     p.add_argument("--compile-cache", default="runs/jax_cache",
                    help="persistent XLA compilation cache ('' = off); survives between calls on a warm machine")
     p.add_argument("--smoke", action="store_true", help="tiny random models on CPU (tests)")
@@ -249,6 +252,8 @@ def run_long_context(args, cfg, model, weights: str, lengths, out_path: str, com
         r["long_context_slope"] = long_context.slope_of(r["long_context"])
         r["long_context_model"] = info
         results_lib.add_command(r, command, device_name)
+        if command not in r.setdefault("long_context_commands", []):
+            r["long_context_commands"].append(command)  # kept when stale rows are dropped
         results_lib.save(r, out_path)
         peak = row["peak_gib"]
         log(f"[pareto] long context L={row['L']}: {row['step_ms']:.3f} ms, "
@@ -261,6 +266,13 @@ def run_long_context(args, cfg, model, weights: str, lengths, out_path: str, com
                                      on_result=save_row)
 
 
+def _stale_models(old: dict, new: dict) -> list[str]:
+    """Names of models whose checkpoint (workdir, step, size) differs between two "models" dicts."""
+    keys = ("workdir", "step", "params")
+    return [name for name in new if name in old
+            and any(old[name].get(k) != new[name].get(k) for k in keys)]
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -269,15 +281,18 @@ def main(argv=None) -> dict:
     out_path = args.out or args.results
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.compile_cache and not args.smoke:
-        os.makedirs(args.compile_cache, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        try:  # a later call on the same (warm) machine reuses the compiled programs
+            os.makedirs(args.compile_cache, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.compile_cache))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation only
+            log(f"[pareto] no persistent compilation cache: {e}")
     device = jax.devices()[0]
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')} x{jax.device_count()}"
     command = "python benchmarks/pareto.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     log(f"[pareto] device {device_name}; budget {args.budget_s:.0f}s")
 
-    models_info = {}
+    models_info, train_summaries = {}, {}
     if args.smoke:
         dimba_cfg, ar_cfg, judge_cfg = smoke_config("dimba"), smoke_config("ar"), smoke_config("ar")
         dimba_model, _, dimba_tok = loading.fresh_model(dimba_cfg, seed=0)
@@ -303,7 +318,12 @@ def main(argv=None) -> dict:
                     cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every) or steps, steps)
                     cfg.train.sample_every = 0  # samples and validation only at the end: time
                     cfg.train.eval_every = 0  # goes to training
-                train_for(cfg, workdir, args.train_seconds, log)
+                summary = train_for(cfg, workdir, args.train_seconds, log)
+                train_summaries[name] = {"last_metrics": summary.get("last_metrics"),
+                                         "eval": summary.get("eval"), "step": summary.get("step"),
+                                         "start_step": summary.get("start_step"),
+                                         "stopped_by_time": bool(summary.get("preempted")),
+                                         "seconds": args.train_seconds}
         loaded = {}
         for name, workdir in (("dimba", args.dimba), ("ar", args.ar), ("judge", args.judge)):
             model, _, cfg, tok, step = loading.load_model(workdir, prefer_ema=not args.no_ema)
@@ -312,6 +332,8 @@ def main(argv=None) -> dict:
                                  "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
                                  "seq_len": int(cfg.data.seq_len), "tokenizer": cfg.data.tokenizer,
                                  "tokens_seen": int(step) * int(cfg.train.batch_size) * int(cfg.data.seq_len)}
+            if name in train_summaries:
+                models_info[name]["last_training_call"] = train_summaries[name]
         (dimba_model, dimba_cfg, dimba_tok), (ar_model, ar_cfg, ar_tok), (judge_model, judge_cfg, judge_tok) = (
             loaded["dimba"], loaded["ar"], loaded["judge"])
 
@@ -335,6 +357,15 @@ def main(argv=None) -> dict:
     if out_path != args.results and os.path.exists(args.results) and not os.path.exists(out_path):
         results_lib.save(results_lib.load(args.results), out_path)
     res = results_lib.load(out_path)
+    stale = _stale_models(res.get("models") or {}, models_info)
+    if stale and res["rows"] and not args.allow_mixed:
+        log(f"[pareto] the results were measured with other checkpoints ({', '.join(stale)}): "
+            f"dropping their {len(res['rows'])} rows and references (long-context timings kept)")
+        for key in ("rows", "reference_by_L", "details", "samples"):
+            res[key] = [] if key == "rows" else {}
+        res["reference"] = {"judge_ppl": None, "entropy": None}
+        res["commands"] = [c for c in res.get("commands", []) if c in res.get("long_context_commands", [])]
+        res["command"] = " ; ".join(res["commands"])
     res.setdefault("models", {}).update(models_info)
     res["models"]["judge"].update(res_models_extra)
     results_lib.save(res, out_path)

@@ -139,6 +139,8 @@ class Pipeline:
         span is cut at its first EOS, so it may come out shorter. The known pieces of text on both
         sides condition the fill (the model sees the whole sequence, both directions).
         Layout: one sequence [piece_0 | span | piece_1 | span | ... | piece_n] with a known-mask.
+        Training shows one gap per window (a known prefix and a known suffix); several gaps work,
+        but lie outside the training layouts (see dimba_jax/diffusion/layout.py).
 
         Args:
           text: the text with one or more `mask_token`s; its known tokens must fit the context.

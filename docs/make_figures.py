@@ -7,7 +7,8 @@
   noise -> bidirectional Mamba-2 denoiser conditioned on the prompt and the timestep -> x0_hat ->
   weight-tied head -> tokens, with the losses and the sampling loop.
 * ``layouts.png``: the single [prompt | generation] sequence and its mask channel for the three
-  prompt layouts the model is trained on (none, prefix, infill).
+  prompt layouts the model is trained on (none, prefix, infill = known prefix + known suffix;
+  see ``dimba_jax.diffusion.layout``).
 * ``schedule.png``: the cosine schedule alpha_bar(t) and the signal / noise scales, and which
   timesteps a respaced sampler visits for a few step counts.
 
@@ -131,8 +132,7 @@ def draw_layouts(path: str) -> None:
     layouts = {
         "none (unconditional)": np.zeros(length, bool),
         "prefix (prompted)": np.arange(length) < 8,
-        "infill (spans kept)": (np.arange(length) < 5) | ((np.arange(length) >= 12) & (np.arange(length) < 16))
-        | (np.arange(length) >= 21),
+        "infill (both sides kept)": (np.arange(length) < 6) | (np.arange(length) >= 19),
     }
     fig, ax = plt.subplots(figsize=(10, 2.8))
     for row, (name, known) in enumerate(layouts.items()):
@@ -148,7 +148,8 @@ def draw_layouts(path: str) -> None:
     ax.set_ylim(-0.45, len(layouts) + 0.1)
     ax.axis("off")
     ax.legend(loc="lower center", ncol=2, fontsize=8.5, frameon=False, bbox_to_anchor=(0.58, -0.08))
-    ax.set_title("One sequence, a mask channel: the three layouts DIMBA trains on (sampled per example)", fontsize=10.5)
+    ax.set_title("One sequence, a mask channel: the three layouts DIMBA trains on (sampled per example;\n"
+                 "at sampling time the mask is free, e.g. several infill gaps, beyond these layouts)", fontsize=10.5)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
 

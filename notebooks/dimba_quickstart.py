@@ -130,7 +130,7 @@ STEPS = 8 if SMOKE else 32
 
 unprompted = model.generate(["", ""], length=LENGTH, steps=STEPS, seed=0)
 for i, text in enumerate(unprompted):
-    print(f"--- unprompted sample {i}\n{text!r}")
+    print(f"--- unprompted sample {i}\n{text}")
 
 prompts = ["The old man", "It was a dark and stormy night"]
 for prompt, text in zip(prompts, model.generate(prompts, length=LENGTH, steps=STEPS, seed=1)):
@@ -160,7 +160,7 @@ for steps in step_counts:
     start = time.perf_counter()
     sample = model.generate("The", length=LENGTH, steps=steps, seed=0)[0]
     timings[steps] = time.perf_counter() - start
-    print(f"T={steps:3d}: {timings[steps] * 1000:7.1f} ms  The{sample!r}")
+    print(f"T={steps:3d}: {timings[steps] * 1000:7.1f} ms  {('The' + sample)!r}")
 
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(list(timings), [1000 * v for v in timings.values()], marker="o")

@@ -1,6 +1,7 @@
 """The Python API (`dimba_jax.load` -> `Pipeline`): a real round trip on a micro run.
 
-A micro DIMBA config is trained for two steps with `train_and_evaluate` (a checkpoint at each),
+A micro DIMBA config is trained for two steps with `train_and_evaluate` (a checkpoint at each;
+in a subprocess, see `workdir`),
 then loaded back; generation is checked against the sampler called directly on a hand-built
 [prompt | generation] batch (the independent reference for the batching of mixed-length prompts).
 """
@@ -18,8 +19,7 @@ import pytest
 import dimba_jax
 from dimba_jax.config import default_config
 from dimba_jax.diffusion import sampler as sampling
-from dimba_jax.train.checkpoint import load_params_for_inference
-from dimba_jax.train.loop import train_and_evaluate
+from dimba_jax.train.checkpoint import config_to_dict, load_params_for_inference
 
 
 def micro_config():
@@ -37,11 +37,26 @@ def micro_config():
     return c
 
 
+# Trains in a subprocess whose XLA compiles without LLVM optimisation (compilation dominates a
+# two-step run; this halves it). No evaluation batches: the round trip needs checkpoints only.
+_TRAIN = """
+import json, sys
+from dimba_jax.train.checkpoint import config_from_dict
+from dimba_jax.train.loop import train_and_evaluate
+summary = train_and_evaluate(config_from_dict(json.loads(sys.argv[1])), sys.argv[2],
+                             eval_factory=lambda *args: [])
+print("final step", summary["step"])
+"""
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("api_run"))
-    # No evaluation batches: the round trip needs checkpoints, not validation numbers.
-    train_and_evaluate(micro_config(), path, eval_factory=lambda *args: [])
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    out = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps(config_to_dict(micro_config())), path],
+                         env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert "final step 2" in out.stdout
     return path
 
 

@@ -17,7 +17,7 @@ from dimba_jax.models.ar import ArTask, MambaLM, generate, sample_logits
 
 VOCAB = 50  # padded to 64
 SIZES = dict(d_model=32, n_layers=1, d_state=8, expand=2, headdim=8, ngroups=2, d_conv=4,
-             chunk_size=4, ssd_impl="xla")
+             chunk_size=4, ssd_impl="reference")  # cheapest to compile; xla: test_golden
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 

@@ -29,6 +29,16 @@ def test_plan_puts_the_headline_first_and_filters_variants():
         harness.plan(models=("gpt",))
 
 
+def test_results_of_other_checkpoints_are_detected():
+    import pareto
+
+    old = {"dimba": {"workdir": "runs/small", "step": 100, "params": 5},
+           "judge": {"workdir": "runs/judge", "step": 50, "params": 9}}
+    assert pareto._stale_models(old, {"dimba": dict(old["dimba"]), "judge": dict(old["judge"])}) == []
+    assert pareto._stale_models(old, {"dimba": dict(old["dimba"], step=200),
+                                      "judge": dict(old["judge"]), "ar": {"step": 1}}) == ["dimba"]
+
+
 def test_cut_at_eos():
     assert harness.cut_at_eos([5, 6, 9, 7], 9) == [5, 6]
     assert harness.cut_at_eos(np.array([1, 2]), 9) == [1, 2]
@@ -39,6 +49,14 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
     import plot_pareto
 
     out = str(tmp_path / "pareto.json")
+    # an older file measured with another checkpoint: its rows must go, its timings stay
+    old = results.empty_results("cpu", "old command")
+    results.merge_rows(old, [{"model": "dimba", "sampler": "ddim", "steps": 99, "L_gen": 8,
+                              "batch": 1, "prompted": True, "latency_ms": 1.0, "tokens_per_s": 1.0,
+                              "judge_ppl": 1.0, "entropy": 1.0}])
+    results.merge_long_context(old, [{"L": 8, "step_ms": 0.1, "peak_gib": None}])
+    old["models"] = {"dimba": {"workdir": "elsewhere", "step": 7, "params": 1}}
+    results.save(old, out)
     argv = ["--smoke", "--results", out, "--models", "ar,dimba", "--samplers", "ddim",
             "--steps", "2", "--lengths", "8", "--prompted", "1", "--batches", "1,2",
             "--repeats", "1", "--prompt-len", "4", "--judge-window", "16", "--judge-batch", "4",
@@ -60,7 +78,8 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
         assert 50 < r["judge_ppl"] < 600
         assert 0 < r["entropy"] < np.log2(257)  # bits per byte token
         assert r["steps"] == (8 if r["model"] == "ar" else 2)  # AR: one network call per token
-    assert [r["L"] for r in on_disk["long_context"]] == [16, 32]
+    assert [r["L"] for r in on_disk["long_context"]] == [8, 16, 32]
+    assert "old command" not in on_disk["command"]
     assert on_disk["reference"]["judge_ppl"] > 0 and on_disk["reference"]["entropy"] > 0
     assert on_disk["models"]["dimba"]["params"] > 0
     # the pre-split path gave exactly the public API's samples for both models

@@ -1,13 +1,16 @@
-"""`launch/local.sh 2`: two localhost processes joined by jax.distributed train, checkpoint (with
-each process's data-iterator state) and resume. The model is the toy task (fast to compile) on
-the real data pipeline of configs/tiny.py; the DIMBA model itself is exercised by test_cli.py."""
+"""`launch/local.sh 2`: two localhost processes joined by jax.distributed train with a periodic
+checkpoint, are stopped by SIGTERM (both save the same step, each with its own data-iterator
+state, and exit 0), and a second launch resumes from that step. The model is the toy task (fast
+to compile) on the real data pipeline of configs/tiny.py; DIMBA itself runs in test_cli.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from dimba_jax.train.metrics import read_metrics
 
@@ -18,30 +21,47 @@ SMALL = ["--config", "configs/tiny.py", "--config.task=train_toy:ToyTask",
          "--config.train.checkpoint_every=3"]
 
 
-def _local(workdir, steps, tmp_path):
+def _launch(workdir, steps, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                LOG_DIR=str(tmp_path / "logs"),
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", *SMALL,
-                           "--workdir", str(workdir), f"--config.train.steps={steps}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
-    return proc
+    return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", *SMALL,
+                             "--workdir", str(workdir), f"--config.train.steps={steps}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
+def _finish(proc, timeout=300):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:] + out[-2000:]
+    return out, err
+
+
+def test_two_processes_train_checkpoint_sigterm_and_resume(tmp_path):
     work = tmp_path / "run"
-    first = _local(work, 6, tmp_path)
-    assert "'data': 2" in first.stderr and "2 processes" in first.stderr  # one global mesh
+    proc = _launch(work, 100000, tmp_path)
+    deadline = time.time() + 300
+    while len(read_metrics(str(work))) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # local.sh forwards it to both processes
+    out, err = _finish(proc)
+    assert "'data': 2" in err and "2 processes" in err  # one global mesh over both processes
+    assert "preempted; checkpoint saved" in out
     ck = work / "checkpoints"
-    assert sorted(int(p.name) for p in ck.iterdir()) == [3, 6]
-    states = [json.loads((ck / "6" / "data" / f"process_{i}-of-2.json").read_text()) for i in (0, 1)]
-    assert all(s["kind"] == "json" for s in states)
+    saved = sorted(int(p.name) for p in ck.iterdir())
+    stop = saved[-1]
+    assert stop >= 4 and saved[:-1] and all(s % 3 == 0 for s in saved[:-1])  # interval saves
+    for i in (0, 1):  # each process saved its own data-iterator state for that step
+        state = json.loads((ck / str(stop) / "data" / f"process_{i}-of-2.json").read_text())
+        assert state["kind"] == "json"
 
-    second = _local(work, 10, tmp_path)
-    assert "resumed from step 6" in second.stderr
-    steps = [r["step"] for r in read_metrics(str(work))]
-    assert steps == list(range(1, 11))  # process 0 logged every step once, across both runs
-    assert 10 in [int(p.name) for p in ck.iterdir()]
-    assert json.loads((work / "config.json").read_text())["train"]["steps"] == 6  # kept
+    out, err = _finish(_launch(work, stop + 3, tmp_path))
+    assert f"resumed from step {stop}" in err and f"done: step {stop + 3}" in out
+    assert [r["step"] for r in read_metrics(str(work))] == list(range(1, stop + 4))
+    assert json.loads((work / "config.json").read_text())["train"]["steps"] == 100000  # kept

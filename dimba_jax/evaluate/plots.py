@@ -174,7 +174,7 @@ def markdown_table(results: dict) -> str:
     """All rows and long-context rows of `results` as GitHub Markdown (with the command)."""
     ref = results.get("reference") or {}
     lines = [f"# Speed / quality results — {results.get('device', '')}", "",
-             "Made by `benchmarks/plot_pareto.py` from `benchmarks/results/pareto_h200.json`.", "",
+             "Made by `benchmarks/plot_pareto.py` from the results JSON of the same name.", "",
              "Command(s) that produced the numbers:", ""]
     for c in results.get("commands") or [results.get("command", "")]:
         lines.append(f"    {c}")
@@ -183,6 +183,14 @@ def markdown_table(results: dict) -> str:
     for L, r in sorted((results.get("reference_by_L") or {}).items(), key=lambda kv: int(kv[0])):
         lines.append(f"- reference at L={L}: judge ppl {_fmt(r.get('judge_ppl'))}, "
                      f"entropy {_fmt(r.get('entropy'))}")
+    models = results.get("models") or {}
+    if models:
+        lines += ["", "| role | workdir | step | parameters | tokens seen | d_model x layers |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in models.items():
+            lines.append(f"| {name} | {m.get('workdir') or '—'} | {m.get('step', '—')} | "
+                         f"{_fmt(m.get('params'), ',')} | {_fmt(m.get('tokens_seen'), ',')} | "
+                         f"{m.get('d_model', '—')} x {m.get('n_layers', '—')} |")
     lines += ["", "| model | sampler | variant | T | L_gen | batch | prompted | latency (ms) | "
               "tokens/s | judge ppl | entropy |", "|" + "---|" * 11]
     order = sorted(results["rows"], key=lambda r: (r["L_gen"], r["prompted"], r["model"] != "ar",

@@ -320,8 +320,9 @@ class BidirectionalMamba2(nnx.Module):
     single causal mixer's; with shared out_proj the mean is taken before the (linear) out_proj.
 
     Both directions' SSDs run as ONE `ssd` call with 2*nheads heads (the backward half in
-    flipped time), and both convs as one depthwise conv; with `seq_idx` the two scans are run
-    as separate calls because the backward one needs the flipped segment ids.
+    flipped time), which halves the number of SSD kernels; with `seq_idx` the two scans are
+    separate calls because the backward one needs the flipped segment ids. The two convs are
+    separate elementwise programs (each direction has its own filter; XLA fuses each).
 
     Args: those of `Mamba2` plus `share_projections`.
     """
