@@ -50,6 +50,7 @@ def test_train_writes_config_metrics_samples_and_checkpoints(trained):
     assert steps == [1, 2, 3]
     assert "=== step 3" in open(os.path.join(trained, "samples.txt")).read()
     assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["2", "3"]
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(trained, "tensorboard")))
 
 
 def test_sample_and_eval_print_results_and_write_nothing(trained, capsys):

@@ -53,6 +53,8 @@ def test_two_processes_train_checkpoint_sigterm_and_resume(tmp_path):
     out, err = _finish(proc)
     assert "'data': 2" in err and "2 processes" in err  # one global mesh over both processes
     assert "preempted; checkpoint saved" in out
+    assert "train:" in err  # the progress bar: on process 0 only
+    assert "train:" not in (tmp_path / "logs" / "process_1.log").read_text()
     ck = work / "checkpoints"
     saved = sorted(int(p.name) for p in ck.iterdir())
     stop = saved[-1]
