@@ -52,8 +52,8 @@ def _batch():
 
 
 def _evaluator(cfg, sch, tokens):
-    """A fixed yardstick: the loss with the same draws every time (the batch tiled 4x)."""
-    tiled = jnp.tile(tokens, (4, 1))
+    """A fixed yardstick: the loss with the same draws every time (the batch tiled 2x)."""
+    tiled = jnp.tile(tokens, (2, 1))
     return nnx.jit(lambda model: diffusion_loss(model, sch, tiled, jax.random.key(100), cfg.diffusion)[1])
 
 
@@ -62,6 +62,7 @@ def test_loss_falls_and_embeddings_keep_their_norm():
     with cfg.unlocked():
         cfg.model.n_layers = 1
         cfg.model.self_condition = False  # (tested separately; halves the compile)
+        cfg.model.ssd_impl = "xla"
         cfg.diffusion.ce_weight = 0.1
     sch = cosine_schedule(cfg.diffusion.timesteps)
     model = DimbaModel(cfg.model, V, rngs=nnx.Rngs(0))
@@ -93,6 +94,8 @@ def test_loss_falls_and_embeddings_keep_their_norm():
     assert np.linalg.norm(raw_after, axis=-1).mean() > 0.9 * np.linalg.norm(raw_before, axis=-1).mean()
     # ... and stay spread out (not all rows pointing one way)
     assert float(after["embed_mean_dir"]) < 0.5
+    assert set(after) >= {"loss", "mse", "ce", "acc", "embed_norm", "embed_mean_dir", "known_frac"}
+    assert float(after["loss"]) == pytest.approx(float(after["mse"]) + 0.1 * float(after["ce"]), rel=1e-5)
     # ... and the loss cannot gain by shrinking them: it is invariant to the raw scale
     model.embedding[...] = model.embedding[...] * 0.5
     np.testing.assert_allclose(float(evaluate(model)["loss"]), float(after["loss"]), rtol=1e-4)
@@ -104,6 +107,7 @@ def test_without_normalisation_the_mse_rewards_shrinking(monkeypatch):
     cfg = tiny_config()
     with cfg.unlocked():
         cfg.model.n_layers = 1
+        cfg.model.self_condition = False
     sch = cosine_schedule(cfg.diffusion.timesteps)
     monkeypatch.setattr(dimba_module, "normalize_rows", lambda table, scale: table.astype(jnp.float32))
     model = DimbaModel(cfg.model, V, rngs=nnx.Rngs(0))
@@ -114,7 +118,7 @@ def test_without_normalisation_the_mse_rewards_shrinking(monkeypatch):
     assert shrunk < 0.7 * full, (full, shrunk)
 
 
-def test_self_conditioning_pass_and_metrics():
+def test_self_conditioning_pass():
     cfg = tiny_config()
     with cfg.unlocked():
         cfg.model.n_layers = 1
@@ -128,17 +132,10 @@ def test_self_conditioning_pass_and_metrics():
     noise = jax.random.normal(jax.random.key(0), (BATCH, SEQ, 32))
     drop = jnp.zeros((BATCH,), bool)
 
-    @nnx.jit
-    def run(model, coin):
-        terms = denoise_terms(model, sch, tokens, t, mask, drop, noise, coin, 1.0)
-        return terms["x0_hat"], diffusion_loss(model, sch, tokens, jax.random.key(3), cfg.diffusion)
-
-    on, (loss, metrics) = run(model, jnp.array(True))
-    off, _ = run(model, jnp.array(False))
-    assert np.abs(np.asarray(on - off)).max() > 1e-4
-    assert set(metrics) >= {"loss", "mse", "ce", "acc", "embed_norm", "embed_mean_dir", "known_frac"}
-    assert np.isfinite(float(loss)) and float(loss) == pytest.approx(
-        float(metrics["mse"]) + cfg.diffusion.ce_weight * float(metrics["ce"]), rel=1e-5)
+    run = nnx.jit(lambda model, coin: denoise_terms(model, sch, tokens, t, mask, drop, noise, coin, 1.0)["x0_hat"])
+    on = run(model, jnp.array(True))
+    off = run(model, jnp.array(False))
+    assert np.abs(np.asarray(on - off)).max() > 1e-4  # the coin selects the self-conditioning pass
     with pytest.raises(ValueError, match="batch, seq_len"):
         diffusion_loss(model, sch, tokens[0], jax.random.key(0), cfg.diffusion)
 
@@ -147,6 +144,7 @@ def test_task_loss_eval_and_flops():
     cfg = tiny_config()
     with cfg.unlocked():
         cfg.model.n_layers = 1
+        cfg.model.self_condition = False
     task = DimbaTask(cfg)
     model = task.init_model(nnx.Rngs(0))
     tokens = _batch()

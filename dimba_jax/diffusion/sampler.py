@@ -2,7 +2,8 @@
 
 `sample(...)` runs the whole reverse process as ONE `jax.jit` whose body is a `lax.scan` over the
 kept timesteps (the number of steps is static through the shapes of the timestep arrays), so the
-model is traced once per compilation whatever the number of steps.
+model is traced once per compilation whatever the number of steps. `make_sample_fn` validates
+and splits the model once and returns a callable for repeated low-overhead calls (benchmarks).
 
 Respacing: `steps` (1..T) kept timesteps tau_S = T > ... > tau_1 = 1 (CosineSchedule.respaced_timesteps);
 each step goes from tau_i to tau_{i-1} using alpha_bar at both (for DDPM the per-step beta is

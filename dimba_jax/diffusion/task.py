@@ -44,6 +44,9 @@ class DimbaTask:
         self.config = config
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
+        if config.model.prompt_encoder == "frozen":  # load it now, outside any trace (see load_frozen_stack)
+            from dimba_jax.layers.conditioning import load_frozen_stack
+            load_frozen_stack(config.model.prompt_encoder_checkpoint)
         self._eval_at_t = nnx.jit(self._eval_terms)
         self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
 

@@ -146,20 +146,36 @@ class PreNormResidual(nnx.Module):
         return h + self.layer.mixer(self.layer.norm(h)).astype(h.dtype)
 
 
-def load_frozen_prompt_encoder(workdir: str, d_model: int, *, param_dtype=jnp.float32,
-                               rngs: nnx.Rngs) -> FrozenPromptEncoder:
-    """Builds a `FrozenPromptEncoder` from the latest checkpoint of a dimba_jax run in `workdir`.
+_FROZEN_STACKS: dict = {}  # absolute workdir -> (table, blocks, norm), loaded once per process
+
+
+class _Stack(nnx.Module):
+    """Container of a frozen stack's blocks and final norm (for split / merge)."""
+
+    def __init__(self, blocks, final_norm):
+        self.blocks = nnx.List(blocks)
+        self.final_norm = final_norm
+
+
+def load_frozen_stack(workdir: str) -> tuple[jax.Array, object, object]:
+    """(embedding table (V, d_enc), graphdef, state) of the frozen blocks + final norm of the run
+    in `workdir`; `nnx.merge(graphdef, state)` gives a fresh copy (with `.blocks`, `.final_norm`).
 
     The run's model is rebuilt from its saved config and loaded (EMA weights when present) by
     `dimba_jax.train.inference.load_model_for_inference`. It must expose `embedding_table()` (or
     `embedding.embedding`), `blocks` (or pre-norm `layers` with `norm` and `mixer`) and
     `final_norm` (or `norm_f`): a DIMBA denoiser's stack (whose blocks then run without their
-    timestep conditioning) or the AR baseline's.
+    timestep conditioning) or the AR baseline's. Loaded once per process and cached: call it
+    outside any jit / eval_shape first (DimbaTask does), later calls (inside traces) reuse it.
     Raises FileNotFoundError for an empty path / missing workdir or checkpoint, ValueError for an
     unusable model.
     """
     if not workdir:
         raise FileNotFoundError("model.prompt_encoder='frozen' needs model.prompt_encoder_checkpoint (a workdir)")
+    import os
+    key = os.path.abspath(workdir)
+    if key in _FROZEN_STACKS:
+        return _FROZEN_STACKS[key]
     from dimba_jax.train.inference import load_model_for_inference  # late import: avoids a cycle
     model = load_model_for_inference(workdir).model
     if hasattr(model, "embedding_table"):  # DIMBA denoiser
@@ -177,8 +193,19 @@ def load_frozen_prompt_encoder(workdir: str, d_model: int, *, param_dtype=jnp.fl
         blocks = None
     if blocks is None or norm is None:
         raise ValueError(f"checkpoint model {type(model).__name__} lacks blocks/layers or a final norm")
-    return FrozenPromptEncoder(jax.lax.stop_gradient(table), blocks, norm, d_model,
-                               param_dtype=param_dtype, rngs=rngs)
+    graphdef, state = nnx.split(_Stack([freeze(b) for b in blocks], freeze(norm)))
+    _FROZEN_STACKS[key] = (jnp.asarray(table), graphdef, state)
+    return _FROZEN_STACKS[key]
+
+
+def load_frozen_prompt_encoder(workdir: str, d_model: int, *, param_dtype=jnp.float32,
+                               rngs: nnx.Rngs) -> FrozenPromptEncoder:
+    """A `FrozenPromptEncoder` over the stack of the run in `workdir` (see `load_frozen_stack`)."""
+    table, graphdef, state = load_frozen_stack(workdir)
+    fresh = jax.tree.map(lambda x: x, state)  # new Variable objects at the current trace level
+    stack = nnx.merge(graphdef, fresh)  # fresh modules: safe inside jit / eval_shape
+    return FrozenPromptEncoder(table, list(stack.blocks), stack.final_norm, d_model, param_dtype=param_dtype,
+                               rngs=rngs)
 
 
 class FiLM(nnx.Module):
