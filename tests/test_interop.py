@@ -246,3 +246,25 @@ def test_checkpoint_cli_roundtrip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "round trip bit-exact: True" in out and '"parameters": 75824' in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_dimba_task_warm_starts_from_a_checkpoint_with_one_config_flag(tmp_path):
+    """`config.model.init_from_mamba_ssm=DIR` alone makes DimbaTask.init_model load the blocks."""
+    from dimba_jax.config import default_config
+    from dimba_jax.data.tokenizers import get_tokenizer
+    from dimba_jax.diffusion.task import DimbaTask
+
+    state, _, _ = golden_lm()
+    ckpt = write_checkpoint(tmp_path / "ckpt", state)
+    config = default_config()
+    m = config.model
+    m.d_model, m.n_layers, m.d_state, m.headdim, m.expand, m.ngroups, m.chunk_size = 64, 2, 16, 16, 2, 1, 32
+    m.init_from_mamba_ssm = str(ckpt)
+    model = DimbaTask(config, get_tokenizer("byte")).init_model(nnx.Rngs(0))
+    for i, block in enumerate(model.blocks):
+        want = state[f"backbone.layers.{i}.mixer.A_log"]
+        np.testing.assert_array_equal(np.asarray(block.mixer.fwd.A_log[...]), want)
+        np.testing.assert_array_equal(np.asarray(block.mixer.bwd.A_log[...]), want)
+        np.testing.assert_array_equal(np.asarray(block.norm.weight[...]), state[f"backbone.layers.{i}.norm.weight"])
+    rows = np.asarray(model.embedding[...])
+    np.testing.assert_array_equal(rows, state["backbone.embedding.weight"][: rows.shape[0]])

@@ -53,8 +53,15 @@ class DimbaTask:
     # ------------------------------------------------------------------ Task interface
     def init_model(self, rngs: nnx.Rngs) -> DimbaModel:
         """A fresh `DimbaModel` (vocabulary of the tokenizer, params in config.train.param_dtype)."""
-        return DimbaModel(self.config.model, self.tokenizer.vocab_size,
-                          param_dtype=self.config.train.param_dtype, rngs=rngs)
+        model = DimbaModel(self.config.model, self.tokenizer.vocab_size,
+                           param_dtype=self.config.train.param_dtype, rngs=rngs)
+        if self.config.model.init_from_mamba_ssm:
+            # Warm start from a pretrained mamba_ssm / HF-layout Mamba-2: block i <- layer i (both
+            # directions get the causal mixer), embedding <- its rows (see interop/warm_start.py).
+            from dimba_jax.interop.warm_start import warm_start_denoiser
+            warm_start_denoiser(model.blocks, model.embedding, self.config.model.init_from_mamba_ssm,
+                                final_norm=model.final_norm)
+        return model
 
     def loss(self, model: DimbaModel, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         """batch {"tokens": int32 (b, L)} -> (float32 loss, metrics: loss, mse, ce, acc, embed_norm,
@@ -75,7 +82,8 @@ class DimbaTask:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (matmul multiply-adds x 2; see dimba_jax/train/flops.py).
 
-        forward = the Mamba-2 blocks (x2 mixers when bidirectional) + the tied head (2 d V)
+        forward = the Mamba-2 blocks (in/out projections once; conv + SSD twice when bidirectional,
+                  since the two directions share their projections) + the tied head (2 d V)
                 + the stem: input projection 2 (2d+1) d (or (d+1) without self-conditioning),
                   output projection 2 d^2, prompt MLP 2 (d 2d + 2d d) (counted at every position);
         training = 3 x forward (forward + backward) + self_cond_prob x forward (the no-grad
@@ -84,8 +92,15 @@ class DimbaTask:
         m, d = self.config.model, int(self.config.model.d_model)
         n_in = d * (2 if m.self_condition else 1) + 1
         stem = 2.0 * n_in * d + 2.0 * d * d + (8.0 * d * d if m.prompt_encoder == "mlp" else 0.0)
-        fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=self.tokenizer.vocab_size, seq_len=seq_len,
-                                                directions=2 if m.bidirectional else 1, extra_per_token=stem)
+        # A bidirectional block shares in_proj / out_proj between its directions and computes
+        # them once (layers/mamba2.py); only the conv, SSD and gated norm run per direction.
+        block = flops_lib.mamba2_block_flops(d_model=d, expand=m.expand, headdim=m.headdim,
+                                             d_state=m.d_state, ngroups=m.ngroups, d_conv=m.d_conv,
+                                             chunk_size=m.chunk_size, seq_len=seq_len)
+        projections = block["in_proj"] + block["out_proj"]
+        directions = 2 if m.bidirectional else 1
+        per_block = projections + directions * (block["total"] - projections)
+        fwd = m.n_layers * per_block + 2.0 * d * self.tokenizer.vocab_size + stem
         extra = float(self.config.diffusion.self_cond_prob) * fwd if m.self_condition else 0.0
         return flops_lib.training_flops(fwd) + extra
 
