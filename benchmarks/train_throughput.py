@@ -128,7 +128,8 @@ def measure(args, pairs) -> dict:
     fpt = float(task.flops_per_token(seq_len))
     peak = flops_lib.peak_flops_per_device(devices[0], float(config.train.peak_flops))
     return {
-        "config": args.config, "task": config.task, "device": devices[0].device_kind,
+        "config": args.config, "overrides": " ".join(f"{k}={v}" for k, v in pairs),
+        "task": config.task, "device": devices[0].device_kind,
         "devices": n, "mesh": dict(mesh.shape), "per_device_batch": args.per_device_batch,
         "global_batch": config.train.batch_size, "seq_len": seq_len,
         "compute_dtype": config.model.compute_dtype, "ssd_impl": config.model.ssd_impl,
@@ -152,8 +153,8 @@ def write(prefix: str, row: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    key = lambda r: (r["config"], r["devices"], r["per_device_batch"], r["seq_len"],  # noqa: E731
-                     json.dumps(r["mesh"], sort_keys=True))
+    key = lambda r: (r["config"], r.get("overrides", ""), r["devices"],  # noqa: E731
+                     r["per_device_batch"], r["seq_len"], json.dumps(r["mesh"], sort_keys=True))
     data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
     data["rows"].sort(key=lambda r: (r["config"], r["seq_len"], r["devices"]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -162,17 +163,19 @@ def write(prefix: str, row: dict) -> None:
     base = {}
     for r in data["rows"]:
         if r["devices"] == 1:
-            base[(r["config"], r["per_device_batch"], r["seq_len"])] = r["tokens_per_s"]
+            base[(r["config"], r.get("overrides", ""), r["per_device_batch"], r["seq_len"])] = \
+                r["tokens_per_s"]
     lines = ["| config | device | devices | mesh | batch/dev x seq | params | step ms | tokens/s | "
              "scaling vs 1 | MFU | XLA/model FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        one = base.get((r["config"], r["per_device_batch"], r["seq_len"]))
+        one = base.get((r["config"], r.get("overrides", ""), r["per_device_batch"], r["seq_len"]))
         scale = f"{r['tokens_per_s'] / one:.2f}x" if one else "—"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "—"
         ratio = (f"{r['xla_flops_per_token'] / r['train_flops_per_token']:.2f}"
                  if r.get("xla_flops_per_token") else "—")
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        lines.append(f"| {r['config']} | {r['device']} | {r['devices']} | {mesh} | "
+        name = r["config"] + (f" {r['overrides']}" if r.get("overrides") else "")
+        lines.append(f"| {name} | {r['device']} | {r['devices']} | {mesh} | "
                      f"{r['per_device_batch']}x{r['seq_len']} | {r['params'] / 1e6:.1f}M | "
                      f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {scale} | {mfu} | {ratio} |")
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in data["rows"]]
