@@ -159,7 +159,7 @@ class HarnessOptions:
     seed: int = 0
     time_budget_s: float | None = None
     overwrite: bool = False
-    samples_to_keep: int = 3  # sample texts stored per spec in results["samples"]
+    samples_to_keep: int = 5  # sample texts stored per spec in results["samples"]
 
 
 def _prompt_pool(val_texts: Sequence[str], tokenizer: Any, num: int, prompt_len: int,

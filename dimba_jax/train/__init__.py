@@ -1,1 +1,17 @@
-"""dimba_jax.train"""
+"""dimba_jax.train: the sharded, resumable trainer (generic over `task.Task`).
+
+  task.py         the Task interface (init_model / loss / sample_text / flops_per_token)
+  tasks.py        config.task -> DimbaTask / ArTask / "module:Class"
+  distributed.py  jax.distributed.initialize from flags or the cluster environment
+  mesh.py         the (data, fsdp, tensor) mesh; logical axis names -> PartitionSpecs
+  optim.py        AdamW + warm-up/cosine, clipping, weight-decay mask, EMA
+  state.py        TrainState, sharded creation, restore targets
+  step.py         jitted train/eval steps, global batches, the non-finite guard
+  checkpoint.py   orbax checkpoints (async, keep N, data-iterator state, corrupt fallback), config.json
+  preemption.py   SIGTERM -> save at the step boundary -> exit 0
+  metrics.py      metrics.jsonl, TensorBoard, progress bar, samples.txt
+  flops.py        documented FLOP count of Mamba-2 and MFU
+  loop.py         train_and_evaluate(config, workdir): the loop, top to bottom
+  inference.py    load_model_for_inference / generate_text / evaluate_model (sample & eval modes)
+  overrides.py    config files and --config.a.b=value overrides
+"""
