@@ -33,10 +33,10 @@ def get_config():
     c.data.source = f"files:{data}/train-*.jsonl.xz"
     c.data.val_source = f"files:{data}/validation.jsonl.xz"
     c.data.tokenizer = "bpe"
-    c.data.seq_len = 256
+    c.data.seq_len = 1024
     c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 4000
-    c.train.batch_size = 64
+    c.train.batch_size = 16
     c.train.lr = 1e-3
     c.train.warmup_steps = 200
     c.train.weight_decay = 0.1
@@ -45,5 +45,5 @@ def get_config():
     c.train.sample_every = 1000
     c.train.eval_every = 1000
     c.train.eval_batches = 8
-    c.sample.length = 256
+    c.sample.length = 1024
     return c

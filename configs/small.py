@@ -8,7 +8,7 @@ Data: the shared corpus `../shared/data/gutenberg/*.jsonl.xz` (~41 MB). On a mac
 The data folder is `$DIMBA_DATA` (default `.gpu/data`), or override the sources directly:
     --config.data.source='files:/path/train-*.jsonl.xz' --config.data.val_source='files:/path/validation.jsonl.xz'
 
-Train (one GPU, ~10 minutes at the default 4000 steps x 64 x 256 tokens = 65M tokens):
+Train (one GPU, ~10 minutes at the default 4000 steps x 16 x 1024 tokens = 65M tokens):
     python -m dimba_jax.main --config configs/small.py --workdir runs/small
 Sample / evaluate:
     python -m dimba_jax.main --workdir runs/small --mode sample --prompt "It was a dark" --steps 64
@@ -41,10 +41,10 @@ def get_config():
     c.data.source = f"files:{data}/train-*.jsonl.xz"
     c.data.val_source = f"files:{data}/validation.jsonl.xz"
     c.data.tokenizer = "bpe"
-    c.data.seq_len = 256
+    c.data.seq_len = 1024
     c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 4000
-    c.train.batch_size = 64
+    c.train.batch_size = 16
     c.train.lr = 1e-3
     c.train.warmup_steps = 200
     c.train.weight_decay = 0.1
@@ -53,6 +53,6 @@ def get_config():
     c.train.sample_every = 1000
     c.train.eval_every = 1000
     c.train.eval_batches = 8
-    c.sample.length = 256
+    c.sample.length = 1024
     c.sample.steps = 64
     return c

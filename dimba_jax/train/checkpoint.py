@@ -37,6 +37,15 @@ _log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_directory(workdir: str) -> epath.Path:
+    """`workdir/checkpoints` as an absolute path (orbax 0.12 refuses relative ones); cloud
+    paths such as gs://bucket/run are kept as they are."""
+    workdir = str(workdir)
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    return epath.Path(workdir) / CHECKPOINT_DIR
 # Config sections/keys that must match between a run and the checkpoints it resumes from.
 _ARCHITECTURE_KEYS = ("task", "model", "data.tokenizer")
 
@@ -222,7 +231,7 @@ class Checkpointer:
     ITEMS = ("params", "opt_state", "ema", "train", "data", "meta")
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.directory = checkpoint_directory(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(1, int(keep)), create=True,
             enable_async_checkpointing=bool(async_save))
@@ -370,7 +379,7 @@ def load_params_for_inference(workdir: str, step: int | None = None, prefer_ema:
     Raises:
       FileNotFoundError: no workdir, no checkpoints, or the requested step does not exist.
     """
-    directory = epath.Path(workdir) / CHECKPOINT_DIR
+    directory = checkpoint_directory(workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
     if not directory.exists():
