@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.prompt_encoder = "mlp"  # "mlp" (light, trained) or "frozen" (a Mamba-2 stack from a checkpoint, no grads).
     m.prompt_encoder_checkpoint = ""  # Workdir of a dimba_jax run whose blocks form the frozen prompt encoder.
     m.tie_embeddings = True  # Output head weight-tied to the (normalised) embedding; False = separate head.
-    m.embed_scale = 1.0  # Embedding rows are L2-normalised, then multiplied by embed_scale * sqrt(d_model)... see models/dimba.py.
+    m.embed_scale = 1.0  # Embedding rows are L2-normalised to norm embed_scale * sqrt(d_model) (unit-variance entries at 1.0; see models/dimba.py).
     m.time_embed_dim = 128  # Width of the sinusoidal timestep embedding before its MLP.
     m.self_condition = True  # Feed the previous x0 estimate back as an input channel (Plaid/CDCD).
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
