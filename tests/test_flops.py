@@ -38,6 +38,9 @@ def test_lm_and_training_flops_and_mfu():
     assert fwd == pytest.approx(3 * block + 2 * 4 * 10)
     bi = flops.mamba2_lm_forward_flops(m, vocab_size=10, seq_len=12, directions=2, extra_per_token=7)
     assert bi == pytest.approx(6 * block + 80 + 7)
+    # shared in/out projections (computed once) + conv and SSD per direction
+    shared = flops.mamba2_lm_forward_flops(m, vocab_size=10, seq_len=12, directions=2, shared_projections=True)
+    assert shared == pytest.approx(3 * ((192 + 64) + 2 * (block - 192 - 64)) + 80)
     assert flops.training_flops(fwd) == pytest.approx(3 * fwd)
     # 130M-class check against the DESIGN note: ~2.7e11 FLOPs per forward over 1056 tokens.
     big = types.SimpleNamespace(d_model=768, n_layers=24, expand=2, headdim=64, d_state=128,

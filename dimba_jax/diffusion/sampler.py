@@ -114,23 +114,13 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
     Raises:
       ValueError: steps outside 1..T, unknown sampler, bad shapes, negative eta/temperature.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     tokens_known = jnp.asarray(tokens_known, jnp.int32)
     cond_mask = jnp.asarray(cond_mask, bool)
     if tokens_known.ndim != 2 or cond_mask.shape != tokens_known.shape:
         raise ValueError(f"tokens_known {tokens_known.shape} and cond_mask {cond_mask.shape} must both be (batch, L)")
-    if eta < 0 or temperature < 0:
-        raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
-    if self_condition is None:
-        self_condition = model.self_condition
-    if self_condition and not model.self_condition:
-        raise ValueError("self_condition=True needs a model built with model.self_condition=True")
-    ts, ab_t, ab_prev = respaced_alphas(schedule, steps)
-    graphdef, state = nnx.split(model)
-    ids, x0 = _sample_jit(graphdef, state, tokens_known, cond_mask, rng, jnp.asarray(ts), jnp.asarray(ab_t),
-                          jnp.asarray(ab_prev), jnp.float32(eta), sampler=sampler, guidance=float(guidance),
-                          clamp=bool(clamp), self_condition=bool(self_condition), temperature=float(temperature))
+    fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
+                        self_condition=self_condition, temperature=temperature)
+    ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
 

@@ -94,13 +94,9 @@ class DimbaTask:
         stem = 2.0 * n_in * d + 2.0 * d * d + (8.0 * d * d if m.prompt_encoder == "mlp" else 0.0)
         # A bidirectional block shares in_proj / out_proj between its directions and computes
         # them once (layers/mamba2.py); only the conv, SSD and gated norm run per direction.
-        block = flops_lib.mamba2_block_flops(d_model=d, expand=m.expand, headdim=m.headdim,
-                                             d_state=m.d_state, ngroups=m.ngroups, d_conv=m.d_conv,
-                                             chunk_size=m.chunk_size, seq_len=seq_len)
-        projections = block["in_proj"] + block["out_proj"]
-        directions = 2 if m.bidirectional else 1
-        per_block = projections + directions * (block["total"] - projections)
-        fwd = m.n_layers * per_block + 2.0 * d * self.tokenizer.vocab_size + stem
+        fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=self.tokenizer.vocab_size, seq_len=seq_len,
+                                                directions=2 if m.bidirectional else 1,
+                                                shared_projections=True, extra_per_token=stem)
         extra = float(self.config.diffusion.self_cond_prob) * fwd if m.self_condition else 0.0
         return flops_lib.training_flops(fwd) + extra
 

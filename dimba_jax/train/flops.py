@@ -19,7 +19,9 @@ headdim P, G groups, state size N, conv width K and SSD chunk Q (= min(chunk_siz
   out_proj     E -> D                                                          2 E D
 
 The LM adds the output head (2 D V per token; the embedding lookup is free). A bidirectional
-block runs the mixer twice (forward and flipped); `directions=2` doubles the block count.
+block runs the mixer twice (forward and flipped); `directions=2` doubles the block count, or,
+with `shared_projections=True` (dimba_jax's BidirectionalMamba2 default: in_proj and out_proj are
+shared and computed once), doubles only the conv and SSD terms.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def mamba2_block_flops(*, d_model: int, expand: int, headdim: int, d_state: int,
 
 
 def mamba2_lm_forward_flops(model_config, *, vocab_size: int, seq_len: int,
-                            directions: int = 1, extra_per_token: float = 0.0) -> float:
+                            directions: int = 1, shared_projections: bool = False,
+                            extra_per_token: float = 0.0) -> float:
     """Forward FLOPs per token of an n_layers Mamba-2 stack plus its output head.
 
     Args:
@@ -84,13 +87,17 @@ def mamba2_lm_forward_flops(model_config, *, vocab_size: int, seq_len: int,
       vocab_size: rows of the output head (2 * d_model * vocab_size FLOPs per token).
       seq_len: tokens per sequence (sets the effective SSD chunk min(chunk_size, seq_len)).
       directions: 1 for causal blocks, 2 for bidirectional ones (two mixers per block).
+      shared_projections: the directions share in_proj / out_proj and compute them once, so only
+        the conv and SSD terms are multiplied by `directions`.
       extra_per_token: any further per-token forward FLOPs of the model (conditioning MLPs...).
     """
     m = model_config
     block = mamba2_block_flops(d_model=m.d_model, expand=m.expand, headdim=m.headdim,
                                d_state=m.d_state, ngroups=m.ngroups, d_conv=m.d_conv,
-                               chunk_size=m.chunk_size, seq_len=seq_len)["total"]
-    return m.n_layers * directions * block + 2.0 * m.d_model * vocab_size + extra_per_token
+                               chunk_size=m.chunk_size, seq_len=seq_len)
+    projections = block["in_proj"] + block["out_proj"] if shared_projections else 0.0
+    per_block = projections + directions * (block["total"] - projections)
+    return m.n_layers * per_block + 2.0 * m.d_model * vocab_size + extra_per_token
 
 
 def training_flops(forward_flops: float) -> float:
