@@ -2,9 +2,10 @@
 
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
         --steps 20 --out benchmarks/results/train_throughput_h200
-    # weak scaling: the same per-device batch on 2 / 4 GPUs (rows are merged into --out):
+    # weak scaling: the same per-device batch on 2 / 4 GPUs (rows are merged into --out;
+    # benchmarks/scaling.sh runs 1, 2 and 4):
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
-        --devices 2 --out benchmarks/results/train_throughput_h200 --config.mesh.fsdp=2 --config.mesh.data=1
+        --devices 4 --mesh data=2,fsdp=2 --out benchmarks/results/scaling_h200
 
 It times the real jitted train step of dimba_jax.train.step (sharded over the config's mesh,
 state donated, AdamW, EMA) on synthetic tokens (uniform random ids: the input pipeline is not
@@ -14,16 +15,39 @@ windows is reported. MFU = tokens/s x the task's training FLOPs per token (docum
 dimba_jax/train/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own FLOP count of
 the compiled step and its memory use are recorded beside it.
 
-Output: PREFIX.json ({"rows": [...]} merged across invocations, keyed by config, devices,
-batch and seq_len) and PREFIX.md (a table of all rows), plus the exact command in each row.
+Variants (several measurements in one process, e.g. MFU levers in one GPU call):
+    python benchmarks/train_throughput.py --config configs/base.py --steps 10 --repeats 3 \
+        --warmup 2 --budget-s 200 --variant baseline: --variant pallas:model.ssd_impl=pallas \
+        --variant b32:per_device_batch=32 --out $OUT/train_throughput_h200
+`--variant NAME:KEY=VALUE,KEY=VALUE` (repeatable; an empty list after the colon = the base
+settings). KEY is a config key (`model.ssd_impl`, `train.grad_accum`, ...) or one of the
+measurement settings `per_device_batch`, `seq_len`. Variants run in order; one that fails is
+recorded (its error) and the next one runs; `--budget-s` stops starting new variants once the
+elapsed time plus the longest variant so far would pass it. Without --variant one row is measured.
+
+Mesh: `--mesh data=2,fsdp=2` (axes not named are 1; `-1` = the remaining devices) sets
+config.mesh; the default is the config's mesh (data = all devices). Weak scaling keeps
+--per-device-batch fixed while `--devices N` grows (see benchmarks/scaling.sh).
+
+Profiling: `--profile-dir DIR` records a jax.profiler trace of 3 steps of each variant named in
+`--profile-variants` (default: the first) under DIR/<variant>, and writes a per-kernel summary
+of all of them (benchmarks/profile_summary.py: kernel time per step, top kernels, categories,
+idle gap) to PREFIX_profile.json + PREFIX_profile.md.
+
+Output: PREFIX.json ({"rows": [...], "failed": [...]} merged across invocations, keyed by
+config, overrides, devices, batch, seq_len and mesh) and PREFIX.md (a table of all rows), plus the
+exact command in each row. Results are written after every variant (partial results survive a
+timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
+import re
 import statistics
 import sys
 import time
@@ -33,7 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import profile_summary  # noqa: E402  (benchmarks/profile_summary.py, beside this file)
 from dimba_jax.train import flops as flops_lib  # noqa: E402
 from dimba_jax.train import mesh as mesh_lib  # noqa: E402
 from dimba_jax.train import optim  # noqa: E402
@@ -53,14 +79,86 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compile)")
+    p.add_argument("--mesh", default="", help="mesh sizes, e.g. data=2,fsdp=2 (others 1)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:KEY=VALUE,KEY=VALUE (repeatable); KEY = config key or "
+                        "per_device_batch / seq_len")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="do not start a variant that would end past this many seconds (0 = no bound)")
     p.add_argument("--profile-dir", default="", help="write a jax.profiler trace of 3 steps here")
+    p.add_argument("--profile-variants", default="",
+                   help="comma-separated variant names to profile; 'all'; default: the first")
     p.add_argument("--out", default="", help="output prefix: PREFIX.json + PREFIX.md")
     args = p.parse_args(rest)
+    if args.per_device_batch < 1 or args.steps < 1 or args.repeats < 1:
+        raise ValueError("--per-device-batch, --steps and --repeats must be >= 1")
     return args, pairs
 
 
-def measure(args, pairs) -> dict:
-    """Builds the sharded train step for the config and times it. Returns one result row."""
+MEASUREMENT_KEYS = ("per_device_batch", "seq_len")
+
+
+def parse_mesh(text: str) -> list[tuple[str, str]]:
+    """"data=2,fsdp=2" -> config overrides [("mesh.data", "2"), ("mesh.fsdp", "2"),
+    ("mesh.tensor", "1")] (axes not named are 1). "" -> [].
+
+    Raises:
+      ValueError: an unknown axis or a malformed item.
+    """
+    if not text:
+        return []
+    sizes = {"data": "1", "fsdp": "1", "tensor": "1"}
+    for item in text.split(","):
+        axis, eq, value = item.partition("=")
+        axis = axis.strip()
+        if not eq or axis not in sizes:
+            raise ValueError(f"--mesh item {item!r}: expected AXIS=SIZE with AXIS in "
+                             f"{sorted(sizes)}")
+        int(value)  # ValueError on a non-integer
+        sizes[axis] = value.strip()
+    return [(f"mesh.{a}", v) for a, v in sizes.items()]
+
+
+def parse_variant(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """"NAME:KEY=VALUE,KEY=VALUE" -> (NAME, [(KEY, VALUE), ...]); "NAME" or "NAME:" -> no overrides.
+
+    Raises:
+      ValueError: an empty name or an item without "=".
+    """
+    name, _, body = text.partition(":")
+    name = name.strip()
+    if not name or not re.fullmatch(r"[\w.\-]+", name):
+        raise ValueError(f"--variant {text!r}: needs a NAME of letters, digits, _ . - "
+                         "before the colon")
+    pairs = []
+    for item in filter(None, (i.strip() for i in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--variant {text!r}: item {item!r} is not KEY=VALUE")
+        pairs.append((key.strip().removeprefix("--config.").removeprefix("config."),
+                      value.strip()))
+    return name, pairs
+
+
+def variant_settings(args, pairs: list[tuple[str, str]]) -> tuple[argparse.Namespace, list]:
+    """Splits a variant's pairs into measurement settings (a copy of `args`) and config overrides."""
+    vargs = argparse.Namespace(**vars(args))
+    config_pairs = []
+    for key, value in pairs:
+        if key in MEASUREMENT_KEYS:
+            setattr(vargs, key, int(value))
+        else:
+            config_pairs.append((key, value))
+    return vargs, config_pairs
+
+
+def measure(args, pairs, profile_dir: str = "", variant: str = "",
+            measurement_pairs=()) -> dict:
+    """Builds the sharded train step for the config and times it. Returns one result row.
+
+    With `profile_dir`, also traces 3 more steps there and adds row["profile"] (the
+    profile_summary of them, its step wall time = the measured median step).
+    """
     config = ov.apply_overrides(ov.load_config_file(args.config), pairs)
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     n = len(devices)
@@ -83,7 +181,9 @@ def measure(args, pairs) -> dict:
     tokens = np.random.default_rng(0).integers(0, vocab - 1, (config.train.batch_size, seq_len))
     batch = {"tokens": jax.device_put(tokens.astype(np.int32), ds)}
 
+    t_compile = time.perf_counter()
     compiled = train_step.lower(state, rest, batch).compile()
+    compile_s = time.perf_counter() - t_compile
     xla_flops, memory = None, {}
     try:
         cost = compiled.cost_analysis()
@@ -115,20 +215,41 @@ def measure(args, pairs) -> dict:
             state, metrics, _ = train_step(state, rest, batch)
         jax.block_until_ready((state.params, metrics["loss"]))
         windows.append((time.perf_counter() - t0) / args.steps)
-    if args.profile_dir:
-        jax.profiler.start_trace(args.profile_dir)
-        for _ in range(3):
-            state, metrics, _ = train_step(state, rest, batch)
-        jax.block_until_ready(metrics["loss"])
-        jax.profiler.stop_trace()
-
     step_s = statistics.median(windows)
+    profile = None
+    if profile_dir:
+        profiled_steps = 3
+        options = None
+        try:
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0  # Python frames only bloat the trace here
+        except Exception:  # noqa: BLE001 - older jax: default options
+            options = None
+        jax.block_until_ready(state.params)
+        kwargs = {"profiler_options": options} if options is not None else {}
+        jax.profiler.start_trace(profile_dir, **kwargs)
+        t0 = time.perf_counter()
+        for _ in range(profiled_steps):
+            state, metrics, _ = train_step(state, rest, batch)
+        jax.block_until_ready((state.params, metrics["loss"]))
+        traced_ms = (time.perf_counter() - t0) / profiled_steps * 1e3
+        jax.profiler.stop_trace()
+        try:
+            hlo_text = compiled.as_text()
+        except Exception:  # noqa: BLE001
+            hlo_text = None
+        profile = profile_summary.summarize_dir(profile_dir, profiled_steps, step_s * 1e3,
+                                                hlo_text)
+        profile["traced_step_ms"] = traced_ms
+        profile["variant"] = variant
     tokens_per_step = config.train.batch_size * seq_len
     tps = tokens_per_step / step_s
     fpt = float(task.flops_per_token(seq_len))
     peak = flops_lib.peak_flops_per_device(devices[0], float(config.train.peak_flops))
-    return {
-        "config": args.config, "overrides": " ".join(f"{k}={v}" for k, v in pairs),
+    overrides = list(measurement_pairs) + list(pairs)
+    row = {
+        "variant": variant,
+        "config": args.config, "overrides": " ".join(f"{k}={v}" for k, v in overrides),
         "task": config.task, "device": devices[0].device_kind,
         "devices": n, "mesh": dict(mesh.shape), "per_device_batch": args.per_device_batch,
         "global_batch": config.train.batch_size, "seq_len": seq_len,
@@ -139,23 +260,56 @@ def measure(args, pairs) -> dict:
         "train_flops_per_token": fpt, "model_tflops_per_s": tps * fpt / 1e12,
         "peak_tflops_per_device": peak / 1e12 if peak else None,
         "mfu": flops_lib.mfu(tps, fpt, n, peak),
-        "xla_flops_per_token": (xla_flops / tokens_per_step) if xla_flops else None,
-        "memory": memory, "warmup_s": warm_s, "loss_after_warmup": loss,
+        # cost_analysis of an SPMD program counts one device's share: x n for the whole step.
+        "xla_flops_per_token": (xla_flops * n / tokens_per_step) if xla_flops else None,
+        "memory": memory, "compile_s": compile_s, "warmup_s": warm_s,
+        "loss_after_warmup": loss,
         "jax": jax.__version__,
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
     }
+    if profile is not None:
+        row["profile"] = {
+            "kernel_ms_per_step": profile["kernel_ms_per_step"],
+            "busy_ms_per_step": profile["busy_ms_per_step"],
+            "idle_ms_per_step": profile["idle_ms_per_step"],
+            "categories_ms": {c["category"]: c["ms_per_step"] for c in profile["categories"]},
+        }
+        row["_profile_full"] = profile
+    return row
 
 
-def write(prefix: str, row: dict) -> None:
-    """Merges `row` into PREFIX.json (same config/devices/batch/seq_len replaced) and rewrites PREFIX.md."""
+def _row_key(r: dict) -> tuple:
+    return (r["config"], r.get("overrides", ""), r["devices"], r["per_device_batch"],
+            r["seq_len"], json.dumps(r["mesh"], sort_keys=True))
+
+
+def _scaling_key(r: dict) -> tuple:
+    """Rows that differ only in device count and mesh compare with each other (weak scaling)."""
+    overrides = " ".join(t for t in r.get("overrides", "").split() if not t.startswith("mesh."))
+    return (r["config"], overrides, r["per_device_batch"], r["seq_len"])
+
+
+def write(prefix: str, row: dict | None = None, failure: dict | None = None) -> None:
+    """Merges `row` (a measured row) or `failure` ({"variant", "overrides", "error", "command"})
+    into PREFIX.json (a row with the same config/overrides/devices/batch/seq_len/mesh is
+    replaced) and rewrites PREFIX.md from all rows."""
     path = prefix + ".json"
-    data = {"rows": []}
+    data = {"rows": [], "failed": []}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    key = lambda r: (r["config"], r.get("overrides", ""), r["devices"],  # noqa: E731
-                     r["per_device_batch"], r["seq_len"], json.dumps(r["mesh"], sort_keys=True))
-    data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
+    data.setdefault("rows", [])
+    data.setdefault("failed", [])
+    if row is not None:
+        row = {k: v for k, v in row.items() if not k.startswith("_")}
+        data["rows"] = [r for r in data["rows"] if _row_key(r) != _row_key(row)] + [row]
+        data["failed"] = [f for f in data["failed"]
+                          if (f.get("config"), f.get("overrides")) !=
+                          (row["config"], row.get("overrides", ""))]
+    if failure is not None:
+        data["failed"] = [f for f in data["failed"]
+                          if (f.get("config"), f.get("overrides")) !=
+                          (failure.get("config"), failure.get("overrides"))] + [failure]
     data["rows"].sort(key=lambda r: (r["config"], r["seq_len"], r["devices"]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -163,33 +317,113 @@ def write(prefix: str, row: dict) -> None:
     base = {}
     for r in data["rows"]:
         if r["devices"] == 1:
-            base[(r["config"], r.get("overrides", ""), r["per_device_batch"], r["seq_len"])] = \
-                r["tokens_per_s"]
-    lines = ["| config | device | devices | mesh | batch/dev x seq | params | step ms | tokens/s | "
-             "scaling vs 1 | MFU | XLA/model FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            base[_scaling_key(r)] = r["tokens_per_s"]
+    lines = ["| variant | config | device | devices | mesh | batch/dev x seq | params | step ms | "
+             "tokens/s | tokens/s/device | scaling vs 1 (efficiency) | MFU | XLA/model FLOPs | "
+             "kernel busy / idle ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        one = base.get((r["config"], r.get("overrides", ""), r["per_device_batch"], r["seq_len"]))
-        scale = f"{r['tokens_per_s'] / one:.2f}x" if one else "—"
+        one = base.get(_scaling_key(r))
+        r["scaling_vs_1"] = r["tokens_per_s"] / one if one else None
+        r["scaling_efficiency"] = r["tokens_per_s"] / one / r["devices"] if one else None
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    for r in data["rows"]:
+        one = base.get(_scaling_key(r))
+        scale = (f"{r['tokens_per_s'] / one:.2f}x ({100 * r['tokens_per_s'] / one / r['devices']:.0f}%)"
+                 if one else "—")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "—"
         ratio = (f"{r['xla_flops_per_token'] / r['train_flops_per_token']:.2f}"
                  if r.get("xla_flops_per_token") else "—")
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
         name = r["config"] + (f" {r['overrides']}" if r.get("overrides") else "")
-        lines.append(f"| {name} | {r['device']} | {r['devices']} | {mesh} | "
-                     f"{r['per_device_batch']}x{r['seq_len']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {scale} | {mfu} | {ratio} |")
-    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in data["rows"]]
+        prof = r.get("profile")
+        busy = (f"{prof['busy_ms_per_step']:.1f} / {prof['idle_ms_per_step']:.1f}"
+                if prof else "—")
+        lines.append(f"| {r.get('variant') or '—'} | {name} | {r['device']} | {r['devices']} | "
+                     f"{mesh} | {r['per_device_batch']}x{r['seq_len']} | "
+                     f"{r['params'] / 1e6:.1f}M | {r['step_ms']:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['devices']:,.0f} | "
+                     f"{scale} | {mfu} | {ratio} | {busy} |")
+    if data["failed"]:
+        lines += ["", "Failed:", ""] + [
+            f"- {f.get('variant') or '—'} ({f.get('overrides') or 'base'}): {f['error']}"
+            for f in data["failed"]]
+    lines += ["", "Commands:", ""] + sorted({f"    {r['command']}" for r in data["rows"]})
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def write_profiles(prefix: str, profiles: list[dict]) -> None:
+    """All variants' profile summaries -> PREFIX_profile.json ({"profiles": [...]}) + .md."""
+    with open(prefix + "_profile.json", "w") as f:
+        json.dump({"profiles": profiles}, f, indent=1)
+    with open(prefix + "_profile.md", "w") as f:
+        for p in profiles:
+            f.write(profile_summary.to_markdown(
+                p, f"Profile: variant {p.get('variant') or 'base'}") + "\n")
+
+
 def main(argv=None):
+    """Measures every variant (or the base settings once); returns the rows measured."""
     args, pairs = parse_args(sys.argv[1:] if argv is None else argv)
-    row = measure(args, pairs)
-    print(json.dumps(row, indent=1))
-    if args.out:
-        write(args.out, row)
-    return row
+    base_pairs = pairs + parse_mesh(args.mesh)
+    variants = [parse_variant(v) for v in args.variant] or [("", [])]
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant names must be unique, got {names}")
+    wanted = {n.strip() for n in args.profile_variants.split(",") if n.strip()}
+    if wanted - {"all"} - set(names):
+        raise ValueError(f"--profile-variants {sorted(wanted - set(names))} are not variants "
+                         f"({names})")
+    t_start = time.perf_counter()
+    longest = 0.0
+    rows, profiles = [], []
+    for i, (name, vpairs) in enumerate(variants):
+        elapsed = time.perf_counter() - t_start
+        if args.budget_s and i > 0 and elapsed + longest > args.budget_s:
+            print(f"[budget] {elapsed:.0f}s elapsed, longest variant {longest:.0f}s, budget "
+                  f"{args.budget_s:.0f}s: not starting {', '.join(names[i:])}", flush=True)
+            break
+        vargs, config_pairs = variant_settings(args, vpairs)
+        measurement_pairs = [(k, v) for k, v in vpairs if k in MEASUREMENT_KEYS]
+        profile = bool(args.profile_dir) and (
+            "all" in wanted or name in wanted or (not wanted and i == 0))
+        pdir = os.path.join(args.profile_dir, name or "base") if profile else ""
+        print(f"[variant {name or 'base'}] {' '.join(f'{k}={v}' for k, v in vpairs) or 'base'}",
+              flush=True)
+        t0 = time.perf_counter()
+        try:
+            row = measure(vargs, base_pairs + config_pairs, pdir, name, measurement_pairs)
+        except Exception as e:  # noqa: BLE001 - record and go on with the next variant
+            import traceback
+            traceback.print_exc()
+            failure = {"variant": name, "config": args.config,
+                       "overrides": " ".join(f"{k}={v}" for k, v in
+                                             measurement_pairs + base_pairs + config_pairs),
+                       "error": f"{type(e).__name__}: {str(e)[:500]}",
+                       "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+            print(json.dumps(failure), flush=True)
+            if args.out:
+                write(args.out, failure=failure)
+            row = None
+        longest = max(longest, time.perf_counter() - t0)
+        gc.collect()
+        if row is None:
+            continue
+        full = row.get("_profile_full")
+        printable = {k: v for k, v in row.items() if not k.startswith("_")}
+        print(json.dumps(printable, indent=1), flush=True)
+        if full is not None:
+            profiles.append(full)
+            print(profile_summary.to_markdown(full, f"Profile: variant {name or 'base'}"),
+                  flush=True)
+        if args.out:
+            write(args.out, printable)
+            if profiles:
+                write_profiles(args.out, profiles)
+        rows.append(printable)
+    return rows
 
 
 if __name__ == "__main__":

@@ -126,9 +126,11 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
 
 def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
-                   temperature: float = 0.0):
+                   temperature: float = 0.0, unroll: int = 1):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
+    `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
+    results, fewer loop iterations (a latency lever measured by benchmarks/latency_levers.py).
     Validates the settings and splits the model once; returns
     `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L), x0 float32 (b, L, d))`,
     the same computation as `sample` (same results for the same arguments). The model's weights are
@@ -138,6 +140,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if eta < 0 or temperature < 0:
         raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
+    if int(unroll) < 1:
+        raise ValueError(f"unroll must be >= 1, got {unroll}")
     if self_condition is None:
         self_condition = model.self_condition
     if self_condition and not model.self_condition:
@@ -145,7 +149,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     ts, ab_t, ab_prev = (jnp.asarray(a) for a in respaced_alphas(schedule, steps))
     graphdef, state = nnx.split(model)
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
-                  self_condition=bool(self_condition), temperature=float(temperature))
+                  self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -184,9 +188,9 @@ def read_out(model, x0: jax.Array, tokens_known: jax.Array, known: jax.Array, rn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature"))
+                                             "temperature", "unroll"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
-                self_condition, temperature):
+                self_condition, temperature, unroll=1):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -208,5 +212,6 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         x_next = jnp.where(known[..., None], clean, x_next)
         return (x_next, x0, key), None
 
-    (_, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), r_loop), (ts, ab_t, ab_prev))
+    (_, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), r_loop), (ts, ab_t, ab_prev),
+                                 unroll=min(int(unroll), int(ts.shape[0])))
     return read_out(model, x0, tokens, known, r_read, temperature), x0

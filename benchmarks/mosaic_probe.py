@@ -1,0 +1,321 @@
+"""Probe the Mosaic GPU SSD forward (`dimba_jax/ssd/pallas_mosaic.py`) on one Hopper GPU.
+
+Usage (GPU machine, repository root):
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+    timeout 200 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 180 [--quick]
+
+For each case, in order (each in try/except, printed immediately, written incrementally to
+$OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
+  1. correctness on small random shapes (seqlen not a multiple of the chunk included; bf16, f16,
+     f32 = tf32 products, and one f32 case at block 128 that must be refused): the mosaic
+     forward and its gradients (custom_vjp's Triton backward) vs impl="reference", relative L2;
+  2. timing at the four DESIGN.md shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic
+     (block_len 128 and 64), impl="xla" and impl="pallas" (Triton), forward and forward+backward,
+     median of >= 50 device-synchronised runs after warm-up; mosaic vs xla relative L2 error.
+--budget-s bounds the total time (cases that would start after it are recorded as skipped).
+--quick: one small correctness case and one timing shape only.
+On a machine without a GPU it says "no GPU", checks that the mosaic kernel lowers for cuda, and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimba_jax.ssd import pallas_mosaic, ssd
+
+SHAPES = [  # name, B, L, H; P=64, N=128, 1 group, chunk 256; mamba_ssm Triton fwd / fwd+bwd ms
+    ("130m-L2k", 8, 2048, 24, 1.02, 4.81),
+    ("130m-L8k", 2, 8192, 24, 0.93, 3.91),
+    ("1.3b-L2k", 8, 2048, 64, 0.99, 5.52),
+    ("130m-L32k", 1, 32768, 24, 1.06, 5.20),
+]
+P, N, G, CHUNK = 64, 128, 1, 256
+SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
+    (2, 300, 4, 64, 1, 128, "bfloat16", 128, "D+bias+h0"),
+    (1, 200, 8, 64, 2, 64, "bfloat16", 64, "D(h,p)+z"),
+    (2, 256, 4, 128, 1, 128, "float16", 128, "D"),
+    (2, 300, 4, 64, 1, 128, "float32", 64, "D+bias+h0"),
+    (2, 300, 4, 64, 1, 128, "float32", 128, "D"),  # must be refused: tiles exceed SMEM
+]
+T0 = time.perf_counter()
+INTERPRET = False  # --cpu-interpret: run the mosaic kernel in its interpreter (probe self-test)
+
+
+def elapsed():
+    return time.perf_counter() - T0
+
+
+def short_tb(limit=60):
+    lines = traceback.format_exc().rstrip().splitlines()
+    if len(lines) > limit:
+        lines = lines[:20] + [f"... ({len(lines) - limit} lines cut) ..."] + lines[-(limit - 20):]
+    return "\n".join(lines)
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_inputs(seed, b, l, h, p, g, n, dtype, options):
+    """Random inputs (never all zero) for a case; options picks D / dt_bias / h0 / z."""
+    ks = jax.random.split(jax.random.key(seed), 10)
+    kw = dict(dt_softplus=True)
+    args = dict(
+        x=jax.random.normal(ks[0], (b, l, h, p)).astype(dtype),
+        dt=jax.random.normal(ks[1], (b, l, h)) - 1.0,
+        A=-jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
+        B=jax.random.normal(ks[3], (b, l, g, n)).astype(dtype),
+        C=jax.random.normal(ks[4], (b, l, g, n)).astype(dtype),
+    )
+    if "D(h,p)" in options:
+        kw["D"] = jax.random.normal(ks[5], (h, p))
+    elif "D" in options:
+        kw["D"] = jax.random.normal(ks[5], (h,))
+    if "bias" in options:
+        kw["dt_bias"] = jax.random.normal(ks[6], (h,)) * 0.5
+    if "h0" in options:
+        kw["initial_states"] = jax.random.normal(ks[7], (b, h, p, n))
+    if "z" in options:
+        kw["z"] = jax.random.normal(ks[8], (b, l, h, p)).astype(dtype)
+    dy = jax.random.normal(ks[9], (b, l, h, p)).astype(dtype)
+    return args, kw, dy
+
+
+def impl_fn(impl, kw, block_len=None, final=False):
+    """f(x, dt, A, B, C) -> y (and final states if `final`) for impl in mosaic|xla|pallas|reference."""
+    def f(x, dt, A, B, C):
+        if impl == "mosaic":
+            return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, block_len=block_len,
+                                                    return_final_states=final,
+                                                    interpret=INTERPRET, **kw)
+        if impl == "reference":
+            with jax.default_matmul_precision("highest"):
+                return ssd(x, dt, A, B, C, CHUNK, impl="reference", return_final_states=final, **kw)
+        return ssd(x, dt, A, B, C, CHUNK, impl=impl, return_final_states=final, **kw)
+    return f
+
+
+def fwdbwd(f):
+    def g(dy, x, dt, A, B, C):
+        y, vjp = jax.vjp(f, x, dt, A, B, C)
+        return y, vjp(dy)
+    return jax.jit(g)
+
+
+def time_ms(f, args, runs, deadline):
+    """Median (and p10/p90) ms of `runs` device-synchronised calls after compile + warm-up."""
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    compile_s = time.perf_counter() - t
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    samples = []
+    for i in range(runs):
+        if i >= 10 and time.perf_counter() > deadline:
+            break
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        samples.append((time.perf_counter() - t) * 1e3)
+    return dict(ms=statistics.median(samples), p10=float(np.percentile(samples, 10)),
+                p90=float(np.percentile(samples, 90)), n=len(samples), compile_s=round(compile_s, 2))
+
+
+class Recorder:
+    def __init__(self, out, command):
+        self.out = out
+        os.makedirs(out, exist_ok=True)
+        dev = jax.devices()[0]
+        self.data = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+                     "jax": jax.__version__, "command": command, "cases": []}
+
+    def add(self, case):
+        case["t_s"] = round(elapsed(), 1)
+        self.data["cases"].append(case)
+        print("RESULT " + json.dumps(case), flush=True)
+        if case.get("traceback"):
+            print(case["traceback"], flush=True)
+        self.write()
+
+    def write(self):
+        with open(os.path.join(self.out, "mosaic_probe.json"), "w") as f:
+            json.dump(self.data, f, indent=1)
+        lines = [f"# Mosaic GPU SSD probe on {self.data['device']} (jax {self.data['jax']})", "",
+                 f"Command: `{self.data['command']}`", "",
+                 "| case | impl | status | fwd ms | fwd+bwd ms | rel err (y / worst grad) | note |",
+                 "|---|---|---|---|---|---|---|"]
+        for c in self.data["cases"]:
+            errs = c.get("errors", {})
+            err = ""
+            if errs:
+                grads = [v for k, v in errs.items() if k.startswith("d")]
+                err = f"{errs.get('y', float('nan')):.2e}"
+                if grads:
+                    err += f" / {max(grads):.2e}"
+            fwd = c.get("fwd", {}).get("ms")
+            fb = c.get("fwdbwd", {}).get("ms")
+            note = c.get("reason", "") or (c.get("error", "")[:80])
+            lines.append(f"| {c['case']} | {c.get('impl', '')} | {c['status']} | "
+                         f"{'' if fwd is None else f'{fwd:.3f}'} | {'' if fb is None else f'{fb:.3f}'} | "
+                         f"{err} | {note} |")
+        with open(os.path.join(self.out, "mosaic_probe.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def correctness_case(rec, spec, seed, with_grads=True):
+    b, l, h, p, g, n, dtype, q, options = spec
+    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options}"
+    args, kw, dy = make_inputs(seed, b, l, h, p, g, n, jnp.dtype(dtype), options)
+    ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q,
+                                      check_device=not INTERPRET)
+    if not ok:  # an unsupported option must be refused with a clear error, never a wrong answer
+        try:
+            pallas_mosaic.ssd_mosaic_forward(*args.values(), CHUNK, block_len=q,
+                                             interpret=INTERPRET, **kw)
+            rec.add(dict(case=name, impl="mosaic", status="FAIL",
+                         error=f"unsupported ({why}) but no error raised"))
+        except ValueError as e:
+            rec.add(dict(case=name, impl="mosaic", status="unsupported", reason=str(e)))
+        return
+    order = ("x", "dt", "A", "B", "C")
+    a = [args[k] for k in order]
+    t = time.perf_counter()
+    y, fin = jax.jit(impl_fn("mosaic", kw, q, final=True))(*a)
+    y_ref, fin_ref = jax.jit(impl_fn("reference", kw, final=True))(*a)
+    errors = {"y": rel(y, y_ref), "final_states": rel(fin, fin_ref)}
+    if with_grads:
+        _, grads = fwdbwd(impl_fn("mosaic", kw, q))(dy, *a)
+        _, grads_ref = fwdbwd(impl_fn("reference", kw))(dy, *a)
+        for k, gr, gr_ref in zip(order, grads, grads_ref):
+            errors["d" + k] = rel(gr, gr_ref)
+    tol = 1.5e-2 if dtype in ("bfloat16", "float16") else 2.5e-3
+    worst = max(errors.values())
+    status = "ok" if worst <= tol else "FAIL"
+    if not math.isfinite(worst):
+        status = "FAIL"
+    rec.add(dict(case=name, impl="mosaic", status=status, errors=errors, tol=tol,
+                 seconds=round(time.perf_counter() - t, 1)))
+
+
+def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
+    name, b, l, h, ref_fwd, ref_fb = shape
+    args, kw, dy = make_inputs(1234, b, l, h, P, G, N, jnp.bfloat16, "D+bias")
+    a = [args[k] for k in ("x", "dt", "A", "B", "C")]
+    label = impl if impl != "mosaic" else f"mosaic q{q}"
+    f = jax.jit(impl_fn(impl, kw, q))
+    case = dict(case=f"time {name}", shape=name, B=b, L=l, H=h, P=P, N=N, chunk=CHUNK, impl=label,
+                mamba_ssm_fwd_ms=ref_fwd, mamba_ssm_fwdbwd_ms=ref_fb, status="ok")
+    case["fwd"] = time_ms(f, a, runs, deadline)
+    y = f(*a)
+    if y_xla is not None:
+        case["errors"] = {"y": rel(y, y_xla)}
+        case["error_vs"] = "xla"
+    if do_bwd and time.perf_counter() < deadline:
+        case["fwdbwd"] = time_ms(fwdbwd(impl_fn(impl, kw, q)), [dy] + a, runs, deadline)
+    flops = 2 * b * h * math.ceil(l / CHUNK) * (CHUNK * CHUNK * (N + P) + 2 * CHUNK * N * P)
+    case["fwd_tflops_nominal"] = round(flops / case["fwd"]["ms"] / 1e9, 1)
+    rec.add(case)
+    return y
+
+
+def cpu_lowering_check(rec):
+    """Without a GPU: lower the mosaic forward (and its gradient) for cuda on a tiny shape."""
+    s = jax.ShapeDtypeStruct
+    b, l, h, p, g, n = 1, 200, 2, 64, 1, 128
+    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
+    f = impl_fn("mosaic", dict(dt_softplus=True), 128)
+    for tag, fn in (("fwd", f), ("grad", lambda *a: jax.grad(
+            lambda *z: f(*z).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))(*a))):
+        try:
+            jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+            rec.add(dict(case=f"lower-for-cuda {tag}", impl="mosaic", status="ok"))
+        except Exception as e:  # report, keep going
+            rec.add(dict(case=f"lower-for-cuda {tag}", impl="mosaic", status="error",
+                         error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "mosaic_probe_out"))
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
+    ap.add_argument("--cpu-interpret", action="store_true",
+                    help="without a GPU: exercise this script on tiny cases in the interpreter")
+    a = ap.parse_args()
+    global INTERPRET
+    deadline = T0 + a.budget_s
+    rec = Recorder(a.out, " ".join(["python3"] + sys.argv))
+    dev = jax.devices()[0]
+    print(f"device: {rec.data['device']} platform {dev.platform} cc "
+          f"{getattr(dev, 'compute_capability', '')} jax {jax.__version__}", flush=True)
+    small = SMALL[:1] if a.quick else SMALL
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    impls = [("mosaic", 128), ("mosaic", 64), ("xla", None), ("pallas", None)]
+    if dev.platform != "gpu":
+        print("no GPU: checking that the Mosaic GPU kernel lowers for cuda", flush=True)
+        cpu_lowering_check(rec)
+        if not a.cpu_interpret:
+            return 0
+        INTERPRET = True  # tiny cases, interpreter: checks this script, not the GPU kernel
+        small = [(1, 150, 2, 64, 1, 64, "bfloat16", 64, "D+bias+h0"),
+                 (1, 70, 2, 64, 1, 64, "float32", 64, "D"),
+                 (1, 70, 2, 64, 1, 128, "float32", 128, "D")]
+        shapes = [("tiny", 1, 128, 2, 1.0, 1.0)]
+        impls = [("mosaic", 64), ("xla", None)]
+        a.runs = 3
+    else:
+        ok, why = pallas_mosaic.supported(x=jnp.zeros((1, 1, 1, P), jnp.bfloat16),
+                                          B=jnp.zeros((1, 1, 1, N), jnp.bfloat16))
+        print("mosaic supported on this device:", ok, why, flush=True)
+
+    rng = np.random.default_rng()
+
+    def run(label, fn, *args, **kw):
+        if time.perf_counter() > deadline:
+            rec.add(dict(case=label, status="skipped", reason="budget"))
+            return None
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # one failure must not stop the rest
+            rec.add(dict(case=label, status="error", error=f"{type(e).__name__}: {e}"[:500],
+                         traceback=short_tb()))
+            return None
+
+    # The first small case, then the first timing shape, then everything else.
+    run(f"check {small[0]}", correctness_case, rec, small[0], int(rng.integers(1 << 30)))
+    plan = [("time", shapes[0])] + [("check", s) for s in small[1:]] + [("time", s) for s in shapes[1:]]
+    for kind, spec in plan:
+        if kind == "check":
+            run(f"check {spec}", correctness_case, rec, spec, int(rng.integers(1 << 30)))
+            continue
+        y_xla = None
+        ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
+        for impl, q in ordered:  # xla first: its y is the yardstick for the others
+            y = run(f"time {spec[0]} {impl} {q}", timing_case, rec, spec, impl, q, a.runs,
+                    deadline, not a.no_bwd, y_xla)
+            if impl == "xla":
+                y_xla = y
+    print(f"done in {elapsed():.0f} s; wrote {os.path.join(a.out, 'mosaic_probe.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

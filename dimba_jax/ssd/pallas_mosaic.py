@@ -1,0 +1,383 @@
+"""SSD forward with a Pallas **Mosaic GPU** chunk-output kernel (Hopper: TMA + wgmma).
+
+First step of the Mosaic GPU port asked for by issue 5 (`jax.experimental.pallas.mosaic_gpu`,
+imported as plgpu). Only the chunk-output stage, the largest one, is a Mosaic kernel here:
+
+    y = ((C B^T) o L) (x dt) + exp(s) * (C h_c^T) + D x,   L_ij = exp(s_i - s_j) [i >= j]
+
+per chunk of Q positions and head (grid (chunk, head, batch), one warpgroup per program):
+  - TMA copies of the x, B, C tiles (Q x P / Q x N, swizzled SMEM), of the chunk's incoming state
+    h_c (P x N) and of the dt, s, D vectors;
+  - wgmma #1: G = C B^T (Q x Q, f32 accumulator) and wgmma #2: C h_c^T (Q x P), issued together;
+  - in registers: M = G * L * dt_j (dt folded into M's columns, so x is used straight from SMEM),
+    the off-chunk term scaled by exp(s_i);
+  - wgmma #3: acc += M @ x (M from registers, bf16/f16), then + D x (x read back from SMEM);
+  - y cast to x.dtype, written through SMEM with a TMA store.
+float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands K-major: M is
+stored to SMEM, x arrives transposed ((batch, heads, P, Lp), one XLA transpose), D x is added in
+XLA, and the chunk is 64 long (the f32 tiles of a 128 chunk exceed shared memory).
+
+The other stages come from the Triton kernels of `pallas_gpu.py` (chunk states, state passing),
+and dt preprocessing / chunk-local cumsum / z gate from XLA, as there. The backward (custom_vjp)
+is `pallas_gpu`'s Triton backward: it needs exactly the residuals this forward keeps.
+
+Limits of this version (`supported()` says which applies): headdim and dstate multiples of 64
+up to 256 whose tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per
+program, no software pipelining or warp specialisation yet. Not wired into `ssd(impl=...)`.
+
+Imports without a GPU; `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` lowers it
+on a CPU-only machine (tests/test_ssd_mosaic.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dimba_jax.ssd import _common
+from dimba_jax.ssd import pallas_gpu as _tri
+
+DEFAULT_BLOCK_LEN = 128
+_SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def default_block_len(dtype) -> int:
+    """Kernel chunk length: 128 for 16-bit inputs, 64 for float32 (its tiles need 2x SMEM)."""
+    return 64 if jnp.dtype(dtype) == jnp.dtype(jnp.float32) else DEFAULT_BLOCK_LEN
+
+
+def _plgpu():
+    """The Pallas Mosaic GPU module, imported on first use."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+    return plgpu
+
+
+def _interpret_params():
+    """The Mosaic GPU interpreter's parameters (not public API in jax 0.10; private import)."""
+    plgpu = _plgpu()
+    if hasattr(plgpu, "InterpretGPUParams"):
+        return plgpu.InterpretGPUParams()
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
+    return InterpretGPUParams()
+
+
+def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
+    """plgpu.kernel with `out_type` / `scratch_types` (jax 0.10+) or the older `out_shape` /
+    `scratch_shapes` keywords, whichever this jax's signature has."""
+    params = inspect.signature(plgpu.kernel).parameters
+    out_key = "out_type" if "out_type" in params else "out_shape"
+    scratch_key = "scratch_types" if "scratch_types" in params else "scratch_shapes"
+    return plgpu.kernel(body, **{out_key: out_type, scratch_key: scratch_types}, **kwargs)
+
+
+def _smem_transforms(plgpu, minor: int, dtype):
+    """(tiling, swizzle) transforms for a 2-D SMEM tile whose last dimension has `minor` items."""
+    bits = minor * jnp.dtype(dtype).itemsize * 8
+    swizzle = 128
+    for cand in (128, 64, 32):
+        if bits % (cand * 8) == 0:
+            swizzle = cand
+            break
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None, dt_bias=None,
+              dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
+              return_final_states=False, block_len: int | None = None,
+              check_device: bool = True) -> tuple[bool, str]:
+    """Whether `ssd_mosaic_forward` handles these arguments (and, if check_device, this device).
+
+    Returns:
+      (True, "") or (False, reason naming the unsupported option).
+    """
+    del dt, A, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states
+    del return_final_states
+    q = int(block_len or default_block_len(x.dtype))
+    headdim, dstate = x.shape[-1], B.shape[-1]
+    if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+        return False, f"mosaic SSD kernel needs x in bfloat16/float16/float32, got {x.dtype}"
+    if headdim % 64 or not 64 <= headdim <= 256:
+        return False, f"mosaic SSD kernel needs headdim a multiple of 64 in [64, 256], got {headdim}"
+    if dstate % 64 or not 64 <= dstate <= 256:
+        return False, f"mosaic SSD kernel needs dstate a multiple of 64 in [64, 256], got {dstate}"
+    if q not in (64, 128):
+        return False, f"mosaic SSD kernel needs block_len 64 or 128, got {q}"
+    if seq_idx is not None:
+        return False, "mosaic SSD kernel does not support seq_idx yet"
+    itemsize = jnp.dtype(x.dtype).itemsize
+    smem = itemsize * (q * headdim + 2 * q * dstate + headdim * dstate) + 4 * (2 * q + headdim)
+    if itemsize == 4:  # tf32: M and y also go through shared memory
+        smem += 4 * (q * q + q * headdim)
+    if smem > _SMEM_LIMIT:
+        return False, (f"mosaic SSD kernel tiles need {smem} bytes of shared memory "
+                       f"(block_len {q}, headdim {headdim}, dstate {dstate}); limit {_SMEM_LIMIT}")
+    if check_device:
+        reason = _tri._device_reason()  # Hopper GPU check (shared with the Triton module)
+        if reason is not None:
+            return False, reason
+        try:
+            _plgpu()
+        except ImportError as e:
+            return False, f"jax.experimental.pallas.mosaic_gpu unavailable ({e})"
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------
+# The Mosaic GPU chunk-output kernel.
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
+    """Chunk-output stage on Hopper.
+
+    Args:
+      x: (batch, Lp, nheads, P) bf16/f16, Lp a multiple of q; float32 x comes transposed,
+        (batch, nheads, P, Lp), and then D is NOT applied (the caller adds D x).
+      b, c: (batch, Lp, ngroups, N), x.dtype.
+      dt, s: (batch, nheads, Lp) float32 (processed dt; chunk-local cumsum of dt*A).
+      hprev: (batch, nheads, Lp // q, P, N) x.dtype, the state entering each chunk.
+      d: (nheads, P) float32 skip weight.
+      q: chunk length (64 or 128).  hpg: heads per group.
+      interpret: run in the Mosaic GPU interpreter (any device; slow, for tests).
+    Returns:
+      y: (batch, Lp, nheads, P) x.dtype.
+    """
+    plgpu = _plgpu()
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+    else:
+        bsz, lp, nh, p = x.shape
+    n = b.shape[-1]
+    nc = lp // q
+    cdt = x.dtype
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
+    col = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by the column j
+
+    def load(ref, layout):
+        if interpret:  # the interpreter has no plgpu.load; layouts do not matter there
+            return ref[...]
+        return plgpu.load(ref, (), layout=layout)
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+    def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
+             x_smem, b_smem, c_smem, h_smem, s_smem, dt_smem, d_smem, bars, *tf32_smem):
+        ci = lax.axis_index("chunk")
+        hi = lax.axis_index("head")
+        bi = lax.axis_index("batch")
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        rows = pl.ds(ci * q, q)
+        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
+        plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
+        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
+        if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
+        else:
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
+        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
+        plgpu.barrier_wait(bars.at[0])
+        plgpu.barrier_wait(bars.at[1])
+        plgpu.barrier_wait(bars.at[2])
+
+        def products(g_acc, off_acc):
+            plgpu.wgmma(g_acc, c_smem, plgpu.transpose_ref(b_smem, (1, 0)))     # C B^T
+            plgpu.wgmma(off_acc, c_smem, plgpu.transpose_ref(h_smem, (1, 0)))   # C h^T
+            return g_acc[...], off_acc[...]
+
+        # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the elementwise
+        # math of this kernel, but its wgmma takes neither transposed operands nor A in
+        # registers, and it has no plgpu.load / layouts: there the products are plain dots.
+        if interpret:
+            c_val = c_smem[...]
+            nt = (((1,), (1,)), ((), ()))
+            g = lax.dot_general(c_val, b_smem[...], nt, preferred_element_type=f32)
+            off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
+        else:
+            g, off = pl.run_scoped(products, plgpu.ACC((q, q), f32), plgpu.ACC((q, p), f32))
+
+        plgpu.barrier_wait(bars.at[3])
+        plgpu.barrier_wait(bars.at[4])
+        s_i = load(s_smem, row)
+        s_j = load(s_smem, col)
+        dt_j = load(dt_smem, col)
+        i_idx = iota((q, q), 0)
+        j_idx = iota((q, q), 1)
+        diff = (lax.broadcast_in_dim(s_i, (q, q), [0])
+                - lax.broadcast_in_dim(s_j, (q, q), [1]))
+        decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+        m = (g * decay * lax.broadcast_in_dim(dt_j, (q, q), [1])).astype(cdt)
+        y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (q, p), [0])
+
+        plgpu.barrier_wait(bars.at[5])
+
+        if tf32:
+            # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM
+            # and x is read as the transpose of its (P, q) tile. D x is added by the caller.
+            m_smem, y_smem = tf32_smem
+            if interpret:
+                y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
+            else:
+                m_smem[...] = m
+                plgpu.commit_smem()
+
+                def intra_tf32(acc_ref):
+                    plgpu.wgmma(acc_ref, m_smem, plgpu.transpose_ref(x_smem, (1, 0)))
+
+                y = pl.run_state(intra_tf32)(plgpu.ACC.init(y0))
+            y_smem[...] = y
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
+            plgpu.wait_smem_to_gmem(0)
+            plgpu.barrier_wait(bars.at[6])
+            return
+
+        if interpret:  # the interpreter's wgmma takes no A in registers: same product
+            y = y0 + jnp.dot(m, x_smem[...], preferred_element_type=f32)
+        else:  # accumulate M (x) straight onto the off-chunk term
+            def intra_init(acc_ref):
+                plgpu.wgmma(acc_ref, m, x_smem)                                   # y0 + M (x)
+
+            y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
+
+        plgpu.barrier_wait(bars.at[6])
+        d_p = load(d_smem, col)
+        xr = load(x_smem, wgmma_layout).astype(f32)
+        y = y + xr * lax.broadcast_in_dim(d_p, (q, p), [1])
+        x_smem[...] = y.astype(cdt)   # x's tile is no longer needed: reuse it for y
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(x_smem, y_ref.at[bi, rows, hi])
+        plgpu.wait_smem_to_gmem(0)
+
+    x_tile = (p, q) if tf32 else (q, p)
+    scratch = [
+        plgpu.SMEM(x_tile, cdt, transforms=_smem_transforms(plgpu, x_tile[1], cdt)),
+        plgpu.SMEM((q, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((q, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((p, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((q,), f32),
+        plgpu.SMEM((q,), f32),
+        plgpu.SMEM((p,), f32),
+        plgpu.Barrier(num_barriers=7),
+    ]
+    if tf32:
+        scratch += [plgpu.SMEM((q, q), f32, transforms=_smem_transforms(plgpu, q, f32)),
+                    plgpu.SMEM((q, p), f32, transforms=_smem_transforms(plgpu, p, f32))]
+    y_shape = (bsz, lp, nh, p)
+    return _kernel_call(
+        plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
+        **({"interpret": _interpret_params()} if interpret else {}),
+    )(x, b, c, dt, s, hprev, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable core: Triton chunk states + state pass, Mosaic output; Triton backward.
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret):
+    states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state", num_warps=4,
+                                    interpret=interpret)
+    hprev, fin = _tri._state_pass_fwd_call(states, _tri._chunk_end_decay(s, None, q), h0,
+                                           hprev_dtype=x.dtype, interpret=interpret)
+    xin = jnp.transpose(x, (0, 2, 3, 1)) if x.dtype == jnp.float32 else x  # tf32: K-major x
+    y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret)
+    return y, fin, hprev
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret):
+    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret)
+    return y, fin
+
+
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret):
+    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret)
+    return (y, fin), (x, b, c, dt, s, hprev, d)
+
+
+def _core_bwd(q, hpg, interpret, res, grads):
+    x, b, c, dt, s, hprev, d = res
+    cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
+    dx, db, dc, ddt, ds, dh0, dd, _ = _tri._core_bwd(cfg, (x, b, c, dt, s, hprev, d, None), grads)
+    return dx, db, dc, ddt, ds, dh0, dd
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None,
+                       dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None,
+                       seq_idx=None, return_final_states=False, block_len: int | None = None,
+                       interpret: bool = False):
+    """SSD with the Mosaic GPU chunk-output kernel; same semantics and returns as `ssd`.
+
+    Args:
+      x: (batch, seqlen, nheads, headdim) bfloat16/float16/float32 (float32: tf32 products).
+      dt: (batch, seqlen, nheads).
+      A: (nheads,).  B, C: (batch, seqlen, ngroups, dstate).
+      chunk_size: accepted for the common signature; the kernels use `block_len` (64 or 128;
+        default 128 for 16-bit x, 64 for float32) positions per chunk, which changes only speed.
+      D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: as `ssd`.
+      seq_idx: must be None (not supported yet).
+      interpret: run every kernel in its Pallas interpreter (CPU tests; slow).
+    Returns:
+      y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
+      dstate) float32]. Differentiable (Triton backward of pallas_gpu).
+    Raises:
+      ValueError for invalid shapes or an option this kernel does not support.
+    """
+    sizes = _common.validate_inputs(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                    dt_limit=dt_limit, initial_states=initial_states,
+                                    seq_idx=seq_idx, impl="pallas")
+    q = int(block_len or default_block_len(x.dtype))
+    ok, why = supported(x=x, B=B, seq_idx=seq_idx, block_len=q, check_device=False)
+    if not ok:
+        raise ValueError(f"ssd_mosaic_forward: {why}")
+    bsz, seqlen, nh = sizes["batch"], sizes["seqlen"], sizes["nheads"]
+    p, g, n = sizes["headdim"], sizes["ngroups"], sizes["dstate"]
+    cdt = x.dtype
+
+    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    lp = -(-seqlen // q) * q
+    pad = lp - seqlen
+    xk, bk, ck = x, B.astype(cdt), C.astype(cdt)
+    if pad:
+        pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+        xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
+        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
+    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
+    a = dtk * A.astype(jnp.float32)[None, :, None]
+    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
+    if initial_states is None:
+        h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
+    else:
+        h0 = initial_states.astype(jnp.float32)
+    tf32 = cdt == jnp.float32
+    if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
+        d = jnp.zeros((nh, p), jnp.float32)
+    else:
+        d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret))
+    y = y[:, :seqlen]
+    if (tf32 and D is not None) or z is not None:
+        y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
+    if return_final_states:
+        return y, fin
+    return y

@@ -1,0 +1,111 @@
+"""benchmarks/latency_levers.py on CPU: the subprocess-per-variant driver, its JSON/Markdown output,
+a failing variant (an unknown XLA flag aborts its process) reported without stopping the run,
+and the sampler's scan `unroll` giving the same tokens as the plain scan."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _load_levers():
+    spec = importlib.util.spec_from_file_location("latency_levers",
+                                                  os.path.join(ROOT, "benchmarks", "latency_levers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypatch):
+    levers = _load_levers()
+    monkeypatch.setitem(levers.VARIANTS, "bad_flag", {"xla_flags": "--xla_no_such_flag_for_this_test=1"})
+    state = levers.main(["--smoke", "--out", str(tmp_path), "--variants", "bad_flag,base",
+                         "--budget-s", "120", "--min-variant-s", "5"])
+    data = json.loads((tmp_path / "latency_levers.json").read_text())
+    assert data["rows"] == state["rows"]
+    base = {r["case"]: r for r in data["rows"] if r["variant"] == "base"}
+    # headline DIMBA, AR, the second step count: all timed, positive, with kernel counts
+    assert set(base) == {"dimba_T4", "ar", "dimba_T2"}
+    for r in base.values():
+        assert "error" not in r, r.get("traceback")
+        assert r["latency_ms"] > 0 and len(r["times_ms"]) == 2
+        assert r["same_ids_as_base"] is True
+        assert r["hlo_counts"]["fusions"] > 0
+    assert base["ar"]["steps"] == 32 and base["dimba_T4"]["steps"] == 4
+    # the derived step cost is the slope between the two step counts
+    d = data["derived"]["base"]
+    expect = (base["dimba_T4"]["latency_ms"] - base["dimba_T2"]["latency_ms"]) / 2
+    assert d["dimba_step_ms"] == pytest.approx(expect)
+    assert d["ar_ms_per_token"] == pytest.approx(base["ar"]["latency_ms"] / 32)
+    # the aborted variant is reported (no rows), the run went on
+    assert not [r for r in data["rows"] if r["variant"] == "bad_flag" and "latency_ms" in r]
+    assert "exit code" in data["variant_status"]["bad_flag"]
+    assert data["variant_status"]["base"].startswith("ok")
+    md = (tmp_path / "latency_levers.md").read_text()
+    assert "| base | dimba_T4 |" in md and "bad_flag" in md
+
+
+def test_unknown_variant_is_a_clear_error(tmp_path):
+    levers = _load_levers()
+    with pytest.raises(ValueError, match="unknown variants"):
+        levers.main(["--smoke", "--out", str(tmp_path), "--variants", "base,warp_drive"])
+
+
+def test_sampler_unroll_gives_the_same_tokens():
+    from dimba_jax.config import default_config
+    from dimba_jax.diffusion import sampler as sampling
+    from dimba_jax.diffusion.schedule import cosine_schedule
+    from dimba_jax.models.dimba import DimbaModel
+
+    c = default_config()
+    c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8, time_embed_dim=16,
+                   ssd_impl="reference")
+    model = nnx.jit(lambda: DimbaModel(c.model, 24, rngs=nnx.Rngs(0)))()  # one program, not op by op
+    sch = cosine_schedule(20)
+    tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, 24, dtype=jnp.int32)
+    known = jnp.broadcast_to(jnp.arange(12) < 3, (1, 12))
+    outs = []
+    for unroll in (1, 2):  # 2 does not divide 3 steps: the remainder path too
+        fn = sampling.make_sample_fn(model, sch, steps=3, sampler="ddpm", unroll=unroll)
+        ids, x0 = fn(tokens, known, jax.random.key(2))
+        outs.append((np.asarray(ids), np.asarray(x0)))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unroll"):
+        sampling.make_sample_fn(model, sch, steps=5, unroll=0)
+
+
+def test_matmul_state_pass_matches_the_associative_scan():
+    from dimba_jax.ssd import chunked
+
+    levers = _load_levers()
+    k1, k2 = jax.random.split(jax.random.key(0))
+    decay = jax.random.uniform(k1, (2, 6, 1, 3), minval=0.2, maxval=1.0)
+    decay = decay.at[:, 3].set(0.0)  # a chunk whose decay underflowed (or a segment boundary)
+    states = jax.random.normal(k2, (2, 6, 1, 3, 4, 5))
+    _, want = jax.jit(lambda e: jax.lax.associative_scan(chunked._combine_chunks, e, axis=1))((decay, states))
+    _, got = jax.jit(lambda e: levers.matmul_state_pass(chunked._combine_chunks, e, axis=1))((decay, states))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # the patch routes chunked_scan through it with the same results
+    x = jax.random.normal(k1, (1, 40, 2, 4))
+    dt = jax.nn.softplus(jax.random.normal(k2, (1, 40, 2)))
+    B = jax.random.normal(k2, (1, 40, 1, 8))
+    C = jax.random.normal(k1, (1, 40, 1, 8))
+    A = -jnp.array([0.5, 2.0])
+    ref = jax.jit(lambda *a: chunked.chunked_scan(*a, 8))(x, dt, A, B, C)  # a fresh trace each
+    saved = chunked.jax
+    try:
+        levers._install_matmul_state_pass()
+        assert chunked.jax.lax.associative_scan is levers.matmul_state_pass
+        out = jax.jit(lambda *a: chunked.chunked_scan(*a, 8))(x, dt, A, B, C)
+    finally:
+        chunked.jax = saved
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,198 @@
+"""benchmarks/profile_summary.py (trace -> per-kernel summary) and the variant / mesh / profile
+modes of benchmarks/train_throughput.py, on CPU.
+
+The parser is checked on a real trace jax writes on CPU (XLA-op events on host threads), against
+the compiled HLO of the same program, and on a hand-built trace shaped like a GPU one (device
+process with stream lines and derived lines) whose totals are counted by hand.
+"""
+
+import gzip
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import profile_summary as ps  # noqa: E402
+
+
+def _fake_ssd_module(tmp_path):
+    """A module living in a folder named `ssd` (as dimba_jax/ssd/ does): its ops must be
+    attributed to the "ssd" category through the HLO stack frames."""
+    pkg = tmp_path / "fakepkg" / "ssd"
+    pkg.mkdir(parents=True)
+    (tmp_path / "fakepkg" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "scan.py").write_text(textwrap.dedent("""
+        import jax.numpy as jnp
+
+        def decay_scan(x):
+            return jnp.cumsum(jnp.exp(-jnp.abs(x)) * 0.5, axis=-1)
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module("fakepkg.ssd.scan")
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_cpu_trace_summary(tmp_path):
+    scan = _fake_ssd_module(tmp_path)
+
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(scan.decay_scan(h) ** 2) + jnp.sum(h.T * 2.0)
+
+    step = jax.jit(jax.grad(loss))
+    w = jnp.ones((128, 128)) * 0.01
+    x = jnp.ones((64, 128))
+    compiled = step.lower(w, x).compile()
+    hlo = compiled.as_text()
+    jax.block_until_ready(step(w, x))
+    steps = 2
+    with jax.profiler.trace(str(tmp_path / "trace")):
+        for _ in range(steps):
+            jax.block_until_ready(step(w, x))
+
+    events, info = ps.select_device_events(ps.load_events(ps.find_trace_file(str(tmp_path / "trace"))))
+    assert info["source"] == "host_xla_ops" and events
+    sources = ps.parse_hlo_sources(hlo)
+    # Every selected event names an instruction of the compiled program.
+    assert all(e["args"]["hlo_op"] in sources for e in events)
+
+    s = ps.summarize(events, info, steps, None, sources)
+    cats = {c["category"]: c for c in s["categories"]}
+    assert "gemm" in cats and "ssd" in cats, cats
+    # The categories partition the kernel time; busy <= sum; the idle gap closes the step.
+    assert sum(c["ms_per_step"] for c in s["categories"]) == pytest.approx(s["kernel_ms_per_step"])
+    assert s["busy_ms_per_step"] <= s["kernel_ms_per_step"] + 1e-9
+    assert s["idle_ms_per_step"] == pytest.approx(s["step_wall_ms"] - s["busy_ms_per_step"])
+    assert 0 <= s["idle_ms_per_step"] < s["step_wall_ms"]
+    # The dot is a gemm (opcode), never attributed to the ssd folder; the cumsum is.
+    for k in s["top_kernels"]:
+        attr = ps.hlo_attribution(k["hlo_ops"][0], sources)
+        if "dot" in attr["opcodes"] and not attr["ssd"]:
+            assert k["category"] == "gemm"
+        if attr["ssd"]:
+            assert k["category"] == "ssd"
+            assert any("/ssd/" in f for f, _ in sources[k["hlo_ops"][0]]["frames"]) or any(
+                "/ssd/" in f for c in sources[k["hlo_ops"][0]]["fused"]
+                for f, _ in sources[c]["frames"])
+    # grad => backward ops exist (op_name under transpose(...)).
+    assert s["direction"].get("backward", {}).get("ms_per_step", 0) > 0
+
+    prefix = str(tmp_path / "out" / "prof")
+    ps.write_summary(s, prefix)
+    md = open(prefix + ".md").read()
+    assert "idle gap" in md and "| ssd |" in md
+    assert json.load(open(prefix + ".json"))["steps"] == steps
+
+
+def _gpu_like_trace(path):
+    """A trace shaped like jax's on a GPU: device processes with stream and derived lines."""
+    M = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,  # noqa: E731
+                                      "args": {"name": name}}
+    X = lambda pid, tid, ts, dur, name, op="": {"ph": "X", "pid": pid, "tid": tid, "ts": ts,  # noqa: E731
+                                                "dur": dur, "name": name,
+                                                "args": {"hlo_op": op, "hlo_module": "jit_step"}}
+    ev = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:1"}},
+        {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}},
+        M(1, 13, "thread_name", "Stream #13(Compute)"),
+        M(1, 14, "thread_name", "Stream #14(NCCL)"),
+        M(1, 200, "thread_name", "XLA Ops"),
+        M(2, 13, "thread_name", "Stream #13(Compute)"),
+        M(701, 5, "thread_name", "python"),
+    ]
+    for step in range(2):  # two steps of 1000 us
+        t = 1000.0 * step
+        ev += [
+            X(1, 13, t + 0, 300, "nvjet_tst_192x128_64x4_2x1_v_bz_TNT", "cublas-gemm.1"),
+            X(1, 13, t + 300, 200, "ssd_chunk_fwd", "custom-call.4"),
+            X(1, 13, t + 500, 100, "loop_add_fusion_3", "loop_add_fusion.3"),
+            X(1, 13, t + 600, 50, "input_reduce_fusion", "input_reduce_fusion"),
+            X(1, 13, t + 650, 50, "MemcpyD2D", "copy.2"),
+            X(1, 14, t + 550, 200, "ncclDevKernel_AllReduce_Sum_f32_RING_LL", "all-reduce-start.1"),
+            X(1, 200, t + 0, 300, "cublas-gemm.1", "cublas-gemm.1"),  # derived line: skipped
+            X(2, 13, t + 0, 900, "nvjet_other_device", "cublas-gemm.1"),  # GPU 1: skipped
+            X(701, 5, t + 0, 40, "PjitFunction(step)"),  # host: skipped
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": ev}, f)
+
+
+def test_gpu_like_trace_selection_and_totals(tmp_path):
+    _gpu_like_trace(tmp_path / "plugins" / "profile" / "run1" / "host.trace.json.gz")
+    s = ps.summarize_dir(str(tmp_path), steps=2, step_ms=1.0)
+    assert s["source"] == "device" and s["process"] == "/device:GPU:0"
+    assert s["devices_in_trace"] == 2 and s["kernels_per_step"] == 6
+    # Hand count per step: 300+200+100+50+50 on the compute stream, 200 on NCCL (overlapping
+    # 550..750 with 500..700 of the compute stream): sum 900 us, union 0..750 = 750 us.
+    assert s["kernel_ms_per_step"] == pytest.approx(0.9)
+    assert s["busy_ms_per_step"] == pytest.approx(0.75)
+    assert s["idle_ms_per_step"] == pytest.approx(0.25) and s["idle_pct"] == pytest.approx(25.0)
+    cats = {c["category"]: c["ms_per_step"] for c in s["categories"]}
+    assert cats == pytest.approx({"gemm": 0.3, "ssd": 0.2, "elementwise/fusion": 0.1,
+                                  "reduction": 0.05, "copy/transpose": 0.05, "collective": 0.2})
+    assert s["top_kernels"][0]["name"].startswith("nvjet") and s["top_kernels"][0]["pct_of_step"] \
+        == pytest.approx(30.0)
+    with pytest.raises(FileNotFoundError, match="no"):
+        ps.find_trace_file(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="steps"):
+        ps.summarize([{"ts": 0, "dur": 1}], {}, 0)
+
+
+def test_variant_and_mesh_parsing():
+    import train_throughput as tt
+    assert tt.parse_variant("b32:per_device_batch=32,model.ssd_impl=pallas") == \
+        ("b32", [("per_device_batch", "32"), ("model.ssd_impl", "pallas")])
+    assert tt.parse_variant("baseline:") == ("baseline", [])
+    assert tt.parse_mesh("data=2,fsdp=2") == [("mesh.data", "2"), ("mesh.fsdp", "2"),
+                                             ("mesh.tensor", "1")]
+    for bad in (":x=1", "v:novalue", "a b:x=1"):
+        with pytest.raises(ValueError):
+            tt.parse_variant(bad)
+    with pytest.raises(ValueError, match="AXIS"):
+        tt.parse_mesh("pipeline=2")
+
+
+def test_train_throughput_four_devices_variants_profile(tmp_path):
+    """4 fake CPU devices, data=2 x fsdp=2: a failing variant is recorded, the next one is
+    measured and profiled, the budget stops the third."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    out = str(tmp_path / "tt")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+           "--config", os.path.join(ROOT, "configs", "tiny.py"), "--per-device-batch", "1",
+           "--seq-len", "16", "--devices", "4", "--mesh", "data=2,fsdp=2", "--steps", "1",
+           "--repeats", "1", "--warmup", "1", "--budget-s", "1",
+           "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.chunk_size=8",
+           "--config.model.self_condition=false", "--config.train.ema_decay=0",
+           "--config.model.time_embed_dim=16",
+           "--variant", "bad:model.no_such_key=1", "--variant", "base:",
+           "--variant", "never:per_device_batch=2",
+           "--profile-dir", str(tmp_path / "prof"), "--profile-variants", "base", "--out", out]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.load(open(out + ".json"))
+    (row,) = data["rows"]
+    assert row["variant"] == "base" and row["devices"] == 4
+    assert row["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and row["global_batch"] == 4
+    assert row["tokens_per_s"] > 0 and row["profile"]["busy_ms_per_step"] > 0
+    assert [f["variant"] for f in data["failed"]] == ["bad"]
+    assert "no_such_key" in data["failed"][0]["error"]
+    assert "not starting never" in proc.stdout
+    prof = json.load(open(out + "_profile.json"))["profiles"]
+    assert len(prof) == 1 and prof[0]["variant"] == "base" and prof[0]["categories"]
+    md = open(out + ".md").read()
+    assert "data2xfsdp2" in md and "Failed:" in md
