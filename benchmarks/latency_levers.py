@@ -39,8 +39,16 @@ GPU command (one H200; ~200 s):
 
     timeout 240 python3 benchmarks/latency_levers.py --out $OUT --budget-s 220
 
-Subsets: --variants base,cb_while,pallas_cb (in the given order). CPU smoke run (tests):
---smoke (tiny random models, L_gen 32, T in {4, 2}, AR 32 tokens).
+Subsets: --variants base,cb_while,pallas_cb (in the given order). The budget rarely covers every
+variant in one call (each costs ~40-60 s: start, three compilations, timing); continue in a second
+call from the first one's JSON (finished variants are skipped, rows accumulate, `same_ids_as_base`
+and the derived numbers then span both calls):
+
+    cp $OUT/latency_levers.json benchmarks/results/latency_levers_h200.json   # after call 1
+    timeout 240 python3 benchmarks/latency_levers.py --out $OUT --budget-s 220 \
+        --previous benchmarks/results/latency_levers_h200.json
+
+CPU smoke run (tests): --smoke (tiny random models, L_gen 32, T in {4, 2}, AR 32 tokens).
 
 Applying a winning XLA flag set to pareto.py: put it in the launch command, e.g.
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \\
@@ -104,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start no variant with less than this left of the budget")
     p.add_argument("--variant-max-s", type=float, default=110.0,
                    help="kill a variant's process after this long (keeping what it measured)")
+    p.add_argument("--previous", default="",
+                   help="a latency_levers.json of an earlier call to continue: its rows are kept, its "
+                        "finished variants skipped (unless --overwrite); the output holds both")
+    p.add_argument("--overwrite", action="store_true", help="re-measure variants finished in --previous")
     p.add_argument("--compile-cache", default="runs/jax_cache",
                    help="persistent XLA compilation cache ('' = off; not used with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny random models on CPU (tests)")
@@ -442,17 +454,37 @@ def run_parent(args, argv) -> dict:
     state = {"command": "python3 benchmarks/latency_levers.py " + " ".join(argv), "L_gen": args.L_gen,
              "repeats": args.repeats, "steps": steps_list, "rows": [], "variant_status": {},
              "variants": {n: VARIANTS[n] for n in names}}
+    if args.previous:
+        if not os.path.isfile(args.previous):
+            raise FileNotFoundError(f"--previous {args.previous!r} not found")
+        with open(args.previous) as f:
+            prev = json.load(f)
+        if prev.get("L_gen") != args.L_gen or prev.get("steps") != steps_list:
+            raise ValueError(f"--previous was measured at L_gen {prev.get('L_gen')} steps {prev.get('steps')}, "
+                             f"this call at {args.L_gen} {steps_list}")
+        redo = set(names) if args.overwrite else set()
+        state["rows"] = [r for r in prev.get("rows", []) if r.get("variant") not in redo]
+        state["variant_status"] = {k: v for k, v in prev.get("variant_status", {}).items() if k not in redo}
+        state["variants"] = dict(prev.get("variants", {}), **state["variants"])
+        state["command"] = prev.get("command", "") + " ; " + state["command"]
+        for key in ("device", "jax"):
+            if prev.get(key):
+                state[key] = prev[key]
     passthrough = ["--L-gen", str(args.L_gen), "--steps", args.steps, "--repeats", str(args.repeats),
                    "--dimba-config", args.dimba_config, "--ar-config", args.ar_config,
                    "--compile-cache", args.compile_cache] + (
         ["--smoke"] if args.smoke else [])
     for name in names:
+        if str(state["variant_status"].get(name, "")).startswith("ok") and not args.overwrite:
+            print(f"[levers] variant {name}: already measured (--previous); skipped", flush=True)
+            continue
         left = deadline - time.perf_counter()
         if left < args.min_variant_s:
             state["variant_status"][name] = f"skipped: {left:.0f}s of the budget left"
             print(f"[levers] {state['variant_status'][name]}", flush=True)
             continue
         settings = dict(VARIANTS[name], name=name)
+        state["rows"] = [r for r in state["rows"] if r.get("variant") != name]  # a re-run replaces them
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if settings.get("xla_flags"):
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + settings["xla_flags"]).strip()

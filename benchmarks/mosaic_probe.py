@@ -170,6 +170,9 @@ class Recorder:
             fwd = c.get("fwd", {}).get("ms")
             fb = c.get("fwdbwd", {}).get("ms")
             note = c.get("reason", "") or (c.get("error", "")[:80])
+            if "triton" in c:
+                note = (f"triton {c['triton']['ms']:.3f} ms; {c['mosaic_GBps']} vs "
+                        f"{c['triton_GBps']} GB/s")
             lines.append(f"| {c['case']} | {c.get('impl', '')} | {c['status']} | "
                          f"{'' if fwd is None else f'{fwd:.3f}'} | {'' if fb is None else f'{fb:.3f}'} | "
                          f"{err} | {note} |")
@@ -231,6 +234,35 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
     case["fwd_tflops_nominal"] = round(flops / case["fwd"]["ms"] / 1e9, 1)
     rec.add(case)
     return y
+
+
+def stage_case(rec, shape, q, runs, deadline):
+    """The chunk-output stage alone: Mosaic kernel vs pallas_gpu's Triton kernel, same inputs."""
+    from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
+    name, b, l, h = shape[:4]
+    ks = jax.random.split(jax.random.key(7), 8)
+    nc = l // q
+    x = jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16)
+    bm = jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16)
+    cm = jax.random.normal(ks[2], (b, l, G, N), jnp.bfloat16)
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, h, l)) - 1.0)
+    s = jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l)
+    hprev = (0.1 * jax.random.normal(ks[4], (b, h, nc, P, N))).astype(jnp.bfloat16)
+    d = jax.random.normal(ks[5], (h, P))
+    args = (x, bm, cm, dt, s, hprev, d)
+    mosaic = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G))
+    triton = jax.jit(lambda *a: pallas_gpu._chunk_out_call(*a, None, q=q, hpg=h // G,
+                                                           num_warps=4, interpret=False))
+    case = dict(case=f"stage chunk_out {name}", shape=name, impl=f"mosaic q{q} vs triton q{q}",
+                status="ok")
+    case["fwd"] = time_ms(mosaic, args, runs, deadline)
+    case["triton"] = time_ms(triton, args, runs, deadline)
+    case["errors"] = {"y": rel(mosaic(*args), triton(*args))}
+    case["error_vs"] = "triton chunk_out"
+    bytes_moved = 2 * (2 * b * l * h * P + 2 * b * l * h * N + b * h * nc * P * N) + 8 * b * h * l
+    case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
+    case["triton_GBps"] = round(bytes_moved / case["triton"]["ms"] / 1e6, 1)
+    rec.add(case)
 
 
 def cpu_lowering_check(rec):
@@ -306,6 +338,9 @@ def main():
         if kind == "check":
             run(f"check {spec}", correctness_case, rec, spec, int(rng.integers(1 << 30)))
             continue
+        if not INTERPRET:  # the output stage alone, Mosaic vs Triton (the kernel this file adds)
+            for q in (128, 64):
+                run(f"stage {spec[0]} q{q}", stage_case, rec, spec, q, a.runs, deadline)
         y_xla = None
         ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
         for impl, q in ordered:  # xla first: its y is the yardstick for the others

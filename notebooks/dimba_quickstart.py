@@ -140,11 +140,12 @@ for prompt, text in zip(prompts, model.generate(prompts, length=LENGTH, steps=ST
 # ## 5. Infilling
 #
 # Each mask token in the text marks a span to fill; `span_length` tokens are generated per mask
-# (a byte-level model counts characters). The text around the masks is kept exactly.
+# (tokens of the run's tokenizer: BPE word pieces for configs/tiny.py, characters for a byte-level
+# model). The text around the masks is kept exactly.
 
 # %%
 text = "The [MASK] was sitting by the [MASK] when the door opened."
-print(model.infill(text, mask_token="[MASK]", span_length=6, steps=STEPS, seed=2))
+print(model.infill(text, mask_token="[MASK]", span_length=3, steps=STEPS, seed=2))
 
 # %% [markdown]
 # ## 6. Speed vs quality: the number of steps `T`

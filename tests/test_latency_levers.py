@@ -50,6 +50,13 @@ def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypat
     assert data["variant_status"]["base"].startswith("ok")
     md = (tmp_path / "latency_levers.md").read_text()
     assert "| base | dimba_T4 |" in md and "bad_flag" in md
+    # a continuation call keeps the earlier rows and skips finished variants (no new process)
+    prev = tmp_path / "first.json"
+    prev.write_text(json.dumps(data))
+    again = levers.main(["--smoke", "--out", str(tmp_path / "second"), "--variants", "base",
+                         "--previous", str(prev)])
+    assert again["rows"] == data["rows"]
+    assert json.loads((tmp_path / "second" / "latency_levers.json").read_text())["derived"] == data["derived"]
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path):
@@ -82,7 +89,7 @@ def test_sampler_unroll_gives_the_same_tokens():
         sampling.make_sample_fn(model, sch, steps=5, unroll=0)
 
 
-def test_matmul_state_pass_matches_the_associative_scan():
+def test_matmul_state_pass_matches_the_associative_scan(monkeypatch):
     from dimba_jax.ssd import chunked
 
     levers = _load_levers()
@@ -100,12 +107,12 @@ def test_matmul_state_pass_matches_the_associative_scan():
     C = jax.random.normal(k1, (1, 40, 1, 8))
     A = -jnp.array([0.5, 2.0])
     ref = jax.jit(lambda *a: chunked.chunked_scan(*a, 8))(x, dt, A, B, C)  # a fresh trace each
-    saved = chunked.jax
-    try:
-        levers._install_matmul_state_pass()
-        assert chunked.jax.lax.associative_scan is levers.matmul_state_pass
-        out = jax.jit(lambda *a: chunked.chunked_scan(*a, 8))(x, dt, A, B, C)
-    finally:
-        chunked.jax = saved
+    calls = []
+    real = levers.matmul_state_pass
+    monkeypatch.setattr(levers, "matmul_state_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(chunked, "jax", chunked.jax)  # restored after the test
+    levers._install_matmul_state_pass()
+    out = jax.jit(lambda *a: chunked.chunked_scan(*a, 8))(x, dt, A, B, C)
+    assert calls  # the patched state passing really ran
     for a, b in zip(out, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

@@ -114,8 +114,9 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
         return False, "mosaic SSD kernel does not support seq_idx yet"
     itemsize = jnp.dtype(x.dtype).itemsize
     smem = itemsize * (q * headdim + 2 * q * dstate + headdim * dstate) + 4 * (2 * q + headdim)
-    if itemsize == 4:  # tf32: M and y also go through shared memory
-        smem += 4 * (q * q + q * headdim)
+    smem += itemsize * q * headdim  # the y tile
+    if itemsize == 4:  # tf32: M also goes through shared memory
+        smem += 4 * q * q
     if smem > _SMEM_LIMIT:
         return False, (f"mosaic SSD kernel tiles need {smem} bytes of shared memory "
                        f"(block_len {q}, headdim {headdim}, dstate {dstate}); limit {_SMEM_LIMIT}")
@@ -175,7 +176,7 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
-             x_smem, b_smem, c_smem, h_smem, s_smem, dt_smem, d_smem, bars, *tf32_smem):
+             x_smem, b_smem, c_smem, h_smem, s_smem, dt_smem, d_smem, bars, *extra_smem):
         ci = lax.axis_index("chunk")
         hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
@@ -229,7 +230,7 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         if tf32:
             # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM
             # and x is read as the transpose of its (P, q) tile. D x is added by the caller.
-            m_smem, y_smem = tf32_smem
+            m_smem, y_smem = extra_smem
             if interpret:
                 y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
             else:
@@ -259,9 +260,10 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         d_p = load(d_smem, col)
         xr = load(x_smem, wgmma_layout).astype(f32)
         y = y + xr * lax.broadcast_in_dim(d_p, (q, p), [1])
-        x_smem[...] = y.astype(cdt)   # x's tile is no longer needed: reuse it for y
+        (y_smem,) = extra_smem
+        y_smem[...] = y.astype(cdt)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x_smem, y_ref.at[bi, rows, hi])
+        plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
         plgpu.wait_smem_to_gmem(0)
 
     x_tile = (p, q) if tf32 else (q, p)
@@ -275,9 +277,11 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         plgpu.SMEM((p,), f32),
         plgpu.Barrier(num_barriers=7),
     ]
-    if tf32:
+    if tf32:  # M and y tiles
         scratch += [plgpu.SMEM((q, q), f32, transforms=_smem_transforms(plgpu, q, f32)),
                     plgpu.SMEM((q, p), f32, transforms=_smem_transforms(plgpu, p, f32))]
+    else:  # y tile
+        scratch += [plgpu.SMEM((q, p), cdt, transforms=_smem_transforms(plgpu, p, cdt))]
     y_shape = (bsz, lp, nh, p)
     return _kernel_call(
         plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
