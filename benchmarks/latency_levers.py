@@ -17,9 +17,10 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   unroll4     lax.scan unroll 4 of the step loop (DIMBA sampler's `unroll`; AR decode loop too)
   cb_off      --xla_gpu_enable_command_buffer= (no CUDA graphs: what the default graphs give)
   matmul_pass the chunked SSD's state passing across chunks (a `lax.associative_scan`: log-depth
-              slices, pads and concatenations, ~15 small kernels per layer at 8 chunks) as one
-              masked (chunks x chunks) decay matrix times the chunk states (benchmark-only patch of
-              dimba_jax.ssd.chunked, see `matmul_state_pass`; a win is a proposal for chunked.py)
+              slices, pads and concatenations at 8 chunks) as one masked (chunks x chunks) decay
+              matrix times the chunk states (benchmark-only patch of dimba_jax.ssd.chunked, see
+              `matmul_state_pass`; a win is a proposal for chunked.py). On CPU XLA fuses the scan's
+              pieces away (712 loop-body ops per step either way); GPU fusion may differ
   cb_matmul_pass  matmul_pass + cb_while
   f32         compute dtype float32 instead of bfloat16
   cb_unroll4  cb_while + unroll4
@@ -34,6 +35,11 @@ changes the generated tokens. Per variant it also derives the cost of one DIMBA 
 fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
 
 Results are written after every measurement to OUT/latency_levers.json and .md (OUT = --out).
+With --profile 1 (default) the base variant also traces two calls of DIMBA T=64 with jax.profiler
+and summarises them with benchmarks/profile_summary.py (OUT/profile_summary_base_dimba_T64.md;
+its "step" is one whole sampling call: kernel time, top kernels, idle gap = wall - busy, i.e. the
+launch-bound share; the raw trace is deleted after a successful summary). AR is not traced (1024
+tokens x ~400 kernels make a trace too large to summarise within the budget).
 
 GPU command (one H200; ~200 s):
 
@@ -118,6 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="re-measure variants finished in --previous")
     p.add_argument("--compile-cache", default="runs/jax_cache",
                    help="persistent XLA compilation cache ('' = off; not used with --smoke)")
+    p.add_argument("--profile", type=int, default=1,
+                   help="1 = also trace 2 calls of the base variant's DIMBA headline case with "
+                        "jax.profiler under OUT/profile_base_<case>/ and summarise them with "
+                        "benchmarks/profile_summary.py (kernel time vs idle gaps); 0 = off")
+    p.add_argument("--out-dir-worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="tiny random models on CPU (tests)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # JSON settings of one variant
     args = p.parse_args(argv)
@@ -365,12 +376,26 @@ def run_worker(args) -> None:
                 counts = {"error": f"{type(e).__name__}: {e}"}
             t = timing.time_call(call, repeats=args.repeats)
             ids = np.asarray(t.result)
+            profile_dir = ""
+            if settings.get("profile") and args.out_dir_worker and case == f"dimba_T{steps_list[0]}":
+                profile_dir = os.path.join(args.out_dir_worker, f"profile_{name}_{case}")
+                try:
+                    os.makedirs(profile_dir, exist_ok=True)
+                    with open(os.path.join(profile_dir, "compiled_hlo.txt"), "w") as f:
+                        f.write(compiled.as_text())
+                    with jax.profiler.trace(profile_dir):
+                        for _ in range(2):
+                            jax.block_until_ready(call())
+                except Exception as e:  # noqa: BLE001 - diagnostics only
+                    print(f"[levers] profiling {case} failed: {type(e).__name__}: {e}", flush=True)
+                    profile_dir = ""
             rec = dict(info, variant=name, case=case, L_gen=L, batch=1, latency_ms=t.median_ms,
                        min_ms=t.min_ms, times_ms=[round(v, 3) for v in t.times_ms],
                        compile_s=round(compile_s + t.compile_s, 2), ids_sha=hashlib.sha1(ids.tobytes()).hexdigest()[:16],
                        unroll=unroll, ssd_impl=str(dimba_cfg.model.ssd_impl if info["model"] == "dimba"
                                                    else ar_cfg.model.ssd_impl),
                        compute_dtype=str(dimba_cfg.model.compute_dtype), hlo_counts=counts,
+                       profile_dir=profile_dir,
                        wall_s=round(time.perf_counter() - t0, 1))
         except Exception as e:  # noqa: BLE001 - report and continue with the next case
             rec = {"variant": name, "case": case, "error": f"{type(e).__name__}: {e}",
@@ -441,6 +466,31 @@ def _write(out_dir: str, state: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def _summarise_profiles(state: dict, out_dir: str, deadline: float) -> None:
+    """Runs benchmarks/profile_summary.py on every profiled case (2 calls = 2 "steps")."""
+    script = os.path.join(ROOT, "benchmarks", "profile_summary.py")
+    for r in state["rows"]:
+        pdir = r.get("profile_dir")
+        if not pdir or not os.path.isdir(pdir) or not os.path.isfile(script) or r.get("profile_summary"):
+            continue
+        left = deadline - time.perf_counter()
+        if left < 8:
+            break
+        prefix = os.path.join(out_dir, f"profile_summary_{r['variant']}_{r['case']}")
+        cmd = [sys.executable, script, pdir, "--steps", "2", "--step-ms", f"{r['latency_ms']:.4f}",
+               "--hlo", os.path.join(pdir, "compiled_hlo.txt"), "--out", prefix]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=min(60, left - 5), cwd=ROOT)
+            r["profile_summary"] = prefix + ".md" if done.returncode == 0 else f"failed: {done.stderr[-500:]}"
+            if done.returncode == 0:  # the raw trace and HLO are large; the summary is what matters
+                import shutil
+
+                shutil.rmtree(pdir, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            r["profile_summary"] = f"failed: {type(e).__name__}: {e}"
+        print(f"[levers] profile summary {r['variant']} {r['case']}: {r['profile_summary']}", flush=True)
+
+
 def run_parent(args, argv) -> dict:
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
@@ -484,6 +534,8 @@ def run_parent(args, argv) -> dict:
             print(f"[levers] {state['variant_status'][name]}", flush=True)
             continue
         settings = dict(VARIANTS[name], name=name)
+        if name == "base" and args.profile:
+            settings["profile"] = True
         state["rows"] = [r for r in state["rows"] if r.get("variant") != name]  # a re-run replaces them
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if settings.get("xla_flags"):
@@ -491,7 +543,8 @@ def run_parent(args, argv) -> dict:
         if args.smoke:
             env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(settings)] + passthrough
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(settings),
+               "--out-dir-worker", os.path.abspath(out_dir)] + passthrough
         t0 = time.perf_counter()
         stop_at = min(deadline - 3, t0 + args.variant_max_s)
         print(f"[levers] variant {name}: {settings} (timeout {stop_at - t0:.0f}s)", flush=True)
@@ -544,6 +597,8 @@ def run_parent(args, argv) -> dict:
             state["variant_status"][name] += "; output tail: " + " | ".join(tail[-8:])[-1500:]
             print(f"[levers] variant {name}: {status}\n" + "\n".join(tail[-20:]), flush=True)
         _write(out_dir, state)
+    _write(out_dir, state)
+    _summarise_profiles(state, out_dir, deadline)
     _write(out_dir, state)
     print(f"[levers] done in {time.perf_counter() - t_start:.0f}s -> {out_dir}/latency_levers.json", flush=True)
     for v, d in state.get("derived", {}).items():

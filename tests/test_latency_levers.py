@@ -27,7 +27,7 @@ def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypat
     levers = _load_levers()
     monkeypatch.setitem(levers.VARIANTS, "bad_flag", {"xla_flags": "--xla_no_such_flag_for_this_test=1"})
     state = levers.main(["--smoke", "--out", str(tmp_path), "--variants", "bad_flag,base",
-                         "--budget-s", "120", "--min-variant-s", "5"])
+                         "--budget-s", "120", "--min-variant-s", "5", "--profile", "0"])
     data = json.loads((tmp_path / "latency_levers.json").read_text())
     assert data["rows"] == state["rows"]
     base = {r["case"]: r for r in data["rows"] if r["variant"] == "base"}
