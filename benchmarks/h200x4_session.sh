@@ -8,7 +8,10 @@
 #
 # Knobs (environment): STEPS (DIMBA and AR train.steps, equal so both see the same tokens; 4000),
 # JUDGE_STEPS (2500), TRAIN_S (wall seconds of the training phase; 320), EVAL_S (wall seconds of
-# the evaluation phase; 200), TRACK4 (a command for GPU 3, default: the kernel/trainer benchmarks).
+# the evaluation phase; 200), TRACK4 (a command for GPU 3, default: the kernel/trainer benchmarks),
+# DIMBA_WORKDIR (runs/small) and DIMBA_OVERRIDES (extra --config.* flags of the DIMBA run, e.g.
+# "--config.model.embed_scale=0.25" for an ablation), SHARD_HEADLINE / SHARD_STEPS / SHARD_ABLATIONS
+# (pareto.py grid flags of the three evaluation shards; defaults below).
 #
 # Timeline:  GPU0 DIMBA small | GPU1 AR small | GPU2 judge  — in parallel, each stopped by SIGTERM
 # at TRAIN_S (the trainer checkpoints and exits 0) — then GPU0: `--mode sample` (5 unprompted and
@@ -19,6 +22,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DIMBA_DATA=.gpu/data
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
 S=runs/session; mkdir -p "$S"
+DIMBA_WORKDIR=${DIMBA_WORKDIR:-runs/small}; DIMBA_OVERRIDES=${DIMBA_OVERRIDES:-}
+SHARD_HEADLINE=${SHARD_HEADLINE:-"--models ar,dimba --samplers ddim --steps 64 --lengths 1024 --prompted 0,1 --batches 1,64"}
+SHARD_STEPS=${SHARD_STEPS:-"--models dimba --samplers ddim,ddpm --steps 16,8,32,128,256 --lengths 1024 --prompted 0 --batches 1,64"}
+SHARD_ABLATIONS=${SHARD_ABLATIONS:-"--models dimba --samplers ddim,ddpm --steps 64 --lengths 1024 --prompted 1,0 --batches 1 --variants noselfcond,cfg2,clamp"}
 STEPS=${STEPS:-4000}; JUDGE_STEPS=${JUDGE_STEPS:-2500}; TRAIN_S=${TRAIN_S:-320}; EVAL_S=${EVAL_S:-200}
 T0=$(date +%s)
 bundle() { tar -czf "$OUT/bundle.tgz.tmp" -C runs session && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"; }
@@ -28,7 +35,7 @@ nvidia-smi -L | tee "$S/devices.txt"
 # ------------------------------------------------------------------ phase 1: training (parallel)
 COMMON="--config.train.sample_every=0 --config.train.eval_every=0 --config.train.log_every=50"
 CUDA_VISIBLE_DEVICES=0 timeout -s TERM -k 60 "$TRAIN_S" python3 -m dimba_jax.main --config configs/small.py \
-    --workdir runs/small --config.train.steps="$STEPS" --config.data.token_cache_dir=runs/cache0 $COMMON \
+    --workdir "$DIMBA_WORKDIR" --config.train.steps="$STEPS" --config.data.token_cache_dir=runs/cache0 $COMMON $DIMBA_OVERRIDES \
     > "$S/train_small.log" 2>&1 &
 P0=$!
 CUDA_VISIBLE_DEVICES=1 timeout -s TERM -k 60 "$TRAIN_S" python3 -m dimba_jax.main --config configs/ar_small.py \
@@ -46,8 +53,8 @@ P3=$!
 wait $P0; echo "[session] DIMBA training exit $? at $(elapsed)s"
 wait $P1; echo "[session] AR training exit $? at $(elapsed)s"
 wait $P2; echo "[session] judge training exit $? at $(elapsed)s"
-for m in small ar_small judge; do cp runs/$m/metrics.jsonl "$S/metrics_$m.jsonl" 2>/dev/null; done
-cp runs/small/samples.txt "$S/samples_end_of_training.txt" 2>/dev/null
+for m in "$DIMBA_WORKDIR" runs/ar_small runs/judge; do cp "$m/metrics.jsonl" "$S/metrics_$(basename "$m").jsonl" 2>/dev/null; done
+cp "$DIMBA_WORKDIR/samples.txt" "$S/samples_end_of_training.txt" 2>/dev/null
 bundle
 
 # ------------------------------------------------------------------ phase 2: evaluation (parallel)
@@ -63,33 +70,32 @@ for p in "${PROMPTS[@]}"; do PARGS+=(--prompt "$p"); done
 eval_gpu0() {
   export CUDA_VISIBLE_DEVICES=0
   for T in 64 16; do
-    echo "### python -m dimba_jax.main --workdir runs/small --mode sample --steps $T --sampler ddim --config.sample.num_samples=5"
-    timeout 60 python3 -m dimba_jax.main --workdir runs/small --mode sample --steps $T --sampler ddim \
+    echo "### python -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode sample --steps $T --sampler ddim --config.sample.num_samples=5"
+    timeout 60 python3 -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode sample --steps $T --sampler ddim \
         --config.sample.num_samples=5 --seed 1
-    echo "### python -m dimba_jax.main --workdir runs/small --mode sample --steps $T --sampler ddim --prompt ... (5 prompts)"
-    timeout 60 python3 -m dimba_jax.main --workdir runs/small --mode sample --steps $T --sampler ddim \
+    echo "### python -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode sample --steps $T --sampler ddim --prompt ... (5 prompts)"
+    timeout 60 python3 -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode sample --steps $T --sampler ddim \
         --seed 1 "${PARGS[@]}"
   done
-  echo "### python -m dimba_jax.main --workdir runs/small --mode eval"
-  timeout 60 python3 -m dimba_jax.main --workdir runs/small --mode eval
+  echo "### python -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode eval"
+  timeout 60 python3 -m dimba_jax.main --workdir "$DIMBA_WORKDIR" --mode eval
 }
 shard() {  # shard GPU NAME ARGS...
   local gpu=$1 name=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu timeout -k 20 $((EVAL_S + 10)) python3 benchmarks/pareto.py --results /nonexistent.json \
-      --long-context "" --compile-cache "" --budget-s "$EVAL_S" --out "$S/pareto_$name.json" "$@" \
+      --long-context "" --compile-cache "" --budget-s "$EVAL_S" --dimba "$DIMBA_WORKDIR" --out "$S/pareto_$name.json" "$@" \
       > "$S/pareto_$name.log" 2>&1
 }
 (  # GPU0: the CLI samples of docs/small_run, then ablation rows with what is left of EVAL_S
   T_EVAL=$(date +%s)
   eval_gpu0 > "$S/samples_cli.txt" 2>&1
   LEFT=$(( EVAL_S - ($(date +%s) - T_EVAL) ))
-  [ "$LEFT" -gt 60 ] && EVAL_S=$LEFT shard 0 ablations --models dimba --samplers ddim,ddpm --steps 64 \
-      --lengths 1024 --prompted 1,0 --batches 1 --variants noselfcond,cfg2,clamp
+  [ "$LEFT" -gt 60 ] && EVAL_S=$LEFT shard 0 ablations $SHARD_ABLATIONS
 ) &
 E0=$!
-shard 1 headline --models ar,dimba --samplers ddim --steps 64 --lengths 1024 --prompted 0,1 --batches 1,64 &
+shard 1 headline $SHARD_HEADLINE &
 E1=$!
-shard 2 steps --models dimba --samplers ddim,ddpm --steps 16,8,32,128,256 --lengths 1024 --prompted 0 --batches 1,64 &
+shard 2 steps $SHARD_STEPS &
 E2=$!
 wait $E0 $E1 $E2
 echo "[session] evaluation done at $(elapsed)s"

@@ -68,12 +68,25 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
+def _compiler_params(plgpu):
+    """Compiler parameters pinning Mosaic GPU's *Lane* lowering semantics.
+
+    The kernel is written for per-thread (Lane) semantics with explicit register layouts
+    (plgpu.load(..., layout=...), broadcasted_iota(..., layout=WGMMA)): jax 0.10 defaults to
+    it, but jax 0.11 switched the default to Warpgroup semantics, whose layout-inference pass
+    finds no solution for this kernel ("Layout inference failed to find a solution").
+    """
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     """plgpu.kernel with `out_type` / `scratch_types` (jax 0.10+) or the older `out_shape` /
     `scratch_shapes` keywords, whichever this jax's signature has."""
     params = inspect.signature(plgpu.kernel).parameters
     out_key = "out_type" if "out_type" in params else "out_shape"
     scratch_key = "scratch_types" if "scratch_types" in params else "scratch_shapes"
+    if "compiler_params" not in kwargs and "interpret" not in kwargs:
+        kwargs["compiler_params"] = _compiler_params(plgpu)
     return plgpu.kernel(body, **{out_key: out_type, scratch_key: scratch_types}, **kwargs)
 
 
