@@ -2,20 +2,28 @@
 
 Usage (GPU machine, repository root):
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    timeout 200 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 180 [--quick]
+    timeout 140 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 120 --quick
+Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
+included):
+    python3 benchmarks/mosaic_probe.py --lower-only --out /tmp/lo
 
 For each case, in order (each in try/except, printed immediately, written incrementally to
 $OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
-  1. correctness on small random shapes (seqlen not a multiple of the chunk included; bf16, f16,
+  1. the chunk-output stage alone (the Mosaic kernel) at 130m-L2k, block 128, vs pallas_gpu's
+     Triton output kernel on the same inputs (error and time), in Lane and then Warpgroup
+     lowering semantics; the first that passes is used for the rest (or --semantics);
+  2. correctness on small random shapes (seqlen not a multiple of the chunk included; bf16, f16,
      f32 = tf32 products, and one f32 case at block 128 that must be refused): the mosaic
      forward and its gradients (custom_vjp's Triton backward) vs impl="reference", relative L2;
-  2. timing at the four DESIGN.md shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic
+  3. timing at the four DESIGN.md shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic
      (block_len 128 and 64), impl="xla" and impl="pallas" (Triton), forward and forward+backward,
      median of >= 50 device-synchronised runs after warm-up; mosaic vs xla relative L2 error.
 --budget-s bounds the total time (cases that would start after it are recorded as skipped).
---quick: one small correctness case and one timing shape only.
-On a machine without a GPU it says "no GPU", checks that the mosaic kernel lowers for cuda, and
-exits 0.
+--quick: the bf16 and the f32 correctness case and the first timing shape only.
+--lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; stage,
+fwd, fwd+bwd; both semantics unless --semantics), report, exit 1 if any fails.
+On a machine without a GPU (and no --lower-only) it says "no GPU", checks that the mosaic kernel
+lowers for cuda on a tiny shape, and exits 0.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
 ]
 T0 = time.perf_counter()
 INTERPRET = False  # --cpu-interpret: run the mosaic kernel in its interpreter (probe self-test)
+SEMANTICS = pallas_mosaic.DEFAULT_SEMANTICS  # Mosaic lowering semantics of the full-SSD cases
 
 
 def elapsed():
@@ -103,7 +112,8 @@ def impl_fn(impl, kw, block_len=None, final=False):
         if impl == "mosaic":
             return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, block_len=block_len,
                                                     return_final_states=final,
-                                                    interpret=INTERPRET, **kw)
+                                                    interpret=INTERPRET, semantics=SEMANTICS,
+                                                    **kw)
         if impl == "reference":
             with jax.default_matmul_precision("highest"):
                 return ssd(x, dt, A, B, C, CHUNK, impl="reference", return_final_states=final, **kw)
@@ -182,7 +192,7 @@ class Recorder:
 
 def correctness_case(rec, spec, seed, with_grads=True):
     b, l, h, p, g, n, dtype, q, options = spec
-    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options}"
+    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options} [{SEMANTICS}]"
     args, kw, dy = make_inputs(seed, b, l, h, p, g, n, jnp.dtype(dtype), options)
     ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q,
                                       check_device=not INTERPRET)
@@ -219,7 +229,7 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
     name, b, l, h, ref_fwd, ref_fb = shape
     args, kw, dy = make_inputs(1234, b, l, h, P, G, N, jnp.bfloat16, "D+bias")
     a = [args[k] for k in ("x", "dt", "A", "B", "C")]
-    label = impl if impl != "mosaic" else f"mosaic q{q}"
+    label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS}"
     f = jax.jit(impl_fn(impl, kw, q))
     case = dict(case=f"time {name}", shape=name, B=b, L=l, H=h, P=P, N=N, chunk=CHUNK, impl=label,
                 mamba_ssm_fwd_ms=ref_fwd, mamba_ssm_fwdbwd_ms=ref_fb, status="ok")
@@ -236,7 +246,7 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
     return y
 
 
-def stage_case(rec, shape, q, runs, deadline):
+def stage_case(rec, shape, q, runs, deadline, semantics):
     """The chunk-output stage alone: Mosaic kernel vs pallas_gpu's Triton kernel, same inputs."""
     from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
     name, b, l, h = shape[:4]
@@ -250,14 +260,17 @@ def stage_case(rec, shape, q, runs, deadline):
     hprev = (0.1 * jax.random.normal(ks[4], (b, h, nc, P, N))).astype(jnp.bfloat16)
     d = jax.random.normal(ks[5], (h, P))
     args = (x, bm, cm, dt, s, hprev, d)
-    mosaic = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G))
+    mosaic = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G,
+                                                                semantics=semantics))
     triton = jax.jit(lambda *a: pallas_gpu._chunk_out_call(*a, None, q=q, hpg=h // G,
                                                            num_warps=4, interpret=False))
-    case = dict(case=f"stage chunk_out {name}", shape=name, impl=f"mosaic q{q} vs triton q{q}",
-                status="ok")
+    case = dict(case=f"stage chunk_out {name}", shape=name,
+                impl=f"mosaic q{q} {semantics} vs triton q{q}", status="ok")
     case["fwd"] = time_ms(mosaic, args, runs, deadline)
     case["triton"] = time_ms(triton, args, runs, deadline)
     case["errors"] = {"y": rel(mosaic(*args), triton(*args))}
+    if not case["errors"]["y"] < 1e-2:  # both bf16 outputs of the same math
+        case["status"] = "FAIL"
     case["error_vs"] = "triton chunk_out"
     bytes_moved = 2 * (2 * b * l * h * P + 2 * b * l * h * N + b * h * nc * P * N) + 8 * b * h * l
     case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
@@ -265,21 +278,57 @@ def stage_case(rec, shape, q, runs, deadline):
     rec.add(case)
 
 
-def cpu_lowering_check(rec):
-    """Without a GPU: lower the mosaic forward (and its gradient) for cuda on a tiny shape."""
+LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
+
+
+def lowering_check(rec, shapes, semantics="lane"):
+    """Lower for cuda (no device needed) at `shapes`: the chunk-output stage alone, the forward
+    and forward+backward, for every (dtype, block_len) of LOWER_CONFIGS.
+
+    This runs all of Mosaic GPU's Python-side lowering (for Warpgroup semantics: its layout
+    inference), i.e. everything that failed on the GPU with "Layout inference failed", but not
+    the device compile (PTX / ptxas), which needs the GPU.
+    """
     s = jax.ShapeDtypeStruct
-    b, l, h, p, g, n = 1, 200, 2, 64, 1, 128
-    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
-              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
-    f = impl_fn("mosaic", dict(dt_softplus=True), 128)
-    for tag, fn in (("fwd", f), ("grad", lambda *a: jax.grad(
-            lambda *z: f(*z).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4))(*a))):
-        try:
-            jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
-            rec.add(dict(case=f"lower-for-cuda {tag}", impl="mosaic", status="ok"))
-        except Exception as e:  # report, keep going
-            rec.add(dict(case=f"lower-for-cuda {tag}", impl="mosaic", status="error",
-                         error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb()))
+    for name, b, l, h in (sh[:4] for sh in shapes):
+        for dtype, q in LOWER_CONFIGS:
+            dt = jnp.dtype(dtype)
+            lp = -(-l // q) * q
+            x_stage = s((b, h, P, lp) if dt == jnp.float32 else (b, lp, h, P), dt)
+            stage_args = (x_stage, s((b, lp, G, N), dt), s((b, lp, G, N), dt),
+                          s((b, h, lp), jnp.float32), s((b, h, lp), jnp.float32),
+                          s((b, h, lp // q, P, N), dt), s((h, P), jnp.float32))
+            args = (s((b, l, h, P), dt), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+                    s((b, l, G, N), dt), s((b, l, G, N), dt), s((h,), jnp.float32))
+
+            def fwd(x, dt_, A, B, C, D, q=q):
+                return pallas_mosaic.ssd_mosaic_forward(x, dt_, A, B, C, CHUNK, D=D,
+                                                        dt_softplus=True, block_len=q,
+                                                        semantics=semantics)
+
+            def fwdbwd_(x, dt_, A, B, C, D, fwd=fwd):
+                y, vjp = jax.vjp(fwd, x, dt_, A, B, C, D)
+                return y, vjp(y)
+
+            def stage(*a, q=q, h=h):
+                return pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
+
+            todo = [("stage", stage, stage_args), ("fwd", fwd, args), ("fwd+bwd", fwdbwd_, args)]
+            for tag, fn, fargs in todo:
+                label = f"lower {semantics} {name} {dtype} q{q} {tag}"
+                t = time.perf_counter()
+                try:
+                    with pallas_mosaic.cuda_lowering_context():
+                        text = jax.jit(fn).trace(*fargs).lower(
+                            lowering_platforms=("cuda",)).as_text()
+                    if "mosaic_gpu" not in text:
+                        raise AssertionError("no Mosaic GPU kernel in the lowered module")
+                    rec.add(dict(case=label, impl="mosaic", status="ok",
+                                 seconds=round(time.perf_counter() - t, 2)))
+                except Exception as e:  # report, keep going
+                    rec.add(dict(case=label, impl="mosaic", status="error",
+                                 seconds=round(time.perf_counter() - t, 2),
+                                 error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb(30)))
 
 
 def main():
@@ -291,19 +340,36 @@ def main():
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--cpu-interpret", action="store_true",
                     help="without a GPU: exercise this script on tiny cases in the interpreter")
+    ap.add_argument("--lower-only", action="store_true",
+                    help="only lower for cuda (any machine): all four shapes, bf16 q128/q64 and "
+                         "f32 q64; stage, fwd, fwd+bwd; exit 1 if any fails")
+    ap.add_argument("--semantics", default=None, choices=("lane", "warpgroup"),
+                    help="Mosaic lowering semantics for the full-SSD cases (default: on a GPU, "
+                         "the first whose stage check passes; else DEFAULT_SEMANTICS); "
+                         "--lower-only checks both unless this is given")
     a = ap.parse_args()
-    global INTERPRET
+    global INTERPRET, SEMANTICS
     deadline = T0 + a.budget_s
     rec = Recorder(a.out, " ".join(["python3"] + sys.argv))
     dev = jax.devices()[0]
     print(f"device: {rec.data['device']} platform {dev.platform} cc "
           f"{getattr(dev, 'compute_capability', '')} jax {jax.__version__}", flush=True)
-    small = SMALL[:1] if a.quick else SMALL
+    # --quick: the bf16 and the f32 check and the first timing shape only.
+    small = [SMALL[0], SMALL[3]] if a.quick else SMALL
     shapes = SHAPES[:1] if a.quick else SHAPES
     impls = [("mosaic", 128), ("mosaic", 64), ("xla", None), ("pallas", None)]
+    both = ("lane", "warpgroup")
+    if a.lower_only:
+        for sem in ([a.semantics] if a.semantics else both):
+            lowering_check(rec, SHAPES, semantics=sem)
+        bad = [c["case"] for c in rec.data["cases"] if c["status"] != "ok"]
+        print(f"lowering: {len(rec.data['cases']) - len(bad)} ok, {len(bad)} failed "
+              f"in {elapsed():.0f} s", flush=True)
+        return 1 if bad else 0
     if dev.platform != "gpu":
         print("no GPU: checking that the Mosaic GPU kernel lowers for cuda", flush=True)
-        cpu_lowering_check(rec)
+        for sem in both:
+            lowering_check(rec, [("tiny", 1, 200, 2)], semantics=sem)
         if not a.cpu_interpret:
             return 0
         INTERPRET = True  # tiny cases, interpreter: checks this script, not the GPU kernel
@@ -331,16 +397,33 @@ def main():
                          traceback=short_tb()))
             return None
 
-    # The first small case, then the first timing shape, then everything else.
-    run(f"check {small[0]}", correctness_case, rec, small[0], int(rng.integers(1 << 30)))
-    plan = [("time", shapes[0])] + [("check", s) for s in small[1:]] + [("time", s) for s in shapes[1:]]
+    # 1. The output stage alone (the Mosaic kernel) at the first shape, q128, in both lowering
+    #    semantics: it compiles in seconds and says which semantics works on this GPU.
+    if not INTERPRET:
+        for sem in ((a.semantics,) if a.semantics else both):
+            n_before = len(rec.data["cases"])
+            run(f"stage {shapes[0][0]} q128 {sem}", stage_case, rec, shapes[0], 128, a.runs,
+                deadline, sem)
+            new = rec.data["cases"][n_before:]
+            if new and new[-1]["status"] == "ok" and not a.semantics:
+                SEMANTICS = sem  # the first semantics whose stage check passed
+                break
+    SEMANTICS = a.semantics or SEMANTICS
+    print(f"full-SSD cases use {SEMANTICS} semantics", flush=True)
+    # 2. Correctness (bf16 q128, then f32 q64), the first timing shape, then everything else.
+    first = [s for s in small if s[6] == "bfloat16"][:1] + [s for s in small if s[6] == "float32"][:1]
+    plan = ([("check", s) for s in first] + [("time", shapes[0])]
+            + [("check", s) for s in small if s not in first] + [("time", s) for s in shapes[1:]])
     for kind, spec in plan:
         if kind == "check":
             run(f"check {spec}", correctness_case, rec, spec, int(rng.integers(1 << 30)))
             continue
         if not INTERPRET:  # the output stage alone, Mosaic vs Triton (the kernel this file adds)
             for q in (128, 64):
-                run(f"stage {spec[0]} q{q}", stage_case, rec, spec, q, a.runs, deadline)
+                if spec is shapes[0] and q == 128:
+                    continue  # done in step 1
+                run(f"stage {spec[0]} q{q}", stage_case, rec, spec, q, a.runs, deadline,
+                    SEMANTICS)
         y_xla = None
         ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
         for impl, q in ordered:  # xla first: its y is the yardstick for the others

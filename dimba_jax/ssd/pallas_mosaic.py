@@ -25,12 +25,20 @@ Limits of this version (`supported()` says which applies): headdim and dstate mu
 up to 256 whose tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per
 program, no software pipelining or warp specialisation yet. Not wired into `ssd(impl=...)`.
 
+Mosaic GPU lowering semantics: the kernel lowers under both Lane and Warpgroup semantics (jax
+0.10 and 0.11.2), pinned by `semantics=` (default DEFAULT_SEMANTICS) rather than left to jax's
+default, which became Warpgroup in jax 0.11. The first version failed Warpgroup layout
+inference ("Layout inference failed to find a solution") because it loaded the s vector twice
+from one SMEM buffer in two layouts; CSE merged the loads (see the s_col_smem comment).
+
 Imports without a GPU; `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` lowers it
-on a CPU-only machine (tests/test_ssd_mosaic.py).
+on a CPU-only machine (tests/test_ssd_mosaic.py; under jax 0.11 the Triton stages also need an
+abstract GPU device, see `cuda_lowering_context`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -44,6 +52,7 @@ from dimba_jax.ssd import _common
 from dimba_jax.ssd import pallas_gpu as _tri
 
 DEFAULT_BLOCK_LEN = 128
+DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the output kernel (see below)
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -68,15 +77,20 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def _compiler_params(plgpu):
-    """Compiler parameters pinning Mosaic GPU's *Lane* lowering semantics.
+def _compiler_params(plgpu, semantics: str = "lane"):
+    """Compiler parameters pinning Mosaic GPU's lowering semantics ("lane" or "warpgroup").
 
-    The kernel is written for per-thread (Lane) semantics with explicit register layouts
-    (plgpu.load(..., layout=...), broadcasted_iota(..., layout=WGMMA)): jax 0.10 defaults to
-    it, but jax 0.11 switched the default to Warpgroup semantics, whose layout-inference pass
-    finds no solution for this kernel ("Layout inference failed to find a solution").
+    The kernel gives explicit register layouts (plgpu.load(..., layout=...),
+    broadcasted_iota(..., layout=WGMMA)) and lowers under both semantics, so it pins one rather
+    than inherit jax's default, which changed from Lane (jax 0.10) to Warpgroup (jax 0.11).
+    Under Warpgroup semantics the layouts of all other values come from Mosaic's layout
+    inference (it failed on the first version of this kernel: see the s_col_smem comment).
     """
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+    if semantics not in ("lane", "warpgroup"):
+        raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
+    kinds = plgpu.LoweringSemantics
+    return plgpu.CompilerParams(
+        lowering_semantics=kinds.Lane if semantics == "lane" else kinds.Warpgroup)
 
 
 def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
@@ -85,8 +99,6 @@ def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     params = inspect.signature(plgpu.kernel).parameters
     out_key = "out_type" if "out_type" in params else "out_shape"
     scratch_key = "scratch_types" if "scratch_types" in params else "scratch_shapes"
-    if "compiler_params" not in kwargs and "interpret" not in kwargs:
-        kwargs["compiler_params"] = _compiler_params(plgpu)
     return plgpu.kernel(body, **{out_key: out_type, scratch_key: scratch_types}, **kwargs)
 
 
@@ -100,6 +112,29 @@ def _smem_transforms(plgpu, minor: int, dtype):
             break
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(swizzle))
+
+
+def cuda_lowering_context(device_kind: str = "NVIDIA H200", num_cores: int = 132):
+    """Context for `jit(...).trace(...).lower(lowering_platforms=("cuda",))` on a machine
+    without a GPU.
+
+    jax 0.11's Pallas Triton lowering (the chunk-state / state-pass stages and the backward)
+    asks for the target GPU's description and, with no GPU present, needs an abstract GPU device
+    on the abstract mesh; the Mosaic GPU lowering then targets sm_90a as well. On a GPU machine
+    (or where the abstract-mesh API is missing) this is a no-op context.
+
+    Returns:
+      A context manager.
+    """
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    try:
+        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
+                                             platform="gpu")
+        mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+        return jax.sharding.use_abstract_mesh(mesh)
+    except (AttributeError, TypeError):  # an older jax: the Triton lowering needs no device
+        return contextlib.nullcontext()
 
 
 def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None, dt_bias=None,
@@ -126,7 +161,7 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
     if seq_idx is not None:
         return False, "mosaic SSD kernel does not support seq_idx yet"
     itemsize = jnp.dtype(x.dtype).itemsize
-    smem = itemsize * (q * headdim + 2 * q * dstate + headdim * dstate) + 4 * (2 * q + headdim)
+    smem = itemsize * (q * headdim + 2 * q * dstate + headdim * dstate) + 4 * (3 * q + headdim)
     smem += itemsize * q * headdim  # the y tile
     if itemsize == 4:  # tf32: M also goes through shared memory
         smem += 4 * q * q
@@ -149,7 +184,8 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
+def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
+                      semantics: str = DEFAULT_SEMANTICS):
     """Chunk-output stage on Hopper.
 
     Args:
@@ -161,6 +197,8 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
       d: (nheads, P) float32 skip weight.
       q: chunk length (64 or 128).  hpg: heads per group.
       interpret: run in the Mosaic GPU interpreter (any device; slow, for tests).
+      semantics: Mosaic GPU lowering semantics, "lane" (what the kernel is written for) or
+        "warpgroup" (jax 0.11's default; a diagnostic, see `_compiler_params`).
     Returns:
       y: (batch, Lp, nheads, P) x.dtype.
     """
@@ -178,10 +216,15 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
     row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
     col = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by the column j
 
+    load_idx = inspect.signature(plgpu.load).parameters["idx"]
+    load_takes_idx = load_idx.default is inspect.Parameter.empty
+
     def load(ref, layout):
         if interpret:  # the interpreter has no plgpu.load; layouts do not matter there
             return ref[...]
-        return plgpu.load(ref, (), layout=layout)
+        if load_takes_idx:  # jax 0.10 needs the index; 0.11 deprecates passing it
+            return plgpu.load(ref, (), layout=layout)
+        return plgpu.load(ref, layout=layout)
 
     def iota(shape, dim):
         if interpret:
@@ -189,7 +232,8 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
-             x_smem, b_smem, c_smem, h_smem, s_smem, dt_smem, d_smem, bars, *extra_smem):
+             x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
+             *extra_smem):
         ci = lax.axis_index("chunk")
         hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
@@ -199,6 +243,10 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
         plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
         plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
+        # s is needed along rows (s_i) and along columns (s_j), two register layouts. Two
+        # loads of one SMEM buffer are merged by CSE into one value that Warpgroup layout
+        # inference cannot relayout to both, so the column copy gets its own buffer.
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
         plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
         if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
             plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
@@ -210,8 +258,8 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         plgpu.barrier_wait(bars.at[2])
 
         def products(g_acc, off_acc):
-            plgpu.wgmma(g_acc, c_smem, plgpu.transpose_ref(b_smem, (1, 0)))     # C B^T
-            plgpu.wgmma(off_acc, c_smem, plgpu.transpose_ref(h_smem, (1, 0)))   # C h^T
+            plgpu.wgmma(g_acc, c_smem, b_smem.transpose((1, 0)))     # C B^T
+            plgpu.wgmma(off_acc, c_smem, h_smem.transpose((1, 0)))   # C h^T
             return g_acc[...], off_acc[...]
 
         # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the elementwise
@@ -227,8 +275,9 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
 
         plgpu.barrier_wait(bars.at[3])
         plgpu.barrier_wait(bars.at[4])
+        plgpu.barrier_wait(bars.at[7])
         s_i = load(s_smem, row)
-        s_j = load(s_smem, col)
+        s_j = load(s_col_smem, col)
         dt_j = load(dt_smem, col)
         i_idx = iota((q, q), 0)
         j_idx = iota((q, q), 1)
@@ -251,7 +300,7 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
                 plgpu.commit_smem()
 
                 def intra_tf32(acc_ref):
-                    plgpu.wgmma(acc_ref, m_smem, plgpu.transpose_ref(x_smem, (1, 0)))
+                    plgpu.wgmma(acc_ref, m_smem, x_smem.transpose((1, 0)))
 
                 y = pl.run_state(intra_tf32)(plgpu.ACC.init(y0))
             y_smem[...] = y
@@ -285,10 +334,11 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
         plgpu.SMEM((q, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
         plgpu.SMEM((q, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
         plgpu.SMEM((p, n), cdt, transforms=_smem_transforms(plgpu, n, cdt)),
-        plgpu.SMEM((q,), f32),
-        plgpu.SMEM((q,), f32),
+        plgpu.SMEM((q,), f32),  # s (rows)
+        plgpu.SMEM((q,), f32),  # s (columns)
+        plgpu.SMEM((q,), f32),  # dt
         plgpu.SMEM((p,), f32),
-        plgpu.Barrier(num_barriers=7),
+        plgpu.Barrier(num_barriers=8),
     ]
     if tf32:  # M and y tiles
         scratch += [plgpu.SMEM((q, q), f32, transforms=_smem_transforms(plgpu, q, f32)),
@@ -299,7 +349,8 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
     return _kernel_call(
         plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
         grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
-        **({"interpret": _interpret_params()} if interpret else {}),
+        **({"interpret": _interpret_params()} if interpret
+           else {"compiler_params": _compiler_params(plgpu, semantics)}),
     )(x, b, c, dt, s, hprev, d)
 
 
@@ -308,28 +359,30 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False):
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret):
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
     states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state", num_warps=4,
                                     interpret=interpret)
     hprev, fin = _tri._state_pass_fwd_call(states, _tri._chunk_end_decay(s, None, q), h0,
                                            hprev_dtype=x.dtype, interpret=interpret)
     xin = jnp.transpose(x, (0, 2, 3, 1)) if x.dtype == jnp.float32 else x  # tf32: K-major x
-    y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret)
+    y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
+                          semantics=semantics)
     return y, fin, hprev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret):
-    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
+    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret):
-    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
+    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
     return (y, fin), (x, b, c, dt, s, hprev, d)
 
 
-def _core_bwd(q, hpg, interpret, res, grads):
+def _core_bwd(q, hpg, interpret, semantics, res, grads):
+    del semantics  # the backward is pallas_gpu's Triton kernels
     x, b, c, dt, s, hprev, d = res
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
     dx, db, dc, ddt, ds, dh0, dd, _ = _tri._core_bwd(cfg, (x, b, c, dt, s, hprev, d, None), grads)
@@ -342,7 +395,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None,
                        dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None,
                        seq_idx=None, return_final_states=False, block_len: int | None = None,
-                       interpret: bool = False):
+                       interpret: bool = False, semantics: str = DEFAULT_SEMANTICS):
     """SSD with the Mosaic GPU chunk-output kernel; same semantics and returns as `ssd`.
 
     Args:
@@ -354,6 +407,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: as `ssd`.
       seq_idx: must be None (not supported yet).
       interpret: run every kernel in its Pallas interpreter (CPU tests; slow).
+      semantics: Mosaic GPU lowering semantics of the output kernel, "lane" or "warpgroup"
+        (both lower; see `_compiler_params`).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
       dstate) float32]. Differentiable (Triton backward of pallas_gpu).
@@ -367,6 +422,9 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     ok, why = supported(x=x, B=B, seq_idx=seq_idx, block_len=q, check_device=False)
     if not ok:
         raise ValueError(f"ssd_mosaic_forward: {why}")
+    if semantics not in ("lane", "warpgroup"):
+        raise ValueError(f"ssd_mosaic_forward: semantics must be 'lane' or 'warpgroup', "
+                         f"got {semantics!r}")
     bsz, seqlen, nh = sizes["batch"], sizes["seqlen"], sizes["nheads"]
     p, g, n = sizes["headdim"], sizes["ngroups"], sizes["dstate"]
     cdt = x.dtype
@@ -391,7 +449,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.zeros((nh, p), jnp.float32)
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret))
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
