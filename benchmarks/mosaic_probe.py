@@ -5,7 +5,7 @@ Usage (GPU machine, repository root):
     timeout 140 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 120 --quick
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
-    python3 benchmarks/mosaic_probe.py --lower-only --out /tmp/lo
+    python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
 
 For each case, in order (each in try/except, printed immediately, written incrementally to
 $OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
@@ -390,6 +390,7 @@ def main():
         if time.perf_counter() > deadline:
             rec.add(dict(case=label, status="skipped", reason="budget"))
             return None
+        print(f"START {label} at {elapsed():.1f} s", flush=True)  # names the case if one hangs
         try:
             return fn(*args, **kw)
         except Exception as e:  # one failure must not stop the rest
