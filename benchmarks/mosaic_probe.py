@@ -106,14 +106,15 @@ def make_inputs(seed, b, l, h, p, g, n, dtype, options):
     return args, kw, dy
 
 
-def impl_fn(impl, kw, block_len=None, final=False):
-    """f(x, dt, A, B, C) -> y (and final states if `final`) for impl in mosaic|xla|pallas|reference."""
+def impl_fn(impl, kw, block_len=None, final=False, stages=pallas_mosaic.DEFAULT_STAGES):
+    """f(x, dt, A, B, C) -> y (and final states if `final`) for impl in mosaic|xla|pallas|reference
+    (`stages`: which forward stages the mosaic impl runs as Mosaic GPU kernels)."""
     def f(x, dt, A, B, C):
         if impl == "mosaic":
             return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, block_len=block_len,
                                                     return_final_states=final,
                                                     interpret=INTERPRET, semantics=SEMANTICS,
-                                                    **kw)
+                                                    stages=stages, **kw)
         if impl == "reference":
             with jax.default_matmul_precision("highest"):
                 return ssd(x, dt, A, B, C, CHUNK, impl="reference", return_final_states=final, **kw)
@@ -174,7 +175,7 @@ class Recorder:
             err = ""
             if errs:
                 grads = [v for k, v in errs.items() if k.startswith("d")]
-                err = f"{errs.get('y', float('nan')):.2e}"
+                err = f"{errs.get('y', errs.get('states', float('nan'))):.2e}"
                 if grads:
                     err += f" / {max(grads):.2e}"
             fwd = c.get("fwd", {}).get("ms")
@@ -183,6 +184,8 @@ class Recorder:
             if "triton" in c:
                 note = (f"triton {c['triton']['ms']:.3f} ms; {c['mosaic_GBps']} vs "
                         f"{c['triton_GBps']} GB/s")
+                if "kernel" in c:
+                    note += f"; mosaic kernel alone {c['kernel']['ms']:.3f} ms"
             lines.append(f"| {c['case']} | {c.get('impl', '')} | {c['status']} | "
                          f"{'' if fwd is None else f'{fwd:.3f}'} | {'' if fb is None else f'{fb:.3f}'} | "
                          f"{err} | {note} |")
@@ -190,16 +193,16 @@ class Recorder:
             f.write("\n".join(lines) + "\n")
 
 
-def correctness_case(rec, spec, seed, with_grads=True):
+def correctness_case(rec, spec, seed, with_grads=True, stages=pallas_mosaic.DEFAULT_STAGES):
     b, l, h, p, g, n, dtype, q, options = spec
-    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options} [{SEMANTICS}]"
+    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options} [{SEMANTICS}, {stages}]"
     args, kw, dy = make_inputs(seed, b, l, h, p, g, n, jnp.dtype(dtype), options)
-    ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q,
+    ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q, stages=stages,
                                       check_device=not INTERPRET)
     if not ok:  # an unsupported option must be refused with a clear error, never a wrong answer
         try:
             pallas_mosaic.ssd_mosaic_forward(*args.values(), CHUNK, block_len=q,
-                                             interpret=INTERPRET, **kw)
+                                             interpret=INTERPRET, stages=stages, **kw)
             rec.add(dict(case=name, impl="mosaic", status="FAIL",
                          error=f"unsupported ({why}) but no error raised"))
         except ValueError as e:
@@ -208,11 +211,11 @@ def correctness_case(rec, spec, seed, with_grads=True):
     order = ("x", "dt", "A", "B", "C")
     a = [args[k] for k in order]
     t = time.perf_counter()
-    y, fin = jax.jit(impl_fn("mosaic", kw, q, final=True))(*a)
+    y, fin = jax.jit(impl_fn("mosaic", kw, q, final=True, stages=stages))(*a)
     y_ref, fin_ref = jax.jit(impl_fn("reference", kw, final=True))(*a)
     errors = {"y": rel(y, y_ref), "final_states": rel(fin, fin_ref)}
     if with_grads:
-        _, grads = fwdbwd(impl_fn("mosaic", kw, q))(dy, *a)
+        _, grads = fwdbwd(impl_fn("mosaic", kw, q, stages=stages))(dy, *a)
         _, grads_ref = fwdbwd(impl_fn("reference", kw))(dy, *a)
         for k, gr, gr_ref in zip(order, grads, grads_ref):
             errors["d" + k] = rel(gr, gr_ref)
@@ -225,12 +228,13 @@ def correctness_case(rec, spec, seed, with_grads=True):
                  seconds=round(time.perf_counter() - t, 1)))
 
 
-def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
+def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None, stages=None):
     name, b, l, h, ref_fwd, ref_fb = shape
     args, kw, dy = make_inputs(1234, b, l, h, P, G, N, jnp.bfloat16, "D+bias")
     a = [args[k] for k in ("x", "dt", "A", "B", "C")]
-    label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS}"
-    f = jax.jit(impl_fn(impl, kw, q))
+    stages = stages or pallas_mosaic.DEFAULT_STAGES
+    label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS} {stages}"
+    f = jax.jit(impl_fn(impl, kw, q, stages=stages))
     case = dict(case=f"time {name}", shape=name, B=b, L=l, H=h, P=P, N=N, chunk=CHUNK, impl=label,
                 mamba_ssm_fwd_ms=ref_fwd, mamba_ssm_fwdbwd_ms=ref_fb, status="ok")
     case["fwd"] = time_ms(f, a, runs, deadline)
@@ -239,7 +243,8 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
         case["errors"] = {"y": rel(y, y_xla)}
         case["error_vs"] = "xla"
     if do_bwd and time.perf_counter() < deadline:
-        case["fwdbwd"] = time_ms(fwdbwd(impl_fn(impl, kw, q)), [dy] + a, runs, deadline)
+        case["fwdbwd"] = time_ms(fwdbwd(impl_fn(impl, kw, q, stages=stages)), [dy] + a, runs,
+                                 deadline)
     flops = 2 * b * h * math.ceil(l / CHUNK) * (CHUNK * CHUNK * (N + P) + 2 * CHUNK * N * P)
     case["fwd_tflops_nominal"] = round(flops / case["fwd"]["ms"] / 1e9, 1)
     rec.add(case)
@@ -278,12 +283,54 @@ def stage_case(rec, shape, q, runs, deadline, semantics):
     rec.add(case)
 
 
+def stage_state_case(rec, shape, q, runs, deadline, semantics):
+    """The chunk-state stage alone: Mosaic kernel vs pallas_gpu's Triton `_chunk_state_call`,
+    same inputs. "fwd" times what the Mosaic forward runs (the XLA weights w = dt exp(s_end - s)
+    plus the kernel), "kernel" the Mosaic kernel alone on precomputed w."""
+    from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
+    name, b, l, h = shape[:4]
+    ks = jax.random.split(jax.random.key(11), 4)
+    nc = l // q
+    x = jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16)
+    bm = jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (b, h, l)) - 1.0)
+    s = jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l)
+    args = (x, bm, dt, s)
+    hpg = h // G
+
+    def mosaic_fn(x_, b_, dt_, s_):
+        return pallas_mosaic._chunk_state_mosaic(x_, b_, pallas_mosaic._state_weights(dt_, s_, q),
+                                                 q=q, hpg=hpg, semantics=semantics)
+
+    mosaic = jax.jit(mosaic_fn)
+    kernel = jax.jit(lambda x_, b_, w_: pallas_mosaic._chunk_state_mosaic(
+        x_, b_, w_, q=q, hpg=hpg, semantics=semantics))
+    triton = jax.jit(lambda *a: pallas_gpu._chunk_state_call(*a, None, q=q, hpg=hpg, mode="state",
+                                                             num_warps=4, interpret=False))
+    case = dict(case=f"stage chunk_state {name}", shape=name,
+                impl=f"mosaic q{q} {semantics} vs triton q{q}", status="ok")
+    case["fwd"] = time_ms(mosaic, args, runs, deadline)
+    w = jax.block_until_ready(pallas_mosaic._state_weights(dt, s, q))
+    case["kernel"] = time_ms(kernel, (x, bm, w), runs, deadline)
+    case["triton"] = time_ms(triton, args, runs, deadline)
+    st_m, st_t = mosaic(*args), triton(*args)
+    case["errors"] = {"states": rel(st_m, st_t)}
+    if not case["errors"]["states"] < 1e-2:  # float32 states of the same bf16-rounded products
+        case["status"] = "FAIL"
+    case["error_vs"] = "triton chunk_state"
+    bytes_moved = 2 * (b * l * h * P + b * l * G * N) + 4 * b * h * nc * P * N + 8 * b * h * l
+    case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
+    case["triton_GBps"] = round(bytes_moved / case["triton"]["ms"] / 1e6, 1)
+    rec.add(case)
+
+
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
 def lowering_check(rec, shapes, semantics="lane"):
-    """Lower for cuda (no device needed) at `shapes`: the chunk-output stage alone, the forward
-    and forward+backward, for every (dtype, block_len) of LOWER_CONFIGS.
+    """Lower for cuda (no device needed) at `shapes`: the chunk-output and chunk-state stages
+    alone, and the forward and forward+backward for every `stages` of pallas_mosaic.STAGES, for
+    every (dtype, block_len) of LOWER_CONFIGS.
 
     This runs all of Mosaic GPU's Python-side lowering (for Warpgroup semantics: its layout
     inference), i.e. everything that failed on the GPU with "Layout inference failed", but not
@@ -298,22 +345,29 @@ def lowering_check(rec, shapes, semantics="lane"):
             stage_args = (x_stage, s((b, lp, G, N), dt), s((b, lp, G, N), dt),
                           s((b, h, lp), jnp.float32), s((b, h, lp), jnp.float32),
                           s((b, h, lp // q, P, N), dt), s((h, P), jnp.float32))
+            state_args = (x_stage, s((b, G, N, lp) if dt == jnp.float32 else (b, lp, G, N), dt),
+                          s((b, h, lp), jnp.float32))
             args = (s((b, l, h, P), dt), s((b, l, h), jnp.float32), s((h,), jnp.float32),
                     s((b, l, G, N), dt), s((b, l, G, N), dt), s((h,), jnp.float32))
-
-            def fwd(x, dt_, A, B, C, D, q=q):
-                return pallas_mosaic.ssd_mosaic_forward(x, dt_, A, B, C, CHUNK, D=D,
-                                                        dt_softplus=True, block_len=q,
-                                                        semantics=semantics)
-
-            def fwdbwd_(x, dt_, A, B, C, D, fwd=fwd):
-                y, vjp = jax.vjp(fwd, x, dt_, A, B, C, D)
-                return y, vjp(y)
 
             def stage(*a, q=q, h=h):
                 return pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
 
-            todo = [("stage", stage, stage_args), ("fwd", fwd, args), ("fwd+bwd", fwdbwd_, args)]
+            def state_stage(*a, q=q, h=h):
+                return pallas_mosaic._chunk_state_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
+
+            todo = [("stage out", stage, stage_args), ("stage state", state_stage, state_args)]
+            for stages in pallas_mosaic.STAGES:
+                def fwd(x, dt_, A, B, C, D, q=q, stages=stages):
+                    return pallas_mosaic.ssd_mosaic_forward(x, dt_, A, B, C, CHUNK, D=D,
+                                                            dt_softplus=True, block_len=q,
+                                                            semantics=semantics, stages=stages)
+
+                def fwdbwd_(x, dt_, A, B, C, D, fwd=fwd):
+                    y, vjp = jax.vjp(fwd, x, dt_, A, B, C, D)
+                    return y, vjp(y)
+
+                todo += [(f"fwd {stages}", fwd, args), (f"fwd+bwd {stages}", fwdbwd_, args)]
             for tag, fn, fargs in todo:
                 label = f"lower {semantics} {name} {dtype} q{q} {tag}"
                 t = time.perf_counter()
@@ -357,7 +411,12 @@ def main():
     # --quick: the bf16 and the f32 check and the first timing shape only.
     small = [SMALL[0], SMALL[3]] if a.quick else SMALL
     shapes = SHAPES[:1] if a.quick else SHAPES
-    impls = [("mosaic", 128), ("mosaic", 64), ("xla", None), ("pallas", None)]
+    # (impl, block_len, mosaic stages): the all-Mosaic forward at both block lengths, the
+    # output-only variant timed in session 1 (q64; q128 too in the full run), xla, Triton.
+    impls = [("mosaic", 128, "state+out"), ("mosaic", 64, "state+out"), ("mosaic", 64, "out"),
+             ("xla", None, None), ("pallas", None, None)]
+    if not a.quick:
+        impls.insert(2, ("mosaic", 128, "out"))
     both = ("lane", "warpgroup")
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
@@ -377,7 +436,7 @@ def main():
                  (1, 70, 2, 64, 1, 64, "float32", 64, "D"),
                  (1, 70, 2, 64, 1, 128, "float32", 128, "D")]
         shapes = [("tiny", 1, 128, 2, 1.0, 1.0)]
-        impls = [("mosaic", 64), ("xla", None)]
+        impls = [("mosaic", 64, "state+out"), ("mosaic", 64, "out"), ("xla", None, None)]
         a.runs = 3
     else:
         ok, why = pallas_mosaic.supported(x=jnp.zeros((1, 1, 1, P), jnp.bfloat16),
@@ -411,25 +470,36 @@ def main():
                 break
     SEMANTICS = a.semantics or SEMANTICS
     print(f"full-SSD cases use {SEMANTICS} semantics", flush=True)
+    # 1b. The chunk-state stage alone (the second Mosaic kernel), same shape, q128.
+    if not INTERPRET:
+        run(f"stage chunk_state {shapes[0][0]} q128 {SEMANTICS}", stage_state_case, rec,
+            shapes[0], 128, a.runs, deadline, SEMANTICS)
     # 2. Correctness (bf16 q128, then f32 q64), the first timing shape, then everything else.
     first = [s for s in small if s[6] == "bfloat16"][:1] + [s for s in small if s[6] == "float32"][:1]
+    #    The checks run the default (all-Mosaic) forward; the full run also checks stages="out".
     plan = ([("check", s) for s in first] + [("time", shapes[0])]
             + [("check", s) for s in small if s not in first] + [("time", s) for s in shapes[1:]])
+    if not a.quick:
+        plan.insert(len(first) + 1, ("check out", first[0]))
     for kind, spec in plan:
-        if kind == "check":
-            run(f"check {spec}", correctness_case, rec, spec, int(rng.integers(1 << 30)))
+        if kind.startswith("check"):
+            stages = "out" if kind == "check out" else pallas_mosaic.DEFAULT_STAGES
+            run(f"check {spec} {stages}", correctness_case, rec, spec, int(rng.integers(1 << 30)),
+                stages=stages)
             continue
-        if not INTERPRET:  # the output stage alone, Mosaic vs Triton (the kernel this file adds)
+        if not INTERPRET:  # the stages alone, Mosaic vs Triton (the kernels of pallas_mosaic)
             for q in (128, 64):
                 if spec is shapes[0] and q == 128:
                     continue  # done in step 1
                 run(f"stage {spec[0]} q{q}", stage_case, rec, spec, q, a.runs, deadline,
                     SEMANTICS)
+                run(f"stage chunk_state {spec[0]} q{q}", stage_state_case, rec, spec, q, a.runs,
+                    deadline, SEMANTICS)
         y_xla = None
         ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
-        for impl, q in ordered:  # xla first: its y is the yardstick for the others
-            y = run(f"time {spec[0]} {impl} {q}", timing_case, rec, spec, impl, q, a.runs,
-                    deadline, not a.no_bwd, y_xla)
+        for impl, q, stages in ordered:  # xla first: its y is the yardstick for the others
+            y = run(f"time {spec[0]} {impl} {q} {stages or ''}".rstrip(), timing_case, rec, spec,
+                    impl, q, a.runs, deadline, not a.no_bwd, y_xla, stages=stages)
             if impl == "xla":
                 y_xla = y
     print(f"done in {elapsed():.0f} s; wrote {os.path.join(a.out, 'mosaic_probe.json')}", flush=True)

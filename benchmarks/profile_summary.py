@@ -26,6 +26,16 @@ its HLO instruction's source location (the stack frames XLA keeps in op metadata
 ops come from `dimba_jax/ssd/` are counted as SSD even when they are plain XLA fusions, and time
 is split into forward / backward (op_name under `transpose(`) and by innermost project function.
 
+Completeness check (GPU profiles have come back with most kernels missing): with the HLO text
+(`--hlo`, or PROFILE_DIR/program.hlo.txt that benchmarks/train_throughput.py saves) the kernel
+launches one step needs are counted from the compiled program (fusions, custom calls, copies,
+...; `while` bodies times their known trip count; a `conditional` as a min-max range) and
+compared with the captured kernel events, and every kernel-launching HLO instruction is checked
+for at least one captured event (by kind: gemm, fusion, copy, collective, other). Below 80% the
+summary says INCOMPLETE at the top of its Markdown; its per-kernel numbers are then not to be
+trusted. The number of events in the trace JSON is recorded too: the JSON holds at most
+TF_PROFILER_TRACE_VIEWER_MAX_EVENTS events (default 1,000,000; later ones are cut).
+
 Standard library only (gzip + json + re).
 """
 
@@ -50,6 +60,7 @@ _COLLECTIVE = re.compile(r"nccl|all-reduce|all_reduce|allreduce|all-gather|all_g
 _GEMM = re.compile(r"gemm|cublas|cutlass|nvjet|xmma|wgmma|matmul|(^|[^a-z])dot([^a-z]|$)|"
                    r"dot_general|onednn|eigen.*contraction", re.I)
 _SSD = re.compile(r"ssd", re.I)
+VIEWER_DEFAULT_MAX_EVENTS = 1_000_000  # TF_PROFILER_TRACE_VIEWER_MAX_EVENTS default
 _COPY = re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice|dynamic_update_slice|"
                    r"concatenate|pad|slice|gather|scatter|bitcast", re.I)
 _REDUCE = re.compile(r"reduce|reduction|argmax|argmin|softmax|norm", re.I)
@@ -297,6 +308,185 @@ def hlo_attribution(hlo_op: str, sources: dict[str, dict]) -> dict:
     return {"ssd": ssd, "backward": backward, "function": function, "opcodes": opcodes}
 
 
+# ------------------------------------------------------------------------ completeness check
+
+# Opcodes that launch nothing on the device (metadata, tuples, control flow containers).
+_FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+             "add-dependency", "opt-barrier", "partition-id", "replica-id", "domain",
+             "get-dimension-size", "while", "conditional", "call", "async-start",
+             "async-update", "async-done", "copy-done", "send-done", "recv-done",
+             "all-reduce-done", "all-gather-done", "collective-permute-done", "iota"}
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"(?:true|false)_computation=%?([\w.\-]+)")
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+_TO_APPLY = re.compile(r"to_apply=%?([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_FUSION_KIND = re.compile(r'"kind"\s*:\s*"([^"]*)"')
+# Events that are not the work of the HLO instruction they name: cuBLAS(Lt) zeroes its workspace
+# with a memset under the matmul's annotation (the H200 traces kept those and lost the GEMMs).
+_NOT_A_KERNEL = re.compile(r"^memset", re.I)
+
+
+def _parse_hlo_structure(hlo_text: str) -> tuple[dict, str]:
+    """{computation: [(instruction name, opcode, line)]} and the ENTRY computation's name."""
+    comps: dict[str, list] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line)
+        if m and "=" not in line.split("(")[0]:
+            current = m.group(1)
+            comps[current] = []
+            if line.lstrip().startswith("ENTRY"):
+                entry = current
+            continue
+        if current is None:
+            continue
+        m = _INSTR.match(line)
+        if m:
+            comps[current].append((m.group(1), m.group(2), line))
+    return comps, entry
+
+
+def _kernel_kind(opcode: str, line: str, comps: dict) -> str:
+    """"gemm" | "fusion" | "collective" | "copy" | "other" for a kernel-launching instruction."""
+    if opcode in ("dot", "convolution"):
+        return "gemm"
+    if opcode == "custom-call":
+        target = _TARGET.search(line)
+        t = target.group(1).lower() if target else ""
+        return "gemm" if re.search(r"gemm|matmul|cublas|dot", t) else "other"
+    if opcode == "fusion":
+        kind = _FUSION_KIND.search(line)
+        if kind and re.search(r"gemm|dot|cublas|matmul|ynn", kind.group(1), re.I):
+            return "gemm"
+        called = _CALLS.search(line)
+        ops = {o for _, o, _ in comps.get(called.group(1), [])} if called else set()
+        return "gemm" if ops & {"dot", "convolution"} else "fusion"
+    if opcode in _COLLECTIVE_OPS or opcode.endswith("-start"):
+        return "collective"
+    if opcode in _DATA_MOVEMENT_OPS:
+        return "copy"
+    return "other"
+
+
+def expected_kernels(hlo_text: str) -> dict:
+    """Kernel launches one execution of the compiled program needs, from its optimised HLO.
+
+    Walks from ENTRY: each instruction that is not free (_FREE_OPS) counts one launch, times
+    the trip count of the `while` loops around it (backend_config known_trip_count; 1 and
+    counted in "unknown_trip_counts" when absent) — the condition runs trip+1 times; `call` /
+    `async-start` bodies are walked; of a `conditional` the cheapest and the dearest branch
+    give the range [launches_min, launches_max] (which branch runs depends on the data).
+    Fused computations and reducers (to_apply of reduce / all-reduce / sort) are not walked.
+    Returns {"launches_min", "launches_max" (per execution), "by_kind": {kind: launches_max},
+    "instructions": {name: {"kind", "launches" (max), "optional" (inside a conditional
+    branch: may legitimately not run)}}, "unknown_trip_counts",
+    "conditionals"}.
+    Raises ValueError when the text has no ENTRY computation.
+    """
+    comps, entry = _parse_hlo_structure(hlo_text)
+    if not entry:
+        raise ValueError("expected_kernels: no ENTRY computation in the HLO text")
+    instructions: dict[str, dict] = {}
+    stats = {"unknown_trip_counts": 0, "conditionals": 0}
+
+    def walk(comp: str, mult: float, depth: int = 0, optional: bool = False
+             ) -> tuple[float, float]:
+        lo = hi = 0.0
+        if depth > 64 or comp not in comps:
+            return lo, hi
+        for name, opcode, line in comps[comp]:
+            if opcode == "while":
+                trip = _TRIP_COUNT.search(line)
+                n = int(trip.group(1)) if trip else 1
+                if not trip:
+                    stats["unknown_trip_counts"] += 1
+                body, cond = _BODY.search(line), _CONDITION.search(line)
+                for sub, times in ((body, n), (cond, n + 1)):
+                    if sub:
+                        a, b = walk(sub.group(1), mult * times, depth + 1, optional)
+                        lo, hi = lo + a, hi + b
+            elif opcode == "conditional":
+                stats["conditionals"] += 1
+                m = _BRANCHES.search(line)
+                names = ([b.strip().lstrip("%") for b in m.group(1).split(",")] if m
+                         else _TRUE_FALSE.findall(line))
+                ranges = [walk(b, mult, depth + 1, True) for b in names if b]
+                if ranges:
+                    lo += min(r[0] for r in ranges)
+                    hi += max(r[1] for r in ranges)
+            elif opcode == "call":
+                sub = _TO_APPLY.search(line) or _CALLS.search(line)
+                if sub:
+                    a, b = walk(sub.group(1), mult, depth + 1, optional)
+                    lo, hi = lo + a, hi + b
+            elif opcode == "async-start":
+                sub = _CALLS.search(line)
+                if sub:
+                    a, b = walk(sub.group(1), mult, depth + 1, optional)
+                    lo, hi = lo + a, hi + b
+            elif opcode not in _FREE_OPS and not opcode.endswith("-done"):
+                kind = _kernel_kind(opcode, line, comps)
+                entry_ = instructions.setdefault(name, {"kind": kind, "launches": 0.0,
+                                                        "optional": optional})
+                entry_["launches"] += mult
+                lo, hi = lo + mult, hi + mult
+        return lo, hi
+
+    lo, hi = walk(entry, 1.0)
+    by_kind: dict[str, float] = defaultdict(float)
+    for ins in instructions.values():
+        by_kind[ins["kind"]] += ins["launches"]
+    return {"launches_min": lo, "launches_max": hi, "by_kind": dict(by_kind),
+            "instructions": instructions, **stats}
+
+
+def completeness(events: list[dict], steps: int, hlo_text: str, threshold: float = 0.8) -> dict:
+    """How much of the program the trace caught: captured kernel events vs the launches the
+    compiled HLO needs per step (expected_kernels), and the fraction of kernel-launching HLO
+    instructions with at least one captured event (overall and per kind: gemm, fusion, ...;
+    instructions inside conditional branches are left out of this coverage).
+
+    Memset events are not counted as kernels. On GPU one instruction can launch several
+    kernels (cuBLAS split-K, Triton multi-kernel fusions), so the event ratio can exceed 1; the
+    instruction coverage is the sharper test. `complete` is False when the instruction
+    coverage or the event ratio (to the cheapest branch choice) is below `threshold`.
+    """
+    exp = expected_kernels(hlo_text)
+    kernel_events = [e for e in events if not _NOT_A_KERNEL.match(str(e.get("name", "")))]
+    seen = {str((e.get("args") or {}).get("hlo_op", "")) for e in kernel_events}
+    per_kind = defaultdict(lambda: [0, 0])
+    for name, ins in exp["instructions"].items():
+        if ins["optional"]:
+            continue  # inside a conditional branch: may not have run
+        per_kind[ins["kind"]][0] += 1
+        per_kind[ins["kind"]][1] += name in seen
+    n_instr = sum(v[0] for v in per_kind.values())
+    n_seen = sum(v[1] for v in per_kind.values())
+    captured = len(kernel_events) / steps
+    coverage = n_seen / n_instr if n_instr else None
+    ratio = captured / exp["launches_min"] if exp["launches_min"] else None
+    complete = all(x is None or x >= threshold for x in (coverage, ratio))
+    missing = sorted((n for n, ins in exp["instructions"].items()
+                      if n not in seen and not ins["optional"]),
+                     key=lambda n: -exp["instructions"][n]["launches"])
+    return {
+        "complete": complete, "threshold": threshold,
+        "captured_kernels_per_step": captured,
+        "expected_launches_per_step": [exp["launches_min"], exp["launches_max"]],
+        "captured_over_expected": ratio,
+        "instructions_expected": n_instr, "instructions_seen": n_seen,
+        "instruction_coverage": coverage,
+        "by_kind": {k: {"instructions": v[0], "seen": v[1],
+                        "expected_launches_per_step": exp["by_kind"].get(k, 0.0)}
+                    for k, v in sorted(per_kind.items())},
+        "unknown_trip_counts": exp["unknown_trip_counts"], "conditionals": exp["conditionals"],
+        "missing_examples": missing[:15],
+    }
+
+
 # ------------------------------------------------------------------------------ summarising
 
 _COLLECTIVE_OPS = {"all-reduce", "all-reduce-start", "all-gather", "all-gather-start",
@@ -469,10 +659,39 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+def _completeness_lines(c: dict | None, total_events: int | None) -> list[str]:
+    """Markdown lines of the completeness check (a loud banner when the trace is incomplete)."""
+    out = []
+    if total_events is not None and total_events >= 0.999 * VIEWER_DEFAULT_MAX_EVENTS and \
+            total_events <= VIEWER_DEFAULT_MAX_EVENTS:
+        out += [f"**WARNING: the trace JSON holds {total_events:,} events, the trace viewer's "
+                "default cap (TF_PROFILER_TRACE_VIEWER_MAX_EVENTS): later events were cut.**", ""]
+    if not c:
+        return out + ["Completeness: not checked (no HLO text of the program).", ""]
+    lo, hi = c["expected_launches_per_step"]
+    rng = f"{lo:.0f}" if lo == hi else f"{lo:.0f}-{hi:.0f}"
+    cov = "—" if c["instruction_coverage"] is None else f"{100 * c['instruction_coverage']:.0f}%"
+    ratio = "—" if c["captured_over_expected"] is None else f"{100 * c['captured_over_expected']:.0f}%"
+    kinds = ", ".join(f"{k} {v['seen']}/{v['instructions']}" for k, v in c["by_kind"].items())
+    head = ("**INCOMPLETE TRACE: the profiler dropped events; per-kernel times, categories and "
+            "the idle gap below are NOT trustworthy.**" if not c["complete"] else
+            "Completeness: OK.")
+    out += [head, "",
+            f"- captured {c['captured_kernels_per_step']:.0f} kernels/step vs {rng} launches/step "
+            f"expected from the compiled HLO ({ratio}); HLO kernel instructions with at least one "
+            f"captured event: {c['instructions_seen']}/{c['instructions_expected']} ({cov}); by "
+            f"kind (seen/expected): {kinds}",
+            f"- while loops without a known trip count: {c['unknown_trip_counts']}; conditionals: "
+            f"{c['conditionals']}" + (f"; e.g. missing: {', '.join(c['missing_examples'][:6])}"
+                                      if c["missing_examples"] else ""), ""]
+    return out
+
+
 def to_markdown(summary: dict, title: str = "Profile summary") -> str:
     """Markdown tables of a `summarize` result."""
     s = summary
-    lines = [f"# {title}", "",
+    lines = [f"# {title}", ""] + _completeness_lines(s.get("completeness"),
+                                                     s.get("trace_events_total")) + [
              f"Trace: {s['source']} events of `{s['process']}` ({len(s['lines'] or [])} lines), "
              f"{s['steps']} steps. Step wall time {_fmt(s['step_wall_ms'])} ms "
              f"({s['step_wall_from']}); trace span {_fmt(s['trace_span_ms_per_step'])} ms/step.", "",
@@ -514,14 +733,31 @@ def to_markdown(summary: dict, title: str = "Profile summary") -> str:
     return "\n".join(lines) + "\n"
 
 
+HLO_FILE = "program.hlo.txt"  # where benchmarks/train_throughput.py saves the traced program
+
+
 def summarize_dir(profile_dir: str, steps: int, step_ms: float | None = None,
                   hlo_text: str | None = None, top: int = 30) -> dict:
-    """find_trace_file + load_events + select_device_events + summarize (+ HLO sources)."""
+    """find_trace_file + load_events + select_device_events + summarize (+ HLO sources) +
+    the completeness check (HLO text from `hlo_text`, else PROFILE_DIR/program.hlo.txt)."""
     path = find_trace_file(profile_dir)
-    events, info = select_device_events(load_events(path))
+    all_events = load_events(path)
+    events, info = select_device_events(all_events)
+    if hlo_text is None:
+        saved = os.path.join(profile_dir, HLO_FILE)
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                hlo_text = f.read()
     sources = parse_hlo_sources(hlo_text) if hlo_text else None
     summary = summarize(events, info, steps, step_ms, sources, top)
     summary["trace_file"] = os.path.relpath(path, profile_dir)
+    summary["trace_events_total"] = len(all_events)
+    summary["completeness"] = None
+    if hlo_text:
+        try:
+            summary["completeness"] = completeness(events, steps, hlo_text)
+        except ValueError as e:
+            summary["completeness_error"] = str(e)
     return summary
 
 

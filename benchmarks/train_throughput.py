@@ -152,12 +152,21 @@ def variant_settings(args, pairs: list[tuple[str, str]]) -> tuple[argparse.Names
     return vargs, config_pairs
 
 
-def measure(args, pairs, profile_dir: str = "", variant: str = "",
-            measurement_pairs=()) -> dict:
-    """Builds the sharded train step for the config and times it. Returns one result row.
+class TrainSetup(argparse.Namespace):
+    """What `build_setup` returns (attributes): config, task, devices, mesh, parts, tx,
+    shardings, rest_shardings, state, rest, data_sharding, train_step, batch, seq_len."""
 
-    With `profile_dir`, also traces 3 more steps there and adds row["profile"] (the
-    profile_summary of them, its step wall time = the measured median step).
+
+def build_setup(args, pairs) -> TrainSetup:
+    """The config (file + overrides, batch = per_device_batch x devices), task, mesh, sharded
+    train state and jitted train step of `args`, plus one synthetic batch.
+
+    Args:
+      args: needs .config (path), .per_device_batch, .seq_len (0 = config's), .devices (0 = all).
+      pairs: [(config key, value string)] overrides.
+    Returns:
+      TrainSetup; batch = {"tokens": int32 (global_batch, seq_len)} uniform random ids (seed 0),
+      sharded like the data.
     """
     config = ov.apply_overrides(ov.load_config_file(args.config), pairs)
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
@@ -180,10 +189,14 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
     vocab = task.tokenizer.vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab - 1, (config.train.batch_size, seq_len))
     batch = {"tokens": jax.device_put(tokens.astype(np.int32), ds)}
+    return TrainSetup(config=config, task=task, devices=devices, mesh=mesh, parts=parts, tx=tx,
+                      shardings=sh, rest_shardings=rsh, state=state, rest=rest,
+                      data_sharding=ds, train_step=train_step, batch=batch, seq_len=seq_len)
 
-    t_compile = time.perf_counter()
-    compiled = train_step.lower(state, rest, batch).compile()
-    compile_s = time.perf_counter() - t_compile
+
+def compiled_costs(compiled) -> tuple[float | None, dict]:
+    """(XLA's FLOP count of one call of a compiled program or None, memory {"temp_gib",
+    "argument_gib", "output_gib"} or {}) — whatever the backend reports."""
     xla_flops, memory = None, {}
     try:
         cost = compiled.cost_analysis()
@@ -198,6 +211,103 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
                   "output_gib": m.output_size_in_bytes / 2**30}
     except Exception:  # noqa: BLE001
         pass
+    return xla_flops, memory
+
+
+# Largest event counts the GPU (CUPTI) tracer keeps; XLA's defaults are 2M each (jax
+# docs/profiling.md, "GPU options"; xla/backends/profiler/gpu/cupti_tracer_options_utils.cc).
+# An unknown key makes the GPU tracer refuse to start, so only keys documented for jax 0.10/0.11
+# are used. gpu_enable_cupti_activity_graph_trace is deliberately NOT set: CUPTI's graph trace
+# records one event per CUDA graph *instead of* its kernels. For per-kernel traces run with XLA
+# command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=), as jax itself does when it
+# profiles for PGLE (jax/_src/compiler.py).
+GPU_MAX_EVENTS = 16 * 1024 * 1024
+# The Chrome-trace JSON that jax writes beside the .xplane.pb keeps only the earliest
+# TF_PROFILER_TRACE_VIEWER_MAX_EVENTS events (default 1,000,000); raised while exporting.
+TRACE_VIEWER_MAX_EVENTS = 50_000_000
+
+
+def profiler_options():
+    """jax.profiler.ProfileOptions for a complete device trace, or None on a jax without them.
+
+    python_tracer_level 0 (Python frames only bloat the trace); raise_error_on_start_failure
+    (so that a refused option is noticed, see trace_steps); on GPU, advanced_configuration
+    raises the CUPTI event caps gpu_max_activity_api_events, gpu_max_callback_api_events and
+    gpu_max_annotation_strings to GPU_MAX_EVENTS.
+    """
+    try:
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0
+    except Exception:  # noqa: BLE001 - older jax: default options
+        return None
+    if hasattr(options, "raise_error_on_start_failure"):
+        options.raise_error_on_start_failure = True
+    if jax.default_backend() == "gpu" and hasattr(options, "advanced_configuration"):
+        try:
+            options.advanced_configuration = {
+                "gpu_max_activity_api_events": GPU_MAX_EVENTS,
+                "gpu_max_callback_api_events": GPU_MAX_EVENTS,
+                "gpu_max_annotation_strings": GPU_MAX_EVENTS}
+        except Exception as e:  # noqa: BLE001 - a jaxlib that cannot take them: defaults
+            print(f"[profile] advanced_configuration not accepted ({e}); default caps",
+                  flush=True)
+    return options
+
+
+def trace_steps(profile_dir: str, run_steps, hlo_text: str | None = None) -> float:
+    """Traces `run_steps()` (which must block until its work is done) into `profile_dir` with
+    `profiler_options()`; writes the program's HLO text beside it (profile_dir/program.hlo.txt,
+    for profile_summary's completeness check). Falls back to default options if the profiler
+    refuses the advanced ones. Returns the wall seconds of run_steps()."""
+    os.makedirs(profile_dir, exist_ok=True)
+    if hlo_text:
+        with open(os.path.join(profile_dir, "program.hlo.txt"), "w") as f:
+            f.write(hlo_text)
+    options = profiler_options()
+    kwargs = {"profiler_options": options} if options is not None else {}
+    try:
+        jax.profiler.start_trace(profile_dir, **kwargs)
+    except Exception as e:  # noqa: BLE001 - e.g. an advanced key this jaxlib rejects
+        print(f"[profile] start_trace with options failed ({type(e).__name__}: {e}); "
+              "retrying with defaults", flush=True)
+        try:
+            jax.profiler.stop_trace()  # a half-started session blocks the next start
+        except Exception:  # noqa: BLE001
+            pass
+        jax.profiler.start_trace(profile_dir)
+    t0 = time.perf_counter()
+    try:
+        run_steps()
+    finally:
+        wall = time.perf_counter() - t0
+        previous = os.environ.get("TF_PROFILER_TRACE_VIEWER_MAX_EVENTS")
+        os.environ["TF_PROFILER_TRACE_VIEWER_MAX_EVENTS"] = str(TRACE_VIEWER_MAX_EVENTS)
+        try:
+            jax.profiler.stop_trace()
+        finally:
+            if previous is None:
+                os.environ.pop("TF_PROFILER_TRACE_VIEWER_MAX_EVENTS", None)
+            else:
+                os.environ["TF_PROFILER_TRACE_VIEWER_MAX_EVENTS"] = previous
+    return wall
+
+
+def measure(args, pairs, profile_dir: str = "", variant: str = "",
+            measurement_pairs=()) -> dict:
+    """Builds the sharded train step for the config and times it. Returns one result row.
+
+    With `profile_dir`, also traces 3 more steps there and adds row["profile"] (the
+    profile_summary of them, its step wall time = the measured median step).
+    """
+    s = build_setup(args, pairs)
+    config, task, devices, mesh, parts = s.config, s.task, s.devices, s.mesh, s.parts
+    state, rest, batch, train_step, seq_len = s.state, s.rest, s.batch, s.train_step, s.seq_len
+    n = len(devices)
+
+    t_compile = time.perf_counter()
+    compiled = train_step.lower(state, rest, batch).compile()
+    compile_s = time.perf_counter() - t_compile
+    xla_flops, memory = compiled_costs(compiled)
 
     t0 = time.perf_counter()
     for _ in range(max(1, args.warmup)):
@@ -219,25 +329,22 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
     profile = None
     if profile_dir:
         profiled_steps = 3
-        options = None
-        try:
-            options = jax.profiler.ProfileOptions()
-            options.python_tracer_level = 0  # Python frames only bloat the trace here
-        except Exception:  # noqa: BLE001 - older jax: default options
-            options = None
         jax.block_until_ready(state.params)
-        kwargs = {"profiler_options": options} if options is not None else {}
-        jax.profiler.start_trace(profile_dir, **kwargs)
-        t0 = time.perf_counter()
-        for _ in range(profiled_steps):
-            state, metrics, _ = train_step(state, rest, batch)
-        jax.block_until_ready((state.params, metrics["loss"]))
-        traced_ms = (time.perf_counter() - t0) / profiled_steps * 1e3
-        jax.profiler.stop_trace()
         try:
             hlo_text = compiled.as_text()
         except Exception:  # noqa: BLE001
             hlo_text = None
+        holder = {"state": state}
+
+        def run_steps():
+            st = holder["state"]
+            for _ in range(profiled_steps):
+                st, m, _ = train_step(st, rest, batch)
+            jax.block_until_ready((st.params, m["loss"]))
+            holder["state"] = st
+
+        traced_ms = trace_steps(profile_dir, run_steps, hlo_text) / profiled_steps * 1e3
+        state = holder["state"]
         profile = profile_summary.summarize_dir(profile_dir, profiled_steps, step_s * 1e3,
                                                 hlo_text)
         profile["traced_step_ms"] = traced_ms

@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ------------------------------------------------------------ diffusion
     d = c.diffusion = ml_collections.ConfigDict()
     d.timesteps = 1000  # Training T: t ~ U{1..T}; samplers may use fewer steps (respacing).
+    d.t_power = 1.0  # Training t = ceil(T u^(1/t_power)), u ~ U(0,1): 1 = uniform, > 1 draws noisy (large) t more often.
     d.cosine_s = 0.008  # Offset s of the cosine schedule alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
     d.ce_weight = 1.0  # Weight of the rounding cross-entropy CE(head(x0_hat), tokens) beside the x0 MSE.
     d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).

@@ -87,6 +87,11 @@ def test_cpu_trace_summary(tmp_path):
                 for f, _ in sources[c]["frames"])
     # grad => backward ops exist (op_name under transpose(...)).
     assert s["direction"].get("backward", {}).get("ms_per_step", 0) > 0
+    # The CPU trace records every thunk: the completeness check must call it complete, and the
+    # dot must be among the instructions it expects and finds.
+    c = ps.completeness(events, steps, hlo)
+    assert c["complete"], c
+    assert c["by_kind"]["gemm"]["seen"] == c["by_kind"]["gemm"]["instructions"] >= 1
 
     prefix = str(tmp_path / "out" / "prof")
     ps.write_summary(s, prefix)
@@ -196,3 +201,100 @@ def test_train_throughput_four_devices_variants_profile(tmp_path):
     assert len(prof) == 1 and prof[0]["variant"] == "base" and prof[0]["categories"]
     md = open(out + ".md").read()
     assert "data2xfsdp2" in md and "Failed:" in md
+
+
+HAND_HLO = """HloModule hand
+
+%fused_add (p0: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  ROOT %a = f32[4]{0} add(%p0, %p0)
+}
+
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %d = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (t: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  %x = f32[4,4]{1,0} get-tuple-element(%t), index=1
+  %gemm = (f32[4,4]{1,0}, s8[0]{0}) custom-call(%x, %x), custom_call_target="__cublas$gemm"
+  %g0 = f32[4,4]{1,0} get-tuple-element(%gemm), index=0
+  %i = s32[] get-tuple-element(%t), index=0
+  %inc = s32[] fusion(%i), kind=kLoop, calls=%fused_add
+  ROOT %r = (s32[], f32[4,4]{1,0}) tuple(%inc, %g0)
+}
+
+%cond (t: (s32[], f32[4,4])) -> pred[] {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  ROOT %lt = pred[] fusion(%t), kind=kLoop, calls=%fused_add
+}
+
+%branch_a (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %fa = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add
+}
+
+%branch_b (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %fb1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add
+  ROOT %fb2 = f32[4]{0} fusion(%fb1), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main (a: f32[4,4], v: f32[4], p: s32[]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %v = f32[4]{0} parameter(1)
+  %p = s32[] parameter(2)
+  %tg = f32[4,4]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %c0 = s32[] constant(0)
+  %t0 = (s32[], f32[4,4]{1,0}) tuple(%c0, %tg)
+  %w = (s32[], f32[4,4]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  %cnd = f32[4]{0} conditional(%p, %v, %v), branch_computations={%branch_a, %branch_b}
+  %cp = f32[4,4]{1,0} copy(%tg)
+  ROOT %out = f32[4,4]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_expected_kernels_counted_by_hand():
+    e = ps.expected_kernels(HAND_HLO)
+    # ENTRY: triton gemm fusion 1 + copy 1; while x4: cublas gemm 4 + fusion 4, condition 5;
+    # conditional: branch_a 1 or branch_b 2 launches.
+    assert (e["launches_min"], e["launches_max"]) == (16.0, 17.0)
+    assert e["by_kind"] == {"gemm": 5.0, "fusion": 12.0, "copy": 1.0}
+    ins = e["instructions"]
+    assert ins["gemm"] == {"kind": "gemm", "launches": 4.0, "optional": False}
+    assert ins["lt"]["launches"] == 5.0 and ins["tg"]["kind"] == "gemm"
+    assert ins["fb2"]["optional"] and not ins["cp"]["optional"]
+    assert e["conditionals"] == 1 and e["unknown_trip_counts"] == 0
+    with pytest.raises(ValueError, match="ENTRY"):
+        ps.expected_kernels("HloModule empty\n")
+
+
+def test_incomplete_trace_is_flagged(tmp_path):
+    """A trace that lost every GEMM (as the H200 profiles did) is called INCOMPLETE."""
+    def ev(name, op, ts):
+        return {"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": 1.0, "name": name,
+                "args": {"hlo_op": op}}
+    ops = ["lt"] * 5 + ["inc"] * 4 + ["cp", "fa"]  # no "tg", no "gemm"
+    events = [ev(f"k_{op}", op, 10.0 * i) for i, op in enumerate(ops)]
+    events.append(ev("Memset 3", "gemm", 200.0))  # a memset of the gemm is not its kernel
+    c = ps.completeness(events, 1, HAND_HLO)
+    assert not c["complete"]
+    assert c["captured_kernels_per_step"] == 11 and c["expected_launches_per_step"] == [16, 17]
+    assert c["by_kind"]["gemm"] == {"instructions": 2, "seen": 0, "expected_launches_per_step": 5.0}
+    assert c["instructions_expected"] == 5 and c["instructions_seen"] == 3
+    assert set(c["missing_examples"]) == {"gemm", "tg"}
+    trace = tmp_path / "plugins" / "profile" / "run" / "h.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name",
+             "args": {"name": "Stream #7(Compute)"}}]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    (tmp_path / ps.HLO_FILE).write_text(HAND_HLO)  # picked up without --hlo
+    s = ps.summarize_dir(str(tmp_path), steps=1)
+    assert s["completeness"]["complete"] is False and s["trace_events_total"] == len(events) + 2
+    md = ps.to_markdown(s)
+    assert md.index("INCOMPLETE TRACE") < md.index("| category |")

@@ -66,6 +66,21 @@ def test_training_t_uniform_in_range():
     assert np.all(np.abs(counts / 20000 - 0.1) < 0.015)
 
 
+@pytest.mark.parametrize("power", [2.0, 0.5])
+def test_training_t_power_follows_its_cdf(power):
+    """P(t <= k) = (k/T)**power for the power-biased draw (power 2: more noisy t)."""
+    sch = cosine_schedule(10)
+    t = np.asarray(sch.sample_t(jax.random.key(2), (40000,), power=power))
+    assert t.dtype == np.int32 and t.min() >= 1 and t.max() <= 10
+    cdf = np.array([(t <= k).mean() for k in range(1, 11)])
+    np.testing.assert_allclose(cdf, (np.arange(1, 11) / 10) ** power, atol=0.01)
+
+
+def test_training_t_power_must_be_positive():
+    with pytest.raises(ValueError, match="power"):
+        cosine_schedule(10).sample_t(jax.random.key(0), (3,), power=0.0)
+
+
 def test_respaced_timesteps():
     sch = cosine_schedule(1000)
     np.testing.assert_array_equal(sch.respaced_timesteps(1000), np.arange(1000, 0, -1))

@@ -1,10 +1,14 @@
 """Tests of the Mosaic GPU SSD forward (`dimba_jax/ssd/pallas_mosaic.py`).
 
 CPU: the module imports without a GPU, refuses unsupported calls with a ValueError, lowers for
-cuda (Mosaic GPU's own layout / wgmma checks run at lowering), and its chunk-output kernel, run
-in the Mosaic GPU interpreter, matches the sequential reference.
-GPU (`gpu` marker): forward and every gradient vs impl="reference", fresh random inputs.
+cuda (Mosaic GPU's own layout / wgmma checks run at lowering), and its kernels (chunk states and
+chunk output), run in the Mosaic GPU interpreter, match the sequential reference and a float64
+NumPy chunk-state reference.
+GPU (`gpu` marker): forward and every gradient vs impl="reference", and the chunk-state kernel vs
+pallas_gpu's Triton one, fresh random inputs.
 """
+
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_mosaic, ssd
+from dimba_jax.ssd import pallas_gpu, pallas_mosaic, ssd
 
 CHUNK = 256
 
@@ -78,13 +82,26 @@ def test_supported_reasons_and_errors_on_cpu():
         pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, block_len=32)
     with pytest.raises(ValueError, match="semantics"):
         pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, semantics="thread")
+    with pytest.raises(ValueError, match="stages"):
+        pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, stages="state")
+    # The chunk-state kernel splits dstate into column blocks where the (P, N) accumulator is
+    # too large for one warpgroup's registers, so it fits wherever the output kernel does.
+    assert pallas_mosaic._state_block_cols(64, 128) == 128
+    assert pallas_mosaic._state_block_cols(128, 256) == 128
+    assert pallas_mosaic._state_block_cols(192, 192) == 64
+    for p_, n_ in ((64, 128), (128, 256), (256, 256)):
+        ok_out = pallas_mosaic.supported(x=x[..., :1].repeat(p_, -1), B=b[..., :1].repeat(n_, -1),
+                                         stages="out", check_device=False)[0]
+        ok_all = pallas_mosaic.supported(x=x[..., :1].repeat(p_, -1), B=b[..., :1].repeat(n_, -1),
+                                         check_device=False)[0]
+        assert ok_all == ok_out
 
 
-@pytest.mark.parametrize("dtype,block_len,semantics", [
-    (jnp.bfloat16, 128, "lane"), (jnp.bfloat16, 64, "lane"), (jnp.bfloat16, 128, "warpgroup"),
-    (jnp.float32, 64, "warpgroup"),
+@pytest.mark.parametrize("dtype,block_len,semantics,stages", [
+    (jnp.bfloat16, 128, "lane", "state+out"), (jnp.bfloat16, 64, "lane", "out"),
+    (jnp.bfloat16, 128, "warpgroup", "state+out"), (jnp.float32, 64, "warpgroup", "state+out"),
 ])
-def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics):
+def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages):
     """Full lowering for cuda without a GPU. Under Warpgroup semantics this runs Mosaic GPU's
     layout inference, which failed on the H200 (jax 0.11.2) for the first kernel version; that
     failure reproduces on a CPU with jax 0.11.2 (jax 0.10's inference accepted it)."""
@@ -95,7 +112,8 @@ def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics):
 
     def fwd(x, dt, A, B, C, D):
         return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, D=D, dt_softplus=True,
-                                                block_len=block_len, semantics=semantics)
+                                                block_len=block_len, semantics=semantics,
+                                                stages=stages)
 
     def grads(*a):
         return jax.grad(lambda *z: fwd(*z).astype(jnp.float32).sum(),
@@ -104,18 +122,82 @@ def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics):
     with pallas_mosaic.cuda_lowering_context():  # jax 0.11 Triton lowering: abstract H200
         fwd_text = jax.jit(fwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
         grad_text = jax.jit(grads).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in fwd_text  # the chunk-output stage really is a Mosaic GPU kernel
+    # The forward's Mosaic GPU kernels: chunk output, and chunk states for "state+out".
+    n_kernels = len(re.findall(r"custom_call @mosaic_gpu", fwd_text))
+    assert n_kernels == (2 if stages == "state+out" else 1), n_kernels
     assert "triton" in grad_text.lower()  # the backward: pallas_gpu's Triton kernels
+
+
+def test_chunk_state_kernel_lowers_for_cuda_on_cpu():
+    """The chunk-state kernel alone, both semantics: bf16 (x^T as a transposed wgmma operand)
+    at block 128 and 64, float32 (tf32, K-major transposed inputs), and a dstate split into two
+    column blocks (headdim 128, dstate 256)."""
+    s = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    b, l, h, g = 1, 256, 4, 2
+    for p, n, dtype, q in ((64, 128, bf16, 128), (64, 128, bf16, 64), (64, 128, f32, 64),
+                           (128, 256, bf16, 128)):
+        tf32 = dtype == f32
+        args = (s((b, h, p, l) if tf32 else (b, l, h, p), dtype),
+                s((b, g, n, l) if tf32 else (b, l, g, n), dtype), s((b, h, l), f32))
+        for semantics in ("lane", "warpgroup"):
+            def fn(x, bm, w, q=q, semantics=semantics):
+                return pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=h // g,
+                                                         semantics=semantics)
+
+            with pallas_mosaic.cuda_lowering_context():
+                lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+            assert "mosaic_gpu" in lowered.as_text(), (p, n, dtype, q, semantics)
+            assert lowered.out_info.shape == (b, h, l // q, p, n)
+
+
+def _chunk_states_f64(x, bm, dt, s, q):
+    """Float64 NumPy chunk states: S_c = sum_t x_t^T (dt_t exp(s_end - s_t) B_t), per head.
+
+    x (b, Lp, h, P), bm (b, Lp, g, N), dt and s (b, h, Lp) -> (b, h, Lp // q, P, N)."""
+    bsz, lp, nh, p = x.shape
+    g, n = bm.shape[2], bm.shape[3]
+    nc = lp // q
+    xs = np.asarray(jnp.asarray(x, jnp.float32), np.float64).reshape(bsz, nc, q, nh, p)
+    bs = np.asarray(jnp.asarray(bm, jnp.float32), np.float64).reshape(bsz, nc, q, g, n)
+    bs = np.repeat(bs, nh // g, axis=3)
+    ss = np.asarray(s, np.float64).reshape(bsz, nh, nc, q)
+    w = np.asarray(dt, np.float64).reshape(bsz, nh, nc, q) * np.exp(ss[..., -1:] - ss)
+    return np.einsum("bcqhp,bhcq,bcqhn->bhcpn", xs, w, bs)
+
+
+def test_interpreter_chunk_state_kernel_matches_float64(monkeypatch):
+    """The chunk-state kernel alone in the Mosaic GPU interpreter, bf16, vs float64 NumPy: two
+    chunks of 64, two heads sharing one group, and dstate split into two column blocks (the
+    register budget is lowered so that the small 64 x 128 state splits as 128 x 256 does).
+    The float32 (transposed-input) path is checked inside the float32 forward below; the
+    comparison with pallas_gpu's Triton kernel is a GPU test."""
+    monkeypatch.setattr(pallas_mosaic, "_STATE_ACC_ITEMS", 64 * 64)
+    dtype, p, n = jnp.bfloat16, 64, 128
+    assert pallas_mosaic._state_block_cols(p, n) == 64
+    q, bsz, lp, nh, g = 64, 1, 128, 2, 1
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
+    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
+    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, lp // q, q), -1).reshape(bsz, nh, lp)
+    states = pallas_mosaic._chunk_state_mosaic(x, bm, pallas_mosaic._state_weights(dt, s, q),
+                                               q=q, hpg=nh // g, interpret=True)
+    ref = _chunk_states_f64(x, bm, dt, s, q)
+    assert states.shape == ref.shape and states.dtype == jnp.float32
+    assert _rel(states, ref) < 5e-3  # bf16: x * w is rounded to bf16 before the product
 
 
 @pytest.mark.parametrize("seqlen,dtype,tol", [(100, jnp.bfloat16, 1.5e-2), (70, jnp.float32, 1e-5)])
 def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
-    """Chunk-output kernel in the Mosaic GPU interpreter (products as plain dots there, so
-    float32 is exact up to rounding; seqlen is not a multiple of the 64-long chunks)."""
+    """The all-Mosaic forward (chunk-state and chunk-output kernels, default stages) in the
+    Mosaic GPU interpreter (products as plain dots there, so float32 is exact up to rounding;
+    seqlen is not a multiple of the 64-long chunks)."""
     args, kw, _ = _inputs(np.random.default_rng().integers(1 << 30), 1, seqlen, 2, 64, 1, 64,
                           dtype, per_channel_d=dtype == jnp.bfloat16)
     y, fin = pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, block_len=64, interpret=True,
-                                              return_final_states=True, **kw)
+                                              return_final_states=True, stages="state+out", **kw)
     y_ref, fin_ref = _reference(args, kw, final=True)
     assert y.dtype == dtype and y.shape == args[0].shape
     assert _rel(y, y_ref) < tol
@@ -123,20 +205,23 @@ def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d", [
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True),
-    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False),
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True),
+@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,stages", [
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "state+out"),
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "out"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "state+out"),
+    ((2, 256, 4, 128, 1, 256), jnp.float16, 128, False, "state+out"),  # 2 dstate column blocks
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "state+out"),
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "out"),
 ])
-def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d):
+def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, stages):
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), *dims, dtype,
                            per_channel_d=per_channel_d)
-    ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len)
+    ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len, stages=stages)
     assert ok, why
 
     def mosaic(*a):
-        return pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, block_len=block_len, **kw)
+        return pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, block_len=block_len, stages=stages,
+                                                **kw)
 
     y, vjp = jax.vjp(jax.jit(mosaic), *args)
     y_ref, vjp_ref = jax.vjp(lambda *a: _reference(a, kw), *args)
@@ -144,3 +229,27 @@ def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_c
     assert _rel(y, y_ref) < tol
     for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
         assert _rel(gr, gr_ref) < tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,q", [(jnp.bfloat16, 128), (jnp.bfloat16, 64), (jnp.float32, 64)])
+def test_gpu_chunk_state_kernel_matches_triton_and_float64(dtype, q):
+    """The Mosaic chunk-state kernel on the GPU vs pallas_gpu's Triton kernel (same inputs) and
+    vs float64 NumPy; 3 heads per group, 4 chunks."""
+    bsz, lp, nh, g, p, n = 2, 4 * q, 6, 2, 64, 128
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
+    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
+    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, lp // q, q), -1).reshape(bsz, nh, lp)
+    tf32 = dtype == jnp.float32
+    xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x
+    bin_ = jnp.transpose(bm, (0, 2, 3, 1)) if tf32 else bm
+    states = jax.jit(lambda *z: pallas_mosaic._chunk_state_mosaic(
+        *z, q=q, hpg=nh // g))(xin, bin_, pallas_mosaic._state_weights(dt, s, q))
+    triton = pallas_gpu._chunk_state_call(x, bm, dt, s, None, q=q, hpg=nh // g, mode="state",
+                                          num_warps=4, interpret=False)
+    tol = 2.5e-3 if tf32 else 1e-2  # tf32 products; bf16-rounded x * w (Triton: w * B)
+    assert _rel(states, _chunk_states_f64(x, bm, dt, s, q)) < tol
+    assert _rel(states, triton) < tol

@@ -92,7 +92,7 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
     """The DIMBA training loss of one batch.
 
     model: a `DimbaModel`; tokens: int32 (b, L); rng: a PRNG key; diffusion_cfg: `config.diffusion`
-    (ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac).
+    (ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac, t_power).
     Returns (float32 scalar loss, metrics dict of float32 scalars: loss, mse, ce, acc,
     embed_norm, embed_mean_dir, known_frac).
     """
@@ -100,7 +100,7 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tokens.shape}")
     b, length = tokens.shape
     r_t, r_noise, r_layout, r_drop, r_sc = jax.random.split(rng, 5)
-    t = schedule.sample_t(r_t, (b,))
+    t = schedule.sample_t(r_t, (b,), power=float(diffusion_cfg.get("t_power", 1.0)))
     cond_mask, _ = sample_layout(r_layout, b, length, diffusion_cfg.layout_probs, diffusion_cfg.max_prompt_frac)
     drop = jax.random.bernoulli(r_drop, float(diffusion_cfg.prompt_drop_prob), (b,))
     noise = jax.random.normal(r_noise, (b, length, model.d_model), jnp.float32)

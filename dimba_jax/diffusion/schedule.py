@@ -65,9 +65,21 @@ class CosineSchedule:
         """alpha_bar for integer timesteps t (any shape, int, values 0..T) -> float32, same shape."""
         return jnp.asarray(self.alpha_bar)[t]
 
-    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """Training timesteps t ~ U{1..T}: int32 of `shape`."""
-        return jax.random.randint(rng, shape, 1, self.timesteps + 1, dtype=jnp.int32)
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...], power: float = 1.0) -> jax.Array:
+        """Training timesteps: int32 of `shape` in 1..T.
+
+        power = 1: t ~ U{1..T}. power > 1: t = ceil(T * u**(1/power)), u ~ U(0, 1), so
+        P(t <= k) = (k/T)**power and large t (the noisy end, where the denoising task is hard
+        when the embedding rows are long: docs/small_run/README.md) is drawn more often;
+        power < 1 favours small t. Raises ValueError if power <= 0.
+        """
+        if not power > 0:
+            raise ValueError(f"t sampling power must be > 0, got {power!r}")
+        if power == 1.0:
+            return jax.random.randint(rng, shape, 1, self.timesteps + 1, dtype=jnp.int32)
+        u = jax.random.uniform(rng, shape, jnp.float32)
+        t = jnp.ceil(self.timesteps * u ** (1.0 / power)).astype(jnp.int32)
+        return jnp.clip(t, 1, self.timesteps)
 
     def respaced_timesteps(self, steps: int) -> np.ndarray:
         """The `steps` kept timesteps for a respaced reverse process, descending, int32 (steps,).

@@ -52,7 +52,9 @@ from dimba_jax.ssd import _common
 from dimba_jax.ssd import pallas_gpu as _tri
 
 DEFAULT_BLOCK_LEN = 128
-DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the output kernel (see below)
+DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see below)
+STAGES = ("state+out", "out")  # which forward stages are Mosaic GPU kernels
+DEFAULT_STAGES = "state+out"
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -140,8 +142,10 @@ def cuda_lowering_context(device_kind: str = "NVIDIA H200", num_cores: int = 132
 def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None, dt_bias=None,
               dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
               return_final_states=False, block_len: int | None = None,
-              check_device: bool = True) -> tuple[bool, str]:
+              stages: str = DEFAULT_STAGES, check_device: bool = True) -> tuple[bool, str]:
     """Whether `ssd_mosaic_forward` handles these arguments (and, if check_device, this device).
+
+    stages: "state+out" (the chunk-state kernel must fit too) or "out".
 
     Returns:
       (True, "") or (False, reason naming the unsupported option).
@@ -168,6 +172,12 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
     if smem > _SMEM_LIMIT:
         return False, (f"mosaic SSD kernel tiles need {smem} bytes of shared memory "
                        f"(block_len {q}, headdim {headdim}, dstate {dstate}); limit {_SMEM_LIMIT}")
+    if stages == "state+out":
+        smem = _state_smem_bytes(q, headdim, dstate, itemsize)
+        if smem > _SMEM_LIMIT:
+            return False, (f"mosaic SSD chunk-state kernel tiles need {smem} bytes of shared "
+                           f"memory (block_len {q}, headdim {headdim}, dstate {dstate}); "
+                           f"limit {_SMEM_LIMIT}")
     if check_device:
         reason = _tri._device_reason()  # Hopper GPU check (shared with the Triton module)
         if reason is not None:
@@ -355,34 +365,194 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
 
 
 # --------------------------------------------------------------------------------------------
-# Differentiable core: Triton chunk states + state pass, Mosaic output; Triton backward.
+# The Mosaic GPU chunk-state kernel.
 # --------------------------------------------------------------------------------------------
 
+_STATE_ACC_ITEMS = 64 * 256  # f32 accumulator items per program: 128 registers per thread
 
-def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
-    states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state", num_warps=4,
-                                    interpret=interpret)
+
+def _state_block_cols(p: int, n: int) -> int:
+    """dstate columns of S_c one program computes: all n when the (p, n) float32 accumulator
+    fits in 128 registers per thread of the warpgroup, else the widest multiple-of-64 divisor
+    of n that does (the remaining column blocks are further programs)."""
+    for k in range(n // 64, 0, -1):
+        if (n // 64) % k == 0 and p * 64 * k <= _STATE_ACC_ITEMS:
+            return 64 * k
+    return 64
+
+
+def _state_smem_bytes(q: int, p: int, n: int, itemsize: int) -> int:
+    """Shared memory of the chunk-state kernel: x and scaled x tiles, the B tile, the f32 S_c
+    tile, the weight vector."""
+    nb = _state_block_cols(p, n)
+    return itemsize * (2 * q * p + q * nb) + 4 * (p * nb + q)
+
+
+def _state_weights(dt, s, q):
+    """w_t = dt_t * exp(s_end - s_t), the per-position weight of the chunk states.
+
+    Args:
+      dt, s: (batch, nheads, Lp) float32, Lp a multiple of q (s the chunk-local cumsum of dt*A).
+    Returns:
+      (batch, nheads, Lp) float32.
+    """
+    bsz, nh, lp = s.shape
+    sc = s.reshape(bsz, nh, lp // q, q)
+    return (dt.reshape(sc.shape) * jnp.exp(sc[..., -1:] - sc)).reshape(bsz, nh, lp)
+
+
+def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DEFAULT_SEMANTICS):
+    """Chunk-state stage on Hopper: S_c = x_c^T (w_c * B_c), i.e. (x dt)^T (B exp(s_end - s)).
+
+    One program per (chunk, dstate column block, head, batch), one warpgroup: TMA copies of the
+    x and B tiles and of w; x * w in registers (its (q, P) tile is half the size of B's), stored
+    back to swizzled SMEM in x's dtype (as pallas_gpu's Triton kernel rounds w * B); one wgmma
+    (P x q) @ (q x nb) with a float32 accumulator; S_c written through SMEM by a TMA store.
+    16-bit inputs take x^T straight from x's (q, P) tile (wgmma transposes 16-bit operands).
+    tf32 takes no transposed operand (both must be K-major, K = q here), so float32 x and B
+    arrive transposed: x (batch, nheads, P, Lp) and B (batch, ngroups, N, Lp).
+
+    Args:
+      x: (batch, Lp, nheads, P) bf16/f16, or float32 transposed to (batch, nheads, P, Lp).
+      b: (batch, Lp, ngroups, N) x.dtype, or float32 transposed to (batch, ngroups, N, Lp).
+      w: (batch, nheads, Lp) float32, `_state_weights(dt, s, q)`.
+      q: chunk length (64 or 128).  hpg: heads per group.
+      interpret: run in the Mosaic GPU interpreter (products as plain dots there).
+      semantics: Mosaic GPU lowering semantics, "lane" or "warpgroup".
+    Returns:
+      states: (batch, nheads, Lp // q, P, N) float32.
+    """
+    plgpu = _plgpu()
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+        n = b.shape[2]
+    else:
+        bsz, lp, nh, p = x.shape
+        n = b.shape[-1]
+    nc = lp // q
+    nb = _state_block_cols(p, n)
+    nblk = n // nb
+    cdt = x.dtype
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    # w scales x's rows (q, P) for 16-bit inputs, the columns of x^T (P, q) for tf32.
+    w_layout = wgmma_layout.reduce(0) if tf32 else wgmma_layout.reduce(1)
+
+    load_idx = inspect.signature(plgpu.load).parameters["idx"]
+    load_takes_idx = load_idx.default is inspect.Parameter.empty
+
+    def load(ref, layout):
+        if interpret:
+            return ref[...]
+        if load_takes_idx:
+            return plgpu.load(ref, (), layout=layout)
+        return plgpu.load(ref, layout=layout)
+
+    def body(x_ref, b_ref, w_ref, st_ref, x_smem, b_smem, w_smem, xw_smem, st_smem, bars):
+        pid = lax.axis_index("chunk")  # chunk * nblk + column block
+        ci = lax.div(pid, jnp.array(nblk, pid.dtype))
+        ni = lax.rem(pid, jnp.array(nblk, pid.dtype))
+        hi = lax.axis_index("head")
+        bi = lax.axis_index("batch")
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        rows = pl.ds(ci * q, q)
+        cols = pl.ds(ni * nb, nb)
+        if tf32:
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[0])
+            plgpu.copy_gmem_to_smem(b_ref.at[bi, gi, cols, rows], b_smem, bars.at[1])
+        else:
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[0])
+            plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi, cols], b_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(w_ref.at[bi, hi, rows], w_smem, bars.at[2])
+        plgpu.barrier_wait(bars.at[0])
+        plgpu.barrier_wait(bars.at[2])
+        xv = load(x_smem, wgmma_layout).astype(f32)
+        wv = load(w_smem, w_layout)
+        if tf32:  # x^T tile (P, q): w along the columns
+            xw = xv * lax.broadcast_in_dim(wv, (p, q), [1])
+        else:     # x tile (q, P): w along the rows
+            xw = xv * lax.broadcast_in_dim(wv, (q, p), [0])
+        xw_smem[...] = xw.astype(cdt)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(bars.at[1])
+
+        if interpret:  # the interpreter's wgmma takes no transposed operands: a plain dot
+            a_val = xw_smem[...]
+            b_val = b_smem[...]
+            if tf32:  # (P, q) @ (nb, q)^T
+                st = lax.dot_general(a_val, b_val, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=f32)
+            else:     # (q, P)^T @ (q, nb)
+                st = lax.dot_general(a_val, b_val, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=f32)
+        else:
+            def product(acc_ref):
+                if tf32:  # A = x^T tile (K-major), B = (B^T tile)^T (K-major)
+                    plgpu.wgmma(acc_ref, xw_smem, b_smem.transpose((1, 0)))
+                else:     # A = (x tile)^T (M-major, 16-bit only), B = B tile
+                    plgpu.wgmma(acc_ref, xw_smem.transpose((1, 0)), b_smem)
+                return acc_ref[...]
+
+            st = pl.run_scoped(product, plgpu.ACC((p, nb), f32))
+        st_smem[...] = st
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, st_ref.at[bi, hi, ci, pl.ds(0, p), cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    x_tile = (p, q) if tf32 else (q, p)
+    b_tile = (nb, q) if tf32 else (q, nb)
+    scratch = [
+        plgpu.SMEM(x_tile, cdt, transforms=_smem_transforms(plgpu, x_tile[1], cdt)),
+        plgpu.SMEM(b_tile, cdt, transforms=_smem_transforms(plgpu, b_tile[1], cdt)),
+        plgpu.SMEM((q,), f32),
+        plgpu.SMEM(x_tile, cdt, transforms=_smem_transforms(plgpu, x_tile[1], cdt)),
+        plgpu.SMEM((p, nb), f32, transforms=_smem_transforms(plgpu, nb, f32)),
+        plgpu.Barrier(num_barriers=3),
+    ]
+    return _kernel_call(
+        plgpu, body, jax.ShapeDtypeStruct((bsz, nh, nc, p, n), f32), scratch,
+        grid=(nc * nblk, nh, bsz), grid_names=("chunk", "head", "batch"),
+        **({"interpret": _interpret_params()} if interpret
+           else {"compiler_params": _compiler_params(plgpu, semantics)}),
+    )(x, b, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable core: Mosaic (or Triton) chunk states, Triton state pass, Mosaic output;
+# Triton backward.
+# --------------------------------------------------------------------------------------------
+
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+    tf32 = x.dtype == jnp.float32
+    xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
+    if stages == "state+out":
+        bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # tf32: (b, g, N, Lp)
+        states = _chunk_state_mosaic(xin, bin_, _state_weights(dt, s, q), q=q, hpg=hpg,
+                                     interpret=interpret, semantics=semantics)
+    else:
+        states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state",
+                                        num_warps=4, interpret=interpret)
     hprev, fin = _tri._state_pass_fwd_call(states, _tri._chunk_end_decay(s, None, q), h0,
                                            hprev_dtype=x.dtype, interpret=interpret)
-    xin = jnp.transpose(x, (0, 2, 3, 1)) if x.dtype == jnp.float32 else x  # tf32: K-major x
     y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
                           semantics=semantics)
     return y, fin, hprev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
-    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
-    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return (y, fin), (x, b, c, dt, s, hprev, d)
 
 
-def _core_bwd(q, hpg, interpret, semantics, res, grads):
-    del semantics  # the backward is pallas_gpu's Triton kernels
+def _core_bwd(q, hpg, interpret, semantics, stages, res, grads):
+    del semantics, stages  # the backward is pallas_gpu's Triton kernels
     x, b, c, dt, s, hprev, d = res
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
     dx, db, dc, ddt, ds, dh0, dd, _ = _tri._core_bwd(cfg, (x, b, c, dt, s, hprev, d, None), grads)
@@ -395,8 +565,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None,
                        dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None,
                        seq_idx=None, return_final_states=False, block_len: int | None = None,
-                       interpret: bool = False, semantics: str = DEFAULT_SEMANTICS):
-    """SSD with the Mosaic GPU chunk-output kernel; same semantics and returns as `ssd`.
+                       interpret: bool = False, semantics: str = DEFAULT_SEMANTICS,
+                       stages: str = DEFAULT_STAGES):
+    """SSD with Mosaic GPU forward kernels; same semantics and returns as `ssd`.
 
     Args:
       x: (batch, seqlen, nheads, headdim) bfloat16/float16/float32 (float32: tf32 products).
@@ -407,8 +578,11 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: as `ssd`.
       seq_idx: must be None (not supported yet).
       interpret: run every kernel in its Pallas interpreter (CPU tests; slow).
-      semantics: Mosaic GPU lowering semantics of the output kernel, "lane" or "warpgroup"
+      semantics: Mosaic GPU lowering semantics of the Mosaic kernels, "lane" or "warpgroup"
         (both lower; see `_compiler_params`).
+      stages: which forward stages are Mosaic GPU kernels: "state+out" (default; chunk states
+        and chunk output, the Triton state pass between them) or "out" (chunk output only;
+        chunk states from pallas_gpu's Triton kernel).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
       dstate) float32]. Differentiable (Triton backward of pallas_gpu).
@@ -419,7 +593,10 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
                                     dt_limit=dt_limit, initial_states=initial_states,
                                     seq_idx=seq_idx, impl="pallas")
     q = int(block_len or default_block_len(x.dtype))
-    ok, why = supported(x=x, B=B, seq_idx=seq_idx, block_len=q, check_device=False)
+    if stages not in STAGES:
+        raise ValueError(f"ssd_mosaic_forward: stages must be one of {STAGES}, got {stages!r}")
+    ok, why = supported(x=x, B=B, seq_idx=seq_idx, block_len=q, stages=stages,
+                        check_device=False)
     if not ok:
         raise ValueError(f"ssd_mosaic_forward: {why}")
     if semantics not in ("lane", "warpgroup"):
@@ -449,7 +626,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.zeros((nh, p), jnp.float32)
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics)
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics, stages)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
