@@ -36,6 +36,11 @@ FLOPs (2 m n k per GEMM) and their TFLOP/s against the device's peak. Derived nu
 cost per block and for all blocks, all projections, the non-block remainder of fwd_bwd, the
 self-conditioning pass, and the model FLOP/s of fwd_bwd (task.flops_per_token).
 
+`--profile-dir DIR` also traces 3 calls of each `--profile-cases` case (default block_ssd,
+fwd_bwd) with train_throughput.profiler_options and writes their profile_summary (with the
+completeness check against the case's own HLO) to PREFIX_profile.json / .md: a per-kernel view
+of one block that costs no extra compile.
+
 `--cases a,b,...` picks cases; `--budget-s` stops starting a case once elapsed time plus the
 longest case so far would pass it; a failing case is recorded and the next one runs. Results
 (JSON + Markdown) are rewritten after every case, so a timeout keeps what was measured.
@@ -95,6 +100,11 @@ def parse_args(argv):
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="reference step time when train_step is not measured (0 = none)")
     p.add_argument("--budget-s", type=float, default=0.0, help="0 = no bound")
+    p.add_argument("--profile-dir", default="",
+                   help="also trace 3 calls of each --profile-cases case here (jax.profiler, "
+                        "the options of train_throughput.profiler_options)")
+    p.add_argument("--profile-cases", default="block_ssd,fwd_bwd",
+                   help="comma-separated cases to trace when --profile-dir is given")
     p.add_argument("--out", default="", help="output prefix: PREFIX.json + PREFIX.md")
     args = p.parse_args(rest)
     if min(args.per_device_batch, args.steps, args.repeats) < 1 or args.warmup < 0:
@@ -104,6 +114,10 @@ def parse_args(argv):
     if unknown or not cases:
         raise ValueError(f"--cases {unknown or '(empty)'}: choose from {CASES}")
     args.cases = cases
+    args.profile_cases = [c.strip() for c in args.profile_cases.split(",") if c.strip()]
+    if set(args.profile_cases) - set(CASES):
+        raise ValueError(f"--profile-cases {sorted(set(args.profile_cases) - set(CASES))}: "
+                         f"choose from {CASES}")
     return args, pairs
 
 
@@ -114,7 +128,7 @@ def time_case(fn, example_args, make_run, steps: int, repeats: int, warmup: int)
 
     make_run(compiled) -> run(i) returning a pytree to wait for (call i of a window).
     Returns {"ms": median of the windows' per-call ms, "windows_ms", "compile_s",
-    "xla_flops", "memory"}.
+    "xla_flops", "memory", "_compiled", "_run"} (the last two for profiling; not saved).
     """
     t0 = time.perf_counter()
     compiled = fn.lower(*example_args).compile()
@@ -132,7 +146,7 @@ def time_case(fn, example_args, make_run, steps: int, repeats: int, warmup: int)
         jax.block_until_ready(out)
         windows.append((time.perf_counter() - t0) / steps * 1e3)
     return {"ms": statistics.median(windows), "windows_ms": windows, "compile_s": compile_s,
-            "xla_flops": xla_flops, "memory": memory}
+            "xla_flops": xla_flops, "memory": memory, "_compiled": compiled, "_run": run}
 
 
 @contextlib.contextmanager
@@ -372,6 +386,47 @@ class Breakdown:
         return r
 
 
+# --------------------------------------------------------------------------- profiling
+
+PROFILED_CALLS = 3
+
+
+def profile_case(name: str, result: dict, profile_dir: str) -> dict:
+    """Traces PROFILED_CALLS calls of a timed case (its compiled program and runner) into
+    profile_dir/name and returns the profile_summary of them, completeness check included."""
+    import profile_summary  # benchmarks/profile_summary.py, beside this file
+    compiled, run = result["_compiled"], result["_run"]
+    try:
+        hlo = compiled.as_text()
+    except Exception:  # noqa: BLE001
+        hlo = None
+    case_dir = os.path.join(profile_dir, name)
+
+    def calls():
+        out = None
+        for i in range(PROFILED_CALLS):
+            out = run(i)
+        jax.block_until_ready(out)
+
+    jax.block_until_ready(run(0))
+    wall = tt.trace_steps(case_dir, calls, hlo)
+    summary = profile_summary.summarize_dir(case_dir, PROFILED_CALLS, result["ms"], hlo)
+    summary["traced_call_ms"] = wall / PROFILED_CALLS * 1e3
+    summary["case"] = name
+    return summary
+
+
+def compact_profile(summary: dict) -> dict:
+    """The few numbers of a profile summary worth keeping beside a case's timing."""
+    c = summary.get("completeness") or {}
+    return {"complete": c.get("complete"), "instruction_coverage": c.get("instruction_coverage"),
+            "captured_over_expected": c.get("captured_over_expected"),
+            "kernel_ms_per_call": summary["kernel_ms_per_step"],
+            "busy_ms_per_call": summary["busy_ms_per_step"],
+            "idle_pct": summary["idle_pct"],
+            "categories_ms": {k["category"]: k["ms_per_step"] for k in summary["categories"]}}
+
+
 # ----------------------------------------------------------------------------- report
 
 def derive(cases: dict, n_layers: int, step_ms: float | None, peak: float | None) -> dict:
@@ -434,8 +489,16 @@ def to_markdown(report: dict) -> str:
         if c.get("gemm_flops"):
             tf = c["gemm_flops"] / c["ms"] / 1e9
             gemm = f"{tf:.3g}" + (f" ({100 * tf / peak:.0f}%)" if peak else "")
+        note = c.get("note", "")
+        prof = c.get("profile")
+        if prof:
+            cov = prof["instruction_coverage"]
+            note += (f"; profiled: kernels {prof['kernel_ms_per_call']:.2f} ms/call, idle "
+                     f"{prof['idle_pct']:.0f}%, " +
+                     ("trace COMPLETE" if prof["complete"] else "trace INCOMPLETE") +
+                     ("" if cov is None else f" ({100 * cov:.0f}% of HLO kernels seen)"))
         lines.append(f"| {name} | {c['ms']:.2f} | {pct} | {xla} | {gemm} | "
-                     f"{c['compile_s']:.1f} | {c.get('note', '')} |")
+                     f"{c['compile_s']:.1f} | {note} |")
     if report["derived"]:
         lines += ["", "| derived | ms | % of step | from |", "|---|---|---|---|"]
         for name, v in report["derived"].items():
@@ -465,6 +528,16 @@ def write(prefix: str, report: dict) -> None:
         f.write(to_markdown(report))
 
 
+def write_profiles(prefix: str, profiles: list[dict]) -> None:
+    """PREFIX_profile.json ({"profiles": [...]}) and PREFIX_profile.md (one section per case)."""
+    import profile_summary
+    with open(prefix + "_profile.json", "w") as f:
+        json.dump({"profiles": profiles}, f, indent=1)
+    with open(prefix + "_profile.md", "w") as f:
+        for p in profiles:
+            f.write(profile_summary.to_markdown(p, f"Profile: case {p['case']}") + "\n")
+
+
 def main(argv=None) -> dict:
     """Runs the cases; returns the report {"setup", "cases", "derived", "failed", ...}."""
     argv = sys.argv[1:] if argv is None else argv
@@ -488,6 +561,7 @@ def main(argv=None) -> dict:
                                         + list(argv)),
     }
     longest = 0.0
+    profiles = []
     for i, name in enumerate(args.cases):
         elapsed = time.perf_counter() - t_start
         if args.budget_s and elapsed + longest > args.budget_s:
@@ -500,9 +574,18 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         try:
             result = getattr(bd, f"case_{name}")()
-            report["cases"][name] = result
-            print(json.dumps({name: {k: v for k, v in result.items() if k != "memory"}}),
-                  flush=True)
+            report["cases"][name] = {k: v for k, v in result.items() if not k.startswith("_")}
+            print(json.dumps({name: {k: v for k, v in report["cases"][name].items()
+                                     if k != "memory"}}), flush=True)
+            if args.profile_dir and name in args.profile_cases:
+                try:
+                    summary = profile_case(name, result, args.profile_dir)
+                    profiles.append(summary)
+                    report["cases"][name]["profile"] = compact_profile(summary)
+                except Exception as e:  # noqa: BLE001 - a profile is extra; keep the timing
+                    traceback.print_exc()
+                    report["failed"][f"profile {name}"] = f"{type(e).__name__}: {str(e)[:400]}"
+            result = None
         except Exception as e:  # noqa: BLE001 - record and go on
             traceback.print_exc()
             report["failed"][name] = f"{type(e).__name__}: {str(e)[:400]}"
@@ -516,6 +599,11 @@ def main(argv=None) -> dict:
         report["elapsed_s"] = time.perf_counter() - t_start
         if args.out:
             write(args.out, report)
+            if profiles:
+                write_profiles(args.out, profiles)
+    for summary in profiles:
+        import profile_summary
+        print(profile_summary.to_markdown(summary, f"Profile: case {summary['case']}"), flush=True)
     print(to_markdown(report), flush=True)
     return report
 
