@@ -2,28 +2,39 @@
 
 Usage (GPU machine, repository root):
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    timeout 140 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 120 --quick
+    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --quick
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
     python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
 
-For each case, in order (each in try/except, printed immediately, written incrementally to
-$OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
-  1. the chunk-output stage alone (the Mosaic kernel) at 130m-L2k, block 128, vs pallas_gpu's
-     Triton output kernel on the same inputs (error and time), in Lane and then Warpgroup
-     lowering semantics; the first that passes is used for the rest (or --semantics);
+The forward has three Mosaic variants (`stages`): "state+out" (Mosaic chunk-state kernel,
+Triton state pass, Mosaic chunk-output kernel; the default), "statepass+out" (one Mosaic
+kernel for chunk states + state pass, then the output kernel) and "out" (output kernel only,
+session 1). For each case, in order (each in try/except, announced by a START line, printed
+when done and written incrementally to $OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
+  1. the chunk-output stage alone at 130m-L2k, block 128, vs pallas_gpu's Triton output kernel
+     on the same inputs (error and time), in Lane and then Warpgroup lowering semantics; the
+     first that passes is used for the rest (or --semantics); then the chunk-state kernel alone
+     vs Triton `_chunk_state_call`, and the fused chunk-state + state-pass kernel vs Triton
+     chunk states + state pass (hprev and final-state errors, times, GB/s);
   2. correctness on small random shapes (seqlen not a multiple of the chunk included; bf16, f16,
      f32 = tf32 products, and one f32 case at block 128 that must be refused): the mosaic
-     forward and its gradients (custom_vjp's Triton backward) vs impl="reference", relative L2;
+     forward (default stages; the first bf16 / f32 cases also with "statepass+out", and in the
+     full run bf16 with "out") and its gradients (custom_vjp's Triton backward) vs
+     impl="reference", relative L2;
   3. timing at the four DESIGN.md shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic
-     (block_len 128 and 64), impl="xla" and impl="pallas" (Triton), forward and forward+backward,
-     median of >= 50 device-synchronised runs after warm-up; mosaic vs xla relative L2 error.
+     ("state+out" and "statepass+out" at block 128 and 64; "out" at 64, and 128 in the full
+     run), impl="xla" and impl="pallas" (Triton), forward and forward+backward, median of
+     >= 50 device-synchronised runs after warm-up; mosaic vs xla relative L2 error; before each
+     shape after the first, the three stages alone at block 128 and 64.
 --budget-s bounds the total time (cases that would start after it are recorded as skipped).
---quick: the bf16 and the f32 correctness case and the first timing shape only.
---lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; stage,
-fwd, fwd+bwd; both semantics unless --semantics), report, exit 1 if any fails.
-On a machine without a GPU (and no --lower-only) it says "no GPU", checks that the mosaic kernel
-lowers for cuda on a tiny shape, and exits 0.
+--quick: the first timing shape only (stages at q128 and q64, the four checks, 7 timings).
+--lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; the three
+kernels alone, fwd and fwd+bwd for every stages value; both semantics unless --semantics),
+report, exit 1 if any fails.
+On a machine without a GPU (and no --lower-only) it says "no GPU", checks that the mosaic kernels
+lower for cuda on a tiny shape, and exits 0 (--cpu-interpret: then runs tiny cases in the
+Mosaic GPU interpreter, a self-test of this script).
 """
 
 from __future__ import annotations
@@ -283,13 +294,14 @@ def stage_case(rec, shape, q, runs, deadline, semantics):
     rec.add(case)
 
 
-def stage_state_case(rec, shape, q, runs, deadline, semantics):
-    """The chunk-state stage alone: Mosaic kernel vs pallas_gpu's Triton `_chunk_state_call`,
-    same inputs. "fwd" times what the Mosaic forward runs (the XLA weights w = dt exp(s_end - s)
-    plus the kernel), "kernel" the Mosaic kernel alone on precomputed w."""
+def stage_state_case(rec, shape, q, runs, deadline, semantics, fused=False):
+    """The chunk-state stage alone (fused: chunk states + state pass, "statepass+out"): Mosaic
+    kernel vs pallas_gpu's Triton `_chunk_state_call` (fused: + `_state_pass_fwd_call`), same
+    inputs. "fwd" times what the Mosaic forward runs (the XLA weights w = dt exp(s_end - s) and,
+    fused, the decay rows, plus the kernel), "kernel" the Mosaic kernel alone on precomputed w."""
     from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
     name, b, l, h = shape[:4]
-    ks = jax.random.split(jax.random.key(11), 4)
+    ks = jax.random.split(jax.random.key(11), 5)
     nc = l // q
     x = jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16)
     bm = jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16)
@@ -297,6 +309,10 @@ def stage_state_case(rec, shape, q, runs, deadline, semantics):
     s = jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l)
     args = (x, bm, dt, s)
     hpg = h // G
+    if fused:
+        stage_statepass(rec, name, (x, bm, dt, s, jax.random.normal(ks[4], (b, h, P, N))), q,
+                        runs, deadline, semantics)
+        return
 
     def mosaic_fn(x_, b_, dt_, s_):
         return pallas_mosaic._chunk_state_mosaic(x_, b_, pallas_mosaic._state_weights(dt_, s_, q),
@@ -324,12 +340,59 @@ def stage_state_case(rec, shape, q, runs, deadline, semantics):
     rec.add(case)
 
 
+def stage_statepass(rec, name, args, q, runs, deadline, semantics):
+    """Body of stage_state_case(fused=True): hprev (bf16) and final states of the fused Mosaic
+    kernel vs Triton chunk states + Triton state pass."""
+    from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
+    x, bm, dt, s, h0 = args
+    b, l, h, _ = x.shape
+    hpg, nc = h // G, l // q
+
+    def dec_rows(s_):
+        dec = pallas_gpu._chunk_end_decay(s_, None, q)
+        return jnp.broadcast_to(dec[..., None], dec.shape + (P,))
+
+    def mosaic_fn(x_, b_, dt_, s_, h0_):
+        return pallas_mosaic._chunk_statepass_mosaic(
+            x_, b_, pallas_mosaic._state_weights(dt_, s_, q), dec_rows(s_), h0_, q=q, hpg=hpg,
+            hprev_dtype=x_.dtype, semantics=semantics)
+
+    def triton_fn(x_, b_, dt_, s_, h0_):
+        st = pallas_gpu._chunk_state_call(x_, b_, dt_, s_, None, q=q, hpg=hpg, mode="state",
+                                          num_warps=4, interpret=False)
+        return pallas_gpu._state_pass_fwd_call(st, pallas_gpu._chunk_end_decay(s_, None, q), h0_,
+                                               hprev_dtype=x_.dtype, interpret=False)
+
+    mosaic, triton = jax.jit(mosaic_fn), jax.jit(triton_fn)
+    w, dr = jax.block_until_ready((pallas_mosaic._state_weights(dt, s, q), dec_rows(s)))
+    kernel = jax.jit(lambda x_, b_, w_, d_, h0_: pallas_mosaic._chunk_statepass_mosaic(
+        x_, b_, w_, d_, h0_, q=q, hpg=hpg, hprev_dtype=x_.dtype, semantics=semantics))
+    nb = pallas_mosaic._statepass_block_cols(q, P, N, 2, b * h)
+    case = dict(case=f"stage chunk_state+state_pass {name}", shape=name,
+                impl=f"mosaic q{q} {semantics} (dstate block {nb}) vs triton q{q}", status="ok")
+    case["fwd"] = time_ms(mosaic, args, runs, deadline)
+    case["kernel"] = time_ms(kernel, (x, bm, w, dr, h0), runs, deadline)
+    case["triton"] = time_ms(triton, args, runs, deadline)
+    (hp_m, fin_m), (hp_t, fin_t) = mosaic(*args), triton(*args)
+    case["errors"] = {"states": rel(hp_m, hp_t), "final_states": rel(fin_m, fin_t)}
+    if not max(case["errors"].values()) < 1e-2:
+        case["status"] = "FAIL"
+    case["error_vs"] = "triton chunk_state + state_pass"
+    # Mosaic: read x, B, h0, w, decay rows; write hprev (bf16) and the final state.
+    bytes_moved = (2 * (b * l * h * P + b * l * G * N + b * h * nc * P * N)
+                   + 8 * b * h * P * N + 4 * b * h * l + 4 * b * h * nc * P)
+    case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
+    case["triton_GBps"] = round(bytes_moved / case["triton"]["ms"] / 1e6, 1)
+    case["bytes_note"] = "GB/s of the fused kernel's bytes (Triton also writes and reads f32 S_c)"
+    rec.add(case)
+
+
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
 def lowering_check(rec, shapes, semantics="lane"):
-    """Lower for cuda (no device needed) at `shapes`: the chunk-output and chunk-state stages
-    alone, and the forward and forward+backward for every `stages` of pallas_mosaic.STAGES, for
+    """Lower for cuda (no device needed) at `shapes`: the chunk-output, chunk-state and fused
+    chunk-state + state-pass kernels alone, and the forward and forward+backward for every `stages` of pallas_mosaic.STAGES, for
     every (dtype, block_len) of LOWER_CONFIGS.
 
     This runs all of Mosaic GPU's Python-side lowering (for Warpgroup semantics: its layout
@@ -347,6 +410,8 @@ def lowering_check(rec, shapes, semantics="lane"):
                           s((b, h, lp // q, P, N), dt), s((h, P), jnp.float32))
             state_args = (x_stage, s((b, G, N, lp) if dt == jnp.float32 else (b, lp, G, N), dt),
                           s((b, h, lp), jnp.float32))
+            statepass_args = state_args + (s((b, h, lp // q, P), jnp.float32),
+                                           s((b, h, P, N), jnp.float32))
             args = (s((b, l, h, P), dt), s((b, l, h), jnp.float32), s((h,), jnp.float32),
                     s((b, l, G, N), dt), s((b, l, G, N), dt), s((h,), jnp.float32))
 
@@ -356,7 +421,12 @@ def lowering_check(rec, shapes, semantics="lane"):
             def state_stage(*a, q=q, h=h):
                 return pallas_mosaic._chunk_state_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
 
-            todo = [("stage out", stage, stage_args), ("stage state", state_stage, state_args)]
+            def statepass_stage(*a, q=q, h=h, dt=dt):
+                return pallas_mosaic._chunk_statepass_mosaic(*a, q=q, hpg=h // G, hprev_dtype=dt,
+                                                             semantics=semantics)
+
+            todo = [("stage out", stage, stage_args), ("stage state", state_stage, state_args),
+                    ("stage statepass", statepass_stage, statepass_args)]
             for stages in pallas_mosaic.STAGES:
                 def fwd(x, dt_, A, B, C, D, q=q, stages=stages):
                     return pallas_mosaic.ssd_mosaic_forward(x, dt_, A, B, C, CHUNK, D=D,
@@ -411,12 +481,14 @@ def main():
     # --quick: the bf16 and the f32 check and the first timing shape only.
     small = [SMALL[0], SMALL[3]] if a.quick else SMALL
     shapes = SHAPES[:1] if a.quick else SHAPES
-    # (impl, block_len, mosaic stages): the all-Mosaic forward at both block lengths, the
-    # output-only variant timed in session 1 (q64; q128 too in the full run), xla, Triton.
-    impls = [("mosaic", 128, "state+out"), ("mosaic", 64, "state+out"), ("mosaic", 64, "out"),
-             ("xla", None, None), ("pallas", None, None)]
+    # (impl, block_len, mosaic stages): the Mosaic forwards with Mosaic chunk states (separate
+    # or fused with the state pass) at both block lengths, the output-only variant timed in
+    # session 1 (q64; q128 too in the full run), xla, Triton.
+    impls = [("mosaic", 128, "state+out"), ("mosaic", 64, "state+out"),
+             ("mosaic", 128, "statepass+out"), ("mosaic", 64, "statepass+out"),
+             ("mosaic", 64, "out"), ("xla", None, None), ("pallas", None, None)]
     if not a.quick:
-        impls.insert(2, ("mosaic", 128, "out"))
+        impls.insert(4, ("mosaic", 128, "out"))
     both = ("lane", "warpgroup")
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
@@ -436,7 +508,8 @@ def main():
                  (1, 70, 2, 64, 1, 64, "float32", 64, "D"),
                  (1, 70, 2, 64, 1, 128, "float32", 128, "D")]
         shapes = [("tiny", 1, 128, 2, 1.0, 1.0)]
-        impls = [("mosaic", 64, "state+out"), ("mosaic", 64, "out"), ("xla", None, None)]
+        impls = [("mosaic", 64, "state+out"), ("mosaic", 64, "statepass+out"),
+                 ("mosaic", 64, "out"), ("xla", None, None)]
         a.runs = 3
     else:
         ok, why = pallas_mosaic.supported(x=jnp.zeros((1, 1, 1, P), jnp.bfloat16),
@@ -470,20 +543,25 @@ def main():
                 break
     SEMANTICS = a.semantics or SEMANTICS
     print(f"full-SSD cases use {SEMANTICS} semantics", flush=True)
-    # 1b. The chunk-state stage alone (the second Mosaic kernel), same shape, q128.
+    # 1b. The chunk-state kernel and the fused chunk-state + state-pass kernel alone, same
+    #     shape, q128.
     if not INTERPRET:
         run(f"stage chunk_state {shapes[0][0]} q128 {SEMANTICS}", stage_state_case, rec,
             shapes[0], 128, a.runs, deadline, SEMANTICS)
+        run(f"stage chunk_state+state_pass {shapes[0][0]} q128 {SEMANTICS}", stage_state_case,
+            rec, shapes[0], 128, a.runs, deadline, SEMANTICS, fused=True)
     # 2. Correctness (bf16 q128, then f32 q64), the first timing shape, then everything else.
     first = [s for s in small if s[6] == "bfloat16"][:1] + [s for s in small if s[6] == "float32"][:1]
-    #    The checks run the default (all-Mosaic) forward; the full run also checks stages="out".
-    plan = ([("check", s) for s in first] + [("time", shapes[0])]
+    #    The checks run the default stages ("state+out"), then "statepass+out" (and in the full
+    #    run "out" for bf16).
+    checks = ([("check", s) for s in first]
+              + [("check statepass+out", s) for s in first]
+              + ([] if a.quick else [("check out", first[0])]))
+    plan = (checks + [("time", shapes[0])]
             + [("check", s) for s in small if s not in first] + [("time", s) for s in shapes[1:]])
-    if not a.quick:
-        plan.insert(len(first) + 1, ("check out", first[0]))
     for kind, spec in plan:
         if kind.startswith("check"):
-            stages = "out" if kind == "check out" else pallas_mosaic.DEFAULT_STAGES
+            stages = kind.split()[1] if " " in kind else pallas_mosaic.DEFAULT_STAGES
             run(f"check {spec} {stages}", correctness_case, rec, spec, int(rng.integers(1 << 30)),
                 stages=stages)
             continue
@@ -495,6 +573,8 @@ def main():
                     SEMANTICS)
                 run(f"stage chunk_state {spec[0]} q{q}", stage_state_case, rec, spec, q, a.runs,
                     deadline, SEMANTICS)
+                run(f"stage chunk_state+state_pass {spec[0]} q{q}", stage_state_case, rec, spec,
+                    q, a.runs, deadline, SEMANTICS, fused=True)
         y_xla = None
         ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
         for impl, q, stages in ordered:  # xla first: its y is the yardstick for the others

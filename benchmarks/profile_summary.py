@@ -10,11 +10,14 @@ PROFILE_DIR and selects the events that are device work:
 - GPU/TPU traces: the processes named "/device:GPU:N" (or "/device:TPU:N"); within them the
   threads named "Stream #..." (CUDA streams: one event per kernel or memcpy; the kernel name is
   the event name and the HLO instruction is `args.hlo_op`). The derived lines the profiler adds
-  ("XLA Ops", "XLA Modules", "Steps", ...) are skipped: they repeat the same time. Only the
-  first device process is summarised (weak scaling runs the same program on each device).
+  ("XLA Ops", "XLA Modules", "Steps", ...) are skipped: they repeat the same time; a line XLA
+  named "CUPTI overhead" (a stream that also got a CUPTI overhead record) is read without its
+  overhead records. Kernels of one stream may overlap (programmatic dependent launch on
+  Hopper): all are kept. Only the first device process is summarised (weak scaling runs the
+  same program on each device).
 - CPU traces (no device process): the host-thread events that carry `args.hlo_op` (XLA's thunk
-  executor records one per HLO op); events enclosing others of the same thread (a `while`
-  thunk around its body's ops) are dropped so that time is not counted twice.
+  executor records one per HLO op); events fully enclosing others of the same thread (a
+  `while` thunk around its body's ops) are dropped so that time is not counted twice.
 
 Output (JSON + Markdown): kernel time per step (sum of durations and the union of busy
 intervals, which differ when streams overlap), the top kernels (name, count per step, ms per
@@ -51,6 +54,8 @@ from collections import defaultdict
 
 CATEGORIES = ("gemm", "ssd", "elementwise/fusion", "reduction", "collective", "copy/transpose",
               "other")
+# Names XLA gives CUPTI overhead records (cupti_buffer_events.cc, getActivityOverheadKindString).
+_CUPTI_OVERHEAD = re.compile(r"^(COMPILER|BUFFER_FLUSH|INSTRUMENTATION|RESOURCE|<UNKNOWN>)$")
 _DERIVED_LINES = ("xla ops", "xla modules", "steps", "framework", "tensorflow", "source code",
                   "launch stats", "xla traceme", "host offload", "sparsecore")
 
@@ -103,9 +108,15 @@ def load_events(path: str) -> list[dict]:
 
 
 def leaf_events(events: list[dict]) -> list[dict]:
-    """Drops events that enclose another event of the same thread (on CPU a `while` or
-    `conditional` thunk spans the ops of its body, which are recorded too); GPU stream kernels
-    do not nest, so they are returned unchanged."""
+    """Drops events that fully enclose another event of the same thread (on CPU a `while` or
+    `conditional` thunk spans the ops of its body, which are recorded too).
+
+    Only full containment makes a parent: two events that merely overlap are both kept. (GPU
+    kernels on one stream overlap when the next one is launched early, Hopper's programmatic
+    dependent launch, used by cuBLAS's nvjet GEMMs; an earlier version of this function
+    dropped the first of two overlapping events and so lost most GEMMs of the H200 traces.
+    GPU stream lines are not passed through here at all, see select_device_events.)
+    """
     by_thread = defaultdict(list)
     for e in events:
         by_thread[(e.get("pid"), e.get("tid"))].append(e)
@@ -113,14 +124,16 @@ def leaf_events(events: list[dict]) -> list[dict]:
     for evs in by_thread.values():
         evs = sorted(evs, key=lambda e: (float(e["ts"]), -float(e["dur"])))
         parents = set()
-        stack = []  # (end, index) of open events
+        stack = []  # (end, index) of open events that enclose the current position
         for i, e in enumerate(evs):
-            ts = float(e["ts"])
+            ts, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
             while stack and stack[-1][0] <= ts:
                 stack.pop()
-            if stack:
-                parents.add(stack[-1][1])
-            stack.append((ts + float(e["dur"]), i))
+            for open_end, j in reversed(stack):  # innermost first
+                if end <= open_end:
+                    parents.add(j)
+                    break
+            stack.append((end, i))
         out += [e for i, e in enumerate(evs) if i not in parents]
     return out
 
@@ -153,16 +166,29 @@ def select_device_events(events: list[dict]) -> tuple[list[dict], dict]:
     if device_pids:
         pid = device_pids[0][1]
         lines = {tid: n for (p, tid), n in thread_names.items() if p == pid}
-        streams = {tid for tid, n in lines.items() if n.lower().startswith("stream")}
+        # XLA names a stream's line "CUPTI overhead" as soon as one CUPTI overhead record
+        # lands on it (xla/backends/profiler/gpu/cupti_collector.cc, GetDeviceXLineName), so
+        # such a line can hold kernels too: it is read, without its overhead records.
+        streams = {tid for tid, n in lines.items()
+                   if n.lower().startswith("stream") or "overhead" in n.lower()}
         if not streams:  # unknown line naming: everything that is not a derived line
             streams = {tid for tid, n in lines.items()
                        if not any(n.lower().startswith(d) for d in _DERIVED_LINES)}
-        chosen = leaf_events([e for e in complete
-                              if e.get("pid") == pid and e.get("tid") in streams])
+        on_device = [e for e in complete if e.get("pid") == pid]
+        line_events = defaultdict(int)
+        for e in on_device:
+            line_events[lines.get(e.get("tid"), str(e.get("tid")))] += 1
+        # Kernels on a CUDA stream never nest: every event counts, overlapping or not (no
+        # leaf_events here; it would take an early-launched kernel for a child).
+        chosen = [e for e in on_device if e.get("tid") in streams
+                  and not _CUPTI_OVERHEAD.match(str(e.get("name", "")))]
+        if not any(lines.get(t, "").lower().startswith("stream") for t in streams):
+            chosen = leaf_events(chosen)  # unknown (e.g. TPU) line naming: may nest
         if chosen:
             return chosen, {"source": "device", "process": process_names[pid],
                             "devices": len(device_pids),
-                            "lines": sorted(lines[t] for t in streams)}
+                            "lines": sorted(lines[t] for t in streams),
+                            "line_events": dict(sorted(line_events.items()))}
     chosen = leaf_events([e for e in complete
                           if isinstance(e.get("args"), dict) and "hlo_op" in e["args"]
                           and not str(e.get("name", "")).startswith("end: ")])
@@ -382,7 +408,8 @@ def expected_kernels(hlo_text: str) -> dict:
     Fused computations and reducers (to_apply of reduce / all-reduce / sort) are not walked.
     Returns {"launches_min", "launches_max" (per execution), "by_kind": {kind: launches_max},
     "instructions": {name: {"kind", "launches" (max), "optional" (inside a conditional
-    branch: may legitimately not run)}}, "unknown_trip_counts",
+    branch: may legitimately not run), "via" (the outermost `call` around it, e.g. an XLA
+    command buffer, or "")}}, "unknown_trip_counts",
     "conditionals"}.
     Raises ValueError when the text has no ENTRY computation.
     """
@@ -392,8 +419,8 @@ def expected_kernels(hlo_text: str) -> dict:
     instructions: dict[str, dict] = {}
     stats = {"unknown_trip_counts": 0, "conditionals": 0}
 
-    def walk(comp: str, mult: float, depth: int = 0, optional: bool = False
-             ) -> tuple[float, float]:
+    def walk(comp: str, mult: float, depth: int = 0, optional: bool = False,
+             via: str = "") -> tuple[float, float]:
         lo = hi = 0.0
         if depth > 64 or comp not in comps:
             return lo, hi
@@ -406,31 +433,31 @@ def expected_kernels(hlo_text: str) -> dict:
                 body, cond = _BODY.search(line), _CONDITION.search(line)
                 for sub, times in ((body, n), (cond, n + 1)):
                     if sub:
-                        a, b = walk(sub.group(1), mult * times, depth + 1, optional)
+                        a, b = walk(sub.group(1), mult * times, depth + 1, optional, via)
                         lo, hi = lo + a, hi + b
             elif opcode == "conditional":
                 stats["conditionals"] += 1
                 m = _BRANCHES.search(line)
                 names = ([b.strip().lstrip("%") for b in m.group(1).split(",")] if m
                          else _TRUE_FALSE.findall(line))
-                ranges = [walk(b, mult, depth + 1, True) for b in names if b]
+                ranges = [walk(b, mult, depth + 1, True, via) for b in names if b]
                 if ranges:
                     lo += min(r[0] for r in ranges)
                     hi += max(r[1] for r in ranges)
             elif opcode == "call":
                 sub = _TO_APPLY.search(line) or _CALLS.search(line)
                 if sub:
-                    a, b = walk(sub.group(1), mult, depth + 1, optional)
+                    a, b = walk(sub.group(1), mult, depth + 1, optional, via or name)
                     lo, hi = lo + a, hi + b
             elif opcode == "async-start":
                 sub = _CALLS.search(line)
                 if sub:
-                    a, b = walk(sub.group(1), mult, depth + 1, optional)
+                    a, b = walk(sub.group(1), mult, depth + 1, optional, via)
                     lo, hi = lo + a, hi + b
             elif opcode not in _FREE_OPS and not opcode.endswith("-done"):
                 kind = _kernel_kind(opcode, line, comps)
                 entry_ = instructions.setdefault(name, {"kind": kind, "launches": 0.0,
-                                                        "optional": optional})
+                                                        "optional": optional, "via": via})
                 entry_["launches"] += mult
                 lo, hi = lo + mult, hi + mult
         return lo, hi
@@ -443,13 +470,19 @@ def expected_kernels(hlo_text: str) -> dict:
             "instructions": instructions, **stats}
 
 
-def completeness(events: list[dict], steps: int, hlo_text: str, threshold: float = 0.8) -> dict:
+def completeness(events: list[dict], steps: int, hlo_text: str, threshold: float = 0.8,
+                 calls_report_kernels: bool = False) -> dict:
     """How much of the program the trace caught: captured kernel events vs the launches the
     compiled HLO needs per step (expected_kernels), and the fraction of kernel-launching HLO
     instructions with at least one captured event (overall and per kind: gemm, fusion, ...;
-    instructions inside conditional branches are left out of this coverage).
+    instructions inside conditional branches, and those inside a `call` (XLA command buffer)
+    whose name the events carry instead of theirs, are left out of this coverage).
 
-    Memset events are not counted as kernels. On GPU one instruction can launch several
+    Memset events are not counted as kernels. Instructions inside a `call` whose name the
+    events carry (XLA GPU command buffers; CPU calls) are left out of the coverage; with
+    `calls_report_kernels` (GPU: CUPTI reports every kernel of a CUDA graph, named after the
+    command buffer) their launches still count in the event ratio, else (CPU: one event per
+    call) those launches and events are left out of it. On GPU one instruction can launch several
     kernels (cuBLAS split-K, Triton multi-kernel fusions), so the event ratio can exceed 1; the
     instruction coverage is the sharper test. `complete` is False when the instruction
     coverage or the event ratio (to the cheapest branch choice) is below `threshold`.
@@ -457,20 +490,42 @@ def completeness(events: list[dict], steps: int, hlo_text: str, threshold: float
     exp = expected_kernels(hlo_text)
     kernel_events = [e for e in events if not _NOT_A_KERNEL.match(str(e.get("name", "")))]
     seen = {str((e.get("args") or {}).get("hlo_op", "")) for e in kernel_events}
+    # Kernels run inside an XLA command buffer (CUDA graph) carry the command buffer's name,
+    # not their own instruction's: those instructions cannot be checked one by one.
+    seen_norm = {n.replace(".", "_") for n in seen}
+
+    def in_seen_call(ins):
+        return bool(ins["via"]) and ins["via"].replace(".", "_") in seen_norm
+
     per_kind = defaultdict(lambda: [0, 0])
+    in_command_buffers, call_launches = 0, 0.0
     for name, ins in exp["instructions"].items():
+        if in_seen_call(ins):
+            in_command_buffers += 1
+            call_launches += 0.0 if ins["optional"] else ins["launches"]
+            continue
         if ins["optional"]:
             continue  # inside a conditional branch: may not have run
         per_kind[ins["kind"]][0] += 1
         per_kind[ins["kind"]][1] += name in seen
+    # Events named after such a call are not counted against launches either (one event per
+    # call on CPU, one per kernel of the CUDA graph on GPU): the ratio compares the rest.
+    calls = {ins["via"].replace(".", "_") for ins in exp["instructions"].values()
+             if in_seen_call(ins)}
+    direct = [e for e in kernel_events
+              if str((e.get("args") or {}).get("hlo_op", "")).replace(".", "_") not in calls]
     n_instr = sum(v[0] for v in per_kind.values())
     n_seen = sum(v[1] for v in per_kind.values())
     captured = len(kernel_events) / steps
     coverage = n_seen / n_instr if n_instr else None
-    ratio = captured / exp["launches_min"] if exp["launches_min"] else None
+    if calls_report_kernels:
+        direct, expected_direct = kernel_events, exp["launches_min"]
+    else:
+        expected_direct = exp["launches_min"] - call_launches
+    ratio = len(direct) / steps / expected_direct if expected_direct > 0 else None
     complete = all(x is None or x >= threshold for x in (coverage, ratio))
     missing = sorted((n for n, ins in exp["instructions"].items()
-                      if n not in seen and not ins["optional"]),
+                      if n not in seen and not ins["optional"] and not in_seen_call(ins)),
                      key=lambda n: -exp["instructions"][n]["launches"])
     return {
         "complete": complete, "threshold": threshold,
@@ -479,6 +534,7 @@ def completeness(events: list[dict], steps: int, hlo_text: str, threshold: float
         "captured_over_expected": ratio,
         "instructions_expected": n_instr, "instructions_seen": n_seen,
         "instruction_coverage": coverage,
+        "instructions_in_command_buffers": in_command_buffers,
         "by_kind": {k: {"instructions": v[0], "seen": v[1],
                         "expected_launches_per_step": exp["by_kind"].get(k, 0.0)}
                     for k, v in sorted(per_kind.items())},
@@ -616,6 +672,7 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
     out = {
         "source": info.get("source"), "process": info.get("process"),
         "devices_in_trace": info.get("devices"), "lines": info.get("lines"),
+        "line_events": info.get("line_events"),
         "steps": steps, "step_wall_ms": wall_ms,
         "step_wall_from": "measured" if step_ms else "trace span",
         "trace_span_ms_per_step": span_us / steps / 1e3,
@@ -681,7 +738,9 @@ def _completeness_lines(c: dict | None, total_events: int | None) -> list[str]:
             f"expected from the compiled HLO ({ratio}); HLO kernel instructions with at least one "
             f"captured event: {c['instructions_seen']}/{c['instructions_expected']} ({cov}); by "
             f"kind (seen/expected): {kinds}",
-            f"- while loops without a known trip count: {c['unknown_trip_counts']}; conditionals: "
+            f"- HLO kernel instructions inside command buffers (checked by count only): "
+            f"{c.get('instructions_in_command_buffers', 0)}; "
+            f"while loops without a known trip count: {c['unknown_trip_counts']}; conditionals: "
             f"{c['conditionals']}" + (f"; e.g. missing: {', '.join(c['missing_examples'][:6])}"
                                       if c["missing_examples"] else ""), ""]
     return out
@@ -693,7 +752,11 @@ def to_markdown(summary: dict, title: str = "Profile summary") -> str:
     lines = [f"# {title}", ""] + _completeness_lines(s.get("completeness"),
                                                      s.get("trace_events_total")) + [
              f"Trace: {s['source']} events of `{s['process']}` ({len(s['lines'] or [])} lines), "
-             f"{s['steps']} steps. Step wall time {_fmt(s['step_wall_ms'])} ms "
+             f"{s['steps']} steps" + (
+                 "; device lines (events): " + ", ".join(
+                     f"{k} ({v})" for k, v in s["line_events"].items())
+                 if s.get("line_events") else "") +
+             f". Step wall time {_fmt(s['step_wall_ms'])} ms "
              f"({s['step_wall_from']}); trace span {_fmt(s['trace_span_ms_per_step'])} ms/step.", "",
              f"- kernel time (sum) {_fmt(s['kernel_ms_per_step'])} ms/step; busy (union of "
              f"streams) {_fmt(s['busy_ms_per_step'])} ms/step; **idle gap "
@@ -755,7 +818,8 @@ def summarize_dir(profile_dir: str, steps: int, step_ms: float | None = None,
     summary["completeness"] = None
     if hlo_text:
         try:
-            summary["completeness"] = completeness(events, steps, hlo_text)
+            summary["completeness"] = completeness(
+                events, steps, hlo_text, calls_report_kernels=info.get("source") == "device")
         except ValueError as e:
             summary["completeness_error"] = str(e)
     return summary

@@ -37,9 +37,9 @@ cost per block and for all blocks, all projections, the non-block remainder of f
 self-conditioning pass, and the model FLOP/s of fwd_bwd (task.flops_per_token).
 
 `--profile-dir DIR` also traces 3 calls of each `--profile-cases` case (default block_ssd,
-fwd_bwd) with train_throughput.profiler_options and writes their profile_summary (with the
-completeness check against the case's own HLO) to PREFIX_profile.json / .md: a per-kernel view
-of one block that costs no extra compile.
+fwd_bwd, train_step) with train_throughput.profiler_options and writes their profile_summary
+(with the completeness check against the case's own HLO) to PREFIX_profile.json / .md: per-kernel
+views that cost no extra compile (a few seconds each to trace and parse).
 
 `--cases a,b,...` picks cases; `--budget-s` stops starting a case once elapsed time plus the
 longest case so far would pass it; a failing case is recorded and the next one runs. Results
@@ -103,7 +103,7 @@ def parse_args(argv):
     p.add_argument("--profile-dir", default="",
                    help="also trace 3 calls of each --profile-cases case here (jax.profiler, "
                         "the options of train_throughput.profiler_options)")
-    p.add_argument("--profile-cases", default="block_ssd,fwd_bwd",
+    p.add_argument("--profile-cases", default="block_ssd,fwd_bwd,train_step",
                    help="comma-separated cases to trace when --profile-dir is given")
     p.add_argument("--out", default="", help="output prefix: PREFIX.json + PREFIX.md")
     args = p.parse_args(rest)
@@ -369,18 +369,14 @@ class Breakdown:
 
     def case_train_step(self) -> dict:
         s = self.setup
-        holder = {"state": s.state}
 
         def make_run(c):
-            def run(i):
-                holder["state"], metrics, _ = c(holder["state"], s.rest, s.batch)
-                return holder["state"].params, metrics["loss"]
+            def run(i):  # the state is donated: s.state always holds the newest one
+                s.state, metrics, _ = c(s.state, s.rest, s.batch)
+                return s.state.params, metrics["loss"]
             return run
 
-        try:
-            r = self._timed(s.train_step, (s.state, s.rest, s.batch), make_run)
-        finally:
-            s.state = holder["state"]  # the old state was donated
+        r = self._timed(s.train_step, (s.state, s.rest, s.batch), make_run)
         r["model_flops"] = float(s.task.flops_per_token(s.seq_len)) * self.tokens_per_step
         r["note"] = "dimba_jax.train.step (state donated; fold_in(rng, step) per call)"
         return r
@@ -476,7 +472,8 @@ def to_markdown(report: dict) -> str:
              f"{s['device']} x {s['devices']}, batch {s['global_batch']} x seq {s['seq_len']} "
              f"({s['tokens_per_step']:,} tokens/step), compute {s['compute_dtype']}, "
              f"ssd_impl {s['ssd_impl']}, {s['n_layers']} layers, jax {s['jax']}. Reference step "
-             f"{'—' if step is None else f'{step:.1f} ms'} ({report.get('step_ms_from')}). "
+             + ("— (no train_step case, no --step-ms)" if step is None else
+                f"{step:.1f} ms ({report.get('step_ms_from')})") + ". "
              f"Peak {peak_text} TFLOP/s per device.", "",
              "| case | ms | % of step | XLA TFLOP/s | GEMM TFLOP/s (% peak) | compile s | what |",
              "|---|---|---|---|---|---|---|"]
@@ -514,7 +511,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"fwd_bwd reaches {mf['model_flops'] / mf['ms'] / 1e9:.3g} model TFLOP/s "
                   "(task.flops_per_token x tokens / time)."]
     if report["failed"]:
-        lines += ["", "Failed / skipped:", ""] + [f"- {k}: {v}" for k, v in report["failed"].items()]
+        lines += ["", "Failed / skipped:", ""] + [f"- {k}: {v}"
+                                                  for k, v in report["failed"].items()]
     lines += ["", "Command:", "", f"    {report['command']}"]
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,13 @@ config.mesh; the default is the config's mesh (data = all devices). Weak scaling
 Profiling: `--profile-dir DIR` records a jax.profiler trace of 3 steps of each variant named in
 `--profile-variants` (default: the first) under DIR/<variant>, and writes a per-kernel summary
 of all of them (benchmarks/profile_summary.py: kernel time per step, top kernels, categories,
-idle gap) to PREFIX_profile.json + PREFIX_profile.md.
+idle gap, and a completeness check against the compiled HLO, saved as
+DIR/<variant>/program.hlo.txt) to PREFIX_profile.json + PREFIX_profile.md. The trace uses
+`profiler_options()`: no Python tracer, CUPTI event caps raised through
+ProfileOptions.advanced_configuration (GPU only; keys gpu_max_activity_api_events,
+gpu_max_callback_api_events, gpu_max_annotation_strings), TF_PROFILER_TRACE_VIEWER_MAX_EVENTS
+raised while the trace JSON is written. For per-kernel GPU traces prefer XLA command buffers off
+(XLA_FLAGS=--xla_gpu_enable_command_buffer=); the step time is then measured that way too.
 
 Output: PREFIX.json ({"rows": [...], "failed": [...]} merged across invocations, keyed by
 config, overrides, devices, batch, seq_len and mesh) and PREFIX.md (a table of all rows), plus the

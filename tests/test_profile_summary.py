@@ -236,6 +236,11 @@ HAND_HLO = """HloModule hand
   ROOT %fa = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add
 }
 
+%command_buffer (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %cbf = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add
+}
+
 %branch_b (x: f32[4]) -> f32[4] {
   %x = f32[4]{0} parameter(0)
   %fb1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add
@@ -252,6 +257,7 @@ ENTRY %main (a: f32[4,4], v: f32[4], p: s32[]) -> f32[4,4] {
   %w = (s32[], f32[4,4]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
   %cnd = f32[4]{0} conditional(%p, %v, %v), branch_computations={%branch_a, %branch_b}
   %cp = f32[4,4]{1,0} copy(%tg)
+  %command_buffer.1 = f32[4]{0} call(%v), to_apply=%command_buffer
   ROOT %out = f32[4,4]{1,0} get-tuple-element(%w), index=1
 }
 """
@@ -259,12 +265,13 @@ ENTRY %main (a: f32[4,4], v: f32[4], p: s32[]) -> f32[4,4] {
 
 def test_expected_kernels_counted_by_hand():
     e = ps.expected_kernels(HAND_HLO)
-    # ENTRY: triton gemm fusion 1 + copy 1; while x4: cublas gemm 4 + fusion 4, condition 5;
-    # conditional: branch_a 1 or branch_b 2 launches.
-    assert (e["launches_min"], e["launches_max"]) == (16.0, 17.0)
-    assert e["by_kind"] == {"gemm": 5.0, "fusion": 12.0, "copy": 1.0}
+    # ENTRY: triton gemm fusion 1 + copy 1 + the fusion in the called command buffer 1;
+    # while x4: cublas gemm 4 + fusion 4, condition 5; conditional: branch_a 1 or branch_b 2.
+    assert (e["launches_min"], e["launches_max"]) == (17.0, 18.0)
+    assert e["by_kind"] == {"gemm": 5.0, "fusion": 13.0, "copy": 1.0}
     ins = e["instructions"]
-    assert ins["gemm"] == {"kind": "gemm", "launches": 4.0, "optional": False}
+    assert ins["gemm"] == {"kind": "gemm", "launches": 4.0, "optional": False, "via": ""}
+    assert ins["cbf"]["via"] == "command_buffer.1"
     assert ins["lt"]["launches"] == 5.0 and ins["tg"]["kind"] == "gemm"
     assert ins["fb2"]["optional"] and not ins["cp"]["optional"]
     assert e["conditionals"] == 1 and e["unknown_trip_counts"] == 0
@@ -277,12 +284,19 @@ def test_incomplete_trace_is_flagged(tmp_path):
     def ev(name, op, ts):
         return {"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": 1.0, "name": name,
                 "args": {"hlo_op": op}}
-    ops = ["lt"] * 5 + ["inc"] * 4 + ["cp", "fa"]  # no "tg", no "gemm"
+    ops = ["lt"] * 5 + ["inc"] * 4 + ["cp", "fa", "command_buffer_1"]  # no "tg", no "gemm"
     events = [ev(f"k_{op}", op, 10.0 * i) for i, op in enumerate(ops)]
     events.append(ev("Memset 3", "gemm", 200.0))  # a memset of the gemm is not its kernel
     c = ps.completeness(events, 1, HAND_HLO)
     assert not c["complete"]
-    assert c["captured_kernels_per_step"] == 11 and c["expected_launches_per_step"] == [16, 17]
+    assert c["captured_kernels_per_step"] == 12 and c["expected_launches_per_step"] == [17, 18]
+    # cbf ran inside the command buffer whose name its event carries: not checkable by name.
+    assert c["instructions_in_command_buffers"] == 1
+    # Event ratio: on CPU a call is one event (its event and its launch are left out: 11/16);
+    # on GPU every kernel of the command buffer is an event (all count: 12/17).
+    assert c["captured_over_expected"] == pytest.approx(11 / 16)
+    gpu = ps.completeness(events, 1, HAND_HLO, calls_report_kernels=True)
+    assert gpu["captured_over_expected"] == pytest.approx(12 / 17) and not gpu["complete"]
     assert c["by_kind"]["gemm"] == {"instructions": 2, "seen": 0, "expected_launches_per_step": 5.0}
     assert c["instructions_expected"] == 5 and c["instructions_seen"] == 3
     assert set(c["missing_examples"]) == {"gemm", "tg"}
@@ -298,3 +312,52 @@ def test_incomplete_trace_is_flagged(tmp_path):
     assert s["completeness"]["complete"] is False and s["trace_events_total"] == len(events) + 2
     md = ps.to_markdown(s)
     assert md.index("INCOMPLETE TRACE") < md.index("| category |")
+
+
+def test_kernels_on_a_cupti_overhead_line_are_read():
+    """XLA renames a stream's line "CUPTI overhead" when an overhead record lands on it; its
+    kernels must still count, its overhead records must not."""
+    def ev(tid, ts, dur, name, op=""):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+                "args": {"hlo_op": op} if op else {}}
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 14, "name": "thread_name",
+             "args": {"name": "Stream #14(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 15, "name": "thread_name",
+             "args": {"name": "CUPTI overhead"}},
+            {"ph": "M", "pid": 1, "tid": 99, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    events = [ev(14, 0, 10, "loop_fusion", "fusion.1"),
+              ev(15, 10, 30, "nvjet_sm90_tst_128x128", "cublas-lt-matmul.1"),
+              ev(15, 40, 5, "INSTRUMENTATION"),
+              ev(99, 0, 40, "fusion.1", "fusion.1")]
+    chosen, info = ps.select_device_events(meta + events)
+    assert sorted(e["name"] for e in chosen) == ["loop_fusion", "nvjet_sm90_tst_128x128"]
+    assert info["line_events"] == {"CUPTI overhead": 2, "Stream #14(Compute)": 1, "XLA Ops": 1}
+    s = ps.summarize(chosen, info, 1)
+    assert {c["category"]: c["ms_per_step"] for c in s["categories"]} == \
+        pytest.approx({"gemm": 0.03, "elementwise/fusion": 0.01})
+    assert "CUPTI overhead (2)" in ps.to_markdown(s)
+
+
+def test_overlapping_stream_kernels_are_all_kept():
+    """Hopper launches a kernel before its predecessor ends (programmatic dependent launch):
+    overlapping kernels of one stream are not parent and child; only full containment (a CPU
+    `while` thunk around its body's ops) drops the enclosing event."""
+    def ev(tid, ts, dur, name, op):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+                "args": {"hlo_op": op}}
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 14, "name": "thread_name",
+             "args": {"name": "Stream #14(Compute)"}}]
+    gemm = ev(14, 0, 100, "nvjet_sm90_tst_256x128_64x4", "cublas-lt-matmul.3")
+    fusion = ev(14, 95, 55, "loop_add_fusion_7", "loop_add_fusion.7")  # starts before gemm ends
+    chosen, _ = ps.select_device_events(meta + [gemm, fusion])
+    assert len(chosen) == 2
+    s = ps.summarize(chosen, {"source": "device"}, 1)
+    assert s["kernel_ms_per_step"] == pytest.approx(0.155)
+    assert s["busy_ms_per_step"] == pytest.approx(0.150)  # union 0..150 us
+    # leaf_events itself: containment drops the parent, overlap drops nothing.
+    parent = ev(5, 0, 100, "while.1", "while.1")
+    kids = [ev(5, 10, 20, "fusion.1", "fusion.1"), ev(5, 40, 30, "dot.2", "dot.2")]
+    assert sorted(e["name"] for e in ps.leaf_events([parent] + kids)) == ["dot.2", "fusion.1"]
+    assert len(ps.leaf_events([ev(5, 0, 100, "a", "a"), ev(5, 95, 55, "b", "b")])) == 2

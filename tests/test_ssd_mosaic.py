@@ -97,14 +97,18 @@ def test_supported_reasons_and_errors_on_cpu():
         assert ok_all == ok_out
 
 
-@pytest.mark.parametrize("dtype,block_len,semantics,stages", [
-    (jnp.bfloat16, 128, "lane", "state+out"), (jnp.bfloat16, 64, "lane", "out"),
-    (jnp.bfloat16, 128, "warpgroup", "state+out"), (jnp.float32, 64, "warpgroup", "state+out"),
+@pytest.mark.parametrize("dtype,block_len,semantics,stages,with_grad", [
+    (jnp.bfloat16, 128, "lane", "state+out", True), (jnp.bfloat16, 64, "lane", "out", False),
+    (jnp.bfloat16, 128, "warpgroup", "statepass+out", False),
+    (jnp.float32, 64, "warpgroup", "state+out", False),
+    (jnp.float32, 64, "lane", "statepass+out", True),
 ])
-def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages):
-    """Full lowering for cuda without a GPU. Under Warpgroup semantics this runs Mosaic GPU's
-    layout inference, which failed on the H200 (jax 0.11.2) for the first kernel version; that
-    failure reproduces on a CPU with jax 0.11.2 (jax 0.10's inference accepted it)."""
+def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages, with_grad):
+    """Full lowering for cuda without a GPU (the gradient too where with_grad: the custom_vjp's
+    Triton backward does not depend on the stages, so two cases suffice for it). Under Warpgroup
+    semantics this runs Mosaic GPU's layout inference, which failed on the H200 (jax 0.11.2) for
+    the first kernel version; that failure reproduces on a CPU with jax 0.11.2 (jax 0.10's
+    inference accepted it)."""
     s = jax.ShapeDtypeStruct
     b, l, h, p, g, n = 1, 200, 4, 64, 2, 128
     shapes = (s((b, l, h, p), dtype), s((b, l, h), jnp.float32), s((h,), jnp.float32),
@@ -121,34 +125,51 @@ def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages):
 
     with pallas_mosaic.cuda_lowering_context():  # jax 0.11 Triton lowering: abstract H200
         fwd_text = jax.jit(fwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-        grad_text = jax.jit(grads).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    # The forward's Mosaic GPU kernels: chunk output, and chunk states for "state+out".
+        if with_grad:
+            grad_text = jax.jit(grads).trace(*shapes).lower(
+                lowering_platforms=("cuda",)).as_text()
+    # The forward's Mosaic GPU kernels: chunk output, and chunk states (with the state pass for
+    # "statepass+out") unless stages == "out".
     n_kernels = len(re.findall(r"custom_call @mosaic_gpu", fwd_text))
-    assert n_kernels == (2 if stages == "state+out" else 1), n_kernels
-    assert "triton" in grad_text.lower()  # the backward: pallas_gpu's Triton kernels
+    assert n_kernels == (1 if stages == "out" else 2), n_kernels
+    if with_grad:
+        assert "triton" in grad_text.lower()  # the backward: pallas_gpu's Triton kernels
 
 
-def test_chunk_state_kernel_lowers_for_cuda_on_cpu():
-    """The chunk-state kernel alone, both semantics: bf16 (x^T as a transposed wgmma operand)
-    at block 128 and 64, float32 (tf32, K-major transposed inputs), and a dstate split into two
-    column blocks (headdim 128, dstate 256)."""
+def test_chunk_state_kernels_lower_for_cuda_on_cpu():
+    """The chunk-state kernel and the fused chunk-state + state-pass kernel alone, both
+    semantics: bf16 (x^T as a transposed wgmma operand) at block 128, float32 (tf32, K-major
+    transposed inputs) at block 64, and a dstate split into two column blocks (headdim 128,
+    dstate 256). benchmarks/mosaic_probe.py --lower-only covers every configuration at the
+    DESIGN shapes."""
     s = jax.ShapeDtypeStruct
     f32, bf16 = jnp.float32, jnp.bfloat16
     b, l, h, g = 1, 256, 4, 2
-    for p, n, dtype, q in ((64, 128, bf16, 128), (64, 128, bf16, 64), (64, 128, f32, 64),
-                           (128, 256, bf16, 128)):
+    for p, n, dtype, q in ((64, 128, bf16, 128), (64, 128, f32, 64), (128, 256, bf16, 128)):
         tf32 = dtype == f32
         args = (s((b, h, p, l) if tf32 else (b, l, h, p), dtype),
                 s((b, g, n, l) if tf32 else (b, l, g, n), dtype), s((b, h, l), f32))
+        pass_args = args + (s((b, h, l // q, p), f32), s((b, h, p, n), f32))
         for semantics in ("lane", "warpgroup"):
-            def fn(x, bm, w, q=q, semantics=semantics):
+            def state(x, bm, w, q=q, semantics=semantics):
                 return pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=h // g,
                                                          semantics=semantics)
 
+            def statepass(*a, q=q, semantics=semantics, dtype=dtype):
+                return pallas_mosaic._chunk_statepass_mosaic(*a, q=q, hpg=h // g,
+                                                             hprev_dtype=dtype,
+                                                             semantics=semantics)
+
             with pallas_mosaic.cuda_lowering_context():
-                lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+                lowered = jax.jit(state).trace(*args).lower(lowering_platforms=("cuda",))
+                lowered_pass = jax.jit(statepass).trace(*pass_args).lower(
+                    lowering_platforms=("cuda",))
             assert "mosaic_gpu" in lowered.as_text(), (p, n, dtype, q, semantics)
             assert lowered.out_info.shape == (b, h, l // q, p, n)
+            assert "mosaic_gpu" in lowered_pass.as_text(), (p, n, dtype, q, semantics)
+            hprev_info, fin_info = lowered_pass.out_info
+            assert hprev_info.shape == (b, h, l // q, p, n) and hprev_info.dtype == dtype
+            assert fin_info.shape == (b, h, p, n) and fin_info.dtype == f32
 
 
 def _chunk_states_f64(x, bm, dt, s, q):
@@ -166,38 +187,58 @@ def _chunk_states_f64(x, bm, dt, s, q):
     return np.einsum("bcqhp,bhcq,bcqhn->bhcpn", xs, w, bs)
 
 
-def test_interpreter_chunk_state_kernel_matches_float64(monkeypatch):
-    """The chunk-state kernel alone in the Mosaic GPU interpreter, bf16, vs float64 NumPy: two
-    chunks of 64, two heads sharing one group, and dstate split into two column blocks (the
-    register budget is lowered so that the small 64 x 128 state splits as 128 x 256 does).
-    The float32 (transposed-input) path is checked inside the float32 forward below; the
-    comparison with pallas_gpu's Triton kernel is a GPU test."""
+def test_interpreter_state_kernels_match_float64(monkeypatch):
+    """The chunk-state kernel and the fused chunk-state + state-pass kernel alone in the Mosaic
+    GPU interpreter, bf16, vs float64 NumPy: chunk states S_c, and the recurrence h_0 = h0,
+    h_{c+1} = exp(s_end,c) h_c + S_c. Three chunks of 64 (the fused kernel's double-buffered
+    slots alternate and wrap), two heads sharing one group, dstate 128 as two column blocks of
+    64 in both kernels (for the chunk-state kernel the register budget is lowered so that the
+    small 64 x 128 state splits as 128 x 256 does). The float32 paths run inside the float32
+    forward below; the comparison with pallas_gpu's Triton kernels is a GPU test."""
     monkeypatch.setattr(pallas_mosaic, "_STATE_ACC_ITEMS", 64 * 64)
     dtype, p, n = jnp.bfloat16, 64, 128
     assert pallas_mosaic._state_block_cols(p, n) == 64
-    q, bsz, lp, nh, g = 64, 1, 128, 2, 1
-    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
+    q, bsz, nc, nh, g = 64, 1, 3, 2, 1
+    lp = nc * q
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
     x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
     bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
     dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
     a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
-    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, lp // q, q), -1).reshape(bsz, nh, lp)
-    states = pallas_mosaic._chunk_state_mosaic(x, bm, pallas_mosaic._state_weights(dt, s, q),
-                                               q=q, hpg=nh // g, interpret=True)
-    ref = _chunk_states_f64(x, bm, dt, s, q)
-    assert states.shape == ref.shape and states.dtype == jnp.float32
-    assert _rel(states, ref) < 5e-3  # bf16: x * w is rounded to bf16 before the product
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
+    h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
+    w = pallas_mosaic._state_weights(dt, s, q)
+    dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
+
+    states = pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=nh // g, interpret=True)
+    states_ref = _chunk_states_f64(x, bm, dt, s, q)
+    assert states.shape == states_ref.shape and states.dtype == jnp.float32
+    assert _rel(states, states_ref) < 5e-3  # bf16: x * w is rounded to bf16 before the product
+
+    hprev, fin = pallas_mosaic._chunk_statepass_mosaic(
+        x, bm, w, jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p)), h0, q=q, hpg=nh // g,
+        hprev_dtype=dtype, block_cols=64, interpret=True)
+    h = np.asarray(h0, np.float64)
+    dec64 = np.asarray(dec, np.float64)[..., None, None]
+    hprev_ref = []
+    for c in range(nc):
+        hprev_ref.append(h)
+        h = dec64[:, :, c] * h + states_ref[:, :, c]
+    assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype
+    assert _rel(hprev, np.stack(hprev_ref, axis=2)) < 1e-2  # h_c stored in bf16
+    assert _rel(fin, h) < 5e-3
 
 
-@pytest.mark.parametrize("seqlen,dtype,tol", [(100, jnp.bfloat16, 1.5e-2), (70, jnp.float32, 1e-5)])
-def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
-    """The all-Mosaic forward (chunk-state and chunk-output kernels, default stages) in the
-    Mosaic GPU interpreter (products as plain dots there, so float32 is exact up to rounding;
-    seqlen is not a multiple of the 64-long chunks)."""
+@pytest.mark.parametrize("seqlen,dtype,tol,stages", [
+    (70, jnp.bfloat16, 1.5e-2, "state+out"), (150, jnp.float32, 1e-5, "statepass+out")])
+def test_interpreter_forward_matches_reference(seqlen, dtype, tol, stages):
+    """The Mosaic forward (chunk-state or fused chunk-state + state-pass kernel, and the
+    chunk-output kernel) in the Mosaic GPU interpreter (products as plain dots there, so float32
+    is exact up to rounding; seqlen is not a multiple of the 64-long chunks)."""
     args, kw, _ = _inputs(np.random.default_rng().integers(1 << 30), 1, seqlen, 2, 64, 1, 64,
                           dtype, per_channel_d=dtype == jnp.bfloat16)
     y, fin = pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, block_len=64, interpret=True,
-                                              return_final_states=True, stages="state+out", **kw)
+                                              return_final_states=True, stages=stages, **kw)
     y_ref, fin_ref = _reference(args, kw, final=True)
     assert y.dtype == dtype and y.shape == args[0].shape
     assert _rel(y, y_ref) < tol
@@ -208,10 +249,13 @@ def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
 @pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,stages", [
     ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "state+out"),
     ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "out"),
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out"),
     ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "state+out"),
     ((2, 256, 4, 128, 1, 256), jnp.float16, 128, False, "state+out"),  # 2 dstate column blocks
     ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "state+out"),
     ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "out"),
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "statepass+out"),
 ])
 def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, stages):
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), *dims, dtype,

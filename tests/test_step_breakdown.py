@@ -24,7 +24,8 @@ TINY = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--per-device-batc
 def test_cheap_cases_on_tiny_model(tmp_path):
     out = str(tmp_path / "sb")
     report = sb.main(TINY + ["--cases", "proj,head,block_ssd,block_no_ssd,optimizer",
-                             "--step-ms", "10", "--out", out])
+                             "--step-ms", "10", "--out", out,
+                             "--profile-dir", str(tmp_path / "prof"), "--profile-cases", "proj"])
     cases = report["cases"]
     assert set(cases) == {"proj", "head", "block_ssd", "block_no_ssd", "optimizer"}, \
         report["failed"]
@@ -47,6 +48,14 @@ def test_cheap_cases_on_tiny_model(tmp_path):
     assert saved["step_ms"] == 10 and saved["setup"]["n_layers"] == 2
     md = open(out + ".md").read()
     assert "| proj |" in md and "| ssd_per_block |" in md and "GEMM TFLOP/s" in md
+    # The profiled case: a CPU trace holds every op, so the completeness check passes, and
+    # the traced program's HLO was saved beside the trace.
+    prof = cases["proj"]["profile"]
+    assert prof["complete"] and prof["instruction_coverage"] == 1.0, prof
+    assert prof["categories_ms"].get("gemm", 0) > 0
+    assert os.path.isfile(tmp_path / "prof" / "proj" / "program.hlo.txt")
+    assert "Profile: case proj" in open(out + "_profile.md").read()
+    assert "profile" not in cases["head"]
 
 
 def test_budget_stops_cases_and_bad_cases_fail(tmp_path):

@@ -53,7 +53,10 @@ from dimba_jax.ssd import pallas_gpu as _tri
 
 DEFAULT_BLOCK_LEN = 128
 DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see below)
-STAGES = ("state+out", "out")  # which forward stages are Mosaic GPU kernels
+# Which forward stages are Mosaic GPU kernels: "state+out" chunk states and chunk output (the
+# Triton state pass between them); "statepass+out" chunk states fused with the state pass, then
+# chunk output; "out" chunk output only (Triton chunk states and state pass).
+STAGES = ("state+out", "statepass+out", "out")
 DEFAULT_STAGES = "state+out"
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -145,7 +148,8 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
               stages: str = DEFAULT_STAGES, check_device: bool = True) -> tuple[bool, str]:
     """Whether `ssd_mosaic_forward` handles these arguments (and, if check_device, this device).
 
-    stages: "state+out" (the chunk-state kernel must fit too) or "out".
+    stages: one of STAGES; the chunk-state ("state+out") or fused chunk-state + state-pass
+      ("statepass+out") kernel must fit too.
 
     Returns:
       (True, "") or (False, reason naming the unsupported option).
@@ -172,12 +176,16 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
     if smem > _SMEM_LIMIT:
         return False, (f"mosaic SSD kernel tiles need {smem} bytes of shared memory "
                        f"(block_len {q}, headdim {headdim}, dstate {dstate}); limit {_SMEM_LIMIT}")
+    if stages not in STAGES:
+        return False, f"mosaic SSD stages must be one of {STAGES}, got {stages!r}"
     if stages == "state+out":
         smem = _state_smem_bytes(q, headdim, dstate, itemsize)
-        if smem > _SMEM_LIMIT:
-            return False, (f"mosaic SSD chunk-state kernel tiles need {smem} bytes of shared "
-                           f"memory (block_len {q}, headdim {headdim}, dstate {dstate}); "
-                           f"limit {_SMEM_LIMIT}")
+    elif stages == "statepass+out":  # the narrowest column block: the fewest bytes
+        smem = _statepass_smem_bytes(q, headdim, 64, itemsize)
+    if stages != "out" and smem > _SMEM_LIMIT:
+        return False, (f"mosaic SSD {stages.split('+')[0]} kernel tiles need {smem} bytes of "
+                       f"shared memory (block_len {q}, headdim {headdim}, dstate {dstate}); "
+                       f"limit {_SMEM_LIMIT}")
     if check_device:
         reason = _tri._device_reason()  # Hopper GPU check (shared with the Triton module)
         if reason is not None:
@@ -519,6 +527,188 @@ def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DE
 
 
 # --------------------------------------------------------------------------------------------
+# The Mosaic GPU chunk-state + state-pass kernel (stages="statepass+out").
+# --------------------------------------------------------------------------------------------
+
+_NUM_SMS = 132  # H100 / H200
+
+
+def _statepass_block_cols(q: int, p: int, n: int, itemsize: int, programs: int) -> int:
+    """dstate columns per program of the fused state kernel: as `_state_block_cols`, narrowed
+    to 64 when the (batch x heads x column blocks) programs would not fill two waves of SMs
+    (each program walks all chunks of its sequence, so programs are the only parallelism) or
+    when the wider tiles exceed shared memory."""
+    nb = _state_block_cols(p, n)
+    if (programs * (n // nb) < 2 * _NUM_SMS
+            or _statepass_smem_bytes(q, p, nb, itemsize) > _SMEM_LIMIT):
+        nb = 64
+    return nb
+
+
+def _statepass_smem_bytes(q: int, p: int, nb: int, itemsize: int) -> int:
+    """Shared memory of the fused state kernel: two slots of x, B, w, decay; the scaled x
+    tile; two slots of the outgoing h_c tile; one float32 h tile (initial / final state)."""
+    slots = 2 * (itemsize * (q * p + q * nb) + 4 * (q + p))
+    return slots + itemsize * q * p + 2 * itemsize * p * nb + 4 * p * nb
+
+
+def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols=None,
+                            interpret=False, semantics: str = DEFAULT_SEMANTICS):
+    """Chunk states and the state pass in one kernel: h_0 = h0, h_{c+1} = dec_c h_c + S_c with
+    S_c = x_c^T (w_c * B_c), the states never leaving the chip.
+
+    One program per (dstate column block, head, batch), one warpgroup, walking the chunks in
+    order with h in the wgmma accumulator (h_{c+1} = wgmma(acc = dec_c h_c, (x w)^T, B)). The
+    x / B / w / decay tiles of chunk c + 1 are fetched by TMA (double-buffered) while chunk c is
+    computed; each h_c is written (x.dtype, TMA store from a double-buffered SMEM tile) for the
+    output kernel and the backward. Operand layouts as `_chunk_state_mosaic`.
+
+    Args:
+      x: (batch, Lp, nheads, P) bf16/f16, or float32 transposed to (batch, nheads, P, Lp).
+      b: (batch, Lp, ngroups, N) x.dtype, or float32 transposed to (batch, ngroups, N, Lp).
+      w: (batch, nheads, Lp) float32, `_state_weights(dt, s, q)`.
+      dec: (batch, nheads, Lp // q, P) float32, exp(s at the chunk's end) repeated over P.
+      h0: (batch, nheads, P, N) float32 initial states.
+      q: chunk length.  hpg: heads per group.  hprev_dtype: dtype of the h_c output.
+      block_cols: dstate columns per program (default `_statepass_block_cols`).
+    Returns:
+      hprev: (batch, nheads, Lp // q, P, N) hprev_dtype, the state entering each chunk;
+      final: (batch, nheads, P, N) float32.
+    """
+    plgpu = _plgpu()
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+        n = b.shape[2]
+    else:
+        bsz, lp, nh, p = x.shape
+        n = b.shape[-1]
+    nc = lp // q
+    nb = int(block_cols or _statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh))
+    if n % nb or nb % 64:
+        raise ValueError(f"block_cols must be a multiple of 64 dividing dstate {n}, got {nb}")
+    nblk = n // nb
+    cdt = x.dtype
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    w_layout = wgmma_layout.reduce(0) if tf32 else wgmma_layout.reduce(1)
+    row = wgmma_layout.reduce(1)  # (P,) vector along the rows of h
+
+    load_idx = inspect.signature(plgpu.load).parameters["idx"]
+    load_takes_idx = load_idx.default is inspect.Parameter.empty
+
+    def load(ref, layout):
+        if interpret:
+            return ref[...]
+        if load_takes_idx:
+            return plgpu.load(ref, (), layout=layout)
+        return plgpu.load(ref, layout=layout)
+
+    def body(x_ref, b_ref, w_ref, dec_ref, h0_ref, hp_ref, fin_ref,
+             x_smem, b_smem, w_smem, dec_smem, xw_smem, hp_smem, h_smem,
+             x_bars, b_bars, w_bars, dec_bars, h_bar):
+        ni = lax.axis_index("col")
+        hi = lax.axis_index("head")
+        bi = lax.axis_index("batch")
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        cols = pl.ds(ni * nb, nb)
+
+        def fetch(c, slot):
+            rows = pl.ds(c * q, q)
+            if tf32:
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem.at[slot],
+                                        x_bars.at[slot])
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, gi, cols, rows], b_smem.at[slot],
+                                        b_bars.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem.at[slot], x_bars.at[slot])
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi, cols], b_smem.at[slot],
+                                        b_bars.at[slot])
+            plgpu.copy_gmem_to_smem(w_ref.at[bi, hi, rows], w_smem.at[slot], w_bars.at[slot])
+            plgpu.copy_gmem_to_smem(dec_ref.at[bi, hi, c], dec_smem.at[slot], dec_bars.at[slot])
+
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, pl.ds(0, p), cols], h_smem, h_bar.at[0])
+        fetch(0, 0)
+        plgpu.barrier_wait(h_bar.at[0])
+        h_init = load(h_smem, wgmma_layout)
+
+        def step(c, h):
+            slot = lax.rem(c, 2)
+
+            @pl.when(c + 1 < nc)
+            def _prefetch():  # the other slot's last readers (chunk c - 1) have finished
+                fetch(c + 1, 1 - slot)
+
+            plgpu.barrier_wait(x_bars.at[slot])
+            plgpu.barrier_wait(w_bars.at[slot])
+            plgpu.barrier_wait(dec_bars.at[slot])
+            xv = load(x_smem.at[slot], wgmma_layout).astype(f32)
+            wv = load(w_smem.at[slot], w_layout)
+            decv = load(dec_smem.at[slot], row)
+            if tf32:
+                xw = xv * lax.broadcast_in_dim(wv, (p, q), [1])
+            else:
+                xw = xv * lax.broadcast_in_dim(wv, (q, p), [0])
+            xw_smem[...] = xw.astype(cdt)
+            # h_c out: the TMA store of chunk c - 2 (same slot) must have read its tile.
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            hp_smem.at[slot][...] = h.astype(hprev_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(hp_smem.at[slot], hp_ref.at[bi, hi, c, pl.ds(0, p), cols])
+            h_dec = h * lax.broadcast_in_dim(decv, (p, nb), [0])
+            plgpu.barrier_wait(b_bars.at[slot])
+            if interpret:
+                if tf32:
+                    s_c = lax.dot_general(xw_smem[...], b_smem.at[slot][...],
+                                          (((1,), (1,)), ((), ())), preferred_element_type=f32)
+                else:
+                    s_c = lax.dot_general(xw_smem[...], b_smem.at[slot][...],
+                                          (((0,), (0,)), ((), ())), preferred_element_type=f32)
+                return h_dec + s_c
+
+            def update(acc_ref):
+                if tf32:
+                    plgpu.wgmma(acc_ref, xw_smem, b_smem.at[slot].transpose((1, 0)))
+                else:
+                    plgpu.wgmma(acc_ref, xw_smem.transpose((1, 0)), b_smem.at[slot])
+
+            return pl.run_state(update)(plgpu.ACC.init(h_dec))
+
+        h_fin = lax.fori_loop(0, nc, step, h_init)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        h_smem[...] = h_fin
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(h_smem, fin_ref.at[bi, hi, pl.ds(0, p), cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    x_tile = (p, q) if tf32 else (q, p)
+    b_tile = (nb, q) if tf32 else (q, nb)
+    tr = functools.partial(_smem_transforms, plgpu)
+    scratch = [
+        plgpu.SMEM((2, *x_tile), cdt, transforms=tr(x_tile[1], cdt)),
+        plgpu.SMEM((2, *b_tile), cdt, transforms=tr(b_tile[1], cdt)),
+        plgpu.SMEM((2, q), f32),
+        plgpu.SMEM((2, p), f32),
+        plgpu.SMEM(x_tile, cdt, transforms=tr(x_tile[1], cdt)),
+        plgpu.SMEM((2, p, nb), hprev_dtype, transforms=tr(nb, hprev_dtype)),
+        plgpu.SMEM((p, nb), f32, transforms=tr(nb, f32)),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    out_type = (jax.ShapeDtypeStruct((bsz, nh, nc, p, n), hprev_dtype),
+                jax.ShapeDtypeStruct((bsz, nh, p, n), f32))
+    return _kernel_call(
+        plgpu, body, out_type, scratch,
+        grid=(nblk, nh, bsz), grid_names=("col", "head", "batch"),
+        **({"interpret": _interpret_params()} if interpret
+           else {"compiler_params": _compiler_params(plgpu, semantics)}),
+    )(x, b, w, dec, h0)
+
+
+# --------------------------------------------------------------------------------------------
 # Differentiable core: Mosaic (or Triton) chunk states, Triton state pass, Mosaic output;
 # Triton backward.
 # --------------------------------------------------------------------------------------------
@@ -526,15 +716,23 @@ def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DE
 def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
-    if stages == "state+out":
-        bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # tf32: (b, g, N, Lp)
-        states = _chunk_state_mosaic(xin, bin_, _state_weights(dt, s, q), q=q, hpg=hpg,
-                                     interpret=interpret, semantics=semantics)
+    bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 and stages != "out" else b  # (b, g, N, Lp)
+    dec = _tri._chunk_end_decay(s, None, q)  # (b, h, nc)
+    if stages == "statepass+out":
+        p = h0.shape[2]
+        dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (p,))
+        hprev, fin = _chunk_statepass_mosaic(xin, bin_, _state_weights(dt, s, q), dec_rows, h0,
+                                             q=q, hpg=hpg, hprev_dtype=x.dtype,
+                                             interpret=interpret, semantics=semantics)
     else:
-        states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state",
-                                        num_warps=4, interpret=interpret)
-    hprev, fin = _tri._state_pass_fwd_call(states, _tri._chunk_end_decay(s, None, q), h0,
-                                           hprev_dtype=x.dtype, interpret=interpret)
+        if stages == "state+out":
+            states = _chunk_state_mosaic(xin, bin_, _state_weights(dt, s, q), q=q, hpg=hpg,
+                                         interpret=interpret, semantics=semantics)
+        else:
+            states = _tri._chunk_state_call(x, b, dt, s, None, q=q, hpg=hpg, mode="state",
+                                            num_warps=4, interpret=interpret)
+        hprev, fin = _tri._state_pass_fwd_call(states, dec, h0, hprev_dtype=x.dtype,
+                                               interpret=interpret)
     y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
                           semantics=semantics)
     return y, fin, hprev
@@ -581,8 +779,9 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       semantics: Mosaic GPU lowering semantics of the Mosaic kernels, "lane" or "warpgroup"
         (both lower; see `_compiler_params`).
       stages: which forward stages are Mosaic GPU kernels: "state+out" (default; chunk states
-        and chunk output, the Triton state pass between them) or "out" (chunk output only;
-        chunk states from pallas_gpu's Triton kernel).
+        and chunk output, the Triton state pass between them), "statepass+out" (chunk states
+        fused with the state pass, then chunk output: two Mosaic launches, the float32 chunk
+        states never written) or "out" (chunk output only; Triton chunk states / state pass).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
       dstate) float32]. Differentiable (Triton backward of pallas_gpu).
