@@ -1,31 +1,39 @@
-"""SSD forward with a Pallas **Mosaic GPU** chunk-output kernel (Hopper: TMA + wgmma).
+"""SSD forward with Pallas **Mosaic GPU** kernels (Hopper: TMA + wgmma).
 
-First step of the Mosaic GPU port asked for by issue 5 (`jax.experimental.pallas.mosaic_gpu`,
-imported as plgpu). Only the chunk-output stage, the largest one, is a Mosaic kernel here:
+The Mosaic GPU port asked for by issue 5 (`jax.experimental.pallas.mosaic_gpu`, imported as
+plgpu). Three forward kernels, one warpgroup per program:
 
-    y = ((C B^T) o L) (x dt) + exp(s) * (C h_c^T) + D x,   L_ij = exp(s_i - s_j) [i >= j]
+- `_chunk_out_mosaic`, grid (chunk, head, batch): the chunk output
+      y = ((C B^T) o L) (x dt) + exp(s) * (C h_c^T) + D x,   L_ij = exp(s_i - s_j) [i >= j]
+  TMA copies of the x, B, C tiles (swizzled SMEM), of the incoming state h_c (P x N) and of the
+  dt, s, D vectors; wgmma G = C B^T (Q x Q) and C h_c^T (Q x P) issued together; in registers
+  M = G * L * dt_j (dt folded into M's columns, so x is used straight from SMEM) and the
+  off-chunk term scaled by exp(s_i); wgmma acc += M @ x (M from registers, 16-bit), + D x; y
+  cast to x.dtype and written through SMEM by a TMA store.
+- `_chunk_state_mosaic`, grid (chunk x dstate block, head, batch): the chunk states
+      S_c = (x dt)^T (B exp(s_end - s)) = x^T (w * B),   w = dt exp(s_end - s) (from XLA)
+  x * w in registers, back to SMEM, one wgmma (P x Q) @ (Q x N) with x^T as a transposed
+  16-bit operand; S_c (float32) written by TMA.
+- `_chunk_statepass_mosaic`, grid (dstate block, head, batch): chunk states fused with the
+  state pass, h_{c+1} = exp(s_end,c) h_c + S_c, one program walking all chunks of a sequence
+  with h in the wgmma accumulator and the next chunk's tiles prefetched (double-buffered TMA);
+  it writes only the h_c the output kernel needs (x.dtype) and the final state.
 
-per chunk of Q positions and head (grid (chunk, head, batch), one warpgroup per program):
-  - TMA copies of the x, B, C tiles (Q x P / Q x N, swizzled SMEM), of the chunk's incoming state
-    h_c (P x N) and of the dt, s, D vectors;
-  - wgmma #1: G = C B^T (Q x Q, f32 accumulator) and wgmma #2: C h_c^T (Q x P), issued together;
-  - in registers: M = G * L * dt_j (dt folded into M's columns, so x is used straight from SMEM),
-    the off-chunk term scaled by exp(s_i);
-  - wgmma #3: acc += M @ x (M from registers, bf16/f16), then + D x (x read back from SMEM);
-  - y cast to x.dtype, written through SMEM with a TMA store.
-float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands K-major: M is
-stored to SMEM, x arrives transposed ((batch, heads, P, Lp), one XLA transpose), D x is added in
-XLA, and the chunk is 64 long (the f32 tiles of a 128 chunk exceed shared memory).
+`ssd_mosaic_forward(..., stages=...)` picks which of them run: "state+out" (default: Mosaic
+chunk states, pallas_gpu's Triton state pass, Mosaic output), "statepass+out" (two Mosaic
+launches) or "out" (Mosaic output only, Triton chunk states + state pass). dt preprocessing,
+the chunk-local cumsum s, w and the chunk-end decays, and the z gate stay in XLA, as in
+`pallas_gpu`. float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands
+K-major: x (and for the state kernels B) arrive transposed from XLA, M goes through SMEM, D x
+is added in XLA, and the chunk is 64 long (the f32 tiles of a 128 chunk exceed shared memory).
+The backward (custom_vjp) is `pallas_gpu`'s Triton backward: every stages value keeps exactly
+the residuals it needs.
 
-The other stages come from the Triton kernels of `pallas_gpu.py` (chunk states, state passing),
-and dt preprocessing / chunk-local cumsum / z gate from XLA, as there. The backward (custom_vjp)
-is `pallas_gpu`'s Triton backward: it needs exactly the residuals this forward keeps.
+Limits (`supported()` says which applies): headdim and dstate multiples of 64 up to 256 whose
+tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per program in the
+chunk kernels, no warp specialisation yet. Not wired into `ssd(impl=...)`.
 
-Limits of this version (`supported()` says which applies): headdim and dstate multiples of 64
-up to 256 whose tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per
-program, no software pipelining or warp specialisation yet. Not wired into `ssd(impl=...)`.
-
-Mosaic GPU lowering semantics: the kernel lowers under both Lane and Warpgroup semantics (jax
+Mosaic GPU lowering semantics: the kernels lower under both Lane and Warpgroup semantics (jax
 0.10 and 0.11.2), pinned by `semantics=` (default DEFAULT_SEMANTICS) rather than left to jax's
 default, which became Warpgroup in jax 0.11. The first version failed Warpgroup layout
 inference ("Layout inference failed to find a solution") because it loaded the s vector twice
