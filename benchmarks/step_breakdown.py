@@ -3,6 +3,13 @@
     python benchmarks/step_breakdown.py --config configs/base.py --per-device-batch 16 \
         --budget-s 210 --out benchmarks/results/step_breakdown_h200
 
+On one H200 through the device tool (carry .whl; about 4 minutes, the first seven cases fit):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
+    timeout 215 python3 benchmarks/step_breakdown.py --config configs/base.py --per-device-batch 16 \
+        --step-ms 190.2 --budget-s 180 --profile-dir /tmp/sb_prof --out $OUT/step_breakdown_h200
+
 Each case is a separately jitted program on the config's model at the measured shape (the
 global batch of `--per-device-batch` x devices, `--seq-len` or the config's). It is compiled
 (timed apart), run `--warmup` times, then timed in `--repeats` windows of `--steps` calls
