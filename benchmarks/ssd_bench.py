@@ -52,7 +52,6 @@ import numpy as np
 
 from dimba_jax.ssd import _common, resolve_impl, ssd
 from dimba_jax.ssd import chunked as chunked_module
-from dimba_jax.ssd.reference import reference_scan
 
 SHAPES = [  # name, batch, seqlen, nheads
     ("130m-L2k", 8, 2048, 24),

@@ -1,5 +1,4 @@
 """Shared pytest setup: CPU by default, `gpu`-marked tests skipped without a GPU."""
-import os
 
 import jax
 import pytest

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dimba_jax.layers.mamba2 import Mamba2, Mamba2Cache
+from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 
 LMCache = tuple  # tuple[Mamba2Cache, ...], one per layer (a pytree)

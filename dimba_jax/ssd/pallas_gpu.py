@@ -482,6 +482,38 @@ def _segment_rows(seg_ids, lp, q):
     return jnp.stack([r.astype(jnp.float32).reshape(bsz, lp) for r in rows], axis=1)
 
 
+def prepare_chunks(x, dt, A, B, C, q: int, cdt, *, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, float("inf")), initial_states=None):
+    """The XLA glue in front of the chunk kernels (shared by the Triton and Mosaic GPU paths).
+
+    x: (b, L, h, P); dt: (b, L, h); A: (h,); B, C: (b, L, g, N); q: kernel chunk length; cdt:
+    the kernels' operand dtype. Processes dt (bias, softplus, limits), pads L up to Lp, a
+    multiple of q (padded positions get dt = 0: no decay, no input), and forms the chunk-local
+    cumulative sum of dt * A.
+    Returns xk (b, Lp, h, P), bk and ck (b, Lp, g, N) in cdt; dtk (b, h, Lp) float32; sk
+    (b, h, Lp) float32 (restarting at every chunk); h0 (b, h, P, N) float32 (zeros if
+    initial_states is None).
+    """
+    bsz, seqlen, nh, p = x.shape
+    n = B.shape[-1]
+    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    lp = -(-seqlen // q) * q
+    pad = lp - seqlen
+    xk, bk, ck = x.astype(cdt), B.astype(cdt), C.astype(cdt)
+    if pad:
+        pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+        xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
+        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
+    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
+    a = dtk * A.astype(jnp.float32)[None, :, None]
+    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
+    if initial_states is None:
+        h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
+    else:
+        h0 = initial_states.astype(jnp.float32)
+    return xk, bk, ck, dtk, sk, h0
+
+
 def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
                dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
                return_final_states=False, block_len: int | None = None,
@@ -510,25 +542,14 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_s
     q = int(block_len or DEFAULT_BLOCK_LEN)
     if not (_pow2(q) and q >= 16):
         raise ValueError(f"ssd_pallas: block_len must be a power of two >= 16, got {q}")
-    bsz, seqlen, nh = sizes["batch"], sizes["seqlen"], sizes["nheads"]
-    p, g, n = sizes["headdim"], sizes["ngroups"], sizes["dstate"]
+    seqlen, nh = sizes["seqlen"], sizes["nheads"]
+    p, g = sizes["headdim"], sizes["ngroups"]
     cdt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
 
-    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
-    lp = -(-seqlen // q) * q
-    pad = lp - seqlen
-    xk, bk, ck = x.astype(cdt), B.astype(cdt), C.astype(cdt)
-    if pad:
-        pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-        xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
-        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
-    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
-    a = dtk * A.astype(jnp.float32)[None, :, None]
-    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
-    if initial_states is None:
-        h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
-    else:
-        h0 = initial_states.astype(jnp.float32)
+    xk, bk, ck, dtk, sk, h0 = prepare_chunks(x, dt, A, B, C, q, cdt, dt_bias=dt_bias,
+                                             dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                             initial_states=initial_states)
+    lp = xk.shape[1]
     if D is None:
         d = jnp.zeros((nh, p), jnp.float32)
     else:

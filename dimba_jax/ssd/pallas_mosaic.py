@@ -809,25 +809,13 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"ssd_mosaic_forward: semantics must be 'lane' or 'warpgroup', "
                          f"got {semantics!r}")
-    bsz, seqlen, nh = sizes["batch"], sizes["seqlen"], sizes["nheads"]
-    p, g, n = sizes["headdim"], sizes["ngroups"], sizes["dstate"]
+    seqlen, nh = sizes["seqlen"], sizes["nheads"]
+    p, g = sizes["headdim"], sizes["ngroups"]
     cdt = x.dtype
 
-    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
-    lp = -(-seqlen // q) * q
-    pad = lp - seqlen
-    xk, bk, ck = x, B.astype(cdt), C.astype(cdt)
-    if pad:
-        pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-        xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
-        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
-    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
-    a = dtk * A.astype(jnp.float32)[None, :, None]
-    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
-    if initial_states is None:
-        h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
-    else:
-        h0 = initial_states.astype(jnp.float32)
+    xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(
+        x, dt, A, B, C, q, cdt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        initial_states=initial_states)
     tf32 = cdt == jnp.float32
     if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
         d = jnp.zeros((nh, p), jnp.float32)

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dimba_jax.train import checkpoint as ckpt_lib
 from dimba_jax.train import distributed
