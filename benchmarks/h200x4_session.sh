@@ -25,7 +25,7 @@ S=runs/session; mkdir -p "$S"
 DIMBA_WORKDIR=${DIMBA_WORKDIR:-runs/small}; DIMBA_OVERRIDES=${DIMBA_OVERRIDES:-}
 SHARD_HEADLINE=${SHARD_HEADLINE:-"--models ar,dimba --samplers ddim --steps 64 --lengths 1024 --prompted 0,1 --batches 1,64"}
 SHARD_STEPS=${SHARD_STEPS:-"--models dimba --samplers ddim,ddpm --steps 16,8,32,128,256 --lengths 1024 --prompted 0 --batches 1,64"}
-SHARD_ABLATIONS=${SHARD_ABLATIONS:-"--models dimba --samplers ddim,ddpm --steps 64 --lengths 1024 --prompted 1,0 --batches 1 --variants noselfcond,cfg2,clamp"}
+SHARD_ABLATIONS=${SHARD_ABLATIONS:-"--models dimba --samplers ddim,ddpm --steps 64 --lengths 1024 --prompted 1,0 --batches 1 --variants noclamp,noselfcond,cfg2"}
 STEPS=${STEPS:-4000}; JUDGE_STEPS=${JUDGE_STEPS:-2500}; TRAIN_S=${TRAIN_S:-320}; EVAL_S=${EVAL_S:-200}
 T0=$(date +%s)
 bundle() { tar -czf "$OUT/bundle.tgz.tmp" -C runs session && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"; }
