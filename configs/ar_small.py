@@ -13,13 +13,10 @@ Sampling: config.ar.temperature / config.ar.top_p (recurrent decoding in one jit
 Model: d_model 512, 17 causal Mamba-2 blocks (headdim 64, d_state 64), tied head.
 """
 
-import os
-
-from dimba_jax.config import default_config
+from dimba_jax.config import default_config, use_shared_corpus
 
 
 def get_config():
-    data = os.environ.get("DIMBA_DATA", ".gpu/data")
     c = default_config()
     c.task = "ar"
     c.model.d_model = 512
@@ -30,11 +27,8 @@ def get_config():
     c.model.bidirectional = False
     c.model.compute_dtype = "bfloat16"
     c.model.ssd_impl = "auto"
-    c.data.source = f"files:{data}/train-*.jsonl.xz"
-    c.data.val_source = f"files:{data}/validation.jsonl.xz"
-    c.data.tokenizer = "bpe"
+    use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
     c.data.seq_len = 1024
-    c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 4000
     c.train.batch_size = 16
     c.train.lr = 1e-3

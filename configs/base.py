@@ -14,13 +14,10 @@ Multi-host: launch/slurm_gpu.sbatch or launch/tpu_pod.sh.
 Global batch 32 x 1024 tokens per step; raise it with --config.train.batch_size (and scale lr).
 """
 
-import os
-
-from dimba_jax.config import default_config
+from dimba_jax.config import default_config, use_shared_corpus
 
 
 def get_config():
-    data = os.environ.get("DIMBA_DATA", ".gpu/data")
     c = default_config()
     c.task = "dimba"
     c.model.d_model = 768
@@ -31,11 +28,8 @@ def get_config():
     c.model.time_embed_dim = 256
     c.model.compute_dtype = "bfloat16"
     c.model.ssd_impl = "auto"
-    c.data.source = f"files:{data}/train-*.jsonl.xz"
-    c.data.val_source = f"files:{data}/validation.jsonl.xz"
-    c.data.tokenizer = "bpe"
+    use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
     c.data.seq_len = 1024
-    c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 20000
     c.train.batch_size = 32
     c.train.lr = 6e-4

@@ -14,13 +14,10 @@ parameters (larger than the compared models: DIMBA small ~33M, ar_small ~32M);
 context 512 so it judges 256-1024-token samples in overlapping windows.
 """
 
-import os
-
-from dimba_jax.config import default_config
+from dimba_jax.config import default_config, use_shared_corpus
 
 
 def get_config():
-    data = os.environ.get("DIMBA_DATA", ".gpu/data")
     c = default_config()
     c.task = "ar"
     c.model.d_model = 768
@@ -31,11 +28,8 @@ def get_config():
     c.model.bidirectional = False
     c.model.compute_dtype = "bfloat16"
     c.model.ssd_impl = "auto"
-    c.data.source = f"files:{data}/train-*.jsonl.xz"
-    c.data.val_source = f"files:{data}/validation.jsonl.xz"
-    c.data.tokenizer = "bpe"
+    use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
     c.data.seq_len = 512
-    c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 3000
     c.train.batch_size = 64
     c.train.lr = 1.5e-3

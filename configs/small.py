@@ -21,13 +21,10 @@ Model: d_model 512, 12 bidirectional Mamba-2 blocks (headdim 64, d_state 64), Fi
 conditioning, tied head; ~32.9M parameters with the 8192-token BPE.
 """
 
-import os
-
-from dimba_jax.config import default_config
+from dimba_jax.config import default_config, use_shared_corpus
 
 
 def get_config():
-    data = os.environ.get("DIMBA_DATA", ".gpu/data")
     c = default_config()
     c.task = "dimba"
     c.model.d_model = 512
@@ -38,11 +35,8 @@ def get_config():
     c.model.time_embed_dim = 256
     c.model.compute_dtype = "bfloat16"
     c.model.ssd_impl = "auto"
-    c.data.source = f"files:{data}/train-*.jsonl.xz"
-    c.data.val_source = f"files:{data}/validation.jsonl.xz"
-    c.data.tokenizer = "bpe"
+    use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
     c.data.seq_len = 1024
-    c.data.token_cache_dir = f"{data}/cache"
     c.train.steps = 4000
     c.train.batch_size = 16
     c.train.lr = 1e-3

@@ -6,6 +6,8 @@ each field here is its documentation. Unknown keys are an error (the ConfigDict 
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -128,3 +130,17 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.lock()
     return c
+
+
+def use_shared_corpus(c: ml_collections.ConfigDict, data_dir: str | None = None) -> None:
+    """Points `c.data` at the Gutenberg corpus (train-*.jsonl.xz + validation.jsonl.xz) in place.
+
+    data_dir: the folder holding the shards; default `$DIMBA_DATA`, else `.gpu/data`. Sets
+    data.source, data.val_source, data.tokenizer ("bpe") and data.token_cache_dir
+    (`<data_dir>/cache`, so the GPU configs tokenise the corpus once and reuse it on resume).
+    """
+    data = data_dir or os.environ.get("DIMBA_DATA", ".gpu/data")
+    c.data.source = f"files:{data}/train-*.jsonl.xz"
+    c.data.val_source = f"files:{data}/validation.jsonl.xz"
+    c.data.tokenizer = "bpe"
+    c.data.token_cache_dir = f"{data}/cache"

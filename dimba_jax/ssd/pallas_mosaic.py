@@ -417,6 +417,20 @@ def _state_weights(dt, s, q):
     return (dt.reshape(sc.shape) * jnp.exp(sc[..., -1:] - sc)).reshape(bsz, nh, lp)
 
 
+def _state_operand_dims(x: jax.Array, b: jax.Array):
+    """(tf32, batch, Lp, nheads, P, N) of the chunk-state kernels' x / B operands.
+
+    16-bit operands come as x (batch, Lp, nheads, P), B (batch, Lp, ngroups, N); float32 (tf32)
+    ones pre-transposed as x (batch, nheads, P, Lp), B (batch, ngroups, N, Lp).
+    """
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+        return tf32, bsz, lp, nh, p, b.shape[2]
+    bsz, lp, nh, p = x.shape
+    return tf32, bsz, lp, nh, p, b.shape[-1]
+
+
 def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DEFAULT_SEMANTICS):
     """Chunk-state stage on Hopper: S_c = x_c^T (w_c * B_c), i.e. (x dt)^T (B exp(s_end - s)).
 
@@ -439,13 +453,7 @@ def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DE
       states: (batch, nheads, Lp // q, P, N) float32.
     """
     plgpu = _plgpu()
-    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
-    if tf32:
-        bsz, nh, p, lp = x.shape
-        n = b.shape[2]
-    else:
-        bsz, lp, nh, p = x.shape
-        n = b.shape[-1]
+    tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
     nc = lp // q
     nb = _state_block_cols(p, n)
     nblk = n // nb
@@ -584,13 +592,7 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
       final: (batch, nheads, P, N) float32.
     """
     plgpu = _plgpu()
-    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
-    if tf32:
-        bsz, nh, p, lp = x.shape
-        n = b.shape[2]
-    else:
-        bsz, lp, nh, p = x.shape
-        n = b.shape[-1]
+    tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
     nc = lp // q
     nb = int(block_cols or _statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh))
     if n % nb or nb % 64:
