@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimba_jax.ssd import _common
-from dimba_jax.ssd import pallas_gpu
+from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_select, ssd
 from dimba_jax.ssd.chunked import chunked_scan
 from dimba_jax.ssd.reference import reference_scan
 
@@ -71,6 +71,37 @@ def pallas_ssd(block_len, warps_fwd, warps_bwd):
                                      dt_softplus=True, block_len=block_len,
                                      num_warps_fwd=warps_fwd, num_warps_bwd=warps_bwd)
     return fn
+
+
+def mosaic_ssd(block_len, stages):
+    def fn(x, dt, A, B, C, D=None, dt_bias=None):
+        return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias,
+                                                dt_softplus=True, block_len=block_len,
+                                                stages=stages)
+    return fn
+
+
+def dispatcher_ssd(x, dt, A, B, C, D=None, dt_bias=None):
+    """What `ssd(impl="pallas")` runs (pallas_select's forward choice, Triton backward)."""
+    return ssd(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True, impl="pallas")
+
+
+def parse_variant(spec):
+    """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd); "mosaic:128:statepass+out" ->
+    the Mosaic forward (Triton backward); "default" -> ssd(impl="pallas").
+    Returns (label, fields for the row, fn)."""
+    if spec == "default":
+        return (f"pallas_default[{pallas_select.forward_spec()}]",
+                {"forward": pallas_select.forward_spec()}, dispatcher_ssd)
+    if spec.startswith("mosaic"):
+        _, block, stages = pallas_select.parse_forward(spec)
+        block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
+        stages = stages or pallas_mosaic.DEFAULT_STAGES
+        return (f"mosaic_{block}_{stages}", {"block_len": block, "forward": f"mosaic:{stages}"},
+                mosaic_ssd(block, stages))
+    var = tuple(int(v) for v in spec.split("x"))
+    return (f"pallas_{spec}", dict(zip(("block_len", "warps_fwd", "warps_bwd"), var)),
+            pallas_ssd(*var))
 
 
 def make_inputs(key, b, l, h, dtype, p=P, n=N, g=G):
@@ -170,8 +201,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--variants", default="128x4x8,64x4x4",
-                    help="pallas kernel variants, block_len x warps_fwd x warps_bwd, comma separated")
+    ap.add_argument("--variants", default="default,128x4x8,mosaic:128:statepass+out",
+                    help="comma separated kernel variants: Triton block_len x warps_fwd x "
+                         "warps_bwd (128x4x8), Mosaic forward mosaic:BLOCK:STAGES, or default "
+                         "(= ssd(impl='pallas')); the results' 'pallas' row is default when "
+                         "timed, else the fastest fwd+bwd variant")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-xla", action="store_true")
@@ -183,7 +217,7 @@ def main():
     ok, why = pallas_gpu.supported(x=jnp.zeros((1, 1, 1, P)), dt=None, A=None,
                                    B=jnp.zeros((1, 1, 1, N)), C=None, chunk_size=CHUNK)
     print("supported:", ok, why, flush=True)
-    variants = [tuple(int(v) for v in s.split("x")) for s in a.variants.split(",")]
+    variants = [parse_variant(v) for v in a.variants.split(",")]
     result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
               "jax": jax.__version__, "code_version": KERNEL_VERSION, "rows": [],
               "variant_rows": [], "errors": {}}
@@ -194,10 +228,10 @@ def main():
         for dims in [(2, 300, 4, 64, 1, 128), (1, 517, 6, 64, 2, 64)]:
             for dtype in (jnp.float32, jnp.bfloat16):
                 tag = f"{jnp.dtype(dtype).name}-{'x'.join(map(str, dims))}"
-                for var in variants:
-                    key = f"pallas_{'x'.join(map(str, var))}/{tag}"
+                for label, _, fn in variants:
+                    key = f"{label}/{tag}"
                     try:
-                        err = check(pallas_ssd(*var), dtype, int(rng.integers(1 << 30)), dims)
+                        err = check(fn, dtype, int(rng.integers(1 << 30)), dims)
                     except Exception as e:  # report and carry on: one variant may not compile
                         err = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
                     result["errors"][key] = err
@@ -218,8 +252,8 @@ def main():
                 "mamba_ssm_fwd_ms": ref_fwd, "mamba_ssm_fwdbwd_ms": ref_fb,
                 "nominal_fwd_gflop": flops / 1e9, "min_fwd_mbytes": min_bytes(b, l, h) / 1e6}
         impls = [] if a.skip_xla else [("xla", None, xla_ssd)]
-        impls += [(f"pallas_{'x'.join(map(str, v))}", v, pallas_ssd(*v)) for v in variants]
-        best = None
+        impls += variants
+        best = default = None
         for label, var, fn in impls:
             row = dict(base, impl=label)
             try:
@@ -234,12 +268,15 @@ def main():
             if var is None:
                 result["rows"].append(row)
             else:
-                row["block_len"], row["warps_fwd"], row["warps_bwd"] = var
+                row.update(var)
                 result["variant_rows"].append(row)
                 if "fwdbwd_ms" in row and (best is None or row["fwdbwd_ms"] < best["fwdbwd_ms"]):
                     best = row
-        if best is not None:
-            result["rows"].append(dict(best, impl="pallas", variant=best["impl"]))
+                if label.startswith("pallas_default") and "fwdbwd_ms" in row:
+                    default = row
+        chosen = default or best
+        if chosen is not None:
+            result["rows"].append(dict(chosen, impl="pallas", variant=chosen["impl"]))
         write(result, a)
 
     write(result, a)

@@ -361,3 +361,26 @@ def test_overlapping_stream_kernels_are_all_kept():
     kids = [ev(5, 10, 20, "fusion.1", "fusion.1"), ev(5, 40, 30, "dot.2", "dot.2")]
     assert sorted(e["name"] for e in ps.leaf_events([parent] + kids)) == ["dot.2", "fusion.1"]
     assert len(ps.leaf_events([ev(5, 0, 100, "a", "a"), ev(5, 95, 55, "b", "b")])) == 2
+
+
+def test_command_buffers_below_the_hlo_are_checked_by_count():
+    """jax 0.11 on the H200: every kernel event carries "command_buffer_N", a CUDA graph made
+    below the HLO text (no instruction or call of that name). Then no instruction matches by
+    name, and the event count against the launches decides: complete when it matches."""
+    def ev(op, ts):
+        return {"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": 1.0, "name": f"k{ts}",
+                "args": {"hlo_op": op}}
+    all_17 = [ev("command_buffer_7", 10.0 * i) for i in range(17)]
+    c = ps.completeness(all_17, 1, HAND_HLO, calls_report_kernels=True)
+    assert c["complete"] and c["instruction_coverage"] is None
+    assert c["unnamed_command_buffers"] == ["command_buffer_7"]
+    assert c["captured_over_expected"] == pytest.approx(1.0)
+    assert c["instructions_in_command_buffers"] == 6  # none matched by name (cbf included)
+    assert "a command buffer the HLO text does not show" in "\n".join(
+        ps._completeness_lines(c, None))
+    # Half the kernels lost: still flagged.
+    half = ps.completeness(all_17[:8], 1, HAND_HLO, calls_report_kernels=True)
+    assert not half["complete"]
+    # On the CPU path (calls are single events) nothing changes: coverage is still by name.
+    cpu = ps.completeness(all_17, 1, HAND_HLO)
+    assert cpu["instruction_coverage"] == 0.0 and not cpu["complete"]

@@ -5,8 +5,10 @@
 
 - impl="reference": the sequential recurrence (`lax.scan` over time); the ground truth.
 - impl="xla": chunked SSD in plain XLA (`chunked.py`); runs everywhere, differentiable.
-- impl="pallas": Pallas GPU kernels (`pallas_gpu.py`, Hopper); falls back to "xla", with a logged
-  warning giving the reason, when the module is absent or does not support the call.
+- impl="pallas": Pallas GPU kernels (Hopper): the Mosaic GPU forward (`pallas_mosaic.py`) where it
+  takes the call, else the Triton forward (`pallas_gpu.py`), with the Triton backward
+  (`pallas_select.py` chooses); falls back to "xla", with a logged warning giving the reason,
+  when the module is absent or does not support the call.
 - impl="auto": "pallas" on a Hopper GPU when it supports the call, else "xla". Never fails
   because a kernel is missing.
 """
@@ -133,11 +135,12 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
     if impl == "pallas" and chosen != "pallas":
         _warn_once(f"ssd(impl='pallas') falls back to 'xla': {reason}")
     if chosen == "pallas":
-        module, _ = _load_pallas()
+        from dimba_jax.ssd import pallas_select
+
         if impl == "pallas":  # asked for explicitly: a kernel error is a bug, let it surface
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return pallas_select.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
         try:
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return pallas_select.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
         except Exception as e:  # auto must never fail because of the kernel (trace-time errors)
             _warn_once(f"ssd(impl='auto'): pallas kernel failed ({type(e).__name__}: {e}); using 'xla'")
 

@@ -19,9 +19,9 @@ plgpu). Three forward kernels, one warpgroup per program:
   with h in the wgmma accumulator and the next chunk's tiles prefetched (double-buffered TMA);
   it writes only the h_c the output kernel needs (x.dtype) and the final state.
 
-`ssd_mosaic_forward(..., stages=...)` picks which of them run: "state+out" (default: Mosaic
-chunk states, pallas_gpu's Triton state pass, Mosaic output), "statepass+out" (two Mosaic
-launches) or "out" (Mosaic output only, Triton chunk states + state pass). dt preprocessing,
+`ssd_mosaic_forward(..., stages=...)` picks which of them run: "statepass+out" (default: two
+Mosaic launches), "state+out" (Mosaic chunk states, pallas_gpu's Triton state pass, Mosaic
+output) or "out" (Mosaic output only, Triton chunk states + state pass). dt preprocessing,
 the chunk-local cumsum s, w and the chunk-end decays, and the z gate stay in XLA, as in
 `pallas_gpu`. float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands
 K-major: x (and for the state kernels B) arrive transposed from XLA, M goes through SMEM, D x
@@ -31,7 +31,8 @@ the residuals it needs.
 
 Limits (`supported()` says which applies): headdim and dstate multiples of 64 up to 256 whose
 tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per program in the
-chunk kernels, no warp specialisation yet. Not wired into `ssd(impl=...)`.
+chunk kernels, no warp specialisation yet. `ssd(impl="pallas")` runs this forward where
+`supported()` accepts the call (`pallas_select.py`), else the Triton one.
 
 Mosaic GPU lowering semantics: the kernels lower under both Lane and Warpgroup semantics (jax
 0.10 and 0.11.2), pinned by `semantics=` (default DEFAULT_SEMANTICS) rather than left to jax's
@@ -65,7 +66,7 @@ DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see 
 # Triton state pass between them); "statepass+out" chunk states fused with the state pass, then
 # chunk output; "out" chunk output only (Triton chunk states and state pass).
 STAGES = ("state+out", "statepass+out", "out")
-DEFAULT_STAGES = "state+out"
+DEFAULT_STAGES = "statepass+out"  # fastest forward on the H200 (mosaic_probe_h200.md)
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -788,10 +789,10 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       interpret: run every kernel in its Pallas interpreter (CPU tests; slow).
       semantics: Mosaic GPU lowering semantics of the Mosaic kernels, "lane" or "warpgroup"
         (both lower; see `_compiler_params`).
-      stages: which forward stages are Mosaic GPU kernels: "state+out" (default; chunk states
-        and chunk output, the Triton state pass between them), "statepass+out" (chunk states
-        fused with the state pass, then chunk output: two Mosaic launches, the float32 chunk
-        states never written) or "out" (chunk output only; Triton chunk states / state pass).
+      stages: which forward stages are Mosaic GPU kernels: "statepass+out" (default; chunk
+        states fused with the state pass, then chunk output: two Mosaic launches, the float32
+        chunk states never written), "state+out" (chunk states and chunk output, the Triton
+        state pass between them) or "out" (chunk output only; Triton chunk states / state pass).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
       dstate) float32]. Differentiable (Triton backward of pallas_gpu).

@@ -1,0 +1,115 @@
+"""Tests of `dimba_jax/ssd/pallas_select.py`: which forward kernels `ssd(impl="pallas")` runs.
+
+CPU: the spec parser (good specs, and a ValueError naming each bad one); the Mosaic forward is
+chosen when `pallas_mosaic.supported` accepts the call and its result matches the sequential
+reference (both kernels in their interpreters); a call Mosaic does not take (seq_idx) and the
+"triton" spec go to the Triton forward, whose result matches too. The kernels' own correctness
+is tested in test_ssd_pallas.py / test_ssd_mosaic.py; here it is the routing.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_select, ssd
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("triton", ("triton", None, None)),
+    ("mosaic", ("mosaic", None, None)),
+    ("mosaic:64", ("mosaic", 64, None)),
+    ("mosaic:128:statepass+out", ("mosaic", 128, "statepass+out")),
+    (" mosaic::out ", ("mosaic", None, "out")),
+])
+def test_parse_forward(spec, want):
+    assert pallas_select.parse_forward(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["cuda", "triton:64", "mosaic:sixty", "mosaic:64:out:x", ""])
+def test_parse_forward_rejects_bad_specs(spec):
+    with pytest.raises(ValueError, match="DIMBA_SSD_PALLAS_FORWARD"):
+        pallas_select.parse_forward(spec)
+
+
+def test_forward_spec_reads_the_environment(monkeypatch):
+    monkeypatch.delenv(pallas_select.ENV_VAR, raising=False)
+    assert pallas_select.forward_spec() == pallas_select.DEFAULT_FORWARD
+    monkeypatch.setenv(pallas_select.ENV_VAR, "triton")
+    assert pallas_select.forward_spec() == "triton"
+
+
+def _inputs(seqlen=70, seq_idx=False):
+    ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 6)
+    b, h, p, g, n = 1, 2, 64, 1, 64
+    args = (jax.random.normal(ks[0], (b, seqlen, h, p)),
+            jax.random.normal(ks[1], (b, seqlen, h)) - 1.0,
+            -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
+            jax.random.normal(ks[3], (b, seqlen, g, n)),
+            jax.random.normal(ks[4], (b, seqlen, g, n)))
+    kw = dict(D=jax.random.normal(ks[5], (h,)), dt_softplus=True)
+    if seq_idx:
+        kw["seq_idx"] = jnp.asarray([[0] * (seqlen // 2) + [1] * (seqlen - seqlen // 2)])
+    return args, kw
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("spec,seq_idx,want", [
+    ("mosaic:64:statepass+out", False, "mosaic"),
+    ("mosaic:64:statepass+out", True, "triton"),  # Mosaic has no seq_idx: Triton forward
+    ("triton", False, "triton"),
+])
+def test_routing_and_results(monkeypatch, spec, seq_idx, want):
+    monkeypatch.setenv(pallas_select.ENV_VAR, spec)
+    real_supported = pallas_mosaic.supported
+    # On the CPU the device check fails; keep every other check of `supported`.
+    monkeypatch.setattr(pallas_mosaic, "supported",
+                        lambda **k: real_supported(**dict(k, check_device=False)))
+    mosaic_calls = _spy(monkeypatch, pallas_mosaic, "ssd_mosaic_forward")
+    triton_calls = _spy(monkeypatch, pallas_gpu, "ssd_pallas")
+    args, kw = _inputs(seq_idx=seq_idx)
+    y = pallas_select.ssd_pallas(*args, 256, interpret=True, **kw)
+    assert (len(mosaic_calls), len(triton_calls)) == ((1, 0) if want == "mosaic" else (0, 1))
+    if want == "mosaic":
+        assert mosaic_calls[0]["block_len"] == 64 and mosaic_calls[0]["stages"] == "statepass+out"
+    with jax.default_matmul_precision("highest"):
+        y_ref = ssd(*args, 256, impl="reference", **kw)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert _rel(y, y_ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 1.5e-2), (jnp.float32, 2.5e-3)])
+def test_gpu_dispatcher_runs_the_default_forward(monkeypatch, dtype, tol):
+    """On a Hopper GPU, ssd(impl="pallas") with the default forward spec calls the Mosaic
+    forward for a call it supports; forward and the x / B / C gradients match the reference."""
+    monkeypatch.delenv(pallas_select.ENV_VAR, raising=False)
+    mosaic_calls = _spy(monkeypatch, pallas_mosaic, "ssd_mosaic_forward")
+    args, kw = _inputs(seqlen=300)
+    args = tuple(a.astype(dtype) if i in (0, 3, 4) else a for i, a in enumerate(args))
+    y, vjp = jax.vjp(lambda *a: ssd(*a, 256, impl="pallas", **kw), *args)
+    with jax.default_matmul_precision("highest"):
+        y_ref, vjp_ref = jax.vjp(lambda *a: ssd(*a, 256, impl="reference", **kw), *args)
+    assert len(mosaic_calls) == 1
+    assert _rel(y, y_ref) < tol
+    dy = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
+    for name, g, g_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
+        assert _rel(g, g_ref) < tol, name
