@@ -57,11 +57,12 @@ def _on_hopper_gpu() -> bool:
 
 
 def _load_pallas():
-    """Returns the `pallas_gpu` module, or (None, reason) when it cannot be imported."""
+    """Returns the `pallas_select` module (the Pallas entry point: `supported`, `ssd_pallas`),
+    or (None, reason) when it cannot be imported."""
     try:
-        return importlib.import_module("dimba_jax.ssd.pallas_gpu"), ""
+        return importlib.import_module("dimba_jax.ssd.pallas_select"), ""
     except Exception as e:  # absent module, or a jax without Mosaic GPU: fall back, never fail
-        return None, f"dimba_jax.ssd.pallas_gpu could not be imported ({type(e).__name__}: {e})"
+        return None, f"dimba_jax.ssd.pallas_select could not be imported ({type(e).__name__}: {e})"
 
 
 def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
@@ -69,7 +70,7 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
 
     Args:
       impl: one of IMPLS.  kwargs: the keyword arguments of `ssd` (forwarded to
-        `pallas_gpu.supported` when the Pallas kernel is a candidate).
+        `pallas_select.supported` when the Pallas kernel is a candidate).
     Returns:
       (chosen impl in {"reference", "xla", "pallas"}, reason string; "" when impl was honoured).
     """
@@ -85,7 +86,7 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
     try:
         ok, why = module.supported(**kwargs)
     except Exception as e:
-        ok, why = False, f"pallas_gpu.supported raised {type(e).__name__}: {e}"
+        ok, why = False, f"pallas_select.supported raised {type(e).__name__}: {e}"
     if not ok:
         return "xla", f"pallas kernel does not support this call: {why}"
     return "pallas", ""
@@ -135,12 +136,11 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
     if impl == "pallas" and chosen != "pallas":
         _warn_once(f"ssd(impl='pallas') falls back to 'xla': {reason}")
     if chosen == "pallas":
-        from dimba_jax.ssd import pallas_select
-
+        module, _ = _load_pallas()
         if impl == "pallas":  # asked for explicitly: a kernel error is a bug, let it surface
-            return pallas_select.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
         try:
-            return pallas_select.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
         except Exception as e:  # auto must never fail because of the kernel (trace-time errors)
             _warn_once(f"ssd(impl='auto'): pallas kernel failed ({type(e).__name__}: {e}); using 'xla'")
 

@@ -105,10 +105,28 @@ def supported(*, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_so
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                                   jnp.dtype(jnp.float16)):
         return False, f"pallas SSD kernel needs x in float32/bfloat16/float16, got {x.dtype}"
+    reason = backward_size_reason(headdim, dstate)
+    if reason is not None:
+        return False, reason
     reason = _device_reason()
     if reason is not None:
         return False, reason
     return True, ""
+
+
+# The backward kernel (`_chunk_bwd_kernel`) holds (P x N) state tiles and (Q x N) / (Q x P) tiles
+# at once; on the H200 headdim 128 x dstate 256 asked for 278,528 bytes of shared memory
+# (limit 232,448) and failed to compile, while 128 x 128 and 64 x 128 run.
+MAX_BACKWARD_STATE_ITEMS = 128 * 128
+
+
+def backward_size_reason(headdim: int, dstate: int) -> str | None:
+    """None when the Triton backward kernel fits (headdim * dstate <= MAX_BACKWARD_STATE_ITEMS),
+    else the reason (shared by the Mosaic forward, whose backward is this one)."""
+    if headdim * dstate > MAX_BACKWARD_STATE_ITEMS:
+        return (f"the SSD backward kernel needs headdim * dstate <= {MAX_BACKWARD_STATE_ITEMS} "
+                f"(shared memory), got {headdim} x {dstate}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -195,6 +195,9 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
         return False, (f"mosaic SSD {stages.split('+')[0]} kernel tiles need {smem} bytes of "
                        f"shared memory (block_len {q}, headdim {headdim}, dstate {dstate}); "
                        f"limit {_SMEM_LIMIT}")
+    reason = _tri.backward_size_reason(headdim, dstate)  # the backward is pallas_gpu's
+    if reason is not None:
+        return False, reason
     if check_device:
         reason = _tri._device_reason()  # Hopper GPU check (shared with the Triton module)
         if reason is not None:

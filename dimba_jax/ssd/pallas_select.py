@@ -59,6 +59,14 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+def supported(**kwargs) -> tuple[bool, str]:
+    """Whether impl="pallas" takes the call: the Triton kernels' `pallas_gpu.supported` (the
+    Mosaic forward takes a subset of those calls and otherwise hands over to Triton)."""
+    from dimba_jax.ssd import pallas_gpu
+
+    return pallas_gpu.supported(**kwargs)
+
+
 def ssd_pallas(x, dt, A, B, C, chunk_size, **options):
     """`ssd(..., impl="pallas")`: the Mosaic or Triton forward as `forward_spec()` says.
 
