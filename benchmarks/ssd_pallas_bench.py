@@ -44,7 +44,7 @@ SHAPES = [  # name, B, L, H  (P=64, N=128, 1 group, chunk 256), mamba_ssm Triton
 ]
 P, N, G, CHUNK = 64, 128, 1, 256
 # The kernel version these numbers belong to (docs/ssd_kernel_notes.md lists the versions).
-KERNEL_VERSION = "v3"
+KERNEL_VERSION = "v4 (Mosaic GPU forward, Triton backward)"
 
 
 def nominal_flops(b, l, h, p=P, n=N, q=CHUNK):
