@@ -61,6 +61,11 @@ from dimba_jax.ssd import _common
 from dimba_jax.ssd import pallas_gpu as _tri
 
 DEFAULT_BLOCK_LEN = 128
+# Chunk length of forward-only calls (no gradient: the custom_vjp's primal). On the H200 the
+# fused forward at chunk 64 is 1.2-1.3x faster than at 128 (benchmarks/results/ssd_h200.md,
+# mosaic_64 rows), while fwd+bwd is faster at 128 (the backward's per-chunk work). None = the
+# call's block_len.
+FORWARD_ONLY_BLOCK_LEN = 64
 DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see below)
 # Which forward stages are Mosaic GPU kernels: "state+out" chunk states and chunk output (the
 # Triton state pass between them); "statepass+out" chunk states fused with the state pass, then
@@ -752,8 +757,32 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     return y, fin, hprev
 
 
+def rechunk_cumsum(s: jax.Array, q: int, q_new: int) -> jax.Array:
+    """Chunk-local cumulative sums at chunk q turned into those at chunk q_new (q_new divides q).
+
+    s: (b, h, Lp) float32, restarting at every multiple of q. Returns the same sums restarting at
+    every multiple of q_new: each q_new-piece minus the running sum at the end of the piece
+    before it inside the same q-chunk.
+    """
+    if q_new == q:
+        return s
+    bsz, nh, lp = s.shape
+    k = q // q_new
+    pieces = s.reshape(bsz, nh, lp // q, k, q_new)
+    ends = pieces[..., -1]  # (b, h, nc, k): running sum at the end of each piece
+    before = jnp.concatenate([jnp.zeros_like(ends[..., :1]), ends[..., :-1]], axis=-1)
+    return (pieces - before[..., None]).reshape(bsz, nh, lp)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+    """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk
+    FORWARD_ONLY_BLOCK_LEN where it divides q; the forward rule used under differentiation keeps
+    chunk q, whose per-chunk states the backward needs. The result is the same up to rounding."""
+    q_fwd = FORWARD_ONLY_BLOCK_LEN or q
+    if q % q_fwd == 0 and q_fwd != q:
+        s = rechunk_cumsum(s, q, q_fwd)
+        q = q_fwd
     y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return y, fin
 

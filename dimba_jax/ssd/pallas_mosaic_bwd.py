@@ -1,0 +1,372 @@
+"""SSD chunk backward as a Pallas **Mosaic GPU** kernel (Hopper: TMA + wgmma).
+
+A port of `pallas_gpu._chunk_bwd_call` (the Triton `ssd_chunk_bwd` kernel): for one chunk of Q
+positions of one (batch, head) it gives the gradients of the chunk's outputs (y, and the chunk
+state S_c reaching later chunks) w.r.t. x, B, C, dt, s and D. Same inputs, outputs, dtypes and
+shapes; the math per chunk (s_i the chunk-local cumsum of dt*A, xd = x dt, L_ij = exp(s_i - s_j)
+for i >= j, M = (C B^T) o L, e_s = exp(s), e_end = exp(s_end - s), h the incoming state h_c, dS
+the gradient reaching S_c):
+
+    dM   = dy xd^T                 w = dM o M            dG = dM o L
+    dxd  = M^T dy + e_end o (B dS^T)          dx  = dxd dt + D dy,   ddt = rowsum(dxd o x)
+    dC   = dG B + e_s o (dy h)                dB  = dG^T C + e_end o (xd dS)
+    ds   = rowsum(w) - colsum(w) + rowsum(dy o e_s (C h^T)) - v + [i = Q-1] sum(v),
+           v = e_end o rowsum(xd o (B dS^T))
+    dD   = colsum(dy o x)          (this chunk's partial sum)
+
+Data flow. Grid (chunk, head, batch), one warpgroup per program.
+  * SMEM (TMA loads, swizzled 16-bit tiles): x, dy (Q x P), B, C (Q x N), h (P x N); dS as a
+    16-bit (P x N) tile: converted in the kernel from a float32 TMA tile (dstates float32, the
+    default) or taken as given (dstates already in x.dtype); the vectors s (two copies, see
+    below), dt (two copies), e_end (computed in XLA, one small elementwise pass) and D.
+  * The chunk is processed in row slabs of 64 positions (a Python loop: one slab at Q = 64, two
+    at Q = 128) so that every accumulator is at most 64 x 128 float32 (64 registers per thread).
+    For slab R (rows r of the Q x Q matrices; columns k run over the whole chunk):
+      wgmma dM_R  = dy_R x^T  (A = dy slab, B = x tile transposed), scaled by dt_k -> dM_R
+      wgmma G_R   = C_R B^T   (A = C slab,  B = B tile transposed)  -> M_R = G_R o L_R
+      registers: w_R = dM_R o M_R -> rowsum; dG_R = dM_R o L_R rounded to 16 bits
+      wgmma dC_R  = e_s o (dy_R h) + dG_R B     (first: A = dy slab, B = h tile; then A = dG_R
+                                                 from registers, B = B tile)
+      wgmma Y_R   = C_R h^T   (B = h tile transposed) -> rowsum(dy_R o e_s Y_R) for ds
+    and the transposed orientation, computed directly instead of transposing registers:
+      wgmma dMt_R = x_R dy^T  scaled by dt_r (= dM^T rows R);  Gt_R = B_R C^T -> Mt_R = Gt_R o L^T
+      registers: rowsum(dMt_R o Mt_R) = colsum(w) for columns R; dGt_R = dMt_R o L^T (16 bits)
+      wgmma dB_R  = (dt e_end) o (x_R dS) + dGt_R C  (A = x slab, B = dS tile; A = dGt_R regs)
+      wgmma BS_R  = B_R dS^T  (B = dS tile transposed); dxd_R = e_end o BS_R + Mt_R dy (A = Mt_R
+                                                 from registers, B = dy tile)
+    so no register matrix is ever transposed and no Q x Q matrix goes through SMEM; the price
+    is computing C B^T and dy x^T twice (once per orientation). Every wgmma accumulates in
+    float32; its 16-bit operands are the tiles as loaded (x, not x dt: dt scales the float32
+    results) and the register matrices M^T, dG, dG^T rounded to x.dtype (as the Triton kernel).
+  * Outputs: dx, dB, dC slabs written through 16-bit SMEM staging tiles by TMA stores; ddt and
+    ds (float32, Q) gathered in SMEM and stored once; dD (float32, P) accumulated over the slabs
+    (a cross-warp column sum) and stored once.
+
+float32 inputs are not supported (tf32 wgmma takes no transposed operands; `supported_bwd`
+says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machine with
+`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` (tests/test_ssd_mosaic_bwd.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dimba_jax.ssd import pallas_mosaic as _mos
+
+SLAB = 64  # rows of the Q x Q matrices per wgmma accumulator (one warpgroup's M = 64 tile)
+_SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True) -> int:
+    """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors).
+
+    convert_dstates: whether the float32 dS tile is staged in SMEM for in-kernel conversion.
+    """
+    tiles = itemsize * (2 * q * p + 2 * q * n + 2 * p * n)     # x, dy, B, C, h, dS (16-bit)
+    staging = itemsize * (SLAB * p + 2 * SLAB * n)              # dx, dB, dC slabs
+    vectors = 4 * (7 * q + 2 * p)                               # s x2, dt x2, e_end, ddt, ds; D, dD
+    f32_dst = 4 * p * n if convert_dstates else 0
+    return tiles + staging + vectors + f32_dst
+
+
+def supported_bwd(*, x, b, q: int, dstates_dtype=jnp.float32) -> tuple[bool, str]:
+    """Whether `_chunk_bwd_mosaic` handles these operands.
+
+    Args:
+      x: (batch, Lp, nheads, P) array or anything with .shape and .dtype.
+      b: (batch, Lp, ngroups, N) likewise.
+      q: chunk length.
+      dstates_dtype: dtype of the dstates operand (float32: converted in the kernel if its
+        float32 tile fits in SMEM, else in XLA; x.dtype: used as given).
+    Returns:
+      (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
+    """
+    p, n = x.shape[-1], b.shape[-1]
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        return False, (f"mosaic SSD backward kernel needs x in bfloat16/float16, got {x.dtype} "
+                       f"(float32 is not supported: tf32 wgmma takes no transposed operands)")
+    if p % 64 or not 64 <= p <= 128:
+        return False, f"mosaic SSD backward kernel needs headdim 64 or 128, got {p}"
+    if n % 64 or not 64 <= n <= 128:
+        return False, f"mosaic SSD backward kernel needs dstate 64 or 128, got {n}"
+    if q not in (64, 128):
+        return False, f"mosaic SSD backward kernel needs block_len 64 or 128, got {q}"
+    if x.shape[1] % q:
+        return False, f"mosaic SSD backward kernel needs Lp a multiple of {q}, got {x.shape[1]}"
+    del dstates_dtype  # the float32 staging tile is dropped (XLA converts) when it does not fit
+    need = smem_bytes(q, p, n, jnp.dtype(x.dtype).itemsize, convert_dstates=False)
+    if need > _SMEM_LIMIT:
+        return False, (f"mosaic SSD backward kernel tiles need {need} bytes of shared memory "
+                       f"(block_len {q}, headdim {p}, dstate {n}); limit {_SMEM_LIMIT}")
+    return True, ""
+
+
+def _end_decay(s, q):
+    """e_end = exp(s_end - s) per position, s_end the chunk's last s.
+
+    s: (batch, nheads, Lp) float32, Lp a multiple of q.  Returns (batch, nheads, Lp) float32.
+    """
+    bsz, nh, lp = s.shape
+    sc = s.reshape(bsz, nh, lp // q, q)
+    return jnp.exp(sc[..., -1:] - sc).reshape(bsz, nh, lp)
+
+
+def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
+                      semantics: str = _mos.DEFAULT_SEMANTICS):
+    """Chunk backward on Hopper; drop-in for `pallas_gpu._chunk_bwd_call(..., seg=None)`.
+
+    Args:
+      x: (batch, Lp, nheads, P) bfloat16/float16, Lp a multiple of q.
+      b, c: (batch, Lp, ngroups, N) x.dtype.
+      dt, s: (batch, nheads, Lp) float32 (processed dt; chunk-local cumsum of dt * A).
+      dy: (batch, Lp, nheads, P), cast to x.dtype (as the Triton kernel does).
+      hprev: (batch, nheads, Lp // q, P, N), the state entering each chunk (cast to x.dtype).
+      dstates: (batch, nheads, Lp // q, P, N) float32 (or x.dtype), dL/dS_c of each chunk state.
+      d: (nheads, P) float32 skip weight.
+      q: chunk length, 64 or 128.  hpg: heads per group.
+      interpret: run in the Mosaic GPU interpreter (any device; products as plain dots).
+      semantics: Mosaic GPU lowering semantics, "lane" or "warpgroup" (pinned, see
+        `pallas_mosaic._compiler_params`).
+    Returns:
+      dx: (batch, Lp, nheads, P) x.dtype;
+      db_h, dc_h: (batch, Lp, nheads, N) x.dtype, per head (sum over a group's heads outside);
+      ddt, ds: (batch, nheads, Lp) float32 (ds without the state pass's d s_end term);
+      dd: (batch, nheads, Lp // q, P) float32, this chunk's partial sums of dD.
+    Raises:
+      ValueError for unsupported dtypes / sizes (see `supported_bwd`) or inconsistent shapes.
+    """
+    ok, why = supported_bwd(x=x, b=b, q=q, dstates_dtype=dstates.dtype)
+    if not ok:
+        raise ValueError(f"_chunk_bwd_mosaic: {why}")
+    bsz, lp, nh, p = x.shape
+    g, n = b.shape[2], b.shape[3]
+    nc = lp // q
+    cdt = x.dtype
+    if nh != g * hpg or c.shape != b.shape or b.shape[:2] != (bsz, lp):
+        raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes x {x.shape}, B {b.shape}, "
+                         f"C {c.shape}, heads per group {hpg}")
+    if dy.shape != x.shape or hprev.shape != (bsz, nh, nc, p, n) or dstates.shape != hprev.shape:
+        raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes dy {dy.shape}, hprev "
+                         f"{hprev.shape}, dstates {dstates.shape} for x {x.shape}, q {q}")
+    if semantics not in ("lane", "warpgroup"):
+        raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
+    itemsize = jnp.dtype(cdt).itemsize
+    convert = (jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
+               and smem_bytes(q, p, n, itemsize, True) <= _SMEM_LIMIT)
+    if jnp.dtype(dstates.dtype) != jnp.dtype(cdt) and not convert:
+        dstates = dstates.astype(cdt)  # the float32 staging tile does not fit: convert in XLA
+    if convert:
+        dstates = dstates.astype(jnp.float32)
+    dy = dy.astype(cdt)
+    hprev = hprev.astype(cdt)
+    e_end = _end_decay(s, q)
+    kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
+                           convert=convert, interpret=interpret, semantics=semantics)
+    return kernel(x, b, c, dt, s, e_end, dy, hprev, dstates, d)
+
+
+def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, interpret, semantics):
+    """The plgpu.kernel callable of `_chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
+    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd)."""
+    plgpu = _mos._plgpu()
+    nc = lp // q
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    row = wgmma_layout.reduce(1)  # vector indexed by the slab row r
+    col = wgmma_layout.reduce(0)  # vector indexed by the column (position k, or P / N index)
+    nslab = q // SLAB
+
+    load_idx = inspect.signature(plgpu.load).parameters["idx"]
+    load_takes_idx = load_idx.default is inspect.Parameter.empty
+
+    def load(ref, layout):
+        """A register value of an SMEM ref in `layout` (plain read in the interpreter)."""
+        if interpret:
+            return ref[...]
+        if load_takes_idx:  # jax 0.10 needs the index; 0.11 deprecates passing it
+            return plgpu.load(ref, (), layout=layout)
+        return plgpu.load(ref, layout=layout)
+
+    def iota(shape, dim, layout=wgmma_layout):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+    def mm(a, b_ref, shape, *, trans_b=False, init=None, a_regs=False):
+        """init + a @ b (b_ref^T if trans_b), float32. a: SMEM ref (16-bit) or, if a_regs, a
+        16-bit register array in the WGMMA layout; b_ref: SMEM ref."""
+        if interpret:  # the interpreter's wgmma takes no transposes / register A: a plain dot
+            a_val = a if a_regs else a[...]
+            dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+            out = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=f32)
+            return out if init is None else init + out
+        b_op = b_ref.transpose((1, 0)) if trans_b else b_ref
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_op)
+
+        if init is None:
+            def scoped(acc_ref):
+                product(acc_ref)
+                return acc_ref[...]
+
+            return pl.run_scoped(scoped, plgpu.ACC(shape, f32))
+        return pl.run_state(product)(plgpu.ACC.init(init))
+
+    def rows_bcast(v, shape):
+        return lax.broadcast_in_dim(v, shape, [0])
+
+    def cols_bcast(v, shape):
+        return lax.broadcast_in_dim(v, shape, [1])
+
+    def body(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
+             dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref,
+             x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, s_row, s_col, dt_row, dt_col,
+             ee_row, d_smem, dx_st, db_st, dc_st, ddt_st, ds_st, dd_st, bars, *extra):
+        ci = lax.axis_index("chunk")
+        hi = lax.axis_index("head")
+        bi = lax.axis_index("batch")
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        rows = pl.ds(ci * q, q)
+        # TMA loads, in the order of first use. s and dt are needed along rows (slab r) and
+        # along columns (k): one SMEM copy per register layout (two loads of one buffer in two
+        # layouts defeat Warpgroup layout inference; see pallas_mosaic's s_col_smem).
+        plgpu.copy_gmem_to_smem(dy_ref.at[bi, rows, hi], dy_smem, bars.at[0])
+        plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_col, bars.at[2])
+        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_row, bars.at[3])
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_row, bars.at[4])
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col, bars.at[5])
+        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[6])
+        plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[7])
+        plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[8])
+        plgpu.copy_gmem_to_smem(ee_ref.at[bi, hi, rows], ee_row, bars.at[9])
+        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[10])
+        if convert:
+            (dst32,) = extra
+            plgpu.copy_gmem_to_smem(dst_ref.at[bi, hi, ci], dst32, bars.at[11])
+        else:
+            plgpu.copy_gmem_to_smem(dst_ref.at[bi, hi, ci], dst_smem, bars.at[11])
+        for k in range(11):
+            plgpu.barrier_wait(bars.at[k])
+        plgpu.barrier_wait(bars.at[11])
+        if convert:  # float32 dS -> 16-bit tile, 64 rows at a time (64 x N f32 in registers)
+            for r0 in range(0, p, SLAB):
+                part = load(dst32.at[pl.ds(r0, SLAB)], wgmma_layout)
+                dst_smem.at[pl.ds(r0, SLAB)][...] = part.astype(cdt)
+            plgpu.commit_smem()
+
+        s_k = load(s_col, col)
+        dt_k = load(dt_col, col)
+        d_p = load(d_smem, col)
+        dd_acc = None
+        v_total = None
+        for si in range(nslab):
+            r0 = si * SLAB
+            sl = pl.ds(r0, SLAB)
+            s_r = load(s_row.at[sl], row)
+            dt_r = load(dt_row.at[sl], row)
+            ee_r = load(ee_row.at[sl], row)
+            es_r = jnp.exp(s_r)
+            shape_q = (SLAB, q)
+            i_idx = iota(shape_q, 0) + r0
+            j_idx = iota(shape_q, 1)
+            diff = rows_bcast(s_r, shape_q) - cols_bcast(s_k, shape_q)   # s_r - s_k
+            lmask = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))   # L_R
+            ltmask = jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))  # (L^T)_R
+
+            # Orientation 1: rows of dM, M, dG -> dC_R, rowsum(w), the off-chunk ds term.
+            dm = mm(dy_smem.at[sl], x_smem, shape_q, trans_b=True) * cols_bcast(dt_k, shape_q)
+            m = mm(c_smem.at[sl], b_smem, shape_q, trans_b=True) * lmask
+            rs_w = jnp.sum(dm * m, axis=1)
+            dg = (dm * lmask).astype(cdt)
+            dc0 = mm(dy_smem.at[sl], h_smem, (SLAB, n)) * rows_bcast(es_r, (SLAB, n))
+            dc = mm(dg, b_smem, (SLAB, n), init=dc0, a_regs=True)
+            y_off = mm(c_smem.at[sl], h_smem, (SLAB, p), trans_b=True)
+            dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
+            t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging tiles free again
+            dc_st[...] = dc.astype(cdt)
+
+            # Orientation 2: rows of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
+            dmt = mm(x_smem.at[sl], dy_smem, shape_q, trans_b=True) * rows_bcast(dt_r, shape_q)
+            mt = mm(b_smem.at[sl], c_smem, shape_q, trans_b=True) * ltmask
+            cs_w = jnp.sum(dmt * mt, axis=1)
+            dgt = (dmt * ltmask).astype(cdt)
+            mt16 = mt.astype(cdt)
+            db0 = mm(x_smem.at[sl], dst_smem, (SLAB, n)) * rows_bcast(dt_r * ee_r, (SLAB, n))
+            db = mm(dgt, c_smem, (SLAB, n), init=db0, a_regs=True)
+            db_st[...] = db.astype(cdt)
+            bs = mm(b_smem.at[sl], dst_smem, (SLAB, p), trans_b=True) * rows_bcast(ee_r, (SLAB, p))
+            dxd = mm(mt16, dy_smem, (SLAB, p), init=bs, a_regs=True)
+            x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
+            v = dt_r * jnp.sum(x_r * bs, axis=1)       # e_end o rowsum(xd o (B dS^T))
+            dx = dxd * rows_bcast(dt_r, (SLAB, p)) + cols_bcast(d_p, (SLAB, p)) * dy_r
+            dx_st[...] = dx.astype(cdt)
+            plgpu.commit_smem()
+            out_rows = pl.ds(ci * q + r0, SLAB)
+            plgpu.copy_smem_to_gmem(dx_st, dx_ref.at[bi, out_rows, hi])
+            plgpu.copy_smem_to_gmem(db_st, db_ref.at[bi, out_rows, hi])
+            plgpu.copy_smem_to_gmem(dc_st, dc_ref.at[bi, out_rows, hi])
+
+            ddt_st.at[sl][...] = jnp.sum(dxd * x_r, axis=1)
+            v_sum = jnp.sum(v, axis=0)
+            v_total = v_sum if v_total is None else v_total + v_sum
+            ds_r = rs_w - cs_w + t_off - v
+            if si == nslab - 1:  # the chunk's last position collects sum(v) over the chunk
+                last = iota((SLAB,), 0, row) == SLAB - 1
+                ds_r = ds_r + jnp.where(last, v_total, 0.0)
+            ds_st.at[sl][...] = ds_r
+            dd_r = jnp.sum(dy_r * x_r, axis=0)
+            dd_acc = dd_r if dd_acc is None else dd_acc + dd_r
+
+        dd_st[...] = dd_acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(ddt_st, ddt_ref.at[bi, hi, rows])
+        plgpu.copy_smem_to_gmem(ds_st, ds_ref.at[bi, hi, rows])
+        plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
+        plgpu.wait_smem_to_gmem(0)
+
+    tr = functools.partial(_mos._smem_transforms, plgpu)
+    scratch = [
+        plgpu.SMEM((q, p), cdt, transforms=tr(p, cdt)),      # x
+        plgpu.SMEM((q, p), cdt, transforms=tr(p, cdt)),      # dy
+        plgpu.SMEM((q, n), cdt, transforms=tr(n, cdt)),      # B
+        plgpu.SMEM((q, n), cdt, transforms=tr(n, cdt)),      # C
+        plgpu.SMEM((p, n), cdt, transforms=tr(n, cdt)),      # h
+        plgpu.SMEM((p, n), cdt, transforms=tr(n, cdt)),      # dS (16-bit)
+        plgpu.SMEM((q,), f32),                               # s (rows)
+        plgpu.SMEM((q,), f32),                               # s (columns)
+        plgpu.SMEM((q,), f32),                               # dt (rows)
+        plgpu.SMEM((q,), f32),                               # dt (columns)
+        plgpu.SMEM((q,), f32),                               # e_end (rows)
+        plgpu.SMEM((p,), f32),                               # D
+        plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),   # dx slab
+        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dB slab
+        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC slab
+        plgpu.SMEM((q,), f32),                               # ddt
+        plgpu.SMEM((q,), f32),                               # ds
+        plgpu.SMEM((p,), f32),                               # dD
+        plgpu.Barrier(num_barriers=12),
+    ]
+    if convert:
+        scratch.append(plgpu.SMEM((p, n), f32, transforms=tr(n, f32)))  # dS float32
+    out_type = (jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt),
+                jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
+                jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
+                jax.ShapeDtypeStruct((bsz, nh, lp), f32),
+                jax.ShapeDtypeStruct((bsz, nh, lp), f32),
+                jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
+    return _mos._kernel_call(
+        plgpu, body, out_type, scratch,
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
+        **({"interpret": _mos._interpret_params()} if interpret
+           else {"compiler_params": _mos._compiler_params(plgpu, semantics)}),
+    )

@@ -1,0 +1,191 @@
+"""Tests of the Mosaic GPU SSD chunk-backward kernel (`dimba_jax/ssd/pallas_mosaic_bwd.py`).
+
+CPU: `supported_bwd` reasons and ValueErrors; the kernel in the Mosaic GPU interpreter vs
+pallas_gpu's Triton kernel in the Triton interpreter (same inputs) and vs an independent float64
+NumPy computation of the per-chunk formulas; lowering for cuda without a GPU (Mosaic GPU's layout
+inference and wgmma checks run there), both lowering semantics.
+GPU (`gpu` marker): the compiled kernel vs the compiled Triton kernel, bf16 and f16.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd
+
+NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
+    assert np.all(np.isfinite(a)), "non-finite output"
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inputs(seed, bsz, nc, q, nh, g, p, n, dtype):
+    """Random chunk-backward operands (no zeros): x, b, c, dt, s, dy, hprev, dstates, d."""
+    lp = nc * q
+    ks = jax.random.split(jax.random.key(seed), 9)
+    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
+    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
+    cm = jax.random.normal(ks[2], (bsz, lp, g, n)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (bsz, nh, lp)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[4], (nh,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
+    dy = jax.random.normal(ks[5], (bsz, lp, nh, p)).astype(dtype)
+    hprev = (0.3 * jax.random.normal(ks[6], (bsz, nh, nc, p, n))).astype(dtype)
+    dst = 0.3 * jax.random.normal(ks[7], (bsz, nh, nc, p, n))
+    d = jax.random.normal(ks[8], (nh, p))
+    return x, bm, cm, dt, s, dy, hprev, dst, d
+
+
+def _chunk_bwd_f64(x, bm, cm, dt, s, dy, hprev, dst, d, q):
+    """Float64 NumPy of the per-chunk backward formulas (module docstring of
+    pallas_mosaic_bwd), from the 16-bit operands as given (dS rounded to x.dtype, as both
+    kernels do). Returns dx, db_h, dc_h, ddt, ds, dd in the kernels' layouts."""
+    f = lambda v: np.asarray(jnp.asarray(v, jnp.float32), np.float64)  # noqa: E731
+    bsz, lp, nh, p = x.shape
+    g, n = bm.shape[2], bm.shape[3]
+    nc, hpg = lp // q, nh // g
+    xs = f(x).reshape(bsz, nc, q, nh, p).transpose(0, 3, 1, 2, 4)       # (b, h, c, q, p)
+    dys = f(dy).reshape(bsz, nc, q, nh, p).transpose(0, 3, 1, 2, 4)
+    bs = np.repeat(f(bm).reshape(bsz, nc, q, g, n).transpose(0, 3, 1, 2, 4), hpg, axis=1)
+    cs = np.repeat(f(cm).reshape(bsz, nc, q, g, n).transpose(0, 3, 1, 2, 4), hpg, axis=1)
+    dts = f(dt).reshape(bsz, nh, nc, q)
+    ss = f(s).reshape(bsz, nh, nc, q)
+    h = f(hprev)
+    ds_ = f(jnp.asarray(dst).astype(x.dtype))
+    xd = xs * dts[..., None]
+    keep = np.tril(np.ones((q, q), bool))
+    lmask = np.where(keep, np.exp(np.where(keep, ss[..., :, None] - ss[..., None, :], 0.0)), 0.0)
+    m = np.einsum("bhcin,bhcjn->bhcij", cs, bs) * lmask
+    dm = np.einsum("bhcip,bhcjp->bhcij", dys, xd)
+    w = dm * m
+    dg = dm * lmask
+    e_s = np.exp(ss)
+    e_end = np.exp(ss[..., -1:] - ss)
+    b_dst = np.einsum("bhcqn,bhcpn->bhcqp", bs, ds_)
+    dxd = np.einsum("bhcij,bhcip->bhcjp", m, dys) + e_end[..., None] * b_dst
+    dc = np.einsum("bhcij,bhcjn->bhcin", dg, bs) + e_s[..., None] * np.einsum(
+        "bhcqp,bhcpn->bhcqn", dys, h)
+    db = np.einsum("bhcij,bhcin->bhcjn", dg, cs) + e_end[..., None] * np.einsum(
+        "bhcqp,bhcpn->bhcqn", xd, ds_)
+    y_off = e_s[..., None] * np.einsum("bhcqn,bhcpn->bhcqp", cs, h)
+    v = e_end * np.sum(xd * b_dst, axis=-1)
+    ds = w.sum(-1) - w.sum(-2) + np.sum(dys * y_off, -1) - v
+    ds[..., -1] += v.sum(-1)
+    dx = dxd * dts[..., None] + f(d)[:, None, None, :] * dys
+    ddt = np.sum(dxd * xs, -1)
+    dd = np.sum(dys * xs, axis=3)
+
+    def to_rows(t):  # (b, h, c, q, k) -> (b, Lp, h, k)
+        return t.transpose(0, 2, 3, 1, 4).reshape(bsz, lp, nh, t.shape[-1])
+
+    return (to_rows(dx), to_rows(db), to_rows(dc), ddt.reshape(bsz, nh, lp),
+            ds.reshape(bsz, nh, lp), dd)
+
+
+def _check_shapes(outs, triton_outs):
+    for name, o, t in zip(NAMES, outs, triton_outs):
+        assert o.shape == t.shape and o.dtype == t.dtype, (name, o.shape, o.dtype, t.shape,
+                                                           t.dtype)
+
+
+def test_supported_bwd_reasons_and_errors():
+    bf16 = jnp.bfloat16
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), bf16)
+    b = jax.ShapeDtypeStruct((1, 256, 1, 128), bf16)
+    assert pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=128) == (True, "")
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                              b=b, q=128)
+    assert not ok and "float32" in why
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=jax.ShapeDtypeStruct((1, 256, 1, 256), bf16),
+                                              q=64)
+    assert not ok and "dstate" in why
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=32)
+    assert not ok and "block_len" in why
+    x128 = jax.ShapeDtypeStruct((1, 256, 2, 128), bf16)
+    assert pallas_mosaic_bwd.supported_bwd(x=x128, b=b, q=64)[0]
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=x128, b=b, q=128)  # 128 x 128 tiles at q 128
+    assert not ok and "shared memory" in why
+    # float32 dS staged in SMEM only where it fits (64 x 128 at q 128: yes; 128 x 128: no).
+    assert pallas_mosaic_bwd.smem_bytes(128, 64, 128) <= pallas_mosaic_bwd._SMEM_LIMIT
+    assert pallas_mosaic_bwd.smem_bytes(64, 128, 128) > pallas_mosaic_bwd._SMEM_LIMIT
+    args = _inputs(0, 1, 1, 64, 2, 1, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match="float32"):
+        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=2, interpret=True)
+    args = _inputs(0, 1, 1, 64, 2, 1, 64, 64, bf16)
+    with pytest.raises(ValueError, match="heads per group"):
+        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=1, interpret=True)
+    with pytest.raises(ValueError, match="semantics"):
+        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=2, semantics="thread")
+
+
+@pytest.mark.parametrize("n,dst_dtype", [(64, jnp.float32), (128, jnp.bfloat16)])
+def test_interpreter_matches_triton_and_float64(n, dst_dtype):
+    """Mosaic GPU interpreter vs the Triton interpreter and float64 NumPy: bf16, q 64, two
+    chunks, two heads sharing one group, headdim 64; dstates float32 (converted in the kernel)
+    or already bf16."""
+    q, bsz, nc, nh, g, p = 64, 1, 2, 2, 1, 64
+    args = _inputs(np.random.default_rng().integers(1 << 30), bsz, nc, q, nh, g, p, n,
+                   jnp.bfloat16)
+    x, bm, cm, dt, s, dy, hprev, dst, d = args
+    outs = pallas_mosaic_bwd._chunk_bwd_mosaic(x, bm, cm, dt, s, dy, hprev,
+                                               dst.astype(dst_dtype), d, q=q, hpg=nh // g,
+                                               interpret=True)
+    tri = pallas_gpu._chunk_bwd_call(*args, None, q=q, hpg=nh // g, num_warps=4, interpret=True)
+    _check_shapes(outs, tri)
+    ref = _chunk_bwd_f64(*args, q=q)
+    for name, o, t, r in zip(NAMES, outs, tri, ref):
+        # Both kernels round M, dG (and Triton x dt) to bf16 before the products and write
+        # dx / dB / dC in bf16; the float64 reference rounds nothing but the inputs.
+        assert _rel(o, t) < 1e-2, name
+        assert _rel(o, r) < 1e-2, name
+        assert _rel(t, r) < 1e-2, name  # the yardstick itself agrees with float64
+
+
+@pytest.mark.parametrize("q,p,n,semantics,dst_dtype", [
+    (128, 64, 128, "lane", jnp.float32), (128, 64, 128, "warpgroup", jnp.float32),
+    (64, 128, 128, "lane", jnp.float32), (64, 64, 64, "warpgroup", jnp.bfloat16)])
+def test_lowers_for_cuda_on_cpu(q, p, n, semantics, dst_dtype):
+    """Full Mosaic GPU lowering for cuda without a GPU (layout inference under Warpgroup
+    semantics, wgmma operand checks); (64, 128, 128) takes the XLA-converted dS path."""
+    s = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    bsz, nc, nh, g = 1, 2, 4, 2
+    lp = nc * q
+    shapes = (s((bsz, lp, nh, p), bf16), s((bsz, lp, g, n), bf16), s((bsz, lp, g, n), bf16),
+              s((bsz, nh, lp), f32), s((bsz, nh, lp), f32), s((bsz, lp, nh, p), bf16),
+              s((bsz, nh, nc, p, n), bf16), s((bsz, nh, nc, p, n), dst_dtype), s((nh, p), f32))
+
+    def f(*a):
+        return pallas_mosaic_bwd._chunk_bwd_mosaic(*a, q=q, hpg=nh // g, semantics=semantics)
+
+    with pallas_mosaic.cuda_lowering_context():
+        lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
+    assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 1
+    infos = lowered.out_info
+    assert [i.shape for i in infos] == [(bsz, lp, nh, p), (bsz, lp, nh, n), (bsz, lp, nh, n),
+                                        (bsz, nh, lp), (bsz, nh, lp), (bsz, nh, nc, p)]
+    assert [i.dtype for i in infos] == [bf16, bf16, bf16, f32, f32, f32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,q,p,n", [(jnp.bfloat16, 128, 64, 128), (jnp.bfloat16, 64, 64, 128),
+                                         (jnp.float16, 128, 64, 64), (jnp.float16, 64, 128, 128)])
+def test_gpu_matches_triton(dtype, q, p, n):
+    """The compiled Mosaic kernel vs the compiled Triton kernel (same inputs, 3 heads per
+    group, 3 chunks); relative L2 per output."""
+    bsz, nc, nh, g = 2, 3, 6, 2
+    args = _inputs(np.random.default_rng().integers(1 << 30), bsz, nc, q, nh, g, p, n, dtype)
+    outs = jax.jit(lambda *a: pallas_mosaic_bwd._chunk_bwd_mosaic(*a, q=q, hpg=nh // g))(*args)
+    tri = jax.jit(lambda *a: pallas_gpu._chunk_bwd_call(*a, None, q=q, hpg=nh // g, num_warps=8,
+                                                        interpret=False))(*args)
+    _check_shapes(outs, tri)
+    for name, o, t in zip(NAMES, outs, tri):
+        assert _rel(o, t) < 1e-2, name
