@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.d_conv = 4  # Width of the depthwise causal conv over [x | B | C].
     m.chunk_size = 64  # SSD chunk length (any seqlen works; padded internally).
     m.ssd_impl = "auto"  # "auto" | "xla" | "reference" | "pallas" (see dimba_jax.ssd.ssd).
+    m.conv_impl = "autodiff"  # Depthwise conv backward: "autodiff" | "custom_vjp" (hand-written, time-major layouts; dimba_jax.layers.conv).
     m.bidirectional = True  # DIMBA denoiser sees both sides (forward + flipped scan); False = causal ablation.
     m.conditioning = "film"  # How timestep + pooled prompt condition the blocks: "film" or "additive".
     m.prompt_encoder = "mlp"  # "mlp" (light, trained) or "frozen" (a Mamba-2 stack from a checkpoint, no grads).

@@ -61,30 +61,52 @@ from dimba_jax.ssd import pallas_mosaic as _mos
 
 SLAB = 64  # rows of the Q x Q matrices per wgmma accumulator (one warpgroup's M = 64 tile)
 _SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
+# Two blocks per SM (one loading while the other computes) need at most half of the H100 /
+# H200's 227 KB of shared memory each, less the 1 KB the hardware reserves per block.
+_TWO_BLOCKS_SMEM = 112 * 1024
+_REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True) -> int:
+def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
+               share_staging: bool = False) -> int:
     """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors).
 
-    convert_dstates: whether the float32 dS tile is staged in SMEM for in-kernel conversion.
+    convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
+    share_staging: whether the dB and dC slabs share one staging tile.
     """
     tiles = itemsize * (2 * q * p + 2 * q * n + 2 * p * n)     # x, dy, B, C, h, dS (16-bit)
-    staging = itemsize * (SLAB * p + 2 * SLAB * n)              # dx, dB, dC slabs
-    vectors = 4 * (7 * q + 2 * p)                               # s x2, dt x2, e_end, ddt, ds; D, dD
+    staging = itemsize * SLAB * (p + (1 if share_staging else 2) * n)  # dx, dB, dC slabs
+    vectors = 4 * (7 * q + 2 * p) + 8 * 12                       # s, dt x2, e_end, ddt, ds; D, dD
     f32_dst = 4 * p * n if convert_dstates else 0
-    return tiles + staging + vectors + f32_dst
+    return tiles + staging + vectors + f32_dst + _REDUCTION_SCRATCH
 
 
-def supported_bwd(*, x, b, q: int, dstates_dtype=jnp.float32) -> tuple[bool, str]:
+def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple[bool, bool, int]:
+    """(convert_dstates, share_staging, bytes) for the kernel: float32 dS is converted in the
+    kernel when that still fits, else in XLA; the dB / dC slabs share a staging tile when that
+    is what lets two blocks share an SM (or what makes the kernel fit at all)."""
+    best = None
+    for convert in ((True, False) if dstates_f32 else (False,)):
+        for share in (False, True):
+            need = smem_bytes(q, p, n, itemsize, convert, share)
+            if need > _SMEM_LIMIT:
+                continue
+            key = (need <= _TWO_BLOCKS_SMEM, convert, not share)  # occupancy, fewer bytes moved
+            if best is None or key > best[0]:
+                best = (key, (convert, share, need))
+    if best is None:
+        return False, True, smem_bytes(q, p, n, itemsize, False, True)
+    return best[1]
+
+
+def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
     """Whether `_chunk_bwd_mosaic` handles these operands.
 
     Args:
       x: (batch, Lp, nheads, P) array or anything with .shape and .dtype.
       b: (batch, Lp, ngroups, N) likewise.
       q: chunk length.
-      dstates_dtype: dtype of the dstates operand (float32: converted in the kernel if its
-        float32 tile fits in SMEM, else in XLA; x.dtype: used as given).
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
@@ -100,8 +122,7 @@ def supported_bwd(*, x, b, q: int, dstates_dtype=jnp.float32) -> tuple[bool, str
         return False, f"mosaic SSD backward kernel needs block_len 64 or 128, got {q}"
     if x.shape[1] % q:
         return False, f"mosaic SSD backward kernel needs Lp a multiple of {q}, got {x.shape[1]}"
-    del dstates_dtype  # the float32 staging tile is dropped (XLA converts) when it does not fit
-    need = smem_bytes(q, p, n, jnp.dtype(x.dtype).itemsize, convert_dstates=False)
+    _, _, need = smem_plan(q, p, n, jnp.dtype(x.dtype).itemsize, dstates_f32=False)
     if need > _SMEM_LIMIT:
         return False, (f"mosaic SSD backward kernel tiles need {need} bytes of shared memory "
                        f"(block_len {q}, headdim {p}, dstate {n}); limit {_SMEM_LIMIT}")
@@ -142,7 +163,7 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
     Raises:
       ValueError for unsupported dtypes / sizes (see `supported_bwd`) or inconsistent shapes.
     """
-    ok, why = supported_bwd(x=x, b=b, q=q, dstates_dtype=dstates.dtype)
+    ok, why = supported_bwd(x=x, b=b, q=q)
     if not ok:
         raise ValueError(f"_chunk_bwd_mosaic: {why}")
     bsz, lp, nh, p = x.shape
@@ -157,24 +178,27 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
                          f"{hprev.shape}, dstates {dstates.shape} for x {x.shape}, q {q}")
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
-    itemsize = jnp.dtype(cdt).itemsize
-    convert = (jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
-               and smem_bytes(q, p, n, itemsize, True) <= _SMEM_LIMIT)
-    if jnp.dtype(dstates.dtype) != jnp.dtype(cdt) and not convert:
-        dstates = dstates.astype(cdt)  # the float32 staging tile does not fit: convert in XLA
-    if convert:
-        dstates = dstates.astype(jnp.float32)
-    dy = dy.astype(cdt)
-    hprev = hprev.astype(cdt)
-    e_end = _end_decay(s, q)
+    dst_f32 = jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
+    convert, share, _ = smem_plan(q, p, n, jnp.dtype(cdt).itemsize, dst_f32)
+    # float32 dS: converted in the kernel (its float32 tile staged in SMEM) where that fits,
+    # else here in XLA (one extra pass over dstates).
+    dstates = dstates.astype(jnp.float32 if convert else cdt)
     kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
-                           convert=convert, interpret=interpret, semantics=semantics)
-    return kernel(x, b, c, dt, s, e_end, dy, hprev, dstates, d)
+                           convert=convert, share_staging=share, interpret=interpret,
+                           semantics=semantics)
+    return kernel(x, b, c, dt, s, _end_decay(s, q), dy.astype(cdt), hprev.astype(cdt), dstates,
+                  d)
 
 
-def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, interpret, semantics):
+def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,
+                  semantics):
     """The plgpu.kernel callable of `_chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
-    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd)."""
+    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd).
+
+    convert: dstates arrive in float32 and are converted in the kernel (else in cdt).
+    share_staging: the dB and dC slabs go through one SMEM staging tile (saves SLAB x N
+      16-bit items; dB waits until the dC store has read it).
+    """
     plgpu = _mos._plgpu()
     nc = lp // q
     f32 = jnp.float32
@@ -199,25 +223,30 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, interpret, semanti
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
 
-    def mm(a, b_ref, shape, *, trans_b=False, init=None, a_regs=False):
-        """init + a @ b (b_ref^T if trans_b), float32. a: SMEM ref (16-bit) or, if a_regs, a
-        16-bit register array in the WGMMA layout; b_ref: SMEM ref."""
-        if interpret:  # the interpreter's wgmma takes no transposes / register A: a plain dot
-            a_val = a if a_regs else a[...]
-            dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-            out = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=f32)
-            return out if init is None else init + out
-        b_op = b_ref.transpose((1, 0)) if trans_b else b_ref
+    def products(*specs):
+        """Independent products a @ b (b^T if trans_b), float32, issued together as wgmmas and
+        waited for once. specs: (a SMEM ref (16-bit), b SMEM ref, out shape, trans_b)."""
+        if interpret:  # the interpreter's wgmma takes no transposed operands: plain dots
+            return tuple(
+                lax.dot_general(a[...], bref[...], (((1,), (1 if tb else 0,)), ((), ())),
+                                preferred_element_type=f32)
+                for a, bref, _, tb in specs)
+
+        def issue(*accs):
+            for acc, (a, bref, _, tb) in zip(accs, specs):
+                plgpu.wgmma(acc, a, bref.transpose((1, 0)) if tb else bref)
+            return tuple(acc[...] for acc in accs)
+
+        return pl.run_scoped(issue, *(plgpu.ACC(shape, f32) for _, _, shape, _ in specs))
+
+    def acc_product(init, a, b_ref):
+        """init + a @ b_ref, float32; a: 16-bit register array (WGMMA layout), b_ref: SMEM."""
+        if interpret:  # the interpreter's wgmma takes no A in registers: a plain dot
+            return init + jnp.dot(a, b_ref[...], preferred_element_type=f32)
 
         def product(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_op)
+            plgpu.wgmma(acc_ref, a, b_ref)
 
-        if init is None:
-            def scoped(acc_ref):
-                product(acc_ref)
-                return acc_ref[...]
-
-            return pl.run_scoped(scoped, plgpu.ACC(shape, f32))
         return pl.run_state(product)(plgpu.ACC.init(init))
 
     def rows_bcast(v, shape):
@@ -229,93 +258,111 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, interpret, semanti
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
              dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref,
              x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, s_row, s_col, dt_row, dt_col,
-             ee_row, d_smem, dx_st, db_st, dc_st, ddt_st, ds_st, dd_st, bars, *extra):
+             ee_row, d_smem, dx_st, dc_st, ddt_st, ds_st, dd_st, bars, *extra):
         ci = lax.axis_index("chunk")
         hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
-        # TMA loads, in the order of first use. s and dt are needed along rows (slab r) and
+        extra = list(extra)
+        db_st = dc_st if share_staging else extra.pop(0)
+        dst32 = extra.pop(0) if convert else None
+        # TMA loads in the order of first use, each waited for just before it (the first slab
+        # computes while the later tiles arrive). s and dt are needed along rows (slab r) and
         # along columns (k): one SMEM copy per register layout (two loads of one buffer in two
         # layouts defeat Warpgroup layout inference; see pallas_mosaic's s_col_smem).
-        plgpu.copy_gmem_to_smem(dy_ref.at[bi, rows, hi], dy_smem, bars.at[0])
-        plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_col, bars.at[2])
-        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_row, bars.at[3])
-        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_row, bars.at[4])
-        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col, bars.at[5])
-        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[6])
-        plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[7])
-        plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[8])
-        plgpu.copy_gmem_to_smem(ee_ref.at[bi, hi, rows], ee_row, bars.at[9])
-        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[10])
-        if convert:
-            (dst32,) = extra
-            plgpu.copy_gmem_to_smem(dst_ref.at[bi, hi, ci], dst32, bars.at[11])
-        else:
-            plgpu.copy_gmem_to_smem(dst_ref.at[bi, hi, ci], dst_smem, bars.at[11])
-        for k in range(11):
-            plgpu.barrier_wait(bars.at[k])
-        plgpu.barrier_wait(bars.at[11])
-        if convert:  # float32 dS -> 16-bit tile, 64 rows at a time (64 x N f32 in registers)
-            for r0 in range(0, p, SLAB):
-                part = load(dst32.at[pl.ds(r0, SLAB)], wgmma_layout)
-                dst_smem.at[pl.ds(r0, SLAB)][...] = part.astype(cdt)
-            plgpu.commit_smem()
+        loads = [(dy_ref.at[bi, rows, hi], dy_smem), (x_ref.at[bi, rows, hi], x_smem),
+                 (dt_ref.at[bi, hi, rows], dt_col), (c_ref.at[bi, rows, gi], c_smem),
+                 (b_ref.at[bi, rows, gi], b_smem), (s_ref.at[bi, hi, rows], s_row),
+                 (s_ref.at[bi, hi, rows], s_col), (h_ref.at[bi, hi, ci], h_smem),
+                 (d_ref.at[hi], d_smem), (dt_ref.at[bi, hi, rows], dt_row),
+                 (ee_ref.at[bi, hi, rows], ee_row),
+                 (dst_ref.at[bi, hi, ci], dst32 if convert else dst_smem)]
+        bar_of = {}
+        for k, (src, dst) in enumerate(loads):
+            plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
+            bar_of[id(dst)] = k
+        waited = set()
 
-        s_k = load(s_col, col)
-        dt_k = load(dt_col, col)
-        d_p = load(d_smem, col)
+        def ready(*smems):
+            """Wait (once per kernel) for the TMA loads into these SMEM buffers."""
+            for ref in smems:
+                k = bar_of[id(ref)]
+                if k not in waited:
+                    plgpu.barrier_wait(bars.at[k])
+                    waited.add(k)
+
+        def store(val, st, dst_ref_slice):
+            st[...] = val
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st, dst_ref_slice)
+
         dd_acc = None
         v_total = None
         for si in range(nslab):
             r0 = si * SLAB
             sl = pl.ds(r0, SLAB)
-            s_r = load(s_row.at[sl], row)
-            dt_r = load(dt_row.at[sl], row)
-            ee_r = load(ee_row.at[sl], row)
-            es_r = jnp.exp(s_r)
+            out_rows = pl.ds(ci * q + r0, SLAB)
             shape_q = (SLAB, q)
+
+            # Orientation 1: rows R of dM, M, dG -> dC_R, rowsum(w), the off-chunk ds term.
+            ready(dy_smem, x_smem, c_smem, b_smem)
+            dm, g = products((dy_smem.at[sl], x_smem, shape_q, True),     # dy_R x^T
+                             (c_smem.at[sl], b_smem, shape_q, True))      # C_R B^T
+            ready(dt_col, s_row, s_col)
+            dt_k = load(dt_col, col)
+            s_k = load(s_col, col)
+            s_r = load(s_row.at[sl], row)
             i_idx = iota(shape_q, 0) + r0
             j_idx = iota(shape_q, 1)
             diff = rows_bcast(s_r, shape_q) - cols_bcast(s_k, shape_q)   # s_r - s_k
             lmask = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))   # L_R
-            ltmask = jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))  # (L^T)_R
-
-            # Orientation 1: rows of dM, M, dG -> dC_R, rowsum(w), the off-chunk ds term.
-            dm = mm(dy_smem.at[sl], x_smem, shape_q, trans_b=True) * cols_bcast(dt_k, shape_q)
-            m = mm(c_smem.at[sl], b_smem, shape_q, trans_b=True) * lmask
-            rs_w = jnp.sum(dm * m, axis=1)
+            dm = dm * cols_bcast(dt_k, shape_q)
+            rs_w = jnp.sum(dm * (g * lmask), axis=1)
             dg = (dm * lmask).astype(cdt)
-            dc0 = mm(dy_smem.at[sl], h_smem, (SLAB, n)) * rows_bcast(es_r, (SLAB, n))
-            dc = mm(dg, b_smem, (SLAB, n), init=dc0, a_regs=True)
-            y_off = mm(c_smem.at[sl], h_smem, (SLAB, p), trans_b=True)
+            ready(h_smem)
+            dyh, y_off = products((dy_smem.at[sl], h_smem, (SLAB, n), False),  # dy_R h
+                                  (c_smem.at[sl], h_smem, (SLAB, p), True))   # C_R h^T
+            es_r = jnp.exp(s_r)
+            dc = acc_product(dyh * rows_bcast(es_r, (SLAB, n)), dg, b_smem)
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging tiles free again
-            dc_st[...] = dc.astype(cdt)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last slab's stores read
+            store(dc.astype(cdt), dc_st, dc_ref.at[bi, out_rows, hi])
 
-            # Orientation 2: rows of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
-            dmt = mm(x_smem.at[sl], dy_smem, shape_q, trans_b=True) * rows_bcast(dt_r, shape_q)
-            mt = mm(b_smem.at[sl], c_smem, shape_q, trans_b=True) * ltmask
+            # Orientation 2: rows R of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
+            dmt, gt = products((x_smem.at[sl], dy_smem, shape_q, True),   # x_R dy^T
+                               (b_smem.at[sl], c_smem, shape_q, True))    # B_R C^T
+            ready(dt_row)
+            dt_r = load(dt_row.at[sl], row)
+            ltmask = jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))  # (L^T)_R
+            dmt = dmt * rows_bcast(dt_r, shape_q)
+            mt = gt * ltmask
             cs_w = jnp.sum(dmt * mt, axis=1)
             dgt = (dmt * ltmask).astype(cdt)
             mt16 = mt.astype(cdt)
-            db0 = mm(x_smem.at[sl], dst_smem, (SLAB, n)) * rows_bcast(dt_r * ee_r, (SLAB, n))
-            db = mm(dgt, c_smem, (SLAB, n), init=db0, a_regs=True)
-            db_st[...] = db.astype(cdt)
-            bs = mm(b_smem.at[sl], dst_smem, (SLAB, p), trans_b=True) * rows_bcast(ee_r, (SLAB, p))
-            dxd = mm(mt16, dy_smem, (SLAB, p), init=bs, a_regs=True)
+            ready(ee_row, dst32 if convert else dst_smem)
+            if convert and si == 0:  # float32 dS -> 16-bit tile, 64 rows at a time
+                for p0 in range(0, p, SLAB):
+                    part = load(dst32.at[pl.ds(p0, SLAB)], wgmma_layout)
+                    dst_smem.at[pl.ds(p0, SLAB)][...] = part.astype(cdt)
+                plgpu.commit_smem()
+            ee_r = load(ee_row.at[sl], row)
+            xds, bs = products((x_smem.at[sl], dst_smem, (SLAB, n), False),  # x_R dS
+                               (b_smem.at[sl], dst_smem, (SLAB, p), True))   # B_R dS^T
+            db = acc_product(xds * rows_bcast(dt_r * ee_r, (SLAB, n)), dgt, c_smem)
+            if share_staging:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dC store has read it
+            store(db.astype(cdt), db_st, db_ref.at[bi, out_rows, hi])
+            bs = bs * rows_bcast(ee_r, (SLAB, p))                        # e_end o (B dS^T)
+            dxd = acc_product(bs, mt16, dy_smem)                          # + M^T dy
             x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
-            v = dt_r * jnp.sum(x_r * bs, axis=1)       # e_end o rowsum(xd o (B dS^T))
+            ready(d_smem)
+            d_p = load(d_smem, col)
             dx = dxd * rows_bcast(dt_r, (SLAB, p)) + cols_bcast(d_p, (SLAB, p)) * dy_r
-            dx_st[...] = dx.astype(cdt)
-            plgpu.commit_smem()
-            out_rows = pl.ds(ci * q + r0, SLAB)
-            plgpu.copy_smem_to_gmem(dx_st, dx_ref.at[bi, out_rows, hi])
-            plgpu.copy_smem_to_gmem(db_st, db_ref.at[bi, out_rows, hi])
-            plgpu.copy_smem_to_gmem(dc_st, dc_ref.at[bi, out_rows, hi])
+            store(dx.astype(cdt), dx_st, dx_ref.at[bi, out_rows, hi])
 
+            v = dt_r * jnp.sum(x_r * bs, axis=1)       # e_end o rowsum(xd o (B dS^T))
             ddt_st.at[sl][...] = jnp.sum(dxd * x_r, axis=1)
             v_sum = jnp.sum(v, axis=0)
             v_total = v_sum if v_total is None else v_total + v_sum
@@ -349,13 +396,14 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, interpret, semanti
         plgpu.SMEM((q,), f32),                               # e_end (rows)
         plgpu.SMEM((p,), f32),                               # D
         plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),   # dx slab
-        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dB slab
-        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC slab
+        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC (and if shared dB) slab
         plgpu.SMEM((q,), f32),                               # ddt
         plgpu.SMEM((q,), f32),                               # ds
         plgpu.SMEM((p,), f32),                               # dD
         plgpu.Barrier(num_barriers=12),
     ]
+    if not share_staging:
+        scratch.append(plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)))  # dB slab
     if convert:
         scratch.append(plgpu.SMEM((p, n), f32, transforms=tr(n, f32)))  # dS float32
     out_type = (jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt),
