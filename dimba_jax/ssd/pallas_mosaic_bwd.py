@@ -68,17 +68,24 @@ _REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp red
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def _aligned(nbytes: int) -> int:
+    """Bytes one SMEM scratch buffer occupies (Mosaic GPU aligns each to 1024)."""
+    return -(-nbytes // 1024) * 1024
+
+
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
                share_staging: bool = False) -> int:
-    """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors).
+    """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
+    cross-warp reduction scratch), each buffer aligned as Mosaic GPU allocates it.
 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
     """
-    tiles = itemsize * (2 * q * p + 2 * q * n + 2 * p * n)     # x, dy, B, C, h, dS (16-bit)
-    staging = itemsize * SLAB * (p + (1 if share_staging else 2) * n)  # dx, dB, dC slabs
-    vectors = 4 * (7 * q + 2 * p) + 8 * 12                       # s, dt x2, e_end, ddt, ds; D, dD
-    f32_dst = 4 * p * n if convert_dstates else 0
+    a = _aligned
+    tiles = 2 * a(itemsize * q * p) + 2 * a(itemsize * q * n) + 2 * a(itemsize * p * n)
+    staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(itemsize * SLAB * n)
+    vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
+    f32_dst = a(4 * p * n) if convert_dstates else 0
     return tiles + staging + vectors + f32_dst + _REDUCTION_SCRATCH
 
 
@@ -257,20 +264,24 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
 
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
              dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref,
-             x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, s_row, s_col, dt_row, dt_col,
-             ee_row, d_smem, dx_st, dc_st, ddt_st, ds_st, dd_st, bars, *extra):
+             x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, vin, vout, pvec, dx_st, dc_st,
+             bars, *extra):
         ci = lax.axis_index("chunk")
         hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
+        # Vectors share three buffers (each SMEM buffer takes >= 1 KB). vin rows: s and dt
+        # twice each, one copy per register layout (two loads of one buffer in two layouts
+        # defeat Warpgroup layout inference; see pallas_mosaic's s_col_smem), and e_end.
+        s_row, s_col, dt_row, dt_col, ee_row = (vin.at[k] for k in range(5))
+        ddt_st, ds_st = vout.at[0], vout.at[1]
+        d_smem, dd_st = pvec.at[0], pvec.at[1]
         extra = list(extra)
         db_st = dc_st if share_staging else extra.pop(0)
         dst32 = extra.pop(0) if convert else None
         # TMA loads in the order of first use, each waited for just before it (the first slab
-        # computes while the later tiles arrive). s and dt are needed along rows (slab r) and
-        # along columns (k): one SMEM copy per register layout (two loads of one buffer in two
-        # layouts defeat Warpgroup layout inference; see pallas_mosaic's s_col_smem).
+        # computes while the later tiles arrive).
         loads = [(dy_ref.at[bi, rows, hi], dy_smem), (x_ref.at[bi, rows, hi], x_smem),
                  (dt_ref.at[bi, hi, rows], dt_col), (c_ref.at[bi, rows, gi], c_smem),
                  (b_ref.at[bi, rows, gi], b_smem), (s_ref.at[bi, hi, rows], s_row),
@@ -278,16 +289,15 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                  (d_ref.at[hi], d_smem), (dt_ref.at[bi, hi, rows], dt_row),
                  (ee_ref.at[bi, hi, rows], ee_row),
                  (dst_ref.at[bi, hi, ci], dst32 if convert else dst_smem)]
-        bar_of = {}
         for k, (src, dst) in enumerate(loads):
             plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
-            bar_of[id(dst)] = k
+        bar_of = [dst for _, dst in loads]
         waited = set()
 
         def ready(*smems):
             """Wait (once per kernel) for the TMA loads into these SMEM buffers."""
             for ref in smems:
-                k = bar_of[id(ref)]
+                k = next(i for i, r in enumerate(bar_of) if r is ref)
                 if k not in waited:
                     plgpu.barrier_wait(bars.at[k])
                     waited.add(k)
@@ -389,17 +399,11 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         plgpu.SMEM((q, n), cdt, transforms=tr(n, cdt)),      # C
         plgpu.SMEM((p, n), cdt, transforms=tr(n, cdt)),      # h
         plgpu.SMEM((p, n), cdt, transforms=tr(n, cdt)),      # dS (16-bit)
-        plgpu.SMEM((q,), f32),                               # s (rows)
-        plgpu.SMEM((q,), f32),                               # s (columns)
-        plgpu.SMEM((q,), f32),                               # dt (rows)
-        plgpu.SMEM((q,), f32),                               # dt (columns)
-        plgpu.SMEM((q,), f32),                               # e_end (rows)
-        plgpu.SMEM((p,), f32),                               # D
+        plgpu.SMEM((5, q), f32),                             # s, s, dt, dt, e_end
+        plgpu.SMEM((2, q), f32),                             # ddt, ds
+        plgpu.SMEM((2, p), f32),                             # D, dD
         plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),   # dx slab
         plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC (and if shared dB) slab
-        plgpu.SMEM((q,), f32),                               # ddt
-        plgpu.SMEM((q,), f32),                               # ds
-        plgpu.SMEM((p,), f32),                               # dD
         plgpu.Barrier(num_barriers=12),
     ]
     if not share_staging:
