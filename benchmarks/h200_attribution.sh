@@ -13,11 +13,8 @@
 # GPU 1  train_throughput of configs/base.py: ssd_impl=pallas (Mosaic GPU forward) and xla at
 #        chunk 128.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
-S=runs/attribution; mkdir -p "$S"
-nvidia-smi -L > "$S/devices.txt"; NGPU=$(wc -l < "$S/devices.txt")
+source benchmarks/gpu_call_lib.sh
+gpu_call_setup attribution
 
 attribution() {
   for impl in xla pallas; do
@@ -41,11 +38,4 @@ if [ "$NGPU" -ge 2 ]; then
 else
   (attribution; levers) &
 fi
-T0=$(date +%s)
-while [ -n "$(jobs -r)" ]; do
-  sleep 15
-  tar -czf "$OUT/bundle.tgz.tmp" -C runs attribution && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-done
-wait
-tar -czf "$OUT/bundle.tgz.tmp" -C runs attribution && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-echo "[attribution] $NGPU GPU(s), done in $(( $(date +%s) - T0 )) s"
+bundle_until_done attribution

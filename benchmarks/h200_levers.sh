@@ -16,12 +16,9 @@
 #          profiled): where the step time goes with the kernel SSD.
 # Knob: TRACK_S (wall seconds per track; 250).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
-S=runs/levers; mkdir -p "$S"
+source benchmarks/gpu_call_lib.sh
+gpu_call_setup levers
 TRACK_S=${TRACK_S:-250}
-nvidia-smi -L > "$S/devices.txt"; NGPU=$(wc -l < "$S/devices.txt")
 
 track_ssd() {
   timeout -k 10 "$TRACK_S" python3 benchmarks/ssd_pallas_bench.py --out "$S/ssd" \
@@ -51,11 +48,4 @@ else
   (export CUDA_VISIBLE_DEVICES=0; track_ssd; track_tests) &
   (export CUDA_VISIBLE_DEVICES=$((NGPU > 1 ? 1 : 0)); track_train; track_breakdown) &
 fi
-T0=$(date +%s)
-while [ -n "$(jobs -r)" ]; do
-  sleep 20
-  tar -czf "$OUT/bundle.tgz.tmp" -C runs levers && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-done
-wait
-tar -czf "$OUT/bundle.tgz.tmp" -C runs levers && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-echo "[levers] $NGPU GPU(s), done in $(( $(date +%s) - T0 )) s"
+bundle_until_done levers

@@ -14,12 +14,9 @@
 # probe    the Mosaic GPU chunk-backward stage vs Triton, if benchmarks/mosaic_probe.py has it.
 # Knob: TRACK_S (wall seconds per track; 250).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"
-S=runs/next; mkdir -p "$S"
+source benchmarks/gpu_call_lib.sh
+gpu_call_setup next
 TRACK_S=${TRACK_S:-250}
-nvidia-smi -L > "$S/devices.txt"; NGPU=$(wc -l < "$S/devices.txt")
 
 track_ssd() {
   timeout -k 10 "$TRACK_S" python3 benchmarks/ssd_pallas_bench.py --out "$S/ssd" --skip-check \
@@ -49,11 +46,4 @@ else
   (export CUDA_VISIBLE_DEVICES=0; track_ssd; track_probe) &
   (export CUDA_VISIBLE_DEVICES=$((NGPU > 1 ? 1 : 0)); track_conv; track_train) &
 fi
-T0=$(date +%s)
-while [ -n "$(jobs -r)" ]; do
-  sleep 20
-  tar -czf "$OUT/bundle.tgz.tmp" -C runs next && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-done
-wait
-tar -czf "$OUT/bundle.tgz.tmp" -C runs next && mv "$OUT/bundle.tgz.tmp" "$OUT/bundle.tgz"
-echo "[next] $NGPU GPU(s), done in $(( $(date +%s) - T0 )) s"
+bundle_until_done next
