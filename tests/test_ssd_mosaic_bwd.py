@@ -113,8 +113,13 @@ def test_supported_bwd_reasons_and_errors():
     assert pallas_mosaic_bwd.supported_bwd(x=x128, b=b, q=64)[0]
     ok, why = pallas_mosaic_bwd.supported_bwd(x=x128, b=b, q=128)  # 128 x 128 tiles at q 128
     assert not ok and "shared memory" in why
-    # float32 dS staged in SMEM only where it fits (64 x 128 at q 128: yes; 128 x 128: no).
-    assert pallas_mosaic_bwd.smem_bytes(128, 64, 128) <= pallas_mosaic_bwd._SMEM_LIMIT
+    # float32 dS is converted in the kernel where its float32 tile fits and costs no
+    # occupancy; at q 64, 64 x 128 the dB / dC slabs share staging (two blocks per SM).
+    plan = pallas_mosaic_bwd.smem_plan
+    assert plan(128, 64, 128, 2, True)[:2] == (True, False)
+    assert plan(64, 64, 128, 2, True)[:2] == (False, True)
+    assert plan(64, 64, 128, 2, True)[2] <= pallas_mosaic_bwd._TWO_BLOCKS_SMEM
+    assert plan(64, 128, 128, 2, True)[:2] == (False, False)
     assert pallas_mosaic_bwd.smem_bytes(64, 128, 128) > pallas_mosaic_bwd._SMEM_LIMIT
     args = _inputs(0, 1, 1, 64, 2, 1, 64, 64, jnp.float32)
     with pytest.raises(ValueError, match="float32"):
@@ -126,12 +131,14 @@ def test_supported_bwd_reasons_and_errors():
         pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=2, semantics="thread")
 
 
-@pytest.mark.parametrize("n,dst_dtype", [(64, jnp.float32), (128, jnp.bfloat16)])
-def test_interpreter_matches_triton_and_float64(n, dst_dtype):
-    """Mosaic GPU interpreter vs the Triton interpreter and float64 NumPy: bf16, q 64, two
-    chunks, two heads sharing one group, headdim 64; dstates float32 (converted in the kernel)
-    or already bf16."""
-    q, bsz, nc, nh, g, p = 64, 1, 2, 2, 1, 64
+@pytest.mark.parametrize("q,n,dst_dtype", [(64, 64, jnp.float32), (64, 128, jnp.bfloat16),
+                                            (128, 128, jnp.float32)])
+def test_interpreter_matches_triton_and_float64(q, n, dst_dtype):
+    """Mosaic GPU interpreter vs the Triton interpreter and float64 NumPy: bf16, two chunks,
+    two heads sharing one group, headdim 64. Cases: q 64 with float32 dS converted in the
+    kernel; q 64, dstate 128 with bf16 dS and the dB / dC slabs sharing staging; q 128 (two
+    row slabs per chunk: sum(v) and dD carried across them), float32 dS in the kernel."""
+    bsz, nc, nh, g, p = 1, 2, 2, 1, 64
     args = _inputs(np.random.default_rng().integers(1 << 30), bsz, nc, q, nh, g, p, n,
                    jnp.bfloat16)
     x, bm, cm, dt, s, dy, hprev, dst, d = args
@@ -151,10 +158,13 @@ def test_interpreter_matches_triton_and_float64(n, dst_dtype):
 
 @pytest.mark.parametrize("q,p,n,semantics,dst_dtype", [
     (128, 64, 128, "lane", jnp.float32), (128, 64, 128, "warpgroup", jnp.float32),
-    (64, 128, 128, "lane", jnp.float32), (64, 64, 64, "warpgroup", jnp.bfloat16)])
+    (64, 128, 128, "lane", jnp.float32), (64, 64, 64, "warpgroup", jnp.bfloat16),
+    (64, 64, 128, "warpgroup", jnp.float32), (64, 64, 128, "lane", jnp.bfloat16)])
 def test_lowers_for_cuda_on_cpu(q, p, n, semantics, dst_dtype):
     """Full Mosaic GPU lowering for cuda without a GPU (layout inference under Warpgroup
-    semantics, wgmma operand checks); (64, 128, 128) takes the XLA-converted dS path."""
+    semantics, wgmma operand checks). Paths: float32 dS converted in the kernel (q 128),
+    converted in XLA (headdim 128 x dstate 128), bf16 dS, shared dB / dC staging (q 64,
+    64 x 128)."""
     s = jax.ShapeDtypeStruct
     f32, bf16 = jnp.float32, jnp.bfloat16
     bsz, nc, nh, g = 1, 2, 4, 2
