@@ -3,6 +3,9 @@
 Usage (GPU machine, repository root):
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --quick
+The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd._chunk_bwd_mosaic` vs pallas_gpu's
+Triton `_chunk_bwd_call`, 130m-L2k, bf16, q 128 and 64; only these cases):
+    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --chunk-bwd
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
     python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
@@ -29,6 +32,9 @@ when done and written incrementally to $OUT/mosaic_probe.json and $OUT/mosaic_pr
      shape after the first, the three stages alone at block 128 and 64.
 --budget-s bounds the total time (cases that would start after it are recorded as skipped).
 --quick: the first timing shape only (stages at q128 and q64, the four checks, 7 timings).
+--chunk-bwd: only the chunk-backward stage cases (see `stage_bwd_case`): both semantics unless
+--semantics; without a GPU it lowers them for cuda (and with --cpu-interpret runs a tiny case
+in the interpreters).
 --lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; the three
 kernels alone, fwd and fwd+bwd for every stages value; both semantics unless --semantics),
 report, exit 1 if any fails.
@@ -387,6 +393,139 @@ def stage_statepass(rec, name, args, q, runs, deadline, semantics):
     rec.add(case)
 
 
+BWD_NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
+
+
+def bwd_stage_inputs(b, l, h, q, p=P, n=N, g=G, dtype=jnp.bfloat16, seed=11):
+    """Random operands of the chunk-backward stage (never zero): x, B, C, dt, s, dy, hprev,
+    dstates (float32, as the reverse state pass writes them), D."""
+    ks = jax.random.split(jax.random.key(seed), 9)
+    nc = l // q
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, h, l)) - 1.0)
+    return (jax.random.normal(ks[0], (b, l, h, p)).astype(dtype),
+            jax.random.normal(ks[1], (b, l, g, n)).astype(dtype),
+            jax.random.normal(ks[2], (b, l, g, n)).astype(dtype),
+            dt, jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l),
+            jax.random.normal(ks[4], (b, l, h, p)).astype(dtype),
+            (0.1 * jax.random.normal(ks[5], (b, h, nc, p, n))).astype(dtype),
+            0.1 * jax.random.normal(ks[6], (b, h, nc, p, n)),
+            jax.random.normal(ks[7], (h, p)))
+
+
+def stage_bwd_case(rec, shape, q, runs, deadline, semantics, interpret=False):
+    """The chunk-backward stage alone: the Mosaic kernel (`pallas_mosaic_bwd`) vs pallas_gpu's
+    Triton `_chunk_bwd_call` (8 warps, as `_core_bwd` runs it), same inputs.
+
+    "fwd" times the Mosaic kernel with float32 dstates (what the reverse state pass writes
+    today: converted in the kernel or, where the plan says so, in XLA), "bf16_dstates" with dstates
+    already in x.dtype (the wiring plan: the state pass writes them in x.dtype), "triton" the
+    Triton kernel. errors: relative L2 of each output vs Triton (< 1e-2 required).
+    """
+    from dimba_jax.ssd import pallas_gpu, pallas_mosaic_bwd  # pylint: disable=import-outside-toplevel
+    name, b, l, h = shape[:4]
+    args = bwd_stage_inputs(b, l, h, q)
+    hpg = h // G
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=args[0], b=args[1], q=q)
+    label = f"mosaic q{q} {semantics} vs triton q{q}"
+    if not ok:
+        rec.add(dict(case=f"stage chunk_bwd {name}", shape=name, impl=label,
+                     status="unsupported", reason=why))
+        return
+    mosaic = jax.jit(lambda *a: pallas_mosaic_bwd._chunk_bwd_mosaic(
+        *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
+    triton = jax.jit(lambda *a: pallas_gpu._chunk_bwd_call(*a, None, q=q, hpg=hpg, num_warps=8,
+                                                           interpret=interpret))
+    args16 = args[:7] + (args[7].astype(args[0].dtype),) + args[8:]
+    convert, share, smem = pallas_mosaic_bwd.smem_plan(q, P, N, 2, True)
+    case = dict(case=f"stage chunk_bwd {name}", shape=name, impl=label, status="ok",
+                plan=dict(convert_dstates_in_kernel=convert, share_staging=share,
+                          smem_bytes=smem, smem_bytes_bf16_dstates=pallas_mosaic_bwd.smem_plan(
+                              q, P, N, 2, False)[2]))
+    case["fwd"] = time_ms(mosaic, args, runs, deadline)
+    case["bf16_dstates"] = time_ms(mosaic, args16, runs, deadline)
+    case["triton"] = time_ms(triton, args, runs, deadline)
+    outs, outs16, tri = mosaic(*args), mosaic(*args16), triton(*args)
+    case["errors"] = {k: rel(o, t) for k, o, t in zip(BWD_NAMES, outs, tri)}
+    case["errors_bf16_dstates"] = {k: rel(o, t) for k, o, t in zip(BWD_NAMES, outs16, tri)}
+    worst = max(list(case["errors"].values()) + list(case["errors_bf16_dstates"].values()))
+    if not worst < 1e-2:
+        case["status"] = "FAIL"
+    case["error_vs"] = "triton chunk_bwd"
+    nc = l // q
+    # Read x, dy, hprev (bf16), dstates (f32), B, C once per group, dt, s (+ e_end for Mosaic);
+    # write dx, per-head dB, dC (bf16), ddt, ds (f32), dD partial sums.
+    bytes_moved = (2 * (2 * b * l * h * P + b * h * nc * P * N + 2 * b * l * G * N)
+                   + 4 * b * h * nc * P * N + 8 * b * h * l
+                   + 2 * (b * l * h * P + 2 * b * l * h * N) + 8 * b * h * l + 4 * b * h * nc * P)
+    case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
+    case["triton_GBps"] = round(bytes_moved / case["triton"]["ms"] / 1e6, 1)
+    rec.add(case)
+
+
+def chunk_bwd_lowering(rec, semantics):
+    """Lower the chunk-backward stage for cuda (no device needed) at 130m-L2k, q 128 and 64,
+    float32 and bf16 dstates."""
+    from dimba_jax.ssd import pallas_mosaic_bwd  # pylint: disable=import-outside-toplevel
+    s = jax.ShapeDtypeStruct
+    name, b, l, h = SHAPES[0][:4]
+    for q in (128, 64):
+        for dst_dtype in ("float32", "bfloat16"):
+            nc = l // q
+            bf = jnp.bfloat16
+            fargs = (s((b, l, h, P), bf), s((b, l, G, N), bf), s((b, l, G, N), bf),
+                     s((b, h, l), jnp.float32), s((b, h, l), jnp.float32), s((b, l, h, P), bf),
+                     s((b, h, nc, P, N), bf), s((b, h, nc, P, N), jnp.dtype(dst_dtype)),
+                     s((h, P), jnp.float32))
+            label = f"lower {semantics} {name} chunk_bwd q{q} dstates {dst_dtype}"
+            t = time.perf_counter()
+            try:
+                with pallas_mosaic.cuda_lowering_context():
+                    text = jax.jit(lambda *a, q=q: pallas_mosaic_bwd._chunk_bwd_mosaic(
+                        *a, q=q, hpg=h // G, semantics=semantics)).trace(*fargs).lower(
+                            lowering_platforms=("cuda",)).as_text()
+                if "mosaic_gpu" not in text:
+                    raise AssertionError("no Mosaic GPU kernel in the lowered module")
+                rec.add(dict(case=label, impl="mosaic", status="ok",
+                             seconds=round(time.perf_counter() - t, 2)))
+            except Exception as e:  # report, keep going
+                rec.add(dict(case=label, impl="mosaic", status="error",
+                             seconds=round(time.perf_counter() - t, 2),
+                             error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb(30)))
+
+
+def run_chunk_bwd(rec, a, deadline):
+    """--chunk-bwd: the chunk-backward stage cases only; returns the exit status."""
+    dev = jax.devices()[0]
+    sems = [a.semantics] if a.semantics else ["lane", "warpgroup"]
+    if dev.platform != "gpu":
+        for sem in sems:
+            chunk_bwd_lowering(rec, sem)
+        if a.cpu_interpret:  # a self-test of the case on a tiny shape, in the interpreters
+            try:
+                stage_bwd_case(rec, ("tiny", 1, 128, 2), 64, 2, deadline, sems[0],
+                               interpret=True)
+            except Exception as e:  # report, keep going
+                rec.add(dict(case="stage chunk_bwd tiny", status="error",
+                             error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
+    else:
+        for sem in sems:
+            for q in (128, 64):
+                if time.perf_counter() > deadline:
+                    rec.add(dict(case=f"stage chunk_bwd q{q} {sem}", status="skipped",
+                                 reason="budget"))
+                    continue
+                print(f"START stage chunk_bwd q{q} {sem} at {elapsed():.1f} s", flush=True)
+                try:
+                    stage_bwd_case(rec, SHAPES[0], q, a.runs, deadline, sem)
+                except Exception as e:  # one failure must not stop the rest
+                    rec.add(dict(case=f"stage chunk_bwd q{q} {sem}", status="error",
+                                 error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
+    bad = [c["case"] for c in rec.data["cases"] if c["status"] not in ("ok", "unsupported")]
+    print(f"chunk_bwd: {len(rec.data['cases']) - len(bad)} ok, {len(bad)} failed "
+          f"in {elapsed():.0f} s", flush=True)
+    return 1 if bad else 0
+
+
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
@@ -464,6 +603,9 @@ def main():
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--cpu-interpret", action="store_true",
                     help="without a GPU: exercise this script on tiny cases in the interpreter")
+    ap.add_argument("--chunk-bwd", action="store_true",
+                    help="only the Mosaic chunk-backward stage vs Triton (130m-L2k, bf16, "
+                         "q 128 and 64); without a GPU: lowering (+ --cpu-interpret self-test)")
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower for cuda (any machine): all four shapes, bf16 q128/q64 and "
                          "f32 q64; stage, fwd, fwd+bwd; exit 1 if any fails")
@@ -490,6 +632,8 @@ def main():
     if not a.quick:
         impls.insert(4, ("mosaic", 128, "out"))
     both = ("lane", "warpgroup")
+    if a.chunk_bwd:
+        return run_chunk_bwd(rec, a, deadline)
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
             lowering_check(rec, SHAPES, semantics=sem)

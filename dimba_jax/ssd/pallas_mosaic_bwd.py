@@ -62,8 +62,9 @@ from dimba_jax.ssd import pallas_mosaic as _mos
 SLAB = 64  # rows of the Q x Q matrices per wgmma accumulator (one warpgroup's M = 64 tile)
 _SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
 # Two blocks per SM (one loading while the other computes) need at most half of the H100 /
-# H200's 227 KB of shared memory each, less the 1 KB the hardware reserves per block.
-_TWO_BLOCKS_SMEM = 112 * 1024
+# H200's 228 KB of shared memory per SM each, less the 1 KB the hardware reserves per block.
+_TWO_BLOCKS_SMEM = 228 * 1024 // 2 - 1024
+_NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
 _REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -76,7 +77,8 @@ def _aligned(nbytes: int) -> int:
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
                share_staging: bool = False) -> int:
     """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
-    cross-warp reduction scratch), each buffer aligned as Mosaic GPU allocates it.
+    cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
+    (this matched Mosaic GPU's own count exactly at six configurations under jax 0.10.2).
 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
@@ -86,7 +88,7 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
     staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(itemsize * SLAB * n)
     vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
     f32_dst = a(4 * p * n) if convert_dstates else 0
-    return tiles + staging + vectors + f32_dst + _REDUCTION_SCRATCH
+    return tiles + staging + vectors + f32_dst + _REDUCTION_SCRATCH + 8 * _NUM_BARRIERS
 
 
 def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple[bool, bool, int]:
@@ -307,6 +309,20 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(st, dst_ref_slice)
 
+        def decay(sl, r0, transposed):
+            """L_R (rows R of L, all columns) or, if transposed, rows R of L^T, (SLAB, q)
+            float32. Built where used (iotas, s rows / columns reloaded from SMEM) so that no
+            (SLAB, q) temporaries stay live across the products in between."""
+            shape_q = (SLAB, q)
+            s_r = load(s_row.at[sl], row)
+            s_k = load(s_col, col)
+            i_idx = iota(shape_q, 0) + r0
+            j_idx = iota(shape_q, 1)
+            diff = rows_bcast(s_r, shape_q) - cols_bcast(s_k, shape_q)   # s_r - s_k
+            if transposed:  # (L^T)_rk = L_kr = exp(s_k - s_r), k >= r
+                return jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))
+            return jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+
         dd_acc = None
         v_total = None
         for si in range(nslab):
@@ -320,20 +336,14 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             dm, g = products((dy_smem.at[sl], x_smem, shape_q, True),     # dy_R x^T
                              (c_smem.at[sl], b_smem, shape_q, True))      # C_R B^T
             ready(dt_col, s_row, s_col)
-            dt_k = load(dt_col, col)
-            s_k = load(s_col, col)
-            s_r = load(s_row.at[sl], row)
-            i_idx = iota(shape_q, 0) + r0
-            j_idx = iota(shape_q, 1)
-            diff = rows_bcast(s_r, shape_q) - cols_bcast(s_k, shape_q)   # s_r - s_k
-            lmask = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))   # L_R
-            dm = dm * cols_bcast(dt_k, shape_q)
+            dm = dm * cols_bcast(load(dt_col, col), shape_q)              # dy_R xd^T
+            lmask = decay(sl, r0, transposed=False)
             rs_w = jnp.sum(dm * (g * lmask), axis=1)
             dg = (dm * lmask).astype(cdt)
             ready(h_smem)
             dyh, y_off = products((dy_smem.at[sl], h_smem, (SLAB, n), False),  # dy_R h
                                   (c_smem.at[sl], h_smem, (SLAB, p), True))   # C_R h^T
-            es_r = jnp.exp(s_r)
+            es_r = jnp.exp(load(s_row.at[sl], row))
             dc = acc_product(dyh * rows_bcast(es_r, (SLAB, n)), dg, b_smem)
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
@@ -345,8 +355,8 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                                (b_smem.at[sl], c_smem, shape_q, True))    # B_R C^T
             ready(dt_row)
             dt_r = load(dt_row.at[sl], row)
-            ltmask = jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))  # (L^T)_R
-            dmt = dmt * rows_bcast(dt_r, shape_q)
+            dmt = dmt * rows_bcast(dt_r, shape_q)                         # xd_R dy^T
+            ltmask = decay(sl, r0, transposed=True)
             mt = gt * ltmask
             cs_w = jnp.sum(dmt * mt, axis=1)
             dgt = (dmt * ltmask).astype(cdt)
@@ -367,9 +377,9 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             bs = bs * rows_bcast(ee_r, (SLAB, p))                        # e_end o (B dS^T)
             dxd = acc_product(bs, mt16, dy_smem)                          # + M^T dy
             x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
+            dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             ready(d_smem)
-            d_p = load(d_smem, col)
-            dx = dxd * rows_bcast(dt_r, (SLAB, p)) + cols_bcast(d_p, (SLAB, p)) * dy_r
+            dx = dxd * rows_bcast(dt_r, (SLAB, p)) + cols_bcast(load(d_smem, col), (SLAB, p)) * dy_r
             store(dx.astype(cdt), dx_st, dx_ref.at[bi, out_rows, hi])
 
             v = dt_r * jnp.sum(x_r * bs, axis=1)       # e_end o rowsum(xd o (B dS^T))
@@ -404,7 +414,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         plgpu.SMEM((2, p), f32),                             # D, dD
         plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),   # dx slab
         plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC (and if shared dB) slab
-        plgpu.Barrier(num_barriers=12),
+        plgpu.Barrier(num_barriers=_NUM_BARRIERS),
     ]
     if not share_staging:
         scratch.append(plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)))  # dB slab
