@@ -4,6 +4,8 @@ CPU: `supported_bwd` reasons and ValueErrors; the kernel in the Mosaic GPU inter
 pallas_gpu's Triton kernel in the Triton interpreter (same inputs) and vs an independent float64
 NumPy computation of the per-chunk formulas; lowering for cuda without a GPU (Mosaic GPU's layout
 inference and wgmma checks run there), both lowering semantics.
+End to end in the interpreters: the full SSD gradient with the Mosaic kernel swapped in for
+pallas_gpu's `_chunk_bwd_call` (monkeypatched in the test only) vs the sequential reference.
 GPU (`gpu` marker): the compiled kernel vs the compiled Triton kernel, bf16 and f16.
 """
 
@@ -15,7 +17,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd
+from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
 
@@ -199,3 +201,40 @@ def test_gpu_matches_triton(dtype, q, p, n):
     _check_shapes(outs, tri)
     for name, o, t in zip(NAMES, outs, tri):
         assert _rel(o, t) < 1e-2, name
+
+
+def test_interpreter_full_gradient_with_mosaic_chunk_bwd(monkeypatch):
+    """The drop-in claim end to end: pallas_mosaic's forward with pallas_gpu's backward in
+    which `_chunk_bwd_call` is replaced (for this test only) by the Mosaic kernel, in the
+    interpreters, vs the sequential reference's gradients: bf16, seqlen 100 (padded to two
+    chunks of 64), two heads in one group, D per channel, dt_bias, initial states."""
+    def mosaic_chunk_bwd(x, b, c, dt, s, dy, hprev, dstates, d, seg, *, q, hpg, num_warps,
+                         interpret):
+        assert seg is None and interpret
+        del num_warps
+        return pallas_mosaic_bwd._chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
+                                                   hpg=hpg, interpret=True)
+
+    monkeypatch.setattr(pallas_gpu, "_chunk_bwd_call", mosaic_chunk_bwd)
+    bsz, seqlen, nh, p, g, n = 1, 100, 2, 64, 1, 64
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 9)
+    bf16 = jnp.bfloat16
+    args = (jax.random.normal(ks[0], (bsz, seqlen, nh, p)).astype(bf16),           # x
+            jax.random.normal(ks[1], (bsz, seqlen, nh)) - 1.0,                      # dt
+            -jnp.exp(jax.random.uniform(ks[2], (nh,), minval=-1.0, maxval=1.0)),    # A
+            jax.random.normal(ks[3], (bsz, seqlen, g, n)).astype(bf16),             # B
+            jax.random.normal(ks[4], (bsz, seqlen, g, n)).astype(bf16))             # C
+    kw = dict(D=jax.random.normal(ks[5], (nh, p)), dt_bias=0.5 * jax.random.normal(ks[6], (nh,)),
+              dt_softplus=True, initial_states=jax.random.normal(ks[7], (bsz, nh, p, n)))
+    dy = jax.random.normal(ks[8], (bsz, seqlen, nh, p)).astype(bf16)
+    chunk = 256  # the caller's chunk size; the kernels use block_len
+
+    def reference(*a):
+        with jax.default_matmul_precision("highest"):
+            return ssd(*a, chunk, impl="reference", **kw)
+
+    _, vjp = jax.vjp(lambda *a: pallas_mosaic.ssd_mosaic_forward(
+        *a, chunk, block_len=64, interpret=True, **kw), *args)
+    _, vjp_ref = jax.vjp(reference, *args)
+    for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
+        assert _rel(gr, gr_ref) < 1.5e-2, name  # the bf16 tolerance of test_ssd_mosaic

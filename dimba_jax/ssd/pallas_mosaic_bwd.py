@@ -14,15 +14,20 @@ the gradient reaching S_c):
            v = e_end o rowsum(xd o (B dS^T))
     dD   = colsum(dy o x)          (this chunk's partial sum)
 
-Data flow. Grid (chunk, head, batch), one warpgroup per program.
-  * SMEM (TMA loads, swizzled 16-bit tiles): x, dy (Q x P), B, C (Q x N), h (P x N); dS as a
-    16-bit (P x N) tile: converted in the kernel from a float32 TMA tile (dstates float32, the
-    default) or taken as given (dstates already in x.dtype); the vectors s (two copies, see
-    below), dt (two copies), e_end (computed in XLA, one small elementwise pass) and D.
+Data flow. Grid (chunk, head, batch), one warpgroup (128 threads) per program.
+  * SMEM (TMA loads, one barrier each, issued in order of first use and each waited for just
+    before it): swizzled 16-bit tiles x, dy (Q x P), B, C (Q x N), h (P x N) and dS (P x N);
+    float32 vectors s and dt (two copies each, one per register layout: two loads of one
+    buffer in two layouts defeat Warpgroup layout inference, see pallas_mosaic's s_col_smem),
+    e_end (computed in XLA: one small elementwise pass) and D. dS arrives in float32 (what the
+    reverse state pass writes) and is converted to 16 bits in the kernel through a float32
+    staging tile, or arrives in x.dtype and is used as is (`smem_plan` picks; see below).
   * The chunk is processed in row slabs of 64 positions (a Python loop: one slab at Q = 64, two
     at Q = 128) so that every accumulator is at most 64 x 128 float32 (64 registers per thread).
-    For slab R (rows r of the Q x Q matrices; columns k run over the whole chunk):
-      wgmma dM_R  = dy_R x^T  (A = dy slab, B = x tile transposed), scaled by dt_k -> dM_R
+    For slab R (rows r of the Q x Q matrices; columns k only where the causal mask is nonzero:
+    k < r0 + 64 in orientation 1, k >= r0 in orientation 2, which saves a quarter of the
+    Q x Q work at Q = 128):
+      wgmma dM_R  = dy_R x^T  (A = dy slab, B = x tile transposed), scaled by dt_k
       wgmma G_R   = C_R B^T   (A = C slab,  B = B tile transposed)  -> M_R = G_R o L_R
       registers: w_R = dM_R o M_R -> rowsum; dG_R = dM_R o L_R rounded to 16 bits
       wgmma dC_R  = e_s o (dy_R h) + dG_R B     (first: A = dy slab, B = h tile; then A = dG_R
@@ -34,13 +39,19 @@ Data flow. Grid (chunk, head, batch), one warpgroup per program.
       wgmma dB_R  = (dt e_end) o (x_R dS) + dGt_R C  (A = x slab, B = dS tile; A = dGt_R regs)
       wgmma BS_R  = B_R dS^T  (B = dS tile transposed); dxd_R = e_end o BS_R + Mt_R dy (A = Mt_R
                                                  from registers, B = dy tile)
-    so no register matrix is ever transposed and no Q x Q matrix goes through SMEM; the price
-    is computing C B^T and dy x^T twice (once per orientation). Every wgmma accumulates in
-    float32; its 16-bit operands are the tiles as loaded (x, not x dt: dt scales the float32
-    results) and the register matrices M^T, dG, dG^T rounded to x.dtype (as the Triton kernel).
-  * Outputs: dx, dB, dC slabs written through 16-bit SMEM staging tiles by TMA stores; ddt and
-    ds (float32, Q) gathered in SMEM and stored once; dD (float32, P) accumulated over the slabs
-    (a cross-warp column sum) and stored once.
+    Independent products are issued together and waited for once (dM with G, dy h with C h^T,
+    dMt with Gt, x dS with B dS^T). No register matrix is ever transposed and no Q x Q matrix
+    goes through SMEM; the price is forming C B^T and dy x^T twice (once per orientation).
+    Every wgmma accumulates in float32; its 16-bit operands are the tiles as loaded (x, not
+    x dt: dt scales the float32 results) and the register matrices M^T, dG, dG^T rounded to
+    x.dtype (as in the Triton kernel). Only B-operand transposes are used (16-bit only).
+  * Outputs: dx, dB, dC slabs written through 16-bit SMEM staging tiles by TMA stores (the
+    next slab waits until they have been read); ddt and ds (float32, Q) gathered in SMEM and
+    stored once; dD (float32, P) accumulated over the slabs (a cross-warp column sum) and
+    stored once. sum(v) over the chunk is carried from slab to slab to the last position.
+  * Shared memory (`smem_bytes`, exact against Mosaic GPU's own count): 112,736 bytes at
+    Q = 64, P = 64, N = 128 (dB / dC share a staging tile, dS 16-bit: two blocks per SM) and
+    212,064 at Q = 128 (dS converted in the kernel; one block per SM).
 
 float32 inputs are not supported (tf32 wgmma takes no transposed operands; `supported_bwd`
 says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machine with
@@ -309,16 +320,16 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(st, dst_ref_slice)
 
-        def decay(sl, r0, transposed):
-            """L_R (rows R of L, all columns) or, if transposed, rows R of L^T, (SLAB, q)
+        def decay(sl, r0, c0, width, transposed):
+            """Rows R of L (or, if transposed, of L^T), columns [c0, c0 + width): (SLAB, width)
             float32. Built where used (iotas, s rows / columns reloaded from SMEM) so that no
-            (SLAB, q) temporaries stay live across the products in between."""
-            shape_q = (SLAB, q)
+            (SLAB, width) temporaries stay live across the products in between."""
+            shape = (SLAB, width)
             s_r = load(s_row.at[sl], row)
-            s_k = load(s_col, col)
-            i_idx = iota(shape_q, 0) + r0
-            j_idx = iota(shape_q, 1)
-            diff = rows_bcast(s_r, shape_q) - cols_bcast(s_k, shape_q)   # s_r - s_k
+            s_k = load(s_col.at[pl.ds(c0, width)], col)
+            i_idx = iota(shape, 0) + r0
+            j_idx = iota(shape, 1) + c0
+            diff = rows_bcast(s_r, shape) - cols_bcast(s_k, shape)   # s_r - s_k
             if transposed:  # (L^T)_rk = L_kr = exp(s_k - s_r), k >= r
                 return jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))
             return jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
@@ -329,34 +340,40 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             r0 = si * SLAB
             sl = pl.ds(r0, SLAB)
             out_rows = pl.ds(ci * q + r0, SLAB)
-            shape_q = (SLAB, q)
 
             # Orientation 1: rows R of dM, M, dG -> dC_R, rowsum(w), the off-chunk ds term.
+            # L_R is zero beyond column r0 + SLAB (causal), so only columns [0, r0 + SLAB) of
+            # the (SLAB, q) products are formed.
+            w1 = r0 + SLAB
+            k1 = pl.ds(0, w1)
             ready(dy_smem, x_smem, c_smem, b_smem)
-            dm, g = products((dy_smem.at[sl], x_smem, shape_q, True),     # dy_R x^T
-                             (c_smem.at[sl], b_smem, shape_q, True))      # C_R B^T
+            dm, g = products((dy_smem.at[sl], x_smem.at[k1], (SLAB, w1), True),   # dy_R x^T
+                             (c_smem.at[sl], b_smem.at[k1], (SLAB, w1), True))    # C_R B^T
             ready(dt_col, s_row, s_col)
-            dm = dm * cols_bcast(load(dt_col, col), shape_q)              # dy_R xd^T
-            lmask = decay(sl, r0, transposed=False)
+            dm = dm * cols_bcast(load(dt_col.at[k1], col), (SLAB, w1))            # dy_R xd^T
+            lmask = decay(sl, r0, 0, w1, transposed=False)
             rs_w = jnp.sum(dm * (g * lmask), axis=1)
             dg = (dm * lmask).astype(cdt)
             ready(h_smem)
             dyh, y_off = products((dy_smem.at[sl], h_smem, (SLAB, n), False),  # dy_R h
                                   (c_smem.at[sl], h_smem, (SLAB, p), True))   # C_R h^T
             es_r = jnp.exp(load(s_row.at[sl], row))
-            dc = acc_product(dyh * rows_bcast(es_r, (SLAB, n)), dg, b_smem)
+            dc = acc_product(dyh * rows_bcast(es_r, (SLAB, n)), dg, b_smem.at[k1])
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last slab's stores read
             store(dc.astype(cdt), dc_st, dc_ref.at[bi, out_rows, hi])
 
             # Orientation 2: rows R of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
-            dmt, gt = products((x_smem.at[sl], dy_smem, shape_q, True),   # x_R dy^T
-                               (b_smem.at[sl], c_smem, shape_q, True))    # B_R C^T
+            # (L^T)_R is zero before column r0: only columns [r0, q) are formed.
+            w2 = q - r0
+            k2 = pl.ds(r0, w2)
+            dmt, gt = products((x_smem.at[sl], dy_smem.at[k2], (SLAB, w2), True),  # x_R dy^T
+                               (b_smem.at[sl], c_smem.at[k2], (SLAB, w2), True))   # B_R C^T
             ready(dt_row)
             dt_r = load(dt_row.at[sl], row)
-            dmt = dmt * rows_bcast(dt_r, shape_q)                         # xd_R dy^T
-            ltmask = decay(sl, r0, transposed=True)
+            dmt = dmt * rows_bcast(dt_r, (SLAB, w2))                      # xd_R dy^T
+            ltmask = decay(sl, r0, r0, w2, transposed=True)
             mt = gt * ltmask
             cs_w = jnp.sum(dmt * mt, axis=1)
             dgt = (dmt * ltmask).astype(cdt)
@@ -370,12 +387,12 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             ee_r = load(ee_row.at[sl], row)
             xds, bs = products((x_smem.at[sl], dst_smem, (SLAB, n), False),  # x_R dS
                                (b_smem.at[sl], dst_smem, (SLAB, p), True))   # B_R dS^T
-            db = acc_product(xds * rows_bcast(dt_r * ee_r, (SLAB, n)), dgt, c_smem)
+            db = acc_product(xds * rows_bcast(dt_r * ee_r, (SLAB, n)), dgt, c_smem.at[k2])
             if share_staging:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dC store has read it
             store(db.astype(cdt), db_st, db_ref.at[bi, out_rows, hi])
             bs = bs * rows_bcast(ee_r, (SLAB, p))                        # e_end o (B dS^T)
-            dxd = acc_product(bs, mt16, dy_smem)                          # + M^T dy
+            dxd = acc_product(bs, mt16, dy_smem.at[k2])                    # + M^T dy
             x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             ready(d_smem)
