@@ -11,7 +11,10 @@
 #          hand-written conv backward (model.conv_impl=custom_vjp), pallas and xla SSD:
 #          predicted -1.0 ms per block with pallas (docs/train_step_profile.md).
 # train    train_throughput of configs/base.py: pallas + custom_vjp conv, xla at chunk 128 and 64.
-# probe    the Mosaic GPU chunk-backward stage vs Triton, if benchmarks/mosaic_probe.py has it.
+# ssd_mosaic_bwd  the same benchmark with DIMBA_SSD_PALLAS_BACKWARD=mosaic: the Mosaic GPU chunk
+#          backward (pallas_mosaic_bwd.py; first device compile) in the full fwd+bwd.
+# probe    the Mosaic chunk-backward stage vs Triton (mosaic_probe.py --chunk-bwd: errors, ms,
+#          GB/s at 130m-L2k, q 128 / 64) and the gpu-marked tests of pallas_mosaic_bwd.py.
 # Knob: TRACK_S (wall seconds per track; 250).
 set -u
 source benchmarks/gpu_call_lib.sh
@@ -19,8 +22,11 @@ gpu_call_setup next
 TRACK_S=${TRACK_S:-250}
 
 track_ssd() {
-  timeout -k 10 "$TRACK_S" python3 benchmarks/ssd_pallas_bench.py --out "$S/ssd" --skip-check \
-      --variants default,mosaic:64:statepass+out > "$S/ssd.log" 2>&1; echo "ssd exit $?"; }
+  timeout -k 10 $((TRACK_S / 2)) python3 benchmarks/ssd_pallas_bench.py --out "$S/ssd" --skip-check \
+      --variants default,mosaic:64:statepass+out > "$S/ssd.log" 2>&1; echo "ssd exit $?"
+  DIMBA_SSD_PALLAS_BACKWARD=mosaic timeout -k 10 $((TRACK_S / 2)) python3 benchmarks/ssd_pallas_bench.py \
+      --out "$S/ssd_mosaic_bwd" --skip-xla --variants default > "$S/ssd_mosaic_bwd.log" 2>&1
+  echo "ssd mosaic bwd exit $?"; }
 track_conv() {
   for impl in pallas xla; do
     timeout -k 10 $((TRACK_S / 2)) python3 benchmarks/step_breakdown.py --config configs/base.py \
@@ -36,8 +42,10 @@ track_train() {
       --variant xla_c128:model.ssd_impl=xla,model.chunk_size=128 \
       --out "$S/train_throughput_next_h200" > "$S/train.log" 2>&1; echo "train exit $?"; }
 track_probe() {
-  timeout -k 10 "$TRACK_S" python3 benchmarks/mosaic_probe.py --out "$S/mosaic" \
-      --budget-s $((TRACK_S - 10)) --quick > "$S/mosaic.log" 2>&1; echo "probe exit $?"; }
+  timeout -k 10 "$TRACK_S" python3 benchmarks/mosaic_probe.py --out "$S/mosaic_bwd" \
+      --budget-s $((TRACK_S - 30)) --chunk-bwd > "$S/mosaic_bwd.log" 2>&1; echo "probe exit $?"
+  timeout -k 10 200 python3 -m pytest tests/test_ssd_mosaic_bwd.py -m gpu -rA --tb=short -q \
+      > "$S/tests_mosaic_bwd.log" 2>&1; echo "bwd tests exit $?"; }
 
 if [ "$NGPU" -ge 4 ]; then
   CUDA_VISIBLE_DEVICES=0 track_ssd & CUDA_VISIBLE_DEVICES=1 track_conv &

@@ -456,7 +456,15 @@ def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
     return (y, fin), (x, b, c, dt, s, hprev, d, seg)
 
 
-def _core_bwd(cfg, res, grads):
+def core_backward(cfg, res, grads, chunk_bwd=None):
+    """The custom_vjp backward of `_core`: the Triton dout chunk-state and reverse state-pass
+    kernels, then `chunk_bwd` (default `_chunk_bwd_call`; pallas_mosaic passes its Mosaic GPU
+    kernel, same signature and outputs) for dx, dB, dC, ddt, ds and dD.
+
+    cfg: (q, heads per group, warps fwd, warps bwd, interpret); res: `_core_fwd`'s residuals
+    (x, b, c, dt, s, hprev, d, seg); grads: (dy, dfinal_states). Returns the cotangents of
+    (x, b, c, dt, s, h0, d, seg).
+    """
     q, hpg, _, nwb, interp = cfg
     x, b, c, dt, s, hprev, d, seg = res
     dy, dfin = grads
@@ -468,15 +476,18 @@ def _core_bwd(cfg, res, grads):
                                interpret=interp)
     dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, seg, q),
                                                dfin.astype(jnp.float32), interpret=interp)
-    dx, db_h, dc_h, ddt, ds, dd = _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, seg,
-                                                  q=q,
-                                                  hpg=hpg, num_warps=nwb, interpret=interp)
+    dx, db_h, dc_h, ddt, ds, dd = (chunk_bwd or _chunk_bwd_call)(
+        x, b, c, dt, s, dy, hprev, dstates, d, seg, q=q, hpg=hpg, num_warps=nwb, interpret=interp)
     ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)
     f32 = jnp.float32
     db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(b.dtype)
     dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(c.dtype)
     dseg = None if seg is None else jnp.zeros_like(seg)
     return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2)), dseg
+
+
+def _core_bwd(cfg, res, grads):
+    return core_backward(cfg, res, grads)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

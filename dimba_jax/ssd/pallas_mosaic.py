@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
 
 import jax
@@ -72,6 +73,17 @@ DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see 
 # chunk output; "out" chunk output only (Triton chunk states and state pass).
 STAGES = ("state+out", "statepass+out", "out")
 DEFAULT_STAGES = "statepass+out"  # fastest forward on the H200 (mosaic_probe_h200.md)
+BACKWARDS = ("triton", "mosaic")  # ssd_mosaic_forward(backward=...)
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -774,8 +786,8 @@ def rechunk_cumsum(s: jax.Array, q: int, q_new: int) -> jax.Array:
     return (pieces - before[..., None]).reshape(bsz, nh, lp)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages, backward):
     """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk
     FORWARD_ONLY_BLOCK_LEN where it divides q; the forward rule used under differentiation keeps
     chunk q, whose per-chunk states the backward needs. The result is the same up to rounding."""
@@ -787,16 +799,37 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages, backward):
     y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return (y, fin), (x, b, c, dt, s, hprev, d)
 
 
-def _core_bwd(q, hpg, interpret, semantics, stages, res, grads):
-    del semantics, stages  # the backward is pallas_gpu's Triton kernels
+def _mosaic_chunk_bwd(x, b, q, semantics):
+    """The Mosaic GPU chunk-backward kernel as a drop-in for pallas_gpu._chunk_bwd_call, or
+    None (with a logged reason) where pallas_mosaic_bwd does not take these shapes."""
+    from dimba_jax.ssd import pallas_mosaic_bwd  # late: it imports this module
+
+    ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=q)
+    if not ok:
+        _warn_once(f"Mosaic GPU SSD backward does not take this call ({why}); using Triton's")
+        return None
+
+    def chunk_bwd(x, b, c, dt, s, dy, hprev, dstates, d, seg, *, q, hpg, num_warps, interpret):
+        del seg, num_warps  # no seq_idx on the Mosaic path; one warpgroup per program
+        return pallas_mosaic_bwd._chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
+                                                   hpg=hpg, interpret=interpret,
+                                                   semantics=semantics)
+
+    return chunk_bwd
+
+
+def _core_bwd(q, hpg, interpret, semantics, stages, backward, res, grads):
+    del stages  # the backward does not depend on which forward stages ran
     x, b, c, dt, s, hprev, d = res
+    chunk_bwd = _mosaic_chunk_bwd(x, b, q, semantics) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
-    dx, db, dc, ddt, ds, dh0, dd, _ = _tri._core_bwd(cfg, (x, b, c, dt, s, hprev, d, None), grads)
+    dx, db, dc, ddt, ds, dh0, dd, _ = _tri.core_backward(
+        cfg, (x, b, c, dt, s, hprev, d, None), grads, chunk_bwd=chunk_bwd)
     return dx, db, dc, ddt, ds, dh0, dd
 
 
@@ -807,7 +840,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
                        dt_softplus=False, dt_limit=(0.0, math.inf), initial_states=None,
                        seq_idx=None, return_final_states=False, block_len: int | None = None,
                        interpret: bool = False, semantics: str = DEFAULT_SEMANTICS,
-                       stages: str = DEFAULT_STAGES):
+                       stages: str = DEFAULT_STAGES, backward: str = "triton"):
     """SSD with Mosaic GPU forward kernels; same semantics and returns as `ssd`.
 
     Args:
@@ -841,6 +874,9 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
                         check_device=False)
     if not ok:
         raise ValueError(f"ssd_mosaic_forward: {why}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"ssd_mosaic_forward: backward must be one of {BACKWARDS}, "
+                         f"got {backward!r}")
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"ssd_mosaic_forward: semantics must be 'lane' or 'warpgroup', "
                          f"got {semantics!r}")
@@ -856,7 +892,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.zeros((nh, p), jnp.float32)
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics, stages)
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics, stages,
+                   backward)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)

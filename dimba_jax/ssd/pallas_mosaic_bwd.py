@@ -89,7 +89,7 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
                share_staging: bool = False) -> int:
     """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
     cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
-    (this matched Mosaic GPU's own count exactly at six configurations under jax 0.10.2).
+    (this matched Mosaic GPU's own count exactly at six configurations, jax 0.10.2 and 0.11.2).
 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
@@ -103,9 +103,15 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
 
 
 def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple[bool, bool, int]:
-    """(convert_dstates, share_staging, bytes) for the kernel: float32 dS is converted in the
-    kernel when that still fits, else in XLA; the dB / dC slabs share a staging tile when that
-    is what lets two blocks share an SM (or what makes the kernel fit at all)."""
+    """How the kernel lays out shared memory for chunk length q, headdim p, dstate n.
+
+    float32 dS (dstates_f32) is converted in the kernel when that still fits, else in XLA; the
+    dB / dC slabs share a staging tile when that is what lets two blocks share an SM (or what
+    makes the kernel fit at all). itemsize: bytes per operand item (2 for bf16 / f16).
+
+    Returns:
+      (convert_dstates, share_staging, smem bytes); bytes over _SMEM_LIMIT if nothing fits.
+    """
     best = None
     for convert in ((True, False) if dstates_f32 else (False,)):
         for share in (False, True):
@@ -165,7 +171,7 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
 
     Args:
       x: (batch, Lp, nheads, P) bfloat16/float16, Lp a multiple of q.
-      b, c: (batch, Lp, ngroups, N) x.dtype.
+      b, c: (batch, Lp, ngroups, N), cast to x.dtype.
       dt, s: (batch, nheads, Lp) float32 (processed dt; chunk-local cumsum of dt * A).
       dy: (batch, Lp, nheads, P), cast to x.dtype (as the Triton kernel does).
       hprev: (batch, nheads, Lp // q, P, N), the state entering each chunk (cast to x.dtype).
@@ -193,9 +199,12 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
     if nh != g * hpg or c.shape != b.shape or b.shape[:2] != (bsz, lp):
         raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes x {x.shape}, B {b.shape}, "
                          f"C {c.shape}, heads per group {hpg}")
-    if dy.shape != x.shape or hprev.shape != (bsz, nh, nc, p, n) or dstates.shape != hprev.shape:
+    if (dy.shape != x.shape or hprev.shape != (bsz, nh, nc, p, n)
+            or dstates.shape != hprev.shape or d.shape != (nh, p)
+            or dt.shape != (bsz, nh, lp) or s.shape != dt.shape):
         raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes dy {dy.shape}, hprev "
-                         f"{hprev.shape}, dstates {dstates.shape} for x {x.shape}, q {q}")
+                         f"{hprev.shape}, dstates {dstates.shape}, D {d.shape}, dt {dt.shape}, "
+                         f"s {s.shape} for x {x.shape}, q {q}")
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
     dst_f32 = jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
@@ -206,8 +215,10 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
     kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
                            convert=convert, share_staging=share, interpret=interpret,
                            semantics=semantics)
-    return kernel(x, b, c, dt, s, _end_decay(s, q), dy.astype(cdt), hprev.astype(cdt), dstates,
-                  d)
+    f32 = jnp.float32
+    return kernel(x, b.astype(cdt), c.astype(cdt), dt.astype(f32), s.astype(f32),
+                  _end_decay(s.astype(f32), q), dy.astype(cdt), hprev.astype(cdt), dstates,
+                  d.astype(f32))
 
 
 def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,

@@ -12,6 +12,10 @@ Both choices share the Triton backward (`pallas_gpu._core_bwd`); they differ in 
 The default is DEFAULT_FORWARD; the environment variable DIMBA_SSD_PALLAS_FORWARD overrides it
 (read at trace time, so benchmarks can A/B the forwards without a config field: the SSD
 signature is a contract of DESIGN.md section 3 and stays as it is).
+
+With the Mosaic forward, DIMBA_SSD_PALLAS_BACKWARD=mosaic (default "triton") also swaps the
+chunk-backward kernel for pallas_mosaic_bwd's Mosaic GPU one (16-bit inputs; not yet run on a
+GPU, hence opt-in).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import os
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "DIMBA_SSD_PALLAS_FORWARD"
+BACKWARD_ENV_VAR = "DIMBA_SSD_PALLAS_BACKWARD"
+BACKWARDS = ("triton", "mosaic")
 # The Mosaic GPU forward at its default chunk (128 for 16-bit inputs, 64 for float32) and stages
 # (chunk states fused into the state pass): on the H200 its forward is faster than Triton's and
 # its fwd+bwd equal (benchmarks/results/mosaic_probe_h200.md). Shapes or options it does not take
@@ -51,6 +57,14 @@ def parse_forward(spec: str) -> tuple[str, int | None, str | None]:
 def forward_spec() -> str:
     """The forward choice in effect: $DIMBA_SSD_PALLAS_FORWARD, else DEFAULT_FORWARD."""
     return os.environ.get(ENV_VAR, "") or DEFAULT_FORWARD
+
+
+def backward_spec() -> str:
+    """$DIMBA_SSD_PALLAS_BACKWARD ("triton" or "mosaic"), else "triton". ValueError otherwise."""
+    spec = (os.environ.get(BACKWARD_ENV_VAR, "") or "triton").strip()
+    if spec not in BACKWARDS:
+        raise ValueError(f"{BACKWARD_ENV_VAR}: expected one of {BACKWARDS}, got {spec!r}")
+    return spec
 
 
 def _warn_once(message: str) -> None:
@@ -88,7 +102,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, **options):
                                               block_len=block, stages=stages)
             if ok:
                 return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, chunk_size,
-                                                        block_len=block, stages=stages, **options)
+                                                        block_len=block, stages=stages,
+                                                        backward=backward_spec(), **options)
             _warn_once(f"ssd(impl='pallas'): Mosaic GPU forward does not take this call ({why}); "
                        f"using the Triton forward")
     return pallas_gpu.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
