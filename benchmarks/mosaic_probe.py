@@ -462,6 +462,23 @@ def stage_bwd_case(rec, shape, q, runs, deadline, semantics, interpret=False):
     rec.add(case)
 
 
+def record_lowering(rec, label, fn, fargs):
+    """Lowers jit(fn) for cuda on this machine (no GPU needed) and records ok / the error under
+    `label`; fails the case when the module has no Mosaic GPU kernel."""
+    t = time.perf_counter()
+    try:
+        with pallas_mosaic.cuda_lowering_context():
+            text = jax.jit(fn).trace(*fargs).lower(lowering_platforms=("cuda",)).as_text()
+        if "mosaic_gpu" not in text:
+            raise AssertionError("no Mosaic GPU kernel in the lowered module")
+        rec.add(dict(case=label, impl="mosaic", status="ok",
+                     seconds=round(time.perf_counter() - t, 2)))
+    except Exception as e:  # report, keep going
+        rec.add(dict(case=label, impl="mosaic", status="error",
+                     seconds=round(time.perf_counter() - t, 2),
+                     error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb(30)))
+
+
 def chunk_bwd_lowering(rec, semantics):
     """Lower the chunk-backward stage for cuda (no device needed) at 130m-L2k, q 128 and 64,
     float32 and bf16 dstates."""
@@ -477,20 +494,8 @@ def chunk_bwd_lowering(rec, semantics):
                      s((b, h, nc, P, N), bf), s((b, h, nc, P, N), jnp.dtype(dst_dtype)),
                      s((h, P), jnp.float32))
             label = f"lower {semantics} {name} chunk_bwd q{q} dstates {dst_dtype}"
-            t = time.perf_counter()
-            try:
-                with pallas_mosaic.cuda_lowering_context():
-                    text = jax.jit(lambda *a, q=q: pallas_mosaic_bwd._chunk_bwd_mosaic(
-                        *a, q=q, hpg=h // G, semantics=semantics)).trace(*fargs).lower(
-                            lowering_platforms=("cuda",)).as_text()
-                if "mosaic_gpu" not in text:
-                    raise AssertionError("no Mosaic GPU kernel in the lowered module")
-                rec.add(dict(case=label, impl="mosaic", status="ok",
-                             seconds=round(time.perf_counter() - t, 2)))
-            except Exception as e:  # report, keep going
-                rec.add(dict(case=label, impl="mosaic", status="error",
-                             seconds=round(time.perf_counter() - t, 2),
-                             error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb(30)))
+            record_lowering(rec, label, lambda *a, q=q: pallas_mosaic_bwd._chunk_bwd_mosaic(
+                *a, q=q, hpg=h // G, semantics=semantics), fargs)
 
 
 def run_chunk_bwd(rec, a, deadline):
@@ -579,19 +584,7 @@ def lowering_check(rec, shapes, semantics="lane"):
                 todo += [(f"fwd {stages}", fwd, args), (f"fwd+bwd {stages}", fwdbwd_, args)]
             for tag, fn, fargs in todo:
                 label = f"lower {semantics} {name} {dtype} q{q} {tag}"
-                t = time.perf_counter()
-                try:
-                    with pallas_mosaic.cuda_lowering_context():
-                        text = jax.jit(fn).trace(*fargs).lower(
-                            lowering_platforms=("cuda",)).as_text()
-                    if "mosaic_gpu" not in text:
-                        raise AssertionError("no Mosaic GPU kernel in the lowered module")
-                    rec.add(dict(case=label, impl="mosaic", status="ok",
-                                 seconds=round(time.perf_counter() - t, 2)))
-                except Exception as e:  # report, keep going
-                    rec.add(dict(case=label, impl="mosaic", status="error",
-                                 seconds=round(time.perf_counter() - t, 2),
-                                 error=f"{type(e).__name__}: {e}"[:300], traceback=short_tb(30)))
+                record_lowering(rec, label, fn, fargs)
 
 
 def main():

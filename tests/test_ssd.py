@@ -281,7 +281,7 @@ def test_auto_and_pallas_work_on_cpu(caplog):
         assert chosen == "xla" and reason
     run = jax.jit(lambda a: ssd(**a, chunk_size=4, dt_softplus=True, impl="auto", **kw))
     np.testing.assert_allclose(run(args), y_xla, rtol=1e-6, atol=1e-6)
-    ssd_package._warned.clear()  # the fallback warning is logged once per reason
+    ssd_package._common._WARNED.clear()  # the fallback warning is logged once per reason
     with caplog.at_level(logging.WARNING, logger="dimba_jax.ssd"):
         y_pallas = run_ssd(args, kw, chunk_size=4, dt_softplus=True, impl="pallas")
     chosen, reason = resolve_impl("pallas", **args, chunk_size=4, **kw)

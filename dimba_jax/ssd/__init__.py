@@ -36,13 +36,10 @@ IMPLS = _common.IMPLS
 # gpu-marked SSD tests pass (benchmarks/results/gpu_tests_h200.log).
 AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+    _common.warn_once(logger, message)
 
 
 def _on_hopper_gpu() -> bool:

@@ -17,6 +17,7 @@ from already processed inputs.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from typing import Any
@@ -190,3 +191,15 @@ def apply_skip_and_gate(y, x, *, D=None, z=None) -> jax.Array:
         zf = z.astype(jnp.float32)
         y = y * (zf * jax.nn.sigmoid(zf))
     return y.astype(x.dtype)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """logger.warning(message), once per (logger, message) in a process (fallback notices that
+    would otherwise repeat at every trace)."""
+    key = (logger.name, message)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)

@@ -75,13 +75,10 @@ STAGES = ("state+out", "statepass+out", "out")
 DEFAULT_STAGES = "statepass+out"  # fastest forward on the H200 (mosaic_probe_h200.md)
 BACKWARDS = ("triton", "mosaic")  # ssd_mosaic_forward(backward=...)
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+    _common.warn_once(logger, message)
 
 
 _SMEM_LIMIT = 220 * 1024  # an H100/H200 block may use up to 227 KB of shared memory

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 
+from dimba_jax.ssd import _common
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "DIMBA_SSD_PALLAS_FORWARD"
@@ -33,7 +35,6 @@ BACKWARDS = ("triton", "mosaic")
 # its fwd+bwd equal (benchmarks/results/mosaic_probe_h200.md). Shapes or options it does not take
 # keep the Triton forward.
 DEFAULT_FORWARD = "mosaic"
-_warned: set[str] = set()
 
 
 def parse_forward(spec: str) -> tuple[str, int | None, str | None]:
@@ -68,9 +69,7 @@ def backward_spec() -> str:
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+    _common.warn_once(logger, message)
 
 
 def supported(**kwargs) -> tuple[bool, str]:
