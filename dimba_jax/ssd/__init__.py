@@ -32,8 +32,8 @@ IMPLS = _common.IMPLS
 # kernel slower than "xla" (benchmarks/results/ssd_*_h200.md); "auto" then always means "xla".
 # Measured on the H200 (session 3): the Pallas SSD (Mosaic forward + Triton backward) is 1.7-2.2x
 # faster than "xla" at the four DESIGN.md shapes (benchmarks/results/ssd_h200.md), the
-# configs/base.py train step 2.3% faster (186.7 vs 191.1 ms) and batch-1 sampling equal; all
-# gpu-marked SSD tests pass (benchmarks/results/gpu_tests_h200.log).
+# configs/base.py train step 2.3% faster (186.7 vs 191.1 ms) and batch-1 sampling equal; the
+# gpu-marked tests of this path pass (benchmarks/results/gpu_tests_h200.log).
 AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
 
