@@ -60,13 +60,10 @@ import numpy as np
 
 from dimba_jax.ssd import pallas_mosaic, ssd
 
-SHAPES = [  # name, B, L, H; P=64, N=128, 1 group, chunk 256; mamba_ssm Triton fwd / fwd+bwd ms
-    ("130m-L2k", 8, 2048, 24, 1.02, 4.81),
-    ("130m-L8k", 2, 8192, 24, 0.93, 3.91),
-    ("1.3b-L2k", 8, 2048, 64, 0.99, 5.52),
-    ("130m-L32k", 1, 32768, 24, 1.06, 5.20),
-]
-P, N, G, CHUNK = 64, 128, 1, 256
+# The four DESIGN.md shapes (with mamba_ssm's quoted times), their P / N / groups / chunk and the
+# relative-error helper are ssd_pallas_bench's (this folder is on sys.path when run as a script).
+from ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel  # noqa: E402
+
 SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
     (2, 300, 4, 64, 1, 128, "bfloat16", 128, "D+bias+h0"),
     (1, 200, 8, 64, 2, 64, "bfloat16", 64, "D(h,p)+z"),
@@ -88,14 +85,6 @@ def short_tb(limit=60):
     if len(lines) > limit:
         lines = lines[:20] + [f"... ({len(lines) - limit} lines cut) ..."] + lines[-(limit - 20):]
     return "\n".join(lines)
-
-
-def rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
-    if not np.all(np.isfinite(a)):
-        return float("nan")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def make_inputs(seed, b, l, h, p, g, n, dtype, options):

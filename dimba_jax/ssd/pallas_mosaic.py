@@ -121,6 +121,22 @@ def _compiler_params(plgpu, semantics: str = "lane"):
         lowering_semantics=kinds.Lane if semantics == "lane" else kinds.Warpgroup)
 
 
+def smem_loader(plgpu, interpret: bool):
+    """load(ref, layout): a register value of an SMEM ref in a Mosaic GPU register layout, for
+    both jax versions (0.10's plgpu.load needs an index, 0.11 deprecates it); a plain read in
+    the interpreter, which has no plgpu.load and ignores layouts."""
+    takes_idx = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+    def load(ref, layout):
+        if interpret:
+            return ref[...]
+        if takes_idx:
+            return plgpu.load(ref, (), layout=layout)
+        return plgpu.load(ref, layout=layout)
+
+    return load
+
+
 def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     """plgpu.kernel with `out_type` / `scratch_types` (jax 0.10+) or the older `out_shape` /
     `scratch_shapes` keywords, whichever this jax's signature has."""
@@ -260,15 +276,7 @@ def _chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
     col = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by the column j
 
-    load_idx = inspect.signature(plgpu.load).parameters["idx"]
-    load_takes_idx = load_idx.default is inspect.Parameter.empty
-
-    def load(ref, layout):
-        if interpret:  # the interpreter has no plgpu.load; layouts do not matter there
-            return ref[...]
-        if load_takes_idx:  # jax 0.10 needs the index; 0.11 deprecates passing it
-            return plgpu.load(ref, (), layout=layout)
-        return plgpu.load(ref, layout=layout)
+    load = smem_loader(plgpu, interpret)
 
     def iota(shape, dim):
         if interpret:
@@ -481,15 +489,7 @@ def _chunk_state_mosaic(x, b, w, *, q, hpg, interpret=False, semantics: str = DE
     # w scales x's rows (q, P) for 16-bit inputs, the columns of x^T (P, q) for tf32.
     w_layout = wgmma_layout.reduce(0) if tf32 else wgmma_layout.reduce(1)
 
-    load_idx = inspect.signature(plgpu.load).parameters["idx"]
-    load_takes_idx = load_idx.default is inspect.Parameter.empty
-
-    def load(ref, layout):
-        if interpret:
-            return ref[...]
-        if load_takes_idx:
-            return plgpu.load(ref, (), layout=layout)
-        return plgpu.load(ref, layout=layout)
+    load = smem_loader(plgpu, interpret)
 
     def body(x_ref, b_ref, w_ref, st_ref, x_smem, b_smem, w_smem, xw_smem, st_smem, bars):
         pid = lax.axis_index("chunk")  # chunk * nblk + column block
@@ -622,15 +622,7 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
     w_layout = wgmma_layout.reduce(0) if tf32 else wgmma_layout.reduce(1)
     row = wgmma_layout.reduce(1)  # (P,) vector along the rows of h
 
-    load_idx = inspect.signature(plgpu.load).parameters["idx"]
-    load_takes_idx = load_idx.default is inspect.Parameter.empty
-
-    def load(ref, layout):
-        if interpret:
-            return ref[...]
-        if load_takes_idx:
-            return plgpu.load(ref, (), layout=layout)
-        return plgpu.load(ref, layout=layout)
+    load = smem_loader(plgpu, interpret)
 
     def body(x_ref, b_ref, w_ref, dec_ref, h0_ref, hp_ref, fin_ref,
              x_smem, b_smem, w_smem, dec_smem, xw_smem, hp_smem, h_smem,

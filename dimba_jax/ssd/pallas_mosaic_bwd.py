@@ -61,7 +61,6 @@ says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machi
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -238,16 +237,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
     col = wgmma_layout.reduce(0)  # vector indexed by the column (position k, or P / N index)
     nslab = q // SLAB
 
-    load_idx = inspect.signature(plgpu.load).parameters["idx"]
-    load_takes_idx = load_idx.default is inspect.Parameter.empty
-
-    def load(ref, layout):
-        """A register value of an SMEM ref in `layout` (plain read in the interpreter)."""
-        if interpret:
-            return ref[...]
-        if load_takes_idx:  # jax 0.10 needs the index; 0.11 deprecates passing it
-            return plgpu.load(ref, (), layout=layout)
-        return plgpu.load(ref, layout=layout)
+    load = _mos.smem_loader(plgpu, interpret)
 
     def iota(shape, dim, layout=wgmma_layout):
         if interpret:
