@@ -44,7 +44,7 @@ SHAPES = [  # name, B, L, H  (P=64, N=128, 1 group, chunk 256), mamba_ssm Triton
 ]
 P, N, G, CHUNK = 64, 128, 1, 256
 # The kernel version these numbers belong to (docs/ssd_kernel_notes.md lists the versions).
-KERNEL_VERSION = "v4 (Mosaic GPU forward, Triton backward)"
+KERNEL_VERSION = "v6 (Mosaic GPU forward and backward)"
 
 
 def nominal_flops(b, l, h, p=P, n=N, q=CHUNK):
@@ -178,7 +178,9 @@ def write(result, a):
         json.dump(result, f, indent=1)
     lines = ["| shape | impl | fwd ms | fwd+bwd ms | fwd / mamba_ssm | fwd+bwd / mamba_ssm | fwd TFLOP/s | fwd+bwd TFLOP/s |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"] + result["variant_rows"]:
+    variants = {r["impl"] for r in result["variant_rows"]}
+    listed = result["rows"] + (result["variant_rows"] if len(variants) > 1 else [])
+    for r in listed:
         if "fwd_ms" not in r:
             lines.append(f"| {r['shape']} | {r['impl']} | error | error | | | | |")
             continue
@@ -218,7 +220,8 @@ def main():
                                    B=jnp.zeros((1, 1, 1, N)), C=None, chunk_size=CHUNK)
     print("supported:", ok, why, flush=True)
     variants = [parse_variant(v) for v in a.variants.split(",")]
-    result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DIMBA_SSD_")]
+    result = {"device": dev.device_kind, "command": " ".join(env + ["python3"] + sys.argv),
               "jax": jax.__version__, "code_version": KERNEL_VERSION, "rows": [],
               "variant_rows": [], "errors": {}}
 
