@@ -3,6 +3,10 @@
 Usage (GPU machine, repository root):
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --quick
+The fused dout chunk-state + reverse state-pass kernel alone (`pallas_mosaic_rev`) vs the two
+Triton kernels it replaces (130m-L2k, 1.3b-L2k, 130m-L32k, q 128; only these cases; with
+--lower-only or without a GPU it lowers them for cuda):
+    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --rev
 The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd._chunk_bwd_mosaic` vs pallas_gpu's
 Triton `_chunk_bwd_call`, 130m-L2k, bf16, q 128 and 64; only these cases):
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --chunk-bwd
@@ -520,6 +524,120 @@ def run_chunk_bwd(rec, a, deadline):
     return 1 if bad else 0
 
 
+REV_SHAPES = ("130m-L2k", "1.3b-L2k", "130m-L32k")
+# (label, kwargs of _dout_statepass_mosaic): default ring, the same without overlapping the
+# dS / dsend stores with the wgmma, deepest ring that fits, 64-wide column blocks with four
+# slots (variants resolving to the same configuration are timed once).
+REV_VARIANTS = (("pf2", {}), ("pf2-serial", dict(overlap=False)),
+                ("pf-max", dict(prefetch=None)), ("nb64-pf4", dict(block_cols=64, prefetch=4)))
+
+
+def rev_stage_inputs(b, l, h, q, seed=13):
+    """dy, C, dt, s, hprev (bf16), dfin (float32) for the reverse stage (never zero)."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (b, h, l)) - 1.0)
+    return (jax.random.normal(ks[0], (b, l, h, P)).astype(jnp.bfloat16),
+            jax.random.normal(ks[1], (b, l, G, N)).astype(jnp.bfloat16), dt,
+            jnp.cumsum((-0.5 * dt).reshape(b, h, l // q, q), axis=-1).reshape(b, h, l),
+            (0.1 * jax.random.normal(ks[3], (b, h, l // q, P, N))).astype(jnp.bfloat16),
+            jax.random.normal(ks[4], (b, h, P, N)))
+
+
+def rev_stage_case(rec, shape, q, runs, deadline, semantics, interpret=False):
+    """The fused dout chunk-state + reverse state-pass kernel (`pallas_mosaic_rev`) vs the
+    Triton pair (`_chunk_state_call(mode="dout")` + `_state_pass_bwd_call`, as core_backward
+    runs them), same inputs; each REV_VARIANTS entry timed, errors vs Triton (< 1e-2)."""
+    from dimba_jax.ssd import pallas_gpu, pallas_mosaic_rev  # pylint: disable=import-outside-toplevel
+    name, b, l, h = shape[:4]
+    args = rev_stage_inputs(b, l, h, q)
+    hpg, nc = h // G, l // q
+
+    def triton_fn(dy, c, dt, s, hp, dfin):
+        dhp = pallas_gpu._chunk_state_call(dy, c, dt, s, None, q=q, hpg=hpg, mode="dout",
+                                           num_warps=8, interpret=interpret)
+        dst, dsend, dh0 = pallas_gpu._state_pass_bwd_call(
+            dhp, hp, pallas_gpu._chunk_end_decay(s, None, q), dfin, interpret=interpret)
+        return dst, dsend.sum(axis=2), dh0
+
+    triton = jax.jit(triton_fn)
+    t_tri, tri, seen = None, None, set()
+    for label, kw in REV_VARIANTS:
+        pf = kw.get("prefetch", pallas_mosaic_rev.DEFAULT_PREFETCH)
+        nb = kw.get("block_cols") or pallas_mosaic_rev.rev_block_cols(q, P, N, 2, b * h, pf or 2)
+        if pf is None:
+            pf = pallas_mosaic_rev.deepest_prefetch(q, P, nb)
+        overlap = kw.get("overlap", True)
+        if (nb, pf, overlap) in seen:
+            continue
+        seen.add((nb, pf, overlap))
+        case = dict(case=f"stage rev {name} q{q} {label}", shape=name, status="ok",
+                    impl=(f"mosaic rev {semantics} nb {nb} prefetch {pf} overlap {overlap} "
+                          f"vs triton pair"),
+                    smem_bytes=pallas_mosaic_rev.smem_bytes(q, P, nb, 2, pf))
+        if time.perf_counter() > deadline:
+            rec.add(dict(case=case["case"], status="skipped", reason="budget"))
+            continue
+        print(f"START {case['case']} at {elapsed():.1f} s", flush=True)
+        try:
+            fused = jax.jit(lambda dy, c, dt, s, hp, dfin, nb=nb, pf=pf, ov=overlap: (
+                lambda o: (o[0], o[1].sum(axis=2), o[2]))(
+                    pallas_mosaic_rev._dout_statepass_mosaic(
+                        dy, c, jnp.exp(s), pallas_gpu._chunk_end_decay(s, None, q), hp, dfin,
+                        q=q, hpg=hpg, block_cols=nb, prefetch=pf, overlap=ov,
+                        interpret=interpret, semantics=semantics)))
+            case["fwd"] = time_ms(fused, args, runs, deadline)
+            if tri is None:
+                t_tri, tri = time_ms(triton, args, runs, deadline), triton(*args)
+            case["triton"] = t_tri
+            case["errors"] = {k: rel(o, t) for k, o, t in
+                              zip(("dstates", "dsend", "dh0"), fused(*args), tri)}
+            if not max(case["errors"].values()) < 1e-2:
+                case["status"] = "FAIL"
+            # Fused: read dy, C (once per head and column block), hprev (bf16), w, dfin; write
+            # dS (bf16), dsend rows, dh0. Triton also writes + reads dhprev and writes dS in f32.
+            fused_bytes = (2 * (b * l * h * P + b * l * h * N + 2 * b * h * nc * P * N)
+                           + 8 * b * h * P * N)
+            tri_bytes = fused_bytes + (4 + 4 + 4 - 2) * b * h * nc * P * N
+            case["mosaic_GBps"] = round(fused_bytes / case["fwd"]["ms"] / 1e6, 1)
+            case["triton_GBps"] = round(tri_bytes / t_tri["ms"] / 1e6, 1)
+            rec.add(case)
+        except Exception as e:  # one failure must not stop the rest
+            rec.add(dict(case=case["case"], status="error",
+                         error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
+
+
+def run_rev(rec, a, deadline):
+    """--rev: the fused reverse-stage cases only (REV_SHAPES, q 128); without a GPU, or with
+    --lower-only, lowering for cuda (+ --cpu-interpret: a tiny case in the interpreters)."""
+    from dimba_jax.ssd import pallas_mosaic_rev  # pylint: disable=import-outside-toplevel
+    sems = [a.semantics] if a.semantics else ["lane", "warpgroup"]
+    shapes = [s for s in SHAPES if s[0] in REV_SHAPES]
+    q = 128
+    if jax.devices()[0].platform != "gpu" or a.lower_only:
+        sds, f32, bf = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
+        for sem in sems:
+            for name, b, l, h in (s[:4] for s in shapes):
+                for label, kw in REV_VARIANTS:
+                    nc = l // q
+                    fargs = (sds((b, l, h, P), bf), sds((b, l, G, N), bf), sds((b, h, l), f32),
+                             sds((b, h, nc), f32), sds((b, h, nc, P, N), bf),
+                             sds((b, h, P, N), f32))
+                    record_lowering(rec, f"lower {sem} {name} rev q{q} {label}",
+                                    lambda *x, h=h, kw=kw, sem=sem: (
+                                        pallas_mosaic_rev._dout_statepass_mosaic(
+                                            *x, q=q, hpg=h // G, semantics=sem, **kw)), fargs)
+        if a.cpu_interpret and not a.lower_only:
+            rev_stage_case(rec, ("tiny", 1, 256, 2), 64, 2, deadline, sems[0], interpret=True)
+    else:
+        for sem in sems:
+            for shape in shapes:
+                rev_stage_case(rec, shape, q, a.runs, deadline, sem)
+    bad = [c["case"] for c in rec.data["cases"] if c["status"] not in ("ok", "skipped")]
+    print(f"rev: {len(rec.data['cases']) - len(bad)} ok/skipped, {len(bad)} failed "
+          f"in {elapsed():.0f} s", flush=True)
+    return 1 if bad else 0
+
+
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
@@ -588,6 +706,10 @@ def main():
     ap.add_argument("--chunk-bwd", action="store_true",
                     help="only the Mosaic chunk-backward stage vs Triton (130m-L2k, bf16, "
                          "q 128 and 64); without a GPU: lowering (+ --cpu-interpret self-test)")
+    ap.add_argument("--rev", action="store_true",
+                    help="only the fused Mosaic dout chunk-state + reverse state-pass kernel "
+                         "vs the Triton pair (130m-L2k, 1.3b-L2k, 130m-L32k, q 128); without a "
+                         "GPU or with --lower-only: lowering (+ --cpu-interpret self-test)")
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower for cuda (any machine): all four shapes, bf16 q128/q64 and "
                          "f32 q64; stage, fwd, fwd+bwd; exit 1 if any fails")
@@ -616,6 +738,8 @@ def main():
     both = ("lane", "warpgroup")
     if a.chunk_bwd:
         return run_chunk_bwd(rec, a, deadline)
+    if a.rev:
+        return run_rev(rec, a, deadline)
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
             lowering_check(rec, SHAPES, semantics=sem)

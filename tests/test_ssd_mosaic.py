@@ -179,6 +179,28 @@ def test_chunk_state_kernels_lower_for_cuda_on_cpu():
             assert fin_info.shape == (b, h, p, n) and fin_info.dtype == f32
 
 
+@pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
+def test_segmented_state_walk_lowers_for_cuda_on_cpu(semantics):
+    """The two-level walk's two kernel calls (without and with the h_c stores, four segments)
+    lower for cuda without a GPU; its outputs have the one-segment walk's shapes."""
+    s = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    b, l, h, g, p, n, q = 1, 512, 4, 1, 64, 128, 64
+    args = (s((b, l, h, p), bf16), s((b, l, g, n), bf16), s((b, h, l), f32),
+            s((b, h, l // q, p), f32), s((b, h, p, n), f32))
+
+    def walk(*a):
+        return pallas_mosaic._segmented_statepass(*a, q=q, hpg=h // g, hprev_dtype=bf16,
+                                                  segments=4, semantics=semantics)
+
+    with pallas_mosaic.cuda_lowering_context():
+        lowered = jax.jit(walk).trace(*args).lower(lowering_platforms=("cuda",))
+    assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 2
+    hprev_info, fin_info = lowered.out_info
+    assert hprev_info.shape == (b, h, l // q, p, n) and hprev_info.dtype == bf16
+    assert fin_info.shape == (b, h, p, n) and fin_info.dtype == f32
+
+
 def _chunk_states_f64(x, bm, dt, s, q):
     """Float64 NumPy chunk states: S_c = sum_t x_t^T (dt_t exp(s_end - s_t) B_t), per head.
 
@@ -194,18 +216,19 @@ def _chunk_states_f64(x, bm, dt, s, q):
     return np.einsum("bcqhp,bhcq,bcqhn->bhcpn", xs, w, bs)
 
 
-def test_interpreter_state_kernels_match_float64(monkeypatch):
+@pytest.mark.parametrize("nc,slots", [(3, 2), (5, 4)])
+def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     """The chunk-state kernel and the fused chunk-state + state-pass kernel alone in the Mosaic
     GPU interpreter, bf16, vs float64 NumPy: chunk states S_c, and the recurrence h_0 = h0,
-    h_{c+1} = exp(s_end,c) h_c + S_c. Three chunks of 64 (the fused kernel's double-buffered
-    slots alternate and wrap), two heads sharing one group, dstate 128 as two column blocks of
+    h_{c+1} = exp(s_end,c) h_c + S_c. Three chunks of 64 with two TMA slots, five with four (the
+    fused kernel's slots alternate and wrap, chunks in flight before the walk and during it), two heads sharing one group, dstate 128 as two column blocks of
     64 in both kernels (for the chunk-state kernel the register budget is lowered so that the
     small 64 x 128 state splits as 128 x 256 does). The float32 paths run inside the float32
     forward below; the comparison with pallas_gpu's Triton kernels is a GPU test."""
     monkeypatch.setattr(pallas_mosaic, "_STATE_ACC_ITEMS", 64 * 64)
     dtype, p, n = jnp.bfloat16, 64, 128
     assert pallas_mosaic._state_block_cols(p, n) == 64
-    q, bsz, nc, nh, g = 64, 1, 3, 2, 1
+    q, bsz, nh, g = 64, 1, 2, 1
     lp = nc * q
     ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
     x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
@@ -224,7 +247,7 @@ def test_interpreter_state_kernels_match_float64(monkeypatch):
 
     hprev, fin = pallas_mosaic._chunk_statepass_mosaic(
         x, bm, w, jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p)), h0, q=q, hpg=nh // g,
-        hprev_dtype=dtype, block_cols=64, interpret=True)
+        hprev_dtype=dtype, block_cols=64, slots=slots, interpret=True)
     h = np.asarray(h0, np.float64)
     dec64 = np.asarray(dec, np.float64)[..., None, None]
     hprev_ref = []
@@ -234,6 +257,54 @@ def test_interpreter_state_kernels_match_float64(monkeypatch):
     assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype
     assert _rel(hprev, np.stack(hprev_ref, axis=2)) < 1e-2  # h_c stored in bf16
     assert _rel(fin, h) < 5e-3
+
+
+@pytest.mark.parametrize("segments", [2, 4])
+def test_interpreter_segmented_state_walk_matches_float64(segments):
+    """The two-level state walk (`_segmented_statepass`: segment end states from zero, combined
+    in XLA, then every segment walked from its true initial state) in the interpreter, bf16:
+    h_c entering every chunk and the final state vs the float64 recurrence, and equal to the
+    one-segment walk up to bf16 rounding."""
+    dtype, p, n = jnp.bfloat16, 64, 64
+    q, bsz, nc, nh, g = 64, 2, 4, 2, 1
+    lp = nc * q
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
+    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
+    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
+    h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
+    w = pallas_mosaic._state_weights(dt, s, q)
+    dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
+    dec_rows = jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p))
+    kw = dict(q=q, hpg=nh // g, hprev_dtype=dtype, interpret=True)
+    hprev, fin = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=segments,
+                                                    **kw)
+    hprev1, fin1 = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=1, **kw)
+    states_ref = _chunk_states_f64(x, bm, dt, s, q)
+    h = np.asarray(h0, np.float64)
+    dec64 = np.asarray(dec, np.float64)[..., None, None]
+    hprev_ref = []
+    for c in range(nc):
+        hprev_ref.append(h)
+        h = dec64[:, :, c] * h + states_ref[:, :, c]
+    assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype and fin.shape == h0.shape
+    assert _rel(hprev, np.stack(hprev_ref, axis=2)) < 1e-2  # h_c stored in bf16
+    assert _rel(fin, h) < 5e-3
+    assert _rel(hprev, hprev1) < 1e-2 and _rel(fin, fin1) < 1e-3
+
+
+@pytest.mark.parametrize("programs,nc,want", [
+    (48, 512, 4),    # 130m-L32k at chunk 64: 24 heads x 2 column blocks, one sequence
+    (48, 256, 4),    # the same at chunk 128
+    (96, 128, 2),    # 130m-L8k (two sequences)
+    (384, 32, 1),    # 130m-L2k: enough programs already
+    (4, 32, 4),      # few programs, but at least 8 chunks per segment
+    (4, 12, 1),      # 12 chunks: two segments of 6 are too short
+])
+def test_statepass_segments(programs, nc, want):
+    assert pallas_mosaic._statepass_segments(programs, nc) == want
 
 
 @pytest.mark.parametrize("seqlen,dtype,tol,stages", [
@@ -253,27 +324,38 @@ def test_interpreter_forward_matches_reference(seqlen, dtype, tol, stages):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,stages", [
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "state+out"),
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "out"),
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out"),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out"),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "state+out"),
-    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "state+out"),
-    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "state+out"),  # dstate 256
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "state+out"),
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "out"),
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "statepass+out"),
+@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,stages,backward", [
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "state+out", "triton"),
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "out", "triton"),
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "triton"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out", "triton"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "state+out", "triton"),
+    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "state+out", "triton"),
+    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "state+out", "triton"),  # dstate 256
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "state+out", "triton"),
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "out", "triton"),
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "statepass+out", "triton"),
+    # The all-Mosaic backward (pallas_mosaic_rev + pallas_mosaic_bwd, what ssd(impl="pallas")
+    # runs), the last case long with few programs: two-level state walks, forward and reverse.
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "mosaic"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out", "mosaic"),
+    ((1, 4096, 2, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "mosaic"),
 ])
-def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, stages):
+def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, stages,
+                                                   backward):
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), *dims, dtype,
                            per_channel_d=per_channel_d)
     ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len, stages=stages)
     assert ok, why
 
+    if backward == "mosaic":  # at 4096 positions: the two-level walks both ways
+        nc = -(-dims[1] // block_len)
+        programs = dims[0] * dims[2] * 2  # dstate 128 in two 64-wide column blocks
+        assert dims[1] < 4096 or pallas_mosaic._statepass_segments(programs, nc) == 4
+
     def mosaic(*a):
         return pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, block_len=block_len, stages=stages,
-                                                **kw)
+                                                backward=backward, **kw)
 
     y, vjp = jax.vjp(jax.jit(mosaic), *args)
     y_ref, vjp_ref = jax.vjp(lambda *a: _reference(a, kw), *args)

@@ -290,8 +290,9 @@ def test_dispatcher_runs_the_mosaic_backward_when_asked(monkeypatch):
 @pytest.mark.parametrize("block_len,semantics", [(128, "warpgroup"), (64, "lane")])
 def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, semantics):
     """jax.grad of ssd_mosaic_forward(backward="mosaic") lowers for cuda on a CPU-only machine:
-    the forward's two Mosaic kernels, the Mosaic chunk backward, and Triton's dout chunk-state
-    and reverse state-pass kernels in one program (the shape of the dispatcher's training call)."""
+    the forward's two Mosaic kernels, the fused Mosaic dout chunk-state + reverse state-pass
+    kernel (pallas_mosaic_rev) and the Mosaic chunk backward in one program (the shape of the
+    dispatcher's training call); no Triton kernel is left."""
     s = jax.ShapeDtypeStruct
     b, l, h, p, g, n = 1, 256, 4, 64, 1, 128
     shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
@@ -305,5 +306,5 @@ def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, seman
     with pallas_mosaic.cuda_lowering_context():
         text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3  # 2 forward + chunk backward
-    assert "triton" in text.lower()  # dout chunk states and the reverse state pass
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4  # 2 forward + 2 backward
+    assert "triton" not in text.lower()

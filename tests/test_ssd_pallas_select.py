@@ -46,6 +46,16 @@ def test_forward_spec_reads_the_environment(monkeypatch):
     assert pallas_select.forward_spec() == "triton"
 
 
+def test_backward_spec_defaults_to_mosaic_and_reads_the_environment(monkeypatch):
+    monkeypatch.delenv(pallas_select.BACKWARD_ENV_VAR, raising=False)
+    assert pallas_select.backward_spec() == pallas_select.DEFAULT_BACKWARD == "mosaic"
+    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "triton")
+    assert pallas_select.backward_spec() == "triton"
+    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="DIMBA_SSD_PALLAS_BACKWARD"):
+        pallas_select.backward_spec()
+
+
 def _inputs(seqlen=70, seq_idx=False):
     ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 6)
     b, h, p, g, n = 1, 2, 64, 1, 64

@@ -456,10 +456,15 @@ def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
     return (y, fin), (x, b, c, dt, s, hprev, d, seg)
 
 
-def core_backward(cfg, res, grads, chunk_bwd=None):
+def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     """The custom_vjp backward of `_core`: the Triton dout chunk-state and reverse state-pass
     kernels, then `chunk_bwd` (default `_chunk_bwd_call`; pallas_mosaic passes its Mosaic GPU
     kernel, same signature and outputs) for dx, dB, dC, ddt, ds and dD.
+
+    state_bwd: None (the two Triton kernels) or a replacement for both,
+      state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret) -> (dstates
+      (b, h, nc, P, N) float32 or x.dtype, dsend (b, h, k, nc) float32 partial sums over any
+      k, dh0 (b, h, P, N) float32); dec (b, h, nc) = `_chunk_end_decay`, dfin float32.
 
     cfg: (q, heads per group, warps fwd, warps bwd, interpret); res: `_core_fwd`'s residuals
     (x, b, c, dt, s, hprev, d, seg); grads: (dy, dfinal_states). Returns the cotangents of
@@ -472,10 +477,15 @@ def core_backward(cfg, res, grads, chunk_bwd=None):
     g, n = b.shape[2], b.shape[3]
     nc = lp // q
     dy = dy.astype(x.dtype)
-    dhprev = _chunk_state_call(dy, c, dt, s, seg, q=q, hpg=hpg, mode="dout", num_warps=nwb,
-                               interpret=interp)
-    dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, _chunk_end_decay(s, seg, q),
-                                               dfin.astype(jnp.float32), interpret=interp)
+    dec = _chunk_end_decay(s, seg, q)
+    if state_bwd is None:
+        dhprev = _chunk_state_call(dy, c, dt, s, seg, q=q, hpg=hpg, mode="dout",
+                                   num_warps=nwb, interpret=interp)
+        dstates, dsend, dh0 = _state_pass_bwd_call(dhprev, hprev, dec, dfin.astype(jnp.float32),
+                                                   interpret=interp)
+    else:
+        dstates, dsend, dh0 = state_bwd(dy, c, dt, s, hprev, dec, dfin.astype(jnp.float32), seg,
+                                        q=q, hpg=hpg, interpret=interp)
     dx, db_h, dc_h, ddt, ds, dd = (chunk_bwd or _chunk_bwd_call)(
         x, b, c, dt, s, dy, hprev, dstates, d, seg, q=q, hpg=hpg, num_warps=nwb, interpret=interp)
     ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)

@@ -68,6 +68,10 @@ DEFAULT_BLOCK_LEN = 128
 # call's block_len.
 FORWARD_ONLY_BLOCK_LEN = 64
 DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the kernels (see below)
+# ... and of the two backward kernels (pallas_mosaic_bwd, pallas_mosaic_rev) under `ssd_mosaic_
+# forward`: Warpgroup was faster for both on the H200 (chunk backward 0.62 vs 0.65 ms at q128,
+# reverse pass 0.28-0.29 vs 0.31 ms at 1.3b-L2k; mosaic_bwd_stage_h200.md, mosaic_rev_stage_h200.md).
+BACKWARD_SEMANTICS = "warpgroup"
 # Which forward stages are Mosaic GPU kernels: "state+out" chunk states and chunk output (the
 # Triton state pass between them); "statepass+out" chunk states fused with the state pass, then
 # chunk output; "out" chunk output only (Triton chunk states and state pass).
@@ -579,22 +583,41 @@ def _statepass_block_cols(q: int, p: int, n: int, itemsize: int, programs: int) 
     return nb
 
 
-def _statepass_smem_bytes(q: int, p: int, nb: int, itemsize: int) -> int:
-    """Shared memory of the fused state kernel: two slots of x, B, w, decay; the scaled x
+def _statepass_smem_bytes(q: int, p: int, nb: int, itemsize: int, slots: int = 2) -> int:
+    """Shared memory of the fused state kernel: `slots` slots of x, B, w, decay; the scaled x
     tile; two slots of the outgoing h_c tile; one float32 h tile (initial / final state)."""
-    slots = 2 * (itemsize * (q * p + q * nb) + 4 * (q + p))
-    return slots + itemsize * q * p + 2 * itemsize * p * nb + 4 * p * nb
+    loads = slots * (itemsize * (q * p + q * nb) + 4 * (q + p))
+    return loads + itemsize * q * p + 2 * itemsize * p * nb + 4 * p * nb
+
+
+_TWO_BLOCKS_SMEM = 228 * 1024 // 2 - 1024  # per block, for two blocks per SM (1 KB reserved each)
+MAX_STATEPASS_SLOTS = 4
+
+
+def _statepass_slots(q: int, p: int, nb: int, itemsize: int) -> int:
+    """TMA slots (chunks in flight) of the fused state kernel: the walk over the chunks is
+    sequential, so a step waits on the load of its chunk unless it was issued several steps
+    earlier. As many as fit (up to MAX_STATEPASS_SLOTS) without losing the blocks per SM that
+    two slots allow (two blocks where two slots fit in half an SM's shared memory)."""
+    limit = (_TWO_BLOCKS_SMEM if _statepass_smem_bytes(q, p, nb, itemsize) <= _TWO_BLOCKS_SMEM
+             else _SMEM_LIMIT)
+    slots = 2
+    while (slots < MAX_STATEPASS_SLOTS
+           and _statepass_smem_bytes(q, p, nb, itemsize, slots + 1) <= limit):
+        slots += 1
+    return slots
 
 
 def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols=None,
-                            interpret=False, semantics: str = DEFAULT_SEMANTICS):
+                            slots=None, segments=1, write_hprev=True, interpret=False,
+                            semantics: str = DEFAULT_SEMANTICS):
     """Chunk states and the state pass in one kernel: h_0 = h0, h_{c+1} = dec_c h_c + S_c with
     S_c = x_c^T (w_c * B_c), the states never leaving the chip.
 
     One program per (dstate column block, head, batch), one warpgroup, walking the chunks in
     order with h in the wgmma accumulator (h_{c+1} = wgmma(acc = dec_c h_c, (x w)^T, B)). The
-    x / B / w / decay tiles of chunk c + 1 are fetched by TMA (double-buffered) while chunk c is
-    computed; each h_c is written (x.dtype, TMA store from a double-buffered SMEM tile) for the
+    x / B / w / decay tiles of chunks c + 1 .. c + slots - 1 are in flight (TMA, `slots`
+    buffers) while chunk c is computed; each h_c is written (x.dtype, TMA store from a double-buffered SMEM tile) for the
     output kernel and the backward. Operand layouts as `_chunk_state_mosaic`.
 
     Args:
@@ -605,9 +628,16 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
       h0: (batch, nheads, P, N) float32 initial states.
       q: chunk length.  hpg: heads per group.  hprev_dtype: dtype of the h_c output.
       block_cols: dstate columns per program (default `_statepass_block_cols`).
+      slots: TMA buffers of the chunk inputs, >= 2 (default `_statepass_slots`).
+      segments: the chunks are cut into this many equal segments (it must divide Lp // q),
+        walked by separate programs, each from its own initial state: h0 is then
+        (batch, segments, nheads, P, N) and `final` (batch, segments, nheads, P, N), the state
+        at each segment's end (`_segmented_statepass` combines them).
+      write_hprev: False skips the h_c stores (hprev is then a (1, 1, 1, P, block_cols)
+        placeholder).
     Returns:
       hprev: (batch, nheads, Lp // q, P, N) hprev_dtype, the state entering each chunk;
-      final: (batch, nheads, P, N) float32.
+      final: (batch, nheads, P, N) float32 (per segment: see `segments`).
     """
     plgpu = _plgpu()
     tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
@@ -616,6 +646,14 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
     if n % nb or nb % 64:
         raise ValueError(f"block_cols must be a multiple of 64 dividing dstate {n}, got {nb}")
     nblk = n // nb
+    itemsize = jnp.dtype(x.dtype).itemsize
+    k = int(slots or _statepass_slots(q, p, nb, itemsize))
+    if k < 2:
+        raise ValueError(f"slots must be >= 2, got {k}")
+    nseg = int(segments)
+    if nseg < 1 or nc % nseg:
+        raise ValueError(f"segments must be >= 1 and divide the {nc} chunks, got {segments}")
+    ncs = nc // nseg  # chunks per segment
     cdt = x.dtype
     f32 = jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA
@@ -629,12 +667,18 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
              x_bars, b_bars, w_bars, dec_bars, h_bar):
         ni = lax.axis_index("col")
         hi = lax.axis_index("head")
-        bi = lax.axis_index("batch")
+        bsi = lax.axis_index("batch")  # batch x segment
+        bi = lax.div(bsi, jnp.array(nseg, bsi.dtype))
+        si = lax.rem(bsi, jnp.array(nseg, bsi.dtype))
+        c_first = si * ncs  # the segment's first chunk
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         cols = pl.ds(ni * nb, nb)
+        h0_at = h0_ref.at[bi, si, hi] if nseg > 1 else h0_ref.at[bi, hi]
+        fin_at = fin_ref.at[bi, si, hi] if nseg > 1 else fin_ref.at[bi, hi]
 
-        def fetch(c, slot):
-            rows = pl.ds(c * q, q)
+        def fetch(c, slot):  # c counts the segment's chunks; cg is the chunk's global index
+            cg = c_first + c
+            rows = pl.ds(cg * q, q)
             if tf32:
                 plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem.at[slot],
                                         x_bars.at[slot])
@@ -645,19 +689,22 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
                 plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi, cols], b_smem.at[slot],
                                         b_bars.at[slot])
             plgpu.copy_gmem_to_smem(w_ref.at[bi, hi, rows], w_smem.at[slot], w_bars.at[slot])
-            plgpu.copy_gmem_to_smem(dec_ref.at[bi, hi, c], dec_smem.at[slot], dec_bars.at[slot])
+            plgpu.copy_gmem_to_smem(dec_ref.at[bi, hi, cg], dec_smem.at[slot], dec_bars.at[slot])
 
-        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, pl.ds(0, p), cols], h_smem, h_bar.at[0])
-        fetch(0, 0)
+        plgpu.copy_gmem_to_smem(h0_at.at[pl.ds(0, p), cols], h_smem, h_bar.at[0])
+        for c0 in range(k - 1):  # chunks 0 .. k - 2 in flight before the walk starts
+            if c0 < ncs:
+                fetch(c0, c0)
         plgpu.barrier_wait(h_bar.at[0])
         h_init = load(h_smem, wgmma_layout)
 
         def step(c, h):
-            slot = lax.rem(c, 2)
+            slot = lax.rem(c, k)
+            ahead = c + k - 1
 
-            @pl.when(c + 1 < nc)
-            def _prefetch():  # the other slot's last readers (chunk c - 1) have finished
-                fetch(c + 1, 1 - slot)
+            @pl.when(ahead < ncs)
+            def _prefetch():  # into the slot chunk c - 1 used; its readers have finished
+                fetch(ahead, lax.rem(ahead, k))
 
             plgpu.barrier_wait(x_bars.at[slot])
             plgpu.barrier_wait(w_bars.at[slot])
@@ -670,11 +717,14 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
             else:
                 xw = xv * lax.broadcast_in_dim(wv, (q, p), [0])
             xw_smem[...] = xw.astype(cdt)
-            # h_c out: the TMA store of chunk c - 2 (same slot) must have read its tile.
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            hp_smem.at[slot][...] = h.astype(hprev_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(hp_smem.at[slot], hp_ref.at[bi, hi, c, pl.ds(0, p), cols])
+            if write_hprev:
+                # h_c out: the TMA store of chunk c - 2 (same h slot) must have read its tile.
+                hslot = lax.rem(c, 2)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                hp_smem.at[hslot][...] = h.astype(hprev_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(hp_smem.at[hslot],
+                                        hp_ref.at[bi, hi, c_first + c, pl.ds(0, p), cols])
             h_dec = h * lax.broadcast_in_dim(decv, (p, nb), [0])
             plgpu.barrier_wait(b_bars.at[slot])
             if interpret:
@@ -694,38 +744,91 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
 
             return pl.run_state(update)(plgpu.ACC.init(h_dec))
 
-        h_fin = lax.fori_loop(0, nc, step, h_init)
+        h_fin = lax.fori_loop(0, ncs, step, h_init)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         h_smem[...] = h_fin
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_smem, fin_ref.at[bi, hi, pl.ds(0, p), cols])
+        plgpu.copy_smem_to_gmem(h_smem, fin_at.at[pl.ds(0, p), cols])
         plgpu.wait_smem_to_gmem(0)
 
     x_tile = (p, q) if tf32 else (q, p)
     b_tile = (nb, q) if tf32 else (q, nb)
     tr = functools.partial(_smem_transforms, plgpu)
     scratch = [
-        plgpu.SMEM((2, *x_tile), cdt, transforms=tr(x_tile[1], cdt)),
-        plgpu.SMEM((2, *b_tile), cdt, transforms=tr(b_tile[1], cdt)),
-        plgpu.SMEM((2, q), f32),
-        plgpu.SMEM((2, p), f32),
+        plgpu.SMEM((k, *x_tile), cdt, transforms=tr(x_tile[1], cdt)),
+        plgpu.SMEM((k, *b_tile), cdt, transforms=tr(b_tile[1], cdt)),
+        plgpu.SMEM((k, q), f32),
+        plgpu.SMEM((k, p), f32),
         plgpu.SMEM(x_tile, cdt, transforms=tr(x_tile[1], cdt)),
         plgpu.SMEM((2, p, nb), hprev_dtype, transforms=tr(nb, hprev_dtype)),
         plgpu.SMEM((p, nb), f32, transforms=tr(nb, f32)),
-        plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
         plgpu.Barrier(num_barriers=1),
     ]
-    out_type = (jax.ShapeDtypeStruct((bsz, nh, nc, p, n), hprev_dtype),
-                jax.ShapeDtypeStruct((bsz, nh, p, n), f32))
+    seg_dims = (nseg,) if nseg > 1 else ()
+    if h0.shape != (bsz, *seg_dims, nh, p, n):
+        raise ValueError(f"h0 must be {(bsz, *seg_dims, nh, p, n)} for {nseg} segment(s), "
+                         f"got {h0.shape}")
+    hprev_shape = (bsz, nh, nc, p, n) if write_hprev else (1, 1, 1, p, nb)  # unused if not written
+    out_type = (jax.ShapeDtypeStruct(hprev_shape, hprev_dtype),
+                jax.ShapeDtypeStruct((bsz, *seg_dims, nh, p, n), f32))
     return _kernel_call(
         plgpu, body, out_type, scratch,
-        grid=(nblk, nh, bsz), grid_names=("col", "head", "batch"),
+        grid=(nblk, nh, bsz * nseg), grid_names=("col", "head", "batch"),
         **({"interpret": _interpret_params()} if interpret
            else {"compiler_params": _compiler_params(plgpu, semantics)}),
     )(x, b, w, dec, h0)
+
+
+MAX_STATEPASS_SEGMENTS = 8
+_MIN_SEGMENT_CHUNKS = 8
+
+
+def _statepass_segments(programs: int, nc: int) -> int:
+    """Segments of the two-level state walk (`_segmented_statepass`): the walk is sequential in
+    the chunks, so with fewer programs than two per SM the chunks are cut into segments walked
+    in parallel. The largest power of two (up to MAX_STATEPASS_SEGMENTS) that divides nc, keeps
+    at least _MIN_SEGMENT_CHUNKS chunks per segment and programs x segments within two per SM."""
+    seg = 1
+    while (seg * 2 <= MAX_STATEPASS_SEGMENTS and nc % (seg * 2) == 0
+           and nc // (seg * 2) >= _MIN_SEGMENT_CHUNKS and programs * seg * 2 <= 2 * _NUM_SMS):
+        seg *= 2
+    return seg
+
+
+def _segmented_statepass(x, b, w, dec, h0, *, q, hpg, hprev_dtype, segments=None,
+                         interpret=False, semantics: str = DEFAULT_SEMANTICS):
+    """`_chunk_statepass_mosaic` as a two-level walk for long sequences with few programs.
+
+    With S = segments > 1: (1) every segment's end state from a zero start (the kernel without
+    h_c stores, S programs per (column block, head, batch)); (2) in XLA, the state entering each
+    segment, H_0 = h0, H_{s+1} = D_s H_s + E_s (E_s the segment's end state from zero, D_s the
+    product of its chunk decays; S small steps); (3) the kernel again, each segment from H_s,
+    writing every h_c. Twice the reads of x and B, in exchange for S times the parallelism of a
+    walk whose steps wait on each other. Same arguments and returns as `_chunk_statepass_mosaic`
+    (h0 (batch, nheads, P, N)); segments None picks `_statepass_segments`.
+    """
+    tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
+    nc = lp // q
+    nb = _statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh)
+    nseg = int(segments or _statepass_segments(bsz * nh * (n // nb), nc))
+    kw = dict(q=q, hpg=hpg, hprev_dtype=hprev_dtype, block_cols=nb, interpret=interpret,
+              semantics=semantics)
+    if nseg == 1:
+        return _chunk_statepass_mosaic(x, b, w, dec, h0, **kw)
+    zeros = jnp.zeros((bsz, nseg, nh, p, n), jnp.float32)
+    _, ends = _chunk_statepass_mosaic(x, b, w, dec, zeros, segments=nseg, write_hprev=False,
+                                      **kw)
+    seg_decay = jnp.prod(dec[..., 0].reshape(bsz, nh, nseg, nc // nseg), axis=-1)  # (b, h, S)
+    starts = [h0.astype(jnp.float32)]
+    for si in range(nseg - 1):
+        starts.append(seg_decay[:, :, si, None, None] * starts[-1] + ends[:, si])
+    hprev, fins = _chunk_statepass_mosaic(x, b, w, dec, jnp.stack(starts, axis=1),
+                                          segments=nseg, **kw)
+    return hprev, fins[:, -1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,9 +844,9 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     if stages == "statepass+out":
         p = h0.shape[2]
         dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (p,))
-        hprev, fin = _chunk_statepass_mosaic(xin, bin_, _state_weights(dt, s, q), dec_rows, h0,
-                                             q=q, hpg=hpg, hprev_dtype=x.dtype,
-                                             interpret=interpret, semantics=semantics)
+        hprev, fin = _segmented_statepass(xin, bin_, _state_weights(dt, s, q), dec_rows, h0,
+                                          q=q, hpg=hpg, hprev_dtype=x.dtype,
+                                          interpret=interpret, semantics=semantics)
     else:
         if stages == "state+out":
             states = _chunk_state_mosaic(xin, bin_, _state_weights(dt, s, q), q=q, hpg=hpg,
@@ -812,13 +915,29 @@ def _mosaic_chunk_bwd(x, b, q, semantics):
     return chunk_bwd
 
 
+def _mosaic_state_bwd(x, b, q, semantics):
+    """The fused Mosaic GPU dout chunk-state + reverse state-pass kernel
+    (`pallas_mosaic_rev`) as pallas_gpu.core_backward's `state_bwd`, or None (with a logged
+    reason) where it does not take these shapes. It writes dS in x.dtype."""
+    from dimba_jax.ssd import pallas_mosaic_rev  # late: it imports this module
+
+    ok, why = pallas_mosaic_rev.supported_rev(x=x, b=b, q=q)
+    if not ok:
+        _warn_once(f"Mosaic GPU SSD reverse state pass does not take this call ({why}); "
+                   f"using Triton's")
+        return None
+    return pallas_mosaic_rev.state_bwd_fn(semantics)
+
+
 def _core_bwd(q, hpg, interpret, semantics, stages, backward, res, grads):
     del stages  # the backward does not depend on which forward stages ran
     x, b, c, dt, s, hprev, d = res
-    chunk_bwd = _mosaic_chunk_bwd(x, b, q, semantics) if backward == "mosaic" else None
+    del semantics  # the forward kernels'; the backward ones use BACKWARD_SEMANTICS
+    chunk_bwd = _mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
+    state_bwd = _mosaic_state_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
     dx, db, dc, ddt, ds, dh0, dd, _ = _tri.core_backward(
-        cfg, (x, b, c, dt, s, hprev, d, None), grads, chunk_bwd=chunk_bwd)
+        cfg, (x, b, c, dt, s, hprev, d, None), grads, chunk_bwd=chunk_bwd, state_bwd=state_bwd)
     return dx, db, dc, ddt, ds, dh0, dd
 
 
@@ -841,15 +960,18 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       D, z, dt_bias, dt_softplus, dt_limit, initial_states, return_final_states: as `ssd`.
       seq_idx: must be None (not supported yet).
       interpret: run every kernel in its Pallas interpreter (CPU tests; slow).
-      semantics: Mosaic GPU lowering semantics of the Mosaic kernels, "lane" or "warpgroup"
-        (both lower; see `_compiler_params`).
+      semantics: Mosaic GPU lowering semantics of the Mosaic forward kernels, "lane" or
+        "warpgroup" (both lower; see `_compiler_params`); the backward kernels use
+        BACKWARD_SEMANTICS.
       stages: which forward stages are Mosaic GPU kernels: "statepass+out" (default; chunk
         states fused with the state pass, then chunk output: two Mosaic launches, the float32
         chunk states never written), "state+out" (chunk states and chunk output, the Triton
         state pass between them) or "out" (chunk output only; Triton chunk states / state pass).
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
-      dstate) float32]. Differentiable (Triton backward of pallas_gpu).
+      dstate) float32]. Differentiable: pallas_gpu's backward, with `backward="mosaic"` its
+      kernels replaced by the Mosaic GPU reverse state pass (pallas_mosaic_rev) and chunk
+      backward (pallas_mosaic_bwd) where those take the call (16-bit inputs), else Triton's.
     Raises:
       ValueError for invalid shapes or an option this kernel does not support.
     """

@@ -13,9 +13,9 @@ The default is DEFAULT_FORWARD; the environment variable DIMBA_SSD_PALLAS_FORWAR
 (read at trace time, so benchmarks can A/B the forwards without a config field: the SSD
 signature is a contract of DESIGN.md section 3 and stays as it is).
 
-With the Mosaic forward, DIMBA_SSD_PALLAS_BACKWARD=mosaic (default "triton") also swaps the
-chunk-backward kernel for pallas_mosaic_bwd's Mosaic GPU one (16-bit inputs; not yet run on a
-GPU, hence opt-in).
+With the Mosaic forward, the backward is DEFAULT_BACKWARD ("mosaic": pallas_mosaic_bwd's Mosaic
+GPU chunk backward where it takes the call, 16-bit inputs; Triton's otherwise);
+DIMBA_SSD_PALLAS_BACKWARD=triton|mosaic overrides it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ BACKWARDS = ("triton", "mosaic")
 # its fwd+bwd equal (benchmarks/results/mosaic_probe_h200.md). Shapes or options it does not take
 # keep the Triton forward.
 DEFAULT_FORWARD = "mosaic"
+# The Mosaic GPU chunk backward: correct on the H200 (tests/test_ssd_mosaic_bwd.py) and faster than
+# Triton's (0.60 vs 0.91 ms at 130m-L2k, chunk 128; benchmarks/results/mosaic_bwd_stage_h200.md).
+DEFAULT_BACKWARD = "mosaic"
 
 
 def parse_forward(spec: str) -> tuple[str, int | None, str | None]:
@@ -61,8 +64,9 @@ def forward_spec() -> str:
 
 
 def backward_spec() -> str:
-    """$DIMBA_SSD_PALLAS_BACKWARD ("triton" or "mosaic"), else "triton". ValueError otherwise."""
-    spec = (os.environ.get(BACKWARD_ENV_VAR, "") or "triton").strip()
+    """$DIMBA_SSD_PALLAS_BACKWARD ("triton" or "mosaic"), else DEFAULT_BACKWARD. ValueError
+    otherwise."""
+    spec = (os.environ.get(BACKWARD_ENV_VAR, "") or DEFAULT_BACKWARD).strip()
     if spec not in BACKWARDS:
         raise ValueError(f"{BACKWARD_ENV_VAR}: expected one of {BACKWARDS}, got {spec!r}")
     return spec
