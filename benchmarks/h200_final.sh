@@ -5,7 +5,10 @@
 #              xla at the four shapes -> ssd_h200.{json,md}), per-kernel profiles at 1.3b-L2k and
 #              130m-L32k, and every gpu-marked SSD test.
 #   PART=train bash benchmarks/h200_final.sh   (~5 min) the configs/base.py train step with
-#              ssd_impl pallas and xla (train_throughput.py).
+#              ssd_impl pallas and xla (train_throughput.py). Its first run (session 4) ended at
+#              the 290 s limit still compiling the pallas variant: each of the 48 SSD calls
+#              lowered its own four Mosaic kernels (fixed: pallas_mosaic._fwd_impl_once).
+#   PART=train_pallas bash benchmarks/h200_final.sh   (~3.5 min) the pallas variant alone.
 #
 # Everything lands in $OUT/bundle.tgz.
 set -u
@@ -22,6 +25,13 @@ if [ "$PART" = ssd ]; then
         tests/test_ssd_pallas_select.py tests/test_ssd_mosaic.py tests/test_ssd_mosaic_bwd.py \
         tests/test_ssd_mosaic_rev.py -m gpu -rA --tb=short -q -p no:warnings -p no:cacheprovider \
         > "$S/gpu_tests.log" 2>&1; echo "gpu tests exit $?"
+  ) > "$S/tracks.log" 2>&1 &
+elif [ "$PART" = train_pallas ]; then
+  (
+    timeout -k 10 200 python3 benchmarks/train_throughput.py --config configs/base.py \
+        --per-device-batch 16 --steps 10 --repeats 3 --warmup 2 --devices 1 --budget-s 185 \
+        --variant pallas:model.ssd_impl=pallas \
+        --out "$S/train_throughput_ssd_pallas_h200" > "$S/train.log" 2>&1; echo "train exit $?"
   ) > "$S/tracks.log" 2>&1 &
 else
   (

@@ -409,11 +409,12 @@ def test_forward_only_calls_run_at_the_forward_only_chunk(monkeypatch):
     seen = []
     real = pallas_mosaic._fwd_impl
 
-    def spy(x, b, c, dt, s, h0, d, q, *rest):
+    def spy(x, b, c, dt, s, h0, d, q, *rest):  # runs when traced: once per distinct call
         seen.append(q)
         return real(x, b, c, dt, s, h0, d, q, *rest)
 
-    monkeypatch.setattr(pallas_mosaic, "_fwd_impl", spy)
+    monkeypatch.setattr(pallas_mosaic, "_fwd_impl_once",
+                        jax.jit(spy, static_argnums=(7, 8, 9, 10, 11)))
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), 1, 200, 2, 64, 1, 64,
                            jnp.bfloat16)
 
@@ -427,3 +428,29 @@ def test_forward_only_calls_run_at_the_forward_only_chunk(monkeypatch):
     y_ref = _reference(args, kw)
     assert _rel(y_primal, y_ref) < 1.5e-2 and _rel(y_rule, y_ref) < 1.5e-2
     assert _rel(y_primal, y_rule) < 1e-2
+
+
+def test_kernels_are_lowered_once_per_program_not_per_call_site():
+    """A model calls the SSD once per layer (twice in a bidirectional block). The custom_vjp's
+    forward and backward are jitted module-level functions, so every layer shares their
+    lowering: the number of Mosaic GPU kernels in the gradient program of a 3-layer stack
+    equals that of a 5-layer one (without this it grew by four per layer, and the configs/base.py
+    train step spent minutes compiling the same kernels 48 times)."""
+    s = jax.ShapeDtypeStruct
+    b, l, h, p, g, n = 1, 256, 2, 64, 1, 128
+    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
+
+    def kernels(layers):
+        def loss(x, dt, A, B, C):
+            for _ in range(layers):
+                x = pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, dt_softplus=True,
+                                                     backward="mosaic")
+            return x.astype(jnp.float32).sum()
+
+        with pallas_mosaic.cuda_lowering_context():
+            text = jax.jit(jax.grad(loss, argnums=(0, 3, 4))).trace(*shapes).lower(
+                lowering_platforms=("cuda",)).as_text()
+        return len(re.findall(r"custom_call @mosaic_gpu", text))
+
+    assert kernels(3) == kernels(5) <= 4 * 3

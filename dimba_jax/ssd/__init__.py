@@ -5,9 +5,9 @@
 
 - impl="reference": the sequential recurrence (`lax.scan` over time); the ground truth.
 - impl="xla": chunked SSD in plain XLA (`chunked.py`); runs everywhere, differentiable.
-- impl="pallas": Pallas GPU kernels (Hopper): the Mosaic GPU forward (`pallas_mosaic.py`) where it
-  takes the call, else the Triton forward (`pallas_gpu.py`), with the Triton backward
-  (`pallas_select.py` chooses); falls back to "xla", with a logged warning giving the reason,
+- impl="pallas": Pallas GPU kernels (Hopper): Mosaic GPU forward and backward (`pallas_mosaic.py`,
+  `pallas_mosaic_rev.py`, `pallas_mosaic_bwd.py`) where they take the call, else the Triton
+  kernels (`pallas_gpu.py`) (`pallas_select.py` chooses); falls back to "xla", with a logged warning giving the reason,
   when the module is absent or does not support the call.
 - impl="auto": "pallas" on a Hopper GPU when it supports the call, else "xla". Never fails
   because a kernel is missing.
@@ -30,10 +30,11 @@ __all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS"]
 IMPLS = _common.IMPLS
 # impl="auto" tries the Pallas kernel first on Hopper GPUs. Set to False if measurements show the
 # kernel slower than "xla" (benchmarks/results/ssd_*_h200.md); "auto" then always means "xla".
-# Measured on the H200 (session 3): the Pallas SSD (Mosaic forward + Triton backward) is 1.7-2.2x
-# faster than "xla" at the four DESIGN.md shapes (benchmarks/results/ssd_h200.md), the
-# configs/base.py train step 2.3% faster (186.7 vs 191.1 ms) and batch-1 sampling equal; the
-# gpu-marked tests of this path pass (benchmarks/results/gpu_tests_h200.log).
+# Measured on the H200 (session 4): the Pallas SSD (Mosaic GPU forward and backward) is 2.2-3.1x
+# faster than "xla" in fwd and 2.2-2.6x in fwd+bwd at the four DESIGN.md shapes
+# (benchmarks/results/ssd_h200.md); the gpu-marked tests of this path pass
+# (benchmarks/results/gpu_tests_h200.log). Session 3 (Mosaic forward + Triton backward): the
+# configs/base.py train step 2.3% faster (186.7 vs 191.1 ms), batch-1 sampling equal.
 AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
 

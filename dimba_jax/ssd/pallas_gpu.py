@@ -434,7 +434,7 @@ def _core(x, b, c, dt, s, h0, d, seg, cfg):
     """cfg = (q, heads_per_group, warps_fwd, warps_bwd, interpret).
 
     Returns y = scan output + D x in x.dtype, and the final state (float32)."""
-    y, fin, _ = _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg)
+    y, fin, _ = _core_fwd_once(x, b, c, dt, s, h0, d, seg, cfg)
     return y, fin
 
 
@@ -451,8 +451,13 @@ def _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg):
     return y, fin, hprev
 
 
+# Jitted once for all call sites: a model's layers share one jaxpr per (shapes, cfg), lowered once
+# (the kernels are not re-lowered per layer; pallas_mosaic._fwd_impl_once says more).
+_core_fwd_once = jax.jit(_core_fwd_impl, static_argnums=(8,))
+
+
 def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
-    y, fin, hprev = _core_fwd_impl(x, b, c, dt, s, h0, d, seg, cfg)
+    y, fin, hprev = _core_fwd_once(x, b, c, dt, s, h0, d, seg, cfg)
     return (y, fin), (x, b, c, dt, s, hprev, d, seg)
 
 
@@ -496,6 +501,7 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2)), dseg
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def _core_bwd(cfg, res, grads):
     return core_backward(cfg, res, grads)
 

@@ -26,8 +26,10 @@ the chunk-local cumsum s, w and the chunk-end decays, and the z gate stay in XLA
 `pallas_gpu`. float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands
 K-major: x (and for the state kernels B) arrive transposed from XLA, M goes through SMEM, D x
 is added in XLA, and the chunk is 64 long (the f32 tiles of a 128 chunk exceed shared memory).
-The backward (custom_vjp) is `pallas_gpu`'s Triton backward: every stages value keeps exactly
-the residuals it needs.
+The backward (custom_vjp) is `pallas_gpu.core_backward`: with `backward="mosaic"` (what
+`ssd(impl="pallas")` uses) its two stages are Mosaic GPU kernels, the fused reverse state pass
+(`pallas_mosaic_rev`) and the chunk backward (`pallas_mosaic_bwd`), where they take the call;
+Triton's otherwise. Every stages value keeps exactly the residuals it needs.
 
 Limits (`supported()` says which applies): headdim and dstate multiples of 64 up to 256 whose
 tiles fit in shared memory, block_len 64 or 128, no seq_idx. One chunk per program in the
@@ -861,6 +863,15 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     return y, fin, hprev
 
 
+# One jitted function per direction, called from every layer's custom_vjp: a model's layers share
+# one traced jaxpr per (shapes, config), which XLA's lowering emits once as a private function
+# called from each layer, so each Mosaic GPU kernel is lowered (Pallas -> Mosaic -> serialized
+# module, seconds each) once per program instead of once per call site. Without this the
+# configs/base.py train step (48 SSD calls: 24 bidirectional blocks) took 203 s to compile with
+# two Mosaic kernels per call (session 3) and more than 290 s with four (session 4).
+_fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10, 11))
+
+
 def rechunk_cumsum(s: jax.Array, q: int, q_new: int) -> jax.Array:
     """Chunk-local cumulative sums at chunk q turned into those at chunk q_new (q_new divides q).
 
@@ -887,12 +898,12 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages, backward)
     if q % q_fwd == 0 and q_fwd != q:
         s = rechunk_cumsum(s, q, q_fwd)
         q = q_fwd
-    y, fin, _ = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
+    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return y, fin
 
 
 def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages, backward):
-    y, fin, hprev = _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages)
     return (y, fin), (x, b, c, dt, s, hprev, d)
 
 
@@ -930,9 +941,16 @@ def _mosaic_state_bwd(x, b, q, semantics):
 
 
 def _core_bwd(q, hpg, interpret, semantics, stages, backward, res, grads):
-    del stages  # the backward does not depend on which forward stages ran
+    # stages and semantics belong to the forward kernels: the backward depends on neither (its
+    # kernels use BACKWARD_SEMANTICS).
+    del stages, semantics
+    return _bwd_impl_once(q, hpg, interpret, backward, res, grads)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _bwd_impl_once(q, hpg, interpret, backward, res, grads):
+    """The custom_vjp backward, jitted once for all call sites (see `_fwd_impl_once`)."""
     x, b, c, dt, s, hprev, d = res
-    del semantics  # the forward kernels'; the backward ones use BACKWARD_SEMANTICS
     chunk_bwd = _mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     state_bwd = _mosaic_state_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)

@@ -1,6 +1,6 @@
-"""Which Pallas kernels run `ssd(..., impl="pallas")`: Mosaic GPU or Triton forward.
+"""Which Pallas kernels run `ssd(..., impl="pallas")`: Mosaic GPU or Triton, forward and backward.
 
-Both choices share the Triton backward (`pallas_gpu._core_bwd`); they differ in the forward:
+The forward:
 
 - "triton": `pallas_gpu.ssd_pallas`, every option (seq_idx included), any power-of-two
   headdim / dstate in [16, 256].
@@ -13,9 +13,10 @@ The default is DEFAULT_FORWARD; the environment variable DIMBA_SSD_PALLAS_FORWAR
 (read at trace time, so benchmarks can A/B the forwards without a config field: the SSD
 signature is a contract of DESIGN.md section 3 and stays as it is).
 
-With the Mosaic forward, the backward is DEFAULT_BACKWARD ("mosaic": pallas_mosaic_bwd's Mosaic
-GPU chunk backward where it takes the call, 16-bit inputs; Triton's otherwise);
-DIMBA_SSD_PALLAS_BACKWARD=triton|mosaic overrides it.
+With the Mosaic forward, the backward is DEFAULT_BACKWARD ("mosaic": the fused Mosaic GPU reverse
+state pass, pallas_mosaic_rev, and chunk backward, pallas_mosaic_bwd, where they take the call,
+16-bit inputs; Triton's kernels otherwise); DIMBA_SSD_PALLAS_BACKWARD=triton|mosaic overrides it.
+With the Triton forward the backward is Triton's.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ BACKWARDS = ("triton", "mosaic")
 # its fwd+bwd equal (benchmarks/results/mosaic_probe_h200.md). Shapes or options it does not take
 # keep the Triton forward.
 DEFAULT_FORWARD = "mosaic"
-# The Mosaic GPU chunk backward: correct on the H200 (tests/test_ssd_mosaic_bwd.py) and faster than
-# Triton's (0.60 vs 0.91 ms at 130m-L2k, chunk 128; benchmarks/results/mosaic_bwd_stage_h200.md).
+# The Mosaic GPU backward kernels: correct on the H200 (tests/test_ssd_mosaic_bwd.py,
+# test_ssd_mosaic_rev.py) and faster than Triton's (chunk backward 0.60 vs 0.91 ms at 130m-L2k,
+# chunk 128, mosaic_bwd_stage_h200.md; reverse pass 0.28 vs 0.58 ms at 1.3b-L2k,
+# mosaic_rev_stage_h200.md).
 DEFAULT_BACKWARD = "mosaic"
 
 
