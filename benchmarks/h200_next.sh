@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The next device call, planned (not yet run): the levers prepared after session 3's GPU time was
-# spent. One call on a 2- or 4-GPU H200 machine (nvidia-h200-x2 / -x4), .whl/ carried:
+# Planned after session 3; session 4 ran its ssd and probe tracks (benchmarks/h200_bwd_first.sh,
+# results in docs/ssd_kernel_notes.md, v6). Its conv and train tracks (custom-VJP conv, XLA SSD
+# at chunk 128) have still not run. The levers prepared after session 3's GPU time was spent. One call on a 2- or 4-GPU H200 machine (nvidia-h200-x2 / -x4), .whl/ carried:
 #
 #   bash benchmarks/h200_next.sh              (everything lands in $OUT/bundle.tgz; ~9 min)
 #

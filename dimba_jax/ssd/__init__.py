@@ -33,8 +33,8 @@ IMPLS = _common.IMPLS
 # Measured on the H200 (session 4): the Pallas SSD (Mosaic GPU forward and backward) is 2.2-3.1x
 # faster than "xla" in fwd and 2.2-2.6x in fwd+bwd at the four DESIGN.md shapes
 # (benchmarks/results/ssd_h200.md); the gpu-marked tests of this path pass
-# (benchmarks/results/gpu_tests_h200.log). Session 3 (Mosaic forward + Triton backward): the
-# configs/base.py train step 2.3% faster (186.7 vs 191.1 ms), batch-1 sampling equal.
+# (benchmarks/results/gpu_tests_h200.log); the configs/base.py train step is 9% faster (173.9 vs
+# 191.1 ms, train_throughput_ssd_pallas_h200.md). Batch-1 sampling: equal (session 3).
 AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
 
