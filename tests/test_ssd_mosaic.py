@@ -216,6 +216,23 @@ def _chunk_states_f64(x, bm, dt, s, q):
     return np.einsum("bcqhp,bhcq,bcqhn->bhcpn", xs, w, bs)
 
 
+def _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype):
+    """Fresh random operands of the state kernels (never zero): x (b, Lp, h, P), B (b, Lp, g, N)
+    in dtype; dt, s (b, h, Lp) float32 (s the chunk-local cumsum of dt * A); h0 (b, h, P, N);
+    the weights w = dt exp(s_end - s) and the chunk-end decays dec (b, h, nc)."""
+    lp = nc * q
+    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
+    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
+    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
+    h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
+    w = pallas_mosaic._state_weights(dt, s, q)
+    dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
+    return x, bm, dt, s, h0, w, dec
+
+
 @pytest.mark.parametrize("nc,slots", [(3, 2), (5, 4)])
 def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     """The chunk-state kernel and the fused chunk-state + state-pass kernel alone in the Mosaic
@@ -229,16 +246,7 @@ def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     dtype, p, n = jnp.bfloat16, 64, 128
     assert pallas_mosaic._state_block_cols(p, n) == 64
     q, bsz, nh, g = 64, 1, 2, 1
-    lp = nc * q
-    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
-    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
-    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
-    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
-    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
-    h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
-    w = pallas_mosaic._state_weights(dt, s, q)
-    dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
+    x, bm, dt, s, h0, w, dec = _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype)
 
     states = pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=nh // g, interpret=True)
     states_ref = _chunk_states_f64(x, bm, dt, s, q)
@@ -267,16 +275,7 @@ def test_interpreter_segmented_state_walk_matches_float64(segments):
     one-segment walk up to bf16 rounding."""
     dtype, p, n = jnp.bfloat16, 64, 64
     q, bsz, nc, nh, g = 64, 2, 4, 2, 1
-    lp = nc * q
-    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 5)
-    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
-    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
-    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
-    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
-    h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
-    w = pallas_mosaic._state_weights(dt, s, q)
-    dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
+    x, bm, dt, s, h0, w, dec = _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype)
     dec_rows = jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p))
     kw = dict(q=q, hpg=nh // g, hprev_dtype=dtype, interpret=True)
     hprev, fin = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=segments,

@@ -143,6 +143,16 @@ def smem_loader(plgpu, interpret: bool):
     return load
 
 
+def store_tile_last(plgpu, smem, value, dst) -> None:
+    """A kernel's last store: `value` into `smem` once every earlier TMA store has read its
+    SMEM, then TMA to the HBM ref `dst`, waiting for the store to complete."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    smem[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     """plgpu.kernel with `out_type` / `scratch_types` (jax 0.10+) or the older `out_shape` /
     `scratch_shapes` keywords, whichever this jax's signature has."""
@@ -747,11 +757,7 @@ def _chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols
             return pl.run_state(update)(plgpu.ACC.init(h_dec))
 
         h_fin = lax.fori_loop(0, ncs, step, h_init)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        h_smem[...] = h_fin
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_smem, fin_at.at[pl.ds(0, p), cols])
-        plgpu.wait_smem_to_gmem(0)
+        store_tile_last(plgpu, h_smem, h_fin, fin_at.at[pl.ds(0, p), cols])
 
     x_tile = (p, q) if tf32 else (q, p)
     b_tile = (nb, q) if tf32 else (q, nb)

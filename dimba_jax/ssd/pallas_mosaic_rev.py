@@ -319,11 +319,7 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
             return pl.run_state(update)(plgpu.ACC.init(dh_dec))
 
         dh0 = lax.fori_loop(0, ncs, step, dh_init)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        h_smem[...] = dh0
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_smem, dh0_at.at[pl.ds(0, p), cols])
-        plgpu.wait_smem_to_gmem(0)
+        _mos.store_tile_last(plgpu, h_smem, dh0, dh0_at.at[pl.ds(0, p), cols])
 
     tr = functools.partial(_mos._smem_transforms, plgpu)
     k = k_slots
