@@ -233,6 +233,19 @@ def _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype):
     return x, bm, dt, s, h0, w, dec
 
 
+def _state_recurrence_f64(h0, dec, states):
+    """float64 h_0 = h0, h_{c+1} = dec_c h_c + S_c: (the h_c entering each chunk, stacked on
+    axis 2 as hprev, and the final state). h0 (b, h, P, N); dec (b, h, nc); states (b, h, nc,
+    P, N)."""
+    h = np.asarray(h0, np.float64)
+    dec64 = np.asarray(dec, np.float64)[..., None, None]
+    hprev = []
+    for c in range(states.shape[2]):
+        hprev.append(h)
+        h = dec64[:, :, c] * h + states[:, :, c]
+    return np.stack(hprev, axis=2), h
+
+
 @pytest.mark.parametrize("nc,slots", [(3, 2), (5, 4)])
 def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     """The chunk-state kernel and the fused chunk-state + state-pass kernel alone in the Mosaic
@@ -256,14 +269,9 @@ def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     hprev, fin = pallas_mosaic._chunk_statepass_mosaic(
         x, bm, w, jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p)), h0, q=q, hpg=nh // g,
         hprev_dtype=dtype, block_cols=64, slots=slots, interpret=True)
-    h = np.asarray(h0, np.float64)
-    dec64 = np.asarray(dec, np.float64)[..., None, None]
-    hprev_ref = []
-    for c in range(nc):
-        hprev_ref.append(h)
-        h = dec64[:, :, c] * h + states_ref[:, :, c]
+    hprev_ref, h = _state_recurrence_f64(h0, dec, states_ref)
     assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype
-    assert _rel(hprev, np.stack(hprev_ref, axis=2)) < 1e-2  # h_c stored in bf16
+    assert _rel(hprev, hprev_ref) < 1e-2  # h_c stored in bf16
     assert _rel(fin, h) < 5e-3
 
 
@@ -282,14 +290,9 @@ def test_interpreter_segmented_state_walk_matches_float64(segments):
                                                     **kw)
     hprev1, fin1 = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=1, **kw)
     states_ref = _chunk_states_f64(x, bm, dt, s, q)
-    h = np.asarray(h0, np.float64)
-    dec64 = np.asarray(dec, np.float64)[..., None, None]
-    hprev_ref = []
-    for c in range(nc):
-        hprev_ref.append(h)
-        h = dec64[:, :, c] * h + states_ref[:, :, c]
+    hprev_ref, h = _state_recurrence_f64(h0, dec, states_ref)
     assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype and fin.shape == h0.shape
-    assert _rel(hprev, np.stack(hprev_ref, axis=2)) < 1e-2  # h_c stored in bf16
+    assert _rel(hprev, hprev_ref) < 1e-2  # h_c stored in bf16
     assert _rel(fin, h) < 5e-3
     assert _rel(hprev, hprev1) < 1e-2 and _rel(fin, fin1) < 1e-3
 
