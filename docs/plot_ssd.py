@@ -1,0 +1,92 @@
+"""Draws docs/ssd_h200.png: the SSD kernels' times on the H200 next to mamba_ssm and the targets.
+
+    python docs/plot_ssd.py            # reads benchmarks/results/ssd_h200*.json
+
+Two panels (forward, forward + backward), one group of bars per DESIGN.md shape: mamba_ssm's
+Triton kernel (quoted in DESIGN.md section 6), our `xla` chunked SSD, and the `pallas` kernels
+by version (v3: Triton; v5: Mosaic GPU forward + Triton backward; v6: Mosaic GPU both ways, the
+current `ssd(impl="pallas")`). The issue's targets (0.5x and 0.4x mamba_ssm) are the dashed
+marks. Every number comes from the JSON files, which carry their commands and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results")
+# (label, file, impl of the row, colour)
+SERIES = [
+    ("xla (ours)", "ssd_h200.json", "xla", "#9e9e9e"),
+    ("pallas v3: Triton", "ssd_h200_v3_triton.json", "pallas", "#90caf9"),
+    ("pallas v5: Mosaic fwd, Triton bwd", "ssd_h200_v5_triton_bwd.json", "pallas", "#42a5f5"),
+    ("pallas v6: Mosaic fwd + bwd", "ssd_h200.json", "pallas", "#0d47a1"),
+]
+TARGETS = {"fwd_ms": 0.5, "fwdbwd_ms": 0.4}  # share of mamba_ssm (issue 5)
+
+
+def load_rows(results_dir: str) -> tuple[list[str], dict, dict]:
+    """(shape names in order, {(label, shape): row}, {shape: (mamba fwd, mamba fwd+bwd)})."""
+    rows, mamba, shapes = {}, {}, []
+    for label, fname, impl, _ in SERIES:
+        path = os.path.join(results_dir, fname)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (run benchmarks/ssd_pallas_bench.py)")
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                if r["impl"] != impl or "fwd_ms" not in r:
+                    continue
+                rows[(label, r["shape"])] = r
+                mamba[r["shape"]] = (r["mamba_ssm_fwd_ms"], r["mamba_ssm_fwdbwd_ms"])
+                if r["shape"] not in shapes:
+                    shapes.append(r["shape"])
+    return shapes, rows, mamba
+
+
+def draw(path: str, results_dir: str = RESULTS) -> None:
+    """Writes the two-panel bar chart to `path` (PNG)."""
+    shapes, rows, mamba = load_rows(results_dir)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    width = 0.16
+    x = np.arange(len(shapes))
+    for ax, key, col, title in ((axes[0], "fwd_ms", 0, "forward"),
+                                (axes[1], "fwdbwd_ms", 1, "forward + backward")):
+        ax.bar(x - 2 * width, [mamba[s][col] for s in shapes], width, color="#ef6c00",
+               label="mamba_ssm Triton (quoted)")
+        for i, (label, _, _, colour) in enumerate(SERIES):
+            vals = [rows[(label, s)][key] if (label, s) in rows else np.nan for s in shapes]
+            ax.bar(x + (i - 1) * width, vals, width, color=colour, label=label)
+        for j, s in enumerate(shapes):  # the target: a dashed mark over the group
+            t = TARGETS[key] * mamba[s][col]
+            ax.plot([j - 2.5 * width, j + 2.5 * width], [t, t], "k--", lw=1)
+        ax.set_xticks(x, shapes)
+        ax.set_ylabel("ms (median of 50)")
+        ax.set_title(f"SSD {title}, bf16, H200 (dashed: target {TARGETS[key]}x mamba_ssm)",
+                     fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", default=RESULTS, help="folder with ssd_h200*.json")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "ssd_h200.png"))
+    a = parser.parse_args()
+    draw(a.out, a.results)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
