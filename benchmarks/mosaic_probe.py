@@ -10,6 +10,10 @@ Triton kernels it replaces (130m-L2k, 1.3b-L2k, 130m-L32k, q 128; only these cas
 The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd._chunk_bwd_mosaic` vs pallas_gpu's
 Triton `_chunk_bwd_call`, 130m-L2k, bf16, q 128 and 64; only these cases):
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --chunk-bwd
+The 64-row-slab chunk-output kernel (`pallas_mosaic_out._chunk_out_slab_mosaic`) vs the
+whole-chunk `pallas_mosaic._chunk_out_mosaic`, q 128, at the four shapes (times, errors; only
+these cases; with --lower-only or without a GPU it lowers both kernels for cuda):
+    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --out-slab
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
     python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
@@ -196,6 +200,9 @@ class Recorder:
                         f"{c['triton_GBps']} GB/s")
                 if "kernel" in c:
                     note += f"; mosaic kernel alone {c['kernel']['ms']:.3f} ms"
+            if "whole" in c:  # --out-slab: slab kernel (fwd) vs the whole-chunk kernel
+                note = (f"whole {c['whole']['ms']:.3f} ms (whole / slab {c['speedup']}); "
+                        f"{c['slab_GBps']} vs {c['whole_GBps']} GB/s; smem {c['smem_bytes']} B")
             lines.append(f"| {c['case']} | {c.get('impl', '')} | {c['status']} | "
                          f"{'' if fwd is None else f'{fwd:.3f}'} | {'' if fb is None else f'{fb:.3f}'} | "
                          f"{err} | {note} |")
@@ -638,6 +645,112 @@ def run_rev(rec, a, deadline):
     return 1 if bad else 0
 
 
+def out_stage_inputs(b, l, h, q, seed=7):
+    """x, B, C (bf16), dt, s (float32), hprev (bf16), D (float32) for the chunk-output stage."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    nc = l // q
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, h, l)) - 1.0)
+    return (jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16),
+            jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16),
+            jax.random.normal(ks[2], (b, l, G, N), jnp.bfloat16),
+            dt, jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l),
+            (0.1 * jax.random.normal(ks[4], (b, h, nc, P, N))).astype(jnp.bfloat16),
+            jax.random.normal(ks[5], (h, P)))
+
+
+def out_slab_case(rec, shape, q, runs, deadline, semantics, interpret=False):
+    """The chunk-output stage: the slab kernel (`pallas_mosaic_out`) vs the whole-chunk kernel
+    (`pallas_mosaic._chunk_out_mosaic`), same inputs. "fwd" times the slab kernel, "whole" the
+    whole-chunk kernel (q 128), "whole_q64" the whole-chunk kernel at q 64 (other inputs of the
+    same sizes; on a GPU only); errors: relative L2 of y and the largest |slab - whole| over max |whole|
+    (both bf16 outputs of the same math: < 1e-2 required)."""
+    from dimba_jax.ssd import pallas_mosaic_out  # pylint: disable=import-outside-toplevel
+    name, b, l, h = shape[:4]
+    args = out_stage_inputs(b, l, h, q)
+    hpg = h // G
+    label = f"slab q{q} {semantics} vs whole q{q}"
+    ok, why = pallas_mosaic_out.supported_slab(x=args[0], b=args[1], q=q)
+    if not ok:
+        rec.add(dict(case=f"stage out_slab {name}", shape=name, impl=label,
+                     status="unsupported", reason=why))
+        return
+    slab = jax.jit(lambda *a: pallas_mosaic_out._chunk_out_slab_mosaic(
+        *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
+    whole = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(
+        *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
+    case = dict(case=f"stage out_slab {name}", shape=name, impl=label, status="ok",
+                smem_bytes=pallas_mosaic_out.smem_bytes(q, P, N),
+                two_blocks_smem=pallas_mosaic_out.TWO_BLOCKS_SMEM)
+    case["fwd"] = time_ms(slab, args, runs, deadline)
+    t_whole = time_ms(whole, args, runs, deadline)
+    case["whole"] = t_whole
+    if not interpret:  # the whole-chunk kernel at q 64 (what forward-only calls run), for scale
+        args64 = out_stage_inputs(b, l, h, 64)
+        case["whole_q64"] = time_ms(jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(
+            *a, q=64, hpg=hpg, semantics=semantics)), args64, runs, deadline)
+    y_slab = np.asarray(slab(*args).astype(jnp.float32), np.float64)
+    y_whole = np.asarray(whole(*args).astype(jnp.float32), np.float64)
+    case["errors"] = {"y": rel(y_slab, y_whole),
+                      "y_max_abs_rel": float(np.max(np.abs(y_slab - y_whole))
+                                             / max(np.max(np.abs(y_whole)), 1e-30)),
+                      "y_bitwise_equal_share": float(np.mean(y_slab == y_whole))}
+    if not (case["errors"]["y"] < 1e-2 and case["errors"]["y_max_abs_rel"] < 1e-2):
+        case["status"] = "FAIL"
+    case["error_vs"] = "whole chunk_out"
+    nc = l // q
+    bytes_moved = 2 * (2 * b * l * h * P + 2 * b * l * G * N + b * h * nc * P * N) + 8 * b * h * l
+    case["slab_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
+    case["whole_GBps"] = round(bytes_moved / t_whole["ms"] / 1e6, 1)
+    case["speedup"] = round(t_whole["ms"] / case["fwd"]["ms"], 3)
+    rec.add(case)
+
+
+def run_out_slab(rec, a, deadline):
+    """--out-slab: the slab vs whole-chunk output kernels at q 128 on the four shapes; without
+    a GPU, or with --lower-only, lowering both for cuda (+ --cpu-interpret: a tiny case in the
+    interpreter). Returns the exit status."""
+    from dimba_jax.ssd import pallas_mosaic_out  # pylint: disable=import-outside-toplevel
+    sems = [a.semantics] if a.semantics else ["lane", "warpgroup"]
+    q = 128
+    if jax.devices()[0].platform != "gpu" or a.lower_only:
+        sds, f32, bf = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
+        for sem in sems:
+            for name, b, l, h in (s[:4] for s in SHAPES):
+                nc = l // q
+                fargs = (sds((b, l, h, P), bf), sds((b, l, G, N), bf), sds((b, l, G, N), bf),
+                         sds((b, h, l), f32), sds((b, h, l), f32), sds((b, h, nc, P, N), bf),
+                         sds((h, P), f32))
+                record_lowering(rec, f"lower {sem} {name} out_slab q{q}",
+                                lambda *x, h=h, sem=sem: pallas_mosaic_out._chunk_out_slab_mosaic(
+                                    *x, q=q, hpg=h // G, semantics=sem), fargs)
+                record_lowering(rec, f"lower {sem} {name} out_whole q{q}",
+                                lambda *x, h=h, sem=sem: pallas_mosaic._chunk_out_mosaic(
+                                    *x, q=q, hpg=h // G, semantics=sem), fargs)
+        if a.cpu_interpret and not a.lower_only:
+            try:
+                out_slab_case(rec, ("tiny", 1, 256, 2), q, 2, deadline, sems[0], interpret=True)
+            except Exception as e:  # report, keep going
+                rec.add(dict(case="stage out_slab tiny", status="error",
+                             error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
+    else:
+        for sem in sems:
+            for shape in SHAPES:
+                if time.perf_counter() > deadline:
+                    rec.add(dict(case=f"stage out_slab {shape[0]} {sem}", status="skipped",
+                                 reason="budget"))
+                    continue
+                print(f"START stage out_slab {shape[0]} {sem} at {elapsed():.1f} s", flush=True)
+                try:
+                    out_slab_case(rec, shape, q, a.runs, deadline, sem)
+                except Exception as e:  # one failure must not stop the rest
+                    rec.add(dict(case=f"stage out_slab {shape[0]} {sem}", status="error",
+                                 error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
+    bad = [c["case"] for c in rec.data["cases"] if c["status"] not in ("ok", "skipped")]
+    print(f"out_slab: {len(rec.data['cases']) - len(bad)} ok/skipped, {len(bad)} failed "
+          f"in {elapsed():.0f} s", flush=True)
+    return 1 if bad else 0
+
+
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
@@ -710,6 +823,10 @@ def main():
                     help="only the fused Mosaic dout chunk-state + reverse state-pass kernel "
                          "vs the Triton pair (130m-L2k, 1.3b-L2k, 130m-L32k, q 128); without a "
                          "GPU or with --lower-only: lowering (+ --cpu-interpret self-test)")
+    ap.add_argument("--out-slab", action="store_true",
+                    help="only the 64-row-slab chunk-output kernel vs the whole-chunk one (q 128, "
+                         "four shapes); without a GPU or with --lower-only: lowering "
+                         "(+ --cpu-interpret self-test)")
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower for cuda (any machine): all four shapes, bf16 q128/q64 and "
                          "f32 q64; stage, fwd, fwd+bwd; exit 1 if any fails")
@@ -740,6 +857,8 @@ def main():
         return run_chunk_bwd(rec, a, deadline)
     if a.rev:
         return run_rev(rec, a, deadline)
+    if a.out_slab:
+        return run_out_slab(rec, a, deadline)
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
             lowering_check(rec, SHAPES, semantics=sem)

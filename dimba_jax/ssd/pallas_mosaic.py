@@ -80,6 +80,12 @@ BACKWARD_SEMANTICS = "warpgroup"
 STAGES = ("state+out", "statepass+out", "out")
 DEFAULT_STAGES = "statepass+out"  # fastest forward on the H200 (mosaic_probe_h200.md)
 BACKWARDS = ("triton", "mosaic")  # ssd_mosaic_forward(backward=...)
+# Chunk-output kernel of the forward at block_len 128 with 16-bit inputs (opt-in): "whole"
+# (`_chunk_out_mosaic`, one block per SM at q 128) or "slab" (`pallas_mosaic_out`: the chunk in
+# 64-row slabs, shared memory for two blocks per SM). Read when the forward is traced (it is
+# jitted once per config: set it before the first call, or call jax.clear_caches() after).
+OUT_KERNELS = ("whole", "slab")
+OUT_KERNEL = "whole"
 logger = logging.getLogger(__name__)
 
 
@@ -844,6 +850,25 @@ def _segmented_statepass(x, b, w, dec, h0, *, q, hpg, hprev_dtype, segments=None
 # Triton backward.
 # --------------------------------------------------------------------------------------------
 
+def _chunk_out_kernel(x, b, q):
+    """The chunk-output kernel `_fwd_impl` calls (same arguments): the 64-row-slab kernel
+    `pallas_mosaic_out._chunk_out_slab_mosaic` when OUT_KERNEL is "slab", q is 128, x is 16-bit
+    and `pallas_mosaic_out.supported_slab` takes the shapes (else, with a logged reason,
+    `_chunk_out_mosaic`); `_chunk_out_mosaic` when OUT_KERNEL is "whole" (the default)."""
+    if OUT_KERNEL not in OUT_KERNELS:
+        raise ValueError(f"pallas_mosaic.OUT_KERNEL must be one of {OUT_KERNELS}, "
+                         f"got {OUT_KERNEL!r}")
+    if OUT_KERNEL == "slab" and q == 128 and jnp.dtype(x.dtype) != jnp.dtype(jnp.float32):
+        from dimba_jax.ssd import pallas_mosaic_out  # late: it imports this module
+
+        ok, why = pallas_mosaic_out.supported_slab(x=x, b=b, q=q)
+        if ok:
+            return pallas_mosaic_out._chunk_out_slab_mosaic
+        _warn_once(f"Mosaic GPU slab chunk-output kernel does not take this call ({why}); "
+                   f"using the whole-chunk kernel")
+    return _chunk_out_mosaic
+
+
 def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
@@ -864,8 +889,8 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, stages):
                                             num_warps=4, interpret=interpret)
         hprev, fin = _tri._state_pass_fwd_call(states, dec, h0, hprev_dtype=x.dtype,
                                                interpret=interpret)
-    y = _chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
-                          semantics=semantics)
+    y = _chunk_out_kernel(xin, b, q)(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg,
+                                     interpret=interpret, semantics=semantics)
     return y, fin, hprev
 
 
