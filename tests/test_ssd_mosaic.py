@@ -17,15 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import pallas_gpu, pallas_mosaic, ssd
+from _ssd_testing import rel_error as _rel
 
 CHUNK = 256
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
-    assert np.all(np.isfinite(a)), "non-finite output"
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _inputs(seed, b, l, h, p, g, n, dtype, per_channel_d=False):

@@ -18,15 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
+from _ssd_testing import rel_error as _rel
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
-    assert np.all(np.isfinite(a)), "non-finite output"
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _inputs(seed, bsz, nc, q, nh, g, p, n, dtype):

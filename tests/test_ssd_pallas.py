@@ -17,6 +17,7 @@ import pytest
 from dimba_jax.ssd import _common
 from dimba_jax.ssd import pallas_gpu
 from dimba_jax.ssd.reference import reference_scan
+from _ssd_testing import rel_error as _rel
 
 # Relative L2 error bounds vs the float32 sequential reference. float32 on the GPU: the kernels'
 # float32 products run on the tensor cores in tf32 (measured on an H200: ~4e-4 on y and most
@@ -26,13 +27,6 @@ from dimba_jax.ssd.reference import reference_scan
 TOL = {jnp.float32: 2.5e-3, jnp.bfloat16: 1.5e-2}
 INTERPRET_TOL = 1e-5  # the interpreter's float32 dots are exact float32
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_states", "dt_bias")
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
-    assert np.all(np.isfinite(a)), "non-finite values in the kernel result"
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _inputs(seed, dtype, batch, seqlen, nheads, headdim, ngroups, dstate):

@@ -14,12 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_select, ssd
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64).ravel()
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from _ssd_testing import rel_error as _rel
 
 
 @pytest.mark.parametrize("spec,want", [
