@@ -149,6 +149,35 @@ def smem_loader(plgpu, interpret: bool):
     return load
 
 
+_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def tile_operand_reason(kernel: str, x, b, q: int, *, max_dstate: int = 128,
+                        float32_note: str = "") -> str | None:
+    """Why a 16-bit Mosaic GPU SSD kernel named `kernel` cannot take these operands, or None.
+
+    The checks the backward and slab-output kernels share (each adds its shared-memory check):
+    x in bfloat16 / float16 (else the message ends with `float32_note`), headdim 64 or 128,
+    dstate a multiple of 64 up to `max_dstate`, block_len q 64 or 128, x (batch, Lp, nheads, P)
+    with Lp a multiple of q. x, b: arrays or anything with .shape and .dtype (b: (batch, Lp,
+    ngroups, N)).
+    """
+    p, n = x.shape[-1], b.shape[-1]
+    if jnp.dtype(x.dtype) not in _16BIT:
+        return f"mosaic SSD {kernel} needs x in bfloat16/float16, got {x.dtype}{float32_note}"
+    if p not in (64, 128):
+        return f"mosaic SSD {kernel} needs headdim 64 or 128, got {p}"
+    if n % 64 or not 64 <= n <= max_dstate:
+        allowed = "64 or 128" if max_dstate == 128 else f"a multiple of 64 in [64, {max_dstate}]"
+        return f"mosaic SSD {kernel} needs dstate {allowed}, got {n}"
+    if q not in (64, 128):
+        return f"mosaic SSD {kernel} needs block_len 64 or 128, got {q}"
+    if len(x.shape) != 4 or x.shape[1] % q:
+        return (f"mosaic SSD {kernel} needs x (batch, Lp, nheads, P) with Lp a multiple of {q}, "
+                f"got {tuple(x.shape)}")
+    return None
+
+
 def store_tile_last(plgpu, smem, value, dst) -> None:
     """A kernel's last store: `value` into `smem` once every earlier TMA store has read its
     SMEM, then TMA to the HBM ref `dst`, waiting for the store to complete."""

@@ -76,7 +76,6 @@ _SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
 _TWO_BLOCKS_SMEM = 228 * 1024 // 2 - 1024
 _NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
 _REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _aligned(nbytes: int) -> int:
@@ -135,18 +134,12 @@ def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
+    why = _mos.tile_operand_reason(
+        "backward kernel", x, b, q,
+        float32_note=" (float32 is not supported: tf32 wgmma takes no transposed operands)")
+    if why:
+        return False, why
     p, n = x.shape[-1], b.shape[-1]
-    if jnp.dtype(x.dtype) not in _DTYPES:
-        return False, (f"mosaic SSD backward kernel needs x in bfloat16/float16, got {x.dtype} "
-                       f"(float32 is not supported: tf32 wgmma takes no transposed operands)")
-    if p % 64 or not 64 <= p <= 128:
-        return False, f"mosaic SSD backward kernel needs headdim 64 or 128, got {p}"
-    if n % 64 or not 64 <= n <= 128:
-        return False, f"mosaic SSD backward kernel needs dstate 64 or 128, got {n}"
-    if q not in (64, 128):
-        return False, f"mosaic SSD backward kernel needs block_len 64 or 128, got {q}"
-    if x.shape[1] % q:
-        return False, f"mosaic SSD backward kernel needs Lp a multiple of {q}, got {x.shape[1]}"
     _, _, need = smem_plan(q, p, n, jnp.dtype(x.dtype).itemsize, dstates_f32=False)
     if need > _SMEM_LIMIT:
         return False, (f"mosaic SSD backward kernel tiles need {need} bytes of shared memory "

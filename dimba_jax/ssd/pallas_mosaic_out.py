@@ -57,7 +57,6 @@ _SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
 # Two blocks per SM need at most half of the H100 / H200's 228 KB of shared memory per SM each,
 # less the 1 KB the hardware reserves per block.
 TWO_BLOCKS_SMEM = 228 * 1024 // 2 - 1024
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _num_barriers(q: int) -> int:
@@ -97,19 +96,11 @@ def supported_slab(*, x, b, q: int) -> tuple[bool, str]:
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
+    why = _mos.tile_operand_reason("slab output kernel", x, b, q,
+                                   float32_note=" (float32 uses pallas_mosaic's tf32 kernel)")
+    if why:
+        return False, why
     p, n = x.shape[-1], b.shape[-1]
-    if jnp.dtype(x.dtype) not in _DTYPES:
-        return False, (f"mosaic SSD slab output kernel needs x in bfloat16/float16, got "
-                       f"{x.dtype} (float32 uses pallas_mosaic's tf32 kernel)")
-    if p not in (64, 128):
-        return False, f"mosaic SSD slab output kernel needs headdim 64 or 128, got {p}"
-    if n not in (64, 128):
-        return False, f"mosaic SSD slab output kernel needs dstate 64 or 128, got {n}"
-    if q not in (64, 128):
-        return False, f"mosaic SSD slab output kernel needs block_len 64 or 128, got {q}"
-    if len(x.shape) != 4 or x.shape[1] % q:
-        return False, (f"mosaic SSD slab output kernel needs x (batch, Lp, nheads, P) with Lp a "
-                       f"multiple of {q}, got {tuple(x.shape)}")
     need = smem_bytes(q, p, n, jnp.dtype(x.dtype).itemsize)
     if need > _SMEM_LIMIT:
         return False, (f"mosaic SSD slab output kernel tiles need {need} bytes of shared memory "

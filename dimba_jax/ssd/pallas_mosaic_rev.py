@@ -48,7 +48,6 @@ DEFAULT_PREFETCH = 2  # TMA load slots (chunks in flight); 3-4 fit at small colu
 MAX_PREFETCH = 4
 _SMEM_LIMIT = _mos._SMEM_LIMIT
 _REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _aligned(nbytes: int) -> int:
@@ -104,23 +103,15 @@ def supported_rev(*, x, b, q: int, prefetch: int = DEFAULT_PREFETCH,
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
-    p, n = x.shape[-1], b.shape[-1]
-    if jnp.dtype(x.dtype) not in _DTYPES:
-        return False, (f"mosaic SSD reverse state pass needs x in bfloat16/float16, got "
-                       f"{x.dtype} (float32 is not supported: the transposed dy operand needs "
-                       f"16-bit wgmma)")
+    why = _mos.tile_operand_reason(
+        "reverse state pass", x, b, q, max_dstate=256,
+        float32_note=" (float32 is not supported: the transposed dy operand needs 16-bit wgmma)")
+    if why:
+        return False, why
+    p = x.shape[-1]
     dst = jnp.dtype(dstates_dtype or x.dtype)
     if dst not in (jnp.dtype(x.dtype), jnp.dtype(jnp.float32)):
         return False, f"mosaic SSD reverse state pass writes dS in {x.dtype} or float32, got {dst}"
-    if p % 64 or not 64 <= p <= 128:
-        return False, f"mosaic SSD reverse state pass needs headdim 64 or 128, got {p}"
-    if n % 64 or not 64 <= n <= 256:
-        return False, (f"mosaic SSD reverse state pass needs dstate a multiple of 64 in "
-                       f"[64, 256], got {n}")
-    if q not in (64, 128):
-        return False, f"mosaic SSD reverse state pass needs block_len 64 or 128, got {q}"
-    if x.shape[1] % q:
-        return False, f"mosaic SSD reverse state pass needs Lp a multiple of {q}, got {x.shape[1]}"
     if not 2 <= prefetch <= MAX_PREFETCH:
         return False, (f"mosaic SSD reverse state pass needs prefetch in [2, {MAX_PREFETCH}], "
                        f"got {prefetch}")
