@@ -1,5 +1,6 @@
-"""Shared helper of the SSD kernel tests."""
+"""Shared helpers of the SSD kernel tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,3 +12,20 @@ def rel_error(a, b) -> float:
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64).ravel()
     assert np.all(np.isfinite(a)), "non-finite values in the result under test"
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def ssd_args(seed, bsz, seqlen, nh, p, g, n):
+    """Fresh random bf16 SSD operands (never zero) for a full forward + gradient check:
+    args (x (b, L, h, P), dt (b, L, h), A (h,), B, C (b, L, g, N)); kw (D (h, P), dt_bias,
+    dt_softplus, initial_states (b, h, P, N)); dy (b, L, h, P) the output cotangent."""
+    ks = jax.random.split(jax.random.key(seed), 9)
+    bf16 = jnp.bfloat16
+    args = (jax.random.normal(ks[0], (bsz, seqlen, nh, p)).astype(bf16),           # x
+            jax.random.normal(ks[1], (bsz, seqlen, nh)) - 1.0,                      # dt
+            -jnp.exp(jax.random.uniform(ks[2], (nh,), minval=-1.0, maxval=1.0)),    # A
+            jax.random.normal(ks[3], (bsz, seqlen, g, n)).astype(bf16),             # B
+            jax.random.normal(ks[4], (bsz, seqlen, g, n)).astype(bf16))             # C
+    kw = dict(D=jax.random.normal(ks[5], (nh, p)), dt_bias=0.5 * jax.random.normal(ks[6], (nh,)),
+              dt_softplus=True, initial_states=jax.random.normal(ks[7], (bsz, nh, p, n)))
+    dy = jax.random.normal(ks[8], (bsz, seqlen, nh, p)).astype(bf16)
+    return args, kw, dy

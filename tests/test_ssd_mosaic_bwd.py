@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
-from _ssd_testing import rel_error as _rel
+from _ssd_testing import rel_error as _rel, ssd_args
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
 
@@ -214,16 +214,8 @@ def test_interpreter_full_gradient_with_mosaic_chunk_bwd(monkeypatch):
 
     monkeypatch.setattr(pallas_gpu, "_chunk_bwd_call", mosaic_chunk_bwd)
     bsz, seqlen, nh, p, g, n = 1, 70, 4, 64, 1, 64
-    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 9)
-    bf16 = jnp.bfloat16
-    args = (jax.random.normal(ks[0], (bsz, seqlen, nh, p)).astype(bf16),           # x
-            jax.random.normal(ks[1], (bsz, seqlen, nh)) - 1.0,                      # dt
-            -jnp.exp(jax.random.uniform(ks[2], (nh,), minval=-1.0, maxval=1.0)),    # A
-            jax.random.normal(ks[3], (bsz, seqlen, g, n)).astype(bf16),             # B
-            jax.random.normal(ks[4], (bsz, seqlen, g, n)).astype(bf16))             # C
-    kw = dict(D=jax.random.normal(ks[5], (nh, p)), dt_bias=0.5 * jax.random.normal(ks[6], (nh,)),
-              dt_softplus=True, initial_states=jax.random.normal(ks[7], (bsz, nh, p, n)))
-    dy = jax.random.normal(ks[8], (bsz, seqlen, nh, p)).astype(bf16)
+    args, kw, dy = ssd_args(int(np.random.default_rng().integers(1 << 30)), bsz, seqlen, nh, p,
+                            g, n)
     chunk = 256  # the caller's chunk size; the kernels use block_len
 
     def reference(*a):

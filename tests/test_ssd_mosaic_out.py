@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import pallas_mosaic, pallas_mosaic_out, ssd
-from _ssd_testing import rel_error as _rel
+from _ssd_testing import rel_error as _rel, ssd_args
 
 
 def _inputs(seed, bsz, nc, q, nh, g, p, n, dtype=jnp.bfloat16):
@@ -157,24 +157,10 @@ def test_lowers_for_cuda_on_cpu_with_exact_smem(q, p, n, semantics):
             assert allocated(whole) > pallas_mosaic_out.TWO_BLOCKS_SMEM
 
 
-def _ssd_args(seed, bsz, seqlen, nh, p, g, n):
-    ks = jax.random.split(jax.random.key(seed), 9)
-    bf16 = jnp.bfloat16
-    args = (jax.random.normal(ks[0], (bsz, seqlen, nh, p)).astype(bf16),           # x
-            jax.random.normal(ks[1], (bsz, seqlen, nh)) - 1.0,                      # dt
-            -jnp.exp(jax.random.uniform(ks[2], (nh,), minval=-1.0, maxval=1.0)),    # A
-            jax.random.normal(ks[3], (bsz, seqlen, g, n)).astype(bf16),             # B
-            jax.random.normal(ks[4], (bsz, seqlen, g, n)).astype(bf16))             # C
-    kw = dict(D=jax.random.normal(ks[5], (nh, p)), dt_bias=0.5 * jax.random.normal(ks[6], (nh,)),
-              dt_softplus=True, initial_states=jax.random.normal(ks[7], (bsz, nh, p, n)))
-    dy = jax.random.normal(ks[8], (bsz, seqlen, nh, p)).astype(bf16)
-    return args, kw, dy
-
-
 def _check_full_gradient(interpret, bsz, seqlen, nh, p, g, n, backward):
     """y and the gradients of ssd_mosaic_forward at block_len 128 (OUT_KERNEL already "slab")
     vs the sequential reference, relative L2 (the bf16 tolerance of test_ssd_mosaic)."""
-    args, kw, dy = _ssd_args(int(np.random.default_rng().integers(1 << 30)), bsz, seqlen, nh, p,
+    args, kw, dy = ssd_args(int(np.random.default_rng().integers(1 << 30)), bsz, seqlen, nh, p,
                              g, n)
     chunk = 256  # the caller's chunk size; the kernels use block_len
 
