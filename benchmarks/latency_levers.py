@@ -341,7 +341,7 @@ def run_worker(args) -> None:
                 steps = int(case.split("_")[1][1:])
                 clamp = bool(dimba_cfg.sample.clamp) and not case.endswith("noclamp")
                 model, (graphdef, state), schedule = dimba()
-                ts, ab_t, ab_prev = (jnp.asarray(a) for a in sampling.respaced_alphas(schedule, steps))
+                ts, ab_t, ab_prev = sampling.noise_grid(model, schedule, steps, str(dimba_cfg.sample.grid))
                 tokens = jnp.zeros((1, L), jnp.int32)
                 known = jnp.zeros((1, L), bool)
                 static = dict(sampler="ddim", guidance=1.0, clamp=clamp,

@@ -37,15 +37,23 @@ def default_config() -> ml_collections.ConfigDict:
     m.embed_scale = 1.0  # Embedding rows are L2-normalised to norm embed_scale * sqrt(d_model) (unit-variance entries at 1.0; see models/dimba.py).
     m.time_embed_dim = 128  # Width of the sinusoidal timestep embedding before its MLP.
     m.self_condition = True  # Feed the previous x0 estimate back as an input channel (Plaid/CDCD).
+    m.readout = "score_interp"  # "score_interp": x0_hat = softmax(logits) @ E, trained by CE (CDCD); "direct": regress x0_hat (the paper's x0-MSE).
+    m.skip_logits = True  # Add the output prior (the exact per-token Gaussian likelihood of x_t under each embedding row) to the logits.
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
     m.compute_dtype = "float32"  # Activations dtype: "float32" or "bfloat16" (params stay in train.param_dtype).
 
     # ------------------------------------------------------------ diffusion
     d = c.diffusion = ml_collections.ConfigDict()
-    d.timesteps = 1000  # Training T: t ~ U{1..T}; samplers may use fewer steps (respacing).
-    d.t_power = 1.0  # Training t = ceil(T u^(1/t_power)), u ~ U(0,1): 1 = uniform, > 1 draws noisy (large) t more often.
+    d.timesteps = 1000  # T of the cosine schedule's table (uniform noise sampling draws t in 1..T; the "uniform" sampling grid respaces it).
+    d.t_power = 1.0  # noise_sampling "uniform": t = ceil(T u^(1/t_power)), u ~ U(0,1): 1 = uniform, > 1 draws noisy (large) t more often.
     d.cosine_s = 0.008  # Offset s of the cosine schedule alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2).
-    d.ce_weight = 1.0  # Weight of the rounding cross-entropy CE(head(x0_hat), tokens) beside the x0 MSE.
+    d.logsnr_shift = 0.0  # Added to the schedule's log-SNR at every t (negative = noisier; see diffusion/schedule.py).
+    d.noise_sampling = "warp"  # Training noise levels: "warp" (learned CDF of the loss over log-SNR, diffusion/warp.py) or "uniform" (t ~ U{1..T}).
+    d.logsnr_range = (-15.0, 5.0)  # (noisiest, cleanest) log-SNR of the warp's domain and of the likelihood bound's integral.
+    d.warp_bins = 80  # Linear pieces of the noise warp over logsnr_range.
+    d.warp_floor = 0.05  # Mass added to every warp bin when drawing levels, as a fraction of the mean bin mass.
+    d.mse_weight = 0.0  # Weight of the x0 MSE (the paper's objective; 1 with model.readout="direct").
+    d.ce_weight = 1.0  # Weight of the token cross-entropy of the logits (the whole loss with score interpolation).
     d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).
     d.prompt_drop_prob = 0.1  # Probability of dropping the prompt (classifier-free guidance training).
     d.layout_probs = (0.3, 0.5, 0.2)  # Probabilities of prompt layouts per example: (none, prefix, infill).
@@ -54,12 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- sample
     s = c.sample = ml_collections.ConfigDict()
     s.sampler = "ddim"  # "ddim" or "ddpm".
-    s.steps = 32  # Reverse steps at sampling time (<= diffusion.timesteps; respaced).
+    s.steps = 32  # Reverse steps at sampling time (any number with grid "warp"; <= diffusion.timesteps with "uniform").
     s.eta = 0.0  # DDIM eta (0 = deterministic; 1 = DDPM-like variance).
     s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional only, 0 = unconditional).
-    s.clamp = True  # Snap x0_hat toward the embedding table (softmax-weighted) at each step.
+    s.clamp = False  # Snap x0_hat toward the embedding table (softmax-weighted) at each step (for readout="direct").
+    s.grid = "warp"  # Where the steps sit: "warp" (quantiles of the learned noise warp) or "uniform" (strided timesteps of the schedule).
     s.length = 128  # Generated tokens per sample (excluding the prompt).
     s.num_samples = 4  # Samples written at each sampling interval / in --mode sample.
+    s.score_temperature = 1.0  # Each step's x0_hat = softmax(logits / score_temperature) @ E (< 1 sharpens the model's estimate).
     s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.
 
     # ------------------------------------------------------------------ data

@@ -1,10 +1,13 @@
 """Masked losses of DIMBA and the one training-loss function built from them.
 
-Loss = MSE(x0_hat, x0) averaged over generated positions and the d channels
-     + ce_weight * CE(head(x0_hat), tokens) averaged over generated positions
-(the "rounding" cross-entropy of Diffusion-LM / DiffuSeq). Known (prompt) positions carry no loss.
+Loss = mse_weight * MSE(x0_hat, x0) averaged over generated positions and the d channels
+     + ce_weight * CE(logits, tokens) averaged over generated positions.
+With the default score-interpolation read-out (models/dimba.py) the cross-entropy alone trains
+the denoiser (CDCD; mse_weight 0); with the "direct" read-out the MSE is the paper's x0
+regression and the CE the "rounding" loss of Diffusion-LM / DiffuSeq. Known (prompt) positions
+carry no loss.
 
-`diffusion_loss` draws per example: t ~ U{1..T}, a prompt layout (layout.py), a prompt-dropout
+`diffusion_loss` draws per example: a noise level (log-SNR; `sample_logsnr`), a prompt layout (layout.py), a prompt-dropout
 flag (probability prompt_drop_prob) and the noise; with probability self_cond_prob (one coin per
 batch, `lax.cond`, so the extra forward is only paid when used) it first runs the model without
 self-conditioning, stops the gradient and feeds that x0 estimate back as input (Chen et al.,
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.diffusion.layout import sample_layout
-from dimba_jax.diffusion.schedule import CosineSchedule, add_noise
+from dimba_jax.diffusion.schedule import CosineSchedule, add_noise_logsnr
 
 
 def _weights(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,32 +62,64 @@ def embedding_stats(table: jax.Array) -> dict[str, jax.Array]:
     return {"embed_norm": jnp.mean(norms), "embed_mean_dir": jnp.linalg.norm(jnp.mean(unit, 0))}
 
 
-def denoise_terms(model, schedule: CosineSchedule, tokens: jax.Array, t: jax.Array, cond_mask: jax.Array,
-                  drop_prompt: jax.Array, noise: jax.Array, use_self_cond: jax.Array | bool,
-                  ce_weight: float) -> dict[str, jax.Array]:
-    """Loss terms for given draws (t, layout, dropout, noise, self-conditioning coin).
+def per_example_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean token cross-entropy of each example over its positions where mask -> float32 (b,)
+    (0 for an example with no such position). logits (b, L, V); tokens int (b, L); mask bool (b, L)."""
+    w = mask.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
-    tokens: int32 (b, L); t: int (b,); cond_mask: bool (b, L); drop_prompt: bool (b,);
-    noise: float (b, L, d); use_self_cond: bool scalar (ignored if the model has no self-cond).
-    Returns dict of float32 scalars: loss, mse, ce, acc, and x0_hat (b, L, d) under "x0_hat".
+
+def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Array,
+                  drop_prompt: jax.Array, noise: jax.Array, use_self_cond: jax.Array | bool,
+                  mse_weight: float, ce_weight: float) -> dict[str, jax.Array]:
+    """Loss terms for given draws (noise level, layout, dropout, noise, self-conditioning coin).
+
+    tokens: int32 (b, L); logsnr: float (b,) the log-SNR lambda of each example; cond_mask: bool
+    (b, L); drop_prompt: bool (b,); noise: float (b, L, d); use_self_cond: bool scalar (ignored if
+    the model has no self-conditioning).
+    Returns dict: float32 scalars loss (= mse_weight mse + ce_weight ce), mse, ce, acc; and
+    "x0_hat" (b, L, d), "logits" (b, L, V), "ce_example" (b,) (each example's mean cross-entropy).
     """
     x0 = model.embed(tokens)
-    x_t = add_noise(schedule, x0, t, noise)
+    x_t = add_noise_logsnr(x0, logsnr, noise)
     self_cond = None
     if model.self_condition:
         def first_pass():
-            return jax.lax.stop_gradient(model(x_t, t, tokens, cond_mask, self_cond=None, drop_prompt=drop_prompt))
+            return jax.lax.stop_gradient(model(x_t, logsnr, tokens, cond_mask, self_cond=None,
+                                               drop_prompt=drop_prompt))
         if isinstance(use_self_cond, bool):
             self_cond = first_pass() if use_self_cond else jnp.zeros_like(x0)
         else:
             self_cond = jax.lax.cond(use_self_cond, first_pass, lambda: jnp.zeros_like(x0))
-    x0_hat = model(x_t, t, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)
+    x0_hat, logits = model.predict(x_t, logsnr, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)
     generated = ~cond_mask
     mse = masked_mse(x0_hat, x0, generated)
-    logits = model.logits(x0_hat)
     ce = masked_cross_entropy(logits, tokens, generated)
-    return {"loss": mse + ce_weight * ce, "mse": mse, "ce": ce,
-            "acc": masked_accuracy(logits, tokens, generated), "x0_hat": x0_hat}
+    return {"loss": mse_weight * mse + ce_weight * ce, "mse": mse, "ce": ce,
+            "acc": masked_accuracy(logits, tokens, generated), "x0_hat": x0_hat, "logits": logits,
+            "ce_example": per_example_cross_entropy(logits, tokens, generated)}
+
+
+# The warp's regression loss enters the total with this weight: its gradients reach only the warp
+# (Adam is invariant to the scale), and a small weight keeps them out of the global-norm clip.
+WARP_LOSS_WEIGHT = 1e-3
+
+
+def sample_logsnr(model, schedule: CosineSchedule, rng: jax.Array, batch: int, diffusion_cfg) -> jax.Array:
+    """Training noise levels lambda: float32 (batch,).
+
+    diffusion.noise_sampling "uniform": t ~ the schedule's training draw (t_power), lambda = lambda(t);
+    "warp": lambda from the model's learned noise warp (diffusion/warp.py).
+    """
+    if diffusion_cfg.noise_sampling == "warp":
+        if model.noise_warp is None:
+            raise ValueError("diffusion.noise_sampling='warp' needs a model built with a noise warp")
+        return model.noise_warp.sample(rng, (batch,))
+    if diffusion_cfg.noise_sampling != "uniform":
+        raise ValueError(f"diffusion.noise_sampling must be 'uniform' or 'warp', got {diffusion_cfg.noise_sampling!r}")
+    return schedule.logsnr_at(schedule.sample_t(rng, (batch,), power=float(diffusion_cfg.t_power)))
 
 
 def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.Array, diffusion_cfg
@@ -92,22 +127,29 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
     """The DIMBA training loss of one batch.
 
     model: a `DimbaModel`; tokens: int32 (b, L); rng: a PRNG key; diffusion_cfg: `config.diffusion`
-    (ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac, t_power).
+    (mse_weight, ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac,
+    noise_sampling, t_power). With a noise warp on the model, its regression on the observed
+    per-example cross-entropy is added (weight WARP_LOSS_WEIGHT; metric warp_mse).
     Returns (float32 scalar loss, metrics dict of float32 scalars: loss, mse, ce, acc,
-    embed_norm, embed_mean_dir, known_frac).
+    embed_norm, embed_mean_dir, known_frac[, warp_mse]).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tokens.shape}")
     b, length = tokens.shape
     r_t, r_noise, r_layout, r_drop, r_sc = jax.random.split(rng, 5)
-    t = schedule.sample_t(r_t, (b,), power=float(diffusion_cfg.get("t_power", 1.0)))
+    logsnr = sample_logsnr(model, schedule, r_t, b, diffusion_cfg)
     cond_mask, _ = sample_layout(r_layout, b, length, diffusion_cfg.layout_probs, diffusion_cfg.max_prompt_frac)
     drop = jax.random.bernoulli(r_drop, float(diffusion_cfg.prompt_drop_prob), (b,))
     noise = jax.random.normal(r_noise, (b, length, model.d_model), jnp.float32)
     use_sc = jax.random.bernoulli(r_sc, float(diffusion_cfg.self_cond_prob))
-    terms = denoise_terms(model, schedule, tokens, t, cond_mask, drop, noise, use_sc,
-                          float(diffusion_cfg.ce_weight))
+    terms = denoise_terms(model, tokens, logsnr, cond_mask, drop, noise, use_sc,
+                          float(diffusion_cfg.mse_weight), float(diffusion_cfg.ce_weight))
+    ce_example = terms.pop("ce_example")
     terms.pop("x0_hat")
+    terms.pop("logits")
+    if model.noise_warp is not None:
+        terms["warp_mse"] = model.noise_warp.regression_loss(logsnr, ce_example)
+        terms["loss"] = terms["loss"] + WARP_LOSS_WEIGHT * terms["warp_mse"]
     terms.update(embedding_stats(model.embedding_table()))
     terms["known_frac"] = jnp.mean(cond_mask.astype(jnp.float32))
     return terms["loss"], terms

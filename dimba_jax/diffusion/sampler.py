@@ -5,6 +5,11 @@ kept timesteps (the number of steps is static through the shapes of the timestep
 model is traced once per compilation whatever the number of steps. `make_sample_fn` validates
 and splits the model once and returns a callable for repeated low-overhead calls (benchmarks).
 
+Grids (`noise_grid`): the model is told each step's noise level as a log-SNR. "uniform" keeps
+`steps` strided timesteps of the schedule; "warp" puts the steps at the quantiles of the model's
+learned noise warp (diffusion/warp.py). Either way each step goes from alpha_bar at its level to
+alpha_bar at the next, as below.
+
 Respacing: `steps` (1..T) kept timesteps tau_S = T > ... > tau_1 = 1 (CosineSchedule.respaced_timesteps);
 each step goes from tau_i to tau_{i-1} using alpha_bar at both (for DDPM the per-step beta is
 1 - alpha_bar(tau_i)/alpha_bar(tau_{i-1}), the respaced-DDPM rule of Nichol & Dhariwal). The step
@@ -15,6 +20,7 @@ Per step, with x0_hat the model's estimate:
 * CFG: x0_hat = uncond + w (cond - uncond), w = `guidance` (1 = conditional only, one forward;
   0 = unconditional only, one forward; otherwise both branches in one batched forward). The
   unconditional branch is the same layout with the prompt dropped (DimbaModel `drop_prompt`).
+* score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate).
 * clamp (switch): x0_hat <- softmax(head(x0_hat)) @ E, the softmax-weighted embedding.
 * known positions are re-imposed (clean embeddings) in x0_hat and in x_{t-1} at every step.
 * self-conditioning (switch): the previous step's final x0_hat is fed to the next step.
@@ -22,7 +28,7 @@ Per step, with x0_hat the model's estimate:
   DDIM: x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z,
   eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t),
   sigma = eta sqrt((1 - ab_prev)/(1 - ab_t)) sqrt(1 - ab_t/ab_prev); eta = 1 equals DDPM.
-Read-out: argmax of the head on the final x0 (or a sample at `temperature` > 0); known positions
+Read-out: argmax of the last step's logits (or a sample at `temperature` > 0); known positions
 return their given tokens exactly.
 """
 
@@ -88,9 +94,38 @@ def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, n
     return ts, ab_t, ab_prev
 
 
+GRIDS = ("uniform", "warp")
+
+
+def noise_grid(model, schedule: CosineSchedule, steps: int, grid: str = "uniform"
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The reverse process's levels, noisiest first: (logsnr (S,), alpha_bar there (S,), alpha_bar
+    at the next level (S,), the last 1 = clean data), all float32.
+
+    grid "uniform": the schedule's respaced timesteps (`respaced_alphas`, steps in 1..T);
+    "warp": the quantiles u = 1, (S-1)/S, ..., 1/S of the model's learned noise warp
+    (`NoiseWarp.quantile_grid`), so the steps sit where the training loss says tokens are decided.
+    ValueError for an unknown grid, "warp" without a warp, or steps out of range.
+    """
+    if grid == "uniform":
+        ts, ab_t, ab_prev = respaced_alphas(schedule, steps)
+        return (jnp.asarray(schedule.logsnr_table()[ts]), jnp.asarray(ab_t), jnp.asarray(ab_prev))
+    if grid != "warp":
+        raise ValueError(f"unknown sampling grid {grid!r}; expected one of {GRIDS}")
+    if getattr(model, "noise_warp", None) is None:
+        raise ValueError("grid='warp' needs a model trained with a noise warp (diffusion.noise_sampling='warp')")
+    if not isinstance(steps, (int, np.integer)) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    lam = model.noise_warp.quantile_grid(int(steps))
+    ab_t = jax.nn.sigmoid(lam)
+    ab_prev = jnp.concatenate([ab_t[1:], jnp.ones((1,), jnp.float32)])
+    return lam, ab_t, ab_prev
+
+
 def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: jax.Array, rng: jax.Array, *,
            steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
-           self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False):
+           self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
+           grid: str = "uniform", score_temperature: float = 1.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -108,25 +143,30 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         self-conditioned model).
       temperature: 0 = argmax read-out, > 0 = sample from softmax(logits / temperature).
       return_x0: also return the final x0 estimate.
+      grid: where the steps sit, "uniform" or "warp" (`noise_grid`).
+      score_temperature: tau; x0_hat <- softmax(logits / tau) @ E at every step (1 = the model's
+        own estimate; < 1 sharpens it toward its most likely tokens).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, d)).
     Raises:
-      ValueError: steps outside 1..T, unknown sampler, bad shapes, negative eta/temperature.
+      ValueError: steps outside 1..T, unknown sampler or grid, bad shapes, negative eta/temperature.
     """
     tokens_known = jnp.asarray(tokens_known, jnp.int32)
     cond_mask = jnp.asarray(cond_mask, bool)
     if tokens_known.ndim != 2 or cond_mask.shape != tokens_known.shape:
         raise ValueError(f"tokens_known {tokens_known.shape} and cond_mask {cond_mask.shape} must both be (batch, L)")
     fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
-                        self_condition=self_condition, temperature=temperature)
+                        self_condition=self_condition, temperature=temperature, grid=grid,
+                        score_temperature=score_temperature)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
 
 def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
-                   temperature: float = 0.0, unroll: int = 1):
+                   temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
+                   score_temperature: float = 1.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -140,16 +180,19 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if eta < 0 or temperature < 0:
         raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
+    if not score_temperature > 0:
+        raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
     if int(unroll) < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     if self_condition is None:
         self_condition = model.self_condition
     if self_condition and not model.self_condition:
         raise ValueError("self_condition=True needs a model built with model.self_condition=True")
-    ts, ab_t, ab_prev = (jnp.asarray(a) for a in respaced_alphas(schedule, steps))
+    ts, ab_t, ab_prev = noise_grid(model, schedule, steps, grid)
     graphdef, state = nnx.split(model)
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
-                  self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll))
+                  self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
+                  score_temperature=float(score_temperature))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -157,29 +200,37 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     return fn
 
 
-def predict_x0(model, x_t, t_scalar, tokens, known, clean, self_cond, *, guidance: float, clamp: bool):
-    """One guided, clamped, re-imposed x0 estimate. x_t (b, L, d); t_scalar int; returns float32 (b, L, d)."""
+def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance: float, clamp: bool,
+               score_temperature: float = 1.0):
+    """One guided, clamped, re-imposed estimate at one noise level.
+
+    x_t (b, L, d); logsnr float scalar. Returns (x0 float32 (b, L, d), logits float32 (b, L, V)).
+    """
     b = x_t.shape[0]
-    t = jnp.full((b,), t_scalar, jnp.int32)
+    lam = jnp.full((b,), logsnr, jnp.float32)
     if guidance == 1.0:
-        x0 = model(x_t, t, tokens, known, self_cond=self_cond)
+        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond)
     elif guidance == 0.0:
-        x0 = model(x_t, t, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool))
+        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool))
     else:
         two = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
         drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-        both = model(two(x_t), two(t), two(tokens), two(known), self_cond=two(self_cond), drop_prompt=drop)
-        cond, uncond = both[:b], both[b:]
-        x0 = uncond + guidance * (cond - uncond)
+        both_x0, both_logits = model.predict(two(x_t), two(lam), two(tokens), two(known),
+                                             self_cond=two(self_cond), drop_prompt=drop)
+        x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
+        logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
+    if score_temperature != 1.0:
+        x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits / score_temperature, axis=-1),
+                        model.embedding_table())
     if clamp:
         x0 = model.clamp_to_embeddings(x0)
-    return jnp.where(known[..., None], clean, x0)
+    return jnp.where(known[..., None], clean, x0), logits
 
 
-def read_out(model, x0: jax.Array, tokens_known: jax.Array, known: jax.Array, rng: jax.Array,
+def read_out(logits: jax.Array, tokens_known: jax.Array, known: jax.Array, rng: jax.Array,
              temperature: float) -> jax.Array:
-    """Token ids from the final x0: argmax of the head (or a temperature sample); known kept. -> int32 (b, L)."""
-    logits = model.logits(x0)
+    """Token ids from the last step's logits (b, L, V): argmax (or a temperature sample); known
+    positions keep their tokens. -> int32 (b, L)."""
     if temperature > 0:
         ids = jax.random.categorical(rng, logits / temperature, axis=-1)
     else:
@@ -188,9 +239,9 @@ def read_out(model, x0: jax.Array, tokens_known: jax.Array, known: jax.Array, rn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature", "unroll"))
+                                             "temperature", "unroll", "score_temperature"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
-                self_condition, temperature, unroll=1):
+                self_condition, temperature, unroll=1, score_temperature=1.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -199,10 +250,11 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
     x = jnp.where(known[..., None], clean, x)
 
     def body(carry, step):
-        x_t, x0_prev, key = carry
-        t, a_t, a_prev = step
+        x_t, x0_prev, _, key = carry
+        lam, a_t, a_prev = step
         sc = x0_prev if self_condition else None
-        x0 = predict_x0(model, x_t, t, tokens, known, clean, sc, guidance=guidance, clamp=clamp)
+        x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
+                                score_temperature=score_temperature)
         if sampler == "ddpm":
             mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
         else:
@@ -210,8 +262,9 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         key, sub = jax.random.split(key)
         x_next = mean + std * jax.random.normal(sub, x_t.shape, jnp.float32)
         x_next = jnp.where(known[..., None], clean, x_next)
-        return (x_next, x0, key), None
+        return (x_next, x0, logits, key), None
 
-    (_, x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), r_loop), (ts, ab_t, ab_prev),
-                                 unroll=min(int(unroll), int(ts.shape[0])))
-    return read_out(model, x0, tokens, known, r_read, temperature), x0
+    logits0 = jnp.zeros((b, length, model.vocab_size), jnp.float32)
+    (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), (ts, ab_t, ab_prev),
+                                         unroll=min(int(unroll), int(ts.shape[0])))
+    return read_out(logits, tokens, known, r_read, temperature), x0

@@ -17,6 +17,17 @@ Decisions where the formula leaves a gap (documented and tested):
   formula to within 1e-8 absolute.
 * Tables are computed in float64 numpy and stored as float32.
 
+Log-SNR view. lambda = log(alpha_bar / (1 - alpha_bar)) is the per-channel log signal-to-noise
+ratio; the model, the loss and the samplers work with lambda (alpha_bar = sigmoid(lambda)), so the
+noise level can also be drawn continuously (diffusion/warp.py). `logsnr_shift` adds a constant to
+lambda(t) at every t (alpha_bar(t) <- sigmoid(logit(alpha_bar(t)) + shift)): a negative shift
+moves the whole cosine schedule toward more noise. Why it matters: with embedding rows of norm
+sqrt(d) the per-token SNR is d * exp(lambda), and the band where tokens are decided (per-token SNR
+~0.5 to ~20) sits at lambda ~ log(0.5/d) .. log(20/d) — for d = 512 at t > 0.88 of the unshifted
+schedule, so uniform t spends ~85% of training and sampling where there is nothing to learn. A
+shift of log(c/d) for a per-token SNR c at the middle of the schedule puts the band in the middle.
+With shift = 0 every table equals the formula above exactly.
+
 Training draws t ~ U{1..T}; noising is x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps.
 """
 
@@ -46,6 +57,7 @@ class CosineSchedule:
       max_beta: clip of beta_t (0.999).
       alpha_bar: float32 (T + 1,) — alpha_bar[t] for t = 0..T (see module docstring).
       betas: float32 (T + 1,) — betas[t] = 1 - alpha_bar[t] / alpha_bar[t - 1]; betas[0] = 0.
+      logsnr_shift: constant added to the log-SNR at every t (0 = the formula as written).
     """
 
     timesteps: int
@@ -53,17 +65,34 @@ class CosineSchedule:
     max_beta: float
     alpha_bar: np.ndarray
     betas: np.ndarray
+    logsnr_shift: float = 0.0
+
+    def _key(self):
+        return (self.timesteps, self.s, self.max_beta, self.logsnr_shift)
 
     def __hash__(self):  # usable as a static jit argument
-        return hash((self.timesteps, self.s, self.max_beta))
+        return hash(self._key())
 
     def __eq__(self, other):
-        return (isinstance(other, CosineSchedule)
-                and (self.timesteps, self.s, self.max_beta) == (other.timesteps, other.s, other.max_beta))
+        return isinstance(other, CosineSchedule) and self._key() == other._key()
 
     def alpha_bar_at(self, t: jax.Array) -> jax.Array:
         """alpha_bar for integer timesteps t (any shape, int, values 0..T) -> float32, same shape."""
         return jnp.asarray(self.alpha_bar)[t]
+
+    def logsnr_table(self) -> np.ndarray:
+        """lambda(t) = log(alpha_bar / (1 - alpha_bar)) for t = 0..T: float32 (T + 1,), decreasing."""
+        ab = self.alpha_bar.astype(np.float64)
+        return (np.log(ab) - np.log1p(-ab)).astype(np.float32)
+
+    def logsnr_at(self, t: jax.Array) -> jax.Array:
+        """lambda at integer timesteps t (any shape, values 0..T) -> float32, same shape."""
+        return jnp.asarray(self.logsnr_table())[t]
+
+    def logsnr_range(self) -> tuple[float, float]:
+        """(lambda at t = T, lambda at t = 0): the noisiest and the cleanest level of the schedule."""
+        table = self.logsnr_table()
+        return float(table[-1]), float(table[0])
 
     def sample_t(self, rng: jax.Array, shape: tuple[int, ...], power: float = 1.0) -> jax.Array:
         """Training timesteps: int32 of `shape` in 1..T.
@@ -97,21 +126,38 @@ class CosineSchedule:
         return ts
 
 
-def cosine_schedule(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> CosineSchedule:
-    """Builds the cosine schedule (see module docstring). Raises ValueError for timesteps < 1."""
+def cosine_schedule(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999,
+                    logsnr_shift: float = 0.0) -> CosineSchedule:
+    """Builds the cosine schedule (see module docstring), its log-SNR shifted by `logsnr_shift`.
+    Raises ValueError for timesteps < 1."""
     if timesteps < 1:
         raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}")
     ab = cosine_alpha_bar(np.arange(timesteps + 1), timesteps, s)
     for t in range(1, timesteps + 1):  # beta clip, propagated into alpha_bar (only bites at t ~ T)
         ab[t] = max(ab[t], (1.0 - max_beta) * ab[t - 1])
+    if logsnr_shift:
+        lam = np.log(ab) - np.log1p(-np.minimum(ab, 1.0 - 1e-12)) + float(logsnr_shift)
+        ab = 1.0 / (1.0 + np.exp(-lam))
     betas = np.zeros(timesteps + 1)
     betas[1:] = 1.0 - ab[1:] / ab[:-1]
-    return CosineSchedule(timesteps, s, max_beta, ab.astype(np.float32), betas.astype(np.float32))
+    return CosineSchedule(timesteps, s, max_beta, ab.astype(np.float32), betas.astype(np.float32),
+                          float(logsnr_shift))
 
 
 def schedule_from_config(diffusion_config) -> CosineSchedule:
-    """The schedule of `config.diffusion` (fields `timesteps`, `cosine_s`)."""
-    return cosine_schedule(int(diffusion_config.timesteps), float(diffusion_config.cosine_s))
+    """The schedule of `config.diffusion` (fields `timesteps`, `cosine_s`, `logsnr_shift`)."""
+    return cosine_schedule(int(diffusion_config.timesteps), float(diffusion_config.cosine_s),
+                           logsnr_shift=float(diffusion_config.logsnr_shift))
+
+
+def add_noise_logsnr(x0: jax.Array, logsnr: jax.Array, noise: jax.Array) -> jax.Array:
+    """Forward process at log-SNR lambda: sqrt(sigmoid(lambda)) x0 + sqrt(sigmoid(-lambda)) noise.
+
+    x0, noise: float (b, L, d); logsnr: float (b,). Returns float32 (b, L, d).
+    """
+    lam = logsnr.astype(jnp.float32)[:, None, None]
+    return (jnp.sqrt(jax.nn.sigmoid(lam)) * x0.astype(jnp.float32)
+            + jnp.sqrt(jax.nn.sigmoid(-lam)) * noise.astype(jnp.float32))
 
 
 def add_noise(schedule: CosineSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:

@@ -14,6 +14,8 @@ handles any length; quality is best up to seq_len). Generated text is cut at the
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ from flax import nnx
 from dimba_jax.diffusion import sampler as sampling
 from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
 from dimba_jax.diffusion.schedule import schedule_from_config
+from dimba_jax.diffusion.warp import NoiseWarp
 from dimba_jax.models.dimba import DimbaModel
 from dimba_jax.train import flops as flops_lib
 
@@ -47,14 +50,22 @@ class DimbaTask:
         if config.model.prompt_encoder == "frozen":  # load it now, outside any trace (see load_frozen_stack)
             from dimba_jax.layers.conditioning import load_frozen_stack
             load_frozen_stack(config.model.prompt_encoder_checkpoint)
-        self._eval_at_t = nnx.jit(self._eval_terms)
+        self._eval_at = nnx.jit(self._eval_terms)
         self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
 
     # ------------------------------------------------------------------ Task interface
     def init_model(self, rngs: nnx.Rngs) -> DimbaModel:
-        """A fresh `DimbaModel` (vocabulary of the tokenizer, params in config.train.param_dtype)."""
+        """A fresh `DimbaModel` (vocabulary of the tokenizer, params in config.train.param_dtype),
+        carrying a `NoiseWarp` over diffusion.logsnr_range when the noise sampling or the sampling
+        grid uses one."""
+        d = self.config.diffusion
+        warp = None
+        if d.noise_sampling == "warp" or self.config.sample.grid == "warp":
+            lo, hi = (float(v) for v in d.logsnr_range)
+            warp = NoiseWarp(lo, hi, bins=int(d.warp_bins), max_loss=math.log(self.tokenizer.vocab_size),
+                             floor=float(d.warp_floor))
         model = DimbaModel(self.config.model, self.tokenizer.vocab_size,
-                           param_dtype=self.config.train.param_dtype, rngs=rngs)
+                           param_dtype=self.config.train.param_dtype, noise_warp=warp, rngs=rngs)
         if self.config.model.init_from_mamba_ssm:
             # Warm start from a pretrained mamba_ssm / HF-layout Mamba-2: block i <- layer i (both
             # directions get the causal mixer), embedding <- its rows (see interop/warm_start.py).
@@ -107,7 +118,8 @@ class DimbaTask:
         pick = lambda v, d: d if v is None else v
         return dict(steps=int(pick(steps, s.steps)), sampler=pick(sampler, s.sampler),
                     eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
-                    clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)))
+                    clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
+                    grid=str(s.grid), score_temperature=float(s.score_temperature))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
@@ -178,25 +190,42 @@ class DimbaTask:
         return "".join(pieces)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_terms(self, model, tokens, t, noise):
-        mask = jnp.zeros(tokens.shape, bool)  # unconditional layout: every position generated
-        terms = denoise_terms(model, self.schedule, tokens, t, mask, jnp.zeros((tokens.shape[0],), bool),
-                              noise, True, float(self.config.diffusion.ce_weight))
+    def _eval_terms(self, model, tokens, logsnr, noise, cond_mask):
+        """Loss terms at given levels logsnr (b,), layout cond_mask (b, L), prompt kept,
+        self-conditioning pass on when the model has it."""
+        d = self.config.diffusion
+        terms = denoise_terms(model, tokens, logsnr, cond_mask, jnp.zeros((tokens.shape[0],), bool),
+                              noise, True, float(d.mse_weight), float(d.ce_weight))
         terms.pop("x0_hat")
+        terms.pop("ce_example")
+        logits = terms.pop("logits")
+        terms["correct"] = (jnp.argmax(logits, -1) == tokens)  # (b, L) bool
         return terms
 
+    def _at(self, model, tokens, logsnr: float, noise, cond_mask=None) -> dict:
+        b = tokens.shape[0]
+        cond_mask = jnp.zeros(tokens.shape, bool) if cond_mask is None else cond_mask
+        return self._eval_at(model, tokens, jnp.full((b,), logsnr, jnp.float32), noise, cond_mask)
+
     def default_eval_ts(self) -> tuple[int, ...]:
-        """Timesteps used by eval_metrics by default: 5%, 25%, 50%, 75%, 95% of T."""
+        """Timesteps used by eval_metrics(ts=...) by default: 5%, 25%, 50%, 75%, 95% of T."""
         big_t = self.schedule.timesteps
         return tuple(sorted({max(1, min(big_t, round(f * big_t / 1000))) for f in DEFAULT_EVAL_TS}))
 
-    def eval_metrics(self, model: DimbaModel, batch: dict, ts=None, rng: jax.Array | None = None) -> dict[str, float]:
+    def default_eval_logsnrs(self, num: int = 9) -> tuple[float, ...]:
+        """`num` evenly spaced log-SNR levels over diffusion.logsnr_range, noisiest first."""
+        lo, hi = (float(v) for v in self.config.diffusion.logsnr_range)
+        return tuple(float(v) for v in np.round(np.linspace(lo, hi, num), 3))
+
+    def eval_metrics(self, model: DimbaModel, batch: dict, ts=None, rng: jax.Array | None = None,
+                     logsnrs=None) -> dict[str, float]:
         """Validation numbers on one batch {"tokens": int32 (b, L)}.
 
         Returns floats: loss, mse, ce, acc (the training loss with its random draws from `rng`,
-        default key 0), and for each t in `ts` (default `default_eval_ts()`): loss_t{t}, mse_t{t},
-        ce_t{t}, acc_t{t} — unconditional layout (every position generated), self-conditioning
-        pass on when the model has it, fixed noise. acc is the head's token accuracy on x0_hat.
+        default key 0); for each log-SNR level in `logsnrs` (default `default_eval_logsnrs()`)
+        loss/mse/ce/acc_lam{level:g}; with `ts`, the same for those timesteps of the schedule as
+        loss/mse/ce/acc_t{t}. Unconditional layout (every position generated), fixed noise,
+        self-conditioning pass on when the model has it. acc is the head's token accuracy.
         """
         tokens = jnp.asarray(batch["tokens"], jnp.int32)
         rng = jax.random.key(0) if rng is None else rng
@@ -204,10 +233,79 @@ class DimbaTask:
         _, metrics = self._loss_jit(model, tokens, r_loss)
         out = {k: float(metrics[k]) for k in ("loss", "mse", "ce", "acc")}
         noise = jax.random.normal(r_noise, (*tokens.shape, model.d_model), jnp.float32)
-        for t in (self.default_eval_ts() if ts is None else ts):
+        points = []
+        for t in (ts or ()):
             t = int(t)
             if not 1 <= t <= self.schedule.timesteps:
                 raise ValueError(f"eval timestep {t} outside 1..{self.schedule.timesteps}")
-            terms = self._eval_at_t(model, tokens, jnp.full((tokens.shape[0],), t, jnp.int32), noise)
-            out.update({f"{k}_t{t}": float(terms[k]) for k in ("loss", "mse", "ce", "acc")})
+            points.append((f"t{t}", float(self.schedule.logsnr_table()[t])))
+        if ts is None:
+            points += [(f"lam{lam:g}", lam) for lam in (logsnrs or self.default_eval_logsnrs())]
+        for name, lam in points:
+            terms = self._at(model, tokens, lam, noise)
+            out.update({f"{k}_{name}": float(terms[k]) for k in ("loss", "mse", "ce", "acc")})
+        return out
+
+    def nll_bound(self, model: DimbaModel, batch: dict, levels: int = 64,
+                  rng: jax.Array | None = None) -> dict[str, float]:
+        """A variational upper bound on -log p(tokens), in bits per token, on one batch.
+
+        The continuous-time bound of VDM (Kingma et al. 2021) for x0 = the tokens' embeddings E[w]
+        over the log-SNR range [lo, hi] = diffusion.logsnr_range:
+            -log p(w) <= E[-log p(w | z_hi)]                         reconstruction (head's CE at hi)
+                       + 1/2 int_lo^hi e^lambda E||x0 - x0_hat(z_lambda)||^2 dlambda   diffusion
+                       + KL(q(z_lo | x0) || N(0, I))                                      prior
+        with KL = 1/2 (ab ||x0||^2 - d ab - d log(1 - ab)) per token at ab = sigmoid(lo). The
+        diffusion integral is estimated by stratified sampling: one level in each of `levels`
+        equal strata of [lo, hi], fresh noise per level. Unconditional layout (every position
+        generated); the self-conditioning pass (a function of the same z) is on when the model
+        has it. Returns floats: bound_bits (per token), and its parts recon_bits, diffusion_bits,
+        prior_bits.
+        """
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        lo, hi = (float(v) for v in self.config.diffusion.logsnr_range)
+        rng = jax.random.key(0) if rng is None else rng
+        r_u, r_noise = jax.random.split(rng)
+        u = np.asarray(jax.random.uniform(r_u, (levels,)))
+        width = (hi - lo) / levels
+        d = model.d_model
+        diffusion = 0.0
+        for i in range(levels):
+            lam = lo + (i + float(u[i])) * width
+            noise = jax.random.normal(jax.random.fold_in(r_noise, i), (*tokens.shape, d), jnp.float32)
+            sq_err = float(self._at(model, tokens, lam, noise)["mse"]) * d  # per token, summed over d
+            diffusion += 0.5 * math.exp(lam) * sq_err * width
+        noise = jax.random.normal(jax.random.fold_in(r_noise, levels), (*tokens.shape, d), jnp.float32)
+        recon = float(self._at(model, tokens, hi, noise)["ce"])
+        ab = 1.0 / (1.0 + math.exp(-lo))
+        norm2 = float(model.embed_norm) ** 2
+        prior = 0.5 * (ab * norm2 - d * ab - d * math.log1p(-ab))
+        bits = 1.0 / math.log(2.0)
+        return {"bound_bits": (recon + diffusion + prior) * bits, "recon_bits": recon * bits,
+                "diffusion_bits": diffusion * bits, "prior_bits": prior * bits}
+
+    def context_use(self, model: DimbaModel, batch: dict, prompt_len: int = 32, positions: int = 8,
+                    logsnrs=None, rng: jax.Array | None = None) -> dict[str, float]:
+        """How much the denoiser uses a prompt: the head's accuracy on the `positions` tokens right
+        after a clean `prompt_len`-token prefix, with the prefix known (acc_prompt_lam{level}) and
+        with it noised like the rest (acc_noprompt_lam{level}), at each log-SNR level (default:
+        the noisy half of `default_eval_logsnrs()`); a denoiser that reads context gains.
+        Needs seq_len > prompt_len + positions."""
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        b, length = tokens.shape
+        if length < prompt_len + positions:
+            raise ValueError(f"context_use needs windows of at least {prompt_len + positions} tokens, got {length}")
+        rng = jax.random.key(1) if rng is None else rng
+        noise = jax.random.normal(rng, (b, length, model.d_model), jnp.float32)
+        prefix = jnp.broadcast_to(jnp.arange(length)[None, :] < prompt_len, (b, length))
+        window = slice(prompt_len, prompt_len + positions)
+        if logsnrs is None:
+            levels = self.default_eval_logsnrs()
+            logsnrs = levels[:len(levels) // 2 + 1]
+        out = {}
+        for lam in logsnrs:
+            with_p = self._at(model, tokens, lam, noise, prefix)["correct"][:, window]
+            without = self._at(model, tokens, lam, noise)["correct"][:, window]
+            out[f"acc_prompt_lam{lam:g}"] = float(jnp.mean(with_p))
+            out[f"acc_noprompt_lam{lam:g}"] = float(jnp.mean(without))
         return out

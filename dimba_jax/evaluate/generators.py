@@ -4,20 +4,21 @@
   the prompt, then recurrent `step` decoding in one jitted `lax.scan`), nucleus sampling at
   ``temperature`` / ``top_p`` (defaults: config.ar.* if present, else 1.0 / 0.95). Unprompted
   samples start from the EOS id ("start of a document").
-* `DimbaGenerator`: ``dimba_jax.diffusion.sampler.sample`` over one sequence
+* `DimbaGenerator`: ``dimba_jax.diffusion.sampler.make_sample_fn`` (the same computation as
+  ``sample``, one compiled function per setting) over one sequence
   [prompt | L_gen generated positions]; settings come from config.sample (eta, guidance, clamp,
-  temperature) and the model (self-conditioning), overridden by the spec's variant
+  temperature, grid) and the model (self-conditioning), overridden by the spec's variant
   (`harness.VARIANTS`).
 Both return int32 (batch, L_gen): the generated tokens only. Everything a call does is inside
 `generate` (argument transfer, the jitted program, slicing off the prompt), so the harness times
 what a caller waits for.
 
-Pre-split fast path (both models alike): the public wrappers re-split the nnx module into
-(graphdef, state) at every call, a few milliseconds of Python for a 30M-parameter stack, which a
-serving loop would do once. The generators split once and call the same jitted programs the
-wrappers call (`sampler._sample_jit`, `ar._generate_jit`). The first call of every new shape
-also runs the public wrapper and checks the two results are identical; on any difference or
-error the generator falls back to the public wrapper for good (``self.fast`` turns False).
+Pre-split fast path: the public wrappers re-split the nnx module into (graphdef, state) at every
+call, a few milliseconds of Python for a 30M-parameter stack, which a serving loop would do once.
+DIMBA's `make_sample_fn` splits once. The AR generator splits once and calls the jitted program
+its wrapper calls (`ar._generate_jit`); the first call of every new shape also runs the public
+wrapper and checks the two results are identical; on any difference or error it falls back to
+the public wrapper for good (``self.fast`` turns False).
 """
 
 from __future__ import annotations
@@ -94,11 +95,10 @@ class DimbaGenerator:
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
         s = config.sample
-        self._graphdef, self._state = nnx.split(model)
-        self._alphas: dict = {}
-        self.fast, self._checked = True, set()
+        self._samplers: dict = {}
         self.defaults = {"eta": float(s.eta), "guidance": float(s.guidance), "clamp": bool(s.clamp),
-                         "temperature": float(s.temperature),
+                         "temperature": float(s.temperature), "grid": str(s.grid),
+                         "score_temperature": float(s.score_temperature),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:
@@ -129,26 +129,12 @@ class DimbaGenerator:
         opts = self.options(spec)
         rng = jax.random.PRNGKey(seed)
 
-        def public():
-            return sampling.sample(self.model, self.schedule, jnp.asarray(tokens), jnp.asarray(known),
-                                   rng, steps=spec.steps, sampler=spec.sampler, **opts)[:, p_len:]
-
-        def fast():
-            if spec.steps not in self._alphas:
-                self._alphas[spec.steps] = tuple(
-                    jnp.asarray(a) for a in sampling.respaced_alphas(self.schedule, spec.steps))
-            ts, ab_t, ab_prev = self._alphas[spec.steps]
-            ids = sampling._sample_jit(
-                self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(known), rng, ts, ab_t,
-                ab_prev, jnp.float32(opts["eta"]), sampler=spec.sampler,
-                guidance=float(opts["guidance"]), clamp=bool(opts["clamp"]),
-                self_condition=bool(opts["self_condition"]), temperature=float(opts["temperature"]))
-            if isinstance(ids, tuple):  # (ids, x0) in newer versions of the sampler
-                ids = ids[0]
-            return ids[:, p_len:]
-
-        key = (tokens.shape, spec.steps, spec.sampler, tuple(sorted(opts.items())))
-        return _checked_fast(self, key, fast, public)
+        key = (spec.steps, spec.sampler, tuple(sorted(opts.items())))
+        if key not in self._samplers:  # one compiled sampler per setting, model split once
+            self._samplers[key] = sampling.make_sample_fn(self.model, self.schedule, steps=spec.steps,
+                                                          sampler=spec.sampler, **opts)
+        ids, _ = self._samplers[key](jnp.asarray(tokens), jnp.asarray(known), rng)
+        return ids[:, p_len:]
 
 
 def _checked_fast(gen, key, fast, public) -> jax.Array:

@@ -55,6 +55,11 @@ VARIANTS: dict[str, dict] = {
     "cfg2": {"guidance": 2.0},
     "cfg0": {"guidance": 0.0},
     "temp0.7": {"temperature": 0.7},
+    "uniform_grid": {"grid": "uniform"},
+    "warp_grid": {"grid": "warp"},
+    "st0.5": {"score_temperature": 0.5},
+    "st0.7": {"score_temperature": 0.7},
+    "eta0.5": {"eta": 0.5},
 }
 
 

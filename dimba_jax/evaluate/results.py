@@ -7,7 +7,7 @@ Format (the issue's, plus documented extras)::
      "rows": [{"model": "dimba"|"ar", "sampler": "ddim"|"ddpm"|"ar", "steps": int,
                "L_gen": int, "batch": int, "prompted": bool, "latency_ms": float,
                "tokens_per_s": float, "judge_ppl": float, "entropy": float,
-               ["variant": str]}, ...],
+               ["variant": str], ["nll_bits": float]}, ...],
      "long_context": [{"L": int, "step_ms": float, "peak_gib": float|null}, ...],
      # extras
      "commands": [every command that contributed rows, oldest first],
@@ -15,6 +15,9 @@ Format (the issue's, plus documented extras)::
      "long_context_slope": float, "long_context_model": {...},
      "details": {row key: {compile_s, entropy_words, entropy_pooled, judge_tokens, ...}},
      "models": {"dimba": {...}, "ar": {...}, "judge": {...}}}
+
+"nll_bits": the model's negative log-likelihood on held-out text in bits per token, exact for the
+AR baseline and a variational upper bound for DIMBA (`DimbaTask.nll_bound`), on the same tokens.
 
 A row is identified by (model, sampler, steps, L_gen, batch, prompted, variant); merging new
 rows into a file replaces rows with the same identity and keeps all others, so results
@@ -32,7 +35,7 @@ from typing import Any
 
 ROW_KEYS = ("model", "sampler", "steps", "L_gen", "batch", "prompted", "latency_ms",
             "tokens_per_s", "judge_ppl", "entropy")
-OPTIONAL_ROW_KEYS = ("variant",)
+OPTIONAL_ROW_KEYS = ("variant", "nll_bits")
 LONG_CONTEXT_KEYS = ("L", "step_ms", "peak_gib")
 
 
@@ -138,8 +141,8 @@ def validate_row(row: dict) -> None:
             raise ValueError(f"row {k} must be a positive int, got {row[k]!r}")
     if not isinstance(row["prompted"], bool):
         raise ValueError(f"row prompted must be a bool, got {row['prompted']!r}")
-    for k in ("latency_ms", "tokens_per_s", "judge_ppl", "entropy"):
-        if row[k] is not None and not isinstance(row[k], (int, float)):
+    for k in ("latency_ms", "tokens_per_s", "judge_ppl", "entropy", "nll_bits"):
+        if row.get(k) is not None and not isinstance(row[k], (int, float)):
             raise ValueError(f"row {k} must be a number or null, got {row[k]!r}")
 
 

@@ -28,6 +28,14 @@ Decisions (see DESIGN.md section 2):
   still says "known" (these positions are not to be generated), and the prompt encoder sees
   nothing (c = 0). We rejected "mask = 0 at dropped positions": it would make the null positions
   look like generated positions with an odd x_t, conflating two roles.
+* **Noise level and read-out.** The denoiser is told the noise level as the log-SNR lambda
+  (`noise_time` maps it to the timestep embedding's input), so any schedule, shift or learned warp
+  of the levels can drive it. `model.readout` "score_interp" (default) makes the network predict
+  token logits and x0_hat = softmax(logits) @ E, the softmax-weighted mean of embedding rows
+  (CDCD's score interpolation: x0_hat stays on the vocabulary's hull, trained by cross-entropy);
+  "direct" regresses x0_hat itself (the paper's x0-MSE) and reads logits off it through the head.
+  `model.skip_logits` adds the output prior (`prior_logits`: the exact per-token Gaussian
+  likelihood of x_t under each row) to the logits, so the network only adds what context tells.
 * **Blocks.** Pre-norm residual blocks h <- h + Mamba2(cond(RMSNorm(h))), bidirectional
   (`BidirectionalMamba2`: forward scan plus flipped scan) by default, causal `Mamba2` when
   `model.bidirectional` is False; then a final RMSNorm and a linear map to x0_hat. The residual
@@ -48,6 +56,18 @@ from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+READOUTS = ("score_interp", "direct")
+# The timestep embedding reads lambda through t_in = (LOGSNR_TOP - lambda) * TIME_PER_LOGSNR, so
+# lambda in [-28, 12] spans t_in in [0, 1000], the range its sinusoidal features are made for.
+LOGSNR_TOP = 12.0
+TIME_PER_LOGSNR = 25.0
+
+
+def noise_time(logsnr: jax.Array) -> jax.Array:
+    """The timestep embedding's input for log-SNR levels: float (b,) -> float32 (b,)."""
+    return (LOGSNR_TOP - logsnr.astype(jnp.float32)) * TIME_PER_LOGSNR
 
 
 def resolve_dtype(name) -> jnp.dtype:
@@ -99,16 +119,19 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype).
+        compute_dtype, readout, skip_logits).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
         e.g. a `FrozenPromptEncoder` built from given blocks).
+      noise_warp: optional module the diffusion task keeps with the model (its learned noise
+        warp), so that it is trained, averaged and checkpointed with the weights; unused here.
       rngs: parameter initialisation.
     """
 
     def __init__(self, model_cfg, vocab_size: int, *, param_dtype=jnp.float32,
-                 prompt_encoder: nnx.Module | None = None, rngs: nnx.Rngs):
+                 prompt_encoder: nnx.Module | None = None, noise_warp: nnx.Module | None = None,
+                 rngs: nnx.Rngs):
         m = model_cfg
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
@@ -120,6 +143,11 @@ class DimbaModel(nnx.Module):
         self.tie_embeddings = bool(m.tie_embeddings)
         self.embed_norm = float(m.embed_scale) * math.sqrt(d)  # the fixed row norm
         self.compute_dtype = resolve_dtype(m.compute_dtype)
+        self.readout = str(m.readout)
+        if self.readout not in READOUTS:
+            raise ValueError(f"model.readout must be one of {READOUTS}, got {m.readout!r}")
+        self.skip_logits = bool(m.skip_logits)
+        self.noise_warp = noise_warp
 
         normal = nnx.initializers.normal(1.0)
         self.embedding = nnx.Param(partitioned(normal, ("vocab", "embed"))(rngs.params(), (vocab_size, d), param_dtype))
@@ -175,24 +203,39 @@ class DimbaModel(nnx.Module):
         return jnp.einsum("blv,vd->bld", jax.nn.softmax(self.logits(x), axis=-1), self.embedding_table())
 
     # ------------------------------------------------------------------ denoiser
-    def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
-                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None) -> jax.Array:
-        """Predicts x0.
+    def prior_logits(self, x_t: jax.Array, logsnr: jax.Array) -> jax.Array:
+        """The output prior ("skip logits"): log N(x_t; sqrt(ab) e_v, (1 - ab) I) per row v, up to
+        a constant per position (every row has the same norm, so ||e_v||^2 drops out):
+        sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
+        tokens of a position seen alone under a uniform prior; the head learns what context adds.
+        x_t float (b, L, d), logsnr float (b,) -> float32 (b, L, V)."""
+        lam = logsnr.astype(jnp.float32)
+        coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
+        return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef[:, None, None]
+
+    def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
+                self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+        """Predicts x0 and the token logits.
 
         Args:
           x_t: float (b, L, d) noisy embeddings (values at known positions are ignored).
-          t: int or float (b,) timesteps in 1..T.
+          logsnr: float (b,) the noise level as log-SNR lambda = log(ab / (1 - ab)).
           tokens: int32 (b, L) token ids; only the known positions are read.
           cond_mask: bool (b, L), True = known (clean) position.
           self_cond: float (b, L, d) previous x0 estimate, or None (= zeros).
           drop_prompt: bool (b,) — True replaces the prompt by the null embedding (CFG), or None.
         Returns:
-          float32 (b, L, d) x0_hat, clean (or null, if dropped) embeddings at known positions.
+          (x0_hat float32 (b, L, d) with the clean (or null, if dropped) embeddings at known
+          positions, logits float32 (b, L, V)). `readout` "score_interp": logits = head(h)
+          (+ the prior), x0_hat = softmax(logits) @ E; "direct": x0_hat = the network's output,
+          logits = head(x0_hat) (+ the prior).
         """
         b, length, d = x_t.shape
         if d != self.d_model or tokens.shape != (b, length) or cond_mask.shape != (b, length):
             raise ValueError(f"DimbaModel: x_t {x_t.shape}, tokens {tokens.shape}, cond_mask "
                              f"{cond_mask.shape} do not agree (d_model {self.d_model})")
+        logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (b,))
         known = cond_mask.astype(bool)
         if drop_prompt is None:
             drop_prompt = jnp.zeros((b,), bool)
@@ -211,9 +254,21 @@ class DimbaModel(nnx.Module):
         h = h + c_pos
         n_visible = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1).astype(jnp.float32)
         pooled = jnp.sum(c_pos, axis=1) / n_visible
-        cond = jax.nn.silu(self.time_embed(t) + self.pool_proj(pooled))
+        cond = jax.nn.silu(self.time_embed(noise_time(logsnr)) + self.pool_proj(pooled))
 
         for block in self.blocks:
             h = block(h, cond)
-        x0 = self.out_proj(self.final_norm(h)).astype(jnp.float32)
-        return jnp.where(known[..., None], shown, x0)
+        out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
+        prior = self.prior_logits(x_in, logsnr) if self.skip_logits else 0.0
+        if self.readout == "score_interp":
+            logits = self.logits(out) + prior
+            x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits, axis=-1), self.embedding_table())
+        else:
+            x0 = out
+            logits = self.logits(x0) + prior
+        return jnp.where(known[..., None], shown, x0), logits
+
+    def __call__(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
+                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None) -> jax.Array:
+        """x0_hat alone: `predict(...)[0]`, float32 (b, L, d)."""
+        return self.predict(x_t, logsnr, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)[0]

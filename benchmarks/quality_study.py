@@ -1,0 +1,448 @@
+"""The quality study: DIMBA levers and the model of record, trained at equal tokens on one GPU.
+
+Each study trains its runs side by side on one device (one process each, sharing the GPU's
+memory), then loads every run and measures, on the same held-out windows:
+  * the likelihood: DIMBA's variational bound (`DimbaTask.nll_bound`, bits per token) beside the
+    AR model's exact NLL;
+  * where the denoiser learns: the head's cross-entropy and accuracy at log-SNR levels
+    (`DimbaTask.eval_metrics`), plotted by `docs/plot_noise_curves.py`;
+  * context use: the head's accuracy on the 8 tokens after a clean 32-token prompt, with the
+    prompt and with it noised like the rest (`DimbaTask.context_use`), and the AR model's
+    accuracy at the same positions for scale;
+  * samples: unprompted and prompted DDIM samples judged by an AR judge conditioned on the
+    prompt (`dimba_jax.evaluate.harness`), with their entropy.
+
+Studies (STUDIES below):
+  ablation  configs/ablation.py (~6M parameters, 19.7M tokens): the paper's recipe, each lever
+            alone on top of it, the combination without each of its parts; the AR model of the
+            same size and tokens is the scale and the judge.
+  small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
+            the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
+            results file (`--pareto`).
+
+    python benchmarks/quality_study.py --study ablation --data-dir .gpu/data \\
+        --workdir runs/ablation --out $OUT/quality_ablation_h200.json --budget-s 560
+
+Rerunning resumes: finished runs are not retrained, measured runs are not re-measured. `--smoke`
+runs the pipeline on CPU in about a minute (tiny models, embedded corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+ABL_SHIFT = round(math.log(4.0 / 256), 2)  # per-token SNR 4 at the middle of the cosine, d = 256
+PAPER = {"model.readout": "direct", "model.skip_logits": False, "diffusion.mse_weight": 1.0,
+         "diffusion.noise_sampling": "uniform", "sample.grid": "uniform", "sample.clamp": True}
+AR_ABL = {"task": "ar", "model.bidirectional": False, "model.n_layers": 9}
+
+STUDIES = {
+    "ablation": {
+        "config": "configs/ablation.py",
+        "runs": {
+            "paper": dict(PAPER),
+            "paper+shift": dict(PAPER, **{"diffusion.logsnr_shift": ABL_SHIFT}),
+            "paper+score_interp": dict(PAPER, **{"model.readout": "score_interp", "diffusion.mse_weight": 0.0,
+                                                 "sample.clamp": False}),
+            "paper+skip": dict(PAPER, **{"model.skip_logits": True}),
+            "paper+warp": dict(PAPER, **{"diffusion.noise_sampling": "warp", "sample.grid": "warp"}),
+            "all": {},
+            "all-warp+shift": {"diffusion.noise_sampling": "uniform", "sample.grid": "uniform",
+                               "diffusion.logsnr_shift": ABL_SHIFT},
+            "all-skip": {"model.skip_logits": False},
+            "ar": dict(AR_ABL),
+        },
+        "judge": "ar",
+        "steps": (32,),
+        "lengths": (256,),
+        "batches": (32,),
+        "prompt_len": 32,
+        "skip_tokens": 2000,
+        "measure_in_worker": True,  # each run measures itself in its process; the driver judges
+        "variant_is_run": True,
+    },
+    "small": {
+        "config": "configs/small.py",
+        "runs": {
+            "dimba": {"train.sample_every": 0, "train.eval_every": 0},
+            "ar": {"@config": "configs/ar_small.py", "train.sample_every": 0, "train.eval_every": 0},
+            "judge": {"@config": "configs/judge.py", "train.eval_every": 0},
+        },
+        "judge": "judge",
+        "steps": (64, 16, 32, 128),
+        "prompted_steps": (64, 16),
+        # sampler settings tried at the headline T (unprompted) before the rows of record, which
+        # use the one the judge scores best
+        "sweep": (("ddim", ""), ("ddpm", ""), ("ddim", "st0.5"), ("ddpm", "st0.5")),
+        "lengths": (1024,),
+        "batches": (1, 64),
+        "prompt_len": 64,
+        "skip_tokens": 2000,
+        "measure_in_worker": False,  # measured after training, alone on the GPU (latencies of record)
+        "variant_is_run": False,
+    },
+}
+
+
+def smoke_study(study: dict) -> dict:
+    """The study shrunk for --smoke (CPU, tiny models, short samples)."""
+    return dict(study, steps=(4,), prompted_steps=(4,), lengths=(16,), batches=(2,), prompt_len=8,
+                skip_tokens=0, sweep=study.get("sweep", ())[:2])
+
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", choices=sorted(STUDIES), required=True)
+    p.add_argument("--runs", default="", help="comma-separated subset of the study's runs ('' = all)")
+    p.add_argument("--workdir", required=True, help="folder holding one workdir per run")
+    p.add_argument("--data-dir", default="", help="folder with train-*.jsonl.xz + validation.jsonl.xz")
+    p.add_argument("--out", required=True, help="study results JSON (merged into when present)")
+    p.add_argument("--pareto", default="", help="also merge the harness rows into this Pareto results JSON")
+    p.add_argument("--budget-s", type=float, default=560.0, help="wall-time budget of the whole call")
+    p.add_argument("--train-reserve-s", type=float, default=200.0, help="time kept for measuring after training")
+    p.add_argument("--set", action="append", default=[], help="RUN:key=value override (repeatable)")
+    p.add_argument("--mem-fraction", type=float, default=0.0, help="GPU memory share per training process (0 = 0.9 / runs)")
+    p.add_argument("--bound-levels", type=int, default=48)
+    p.add_argument("--eval-batches", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
+    p.add_argument("--train-only", action="store_true", help="train the runs, measure nothing")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: train + measure one run
+    return p.parse_args(argv)
+
+
+def config_args(name: str, study: dict, args) -> tuple[str, list[str]]:
+    """(config file, CLI overrides) of one run."""
+    overrides = dict(study["runs"][name])
+    config = overrides.pop("@config", study["config"])
+    for item in args.set:
+        run, _, kv = item.partition(":")
+        if run == name:
+            k, _, v = kv.partition("=")
+            overrides[k] = v
+    if args.smoke:
+        overrides.update({"data.source": "embedded", "data.val_source": "", "data.tokenizer": "bpe",
+                          "data.token_cache_dir": "", "model.d_model": 32, "model.n_layers": 1,
+                          "model.d_state": 8, "model.headdim": 16, "model.chunk_size": 16,
+                          "model.time_embed_dim": 16, "model.compute_dtype": "float32",
+                          "model.ssd_impl": "xla", "data.seq_len": 48, "train.steps": 6,
+                          "train.batch_size": 4, "train.checkpoint_every": 6, "train.eval_batches": 1,
+                          "sample.length": 16, "sample.num_samples": 1, "train.warmup_steps": 2})
+    elif args.data_dir:
+        overrides.update({"data.source": f"files:{args.data_dir}/train-*.jsonl.xz",
+                          "data.val_source": f"files:{args.data_dir}/validation.jsonl.xz",
+                          "data.token_cache_dir": f"{args.data_dir}/cache"})
+    return config, [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def finished(workdir: str) -> bool:
+    """True if the run's last checkpoint is at its configured step count."""
+    try:
+        from dimba_jax.train.checkpoint import load_config
+        cfg = load_config(workdir)
+        steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+        return bool(steps) and max(steps) >= int(cfg.train.steps)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+
+
+def tokenize_once(study: dict, names: list[str], args) -> None:
+    """Fills the shared token cache before the training processes start (one tokenisation)."""
+    if args.smoke or not args.data_dir:
+        return
+    from dimba_jax.data.pipeline import load_or_tokenize
+    from dimba_jax.data.sources import open_source
+    from dimba_jax.data.tokenizers import get_tokenizer
+    t0 = time.perf_counter()
+    load_or_tokenize(open_source(f"files:{args.data_dir}/train-*.jsonl.xz", split="all"),
+                     get_tokenizer("bpe"), cache_dir=f"{args.data_dir}/cache")
+    log(f"token cache ready in {time.perf_counter() - t0:.0f}s")
+
+
+def train_all(study: dict, names: list[str], args, deadline: float) -> dict:
+    """Trains the unfinished runs at once, one process each; returns {name: seconds}."""
+    in_worker = study["measure_in_worker"]
+    todo = [n for n in names if not (os.path.isfile(measure_path(args, n)) if in_worker
+                                     else finished(os.path.join(args.workdir, n)))]
+    if not todo:
+        return {}
+    tokenize_once(study, todo, args)
+    frac = args.mem_fraction or max(0.05, round(0.9 / len(todo), 3))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(frac), PYTHONUNBUFFERED="1")
+    limit = max(10.0, deadline - time.perf_counter() - args.train_reserve_s)
+    procs = {}
+    os.makedirs(args.workdir, exist_ok=True)
+    for name in todo:
+        if in_worker:
+            cmd = [sys.executable, os.path.abspath(__file__), *sys_args(args), "--worker", name]
+        else:
+            config, overrides = config_args(name, study, args)
+            cmd = [sys.executable, "-m", "dimba_jax.main", "--config", config,
+                   "--workdir", os.path.join(args.workdir, name), *overrides]
+        logf = open(os.path.join(args.workdir, f"{name}.log"), "a")
+        log(f"train {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}")
+        procs[name] = (subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT), time.perf_counter(), logf)
+    seconds, stopped = {}, set()
+    while procs:
+        for name, (proc, t0, logf) in list(procs.items()):
+            if proc.poll() is not None:
+                seconds[name] = time.perf_counter() - t0
+                logf.close()
+                log(f"train {name}: exit {proc.returncode} after {seconds[name]:.0f}s")
+                del procs[name]
+            elif time.perf_counter() - t0 > limit and name not in stopped:
+                proc.terminate()  # the trainer checkpoints on SIGTERM, then the worker measures
+                stopped.add(name)
+                log(f"train {name}: stopped at the time limit ({limit:.0f}s)")
+        time.sleep(2.0)
+    return seconds
+
+
+def measure_path(args, name: str) -> str:
+    return os.path.join(args.workdir, f"{name}.measure.json")
+
+
+def sys_args(args) -> list[str]:
+    """The driver's own arguments, for its worker processes."""
+    out = ["--study", args.study, "--workdir", args.workdir, "--out", args.out,
+           "--bound-levels", str(args.bound_levels), "--eval-batches", str(args.eval_batches)]
+    if args.data_dir:
+        out += ["--data-dir", args.data_dir]
+    if args.smoke:
+        out.append("--smoke")
+    for item in args.set:
+        out += ["--set", item]
+    return out
+
+
+def run_worker(args) -> None:
+    """One run in its own process: train it (the CLI), then measure it without a judge, samples
+    kept as text, into `<workdir>/<run>.measure.json` (the driver judges them)."""
+    from dimba_jax import main as cli
+
+    study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
+    name = args.worker
+    workdir = os.path.join(args.workdir, name)
+    if not finished(workdir):
+        config, overrides = config_args(name, study, args)
+        code = cli.main(["--config", config, "--workdir", workdir, *overrides])
+        if code != 0:
+            raise SystemExit(code)
+    res = {"rows": []}
+    measure(name, study, args, None, validation_texts(args), res, "", "")
+    with open(measure_path(args, name), "w") as f:
+        json.dump(res, f)
+
+
+def validation_texts(args) -> list[str]:
+    """The validation books (each cut to 60k characters), where prompts and references come from."""
+    from dimba_jax.data.sources import open_source
+    spec = "embedded" if args.smoke or not args.data_dir else f"files:{args.data_dir}/validation.jsonl.xz"
+    src = open_source(spec, split="validation" if spec == "embedded" else "all")
+    return [src[i][:60_000] for i in range(min(len(src), 64))]
+
+
+def judge_samples(res: dict, judge) -> None:
+    """Fills judge_ppl / entropy of a worker's rows from its kept sample texts ("prompt || text")."""
+    from dimba_jax.evaluate import results as results_lib
+    for row in res["rows"]:
+        texts = res.get("all_samples", {}).get(results_lib.row_key(dict(row, batch=0, variant="")))
+        if not texts:
+            continue
+        if row["prompted"]:
+            pairs = [t.split(" || ", 1) for t in texts]
+            score = judge.score_texts([p[1] for p in pairs], [p[0] for p in pairs])
+        else:
+            score = judge.score_texts(texts)
+        row.update(judge_ppl=score["ppl"], entropy=score["entropy"])
+
+
+def ar_measures(task, model, batches, prompt_len: int, positions: int = 8) -> dict:
+    """The AR model's exact NLL (bits/token, teacher forcing) and next-token accuracy at
+    positions prompt_len .. prompt_len + positions - 1 of the same windows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    loss_fn = nnx.jit(task.loss)
+    logits_fn = nnx.jit(lambda m, t: m(t))
+    nll, correct = [], []
+    for i, batch in enumerate(batches):
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        _, metrics = loss_fn(model, {"tokens": tokens}, jax.random.key(i))
+        nll.append(float(metrics["ce"]))
+        logits = logits_fn(model, tokens)  # (b, L, V): position j predicts token j + 1
+        pred = np.asarray(jnp.argmax(logits[:, prompt_len - 1:prompt_len - 1 + positions], -1))
+        correct.append(np.mean(pred == np.asarray(tokens[:, prompt_len:prompt_len + positions])))
+    return {"nll_bits": float(np.mean(nll)) / math.log(2.0), "acc_after_prompt": float(np.mean(correct))}
+
+
+def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device: str, info: dict):
+    """Judges the study's sampler settings at its headline T (unprompted, the largest batch);
+    returns the (sampler, variant) with the lowest judge perplexity and records all in info."""
+    from dimba_jax.evaluate import harness
+    L, T = study["lengths"][0], study["steps"][0]
+    specs = [harness.RunSpec("dimba", smp, T, L, False, v) for smp, v in study["sweep"]]
+    opts = harness.HarnessOptions(batches=(max(study["batches"]),), prompt_len=study["prompt_len"],
+                                  skip_tokens=study["skip_tokens"], overwrite=True)
+    out = harness.run_harness({"dimba": gen}, judge, specs, val_texts, os.path.join(workdir, "sweep.json"),
+                              options=opts, command=command, device=device, log=log)
+    info["sweep"] = [{k: r.get(k) for k in ("sampler", "variant", "steps", "judge_ppl", "entropy")}
+                     for r in out["rows"]]
+    best = min(out["rows"], key=lambda r: r["judge_ppl"] if r["judge_ppl"] == r["judge_ppl"] else float("inf"))
+    log(f"sampler sweep: best {best['sampler']} {best.get('variant', '') or 'default'} "
+        f"(judge ppl {best['judge_ppl']:.1f})")
+    return best["sampler"], best.get("variant", "")
+
+
+def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: str, device: str) -> None:
+    """All measurements of one trained run into res["runs"][name] and res["rows"]."""
+    import numpy as np
+
+    from dimba_jax.data.pipeline import make_eval_batches
+    from dimba_jax.evaluate import harness
+    from dimba_jax.evaluate import results as results_lib
+    from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator
+    from dimba_jax.evaluate.loading import count_params, load_model
+
+    workdir = os.path.join(args.workdir, name)
+    model, task, cfg, tok, step = load_model(workdir)
+    seq = int(cfg.data.seq_len)
+    batch = 4 if args.smoke else 32
+    batches = make_eval_batches(cfg.data, tok, batch, args.eval_batches, seq)
+    info = {"workdir": workdir, "step": step, "params": count_params(model), "task": cfg.task,
+            "tokens_seen": step * int(cfg.train.batch_size) * seq,
+            "overrides": {k: v for k, v in study["runs"][name].items()}}
+    prompt_len = study["prompt_len"]
+    if cfg.task == "dimba":
+        curves = [task.eval_metrics(model, b, logsnrs=tuple(float(v) for v in np.arange(-15.0, 5.5, 1.0)))
+                  for b in batches]
+        info["noise_curve"] = {k: float(np.mean([c[k] for c in curves])) for k in curves[0]}
+        bounds = [task.nll_bound(model, b, levels=args.bound_levels) for b in batches]
+        info["bound"] = {k: float(np.mean([x[k] for x in bounds])) for k in bounds[0]}
+        ctx = [task.context_use(model, b, prompt_len=min(32, seq // 2),
+                                logsnrs=(-10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0)) for b in batches]
+        info["context"] = {k: float(np.mean([x[k] for x in ctx])) for k in ctx[0]}
+        nll_bits = info["bound"]["bound_bits"]
+        gen = DimbaGenerator(model, cfg, tok)
+        specs = harness.plan(models=("dimba",), samplers=("ddim",), steps=study["steps"],
+                             lengths=study["lengths"], prompted=(False, True),
+                             headline_steps=study["steps"][0])
+        if study.get("sweep") and judge is not None:
+            sampler, variant = sweep(gen, study, judge, val_texts, workdir, command, device, info)
+            headline = study["steps"][0]
+            specs = [harness.RunSpec("dimba", sampler, t, L, p, variant)
+                     for L in study["lengths"] for p in (False, True)
+                     for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
+                               if not p else study["prompted_steps"])]
+    else:
+        info.update(ar_measures(task, model, batches, min(32, seq // 2)))
+        nll_bits = info["nll_bits"]
+        gen = ArGenerator.from_config(model, cfg, tok)
+        specs = harness.plan(models=("ar",), lengths=study["lengths"], prompted=(False, True))
+    log(f"measured {name}: {json.dumps({k: v for k, v in info.items() if k in ('bound', 'nll_bits')})}")
+    tmp = os.path.join(args.workdir, f"{name}.harness.json")
+    opts = harness.HarnessOptions(batches=study["batches"], prompt_len=prompt_len,
+                                  skip_tokens=study["skip_tokens"], samples_to_keep=max(study["batches"]),
+                                  overwrite=True)
+    out = harness.run_harness({cfg.task: gen}, judge, specs, val_texts, tmp, options=opts,
+                              command=command, device=device, log=log)
+    res["all_samples"] = dict(out.get("samples", {}))
+    rows = [dict(row, nll_bits=nll_bits) for row in out["rows"]]
+    res["rows"] = rows
+    res["runs"] = {name: info}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return {}
+    deadline = time.perf_counter() + args.budget_s
+    study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
+    names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
+    command = "python benchmarks/quality_study.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    seconds = train_all(study, names, args, deadline)
+    if args.train_only:
+        log(f"trained: {seconds}")
+        return {}
+
+    import jax
+
+    from dimba_jax.evaluate import harness
+    from dimba_jax.evaluate import judge as judge_lib
+    from dimba_jax.evaluate import results as results_lib
+    from dimba_jax.evaluate.loading import load_model
+
+    dev = jax.devices()[0]
+    device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
+    res = results_lib.load(args.out)
+    res["study"] = args.study
+    results_lib.add_command(res, command, device)
+    res.setdefault("train_seconds", {}).update(seconds)
+    jname = study["judge"]
+    jmodel, _, jcfg, jtok, _ = load_model(os.path.join(args.workdir, jname), prefer_ema=False)
+    window = int(jcfg.data.seq_len)
+    judge = judge_lib.Judge(jmodel, jtok, window=window, stride=max(1, window // 2), batch_size=16)
+    res["models"] = dict(res.get("models", {}), judge={"workdir": os.path.join(args.workdir, jname),
+                                                       "window": window})
+    val_texts = validation_texts(args)
+    for L in study["lengths"]:
+        harness.ensure_reference(res, judge, val_texts, L, max(study["batches"]), study["skip_tokens"],
+                                 max(study["lengths"]))
+    for name in names:
+        if study["runs"][name].get("@config") == "configs/judge.py":
+            continue  # the judge scores; it is not a row
+        if name in res.get("runs", {}):
+            continue
+        if study["measure_in_worker"]:
+            if not os.path.isfile(measure_path(args, name)):
+                log(f"{name}: no measurements (its worker failed; see {args.workdir}/{name}.log)")
+                continue
+            with open(measure_path(args, name)) as f:
+                one = json.load(f)
+            judge_samples(one, judge)
+        else:
+            if time.perf_counter() > deadline - 30:
+                log(f"budget spent; {name} not measured")
+                break
+            one = {"rows": []}
+            measure(name, study, args, judge, val_texts, one, command, device)
+        rows = [dict(r, variant=name) if study["variant_is_run"] else r for r in one["rows"]]
+        results_lib.merge_rows(res, rows)
+        res.setdefault("runs", {})[name] = one["runs"][name]
+        res.setdefault("samples", {}).update({f"{name}|{k}": v[:5] for k, v in one["all_samples"].items()})
+        results_lib.save(res, args.out)
+        log(f"{name}: " + "; ".join(f"T={r['steps']} prompted={r['prompted']} ppl={r['judge_ppl']} H={r['entropy']}"
+                                    for r in rows if r.get("judge_ppl") is not None))
+    if args.pareto:
+        pareto = results_lib.load(args.pareto)
+        results_lib.add_command(pareto, command, device)
+        results_lib.merge_rows(pareto, res["rows"])
+        pareto["reference_by_L"] = res.get("reference_by_L", {})
+        pareto["reference"] = res.get("reference")
+        pareto.setdefault("samples", {}).update(res.get("samples", {}))
+        for name, info in res.get("runs", {}).items():
+            pareto.setdefault("models", {})[name] = {k: v for k, v in info.items() if k not in ("noise_curve",)}
+        results_lib.save(pareto, args.pareto)
+    results_lib.save(res, args.out)
+    log(f"done; results in {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
