@@ -79,7 +79,7 @@ import train_throughput as tt  # noqa: E402  (shared setup: benchmarks/train_thr
 from dimba_jax.diffusion import losses  # noqa: E402
 from dimba_jax.layers import mamba2 as mamba2_lib  # noqa: E402
 from dimba_jax.models.dimba import DimbaBlock, resolve_dtype  # noqa: E402
-from dimba_jax.train import flops as flops_lib  # noqa: E402
+from dimba_jax.models import flops as flops_lib  # noqa: E402
 from dimba_jax.train import mesh as mesh_lib  # noqa: E402
 from dimba_jax.train import optim  # noqa: E402
 from dimba_jax.train import overrides as ov  # noqa: E402

@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profile_summary  # noqa: E402  (benchmarks/profile_summary.py, beside this file)
-from dimba_jax.train import flops as flops_lib  # noqa: E402
+from dimba_jax.models import flops as flops_lib  # noqa: E402
 from dimba_jax.train import mesh as mesh_lib  # noqa: E402
 from dimba_jax.train import optim  # noqa: E402
 from dimba_jax.train import overrides as ov  # noqa: E402

@@ -99,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_every = 0  # Validation loss every this many steps (0 = only at the end).
     t.eval_batches = 4  # Validation batches per evaluation.
     t.async_checkpointing = True  # Save checkpoints in a background thread (training continues during the write).
-    t.peak_flops = 0.0  # Peak FLOP/s per device for MFU (0 = from the table in dimba_jax/train/flops.py by device kind).
+    t.peak_flops = 0.0  # Peak FLOP/s per device for MFU (0 = from the table in dimba_jax/models/flops.py by device kind).
 
     # ------------------------------------------------------------------ mesh
     h = c.mesh = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from dimba_jax.train import flops
+from dimba_jax.models import flops
 
 
 def test_block_flops_match_a_hand_count():

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
-                                           load_frozen_prompt_encoder, make_block_conditioning)
+                                           make_block_conditioning)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 
@@ -137,9 +137,9 @@ class DimbaModel(nnx.Module):
             self.prompt_encoder = prompt_encoder
         elif m.prompt_encoder == "mlp":
             self.prompt_encoder = MlpPromptEncoder(d, param_dtype=param_dtype, rngs=rngs)
-        elif m.prompt_encoder == "frozen":
-            self.prompt_encoder = load_frozen_prompt_encoder(m.prompt_encoder_checkpoint, d,
-                                                             param_dtype=param_dtype, rngs=rngs)
+        elif m.prompt_encoder == "frozen":  # built from the donor run by the task (train/tasks.py)
+            raise ValueError("model.prompt_encoder='frozen' needs prompt_encoder= (a FrozenPromptEncoder; "
+                             "dimba_jax.train.tasks.make_task builds it from model.prompt_encoder_checkpoint)")
         else:
             raise ValueError(f"model.prompt_encoder must be 'mlp' or 'frozen', got {m.prompt_encoder!r}")
         if m.n_layers < 1:

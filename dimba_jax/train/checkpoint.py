@@ -364,20 +364,33 @@ def _sync(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ inference
+@dataclasses.dataclass(frozen=True)
+class LoadedParams:
+    """What `load_params_for_inference` returns: params (nested dict of jax.Arrays), the
+    checkpoint's step, and whether they are the EMA weights."""
+    params: Any
+    step: int
+    uses_ema: bool
+
+
 def load_params_for_inference(workdir: str, step: int | None = None, prefer_ema: bool = True,
-                              abstract_params: Any = None) -> tuple[Any, int]:
+                              abstract_params: Any = None) -> LoadedParams:
     """Loads the parameters (EMA when present and `prefer_ema`) of a training workdir.
+
+    Read-only: nothing in the workdir is moved. With `step` None the newest checkpoint that
+    restores is used; each newer one that fails to restore (torn, truncated, corrupt) is
+    skipped with a one-line warning, as training resume does.
 
     Args:
       workdir: directory a training run wrote (holds checkpoints/).
-      step: the checkpoint step; None = the latest.
+      step: the checkpoint step; None = the newest readable one.
       prefer_ema: use the EMA weights if the checkpoint has them.
       abstract_params: optional nested dict of ShapeDtypeStructs (with shardings) giving the
         target structure; default = as saved, on one device (dict keys come back as strings).
-    Returns:
-      (params nested dict of jax.Arrays, step).
     Raises:
-      FileNotFoundError: no workdir, no checkpoints, or the requested step does not exist.
+      FileNotFoundError: no workdir, no checkpoints, the requested step does not exist, or no
+        checkpoint (or not the requested one) is readable; the message is one line naming
+        the workdir.
     """
     directory = checkpoint_directory(workdir)
     if not os.path.isdir(workdir):
@@ -392,21 +405,41 @@ def load_params_for_inference(workdir: str, step: int | None = None, prefer_ema:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"{workdir!r} has no finished checkpoint (train first)")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step} "
                                     f"(available: {steps})")
-        item = "ema" if prefer_ema and (directory / str(step) / "ema").exists() else "params"
-        if abstract_params is None:
-            meta = manager.item_metadata(step)[item]
-            tree = getattr(meta, "tree", meta)
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=device),
-                tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        out = manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(abstract_params)}))
-        return out[item], int(step)
+        candidates = [step] if step is not None else list(reversed(steps))
+        failed = []  # (step, one-line reason), newest first
+        for s in candidates:
+            item = "ema" if prefer_ema and (directory / str(s) / "ema").exists() else "params"
+            try:
+                params = _restore_item(manager, s, item, abstract_params)
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                failed.append((s, " ".join(f"{type(e).__name__}: {e}".split())[:200]))
+                continue
+            if failed:
+                _log.warning("checkpoint %s of %s is unreadable (%s); using step %d",
+                             ", ".join(str(f) for f, _ in failed), workdir, failed[0][1], s)
+            return LoadedParams(params=params, step=int(s), uses_ema=item == "ema")
+        if step is not None:
+            raise FileNotFoundError(f"checkpoint {step} of {workdir!r} is unreadable "
+                                    f"({failed[0][1]})")
+        raise FileNotFoundError(f"{workdir!r} has no readable checkpoint (steps {steps} all fail "
+                                f"to restore; newest error: {failed[0][1]})")
     finally:
         manager.close()
+
+
+def _restore_item(manager, step: int, item: str, abstract_params: Any) -> Any:
+    """Restores one item ("params" or "ema") of checkpoint `step` (as saved when abstract_params
+    is None, on the first local device)."""
+    if abstract_params is None:
+        meta = manager.item_metadata(step)[item]
+        tree = getattr(meta, "tree", meta)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=device),
+            tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    out = manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract_params)}))
+    return out[item]

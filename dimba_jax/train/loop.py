@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from dimba_jax.train import checkpoint as ckpt_lib
 from dimba_jax.train import distributed
-from dimba_jax.train import flops as flops_lib
+from dimba_jax.models import flops as flops_lib
 from dimba_jax.train import mesh as mesh_lib
 from dimba_jax.train import metrics as metrics_lib
 from dimba_jax.train import optim
