@@ -62,7 +62,7 @@ Applying a winning XLA flag set to pareto.py: put it in the launch command, e.g.
                --xla_gpu_graph_min_graph_size=1" python3 benchmarks/pareto.py ...
 (the flags only change how kernels are launched, not what they compute; the JSON shows whether the
 tokens stayed identical). A winning ssd_impl or dtype is a config field
-(--config.model.ssd_impl=pallas for training, or dimba_jax.ssd.AUTO_PREFERS_PALLAS for "auto"); a
+(--config.model.ssd_impl=pallas or xla, and the config.model.ssd_* kernel fields); a
 winning unroll is `make_sample_fn(..., unroll=4)` / `_sample_jit(..., unroll=4)`.
 """
 

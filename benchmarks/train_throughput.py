@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
         --steps 20 --out benchmarks/results/train_throughput_h200
     # weak scaling: the same per-device batch on 2 / 4 GPUs (rows are merged into --out;
-    # benchmarks/scaling.sh runs 1, 2 and 4):
+    # run with 1, 2 and 4):
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
         --devices 4 --mesh data=2,fsdp=2 --out benchmarks/results/scaling_h200
 
@@ -27,7 +27,7 @@ elapsed time plus the longest variant so far would pass it. Without --variant on
 
 Mesh: `--mesh data=2,fsdp=2` (axes not named are 1; `-1` = the remaining devices) sets
 config.mesh; the default is the config's mesh (data = all devices). Weak scaling keeps
---per-device-batch fixed while `--devices N` grows (see benchmarks/scaling.sh).
+--per-device-batch fixed while `--devices N` grows (weak scaling).
 
 Profiling: `--profile-dir DIR` records a jax.profiler trace of 3 steps of each variant named in
 `--profile-variants` (default: the first) under DIR/<variant>, and writes a per-kernel summary

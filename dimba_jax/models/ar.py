@@ -29,6 +29,7 @@ from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 from dimba_jax.models import flops
+from dimba_jax.ssd import KernelConfig
 
 LMCache = tuple  # tuple[Mamba2Cache, ...], one per layer (a pytree)
 
@@ -63,7 +64,8 @@ class MambaLM(nnx.Module):
     Args:
       vocab_size: number of real token ids; the embedding has `padded_vocab_size` rows.
       d_model, n_layers: width and depth.
-      d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl: Mamba2 mixer settings.
+      d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl, ssd_kernels: Mamba2 mixer
+        settings.
       tie_embeddings: output head = embedding table (True) or a separate `lm_head` Linear.
       pad_vocab_size_multiple: pad the vocabulary to this multiple (mamba_ssm default 16 for
         the published Mamba-2 checkpoints); `padded_vocab_size` overrides the padded size.
@@ -78,7 +80,8 @@ class MambaLM(nnx.Module):
 
     def __init__(self, vocab_size: int, *, d_model: int, n_layers: int, d_state: int = 128,
                  expand: int = 2, headdim: int = 64, ngroups: int = 1, d_conv: int = 4,
-                 chunk_size: int = 256, ssd_impl: str = "auto", tie_embeddings: bool = True,
+                 chunk_size: int = 256, ssd_impl: str = "auto",
+                 ssd_kernels: KernelConfig | None = None, tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 16, padded_vocab_size: int | None = None,
                  norm_eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -101,7 +104,7 @@ class MambaLM(nnx.Module):
             rngs=rngs)
         self.layers = nnx.List([
             ResidualBlock(d_model, norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, ssd_impl=ssd_impl,
+                          rngs=rngs, ssd_impl=ssd_impl, ssd_kernels=ssd_kernels,
                           out_proj_init_scale=1.0 / math.sqrt(n_layers), **mixer_config)
             for _ in range(n_layers)])
         self.norm_f = RMSNorm(d_model, norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
@@ -288,12 +291,12 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
 def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    rngs: nnx.Rngs, pad_vocab_size_multiple: int = 16) -> MambaLM:
     """Builds a MambaLM from `config.model` (d_model, n_layers, d_state, expand, headdim,
-    ngroups, d_conv, chunk_size, ssd_impl, tie_embeddings, compute_dtype)."""
+    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, tie_embeddings, compute_dtype)."""
     m = model_config
     return MambaLM(vocab_size, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
                    expand=m.expand, headdim=m.headdim, ngroups=m.ngroups, d_conv=m.d_conv,
                    chunk_size=m.chunk_size, ssd_impl=m.ssd_impl,
-                   tie_embeddings=m.tie_embeddings,
+                   ssd_kernels=KernelConfig.from_config(m), tie_embeddings=m.tie_embeddings,
                    pad_vocab_size_multiple=pad_vocab_size_multiple,
                    dtype=as_dtype(m.compute_dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)
 

@@ -46,6 +46,7 @@ from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, 
                                            make_block_conditioning)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
+from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -80,7 +81,8 @@ class DimbaBlock(nnx.Module):
         mixer_cls = BidirectionalMamba2 if m.bidirectional else Mamba2
         self.mixer = mixer_cls(m.d_model, d_state=m.d_state, expand=m.expand, headdim=m.headdim,
                                ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
-                               ssd_impl=m.ssd_impl, conv_impl=getattr(m, "conv_impl", "autodiff"),
+                               ssd_impl=m.ssd_impl, ssd_kernels=KernelConfig.from_config(m),
+                               conv_impl=getattr(m, "conv_impl", "autodiff"),
                                dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
