@@ -1,7 +1,7 @@
 """Checkpoints with orbax: asynchronous, keep-last-N, exact resume, resharding restore.
 
 Layout of a workdir:
-  config.json                     the run's config (human-readable; written once, kept on resume)
+  config.json                     the settings the run trains with (rewritten when they change)
   checkpoints/<step>/params       parameters            (orbax StandardSave, sharded arrays)
   checkpoints/<step>/opt_state    optimizer state
   checkpoints/<step>/ema          EMA of the parameters (when train.ema_decay > 0)
@@ -185,28 +185,47 @@ def config_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
     return out
 
 
-def write_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json on a fresh workdir; on resume keeps it and checks compatibility.
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds a finished checkpoint (a step directory)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run of another architecture; reads only (writes nothing).
 
     Raises:
-      ValueError: the workdir's config.json has a different architecture (task, model,
-        tokenizer) — its checkpoints could not be restored into this model.
+      ValueError: the workdir has a checkpoint and its config.json has a different architecture
+        (task, model, tokenizer): those checkpoints could not be restored into this model.
     """
     path = os.path.join(workdir, CONFIG_FILE)
+    if not (os.path.exists(path) and has_checkpoint(workdir)):
+        return  # nothing to resume: a leftover config.json is simply replaced
+    with open(path) as f:
+        saved = json.load(f)
+    conflicts = config_conflicts(saved, config)
+    if conflicts:
+        raise ValueError(
+            f"{workdir!r} holds a run with a different architecture; refusing to reuse it "
+            f"(use another --workdir). Differences: {'; '.join(conflicts)}")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Makes `workdir/config.json` record `config`, the settings the run trains with.
+
+    Call after `check_config`. A fresh workdir gets the file; on resume, settings that changed
+    since the file was written are logged and written (the file always describes the run).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    now = _flatten(config_to_dict(config))
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
-        conflicts = config_conflicts(saved, config)
-        if conflicts:
-            raise ValueError(
-                f"{workdir!r} holds a run with a different architecture; refusing to reuse it "
-                f"(use another --workdir). Differences: {'; '.join(conflicts)}")
-        changed = [f"{k}: {v!r} -> {_flatten(config_to_dict(config)).get(k)!r}"
-                   for k, v in _flatten(saved).items()
-                   if _flatten(config_to_dict(config)).get(k, v) != v]
-        if changed:
-            _log.info("resuming with changed settings (config.json kept): %s", "; ".join(changed))
-        return
+            old = _flatten(json.load(f))
+        changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in old.items() if now.get(k, v) != v]
+        if not changed:
+            return
+        _log.info("%s with changed settings (config.json updated): %s",
+                  "resuming" if has_checkpoint(workdir) else "restarting", "; ".join(changed))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
