@@ -5,8 +5,7 @@ AR decode step (~0.4 ms) are launch/latency bound: hundreds of small kernels per
 measures the levers that can cut that, each variant in its own subprocess (XLA_FLAGS must be set
 before jax starts, and an unknown flag aborts the process, which then only loses that variant):
 
-  base        the configs as they are (compute bf16, ssd_impl "auto": "xla" until session 3, then
-              "pallas" on Hopper), default XLA flags
+  base        the configs as they are (compute bf16, ssd_impl "auto": "pallas" on Hopper), default XLA flags
   cb_while    command buffers also for WHILE/CONDITIONAL (the whole scan loop as one CUDA graph)
               and --xla_gpu_graph_min_graph_size=1
   cb_min1     --xla_gpu_graph_min_graph_size=1 (default command-buffer types; small regions too)

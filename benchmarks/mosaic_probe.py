@@ -59,7 +59,7 @@ import numpy as np
 
 from dimba_jax.ssd import KernelConfig, hopper, pallas_mosaic, pallas_mosaic_fwd, ssd
 
-# The four DESIGN.md shapes (with mamba_ssm's quoted times), their P / N / groups / chunk and the
+# The four reference shapes of docs/ssd_reference.md (with mamba_ssm's quoted times), their P / N / groups / chunk and the
 # relative-error helper are ssd_pallas_bench's (this folder is on sys.path when run as a script).
 from ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel  # noqa: E402
 

@@ -1,6 +1,6 @@
 """One-call GPU driver: (optionally train,) then time and judge DIMBA vs the AR baseline.
 
-Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` — the issue's format
+Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` in its documented format
 {"device", "command", "reference": {"judge_ppl", "entropy"}, "rows": [...], "long_context": [...]}
 — after every measured spec, so a run cut short keeps everything it measured and the next run
 continues where it stopped (finished specs are skipped). Make the plots and the Markdown table

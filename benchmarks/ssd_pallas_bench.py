@@ -10,7 +10,7 @@ What it does, in one run:
   2. timing at the four benchmark shapes (130m / 1.3b widths at 2k / 8k tokens) (bf16, dstate 128, headdim 64, 1 group, chunk 256 for
      xla): forward and forward+backward (vjp of y w.r.t. x, dt, A, B, C, D with dt_bias +
      softplus), median of >= 50 timed runs after warm-up;
-  3. writes ssd_h200.json (the issue's format, plus variant rows and errors) and ssd_h200.md.
+  3. writes ssd_h200.json (ssd_bench.py's format, plus variant rows and errors) and ssd_h200.md.
 
 Timing: each sample is the wall time of `inner` back-to-back calls followed by one
 block_until_ready, divided by `inner` (amortises Python dispatch, as a CUDA-graph replay would);

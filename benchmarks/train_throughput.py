@@ -12,7 +12,7 @@ state donated, AdamW, EMA) on synthetic tokens (uniform random ids: the input pi
 timed). Warm-up steps (compilation included) are not timed; then `--steps` steps are dispatched
 back to back and the clock stops when the last one is done; the median of `--repeats` such
 windows is reported. MFU = tokens/s x the task's training FLOPs per token (documented count,
-dimba_jax/train/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own FLOP count of
+dimba_jax/models/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own FLOP count of
 the compiled step and its memory use are recorded beside it.
 
 Variants (several measurements in one process, e.g. MFU levers in one GPU call):

@@ -1,6 +1,6 @@
 """The DIMBA denoiser: D(x_t, known prompt, tau(t)) -> x0_hat over one sequence [prompt | generation].
 
-Decisions (see DESIGN.md section 2):
+Decisions:
 
 * **Embeddings at a fixed scale.** The table's rows are L2-normalised and multiplied by
   `embed_scale * sqrt(d_model)`, so every entry has ~unit variance, matching the N(0, I) noise.
