@@ -1,5 +1,5 @@
 """The package's import graph: every module imports, no module imports itself back through
-others (no circle), and imports point down the layers of docs/architecture.md.
+others (no circle), and imports point down the floors of FLOORS (below).
 
 Edges are read from the source (every `import` / `from ... import`, also those inside
 functions, and `importlib.import_module("dimba_jax...")` with a literal name), so a late import
