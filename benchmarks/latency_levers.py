@@ -5,8 +5,7 @@ AR decode step (~0.4 ms) are launch/latency bound: hundreds of small kernels per
 measures the levers that can cut that, each variant in its own subprocess (XLA_FLAGS must be set
 before jax starts, and an unknown flag aborts the process, which then only loses that variant):
 
-  base        the configs as they are (compute bf16, ssd_impl "auto": "xla" until session 3, then
-              "pallas" on Hopper), default XLA flags
+  base        the configs as they are (compute bf16, ssd_impl "auto": "pallas" on Hopper), default XLA flags
   cb_while    command buffers also for WHILE/CONDITIONAL (the whole scan loop as one CUDA graph)
               and --xla_gpu_graph_min_graph_size=1
   cb_min1     --xla_gpu_graph_min_graph_size=1 (default command-buffer types; small regions too)
@@ -30,7 +29,7 @@ before jax starts, and an unknown flag aborts the process, which then only loses
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
 with block_until_ready; the calls are the pre-split jitted programs the harness uses:
-`sampler._sample_jit`, `ar._generate_jit`). Weights are random (timing does not depend on
+`sampler._sample_jit`, `ar.generate_split`). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
 changes the generated tokens. Per variant it also derives the cost of one DIMBA step and the
 fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
@@ -62,7 +61,7 @@ Applying a winning XLA flag set to pareto.py: put it in the launch command, e.g.
                --xla_gpu_graph_min_graph_size=1" python3 benchmarks/pareto.py ...
 (the flags only change how kernels are launched, not what they compute; the JSON shows whether the
 tokens stayed identical). A winning ssd_impl or dtype is a config field
-(--config.model.ssd_impl=pallas for training, or dimba_jax.ssd.AUTO_PREFERS_PALLAS for "auto"); a
+(--config.model.ssd_impl=pallas or xla, and the config.model.ssd_* kernel fields); a
 winning unroll is `make_sample_fn(..., unroll=4)` / `_sample_jit(..., unroll=4)`.
 """
 
@@ -257,7 +256,7 @@ def _configs(args, settings):
 
 
 def _ar_generate_unrolled(unroll: int):
-    """ar._generate_jit with a scan unroll factor (same computation; benchmark-local)."""
+    """ar.generate_split with a scan unroll factor (same computation; benchmark-local)."""
     import functools
 
     import jax
@@ -359,7 +358,7 @@ def run_worker(args) -> None:
                 model, (graphdef, state), tok = armodel()
                 top_p = 1.0 if case == "ar_topp1" else float(ar_cfg.ar.top_p)
                 temp = float(ar_cfg.ar.temperature)
-                gen = ar._generate_jit if unroll == 1 else _ar_generate_unrolled(unroll)
+                gen = ar.generate_split if unroll == 1 else _ar_generate_unrolled(unroll)
                 args_ = (graphdef, state, jnp.full((1, 1), int(tok.eos_id), jnp.int32), jax.random.PRNGKey(0),
                          jnp.float32(temp), jnp.float32(top_p))
 

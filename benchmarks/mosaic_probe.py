@@ -7,44 +7,35 @@ The fused dout chunk-state + reverse state-pass kernel alone (`pallas_mosaic_rev
 Triton kernels it replaces (130m-L2k, 1.3b-L2k, 130m-L32k, q 128; only these cases; with
 --lower-only or without a GPU it lowers them for cuda):
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --rev
-The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd._chunk_bwd_mosaic` vs pallas_gpu's
+The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd.chunk_bwd_mosaic` vs pallas_gpu's
 Triton `_chunk_bwd_call`, 130m-L2k, bf16, q 128 and 64; only these cases):
     timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --chunk-bwd
-The 64-row-slab chunk-output kernel (`pallas_mosaic_out._chunk_out_slab_mosaic`) vs the
-whole-chunk `pallas_mosaic._chunk_out_mosaic`, q 128, at the four shapes (times, errors; only
-these cases; with --lower-only or without a GPU it lowers both kernels for cuda):
-    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --out-slab
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
     python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
 
-The forward has three Mosaic variants (`stages`): "state+out" (Mosaic chunk-state kernel,
-Triton state pass, Mosaic chunk-output kernel; the default), "statepass+out" (one Mosaic
-kernel for chunk states + state pass, then the output kernel) and "out" (output kernel only,
-session 1). For each case, in order (each in try/except, announced by a START line, printed
+The Mosaic forward is one Mosaic kernel for chunk states + state pass, then the chunk-output
+kernel (`pallas_mosaic_fwd`). For each case, in order (each in try/except, announced by a START line, printed
 when done and written incrementally to $OUT/mosaic_probe.json and $OUT/mosaic_probe.md):
   1. the chunk-output stage alone at 130m-L2k, block 128, vs pallas_gpu's Triton output kernel
      on the same inputs (error and time), in Lane and then Warpgroup lowering semantics; the
-     first that passes is used for the rest (or --semantics); then the chunk-state kernel alone
-     vs Triton `_chunk_state_call`, and the fused chunk-state + state-pass kernel vs Triton
-     chunk states + state pass (hprev and final-state errors, times, GB/s);
+     first that passes is used for the rest (or --semantics); then the fused chunk-state +
+     state-pass kernel vs Triton chunk states + state pass (hprev and final-state errors,
+     times, GB/s);
   2. correctness on small random shapes (seqlen not a multiple of the chunk included; bf16, f16,
      f32 = tf32 products, and one f32 case at block 128 that must be refused): the mosaic
-     forward (default stages; the first bf16 / f32 cases also with "statepass+out", and in the
-     full run bf16 with "out") and its gradients (custom_vjp's Triton backward) vs
-     impl="reference", relative L2;
-  3. timing at the four DESIGN.md shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic
-     ("state+out" and "statepass+out" at block 128 and 64; "out" at 64, and 128 in the full
-     run), impl="xla" and impl="pallas" (Triton), forward and forward+backward, median of
+     forward and its gradients (custom_vjp's Triton backward) vs impl="reference", relative L2;
+  3. timing at the four benchmark shapes (bf16, P 64, N 128, 1 group, chunk 256): mosaic at
+     block 128 and 64, impl="xla" and impl="pallas", forward and forward+backward, median of
      >= 50 device-synchronised runs after warm-up; mosaic vs xla relative L2 error; before each
-     shape after the first, the three stages alone at block 128 and 64.
+     shape after the first, the two kernels alone at block 128 and 64.
 --budget-s bounds the total time (cases that would start after it are recorded as skipped).
---quick: the first timing shape only (stages at q128 and q64, the four checks, 7 timings).
+--quick: the first timing shape only (kernels at q128 and q64, the checks, 4 timings).
 --chunk-bwd: only the chunk-backward stage cases (see `stage_bwd_case`): both semantics unless
 --semantics; without a GPU it lowers them for cuda (and with --cpu-interpret runs a tiny case
 in the interpreters).
---lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; the three
-kernels alone, fwd and fwd+bwd for every stages value; both semantics unless --semantics),
+--lower-only: lower for cuda at the four shapes (bf16 block 128 and 64, f32 block 64; the two
+kernels alone, fwd and fwd+bwd; both semantics unless --semantics),
 report, exit 1 if any fails.
 On a machine without a GPU (and no --lower-only) it says "no GPU", checks that the mosaic kernels
 lower for cuda on a tiny shape, and exits 0 (--cpu-interpret: then runs tiny cases in the
@@ -66,9 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimba_jax.ssd import pallas_mosaic, ssd
+from dimba_jax.ssd import KernelConfig, hopper, pallas_mosaic, pallas_mosaic_fwd, ssd
 
-# The four DESIGN.md shapes (with mamba_ssm's quoted times), their P / N / groups / chunk and the
+# The four reference shapes of docs/ssd_reference.md (with mamba_ssm's quoted times), their P / N / groups / chunk and the
 # relative-error helper are ssd_pallas_bench's (this folder is on sys.path when run as a script).
 from ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel  # noqa: E402
 
@@ -81,7 +72,7 @@ SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
 ]
 T0 = time.perf_counter()
 INTERPRET = False  # --cpu-interpret: run the mosaic kernel in its interpreter (probe self-test)
-SEMANTICS = pallas_mosaic.DEFAULT_SEMANTICS  # Mosaic lowering semantics of the full-SSD cases
+SEMANTICS = hopper.DEFAULT_SEMANTICS  # Mosaic lowering semantics of the full-SSD cases
 
 
 def elapsed():
@@ -120,15 +111,15 @@ def make_inputs(seed, b, l, h, p, g, n, dtype, options):
     return args, kw, dy
 
 
-def impl_fn(impl, kw, block_len=None, final=False, stages=pallas_mosaic.DEFAULT_STAGES):
+def impl_fn(impl, kw, block_len=None, final=False):
     """f(x, dt, A, B, C) -> y (and final states if `final`) for impl in mosaic|xla|pallas|reference
-    (`stages`: which forward stages the mosaic impl runs as Mosaic GPU kernels)."""
+    (mosaic: the Mosaic forward at chunk block_len with Triton's backward)."""
     def f(x, dt, A, B, C):
         if impl == "mosaic":
-            return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, block_len=block_len,
-                                                    return_final_states=final,
-                                                    interpret=INTERPRET, semantics=SEMANTICS,
-                                                    stages=stages, **kw)
+            return pallas_mosaic.ssd_mosaic_forward(
+                x, dt, A, B, C, CHUNK, return_final_states=final, interpret=INTERPRET,
+                semantics=SEMANTICS, kernels=KernelConfig(block_len=block_len, backward="triton"),
+                **kw)
         if impl == "reference":
             with jax.default_matmul_precision("highest"):
                 return ssd(x, dt, A, B, C, CHUNK, impl="reference", return_final_states=final, **kw)
@@ -210,16 +201,16 @@ class Recorder:
             f.write("\n".join(lines) + "\n")
 
 
-def correctness_case(rec, spec, seed, with_grads=True, stages=pallas_mosaic.DEFAULT_STAGES):
+def correctness_case(rec, spec, seed, with_grads=True):
     b, l, h, p, g, n, dtype, q, options = spec
-    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options} [{SEMANTICS}, {stages}]"
+    name = f"check {dtype} {b}x{l}x{h}x{p} g{g} n{n} q{q} {options} [{SEMANTICS}]"
     args, kw, dy = make_inputs(seed, b, l, h, p, g, n, jnp.dtype(dtype), options)
-    ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q, stages=stages,
+    ok, why = pallas_mosaic.supported(x=args["x"], B=args["B"], block_len=q,
                                       check_device=not INTERPRET)
     if not ok:  # an unsupported option must be refused with a clear error, never a wrong answer
         try:
-            pallas_mosaic.ssd_mosaic_forward(*args.values(), CHUNK, block_len=q,
-                                             interpret=INTERPRET, stages=stages, **kw)
+            pallas_mosaic.ssd_mosaic_forward(*args.values(), CHUNK, interpret=INTERPRET,
+                                             kernels=KernelConfig(block_len=q), **kw)
             rec.add(dict(case=name, impl="mosaic", status="FAIL",
                          error=f"unsupported ({why}) but no error raised"))
         except ValueError as e:
@@ -228,11 +219,11 @@ def correctness_case(rec, spec, seed, with_grads=True, stages=pallas_mosaic.DEFA
     order = ("x", "dt", "A", "B", "C")
     a = [args[k] for k in order]
     t = time.perf_counter()
-    y, fin = jax.jit(impl_fn("mosaic", kw, q, final=True, stages=stages))(*a)
+    y, fin = jax.jit(impl_fn("mosaic", kw, q, final=True))(*a)
     y_ref, fin_ref = jax.jit(impl_fn("reference", kw, final=True))(*a)
     errors = {"y": rel(y, y_ref), "final_states": rel(fin, fin_ref)}
     if with_grads:
-        _, grads = fwdbwd(impl_fn("mosaic", kw, q, stages=stages))(dy, *a)
+        _, grads = fwdbwd(impl_fn("mosaic", kw, q))(dy, *a)
         _, grads_ref = fwdbwd(impl_fn("reference", kw))(dy, *a)
         for k, gr, gr_ref in zip(order, grads, grads_ref):
             errors["d" + k] = rel(gr, gr_ref)
@@ -245,13 +236,12 @@ def correctness_case(rec, spec, seed, with_grads=True, stages=pallas_mosaic.DEFA
                  seconds=round(time.perf_counter() - t, 1)))
 
 
-def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None, stages=None):
+def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
     name, b, l, h, ref_fwd, ref_fb = shape
     args, kw, dy = make_inputs(1234, b, l, h, P, G, N, jnp.bfloat16, "D+bias")
     a = [args[k] for k in ("x", "dt", "A", "B", "C")]
-    stages = stages or pallas_mosaic.DEFAULT_STAGES
-    label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS} {stages}"
-    f = jax.jit(impl_fn(impl, kw, q, stages=stages))
+    label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS}"
+    f = jax.jit(impl_fn(impl, kw, q))
     case = dict(case=f"time {name}", shape=name, B=b, L=l, H=h, P=P, N=N, chunk=CHUNK, impl=label,
                 mamba_ssm_fwd_ms=ref_fwd, mamba_ssm_fwdbwd_ms=ref_fb, status="ok")
     case["fwd"] = time_ms(f, a, runs, deadline)
@@ -260,7 +250,7 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None, stages=
         case["errors"] = {"y": rel(y, y_xla)}
         case["error_vs"] = "xla"
     if do_bwd and time.perf_counter() < deadline:
-        case["fwdbwd"] = time_ms(fwdbwd(impl_fn(impl, kw, q, stages=stages)), [dy] + a, runs,
+        case["fwdbwd"] = time_ms(fwdbwd(impl_fn(impl, kw, q)), [dy] + a, runs,
                                  deadline)
     flops = 2 * b * h * math.ceil(l / CHUNK) * (CHUNK * CHUNK * (N + P) + 2 * CHUNK * N * P)
     case["fwd_tflops_nominal"] = round(flops / case["fwd"]["ms"] / 1e9, 1)
@@ -282,7 +272,7 @@ def stage_case(rec, shape, q, runs, deadline, semantics):
     hprev = (0.1 * jax.random.normal(ks[4], (b, h, nc, P, N))).astype(jnp.bfloat16)
     d = jax.random.normal(ks[5], (h, P))
     args = (x, bm, cm, dt, s, hprev, d)
-    mosaic = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G,
+    mosaic = jax.jit(lambda *a: pallas_mosaic_fwd.chunk_out_mosaic(*a, q=q, hpg=h // G,
                                                                 semantics=semantics))
     triton = jax.jit(lambda *a: pallas_gpu._chunk_out_call(*a, None, q=q, hpg=h // G,
                                                            num_warps=4, interpret=False))
@@ -300,12 +290,8 @@ def stage_case(rec, shape, q, runs, deadline, semantics):
     rec.add(case)
 
 
-def stage_state_case(rec, shape, q, runs, deadline, semantics, fused=False):
-    """The chunk-state stage alone (fused: chunk states + state pass, "statepass+out"): Mosaic
-    kernel vs pallas_gpu's Triton `_chunk_state_call` (fused: + `_state_pass_fwd_call`), same
-    inputs. "fwd" times what the Mosaic forward runs (the XLA weights w = dt exp(s_end - s) and,
-    fused, the decay rows, plus the kernel), "kernel" the Mosaic kernel alone on precomputed w."""
-    from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
+def stage_state_case(rec, shape, q, runs, deadline, semantics):
+    """The fused chunk-state + state-pass stage alone (`stage_statepass`) on fresh inputs."""
     name, b, l, h = shape[:4]
     ks = jax.random.split(jax.random.key(11), 5)
     nc = l // q
@@ -313,41 +299,12 @@ def stage_state_case(rec, shape, q, runs, deadline, semantics, fused=False):
     bm = jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16)
     dt = jax.nn.softplus(jax.random.normal(ks[2], (b, h, l)) - 1.0)
     s = jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l)
-    args = (x, bm, dt, s)
-    hpg = h // G
-    if fused:
-        stage_statepass(rec, name, (x, bm, dt, s, jax.random.normal(ks[4], (b, h, P, N))), q,
-                        runs, deadline, semantics)
-        return
-
-    def mosaic_fn(x_, b_, dt_, s_):
-        return pallas_mosaic._chunk_state_mosaic(x_, b_, pallas_mosaic._state_weights(dt_, s_, q),
-                                                 q=q, hpg=hpg, semantics=semantics)
-
-    mosaic = jax.jit(mosaic_fn)
-    kernel = jax.jit(lambda x_, b_, w_: pallas_mosaic._chunk_state_mosaic(
-        x_, b_, w_, q=q, hpg=hpg, semantics=semantics))
-    triton = jax.jit(lambda *a: pallas_gpu._chunk_state_call(*a, None, q=q, hpg=hpg, mode="state",
-                                                             num_warps=4, interpret=False))
-    case = dict(case=f"stage chunk_state {name}", shape=name,
-                impl=f"mosaic q{q} {semantics} vs triton q{q}", status="ok")
-    case["fwd"] = time_ms(mosaic, args, runs, deadline)
-    w = jax.block_until_ready(pallas_mosaic._state_weights(dt, s, q))
-    case["kernel"] = time_ms(kernel, (x, bm, w), runs, deadline)
-    case["triton"] = time_ms(triton, args, runs, deadline)
-    st_m, st_t = mosaic(*args), triton(*args)
-    case["errors"] = {"states": rel(st_m, st_t)}
-    if not case["errors"]["states"] < 1e-2:  # float32 states of the same bf16-rounded products
-        case["status"] = "FAIL"
-    case["error_vs"] = "triton chunk_state"
-    bytes_moved = 2 * (b * l * h * P + b * l * G * N) + 4 * b * h * nc * P * N + 8 * b * h * l
-    case["mosaic_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
-    case["triton_GBps"] = round(bytes_moved / case["triton"]["ms"] / 1e6, 1)
-    rec.add(case)
+    stage_statepass(rec, name, (x, bm, dt, s, jax.random.normal(ks[4], (b, h, P, N))), q,
+                    runs, deadline, semantics)
 
 
 def stage_statepass(rec, name, args, q, runs, deadline, semantics):
-    """Body of stage_state_case(fused=True): hprev (bf16) and final states of the fused Mosaic
+    """Body of stage_state_case: hprev (bf16) and final states of the fused Mosaic
     kernel vs Triton chunk states + Triton state pass."""
     from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
     x, bm, dt, s, h0 = args
@@ -359,8 +316,8 @@ def stage_statepass(rec, name, args, q, runs, deadline, semantics):
         return jnp.broadcast_to(dec[..., None], dec.shape + (P,))
 
     def mosaic_fn(x_, b_, dt_, s_, h0_):
-        return pallas_mosaic._chunk_statepass_mosaic(
-            x_, b_, pallas_mosaic._state_weights(dt_, s_, q), dec_rows(s_), h0_, q=q, hpg=hpg,
+        return pallas_mosaic_fwd.chunk_statepass_mosaic(
+            x_, b_, pallas_mosaic_fwd.state_weights(dt_, s_, q), dec_rows(s_), h0_, q=q, hpg=hpg,
             hprev_dtype=x_.dtype, semantics=semantics)
 
     def triton_fn(x_, b_, dt_, s_, h0_):
@@ -370,10 +327,10 @@ def stage_statepass(rec, name, args, q, runs, deadline, semantics):
                                                hprev_dtype=x_.dtype, interpret=False)
 
     mosaic, triton = jax.jit(mosaic_fn), jax.jit(triton_fn)
-    w, dr = jax.block_until_ready((pallas_mosaic._state_weights(dt, s, q), dec_rows(s)))
-    kernel = jax.jit(lambda x_, b_, w_, d_, h0_: pallas_mosaic._chunk_statepass_mosaic(
+    w, dr = jax.block_until_ready((pallas_mosaic_fwd.state_weights(dt, s, q), dec_rows(s)))
+    kernel = jax.jit(lambda x_, b_, w_, d_, h0_: pallas_mosaic_fwd.chunk_statepass_mosaic(
         x_, b_, w_, d_, h0_, q=q, hpg=hpg, hprev_dtype=x_.dtype, semantics=semantics))
-    nb = pallas_mosaic._statepass_block_cols(q, P, N, 2, b * h)
+    nb = pallas_mosaic_fwd.statepass_block_cols(q, P, N, 2, b * h)
     case = dict(case=f"stage chunk_state+state_pass {name}", shape=name,
                 impl=f"mosaic q{q} {semantics} (dstate block {nb}) vs triton q{q}", status="ok")
     case["fwd"] = time_ms(mosaic, args, runs, deadline)
@@ -431,7 +388,7 @@ def stage_bwd_case(rec, shape, q, runs, deadline, semantics, interpret=False):
         rec.add(dict(case=f"stage chunk_bwd {name}", shape=name, impl=label,
                      status="unsupported", reason=why))
         return
-    mosaic = jax.jit(lambda *a: pallas_mosaic_bwd._chunk_bwd_mosaic(
+    mosaic = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(
         *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
     triton = jax.jit(lambda *a: pallas_gpu._chunk_bwd_call(*a, None, q=q, hpg=hpg, num_warps=8,
                                                            interpret=interpret))
@@ -467,7 +424,7 @@ def record_lowering(rec, label, fn, fargs):
     `label`; fails the case when the module has no Mosaic GPU kernel."""
     t = time.perf_counter()
     try:
-        with pallas_mosaic.cuda_lowering_context():
+        with hopper.cuda_lowering_context():
             text = jax.jit(fn).trace(*fargs).lower(lowering_platforms=("cuda",)).as_text()
         if "mosaic_gpu" not in text:
             raise AssertionError("no Mosaic GPU kernel in the lowered module")
@@ -494,7 +451,7 @@ def chunk_bwd_lowering(rec, semantics):
                      s((b, h, nc, P, N), bf), s((b, h, nc, P, N), jnp.dtype(dst_dtype)),
                      s((h, P), jnp.float32))
             label = f"lower {semantics} {name} chunk_bwd q{q} dstates {dst_dtype}"
-            record_lowering(rec, label, lambda *a, q=q: pallas_mosaic_bwd._chunk_bwd_mosaic(
+            record_lowering(rec, label, lambda *a, q=q: pallas_mosaic_bwd.chunk_bwd_mosaic(
                 *a, q=q, hpg=h // G, semantics=semantics), fargs)
 
 
@@ -645,119 +602,13 @@ def run_rev(rec, a, deadline):
     return 1 if bad else 0
 
 
-def out_stage_inputs(b, l, h, q, seed=7):
-    """x, B, C (bf16), dt, s (float32), hprev (bf16), D (float32) for the chunk-output stage."""
-    ks = jax.random.split(jax.random.key(seed), 6)
-    nc = l // q
-    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, h, l)) - 1.0)
-    return (jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16),
-            jax.random.normal(ks[1], (b, l, G, N), jnp.bfloat16),
-            jax.random.normal(ks[2], (b, l, G, N), jnp.bfloat16),
-            dt, jnp.cumsum((-0.5 * dt).reshape(b, h, nc, q), axis=-1).reshape(b, h, l),
-            (0.1 * jax.random.normal(ks[4], (b, h, nc, P, N))).astype(jnp.bfloat16),
-            jax.random.normal(ks[5], (h, P)))
-
-
-def out_slab_case(rec, shape, q, runs, deadline, semantics, interpret=False):
-    """The chunk-output stage: the slab kernel (`pallas_mosaic_out`) vs the whole-chunk kernel
-    (`pallas_mosaic._chunk_out_mosaic`), same inputs. "fwd" times the slab kernel, "whole" the
-    whole-chunk kernel (q 128), "whole_q64" the whole-chunk kernel at q 64 (other inputs of the
-    same sizes; on a GPU only); errors: relative L2 of y and the largest |slab - whole| over max |whole|
-    (both bf16 outputs of the same math: < 1e-2 required)."""
-    from dimba_jax.ssd import pallas_mosaic_out  # pylint: disable=import-outside-toplevel
-    name, b, l, h = shape[:4]
-    args = out_stage_inputs(b, l, h, q)
-    hpg = h // G
-    label = f"slab q{q} {semantics} vs whole q{q}"
-    ok, why = pallas_mosaic_out.supported_slab(x=args[0], b=args[1], q=q)
-    if not ok:
-        rec.add(dict(case=f"stage out_slab {name}", shape=name, impl=label,
-                     status="unsupported", reason=why))
-        return
-    slab = jax.jit(lambda *a: pallas_mosaic_out._chunk_out_slab_mosaic(
-        *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
-    whole = jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(
-        *a, q=q, hpg=hpg, interpret=interpret, semantics=semantics))
-    case = dict(case=f"stage out_slab {name}", shape=name, impl=label, status="ok",
-                smem_bytes=pallas_mosaic_out.smem_bytes(q, P, N),
-                two_blocks_smem=pallas_mosaic_out.TWO_BLOCKS_SMEM)
-    case["fwd"] = time_ms(slab, args, runs, deadline)
-    t_whole = time_ms(whole, args, runs, deadline)
-    case["whole"] = t_whole
-    if not interpret:  # the whole-chunk kernel at q 64 (what forward-only calls run), for scale
-        args64 = out_stage_inputs(b, l, h, 64)
-        case["whole_q64"] = time_ms(jax.jit(lambda *a: pallas_mosaic._chunk_out_mosaic(
-            *a, q=64, hpg=hpg, semantics=semantics)), args64, runs, deadline)
-    y_slab = np.asarray(slab(*args).astype(jnp.float32), np.float64)
-    y_whole = np.asarray(whole(*args).astype(jnp.float32), np.float64)
-    case["errors"] = {"y": rel(y_slab, y_whole),
-                      "y_max_abs_rel": float(np.max(np.abs(y_slab - y_whole))
-                                             / max(np.max(np.abs(y_whole)), 1e-30)),
-                      "y_bitwise_equal_share": float(np.mean(y_slab == y_whole))}
-    if not (case["errors"]["y"] < 1e-2 and case["errors"]["y_max_abs_rel"] < 1e-2):
-        case["status"] = "FAIL"
-    case["error_vs"] = "whole chunk_out"
-    nc = l // q
-    bytes_moved = 2 * (2 * b * l * h * P + 2 * b * l * G * N + b * h * nc * P * N) + 8 * b * h * l
-    case["slab_GBps"] = round(bytes_moved / case["fwd"]["ms"] / 1e6, 1)
-    case["whole_GBps"] = round(bytes_moved / t_whole["ms"] / 1e6, 1)
-    case["speedup"] = round(t_whole["ms"] / case["fwd"]["ms"], 3)
-    rec.add(case)
-
-
-def run_out_slab(rec, a, deadline):
-    """--out-slab: the slab vs whole-chunk output kernels at q 128 on the four shapes; without
-    a GPU, or with --lower-only, lowering both for cuda (+ --cpu-interpret: a tiny case in the
-    interpreter). Returns the exit status."""
-    from dimba_jax.ssd import pallas_mosaic_out  # pylint: disable=import-outside-toplevel
-    sems = [a.semantics] if a.semantics else ["lane", "warpgroup"]
-    q = 128
-    if jax.devices()[0].platform != "gpu" or a.lower_only:
-        sds, f32, bf = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
-        for sem in sems:
-            for name, b, l, h in (s[:4] for s in SHAPES):
-                nc = l // q
-                fargs = (sds((b, l, h, P), bf), sds((b, l, G, N), bf), sds((b, l, G, N), bf),
-                         sds((b, h, l), f32), sds((b, h, l), f32), sds((b, h, nc, P, N), bf),
-                         sds((h, P), f32))
-                record_lowering(rec, f"lower {sem} {name} out_slab q{q}",
-                                lambda *x, h=h, sem=sem: pallas_mosaic_out._chunk_out_slab_mosaic(
-                                    *x, q=q, hpg=h // G, semantics=sem), fargs)
-                record_lowering(rec, f"lower {sem} {name} out_whole q{q}",
-                                lambda *x, h=h, sem=sem: pallas_mosaic._chunk_out_mosaic(
-                                    *x, q=q, hpg=h // G, semantics=sem), fargs)
-        if a.cpu_interpret and not a.lower_only:
-            try:
-                out_slab_case(rec, ("tiny", 1, 256, 2), q, 2, deadline, sems[0], interpret=True)
-            except Exception as e:  # report, keep going
-                rec.add(dict(case="stage out_slab tiny", status="error",
-                             error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
-    else:
-        for sem in sems:
-            for shape in SHAPES:
-                if time.perf_counter() > deadline:
-                    rec.add(dict(case=f"stage out_slab {shape[0]} {sem}", status="skipped",
-                                 reason="budget"))
-                    continue
-                print(f"START stage out_slab {shape[0]} {sem} at {elapsed():.1f} s", flush=True)
-                try:
-                    out_slab_case(rec, shape, q, a.runs, deadline, sem)
-                except Exception as e:  # one failure must not stop the rest
-                    rec.add(dict(case=f"stage out_slab {shape[0]} {sem}", status="error",
-                                 error=f"{type(e).__name__}: {e}"[:500], traceback=short_tb()))
-    bad = [c["case"] for c in rec.data["cases"] if c["status"] not in ("ok", "skipped")]
-    print(f"out_slab: {len(rec.data['cases']) - len(bad)} ok/skipped, {len(bad)} failed "
-          f"in {elapsed():.0f} s", flush=True)
-    return 1 if bad else 0
-
-
 LOWER_CONFIGS = [("bfloat16", 128), ("bfloat16", 64), ("float32", 64)]  # (dtype, block_len)
 
 
 def lowering_check(rec, shapes, semantics="lane"):
-    """Lower for cuda (no device needed) at `shapes`: the chunk-output, chunk-state and fused
-    chunk-state + state-pass kernels alone, and the forward and forward+backward for every `stages` of pallas_mosaic.STAGES, for
-    every (dtype, block_len) of LOWER_CONFIGS.
+    """Lower for cuda (no device needed) at `shapes`: the chunk-output and fused chunk-state +
+    state-pass kernels alone, and the forward and forward+backward, for every (dtype,
+    block_len) of LOWER_CONFIGS.
 
     This runs all of Mosaic GPU's Python-side lowering (for Warpgroup semantics: its layout
     inference), i.e. everything that failed on the GPU with "Layout inference failed", but not
@@ -780,28 +631,24 @@ def lowering_check(rec, shapes, semantics="lane"):
                     s((b, l, G, N), dt), s((b, l, G, N), dt), s((h,), jnp.float32))
 
             def stage(*a, q=q, h=h):
-                return pallas_mosaic._chunk_out_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
-
-            def state_stage(*a, q=q, h=h):
-                return pallas_mosaic._chunk_state_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
+                return pallas_mosaic_fwd.chunk_out_mosaic(*a, q=q, hpg=h // G, semantics=semantics)
 
             def statepass_stage(*a, q=q, h=h, dt=dt):
-                return pallas_mosaic._chunk_statepass_mosaic(*a, q=q, hpg=h // G, hprev_dtype=dt,
+                return pallas_mosaic_fwd.chunk_statepass_mosaic(*a, q=q, hpg=h // G, hprev_dtype=dt,
                                                              semantics=semantics)
 
-            todo = [("stage out", stage, stage_args), ("stage state", state_stage, state_args),
-                    ("stage statepass", statepass_stage, statepass_args)]
-            for stages in pallas_mosaic.STAGES:
-                def fwd(x, dt_, A, B, C, D, q=q, stages=stages):
-                    return pallas_mosaic.ssd_mosaic_forward(x, dt_, A, B, C, CHUNK, D=D,
-                                                            dt_softplus=True, block_len=q,
-                                                            semantics=semantics, stages=stages)
+            def fwd(x, dt_, A, B, C, D, q=q):
+                return pallas_mosaic.ssd_mosaic_forward(
+                    x, dt_, A, B, C, CHUNK, D=D, dt_softplus=True, semantics=semantics,
+                    kernels=KernelConfig(block_len=q, backward="triton"))
 
-                def fwdbwd_(x, dt_, A, B, C, D, fwd=fwd):
-                    y, vjp = jax.vjp(fwd, x, dt_, A, B, C, D)
-                    return y, vjp(y)
+            def fwdbwd_(x, dt_, A, B, C, D, fwd=fwd):
+                y, vjp = jax.vjp(fwd, x, dt_, A, B, C, D)
+                return y, vjp(y)
 
-                todo += [(f"fwd {stages}", fwd, args), (f"fwd+bwd {stages}", fwdbwd_, args)]
+            todo = [("stage out", stage, stage_args),
+                    ("stage statepass", statepass_stage, statepass_args),
+                    ("fwd", fwd, args), ("fwd+bwd", fwdbwd_, args)]
             for tag, fn, fargs in todo:
                 label = f"lower {semantics} {name} {dtype} q{q} {tag}"
                 record_lowering(rec, label, fn, fargs)
@@ -823,10 +670,6 @@ def main():
                     help="only the fused Mosaic dout chunk-state + reverse state-pass kernel "
                          "vs the Triton pair (130m-L2k, 1.3b-L2k, 130m-L32k, q 128); without a "
                          "GPU or with --lower-only: lowering (+ --cpu-interpret self-test)")
-    ap.add_argument("--out-slab", action="store_true",
-                    help="only the 64-row-slab chunk-output kernel vs the whole-chunk one (q 128, "
-                         "four shapes); without a GPU or with --lower-only: lowering "
-                         "(+ --cpu-interpret self-test)")
     ap.add_argument("--lower-only", action="store_true",
                     help="only lower for cuda (any machine): all four shapes, bf16 q128/q64 and "
                          "f32 q64; stage, fwd, fwd+bwd; exit 1 if any fails")
@@ -844,21 +687,13 @@ def main():
     # --quick: the bf16 and the f32 check and the first timing shape only.
     small = [SMALL[0], SMALL[3]] if a.quick else SMALL
     shapes = SHAPES[:1] if a.quick else SHAPES
-    # (impl, block_len, mosaic stages): the Mosaic forwards with Mosaic chunk states (separate
-    # or fused with the state pass) at both block lengths, the output-only variant timed in
-    # session 1 (q64; q128 too in the full run), xla, Triton.
-    impls = [("mosaic", 128, "state+out"), ("mosaic", 64, "state+out"),
-             ("mosaic", 128, "statepass+out"), ("mosaic", 64, "statepass+out"),
-             ("mosaic", 64, "out"), ("xla", None, None), ("pallas", None, None)]
-    if not a.quick:
-        impls.insert(4, ("mosaic", 128, "out"))
+    # (impl, block_len): the Mosaic forward at both block lengths, xla, impl="pallas".
+    impls = [("mosaic", 128), ("mosaic", 64), ("xla", None), ("pallas", None)]
     both = ("lane", "warpgroup")
     if a.chunk_bwd:
         return run_chunk_bwd(rec, a, deadline)
     if a.rev:
         return run_rev(rec, a, deadline)
-    if a.out_slab:
-        return run_out_slab(rec, a, deadline)
     if a.lower_only:
         for sem in ([a.semantics] if a.semantics else both):
             lowering_check(rec, SHAPES, semantics=sem)
@@ -877,8 +712,7 @@ def main():
                  (1, 70, 2, 64, 1, 64, "float32", 64, "D"),
                  (1, 70, 2, 64, 1, 128, "float32", 128, "D")]
         shapes = [("tiny", 1, 128, 2, 1.0, 1.0)]
-        impls = [("mosaic", 64, "state+out"), ("mosaic", 64, "statepass+out"),
-                 ("mosaic", 64, "out"), ("xla", None, None)]
+        impls = [("mosaic", 64), ("xla", None)]
         a.runs = 3
     else:
         ok, why = pallas_mosaic.supported(x=jnp.zeros((1, 1, 1, P), jnp.bfloat16),
@@ -912,43 +746,32 @@ def main():
                 break
     SEMANTICS = a.semantics or SEMANTICS
     print(f"full-SSD cases use {SEMANTICS} semantics", flush=True)
-    # 1b. The chunk-state kernel and the fused chunk-state + state-pass kernel alone, same
-    #     shape, q128.
+    # 1b. The fused chunk-state + state-pass kernel alone, same shape, q128.
     if not INTERPRET:
-        run(f"stage chunk_state {shapes[0][0]} q128 {SEMANTICS}", stage_state_case, rec,
-            shapes[0], 128, a.runs, deadline, SEMANTICS)
         run(f"stage chunk_state+state_pass {shapes[0][0]} q128 {SEMANTICS}", stage_state_case,
-            rec, shapes[0], 128, a.runs, deadline, SEMANTICS, fused=True)
+            rec, shapes[0], 128, a.runs, deadline, SEMANTICS)
     # 2. Correctness (bf16 q128, then f32 q64), the first timing shape, then everything else.
     first = [s for s in small if s[6] == "bfloat16"][:1] + [s for s in small if s[6] == "float32"][:1]
-    #    The checks run the default stages ("state+out"), then "statepass+out" (and in the full
-    #    run "out" for bf16).
-    checks = ([("check", s) for s in first]
-              + [("check statepass+out", s) for s in first]
-              + ([] if a.quick else [("check out", first[0])]))
+    checks = [("check", s) for s in first]
     plan = (checks + [("time", shapes[0])]
             + [("check", s) for s in small if s not in first] + [("time", s) for s in shapes[1:]])
     for kind, spec in plan:
-        if kind.startswith("check"):
-            stages = kind.split()[1] if " " in kind else pallas_mosaic.DEFAULT_STAGES
-            run(f"check {spec} {stages}", correctness_case, rec, spec, int(rng.integers(1 << 30)),
-                stages=stages)
+        if kind == "check":
+            run(f"check {spec}", correctness_case, rec, spec, int(rng.integers(1 << 30)))
             continue
-        if not INTERPRET:  # the stages alone, Mosaic vs Triton (the kernels of pallas_mosaic)
+        if not INTERPRET:  # the kernels alone, Mosaic vs Triton
             for q in (128, 64):
                 if spec is shapes[0] and q == 128:
                     continue  # done in step 1
                 run(f"stage {spec[0]} q{q}", stage_case, rec, spec, q, a.runs, deadline,
                     SEMANTICS)
-                run(f"stage chunk_state {spec[0]} q{q}", stage_state_case, rec, spec, q, a.runs,
-                    deadline, SEMANTICS)
                 run(f"stage chunk_state+state_pass {spec[0]} q{q}", stage_state_case, rec, spec,
-                    q, a.runs, deadline, SEMANTICS, fused=True)
+                    q, a.runs, deadline, SEMANTICS)
         y_xla = None
         ordered = [i for i in impls if i[0] == "xla"] + [i for i in impls if i[0] != "xla"]
-        for impl, q, stages in ordered:  # xla first: its y is the yardstick for the others
-            y = run(f"time {spec[0]} {impl} {q} {stages or ''}".rstrip(), timing_case, rec, spec,
-                    impl, q, a.runs, deadline, not a.no_bwd, y_xla, stages=stages)
+        for impl, q in ordered:  # xla first: its y is the yardstick for the others
+            y = run(f"time {spec[0]} {impl} {q or ''}".rstrip(), timing_case, rec, spec,
+                    impl, q, a.runs, deadline, not a.no_bwd, y_xla)
             if impl == "xla":
                 y_xla = y
     print(f"done in {elapsed():.0f} s; wrote {os.path.join(a.out, 'mosaic_probe.json')}", flush=True)

@@ -1,6 +1,6 @@
 """One-call GPU driver: (optionally train,) then time and judge DIMBA vs the AR baseline.
 
-Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` — the issue's format
+Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` in its documented format
 {"device", "command", "reference": {"judge_ppl", "entropy"}, "rows": [...], "long_context": [...]}
 — after every measured spec, so a run cut short keeps everything it measured and the next run
 continues where it stopped (finished specs are skipped). Make the plots and the Markdown table
@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import jax  # noqa: E402
 
 from dimba_jax.evaluate import harness, judge as judge_lib, loading, long_context  # noqa: E402
+from dimba_jax.train.inference import load_run  # noqa: E402
 from dimba_jax.evaluate import results as results_lib  # noqa: E402
 from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator  # noqa: E402
 
@@ -326,7 +327,8 @@ def main(argv=None) -> dict:
                                          "seconds": args.train_seconds}
         loaded = {}
         for name, workdir in (("dimba", args.dimba), ("ar", args.ar), ("judge", args.judge)):
-            model, _, cfg, tok, step = loading.load_model(workdir, prefer_ema=not args.no_ema)
+            run = load_run(workdir, prefer_ema=not args.no_ema)
+            model, cfg, tok, step = run.model, run.config, run.task.tokenizer, run.step
             loaded[name] = (model, cfg, tok)
             models_info[name] = {"workdir": workdir, "step": step, "params": loading.count_params(model),
                                  "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),

@@ -316,10 +316,12 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     from dimba_jax.evaluate import harness
     from dimba_jax.evaluate import results as results_lib
     from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator
-    from dimba_jax.evaluate.loading import count_params, load_model
+    from dimba_jax.evaluate.loading import count_params
+    from dimba_jax.train.inference import load_run
 
     workdir = os.path.join(args.workdir, name)
-    model, task, cfg, tok, step = load_model(workdir)
+    run = load_run(workdir)
+    model, task, cfg, tok, step = run.model, run.task, run.config, run.task.tokenizer, run.step
     seq = int(cfg.data.seq_len)
     batch = 4 if args.smoke else 32
     batches = make_eval_batches(cfg.data, tok, batch, args.eval_batches, seq)
@@ -386,7 +388,7 @@ def main(argv=None) -> dict:
     from dimba_jax.evaluate import harness
     from dimba_jax.evaluate import judge as judge_lib
     from dimba_jax.evaluate import results as results_lib
-    from dimba_jax.evaluate.loading import load_model
+    from dimba_jax.train.inference import load_run
 
     dev = jax.devices()[0]
     device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
@@ -395,7 +397,8 @@ def main(argv=None) -> dict:
     results_lib.add_command(res, command, device)
     res.setdefault("train_seconds", {}).update(seconds)
     jname = study["judge"]
-    jmodel, _, jcfg, jtok, _ = load_model(os.path.join(args.workdir, jname), prefer_ema=False)
+    jrun = load_run(os.path.join(args.workdir, jname), prefer_ema=False)
+    jmodel, jcfg, jtok = jrun.model, jrun.config, jrun.task.tokenizer
     window = int(jcfg.data.seq_len)
     judge = judge_lib.Judge(jmodel, jtok, window=window, stride=max(1, window // 2), batch_size=16)
     res["models"] = dict(res.get("models", {}), judge={"workdir": os.path.join(args.workdir, jname),

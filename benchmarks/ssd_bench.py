@@ -5,7 +5,7 @@ Usage (repository root):
     PYTHONPATH=$PWD python3 benchmarks/ssd_bench.py --out benchmarks/results           # accelerator
     PYTHONPATH=$PWD python3 benchmarks/ssd_bench.py --quick --out /tmp/ssd_bench       # tiny, CPU
 
-Shapes (DESIGN.md section 6): bf16, chunk 256, dstate N = 128, headdim P = 64, 1 group,
+Shapes (docs/ssd_reference.md): bf16, chunk 256, dstate N = 128, headdim P = 64, 1 group,
 (name, batch B, seqlen L, nheads H) = 130m-L2k (8, 2048, 24), 130m-L8k (2, 8192, 24),
 1.3b-L2k (8, 2048, 64), 130m-L32k (1, 32768, 24). Inputs: x, B, C ~ N(0, 1); dt = softplus of
 N(0,1) - 4 (passed as dt with dt_softplus=False, as in the minimal listing); A = -U(1, 16); no D,
@@ -63,7 +63,7 @@ QUICK_SHAPES = [("tiny-L256", 2, 256, 4), ("tiny-L1000", 1, 1000, 4)]
 P, N, GROUPS, CHUNK = 64, 128, 1, 256
 QUICK_P, QUICK_N, QUICK_CHUNK = 16, 32, 64
 
-# DESIGN.md section 6, one H200, bf16: (fwd ms, fwd+bwd ms).
+# docs/ssd_reference.md, one H200, bf16: (fwd ms, fwd+bwd ms).
 QUOTED = {
     "mamba_ssm triton": {"130m-L2k": (1.02, 4.81), "130m-L8k": (0.93, 3.91),
                          "1.3b-L2k": (0.99, 5.52), "130m-L32k": (1.06, 5.20)},
@@ -259,7 +259,7 @@ def markdown(result):
     if result.get("errors"):
         lines += ["", "Errors:", ""] + [f"- {e}" for e in result["errors"]]
     lines += ["", "FLOPs: fwd = 2BLQGN + 2BLQHP + 4BLHPN (chunked matmuls as executed, Q = chunk), "
-              "fwd+bwd = 3 fwd. Quoted figures: DESIGN.md section 6 (one H200, bf16)."]
+              "fwd+bwd = 3 fwd. Quoted figures: docs/ssd_reference.md (one H200, bf16)."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,10 +7,10 @@ What it does, in one run:
   1. correctness: pallas (every kernel variant) vs the float32 sequential reference, forward
      and all gradients, float32 and bfloat16, fresh random inputs (seqlen not a multiple of the
      chunk); the XLA chunked SSD's bf16 error is printed beside it for scale;
-  2. timing at the four DESIGN.md shapes (bf16, dstate 128, headdim 64, 1 group, chunk 256 for
+  2. timing at the four benchmark shapes (130m / 1.3b widths at 2k / 8k tokens) (bf16, dstate 128, headdim 64, 1 group, chunk 256 for
      xla): forward and forward+backward (vjp of y w.r.t. x, dt, A, B, C, D with dt_bias +
      softplus), median of >= 50 timed runs after warm-up;
-  3. writes ssd_h200.json (the issue's format, plus variant rows and errors) and ssd_h200.md.
+  3. writes ssd_h200.json (ssd_bench.py's format, plus variant rows and errors) and ssd_h200.md.
 
 Timing: each sample is the wall time of `inner` back-to-back calls followed by one
 block_until_ready, divided by `inner` (amortises Python dispatch, as a CUDA-graph replay would);
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimba_jax.ssd import _common
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_select, ssd
+from dimba_jax.ssd import KernelConfig, pallas_gpu, pallas_mosaic, ssd
 from dimba_jax.ssd.chunked import chunked_scan
 from dimba_jax.ssd.reference import reference_scan
 
@@ -73,32 +73,32 @@ def pallas_ssd(block_len, warps_fwd, warps_bwd):
     return fn
 
 
-def mosaic_ssd(block_len, stages):
+def mosaic_ssd(kernels):
     def fn(x, dt, A, B, C, D=None, dt_bias=None):
         return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias,
-                                                dt_softplus=True, block_len=block_len,
-                                                stages=stages)
+                                                dt_softplus=True, kernels=kernels)
     return fn
 
 
 def dispatcher_ssd(x, dt, A, B, C, D=None, dt_bias=None):
-    """What `ssd(impl="pallas")` runs (pallas_select's forward choice, Triton backward)."""
+    """What `ssd(impl="pallas")` runs with the default KernelConfig."""
     return ssd(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True, impl="pallas")
 
 
 def parse_variant(spec):
-    """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd); "mosaic:128:statepass+out" ->
-    the Mosaic forward (Triton backward); "default" -> ssd(impl="pallas").
-    Returns (label, fields for the row, fn)."""
+    """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd); "mosaic[:BLOCK[:BACKWARD]]" ->
+    the Mosaic forward at chunk BLOCK (default per dtype) with the BACKWARD kernels ("triton",
+    the default here, or "mosaic"); "default" -> ssd(impl="pallas") with the default
+    KernelConfig. Returns (label, fields for the row, fn)."""
     if spec == "default":
-        return (f"pallas_default[{pallas_select.forward_spec()}]",
-                {"forward": pallas_select.forward_spec()}, dispatcher_ssd)
+        return ("pallas_default", {"kernels": repr(KernelConfig())}, dispatcher_ssd)
     if spec.startswith("mosaic"):
-        _, block, stages = pallas_select.parse_forward(spec)
-        block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
-        stages = stages or pallas_mosaic.DEFAULT_STAGES
-        return (f"mosaic_{block}_{stages}", {"block_len": block, "forward": f"mosaic:{stages}"},
-                mosaic_ssd(block, stages))
+        parts = spec.split(":") + ["", ""]
+        block = int(parts[1]) if parts[1] else None
+        kernels = KernelConfig(block_len=block, backward=parts[2] or "triton")
+        label_block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
+        return (f"mosaic_{label_block}_{kernels.backward}_bwd",
+                {"block_len": label_block, "backward": kernels.backward}, mosaic_ssd(kernels))
     var = tuple(int(v) for v in spec.split("x"))
     return (f"pallas_{spec}", dict(zip(("block_len", "warps_fwd", "warps_bwd"), var)),
             pallas_ssd(*var))
@@ -203,9 +203,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--variants", default="default,128x4x8,mosaic:128:statepass+out",
+    ap.add_argument("--variants", default="default,128x4x8,mosaic:128",
                     help="comma separated kernel variants: Triton block_len x warps_fwd x "
-                         "warps_bwd (128x4x8), Mosaic forward mosaic:BLOCK:STAGES, or default "
+                         "warps_bwd (128x4x8), Mosaic forward mosaic:BLOCK:BACKWARD, or default "
                          "(= ssd(impl='pallas')); the results' 'pallas' row is default when "
                          "timed, else the fastest fwd+bwd variant")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
@@ -220,8 +220,7 @@ def main():
                                    B=jnp.zeros((1, 1, 1, N)), C=None, chunk_size=CHUNK)
     print("supported:", ok, why, flush=True)
     variants = [parse_variant(v) for v in a.variants.split(",")]
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DIMBA_SSD_")]
-    result = {"device": dev.device_kind, "command": " ".join(env + ["python3"] + sys.argv),
+    result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
               "jax": jax.__version__, "code_version": KERNEL_VERSION, "rows": [],
               "variant_rows": [], "errors": {}}
 

@@ -4,7 +4,7 @@
         --shapes 1.3b-L2k,130m-L32k --out runs/ssd_profile
 
 For each shape of ssd_pallas_bench.SHAPES (bf16) it jits what `ssd(impl="pallas")` runs (the
-dispatcher; DIMBA_SSD_PALLAS_FORWARD / _BACKWARD apply), warms it up, traces `--iters` calls
+dispatcher with the default `KernelConfig`), warms it up, traces `--iters` calls
 with jax.profiler and writes OUT/<shape>_<fwd|fwdbwd>.{json,md}: every kernel's time per call
 (profile_summary.py). Command buffers must be off (the XLA flag above): with them on, jax 0.11
 reports the kernels inside a buffer as one `command_buffer_N` event.

@@ -79,7 +79,7 @@ import train_throughput as tt  # noqa: E402  (shared setup: benchmarks/train_thr
 from dimba_jax.diffusion import losses  # noqa: E402
 from dimba_jax.layers import mamba2 as mamba2_lib  # noqa: E402
 from dimba_jax.models.dimba import DimbaBlock, resolve_dtype  # noqa: E402
-from dimba_jax.train import flops as flops_lib  # noqa: E402
+from dimba_jax.models import flops as flops_lib  # noqa: E402
 from dimba_jax.train import mesh as mesh_lib  # noqa: E402
 from dimba_jax.train import optim  # noqa: E402
 from dimba_jax.train import overrides as ov  # noqa: E402
@@ -159,7 +159,7 @@ def time_case(fn, example_args, make_run, steps: int, repeats: int, warmup: int)
 @contextlib.contextmanager
 def ssd_as_identity():
     """While active, every Mamba-2 SSD call traced returns its input x (y = x)."""
-    original = mamba2_lib._ssd
+    original = mamba2_lib.ssd
 
     def identity(x, *args, **kwargs):
         if kwargs.get("return_final_states"):
@@ -167,11 +167,11 @@ def ssd_as_identity():
             return x, jnp.zeros((b, h, p, args[3].shape[-1]), jnp.float32)
         return x
 
-    mamba2_lib._ssd = identity
+    mamba2_lib.ssd = identity
     try:
         yield
     finally:
-        mamba2_lib._ssd = original
+        mamba2_lib.ssd = original
 
 
 # ------------------------------------------------------------------------------- cases

@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
         --steps 20 --out benchmarks/results/train_throughput_h200
     # weak scaling: the same per-device batch on 2 / 4 GPUs (rows are merged into --out;
-    # benchmarks/scaling.sh runs 1, 2 and 4):
+    # run with 1, 2 and 4):
     python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
         --devices 4 --mesh data=2,fsdp=2 --out benchmarks/results/scaling_h200
 
@@ -12,7 +12,7 @@ state donated, AdamW, EMA) on synthetic tokens (uniform random ids: the input pi
 timed). Warm-up steps (compilation included) are not timed; then `--steps` steps are dispatched
 back to back and the clock stops when the last one is done; the median of `--repeats` such
 windows is reported. MFU = tokens/s x the task's training FLOPs per token (documented count,
-dimba_jax/train/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own FLOP count of
+dimba_jax/models/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own FLOP count of
 the compiled step and its memory use are recorded beside it.
 
 Variants (several measurements in one process, e.g. MFU levers in one GPU call):
@@ -27,7 +27,7 @@ elapsed time plus the longest variant so far would pass it. Without --variant on
 
 Mesh: `--mesh data=2,fsdp=2` (axes not named are 1; `-1` = the remaining devices) sets
 config.mesh; the default is the config's mesh (data = all devices). Weak scaling keeps
---per-device-batch fixed while `--devices N` grows (see benchmarks/scaling.sh).
+--per-device-batch fixed while `--devices N` grows (weak scaling).
 
 Profiling: `--profile-dir DIR` records a jax.profiler trace of 3 steps of each variant named in
 `--profile-variants` (default: the first) under DIR/<variant>, and writes a per-kernel summary
@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profile_summary  # noqa: E402  (benchmarks/profile_summary.py, beside this file)
-from dimba_jax.train import flops as flops_lib  # noqa: E402
+from dimba_jax.models import flops as flops_lib  # noqa: E402
 from dimba_jax.train import mesh as mesh_lib  # noqa: E402
 from dimba_jax.train import optim  # noqa: E402
 from dimba_jax.train import overrides as ov  # noqa: E402

@@ -1,7 +1,7 @@
 """base: a ~131M-parameter DIMBA (d_model 768, 24 blocks) at sequence length 1024, bf16, GPU.
 
 The size of mamba_ssm's "130M" Mamba-2 (d 768, 24 layers), so throughput and MFU compare with
-the reference numbers in DESIGN.md section 6 (bidirectional: two mixers per block).
+the reference figures of docs/ssd_reference.md (bidirectional: two mixers per block).
 
 Launch manual
 -------------

@@ -8,7 +8,7 @@
     model.infill("The [MASK] sat on the [MASK].", span_length=4)
 
 `load` reads the run's `config.json`, builds its tokenizer and task (`DimbaTask`), and restores
-a checkpoint through `dimba_jax.train.inference.load_model_for_inference`. The returned
+a checkpoint through `dimba_jax.train.inference.load_run` (the one loader). The returned
 `Pipeline` only validates arguments and fills in defaults from the run's `config.sample`; the
 work is done by `DimbaTask.generate` / `DimbaTask.infill` and the jitted reverse process in
 `dimba_jax.diffusion.sampler` (one compilation per (batch, length, steps, guidance, clamp)).
@@ -182,7 +182,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
     Returns:
       a `Pipeline` with `generate(...)` and `infill(...)`.
     Raises:
-      FileNotFoundError: the workdir, its config.json, or a (matching) checkpoint does not exist.
+      FileNotFoundError: the workdir, its config.json, or a (matching, readable) checkpoint does
+        not exist. An unreadable newest checkpoint is skipped with a one-line warning.
       ValueError: the run is not a DIMBA run (config.task != "dimba").
 
     Example:
@@ -191,7 +192,7 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
       >>> model.generate("Once upon a time", length=64, steps=32)[0]
     """
     from dimba_jax.train import checkpoint as ckpt_lib
-    from dimba_jax.train.inference import load_model_for_inference
+    from dimba_jax.train.inference import load_run
 
     workdir = os.fspath(workdir)
     if not os.path.isdir(workdir):
@@ -199,8 +200,6 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
     config = ckpt_lib.load_config(workdir)
     if str(config.task) != "dimba":
         raise ValueError(f"{workdir!r} holds a {config.task!r} run; dimba_jax.load serves DIMBA runs "
-                         "(use dimba_jax.train.inference for other tasks)")
-    bundle = load_model_for_inference(workdir, step=step, prefer_ema=use_ema, config=config)
-    has_ema = os.path.isdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, str(bundle.step), "ema"))
-    return Pipeline(bundle.config, bundle.task, bundle.model, bundle.step, workdir,
-                    uses_ema=bool(use_ema and has_ema))
+                         "(use dimba_jax.train.inference.load_run for other tasks)")
+    run = load_run(workdir, step=step, prefer_ema=use_ema, config=config)
+    return Pipeline(run.config, run.task, run.model, run.step, workdir, uses_ema=run.uses_ema)

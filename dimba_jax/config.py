@@ -28,6 +28,10 @@ def default_config() -> ml_collections.ConfigDict:
     m.d_conv = 4  # Width of the depthwise causal conv over [x | B | C].
     m.chunk_size = 64  # SSD chunk length (any seqlen works; padded internally).
     m.ssd_impl = "auto"  # "auto" | "xla" | "reference" | "pallas" (see dimba_jax.ssd.ssd).
+    m.ssd_forward = "mosaic"  # Pallas forward kernels: "mosaic" | "triton" (dimba_jax.ssd.KernelConfig).
+    m.ssd_backward = "mosaic"  # Pallas backward kernels under the Mosaic forward: "mosaic" | "triton".
+    m.ssd_block_len = 0  # Mosaic kernel chunk length, 64 or 128 (0 = 128 for 16-bit, 64 for float32).
+    m.ssd_forward_only_block_len = 64  # Mosaic chunk length of gradient-free calls (0 = ssd_block_len).
     m.conv_impl = "autodiff"  # Depthwise conv backward: "autodiff" | "custom_vjp" (hand-written, time-major layouts; dimba_jax.layers.conv).
     m.bidirectional = True  # DIMBA denoiser sees both sides (forward + flipped scan); False = causal ablation.
     m.conditioning = "film"  # How timestep + pooled prompt condition the blocks: "film" or "additive".
@@ -109,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_every = 0  # Validation loss every this many steps (0 = only at the end).
     t.eval_batches = 4  # Validation batches per evaluation.
     t.async_checkpointing = True  # Save checkpoints in a background thread (training continues during the write).
-    t.peak_flops = 0.0  # Peak FLOP/s per device for MFU (0 = from the table in dimba_jax/train/flops.py by device kind).
+    t.peak_flops = 0.0  # Peak FLOP/s per device for MFU (0 = from the table in dimba_jax/models/flops.py by device kind).
 
     # ------------------------------------------------------------------ mesh
     h = c.mesh = ml_collections.ConfigDict()

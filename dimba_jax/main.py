@@ -105,19 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         from dimba_jax.train import inference
         config = ov.apply_overrides(ckpt.load_config(args.workdir), pairs)
         _setup_logging()
-        bundle = inference.load_model_for_inference(args.workdir, args.checkpoint_step,
-                                                    not args.no_ema, config=config)
+        run = inference.load_run(args.workdir, args.checkpoint_step, not args.no_ema,
+                                 config=config)
         if args.mode == "sample":
-            texts = inference.generate_text(bundle, args.prompt, steps=args.steps,
+            texts = inference.generate_text(run, args.prompt, steps=args.steps,
                                             sampler=args.sampler, length=args.length,
                                             seed=args.seed)
             prompts = args.prompt or [""] * len(texts)
             for i, (p, t) in enumerate(zip(prompts, texts)):
-                print(f"--- sample {i} (step {bundle.step}) ---")
+                print(f"--- sample {i} (step {run.step}) ---")
                 print(p + t)
             return 0
-        numbers = inference.evaluate_model(bundle)
-        print(f"eval at step {bundle.step}:")
+        numbers = inference.evaluate_model(run)
+        print(f"eval at step {run.step}:")
         for k in sorted(numbers):
             print(f"  {k:>14s} = {numbers[k]:.5g}")
         return 0

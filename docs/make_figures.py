@@ -13,7 +13,7 @@
   timesteps a respaced sampler visits for a few step counts.
 
 The schedule formula is written out here (not imported) so the figure script runs even where the
-package is not installed; it is the one in DESIGN.md / ``dimba_jax.diffusion.schedule``.
+package is not installed; it is the one in ``dimba_jax.diffusion.schedule``.
 """
 
 from __future__ import annotations

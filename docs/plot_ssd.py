@@ -2,10 +2,10 @@
 
     python docs/plot_ssd.py            # reads benchmarks/results/ssd_h200*.json
 
-Two panels (forward, forward + backward), one group of bars per DESIGN.md shape: mamba_ssm's
-Triton kernel (quoted in DESIGN.md section 6), our `xla` chunked SSD, and the `pallas` kernels
+Two panels (forward, forward + backward), one group of bars per reference shape: mamba_ssm's
+Triton kernel (quoted in docs/ssd_reference.md), our `xla` chunked SSD, and the `pallas` kernels
 by version (v3: Triton; v5: Mosaic GPU forward + Triton backward; v6: Mosaic GPU both ways, the
-current `ssd(impl="pallas")`). The issue's targets (0.5x and 0.4x mamba_ssm) are the dashed
+current `ssd(impl="pallas")`). The targets (0.5x and 0.4x mamba_ssm) are the dashed
 marks. Every number comes from the JSON files, which carry their commands and device.
 """
 
@@ -29,7 +29,7 @@ SERIES = [
     ("pallas v5: Mosaic fwd, Triton bwd", "ssd_h200_v5_triton_bwd.json", "pallas", "#42a5f5"),
     ("pallas v6: Mosaic fwd + bwd", "ssd_h200.json", "pallas", "#0d47a1"),
 ]
-TARGETS = {"fwd_ms": 0.5, "fwdbwd_ms": 0.4}  # share of mamba_ssm (issue 5)
+TARGETS = {"fwd_ms": 0.5, "fwdbwd_ms": 0.4}  # share of mamba_ssm (docs/ssd_reference.md)
 
 
 def load_rows(results_dir: str) -> tuple[list[str], dict, dict]:

@@ -77,9 +77,10 @@ def _leaf_embedding(params):
 def test_load_restores_latest_ema_and_given_step(workdir, model):
     assert model.step == 2 and model.uses_ema
     assert model.config.model.d_model == 32 and model.config.data.seq_len == 32
-    ema, step = load_params_for_inference(workdir, prefer_ema=True)
-    raw, _ = load_params_for_inference(workdir, prefer_ema=False)
-    assert step == 2
+    loaded = load_params_for_inference(workdir, prefer_ema=True)
+    ema, step = loaded.params, loaded.step
+    raw = load_params_for_inference(workdir, prefer_ema=False).params
+    assert step == 2 and loaded.uses_ema
     np.testing.assert_array_equal(_embedding(model), _leaf_embedding(ema))
     assert not np.array_equal(_leaf_embedding(ema), _leaf_embedding(raw))  # EMA really differs
 
@@ -190,3 +191,61 @@ def test_import_dimba_jax_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def _garble(step_dir):
+    """Overwrites every file of a checkpoint's params and EMA with garbage (unreadable)."""
+    for item in ("params", "ema"):
+        for root, _, files in os.walk(os.path.join(step_dir, item)):
+            for f in files:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"\x00garbage")
+
+
+def test_unreadable_latest_checkpoint_falls_back_with_one_warning(workdir, tmp_path, caplog):
+    from dimba_jax.train.inference import load_run
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    _garble(os.path.join(copy, "checkpoints", "2"))
+    caplog.set_level("WARNING")
+    loaded = dimba_jax.load(copy)
+    assert loaded.step == 1 and loaded.uses_ema
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and r.name.startswith("dimba_jax")]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "using step 1" in warnings[0]
+    np.testing.assert_array_equal(_embedding(loaded), _embedding(dimba_jax.load(workdir, step=1)))
+    assert os.path.isdir(os.path.join(copy, "checkpoints", "2"))  # loading moves nothing
+    with pytest.raises(FileNotFoundError, match="checkpoint 2 .* is unreadable"):
+        load_run(copy, step=2)  # an explicitly asked step does not fall back
+
+
+def test_no_readable_checkpoint_is_one_clear_line(workdir, tmp_path, capsys):
+    from dimba_jax.main import main
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    for step in ("1", "2"):
+        _garble(os.path.join(copy, "checkpoints", step))
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint") as err:
+        dimba_jax.load(copy)
+    assert copy in str(err.value) and "\n" not in str(err.value)
+    assert main(["--workdir", copy, "--mode", "sample"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and copy in lines[0]
+
+
+def test_frozen_prompt_encoder_is_built_by_the_task_from_the_donor_run(workdir):
+    from flax import nnx
+
+    from dimba_jax.layers.conditioning import FrozenParam
+    from dimba_jax.train.tasks import make_task
+
+    config = micro_config()
+    config.model.prompt_encoder = "frozen"
+    config.model.prompt_encoder_checkpoint = workdir
+    model = make_task(config).init_model(nnx.Rngs(0))
+    donor = dimba_jax.load(workdir).model  # EMA weights, as the task reads them
+    np.testing.assert_allclose(np.asarray(model.prompt_encoder.embedding[...]),
+                               np.asarray(donor.embedding_table()), rtol=1e-6)
+    assert isinstance(model.prompt_encoder.embedding, FrozenParam)

@@ -105,3 +105,41 @@ def test_help_lists_modes_and_flags(capsys):
     out = capsys.readouterr().out
     for word in ("train", "sample", "eval", "--prompt", "--steps", "--sampler", "--config.SECTION.FIELD"):
         assert word in out
+
+
+def test_a_start_that_fails_before_its_first_step_leaves_nothing(tmp_path, capsys):
+    """A bad data source fails while the data pipeline is built, before anything is written: the
+    workdir is not created, so a corrected rerun starts a fresh run."""
+    work = tmp_path / "bad_source"
+    assert main([*TINY, "--workdir", str(work), "--config.data.source=tfds:nonexistent_ds"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "nonexistent_ds" in err
+    assert not work.exists()
+
+
+def test_config_json_records_the_settings_a_run_trains_with(tmp_path, caplog):
+    from dimba_jax.config import default_config
+    from dimba_jax.train import checkpoint as ckpt_lib
+
+    work = str(tmp_path / "run")
+    config = default_config()
+    ckpt_lib.check_config(work, config)
+    ckpt_lib.write_config(work, config)
+    saved = lambda: json.load(open(os.path.join(work, "config.json")))  # noqa: E731
+    assert saved()["train"]["steps"] == config.train.steps
+    # a changed setting (resume with more steps, or a corrected rerun) is recorded and logged
+    config.train.steps = 12345
+    config.data.source = "files:other/*.txt"
+    caplog.set_level("INFO")
+    ckpt_lib.check_config(work, config)
+    ckpt_lib.write_config(work, config)
+    assert saved()["train"]["steps"] == 12345 and saved()["data"]["source"] == "files:other/*.txt"
+    assert "config.json updated" in caplog.text and "12345" in caplog.text
+    # without a checkpoint another architecture simply replaces a leftover config.json ...
+    config.model.d_model = 48
+    ckpt_lib.check_config(work, config)
+    # ... with one, resuming it is refused
+    os.makedirs(os.path.join(work, "checkpoints", "5"))
+    config.model.d_model = 64
+    with pytest.raises(ValueError, match="different architecture"):
+        ckpt_lib.check_config(work, config)

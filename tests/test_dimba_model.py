@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from dimba_jax.config import default_config
-from dimba_jax.layers.conditioning import (FrozenParam, FrozenPromptEncoder, load_frozen_prompt_encoder,
-                                           sinusoidal_embedding)
+from dimba_jax.layers.conditioning import (FrozenParam, FrozenPromptEncoder, frozen_prompt_encoder,
+                                           frozen_stack, sinusoidal_embedding)
 from dimba_jax.models.dimba import DimbaModel
 
 B, L, V, D = 2, 32, 50, 32
@@ -127,8 +127,30 @@ def test_bad_config_values():
         DimbaModel(model_cfg(prompt_encoder="transformer"), V, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="compute_dtype|dtype"):
         DimbaModel(model_cfg(compute_dtype="int8"), V, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="prompt_encoder="):  # the task builds the frozen encoder
+        DimbaModel(model_cfg(prompt_encoder="frozen"), V, rngs=nnx.Rngs(0))
+
+
+def test_frozen_prompt_stack_needs_a_donor_workdir():
+    from dimba_jax.train.tasks import frozen_prompt_stack
+
+    config = default_config()
+    assert frozen_prompt_stack(config) is None  # the "mlp" encoder needs no donor
+    with config.unlocked():
+        config.model.prompt_encoder = "frozen"
     with pytest.raises(FileNotFoundError, match="prompt_encoder_checkpoint"):
-        load_frozen_prompt_encoder("", D, rngs=nnx.Rngs(0))
+        frozen_prompt_stack(config)
+
+
+def test_frozen_prompt_encoder_from_a_donor_model_in_memory():
+    donor = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(4))
+    stack = frozen_stack(donor)
+    np.testing.assert_array_equal(stack.table, donor.embedding_table())
+    enc = frozen_prompt_encoder(stack, D, rngs=nnx.Rngs(5))
+    model = DimbaModel(model_cfg(prompt_encoder="frozen"), V, prompt_encoder=enc, rngs=nnx.Rngs(6))
+    assert {str(p[0]) for p, _ in nnx.to_flat_state(nnx.state(model.prompt_encoder, nnx.Param))} == {"proj"}
+    again = frozen_prompt_encoder(stack, D, rngs=nnx.Rngs(5))  # a fresh copy each time
+    assert again.blocks[0] is not enc.blocks[0]
 
 
 def test_frozen_prompt_encoder_from_given_blocks():

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from dimba_jax.train import flops
+from dimba_jax.models import flops
 
 
 def test_block_flops_match_a_hand_count():
@@ -42,7 +42,7 @@ def test_lm_and_training_flops_and_mfu():
     shared = flops.mamba2_lm_forward_flops(m, vocab_size=10, seq_len=12, directions=2, shared_projections=True)
     assert shared == pytest.approx(3 * ((192 + 64) + 2 * (block - 192 - 64)) + 80)
     assert flops.training_flops(fwd) == pytest.approx(3 * fwd)
-    # 130M-class check against the DESIGN note: ~2.7e11 FLOPs per forward over 1056 tokens.
+    # 130M-class check (docs/ssd_reference.md): ~2.7e11 FLOPs per forward over 1056 tokens.
     big = types.SimpleNamespace(d_model=768, n_layers=24, expand=2, headdim=64, d_state=128,
                                 ngroups=1, d_conv=4, chunk_size=256)
     per_seq = flops.mamba2_lm_forward_flops(big, vocab_size=50280, seq_len=1056) * 1056

@@ -12,11 +12,11 @@ from flax import nnx
 
 from _nnx_jit import jitted
 from dimba_jax.interop import mamba_ssm as names
-from dimba_jax.interop.checkpoint import (load_pretrained, read_state_dict, save_pretrained,
-                                          state_dicts_bit_equal)
+from dimba_jax.interop.checkpoint import read_state_dict, save_pretrained, state_dicts_bit_equal
 from dimba_jax.interop.warm_start import warm_start_denoiser
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm
+from dimba_jax.models.pretrained import load_pretrained
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "golden"
 LM_FILE = GOLDEN / "mamba2_lm_2layer.npz"
@@ -238,7 +238,7 @@ def test_ar_task_starts_from_a_checkpoint_with_one_config_field(tmp_path):
 
 
 def test_checkpoint_cli_roundtrip(tmp_path, capsys):
-    from dimba_jax.interop.checkpoint import _main
+    from dimba_jax.models.pretrained import _main
 
     params, _, _ = golden_lm()
     ckpt = write_checkpoint(tmp_path / "ckpt", params)

@@ -66,4 +66,4 @@ def test_two_processes_train_checkpoint_sigterm_and_resume(tmp_path):
     out, err = _finish(_launch(work, stop + 3, tmp_path))
     assert f"resumed from step {stop}" in err and f"done: step {stop + 3}" in out
     assert [r["step"] for r in read_metrics(str(work))] == list(range(1, stop + 4))
-    assert json.loads((work / "config.json").read_text())["train"]["steps"] == 100000  # kept
+    assert json.loads((work / "config.json").read_text())["train"]["steps"] == stop + 3  # recorded

@@ -301,7 +301,7 @@ class _FakeKernelModule:
     def supported(self, **kwargs):
         return self._supported, "" if self._supported else "fake: unsupported"
 
-    def ssd_pallas(self, x, dt, A, B, C, chunk_size, **options):
+    def ssd_pallas(self, x, dt, A, B, C, chunk_size, kernels=None, **options):
         if self._fail:
             raise RuntimeError("fake kernel failure")
         return ssd(x, dt, A, B, C, chunk_size, impl="reference", **options)
@@ -310,7 +310,6 @@ class _FakeKernelModule:
 def test_auto_dispatch_on_a_hopper_with_and_without_a_working_kernel(monkeypatch):
     args, kw = make_inputs(52, seqlen=6)
     monkeypatch.setattr(ssd_package, "_on_hopper_gpu", lambda: True)
-    monkeypatch.setattr(ssd_package, "AUTO_PREFERS_PALLAS", True)
     # a kernel that works is used by auto (here it answers with the reference: exact match)
     monkeypatch.setattr(ssd_package, "_load_pallas", lambda: (_FakeKernelModule(), ""))
     assert resolve_impl("auto", **args, chunk_size=4)[0] == "pallas"

@@ -1,11 +1,10 @@
 """Tests of the Mosaic GPU SSD forward (`dimba_jax/ssd/pallas_mosaic.py`).
 
 CPU: the module imports without a GPU, refuses unsupported calls with a ValueError, lowers for
-cuda (Mosaic GPU's own layout / wgmma checks run at lowering), and its kernels (chunk states and
-chunk output), run in the Mosaic GPU interpreter, match the sequential reference and a float64
-NumPy chunk-state reference.
-GPU (`gpu` marker): forward and every gradient vs impl="reference", and the chunk-state kernel vs
-pallas_gpu's Triton one, fresh random inputs.
+cuda (Mosaic GPU's own layout / wgmma checks run at lowering), and its kernels (the fused chunk
+states + state pass, and the chunk output), run in the Mosaic GPU interpreter, match the
+sequential reference and a float64 NumPy state recurrence.
+GPU (`gpu` marker): forward and every gradient vs impl="reference", fresh random inputs.
 """
 
 import re
@@ -16,7 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, ssd
+from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_fwd, ssd
 from _ssd_testing import rel_error as _rel
 
 CHUNK = 256
@@ -68,16 +67,16 @@ def test_supported_reasons_and_errors_on_cpu():
     args = (ones((1, 8, 2, 64)), ones((1, 8, 2)), -ones((2,)), ones((1, 8, 1, 128)),
             ones((1, 8, 1, 128)))
     with pytest.raises(ValueError, match="shared memory"):
-        pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, block_len=128)
+        pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, kernels=KernelConfig(block_len=128))
     bf16 = [a.astype(jnp.bfloat16) if a.ndim == 4 else a for a in args]
     with pytest.raises(ValueError, match="seq_idx"):
         pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, seq_idx=jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="block_len"):
-        pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, block_len=32)
+        KernelConfig(block_len=32)
     with pytest.raises(ValueError, match="semantics"):
         pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, semantics="thread")
-    with pytest.raises(ValueError, match="stages"):
-        pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, stages="state")
+    with pytest.raises(ValueError, match="KernelConfig"):
+        pallas_mosaic.ssd_mosaic_forward(*bf16, CHUNK, kernels="mosaic:128")
     # The chunk-state kernel splits dstate into column blocks where the (P, N) accumulator is
     # too large for one warpgroup's registers, so it fits wherever the output kernel does.
     # headdim 128 x dstate 256: the forward fits, the (Triton) backward does not (H200).
@@ -87,26 +86,20 @@ def test_supported_reasons_and_errors_on_cpu():
     ok, why = pallas_gpu.supported(x=x[..., :1].repeat(128, -1), dt=None, A=None,
                                    B=b.repeat(2, -1), C=None, chunk_size=CHUNK)
     assert not ok and "backward" in why
-    assert pallas_mosaic._state_block_cols(64, 128) == 128
-    assert pallas_mosaic._state_block_cols(128, 256) == 128
-    assert pallas_mosaic._state_block_cols(192, 192) == 64
-    for p_, n_ in ((64, 128), (128, 256), (256, 256)):
-        ok_out = pallas_mosaic.supported(x=x[..., :1].repeat(p_, -1), B=b[..., :1].repeat(n_, -1),
-                                         stages="out", check_device=False)[0]
-        ok_all = pallas_mosaic.supported(x=x[..., :1].repeat(p_, -1), B=b[..., :1].repeat(n_, -1),
-                                         check_device=False)[0]
-        assert ok_all == ok_out
+    assert pallas_mosaic_fwd.state_block_cols(64, 128) == 128
+    assert pallas_mosaic_fwd.state_block_cols(128, 256) == 128
+    assert pallas_mosaic_fwd.state_block_cols(192, 192) == 64
 
 
-@pytest.mark.parametrize("dtype,block_len,semantics,stages,with_grad", [
-    (jnp.bfloat16, 128, "lane", "state+out", True), (jnp.bfloat16, 64, "lane", "out", False),
-    (jnp.bfloat16, 128, "warpgroup", "statepass+out", False),
-    (jnp.float32, 64, "warpgroup", "state+out", False),
-    (jnp.float32, 64, "lane", "statepass+out", True),
+@pytest.mark.parametrize("dtype,block_len,semantics,with_grad", [
+    (jnp.bfloat16, 128, "lane", True), (jnp.bfloat16, 64, "lane", False),
+    (jnp.bfloat16, 128, "warpgroup", False),
+    (jnp.float32, 64, "warpgroup", False),
+    (jnp.float32, 64, "lane", True),
 ])
-def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages, with_grad):
-    """Full lowering for cuda without a GPU (the gradient too where with_grad: the custom_vjp's
-    Triton backward does not depend on the stages, so two cases suffice for it). Under Warpgroup
+def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, with_grad):
+    """Full lowering for cuda without a GPU (the gradient too where with_grad, with the Triton
+    backward; the Mosaic backward's lowering is tested in test_ssd_mosaic_bwd / _rev). Under Warpgroup
     semantics this runs Mosaic GPU's layout inference, which failed on the H200 (jax 0.11.2) for
     the first kernel version; that failure reproduces on a CPU with jax 0.11.2 (jax 0.10's
     inference accepted it)."""
@@ -116,33 +109,31 @@ def test_lowers_for_cuda_on_cpu(dtype, block_len, semantics, stages, with_grad):
               s((b, l, g, n), dtype), s((b, l, g, n), dtype), s((h,), jnp.float32))
 
     def fwd(x, dt, A, B, C, D):
-        return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, D=D, dt_softplus=True,
-                                                block_len=block_len, semantics=semantics,
-                                                stages=stages)
+        return pallas_mosaic.ssd_mosaic_forward(
+            x, dt, A, B, C, CHUNK, D=D, dt_softplus=True, semantics=semantics,
+            kernels=KernelConfig(block_len=block_len, backward="triton"))
 
     def grads(*a):
         return jax.grad(lambda *z: fwd(*z).astype(jnp.float32).sum(),
                         argnums=tuple(range(6)))(*a)
 
-    with pallas_mosaic.cuda_lowering_context():  # jax 0.11 Triton lowering: abstract H200
+    with hopper.cuda_lowering_context():  # jax 0.11 Triton lowering: abstract H200
         fwd_text = jax.jit(fwd).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
         if with_grad:
             grad_text = jax.jit(grads).trace(*shapes).lower(
                 lowering_platforms=("cuda",)).as_text()
-    # The forward's Mosaic GPU kernels: chunk output, and chunk states (with the state pass for
-    # "statepass+out") unless stages == "out".
+    # The forward's Mosaic GPU kernels: the fused chunk states + state pass, and chunk output.
     n_kernels = len(re.findall(r"custom_call @mosaic_gpu", fwd_text))
-    assert n_kernels == (1 if stages == "out" else 2), n_kernels
+    assert n_kernels == 2, n_kernels
     if with_grad:
         assert "triton" in grad_text.lower()  # the backward: pallas_gpu's Triton kernels
 
 
-def test_chunk_state_kernels_lower_for_cuda_on_cpu():
-    """The chunk-state kernel and the fused chunk-state + state-pass kernel alone, both
-    semantics: bf16 (x^T as a transposed wgmma operand) at block 128, float32 (tf32, K-major
+def test_statepass_kernel_lowers_for_cuda_on_cpu():
+    """The fused chunk-state + state-pass kernel alone, both semantics: bf16 (x^T as a transposed wgmma operand) at block 128, float32 (tf32, K-major
     transposed inputs) at block 64, and a dstate split into two column blocks (headdim 128,
     dstate 256). benchmarks/mosaic_probe.py --lower-only covers every configuration at the
-    DESIGN shapes."""
+    benchmark shapes."""
     s = jax.ShapeDtypeStruct
     f32, bf16 = jnp.float32, jnp.bfloat16
     b, l, h, g = 1, 256, 4, 2
@@ -152,21 +143,14 @@ def test_chunk_state_kernels_lower_for_cuda_on_cpu():
                 s((b, g, n, l) if tf32 else (b, l, g, n), dtype), s((b, h, l), f32))
         pass_args = args + (s((b, h, l // q, p), f32), s((b, h, p, n), f32))
         for semantics in ("lane", "warpgroup"):
-            def state(x, bm, w, q=q, semantics=semantics):
-                return pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=h // g,
-                                                         semantics=semantics)
-
             def statepass(*a, q=q, semantics=semantics, dtype=dtype):
-                return pallas_mosaic._chunk_statepass_mosaic(*a, q=q, hpg=h // g,
+                return pallas_mosaic_fwd.chunk_statepass_mosaic(*a, q=q, hpg=h // g,
                                                              hprev_dtype=dtype,
                                                              semantics=semantics)
 
-            with pallas_mosaic.cuda_lowering_context():
-                lowered = jax.jit(state).trace(*args).lower(lowering_platforms=("cuda",))
+            with hopper.cuda_lowering_context():
                 lowered_pass = jax.jit(statepass).trace(*pass_args).lower(
                     lowering_platforms=("cuda",))
-            assert "mosaic_gpu" in lowered.as_text(), (p, n, dtype, q, semantics)
-            assert lowered.out_info.shape == (b, h, l // q, p, n)
             assert "mosaic_gpu" in lowered_pass.as_text(), (p, n, dtype, q, semantics)
             hprev_info, fin_info = lowered_pass.out_info
             assert hprev_info.shape == (b, h, l // q, p, n) and hprev_info.dtype == dtype
@@ -184,10 +168,10 @@ def test_segmented_state_walk_lowers_for_cuda_on_cpu(semantics):
             s((b, h, l // q, p), f32), s((b, h, p, n), f32))
 
     def walk(*a):
-        return pallas_mosaic._segmented_statepass(*a, q=q, hpg=h // g, hprev_dtype=bf16,
+        return pallas_mosaic_fwd.segmented_statepass(*a, q=q, hpg=h // g, hprev_dtype=bf16,
                                                   segments=4, semantics=semantics)
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         lowered = jax.jit(walk).trace(*args).lower(lowering_platforms=("cuda",))
     assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 2
     hprev_info, fin_info = lowered.out_info
@@ -222,7 +206,7 @@ def _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype):
     a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
     s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, nc, q), -1).reshape(bsz, nh, lp)
     h0 = jax.random.normal(ks[4], (bsz, nh, p, n))
-    w = pallas_mosaic._state_weights(dt, s, q)
+    w = pallas_mosaic_fwd.state_weights(dt, s, q)
     dec = jnp.exp(s.reshape(bsz, nh, nc, q)[..., -1])
     return x, bm, dt, s, h0, w, dec
 
@@ -242,25 +226,20 @@ def _state_recurrence_f64(h0, dec, states):
 
 @pytest.mark.parametrize("nc,slots", [(3, 2), (5, 4)])
 def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
-    """The chunk-state kernel and the fused chunk-state + state-pass kernel alone in the Mosaic
-    GPU interpreter, bf16, vs float64 NumPy: chunk states S_c, and the recurrence h_0 = h0,
-    h_{c+1} = exp(s_end,c) h_c + S_c. Three chunks of 64 with two TMA slots, five with four (the
-    fused kernel's slots alternate and wrap, chunks in flight before the walk and during it), two heads sharing one group, dstate 128 as two column blocks of
-    64 in both kernels (for the chunk-state kernel the register budget is lowered so that the
-    small 64 x 128 state splits as 128 x 256 does). The float32 paths run inside the float32
-    forward below; the comparison with pallas_gpu's Triton kernels is a GPU test."""
-    monkeypatch.setattr(pallas_mosaic, "_STATE_ACC_ITEMS", 64 * 64)
+    """The fused chunk-state + state-pass kernel alone in the Mosaic GPU interpreter, bf16, vs
+    float64 NumPy: the recurrence h_0 = h0, h_{c+1} = exp(s_end,c) h_c + S_c. Three chunks of 64
+    with two TMA slots, five with four (the slots alternate and wrap, chunks in flight before
+    the walk and during it), two heads sharing one group, dstate 128 as two column blocks of 64
+    (the register budget is lowered so that the small 64 x 128 state splits as 128 x 256 does).
+    The float32 path runs inside the float32 forward below."""
+    monkeypatch.setattr(pallas_mosaic_fwd, "_STATE_ACC_ITEMS", 64 * 64)
     dtype, p, n = jnp.bfloat16, 64, 128
-    assert pallas_mosaic._state_block_cols(p, n) == 64
+    assert pallas_mosaic_fwd.state_block_cols(p, n) == 64
     q, bsz, nh, g = 64, 1, 2, 1
     x, bm, dt, s, h0, w, dec = _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype)
 
-    states = pallas_mosaic._chunk_state_mosaic(x, bm, w, q=q, hpg=nh // g, interpret=True)
     states_ref = _chunk_states_f64(x, bm, dt, s, q)
-    assert states.shape == states_ref.shape and states.dtype == jnp.float32
-    assert _rel(states, states_ref) < 5e-3  # bf16: x * w is rounded to bf16 before the product
-
-    hprev, fin = pallas_mosaic._chunk_statepass_mosaic(
+    hprev, fin = pallas_mosaic_fwd.chunk_statepass_mosaic(
         x, bm, w, jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p)), h0, q=q, hpg=nh // g,
         hprev_dtype=dtype, block_cols=64, slots=slots, interpret=True)
     hprev_ref, h = _state_recurrence_f64(h0, dec, states_ref)
@@ -271,7 +250,7 @@ def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
 
 @pytest.mark.parametrize("segments", [2, 4])
 def test_interpreter_segmented_state_walk_matches_float64(segments):
-    """The two-level state walk (`_segmented_statepass`: segment end states from zero, combined
+    """The two-level state walk (`segmented_statepass`: segment end states from zero, combined
     in XLA, then every segment walked from its true initial state) in the interpreter, bf16:
     h_c entering every chunk and the final state vs the float64 recurrence, and equal to the
     one-segment walk up to bf16 rounding."""
@@ -280,9 +259,9 @@ def test_interpreter_segmented_state_walk_matches_float64(segments):
     x, bm, dt, s, h0, w, dec = _state_walk_inputs(bsz, nc, q, nh, g, p, n, dtype)
     dec_rows = jnp.broadcast_to(dec[..., None], (bsz, nh, nc, p))
     kw = dict(q=q, hpg=nh // g, hprev_dtype=dtype, interpret=True)
-    hprev, fin = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=segments,
+    hprev, fin = pallas_mosaic_fwd.segmented_statepass(x, bm, w, dec_rows, h0, segments=segments,
                                                     **kw)
-    hprev1, fin1 = pallas_mosaic._segmented_statepass(x, bm, w, dec_rows, h0, segments=1, **kw)
+    hprev1, fin1 = pallas_mosaic_fwd.segmented_statepass(x, bm, w, dec_rows, h0, segments=1, **kw)
     states_ref = _chunk_states_f64(x, bm, dt, s, q)
     hprev_ref, h = _state_recurrence_f64(h0, dec, states_ref)
     assert hprev.shape == (bsz, nh, nc, p, n) and hprev.dtype == dtype and fin.shape == h0.shape
@@ -300,19 +279,18 @@ def test_interpreter_segmented_state_walk_matches_float64(segments):
     (4, 12, 1),      # 12 chunks: two segments of 6 are too short
 ])
 def test_statepass_segments(programs, nc, want):
-    assert pallas_mosaic._statepass_segments(programs, nc) == want
+    assert pallas_mosaic_fwd.statepass_segments(programs, nc) == want
 
 
-@pytest.mark.parametrize("seqlen,dtype,tol,stages", [
-    (70, jnp.bfloat16, 1.5e-2, "state+out"), (150, jnp.float32, 1e-5, "statepass+out")])
-def test_interpreter_forward_matches_reference(seqlen, dtype, tol, stages):
-    """The Mosaic forward (chunk-state or fused chunk-state + state-pass kernel, and the
-    chunk-output kernel) in the Mosaic GPU interpreter (products as plain dots there, so float32
+@pytest.mark.parametrize("seqlen,dtype,tol", [(70, jnp.bfloat16, 1.5e-2), (150, jnp.float32, 1e-5)])
+def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
+    """The Mosaic forward (fused chunk-state + state-pass kernel, and the chunk-output kernel) in the Mosaic GPU interpreter (products as plain dots there, so float32
     is exact up to rounding; seqlen is not a multiple of the 64-long chunks)."""
     args, kw, _ = _inputs(np.random.default_rng().integers(1 << 30), 1, seqlen, 2, 64, 1, 64,
                           dtype, per_channel_d=dtype == jnp.bfloat16)
-    y, fin = pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, block_len=64, interpret=True,
-                                              return_final_states=True, stages=stages, **kw)
+    y, fin = pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, interpret=True,
+                                              return_final_states=True, **kw,
+                                              kernels=KernelConfig(block_len=64, backward="triton"))
     y_ref, fin_ref = _reference(args, kw, final=True)
     assert y.dtype == dtype and y.shape == args[0].shape
     assert _rel(y, y_ref) < tol
@@ -320,72 +298,39 @@ def test_interpreter_forward_matches_reference(seqlen, dtype, tol, stages):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,stages,backward", [
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "state+out", "triton"),
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "out", "triton"),
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "triton"),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out", "triton"),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "state+out", "triton"),
-    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "state+out", "triton"),
-    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "state+out", "triton"),  # dstate 256
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "state+out", "triton"),
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "out", "triton"),
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "statepass+out", "triton"),
-    # The all-Mosaic backward (pallas_mosaic_rev + pallas_mosaic_bwd, what ssd(impl="pallas")
-    # runs), the last case long with few programs: two-level state walks, forward and reverse.
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "mosaic"),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "statepass+out", "mosaic"),
-    ((1, 4096, 2, 64, 1, 128), jnp.bfloat16, 128, False, "statepass+out", "mosaic"),
+@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,backward", [
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "triton"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "triton"),
+    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "triton"),
+    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "triton"),  # dstate 256
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "triton"),
+    ((1, 4096, 2, 64, 1, 128), jnp.bfloat16, 128, False, "mosaic"),
 ])
-def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, stages,
-                                                   backward):
+def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, backward):
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), *dims, dtype,
                            per_channel_d=per_channel_d)
-    ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len, stages=stages)
+    ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len)
     assert ok, why
 
     if backward == "mosaic":  # at 4096 positions: the two-level walks both ways
         nc = -(-dims[1] // block_len)
         programs = dims[0] * dims[2] * 2  # dstate 128 in two 64-wide column blocks
-        assert dims[1] < 4096 or pallas_mosaic._statepass_segments(programs, nc) == 4
+        assert dims[1] < 4096 or pallas_mosaic_fwd.statepass_segments(programs, nc) == 4
 
     def mosaic(*a):
-        return pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, block_len=block_len, stages=stages,
-                                                backward=backward, **kw)
+        return pallas_mosaic.ssd_mosaic_forward(
+            *a, CHUNK, **kw, kernels=KernelConfig(block_len=block_len, backward=backward))
 
     y, vjp = jax.vjp(jax.jit(mosaic), *args)
     y_ref, vjp_ref = jax.vjp(lambda *a: _reference(a, kw), *args)
     tol = 2.5e-3 if dtype == jnp.float32 else 1.5e-2  # float32: tf32 tensor-core products
     assert _rel(y, y_ref) < tol
     _, fin = jax.jit(lambda *a: pallas_mosaic.ssd_mosaic_forward(
-        *a, CHUNK, block_len=block_len, stages=stages, return_final_states=True, **kw))(*args)
+        *a, CHUNK, return_final_states=True, **kw,
+        kernels=KernelConfig(block_len=block_len, backward="triton")))(*args)
     assert _rel(fin, _reference(args, kw, final=True)[1]) < tol
     for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
         assert _rel(gr, gr_ref) < tol, name
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,q", [(jnp.bfloat16, 128), (jnp.bfloat16, 64), (jnp.float32, 64)])
-def test_gpu_chunk_state_kernel_matches_triton_and_float64(dtype, q):
-    """The Mosaic chunk-state kernel on the GPU vs pallas_gpu's Triton kernel (same inputs) and
-    vs float64 NumPy; 3 heads per group, 4 chunks."""
-    bsz, lp, nh, g, p, n = 2, 4 * q, 6, 2, 64, 128
-    ks = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4)
-    x = jax.random.normal(ks[0], (bsz, lp, nh, p)).astype(dtype)
-    bm = jax.random.normal(ks[1], (bsz, lp, g, n)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[2], (bsz, nh, lp)) - 1.0)
-    a = -jnp.exp(jax.random.uniform(ks[3], (nh,), minval=-1.0, maxval=1.0))
-    s = jnp.cumsum((dt * a[None, :, None]).reshape(bsz, nh, lp // q, q), -1).reshape(bsz, nh, lp)
-    tf32 = dtype == jnp.float32
-    xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x
-    bin_ = jnp.transpose(bm, (0, 2, 3, 1)) if tf32 else bm
-    states = jax.jit(lambda *z: pallas_mosaic._chunk_state_mosaic(
-        *z, q=q, hpg=nh // g))(xin, bin_, pallas_mosaic._state_weights(dt, s, q))
-    triton = pallas_gpu._chunk_state_call(x, bm, dt, s, None, q=q, hpg=nh // g, mode="state",
-                                          num_warps=4, interpret=False)
-    tol = 2.5e-3 if tf32 else 1e-2  # tf32 products; bf16-rounded x * w (Triton: w * B)
-    assert _rel(states, _chunk_states_f64(x, bm, dt, s, q)) < tol
-    assert _rel(states, triton) < tol
 
 
 def test_rechunk_cumsum_matches_a_fresh_cumsum():
@@ -394,8 +339,8 @@ def test_rechunk_cumsum_matches_a_fresh_cumsum():
                           (2, 3, 512))
     s128 = jnp.cumsum(a.reshape(2, 3, 4, 128), -1).reshape(2, 3, 512)
     s64 = jnp.cumsum(a.reshape(2, 3, 8, 64), -1).reshape(2, 3, 512)
-    np.testing.assert_allclose(pallas_mosaic.rechunk_cumsum(s128, 128, 64), s64, atol=1e-5)
-    assert pallas_mosaic.rechunk_cumsum(s128, 128, 128) is s128
+    np.testing.assert_allclose(pallas_mosaic_fwd.rechunk_cumsum(s128, 128, 64), s64, atol=1e-5)
+    assert pallas_mosaic_fwd.rechunk_cumsum(s128, 128, 128) is s128
 
 
 def test_forward_only_calls_run_at_the_forward_only_chunk(monkeypatch):
@@ -410,12 +355,13 @@ def test_forward_only_calls_run_at_the_forward_only_chunk(monkeypatch):
         return real(x, b, c, dt, s, h0, d, q, *rest)
 
     monkeypatch.setattr(pallas_mosaic, "_fwd_impl_once",
-                        jax.jit(spy, static_argnums=(7, 8, 9, 10, 11)))
+                        jax.jit(spy, static_argnums=(7, 8, 9, 10)))
     args, kw, dy = _inputs(np.random.default_rng().integers(1 << 30), 1, 200, 2, 64, 1, 64,
                            jnp.bfloat16)
 
     def f(*a):
-        return pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, block_len=128, interpret=True, **kw)
+        return pallas_mosaic.ssd_mosaic_forward(
+            *a, CHUNK, interpret=True, **kw, kernels=KernelConfig(block_len=128, backward="triton"))
 
     y_primal = f(*args)
     assert seen == [64]
@@ -441,10 +387,10 @@ def test_kernels_are_lowered_once_per_program_not_per_call_site():
         def loss(x, dt, A, B, C):
             for _ in range(layers):
                 x = pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, CHUNK, dt_softplus=True,
-                                                     backward="mosaic")
+                                                     kernels=KernelConfig(backward="mosaic"))
             return x.astype(jnp.float32).sum()
 
-        with pallas_mosaic.cuda_lowering_context():
+        with hopper.cuda_lowering_context():
             text = jax.jit(jax.grad(loss, argnums=(0, 3, 4))).trace(*shapes).lower(
                 lowering_platforms=("cuda",)).as_text()
         return len(re.findall(r"custom_call @mosaic_gpu", text))

@@ -17,7 +17,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
+from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
 from _ssd_testing import rel_error as _rel, ssd_args
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
@@ -114,17 +114,17 @@ def test_supported_bwd_reasons_and_errors():
     plan = pallas_mosaic_bwd.smem_plan
     assert plan(128, 64, 128, 2, True)[:2] == (True, False)
     assert plan(64, 64, 128, 2, True)[:2] == (False, True)
-    assert plan(64, 64, 128, 2, True)[2] <= pallas_mosaic_bwd._TWO_BLOCKS_SMEM
+    assert plan(64, 64, 128, 2, True)[2] <= hopper.TWO_BLOCKS_SMEM
     assert plan(64, 128, 128, 2, True)[:2] == (False, False)
-    assert pallas_mosaic_bwd.smem_bytes(64, 128, 128) > pallas_mosaic_bwd._SMEM_LIMIT
+    assert pallas_mosaic_bwd.smem_bytes(64, 128, 128) > hopper.SMEM_LIMIT
     args = _inputs(0, 1, 1, 64, 2, 1, 64, 64, jnp.float32)
     with pytest.raises(ValueError, match="float32"):
-        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=2, interpret=True)
+        pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=64, hpg=2, interpret=True)
     args = _inputs(0, 1, 1, 64, 2, 1, 64, 64, bf16)
     with pytest.raises(ValueError, match="heads per group"):
-        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=1, interpret=True)
+        pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=64, hpg=1, interpret=True)
     with pytest.raises(ValueError, match="semantics"):
-        pallas_mosaic_bwd._chunk_bwd_mosaic(*args, q=64, hpg=2, semantics="thread")
+        pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=64, hpg=2, semantics="thread")
 
 
 @pytest.mark.parametrize("q,n,dst_dtype", [(64, 64, jnp.float32), (64, 128, jnp.bfloat16),
@@ -138,7 +138,7 @@ def test_interpreter_matches_triton_and_float64(q, n, dst_dtype):
     args = _inputs(np.random.default_rng().integers(1 << 30), bsz, nc, q, nh, g, p, n,
                    jnp.bfloat16)
     x, bm, cm, dt, s, dy, hprev, dst, d = args
-    outs = pallas_mosaic_bwd._chunk_bwd_mosaic(x, bm, cm, dt, s, dy, hprev,
+    outs = pallas_mosaic_bwd.chunk_bwd_mosaic(x, bm, cm, dt, s, dy, hprev,
                                                dst.astype(dst_dtype), d, q=q, hpg=nh // g,
                                                interpret=True)
     tri = pallas_gpu._chunk_bwd_call(*args, None, q=q, hpg=nh // g, num_warps=4, interpret=True)
@@ -170,9 +170,9 @@ def test_lowers_for_cuda_on_cpu(q, p, n, semantics, dst_dtype):
               s((bsz, nh, nc, p, n), bf16), s((bsz, nh, nc, p, n), dst_dtype), s((nh, p), f32))
 
     def f(*a):
-        return pallas_mosaic_bwd._chunk_bwd_mosaic(*a, q=q, hpg=nh // g, semantics=semantics)
+        return pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g, semantics=semantics)
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
     assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 1
     infos = lowered.out_info
@@ -189,7 +189,7 @@ def test_gpu_matches_triton(dtype, q, p, n):
     group, 3 chunks); relative L2 per output."""
     bsz, nc, nh, g = 2, 3, 6, 2
     args = _inputs(np.random.default_rng().integers(1 << 30), bsz, nc, q, nh, g, p, n, dtype)
-    outs = jax.jit(lambda *a: pallas_mosaic_bwd._chunk_bwd_mosaic(*a, q=q, hpg=nh // g))(*args)
+    outs = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g))(*args)
     tri = jax.jit(lambda *a: pallas_gpu._chunk_bwd_call(*a, None, q=q, hpg=nh // g, num_warps=8,
                                                         interpret=False))(*args)
     _check_shapes(outs, tri)
@@ -209,7 +209,7 @@ def test_interpreter_full_gradient_with_mosaic_chunk_bwd(monkeypatch):
                          interpret):
         assert seg is None and interpret
         del num_warps
-        return pallas_mosaic_bwd._chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
+        return pallas_mosaic_bwd.chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
                                                    hpg=hpg, interpret=True)
 
     monkeypatch.setattr(pallas_gpu, "_chunk_bwd_call", mosaic_chunk_bwd)
@@ -223,26 +223,25 @@ def test_interpreter_full_gradient_with_mosaic_chunk_bwd(monkeypatch):
             return ssd(*a, chunk, impl="reference", **kw)
 
     _, vjp = jax.vjp(lambda *a: pallas_mosaic.ssd_mosaic_forward(
-        *a, chunk, block_len=64, interpret=True, **kw), *args)
+        *a, chunk, interpret=True, **kw, kernels=KernelConfig(block_len=64, backward="triton")),
+        *args)
     _, vjp_ref = jax.vjp(reference, *args)
     for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
         assert _rel(gr, gr_ref) < 1.5e-2, name  # the bf16 tolerance of test_ssd_mosaic
 
 
 def test_dispatcher_runs_the_mosaic_backward_when_asked(monkeypatch):
-    """ssd_mosaic_forward(backward="mosaic") routes the chunk backward through
-    _chunk_bwd_mosaic (interpreters on the CPU) and the whole gradient matches the sequential
-    reference; pallas_select reads DIMBA_SSD_PALLAS_BACKWARD and refuses unknown values."""
-    from dimba_jax.ssd import pallas_select
-
+    """ssd_mosaic_forward(kernels=KernelConfig(backward="mosaic")) routes the chunk backward
+    through chunk_bwd_mosaic (interpreters on the CPU) and the whole gradient matches the
+    sequential reference; an unknown backward is a ValueError."""
     calls = []
-    real = pallas_mosaic_bwd._chunk_bwd_mosaic
+    real = pallas_mosaic_bwd.chunk_bwd_mosaic
 
     def spy(*a, **k):
         calls.append(k["q"])
         return real(*a, **k)
 
-    monkeypatch.setattr(pallas_mosaic_bwd, "_chunk_bwd_mosaic", spy)
+    monkeypatch.setattr(pallas_mosaic_bwd, "chunk_bwd_mosaic", spy)
     jax.clear_caches()  # the backward is jitted once per config: trace it again, with the spy
     ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 6)
     b, l, h, p, g, n = 1, 100, 4, 64, 1, 64
@@ -255,8 +254,8 @@ def test_dispatcher_runs_the_mosaic_backward_when_asked(monkeypatch):
     kw = dict(dt_softplus=True, D=jnp.ones((h,)))
 
     def mosaic(*a):
-        return pallas_mosaic.ssd_mosaic_forward(*a, 256, block_len=64, interpret=True,
-                                                backward="mosaic", **kw)
+        return pallas_mosaic.ssd_mosaic_forward(
+            *a, 256, interpret=True, **kw, kernels=KernelConfig(block_len=64, backward="mosaic"))
 
     _, vjp = jax.vjp(mosaic, *args)
     grads = vjp(dy)
@@ -266,17 +265,12 @@ def test_dispatcher_runs_the_mosaic_backward_when_asked(monkeypatch):
     for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), grads, vjp_ref(dy)):
         assert _rel(gr, gr_ref) < 1.5e-2, name
     with pytest.raises(ValueError, match="backward"):
-        pallas_mosaic.ssd_mosaic_forward(*args, 256, block_len=64, backward="cuda")
-    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "mosaic")
-    assert pallas_select.backward_spec() == "mosaic"
-    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "cudnn")
-    with pytest.raises(ValueError, match="DIMBA_SSD_PALLAS_BACKWARD"):
-        pallas_select.backward_spec()
+        KernelConfig(block_len=64, backward="cuda")
 
 
 @pytest.mark.parametrize("block_len,semantics", [(128, "warpgroup"), (64, "lane")])
 def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, semantics):
-    """jax.grad of ssd_mosaic_forward(backward="mosaic") lowers for cuda on a CPU-only machine:
+    """jax.grad of ssd_mosaic_forward(kernels=KernelConfig(backward="mosaic")) lowers for cuda on a CPU-only machine:
     the forward's two Mosaic kernels, the fused Mosaic dout chunk-state + reverse state-pass
     kernel (pallas_mosaic_rev) and the Mosaic chunk backward in one program (the shape of the
     dispatcher's training call); no Triton kernel is left."""
@@ -286,11 +280,12 @@ def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, seman
               s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
 
     def loss(*a):
-        y = pallas_mosaic.ssd_mosaic_forward(*a, 256, dt_softplus=True, block_len=block_len,
-                                             semantics=semantics, backward="mosaic")
+        y = pallas_mosaic.ssd_mosaic_forward(
+            *a, 256, dt_softplus=True, semantics=semantics,
+            kernels=KernelConfig(block_len=block_len, backward="mosaic"))
         return jnp.square(y.astype(jnp.float32)).sum()  # needs y: keeps the output kernel
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4  # 2 forward + 2 backward

@@ -4,7 +4,7 @@
 CPU: `supported_rev` reasons, shared-memory counts and ValueErrors; the kernel in the Mosaic GPU
 interpreter vs pallas_gpu's two Triton kernels (`_chunk_state_call(mode="dout")` then
 `_state_pass_bwd_call`) in the Triton interpreter and vs a float64 NumPy run of the recurrence;
-the full gradient of `ssd_mosaic_forward(backward="mosaic")` in the interpreters vs the
+the full gradient of `ssd_mosaic_forward(kernels=KernelConfig(backward="mosaic"))` in the interpreters vs the
 sequential reference; lowering for cuda without a GPU (Lane and Warpgroup semantics), the kernel
 alone and inside jax.grad of the Mosaic path.
 GPU (`gpu` marker): the compiled kernel vs the compiled Triton pair at 130m-L2k and 1.3b-L2k
@@ -20,7 +20,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_mosaic_rev, ssd
+from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_rev, ssd
 from _ssd_testing import rel_error as _rel
 
 NAMES = ("dstates", "dsend", "dh0")
@@ -200,9 +200,9 @@ def test_interpreter_full_gradient_with_fused_reverse(monkeypatch):
     kw = dict(dt_softplus=True, D=jnp.ones((h,)), return_final_states=True)
 
     def mosaic(x, dt, A, B, C, h0):
-        return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, 256, block_len=64,
-                                                initial_states=h0, interpret=True,
-                                                backward="mosaic", **kw)
+        return pallas_mosaic.ssd_mosaic_forward(
+            x, dt, A, B, C, 256, initial_states=h0, interpret=True, **kw,
+            kernels=KernelConfig(block_len=64, backward="mosaic"))
 
     def reference(x, dt, A, B, C, h0):
         with jax.default_matmul_precision("highest"):
@@ -232,7 +232,7 @@ def test_segmented_walk_lowers_for_cuda_on_cpu(semantics):
                                                         prefetch=4, segments=4,
                                                         semantics=semantics)
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
     assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 2
     assert [i.shape for i in lowered.out_info] == [(bsz, nh, nc, p, n), (bsz, nh, 2, nc),
@@ -262,7 +262,7 @@ def test_lowers_for_cuda_on_cpu(q, p, n, nb, prefetch, semantics, dst_dtype, ove
             *a, q=q, hpg=nh // g, block_cols=nb, prefetch=prefetch, dstates_dtype=dst_dtype,
             overlap=overlap, semantics=semantics)
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
     assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 1
     infos = lowered.out_info
@@ -273,7 +273,7 @@ def test_lowers_for_cuda_on_cpu(q, p, n, nb, prefetch, semantics, dst_dtype, ove
 
 @pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
 def test_full_gradient_with_fused_reverse_lowers_for_cuda(semantics):
-    """jax.grad of ssd_mosaic_forward(backward="mosaic") lowers for cuda on a CPU-only machine
+    """jax.grad of ssd_mosaic_forward(kernels=KernelConfig(backward="mosaic")) lowers for cuda on a CPU-only machine
     with four Mosaic GPU kernels (forward: fused chunk states + state pass, chunk output;
     backward: this fused kernel, the chunk backward) and no Triton kernel."""
     sds = jax.ShapeDtypeStruct
@@ -283,11 +283,12 @@ def test_full_gradient_with_fused_reverse_lowers_for_cuda(semantics):
               sds((b, l, g, n), jnp.bfloat16))
 
     def loss(*a):
-        y = pallas_mosaic.ssd_mosaic_forward(*a, 256, dt_softplus=True, block_len=128,
-                                             semantics=semantics, backward="mosaic")
+        y = pallas_mosaic.ssd_mosaic_forward(
+            *a, 256, dt_softplus=True, semantics=semantics,
+            kernels=KernelConfig(block_len=128, backward="mosaic"))
         return jnp.square(y.astype(jnp.float32)).sum()
 
-    with pallas_mosaic.cuda_lowering_context():
+    with hopper.cuda_lowering_context():
         text = jax.jit(jax.grad(loss, argnums=tuple(range(5)))).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4

@@ -1,9 +1,9 @@
 """Tests of `dimba_jax/ssd/pallas_select.py`: which forward kernels `ssd(impl="pallas")` runs.
 
-CPU: the spec parser (good specs, and a ValueError naming each bad one); the Mosaic forward is
+CPU: `KernelConfig` (defaults, validation, the config.model fields); the Mosaic forward is
 chosen when `pallas_mosaic.supported` accepts the call and its result matches the sequential
-reference (both kernels in their interpreters); a call Mosaic does not take (seq_idx) and the
-"triton" spec go to the Triton forward, whose result matches too. The kernels' own correctness
+reference (both kernels in their interpreters); a call Mosaic does not take (seq_idx) and
+forward="triton" go to the Triton forward, whose result matches too. The kernels' own correctness
 is tested in test_ssd_pallas.py / test_ssd_mosaic.py; here it is the routing.
 """
 
@@ -13,42 +13,25 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dimba_jax.ssd import pallas_gpu, pallas_mosaic, pallas_select, ssd
+from dimba_jax.config import default_config
+from dimba_jax.ssd import KernelConfig, pallas_gpu, pallas_mosaic, pallas_select, ssd
 from _ssd_testing import rel_error as _rel
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("triton", ("triton", None, None)),
-    ("mosaic", ("mosaic", None, None)),
-    ("mosaic:64", ("mosaic", 64, None)),
-    ("mosaic:128:statepass+out", ("mosaic", 128, "statepass+out")),
-    (" mosaic::out ", ("mosaic", None, "out")),
-])
-def test_parse_forward(spec, want):
-    assert pallas_select.parse_forward(spec) == want
-
-
-@pytest.mark.parametrize("spec", ["cuda", "triton:64", "mosaic:sixty", "mosaic:64:out:x", ""])
-def test_parse_forward_rejects_bad_specs(spec):
-    with pytest.raises(ValueError, match="DIMBA_SSD_PALLAS_FORWARD"):
-        pallas_select.parse_forward(spec)
-
-
-def test_forward_spec_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(pallas_select.ENV_VAR, raising=False)
-    assert pallas_select.forward_spec() == pallas_select.DEFAULT_FORWARD
-    monkeypatch.setenv(pallas_select.ENV_VAR, "triton")
-    assert pallas_select.forward_spec() == "triton"
-
-
-def test_backward_spec_defaults_to_mosaic_and_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(pallas_select.BACKWARD_ENV_VAR, raising=False)
-    assert pallas_select.backward_spec() == pallas_select.DEFAULT_BACKWARD == "mosaic"
-    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "triton")
-    assert pallas_select.backward_spec() == "triton"
-    monkeypatch.setenv(pallas_select.BACKWARD_ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="DIMBA_SSD_PALLAS_BACKWARD"):
-        pallas_select.backward_spec()
+def test_kernel_config_defaults_validation_and_config_fields():
+    assert KernelConfig() == KernelConfig("mosaic", "mosaic", None, 64)
+    assert hash(KernelConfig()) == hash(KernelConfig())  # a static jit argument
+    for bad in (dict(forward="cuda"), dict(backward="cudnn"), dict(block_len=96),
+                dict(forward_only_block_len=32)):
+        with pytest.raises(ValueError, match="KernelConfig"):
+            KernelConfig(**bad)
+    config = default_config()
+    assert KernelConfig.from_config(config.model) == KernelConfig()
+    with config.unlocked():
+        config.model.update(ssd_forward="triton", ssd_backward="triton", ssd_block_len=64,
+                            ssd_forward_only_block_len=0)
+    assert KernelConfig.from_config(config.model) == KernelConfig("triton", "triton", 64, None)
+    assert KernelConfig.from_config(object()) == KernelConfig()  # an older config: defaults
 
 
 def _inputs(seqlen=70, seq_idx=False):
@@ -77,13 +60,12 @@ def _spy(monkeypatch, module, name):
     return calls
 
 
-@pytest.mark.parametrize("spec,seq_idx,want", [
-    ("mosaic:64:statepass+out", False, "mosaic"),
-    ("mosaic:64:statepass+out", True, "triton"),  # Mosaic has no seq_idx: Triton forward
-    ("triton", False, "triton"),
+@pytest.mark.parametrize("kernels,seq_idx,want", [
+    (KernelConfig(block_len=64), False, "mosaic"),
+    (KernelConfig(block_len=64), True, "triton"),  # Mosaic has no seq_idx: Triton forward
+    (KernelConfig(forward="triton"), False, "triton"),
 ])
-def test_routing_and_results(monkeypatch, spec, seq_idx, want):
-    monkeypatch.setenv(pallas_select.ENV_VAR, spec)
+def test_routing_and_results(monkeypatch, kernels, seq_idx, want):
     real_supported = pallas_mosaic.supported
     # On the CPU the device check fails; keep every other check of `supported`.
     monkeypatch.setattr(pallas_mosaic, "supported",
@@ -91,10 +73,10 @@ def test_routing_and_results(monkeypatch, spec, seq_idx, want):
     mosaic_calls = _spy(monkeypatch, pallas_mosaic, "ssd_mosaic_forward")
     triton_calls = _spy(monkeypatch, pallas_gpu, "ssd_pallas")
     args, kw = _inputs(seq_idx=seq_idx)
-    y = pallas_select.ssd_pallas(*args, 256, interpret=True, **kw)
+    y = pallas_select.ssd_pallas(*args, 256, kernels=kernels, interpret=True, **kw)
     assert (len(mosaic_calls), len(triton_calls)) == ((1, 0) if want == "mosaic" else (0, 1))
     if want == "mosaic":
-        assert mosaic_calls[0]["block_len"] == 64 and mosaic_calls[0]["stages"] == "statepass+out"
+        assert mosaic_calls[0]["kernels"] is kernels
     with jax.default_matmul_precision("highest"):
         y_ref = ssd(*args, 256, impl="reference", **kw)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
@@ -106,7 +88,6 @@ def test_routing_and_results(monkeypatch, spec, seq_idx, want):
 def test_gpu_dispatcher_runs_the_default_forward(monkeypatch, dtype, tol):
     """On a Hopper GPU, ssd(impl="pallas") with the default forward spec calls the Mosaic
     forward for a call it supports; forward and the x / B / C gradients match the reference."""
-    monkeypatch.delenv(pallas_select.ENV_VAR, raising=False)
     mosaic_calls = _spy(monkeypatch, pallas_mosaic, "ssd_mosaic_forward")
     args, kw = _inputs(seqlen=300)
     args = tuple(a.astype(dtype) if i in (0, 3, 4) else a for i, a in enumerate(args))

@@ -32,8 +32,8 @@ def _run(config, workdir, **kw):
 
 
 def _final_params(workdir, ema):
-    params, step = ckpt_lib.load_params_for_inference(str(workdir), prefer_ema=ema)
-    return step, params
+    loaded = ckpt_lib.load_params_for_inference(str(workdir), prefer_ema=ema)
+    return loaded.step, loaded.params
 
 
 class _SigtermData(ToyData):

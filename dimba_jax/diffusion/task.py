@@ -25,8 +25,9 @@ from dimba_jax.diffusion import sampler as sampling
 from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
 from dimba_jax.diffusion.schedule import schedule_from_config
 from dimba_jax.diffusion.warp import NoiseWarp
-from dimba_jax.models.dimba import DimbaModel
-from dimba_jax.train import flops as flops_lib
+from dimba_jax.layers.conditioning import frozen_prompt_encoder
+from dimba_jax.models import flops as flops_lib
+from dimba_jax.models.dimba import DimbaModel, resolve_dtype
 
 DEFAULT_EVAL_TS = (50, 250, 500, 750, 950)  # fractions of T=1000; scaled to the config's T
 
@@ -38,33 +39,36 @@ class DimbaTask:
     Args:
       config: the full config (sections model, diffusion, sample, data, train).
       tokenizer: an object with encode/decode/vocab_size/eos_id; None = get_tokenizer(config.data.tokenizer).
+      prompt_stack: the donor run's `FrozenStack` when model.prompt_encoder is "frozen"
+        (`dimba_jax.train.tasks.make_task` reads it from model.prompt_encoder_checkpoint).
     """
 
-    def __init__(self, config, tokenizer=None):
+    def __init__(self, config, tokenizer=None, prompt_stack=None):
         if tokenizer is None:
             from dimba_jax.data.tokenizers import get_tokenizer
             tokenizer = get_tokenizer(config.data.tokenizer)
         self.config = config
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
-        if config.model.prompt_encoder == "frozen":  # load it now, outside any trace (see load_frozen_stack)
-            from dimba_jax.layers.conditioning import load_frozen_stack
-            load_frozen_stack(config.model.prompt_encoder_checkpoint)
+        self.prompt_stack = prompt_stack  # FrozenStack of the donor run (prompt_encoder="frozen")
         self._eval_at = nnx.jit(self._eval_terms)
         self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
 
     # ------------------------------------------------------------------ Task interface
     def init_model(self, rngs: nnx.Rngs) -> DimbaModel:
         """A fresh `DimbaModel` (vocabulary of the tokenizer, params in config.train.param_dtype),
-        carrying a `NoiseWarp` over diffusion.logsnr_range when the noise sampling or the sampling
-        grid uses one."""
+        with the frozen prompt encoder when the task holds a donor stack, and a `NoiseWarp` over
+        diffusion.logsnr_range when the noise sampling or the sampling grid uses one."""
+        encoder = None if self.prompt_stack is None else frozen_prompt_encoder(
+            self.prompt_stack, int(self.config.model.d_model),
+            param_dtype=resolve_dtype(self.config.train.param_dtype), rngs=rngs)
         d = self.config.diffusion
         warp = None
         if d.noise_sampling == "warp" or self.config.sample.grid == "warp":
             lo, hi = (float(v) for v in d.logsnr_range)
             warp = NoiseWarp(lo, hi, bins=int(d.warp_bins), max_loss=math.log(self.tokenizer.vocab_size),
                              floor=float(d.warp_floor))
-        model = DimbaModel(self.config.model, self.tokenizer.vocab_size,
+        model = DimbaModel(self.config.model, self.tokenizer.vocab_size, prompt_encoder=encoder,
                            param_dtype=self.config.train.param_dtype, noise_warp=warp, rngs=rngs)
         if self.config.model.init_from_mamba_ssm:
             # Warm start from a pretrained mamba_ssm / HF-layout Mamba-2: block i <- layer i (both
@@ -91,7 +95,7 @@ class DimbaTask:
         return [self._decode(row) for row in np.asarray(out)]
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (matmul multiply-adds x 2; see dimba_jax/train/flops.py).
+        """Training FLOPs per token (matmul multiply-adds x 2; see dimba_jax/models/flops.py).
 
         forward = the Mamba-2 blocks (in/out projections once; conv + SSD twice when bidirectional,
                   since the two directions share their projections) + the tied head (2 d V)

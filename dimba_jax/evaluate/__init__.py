@@ -9,6 +9,6 @@ Modules, one job each:
   long_context  denoiser step time and memory vs L, log-log slope
   results       the results-file schema, validation, atomic save and merging (resumable runs)
   plots         PNG figures and the Markdown table from a results file
-  loading       models from training workdirs (or fresh random weights from a config)
+  loading       fresh models (random weights) from a config, parameter counts
 The GPU driver is `benchmarks/pareto.py`; the figures come from `benchmarks/plot_pareto.py`.
 """

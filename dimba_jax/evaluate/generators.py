@@ -16,7 +16,7 @@ what a caller waits for.
 Pre-split fast path: the public wrappers re-split the nnx module into (graphdef, state) at every
 call, a few milliseconds of Python for a 30M-parameter stack, which a serving loop would do once.
 DIMBA's `make_sample_fn` splits once. The AR generator splits once and calls the jitted program
-its wrapper calls (`ar._generate_jit`); the first call of every new shape also runs the public
+its wrapper calls (`ar.generate_split`); the first call of every new shape also runs the public
 wrapper and checks the two results are identical; on any difference or error it falls back to
 the public wrapper for good (``self.fast`` turns False).
 """
@@ -29,13 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-
-def _section_get(config: Any, section: str, name: str, default):
-    sec = config.get(section) if hasattr(config, "get") else getattr(config, section, None)
-    if sec is None:
-        return default
-    return sec.get(name, default) if hasattr(sec, "get") else getattr(sec, name, default)
 
 
 class ArGenerator:
@@ -53,8 +46,10 @@ class ArGenerator:
     @classmethod
     def from_config(cls, model: Any, config: Any, tokenizer: Any) -> "ArGenerator":
         """Sampling settings from config.ar.temperature / top_p when the config has them."""
-        return cls(model, tokenizer, temperature=_section_get(config, "ar", "temperature", 1.0),
-                   top_p=_section_get(config, "ar", "top_p", 0.95))
+        from dimba_jax.models.ar import ar_setting
+
+        return cls(model, tokenizer, temperature=ar_setting(config, "temperature", 1.0),
+                   top_p=ar_setting(config, "top_p", 0.95))
 
     def generate(self, spec, prompts: np.ndarray | None, batch: int, seed: int) -> jax.Array:
         """int32 (batch, spec.L_gen) new tokens; prompts int32 (batch, P) or None (start at EOS)."""
@@ -71,9 +66,9 @@ class ArGenerator:
                                top_p=self.top_p)
 
         def fast():
-            return ar._generate_jit(self._graphdef, self._state, jnp.asarray(prompts, jnp.int32),
-                                    rng, jnp.float32(self.temperature), jnp.float32(self.top_p),
-                                    int(spec.L_gen))
+            return ar.generate_split(self._graphdef, self._state, jnp.asarray(prompts, jnp.int32),
+                                     rng, jnp.float32(self.temperature), jnp.float32(self.top_p),
+                                     int(spec.L_gen))
 
         return _checked_fast(self, (prompts.shape, spec.L_gen), fast, public)
 

@@ -1,9 +1,8 @@
-"""Building the evaluated models: from a training workdir, or fresh (random weights) from a config.
+"""Evaluated models with random weights, and their size.
 
-``load_model(workdir)`` reads the run's ``config.json``, builds its task's model (DIMBA or the
-AR LM, per ``config.task``) with the checkpoint's parameters (the EMA when present), via
-``dimba_jax.train.inference.load_model_for_inference``. ``fresh_model(config)`` builds the
-same model with random weights (smoke tests, the long-context study).
+``fresh_model(config)`` builds the task's model (DIMBA or the AR LM, per ``config.task``) with
+random weights (smoke tests, the long-context study). A trained model comes from
+``dimba_jax.train.inference.load_run(workdir)``.
 """
 
 from __future__ import annotations
@@ -23,19 +22,6 @@ def fresh_model(config: Any, tokenizer: Any | None = None, seed: int = 0) -> tup
     tokenizer = tokenizer or get_tokenizer(config.data.tokenizer)
     task = make_task(config, tokenizer)
     return task.init_model(nnx.Rngs(seed)), task, tokenizer
-
-
-def load_model(workdir: str, step: int | None = None, *, prefer_ema: bool = True
-               ) -> tuple[nnx.Module, Any, Any, Any, int]:
-    """Loads a trained model from a workdir (``dimba_jax.train.inference``; EMA when present).
-
-    Returns (model, task, config, tokenizer, step). FileNotFoundError when the workdir, its
-    config.json or a finished checkpoint is missing.
-    """
-    from dimba_jax.train.inference import load_model_for_inference
-
-    bundle = load_model_for_inference(workdir, step=step, prefer_ema=prefer_ema)
-    return bundle.model, bundle.task, bundle.config, bundle.task.tokenizer, int(bundle.step)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -1,6 +1,6 @@
 """The results file (``benchmarks/results/pareto_h200.json``): schema, validation, merging.
 
-Format (the issue's, plus documented extras)::
+Format (the fields below, plus documented extras)::
 
     {"device": str, "command": str,
      "reference": {"judge_ppl": float, "entropy": float},

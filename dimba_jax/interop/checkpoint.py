@@ -13,22 +13,18 @@ many rows rounded up to pad_vocab_size_multiple (mamba_ssm's rule). Our `MambaLM
 numbers (`vocab_size`, `padded_vocab_size`); if a file's embedding has a different row count
 that still covers vocab_size, that row count is used as the padded size.
 
-    python -m dimba_jax.interop.checkpoint inspect CKPT_DIR
-    python -m dimba_jax.interop.checkpoint roundtrip CKPT_DIR OUT_DIR   # import, export, compare
+The code here reads and writes files and fills a given `MambaLM` (`load_into_lm`); building one
+from a directory is `dimba_jax.models.pretrained.load_pretrained` (with its command line).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dimba_jax.interop import mamba_ssm as names
 
@@ -116,29 +112,6 @@ def lm_kwargs(config: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:
 
 # ------------------------------------------------------------------------------------ import
 
-def load_pretrained(ckpt_dir: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    ssd_impl: str = "auto", chunk_size: int | None = None, seed: int = 0):
-    """A `MambaLM` with the checkpoint's architecture and weights.
-
-    Args:
-      ckpt_dir: mamba_ssm-layout directory (config.json + weights; see the module docstring).
-      dtype, param_dtype: compute and parameter dtypes of the returned model.
-      ssd_impl: SSD implementation; chunk_size: overrides ssm_cfg.chunk_size (compute only).
-      seed: only seeds the throw-away initialisation that the weights overwrite.
-    """
-    from dimba_jax.models.ar import MambaLM
-
-    config, state = read_checkpoint(ckpt_dir)
-    kwargs = lm_kwargs(config, state)
-    if chunk_size is not None:
-        kwargs["chunk_size"] = chunk_size
-    vocab_size = kwargs.pop("vocab_size")
-    model = MambaLM(vocab_size, ssd_impl=ssd_impl, dtype=dtype, param_dtype=param_dtype,
-                    rngs=nnx.Rngs(seed), **kwargs)
-    names.load_lm(model, state)
-    return model
-
-
 def load_into_lm(model, ckpt_dir: str | os.PathLike) -> None:
     """Loads a checkpoint into an existing `MambaLM` (e.g. built from config.model).
 
@@ -201,35 +174,6 @@ def _numpy_to_torch(array: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(array).copy())
 
 
-# ----------------------------------------------------------------------------------------- CLI
-
-def _main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dimba_jax.interop.checkpoint",
-                                     description="Inspect / round-trip mamba_ssm Mamba-2 "
-                                                 "checkpoints.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_inspect = sub.add_parser("inspect", help="print the architecture and parameter count")
-    p_inspect.add_argument("ckpt_dir")
-    p_rt = sub.add_parser("roundtrip", help="import, export to OUT_DIR, check bit equality")
-    p_rt.add_argument("ckpt_dir")
-    p_rt.add_argument("out_dir")
-    p_rt.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
-    args = parser.parse_args(argv)
-
-    model = load_pretrained(args.ckpt_dir)
-    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(json.dumps({"config": names.config_from_lm(model),
-                      "padded_vocab_size": model.padded_vocab_size,
-                      "parameters": n_params}, indent=2))
-    if args.cmd == "roundtrip":
-        save_pretrained(model, args.out_dir, fmt=args.format)
-        same = state_dicts_bit_equal(read_state_dict(args.ckpt_dir),
-                                     read_state_dict(args.out_dir))
-        print(f"round trip bit-exact: {same}")
-        if not same:
-            raise SystemExit(1)
-
-
 def state_dicts_bit_equal(original: Mapping[str, np.ndarray],
                           exported: Mapping[str, np.ndarray]) -> bool:
     """True when every array of `original` is in `exported` with the same dtype, shape and bits.
@@ -250,6 +194,3 @@ def _bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
-
-if __name__ == "__main__":
-    _main()

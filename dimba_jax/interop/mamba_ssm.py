@@ -36,6 +36,13 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """vocab_size rounded up to a multiple of `multiple` (mamba_ssm's pad_vocab_size_multiple)."""
+    if vocab_size <= 0 or multiple <= 0:
+        raise ValueError(f"vocab_size ({vocab_size}) and multiple ({multiple}) must be positive")
+    return -(-vocab_size // multiple) * multiple
+
+
 MIXER_KEYS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D",
               "norm.weight", "out_proj.weight")
 
@@ -226,8 +233,6 @@ def config_from_lm(model) -> dict:
     pad_vocab_size_multiple (a file padded by another rule), pad_vocab_size_multiple is written
     as the padded size itself, so that mamba_ssm rebuilds exactly this embedding shape.
     """
-    from dimba_jax.models.ar import padded_vocab
-
     mixer = model.layers[0].mixer
     multiple = model.pad_vocab_size_multiple
     if padded_vocab(model.vocab_size, multiple) != model.padded_vocab_size:

@@ -9,7 +9,8 @@
     embedding and final norm) taken from a dimba_jax checkpoint. Its weights are re-typed as
     `FrozenParam` (not `nnx.Param`), so the optimizer and `nnx.grad` never touch them (no weight
     decay either), and its output passes through `stop_gradient`; a trained linear map
-    d_encoder -> d_model follows. `load_frozen_prompt_encoder` builds one from a workdir.
+    d_encoder -> d_model follows. `frozen_prompt_encoder` builds one from a `FrozenStack` (a
+    trained model's stack in memory; `dimba_jax.train.tasks` reads it from the donor run).
 * `FiLM` (scale/shift per block, zero-initialised so a fresh block starts as the identity
   modulation) and `AdditiveConditioning` (a per-block shift of the block input).
 """
@@ -17,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -146,9 +147,6 @@ class PreNormResidual(nnx.Module):
         return h + self.layer.mixer(self.layer.norm(h)).astype(h.dtype)
 
 
-_FROZEN_STACKS: dict = {}  # absolute workdir -> (table, blocks, norm), loaded once per process
-
-
 class _Stack(nnx.Module):
     """Container of a frozen stack's blocks and final norm (for split / merge)."""
 
@@ -157,27 +155,25 @@ class _Stack(nnx.Module):
         self.final_norm = final_norm
 
 
-def load_frozen_stack(workdir: str) -> tuple[jax.Array, object, object]:
-    """(embedding table (V, d_enc), graphdef, state) of the frozen blocks + final norm of the run
-    in `workdir`; `nnx.merge(graphdef, state)` gives a fresh copy (with `.blocks`, `.final_norm`).
+class FrozenStack(NamedTuple):
+    """A trained model's token embedding and residual stack, frozen, ready to become encoders.
 
-    The run's model is rebuilt from its saved config and loaded (EMA weights when present) by
-    `dimba_jax.train.inference.load_model_for_inference`. It must expose `embedding_table()` (or
-    `embedding.embedding`), `blocks` (or pre-norm `layers` with `norm` and `mixer`) and
-    `final_norm` (or `norm_f`): a DIMBA denoiser's stack (whose blocks then run without their
-    timestep conditioning) or the AR baseline's. Loaded once per process and cached: call it
-    outside any jit / eval_shape first (DimbaTask does), later calls (inside traces) reuse it.
-    Raises FileNotFoundError for an empty path / missing workdir or checkpoint, ValueError for an
-    unusable model.
+    table: float (V, d_enc) embedding table; graphdef, state: `nnx.split` of a module with
+    `.blocks` and `.final_norm` (weights as `FrozenParam`).
     """
-    if not workdir:
-        raise FileNotFoundError("model.prompt_encoder='frozen' needs model.prompt_encoder_checkpoint (a workdir)")
-    import os
-    key = os.path.abspath(workdir)
-    if key in _FROZEN_STACKS:
-        return _FROZEN_STACKS[key]
-    from dimba_jax.train.inference import load_model_for_inference  # late import: avoids a cycle
-    model = load_model_for_inference(workdir).model
+    table: jax.Array
+    graphdef: object
+    state: object
+
+
+def frozen_stack(model: nnx.Module) -> FrozenStack:
+    """The frozen stack of a trained model held in memory (the task layer loads it from a run).
+
+    `model` must expose `embedding_table()` (or `embedding.embedding`), `blocks` (or pre-norm
+    `layers` with `norm` and `mixer`) and `final_norm` (or `norm_f`): a DIMBA denoiser's stack
+    (whose blocks then run without their timestep conditioning) or the AR baseline's.
+    Raises ValueError for a model without them.
+    """
     if hasattr(model, "embedding_table"):  # DIMBA denoiser
         table = model.embedding_table()
     elif hasattr(model, "embedding") and hasattr(model.embedding, "embedding"):  # AR baseline (nnx.Embed)
@@ -194,18 +190,16 @@ def load_frozen_stack(workdir: str) -> tuple[jax.Array, object, object]:
     if blocks is None or norm is None:
         raise ValueError(f"checkpoint model {type(model).__name__} lacks blocks/layers or a final norm")
     graphdef, state = nnx.split(_Stack([freeze(b) for b in blocks], freeze(norm)))
-    _FROZEN_STACKS[key] = (jnp.asarray(table), graphdef, state)
-    return _FROZEN_STACKS[key]
+    return FrozenStack(jnp.asarray(table), graphdef, state)
 
 
-def load_frozen_prompt_encoder(workdir: str, d_model: int, *, param_dtype=jnp.float32,
-                               rngs: nnx.Rngs) -> FrozenPromptEncoder:
-    """A `FrozenPromptEncoder` over the stack of the run in `workdir` (see `load_frozen_stack`)."""
-    table, graphdef, state = load_frozen_stack(workdir)
-    fresh = jax.tree.map(lambda x: x, state)  # new Variable objects at the current trace level
-    stack = nnx.merge(graphdef, fresh)  # fresh modules: safe inside jit / eval_shape
-    return FrozenPromptEncoder(table, list(stack.blocks), stack.final_norm, d_model, param_dtype=param_dtype,
-                               rngs=rngs)
+def frozen_prompt_encoder(stack: FrozenStack, d_model: int, *, param_dtype=jnp.float32,
+                          rngs: nnx.Rngs) -> FrozenPromptEncoder:
+    """A `FrozenPromptEncoder` over a fresh copy of `stack` (safe inside jit / eval_shape)."""
+    fresh = jax.tree.map(lambda x: x, stack.state)  # new Variable objects at the current trace level
+    copy = nnx.merge(stack.graphdef, fresh)
+    return FrozenPromptEncoder(stack.table, list(copy.blocks), copy.final_norm, d_model,
+                               param_dtype=param_dtype, rngs=rngs)
 
 
 class FiLM(nnx.Module):

@@ -31,6 +31,7 @@ from flax import nnx
 
 from dimba_jax.layers.conv import causal_depthwise_conv_silu, conv_keep_masks
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
+from dimba_jax.ssd import KernelConfig, ssd
 
 CONV_IMPLS = ("autodiff", "custom_vjp")  # Mamba2(conv_impl=...): how the conv is differentiated
 
@@ -80,13 +81,6 @@ def _dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
     return init
 
 
-def _ssd(*args, **kwargs):
-    """Late import of the SSD dispatcher (dimba_jax.ssd.ssd, DESIGN.md section 3)."""
-    from dimba_jax.ssd import ssd
-
-    return ssd(*args, **kwargs)
-
-
 def _flip(x):
     return None if x is None else jnp.flip(x, axis=1)
 
@@ -105,6 +99,8 @@ class Mamba2(nnx.Module):
       d_conv: width of the depthwise causal conv over [x | B | C].
       chunk_size: SSD chunk length.
       ssd_impl: "auto" | "xla" | "reference" | "pallas" (dimba_jax.ssd.ssd's `impl`).
+      ssd_kernels: the Pallas kernels of the SSD (`dimba_jax.ssd.KernelConfig`; default its
+        defaults), passed to `ssd` as its static `kernels`.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -122,7 +118,7 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 ssd_kernels: KernelConfig | None = None, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
                  out_proj_init_scale: float = 1.0, conv_impl: str = "autodiff",
@@ -144,6 +140,7 @@ class Mamba2(nnx.Module):
         self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
         self.ngroups, self.d_conv, self.chunk_size = ngroups, d_conv, chunk_size
         self.ssd_impl = ssd_impl
+        self.ssd_kernels = ssd_kernels or KernelConfig()
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
@@ -249,9 +246,10 @@ class Mamba2(nnx.Module):
         z, xbc_in, dt = self._split_proj(zxbcdt)
         x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
         a, d, dt_bias = self._ssm_params()
-        out = _ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
-                   dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
-                   return_final_states=return_cache, impl=self.ssd_impl)
+        out = ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
+                  dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
+                  return_final_states=return_cache, impl=self.ssd_impl,
+                  kernels=self.ssd_kernels)
         y, final = out if return_cache else (out, None)
         y = self.norm(y.reshape(batch, seqlen, self.d_inner).astype(self.dtype), z)
         y = self.out_proj(y)
@@ -372,19 +370,19 @@ class BidirectionalMamba2(nnx.Module):
         x_b, b_b, c_b = bk._split_xbc(xbc_b)
         a_f, d_f, bias_f = f._ssm_params()
         a_b, d_b, bias_b = bk._ssm_params()
-        common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl)
+        common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl, kernels=f.ssd_kernels)
         if seq_idx is None and f.dt_limit == bk.dt_limit:
             cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731
-            y = _ssd(cat(x_f, x_b), cat(dt_f, dt_b).astype(jnp.float32), cat(a_f, a_b, 0),
-                     cat(b_f, b_b), cat(c_f, c_b), f.chunk_size, D=cat(d_f, d_b, 0),
-                     dt_bias=cat(bias_f, bias_b, 0), **common)
+            y = ssd(cat(x_f, x_b), cat(dt_f, dt_b).astype(jnp.float32), cat(a_f, a_b, 0),
+                    cat(b_f, b_b), cat(c_f, c_b), f.chunk_size, D=cat(d_f, d_b, 0),
+                    dt_bias=cat(bias_f, bias_b, 0), **common)
             y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
         else:
-            y_f = _ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,
-                       dt_bias=bias_f, seq_idx=seq_idx, **common)
-            y_b = _ssd(x_b, dt_b.astype(jnp.float32), a_b, b_b, c_b, bk.chunk_size, D=d_b,
-                       dt_bias=bias_b, seq_idx=seq_r, dt_softplus=True, dt_limit=bk.dt_limit,
-                       impl=bk.ssd_impl)
+            y_f = ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,
+                      dt_bias=bias_f, seq_idx=seq_idx, **common)
+            y_b = ssd(x_b, dt_b.astype(jnp.float32), a_b, b_b, c_b, bk.chunk_size, D=d_b,
+                      dt_bias=bias_b, seq_idx=seq_r, dt_softplus=True, dt_limit=bk.dt_limit,
+                      impl=bk.ssd_impl, kernels=bk.ssd_kernels)
         y_f = f.norm(y_f.reshape(batch, seqlen, f.d_inner).astype(f.dtype), z_f)
         y_b = bk.norm(_flip(y_b).reshape(batch, seqlen, bk.d_inner).astype(bk.dtype), z_b)
         if self.share_projections:

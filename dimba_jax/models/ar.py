@@ -24,19 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dimba_jax.interop.checkpoint import load_into_lm
+from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
+from dimba_jax.models import flops
+from dimba_jax.ssd import KernelConfig
 
 LMCache = tuple  # tuple[Mamba2Cache, ...], one per layer (a pytree)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def padded_vocab(vocab_size: int, multiple: int) -> int:
-    """vocab_size rounded up to a multiple of `multiple` (mamba_ssm's pad_vocab_size_multiple)."""
-    if vocab_size <= 0 or multiple <= 0:
-        raise ValueError(f"vocab_size ({vocab_size}) and multiple ({multiple}) must be positive")
-    return -(-vocab_size // multiple) * multiple
 
 
 def as_dtype(name_or_dtype):
@@ -67,7 +64,8 @@ class MambaLM(nnx.Module):
     Args:
       vocab_size: number of real token ids; the embedding has `padded_vocab_size` rows.
       d_model, n_layers: width and depth.
-      d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl: Mamba2 mixer settings.
+      d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl, ssd_kernels: Mamba2 mixer
+        settings.
       tie_embeddings: output head = embedding table (True) or a separate `lm_head` Linear.
       pad_vocab_size_multiple: pad the vocabulary to this multiple (mamba_ssm default 16 for
         the published Mamba-2 checkpoints); `padded_vocab_size` overrides the padded size.
@@ -82,7 +80,8 @@ class MambaLM(nnx.Module):
 
     def __init__(self, vocab_size: int, *, d_model: int, n_layers: int, d_state: int = 128,
                  expand: int = 2, headdim: int = 64, ngroups: int = 1, d_conv: int = 4,
-                 chunk_size: int = 256, ssd_impl: str = "auto", tie_embeddings: bool = True,
+                 chunk_size: int = 256, ssd_impl: str = "auto",
+                 ssd_kernels: KernelConfig | None = None, tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 16, padded_vocab_size: int | None = None,
                  norm_eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -105,7 +104,7 @@ class MambaLM(nnx.Module):
             rngs=rngs)
         self.layers = nnx.List([
             ResidualBlock(d_model, norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs, ssd_impl=ssd_impl,
+                          rngs=rngs, ssd_impl=ssd_impl, ssd_kernels=ssd_kernels,
                           out_proj_init_scale=1.0 / math.sqrt(n_layers), **mixer_config)
             for _ in range(n_layers)])
         self.norm_f = RMSNorm(d_model, norm_eps, dtype=jnp.float32, param_dtype=param_dtype,
@@ -227,7 +226,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_new"))
-def _generate_jit(graphdef, state, prompt_ids, rng, temperature, top_p, num_new):
+def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new):
+    """`generate`'s jitted program on a model already split by `nnx.split` (no argument checks).
+
+    graphdef, state: `nnx.split(model)` of a MambaLM (split once by a serving loop);
+    prompt_ids int32 (batch, prompt_len); rng a PRNG key; temperature, top_p float32 scalars;
+    num_new static. Returns int32 (batch, num_new), the same as `generate`.
+    """
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(prompt_ids)
     keys = jax.random.split(rng, num_new)
@@ -277,8 +282,8 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
         raise ValueError(f"generate: prompt ids must be in [0, {model.vocab_size}), got "
                          f"[{min_id}, {max_id}]")
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, prompt_ids.astype(jnp.int32), rng,
-                         jnp.float32(temperature), jnp.float32(top_p), int(num_new))
+    return generate_split(graphdef, state, prompt_ids.astype(jnp.int32), rng,
+                          jnp.float32(temperature), jnp.float32(top_p), int(num_new))
 
 
 # --------------------------------------------------------------------------------- the task
@@ -286,12 +291,12 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
 def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    rngs: nnx.Rngs, pad_vocab_size_multiple: int = 16) -> MambaLM:
     """Builds a MambaLM from `config.model` (d_model, n_layers, d_state, expand, headdim,
-    ngroups, d_conv, chunk_size, ssd_impl, tie_embeddings, compute_dtype)."""
+    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, tie_embeddings, compute_dtype)."""
     m = model_config
     return MambaLM(vocab_size, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
                    expand=m.expand, headdim=m.headdim, ngroups=m.ngroups, d_conv=m.d_conv,
                    chunk_size=m.chunk_size, ssd_impl=m.ssd_impl,
-                   tie_embeddings=m.tie_embeddings,
+                   ssd_kernels=KernelConfig.from_config(m), tie_embeddings=m.tie_embeddings,
                    pad_vocab_size_multiple=pad_vocab_size_multiple,
                    dtype=as_dtype(m.compute_dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)
 
@@ -331,7 +336,7 @@ class ArTask:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = int(vocab_size)
-        self.pad_multiple = int(_ar_field(config, "pad_vocab_size_multiple", 16))
+        self.pad_multiple = int(ar_setting(config, "pad_vocab_size_multiple", 16))
 
     def init_model(self, rngs: nnx.Rngs) -> MambaLM:
         """A freshly initialised MambaLM (or one loaded from config.model.init_from_mamba_ssm)."""
@@ -340,8 +345,6 @@ class ArTask:
                                pad_vocab_size_multiple=self.pad_multiple)
         ckpt = self.config.model.init_from_mamba_ssm
         if ckpt:
-            from dimba_jax.interop.checkpoint import load_into_lm
-
             load_into_lm(model, ckpt)
         return model
 
@@ -356,32 +359,53 @@ class ArTask:
         ce, accuracy = next_token_metrics(logits, tokens[:, 1:])
         return ce, {"ce": ce, "accuracy": accuracy}
 
-    def sample_text(self, model: MambaLM, rng: jax.Array, num: int) -> list[str]:
-        """`num` unprompted samples (start token EOS) of config.sample.length tokens, cut at EOS."""
+    def _write(self, model: MambaLM, prompt_ids, num_new: int, rng: jax.Array) -> list[str]:
+        """prompt_ids int (batch, P) -> `num_new` new tokens per row at the config.ar sampling
+        settings, decoded and cut at the first EOS (one string per row)."""
         if self.tokenizer is None:
-            raise ValueError("ArTask.sample_text needs the tokenizer given to the constructor")
+            raise ValueError("ArTask needs the tokenizer given to the constructor to write text")
         eos = self.tokenizer.eos_id
-        prompt = jnp.full((num, 1), eos, jnp.int32)
-        ids = np.asarray(generate(model, prompt, int(self.config.sample.length), rng,
-                                  temperature=float(_ar_field(self.config, "temperature", 1.0)),
-                                  top_p=float(_ar_field(self.config, "top_p", 0.95))))
+        ids = np.asarray(generate(model, prompt_ids, num_new, rng,
+                                  temperature=float(ar_setting(self.config, "temperature", 1.0)),
+                                  top_p=float(ar_setting(self.config, "top_p", 0.95))))
         texts = []
         for row in ids:
             stop = np.flatnonzero(row == eos)
             texts.append(self.tokenizer.decode(row[:stop[0]] if stop.size else row))
         return texts
 
+    def sample_text(self, model: MambaLM, rng: jax.Array, num: int) -> list[str]:
+        """`num` unprompted samples (start token EOS) of config.sample.length tokens, cut at EOS."""
+        if self.tokenizer is None:
+            raise ValueError("ArTask.sample_text needs the tokenizer given to the constructor")
+        prompt = jnp.full((num, 1), self.tokenizer.eos_id, jnp.int32)
+        return self._write(model, prompt, int(self.config.sample.length), rng)
+
+    def generate(self, model: MambaLM, prompts: list[str], length: int | None = None,
+                 seed: int = 0, **unused) -> list[str]:
+        """Continues each prompt (after a start token EOS) by `length` tokens (default
+        config.sample.length), one recurrent decode per prompt at key PRNGKey(seed); returns the
+        continuations cut at the first EOS. `unused` takes the diffusion sampler's settings
+        (steps, sampler, ...), which do not apply to the AR model."""
+        del unused
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        length = int(self.config.sample.length if length is None else length)
+        out = []
+        for p in prompts:
+            ids = np.asarray([[self.tokenizer.eos_id] + self.tokenizer.encode(p)], np.int32)
+            out += self._write(model, ids, length, jax.random.PRNGKey(seed))
+        return out
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 3 x (n_layers causal Mamba-2 blocks + the V_pad x d head),
-        counted by `dimba_jax.train.flops` (matmul multiply-adds as 2 FLOPs)."""
-        from dimba_jax.train import flops
-
+        counted by `dimba_jax.models.flops` (matmul multiply-adds as 2 FLOPs)."""
         v_pad = padded_vocab(self.vocab_size, self.pad_multiple)
         fwd = flops.mamba2_lm_forward_flops(self.config.model, vocab_size=v_pad, seq_len=seq_len)
         return flops.training_flops(fwd)
 
 
-def _ar_field(config, name: str, default):
+def ar_setting(config, name: str, default):
     """config.ar.<name> when the config has an `ar` section, else `default`."""
     section = config.get("ar") if hasattr(config, "get") else getattr(config, "ar", None)
     if section is None:

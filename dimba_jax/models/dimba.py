@@ -1,6 +1,6 @@
 """The DIMBA denoiser: D(x_t, known prompt, tau(t)) -> x0_hat over one sequence [prompt | generation].
 
-Decisions (see DESIGN.md section 2):
+Decisions:
 
 * **Embeddings at a fixed scale.** The table's rows are L2-normalised and multiplied by
   `embed_scale * sqrt(d_model)`, so every entry has ~unit variance, matching the N(0, I) noise.
@@ -51,9 +51,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
-                                           load_frozen_prompt_encoder, make_block_conditioning)
+                                           make_block_conditioning)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
+from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -100,7 +101,8 @@ class DimbaBlock(nnx.Module):
         mixer_cls = BidirectionalMamba2 if m.bidirectional else Mamba2
         self.mixer = mixer_cls(m.d_model, d_state=m.d_state, expand=m.expand, headdim=m.headdim,
                                ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
-                               ssd_impl=m.ssd_impl, conv_impl=getattr(m, "conv_impl", "autodiff"),
+                               ssd_impl=m.ssd_impl, ssd_kernels=KernelConfig.from_config(m),
+                               conv_impl=getattr(m, "conv_impl", "autodiff"),
                                dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
@@ -165,9 +167,9 @@ class DimbaModel(nnx.Module):
             self.prompt_encoder = prompt_encoder
         elif m.prompt_encoder == "mlp":
             self.prompt_encoder = MlpPromptEncoder(d, param_dtype=param_dtype, rngs=rngs)
-        elif m.prompt_encoder == "frozen":
-            self.prompt_encoder = load_frozen_prompt_encoder(m.prompt_encoder_checkpoint, d,
-                                                             param_dtype=param_dtype, rngs=rngs)
+        elif m.prompt_encoder == "frozen":  # built from the donor run by the task (train/tasks.py)
+            raise ValueError("model.prompt_encoder='frozen' needs prompt_encoder= (a FrozenPromptEncoder; "
+                             "dimba_jax.train.tasks.make_task builds it from model.prompt_encoder_checkpoint)")
         else:
             raise ValueError(f"model.prompt_encoder must be 'mlp' or 'frozen', got {m.prompt_encoder!r}")
         if m.n_layers < 1:

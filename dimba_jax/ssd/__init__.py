@@ -5,12 +5,16 @@
 
 - impl="reference": the sequential recurrence (`lax.scan` over time); the ground truth.
 - impl="xla": chunked SSD in plain XLA (`chunked.py`); runs everywhere, differentiable.
-- impl="pallas": Pallas GPU kernels (Hopper): Mosaic GPU forward and backward (`pallas_mosaic.py`,
-  `pallas_mosaic_rev.py`, `pallas_mosaic_bwd.py`) where they take the call, else the Triton
-  kernels (`pallas_gpu.py`) (`pallas_select.py` chooses); falls back to "xla", with a logged warning giving the reason,
-  when the module is absent or does not support the call.
+- impl="pallas": Pallas GPU kernels (Hopper): the Mosaic GPU forward and backward
+  (`pallas_mosaic.py` combining `pallas_mosaic_fwd.py`, `pallas_mosaic_rev.py`,
+  `pallas_mosaic_bwd.py`; Hopper facts in `hopper.py`) where they take the call, else the Triton
+  kernels (`pallas_gpu.py`); `pallas_select.py` chooses as the static argument `kernels` (a
+  `KernelConfig`) says. Falls back to "xla", with a logged warning giving the reason, when the
+  module is absent or does not support the call.
 - impl="auto": "pallas" on a Hopper GPU when it supports the call, else "xla". Never fails
-  because a kernel is missing.
+  because a kernel is missing. On the H200 the Pallas SSD is 2.2-3.1x faster than "xla" in the
+  forward and 2.2-2.6x in forward+backward (benchmarks/results/ssd_h200.md); impl="xla"
+  (config.model.ssd_impl) is the way to run XLA there.
 """
 
 from __future__ import annotations
@@ -23,19 +27,13 @@ import jax
 
 from dimba_jax.ssd import _common
 from dimba_jax.ssd.chunked import chunked_scan
+from dimba_jax.ssd.kernel_config import DEFAULT as DEFAULT_KERNELS
+from dimba_jax.ssd.kernel_config import KernelConfig
 from dimba_jax.ssd.reference import reference_scan
 
-__all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS"]
+__all__ = ["ssd", "reference_scan", "chunked_scan", "resolve_impl", "IMPLS", "KernelConfig"]
 
 IMPLS = _common.IMPLS
-# impl="auto" tries the Pallas kernel first on Hopper GPUs. Set to False if measurements show the
-# kernel slower than "xla" (benchmarks/results/ssd_*_h200.md); "auto" then always means "xla".
-# Measured on the H200 (session 4): the Pallas SSD (Mosaic GPU forward and backward) is 2.2-3.1x
-# faster than "xla" in fwd and 2.2-2.6x in fwd+bwd at the four DESIGN.md shapes
-# (benchmarks/results/ssd_h200.md); the gpu-marked tests of this path pass
-# (benchmarks/results/gpu_tests_h200.log); the configs/base.py train step is 9% faster (173.9 vs
-# 191.1 ms, train_throughput_ssd_pallas_h200.md). Batch-1 sampling: equal (session 3).
-AUTO_PREFERS_PALLAS = True
 logger = logging.getLogger(__name__)
 
 
@@ -78,8 +76,6 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
     """
     if impl in ("reference", "xla"):
         return impl, ""
-    if impl == "auto" and not AUTO_PREFERS_PALLAS:
-        return "xla", "auto: AUTO_PREFERS_PALLAS is False"
     if impl == "auto" and not _on_hopper_gpu():
         return "xla", "auto: not on a Hopper GPU"
     module, reason = _load_pallas()
@@ -96,7 +92,7 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
 
 def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
-        return_final_states=False, impl="auto"):
+        return_final_states=False, impl="auto", kernels: KernelConfig = DEFAULT_KERNELS):
     """Mamba-2 SSD scan with the semantics of mamba_ssm's `mamba_chunk_scan_combined`.
 
     dt <- clip(softplus?(dt + dt_bias), *dt_limit) (float32);
@@ -120,6 +116,8 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
       seq_idx: (batch, seqlen) int or None (packed sequences).
       return_final_states: also return the state after the last step.
       impl: "auto" | "xla" | "reference" | "pallas".
+      kernels: the Pallas kernels (a frozen, hashable `KernelConfig`; static) for "pallas" and
+        for "auto" on Hopper; ignored by "xla" / "reference".
     Returns:
       y: (batch, seqlen, nheads, headdim) in x.dtype, and, if return_final_states,
       final_states: (batch, nheads, headdim, dstate) float32.
@@ -140,9 +138,9 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
     if chosen == "pallas":
         module, _ = _load_pallas()
         if impl == "pallas":  # asked for explicitly: a kernel error is a bug, let it surface
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **options)
         try:
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **options)
         except Exception as e:  # auto must never fail because of the kernel (trace-time errors)
             _warn_once(f"ssd(impl='auto'): pallas kernel failed ({type(e).__name__}: {e}); using 'xla'")
 

@@ -67,37 +67,27 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from dimba_jax.ssd import pallas_mosaic as _mos
+from dimba_jax.ssd import hopper
 
 SLAB = 64  # rows of the Q x Q matrices per wgmma accumulator (one warpgroup's M = 64 tile)
-_SMEM_LIMIT = _mos._SMEM_LIMIT  # 220 KB
-# Two blocks per SM (one loading while the other computes) need at most half of the H100 /
-# H200's 228 KB of shared memory per SM each, less the 1 KB the hardware reserves per block.
-_TWO_BLOCKS_SMEM = 228 * 1024 // 2 - 1024
 _NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
-_REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
-
-
-def _aligned(nbytes: int) -> int:
-    """Bytes one SMEM scratch buffer occupies (Mosaic GPU aligns each to 1024)."""
-    return -(-nbytes // 1024) * 1024
 
 
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
                share_staging: bool = False) -> int:
-    """Shared memory of `_chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
+    """Shared memory of `chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
     cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
     (this matched Mosaic GPU's own count exactly at six configurations, jax 0.10.2 and 0.11.2).
 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
     """
-    a = _aligned
+    a = hopper.aligned
     tiles = 2 * a(itemsize * q * p) + 2 * a(itemsize * q * n) + 2 * a(itemsize * p * n)
     staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(itemsize * SLAB * n)
     vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
     f32_dst = a(4 * p * n) if convert_dstates else 0
-    return tiles + staging + vectors + f32_dst + _REDUCTION_SCRATCH + 8 * _NUM_BARRIERS
+    return tiles + staging + vectors + f32_dst + hopper.REDUCTION_SCRATCH + 8 * _NUM_BARRIERS
 
 
 def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple[bool, bool, int]:
@@ -108,15 +98,15 @@ def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple
     makes the kernel fit at all). itemsize: bytes per operand item (2 for bf16 / f16).
 
     Returns:
-      (convert_dstates, share_staging, smem bytes); bytes over _SMEM_LIMIT if nothing fits.
+      (convert_dstates, share_staging, smem bytes); bytes over hopper.SMEM_LIMIT if nothing fits.
     """
     best = None
     for convert in ((True, False) if dstates_f32 else (False,)):
         for share in (False, True):
             need = smem_bytes(q, p, n, itemsize, convert, share)
-            if need > _SMEM_LIMIT:
+            if need > hopper.SMEM_LIMIT:
                 continue
-            key = (need <= _TWO_BLOCKS_SMEM, convert, not share)  # occupancy, fewer bytes moved
+            key = (need <= hopper.TWO_BLOCKS_SMEM, convert, not share)  # occupancy, fewer bytes moved
             if best is None or key > best[0]:
                 best = (key, (convert, share, need))
     if best is None:
@@ -125,7 +115,7 @@ def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool) -> tuple
 
 
 def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
-    """Whether `_chunk_bwd_mosaic` handles these operands.
+    """Whether `chunk_bwd_mosaic` handles these operands.
 
     Args:
       x: (batch, Lp, nheads, P) array or anything with .shape and .dtype.
@@ -134,16 +124,16 @@ def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
-    why = _mos.tile_operand_reason(
+    why = hopper.tile_operand_reason(
         "backward kernel", x, b, q,
         float32_note=" (float32 is not supported: tf32 wgmma takes no transposed operands)")
     if why:
         return False, why
     p, n = x.shape[-1], b.shape[-1]
     _, _, need = smem_plan(q, p, n, jnp.dtype(x.dtype).itemsize, dstates_f32=False)
-    if need > _SMEM_LIMIT:
+    if need > hopper.SMEM_LIMIT:
         return False, (f"mosaic SSD backward kernel tiles need {need} bytes of shared memory "
-                       f"(block_len {q}, headdim {p}, dstate {n}); limit {_SMEM_LIMIT}")
+                       f"(block_len {q}, headdim {p}, dstate {n}); limit {hopper.SMEM_LIMIT}")
     return True, ""
 
 
@@ -157,8 +147,8 @@ def _end_decay(s, q):
     return jnp.exp(sc[..., -1:] - sc).reshape(bsz, nh, lp)
 
 
-def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
-                      semantics: str = _mos.DEFAULT_SEMANTICS):
+def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
+                      semantics: str = hopper.DEFAULT_SEMANTICS):
     """Chunk backward on Hopper; drop-in for `pallas_gpu._chunk_bwd_call(..., seg=None)`.
 
     Args:
@@ -183,18 +173,18 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
     """
     ok, why = supported_bwd(x=x, b=b, q=q)
     if not ok:
-        raise ValueError(f"_chunk_bwd_mosaic: {why}")
+        raise ValueError(f"chunk_bwd_mosaic: {why}")
     bsz, lp, nh, p = x.shape
     g, n = b.shape[2], b.shape[3]
     nc = lp // q
     cdt = x.dtype
     if nh != g * hpg or c.shape != b.shape or b.shape[:2] != (bsz, lp):
-        raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes x {x.shape}, B {b.shape}, "
+        raise ValueError(f"chunk_bwd_mosaic: inconsistent shapes x {x.shape}, B {b.shape}, "
                          f"C {c.shape}, heads per group {hpg}")
     if (dy.shape != x.shape or hprev.shape != (bsz, nh, nc, p, n)
             or dstates.shape != hprev.shape or d.shape != (nh, p)
             or dt.shape != (bsz, nh, lp) or s.shape != dt.shape):
-        raise ValueError(f"_chunk_bwd_mosaic: inconsistent shapes dy {dy.shape}, hprev "
+        raise ValueError(f"chunk_bwd_mosaic: inconsistent shapes dy {dy.shape}, hprev "
                          f"{hprev.shape}, dstates {dstates.shape}, D {d.shape}, dt {dt.shape}, "
                          f"s {s.shape} for x {x.shape}, q {q}")
     if semantics not in ("lane", "warpgroup"):
@@ -215,14 +205,14 @@ def _chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpre
 
 def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,
                   semantics):
-    """The plgpu.kernel callable of `_chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
+    """The plgpu.kernel callable of `chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
     hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd).
 
     convert: dstates arrive in float32 and are converted in the kernel (else in cdt).
     share_staging: the dB and dC slabs go through one SMEM staging tile (saves SLAB x N
       16-bit items; dB waits until the dC store has read it).
     """
-    plgpu = _mos._plgpu()
+    plgpu = hopper.mosaic_gpu()
     nc = lp // q
     f32 = jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA
@@ -230,7 +220,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
     col = wgmma_layout.reduce(0)  # vector indexed by the column (position k, or P / N index)
     nslab = q // SLAB
 
-    load = _mos.smem_loader(plgpu, interpret)
+    load = hopper.smem_loader(plgpu, interpret)
 
     def iota(shape, dim, layout=wgmma_layout):
         if interpret:
@@ -412,7 +402,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
         plgpu.wait_smem_to_gmem(0)
 
-    tr = functools.partial(_mos._smem_transforms, plgpu)
+    tr = functools.partial(hopper.smem_transforms, plgpu)
     scratch = [
         plgpu.SMEM((q, p), cdt, transforms=tr(p, cdt)),      # x
         plgpu.SMEM((q, p), cdt, transforms=tr(p, cdt)),      # dy
@@ -437,9 +427,9 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                 jax.ShapeDtypeStruct((bsz, nh, lp), f32),
                 jax.ShapeDtypeStruct((bsz, nh, lp), f32),
                 jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
-    return _mos._kernel_call(
+    return hopper.kernel_call(
         plgpu, body, out_type, scratch,
         grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
-        **({"interpret": _mos._interpret_params()} if interpret
-           else {"compiler_params": _mos._compiler_params(plgpu, semantics)}),
+        **({"interpret": hopper.interpret_params()} if interpret
+           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )

@@ -1,6 +1,6 @@
 """SSD backward state pass as one Pallas **Mosaic GPU** kernel (Hopper: TMA + wgmma).
 
-The reverse mirror of `pallas_mosaic._chunk_statepass_mosaic`. It fuses the two Triton kernels
+The reverse mirror of `pallas_mosaic.chunk_statepass_mosaic`. It fuses the two Triton kernels
 that `pallas_gpu.core_backward` runs before the chunk backward:
 
   1. the "dout" chunk states: dhprev_c = dy_c^T (w_c * C_c), w = exp(s) (s the chunk-local
@@ -42,17 +42,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from dimba_jax.ssd import pallas_mosaic as _mos
+from dimba_jax.ssd import hopper
+from dimba_jax.ssd import pallas_mosaic_fwd as _fwd
 
 DEFAULT_PREFETCH = 2  # TMA load slots (chunks in flight); 3-4 fit at small column blocks
 MAX_PREFETCH = 4
-_SMEM_LIMIT = _mos._SMEM_LIMIT
-_REDUCTION_SCRATCH = 2 * 1024  # Mosaic GPU's default scratch for cross-warp reductions
-
-
-def _aligned(nbytes: int) -> int:
-    """Bytes one SMEM scratch buffer occupies (Mosaic GPU aligns each to 1024)."""
-    return -(-nbytes // 1024) * 1024
 
 
 def smem_bytes(q: int, p: int, nb: int, itemsize: int = 2, prefetch: int = DEFAULT_PREFETCH,
@@ -61,12 +55,12 @@ def smem_bytes(q: int, p: int, nb: int, itemsize: int = 2, prefetch: int = DEFAU
     C, w, dec and h_c loads; the scaled dy tile; two slots of the dS tile and of the dsend
     vector; the float32 dfin / dh0 tile; barriers and Mosaic's reduction scratch. Each buffer
     is counted as Mosaic GPU aligns it (1024 bytes)."""
-    a = _aligned
+    a = hopper.aligned
     k = prefetch
     loads = (a(k * itemsize * q * p) + a(k * itemsize * q * nb) + a(k * 4 * q) + a(k * 4 * p)
              + a(k * itemsize * p * nb))
     stores = a(2 * dstates_itemsize * p * nb) + a(2 * 4 * p)
-    return (loads + a(itemsize * q * p) + stores + a(4 * p * nb) + _REDUCTION_SCRATCH
+    return (loads + a(itemsize * q * p) + stores + a(4 * p * nb) + hopper.REDUCTION_SCRATCH
             + 8 * (5 * k + 1))
 
 
@@ -74,19 +68,19 @@ def deepest_prefetch(q: int, p: int, nb: int, itemsize: int = 2, dstates_itemsiz
                      cap: int = MAX_PREFETCH) -> int:
     """The most load slots (2..cap) whose tiles fit in shared memory (0 if not even 2 fit)."""
     for k in range(cap, 1, -1):
-        if smem_bytes(q, p, nb, itemsize, k, dstates_itemsize) <= _SMEM_LIMIT:
+        if smem_bytes(q, p, nb, itemsize, k, dstates_itemsize) <= hopper.SMEM_LIMIT:
             return k
     return 0
 
 
 def rev_block_cols(q: int, p: int, n: int, itemsize: int, programs: int,
                    prefetch: int = DEFAULT_PREFETCH, dstates_itemsize: int = 2) -> int:
-    """dstate columns per program: as `pallas_mosaic._statepass_block_cols` (the widest block
+    """dstate columns per program: as `pallas_mosaic.statepass_block_cols` (the widest block
     whose float32 accumulator fits, narrowed to 64 when the batch x heads x column-block
     programs would not fill two waves of SMs or the tiles exceed shared memory)."""
-    nb = _mos._state_block_cols(p, n)
-    if (programs * (n // nb) < 2 * _mos._NUM_SMS
-            or smem_bytes(q, p, nb, itemsize, prefetch, dstates_itemsize) > _SMEM_LIMIT):
+    nb = _fwd.state_block_cols(p, n)
+    if (programs * (n // nb) < 2 * hopper.NUM_SMS
+            or smem_bytes(q, p, nb, itemsize, prefetch, dstates_itemsize) > hopper.SMEM_LIMIT):
         nb = 64
     return nb
 
@@ -103,7 +97,7 @@ def supported_rev(*, x, b, q: int, prefetch: int = DEFAULT_PREFETCH,
     Returns:
       (True, "") or (False, reason naming the dtype / size / SMEM limit that fails).
     """
-    why = _mos.tile_operand_reason(
+    why = hopper.tile_operand_reason(
         "reverse state pass", x, b, q, max_dstate=256,
         float32_note=" (float32 is not supported: the transposed dy operand needs 16-bit wgmma)")
     if why:
@@ -116,16 +110,16 @@ def supported_rev(*, x, b, q: int, prefetch: int = DEFAULT_PREFETCH,
         return False, (f"mosaic SSD reverse state pass needs prefetch in [2, {MAX_PREFETCH}], "
                        f"got {prefetch}")
     need = smem_bytes(q, p, 64, jnp.dtype(x.dtype).itemsize, prefetch, dst.itemsize)
-    if need > _SMEM_LIMIT:
+    if need > hopper.SMEM_LIMIT:
         return False, (f"mosaic SSD reverse state pass tiles need {need} bytes of shared memory "
-                       f"(block_len {q}, headdim {p}, prefetch {prefetch}); limit {_SMEM_LIMIT}")
+                       f"(block_len {q}, headdim {p}, prefetch {prefetch}); limit {hopper.SMEM_LIMIT}")
     return True, ""
 
 
 def _dout_statepass_mosaic(dy, c, w, dec, hprev, dfin, *, q, hpg, dstates_dtype=None,
                            block_cols=None, prefetch=DEFAULT_PREFETCH, overlap: bool = True,
                            segments=1, interpret=False,
-                           semantics: str = _mos.DEFAULT_SEMANTICS):
+                           semantics: str = hopper.DEFAULT_SEMANTICS):
     """The dout chunk states and the reverse state pass in one kernel (see the module doc).
 
     Args:
@@ -142,12 +136,12 @@ def _dout_statepass_mosaic(dy, c, w, dec, hprev, dfin, *, q, hpg, dstates_dtype=
       overlap: issue the dS / dsend work of a chunk while its wgmma runs (False: before it,
         the plain order; a fallback and a comparison for the GPU probe).
       segments: a two-level walk for long sequences with few programs, as the forward's
-        `pallas_mosaic._segmented_statepass`: (1) each of `segments` equal runs of chunks
+        `pallas_mosaic.segmented_statepass`: (1) each of `segments` equal runs of chunks
         walked from dh = 0 at its right end, without stores, giving its left-end dh E_s;
         (2) in XLA, the dh entering each segment from the right, G_{S-1} = dfin,
         G_{s-1} = D_s G_s + E_s (D_s the product of the segment's chunk decays); (3) every
         segment walked again from G_s, storing dS and dsend. None picks
-        `pallas_mosaic._statepass_segments`; it must divide Lp // q.
+        `pallas_mosaic.statepass_segments`; it must divide Lp // q.
       interpret: run in the Mosaic GPU interpreter (products as plain dots).
       semantics: Mosaic GPU lowering semantics, "lane" or "warpgroup".
     Returns:
@@ -184,11 +178,11 @@ def _dout_statepass_mosaic(dy, c, w, dec, hprev, dfin, *, q, hpg, dstates_dtype=
     if n % nb or nb % 64:
         raise ValueError(f"block_cols must be a multiple of 64 dividing dstate {n}, got {nb}")
     need = smem_bytes(q, p, nb, itemsize, prefetch, dst_dtype.itemsize)
-    if need > _SMEM_LIMIT:
+    if need > hopper.SMEM_LIMIT:
         raise ValueError(f"_dout_statepass_mosaic: block_cols {nb} with prefetch {prefetch} "
-                         f"needs {need} bytes of shared memory; limit {_SMEM_LIMIT}")
+                         f"needs {need} bytes of shared memory; limit {hopper.SMEM_LIMIT}")
     f32 = jnp.float32
-    nseg = int(segments or _mos._statepass_segments(bsz * nh * (n // nb), nc))
+    nseg = int(segments or _fwd.statepass_segments(bsz * nh * (n // nb), nc))
     if nseg < 1 or nc % nseg:
         raise ValueError(f"_dout_statepass_mosaic: segments must be >= 1 and divide the {nc} "
                          f"chunks, got {segments}")
@@ -219,7 +213,7 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
     and dh0 are per segment, (b, S, h, P, N): each program walks one segment's chunks from its
     dfin. write_outputs=False skips the h_c loads and the dS / dsend stores (those outputs are
     then small placeholders)."""
-    plgpu = _mos._plgpu()
+    plgpu = hopper.mosaic_gpu()
     nblk = n // nb
     nseg = int(segments)
     ncs = nc // nseg  # chunks per segment
@@ -227,7 +221,7 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
     k_slots = prefetch
     wgmma_layout = plgpu.Layout.WGMMA
     row = wgmma_layout.reduce(1)  # (P,) vector along the rows of dh; (q,) along dy's rows
-    load = _mos.smem_loader(plgpu, interpret)
+    load = hopper.smem_loader(plgpu, interpret)
 
     def body(dy_ref, c_ref, w_ref, dec_ref, hp_ref, dfin_ref, dst_ref, dse_ref, dh0_ref,
              dy_smem, c_smem, w_smem, dec_smem, hp_smem, dyw_smem, ds_smem, dse_smem, h_smem,
@@ -310,9 +304,9 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
             return pl.run_state(update)(plgpu.ACC.init(dh_dec))
 
         dh0 = lax.fori_loop(0, ncs, step, dh_init)
-        _mos.store_tile_last(plgpu, h_smem, dh0, dh0_at.at[pl.ds(0, p), cols])
+        hopper.store_tile_last(plgpu, h_smem, dh0, dh0_at.at[pl.ds(0, p), cols])
 
-    tr = functools.partial(_mos._smem_transforms, plgpu)
+    tr = functools.partial(hopper.smem_transforms, plgpu)
     k = k_slots
     scratch = [
         plgpu.SMEM((k, q, p), cdt, transforms=tr(p, cdt)),          # dy
@@ -339,11 +333,11 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
         out_type = (jax.ShapeDtypeStruct((1, 1, 1, p, nb), dst_dtype),
                     jax.ShapeDtypeStruct((1, 1, 1, 1, p), f32))
     out_type += (jax.ShapeDtypeStruct((bsz, *seg_dims, nh, p, n), f32),)
-    return _mos._kernel_call(
+    return hopper.kernel_call(
         plgpu, body, out_type, scratch,
         grid=(nblk, nh, bsz * nseg), grid_names=("col", "head", "batch"),
-        **({"interpret": _mos._interpret_params()} if interpret
-           else {"compiler_params": _mos._compiler_params(plgpu, semantics)}),
+        **({"interpret": hopper.interpret_params()} if interpret
+           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )
 
 
@@ -353,16 +347,16 @@ def auto_prefetch(bsz: int, nh: int, q: int, p: int, n: int, itemsize: int = 2) 
     ms at 130m-L32k on the H200, `mosaic_rev_stage_h200.md`), else DEFAULT_PREFETCH (deeper
     rings were no faster, or slower, with many programs)."""
     nb = rev_block_cols(q, p, n, itemsize, bsz * nh, DEFAULT_PREFETCH, itemsize)
-    if bsz * nh * (n // nb) < 2 * _mos._NUM_SMS:
+    if bsz * nh * (n // nb) < 2 * hopper.NUM_SMS:
         return deepest_prefetch(q, p, nb, itemsize, itemsize) or DEFAULT_PREFETCH
     return DEFAULT_PREFETCH
 
 
-def state_bwd_fn(semantics: str = _mos.DEFAULT_SEMANTICS, prefetch=None, segments=None):
+def state_bwd_fn(semantics: str = hopper.DEFAULT_SEMANTICS, prefetch=None, segments=None):
     """The fused kernel as `pallas_gpu.core_backward`'s `state_bwd` argument:
     state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret) ->
     (dstates (b, h, nc, P, N) dy.dtype, dsend (b, h, nblk, nc) float32, dh0 (b, h, P, N) f32).
-    prefetch None: `auto_prefetch`; segments None: `pallas_mosaic._statepass_segments`.
+    prefetch None: `auto_prefetch`; segments None: `pallas_mosaic.statepass_segments`.
     """
 
     def state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret):

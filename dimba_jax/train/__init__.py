@@ -10,8 +10,8 @@
   checkpoint.py   orbax checkpoints (async, keep N, data-iterator state, corrupt fallback), config.json
   preemption.py   SIGTERM -> save at the step boundary -> exit 0
   metrics.py      metrics.jsonl, TensorBoard, progress bar, samples.txt
-  flops.py        documented FLOP count of Mamba-2 and MFU
   loop.py         train_and_evaluate(config, workdir): the loop, top to bottom
-  inference.py    load_model_for_inference / generate_text / evaluate_model (sample & eval modes)
+  restore.py      a task's model with a workdir's checkpoint weights (newest readable)
+  inference.py    load_run (the one loader) / generate_text / evaluate_model (sample & eval modes)
   overrides.py    config files and --config.a.b=value overrides
 """

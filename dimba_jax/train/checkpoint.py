@@ -1,7 +1,7 @@
 """Checkpoints with orbax: asynchronous, keep-last-N, exact resume, resharding restore.
 
 Layout of a workdir:
-  config.json                     the run's config (human-readable; written once, kept on resume)
+  config.json                     the settings the run trains with (rewritten when they change)
   checkpoints/<step>/params       parameters            (orbax StandardSave, sharded arrays)
   checkpoints/<step>/opt_state    optimizer state
   checkpoints/<step>/ema          EMA of the parameters (when train.ema_decay > 0)
@@ -185,28 +185,47 @@ def config_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
     return out
 
 
-def write_or_check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json on a fresh workdir; on resume keeps it and checks compatibility.
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds a finished checkpoint (a step directory)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a run of another architecture; reads only (writes nothing).
 
     Raises:
-      ValueError: the workdir's config.json has a different architecture (task, model,
-        tokenizer) — its checkpoints could not be restored into this model.
+      ValueError: the workdir has a checkpoint and its config.json has a different architecture
+        (task, model, tokenizer): those checkpoints could not be restored into this model.
     """
     path = os.path.join(workdir, CONFIG_FILE)
+    if not (os.path.exists(path) and has_checkpoint(workdir)):
+        return  # nothing to resume: a leftover config.json is simply replaced
+    with open(path) as f:
+        saved = json.load(f)
+    conflicts = config_conflicts(saved, config)
+    if conflicts:
+        raise ValueError(
+            f"{workdir!r} holds a run with a different architecture; refusing to reuse it "
+            f"(use another --workdir). Differences: {'; '.join(conflicts)}")
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Makes `workdir/config.json` record `config`, the settings the run trains with.
+
+    Call after `check_config`. A fresh workdir gets the file; on resume, settings that changed
+    since the file was written are logged and written (the file always describes the run).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    now = _flatten(config_to_dict(config))
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
-        conflicts = config_conflicts(saved, config)
-        if conflicts:
-            raise ValueError(
-                f"{workdir!r} holds a run with a different architecture; refusing to reuse it "
-                f"(use another --workdir). Differences: {'; '.join(conflicts)}")
-        changed = [f"{k}: {v!r} -> {_flatten(config_to_dict(config)).get(k)!r}"
-                   for k, v in _flatten(saved).items()
-                   if _flatten(config_to_dict(config)).get(k, v) != v]
-        if changed:
-            _log.info("resuming with changed settings (config.json kept): %s", "; ".join(changed))
-        return
+            old = _flatten(json.load(f))
+        changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in old.items() if now.get(k, v) != v]
+        if not changed:
+            return
+        _log.info("%s with changed settings (config.json updated): %s",
+                  "resuming" if has_checkpoint(workdir) else "restarting", "; ".join(changed))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
@@ -364,20 +383,33 @@ def _sync(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ inference
+@dataclasses.dataclass(frozen=True)
+class LoadedParams:
+    """What `load_params_for_inference` returns: params (nested dict of jax.Arrays), the
+    checkpoint's step, and whether they are the EMA weights."""
+    params: Any
+    step: int
+    uses_ema: bool
+
+
 def load_params_for_inference(workdir: str, step: int | None = None, prefer_ema: bool = True,
-                              abstract_params: Any = None) -> tuple[Any, int]:
+                              abstract_params: Any = None) -> LoadedParams:
     """Loads the parameters (EMA when present and `prefer_ema`) of a training workdir.
+
+    Read-only: nothing in the workdir is moved. With `step` None the newest checkpoint that
+    restores is used; each newer one that fails to restore (torn, truncated, corrupt) is
+    skipped with a one-line warning, as training resume does.
 
     Args:
       workdir: directory a training run wrote (holds checkpoints/).
-      step: the checkpoint step; None = the latest.
+      step: the checkpoint step; None = the newest readable one.
       prefer_ema: use the EMA weights if the checkpoint has them.
       abstract_params: optional nested dict of ShapeDtypeStructs (with shardings) giving the
         target structure; default = as saved, on one device (dict keys come back as strings).
-    Returns:
-      (params nested dict of jax.Arrays, step).
     Raises:
-      FileNotFoundError: no workdir, no checkpoints, or the requested step does not exist.
+      FileNotFoundError: no workdir, no checkpoints, the requested step does not exist, or no
+        checkpoint (or not the requested one) is readable; the message is one line naming
+        the workdir.
     """
     directory = checkpoint_directory(workdir)
     if not os.path.isdir(workdir):
@@ -392,21 +424,41 @@ def load_params_for_inference(workdir: str, step: int | None = None, prefer_ema:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"{workdir!r} has no finished checkpoint (train first)")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step} "
                                     f"(available: {steps})")
-        item = "ema" if prefer_ema and (directory / str(step) / "ema").exists() else "params"
-        if abstract_params is None:
-            meta = manager.item_metadata(step)[item]
-            tree = getattr(meta, "tree", meta)
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=device),
-                tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        out = manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(abstract_params)}))
-        return out[item], int(step)
+        candidates = [step] if step is not None else list(reversed(steps))
+        failed = []  # (step, one-line reason), newest first
+        for s in candidates:
+            item = "ema" if prefer_ema and (directory / str(s) / "ema").exists() else "params"
+            try:
+                params = _restore_item(manager, s, item, abstract_params)
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                failed.append((s, " ".join(f"{type(e).__name__}: {e}".split())[:200]))
+                continue
+            if failed:
+                _log.warning("checkpoint %s of %s is unreadable (%s); using step %d",
+                             ", ".join(str(f) for f, _ in failed), workdir, failed[0][1], s)
+            return LoadedParams(params=params, step=int(s), uses_ema=item == "ema")
+        if step is not None:
+            raise FileNotFoundError(f"checkpoint {step} of {workdir!r} is unreadable "
+                                    f"({failed[0][1]})")
+        raise FileNotFoundError(f"{workdir!r} has no readable checkpoint (steps {steps} all fail "
+                                f"to restore; newest error: {failed[0][1]})")
     finally:
         manager.close()
+
+
+def _restore_item(manager, step: int, item: str, abstract_params: Any) -> Any:
+    """Restores one item ("params" or "ema") of checkpoint `step` (as saved when abstract_params
+    is None, on the first local device)."""
+    if abstract_params is None:
+        meta = manager.item_metadata(step)[item]
+        tree = getattr(meta, "tree", meta)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=device),
+            tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    out = manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract_params)}))
+    return out[item]

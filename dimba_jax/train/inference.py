@@ -1,10 +1,14 @@
-"""Using a trained workdir: load the model (EMA weights), generate text, evaluate.
+"""Using a trained workdir: load the run (EMA weights), generate text, evaluate.
 
-    bundle = load_model_for_inference("runs/tiny")           # config.json + latest checkpoint
-    texts = generate_text(bundle, ["Once upon a time"], steps=32, sampler="ddim")
-    numbers = evaluate_model(bundle)                          # validation loss, accuracy at t
+    run = load_run("runs/tiny")                           # config.json + newest readable checkpoint
+    texts = generate_text(run, ["Once upon a time"], steps=32, sampler="ddim")
+    numbers = evaluate_model(run)                         # validation loss, accuracy at t
 
-Single-process (the model lives on the first local device).
+`load_run` is the one way to load a trained model: `dimba_jax.load`, the command line
+(`--mode sample / eval`), evaluation and the benchmarks all come through it. With an
+unreadable newest checkpoint it uses the newest readable one (a one-line warning); with none it
+raises FileNotFoundError, one line naming the workdir. Single-process (the model lives on the
+first local device).
 """
 
 from __future__ import annotations
@@ -14,61 +18,57 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dimba_jax.train import checkpoint as ckpt_lib
-from dimba_jax.train import state as state_lib
+from dimba_jax.train.restore import restore_model
 from dimba_jax.train.tasks import make_task, make_tokenizer
 
 
 @dataclasses.dataclass
-class InferenceBundle:
+class LoadedRun:
     """A trained model ready for use.
 
     config: the run's config (from workdir/config.json, with any overrides).
-    task: the Task (DimbaTask / ArTask) built from it.
+    task: the Task (DimbaTask / ArTask) built from it; task.tokenizer is the run's tokenizer.
     model: the nnx module with the loaded weights (EMA when available).
     step: the checkpoint step the weights come from.
+    uses_ema: whether the weights are the EMA of the parameters.
+    workdir: the run folder.
     """
     config: Any
     task: Any
     model: Any
     step: int
+    uses_ema: bool = False
+    workdir: str = ""
 
 
-def load_model_for_inference(workdir: str, step: int | None = None, prefer_ema: bool = True,
-                             config=None) -> InferenceBundle:
+def load_run(workdir: str, step: int | None = None, prefer_ema: bool = True,
+             config=None) -> LoadedRun:
     """Builds the model of `workdir` and loads a checkpoint into it.
 
     Args:
       workdir: a training workdir (config.json + checkpoints/).
-      step: checkpoint step (None = latest).
+      step: checkpoint step (None = the newest readable one).
       prefer_ema: load the EMA weights when the checkpoint has them.
       config: use this config instead of workdir/config.json (e.g. with sampling overrides);
         its architecture must match the checkpoint.
     Raises:
-      FileNotFoundError: no workdir, config.json or checkpoint.
+      FileNotFoundError: no workdir, config.json or readable checkpoint (one line naming the
+        workdir).
     """
     config = ckpt_lib.load_config(workdir) if config is None else config
-    tokenizer = make_tokenizer(config)
-    task = make_task(config, tokenizer)
-    parts = state_lib.model_parts(task, jax.random.PRNGKey(int(config.seed)))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = state_lib.cast_floats(parts.abstract_params, jnp.dtype(config.train.param_dtype))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            abstract)
-    params, loaded_step = ckpt_lib.load_params_for_inference(workdir, step, prefer_ema, abstract)
-    rest_shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(parts.rest_template))
-    rest = state_lib.init_rest(task, parts, int(config.seed), rest_shardings)
-    return InferenceBundle(config=config, task=task, model=parts.merge(params, rest),
-                           step=loaded_step)
+    task = make_task(config, make_tokenizer(config))
+    restored = restore_model(workdir, task, config, step, prefer_ema)
+    return LoadedRun(config=config, task=task, model=restored.model, step=restored.step,
+                     uses_ema=restored.uses_ema, workdir=str(workdir))
 
 
-def check_prompts(bundle: InferenceBundle, prompts: list[str]) -> None:
+def check_prompts(run: LoadedRun, prompts: list[str]) -> None:
     """Raises ValueError if a prompt has more tokens than the context (config.data.seq_len)."""
-    context = int(bundle.config.data.seq_len)
-    tokenizer = bundle.task.tokenizer
+    context = int(run.config.data.seq_len)
+    tokenizer = run.task.tokenizer
     for i, p in enumerate(prompts):
         n = len(tokenizer.encode(p))
         if n > context:
@@ -76,7 +76,7 @@ def check_prompts(bundle: InferenceBundle, prompts: list[str]) -> None:
                              f"{context} tokens (data.seq_len)")
 
 
-def generate_text(bundle: InferenceBundle, prompts: list[str] | None = None, *,
+def generate_text(run: LoadedRun, prompts: list[str] | None = None, *,
                   steps: int | None = None, sampler: str | None = None,
                   length: int | None = None, seed: int = 0) -> list[str]:
     """Continuations of `prompts` (or config.sample.num_samples unprompted samples if None/empty).
@@ -85,50 +85,36 @@ def generate_text(bundle: InferenceBundle, prompts: list[str] | None = None, *,
     config.sample. AR: recurrent decoding of `length` tokens (steps/sampler do not apply).
     Returns one string per prompt (the continuation only).
     """
-    cfg = bundle.config
+    cfg = run.config
     if steps is not None and int(steps) <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
     prompts = list(prompts) if prompts else [""] * int(cfg.sample.num_samples)
-    check_prompts(bundle, prompts)
-    task = bundle.task
+    check_prompts(run, prompts)
+    task = run.task
     length = int(cfg.sample.length if length is None else length)
-    if hasattr(task, "generate"):
-        return task.generate(bundle.model, prompts, length=length, steps=steps, sampler=sampler,
-                             seed=seed)
-    # The autoregressive baseline: recurrent decoding with its own sampler settings.
-    from dimba_jax.models import ar
-    tok = task.tokenizer
-    out = []
-    for p in prompts:
-        ids = np.asarray([[tok.eos_id] + tok.encode(p)], np.int32)
-        new = np.asarray(ar.generate(bundle.model, ids, length, jax.random.PRNGKey(seed),
-                                     temperature=float(ar._ar_field(cfg, "temperature", 1.0)),
-                                     top_p=float(ar._ar_field(cfg, "top_p", 0.95))))[0]
-        stop = np.flatnonzero(new == tok.eos_id)
-        out.append(tok.decode(new[:stop[0]] if stop.size else new))
-    return out
+    return task.generate(run.model, prompts, length=length, steps=steps, sampler=sampler, seed=seed)
 
 
-def evaluate_model(bundle: InferenceBundle, num_batches: int | None = None,
+def evaluate_model(run: LoadedRun, num_batches: int | None = None,
                    ts: tuple[int, ...] | None = None) -> dict[str, float]:
     """Validation numbers averaged over `num_batches` (default config.train.eval_batches)
     batches of the validation split: the task's loss parts, and for DIMBA the loss and the
     head's token accuracy at several t (DimbaTask.eval_metrics)."""
     from dimba_jax.data.pipeline import make_eval_batches
-    cfg = bundle.config
+    cfg = run.config
     n = int(cfg.train.eval_batches if num_batches is None else num_batches)
     if n <= 0:
         raise ValueError(f"number of eval batches must be > 0, got {n}")
-    batches = make_eval_batches(cfg.data, bundle.task.tokenizer, int(cfg.train.batch_size), n,
+    batches = make_eval_batches(cfg.data, run.task.tokenizer, int(cfg.train.batch_size), n,
                                 int(cfg.data.seq_len))
-    task = bundle.task
+    task = run.task
     sums: dict[str, float] = {}
     for i, batch in enumerate(batches):
         if hasattr(task, "eval_metrics"):
-            out = task.eval_metrics(bundle.model, batch, ts)
+            out = task.eval_metrics(run.model, batch, ts)
         else:
             loss, metrics = nnx.jit(task.loss)(
-                bundle.model, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(i))
+                run.model, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(i))
             out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)

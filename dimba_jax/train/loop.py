@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from dimba_jax.train import checkpoint as ckpt_lib
 from dimba_jax.train import distributed
-from dimba_jax.train import flops as flops_lib
+from dimba_jax.models import flops as flops_lib
 from dimba_jax.train import mesh as mesh_lib
 from dimba_jax.train import metrics as metrics_lib
 from dimba_jax.train import optim
@@ -107,7 +107,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     Args:
       config: a full config (dimba_jax.config.default_config() shape).
       workdir: output directory: config.json, checkpoints/, metrics.jsonl, tensorboard/,
-        samples.txt. An existing run there is resumed (its config.json is kept).
+        samples.txt. An existing run there is resumed; config.json always records the settings
+        trained with (changed ones are logged and written). Nothing is written before the task
+        and the data pipeline are built.
       task: a Task; default `make_task(config)` from config.task.
       data_factory / eval_factory: override the data pipeline (tests); see DataFactory.
     Returns:
@@ -125,8 +127,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.rules_dict(config.mesh.axis_rules)
     validate_config(config, nproc, mesh_lib.batch_shards(rules, mesh))
-    ckpt_lib.write_or_check_config(workdir, config)
-    ckpt_lib._sync("dimba_config_written")
+    ckpt_lib.check_config(workdir, config)  # reads only: nothing is written before the data runs
 
     t = config.train
     tokenizer = getattr(task, "tokenizer", None) if task is not None else make_tokenizer(config)
@@ -144,6 +145,11 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
                                           data_sharding)
     eval_step = step_lib.make_eval_step(task, parts, mesh, shardings.params, rest_shardings,
                                         data_sharding)
+    # The data pipeline is built before anything is written: a start that fails here (a bad
+    # data source, say) leaves the workdir as it was.
+    train_iter = (data_factory or _default_data)(config, tokenizer, pid, nproc)
+    ckpt_lib.write_config(workdir, config)
+    ckpt_lib._sync("dimba_config_written")
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
                                          async_save=bool(t.async_checkpointing))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -159,7 +165,6 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     # =============================================================== restore
     abstract = state_lib.abstract_train_state(parts, tx, shardings, param_dtype, use_ema)
     restored = checkpointer.restore(abstract)
-    train_iter = (data_factory or _default_data)(config, tokenizer, pid, nproc)
     if restored is None:
         state, rest = state_lib.create_train_state(task, parts, tx, seed, shardings,
                                                    rest_shardings, param_dtype, use_ema)

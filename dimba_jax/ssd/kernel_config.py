@@ -1,0 +1,65 @@
+"""`KernelConfig`: which Pallas kernels run `ssd(impl="pallas")` (and impl="auto" on Hopper).
+
+One frozen (hashable) object holds every choice of the Pallas path; `ssd` takes it as the
+static argument `kernels`, the Mamba-2 layers take it from `config.model`
+(`KernelConfig.from_config`), benchmarks pass their own. The defaults are the fastest measured
+on an H200 (benchmarks/results/ssd_h200.md, mosaic_probe_h200.md, mosaic_bwd_stage_h200.md,
+mosaic_rev_stage_h200.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FORWARDS = ("mosaic", "triton")
+BACKWARDS = ("mosaic", "triton")
+BLOCK_LENS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """The Pallas kernels of the SSD (every field has one meaning; nothing else steers them).
+
+    forward: "mosaic": the Mosaic GPU forward (`pallas_mosaic.ssd_mosaic_forward`: chunk states
+      fused with the state pass, then the chunk output) where `pallas_mosaic.supported` takes
+      the call, else the Triton forward with a logged reason; "triton": `pallas_gpu.ssd_pallas`.
+    backward: kernels of the backward under the Mosaic forward: "mosaic" (the Mosaic GPU reverse
+      state pass and chunk backward where they take the call, 16-bit inputs; Triton's
+      otherwise) or "triton". Under the Triton forward the backward is always Triton's.
+    block_len: chunk length of the Mosaic kernels, 64 or 128; None = 128 for 16-bit x, 64 for
+      float32 (the f32 tiles of a 128 chunk exceed shared memory). Speed only.
+    forward_only_block_len: chunk length of Mosaic forward-only calls (no gradient taken:
+      sampling, evaluation) where it divides the training chunk; None = block_len. On the H200
+      the forward at chunk 64 is 1.2-1.3x faster than at 128, while fwd+bwd is faster at 128.
+    """
+    forward: str = "mosaic"
+    backward: str = "mosaic"
+    block_len: int | None = None
+    forward_only_block_len: int | None = 64
+
+    def __post_init__(self):
+        if self.forward not in FORWARDS:
+            raise ValueError(f"KernelConfig.forward must be one of {FORWARDS}, got {self.forward!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"KernelConfig.backward must be one of {BACKWARDS}, got "
+                             f"{self.backward!r}")
+        for name in ("block_len", "forward_only_block_len"):
+            value = getattr(self, name)
+            if value is not None and value not in BLOCK_LENS:
+                raise ValueError(f"KernelConfig.{name} must be None or one of {BLOCK_LENS}, got "
+                                 f"{value!r}")
+
+    @classmethod
+    def from_config(cls, model_config) -> "KernelConfig":
+        """From `config.model`: ssd_forward, ssd_backward, ssd_block_len and
+        ssd_forward_only_block_len (0 = None); a missing field keeps the default (older runs)."""
+        get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
+        default = cls()
+        return cls(forward=str(get("ssd_forward", default.forward)),
+                   backward=str(get("ssd_backward", default.backward)),
+                   block_len=int(get("ssd_block_len", 0)) or None,
+                   forward_only_block_len=int(get("ssd_forward_only_block_len",
+                                                  default.forward_only_block_len)) or None)
+
+
+DEFAULT = KernelConfig()

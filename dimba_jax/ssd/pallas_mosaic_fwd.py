@@ -1,0 +1,531 @@
+"""The SSD forward kernels in Pallas **Mosaic GPU** (Hopper: TMA + wgmma), one warpgroup per program.
+
+- `chunk_out_mosaic`, grid (chunk, head, batch): the chunk output
+      y = ((C B^T) o L) (x dt) + exp(s) * (C h_c^T) + D x,   L_ij = exp(s_i - s_j) [i >= j]
+  TMA copies of the x, B, C tiles (swizzled SMEM), of the incoming state h_c (P x N) and of the
+  dt, s, D vectors; wgmma G = C B^T (Q x Q) and C h_c^T (Q x P) issued together; in registers
+  M = G * L * dt_j (dt folded into M's columns, so x is used straight from SMEM) and the
+  off-chunk term scaled by exp(s_i); wgmma acc += M @ x (M from registers, 16-bit), + D x; y
+  cast to x.dtype and written through SMEM by a TMA store.
+- `chunk_statepass_mosaic`, grid (dstate block, head, batch): the chunk states
+      S_c = (x dt)^T (B exp(s_end - s)) = x^T (w * B),   w = dt exp(s_end - s) (`state_weights`)
+  fused with the state pass, h_{c+1} = exp(s_end,c) h_c + S_c: one program walks all chunks of
+  a sequence with h in the wgmma accumulator and the next chunks' tiles prefetched (TMA slots);
+  it writes only the h_c the output kernel needs (x.dtype) and the final state.
+  `segmented_statepass` runs it as a two-level walk where programs are few.
+
+float32 inputs use tf32 wgmma, which takes A only from SMEM and both operands K-major: x (and
+for the state kernel B) arrive transposed from XLA, M goes through SMEM, D x is added in XLA,
+and the chunk is 64 long (the f32 tiles of a 128 chunk exceed shared memory).
+
+Mosaic GPU lowering semantics: the kernels lower under both Lane and Warpgroup semantics (jax
+0.10 and 0.11.2), pinned by `semantics=` (default `hopper.DEFAULT_SEMANTICS`) rather than left
+to jax's default, which became Warpgroup in jax 0.11. Warpgroup layout inference fails ("Layout
+inference failed to find a solution") when one SMEM buffer is loaded twice in two layouts; the
+s vector therefore has two buffers (see the s_col_smem comment).
+
+The combining module is `pallas_mosaic` (the differentiable forward with its backward);
+`hopper` holds the hardware budget. Imports without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dimba_jax.ssd import hopper
+from dimba_jax.ssd.hopper import DEFAULT_SEMANTICS
+
+# --------------------------------------------------------------------------------------------
+# The Mosaic GPU chunk-output kernel.
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
+                      semantics: str = DEFAULT_SEMANTICS):
+    """Chunk-output stage on Hopper.
+
+    Args:
+      x: (batch, Lp, nheads, P) bf16/f16, Lp a multiple of q; float32 x comes transposed,
+        (batch, nheads, P, Lp), and then D is NOT applied (the caller adds D x).
+      b, c: (batch, Lp, ngroups, N), x.dtype.
+      dt, s: (batch, nheads, Lp) float32 (processed dt; chunk-local cumsum of dt*A).
+      hprev: (batch, nheads, Lp // q, P, N) x.dtype, the state entering each chunk.
+      d: (nheads, P) float32 skip weight.
+      q: chunk length (64 or 128).  hpg: heads per group.
+      interpret: run in the Mosaic GPU interpreter (any device; slow, for tests).
+      semantics: Mosaic GPU lowering semantics, "lane" (what the kernel is written for) or
+        "warpgroup" (jax 0.11's default; a diagnostic, see `hopper.compiler_params`).
+    Returns:
+      y: (batch, Lp, nheads, P) x.dtype.
+    """
+    plgpu = hopper.mosaic_gpu()
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+    else:
+        bsz, lp, nh, p = x.shape
+    n = b.shape[-1]
+    nc = lp // q
+    cdt = x.dtype
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
+    col = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by the column j
+
+    load = hopper.smem_loader(plgpu, interpret)
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+    def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
+             x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
+             *extra_smem):
+        ci = lax.axis_index("chunk")
+        hi = lax.axis_index("head")
+        bi = lax.axis_index("batch")
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        rows = pl.ds(ci * q, q)
+        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
+        plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
+        plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
+        # s is needed along rows (s_i) and along columns (s_j), two register layouts. Two
+        # loads of one SMEM buffer are merged by CSE into one value that Warpgroup layout
+        # inference cannot relayout to both, so the column copy gets its own buffer.
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
+        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
+        if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
+        else:
+            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
+        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
+        plgpu.barrier_wait(bars.at[0])
+        plgpu.barrier_wait(bars.at[1])
+        plgpu.barrier_wait(bars.at[2])
+
+        def products(g_acc, off_acc):
+            plgpu.wgmma(g_acc, c_smem, b_smem.transpose((1, 0)))     # C B^T
+            plgpu.wgmma(off_acc, c_smem, h_smem.transpose((1, 0)))   # C h^T
+            return g_acc[...], off_acc[...]
+
+        # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the elementwise
+        # math of this kernel, but its wgmma takes neither transposed operands nor A in
+        # registers, and it has no plgpu.load / layouts: there the products are plain dots.
+        if interpret:
+            c_val = c_smem[...]
+            nt = (((1,), (1,)), ((), ()))
+            g = lax.dot_general(c_val, b_smem[...], nt, preferred_element_type=f32)
+            off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
+        else:
+            g, off = pl.run_scoped(products, plgpu.ACC((q, q), f32), plgpu.ACC((q, p), f32))
+
+        plgpu.barrier_wait(bars.at[3])
+        plgpu.barrier_wait(bars.at[4])
+        plgpu.barrier_wait(bars.at[7])
+        s_i = load(s_smem, row)
+        s_j = load(s_col_smem, col)
+        dt_j = load(dt_smem, col)
+        i_idx = iota((q, q), 0)
+        j_idx = iota((q, q), 1)
+        diff = (lax.broadcast_in_dim(s_i, (q, q), [0])
+                - lax.broadcast_in_dim(s_j, (q, q), [1]))
+        decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+        m = (g * decay * lax.broadcast_in_dim(dt_j, (q, q), [1])).astype(cdt)
+        y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (q, p), [0])
+
+        plgpu.barrier_wait(bars.at[5])
+
+        if tf32:
+            # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM
+            # and x is read as the transpose of its (P, q) tile. D x is added by the caller.
+            m_smem, y_smem = extra_smem
+            if interpret:
+                y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
+            else:
+                m_smem[...] = m
+                plgpu.commit_smem()
+
+                def intra_tf32(acc_ref):
+                    plgpu.wgmma(acc_ref, m_smem, x_smem.transpose((1, 0)))
+
+                y = pl.run_state(intra_tf32)(plgpu.ACC.init(y0))
+            y_smem[...] = y
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
+            plgpu.wait_smem_to_gmem(0)
+            plgpu.barrier_wait(bars.at[6])
+            return
+
+        if interpret:  # the interpreter's wgmma takes no A in registers: same product
+            y = y0 + jnp.dot(m, x_smem[...], preferred_element_type=f32)
+        else:  # accumulate M (x) straight onto the off-chunk term
+            def intra_init(acc_ref):
+                plgpu.wgmma(acc_ref, m, x_smem)                                   # y0 + M (x)
+
+            y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
+
+        plgpu.barrier_wait(bars.at[6])
+        d_p = load(d_smem, col)
+        xr = load(x_smem, wgmma_layout).astype(f32)
+        y = y + xr * lax.broadcast_in_dim(d_p, (q, p), [1])
+        (y_smem,) = extra_smem
+        y_smem[...] = y.astype(cdt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
+        plgpu.wait_smem_to_gmem(0)
+
+    x_tile = (p, q) if tf32 else (q, p)
+    scratch = [
+        plgpu.SMEM(x_tile, cdt, transforms=hopper.smem_transforms(plgpu, x_tile[1], cdt)),
+        plgpu.SMEM((q, n), cdt, transforms=hopper.smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((q, n), cdt, transforms=hopper.smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((p, n), cdt, transforms=hopper.smem_transforms(plgpu, n, cdt)),
+        plgpu.SMEM((q,), f32),  # s (rows)
+        plgpu.SMEM((q,), f32),  # s (columns)
+        plgpu.SMEM((q,), f32),  # dt
+        plgpu.SMEM((p,), f32),
+        plgpu.Barrier(num_barriers=8),
+    ]
+    if tf32:  # M and y tiles
+        scratch += [plgpu.SMEM((q, q), f32, transforms=hopper.smem_transforms(plgpu, q, f32)),
+                    plgpu.SMEM((q, p), f32, transforms=hopper.smem_transforms(plgpu, p, f32))]
+    else:  # y tile
+        scratch += [plgpu.SMEM((q, p), cdt, transforms=hopper.smem_transforms(plgpu, p, cdt))]
+    y_shape = (bsz, lp, nh, p)
+    return hopper.kernel_call(
+        plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
+        **({"interpret": hopper.interpret_params()} if interpret
+           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
+    )(x, b, c, dt, s, hprev, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk-state operands.
+# --------------------------------------------------------------------------------------------
+
+_STATE_ACC_ITEMS = 64 * 256  # f32 accumulator items per program: 128 registers per thread
+
+
+def state_block_cols(p: int, n: int) -> int:
+    """dstate columns of S_c one program computes: all n when the (p, n) float32 accumulator
+    fits in 128 registers per thread of the warpgroup, else the widest multiple-of-64 divisor
+    of n that does (the remaining column blocks are further programs)."""
+    for k in range(n // 64, 0, -1):
+        if (n // 64) % k == 0 and p * 64 * k <= _STATE_ACC_ITEMS:
+            return 64 * k
+    return 64
+
+
+
+def state_weights(dt, s, q):
+    """w_t = dt_t * exp(s_end - s_t), the per-position weight of the chunk states.
+
+    Args:
+      dt, s: (batch, nheads, Lp) float32, Lp a multiple of q (s the chunk-local cumsum of dt*A).
+    Returns:
+      (batch, nheads, Lp) float32.
+    """
+    bsz, nh, lp = s.shape
+    sc = s.reshape(bsz, nh, lp // q, q)
+    return (dt.reshape(sc.shape) * jnp.exp(sc[..., -1:] - sc)).reshape(bsz, nh, lp)
+
+
+def _state_operand_dims(x: jax.Array, b: jax.Array):
+    """(tf32, batch, Lp, nheads, P, N) of the chunk-state kernels' x / B operands.
+
+    16-bit operands come as x (batch, Lp, nheads, P), B (batch, Lp, ngroups, N); float32 (tf32)
+    ones pre-transposed as x (batch, nheads, P, Lp), B (batch, ngroups, N, Lp).
+    """
+    tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
+    if tf32:
+        bsz, nh, p, lp = x.shape
+        return tf32, bsz, lp, nh, p, b.shape[2]
+    bsz, lp, nh, p = x.shape
+    return tf32, bsz, lp, nh, p, b.shape[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The Mosaic GPU chunk-state + state-pass kernel.
+# --------------------------------------------------------------------------------------------
+
+
+def statepass_block_cols(q: int, p: int, n: int, itemsize: int, programs: int) -> int:
+    """dstate columns per program of the fused state kernel: as `state_block_cols`, narrowed
+    to 64 when the (batch x heads x column blocks) programs would not fill two waves of SMs
+    (each program walks all chunks of its sequence, so programs are the only parallelism) or
+    when the wider tiles exceed shared memory."""
+    nb = state_block_cols(p, n)
+    if (programs * (n // nb) < 2 * hopper.NUM_SMS
+            or statepass_smem_bytes(q, p, nb, itemsize) > hopper.SMEM_LIMIT):
+        nb = 64
+    return nb
+
+
+def statepass_smem_bytes(q: int, p: int, nb: int, itemsize: int, slots: int = 2) -> int:
+    """Shared memory of the fused state kernel: `slots` slots of x, B, w, decay; the scaled x
+    tile; two slots of the outgoing h_c tile; one float32 h tile (initial / final state)."""
+    loads = slots * (itemsize * (q * p + q * nb) + 4 * (q + p))
+    return loads + itemsize * q * p + 2 * itemsize * p * nb + 4 * p * nb
+
+
+MAX_STATEPASS_SLOTS = 4
+
+
+def statepass_slots(q: int, p: int, nb: int, itemsize: int) -> int:
+    """TMA slots (chunks in flight) of the fused state kernel: the walk over the chunks is
+    sequential, so a step waits on the load of its chunk unless it was issued several steps
+    earlier. As many as fit (up to MAX_STATEPASS_SLOTS) without losing the blocks per SM that
+    two slots allow (two blocks where two slots fit in half an SM's shared memory)."""
+    limit = (hopper.TWO_BLOCKS_SMEM if statepass_smem_bytes(q, p, nb, itemsize) <= hopper.TWO_BLOCKS_SMEM
+             else hopper.SMEM_LIMIT)
+    slots = 2
+    while (slots < MAX_STATEPASS_SLOTS
+           and statepass_smem_bytes(q, p, nb, itemsize, slots + 1) <= limit):
+        slots += 1
+    return slots
+
+
+def chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols=None,
+                            slots=None, segments=1, write_hprev=True, interpret=False,
+                            semantics: str = DEFAULT_SEMANTICS):
+    """Chunk states and the state pass in one kernel: h_0 = h0, h_{c+1} = dec_c h_c + S_c with
+    S_c = x_c^T (w_c * B_c), the states never leaving the chip.
+
+    One program per (dstate column block, head, batch), one warpgroup, walking the chunks in
+    order with h in the wgmma accumulator (h_{c+1} = wgmma(acc = dec_c h_c, (x w)^T, B)). The
+    x / B / w / decay tiles of chunks c + 1 .. c + slots - 1 are in flight (TMA, `slots`
+    buffers) while chunk c is computed; each h_c is written (x.dtype, TMA store from a double-buffered SMEM tile) for the
+    output kernel and the backward. 16-bit inputs take x^T straight from x's (q, P) tile (wgmma
+    transposes 16-bit operands); tf32 takes no transposed operand (both must be K-major, K = q),
+    so float32 x and B arrive transposed: x (batch, nheads, P, Lp), B (batch, ngroups, N, Lp).
+
+    Args:
+      x: (batch, Lp, nheads, P) bf16/f16, or float32 transposed to (batch, nheads, P, Lp).
+      b: (batch, Lp, ngroups, N) x.dtype, or float32 transposed to (batch, ngroups, N, Lp).
+      w: (batch, nheads, Lp) float32, `state_weights(dt, s, q)`.
+      dec: (batch, nheads, Lp // q, P) float32, exp(s at the chunk's end) repeated over P.
+      h0: (batch, nheads, P, N) float32 initial states.
+      q: chunk length.  hpg: heads per group.  hprev_dtype: dtype of the h_c output.
+      block_cols: dstate columns per program (default `statepass_block_cols`).
+      slots: TMA buffers of the chunk inputs, >= 2 (default `statepass_slots`).
+      segments: the chunks are cut into this many equal segments (it must divide Lp // q),
+        walked by separate programs, each from its own initial state: h0 is then
+        (batch, segments, nheads, P, N) and `final` (batch, segments, nheads, P, N), the state
+        at each segment's end (`segmented_statepass` combines them).
+      write_hprev: False skips the h_c stores (hprev is then a (1, 1, 1, P, block_cols)
+        placeholder).
+    Returns:
+      hprev: (batch, nheads, Lp // q, P, N) hprev_dtype, the state entering each chunk;
+      final: (batch, nheads, P, N) float32 (per segment: see `segments`).
+    """
+    plgpu = hopper.mosaic_gpu()
+    tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
+    nc = lp // q
+    nb = int(block_cols or statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh))
+    if n % nb or nb % 64:
+        raise ValueError(f"block_cols must be a multiple of 64 dividing dstate {n}, got {nb}")
+    nblk = n // nb
+    itemsize = jnp.dtype(x.dtype).itemsize
+    k = int(slots or statepass_slots(q, p, nb, itemsize))
+    if k < 2:
+        raise ValueError(f"slots must be >= 2, got {k}")
+    nseg = int(segments)
+    if nseg < 1 or nc % nseg:
+        raise ValueError(f"segments must be >= 1 and divide the {nc} chunks, got {segments}")
+    ncs = nc // nseg  # chunks per segment
+    cdt = x.dtype
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    w_layout = wgmma_layout.reduce(0) if tf32 else wgmma_layout.reduce(1)
+    row = wgmma_layout.reduce(1)  # (P,) vector along the rows of h
+
+    load = hopper.smem_loader(plgpu, interpret)
+
+    def body(x_ref, b_ref, w_ref, dec_ref, h0_ref, hp_ref, fin_ref,
+             x_smem, b_smem, w_smem, dec_smem, xw_smem, hp_smem, h_smem,
+             x_bars, b_bars, w_bars, dec_bars, h_bar):
+        ni = lax.axis_index("col")
+        hi = lax.axis_index("head")
+        bsi = lax.axis_index("batch")  # batch x segment
+        bi = lax.div(bsi, jnp.array(nseg, bsi.dtype))
+        si = lax.rem(bsi, jnp.array(nseg, bsi.dtype))
+        c_first = si * ncs  # the segment's first chunk
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+        cols = pl.ds(ni * nb, nb)
+        h0_at = h0_ref.at[bi, si, hi] if nseg > 1 else h0_ref.at[bi, hi]
+        fin_at = fin_ref.at[bi, si, hi] if nseg > 1 else fin_ref.at[bi, hi]
+
+        def fetch(c, slot):  # c counts the segment's chunks; cg is the chunk's global index
+            cg = c_first + c
+            rows = pl.ds(cg * q, q)
+            if tf32:
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem.at[slot],
+                                        x_bars.at[slot])
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, gi, cols, rows], b_smem.at[slot],
+                                        b_bars.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem.at[slot], x_bars.at[slot])
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi, cols], b_smem.at[slot],
+                                        b_bars.at[slot])
+            plgpu.copy_gmem_to_smem(w_ref.at[bi, hi, rows], w_smem.at[slot], w_bars.at[slot])
+            plgpu.copy_gmem_to_smem(dec_ref.at[bi, hi, cg], dec_smem.at[slot], dec_bars.at[slot])
+
+        plgpu.copy_gmem_to_smem(h0_at.at[pl.ds(0, p), cols], h_smem, h_bar.at[0])
+        for c0 in range(k - 1):  # chunks 0 .. k - 2 in flight before the walk starts
+            if c0 < ncs:
+                fetch(c0, c0)
+        plgpu.barrier_wait(h_bar.at[0])
+        h_init = load(h_smem, wgmma_layout)
+
+        def step(c, h):
+            slot = lax.rem(c, k)
+            ahead = c + k - 1
+
+            @pl.when(ahead < ncs)
+            def _prefetch():  # into the slot chunk c - 1 used; its readers have finished
+                fetch(ahead, lax.rem(ahead, k))
+
+            plgpu.barrier_wait(x_bars.at[slot])
+            plgpu.barrier_wait(w_bars.at[slot])
+            plgpu.barrier_wait(dec_bars.at[slot])
+            xv = load(x_smem.at[slot], wgmma_layout).astype(f32)
+            wv = load(w_smem.at[slot], w_layout)
+            decv = load(dec_smem.at[slot], row)
+            if tf32:
+                xw = xv * lax.broadcast_in_dim(wv, (p, q), [1])
+            else:
+                xw = xv * lax.broadcast_in_dim(wv, (q, p), [0])
+            xw_smem[...] = xw.astype(cdt)
+            if write_hprev:
+                # h_c out: the TMA store of chunk c - 2 (same h slot) must have read its tile.
+                hslot = lax.rem(c, 2)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                hp_smem.at[hslot][...] = h.astype(hprev_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(hp_smem.at[hslot],
+                                        hp_ref.at[bi, hi, c_first + c, pl.ds(0, p), cols])
+            h_dec = h * lax.broadcast_in_dim(decv, (p, nb), [0])
+            plgpu.barrier_wait(b_bars.at[slot])
+            if interpret:
+                if tf32:
+                    s_c = lax.dot_general(xw_smem[...], b_smem.at[slot][...],
+                                          (((1,), (1,)), ((), ())), preferred_element_type=f32)
+                else:
+                    s_c = lax.dot_general(xw_smem[...], b_smem.at[slot][...],
+                                          (((0,), (0,)), ((), ())), preferred_element_type=f32)
+                return h_dec + s_c
+
+            def update(acc_ref):
+                if tf32:
+                    plgpu.wgmma(acc_ref, xw_smem, b_smem.at[slot].transpose((1, 0)))
+                else:
+                    plgpu.wgmma(acc_ref, xw_smem.transpose((1, 0)), b_smem.at[slot])
+
+            return pl.run_state(update)(plgpu.ACC.init(h_dec))
+
+        h_fin = lax.fori_loop(0, ncs, step, h_init)
+        hopper.store_tile_last(plgpu, h_smem, h_fin, fin_at.at[pl.ds(0, p), cols])
+
+    x_tile = (p, q) if tf32 else (q, p)
+    b_tile = (nb, q) if tf32 else (q, nb)
+    tr = functools.partial(hopper.smem_transforms, plgpu)
+    scratch = [
+        plgpu.SMEM((k, *x_tile), cdt, transforms=tr(x_tile[1], cdt)),
+        plgpu.SMEM((k, *b_tile), cdt, transforms=tr(b_tile[1], cdt)),
+        plgpu.SMEM((k, q), f32),
+        plgpu.SMEM((k, p), f32),
+        plgpu.SMEM(x_tile, cdt, transforms=tr(x_tile[1], cdt)),
+        plgpu.SMEM((2, p, nb), hprev_dtype, transforms=tr(nb, hprev_dtype)),
+        plgpu.SMEM((p, nb), f32, transforms=tr(nb, f32)),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=k),
+        plgpu.Barrier(num_barriers=1),
+    ]
+    seg_dims = (nseg,) if nseg > 1 else ()
+    if h0.shape != (bsz, *seg_dims, nh, p, n):
+        raise ValueError(f"h0 must be {(bsz, *seg_dims, nh, p, n)} for {nseg} segment(s), "
+                         f"got {h0.shape}")
+    hprev_shape = (bsz, nh, nc, p, n) if write_hprev else (1, 1, 1, p, nb)  # unused if not written
+    out_type = (jax.ShapeDtypeStruct(hprev_shape, hprev_dtype),
+                jax.ShapeDtypeStruct((bsz, *seg_dims, nh, p, n), f32))
+    return hopper.kernel_call(
+        plgpu, body, out_type, scratch,
+        grid=(nblk, nh, bsz * nseg), grid_names=("col", "head", "batch"),
+        **({"interpret": hopper.interpret_params()} if interpret
+           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
+    )(x, b, w, dec, h0)
+
+
+MAX_STATEPASS_SEGMENTS = 8
+_MIN_SEGMENT_CHUNKS = 8
+
+
+def statepass_segments(programs: int, nc: int) -> int:
+    """Segments of the two-level state walk (`segmented_statepass`): the walk is sequential in
+    the chunks, so with fewer programs than two per SM the chunks are cut into segments walked
+    in parallel. The largest power of two (up to MAX_STATEPASS_SEGMENTS) that divides nc, keeps
+    at least _MIN_SEGMENT_CHUNKS chunks per segment and programs x segments within two per SM."""
+    seg = 1
+    while (seg * 2 <= MAX_STATEPASS_SEGMENTS and nc % (seg * 2) == 0
+           and nc // (seg * 2) >= _MIN_SEGMENT_CHUNKS and programs * seg * 2 <= 2 * hopper.NUM_SMS):
+        seg *= 2
+    return seg
+
+
+def segmented_statepass(x, b, w, dec, h0, *, q, hpg, hprev_dtype, segments=None,
+                         interpret=False, semantics: str = DEFAULT_SEMANTICS):
+    """`chunk_statepass_mosaic` as a two-level walk for long sequences with few programs.
+
+    With S = segments > 1: (1) every segment's end state from a zero start (the kernel without
+    h_c stores, S programs per (column block, head, batch)); (2) in XLA, the state entering each
+    segment, H_0 = h0, H_{s+1} = D_s H_s + E_s (E_s the segment's end state from zero, D_s the
+    product of its chunk decays; S small steps); (3) the kernel again, each segment from H_s,
+    writing every h_c. Twice the reads of x and B, in exchange for S times the parallelism of a
+    walk whose steps wait on each other. Same arguments and returns as `chunk_statepass_mosaic`
+    (h0 (batch, nheads, P, N)); segments None picks `statepass_segments`.
+    """
+    tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
+    nc = lp // q
+    nb = statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh)
+    nseg = int(segments or statepass_segments(bsz * nh * (n // nb), nc))
+    kw = dict(q=q, hpg=hpg, hprev_dtype=hprev_dtype, block_cols=nb, interpret=interpret,
+              semantics=semantics)
+    if nseg == 1:
+        return chunk_statepass_mosaic(x, b, w, dec, h0, **kw)
+    zeros = jnp.zeros((bsz, nseg, nh, p, n), jnp.float32)
+    _, ends = chunk_statepass_mosaic(x, b, w, dec, zeros, segments=nseg, write_hprev=False,
+                                      **kw)
+    seg_decay = jnp.prod(dec[..., 0].reshape(bsz, nh, nseg, nc // nseg), axis=-1)  # (b, h, S)
+    starts = [h0.astype(jnp.float32)]
+    for si in range(nseg - 1):
+        starts.append(seg_decay[:, :, si, None, None] * starts[-1] + ends[:, si])
+    hprev, fins = chunk_statepass_mosaic(x, b, w, dec, jnp.stack(starts, axis=1),
+                                          segments=nseg, **kw)
+    return hprev, fins[:, -1]
+
+
+def rechunk_cumsum(s: jax.Array, q: int, q_new: int) -> jax.Array:
+    """Chunk-local cumulative sums at chunk q turned into those at chunk q_new (q_new divides q).
+
+    s: (b, h, Lp) float32, restarting at every multiple of q. Returns the same sums restarting at
+    every multiple of q_new: each q_new-piece minus the running sum at the end of the piece
+    before it inside the same q-chunk.
+    """
+    if q_new == q:
+        return s
+    bsz, nh, lp = s.shape
+    k = q // q_new
+    pieces = s.reshape(bsz, nh, lp // q, k, q_new)
+    ends = pieces[..., -1]  # (b, h, nc, k): running sum at the end of each piece
+    before = jnp.concatenate([jnp.zeros_like(ends[..., :1]), ends[..., :-1]], axis=-1)
+    return (pieces - before[..., None]).reshape(bsz, nh, lp)
