@@ -19,13 +19,19 @@ from dimba_jax.models.dimba import DimbaModel
 V, BATCH, SEQ = 64, 8, 32
 
 
-def tiny_config():
+def tiny_config(paper: bool = True):
+    """A tiny DIMBA config; paper=True: the paper's objective (direct x0 read-out, x0-MSE plus the
+    rounding CE, uniform t, no output prior), else the default recipe."""
     c = default_config()
     with c.unlocked():
         c.model.update(d_model=32, n_layers=2, d_state=16, headdim=16, chunk_size=16, time_embed_dim=32,
                        ssd_impl="reference")
         c.diffusion.timesteps = 100
         c.data.seq_len = SEQ
+        if paper:
+            c.model.update(readout="direct", skip_logits=False)
+            c.diffusion.update(mse_weight=1.0, noise_sampling="uniform")
+            c.sample.grid = "uniform"
     return c
 
 
@@ -127,12 +133,12 @@ def test_self_conditioning_pass():
     # make the self-conditioning input matter
     model.in_proj.kernel[...] = model.in_proj.kernel[...] * 3.0
     tokens = _batch()
-    t = jnp.full((BATCH,), 30, jnp.int32)
+    lam = jnp.full((BATCH,), float(sch.logsnr_table()[30]), jnp.float32)
     mask = jnp.zeros(tokens.shape, bool)
     noise = jax.random.normal(jax.random.key(0), (BATCH, SEQ, 32))
     drop = jnp.zeros((BATCH,), bool)
 
-    run = nnx.jit(lambda model, coin: denoise_terms(model, sch, tokens, t, mask, drop, noise, coin, 1.0)["x0_hat"])
+    run = nnx.jit(lambda model, coin: denoise_terms(model, tokens, lam, mask, drop, noise, coin, 1.0, 1.0)["x0_hat"])
     on = run(model, jnp.array(True))
     off = run(model, jnp.array(False))
     assert np.abs(np.asarray(on - off)).max() > 1e-4  # the coin selects the self-conditioning pass
@@ -152,6 +158,8 @@ def test_task_loss_eval_and_flops():
         task.loss(model, {"ids": tokens}, jax.random.key(0))
     out = task.eval_metrics(model, {"tokens": tokens}, ts=(5, 95))
     assert set(out) == {"loss", "mse", "ce", "acc"} | {f"{k}_t{t}" for k in ("loss", "mse", "ce", "acc") for t in (5, 95)}
+    levels = task.eval_metrics(model, {"tokens": tokens}, logsnrs=(-8.0, 2.0))
+    assert {"acc_lam-8", "ce_lam2"} <= set(levels)
     assert out["mse_t5"] < out["mse_t95"]  # less noise, easier x0
     with pytest.raises(ValueError, match="outside"):
         task.eval_metrics(model, {"tokens": tokens}, ts=(0,))

@@ -37,8 +37,8 @@ def inputs(seed=0):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     x_t = jax.random.normal(k1, (B, L, D))
     tokens = jax.random.randint(k2, (B, L), 0, V, dtype=jnp.int32)
-    t = jax.random.randint(k3, (B,), 1, 1001)
-    return x_t, t, tokens
+    logsnr = jax.random.uniform(k3, (B,), minval=-6.0, maxval=2.0)  # noise levels as log-SNR
+    return x_t, logsnr, tokens
 
 
 def test_shapes_fixed_norm_embeddings_and_reimposed_prompt():

@@ -23,6 +23,9 @@ def tiny_config():
     with c.unlocked():
         c.model.update(d_model=32, n_layers=1, d_state=16, headdim=16, chunk_size=16, time_embed_dim=32,
                        ssd_impl="reference")
+        # without the output prior, so that the random network's own (prompt-dependent) logits are
+        # not drowned by the prior at the clean end of the schedule
+        c.model.skip_logits = False
         c.diffusion.timesteps = T_SMALL
         c.data.seq_len = 32
     return c
@@ -89,12 +92,15 @@ def test_ddim_eta0_is_deterministic_and_exact_for_consistent_inputs():
 
 
 # ---------------------------------------------------------------- a Python-loop reference sampler
-_ref_call = nnx.jit(lambda m, x, t, tok, mask, sc, drop: m(x, t, tok, mask, self_cond=sc, drop_prompt=drop))
+_ref_call = nnx.jit(lambda m, x, lam, tok, mask, sc, drop: m.predict(x, lam, tok, mask, self_cond=sc,
+                                                                    drop_prompt=drop))
 
 
 def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition):
-    """Step by step in Python with its own respacing and its own posterior formulas."""
+    """Step by step in Python with its own respacing and its own posterior formulas; the model is
+    told each step's log-SNR; the read-out is the argmax of the last step's guided logits."""
     big_t = sch.timesteps
+    lam = lambda t: float(np.log(sch.alpha_bar[t].astype(np.float64)) - np.log1p(-sch.alpha_bar[t].astype(np.float64)))
     ts = [int(round(big_t - i * (big_t - 1) / (steps - 1))) for i in range(steps)] if steps > 1 else [big_t]
     ab = lambda t: 1.0 if t == 0 else float(sch.alpha_bar[t])
     r_init, key, _ = jax.random.split(rng, 3)
@@ -105,11 +111,12 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
     x0_prev = jnp.zeros_like(x)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else 0
-        tb = jnp.full((b,), t, jnp.int32)
+        tb = jnp.full((b,), lam(t), jnp.float32)
         sc = x0_prev if self_condition else None
-        cond = _ref_call(model, x, tb, tokens, mask, sc, jnp.zeros((b,), bool))
-        uncond = _ref_call(model, x, tb, tokens, mask, sc, jnp.ones((b,), bool))
+        cond, cond_logits = _ref_call(model, x, tb, tokens, mask, sc, jnp.zeros((b,), bool))
+        uncond, uncond_logits = _ref_call(model, x, tb, tokens, mask, sc, jnp.ones((b,), bool))
         x0 = uncond + guidance * (cond - uncond)
+        logits = uncond_logits + guidance * (cond_logits - uncond_logits)
         if clamp:
             x0 = jax.nn.softmax(model.logits(x0), -1) @ model.embedding_table()
         x0 = jnp.where(known, clean, x0)
@@ -123,7 +130,7 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
         key, sub = jax.random.split(key)
         x = jnp.where(known, clean, mean + std * jax.random.normal(sub, x.shape))
         x0_prev = x0
-    ids = jnp.where(mask, tokens, jnp.argmax(model.logits(x0), -1))
+    ids = jnp.where(mask, tokens, jnp.argmax(logits, -1))
     return ids, x0
 
 
@@ -138,13 +145,13 @@ def test_scan_sampler_matches_python_loop(setup, monkeypatch, steps, kw):
     model, sch, tokens, mask = setup
     rng = jax.random.key(7)
     calls = []
-    original = DimbaModel.__call__
-    monkeypatch.setattr(DimbaModel, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = DimbaModel.predict
+    monkeypatch.setattr(DimbaModel, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     ids, x0 = sampling.sample(model, sch, tokens, mask, rng, steps=steps, return_x0=True, **kw)
     assert len(calls) == 1, f"model traced {len(calls)} times for {steps} steps"
     monkeypatch.undo()
     ref_ids, ref_x0 = reference_sample(model, sch, tokens, mask, rng, steps=steps, **kw)
-    np.testing.assert_allclose(np.asarray(x0), np.asarray(ref_x0), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(ref_x0), rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
 
 

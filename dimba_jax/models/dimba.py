@@ -210,8 +210,9 @@ class DimbaModel(nnx.Module):
         a constant per position (every row has the same norm, so ||e_v||^2 drops out):
         sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
         tokens of a position seen alone under a uniform prior; the head learns what context adds.
+        lambda is clipped to the range the timestep embedding covers ([-28, 12]).
         x_t float (b, L, d), logsnr float (b,) -> float32 (b, L, V)."""
-        lam = logsnr.astype(jnp.float32)
+        lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
         coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
         return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef[:, None, None]
 
