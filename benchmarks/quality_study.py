@@ -115,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--train-reserve-s", type=float, default=200.0, help="time kept for measuring after training")
     p.add_argument("--set", action="append", default=[], help="RUN:key=value override (repeatable)")
     p.add_argument("--mem-fraction", type=float, default=0.0, help="GPU memory share per training process (0 = 0.9 / runs)")
-    p.add_argument("--bound-levels", type=int, default=48)
+    p.add_argument("--bound-levels", type=int, default=128)
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
     p.add_argument("--train-only", action="store_true", help="train the runs, measure nothing")

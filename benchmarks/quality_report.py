@@ -1,0 +1,192 @@
+"""Tables, figures and samples from the quality study's results (runs anywhere, CPU is enough).
+
+    python benchmarks/quality_report.py
+
+Reads benchmarks/results/quality_ablation_h200.json and quality_small_h200.json (written by
+`benchmarks/quality_study.py`) and writes:
+  benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
+  benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
+  docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
+  docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
+                                                unprompted and prompted) and of the AR baseline
+The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+CONTEXT_LEVELS = (-8.0, -6.0, -5.0, -4.0)
+
+
+def _f(v, spec=".3g") -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _rows_by(res: dict, name: str) -> dict:
+    """{prompted: row} of one run's judged rows (the largest batch)."""
+    out = {}
+    for r in res["rows"]:
+        if r.get("variant", "") == name or (name in ("ar", "dimba") and r["model"] == name):
+            if r["prompted"] not in out or r["batch"] > out[r["prompted"]]["batch"]:
+                out[r["prompted"]] = r
+    return out
+
+
+def context_cells(info: dict) -> str:
+    c = info.get("context", {})
+    return " ".join(f"{_f(c.get(f'acc_prompt_lam{lv:g}'), '.3f')}/{_f(c.get(f'acc_noprompt_lam{lv:g}'), '.3f')}"
+                    for lv in CONTEXT_LEVELS)
+
+
+def commands(res: dict) -> str:
+    return "\n".join(f"    {c}" for c in res.get("commands", []))
+
+
+def ablation_table(res: dict) -> str:
+    ref = res.get("reference", {})
+    ar = res["runs"].get("ar", {})
+    lines = [f"# Quality ablation — {res.get('device', '')}", "",
+             "Made by `benchmarks/quality_report.py` from `quality_ablation_h200.json`, written by:", "",
+             commands(res), "",
+             "`configs/ablation.py` (d_model 256, 6 bidirectional blocks, ~6.1M parameters), each run "
+             "1200 steps x 64 x 256 = 19.7M tokens, all trained side by side on one H200; the AR model "
+             "of the same size and tokens (9 causal blocks) is the scale and the judge (window 256). "
+             "Samples: DDIM T = 32, 256 tokens, 32 per row, with the run's own sampling settings "
+             "(`paper*` runs clamp; score temperature 1). Context: the head's accuracy on the 8 tokens "
+             "after a clean 32-token prompt, prompt known / prompt noised like the rest, at log-SNR "
+             f"{', '.join(f'{v:g}' for v in CONTEXT_LEVELS)}.", "",
+             f"Real text (judge, L=256): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
+             f"{_f(ref.get('entropy'), '.2f')} bits/token. AR: NLL {_f(ar.get('nll_bits'), '.2f')} bits/token, "
+             f"next-token accuracy after the prompt {_f(ar.get('acc_after_prompt'), '.3f')}.", "",
+             "| run | overrides of configs/ablation.py | bound bits/token | judge ppl (unprompted / prompted) "
+             "| entropy | context acc with/without prompt |",
+             "|---|---|---|---|---|---|"]
+    for name, info in res["runs"].items():
+        rows = _rows_by(res, name)
+        bound = info.get("bound", {}).get("bound_bits", info.get("nll_bits"))
+        over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()) or "(defaults)"
+        un, pr = rows.get(False, {}), rows.get(True, {})
+        lines.append(f"| {name} | {over} | {_f(bound, '.2f')} | {_f(un.get('judge_ppl'), '.0f')} / "
+                     f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |")
+    return "\n".join(lines) + "\n"
+
+
+def small_table(res: dict) -> str:
+    ref = res.get("reference", {})
+    dimba, ar = res["runs"]["dimba"], res["runs"]["ar"]
+    lines = [f"# The model of record: DIMBA small vs the AR baseline — {res.get('device', '')}", "",
+             "Made by `benchmarks/quality_report.py` from `quality_small_h200.json`, written by:", "",
+             commands(res), "",
+             f"DIMBA `configs/small.py` ({dimba['params']:,} parameters) and AR `configs/ar_small.py` "
+             f"({ar['params']:,}) each trained on {dimba['tokens_seen']:,} tokens "
+             f"({dimba['tokens_seen'] == ar['tokens_seen'] and 'equal' or 'UNEQUAL'}); judge "
+             f"`configs/judge.py` at 1500 steps, trained in the same call. "
+             f"Real text (L=1024): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
+             f"{_f(ref.get('entropy'), '.2f')} bits/token.", "",
+             "## Likelihood on held-out text (same windows, bits per token)", "",
+             "| model | bits/token | what |", "|---|---|---|",
+             f"| DIMBA small | {_f(dimba['bound']['bound_bits'], '.2f')} | variational upper bound "
+             f"(diffusion {_f(dimba['bound']['diffusion_bits'], '.2f')}, recon {_f(dimba['bound']['recon_bits'], '.2g')}, "
+             f"prior {_f(dimba['bound']['prior_bits'], '.2g')}; 48 stratified levels) |",
+             f"| AR small | {_f(ar['nll_bits'], '.2f')} | exact NLL |", "",
+             "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
+             "| sampler | score temperature | judge ppl | entropy |", "|---|---|---|---|"]
+    for s in dimba.get("sweep", []):
+        st = "0.5" if s.get("variant") == "st0.5" else "1"
+        lines.append(f"| {s['sampler']} | {st} | {_f(s['judge_ppl'], '.1f')} | {_f(s['entropy'], '.2f')} |")
+    lines += ["", "## Rows of record (DDIM, score temperature 0.5; latency at batch 1, quality of 64 samples)", "",
+              "| model | T | prompted | latency ms (b=1) | judge ppl | x AR | entropy | entropy vs real |",
+              "|---|---|---|---|---|---|---|---|"]
+    ar_rows = {r["prompted"]: r for r in res["rows"] if r["model"] == "ar" and r["batch"] == 1}
+    for r in sorted(res["rows"], key=lambda r: (r["model"], r["prompted"], r["steps"])):
+        if r["batch"] != 1:
+            continue
+        base = ar_rows.get(r["prompted"], {}).get("judge_ppl")
+        ratio = r["judge_ppl"] / base if base and r["judge_ppl"] else None
+        rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
+        lines.append(f"| {r['model']} | {r['steps']} | {'yes' if r['prompted'] else 'no'} | "
+                     f"{_f(r['latency_ms'], '.1f')} | {_f(r['judge_ppl'], '.1f')} | {_f(ratio, '.2f')} | "
+                     f"{_f(r['entropy'], '.2f')} | {_f(None if rel is None else 100 * rel, '+.0f')}% |")
+    lines += ["", "## Context use (head accuracy on the 8 tokens after a clean 32-token prompt)", "",
+              f"DIMBA with/without the prompt at log-SNR {', '.join(f'{v:g}' for v in CONTEXT_LEVELS)}: "
+              f"{context_cells(dimba)}; the AR model's next-token accuracy at the same positions: "
+              f"{_f(ar.get('acc_after_prompt'), '.3f')}.", ""]
+    return "\n".join(lines)
+
+
+def plot_noise_curves(studies: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, info in studies.items():
+        nc = info.get("noise_curve")
+        if not nc:
+            continue
+        lams = sorted({float(k.split("lam")[1]) for k in nc if k.startswith("acc_lam")})
+        style = "-" if label.startswith("small") else ":"
+        axes[0].plot(lams, [nc[f"acc_lam{v:g}"] for v in lams], style, marker=".", label=label)
+        axes[1].plot(lams, [nc[f"ce_lam{v:g}"] for v in lams], style, marker=".", label=label)
+    for ax, what in zip(axes, ("head token accuracy", "head cross-entropy (nats)")):
+        ax.set_xlabel("log-SNR lambda per channel (noisier to the left)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Where the denoiser learns: validation windows, unconditional layout, by noise level")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def samples_text(small: dict) -> str:
+    out = ["DIMBA small (the model of record) and the AR baseline: samples from benchmarks/quality_study.py",
+           f"({small['commands'][-1] if small.get('commands') else ''}).",
+           "Each block: the setting, then up to five samples of 1024 tokens; prompted samples show the",
+           "64-token prompt (cut from a validation book), then ' || ', then the continuation.", ""]
+    for key, texts in sorted(small.get("samples", {}).items()):
+        out.append(f"=== {key} ===")
+        for i, t in enumerate(texts):
+            out.append(f"--- sample {i} ---")
+            out.append(t.replace("\ufffd", "\ufffd"))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="benchmarks/results")
+    p.add_argument("--docs", default="docs")
+    args = p.parse_args(argv)
+    written = []
+    with open(os.path.join(args.results, "quality_ablation_h200.json")) as f:
+        abl = json.load(f)
+    with open(os.path.join(args.results, "quality_small_h200.json")) as f:
+        small = json.load(f)
+    for name, text in (("quality_ablation_h200.md", ablation_table(abl)),
+                       ("quality_small_h200.md", small_table(small))):
+        path = os.path.join(args.results, name)
+        with open(path, "w") as f:
+            f.write(text)
+        written.append(path)
+    curves = {f"ablation: {k}": v for k, v in abl["runs"].items()}
+    curves["small: dimba (model of record)"] = small["runs"]["dimba"]
+    written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
+    path = os.path.join(args.docs, "small_run", "samples.txt")
+    with open(path, "w") as f:
+        f.write(samples_text(small))
+    written.append(path)
+    print("\n".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
