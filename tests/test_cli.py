@@ -64,7 +64,7 @@ def test_sample_and_eval_print_results_and_write_nothing(trained, capsys):
     assert capsys.readouterr().out.count("--- sample") == 2
     assert main(["--workdir", trained, "--mode", "eval"]) == 0
     out = capsys.readouterr().out
-    assert "eval at step 3" in out and " loss = " in out and "acc_t" in out
+    assert "eval at step 3" in out and " loss = " in out and "acc_lam" in out and "bound_bits" in out
     assert _snapshot(trained) == before
 
 

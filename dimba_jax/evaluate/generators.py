@@ -91,6 +91,7 @@ class DimbaGenerator:
         self.schedule = schedule_from_config(config.diffusion)
         s = config.sample
         self._samplers: dict = {}
+        self.fast = True  # the pre-split path is the only path (make_sample_fn splits once)
         self.defaults = {"eta": float(s.eta), "guidance": float(s.guidance), "clamp": bool(s.clamp),
                          "temperature": float(s.temperature), "grid": str(s.grid),
                          "score_temperature": float(s.score_temperature),

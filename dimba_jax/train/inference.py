@@ -14,6 +14,7 @@ first local device).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -98,8 +99,10 @@ def generate_text(run: LoadedRun, prompts: list[str] | None = None, *,
 def evaluate_model(run: LoadedRun, num_batches: int | None = None,
                    ts: tuple[int, ...] | None = None) -> dict[str, float]:
     """Validation numbers averaged over `num_batches` (default config.train.eval_batches)
-    batches of the validation split: the task's loss parts, and for DIMBA the loss and the
-    head's token accuracy at several t (DimbaTask.eval_metrics)."""
+    batches of the validation split: the task's loss parts; for DIMBA the loss and the head's
+    token accuracy at several noise levels (DimbaTask.eval_metrics) and the likelihood bound in
+    bits per token (DimbaTask.nll_bound: bound_bits and its parts); for the AR model its exact
+    NLL in bits per token (nll_bits)."""
     from dimba_jax.data.pipeline import make_eval_batches
     cfg = run.config
     n = int(cfg.train.eval_batches if num_batches is None else num_batches)
@@ -112,10 +115,13 @@ def evaluate_model(run: LoadedRun, num_batches: int | None = None,
     for i, batch in enumerate(batches):
         if hasattr(task, "eval_metrics"):
             out = task.eval_metrics(run.model, batch, ts)
+            out.update(task.nll_bound(run.model, batch, rng=jax.random.PRNGKey(i)))
         else:
             loss, metrics = nnx.jit(task.loss)(
                 run.model, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.PRNGKey(i))
             out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+            if "ce" in out:
+                out["nll_bits"] = out["ce"] / math.log(2.0)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: v / len(batches) for k, v in sums.items()}
