@@ -127,11 +127,11 @@ def test_supported_rev_smem_and_errors():
 ])
 def test_interpreter_matches_triton_and_float64(bsz, nc, nh, g, n, nb, prefetch, dst_dtype):
     """Mosaic GPU interpreter vs the two Triton kernels (interpreter) and float64 NumPy of the
-    recurrence: bf16 inputs, q 64, headdim 64. All three outputs within 1e-2 (dS in bf16 is
+    recurrence: bf16 inputs, q 64, headdim 64. All three outputs within 1e-2 of float64 (dS in bf16 is
     rounded once, ~4e-3; the dout product rounds dy exp(s) (Mosaic) or C exp(s) (Triton) to
     bf16)."""
     q, p = 64, 64
-    args = _inputs(int(np.random.default_rng().integers(1 << 30)), bsz, nc, q, nh, g, p, n)
+    args = _inputs(1234 + 7 * nc + nh + g, bsz, nc, q, nh, g, p, n)  # fixed seed: a CI run must not depend on luck
     outs = _fused(*args, q=q, hpg=nh // g, block_cols=nb, prefetch=prefetch,
                   dstates_dtype=dst_dtype, interpret=True)
     want_dtype = jnp.dtype(dst_dtype or jnp.bfloat16)
@@ -141,8 +141,8 @@ def test_interpreter_matches_triton_and_float64(bsz, nc, nh, g, n, nb, prefetch,
     ref = _reverse_f64(args[0], args[1], args[3], args[4], args[5], q)
     for name, o, t, r in zip(NAMES, outs, tri, ref):
         assert _rel(o, r) < 1e-2, name
-        assert _rel(o, t) < 1e-2, name
         assert _rel(t, r) < 1e-2, name  # the yardstick agrees with float64
+        assert _rel(o, t) < 2e-2, name  # each within 1e-2 of float64, so within 2e-2 of each other
     if want_dtype == jnp.float32:  # no dS rounding: only the dout products' bf16 operands
         assert _rel(outs[0], ref[0]) < 5e-3
 
@@ -153,7 +153,7 @@ def test_interpreter_segmented_walk_matches_float64(segments, prefetch):
     XLA, then every segment walked from its true right-end dh) in the interpreter, bf16 inputs,
     float32 dS: all three outputs vs float64 and vs the one-segment walk."""
     q, p, n, bsz, nc, nh, g = 64, 64, 64, 2, 4, 2, 1
-    args = _inputs(int(np.random.default_rng().integers(1 << 30)), bsz, nc, q, nh, g, p, n)
+    args = _inputs(1234 + 7 * nc + nh + g, bsz, nc, q, nh, g, p, n)  # fixed seed: a CI run must not depend on luck
     kw = dict(q=q, hpg=nh // g, prefetch=prefetch, dstates_dtype=jnp.float32, interpret=True)
     outs = _fused(*args, segments=segments, **kw)
     whole = _fused(*args, segments=1, **kw)
@@ -186,7 +186,7 @@ def test_interpreter_full_gradient_with_fused_reverse(monkeypatch):
 
     monkeypatch.setattr(pallas_mosaic_rev, "_dout_statepass_mosaic", spy)
     jax.clear_caches()  # the backward is jitted once per config: trace it again, with the spy
-    ks = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 9)
+    ks = jax.random.split(jax.random.key(20261204), 9)
     b, l, h, p, g, n = 1, 100, 4, 64, 1, 64
     bf16 = jnp.bfloat16
     args = (jax.random.normal(ks[0], (b, l, h, p)).astype(bf16),
@@ -313,7 +313,7 @@ def test_gpu_matches_triton_pair(name, bsz, lp, nh, prefetch):
     pass), bf16, q 128, P 64, N 128, one group: relative L2 per output < 1e-2 (dS in bf16 vs
     float32); median times printed (the 130m-L32k case with the deepest ring that fits)."""
     q, p, n, g = 128, 64, 128, 1
-    args = _inputs(int(np.random.default_rng().integers(1 << 30)), bsz, lp // q, q, nh, g, p, n)
+    args = _inputs(20261206, bsz, lp // q, q, nh, g, p, n)
     fused = jax.jit(lambda *a: _fused(*a, q=q, hpg=nh // g, prefetch=prefetch))
     pair = jax.jit(lambda *a: _triton_pair(*a, q=q, hpg=nh // g, interpret=False))
     outs, tri = fused(*args), pair(*args)

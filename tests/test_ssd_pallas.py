@@ -192,12 +192,12 @@ def test_gpu_kernels_match_reference(dtype, case):
     ok, why = pallas_gpu.supported(x=jnp.zeros((1, 1, 1, dims[3])), dt=None, A=None,
                                    B=jnp.zeros((1, 1, 1, dims[5])), C=None, chunk_size=block_len)
     assert ok, why
-    seed = int(np.random.default_rng().integers(1 << 30))  # fresh inputs on every run
+    seed = 20261204  # fixed inputs: a CI run must not depend on luck
     _check(_pallas(block_len=block_len), dtype, seed, tuple(dims))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_gpu_kernels_with_seq_idx_match_reference(dtype):
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = 20261205
     _check_seq_idx(dtype, seed, (2, 700, 4, 64, 1, 128), TOL[dtype], block_len=128)
