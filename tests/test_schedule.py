@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dimba_jax.diffusion.layout import max_known, sample_layout
-from dimba_jax.diffusion.schedule import add_noise, cosine_schedule
+from dimba_jax.diffusion.schedule import add_noise_logsnr, cosine_schedule
 
 
 def _formula(t, big_t, s=0.008):
@@ -42,19 +42,19 @@ def test_betas_monotone_clipped_and_consistent(big_t):
     assert np.all(np.diff(betas[:-1]) > 0), "betas increase with t"
 
 
-def test_add_noise_formula():
+def test_add_noise_at_the_schedule_levels_is_the_formula():
     sch = cosine_schedule(1000)
     k1, k2 = jax.random.split(jax.random.key(0))
     x0 = jax.random.normal(k1, (3, 5, 4))
     eps = jax.random.normal(k2, (3, 5, 4))
     t = jnp.array([1, 500, 999])
-    got = np.asarray(add_noise(sch, x0, t, eps))
+    got = np.asarray(add_noise_logsnr(x0, sch.logsnr_at(t), eps))
     for i, ti in enumerate([1, 500, 999]):
         ab = _formula(ti, 1000)
         want = math.sqrt(ab) * np.asarray(x0[i]) + math.sqrt(1 - ab) * np.asarray(eps[i])
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
     # at t = T the sample is (essentially) pure noise
-    at_t = np.asarray(add_noise(sch, x0, jnp.array([1000] * 3), eps))
+    at_t = np.asarray(add_noise_logsnr(x0, sch.logsnr_at(jnp.array([1000] * 3)), eps))
     np.testing.assert_allclose(at_t, np.asarray(eps), atol=3e-4)
 
 

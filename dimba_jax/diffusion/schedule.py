@@ -28,7 +28,8 @@ schedule, so uniform t spends ~85% of training and sampling where there is nothi
 shift of log(c/d) for a per-token SNR c at the middle of the schedule puts the band in the middle.
 With shift = 0 every table equals the formula above exactly.
 
-Training draws t ~ U{1..T}; noising is x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps.
+Noising at level lambda: x_t = sqrt(sigmoid(lambda)) x0 + sqrt(sigmoid(-lambda)) eps
+(`add_noise_logsnr`), which at lambda(t) is sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps.
 """
 
 from __future__ import annotations
@@ -158,12 +159,3 @@ def add_noise_logsnr(x0: jax.Array, logsnr: jax.Array, noise: jax.Array) -> jax.
     lam = logsnr.astype(jnp.float32)[:, None, None]
     return (jnp.sqrt(jax.nn.sigmoid(lam)) * x0.astype(jnp.float32)
             + jnp.sqrt(jax.nn.sigmoid(-lam)) * noise.astype(jnp.float32))
-
-
-def add_noise(schedule: CosineSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """Forward process q(x_t | x0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise.
-
-    x0, noise: float (b, L, d); t: int (b,) in 0..T. Returns float32 (b, L, d).
-    """
-    ab = schedule.alpha_bar_at(t).astype(jnp.float32)[:, None, None]
-    return jnp.sqrt(ab) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - ab) * noise.astype(jnp.float32)

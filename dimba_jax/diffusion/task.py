@@ -29,8 +29,6 @@ from dimba_jax.layers.conditioning import frozen_prompt_encoder
 from dimba_jax.models import flops as flops_lib
 from dimba_jax.models.dimba import DimbaModel, resolve_dtype
 
-DEFAULT_EVAL_TS = (50, 250, 500, 750, 950)  # fractions of T=1000; scaled to the config's T
-
 
 class DimbaTask:
     """DIMBA as a `dimba_jax.train.task.Task` (init_model / loss / sample_text / flops_per_token)
@@ -210,11 +208,6 @@ class DimbaTask:
         b = tokens.shape[0]
         cond_mask = jnp.zeros(tokens.shape, bool) if cond_mask is None else cond_mask
         return self._eval_at(model, tokens, jnp.full((b,), logsnr, jnp.float32), noise, cond_mask)
-
-    def default_eval_ts(self) -> tuple[int, ...]:
-        """Timesteps used by eval_metrics(ts=...) by default: 5%, 25%, 50%, 75%, 95% of T."""
-        big_t = self.schedule.timesteps
-        return tuple(sorted({max(1, min(big_t, round(f * big_t / 1000))) for f in DEFAULT_EVAL_TS}))
 
     def default_eval_logsnrs(self, num: int = 9) -> tuple[float, ...]:
         """`num` evenly spaced log-SNR levels over diffusion.logsnr_range, noisiest first."""
