@@ -1,5 +1,6 @@
 """ar_small: the autoregressive baseline for configs/small.py — a causal Mamba-2 LM with the
-same parameter count (~32M vs DIMBA small's ~32.9M), tokenizer, data, batch and steps.
+same parameter count (~32M vs DIMBA small's ~32.9M), tokenizer, data, batch and steps: it is
+configs/small.py with a causal task and 17 blocks, so the two see the same tokens by construction.
 
 Launch manual
 -------------
@@ -13,31 +14,12 @@ Sampling: config.ar.temperature / config.ar.top_p (recurrent decoding in one jit
 Model: d_model 512, 17 causal Mamba-2 blocks (headdim 64, d_state 64), tied head.
 """
 
-from dimba_jax.config import default_config, use_shared_corpus
+from dimba_jax.config import sibling_config
 
 
 def get_config():
-    c = default_config()
+    c = sibling_config(__file__, "small")  # same data, tokenizer, batch, steps and schedule
     c.task = "ar"
-    c.model.d_model = 512
-    c.model.n_layers = 17
-    c.model.d_state = 64
-    c.model.headdim = 64
-    c.model.chunk_size = 128
+    c.model.n_layers = 17  # ~32M parameters: as many as DIMBA small's 12 bidirectional blocks
     c.model.bidirectional = False
-    c.model.compute_dtype = "bfloat16"
-    c.model.ssd_impl = "auto"
-    use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
-    c.data.seq_len = 1024
-    c.train.steps = 4000
-    c.train.batch_size = 16
-    c.train.lr = 1e-3
-    c.train.warmup_steps = 200
-    c.train.weight_decay = 0.1
-    c.train.checkpoint_every = 1000
-    c.train.log_every = 50
-    c.train.sample_every = 1000
-    c.train.eval_every = 1000
-    c.train.eval_batches = 8
-    c.sample.length = 1024
     return c
