@@ -5,7 +5,7 @@ memory), then loads every run and measures, on the same held-out windows:
   * the likelihood: DIMBA's variational bound (`DimbaTask.nll_bound`, bits per token) beside the
     AR model's exact NLL;
   * where the denoiser learns: the head's cross-entropy and accuracy at log-SNR levels
-    (`DimbaTask.eval_metrics`), plotted by `docs/plot_noise_curves.py`;
+    (`DimbaTask.eval_metrics`), plotted by `benchmarks/quality_report.py`;
   * context use: the head's accuracy on the 8 tokens after a clean 32-token prompt, with the
     prompt and with it noised like the rest (`DimbaTask.context_use`), and the AR model's
     accuracy at the same positions for scale;

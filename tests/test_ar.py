@@ -13,7 +13,8 @@ from flax import nnx
 
 from _nnx_jit import jitted, run_steps
 from dimba_jax.config import default_config
-from dimba_jax.models.ar import ArTask, MambaLM, generate, sample_logits
+from dimba_jax.models.ar import MambaLM, generate, sample_logits
+from dimba_jax.tasks.ar import ArTask
 
 VOCAB = 50  # padded to 64
 SIZES = dict(d_model=32, n_layers=1, d_state=8, expand=2, headdim=8, ngroups=2, d_conv=4,

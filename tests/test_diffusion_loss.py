@@ -13,7 +13,7 @@ from dimba_jax.config import default_config
 from dimba_jax.diffusion.losses import (denoise_terms, diffusion_loss, masked_accuracy, masked_cross_entropy,
                                         masked_mse)
 from dimba_jax.diffusion.schedule import cosine_schedule
-from dimba_jax.diffusion.task import DimbaTask
+from dimba_jax.tasks.dimba import DimbaTask
 from dimba_jax.models.dimba import DimbaModel
 
 V, BATCH, SEQ = 64, 8, 32

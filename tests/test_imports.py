@@ -22,9 +22,10 @@ FLOORS = {
     "dimba_jax.interop": 2,
     "dimba_jax.models": 3,
     "dimba_jax.diffusion": 4,
-    "dimba_jax.train": 5,
-    "dimba_jax.evaluate": 6,
-    "dimba_jax.api": 7, "dimba_jax.main": 7, "dimba_jax": 8,
+    "dimba_jax.tasks": 5,
+    "dimba_jax.train": 6,
+    "dimba_jax.evaluate": 7,
+    "dimba_jax.api": 8, "dimba_jax.main": 8, "dimba_jax": 9,
 }
 
 

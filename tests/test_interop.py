@@ -221,7 +221,7 @@ def test_warm_start_causal_blocks_and_errors(tmp_path):
 
 def test_ar_task_starts_from_a_checkpoint_with_one_config_field(tmp_path):
     from dimba_jax.config import default_config
-    from dimba_jax.models.ar import ArTask
+    from dimba_jax.tasks.ar import ArTask
 
     params, ids, logits = golden_lm()
     config = default_config()
@@ -252,7 +252,7 @@ def test_dimba_task_warm_starts_from_a_checkpoint_with_one_config_flag(tmp_path)
     """`config.model.init_from_mamba_ssm=DIR` alone makes DimbaTask.init_model load the blocks."""
     from dimba_jax.config import default_config
     from dimba_jax.data.tokenizers import get_tokenizer
-    from dimba_jax.diffusion.task import DimbaTask
+    from dimba_jax.tasks.dimba import DimbaTask
 
     state, _, _ = golden_lm()
     ckpt = write_checkpoint(tmp_path / "ckpt", state)

@@ -11,7 +11,7 @@ from flax import nnx
 from dimba_jax.config import default_config
 from dimba_jax.diffusion import sampler as sampling
 from dimba_jax.diffusion.schedule import cosine_schedule
-from dimba_jax.diffusion.task import DimbaTask
+from dimba_jax.tasks.dimba import DimbaTask
 from dimba_jax.models.dimba import DimbaModel
 
 T_SMALL = 20

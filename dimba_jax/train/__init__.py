@@ -1,7 +1,6 @@
 """dimba_jax.train: the sharded, resumable trainer (generic over `task.Task`).
 
-  task.py         the Task interface (init_model / loss / sample_text / flops_per_token)
-  tasks.py        config.task -> DimbaTask / ArTask / "module:Class"
+  tasks.py        config.task -> a Task of dimba_jax.tasks (with a frozen-encoder donor run)
   distributed.py  jax.distributed.initialize from flags or the cluster environment
   mesh.py         the (data, fsdp, tensor) mesh; logical axis names -> PartitionSpecs
   optim.py        AdamW + warm-up/cosine, clipping, weight-decay mask, EMA

@@ -1,9 +1,5 @@
-"""`config.task` -> a `Task` object (the only place that knows the concrete tasks).
-
-  "dimba"            dimba_jax.diffusion.task.DimbaTask (the diffusion denoiser)
-  "ar"               dimba_jax.models.ar.ArTask (the causal Mamba-2 LM baseline)
-  "package.module:Class"   any class implementing `dimba_jax.train.task.Task`, built as
-                     Class(config, tokenizer) — for experiments and the trainer's own tests.
+"""`config.task` -> a `Task` object, built from its class (`dimba_jax.tasks.task_class`:
+"dimba", "ar" or "package.module:Class") with the run's tokenizer.
 
 A DIMBA run with model.prompt_encoder="frozen" gets the donor run named by
 model.prompt_encoder_checkpoint here: its model is restored (`dimba_jax.train.restore`) and its
@@ -12,13 +8,9 @@ frozen stack handed to `DimbaTask`, which hands the encoder to `DimbaModel`.
 
 from __future__ import annotations
 
-import difflib
-import importlib
-
+from dimba_jax.tasks import task_class
 from dimba_jax.train import checkpoint as ckpt_lib
 from dimba_jax.train.restore import restore_model
-
-KNOWN_TASKS = ("dimba", "ar")
 
 
 def make_tokenizer(config):
@@ -34,24 +26,12 @@ def make_task(config, tokenizer=None):
       ValueError: an unknown task name (with the nearest valid names) or a bad import path.
     """
     name = str(config.task)
+    cls = task_class(name)
     if tokenizer is None:
         tokenizer = make_tokenizer(config)
     if name == "dimba":
-        from dimba_jax.diffusion.task import DimbaTask
-        return DimbaTask(config, tokenizer, prompt_stack=frozen_prompt_stack(config))
-    if name == "ar":
-        from dimba_jax.models.ar import ArTask
-        return ArTask(config, tokenizer)
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"config.task={name!r}: cannot import {attr} from {module_name} ({e})")
-        return cls(config, tokenizer)
-    near = difflib.get_close_matches(name, KNOWN_TASKS, n=2)
-    raise ValueError(f"unknown config.task={name!r}; valid: {', '.join(KNOWN_TASKS)} or "
-                     f"'package.module:Class'{'; did you mean ' + ' or '.join(near) + '?' if near else ''}")
+        return cls(config, tokenizer, prompt_stack=frozen_prompt_stack(config))
+    return cls(config, tokenizer)
 
 
 def frozen_prompt_stack(config):

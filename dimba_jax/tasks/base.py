@@ -1,8 +1,8 @@
 """The only thing the trainer knows about a model: the `Task` interface.
 
 A task builds its model and computes its loss; the trainer owns sharding, optimisation,
-checkpoints and the loop. DIMBA (`dimba_jax.diffusion.task.DimbaTask`) and the autoregressive
-baseline (`dimba_jax.models.ar.ArTask`) both implement it.
+checkpoints and the loop. DIMBA (`dimba_jax.tasks.dimba.DimbaTask`) and the autoregressive
+baseline (`dimba_jax.tasks.ar.ArTask`) both implement it.
 """
 
 from __future__ import annotations

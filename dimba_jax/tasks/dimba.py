@@ -31,7 +31,7 @@ from dimba_jax.models.dimba import DimbaModel, resolve_dtype
 
 
 class DimbaTask:
-    """DIMBA as a `dimba_jax.train.task.Task` (init_model / loss / sample_text / flops_per_token)
+    """DIMBA as a `dimba_jax.tasks.Task` (init_model / loss / sample_text / flops_per_token)
     plus `generate`, `infill` and `eval_metrics`.
 
     Args:
