@@ -35,7 +35,6 @@ default config (byte tokenizer), tiny lengths and step counts, the embedded vali
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import jax  # noqa: E402
 
+from dimba_jax.config import load_config_file  # noqa: E402
 from dimba_jax.evaluate import harness, judge as judge_lib, loading, long_context  # noqa: E402
 from dimba_jax.train.inference import load_run  # noqa: E402
 from dimba_jax.evaluate import results as results_lib  # noqa: E402
@@ -124,16 +124,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- configs
-def load_config_file(path: str):
-    """`get_config()` of an ml_collections config file (FileNotFoundError if missing)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def smoke_config(task: str):
     """A tiny config for CPU smoke runs (byte tokenizer, one narrow layer)."""
     from dimba_jax.config import default_config

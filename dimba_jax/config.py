@@ -161,16 +161,27 @@ def use_shared_corpus(c: ml_collections.ConfigDict, data_dir: str | None = None)
     c.data.token_cache_dir = f"{data}/cache"
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports the config file `path` and returns its `get_config()`.
+
+    Raises:
+      FileNotFoundError: no such file.  ValueError: the file has no get_config().
+    """
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    name = "dimba_user_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    return module.get_config()
+
+
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
     """`get_config()` of the config file `name`.py in the folder of `config_file` (a config
     file's `__file__`), so one config can build on another (configs/ar_small.py on small.py).
     Raises FileNotFoundError if that file does not exist."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found (needed by {config_file!r})")
-    spec = importlib.util.spec_from_file_location(f"_dimba_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))

@@ -10,27 +10,10 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
-import os
 
 import ml_collections
 
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports `path` and returns its `get_config()`.
-
-    Raises:
-      FileNotFoundError: no such file.  ValueError: the file has no get_config().
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    name = "dimba_user_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path!r} defines no get_config()")
-    return module.get_config()
+from dimba_jax.config import load_config_file  # noqa: F401 - the CLI's config loader, re-exported
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
