@@ -16,6 +16,8 @@ Studies (STUDIES below):
   ablation  configs/ablation.py (~6M parameters, 19.7M tokens): the paper's recipe, each lever
             alone on top of it, the combination without each of its parts; the AR model of the
             same size and tokens is the scale and the judge.
+  width     configs/ablation.py at diffusion widths model.embed_dim 256 (= d_model), 64, 32, 16,
+            each judged at score temperatures 0.5 (default), 0.7 and 1; the AR model as above.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -43,6 +45,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 ABL_SHIFT = round(math.log(4.0 / 256), 2)  # per-token SNR 4 at the middle of the cosine, d = 256
 PAPER = {"model.readout": "direct", "model.skip_logits": False, "diffusion.mse_weight": 1.0,
          "diffusion.noise_sampling": "uniform", "sample.grid": "uniform", "sample.clamp": True}
+# Context use is measured at these levels; at -10 the positions after the prompt carry no signal
+# of their own at any diffusion width, so accuracy there is the prompt's doing alone.
+CONTEXT_LOGSNRS = (-10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 AR_ABL = {"task": "ar", "model.bidirectional": False, "model.n_layers": 9}
 
 STUDIES = {
@@ -68,6 +73,25 @@ STUDIES = {
         "prompt_len": 32,
         "skip_tokens": 2000,
         "measure_in_worker": True,  # each run measures itself in its process; the driver judges
+        "variant_is_run": True,
+    },
+    "width": {
+        "config": "configs/ablation.py",
+        "runs": {
+            "e256": {},
+            "e64": {"model.embed_dim": 64},
+            "e32": {"model.embed_dim": 32},
+            "e16": {"model.embed_dim": 16},
+            "ar": dict(AR_ABL),
+        },
+        "judge": "ar",
+        "steps": (32,),
+        "lengths": (256,),
+        "batches": (32,),
+        "prompt_len": 32,
+        "skip_tokens": 2000,
+        "variants": ("st0.7", "st1"),  # further score temperatures, unprompted, besides the default
+        "measure_in_worker": True,
         "variant_is_run": True,
     },
     "small": {
@@ -258,7 +282,7 @@ def judge_samples(res: dict, judge) -> None:
     """Fills judge_ppl / entropy of a worker's rows from its kept sample texts ("prompt || text")."""
     from dimba_jax.evaluate import results as results_lib
     for row in res["rows"]:
-        texts = res.get("all_samples", {}).get(results_lib.row_key(dict(row, batch=0, variant="")))
+        texts = res.get("all_samples", {}).get(results_lib.row_key(dict(row, batch=0)))
         if not texts:
             continue
         if row["prompted"]:
@@ -336,7 +360,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         bounds = [task.nll_bound(model, b, levels=args.bound_levels) for b in batches]
         info["bound"] = {k: float(np.mean([x[k] for x in bounds])) for k in bounds[0]}
         ctx = [task.context_use(model, b, prompt_len=min(32, seq // 2),
-                                logsnrs=(-10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0)) for b in batches]
+                                logsnrs=CONTEXT_LOGSNRS) for b in batches]
         info["context"] = {k: float(np.mean([x[k] for x in ctx])) for k in ctx[0]}
         nll_bits = info["bound"]["bound_bits"]
         gen = DimbaGenerator(model, cfg, tok)
@@ -350,6 +374,8 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
                      for L in study["lengths"] for p in (False, True)
                      for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
                                if not p else study["prompted_steps"])]
+        specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, False, v)
+                  for L in study["lengths"] for v in study.get("variants", ())]
     else:
         info.update(ar_measures(task, model, batches, min(32, seq // 2)))
         nll_bits = info["nll_bits"]
@@ -425,7 +451,8 @@ def main(argv=None) -> dict:
                 break
             one = {"rows": []}
             measure(name, study, args, judge, val_texts, one, command, device)
-        rows = [dict(r, variant=name) if study["variant_is_run"] else r for r in one["rows"]]
+        rows = [dict(r, variant="/".join(x for x in (name, r.get("variant", "")) if x))
+                if study["variant_is_run"] else r for r in one["rows"]]
         results_lib.merge_rows(res, rows)
         res.setdefault("runs", {})[name] = one["runs"][name]
         res.setdefault("samples", {}).update({f"{name}|{k}": v[:5] for k, v in one["all_samples"].items()})

@@ -38,7 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.prompt_encoder = "mlp"  # "mlp" (light, trained) or "frozen" (a Mamba-2 stack from a checkpoint, no grads).
     m.prompt_encoder_checkpoint = ""  # Workdir of a dimba_jax run whose blocks form the frozen prompt encoder.
     m.tie_embeddings = True  # Output head weight-tied to the (normalised) embedding; False = separate head.
-    m.embed_scale = 1.0  # Embedding rows are L2-normalised to norm embed_scale * sqrt(d_model) (unit-variance entries at 1.0; see models/dimba.py).
+    m.embed_dim = 0  # Width e of the diffusion space (token embeddings, noise, x0_hat); 0 = d_model. A small e (16-64, Plaid) makes tokens resolve coarse to fine.
+    m.embed_scale = 1.0  # Embedding rows are L2-normalised to norm embed_scale * sqrt(embed_dim) (unit-variance entries at 1.0; see models/dimba.py).
     m.time_embed_dim = 128  # Width of the sinusoidal timestep embedding before its MLP.
     m.self_condition = True  # Feed the previous x0 estimate back as an input channel (Plaid/CDCD).
     m.readout = "score_interp"  # "score_interp": x0_hat = softmax(logits) @ E, trained by CE (CDCD); "direct": regress x0_hat (the paper's x0-MSE).

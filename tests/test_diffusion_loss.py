@@ -165,5 +165,13 @@ def test_task_loss_eval_and_flops():
         task.eval_metrics(model, {"tokens": tokens}, ts=(0,))
     f_bi = task.flops_per_token(SEQ)
     with cfg.unlocked():
+        cfg.model.embed_dim = cfg.model.d_model // 4
+    narrow = DimbaTask(cfg)
+    assert narrow.flops_per_token(SEQ) < f_bi  # a narrower diffusion space: smaller head and stem
+    narrow_model = narrow.init_model(nnx.Rngs(0))
+    loss, metrics = narrow.loss(narrow_model, {"tokens": tokens}, jax.random.key(1))
+    assert np.isfinite(float(loss)) and narrow_model.embedding_table().shape[1] == cfg.model.d_model // 4
+    with cfg.unlocked():
+        cfg.model.embed_dim = 0
         cfg.model.bidirectional = False
     assert DimbaTask(cfg).flops_per_token(SEQ) < f_bi

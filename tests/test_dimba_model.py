@@ -61,6 +61,22 @@ def test_shapes_fixed_norm_embeddings_and_reimposed_prompt():
         model(x_t[:, :5], t, tokens, mask)
 
 
+def test_narrow_diffusion_space():
+    """embed_dim e < d_model: tokens, noise and x0_hat live in R^e, the blocks in R^d_model."""
+    e = 8
+    model = DimbaModel(model_cfg(embed_dim=e), V, rngs=nnx.Rngs(0))
+    _, t, tokens = inputs()
+    x_t = jax.random.normal(jax.random.key(5), (B, L, e))
+    mask = jnp.broadcast_to(jnp.arange(L) < 6, (B, L))
+    x0, logits = model.predict(x_t, t, tokens, mask, self_cond=x_t)
+    assert x0.shape == (B, L, e) and logits.shape == (B, L, V)
+    assert model.embedding_table().shape == (V, e) and model.blocks[0].norm.weight.shape == (D,)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(model.embedding_table()), axis=-1), math.sqrt(e), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(x0[:, :6]), np.asarray(model.embed(tokens))[:, :6], atol=1e-6)
+    with pytest.raises(ValueError, match="embed_dim"):
+        call(model, jax.random.normal(jax.random.key(5), (B, L, D)), t, tokens, mask)
+
+
 def test_raw_embedding_scale_has_no_effect():
     """Shrinking the raw parameter (what an x0 loss would do) leaves the embeddings unchanged."""
     model = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(0))

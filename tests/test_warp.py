@@ -102,11 +102,14 @@ def tiny_task(**model):
     return DimbaTask(c)
 
 
-def test_score_interpolation_and_the_output_prior():
-    task = tiny_task()
+@pytest.mark.parametrize("embed_dim", [0, 8])
+def test_score_interpolation_and_the_output_prior(embed_dim):
+    task = tiny_task(embed_dim=embed_dim)
     model = task.init_model(nnx.Rngs(0))
+    e = embed_dim or 32
+    assert model.embed_dim == e and model.embedding_table().shape == (model.vocab_size, e)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
-    x_t = jax.random.normal(jax.random.key(2), (2, 16, 32))
+    x_t = jax.random.normal(jax.random.key(2), (2, 16, e))
     lam = jnp.asarray([-3.0, 1.0])
     known = jnp.zeros((2, 16), bool)
     x0, logits = model.predict(x_t, lam, tokens, known)
@@ -125,23 +128,25 @@ def test_score_interpolation_and_the_output_prior():
     assert {"noise_warp/w", "noise_warp/bias"} <= names
 
 
-def test_likelihood_bound_parts_and_estimator():
-    task = tiny_task()
+@pytest.mark.parametrize("embed_dim", [0, 8])
+def test_likelihood_bound_parts_and_estimator(embed_dim):
+    task = tiny_task(embed_dim=embed_dim)
     model = task.init_model(nnx.Rngs(0))
+    e = embed_dim or 32  # the diffusion space's width
     tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 256)
     out = task.nll_bound(model, {"tokens": tokens}, levels=64)
     assert out["bound_bits"] == pytest.approx(out["recon_bits"] + out["diffusion_bits"] + out["prior_bits"])
     lo, hi = task.config.diffusion.logsnr_range
     ab = 1.0 / (1.0 + math.exp(-lo))
-    kl = -0.5 * 32 * math.log1p(-ab)  # rows have norm^2 = d, so only the log term is left
+    kl = -0.5 * e * math.log1p(-ab)  # rows have norm^2 = e, so only the log term is left
     assert out["prior_bits"] == pytest.approx(kl / math.log(2), rel=1e-4)
     # uniform random bytes carry 8 bits each: no denoiser's bound goes below that (up to the
     # Monte Carlo error of 64 levels), and an untrained one sits near it
     assert 8.0 - 0.3 < out["bound_bits"] < 3 * 8.0
     # stratified estimate vs a dense trapezoid of the same integrand
-    noise = jax.random.normal(jax.random.key(9), (2, 48, 32))
+    noise = jax.random.normal(jax.random.key(9), (2, 48, e))
     lams = np.linspace(lo, hi, 161)
-    vals = [0.5 * math.exp(v) * 32 * float(task._at(model, tokens, float(v), noise)["mse"]) for v in lams]
+    vals = [0.5 * math.exp(v) * e * float(task._at(model, tokens, float(v), noise)["mse"]) for v in lams]
     dense = np.trapezoid(vals, lams) / math.log(2)
     assert dense > 8.0
     assert out["diffusion_bits"] == pytest.approx(dense, rel=0.1)

@@ -77,10 +77,10 @@ def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Ar
     """Loss terms for given draws (noise level, layout, dropout, noise, self-conditioning coin).
 
     tokens: int32 (b, L); logsnr: float (b,) the log-SNR lambda of each example; cond_mask: bool
-    (b, L); drop_prompt: bool (b,); noise: float (b, L, d); use_self_cond: bool scalar (ignored if
+    (b, L); drop_prompt: bool (b,); noise: float (b, L, e) (e = model.embed_dim); use_self_cond: bool scalar (ignored if
     the model has no self-conditioning).
     Returns dict: float32 scalars loss (= mse_weight mse + ce_weight ce), mse, ce, acc; and
-    "x0_hat" (b, L, d), "logits" (b, L, V), "ce_example" (b,) (each example's mean cross-entropy).
+    "x0_hat" (b, L, e), "logits" (b, L, V), "ce_example" (b,) (each example's mean cross-entropy).
     """
     x0 = model.embed(tokens)
     x_t = add_noise_logsnr(x0, logsnr, noise)
@@ -140,7 +140,7 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
     logsnr = sample_logsnr(model, schedule, r_t, b, diffusion_cfg)
     cond_mask, _ = sample_layout(r_layout, b, length, diffusion_cfg.layout_probs, diffusion_cfg.max_prompt_frac)
     drop = jax.random.bernoulli(r_drop, float(diffusion_cfg.prompt_drop_prob), (b,))
-    noise = jax.random.normal(r_noise, (b, length, model.d_model), jnp.float32)
+    noise = jax.random.normal(r_noise, (b, length, model.embed_dim), jnp.float32)
     use_sc = jax.random.bernoulli(r_sc, float(diffusion_cfg.self_cond_prob))
     terms = denoise_terms(model, tokens, logsnr, cond_mask, drop, noise, use_sc,
                           float(diffusion_cfg.mse_weight), float(diffusion_cfg.ce_weight))

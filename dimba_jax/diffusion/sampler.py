@@ -148,7 +148,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         own estimate; < 1 sharpens it toward its most likely tokens).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
-      pair (ids, x0 float32 (b, L, d)).
+      pair (ids, x0 float32 (b, L, e)).
     Raises:
       ValueError: steps outside 1..T, unknown sampler or grid, bad shapes, negative eta/temperature.
     """
@@ -172,7 +172,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
     results, fewer loop iterations (a latency lever measured by benchmarks/latency_levers.py).
     Validates the settings and splits the model once; returns
-    `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L), x0 float32 (b, L, d))`,
+    `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L), x0 float32 (b, L, e))`,
     the same computation as `sample` (same results for the same arguments). The model's weights are
     captured at this call: build a new function after updating them.
     """
@@ -204,7 +204,7 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                score_temperature: float = 1.0):
     """One guided, clamped, re-imposed estimate at one noise level.
 
-    x_t (b, L, d); logsnr float scalar. Returns (x0 float32 (b, L, d), logits float32 (b, L, V)).
+    x_t (b, L, e); logsnr float scalar. Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
     lam = jnp.full((b,), logsnr, jnp.float32)
@@ -246,7 +246,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
     b, length = tokens.shape
     clean = model.embed(tokens)
     r_init, r_loop, r_read = jax.random.split(rng, 3)
-    x = jax.random.normal(r_init, (b, length, model.d_model), jnp.float32)
+    x = jax.random.normal(r_init, (b, length, model.embed_dim), jnp.float32)
     x = jnp.where(known[..., None], clean, x)
 
     def body(carry, step):

@@ -117,7 +117,7 @@ def dimba_forward_step_factory(model: Any, *, batch: int = 1, seed: int = 0, t_v
     from flax import nnx  # local: keeps this module importable for slope fitting alone
 
     graphdef, state = nnx.split(model)
-    d_model = int(model.d_model)
+    width = int(model.embed_dim)  # the diffusion space
     use_sc = bool(getattr(model, "self_condition", False))
 
     @jax.jit
@@ -127,8 +127,8 @@ def dimba_forward_step_factory(model: Any, *, batch: int = 1, seed: int = 0, t_v
 
     def make_step(L: int):
         k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-        x_t = jax.random.normal(k1, (batch, L, d_model), jnp.float32)
-        sc = jax.random.normal(k2, (batch, L, d_model), jnp.float32)
+        x_t = jax.random.normal(k1, (batch, L, width), jnp.float32)
+        sc = jax.random.normal(k2, (batch, L, width), jnp.float32)
         tokens = jnp.zeros((batch, L), jnp.int32)
         cond = jnp.zeros((batch, L), jnp.bool_)
         t = jnp.full((batch,), t_value, jnp.int32)

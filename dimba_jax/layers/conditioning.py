@@ -73,16 +73,18 @@ def _mask(x: jax.Array, visible: jax.Array) -> jax.Array:
 
 
 class MlpPromptEncoder(nnx.Module):
-    """Per-position MLP over the prompt's clean embeddings: (b, L, d) -> (b, L, d), zero where not visible."""
+    """Per-position MLP over the prompt's clean embeddings: (b, L, d_in) -> (b, L, d_model), zero
+    where not visible. d_in defaults to d_model; hidden width defaults to 2 d_model."""
 
-    def __init__(self, d_model: int, hidden: int | None = None, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, hidden: int | None = None, *, d_in: int | None = None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         hidden = hidden or 2 * d_model
-        self.fc1 = dense(d_model, hidden, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
+        self.fc1 = dense(d_in or d_model, hidden, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
         self.fc2 = dense(hidden, d_model, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, prompt_emb: jax.Array, tokens: jax.Array, visible: jax.Array) -> jax.Array:
-        """prompt_emb: float (b, L, d) clean embeddings; tokens: int (b, L) (unused here);
-        visible: bool (b, L). Returns float32 (b, L, d), zero at invisible positions."""
+        """prompt_emb: float (b, L, d_in) clean embeddings; tokens: int (b, L) (unused here);
+        visible: bool (b, L). Returns float32 (b, L, d_model), zero at invisible positions."""
         del tokens
         h = self.fc2(jax.nn.silu(self.fc1(_mask(prompt_emb.astype(jnp.float32), visible))))
         return _mask(h, visible)

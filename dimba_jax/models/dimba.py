@@ -2,13 +2,20 @@
 
 Decisions:
 
+* **The diffusion space.** Tokens diffuse in a space of width e = `model.embed_dim` (0 means
+  d_model): the embedding table, the noise, x_t, self-conditioning and x0_hat are all (.., e). The
+  stem projects [x_in | self_cond | mask] from 2e + 1 to d_model and the output projection maps
+  d_model back to e. A small e (Plaid uses 16) packs the vocabulary closely, so noise removes
+  coarse information (which cluster of similar tokens) before fine, and context decides between
+  the near neighbours; at e = d_model random rows are nearly orthogonal and every token resolves
+  at once from its own position.
 * **Embeddings at a fixed scale.** The table's rows are L2-normalised and multiplied by
-  `embed_scale * sqrt(d_model)`, so every entry has ~unit variance, matching the N(0, I) noise.
+  `embed_scale * sqrt(e)`, so every entry has ~unit variance, matching the N(0, I) noise.
   The x0 MSE therefore cannot shrink the embeddings (the classic collapse of learned-embedding
   diffusion). The output head is weight-tied to this normalised table:
-  logits = exp(logit_scale) * (x @ E^T) / (embed_scale * sqrt(d_model)), a cosine-like score
+  logits = exp(logit_scale) * (x @ E^T) / (embed_scale * sqrt(e)), a cosine-like score
   with a learned temperature (`logit_scale`, init 0 so an exact embedding scores
-  sqrt(d_model) * embed_scale). `tie_embeddings=False` uses a separate Linear head instead.
+  sqrt(e) * embed_scale). `tie_embeddings=False` uses a separate Linear head instead.
 * **One sequence with a mask.** `cond_mask` (b, L) is True at known (clean) positions. The input
   per position is [x_in | self_cond | mask], projected to d_model, where x_in is x_t at generated
   positions and the clean embedding at known positions (re-imposed inside the model, so callers
@@ -38,7 +45,8 @@ Decisions:
   likelihood of x_t under each row) to the logits, so the network only adds what context tells.
 * **Blocks.** Pre-norm residual blocks h <- h + Mamba2(cond(RMSNorm(h))), bidirectional
   (`BidirectionalMamba2`: forward scan plus flipped scan) by default, causal `Mamba2` when
-  `model.bidirectional` is False; then a final RMSNorm and a linear map to x0_hat. The residual
+  `model.bidirectional` is False; then a final RMSNorm and a linear map to width e (the head's input; x0_hat itself with
+  the direct read-out). The residual
   stream and the stem/head run in float32; the mixers compute in `model.compute_dtype`.
 """
 
@@ -139,11 +147,15 @@ class DimbaModel(nnx.Module):
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         param_dtype = resolve_dtype(param_dtype)
         d = int(m.d_model)
+        e = int(getattr(m, "embed_dim", 0) or d)
+        if e < 1:
+            raise ValueError(f"model.embed_dim must be >= 0 (0 = d_model), got {m.embed_dim}")
         self.d_model = d
+        self.embed_dim = e
         self.vocab_size = int(vocab_size)
         self.self_condition = bool(m.self_condition)
         self.tie_embeddings = bool(m.tie_embeddings)
-        self.embed_norm = float(m.embed_scale) * math.sqrt(d)  # the fixed row norm
+        self.embed_norm = float(m.embed_scale) * math.sqrt(e)  # the fixed row norm
         self.compute_dtype = resolve_dtype(m.compute_dtype)
         self.readout = str(m.readout)
         if self.readout not in READOUTS:
@@ -152,21 +164,21 @@ class DimbaModel(nnx.Module):
         self.noise_warp = noise_warp
 
         normal = nnx.initializers.normal(1.0)
-        self.embedding = nnx.Param(partitioned(normal, ("vocab", "embed"))(rngs.params(), (vocab_size, d), param_dtype))
-        self.null_embedding = nnx.Param(partitioned(normal, ("embed",))(rngs.params(), (d,), param_dtype))
+        self.embedding = nnx.Param(partitioned(normal, ("vocab", "embed"))(rngs.params(), (vocab_size, e), param_dtype))
+        self.null_embedding = nnx.Param(partitioned(normal, ("embed",))(rngs.params(), (e,), param_dtype))
         if self.tie_embeddings:
             self.logit_scale = nnx.Param(partitioned(nnx.initializers.zeros_init(), ())(rngs.params(), (), param_dtype))
         else:
-            self.head = dense(d, vocab_size, ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
+            self.head = dense(e, vocab_size, ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 
-        n_in = d * (2 if self.self_condition else 1) + 1
+        n_in = e * (2 if self.self_condition else 1) + 1
         self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
         self.time_embed = TimestepEmbedding(int(m.time_embed_dim), d, param_dtype=param_dtype, rngs=rngs)
         self.pool_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
         if prompt_encoder is not None:
             self.prompt_encoder = prompt_encoder
         elif m.prompt_encoder == "mlp":
-            self.prompt_encoder = MlpPromptEncoder(d, param_dtype=param_dtype, rngs=rngs)
+            self.prompt_encoder = MlpPromptEncoder(d, d_in=e, param_dtype=param_dtype, rngs=rngs)
         elif m.prompt_encoder == "frozen":  # built from the donor run by the task (train/tasks.py)
             raise ValueError("model.prompt_encoder='frozen' needs prompt_encoder= (a FrozenPromptEncoder; "
                              "dimba_jax.train.tasks.make_task builds it from model.prompt_encoder_checkpoint)")
@@ -177,23 +189,23 @@ class DimbaModel(nnx.Module):
         self.blocks = nnx.List([DimbaBlock(m, dtype=self.compute_dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(int(m.n_layers))])
         self.final_norm = RMSNorm(d, param_dtype=param_dtype, rngs=rngs)
-        self.out_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+        self.out_proj = dense(d, e, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
 
     # ------------------------------------------------------------------ embeddings and head
     def embedding_table(self) -> jax.Array:
-        """The normalised embedding table E: float32 (V, d), every row of norm embed_scale*sqrt(d)."""
+        """The normalised embedding table E: float32 (V, e), every row of norm embed_scale*sqrt(e)."""
         return normalize_rows(self.embedding[...], self.embed_norm)
 
     def null_vector(self) -> jax.Array:
-        """The "dropped prompt" embedding: float32 (d,), norm embed_scale*sqrt(d)."""
+        """The "dropped prompt" embedding: float32 (e,), norm embed_scale*sqrt(e)."""
         return normalize_rows(self.null_embedding[...][None, :], self.embed_norm)[0]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """Clean embeddings x0 of token ids: int (b, L) -> float32 (b, L, d)."""
+        """Clean embeddings x0 of token ids: int (b, L) -> float32 (b, L, e)."""
         return jnp.take(self.embedding_table(), tokens, axis=0)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Head: float (b, L, d) -> float32 logits (b, L, V) (tied: scaled x @ E^T; else Linear)."""
+        """Head: float (b, L, e) -> float32 logits (b, L, V) (tied: scaled x @ E^T; else Linear)."""
         x = x.astype(jnp.float32)
         if self.tie_embeddings:
             scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
@@ -201,7 +213,7 @@ class DimbaModel(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
     def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
-        """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, d) -> float32 (b, L, d)."""
+        """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, e) -> float32 (b, L, e)."""
         return jnp.einsum("blv,vd->bld", jax.nn.softmax(self.logits(x), axis=-1), self.embedding_table())
 
     # ------------------------------------------------------------------ denoiser
@@ -211,7 +223,7 @@ class DimbaModel(nnx.Module):
         sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
         tokens of a position seen alone under a uniform prior; the head learns what context adds.
         lambda is clipped to the range the timestep embedding covers ([-28, 12]).
-        x_t float (b, L, d), logsnr float (b,) -> float32 (b, L, V)."""
+        x_t float (b, L, e), logsnr float (b,) -> float32 (b, L, V)."""
         lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
         coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
         return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef[:, None, None]
@@ -222,22 +234,22 @@ class DimbaModel(nnx.Module):
         """Predicts x0 and the token logits.
 
         Args:
-          x_t: float (b, L, d) noisy embeddings (values at known positions are ignored).
+          x_t: float (b, L, e) noisy embeddings (values at known positions are ignored).
           logsnr: float (b,) the noise level as log-SNR lambda = log(ab / (1 - ab)).
           tokens: int32 (b, L) token ids; only the known positions are read.
           cond_mask: bool (b, L), True = known (clean) position.
-          self_cond: float (b, L, d) previous x0 estimate, or None (= zeros).
+          self_cond: float (b, L, e) previous x0 estimate, or None (= zeros).
           drop_prompt: bool (b,) — True replaces the prompt by the null embedding (CFG), or None.
         Returns:
-          (x0_hat float32 (b, L, d) with the clean (or null, if dropped) embeddings at known
+          (x0_hat float32 (b, L, e) with the clean (or null, if dropped) embeddings at known
           positions, logits float32 (b, L, V)). `readout` "score_interp": logits = head(h)
           (+ the prior), x0_hat = softmax(logits) @ E; "direct": x0_hat = the network's output,
           logits = head(x0_hat) (+ the prior).
         """
-        b, length, d = x_t.shape
-        if d != self.d_model or tokens.shape != (b, length) or cond_mask.shape != (b, length):
+        b, length, e = x_t.shape
+        if e != self.embed_dim or tokens.shape != (b, length) or cond_mask.shape != (b, length):
             raise ValueError(f"DimbaModel: x_t {x_t.shape}, tokens {tokens.shape}, cond_mask "
-                             f"{cond_mask.shape} do not agree (d_model {self.d_model})")
+                             f"{cond_mask.shape} do not agree (embed_dim {self.embed_dim})")
         logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (b,))
         known = cond_mask.astype(bool)
         if drop_prompt is None:
@@ -273,5 +285,5 @@ class DimbaModel(nnx.Module):
 
     def __call__(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                  self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None) -> jax.Array:
-        """x0_hat alone: `predict(...)[0]`, float32 (b, L, d)."""
+        """x0_hat alone: `predict(...)[0]`, float32 (b, L, e)."""
         return self.predict(x_t, logsnr, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)[0]

@@ -78,18 +78,19 @@ def mamba2_block_flops(*, d_model: int, expand: int, headdim: int, d_state: int,
 
 def mamba2_lm_forward_flops(model_config, *, vocab_size: int, seq_len: int,
                             directions: int = 1, shared_projections: bool = False,
-                            extra_per_token: float = 0.0) -> float:
+                            extra_per_token: float = 0.0, head_width: int = 0) -> float:
     """Forward FLOPs per token of an n_layers Mamba-2 stack plus its output head.
 
     Args:
       model_config: `config.model` (d_model, n_layers, expand, headdim, d_state, ngroups,
         d_conv, chunk_size).
-      vocab_size: rows of the output head (2 * d_model * vocab_size FLOPs per token).
+      vocab_size: rows of the output head (2 * head_width * vocab_size FLOPs per token).
       seq_len: tokens per sequence (sets the effective SSD chunk min(chunk_size, seq_len)).
       directions: 1 for causal blocks, 2 for bidirectional ones (two mixers per block).
       shared_projections: the directions share in_proj / out_proj and compute them once, so only
         the conv and SSD terms are multiplied by `directions`.
       extra_per_token: any further per-token forward FLOPs of the model (conditioning MLPs...).
+      head_width: width of the head's input (0 = d_model).
     """
     m = model_config
     block = mamba2_block_flops(d_model=m.d_model, expand=m.expand, headdim=m.headdim,
@@ -97,7 +98,7 @@ def mamba2_lm_forward_flops(model_config, *, vocab_size: int, seq_len: int,
                                chunk_size=m.chunk_size, seq_len=seq_len)
     projections = block["in_proj"] + block["out_proj"] if shared_projections else 0.0
     per_block = projections + directions * (block["total"] - projections)
-    return m.n_layers * per_block + 2.0 * m.d_model * vocab_size + extra_per_token
+    return m.n_layers * per_block + 2.0 * (head_width or m.d_model) * vocab_size + extra_per_token
 
 
 def training_flops(forward_flops: float) -> float:

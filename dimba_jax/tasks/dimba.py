@@ -72,7 +72,8 @@ class DimbaTask:
             # Warm start from a pretrained mamba_ssm / HF-layout Mamba-2: block i <- layer i (both
             # directions get the causal mixer), embedding <- its rows (see interop/warm_start.py).
             from dimba_jax.interop.warm_start import warm_start_denoiser
-            warm_start_denoiser(model.blocks, model.embedding, self.config.model.init_from_mamba_ssm,
+            table = model.embedding if model.embed_dim == model.d_model else None  # only at e = d_model
+            warm_start_denoiser(model.blocks, table, self.config.model.init_from_mamba_ssm,
                                 final_norm=model.final_norm)
         return model
 
@@ -96,20 +97,26 @@ class DimbaTask:
         """Training FLOPs per token (matmul multiply-adds x 2; see dimba_jax/models/flops.py).
 
         forward = the Mamba-2 blocks (in/out projections once; conv + SSD twice when bidirectional,
-                  since the two directions share their projections) + the tied head (2 d V)
-                + the stem: input projection 2 (2d+1) d (or (d+1) without self-conditioning),
-                  output projection 2 d^2, prompt MLP 2 (d 2d + 2d d) (counted at every position);
+                  since the two directions share their projections) + the tied head (2 e V, e the
+                  diffusion width model.embed_dim) + 2 e V each for the score interpolation
+                  (softmax @ E) and the output prior (x_t @ E^T) when on
+                + the stem: input projection 2 (2e+1) d (or (e+1) d without self-conditioning),
+                  output projection 2 d e, prompt MLP 2 (e 2d + 2d d) (counted at every position);
         training = 3 x forward (forward + backward) + self_cond_prob x forward (the no-grad
                    self-conditioning pass). Per-sequence work (timestep MLP, FiLM) is ignored.
         """
         m, d = self.config.model, int(self.config.model.d_model)
-        n_in = d * (2 if m.self_condition else 1) + 1
-        stem = 2.0 * n_in * d + 2.0 * d * d + (8.0 * d * d if m.prompt_encoder == "mlp" else 0.0)
+        e = int(getattr(m, "embed_dim", 0) or d)
+        v = self.tokenizer.vocab_size
+        n_in = e * (2 if m.self_condition else 1) + 1
+        stem = 2.0 * n_in * d + 2.0 * d * e + (2.0 * (e * 2 * d + 2 * d * d) if m.prompt_encoder == "mlp" else 0.0)
+        stem += 2.0 * e * v * ((m.readout == "score_interp") + bool(m.skip_logits))
         # A bidirectional block shares in_proj / out_proj between its directions and computes
         # them once (layers/mamba2.py); only the conv, SSD and gated norm run per direction.
-        fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=self.tokenizer.vocab_size, seq_len=seq_len,
+        fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=v, seq_len=seq_len,
                                                 directions=2 if m.bidirectional else 1,
-                                                shared_projections=True, extra_per_token=stem)
+                                                shared_projections=True, extra_per_token=stem,
+                                                head_width=e)
         extra = float(self.config.diffusion.self_cond_prob) * fwd if m.self_condition else 0.0
         return flops_lib.training_flops(fwd) + extra
 
@@ -229,7 +236,7 @@ class DimbaTask:
         r_loss, r_noise = jax.random.split(rng)
         _, metrics = self._loss_jit(model, tokens, r_loss)
         out = {k: float(metrics[k]) for k in ("loss", "mse", "ce", "acc")}
-        noise = jax.random.normal(r_noise, (*tokens.shape, model.d_model), jnp.float32)
+        noise = jax.random.normal(r_noise, (*tokens.shape, model.embed_dim), jnp.float32)
         points = []
         for t in (ts or ()):
             t = int(t)
@@ -252,7 +259,8 @@ class DimbaTask:
             -log p(w) <= E[-log p(w | z_hi)]                         reconstruction (head's CE at hi)
                        + 1/2 int_lo^hi e^lambda E||x0 - x0_hat(z_lambda)||^2 dlambda   diffusion
                        + KL(q(z_lo | x0) || N(0, I))                                      prior
-        with KL = 1/2 (ab ||x0||^2 - d ab - d log(1 - ab)) per token at ab = sigmoid(lo). The
+        with KL = 1/2 (ab ||x0||^2 - e ab - e log(1 - ab)) per token at ab = sigmoid(lo), e the
+        width of the diffusion space (model.embed_dim). The
         diffusion integral is estimated by stratified sampling: one level in each of `levels`
         equal strata of [lo, hi], fresh noise per level (unbiased; the integrand is peaked over a
         few units of lambda, so use >= 64 levels: with 16 the estimate scatters by ~10%). Unconditional layout (every position
@@ -266,18 +274,18 @@ class DimbaTask:
         r_u, r_noise = jax.random.split(rng)
         u = np.asarray(jax.random.uniform(r_u, (levels,)))
         width = (hi - lo) / levels
-        d = model.d_model
+        e = model.embed_dim
         diffusion = 0.0
         for i in range(levels):
             lam = lo + (i + float(u[i])) * width
-            noise = jax.random.normal(jax.random.fold_in(r_noise, i), (*tokens.shape, d), jnp.float32)
-            sq_err = float(self._at(model, tokens, lam, noise)["mse"]) * d  # per token, summed over d
+            noise = jax.random.normal(jax.random.fold_in(r_noise, i), (*tokens.shape, e), jnp.float32)
+            sq_err = float(self._at(model, tokens, lam, noise)["mse"]) * e  # per token, summed over e
             diffusion += 0.5 * math.exp(lam) * sq_err * width
-        noise = jax.random.normal(jax.random.fold_in(r_noise, levels), (*tokens.shape, d), jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(r_noise, levels), (*tokens.shape, e), jnp.float32)
         recon = float(self._at(model, tokens, hi, noise)["ce"])
         ab = 1.0 / (1.0 + math.exp(-lo))
         norm2 = float(model.embed_norm) ** 2
-        prior = 0.5 * (ab * norm2 - d * ab - d * math.log1p(-ab))
+        prior = 0.5 * (ab * norm2 - e * ab - e * math.log1p(-ab))
         bits = 1.0 / math.log(2.0)
         return {"bound_bits": (recon + diffusion + prior) * bits, "recon_bits": recon * bits,
                 "diffusion_bits": diffusion * bits, "prior_bits": prior * bits}
@@ -294,7 +302,7 @@ class DimbaTask:
         if length < prompt_len + positions:
             raise ValueError(f"context_use needs windows of at least {prompt_len + positions} tokens, got {length}")
         rng = jax.random.key(1) if rng is None else rng
-        noise = jax.random.normal(rng, (b, length, model.d_model), jnp.float32)
+        noise = jax.random.normal(rng, (b, length, model.embed_dim), jnp.float32)
         prefix = jnp.broadcast_to(jnp.arange(length)[None, :] < prompt_len, (b, length))
         window = slice(prompt_len, prompt_len + positions)
         if logsnrs is None:
