@@ -99,7 +99,8 @@ def small_table(res: dict) -> str:
              "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
              "| sampler | score temperature | judge ppl | entropy |", "|---|---|---|---|"]
     for s in dimba.get("sweep", []):
-        st = "0.5" if s.get("variant") == "st0.5" else "1"
+        v = s.get("variant") or ""
+        st = v[2:] if v.startswith("st") else "1"
         lines.append(f"| {s['sampler']} | {st} | {_f(s['judge_ppl'], '.1f')} | {_f(s['entropy'], '.2f')} |")
     lines += ["", "## Rows of record (DDIM, score temperature 0.5; latency at batch 1, quality of 64 samples)", "",
               "| model | T | prompted | latency ms (b=1) | judge ppl | x AR | entropy | entropy vs real |",

@@ -48,6 +48,7 @@ PAPER = {"model.readout": "direct", "model.skip_logits": False, "diffusion.mse_w
 # Context use is measured at these levels; at -10 the positions after the prompt carry no signal
 # of their own at any diffusion width, so accuracy there is the prompt's doing alone.
 CONTEXT_LOGSNRS = (-10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
+ENTROPY_TOLERANCE = 0.05  # a sampler setting of record keeps the sample entropy within 5% of real text's
 AR_ABL = {"task": "ar", "model.bidirectional": False, "model.n_layers": 9}
 
 STUDIES = {
@@ -106,7 +107,8 @@ STUDIES = {
         "prompted_steps": (64, 16),
         # sampler settings tried at the headline T (unprompted) before the rows of record, which
         # use the one the judge scores best
-        "sweep": (("ddim", ""), ("ddpm", ""), ("ddim", "st0.5"), ("ddpm", "st0.5")),
+        "sweep": (("ddim", "st0.5"), ("ddim", "st0.6"), ("ddim", "st0.7"), ("ddim", "st0.8"), ("ddim", "st1"),
+                  ("ddpm", "st0.5"), ("ddpm", "st0.6"), ("ddpm", "st0.7"), ("ddpm", "st1")),
         "lengths": (1024,),
         "batches": (1, 64),
         "prompt_len": 64,
@@ -316,7 +318,9 @@ def ar_measures(task, model, batches, prompt_len: int, positions: int = 8) -> di
 
 def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device: str, info: dict):
     """Judges the study's sampler settings at its headline T (unprompted, the largest batch);
-    returns the (sampler, variant) with the lowest judge perplexity and records all in info."""
+    returns the (sampler, variant) with the lowest judge perplexity among those whose sample
+    entropy is within ENTROPY_TOLERANCE of real text's (the lowest overall when none is), and
+    records all in info."""
     from dimba_jax.evaluate import harness
     L, T = study["lengths"][0], study["steps"][0]
     specs = [harness.RunSpec("dimba", smp, T, L, False, v) for smp, v in study["sweep"]]
@@ -326,7 +330,13 @@ def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device
                               options=opts, command=command, device=device, log=log)
     info["sweep"] = [{k: r.get(k) for k in ("sampler", "variant", "steps", "judge_ppl", "entropy")}
                      for r in out["rows"]]
-    best = min(out["rows"], key=lambda r: r["judge_ppl"] if r["judge_ppl"] == r["judge_ppl"] else float("inf"))
+    ref: dict = {}
+    harness.ensure_reference(ref, judge, val_texts, L, max(study["batches"]), study["skip_tokens"], L)
+    real = ref["reference_by_L"][str(L)]["entropy"]
+    ppl = lambda r: r["judge_ppl"] if r["judge_ppl"] == r["judge_ppl"] else float("inf")
+    close = [r for r in out["rows"] if r.get("entropy") is not None
+             and abs(r["entropy"] / real - 1.0) <= ENTROPY_TOLERANCE]
+    best = min(close or out["rows"], key=ppl)
     log(f"sampler sweep: best {best['sampler']} {best.get('variant', '') or 'default'} "
         f"(judge ppl {best['judge_ppl']:.1f})")
     return best["sampler"], best.get("variant", "")
