@@ -8,7 +8,7 @@ Launch manual
 Data as in configs/small.py (`$DIMBA_DATA`, default `.gpu/data`, holding the Gutenberg shards).
     python -m dimba_jax.main --config configs/base.py --workdir runs/base
 Throughput / MFU (no data needed, synthetic tokens):
-    python benchmarks/train_throughput.py --config configs/base.py --steps 20 --out benchmarks/results/throughput_h200
+    python -m benchmarks.train_throughput --config configs/base.py --steps 20 --out benchmarks/results/throughput_h200
 Multi-GPU, one host: automatic (data axis = all GPUs); FSDP: --config.mesh.fsdp=4 --config.mesh.data=1.
 Multi-host: launch/slurm_gpu.sbatch or launch/tpu_pod.sh.
 Global batch 32 x 1024 tokens per step; raise it with --config.train.batch_size (and scale lr).
