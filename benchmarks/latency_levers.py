@@ -36,14 +36,14 @@ fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
 
 Results are written after every measurement to OUT/latency_levers.json and .md (OUT = --out).
 With --profile 1 (default) the base variant also traces two calls of DIMBA T=64 with jax.profiler
-and summarises them with benchmarks/profile_summary.py (OUT/profile_summary_base_dimba_T64.md;
+and summarises them with benchmarks.profile_summary (OUT/profile_summary_base_dimba_T64.md;
 its "step" is one whole sampling call: kernel time, top kernels, idle gap = wall - busy, i.e. the
 launch-bound share; the raw trace is deleted after a successful summary). AR is not traced (1024
 tokens x ~400 kernels make a trace too large to summarise within the budget).
 
 GPU command (one H200; ~200 s):
 
-    timeout 240 python3 benchmarks/latency_levers.py --out $OUT --budget-s 220
+    timeout 240 python3 -m benchmarks.latency_levers --out $OUT --budget-s 220
 
 Subsets: --variants base,cb_while,pallas_cb (in the given order). The budget rarely covers every
 variant in one call (each costs ~40-60 s: start, three compilations, timing); continue in a second
@@ -51,14 +51,14 @@ call from the first one's JSON (finished variants are skipped, rows accumulate, 
 and the derived numbers then span both calls):
 
     cp $OUT/latency_levers.json benchmarks/results/latency_levers_h200.json   # after call 1
-    timeout 240 python3 benchmarks/latency_levers.py --out $OUT --budget-s 220 \
+    timeout 240 python3 -m benchmarks.latency_levers --out $OUT --budget-s 220 \
         --previous benchmarks/results/latency_levers_h200.json
 
 CPU smoke run (tests): --smoke (tiny random models, L_gen 32, T in {4, 2}, AR 32 tokens).
 
 Applying a winning XLA flag set to pareto.py: put it in the launch command, e.g.
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \\
-               --xla_gpu_graph_min_graph_size=1" python3 benchmarks/pareto.py ...
+               --xla_gpu_graph_min_graph_size=1" python3 -m benchmarks.pareto ...
 (the flags only change how kernels are launched, not what they compute; the JSON shows whether the
 tokens stayed identical). A winning ssd_impl or dtype is a config field
 (--config.model.ssd_impl=pallas or xla, and the config.model.ssd_* kernel fields); a
@@ -236,8 +236,7 @@ def _install_matmul_state_pass() -> None:
 
 
 def _configs(args, settings):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import pareto  # noqa: E402 - config helpers of the Pareto driver
+    from benchmarks import pareto  # config helpers of the Pareto driver
 
     if args.smoke:
         dimba_cfg, ar_cfg = pareto.smoke_config("dimba"), pareto.smoke_config("ar")
@@ -467,17 +466,16 @@ def _write(out_dir: str, state: dict) -> None:
 
 
 def _summarise_profiles(state: dict, out_dir: str, deadline: float) -> None:
-    """Runs benchmarks/profile_summary.py on every profiled case (2 calls = 2 "steps")."""
-    script = os.path.join(ROOT, "benchmarks", "profile_summary.py")
+    """Runs benchmarks.profile_summary on every profiled case (2 calls = 2 "steps")."""
     for r in state["rows"]:
         pdir = r.get("profile_dir")
-        if not pdir or not os.path.isdir(pdir) or not os.path.isfile(script) or r.get("profile_summary"):
+        if not pdir or not os.path.isdir(pdir) or r.get("profile_summary"):
             continue
         left = deadline - time.perf_counter()
         if left < 8:
             break
         prefix = os.path.join(out_dir, f"profile_summary_{r['variant']}_{r['case']}")
-        cmd = [sys.executable, script, pdir, "--steps", "2", "--step-ms", f"{r['latency_ms']:.4f}",
+        cmd = [sys.executable, "-m", "benchmarks.profile_summary", pdir, "--steps", "2", "--step-ms", f"{r['latency_ms']:.4f}",
                "--hlo", os.path.join(pdir, "compiled_hlo.txt"), "--out", prefix]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=min(60, left - 5), cwd=ROOT)
@@ -501,7 +499,7 @@ def run_parent(args, argv) -> dict:
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
-    state = {"command": "python3 benchmarks/latency_levers.py " + " ".join(argv), "L_gen": args.L_gen,
+    state = {"command": "python3 -m benchmarks.latency_levers " + " ".join(argv), "L_gen": args.L_gen,
              "repeats": args.repeats, "steps": steps_list, "rows": [], "variant_status": {},
              "variants": {n: VARIANTS[n] for n in names}}
     if args.previous:
@@ -543,7 +541,7 @@ def run_parent(args, argv) -> dict:
         if args.smoke:
             env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(settings),
+        cmd = [sys.executable, "-m", "benchmarks.latency_levers", "--worker", json.dumps(settings),
                "--out-dir-worker", os.path.abspath(out_dir)] + passthrough
         t0 = time.perf_counter()
         stop_at = min(deadline - 3, t0 + args.variant_max_s)

@@ -3,7 +3,7 @@
 When one call runs several pareto.py processes at once (one GPU each, disjoint parts of the spec
 grid, each writing its own --out), this joins them:
 
-    python benchmarks/merge_pareto.py --base benchmarks/results/pareto_h200.json \\
+    python -m benchmarks.merge_pareto --base benchmarks/results/pareto_h200.json \\
         --out benchmarks/results/pareto_h200.json runs/session/pareto_shard*.json
 
 Rules: every shard must have evaluated the same checkpoints (the "models" entries agree on
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from dimba_jax.evaluate import results as results_lib  # noqa: E402
+from dimba_jax.evaluate import results as results_lib
 
 _MODEL_IDENTITY = ("workdir", "step", "params")
 

@@ -1,18 +1,18 @@
 """Probe the Mosaic GPU SSD forward (`dimba_jax/ssd/pallas_mosaic.py`) on one Hopper GPU.
 
 Usage (GPU machine, repository root):
-    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --quick
+    export PYTHONUNBUFFERED=1
+    timeout 280 python3 -m benchmarks.mosaic_probe --out $OUT --budget-s 240 --quick
 The fused dout chunk-state + reverse state-pass kernel alone (`pallas_mosaic_rev`) vs the two
 Triton kernels it replaces (130m-L2k, 1.3b-L2k, 130m-L32k, q 128; only these cases; with
 --lower-only or without a GPU it lowers them for cuda):
-    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --rev
+    timeout 280 python3 -m benchmarks.mosaic_probe --out $OUT --budget-s 240 --rev
 The Mosaic chunk-backward stage alone (`pallas_mosaic_bwd.chunk_bwd_mosaic` vs pallas_gpu's
 Triton `_chunk_bwd_call`, 130m-L2k, bf16, q 128 and 64; only these cases):
-    timeout 280 python3 benchmarks/mosaic_probe.py --out $OUT --budget-s 240 --chunk-bwd
+    timeout 280 python3 -m benchmarks.mosaic_probe --out $OUT --budget-s 240 --chunk-bwd
 Any machine (no GPU needed; jax 0.11 CPU reproduces the GPU's lowering, layout inference
 included):
-    python3 benchmarks/mosaic_probe.py --lower-only --out mosaic_lower_out
+    python3 -m benchmarks.mosaic_probe --lower-only --out mosaic_lower_out
 
 The Mosaic forward is one Mosaic kernel for chunk states + state pass, then the chunk-output
 kernel (`pallas_mosaic_fwd`). For each case, in order (each in try/except, announced by a START line, printed
@@ -60,8 +60,8 @@ import numpy as np
 from dimba_jax.ssd import KernelConfig, hopper, pallas_mosaic, pallas_mosaic_fwd, ssd
 
 # The four reference shapes of docs/ssd_reference.md (with mamba_ssm's quoted times), their P / N / groups / chunk and the
-# relative-error helper are ssd_pallas_bench's (this folder is on sys.path when run as a script).
-from ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel  # noqa: E402
+# relative-error helper are ssd_pallas_bench's.
+from benchmarks.ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel
 
 SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
     (2, 300, 4, 64, 1, 128, "bfloat16", 128, "D+bias+h0"),
@@ -680,7 +680,7 @@ def main():
     a = ap.parse_args()
     global INTERPRET, SEMANTICS
     deadline = T0 + a.budget_s
-    rec = Recorder(a.out, " ".join(["python3"] + sys.argv))
+    rec = Recorder(a.out, " ".join(["python3 -m benchmarks.mosaic_probe"] + sys.argv[1:]))
     dev = jax.devices()[0]
     print(f"device: {rec.data['device']} platform {dev.platform} cc "
           f"{getattr(dev, 'compute_capability', '')} jax {jax.__version__}", flush=True)

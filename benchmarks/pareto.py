@@ -4,11 +4,11 @@ Writes (and merges into) the results JSON of `dimba_jax.evaluate.results` in its
 {"device", "command", "reference": {"judge_ppl", "entropy"}, "rows": [...], "long_context": [...]}
 — after every measured spec, so a run cut short keeps everything it measured and the next run
 continues where it stopped (finished specs are skipped). Make the plots and the Markdown table
-afterwards on any machine with `python benchmarks/plot_pareto.py`.
+afterwards on any machine with `python -m benchmarks.plot_pareto`.
 
 Typical use on one H200 (the lead's single call; total wall time bounded by --budget-s):
 
-    python benchmarks/pareto.py --train-seconds 100 \\
+    python -m benchmarks.pareto --train-seconds 100 \\
         --dimba runs/small --ar runs/ar_small --judge runs/judge \\
         --results benchmarks/results/pareto_h200.json --out $OUT/pareto_h200.json --budget-s 540
 
@@ -40,16 +40,13 @@ import shlex
 import sys
 import time
 
-# Runnable as `python benchmarks/pareto.py` from the repository root without installation.
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+import jax
 
-import jax  # noqa: E402
-
-from dimba_jax.config import load_config_file  # noqa: E402
-from dimba_jax.evaluate import harness, judge as judge_lib, loading, long_context  # noqa: E402
-from dimba_jax.train.inference import load_run  # noqa: E402
-from dimba_jax.evaluate import results as results_lib  # noqa: E402
-from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator  # noqa: E402
+from dimba_jax.config import load_config_file
+from dimba_jax.evaluate import harness, judge as judge_lib, loading, long_context
+from dimba_jax.train.inference import load_run
+from dimba_jax.evaluate import results as results_lib
+from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator
 
 
 def _ints(text: str) -> list[int]:
@@ -280,7 +277,7 @@ def main(argv=None) -> dict:
             log(f"[pareto] no persistent compilation cache: {e}")
     device = jax.devices()[0]
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')} x{jax.device_count()}"
-    command = "python benchmarks/pareto.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks.pareto " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     log(f"[pareto] device {device_name}; budget {args.budget_s:.0f}s")
 
     models_info, train_summaries = {}, {}

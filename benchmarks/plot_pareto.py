@@ -1,6 +1,6 @@
 """Plots and the Markdown table from the Pareto results (runs anywhere, CPU is enough).
 
-    python benchmarks/plot_pareto.py \\
+    python -m benchmarks.plot_pareto \\
         [--results benchmarks/results/pareto_h200.json] [--docs docs] \\
         [--table benchmarks/results/pareto_h200.md]
 
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from dimba_jax.evaluate import plots, results  # noqa: E402
+from dimba_jax.evaluate import plots, results
 
 
 def main(argv=None) -> list[str]:
@@ -28,7 +25,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--table", default="", help="Markdown table path (default: --results with .md)")
     args = p.parse_args(argv)
     if not os.path.exists(args.results):
-        raise FileNotFoundError(f"results file {args.results!r} not found (run benchmarks/pareto.py)")
+        raise FileNotFoundError(f"results file {args.results!r} not found (run python -m benchmarks.pareto)")
     res = results.load(args.results)
     results.validate(res)
     table = args.table or os.path.splitext(args.results)[0] + ".md"

@@ -1,6 +1,6 @@
 """A small per-kernel summary of a jax.profiler trace: where a train step's device time goes.
 
-    python benchmarks/profile_summary.py PROFILE_DIR --steps 3 --step-ms 190.7 \
+    python -m benchmarks.profile_summary PROFILE_DIR --steps 3 --step-ms 190.7 \
         [--hlo compiled_hlo.txt] --out benchmarks/results/profile_h200
 
 Reads the newest `plugins/profile/*/*.trace.json.gz` (Chrome trace JSON that jax writes beside

@@ -2,8 +2,8 @@
 chunked XLA scan against the sequential reference on the current device.
 
 Usage (repository root):
-    PYTHONPATH=$PWD python3 benchmarks/ssd_bench.py --out benchmarks/results           # accelerator
-    PYTHONPATH=$PWD python3 benchmarks/ssd_bench.py --quick --out /tmp/ssd_bench       # tiny, CPU
+    python3 -m benchmarks.ssd_bench --out benchmarks/results           # accelerator
+    python3 -m benchmarks.ssd_bench --quick --out /tmp/ssd_bench       # tiny, CPU
 
 Shapes (docs/ssd_reference.md): bf16, chunk 256, dstate N = 128, headdim P = 64, 1 group,
 (name, batch B, seqlen L, nheads H) = 130m-L2k (8, 2048, 24), 130m-L8k (2, 8192, 24),
@@ -286,7 +286,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"ssd_{tag}.json")
     md_path = os.path.join(args.out, f"ssd_{tag}.md")
-    result = {"device": device_name, "command": "python3 " + " ".join([sys.argv[0]] + sys.argv[1:]),
+    result = {"device": device_name, "command": " ".join(["python3 -m benchmarks.ssd_bench"] + sys.argv[1:]),
               "jax": jax.__version__, "python": platform.python_version(), "rows": [], "errors": []}
 
     def save():

@@ -1,7 +1,7 @@
 """Check and time the Pallas SSD kernels against the XLA chunked SSD on one GPU.
 
 Usage (on the GPU machine, from the repository root):
-    PYTHONPATH=$PWD python3 benchmarks/ssd_pallas_bench.py --out benchmarks/results
+    python3 -m benchmarks.ssd_pallas_bench --out benchmarks/results
 
 What it does, in one run:
   1. correctness: pallas (every kernel variant) vs the float32 sequential reference, forward
@@ -220,7 +220,7 @@ def main():
                                    B=jnp.zeros((1, 1, 1, N)), C=None, chunk_size=CHUNK)
     print("supported:", ok, why, flush=True)
     variants = [parse_variant(v) for v in a.variants.split(",")]
-    result = {"device": dev.device_kind, "command": " ".join(["python3"] + sys.argv),
+    result = {"device": dev.device_kind, "command": " ".join(["python3 -m benchmarks.ssd_pallas_bench"] + sys.argv[1:]),
               "jax": jax.__version__, "code_version": KERNEL_VERSION, "rows": [],
               "variant_rows": [], "errors": {}}
 

@@ -1,12 +1,12 @@
 """Per-kernel device time of one SSD call (forward, or forward + backward) on a GPU.
 
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/ssd_profile.py \
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m benchmarks.ssd_profile \
         --shapes 1.3b-L2k,130m-L32k --out runs/ssd_profile
 
 For each shape of ssd_pallas_bench.SHAPES (bf16) it jits what `ssd(impl="pallas")` runs (the
 dispatcher with the default `KernelConfig`), warms it up, traces `--iters` calls
 with jax.profiler and writes OUT/<shape>_<fwd|fwdbwd>.{json,md}: every kernel's time per call
-(profile_summary.py). Command buffers must be off (the XLA flag above): with them on, jax 0.11
+(benchmarks.profile_summary). Command buffers must be off (the XLA flag above): with them on, jax 0.11
 reports the kernels inside a buffer as one `command_buffer_N` event.
 """
 
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import profile_summary  # noqa: E402
-import ssd_pallas_bench as bench  # noqa: E402
+from benchmarks import profile_summary
+from benchmarks import ssd_pallas_bench as bench
 
 
 def main():

@@ -1,13 +1,13 @@
 """Where the time of one train step goes, measured piece by piece (no profiler needed).
 
-    python benchmarks/step_breakdown.py --config configs/base.py --per-device-batch 16 \
+    python -m benchmarks.step_breakdown --config configs/base.py --per-device-batch 16 \
         --budget-s 210 --out benchmarks/results/step_breakdown_h200
 
 On one H200 through the device tool (carry .whl; about 4 minutes, the first seven cases fit):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
-    timeout 215 python3 benchmarks/step_breakdown.py --config configs/base.py --per-device-batch 16 \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \
+    timeout 215 python3 -m benchmarks.step_breakdown --config configs/base.py --per-device-batch 16 \
         --step-ms 190.2 --budget-s 180 --profile-dir /tmp/sb_prof --out $OUT/step_breakdown_h200
 
 Each case is a separately jitted program on the config's model at the measured shape (the
@@ -72,19 +72,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_throughput as tt  # noqa: E402  (shared setup: benchmarks/train_throughput.py)
-from dimba_jax.diffusion import losses  # noqa: E402
-from dimba_jax.layers import mamba2 as mamba2_lib  # noqa: E402
-from dimba_jax.models.dimba import DimbaBlock, resolve_dtype  # noqa: E402
-from dimba_jax.models import flops as flops_lib  # noqa: E402
-from dimba_jax.train import mesh as mesh_lib  # noqa: E402
-from dimba_jax.train import optim  # noqa: E402
-from dimba_jax.train import overrides as ov  # noqa: E402
-from dimba_jax.train import step as step_lib  # noqa: E402
-from dimba_jax.train.tasks import make_task  # noqa: E402
+from benchmarks import profile_summary
+from benchmarks import train_throughput as tt  # shared setup
+from dimba_jax.diffusion import losses
+from dimba_jax.layers import mamba2 as mamba2_lib
+from dimba_jax.models.dimba import DimbaBlock, resolve_dtype
+from dimba_jax.models import flops as flops_lib
+from dimba_jax.train import mesh as mesh_lib
+from dimba_jax.train import optim
+from dimba_jax.train import overrides as ov
+from dimba_jax.train import step as step_lib
+from dimba_jax.train.tasks import make_task
 
 # Cheap, most telling cases first; on an H200 the whole-model programs take ~30-80 s each to
 # compile, so a tight --budget-s drops the last ones.
@@ -397,7 +395,6 @@ PROFILED_CALLS = 3
 def profile_case(name: str, result: dict, profile_dir: str) -> dict:
     """Traces PROFILED_CALLS calls of a timed case (its compiled program and runner) into
     profile_dir/name and returns the profile_summary of them, completeness check included."""
-    import profile_summary  # benchmarks/profile_summary.py, beside this file
     compiled, run = result["_compiled"], result["_run"]
     try:
         hlo = compiled.as_text()
@@ -535,7 +532,6 @@ def write(prefix: str, report: dict) -> None:
 
 def write_profiles(prefix: str, profiles: list[dict]) -> None:
     """PREFIX_profile.json ({"profiles": [...]}) and PREFIX_profile.md (one section per case)."""
-    import profile_summary
     with open(prefix + "_profile.json", "w") as f:
         json.dump({"profiles": profiles}, f, indent=1)
     with open(prefix + "_profile.md", "w") as f:
@@ -562,8 +558,7 @@ def main(argv=None) -> dict:
                   "setup_s": time.perf_counter() - t_start},
         "cases": {}, "derived": {}, "failed": {},
         "step_ms": args.step_ms or None, "step_ms_from": "--step-ms" if args.step_ms else None,
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/step_breakdown.py"]
-                                        + list(argv)),
+        "command": " ".join(["python -m benchmarks.step_breakdown"] + [shlex.quote(a) for a in argv]),
     }
     longest = 0.0
     profiles = []
@@ -607,7 +602,6 @@ def main(argv=None) -> dict:
             if profiles:
                 write_profiles(args.out, profiles)
     for summary in profiles:
-        import profile_summary
         print(profile_summary.to_markdown(summary, f"Profile: case {summary['case']}"), flush=True)
     print(to_markdown(report), flush=True)
     return report

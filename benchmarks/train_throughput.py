@@ -1,10 +1,10 @@
 """Training throughput (tokens/s) and model-FLOPs utilisation of a config on the local devices.
 
-    python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
+    python -m benchmarks.train_throughput --config configs/base.py --per-device-batch 16 \
         --steps 20 --out benchmarks/results/train_throughput_h200
     # weak scaling: the same per-device batch on 2 / 4 GPUs (rows are merged into --out;
     # run with 1, 2 and 4):
-    python benchmarks/train_throughput.py --config configs/base.py --per-device-batch 16 \
+    python -m benchmarks.train_throughput --config configs/base.py --per-device-batch 16 \
         --devices 4 --mesh data=2,fsdp=2 --out benchmarks/results/scaling_h200
 
 It times the real jitted train step of dimba_jax.train.step (sharded over the config's mesh,
@@ -16,7 +16,7 @@ dimba_jax/models/flops.py) / (peak bf16 FLOP/s per device x devices). XLA's own 
 the compiled step and its memory use are recorded beside it.
 
 Variants (several measurements in one process, e.g. MFU levers in one GPU call):
-    python benchmarks/train_throughput.py --config configs/base.py --steps 10 --repeats 3 \
+    python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
         --warmup 2 --budget-s 200 --variant baseline: --variant pallas:model.ssd_impl=pallas \
         --variant b32:per_device_batch=32 --out $OUT/train_throughput_h200
 `--variant NAME:KEY=VALUE,KEY=VALUE` (repeatable; an empty list after the colon = the base
@@ -31,7 +31,7 @@ config.mesh; the default is the config's mesh (data = all devices). Weak scaling
 
 Profiling: `--profile-dir DIR` records a jax.profiler trace of 3 steps of each variant named in
 `--profile-variants` (default: the first) under DIR/<variant>, and writes a per-kernel summary
-of all of them (benchmarks/profile_summary.py: kernel time per step, top kernels, categories,
+of all of them (benchmarks.profile_summary: kernel time per step, top kernels, categories,
 idle gap, and a completeness check against the compiled HLO, saved as
 DIR/<variant>/program.hlo.txt) to PREFIX_profile.json + PREFIX_profile.md. The trace uses
 `profiler_options()`: no Python tracer, CUPTI event caps raised through
@@ -62,17 +62,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import profile_summary
+from dimba_jax.models import flops as flops_lib
+from dimba_jax.train import mesh as mesh_lib
+from dimba_jax.train import optim
+from dimba_jax.train import overrides as ov
+from dimba_jax.train import state as state_lib
+from dimba_jax.train import step as step_lib
+from dimba_jax.train.tasks import make_task
 
-import profile_summary  # noqa: E402  (benchmarks/profile_summary.py, beside this file)
-from dimba_jax.models import flops as flops_lib  # noqa: E402
-from dimba_jax.train import mesh as mesh_lib  # noqa: E402
-from dimba_jax.train import optim  # noqa: E402
-from dimba_jax.train import overrides as ov  # noqa: E402
-from dimba_jax.train import state as state_lib  # noqa: E402
-from dimba_jax.train import step as step_lib  # noqa: E402
-from dimba_jax.train.tasks import make_task  # noqa: E402
+
+def _command() -> str:
+    """The command line of this process, as the module invocation (recorded in every row)."""
+    return "python -m benchmarks.train_throughput " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def parse_args(argv):
@@ -378,7 +380,7 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
         "memory": memory, "compile_s": compile_s, "warmup_s": warm_s,
         "loss_after_warmup": loss,
         "jax": jax.__version__,
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": _command(),
     }
     if profile is not None:
         row["profile"] = {
@@ -515,7 +517,7 @@ def main(argv=None):
                        "overrides": " ".join(f"{k}={v}" for k, v in
                                              measurement_pairs + base_pairs + config_pairs),
                        "error": f"{type(e).__name__}: {str(e)[:500]}",
-                       "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+                       "command": _command()}
             print(json.dumps(failure), flush=True)
             if args.out:
                 write(args.out, failure=failure)

@@ -9,7 +9,7 @@ One lever at a time, e.g. the paper's x0-MSE objective with uniform noise levels
         --config.model.readout=direct --config.model.skip_logits=False \\
         --config.diffusion.mse_weight=1 --config.diffusion.noise_sampling=uniform \\
         --config.sample.grid=uniform --config.sample.clamp=True
-`benchmarks/quality_study.py --study ablation` trains the levers of record side by side on one
+`python -m benchmarks.quality_study --study ablation` trains the levers of record side by side on one
 GPU (with the AR model of the same size, which also judges the samples) and measures them.
 
 Model: d_model 256, 6 bidirectional Mamba-2 blocks (headdim 64, d_state 64), FiLM, tied head,

@@ -1,6 +1,6 @@
 """Draws docs/ssd_h200.png: the SSD kernels' times on the H200 next to mamba_ssm and the targets.
 
-    python docs/plot_ssd.py            # reads benchmarks/results/ssd_h200*.json
+    python docs/plot_ssd.py    # reads benchmarks/results/ssd_h200.json and history/ssd_h200_v*.json
 
 Two panels (forward, forward + backward), one group of bars per reference shape: mamba_ssm's
 Triton kernel (quoted in docs/ssd_reference.md), our `xla` chunked SSD, and the `pallas` kernels
@@ -25,8 +25,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchm
 # (label, file, impl of the row, colour)
 SERIES = [
     ("xla (ours)", "ssd_h200.json", "xla", "#9e9e9e"),
-    ("pallas v3: Triton", "ssd_h200_v3_triton.json", "pallas", "#90caf9"),
-    ("pallas v5: Mosaic fwd, Triton bwd", "ssd_h200_v5_triton_bwd.json", "pallas", "#42a5f5"),
+    ("pallas v3: Triton", "history/ssd_h200_v3_triton.json", "pallas", "#90caf9"),
+    ("pallas v5: Mosaic fwd, Triton bwd", "history/ssd_h200_v5_triton_bwd.json", "pallas", "#42a5f5"),
     ("pallas v6: Mosaic fwd + bwd", "ssd_h200.json", "pallas", "#0d47a1"),
 ]
 TARGETS = {"fwd_ms": 0.5, "fwdbwd_ms": 0.4}  # share of mamba_ssm (docs/ssd_reference.md)
@@ -38,7 +38,7 @@ def load_rows(results_dir: str) -> tuple[list[str], dict, dict]:
     for label, fname, impl, _ in SERIES:
         path = os.path.join(results_dir, fname)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found (run benchmarks/ssd_pallas_bench.py)")
+            raise FileNotFoundError(f"{path} not found (run python -m benchmarks.ssd_pallas_bench)")
         with open(path) as f:
             for r in json.load(f)["rows"]:
                 if r["impl"] != impl or "fwd_ms" not in r:

@@ -1,4 +1,5 @@
-"""The config files: each loads, and the AR baseline is DIMBA small's budget by construction."""
+"""The config files: each loads, the AR baseline is DIMBA small's budget by construction, and the
+configs built on small (judge, base) resolve to their documented values."""
 
 import pathlib
 
@@ -26,6 +27,43 @@ def test_ar_small_sees_the_tokens_of_small():
         for k in keys:
             assert ar[section][k] == small[section][k], (section, k)
     assert ar.model.d_model == small.model.d_model
+
+
+# Resolved values of the configs built on small.py: (section, key) -> value. These are the
+# settings the committed runs of record were trained with; deriving from small must not move them.
+RESOLVED = {
+    "judge": {("", "task"): "ar", ("model", "d_model"): 768, ("model", "n_layers"): 12,
+              ("model", "d_state"): 128, ("model", "headdim"): 64, ("model", "chunk_size"): 256,
+              ("model", "bidirectional"): False, ("model", "time_embed_dim"): 128,
+              ("model", "compute_dtype"): "bfloat16", ("data", "seq_len"): 512,
+              ("train", "steps"): 3000, ("train", "batch_size"): 64, ("train", "lr"): 1.5e-3,
+              ("train", "warmup_steps"): 200, ("train", "weight_decay"): 0.1,
+              ("train", "ema_decay"): 0.0, ("train", "checkpoint_every"): 500,
+              ("train", "sample_every"): 0, ("train", "eval_every"): 1000,
+              ("sample", "length"): 128, ("sample", "steps"): 32, ("sample", "num_samples"): 2},
+    "base": {("", "task"): "dimba", ("model", "d_model"): 768, ("model", "n_layers"): 24,
+             ("model", "d_state"): 128, ("model", "headdim"): 64, ("model", "chunk_size"): 256,
+             ("model", "bidirectional"): True, ("model", "time_embed_dim"): 256,
+             ("model", "compute_dtype"): "bfloat16", ("data", "seq_len"): 1024,
+             ("train", "steps"): 20000, ("train", "batch_size"): 32, ("train", "lr"): 6e-4,
+             ("train", "warmup_steps"): 1000, ("train", "weight_decay"): 0.1,
+             ("train", "ema_decay"): 0.999, ("train", "checkpoint_every"): 1000,
+             ("train", "sample_every"): 2000, ("train", "eval_every"): 2000,
+             ("sample", "length"): 1024, ("sample", "steps"): 64},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_configs_built_on_small_keep_their_values(name):
+    root = CONFIGS[0].parent
+    c = load_config_file(str(root / f"{name}.py"))
+    small = load_config_file(str(root / "small.py"))
+    for (section, key), want in RESOLVED[name].items():
+        got = c[key] if not section else c[section][key]
+        assert got == want and type(got) is type(want), (name, section, key, got)
+    # what they do not state comes from small: the same corpus and tokenizer
+    for k in ("source", "val_source", "tokenizer"):
+        assert c.data[k] == small.data[k], (name, k)
 
 
 def test_sibling_config_names_a_missing_file():

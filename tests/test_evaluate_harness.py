@@ -2,16 +2,14 @@
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from benchmarks import pareto, plot_pareto
 from dimba_jax.evaluate import harness, results
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def test_plan_puts_the_headline_first_and_filters_variants():
@@ -30,7 +28,6 @@ def test_plan_puts_the_headline_first_and_filters_variants():
 
 
 def test_results_of_other_checkpoints_are_detected():
-    import pareto
 
     old = {"dimba": {"workdir": "runs/small", "step": 100, "params": 5},
            "judge": {"workdir": "runs/judge", "step": 50, "params": 9}}
@@ -45,8 +42,6 @@ def test_cut_at_eos():
 
 
 def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
-    import pareto
-    import plot_pareto
 
     out = str(tmp_path / "pareto.json")
     # an older file measured with another checkpoint: its rows must go, its timings stay

@@ -2,9 +2,7 @@
 a failing variant (an unknown XLA flag aborts its process) reported without stopping the run,
 and the sampler's scan `unroll` giving the same tokens as the plain scan."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,24 +10,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks import latency_levers as levers
 
-
-def _load_levers():
-    spec = importlib.util.spec_from_file_location("latency_levers",
-                                                  os.path.join(ROOT, "benchmarks", "latency_levers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypatch):
-    levers = _load_levers()
     monkeypatch.setitem(levers.VARIANTS, "bad_flag", {"xla_flags": "--xla_no_such_flag_for_this_test=1"})
     state = levers.main(["--smoke", "--out", str(tmp_path), "--variants", "bad_flag,base",
                          "--budget-s", "120", "--min-variant-s", "5", "--profile", "0"])
     data = json.loads((tmp_path / "latency_levers.json").read_text())
     assert data["rows"] == state["rows"]
+    assert data["command"].startswith("python3 -m benchmarks.latency_levers --smoke --out ")
     base = {r["case"]: r for r in data["rows"] if r["variant"] == "base"}
     # headline DIMBA, AR, the second step count: all timed, positive, with kernel counts
     assert set(base) == {"dimba_T4", "ar", "dimba_T2"}
@@ -60,7 +51,6 @@ def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypat
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path):
-    levers = _load_levers()
     with pytest.raises(ValueError, match="unknown variants"):
         levers.main(["--smoke", "--out", str(tmp_path), "--variants", "base,warp_drive"])
 
@@ -92,7 +82,6 @@ def test_sampler_unroll_gives_the_same_tokens():
 def test_matmul_state_pass_matches_the_associative_scan(monkeypatch):
     from dimba_jax.ssd import chunked
 
-    levers = _load_levers()
     k1, k2 = jax.random.split(jax.random.key(0))
     decay = jax.random.uniform(k1, (2, 6, 1, 3), minval=0.2, maxval=1.0)
     decay = decay.at[:, 3].set(0.0)  # a chunk whose decay underflowed (or a segment boundary)

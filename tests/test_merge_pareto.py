@@ -1,16 +1,9 @@
 """benchmarks/merge_pareto.py: joining parallel Pareto shards."""
 
-import importlib.util
-import os
-
 import pytest
 
+from benchmarks import merge_pareto
 from dimba_jax.evaluate import results as results_lib
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_pareto.py")
-_spec = importlib.util.spec_from_file_location("merge_pareto", _PATH)
-merge_pareto = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(merge_pareto)
 
 
 def _row(model, steps, latency):

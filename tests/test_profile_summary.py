@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import profile_summary as ps
+from benchmarks import train_throughput as tt
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import profile_summary as ps  # noqa: E402
 
 
 def _fake_ssd_module(tmp_path):
@@ -157,7 +158,6 @@ def test_gpu_like_trace_selection_and_totals(tmp_path):
 
 
 def test_variant_and_mesh_parsing():
-    import train_throughput as tt
     assert tt.parse_variant("b32:per_device_batch=32,model.ssd_impl=pallas") == \
         ("b32", [("per_device_batch", "32"), ("model.ssd_impl", "pallas")])
     assert tt.parse_variant("baseline:") == ("baseline", [])
@@ -177,7 +177,7 @@ def test_train_throughput_four_devices_variants_profile(tmp_path):
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     env["JAX_PLATFORMS"] = "cpu"
     out = str(tmp_path / "tt")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput",
            "--config", os.path.join(ROOT, "configs", "tiny.py"), "--per-device-batch", "1",
            "--seq-len", "16", "--devices", "4", "--mesh", "data=2,fsdp=2", "--steps", "1",
            "--repeats", "1", "--warmup", "1", "--budget-s", "1",
@@ -192,6 +192,8 @@ def test_train_throughput_four_devices_variants_profile(tmp_path):
     data = json.load(open(out + ".json"))
     (row,) = data["rows"]
     assert row["variant"] == "base" and row["devices"] == 4
+    assert row["command"].startswith("python -m benchmarks.train_throughput --config ")
+    assert data["failed"][0]["command"] == row["command"]
     assert row["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and row["global_batch"] == 4
     assert row["tokens_per_s"] > 0 and row["profile"]["busy_ms_per_step"] > 0
     assert [f["variant"] for f in data["failed"]] == ["bad"]

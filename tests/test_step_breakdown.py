@@ -4,15 +4,14 @@ swap really removes the SSD from the traced block, the budget stops cases, bad i
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import step_breakdown as sb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import step_breakdown as sb  # noqa: E402
 
 TINY = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--per-device-batch", "2",
         "--seq-len", "16", "--steps", "1", "--repeats", "1", "--warmup", "1",
@@ -62,6 +61,7 @@ def test_budget_stops_cases_and_bad_cases_fail(tmp_path):
     report = sb.main(TINY + ["--cases", "fwd_bwd,train_step", "--budget-s", "0.001",
                              "--out", str(tmp_path / "b")])
     assert report["cases"] == {}
+    assert report["command"].startswith("python -m benchmarks.step_breakdown --config ")
     assert set(report["failed"]) == {"fwd_bwd", "train_step"}
     assert all("not started" in v for v in report["failed"].values())
     with pytest.raises(ValueError, match="choose from"):

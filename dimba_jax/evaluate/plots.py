@@ -53,6 +53,33 @@ def _panels(rows: Sequence[dict]) -> list[tuple[int, bool]]:
     return keys
 
 
+_SAMPLER_MARKERS = (("ddim", "o"), ("ddpm", "s"))
+
+
+def _reference(results: dict, L: int) -> dict:
+    """Real text's judge ppl / entropy at generation length L (else the overall reference), or {}."""
+    return results.get("reference_by_L", {}).get(str(L)) or results.get("reference") or {}
+
+
+def _panel_title(L: int, prompted: bool) -> str:
+    return f"L_gen={L}, {'prompted' if prompted else 'unconditional'}"
+
+
+def _finish_axes(ax, title: str, legend_size: float = 7, **title_kw) -> None:
+    """Title (matplotlib `set_title` keywords in title_kw), grid at both tick levels, legend."""
+    ax.set_title(title, **title_kw)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: str) -> str:
+    """Lays out `fig`, writes it to `path` (PNG, 120 dpi) and closes it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def _fmt(v, spec=".3g") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -68,7 +95,7 @@ def plot_ppl_vs_latency(results: dict, path: str, batch: int = 1) -> str:
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     for ax, (L, prompted) in zip(axes.ravel(), panels):
-        for sampler, marker in (("ddim", "o"), ("ddpm", "s")):
+        for sampler, marker in _SAMPLER_MARKERS:
             pts = sorted(_default_rows(rows, model="dimba", sampler=sampler, L_gen=L,
                                        prompted=prompted), key=lambda r: r["steps"])
             if pts:
@@ -86,7 +113,7 @@ def plot_ppl_vs_latency(results: dict, path: str, batch: int = 1) -> str:
         for r in _default_rows(rows, model="ar", L_gen=L, prompted=prompted):
             ax.scatter([r["latency_ms"]], [r["judge_ppl"]], marker="*", s=180, color="red",
                        label="AR baseline", zorder=5)
-        ref = results.get("reference_by_L", {}).get(str(L)) or results.get("reference") or {}
+        ref = _reference(results, L)
         if ref.get("judge_ppl"):
             ax.axhline(ref["judge_ppl"], ls="--", color="green", label="real text")
         ax.set_xscale("log")
@@ -94,14 +121,9 @@ def plot_ppl_vs_latency(results: dict, path: str, batch: int = 1) -> str:
         _plain_ticks(ax)
         ax.set_xlabel(f"latency per call at batch {batch} (ms)")
         ax.set_ylabel("judge perplexity")
-        ax.set_title(f"L_gen={L}, {'prompted' if prompted else 'unconditional'}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, _panel_title(L, prompted))
     fig.suptitle(f"Speed vs quality — {results.get('device', '')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_quality_vs_steps(results: dict, path: str) -> str:
@@ -111,10 +133,10 @@ def plot_quality_vs_steps(results: dict, path: str) -> str:
     panels = _panels(rows) or [(0, False)]
     fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 7), squeeze=False)
     for col, (L, prompted) in enumerate(panels):
-        ref = results.get("reference_by_L", {}).get(str(L)) or results.get("reference") or {}
+        ref = _reference(results, L)
         for row_i, metric in enumerate(("judge_ppl", "entropy")):
             ax = axes[row_i][col]
-            for sampler, marker in (("ddim", "o"), ("ddpm", "s")):
+            for sampler, marker in _SAMPLER_MARKERS:
                 pts = {r["steps"]: r for r in _default_rows(rows, model="dimba", sampler=sampler,
                                                            L_gen=L, prompted=prompted)}
                 xs = sorted(pts)
@@ -131,13 +153,8 @@ def plot_quality_vs_steps(results: dict, path: str) -> str:
             _plain_ticks(ax, y=metric == "judge_ppl")
             ax.set_xlabel("denoising steps T")
             ax.set_ylabel("judge perplexity" if metric == "judge_ppl" else "entropy (bits/token)")
-            ax.set_title(f"L_gen={L}, {'prompted' if prompted else 'unconditional'}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+            _finish_axes(ax, _panel_title(L, prompted), fontsize=9)
+    return _save(fig, path)
 
 
 def plot_step_time_vs_length(results: dict, path: str) -> str:
@@ -161,13 +178,8 @@ def plot_step_time_vs_length(results: dict, path: str) -> str:
     _plain_ticks(ax)
     ax.set_xlabel("sequence length L")
     ax.set_ylabel("step time (ms)")
-    ax.set_title(f"Long context — {results.get('device', '')}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _finish_axes(ax, f"Long context — {results.get('device', '')}", legend_size=8, fontsize=9)
+    return _save(fig, path)
 
 
 def markdown_table(results: dict) -> str:

@@ -192,6 +192,11 @@ def _state_pass_bwd_kernel(dhp_ref, hprev_ref, dec_ref, dfin_ref, dst_ref, dsend
     dh0_ref[...] = jax.lax.fori_loop(0, nc, body, dfin_ref[...])
 
 
+def _load(*refs):
+    """The whole block of each ref, in the order given (a tuple of arrays)."""
+    return tuple(r[...] for r in refs)
+
+
 def _masked_decay(s, q, seg=None):
     """L_ij = exp(s_i - s_j) for i >= j (and seg_i == seg_j when segments are given), else 0."""
     i = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
@@ -206,12 +211,8 @@ def _chunk_out_kernel(*refs, q, has_seg):
     """y = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) + D x for one chunk."""
     (x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref), seg_ref, (y_ref,) = _split(
         refs, 7, has_seg)
-    x = x_ref[...]
+    x, b, c, dt, s = _load(x_ref, b_ref, c_ref, dt_ref, s_ref)
     cdt = x.dtype
-    b = b_ref[...]
-    c = c_ref[...]
-    dt = dt_ref[...]
-    s = s_ref[...]
     g = _dot(c, b, trans_b=True)
     m = (g * _masked_decay(s, q, seg_ref[0] if has_seg else None)).astype(cdt)
     xd = (x.astype(jnp.float32) * dt[:, None]).astype(cdt)
@@ -229,12 +230,8 @@ def _chunk_bwd_kernel(*refs, q, has_seg):
     ((x_ref, b_ref, c_ref, dt_ref, s_ref, dy_ref, h_ref, dst_ref, d_ref), seg_ref,
      (dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref)) = _split(refs, 9, has_seg)
     f32 = jnp.float32
-    x = x_ref[...]
+    x, b, c, dt, s = _load(x_ref, b_ref, c_ref, dt_ref, s_ref)
     cdt = x.dtype
-    b = b_ref[...]
-    c = c_ref[...]
-    dt = dt_ref[...]
-    s = s_ref[...]
     dy = dy_ref[...].astype(cdt)
     h = h_ref[...].astype(cdt)
     dst = dst_ref[...].astype(cdt)
