@@ -3,7 +3,8 @@
 Writes one JSON file (`--out`, on the GPU machine `$OUT/vs_mamba_ssm_h200.json`):
 
     {"device", "command", "call_id", "started_utc", "finished_utc", "elapsed_s", "budget_s",
-     "jax", "smoke", "skipped": [...], "failed": [...], "peer_runs": [...], "rows": [...]}
+     "jax", "smoke", "peer_versions", "skipped": [...], "failed": [...], "peer_runs": [...],
+     "rows": [...]}
 
 one row per measurement, every row stamped with the call's `call_id` (all rows of a file come
 from this one process; the driver never reads or merges another results file and refuses to
@@ -55,7 +56,7 @@ then, with carry [".peer", ".whl"]:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
-    timeout 590 python3 -m benchmarks.vs_mamba_ssm --out $OUT/vs_mamba_ssm_h200.json --budget-s 540
+    timeout 570 python3 -m benchmarks.vs_mamba_ssm --out $OUT/vs_mamba_ssm_h200.json --budget-s 520
 
 Afterwards, here: copy the file to benchmarks/results/ and run
 `python -m benchmarks.vs_mamba_ssm_report` (table + docs/vs_mamba_ssm_h200.png).
@@ -116,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/vs_mamba_ssm_h200.json",
                    help="results JSON to write (must not exist: a file of record is one call)")
-    p.add_argument("--budget-s", type=float, default=540.0,
+    p.add_argument("--budget-s", type=float, default=520.0,
                    help="wall-clock budget of the whole call; items that would pass it are skipped")
     p.add_argument("--parts", default="ssd,train_step,generate",
                    help="comma list of ssd, train_step, generate (in this order)")
@@ -170,7 +171,10 @@ class Call:
     def __init__(self, args, argv):
         self.args = args
         self.t0 = time.perf_counter()
-        self.doc = {"device": None, "command": "python3 -m benchmarks.vs_mamba_ssm " + shlex.join(argv),
+        command = "python3 -m benchmarks.vs_mamba_ssm " + shlex.join(argv)
+        if os.environ.get("OUT"):  # the device's output folder, as the command was typed
+            command = command.replace(os.environ["OUT"], "$OUT")
+        self.doc = {"device": None, "command": command,
                     "call_id": uuid.uuid4().hex, "started_utc": utc_now(), "finished_utc": None,
                     "elapsed_s": 0.0, "budget_s": args.budget_s, "jax": None,
                     "smoke": bool(args.smoke), "skipped": [], "failed": [], "peer_runs": [],
@@ -180,8 +184,8 @@ class Call:
         return self.args.budget_s - (time.perf_counter() - self.t0)
 
     def fits(self, item: str) -> bool:
-        """True if ITEM_SECONDS[item] fits in the budget left (always true with --smoke);
-        otherwise records the skip."""
+        """True if ITEM_SECONDS[item] (0 with --smoke) fits in the budget left; otherwise
+        records the skip."""
         need = 0 if self.args.smoke else ITEM_SECONDS[item]
         if need <= self.left():
             return True
@@ -281,6 +285,22 @@ def run_peer(call: Call, part: str, done) -> list[dict]:
     if not done(records):
         print("\n".join(tail), flush=True)
     return records
+
+
+def peer_versions(peer_dir: str) -> dict:
+    """{"torch", "triton", "gpu"} of the peer's Python (a subprocess with PYTHONPATH=peer_dir),
+    or {"error": ...}."""
+    code = ("import json, torch, triton; print(json.dumps({'torch': torch.__version__, "
+            "'triton': triton.__version__, 'gpu': torch.cuda.get_device_name(0)}))")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(peer_dir))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            return {"error": done.stderr.strip()[-300:]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - a note in the file, not a failure of the call
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def peer_ssd_rows(records: list[dict], how: str) -> list[dict]:
@@ -499,6 +519,9 @@ def main(argv=None) -> dict:
     from dimba_jax.models import flops as flops_lib
 
     peak = flops_lib.peak_flops_per_device(device)
+    if not args.smoke:
+        call.doc["peer_versions"] = peer_versions(args.peer_dir)
+        call.write()
     need_ssd = lambda recs: set(SHAPE_NAMES) <= {r.get("name") for r in recs}  # noqa: E731
     need_train = lambda recs: any(r.get("model") == "130m" for r in recs)  # noqa: E731
     need_gen = lambda recs: any(_is_peer_decode_case(r) for r in recs)  # noqa: E731

@@ -148,8 +148,10 @@ def to_markdown(doc: dict) -> str:
     lines = [f"# dimba_jax beside mamba_ssm on {doc['device']}, timed in one call", ""]
     if doc.get("smoke"):
         lines += ["**SMOKE RUN: CPU, tiny shapes and models, a stand-in peer. Not a measurement.**", ""]
+    pv = doc.get("peer_versions") or {}
+    peer = (f"; mamba_ssm with torch {pv['torch']}, triton {pv['triton']}" if "torch" in pv else "")
     lines += [f"Call `{doc['call_id']}`, started {doc.get('started_utc')}, {doc.get('elapsed_s')} s, "
-              f"jax {doc.get('jax')}.  ", f"Command: `{doc['command']}`", "",
+              f"jax {doc.get('jax')}{peer}.  ", f"Command: `{doc['command']}`", "",
               "Every ratio below divides two rows of this file (both systems timed in the same "
               "call). mamba_ssm runs from source (Triton kernels, no causal_conv1d build; its "
               "train step is eager PyTorch: a lower bound for the peer).", ""]

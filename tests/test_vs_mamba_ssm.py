@@ -15,7 +15,8 @@ def _case(row):
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_one_call_of_rows_and_the_report(tmp_path):
+def test_smoke_run_writes_one_call_of_rows_and_the_report(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
     out = tmp_path / "vs.json"
     doc = vs.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == doc
@@ -130,3 +131,22 @@ def test_validate_refuses_rows_of_another_call_and_off_schema_rows():
     report.validate(_doc(train))
     with pytest.raises(ValueError, match="unknown model"):
         report.validate(_doc(dict(train, model="gpt2")))
+
+
+def test_the_command_names_the_output_folder_as_typed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    argv = ["--smoke", "--out", str(tmp_path / "vs.json")]
+    call = vs.Call(vs.parse_args(argv), argv)
+    assert call.doc["command"] == "python3 -m benchmarks.vs_mamba_ssm --smoke --out $OUT/vs.json"
+
+
+def test_peer_versions_come_from_the_peer_folder(tmp_path):
+    (tmp_path / "torch.py").write_text(
+        "import types\n__version__ = '9.9'\n"
+        "cuda = types.SimpleNamespace(get_device_name=lambda i: 'StandInGPU')\n")
+    (tmp_path / "triton.py").write_text("__version__ = '8.8'\n")
+    assert vs.peer_versions(str(tmp_path)) == {"torch": "9.9", "triton": "8.8", "gpu": "StandInGPU"}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "torch.py").write_text("raise ImportError('no torch in this stand-in')\n")
+    assert "no torch in this stand-in" in vs.peer_versions(str(broken))["error"]
