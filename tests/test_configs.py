@@ -69,3 +69,38 @@ def test_configs_built_on_small_keep_their_values(name):
 def test_sibling_config_names_a_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.py"):
         sibling_config(str(CONFIGS[0]), "nope")
+
+
+def _mamba_ssm_layer_params(d_model, d_state, headdim, expand=2, d_conv=4, ngroups=1):
+    """Parameters of one mamba_ssm Mamba-2 layer (no biases on the projections): in_proj,
+    conv1d weight + bias, dt_bias / A_log / D per head, gated RMSNorm, out_proj, pre-norm."""
+    e = expand * d_model
+    h = e // headdim
+    conv_dim = e + 2 * ngroups * d_state
+    return (d_model * (2 * e + 2 * ngroups * d_state + h) + conv_dim * (d_conv + 1) + 3 * h + e
+            + e * d_model + d_model)
+
+
+def test_ar_base_is_the_130m_mamba2_with_the_project_vocabulary():
+    import jax
+
+    from dimba_jax.train import state as state_lib
+    from dimba_jax.train.tasks import make_task
+
+    root = CONFIGS[0].parent
+    ar = load_config_file(str(root / "ar_base.py"))
+    base = load_config_file(str(root / "base.py"))
+    m = ar.model
+    assert (ar.task, m.d_model, m.n_layers, m.d_state, m.headdim) == ("ar", 768, 24, 128, 64)
+    assert not m.bidirectional and m.tie_embeddings
+    for section, keys in (("data", ("source", "tokenizer", "seq_len")),
+                          ("train", ("steps", "batch_size", "lr"))):
+        for k in keys:
+            assert ar[section][k] == base[section][k], (section, k)
+    task = make_task(ar)
+    n = state_lib.count_params(state_lib.model_parts(task, jax.random.PRNGKey(0)).abstract_params)
+    vocab = task.tokenizer.vocab_size
+    body = 24 * _mamba_ssm_layer_params(768, 128, 64) + 768  # + the final norm
+    assert n == body + vocab * 768, (n, body, vocab)
+    # with mamba_ssm's vocabulary (50,277 padded to 50,280) it is the "130M" model
+    assert 125e6 < body + 50280 * 768 < 135e6
