@@ -1,12 +1,14 @@
 """Tables, figures and samples from the quality study's results (runs anywhere, CPU is enough).
 
-    python benchmarks/quality_report.py
+    python -m benchmarks.quality_report
 
-Reads benchmarks/results/quality_ablation_h200.json and quality_small_h200.json (written by
-`benchmarks/quality_study.py`) and writes:
+Reads benchmarks/results/quality_{ablation,width,small}_h200.json (written by
+`benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
+  benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
+  docs/noise_curves_width.png                   the same for the diffusion widths
   docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
                                                 unprompted and prompted) and of the AR baseline
 The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
@@ -18,11 +20,9 @@ import argparse
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-CONTEXT_LEVELS = (-8.0, -6.0, -5.0, -4.0)
+CONTEXT_LEVELS = (-10.0, -8.0, -6.0, -4.0, -2.0, 0.0)
 
 
 def _f(v, spec=".3g") -> str:
@@ -49,32 +49,49 @@ def commands(res: dict) -> str:
     return "\n".join(f"    {c}" for c in res.get("commands", []))
 
 
-def ablation_table(res: dict) -> str:
+STUDY_TEXT = {
+    "ablation": ("Quality ablation", "the paper's recipe, each lever alone, the combination without each part",
+                 "with the run's own sampling settings (`paper*` runs clamp; score temperature 1)"),
+    "width": ("Diffusion width (`model.embed_dim`)", "the default recipe at diffusion widths e = 256 "
+              "(= d_model), 64, 32 and 16",
+              "at score temperature 0.5 (the default; the judge ppl column), and unprompted at 0.7 and 1 "
+              "(last column: judge ppl / entropy)"),
+}
+
+
+def ablation_table(res: dict, study: str = "ablation") -> str:
+    title, what, sampling = STUDY_TEXT[study]
     ref = res.get("reference", {})
     ar = res["runs"].get("ar", {})
-    lines = [f"# Quality ablation — {res.get('device', '')}", "",
-             "Made by `benchmarks/quality_report.py` from `quality_ablation_h200.json`, written by:", "",
+    extra = sorted({r["variant"].split("/", 1)[1] for r in res["rows"] if "/" in r.get("variant", "")})
+    lines = [f"# {title} — {res.get('device', '')}", "",
+             f"Made by `benchmarks/quality_report.py` from `quality_{study}_h200.json`, written by:", "",
              commands(res), "",
-             "`configs/ablation.py` (d_model 256, 6 bidirectional blocks, ~6.1M parameters), each run "
+             f"`configs/ablation.py` (d_model 256, 6 bidirectional blocks, ~6.1M parameters), {what}; each run "
              "1200 steps x 64 x 256 = 19.7M tokens, all trained side by side on one H200; the AR model "
              "of the same size and tokens (9 causal blocks) is the scale and the judge (window 256). "
-             "Samples: DDIM T = 32, 256 tokens, 32 per row, with the run's own sampling settings "
-             "(`paper*` runs clamp; score temperature 1). Context: the head's accuracy on the 8 tokens "
-             "after a clean 32-token prompt, prompt known / prompt noised like the rest, at log-SNR "
-             f"{', '.join(f'{v:g}' for v in CONTEXT_LEVELS)}.", "",
+             f"Samples: DDIM T = 32, 256 tokens, 32 per row, {sampling}. Context: the head's accuracy "
+             "on the 8 tokens after a clean 32-token prompt, prompt known / prompt noised like the rest, "
+             f"at log-SNR {', '.join(f'{v:g}' for v in CONTEXT_LEVELS)} (at -10 those tokens carry no "
+             "signal of their own: what is right there, the prompt told).", "",
              f"Real text (judge, L=256): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. AR: NLL {_f(ar.get('nll_bits'), '.2f')} bits/token, "
              f"next-token accuracy after the prompt {_f(ar.get('acc_after_prompt'), '.3f')}.", "",
              "| run | overrides of configs/ablation.py | bound bits/token | judge ppl (unprompted / prompted) "
-             "| entropy | context acc with/without prompt |",
-             "|---|---|---|---|---|---|"]
+             "| entropy | context acc with/without prompt |" + "".join(f" {v} |" for v in extra),
+             "|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name, info in res["runs"].items():
         rows = _rows_by(res, name)
         bound = info.get("bound", {}).get("bound_bits", info.get("nll_bits"))
         over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()) or "(defaults)"
         un, pr = rows.get(False, {}), rows.get(True, {})
+        cells = ""
+        for v in extra:
+            r = _rows_by(res, f"{name}/{v}").get(False, {})
+            cells += f" {_f(r.get('judge_ppl'), '.0f')} / {_f(r.get('entropy'), '.2f')} |"
         lines.append(f"| {name} | {over} | {_f(bound, '.2f')} | {_f(un.get('judge_ppl'), '.0f')} / "
-                     f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |")
+                     f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |"
+                     + cells)
     return "\n".join(lines) + "\n"
 
 
@@ -94,15 +111,20 @@ def small_table(res: dict) -> str:
              "| model | bits/token | what |", "|---|---|---|",
              f"| DIMBA small | {_f(dimba['bound']['bound_bits'], '.2f')} | variational upper bound "
              f"(diffusion {_f(dimba['bound']['diffusion_bits'], '.2f')}, recon {_f(dimba['bound']['recon_bits'], '.2g')}, "
-             f"prior {_f(dimba['bound']['prior_bits'], '.2g')}; 48 stratified levels) |",
+             f"prior {_f(dimba['bound']['prior_bits'], '.2g')}; stratified levels over log-SNR) |",
              f"| AR small | {_f(ar['nll_bits'], '.2f')} | exact NLL |", "",
              "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
+             "The setting of record is the lowest judge perplexity among the settings whose sample "
+             "entropy is within 5% of real text's (the lowest overall if none is).", "",
              "| sampler | score temperature | judge ppl | entropy |", "|---|---|---|---|"]
     for s in dimba.get("sweep", []):
         v = s.get("variant") or ""
         st = v[2:] if v.startswith("st") else "1"
         lines.append(f"| {s['sampler']} | {st} | {_f(s['judge_ppl'], '.1f')} | {_f(s['entropy'], '.2f')} |")
-    lines += ["", "## Rows of record (DDIM, score temperature 0.5; latency at batch 1, quality of 64 samples)", "",
+    chosen = next((r for r in res["rows"] if r["model"] == "dimba"), {})
+    v = chosen.get("variant") or ""
+    setting = f"{chosen.get('sampler', 'ddim').upper()}, score temperature {v[2:] if v.startswith('st') else 'default'}"
+    lines += ["", f"## Rows of record ({setting}; latency at batch 1, quality of 64 samples)", "",
               "| model | T | prompted | latency ms (b=1) | judge ppl | x AR | entropy | entropy vs real |",
               "|---|---|---|---|---|---|---|---|"]
     ar_rows = {r["prompted"]: r for r in res["rows"] if r["model"] == "ar" and r["batch"] == 1}
@@ -172,7 +194,10 @@ def main(argv=None) -> list[str]:
         abl = json.load(f)
     with open(os.path.join(args.results, "quality_small_h200.json")) as f:
         small = json.load(f)
+    with open(os.path.join(args.results, "quality_width_h200.json")) as f:
+        width = json.load(f)
     for name, text in (("quality_ablation_h200.md", ablation_table(abl)),
+                       ("quality_width_h200.md", ablation_table(width, "width")),
                        ("quality_small_h200.md", small_table(small))):
         path = os.path.join(args.results, name)
         with open(path, "w") as f:
@@ -181,6 +206,8 @@ def main(argv=None) -> list[str]:
     curves = {f"ablation: {k}": v for k, v in abl["runs"].items()}
     curves["small: dimba (model of record)"] = small["runs"]["dimba"]
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
+    widths = {f"width: {k}": v for k, v in width["runs"].items()}
+    written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small))

@@ -5,7 +5,7 @@ memory), then loads every run and measures, on the same held-out windows:
   * the likelihood: DIMBA's variational bound (`DimbaTask.nll_bound`, bits per token) beside the
     AR model's exact NLL;
   * where the denoiser learns: the head's cross-entropy and accuracy at log-SNR levels
-    (`DimbaTask.eval_metrics`), plotted by `benchmarks/quality_report.py`;
+    (`DimbaTask.eval_metrics`), plotted by `benchmarks.quality_report`;
   * context use: the head's accuracy on the 8 tokens after a clean 32-token prompt, with the
     prompt and with it noised like the rest (`DimbaTask.context_use`), and the AR model's
     accuracy at the same positions for scale;
@@ -22,7 +22,7 @@ Studies (STUDIES below):
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
 
-    python benchmarks/quality_study.py --study ablation --data-dir .gpu/data \\
+    python -m benchmarks.quality_study --study ablation --data-dir .gpu/data \\
         --workdir runs/ablation --out $OUT/quality_ablation_h200.json --budget-s 560
 
 Rerunning resumes: finished runs are not retrained, measured runs are not re-measured. `--smoke`
@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 ABL_SHIFT = round(math.log(4.0 / 256), 2)  # per-token SNR 4 at the middle of the cosine, d = 256
 PAPER = {"model.readout": "direct", "model.skip_logits": False, "diffusion.mse_weight": 1.0,
@@ -145,6 +144,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
     p.add_argument("--train-only", action="store_true", help="train the runs, measure nothing")
+    p.add_argument("--pareto-only", action="store_true",
+                   help="no device work: replace the rows of --pareto by those of the measured study in --out")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: train + measure one run
     return p.parse_args(argv)
 
@@ -212,7 +213,7 @@ def train_all(study: dict, names: list[str], args, deadline: float) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     for name in todo:
         if in_worker:
-            cmd = [sys.executable, os.path.abspath(__file__), *sys_args(args), "--worker", name]
+            cmd = [sys.executable, "-m", "benchmarks.quality_study", *sys_args(args), "--worker", name]
         else:
             config, overrides = config_args(name, study, args)
             cmd = [sys.executable, "-m", "dimba_jax.main", "--config", config,
@@ -404,15 +405,40 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     res["runs"] = {name: info}
 
 
+def to_pareto(res: dict, pareto: dict, command: str) -> dict:
+    """The Pareto results file of the study's models: its rows, reference, samples and models
+    replace those of `pareto` (rows of an earlier checkpoint must not mix with these); what does
+    not depend on the weights (the long-context timing study) is kept."""
+    out = dict(pareto, rows=list(res["rows"]), reference=res.get("reference"),
+               reference_by_L=res.get("reference_by_L", {}), samples=dict(res.get("samples", {})),
+               device=res.get("device", pareto.get("device", "")),
+               commands=list(res.get("commands", [])) + ([command] if command else []),
+               models={name: {k: v for k, v in info.items() if k != "noise_curve"}
+                       for name, info in res.get("runs", {}).items()},
+               details={}, notes=[n for n in pareto.get("notes", []) if n.startswith("long_context")])
+    out["command"] = " ; ".join(out["commands"])
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
         run_worker(args)
         return {}
+    if args.pareto_only:
+        from dimba_jax.evaluate import results as results_lib
+        if not args.pareto:
+            raise SystemExit("--pareto-only needs --pareto FILE")
+        command = "python -m benchmarks.quality_study " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        pareto = to_pareto(results_lib.load(args.out), results_lib.load(args.pareto), command)
+        results_lib.save(pareto, args.pareto)
+        log(f"{len(pareto['rows'])} rows into {args.pareto}")
+        return pareto
     deadline = time.perf_counter() + args.budget_s
     study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
     names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
-    command = "python benchmarks/quality_study.py " + " ".join(
+    command = "python -m benchmarks.quality_study " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     seconds = train_all(study, names, args, deadline)
     if args.train_only:
@@ -470,15 +496,7 @@ def main(argv=None) -> dict:
         log(f"{name}: " + "; ".join(f"T={r['steps']} prompted={r['prompted']} ppl={r['judge_ppl']} H={r['entropy']}"
                                     for r in rows if r.get("judge_ppl") is not None))
     if args.pareto:
-        pareto = results_lib.load(args.pareto)
-        results_lib.add_command(pareto, command, device)
-        results_lib.merge_rows(pareto, res["rows"])
-        pareto["reference_by_L"] = res.get("reference_by_L", {})
-        pareto["reference"] = res.get("reference")
-        pareto.setdefault("samples", {}).update(res.get("samples", {}))
-        for name, info in res.get("runs", {}).items():
-            pareto.setdefault("models", {})[name] = {k: v for k, v in info.items() if k not in ("noise_curve",)}
-        results_lib.save(pareto, args.pareto)
+        results_lib.save(to_pareto(res, results_lib.load(args.pareto), ""), args.pareto)
     results_lib.save(res, args.out)
     log(f"done; results in {args.out}")
     return res

@@ -16,8 +16,8 @@ Budget: 340 steps x 24 windows x 64 tokens = 0.52M tokens (~2 MB of text). Measu
 recipe (its vocabulary-sized products cost more per step than the old x0 regression); the
 whole command (tokenising, compiling, 340 steps, final samples and evaluation) took 4 min 30 s
 (jax 0.10.2). At this budget the samples are still word soup: real words and punctuation, little
-grammar. Samples use score temperature 1 (config.sample.score_temperature): 0.5, the GPU
-default, collapses this undertrained model onto commas, newlines and "the".
+grammar. Samples use score temperature 1 (config.sample.score_temperature): 0.5 collapses
+this undertrained model onto commas, newlines and "the".
 Why BPE and not bytes: with the byte tokenizer the same budget (1.4M bytes) gave letter soup
 ("he med no the wil er wivopt ther dadn"): a diffusion model denoises all positions at once, so
 it must learn spelling jointly across positions. With BPE every position decodes to a real word
