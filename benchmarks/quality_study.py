@@ -50,9 +50,14 @@ CONTEXT_LOGSNRS = (-10.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1
 ENTROPY_TOLERANCE = 0.05  # a sampler setting of record keeps the sample entropy within 5% of real text's
 AR_ABL = {"task": "ar", "model.bidirectional": False, "model.n_layers": 9}
 
+# What the studies on configs/ablation.py share: the AR model of the same size judges; each run
+# measures itself in its process (the driver judges) and its rows carry the run's name.
+ABL_STUDY = {"config": "configs/ablation.py", "judge": "ar", "steps": (32,), "lengths": (256,),
+             "batches": (32,), "prompt_len": 32, "skip_tokens": 2000, "measure_in_worker": True,
+             "variant_is_run": True}
+
 STUDIES = {
     "ablation": {
-        "config": "configs/ablation.py",
         "runs": {
             "paper": dict(PAPER),
             "paper+shift": dict(PAPER, **{"diffusion.logsnr_shift": ABL_SHIFT}),
@@ -66,17 +71,9 @@ STUDIES = {
             "all-skip": {"model.skip_logits": False},
             "ar": dict(AR_ABL),
         },
-        "judge": "ar",
-        "steps": (32,),
-        "lengths": (256,),
-        "batches": (32,),
-        "prompt_len": 32,
-        "skip_tokens": 2000,
-        "measure_in_worker": True,  # each run measures itself in its process; the driver judges
-        "variant_is_run": True,
+        **ABL_STUDY,
     },
     "width": {
-        "config": "configs/ablation.py",
         "runs": {
             "e256": {},
             "e64": {"model.embed_dim": 64},
@@ -84,15 +81,8 @@ STUDIES = {
             "e16": {"model.embed_dim": 16},
             "ar": dict(AR_ABL),
         },
-        "judge": "ar",
-        "steps": (32,),
-        "lengths": (256,),
-        "batches": (32,),
-        "prompt_len": 32,
-        "skip_tokens": 2000,
+        **ABL_STUDY,
         "variants": ("st0.7", "st1"),  # further score temperatures, unprompted, besides the default
-        "measure_in_worker": True,
-        "variant_is_run": True,
     },
     "small": {
         "config": "configs/small.py",
