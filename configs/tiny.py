@@ -60,7 +60,7 @@ def get_config():
     # (8 samples x 64 tokens, T = 32; docs/small_run/README.md, "read-out quirk").
     c.sample.clamp = False
     # At this budget a sharper estimate collapses onto punctuation and "the": score temperature
-    # 0.5 (the GPU default) gave samples of commas and newlines; 1.0 gives words.
+    # 0.5 gave samples of commas and newlines; 1.0 gives words.
     c.sample.score_temperature = 1.0
     c.sample.num_samples = 4
     return c

@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict] = {
     "st0.5": {"score_temperature": 0.5},
     "st0.6": {"score_temperature": 0.6},
     "st0.7": {"score_temperature": 0.7},
+    "st0.75": {"score_temperature": 0.75},
     "st0.8": {"score_temperature": 0.8},
     "st1": {"score_temperature": 1.0},
     "eta0.5": {"eta": 0.5},
