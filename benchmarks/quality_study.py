@@ -108,6 +108,20 @@ STUDIES = {
 }
 
 
+def parse_sweep(text: str) -> tuple[tuple[str, str], ...]:
+    """'ddim:st0.7,ddpm:st0.75' -> (("ddim", "st0.7"), ("ddpm", "st0.75")); a setting without a
+    variant ('ddim') is the model's default. ValueError names an unknown sampler or variant."""
+    from dimba_jax.evaluate import harness
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        sampler, _, variant = item.partition(":")
+        if sampler not in harness.SAMPLERS or variant not in harness.VARIANTS:
+            raise ValueError(f"--sweep: unknown setting {item!r} (samplers {harness.SAMPLERS}, "
+                             f"variants {sorted(harness.VARIANTS)})")
+        out.append((sampler, variant))
+    return tuple(out)
+
+
 def smoke_study(study: dict) -> dict:
     """The study shrunk for --smoke (CPU, tiny models, short samples)."""
     return dict(study, steps=(4,), prompted_steps=(4,), lengths=(16,), batches=(2,), prompt_len=8,
@@ -134,6 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
     p.add_argument("--train-only", action="store_true", help="train the runs, measure nothing")
+    p.add_argument("--sweep", default="",
+                   help="sampler settings to sweep, e.g. 'ddim:st0.7,ddpm:st0.75' ('' = the study's)")
     p.add_argument("--pareto-only", action="store_true",
                    help="no device work: replace the rows of --pareto by those of the measured study in --out")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: train + measure one run
@@ -307,6 +323,16 @@ def ar_measures(task, model, batches, prompt_len: int, positions: int = 8) -> di
     return {"nll_bits": float(np.mean(nll)) / math.log(2.0), "acc_after_prompt": float(np.mean(correct))}
 
 
+def choose_setting(rows: list[dict], real_entropy: float, tolerance: float = ENTROPY_TOLERANCE) -> dict:
+    """The judged row of record among a sweep's rows: the lowest judge perplexity among those
+    whose sample entropy is within `tolerance` (relative) of real text's, else the lowest overall
+    (a NaN perplexity never wins)."""
+    ppl = lambda r: r["judge_ppl"] if r.get("judge_ppl") == r.get("judge_ppl") and r.get("judge_ppl") is not None else float("inf")
+    close = [r for r in rows if r.get("entropy") is not None
+             and abs(r["entropy"] / real_entropy - 1.0) <= tolerance]
+    return min(close or rows, key=ppl)
+
+
 def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device: str, info: dict):
     """Judges the study's sampler settings at its headline T (unprompted, the largest batch);
     returns the (sampler, variant) with the lowest judge perplexity among those whose sample
@@ -324,10 +350,7 @@ def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device
     ref: dict = {}
     harness.ensure_reference(ref, judge, val_texts, L, max(study["batches"]), study["skip_tokens"], L)
     real = ref["reference_by_L"][str(L)]["entropy"]
-    ppl = lambda r: r["judge_ppl"] if r["judge_ppl"] == r["judge_ppl"] else float("inf")
-    close = [r for r in out["rows"] if r.get("entropy") is not None
-             and abs(r["entropy"] / real - 1.0) <= ENTROPY_TOLERANCE]
-    best = min(close or out["rows"], key=ppl)
+    best = choose_setting(out["rows"], real)
     log(f"sampler sweep: best {best['sampler']} {best.get('variant', '') or 'default'} "
         f"(judge ppl {best['judge_ppl']:.1f})")
     return best["sampler"], best.get("variant", "")
@@ -427,6 +450,8 @@ def main(argv=None) -> dict:
         return pareto
     deadline = time.perf_counter() + args.budget_s
     study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
+    if args.sweep:
+        study = dict(study, sweep=parse_sweep(args.sweep))
     names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
     command = "python -m benchmarks.quality_study " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -1,0 +1,50 @@
+"""The quality study driver's pure parts: the sweep's setting of record, --sweep parsing, and the
+Pareto file rebuilt from a study (rows of one checkpoint only)."""
+
+import math
+
+import pytest
+
+from benchmarks import quality_study as qs
+
+
+def _row(sampler, variant, ppl, entropy):
+    return {"sampler": sampler, "variant": variant, "judge_ppl": ppl, "entropy": entropy}
+
+
+def test_choose_setting_prefers_entropy_within_tolerance():
+    rows = [_row("ddim", "st0.5", 189.0, 6.62), _row("ddim", "st0.7", 338.0, 7.14),
+            _row("ddim", "st0.8", 563.0, 7.47), _row("ddpm", "st0.7", 433.0, 7.34)]
+    # real text 7.79: only st0.8 is within 5% (7.47 / 7.79 - 1 = -4.1%)
+    assert qs.choose_setting(rows, 7.79)["variant"] == "st0.8"
+    # with a looser tolerance the lowest perplexity among the close ones wins
+    assert qs.choose_setting(rows, 7.79, tolerance=0.09)["variant"] == "st0.7"
+    # none close: the lowest perplexity overall; a NaN perplexity never wins
+    far = [_row("ddim", "a", math.nan, 1.0), _row("ddim", "b", 50.0, 1.0), _row("ddim", "c", 40.0, 1.0)]
+    assert qs.choose_setting(far, 7.79)["variant"] == "c"
+
+
+def test_parse_sweep():
+    assert qs.parse_sweep("ddim:st0.7, ddpm:st0.75,ddim") == (("ddim", "st0.7"), ("ddpm", "st0.75"), ("ddim", ""))
+    with pytest.raises(ValueError, match="unknown setting"):
+        qs.parse_sweep("ddim:st9")
+    with pytest.raises(ValueError, match="unknown setting"):
+        qs.parse_sweep("euler:st0.7")
+
+
+def test_to_pareto_replaces_rows_and_keeps_the_long_context_study():
+    old = {"rows": [{"model": "dimba", "variant": "", "steps": 64}], "long_context": [{"L": 1024, "ms": 2.5}],
+           "long_context_slope": 0.72, "notes": ["Rows measured at 0.5", "long_context rows copied from X"],
+           "models": {"dimba": {"step": 4000, "workdir": "old"}}, "commands": ["old command"],
+           "samples": {"old|key": ["x"]}, "details": {"old": {}}}
+    study = {"rows": [{"model": "dimba", "variant": "st0.8", "steps": 64}], "reference": {"judge_ppl": 34.3},
+             "reference_by_L": {"1024": {"entropy": 7.79}}, "samples": {"dimba|key": ["y"]},
+             "runs": {"dimba": {"step": 4000, "workdir": "new", "noise_curve": {"ce_lam0": 0.0}}},
+             "commands": ["study command"], "device": "gpu:H200 x1"}
+    out = qs.to_pareto(study, old, "merge command")
+    assert out["rows"] == study["rows"] and out["samples"] == study["samples"] and out["details"] == {}
+    assert out["long_context"] == old["long_context"] and out["long_context_slope"] == 0.72
+    assert out["notes"] == ["long_context rows copied from X"]
+    assert out["models"] == {"dimba": {"step": 4000, "workdir": "new"}}  # no noise curve
+    assert out["commands"] == ["study command", "merge command"]
+    assert out["command"] == "study command ; merge command" and out["device"] == "gpu:H200 x1"
