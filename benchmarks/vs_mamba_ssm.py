@@ -1,4 +1,4 @@
-"""dimba_jax beside mamba_ssm, timed in one device call: the results file of record of issue 16.
+"""dimba_jax beside mamba_ssm, timed in one device call: one results file of record.
 
 Writes one JSON file (`--out`, on the GPU machine `$OUT/vs_mamba_ssm_h200.json`):
 
@@ -85,6 +85,9 @@ import traceback
 import types
 import uuid
 
+from benchmarks import vs_mamba_ssm_report as report
+from benchmarks.vs_mamba_ssm_report import SHAPE_NAMES
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 # Expected seconds of each item on one H200 (compile + timing), from the compile times in
@@ -104,7 +107,6 @@ PEER_SCRIPTS = {"ssd": "anchor_ssd_torch.py", "train_step": "anchor_train_torch.
 PEER_130M = types.SimpleNamespace(d_model=768, n_layers=24, expand=2, headdim=64, d_state=128,
                                   ngroups=1, d_conv=4, chunk_size=256)
 PEER_VOCAB = 50280
-SHAPE_NAMES = ("130m-L2k", "130m-L8k", "1.3b-L2k", "130m-L32k")
 # --smoke: config overrides that make a config tiny (CPU, seconds).
 SMOKE_MODEL = [("model.d_model", "32"), ("model.n_layers", "1"), ("model.d_state", "8"),
                ("model.headdim", "16"), ("model.chunk_size", "16"), ("model.time_embed_dim", "32"),
@@ -540,8 +542,6 @@ def main(argv=None) -> dict:
         _item(call, "generate:ar_base", our_generate_rows, call, "ar_base")
     call.doc["finished_utc"] = utc_now()
     call.write()
-    from benchmarks import vs_mamba_ssm_report as report
-
     report.validate(call.doc)
     print(f"[vs] done in {call.doc['elapsed_s']:.0f}s: {len(call.doc['rows'])} rows, "
           f"{len(call.doc['skipped'])} skipped, {len(call.doc['failed'])} failed -> {args.out}",

@@ -9,7 +9,8 @@ file's own call_id, so rows of two calls never meet). Every ratio divides two ro
 file: ours beside the peer timed in the same call. The table lists the train step (ms, tokens/s,
 MFU, tokens/s over mamba_ssm's), batch-1 generation of 1024 tokens (ms, ms per step, the peer's
 decode time over ours), the SSD (ours and the peer's forward and forward+backward, and their
-ratios) and issue 16's targets with whether each is met. The plot has three panels: train
+ratios) and the speed targets (MFU, tokens/s, batch-1 latency, SSD ratios) with whether each
+is met. The plot has three panels: train
 tokens/s, generation ms (log scale), SSD ours / peer with the 0.5 and 0.4 targets.
 """
 
@@ -20,18 +21,17 @@ import json
 import math
 import os
 
-from benchmarks.vs_mamba_ssm import SHAPE_NAMES
-
+SHAPE_NAMES = ("130m-L2k", "130m-L8k", "1.3b-L2k", "130m-L32k")  # the SSD shapes, in table order
 SYSTEMS = ("dimba_jax", "mamba_ssm")
 MODELS = ("dimba_base", "ar_base", "mamba2_130m")
-# what -> {key: allowed types} of the schema (issue 16, deliverable 6)
+# what -> {key: allowed types} of the results file's rows
 SCHEMA = {
     "train_step": {"system": str, "model": str, "ms": float, "tokens_per_s": float,
                    "mfu": (float, type(None))},
     "generate_1024_b1": {"system": str, "model": str, "steps": int, "ms": float},
     "ssd": {"system": str, "shape": str, "fwd_ms": float, "fwdbwd_ms": float},
 }
-# issue 16's targets
+# the targets each row is held against
 MFU_TARGET = 0.25  # DIMBA base train step
 AR_TPS_TARGET = 3.0  # AR base tokens/s over the peer's
 T64_MS_TARGET = 115.0  # DIMBA base, T = 64, 1024 tokens, batch 1
@@ -99,7 +99,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(doc: dict) -> list[dict]:
-    """Issue 16's targets, each {"target", "value", "goal", "met"} from this file's rows (value
+    """The speed targets, each {"target", "value", "goal", "met"} from this file's rows (value
     None and met None where a row is missing)."""
     peer_train = _find(doc, "train_step", system="mamba_ssm", model="mamba2_130m")
     dimba_train = _find(doc, "train_step", system="dimba_jax", model="dimba_base")
@@ -201,7 +201,7 @@ def to_markdown(doc: dict) -> str:
               f"`{peer_time or '—'}` of its two timings (do_bench: triton's GPU time with L2 "
               "flushed; wall5: the method of ours; best: the smaller of the two).", ""]
 
-    lines += ["## Targets (issue 16)", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for t in targets(doc):
         met = "no row" if t["met"] is None else ("yes" if t["met"] else "no")
         lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['goal']} | {met} |")

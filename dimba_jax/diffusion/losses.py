@@ -40,12 +40,16 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(se * w) / (n * pred.shape[-1])
 
 
+def _token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """-log softmax(logits)[token] per position: logits (b, L, V), tokens int (b, L) -> float32 (b, L)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
 def masked_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean token cross-entropy over positions where mask. logits (b, L, V); tokens int (b, L)."""
     w, n = _weights(mask)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * w) / n
+    return jnp.sum(_token_nll(logits, tokens) * w) / n
 
 
 def masked_accuracy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -66,9 +70,7 @@ def per_example_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Ar
     """Mean token cross-entropy of each example over its positions where mask -> float32 (b,)
     (0 for an example with no such position). logits (b, L, V); tokens int (b, L); mask bool (b, L)."""
     w = mask.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    return jnp.sum(_token_nll(logits, tokens) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
 def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Array,
