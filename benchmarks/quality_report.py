@@ -2,10 +2,12 @@
 
     python -m benchmarks.quality_report
 
-Reads benchmarks/results/quality_{ablation,width,small}_h200.json (written by
+Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
+quality_wavefront_h200.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
+  benchmarks/results/quality_wavefront_h200.md  the same for the wavefront of noise levels
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
@@ -56,6 +58,12 @@ STUDY_TEXT = {
               "(= d_model), 64, 32 and 16",
               "at score temperature 0.5 (the default; the judge ppl column), and unprompted at 0.7 and 1 "
               "(last column: judge ppl / entropy)"),
+    "wavefront": ("Wavefront of noise levels (`diffusion.wavefront`, `sample.wavefront`)",
+                  "the default recipe, the per-position level embedding alone (`pos`), and trained with "
+                  "wavefronts of width up to 1 and 3 (half the examples; diffusion/wavefront.py)",
+                  "at score temperature 0.8 (the default) and one level for all positions (the judge ppl "
+                  "column), and unprompted at the variants of the last columns (judge ppl / entropy): "
+                  "`st0.6` score temperature 0.6, `wfW` a wavefront of width W, `wfW_st0.6` both"),
 }
 
 
@@ -208,6 +216,14 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
+    wave_path = os.path.join(args.results, "quality_wavefront_h200.json")
+    if os.path.isfile(wave_path):
+        with open(wave_path) as f:
+            wave = json.load(f)
+        path = os.path.join(args.results, "quality_wavefront_h200.md")
+        with open(path, "w") as f:
+            f.write(ablation_table(wave, "wavefront"))
+        written.append(path)
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small))

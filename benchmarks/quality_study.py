@@ -18,6 +18,11 @@ Studies (STUDIES below):
             same size and tokens is the scale and the judge.
   width     configs/ablation.py at diffusion widths model.embed_dim 256 (= d_model), 64, 32, 16,
             each judged at score temperatures 0.5 (default), 0.7 and 1; the AR model as above.
+  wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
+            default recipe, the same with the per-position level embedding alone
+            (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
+            sampled with one level (W = 0) and, where trained for it, at W = 1 and 3, at score
+            temperatures 0.8 (the default) and 0.6; the AR model as above.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -83,6 +88,18 @@ STUDIES = {
         },
         **ABL_STUDY,
         "variants": ("st0.7", "st1"),  # further score temperatures, unprompted, besides the default
+    },
+    "wavefront": {
+        "runs": {
+            "all": {"@variants": ("st0.6",)},
+            "pos": {"model.position_levels": True, "@variants": ("st0.6",)},
+            "wf1": {"model.position_levels": True, "diffusion.wavefront": 1.0,
+                    "@variants": ("st0.6", "wf1", "wf1_st0.6")},
+            "wf3": {"model.position_levels": True, "diffusion.wavefront": 3.0,
+                    "@variants": ("st0.6", "wf1", "wf1_st0.6", "wf3", "wf3_st0.6")},
+            "ar": dict(AR_ABL),
+        },
+        **ABL_STUDY,
     },
     "small": {
         "config": "configs/small.py",
@@ -157,9 +174,11 @@ def parse_args(argv=None):
 
 
 def config_args(name: str, study: dict, args) -> tuple[str, list[str]]:
-    """(config file, CLI overrides) of one run."""
+    """(config file, CLI overrides) of one run (its "@variants", the sampler variants it is
+    measured at besides the study's, are not overrides)."""
     overrides = dict(study["runs"][name])
     config = overrides.pop("@config", study["config"])
+    overrides.pop("@variants", None)
     for item in args.set:
         run, _, kv = item.partition(":")
         if run == name:
@@ -398,8 +417,9 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
                      for L in study["lengths"] for p in (False, True)
                      for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
                                if not p else study["prompted_steps"])]
+        variants = study.get("variants", ()) + tuple(study["runs"][name].get("@variants", ()))
         specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, False, v)
-                  for L in study["lengths"] for v in study.get("variants", ())]
+                  for L in study["lengths"] for v in variants]
     else:
         info.update(ar_measures(task, model, batches, min(32, seq // 2)))
         nll_bits = info["nll_bits"]

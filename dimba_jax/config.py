@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.self_condition = True  # Feed the previous x0 estimate back as an input channel (Plaid/CDCD).
     m.readout = "score_interp"  # "score_interp": x0_hat = softmax(logits) @ E, trained by CE (CDCD); "direct": regress x0_hat (the paper's x0-MSE).
     m.skip_logits = True  # Add the output prior (the exact per-token Gaussian likelihood of x_t under each embedding row) to the logits.
+    m.position_levels = False  # Also embed each position's own noise level into the stem (needed to train or sample with a wavefront; diffusion/wavefront.py).
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
     m.compute_dtype = "float32"  # Activations dtype: "float32" or "bfloat16" (params stay in train.param_dtype).
 
@@ -59,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.warp_floor = 0.05  # Mass added to every warp bin when drawing levels, as a fraction of the mean bin mass.
     d.mse_weight = 0.0  # Weight of the x0 MSE (the paper's objective; 1 with model.readout="direct").
     d.ce_weight = 1.0  # Weight of the token cross-entropy of the logits (the whole loss with score interpolation).
+    d.wavefront = 0.0  # W_max of the wavefront of noise levels (0 = one level per sequence): left positions cleaner than right ones (diffusion/wavefront.py); needs noise_sampling "warp" and model.position_levels.
+    d.wavefront_prob = 0.5  # Fraction of training examples drawn with a wavefront (width ~ U(0, wavefront)); the rest use one level.
     d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).
     d.prompt_drop_prob = 0.1  # Probability of dropping the prompt (classifier-free guidance training).
     d.layout_probs = (0.3, 0.5, 0.2)  # Probabilities of prompt layouts per example: (none, prefix, infill).
@@ -72,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.guidance = 1.0  # Classifier-free guidance scale (1 = conditional only, 0 = unconditional).
     s.clamp = False  # Snap x0_hat toward the embedding table (softmax-weighted) at each step (for readout="direct").
     s.grid = "warp"  # Where the steps sit: "warp" (quantiles of the learned noise warp) or "uniform" (strided timesteps of the schedule).
+    s.wavefront = 0.0  # Wavefront width W at sampling (0 = every position at the same level; <= diffusion.wavefront of training; grid "warp").
     s.length = 128  # Generated tokens per sample (excluding the prompt).
     s.num_samples = 4  # Samples written at each sampling interval / in --mode sample.
     s.score_temperature = 0.8  # Each step's x0_hat = softmax(logits / score_temperature) @ E (< 1 sharpens the estimate; 0.8 keeps configs/small.py's sample entropy within 5% of real text, lower trades entropy for judge perplexity).

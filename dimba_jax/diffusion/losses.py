@@ -7,7 +7,8 @@ the denoiser (CDCD; mse_weight 0); with the "direct" read-out the MSE is the pap
 regression and the CE the "rounding" loss of Diffusion-LM / DiffuSeq. Known (prompt) positions
 carry no loss.
 
-`diffusion_loss` draws per example: a noise level (log-SNR; `sample_logsnr`), a prompt layout (layout.py), a prompt-dropout
+`diffusion_loss` draws per example: a noise level (log-SNR; `sample_logsnr`; with a wavefront,
+`diffusion.wavefront` > 0, one level per position, diffusion/wavefront.py), a prompt layout (layout.py), a prompt-dropout
 flag (probability prompt_drop_prob) and the noise; with probability self_cond_prob (one coin per
 batch, `lax.cond`, so the extra forward is only paid when used) it first runs the model without
 self-conditioning, stops the gradient and feeds that x0 estimate back as input (Chen et al.,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dimba_jax.diffusion import wavefront
 from dimba_jax.diffusion.layout import sample_layout
 from dimba_jax.diffusion.schedule import CosineSchedule, add_noise_logsnr
 
@@ -66,23 +68,17 @@ def embedding_stats(table: jax.Array) -> dict[str, jax.Array]:
     return {"embed_norm": jnp.mean(norms), "embed_mean_dir": jnp.linalg.norm(jnp.mean(unit, 0))}
 
 
-def per_example_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean token cross-entropy of each example over its positions where mask -> float32 (b,)
-    (0 for an example with no such position). logits (b, L, V); tokens int (b, L); mask bool (b, L)."""
-    w = mask.astype(jnp.float32)
-    return jnp.sum(_token_nll(logits, tokens) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-
-
 def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Array,
                   drop_prompt: jax.Array, noise: jax.Array, use_self_cond: jax.Array | bool,
                   mse_weight: float, ce_weight: float) -> dict[str, jax.Array]:
     """Loss terms for given draws (noise level, layout, dropout, noise, self-conditioning coin).
 
-    tokens: int32 (b, L); logsnr: float (b,) the log-SNR lambda of each example; cond_mask: bool
-    (b, L); drop_prompt: bool (b,); noise: float (b, L, e) (e = model.embed_dim); use_self_cond: bool scalar (ignored if
-    the model has no self-conditioning).
+    tokens: int32 (b, L); logsnr: float (b,) the log-SNR lambda of each example, or (b, L) one per
+    position; cond_mask: bool (b, L); drop_prompt: bool (b,); noise: float (b, L, e) (e =
+    model.embed_dim); use_self_cond: bool scalar (ignored if the model has no self-conditioning).
     Returns dict: float32 scalars loss (= mse_weight mse + ce_weight ce), mse, ce, acc; and
-    "x0_hat" (b, L, e), "logits" (b, L, V), "ce_example" (b,) (each example's mean cross-entropy).
+    "x0_hat" (b, L, e), "logits" (b, L, V), "ce_example" (b,) (each example's mean cross-entropy
+    over its generated positions), "nll" (b, L) (each position's cross-entropy).
     """
     x0 = model.embed(tokens)
     x_t = add_noise_logsnr(x0, logsnr, noise)
@@ -98,10 +94,13 @@ def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Ar
     x0_hat, logits = model.predict(x_t, logsnr, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)
     generated = ~cond_mask
     mse = masked_mse(x0_hat, x0, generated)
+    nll = _token_nll(logits, tokens)
     ce = masked_cross_entropy(logits, tokens, generated)
+    w = generated.astype(jnp.float32)
+    ce_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
     return {"loss": mse_weight * mse + ce_weight * ce, "mse": mse, "ce": ce,
             "acc": masked_accuracy(logits, tokens, generated), "x0_hat": x0_hat, "logits": logits,
-            "ce_example": per_example_cross_entropy(logits, tokens, generated)}
+            "ce_example": ce_example, "nll": nll}
 
 
 # The warp's regression loss enters the total with this weight: its gradients reach only the warp
@@ -124,14 +123,32 @@ def sample_logsnr(model, schedule: CosineSchedule, rng: jax.Array, batch: int, d
     return schedule.logsnr_at(schedule.sample_t(rng, (batch,), power=float(diffusion_cfg.t_power)))
 
 
+def sample_wavefront_logsnr(model, rng: jax.Array, cond_mask: jax.Array, diffusion_cfg) -> jax.Array:
+    """Training levels with a wavefront (diffusion/wavefront.py): clock s ~ U(0, 1) and width
+    W ~ U(0, diffusion.wavefront) with probability diffusion.wavefront_prob (else 0) per example,
+    lambda_i = the warp's level at u_i(s). cond_mask bool (b, L) -> float32 (b, L). At W = 0 the
+    level is the one `sample_logsnr` draws from the same key."""
+    if diffusion_cfg.noise_sampling != "warp" or model.noise_warp is None:
+        raise ValueError("diffusion.wavefront > 0 needs diffusion.noise_sampling='warp' (its levels are the warp's quantiles)")
+    if not getattr(model, "position_levels", False):
+        raise ValueError("diffusion.wavefront > 0 needs model.position_levels=True (the denoiser must see each position's level)")
+    b = cond_mask.shape[0]
+    clock = jax.random.uniform(rng, (b,), jnp.float32)
+    widths = wavefront.sample_widths(jax.random.fold_in(rng, 1), b, float(diffusion_cfg.wavefront),
+                                     float(diffusion_cfg.wavefront_prob))
+    u = wavefront.progress(clock, wavefront.generation_rank(cond_mask), widths)
+    return model.noise_warp.inverse_cdf(u)
+
+
 def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.Array, diffusion_cfg
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DIMBA training loss of one batch.
 
     model: a `DimbaModel`; tokens: int32 (b, L); rng: a PRNG key; diffusion_cfg: `config.diffusion`
     (mse_weight, ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac,
-    noise_sampling, t_power). With a noise warp on the model, its regression on the observed
-    per-example cross-entropy is added (weight WARP_LOSS_WEIGHT; metric warp_mse).
+    noise_sampling, t_power, wavefront, wavefront_prob). With a noise warp on the model, its
+    regression on the observed cross-entropy is added (weight WARP_LOSS_WEIGHT; metric
+    warp_mse): per example at one level per example, per generated position with a wavefront.
     Returns (float32 scalar loss, metrics dict of float32 scalars: loss, mse, ce, acc,
     embed_norm, embed_mean_dir, known_frac[, warp_mse]).
     """
@@ -139,18 +156,24 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tokens.shape}")
     b, length = tokens.shape
     r_t, r_noise, r_layout, r_drop, r_sc = jax.random.split(rng, 5)
-    logsnr = sample_logsnr(model, schedule, r_t, b, diffusion_cfg)
     cond_mask, _ = sample_layout(r_layout, b, length, diffusion_cfg.layout_probs, diffusion_cfg.max_prompt_frac)
+    per_position = float(diffusion_cfg.wavefront) > 0
+    if per_position:
+        logsnr = sample_wavefront_logsnr(model, r_t, cond_mask, diffusion_cfg)
+    else:
+        logsnr = sample_logsnr(model, schedule, r_t, b, diffusion_cfg)
     drop = jax.random.bernoulli(r_drop, float(diffusion_cfg.prompt_drop_prob), (b,))
     noise = jax.random.normal(r_noise, (b, length, model.embed_dim), jnp.float32)
     use_sc = jax.random.bernoulli(r_sc, float(diffusion_cfg.self_cond_prob))
     terms = denoise_terms(model, tokens, logsnr, cond_mask, drop, noise, use_sc,
                           float(diffusion_cfg.mse_weight), float(diffusion_cfg.ce_weight))
     ce_example = terms.pop("ce_example")
+    nll = terms.pop("nll")
     terms.pop("x0_hat")
     terms.pop("logits")
     if model.noise_warp is not None:
-        terms["warp_mse"] = model.noise_warp.regression_loss(logsnr, ce_example)
+        terms["warp_mse"] = (model.noise_warp.regression_loss(logsnr, nll, weight=~cond_mask) if per_position
+                             else model.noise_warp.regression_loss(logsnr, ce_example))
         terms["loss"] = terms["loss"] + WARP_LOSS_WEIGHT * terms["warp_mse"]
     terms.update(embedding_stats(model.embedding_table()))
     terms["known_frac"] = jnp.mean(cond_mask.astype(jnp.float32))

@@ -8,7 +8,12 @@ and splits the model once and returns a callable for repeated low-overhead calls
 Grids (`noise_grid`): the model is told each step's noise level as a log-SNR. "uniform" keeps
 `steps` strided timesteps of the schedule; "warp" puts the steps at the quantiles of the model's
 learned noise warp (diffusion/warp.py). Either way each step goes from alpha_bar at its level to
-alpha_bar at the next, as below.
+alpha_bar at the next, as below. With a wavefront (`wavefront` W > 0, grid "warp", a model with
+`position_levels`), each generated position has its own level: at step k of S the clock is
+s = 1 - k/S and position i sits at the warp's quantile u_i(s) (diffusion/wavefront.py), so the
+left of the span is denoised before the right; a position whose level does not change in a step
+keeps its x (both posteriors are the identity there), and the last step takes every position to
+clean data. W = 0 is exactly the "warp" grid.
 
 Respacing: `steps` (1..T) kept timesteps tau_S = T > ... > tau_1 = 1 (CosineSchedule.respaced_timesteps);
 each step goes from tau_i to tau_{i-1} using alpha_bar at both (for DDPM the per-step beta is
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dimba_jax.diffusion import wavefront as wavefront_lib
 from dimba_jax.diffusion.schedule import CosineSchedule
 
 SAMPLERS = ("ddpm", "ddim")
@@ -69,7 +75,7 @@ def ddim_posterior(x_t: jax.Array, x0_hat: jax.Array, ab_t, ab_prev, eta) -> tup
     ab_t = jnp.asarray(ab_t, jnp.float32)
     ab_prev = jnp.asarray(ab_prev, jnp.float32)
     eps_hat = (x_t - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1.0 - ab_t)
-    sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
+    sigma = eta * jnp.sqrt(jnp.maximum((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev), 0.0))
     mean = jnp.sqrt(ab_prev) * x0_hat + jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma ** 2, 0.0)) * eps_hat
     return mean, sigma
 
@@ -125,7 +131,7 @@ def noise_grid(model, schedule: CosineSchedule, steps: int, grid: str = "uniform
 def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: jax.Array, rng: jax.Array, *,
            steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
-           grid: str = "uniform", score_temperature: float = 1.0):
+           grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -146,6 +152,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
       grid: where the steps sit, "uniform" or "warp" (`noise_grid`).
       score_temperature: tau; x0_hat <- softmax(logits / tau) @ E at every step (1 = the model's
         own estimate; < 1 sharpens it toward its most likely tokens).
+      wavefront: W >= 0, the width of the wavefront of levels (0 = one level for all positions;
+        > 0 needs grid "warp" and a model with position_levels).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -158,7 +166,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         raise ValueError(f"tokens_known {tokens_known.shape} and cond_mask {cond_mask.shape} must both be (batch, L)")
     fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
                         self_condition=self_condition, temperature=temperature, grid=grid,
-                        score_temperature=score_temperature)
+                        score_temperature=score_temperature, wavefront=wavefront)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -166,7 +174,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
 def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
-                   score_temperature: float = 1.0):
+                   score_temperature: float = 1.0, wavefront: float = 0.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -184,15 +192,24 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
         raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
     if int(unroll) < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
+    if wavefront < 0:
+        raise ValueError(f"wavefront must be >= 0, got {wavefront}")
+    if wavefront > 0 and (grid != "warp" or not getattr(model, "position_levels", False)):
+        raise ValueError("wavefront > 0 needs grid='warp' and a model trained with model.position_levels=True "
+                         f"(got grid={grid!r}, position_levels={getattr(model, 'position_levels', False)})")
     if self_condition is None:
         self_condition = model.self_condition
     if self_condition and not model.self_condition:
         raise ValueError("self_condition=True needs a model built with model.self_condition=True")
-    ts, ab_t, ab_prev = noise_grid(model, schedule, steps, grid)
+    if wavefront > 0:  # per-position levels are made inside the program from the clock
+        clock, clock_next = wavefront_lib.clock_grid(int(steps))
+        ts, ab_t, ab_prev = clock, clock_next, (jnp.arange(int(steps)) == int(steps) - 1).astype(jnp.float32)
+    else:
+        ts, ab_t, ab_prev = noise_grid(model, schedule, steps, grid)
     graphdef, state = nnx.split(model)
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
-                  score_temperature=float(score_temperature))
+                  score_temperature=float(score_temperature), wavefront=float(wavefront))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -204,10 +221,12 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                score_temperature: float = 1.0):
     """One guided, clamped, re-imposed estimate at one noise level.
 
-    x_t (b, L, e); logsnr float scalar. Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
+    x_t (b, L, e); logsnr float scalar, or (b, L) one level per position. Returns (x0 float32
+    (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
-    lam = jnp.full((b,), logsnr, jnp.float32)
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    lam = logsnr if logsnr.ndim == 2 else jnp.full((b,), logsnr, jnp.float32)
     if guidance == 1.0:
         x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond)
     elif guidance == 0.0:
@@ -238,20 +257,35 @@ def read_out(logits: jax.Array, tokens_known: jax.Array, known: jax.Array, rng: 
     return jnp.where(known, tokens_known, ids.astype(jnp.int32))
 
 
+def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, last
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One reverse step's per-position levels under a wavefront: (logsnr (b, L), alpha_bar there
+    (b, L, 1), alpha_bar at the next clock (b, L, 1), 1 everywhere at the `last` step), float32.
+    rank (b, L) from `wavefront.generation_rank`; clock, clock_next, last float scalars."""
+    lam = model.noise_warp.inverse_cdf(wavefront_lib.progress(clock, rank, width))
+    lam_next = model.noise_warp.inverse_cdf(wavefront_lib.progress(clock_next, rank, width))
+    a_t = jax.nn.sigmoid(lam)
+    a_prev = jnp.where(last > 0, 1.0, jnp.maximum(jax.nn.sigmoid(lam_next), a_t))  # never noisier
+    return lam, a_t[..., None], a_prev[..., None]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature", "unroll", "score_temperature"))
+                                             "temperature", "unroll", "score_temperature", "wavefront"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
-                self_condition, temperature, unroll=1, score_temperature=1.0):
+                self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
     r_init, r_loop, r_read = jax.random.split(rng, 3)
     x = jax.random.normal(r_init, (b, length, model.embed_dim), jnp.float32)
     x = jnp.where(known[..., None], clean, x)
+    rank = wavefront_lib.generation_rank(known)
 
     def body(carry, step):
         x_t, x0_prev, _, key = carry
         lam, a_t, a_prev = step
+        if wavefront > 0:  # the step's inputs are (clock, next clock, last-step flag)
+            lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
                                 score_temperature=score_temperature)

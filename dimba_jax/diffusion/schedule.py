@@ -154,8 +154,10 @@ def schedule_from_config(diffusion_config) -> CosineSchedule:
 def add_noise_logsnr(x0: jax.Array, logsnr: jax.Array, noise: jax.Array) -> jax.Array:
     """Forward process at log-SNR lambda: sqrt(sigmoid(lambda)) x0 + sqrt(sigmoid(-lambda)) noise.
 
-    x0, noise: float (b, L, d); logsnr: float (b,). Returns float32 (b, L, d).
+    x0, noise: float (b, L, d); logsnr: float (b,) one level per sequence or (b, L) one per
+    position. Returns float32 (b, L, d).
     """
-    lam = logsnr.astype(jnp.float32)[:, None, None]
+    lam = logsnr.astype(jnp.float32)
+    lam = lam[:, :, None] if lam.ndim == 2 else lam[:, None, None]
     return (jnp.sqrt(jax.nn.sigmoid(lam)) * x0.astype(jnp.float32)
             + jnp.sqrt(jax.nn.sigmoid(-lam)) * noise.astype(jnp.float32))

@@ -79,9 +79,16 @@ class NoiseWarp(nnx.Module):
         k = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, self.bins - 1)
         return f[k] + (pos - k) * self.increments()[k]
 
-    def regression_loss(self, logsnr: jax.Array, observed: jax.Array) -> jax.Array:
-        """mean((F(lambda) - observed)^2), gradients only into the warp. (b,), (b,) -> float32 scalar."""
-        return jnp.mean(jnp.square(self(logsnr) - jax.lax.stop_gradient(observed.astype(jnp.float32))))
+    def regression_loss(self, logsnr: jax.Array, observed: jax.Array, weight: jax.Array | None = None
+                        ) -> jax.Array:
+        """mean((F(lambda) - observed)^2) (weighted by `weight` where given: a bool or float mask of
+        the same shape), gradients only into the warp. Any equal shapes, e.g. (b,) per example or
+        (b, L) per position -> float32 scalar."""
+        se = jnp.square(self(logsnr) - jax.lax.stop_gradient(observed.astype(jnp.float32)))
+        if weight is None:
+            return jnp.mean(se)
+        w = weight.astype(jnp.float32)
+        return jnp.sum(se * w) / jnp.maximum(jnp.sum(w), 1.0)
 
     def bin_mass(self) -> jax.Array:
         """Sampling mass per bin: float32 (K,) summing to 1 (increments plus the floor; no gradient)."""

@@ -95,6 +95,7 @@ class DimbaGenerator:
         self.defaults = {"eta": float(s.eta), "guidance": float(s.guidance), "clamp": bool(s.clamp),
                          "temperature": float(s.temperature), "grid": str(s.grid),
                          "score_temperature": float(s.score_temperature),
+                         "wavefront": float(s.wavefront),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:

@@ -64,6 +64,10 @@ VARIANTS: dict[str, dict] = {
     "st0.8": {"score_temperature": 0.8},
     "st1": {"score_temperature": 1.0},
     "eta0.5": {"eta": 0.5},
+    "wf1": {"wavefront": 1.0},
+    "wf1_st0.6": {"wavefront": 1.0, "score_temperature": 0.6},
+    "wf3": {"wavefront": 3.0},
+    "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
 }
 
 

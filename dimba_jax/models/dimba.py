@@ -37,7 +37,10 @@ Decisions:
   look like generated positions with an odd x_t, conflating two roles.
 * **Noise level and read-out.** The denoiser is told the noise level as the log-SNR lambda
   (`noise_time` maps it to the timestep embedding's input), so any schedule, shift or learned warp
-  of the levels can drive it. `model.readout` "score_interp" (default) makes the network predict
+  of the levels can drive it. lambda is one level per sequence (b,) or one per position (b, L)
+  (a wavefront, diffusion/wavefront.py): the blocks' FiLM then reads the mean level over the
+  generated positions, and with `model.position_levels` the stem also adds each position's own
+  level embedding, Linear(tau(lambda_i)), so the network knows which neighbours are cleaner. `model.readout` "score_interp" (default) makes the network predict
   token logits and x0_hat = softmax(logits) @ E, the softmax-weighted mean of embedding rows
   (CDCD's score interpolation: x0_hat stays on the vocabulary's hull, trained by cross-entropy);
   "direct" regresses x0_hat itself (the paper's x0-MSE) and reads logits off it through the head.
@@ -129,7 +132,7 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, readout, skip_logits).
+        compute_dtype, readout, skip_logits, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -175,6 +178,9 @@ class DimbaModel(nnx.Module):
         self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
         self.time_embed = TimestepEmbedding(int(m.time_embed_dim), d, param_dtype=param_dtype, rngs=rngs)
         self.pool_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+        self.position_levels = bool(getattr(m, "position_levels", False))
+        if self.position_levels:
+            self.level_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
         if prompt_encoder is not None:
             self.prompt_encoder = prompt_encoder
         elif m.prompt_encoder == "mlp":
@@ -223,10 +229,11 @@ class DimbaModel(nnx.Module):
         sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
         tokens of a position seen alone under a uniform prior; the head learns what context adds.
         lambda is clipped to the range the timestep embedding covers ([-28, 12]).
-        x_t float (b, L, e), logsnr float (b,) -> float32 (b, L, V)."""
+        x_t float (b, L, e), logsnr float (b,) or (b, L) -> float32 (b, L, V)."""
         lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
         coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
-        return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef[:, None, None]
+        coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
+        return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef
 
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None
@@ -235,7 +242,9 @@ class DimbaModel(nnx.Module):
 
         Args:
           x_t: float (b, L, e) noisy embeddings (values at known positions are ignored).
-          logsnr: float (b,) the noise level as log-SNR lambda = log(ab / (1 - ab)).
+          logsnr: float (b,) or (b, L) the noise level as log-SNR lambda = log(ab / (1 - ab)), one
+            per sequence or one per position (without `position_levels` the blocks see only
+            the mean over generated positions; the prior logits always use each position's own).
           tokens: int32 (b, L) token ids; only the known positions are read.
           cond_mask: bool (b, L), True = known (clean) position.
           self_cond: float (b, L, e) previous x0 estimate, or None (= zeros).
@@ -250,8 +259,15 @@ class DimbaModel(nnx.Module):
         if e != self.embed_dim or tokens.shape != (b, length) or cond_mask.shape != (b, length):
             raise ValueError(f"DimbaModel: x_t {x_t.shape}, tokens {tokens.shape}, cond_mask "
                              f"{cond_mask.shape} do not agree (embed_dim {self.embed_dim})")
-        logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (b,))
         known = cond_mask.astype(bool)
+        logsnr = jnp.asarray(logsnr, jnp.float32)
+        if logsnr.ndim == 2:
+            if logsnr.shape != (b, length):
+                raise ValueError(f"DimbaModel: per-position logsnr {logsnr.shape}, expected {(b, length)}")
+            gen = (~known).astype(jnp.float32)
+            level = jnp.sum(logsnr * gen, 1) / jnp.maximum(jnp.sum(gen, 1), 1.0)  # FiLM's level
+        else:
+            logsnr = level = jnp.broadcast_to(logsnr, (b,))
         if drop_prompt is None:
             drop_prompt = jnp.zeros((b,), bool)
         visible = known & ~drop_prompt.astype(bool)[:, None]
@@ -264,12 +280,16 @@ class DimbaModel(nnx.Module):
             feats.append(jnp.where(known[..., None], shown, sc))
         feats.append(known[..., None].astype(jnp.float32))
         h = self.in_proj(jnp.concatenate(feats, axis=-1))
+        if self.position_levels:
+            lam_pos = jnp.broadcast_to(logsnr[:, None], (b, length)) if logsnr.ndim == 1 else logsnr
+            tau = self.time_embed(noise_time(lam_pos.reshape(-1))).reshape(b, length, -1)
+            h = h + self.level_proj(jax.nn.silu(tau))
 
         c_pos = self.prompt_encoder(clean, tokens, visible).astype(jnp.float32)  # zero where not visible
         h = h + c_pos
         n_visible = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1).astype(jnp.float32)
         pooled = jnp.sum(c_pos, axis=1) / n_visible
-        cond = jax.nn.silu(self.time_embed(noise_time(logsnr)) + self.pool_proj(pooled))
+        cond = jax.nn.silu(self.time_embed(noise_time(level)) + self.pool_proj(pooled))
 
         for block in self.blocks:
             h = block(h, cond)

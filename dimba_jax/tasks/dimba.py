@@ -30,6 +30,20 @@ from dimba_jax.models import flops as flops_lib
 from dimba_jax.models.dimba import DimbaModel, resolve_dtype
 
 
+def check_wavefront(config) -> None:
+    """ValueError (one line, naming the keys) for a wavefront the model or the levels cannot carry:
+    diffusion.wavefront / sample.wavefront > 0 need model.position_levels and the warp's levels
+    (noise_sampling / grid "warp"); negative widths are refused."""
+    d, s, m = config.diffusion, config.sample, config.model
+    if float(d.wavefront) < 0 or float(s.wavefront) < 0 or not 0.0 <= float(d.wavefront_prob) <= 1.0:
+        raise ValueError(f"diffusion.wavefront ({d.wavefront}) and sample.wavefront ({s.wavefront}) must be "
+                         f">= 0 and diffusion.wavefront_prob ({d.wavefront_prob}) in [0, 1]")
+    if float(d.wavefront) > 0 and (d.noise_sampling != "warp" or not m.position_levels):
+        raise ValueError("diffusion.wavefront > 0 needs diffusion.noise_sampling='warp' and model.position_levels=True")
+    if float(s.wavefront) > 0 and (s.grid != "warp" or not m.position_levels):
+        raise ValueError("sample.wavefront > 0 needs sample.grid='warp' and model.position_levels=True")
+
+
 class DimbaTask:
     """DIMBA as a `dimba_jax.tasks.Task` (init_model / loss / sample_text / flops_per_token)
     plus `generate`, `infill` and `eval_metrics`.
@@ -48,6 +62,7 @@ class DimbaTask:
         self.config = config
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
+        check_wavefront(config)
         self.prompt_stack = prompt_stack  # FrozenStack of the donor run (prompt_encoder="frozen")
         self._eval_at = nnx.jit(self._eval_terms)
         self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
@@ -101,7 +116,8 @@ class DimbaTask:
                   diffusion width model.embed_dim) + 2 e V each for the score interpolation
                   (softmax @ E) and the output prior (x_t @ E^T) when on
                 + the stem: input projection 2 (2e+1) d (or (e+1) d without self-conditioning),
-                  output projection 2 d e, prompt MLP 2 (e 2d + 2d d) (counted at every position);
+                  output projection 2 d e, prompt MLP 2 (e 2d + 2d d) (counted at every position),
+                  with model.position_levels the per-position level embedding 2 (t_dim d + 2 d d);
         training = 3 x forward (forward + backward) + self_cond_prob x forward (the no-grad
                    self-conditioning pass). Per-sequence work (timestep MLP, FiLM) is ignored.
         """
@@ -111,6 +127,8 @@ class DimbaTask:
         n_in = e * (2 if m.self_condition else 1) + 1
         stem = 2.0 * n_in * d + 2.0 * d * e + (2.0 * (e * 2 * d + 2 * d * d) if m.prompt_encoder == "mlp" else 0.0)
         stem += 2.0 * e * v * ((m.readout == "score_interp") + bool(m.skip_logits))
+        if getattr(m, "position_levels", False):  # each position's level: timestep MLP + level_proj
+            stem += 2.0 * (int(m.time_embed_dim) * d + 2 * d * d)
         # A bidirectional block shares in_proj / out_proj between its directions and computes
         # them once (layers/mamba2.py); only the conv, SSD and gated norm run per direction.
         fwd = flops_lib.mamba2_lm_forward_flops(m, vocab_size=v, seq_len=seq_len,
@@ -128,7 +146,8 @@ class DimbaTask:
         return dict(steps=int(pick(steps, s.steps)), sampler=pick(sampler, s.sampler),
                     eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
                     clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
-                    grid=str(s.grid), score_temperature=float(s.score_temperature))
+                    grid=str(s.grid), score_temperature=float(s.score_temperature),
+                    wavefront=float(s.wavefront))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
@@ -207,6 +226,7 @@ class DimbaTask:
                               noise, True, float(d.mse_weight), float(d.ce_weight))
         terms.pop("x0_hat")
         terms.pop("ce_example")
+        terms.pop("nll")
         logits = terms.pop("logits")
         terms["correct"] = (jnp.argmax(logits, -1) == tokens)  # (b, L) bool
         return terms
