@@ -91,7 +91,8 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
     for name, info in res["runs"].items():
         rows = _rows_by(res, name)
         bound = info.get("bound", {}).get("bound_bits", info.get("nll_bits"))
-        over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()) or "(defaults)"
+        over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()
+                         if not k.startswith("@")) or "(defaults)"
         un, pr = rows.get(False, {}), rows.get(True, {})
         cells = ""
         for v in extra:
