@@ -47,22 +47,29 @@ the driver reads them as they come and stops the anchor once it has every case i
 anchors also time 370M models, which are not rows here), or at its time limit (--peer-max-s or
 the budget). This process keeps --jax-mem-fraction of the GPU memory; the peer uses the rest.
 
-Device command (one H200, one call of about 8 minutes; ITEM_SECONDS sums to ~465 s).
-Before the call, here (both folders are git-ignored):
+Device commands (one H200). Everything takes ~610 s of a 600 s command limit (measured: the
+peer's SSD anchor 141 s and train anchor 104 s, most of it Triton autotuning; our SSD, DIMBA and
+AR train steps 256 s with compiles), so it runs as two chained calls, each its own file with its
+own call_id (every ratio within one file, so within one call). Before them, here (both folders are
+git-ignored):
 
     mkdir -p .peer .whl && cp -r ../shared/peer/. .peer/ && cp ../shared/wheels-gpu/*.whl .whl/
 
-then, with carry [".peer", ".whl"]:
+then, with carry [".peer", ".whl"], call 1 (~8.5 min) and, at once after it, call 2 (~2 min):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
-    timeout 570 python3 -m benchmarks.vs_mamba_ssm --out $OUT/vs_mamba_ssm_h200.json --budget-s 520
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
+    timeout 575 python3 -m benchmarks.vs_mamba_ssm --parts ssd,train_step \
+        --out $OUT/vs_mamba_ssm_h200.json --budget-s 555
+    (same preamble); timeout 300 python3 -m benchmarks.vs_mamba_ssm --parts generate \
+        --out $OUT/vs_mamba_ssm_generate_h200.json --budget-s 280
 
-Afterwards, here: copy the file to benchmarks/results/ and run
-`python -m benchmarks.vs_mamba_ssm_report` (table + docs/vs_mamba_ssm_h200.png).
-A call that stopped short keeps its rows and says what it skipped; a second, complete call (a
-new file: files are never merged) finds its compiled programs in the XLA compilation cache
-(--compile-cache) if the machine is still warm.
+Afterwards, here: copy both files to benchmarks/results/ and run
+`python -m benchmarks.vs_mamba_ssm_report` (table + docs/vs_mamba_ssm_h200.png) and
+`python -m benchmarks.vs_mamba_ssm_report --results benchmarks/results/vs_mamba_ssm_generate_h200.json
+--plot docs/vs_mamba_ssm_generate_h200.png`. A call that stopped short keeps its rows and says
+what it skipped; a second call (a new file: files are never merged) finds its compiled programs
+in the XLA compilation cache (--compile-cache) if the machine is still warm.
 
 `--smoke`: the whole pipeline on CPU in under a minute (tiny shapes and models, the shape names kept;
 the peer is tests/fake_peer/, stand-in scripts that print JSON in the anchors' format).
@@ -90,12 +97,12 @@ from benchmarks.vs_mamba_ssm_report import SHAPE_NAMES
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
-# Expected seconds of each item on one H200 (compile + timing), from the compile times in
-# benchmarks/results (train step of base ~80 s, sampler ~5-40 s) plus margin. An item starts
-# only if this fits in what is left of --budget-s.
+# Expected seconds of each item on one H200 (compile + timing), from the call of record
+# (benchmarks/results/vs_mamba_ssm_h200.json: the peer's anchors 141 s and 104 s, the base train
+# step's compile 80 s) plus margin. An item starts only if this fits in what is left of --budget-s.
 ITEM_SECONDS = {
-    "ssd:dimba_jax": 50, "ssd:mamba_ssm": 100,
-    "train_step:mamba_ssm": 30, "train_step:dimba_base": 110, "train_step:ar_base": 70,
+    "ssd:dimba_jax": 50, "ssd:mamba_ssm": 150,
+    "train_step:mamba_ssm": 110, "train_step:dimba_base": 110, "train_step:ar_base": 70,
     "generate:mamba_ssm": 30, "generate:dimba_base": 50, "generate:ar_base": 25,
 }
 GEN_TOKENS = 1024  # batch-1 generation length of the rows (the peer's anchor case); 16 with --smoke
