@@ -32,6 +32,15 @@ Studies (STUDIES below):
 
 Rerunning resumes: finished runs are not retrained, measured runs are not re-measured. `--smoke`
 runs the pipeline on CPU in about a minute (tiny models, embedded corpus).
+
+The trained models can leave the GPU machine as one-file exports (dimba_jax/train/export.py,
+bfloat16): `--export-dir $OUT` writes each DIMBA run of a configs/ablation.py study as NAME.npz
+(its EMA weights, ~12 MiB) and the judge as judge.npz (its raw weights, ~11 MiB); one call
+returns at most 8 files and 64 MiB, so export at most 4 DIMBA runs (`--runs`) with the judge. Anywhere else, `--from-exports DIR` measures those files without
+training (the AR runs, not exported, are skipped), e.g. sampler settings on CPU:
+
+    python -m benchmarks.quality_study --study wavefront --from-exports exports/ --runs all,wf1 \
+        --data-dir .gpu/data --workdir runs/cpu --out runs/cpu/q.json --bound-levels 8
 """
 
 from __future__ import annotations
@@ -169,6 +178,10 @@ def parse_args(argv=None):
                    help="sampler settings to sweep, e.g. 'ddim:st0.7,ddpm:st0.75' ('' = the study's)")
     p.add_argument("--pareto-only", action="store_true",
                    help="no device work: replace the rows of --pareto by those of the measured study in --out")
+    p.add_argument("--export-dir", default="",
+                   help="studies measured in workers: write each DIMBA run as NAME.npz and the judge as judge.npz here")
+    p.add_argument("--from-exports", default="",
+                   help="measure the NAME.npz / judge.npz files of this folder instead of training")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: train + measure one run
     return p.parse_args(argv)
 
@@ -274,6 +287,8 @@ def sys_args(args) -> list[str]:
         out += ["--data-dir", args.data_dir]
     if args.smoke:
         out.append("--smoke")
+    if args.export_dir:
+        out += ["--export-dir", args.export_dir]
     for item in args.set:
         out += ["--set", item]
     return out
@@ -296,6 +311,29 @@ def run_worker(args) -> None:
     measure(name, study, args, None, validation_texts(args), res, "", "")
     with open(measure_path(args, name), "w") as f:
         json.dump(res, f)
+    if args.export_dir:
+        export_weights(name, study, args)
+
+
+def export_weights(name: str, study: dict, args) -> None:
+    """One-file exports of a trained run: NAME.npz (EMA) for a DIMBA run, judge.npz (raw weights)
+    for the study's judge."""
+    from dimba_jax.train.inference import export_run, load_run
+
+    os.makedirs(args.export_dir, exist_ok=True)
+    workdir = os.path.join(args.workdir, name)
+    if name == study["judge"]:
+        log(f"exported {export_run(load_run(workdir, prefer_ema=False), os.path.join(args.export_dir, 'judge.npz'))}")
+    run = load_run(workdir)
+    if run.config.task == "dimba":
+        log(f"exported {export_run(run, os.path.join(args.export_dir, f'{name}.npz'))}")
+
+
+def model_source(args, name: str) -> str:
+    """Where run `name`'s weights are read from: its workdir, or with --from-exports its file."""
+    if args.from_exports:
+        return os.path.join(args.from_exports, "judge.npz" if name == "@judge" else f"{name}.npz")
+    return os.path.join(args.workdir, name)
 
 
 def validation_texts(args) -> list[str]:
@@ -386,7 +424,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     from dimba_jax.evaluate.loading import count_params
     from dimba_jax.train.inference import load_run
 
-    workdir = os.path.join(args.workdir, name)
+    workdir = model_source(args, name)
     run = load_run(workdir)
     model, task, cfg, tok, step = run.model, run.task, run.config, run.task.tokenizer, run.step
     seq = int(cfg.data.seq_len)
@@ -475,7 +513,7 @@ def main(argv=None) -> dict:
     names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
     command = "python -m benchmarks.quality_study " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    seconds = train_all(study, names, args, deadline)
+    seconds = {} if args.from_exports else train_all(study, names, args, deadline)
     if args.train_only:
         log(f"trained: {seconds}")
         return {}
@@ -494,11 +532,13 @@ def main(argv=None) -> dict:
     results_lib.add_command(res, command, device)
     res.setdefault("train_seconds", {}).update(seconds)
     jname = study["judge"]
-    jrun = load_run(os.path.join(args.workdir, jname), prefer_ema=False)
+    jrun = (load_run(model_source(args, "@judge")) if args.from_exports
+            else load_run(os.path.join(args.workdir, jname), prefer_ema=False))
     jmodel, jcfg, jtok = jrun.model, jrun.config, jrun.task.tokenizer
     window = int(jcfg.data.seq_len)
     judge = judge_lib.Judge(jmodel, jtok, window=window, stride=max(1, window // 2), batch_size=16)
-    res["models"] = dict(res.get("models", {}), judge={"workdir": os.path.join(args.workdir, jname),
+    res["models"] = dict(res.get("models", {}), judge={"workdir": (model_source(args, "@judge") if args.from_exports
+                                                                   else os.path.join(args.workdir, jname)),
                                                        "window": window})
     val_texts = validation_texts(args)
     for L in study["lengths"]:
@@ -509,7 +549,10 @@ def main(argv=None) -> dict:
             continue  # the judge scores; it is not a row
         if name in res.get("runs", {}):
             continue
-        if study["measure_in_worker"]:
+        if args.from_exports and not os.path.isfile(model_source(args, name)):
+            log(f"{name}: no {model_source(args, name)} (only DIMBA runs are exported); skipped")
+            continue
+        if study["measure_in_worker"] and not args.from_exports:
             if not os.path.isfile(measure_path(args, name)):
                 log(f"{name}: no measurements (its worker failed; see {args.workdir}/{name}.log)")
                 continue

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  sample  load the latest checkpoint of --workdir; print each --prompt followed by\n"
             "          its continuation, or unconditional samples without --prompt\n"
             "  eval    load the latest checkpoint of --workdir; print the validation loss and the\n"
-            "          head's token accuracy at several t\n\n"
+            "          head's token accuracy at several t\n"
+            "  export  write the latest checkpoint of --workdir (EMA weights unless --no-ema) and its\n"
+            "          config as one file, --out FILE.npz; sample/eval accept that file as --workdir\n\n"
             "config overrides:\n"
             "  --config.SECTION.FIELD=VALUE   any field of dimba_jax/config.py, e.g.\n"
             "                                 --config.train.steps=1000 --config.data.seq_len=256\n"
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             "exit codes: 0 ok (also after a SIGTERM save), 2 bad input, 3 non-finite loss"))
     p.add_argument("--config", help="config file with get_config() (e.g. configs/tiny.py); "
                    "required for train")
-    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, samples)")
+    p.add_argument("--workdir", required=True,
+                   help="run directory (checkpoints, metrics, samples); sample/eval: or an exported .npz")
     p.add_argument("--mode", choices=MODES, default="train", help="what to do (default: train)")
     p.add_argument("--prompt", action="append", default=None,
                    help="sample mode: a prompt to continue (repeat for several)")
@@ -52,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample mode: sampling seed")
     p.add_argument("--checkpoint-step", type=int, default=None,
                    help="sample/eval: use this checkpoint step instead of the latest")
-    p.add_argument("--no-ema", action="store_true", help="sample/eval: raw weights, not the EMA")
+    p.add_argument("--no-ema", action="store_true", help="sample/eval/export: raw weights, not the EMA")
+    p.add_argument("--out", default="", help="export mode: the .npz file to write")
+    p.add_argument("--export-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="export mode: dtype the floating weights are stored in")
     return p
 
 
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be > 0, got {args.steps}")
     if args.length is not None and args.length <= 0:
         parser.error(f"--length must be > 0, got {args.length}")
+    if args.mode == "export" and not args.out:
+        parser.error("--mode export needs --out FILE.npz")
     if args.mode == "train" and not args.config:
         parser.error("--mode train needs --config (e.g. --config configs/tiny.py)")
     if args.mode != "sample" and (args.prompt or args.steps is not None or args.sampler
@@ -101,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", loss {last['loss']:.4f}" if "loss" in last else ""))
             return 0
 
-        from dimba_jax.train import checkpoint as ckpt
         from dimba_jax.train import inference
-        config = ov.apply_overrides(ckpt.load_config(args.workdir), pairs)
+        config = ov.apply_overrides(inference.load_config(args.workdir), pairs)
         _setup_logging()
         run = inference.load_run(args.workdir, args.checkpoint_step, not args.no_ema,
                                  config=config)
+        if args.mode == "export":
+            path = inference.export_run(run, args.out, args.export_dtype)
+            print(f"exported step {run.step} ({'EMA' if run.uses_ema else 'raw'} weights, "
+                  f"{args.export_dtype}) to {path}")
+            return 0
         if args.mode == "sample":
             texts = inference.generate_text(run, args.prompt, steps=args.steps,
                                             sampler=args.sampler, length=args.length,

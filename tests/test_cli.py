@@ -143,3 +143,50 @@ def test_config_json_records_the_settings_a_run_trains_with(tmp_path, caplog):
     config.model.d_model = 64
     with pytest.raises(ValueError, match="different architecture"):
         ckpt_lib.check_config(work, config)
+
+
+def test_export_round_trip_and_bad_files(trained, tmp_path, capsys):
+    import numpy as np
+
+    from dimba_jax.train import inference
+
+    before = _snapshot(trained)
+    f32, bf16 = str(tmp_path / "m32.npz"), str(tmp_path / "m16.npz")
+    assert main(["--workdir", trained, "--mode", "export", "--out", f32, "--export-dtype", "float32"]) == 0
+    assert "exported step 3 (EMA weights, float32)" in capsys.readouterr().out
+    assert main(["--workdir", trained, "--mode", "export", "--out", bf16]) == 0
+    capsys.readouterr()
+    assert _snapshot(trained) == before
+    ref = inference.load_run(trained)
+    for path, tol in ((f32, 0.0), (bf16, 2 ** -8)):
+        run = inference.load_run(path)
+        assert run.step == 3 and run.uses_ema and run.config.model.d_model == 32
+        a = {k: np.asarray(v) for k, v in _flat_params(ref.model).items()}
+        b = {k: np.asarray(v) for k, v in _flat_params(run.model).items()}
+        assert a.keys() == b.keys() and len(a) > 10
+        for k in a:
+            assert b[k].dtype == a[k].dtype
+            np.testing.assert_allclose(b[k], a[k], rtol=tol, atol=1e-30 if tol == 0 else 1e-6, err_msg=k)
+    # the exported file samples and evaluates like a workdir; the float32 one gives the same text
+    assert main(["--workdir", f32, "--mode", "sample", "--prompt", "The sea", "--steps", "3", "--length", "8"]) == 0
+    from_file = capsys.readouterr().out
+    assert main(["--workdir", trained, "--mode", "sample", "--prompt", "The sea", "--steps", "3", "--length", "8"]) == 0
+    assert capsys.readouterr().out == from_file
+    assert main(["--workdir", bf16, "--mode", "eval"]) == 0
+    assert "bound_bits" in capsys.readouterr().out
+    # bad files: one line each, non-zero
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert main(["--workdir", str(tmp_path / "junk.npz"), "--mode", "sample"]) == 2
+    assert "damaged or not a dimba_jax export" in capsys.readouterr().err
+    assert main(["--workdir", bf16, "--mode", "sample", "--config.model.d_model=48"]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert main(["--workdir", bf16, "--mode", "eval", "--checkpoint-step", "2"]) == 2
+    assert "no checkpoint step" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--workdir", trained, "--mode", "export"])
+    assert "--out" in capsys.readouterr().err
+
+
+def _flat_params(model):
+    from flax import nnx
+    return {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

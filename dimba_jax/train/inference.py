@@ -1,6 +1,7 @@
 """Using a trained workdir: load the run (EMA weights), generate text, evaluate.
 
     run = load_run("runs/tiny")                           # config.json + newest readable checkpoint
+    run = load_run("tiny.npz")                            # or a one-file export (train/export.py)
     texts = generate_text(run, ["Once upon a time"], steps=32, sampler="ddim")
     numbers = evaluate_model(run)                         # validation loss, accuracy at t
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dimba_jax.train import checkpoint as ckpt_lib
+from dimba_jax.train import export as export_lib
 from dimba_jax.train.restore import restore_model
 from dimba_jax.train.tasks import make_task, make_tokenizer
 
@@ -50,7 +53,9 @@ def load_run(workdir: str, step: int | None = None, prefer_ema: bool = True,
     """Builds the model of `workdir` and loads a checkpoint into it.
 
     Args:
-      workdir: a training workdir (config.json + checkpoints/).
+      workdir: a training workdir (config.json + checkpoints/), or a one-file export
+        (`dimba_jax.train.export`; it holds one set of weights, so step and prefer_ema must be
+        left at their defaults).
       step: checkpoint step (None = the newest readable one).
       prefer_ema: load the EMA weights when the checkpoint has them.
       config: use this config instead of workdir/config.json (e.g. with sampling overrides);
@@ -59,11 +64,29 @@ def load_run(workdir: str, step: int | None = None, prefer_ema: bool = True,
       FileNotFoundError: no workdir, config.json or readable checkpoint (one line naming the
         workdir).
     """
+    if os.path.isfile(workdir):
+        if step is not None:
+            raise ValueError(f"{workdir!r} is an exported model with one set of weights; no checkpoint step to choose")
+        config = export_lib.read_config(workdir) if config is None else config
+        task = make_task(config, make_tokenizer(config))
+        model, meta = export_lib.load(workdir, task, config)
+        return LoadedRun(config=config, task=task, model=model, step=int(meta["step"]),
+                         uses_ema=bool(meta["uses_ema"]), workdir=str(workdir))
     config = ckpt_lib.load_config(workdir) if config is None else config
     task = make_task(config, make_tokenizer(config))
     restored = restore_model(workdir, task, config, step, prefer_ema)
     return LoadedRun(config=config, task=task, model=restored.model, step=restored.step,
                      uses_ema=restored.uses_ema, workdir=str(workdir))
+
+
+def load_config(workdir: str):
+    """The config of a workdir (its config.json) or of a one-file export."""
+    return export_lib.read_config(workdir) if os.path.isfile(workdir) else ckpt_lib.load_config(workdir)
+
+
+def export_run(run: LoadedRun, path: str, dtype: str = "bfloat16") -> str:
+    """Writes `run`'s model (its weights as loaded: EMA or raw) as a one-file export; returns path."""
+    return export_lib.save(path, run.config, run.model, run.step, run.uses_ema, dtype)
 
 
 def check_prompts(run: LoadedRun, prompts: list[str]) -> None:
