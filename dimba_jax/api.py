@@ -175,7 +175,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
 
     Args:
       workdir: the run folder written by training (`python -m dimba_jax.main --workdir ...` or
-        `train_and_evaluate(config, workdir)`): holds config.json and checkpoints/.
+        `train_and_evaluate(config, workdir)`): holds config.json and checkpoints/; or a one-file
+        export of a run (`--mode export`; then step and use_ema keep their defaults).
       step: which checkpoint (a training step); None = the latest.
       use_ema: load the EMA of the parameters when the checkpoint has one (it samples better);
         False = the raw parameters.
@@ -191,15 +192,17 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
       >>> model = dimba_jax.load("runs/tiny")
       >>> model.generate("Once upon a time", length=64, steps=32)[0]
     """
-    from dimba_jax.train import checkpoint as ckpt_lib
-    from dimba_jax.train.inference import load_run
+    from dimba_jax.train.inference import load_config, load_run
 
     workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
+    if not os.path.exists(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist (train a model there first)")
-    config = ckpt_lib.load_config(workdir)
+    config = load_config(workdir)
     if str(config.task) != "dimba":
         raise ValueError(f"{workdir!r} holds a {config.task!r} run; dimba_jax.load serves DIMBA runs "
                          "(use dimba_jax.train.inference.load_run for other tasks)")
-    run = load_run(workdir, step=step, prefer_ema=use_ema, config=config)
+    if os.path.isfile(workdir):
+        run = load_run(workdir, step=step, config=config)
+    else:
+        run = load_run(workdir, step=step, prefer_ema=use_ema, config=config)
     return Pipeline(run.config, run.task, run.model, run.step, workdir, uses_ema=run.uses_ema)

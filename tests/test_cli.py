@@ -190,3 +190,13 @@ def test_export_round_trip_and_bad_files(trained, tmp_path, capsys):
 def _flat_params(model):
     from flax import nnx
     return {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_the_api_loads_an_export(trained, tmp_path):
+    import dimba_jax
+
+    path = str(tmp_path / "m.npz")
+    assert main(["--workdir", trained, "--mode", "export", "--out", path, "--export-dtype", "float32"]) == 0
+    a = dimba_jax.load(path).generate("The sea", length=8, steps=3)
+    b = dimba_jax.load(trained).generate("The sea", length=8, steps=3)
+    assert a == b and len(a) == 1
