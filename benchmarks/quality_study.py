@@ -36,11 +36,15 @@ runs the pipeline on CPU in about a minute (tiny models, embedded corpus).
 The trained models can leave the GPU machine as one-file exports (dimba_jax/train/export.py,
 bfloat16): `--export-dir $OUT` writes each DIMBA run of a configs/ablation.py study as NAME.npz
 (its EMA weights, ~12 MiB) and the judge as judge.npz (its raw weights, ~11 MiB); one call
-returns at most 8 files and 64 MiB, so export at most 4 DIMBA runs (`--runs`) with the judge. Anywhere else, `--from-exports DIR` measures those files without
-training (the AR runs, not exported, are skipped), e.g. sampler settings on CPU:
+returns at most 8 files and 64 MiB, so export at most 4 DIMBA runs (`--runs`) with the judge.
+Anywhere else, `--from-exports DIR` measures those files without training (the AR runs, not
+exported, are skipped), e.g. sampler settings on CPU:
 
-    python -m benchmarks.quality_study --study wavefront --from-exports exports/ --runs all,wf1 \
-        --data-dir .gpu/data --workdir runs/cpu --out runs/cpu/q.json --bound-levels 8
+    python -m benchmarks.quality_study --study wavefront --from-exports exports/ --runs all,wf1 \\
+        --data-dir .gpu/data --workdir runs/cpu --out runs/cpu/q.json --bound-levels 8 \\
+        --variants 'st0.6,st0.7+stf1,st1+stf0.6'
+
+(`--variants` replaces the study's unprompted sampler variants; see harness.variant_options.)
 """
 
 from __future__ import annotations
@@ -141,11 +145,26 @@ def parse_sweep(text: str) -> tuple[tuple[str, str], ...]:
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         sampler, _, variant = item.partition(":")
-        if sampler not in harness.SAMPLERS or variant not in harness.VARIANTS:
-            raise ValueError(f"--sweep: unknown setting {item!r} (samplers {harness.SAMPLERS}, "
-                             f"variants {sorted(harness.VARIANTS)})")
+        if sampler not in harness.SAMPLERS:
+            raise ValueError(f"--sweep: unknown sampler in {item!r} (samplers {harness.SAMPLERS})")
+        try:
+            harness.variant_options(variant)
+        except ValueError as e:
+            raise ValueError(f"--sweep: {e}") from None
         out.append((sampler, variant))
     return tuple(out)
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """'st0.7, st0.6+stf1' -> ("st0.7", "st0.6+stf1"); ValueError names an unknown variant."""
+    from dimba_jax.evaluate import harness
+    out = tuple(x.strip() for x in text.split(",") if x.strip())
+    for v in out:
+        try:
+            harness.variant_options(v)
+        except ValueError as e:
+            raise ValueError(f"--variants: {e}") from None
+    return out
 
 
 def smoke_study(study: dict) -> dict:
@@ -176,6 +195,9 @@ def parse_args(argv=None):
     p.add_argument("--train-only", action="store_true", help="train the runs, measure nothing")
     p.add_argument("--sweep", default="",
                    help="sampler settings to sweep, e.g. 'ddim:st0.7,ddpm:st0.75' ('' = the study's)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated unprompted sampling variants measured for every DIMBA run, "
+                        "replacing the study's (harness.variant_options: 'st0.7,st0.6+stf1,wf1')")
     p.add_argument("--pareto-only", action="store_true",
                    help="no device work: replace the rows of --pareto by those of the measured study in --out")
     p.add_argument("--export-dir", default="",
@@ -510,6 +532,8 @@ def main(argv=None) -> dict:
     study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
     if args.sweep:
         study = dict(study, sweep=parse_sweep(args.sweep))
+    if args.variants is not None:
+        study = dict(study, variants=parse_variants(args.variants))
     names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
     command = "python -m benchmarks.quality_study " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -79,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.length = 128  # Generated tokens per sample (excluding the prompt).
     s.num_samples = 4  # Samples written at each sampling interval / in --mode sample.
     s.score_temperature = 0.8  # Each step's x0_hat = softmax(logits / score_temperature) @ E (< 1 sharpens the estimate; 0.8 keeps configs/small.py's sample entropy within 5% of real text, lower trades entropy for judge perplexity).
+    s.score_temperature_final = 0.0  # > 0: the score temperature of the last step, linear in the step index from score_temperature at the first (0 = constant).
     s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.
 
     # ------------------------------------------------------------------ data

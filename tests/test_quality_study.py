@@ -26,10 +26,24 @@ def test_choose_setting_prefers_entropy_within_tolerance():
 
 def test_parse_sweep():
     assert qs.parse_sweep("ddim:st0.7, ddpm:st0.75,ddim") == (("ddim", "st0.7"), ("ddpm", "st0.75"), ("ddim", ""))
-    with pytest.raises(ValueError, match="unknown setting"):
-        qs.parse_sweep("ddim:st9")
-    with pytest.raises(ValueError, match="unknown setting"):
+    assert qs.parse_sweep("ddpm:st0.65+stf1") == (("ddpm", "st0.65+stf1"),)
+    with pytest.raises(ValueError, match="unknown sampling variant 'xx0.5'"):
+        qs.parse_sweep("ddim:xx0.5")
+    with pytest.raises(ValueError, match="unknown sampler"):
         qs.parse_sweep("euler:st0.7")
+
+
+def test_variant_names_and_patterns():
+    from dimba_jax.evaluate.harness import variant_options
+    assert variant_options("") == {}
+    assert variant_options("noclamp") == {"clamp": False}
+    assert variant_options("st0.65+stf1") == {"score_temperature": 0.65, "score_temperature_final": 1.0}
+    assert variant_options("wf1+st0.6+noselfcond") == {"wavefront": 1.0, "score_temperature": 0.6,
+                                                        "self_condition": False}
+    assert variant_options("cfg2+eta0.5+temp0.9") == {"guidance": 2.0, "eta": 0.5, "temperature": 0.9}
+    for bad in ("st", "stx", "foo", "st0.6+"):
+        with pytest.raises(ValueError, match="unknown sampling variant"):
+            variant_options(bad)
 
 
 def test_to_pareto_replaces_rows_and_keeps_the_long_context_study():

@@ -96,9 +96,13 @@ _ref_call = nnx.jit(lambda m, x, lam, tok, mask, sc, drop: m.predict(x, lam, tok
                                                                     drop_prompt=drop))
 
 
-def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition):
+def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition,
+                     score_temperature=1.0, score_temperature_final=0.0):
     """Step by step in Python with its own respacing and its own posterior formulas; the model is
-    told each step's log-SNR; the read-out is the argmax of the last step's guided logits."""
+    told each step's log-SNR; the read-out is the argmax of the last step's guided logits. The
+    score temperature of step i is tau_0 + (tau_end - tau_0) i / (steps - 1)."""
+    end = score_temperature_final or score_temperature
+    taus = [score_temperature + (end - score_temperature) * i / max(steps - 1, 1) for i in range(steps)]
     big_t = sch.timesteps
     lam = lambda t: float(np.log(sch.alpha_bar[t].astype(np.float64)) - np.log1p(-sch.alpha_bar[t].astype(np.float64)))
     ts = [int(round(big_t - i * (big_t - 1) / (steps - 1))) for i in range(steps)] if steps > 1 else [big_t]
@@ -117,6 +121,8 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
         uncond, uncond_logits = _ref_call(model, x, tb, tokens, mask, sc, jnp.ones((b,), bool))
         x0 = uncond + guidance * (cond - uncond)
         logits = uncond_logits + guidance * (cond_logits - uncond_logits)
+        if taus[i] != 1.0:
+            x0 = jax.nn.softmax(logits / taus[i], -1) @ model.embedding_table()
         if clamp:
             x0 = jax.nn.softmax(model.logits(x0), -1) @ model.embedding_table()
         x0 = jnp.where(known, clean, x0)
@@ -138,6 +144,9 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
     (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=True, self_condition=True)),
     (4, dict(sampler="ddpm", eta=0.0, guidance=0.0, clamp=False, self_condition=True)),
     (7, dict(sampler="ddim", eta=0.5, guidance=2.0, clamp=True, self_condition=False)),
+    (5, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True,
+             score_temperature=0.4, score_temperature_final=1.2)),
+    (5, dict(sampler="ddpm", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_temperature=0.6)),
 ])
 def test_scan_sampler_matches_python_loop(setup, monkeypatch, steps, kw):
     """Respaced (steps < T) reverse processes equal a step-by-step reference, and the whole

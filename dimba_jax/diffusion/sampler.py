@@ -25,7 +25,9 @@ Per step, with x0_hat the model's estimate:
 * CFG: x0_hat = uncond + w (cond - uncond), w = `guidance` (1 = conditional only, one forward;
   0 = unconditional only, one forward; otherwise both branches in one batched forward). The
   unconditional branch is the same layout with the prompt dropped (DimbaModel `drop_prompt`).
-* score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate).
+* score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate);
+  constant, or with `score_temperature_final` > 0 linear in the step index from
+  `score_temperature` at the noisiest step to `score_temperature_final` at the last.
 * clamp (switch): x0_hat <- softmax(head(x0_hat)) @ E, the softmax-weighted embedding.
 * known positions are re-imposed (clean embeddings) in x0_hat and in x_{t-1} at every step.
 * self-conditioning (switch): the previous step's final x0_hat is fed to the next step.
@@ -131,7 +133,8 @@ def noise_grid(model, schedule: CosineSchedule, steps: int, grid: str = "uniform
 def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: jax.Array, rng: jax.Array, *,
            steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
-           grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0):
+           grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
+           score_temperature_final: float = 0.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -154,6 +157,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         own estimate; < 1 sharpens it toward its most likely tokens).
       wavefront: W >= 0, the width of the wavefront of levels (0 = one level for all positions;
         > 0 needs grid "warp" and a model with position_levels).
+      score_temperature_final: > 0: the score temperature of the last step, reached linearly in
+        the step index from `score_temperature` at the first (0 = constant).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -166,7 +171,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         raise ValueError(f"tokens_known {tokens_known.shape} and cond_mask {cond_mask.shape} must both be (batch, L)")
     fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
                         self_condition=self_condition, temperature=temperature, grid=grid,
-                        score_temperature=score_temperature, wavefront=wavefront)
+                        score_temperature=score_temperature, wavefront=wavefront,
+                        score_temperature_final=score_temperature_final)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -174,7 +180,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
 def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
-                   score_temperature: float = 1.0, wavefront: float = 0.0):
+                   score_temperature: float = 1.0, wavefront: float = 0.0,
+                   score_temperature_final: float = 0.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -188,8 +195,9 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if eta < 0 or temperature < 0:
         raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
-    if not score_temperature > 0:
-        raise ValueError(f"score_temperature must be > 0, got {score_temperature}")
+    if not score_temperature > 0 or score_temperature_final < 0:
+        raise ValueError(f"score_temperature must be > 0 and score_temperature_final >= 0, got "
+                         f"{score_temperature}, {score_temperature_final}")
     if int(unroll) < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     if wavefront < 0:
@@ -209,7 +217,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     graphdef, state = nnx.split(model)
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
-                  score_temperature=float(score_temperature), wavefront=float(wavefront))
+                  score_temperature=float(score_temperature), wavefront=float(wavefront),
+                  score_temperature_final=float(score_temperature_final))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -221,7 +230,8 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                score_temperature: float = 1.0):
     """One guided, clamped, re-imposed estimate at one noise level.
 
-    x_t (b, L, e); logsnr float scalar, or (b, L) one level per position. Returns (x0 float32
+    x_t (b, L, e); logsnr float scalar, or (b, L) one level per position; score_temperature a
+    float (1.0 = the model's own estimate, skipped) or a float32 scalar array. Returns (x0 float32
     (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
@@ -238,7 +248,7 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                                              self_cond=two(self_cond), drop_prompt=drop)
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
-    if score_temperature != 1.0:
+    if not (isinstance(score_temperature, float) and score_temperature == 1.0):
         x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits / score_temperature, axis=-1),
                         model.embedding_table())
     if clamp:
@@ -270,9 +280,11 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature", "unroll", "score_temperature", "wavefront"))
+                                             "temperature", "unroll", "score_temperature", "wavefront",
+                                             "score_temperature_final"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
-                self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0):
+                self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
+                score_temperature_final=0.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -281,14 +293,21 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
     x = jnp.where(known[..., None], clean, x)
     rank = wavefront_lib.generation_rank(known)
 
+    steps = int(ts.shape[0])
+    if score_temperature_final > 0 and score_temperature_final != score_temperature:
+        taus = jnp.linspace(score_temperature, score_temperature_final, steps, dtype=jnp.float32)
+    else:
+        taus = None  # constant: the static value (1.0 skips the re-weighting)
+
     def body(carry, step):
         x_t, x0_prev, _, key = carry
-        lam, a_t, a_prev = step
+        lam, a_t, a_prev, tau = step
+        tau = score_temperature if taus is None else tau
         if wavefront > 0:  # the step's inputs are (clock, next clock, last-step flag)
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
-                                score_temperature=score_temperature)
+                                score_temperature=tau)
         if sampler == "ddpm":
             mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
         else:
@@ -299,6 +318,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         return (x_next, x0, logits, key), None
 
     logits0 = jnp.zeros((b, length, model.vocab_size), jnp.float32)
-    (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), (ts, ab_t, ab_prev),
-                                         unroll=min(int(unroll), int(ts.shape[0])))
+    xs = (ts, ab_t, ab_prev, jnp.zeros((steps,), jnp.float32) if taus is None else taus)
+    (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), xs,
+                                         unroll=min(int(unroll), steps))
     return read_out(logits, tokens, known, r_read, temperature), x0

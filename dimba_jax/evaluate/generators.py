@@ -96,14 +96,15 @@ class DimbaGenerator:
                          "temperature": float(s.temperature), "grid": str(s.grid),
                          "score_temperature": float(s.score_temperature),
                          "wavefront": float(s.wavefront),
+                         "score_temperature_final": float(s.score_temperature_final),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:
         """Sampler keyword arguments of `spec`: config defaults overridden by its variant."""
-        from dimba_jax.evaluate.harness import VARIANTS
+        from dimba_jax.evaluate.harness import variant_options
 
         opts = dict(self.defaults)
-        opts.update(VARIANTS[spec.variant])
+        opts.update(variant_options(spec.variant))
         if not spec.prompted:
             opts["guidance"] = 1.0  # nothing to guide by: one forward per step
         if opts["self_condition"] and not self.defaults["self_condition"]:

@@ -69,6 +69,35 @@ VARIANTS: dict[str, dict] = {
     "wf3": {"wavefront": 3.0},
     "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
 }
+# Variants by pattern, parts joined by "+" ("st0.7+stf1", "wf1+st0.6"), each a name above or
+# PREFIX<number> for one of these options.
+VARIANT_PATTERNS = {"stf": "score_temperature_final", "st": "score_temperature", "wf": "wavefront",
+                    "eta": "eta", "cfg": "guidance", "temp": "temperature"}
+
+
+def variant_options(name: str) -> dict:
+    """The DimbaGenerator option overrides of a variant name: a key of VARIANTS, or parts joined
+    by "+", each a key of VARIANTS or PREFIX<number> (VARIANT_PATTERNS). ValueError names an
+    unknown part."""
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    out = {}
+    for part in name.split("+"):
+        if part in VARIANTS and part:
+            out.update(VARIANTS[part])
+            continue
+        for prefix, option in VARIANT_PATTERNS.items():  # "stf" is tried before "st"
+            if part.startswith(prefix):
+                try:
+                    out[option] = float(part[len(prefix):])
+                    break
+                except ValueError:
+                    pass
+        else:
+            raise ValueError(f"unknown sampling variant {part!r} in {name!r}: use a name of "
+                             f"{sorted(k for k in VARIANTS if k)} or PREFIX<number> with PREFIX in "
+                             f"{sorted(VARIANT_PATTERNS)}, parts joined by '+'")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +109,7 @@ class RunSpec:
     steps: int  # denoising steps (AR: = L_gen)
     L_gen: int  # generated tokens per sequence
     prompted: bool
-    variant: str = ""  # key of VARIANTS ("" = default settings)
+    variant: str = ""  # a variant name (`variant_options`; "" = default settings)
 
     def row(self, batch: int, **values) -> dict:
         """A results row of this spec at `batch` (values: latency_ms, tokens_per_s, judge_ppl, entropy)."""
@@ -115,9 +144,8 @@ def plan(models: Sequence[str] = ("ar", "dimba"), samplers: Sequence[str] = SAMP
     time-limited run measures the headline comparison first). Variants apply to DIMBA only;
     guidance variants ("cfg*") only to prompted specs.
     """
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    for v in variants:
+        variant_options(v)  # ValueError for an unknown one
     for m in models:
         if m not in ("ar", "dimba"):
             raise ValueError(f"unknown model {m!r}; expected 'ar' or 'dimba'")

@@ -147,7 +147,7 @@ class DimbaTask:
                     eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
                     clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
                     grid=str(s.grid), score_temperature=float(s.score_temperature),
-                    wavefront=float(s.wavefront))
+                    wavefront=float(s.wavefront), score_temperature_final=float(s.score_temperature_final))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
