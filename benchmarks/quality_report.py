@@ -3,11 +3,13 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_wavefront_h200.json (written by
+quality_wavefront_h200.json and quality_tiny_{,sched_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
   benchmarks/results/quality_wavefront_h200.md  the same for the wavefront of noise levels
+  benchmarks/results/quality_tiny_cpu.md        configs/tiny.py on CPU: bound, sampling variants, samples
+  benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
@@ -101,6 +103,41 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
         lines.append(f"| {name} | {over} | {_f(bound, '.2f')} | {_f(un.get('judge_ppl'), '.0f')} / "
                      f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |"
                      + cells)
+    return "\n".join(lines) + "\n"
+
+
+def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
+    """The tiny study (CPU): bound beside the AR NLL, then every sampling variant of DIMBA tiny."""
+    ref = res.get("reference", {})
+    dimba, ar = res["runs"]["dimba"], res["runs"]["ar"]
+    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
+    lines = [f"# configs/tiny.py and its AR model on CPU — {res.get('device', '')}", "",
+             f"Made by `benchmarks/quality_report.py` from `{source}`, written by:", "",
+             commands(res), "",
+             f"DIMBA `configs/tiny.py` ({dimba['params']:,} parameters) and the AR model of the same width "
+             f"(6 causal blocks, {ar['params']:,}), each trained on {dimba['tokens_seen']:,} tokens "
+             f"({dimba['tokens_seen'] == ar['tokens_seen'] and 'equal' or 'UNEQUAL'}) of the embedded corpus, "
+             "side by side (one process each); the AR model is the judge (window 64). Samples: DDIM "
+             "T = 32, 64 tokens, 32 per row, unprompted unless said. `stX` is a score temperature X at "
+             "every step, `stX+stfY` one that goes linearly from X at the noisiest step to Y at the last.", "",
+             f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
+             f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound: DIMBA "
+             f"{_f(dimba.get('bound', {}).get('bound_bits'), '.2f')} bits/token against the AR model's NLL "
+             f"{_f(ar.get('nll_bits'), '.2f')}.", "",
+             "| samples | judge ppl | x AR | entropy | entropy vs real |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        name = r.get("variant", "")
+        label = ("AR" if r["model"] == "ar" else "DIMBA " + (name.split("/", 1)[1] if "/" in name
+                                                              else "default (st1)"))
+        label += " prompted" if r["prompted"] else ""
+        ratio = r["judge_ppl"] / ar_ppl if ar_ppl and r.get("judge_ppl") else None
+        rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
+        lines.append(f"| {label} | {_f(r.get('judge_ppl'), '.0f')} | {_f(ratio, '.1f')} | "
+                     f"{_f(r.get('entropy'), '.2f')} | {_f(rel and 100 * rel, '+.0f')}% |")
+    lines += ["", "Samples (the first of each row):", ""]
+    for key, texts in res.get("samples", {}).items():
+        if texts:
+            lines.append(f"* `{key}`: {texts[0][:300]!r}")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +254,15 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
+    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu"):
+        tiny_path = os.path.join(args.results, f"{stem}.json")
+        if os.path.isfile(tiny_path):
+            with open(tiny_path) as f:
+                tiny = json.load(f)
+            path = os.path.join(args.results, f"{stem}.md")
+            with open(path, "w") as f:
+                f.write(tiny_table(tiny, f"{stem}.json"))
+            written.append(path)
     wave_path = os.path.join(args.results, "quality_wavefront_h200.json")
     if os.path.isfile(wave_path):
         with open(wave_path) as f:

@@ -23,6 +23,9 @@ Studies (STUDIES below):
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
             sampled with one level (W = 0) and, where trained for it, at W = 1 and 3, at score
             temperatures 0.8 (the default) and 0.6; the AR model as above.
+  tiny      configs/tiny.py and its AR model (6 causal blocks, the judge) on CPU, sampled at
+            score temperature 1 (tiny's default), 0.8, 0.6 and two schedules (st1+stf0.6: 1 at
+            the noisiest step down to 0.6 at the last; st0.6+stf1 the reverse).
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -113,6 +116,18 @@ STUDIES = {
             "ar": dict(AR_ABL),
         },
         **ABL_STUDY,
+    },
+    "tiny": {
+        # configs/tiny.py on CPU (two processes, ~10 min on 2 cores), judged by the AR model of
+        # the same width and tokens: the CPU-sized check of samplers and of tiny's quality target
+        "config": "configs/tiny.py",
+        "runs": {
+            "dimba": {},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8", "st0.6", "st1+stf0.6", "st0.6+stf1"),
     },
     "small": {
         "config": "configs/small.py",
