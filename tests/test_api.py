@@ -112,7 +112,8 @@ def test_generate_batches_mixed_length_prompts_like_the_sampler(model):
     ref = np.asarray(sampling.sample(model.model, model.task.schedule, tokens, known, jax.random.key(seed),
                                      steps=steps, sampler="ddim", eta=float(s.eta), guidance=float(s.guidance),
                                      clamp=bool(s.clamp), temperature=float(s.temperature),
-                                     grid=str(s.grid), score_temperature=float(s.score_temperature)))
+                                     grid=str(s.grid), score_temperature=float(s.score_temperature),
+                                     score_temperature_final=float(s.score_temperature_final)))
     for i, row in enumerate(ids):
         np.testing.assert_array_equal(ref[i, :len(row)], row)  # prompts kept exactly
         expected = tok.decode(sampling.cut_at_eos(ref[i, len(row):len(row) + length], tok.eos_id))
