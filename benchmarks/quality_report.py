@@ -3,13 +3,14 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_wavefront_h200.json and quality_tiny_{,sched_}cpu.json (written by
+quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
   benchmarks/results/quality_wavefront_h200.md  the same for the wavefront of noise levels
   benchmarks/results/quality_tiny_cpu.md        configs/tiny.py on CPU: bound, sampling variants, samples
   benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
+  benchmarks/results/quality_tiny_sweep_cpu.md  and a sampler sweep around the chosen schedule
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
@@ -136,6 +137,14 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
         rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
         lines.append(f"| {label} | {_f(r.get('judge_ppl'), '.0f')} | {_f(ratio, '.1f')} | "
                      f"{_f(r.get('entropy'), '.2f')} | {_f(rel and 100 * rel, '+.0f')}% |")
+    if dimba.get("sweep"):
+        lines += ["", "Sampler sweep (unprompted; the rows above use the setting with the lowest judge "
+                  "perplexity among those with the entropy within 5% of real text's):", "",
+                  "| sampler | variant | judge ppl | entropy | entropy vs real |", "|---|---|---|---|---|"]
+        for r in dimba["sweep"]:
+            rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
+            lines.append(f"| {r['sampler']} | {r.get('variant') or 'default'} | {_f(r.get('judge_ppl'), '.0f')} | "
+                         f"{_f(r.get('entropy'), '.2f')} | {_f(rel and 100 * rel, '+.0f')}% |")
     lines += ["", "Samples (the first of each row):", ""]
     for key, texts in res.get("samples", {}).items():
         if texts:
@@ -256,7 +265,7 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
-    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu"):
+    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu"):
         tiny_path = os.path.join(args.results, f"{stem}.json")
         if os.path.isfile(tiny_path):
             with open(tiny_path) as f:

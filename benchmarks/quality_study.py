@@ -486,12 +486,14 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
                              lengths=study["lengths"], prompted=(False, True),
                              headline_steps=study["steps"][0])
         if study.get("sweep") and judge is not None:
-            sampler, variant = sweep(gen, study, judge, val_texts, workdir, command, device, info)
+            scratch = os.path.join(args.workdir, name)  # the run's folder (also with --from-exports)
+            os.makedirs(scratch, exist_ok=True)
+            sampler, variant = sweep(gen, study, judge, val_texts, scratch, command, device, info)
             headline = study["steps"][0]
             specs = [harness.RunSpec("dimba", sampler, t, L, p, variant)
                      for L in study["lengths"] for p in (False, True)
                      for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
-                               if not p else study["prompted_steps"])]
+                               if not p else study.get("prompted_steps", study["steps"][:1]))]
         variants = study.get("variants", ()) + tuple(study["runs"][name].get("@variants", ()))
         specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, False, v)
                   for L in study["lengths"] for v in variants]

@@ -1,11 +1,15 @@
-"""The quality study driver's pure parts: the sweep's setting of record, --sweep parsing, and the
-Pareto file rebuilt from a study (rows of one checkpoint only)."""
+"""The quality study driver's pure parts: the sweep's setting of record, --sweep / --variants
+parsing, the Pareto file rebuilt from a study (rows of one checkpoint only), and the report's
+tables from the committed results."""
 
 import math
+import os
 
 import pytest
 
 from benchmarks import quality_study as qs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(sampler, variant, ppl, entropy):
@@ -62,3 +66,22 @@ def test_to_pareto_replaces_rows_and_keeps_the_long_context_study():
     assert out["models"] == {"dimba": {"step": 4000, "workdir": "new"}}  # no noise curve
     assert out["commands"] == ["study command", "merge command"]
     assert out["command"] == "study command ; merge command" and out["device"] == "gpu:H200 x1"
+
+
+def test_quality_report_renders_every_committed_study(tmp_path):
+    """The report runs on the committed results (CPU only) and each table carries its rows."""
+    import shutil
+
+    from benchmarks import quality_report
+    results = os.path.join(ROOT, "benchmarks", "results")
+    for name in os.listdir(results):
+        if name.startswith("quality_") and name.endswith(".json"):
+            shutil.copy(os.path.join(results, name), tmp_path / name)
+    (tmp_path / "docs" / "small_run").mkdir(parents=True)
+    written = quality_report.main(["--results", str(tmp_path), "--docs", str(tmp_path / "docs")])
+    names = {os.path.basename(p) for p in written}
+    assert {"quality_ablation_h200.md", "quality_small_h200.md", "noise_curves.png", "samples.txt"} <= names
+    tiny = (tmp_path / "quality_tiny_sched_cpu.md").read_text()
+    assert "| DIMBA st0.9+stf0.5 | 2539 |" in tiny and "score temperature" in tiny
+    for md in (p for p in written if p.endswith(".md")):
+        assert open(md).read().count("\n|") >= 3, md
