@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_}cpu.json (written by
+quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -11,6 +11,7 @@ quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_}cpu.json (written b
   benchmarks/results/quality_tiny_cpu.md        configs/tiny.py on CPU: bound, sampling variants, samples
   benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
   benchmarks/results/quality_tiny_sweep_cpu.md  and a sampler sweep around the chosen schedule
+  benchmarks/results/quality_tiny_wavefront_cpu.md  tiny trained and sampled with wavefronts in both orders
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
@@ -108,30 +109,40 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
 
 
 def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
-    """The tiny study (CPU): bound beside the AR NLL, then every sampling variant of DIMBA tiny."""
+    """A tiny study (CPU): bounds beside the AR NLL, then every sampling variant of each DIMBA run."""
     ref = res.get("reference", {})
-    dimba, ar = res["runs"]["dimba"], res["runs"].get("ar")
+    dimbas = {n: info for n, info in res["runs"].items() if info.get("task") == "dimba"}
+    dimba, ar = next(iter(dimbas.values())), res["runs"].get("ar")
     ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
     if ar is None:  # DIMBA measured from its export: the AR model is the judge alone
         ar = {"tokens_seen": dimba["tokens_seen"]}
     lines = [f"# configs/tiny.py and its AR model on CPU — {res.get('device', '')}", "",
              f"Made by `benchmarks/quality_report.py` from `{source}`, written by:", "",
              commands(res), "",
-             f"DIMBA `configs/tiny.py` ({dimba['params']:,} parameters) and the AR model of the same width "
+             f"DIMBA `configs/tiny.py` ({dimba['params']:,} parameters; runs: "
+             + ", ".join(f"`{n}` ({', '.join(f'{k}={v}' for k, v in i.get('overrides', {}).items() if not k.startswith('@')) or 'as configured'})"
+                         for n, i in dimbas.items())
+             + f") and the AR model of the same width "
              f"(6 causal blocks, {format(ar['params'], ',') + ' parameters' if 'params' in ar else 'here the judge only, from its export'}), each trained on {dimba['tokens_seen']:,} tokens "
              f"({dimba['tokens_seen'] == ar['tokens_seen'] and 'equal' or 'UNEQUAL'}) of the embedded corpus, "
              "side by side (one process each); the AR model is the judge (window 64). Samples: DDIM "
-             "T = 32, 64 tokens, 32 per row, unprompted unless said. `stX` is a score temperature X at "
-             "every step, `stX+stfY` one that goes linearly from X at the noisiest step to Y at the last.", "",
+             "T = 32, 64 tokens, 32 per row, unprompted unless said; `default` is configs/tiny.py's "
+             "sampler when the run was measured (score temperature 1 until the tiny study chose 0.9 -> 0.5). "
+             "`stX` is a score temperature X at every step, `stX+stfY` one that goes linearly from X at the "
+             "noisiest step to Y at the last, `wfW` a wavefront of width W (`+random_order`: in random order).", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
-             f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound: DIMBA "
-             f"{_f(dimba.get('bound', {}).get('bound_bits'), '.2f')} bits/token against the AR model's NLL "
-             f"{_f(ar.get('nll_bits'), '.2f')}.", "",
+             f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
+             + ", ".join(f"{n} {_f(i.get('bound', {}).get('bound_bits'), '.2f')}" for n, i in dimbas.items())
+             + f", against the AR model's NLL {_f(ar.get('nll_bits'), '.2f')}. Context use (head accuracy "
+             "after a clean prompt at log-SNR -10, with / without it): "
+             + ", ".join(f"{n} {_f(i.get('context', {}).get('acc_prompt_lam-10'), '.3f')} / "
+                         f"{_f(i.get('context', {}).get('acc_noprompt_lam-10'), '.3f')}" for n, i in dimbas.items())
+             + f"; AR next-token accuracy there {_f(ar.get('acc_after_prompt'), '.3f')}.", "",
              "| samples | judge ppl | x AR | entropy | entropy vs real |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         name = r.get("variant", "")
-        label = ("AR" if r["model"] == "ar" else "DIMBA " + (name.split("/", 1)[1] if "/" in name
-                                                              else "default (st1)"))
+        run, _, v = name.partition("/")
+        label = "AR" if r["model"] == "ar" else "DIMBA " + (f"{run} " if run != "dimba" else "") + (v or "default")
         label += " prompted" if r["prompted"] else ""
         ratio = r["judge_ppl"] / ar_ppl if ar_ppl and r.get("judge_ppl") else None
         rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
@@ -265,7 +276,7 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
-    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu"):
+    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu"):
         tiny_path = os.path.join(args.results, f"{stem}.json")
         if os.path.isfile(tiny_path):
             with open(tiny_path) as f:

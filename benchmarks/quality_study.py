@@ -26,6 +26,8 @@ Studies (STUDIES below):
   tiny      configs/tiny.py and its AR model (6 causal blocks, the judge) on CPU, sampled at
             score temperature 1 (tiny's default), 0.8, 0.6 and two schedules (st1+stf0.6: 1 at
             the noisiest step down to 0.6 at the last; st0.6+stf1 the reverse).
+  tiny_wavefront  configs/tiny.py with wavefronts (W <= 3) in both orders, sampled with one
+            level and at W = 1 and 3 in their order; the tiny study's AR judge.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -128,6 +130,20 @@ STUDIES = {
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
         "variants": ("st0.8", "st0.6", "st1+stf0.6", "st0.6+stf1"),
+    },
+    "tiny_wavefront": {
+        # configs/tiny.py trained with wavefronts up to W = 3 (half the examples), left to right
+        # and in random order, beside the tiny study's AR judge (same --workdir: it is reused)
+        "config": "configs/tiny.py",
+        "runs": {
+            "l2r": {"model.position_levels": True, "diffusion.wavefront": 3.0, "@variants": ("wf1", "wf3")},
+            "rand": {"model.position_levels": True, "diffusion.wavefront": 3.0,
+                     "diffusion.wavefront_order": "random",
+                     "@variants": ("wf1+random_order", "wf3+random_order")},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
     },
     "small": {
         "config": "configs/small.py",

@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.mse_weight = 0.0  # Weight of the x0 MSE (the paper's objective; 1 with model.readout="direct").
     d.ce_weight = 1.0  # Weight of the token cross-entropy of the logits (the whole loss with score interpolation).
     d.wavefront = 0.0  # W_max of the wavefront of noise levels (0 = one level per sequence): left positions cleaner than right ones (diffusion/wavefront.py); needs noise_sampling "warp" and model.position_levels.
+    d.wavefront_order = "left_to_right"  # Which positions of a wavefront are cleaner: "left_to_right" or "random" (a permutation per example).
     d.wavefront_prob = 0.5  # Fraction of training examples drawn with a wavefront (width ~ U(0, wavefront)); the rest use one level.
     d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).
     d.prompt_drop_prob = 0.1  # Probability of dropping the prompt (classifier-free guidance training).
@@ -76,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.clamp = False  # Snap x0_hat toward the embedding table (softmax-weighted) at each step (for readout="direct").
     s.grid = "warp"  # Where the steps sit: "warp" (quantiles of the learned noise warp) or "uniform" (strided timesteps of the schedule).
     s.wavefront = 0.0  # Wavefront width W at sampling (0 = every position at the same level; <= diffusion.wavefront of training; grid "warp").
+    s.wavefront_order = "left_to_right"  # Order of the sampling wavefront: "left_to_right" or "random" (a permutation per sample).
     s.length = 128  # Generated tokens per sample (excluding the prompt).
     s.num_samples = 4  # Samples written at each sampling interval / in --mode sample.
     s.score_temperature = 0.8  # Each step's x0_hat = softmax(logits / score_temperature) @ E (< 1 sharpens the estimate; 0.8 keeps configs/small.py's sample entropy within 5% of real text, lower trades entropy for judge perplexity).

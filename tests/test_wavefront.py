@@ -168,3 +168,31 @@ def test_sampler_wavefront_levels_and_limit():
         sampling.sample(tiny_task(**{"model.position_levels": False, "diffusion.wavefront": 0.0}
                                   ).init_model(nnx.Rngs(0)), task.schedule, tokens, known2,
                         jax.random.key(4), wavefront=1.0, **kw)
+
+
+def test_random_order_is_a_permutation_of_the_generated_positions():
+    mask = jnp.zeros((4, 9), bool).at[:, :3].set(True).at[1, 8].set(True)
+    r = np.asarray(wavefront.random_rank(jax.random.key(0), mask))
+    for row, m in zip(r, np.asarray(mask)):
+        n = int((~m).sum())
+        np.testing.assert_allclose(np.sort(row[~m]), np.arange(n) / (n - 1), atol=1e-6)
+        assert np.all(row[m] == 0)
+    assert not np.array_equal(r[0], r[2])  # a permutation per row
+    assert not np.allclose(r[0, 3:], np.arange(6) / 5)  # not left to right (for this key)
+    np.testing.assert_array_equal(np.asarray(wavefront.order_rank("left_to_right", jax.random.key(0), mask)),
+                                  np.asarray(wavefront.generation_rank(mask)))
+    with pytest.raises(ValueError, match="order"):
+        wavefront.order_rank("spiral", jax.random.key(0), mask)
+    # trained and sampled in random order: levels along the span are no longer monotone
+    task = tiny_task(**{"diffusion.wavefront_order": "random", "diffusion.wavefront_prob": 1.0})
+    model = task.init_model(nnx.Rngs(0))
+    lam = np.asarray(sample_wavefront_logsnr(model, jax.random.key(3), jnp.zeros((8, 24), bool),
+                                             task.config.diffusion))
+    assert np.any(np.diff(lam, axis=1) > 1.0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
+    known = jnp.zeros((2, 12), bool).at[:, :2].set(True)
+    ids = sampling.sample(model, task.schedule, tokens, known, jax.random.key(4), steps=5, grid="warp",
+                          wavefront=3.0, wavefront_order="random")
+    np.testing.assert_array_equal(np.asarray(ids)[:, :2], np.asarray(tokens)[:, :2])
+    with pytest.raises(ValueError, match="wavefront_order"):
+        tiny_task(**{"sample.wavefront_order": "spiral"})

@@ -126,7 +126,7 @@ def sample_logsnr(model, schedule: CosineSchedule, rng: jax.Array, batch: int, d
 def sample_wavefront_logsnr(model, rng: jax.Array, cond_mask: jax.Array, diffusion_cfg) -> jax.Array:
     """Training levels with a wavefront (diffusion/wavefront.py): clock s ~ U(0, 1) and width
     W ~ U(0, diffusion.wavefront) with probability diffusion.wavefront_prob (else 0) per example,
-    lambda_i = the warp's level at u_i(s). cond_mask bool (b, L) -> float32 (b, L). At W = 0 the
+    ranks in diffusion.wavefront_order, lambda_i = the warp's level at u_i(s). cond_mask bool (b, L) -> float32 (b, L). At W = 0 the
     level is the one `sample_logsnr` draws from the same key."""
     if diffusion_cfg.noise_sampling != "warp" or model.noise_warp is None:
         raise ValueError("diffusion.wavefront > 0 needs diffusion.noise_sampling='warp' (its levels are the warp's quantiles)")
@@ -136,7 +136,8 @@ def sample_wavefront_logsnr(model, rng: jax.Array, cond_mask: jax.Array, diffusi
     clock = jax.random.uniform(rng, (b,), jnp.float32)
     widths = wavefront.sample_widths(jax.random.fold_in(rng, 1), b, float(diffusion_cfg.wavefront),
                                      float(diffusion_cfg.wavefront_prob))
-    u = wavefront.progress(clock, wavefront.generation_rank(cond_mask), widths)
+    rank = wavefront.order_rank(str(diffusion_cfg.wavefront_order), jax.random.fold_in(rng, 2), cond_mask)
+    u = wavefront.progress(clock, rank, widths)
     return model.noise_warp.inverse_cdf(u)
 
 

@@ -134,7 +134,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
-           score_temperature_final: float = 0.0):
+           score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right"):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -159,6 +159,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         > 0 needs grid "warp" and a model with position_levels).
       score_temperature_final: > 0: the score temperature of the last step, reached linearly in
         the step index from `score_temperature` at the first (0 = constant).
+      wavefront_order: "left_to_right" or "random" (a permutation of each row's generated
+        positions drawn from rng).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -172,7 +174,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
     fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
                         self_condition=self_condition, temperature=temperature, grid=grid,
                         score_temperature=score_temperature, wavefront=wavefront,
-                        score_temperature_final=score_temperature_final)
+                        score_temperature_final=score_temperature_final, wavefront_order=wavefront_order)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -181,7 +183,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
                    score_temperature: float = 1.0, wavefront: float = 0.0,
-                   score_temperature_final: float = 0.0):
+                   score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right"):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -200,8 +202,9 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                          f"{score_temperature}, {score_temperature_final}")
     if int(unroll) < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
-    if wavefront < 0:
-        raise ValueError(f"wavefront must be >= 0, got {wavefront}")
+    if wavefront < 0 or wavefront_order not in wavefront_lib.ORDERS:
+        raise ValueError(f"wavefront must be >= 0 and wavefront_order one of {wavefront_lib.ORDERS}, "
+                         f"got {wavefront}, {wavefront_order!r}")
     if wavefront > 0 and (grid != "warp" or not getattr(model, "position_levels", False)):
         raise ValueError("wavefront > 0 needs grid='warp' and a model trained with model.position_levels=True "
                          f"(got grid={grid!r}, position_levels={getattr(model, 'position_levels', False)})")
@@ -218,7 +221,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
                   score_temperature=float(score_temperature), wavefront=float(wavefront),
-                  score_temperature_final=float(score_temperature_final))
+                  score_temperature_final=float(score_temperature_final),
+                  wavefront_order=str(wavefront_order))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -281,17 +285,17 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
                                              "temperature", "unroll", "score_temperature", "wavefront",
-                                             "score_temperature_final"))
+                                             "score_temperature_final", "wavefront_order"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
                 self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
-                score_temperature_final=0.0):
+                score_temperature_final=0.0, wavefront_order="left_to_right"):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
     r_init, r_loop, r_read = jax.random.split(rng, 3)
     x = jax.random.normal(r_init, (b, length, model.embed_dim), jnp.float32)
     x = jnp.where(known[..., None], clean, x)
-    rank = wavefront_lib.generation_rank(known)
+    rank = wavefront_lib.order_rank(wavefront_order, jax.random.fold_in(rng, 7), known)
 
     steps = int(ts.shape[0])
     if score_temperature_final > 0 and score_temperature_final != score_temperature:

@@ -17,6 +17,11 @@ Training draws s ~ U(0, 1) and, with probability `prob`, a width W ~ U(0, W_max)
 (else W = 0), so one model samples at any width up to W_max and still has the single-level
 examples its likelihood bound is computed on. Known (prompt) positions get rank 0 and are
 ignored by every user (the denoiser re-imposes them).
+
+The order ("left_to_right" or "random", ORDERS) says which rank a position has: its place in
+the span, or its place in a random permutation of the span drawn per sequence (`random_rank`);
+a random order at a large W resembles masked diffusion (clean tokens scattered among noisy
+ones, revealed in random order), where left to right resembles autoregression.
 """
 
 from __future__ import annotations
@@ -34,6 +39,29 @@ def generation_rank(cond_mask: jax.Array) -> jax.Array:
     count = jnp.sum(gen, axis=1, keepdims=True)
     r = rank.astype(jnp.float32) / jnp.maximum(count - 1, 1).astype(jnp.float32)
     return jnp.where(gen, r, 0.0)
+
+
+ORDERS = ("left_to_right", "random")
+
+
+def random_rank(rng: jax.Array, cond_mask: jax.Array) -> jax.Array:
+    """Like `generation_rank`, but the generated positions of each row in a random order (a
+    uniform permutation per row): float32 (b, L) in [0, 1], 0 at known positions."""
+    gen = ~cond_mask.astype(bool)
+    keys = jnp.where(gen, jax.random.uniform(rng, cond_mask.shape), 2.0)  # known positions last
+    place = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)  # each position's place in the order
+    count = jnp.sum(gen, axis=1, keepdims=True)
+    r = place.astype(jnp.float32) / jnp.maximum(count - 1, 1).astype(jnp.float32)
+    return jnp.where(gen, r, 0.0)
+
+
+def order_rank(order: str, rng: jax.Array, cond_mask: jax.Array) -> jax.Array:
+    """The ranks of `order` (ORDERS): `generation_rank` or `random_rank` (which uses rng)."""
+    if order == "left_to_right":
+        return generation_rank(cond_mask)
+    if order == "random":
+        return random_rank(rng, cond_mask)
+    raise ValueError(f"wavefront order must be one of {ORDERS}, got {order!r}")
 
 
 def progress(clock: jax.Array, rank: jax.Array, width: jax.Array) -> jax.Array:

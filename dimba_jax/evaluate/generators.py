@@ -97,6 +97,7 @@ class DimbaGenerator:
                          "score_temperature": float(s.score_temperature),
                          "wavefront": float(s.wavefront),
                          "score_temperature_final": float(s.score_temperature_final),
+                         "wavefront_order": str(s.wavefront_order),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:

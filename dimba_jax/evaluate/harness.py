@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict] = {
     "wf1_st0.6": {"wavefront": 1.0, "score_temperature": 0.6},
     "wf3": {"wavefront": 3.0},
     "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
+    "random_order": {"wavefront_order": "random"},
 }
 # Variants by pattern, parts joined by "+" ("st0.7+stf1", "wf1+st0.6"), each a name above or
 # PREFIX<number> for one of these options.

@@ -25,6 +25,7 @@ from dimba_jax.diffusion import sampler as sampling
 from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
 from dimba_jax.diffusion.schedule import schedule_from_config
 from dimba_jax.diffusion.warp import NoiseWarp
+from dimba_jax.diffusion.wavefront import ORDERS as WAVEFRONT_ORDERS
 from dimba_jax.layers.conditioning import frozen_prompt_encoder
 from dimba_jax.models import flops as flops_lib
 from dimba_jax.models.dimba import DimbaModel, resolve_dtype
@@ -35,6 +36,9 @@ def check_wavefront(config) -> None:
     diffusion.wavefront / sample.wavefront > 0 need model.position_levels and the warp's levels
     (noise_sampling / grid "warp"); negative widths are refused."""
     d, s, m = config.diffusion, config.sample, config.model
+    if d.wavefront_order not in WAVEFRONT_ORDERS or s.wavefront_order not in WAVEFRONT_ORDERS:
+        raise ValueError(f"diffusion.wavefront_order ({d.wavefront_order!r}) and sample.wavefront_order "
+                         f"({s.wavefront_order!r}) must be one of {WAVEFRONT_ORDERS}")
     if float(d.wavefront) < 0 or float(s.wavefront) < 0 or not 0.0 <= float(d.wavefront_prob) <= 1.0:
         raise ValueError(f"diffusion.wavefront ({d.wavefront}) and sample.wavefront ({s.wavefront}) must be "
                          f">= 0 and diffusion.wavefront_prob ({d.wavefront_prob}) in [0, 1]")
@@ -147,7 +151,8 @@ class DimbaTask:
                     eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
                     clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
                     grid=str(s.grid), score_temperature=float(s.score_temperature),
-                    wavefront=float(s.wavefront), score_temperature_final=float(s.score_temperature_final))
+                    wavefront=float(s.wavefront), score_temperature_final=float(s.score_temperature_final),
+                    wavefront_order=str(s.wavefront_order))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
