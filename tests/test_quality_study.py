@@ -85,3 +85,16 @@ def test_quality_report_renders_every_committed_study(tmp_path):
     assert "| DIMBA st0.9+stf0.5 | 2539 |" in tiny and "score temperature" in tiny
     for md in (p for p in written if p.endswith(".md")):
         assert open(md).read().count("\n|") >= 3, md
+
+
+def test_noise_agreement_helpers():
+    import numpy as np
+
+    from benchmarks import noise_agreement as na
+    assert na.agreement(np.array([[1, 2, 3, 4]]), np.array([[1, 0, 3, 0]])) == 0.5
+    with pytest.raises(ValueError, match="equal shapes"):
+        na.agreement(np.zeros((2, 3)), np.zeros((3, 2)))
+    assert na.parse_models("a=runs/x, b=m.npz") == {"a": "runs/x", "b": "m.npz"}
+    for bad in ("", "a", "=x", "a="):
+        with pytest.raises(ValueError, match="--models"):
+            na.parse_models(bad)
