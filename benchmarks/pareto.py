@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="1024,256")
     p.add_argument("--prompted", default="0,1", help="0 = unconditional, 1 = prompted")
     p.add_argument("--variants", default="", help="comma list of ablation variants: "
-                   + ", ".join(k for k in harness.VARIANTS if k) + " ('' = default settings)")
+                   + ", ".join(k for k in harness.VARIANTS if k) + ", or PREFIX<number> with PREFIX in "
+                   + ", ".join(harness.VARIANT_PATTERNS) + ", parts joined by '+' ('' = default settings)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (3 at larger batches)")
     p.add_argument("--prompt-len", type=int, default=64)

@@ -176,7 +176,8 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
     Args:
       workdir: the run folder written by training (`python -m dimba_jax.main --workdir ...` or
         `train_and_evaluate(config, workdir)`): holds config.json and checkpoints/; or a one-file
-        export of a run (`--mode export`; then step and use_ema keep their defaults).
+        export of a run (`--mode export`: one set of weights, so step stays None and use_ema
+        does not apply).
       step: which checkpoint (a training step); None = the latest.
       use_ema: load the EMA of the parameters when the checkpoint has one (it samples better);
         False = the raw parameters.
@@ -201,8 +202,5 @@ def load(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = Tr
     if str(config.task) != "dimba":
         raise ValueError(f"{workdir!r} holds a {config.task!r} run; dimba_jax.load serves DIMBA runs "
                          "(use dimba_jax.train.inference.load_run for other tasks)")
-    if os.path.isfile(workdir):
-        run = load_run(workdir, step=step, config=config)
-    else:
-        run = load_run(workdir, step=step, prefer_ema=use_ema, config=config)
+    run = load_run(workdir, step=step, prefer_ema=use_ema, config=config)
     return Pipeline(run.config, run.task, run.model, run.step, workdir, uses_ema=run.uses_ema)

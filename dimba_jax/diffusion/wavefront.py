@@ -35,9 +35,13 @@ def generation_rank(cond_mask: jax.Array) -> jax.Array:
     (0 = first, 1 = last; a single generated position has r = 0); 0 at known positions.
     cond_mask bool (b, L), True = known -> float32 (b, L)."""
     gen = ~cond_mask.astype(bool)
-    rank = jnp.cumsum(gen, axis=1) - 1
+    return _scaled(jnp.cumsum(gen, axis=1) - 1, gen)
+
+
+def _scaled(place: jax.Array, gen: jax.Array) -> jax.Array:
+    """Places 0..n-1 of a row's n generated positions -> place / max(n - 1, 1), 0 where not gen."""
     count = jnp.sum(gen, axis=1, keepdims=True)
-    r = rank.astype(jnp.float32) / jnp.maximum(count - 1, 1).astype(jnp.float32)
+    r = place.astype(jnp.float32) / jnp.maximum(count - 1, 1).astype(jnp.float32)
     return jnp.where(gen, r, 0.0)
 
 
@@ -49,10 +53,7 @@ def random_rank(rng: jax.Array, cond_mask: jax.Array) -> jax.Array:
     uniform permutation per row): float32 (b, L) in [0, 1], 0 at known positions."""
     gen = ~cond_mask.astype(bool)
     keys = jnp.where(gen, jax.random.uniform(rng, cond_mask.shape), 2.0)  # known positions last
-    place = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)  # each position's place in the order
-    count = jnp.sum(gen, axis=1, keepdims=True)
-    r = place.astype(jnp.float32) / jnp.maximum(count - 1, 1).astype(jnp.float32)
-    return jnp.where(gen, r, 0.0)
+    return _scaled(jnp.argsort(jnp.argsort(keys, axis=1), axis=1), gen)  # each position's place
 
 
 def order_rank(order: str, rng: jax.Array, cond_mask: jax.Array) -> jax.Array:

@@ -54,8 +54,8 @@ def load_run(workdir: str, step: int | None = None, prefer_ema: bool = True,
 
     Args:
       workdir: a training workdir (config.json + checkpoints/), or a one-file export
-        (`dimba_jax.train.export`; it holds one set of weights, so step and prefer_ema must be
-        left at their defaults).
+        (`dimba_jax.train.export`; it holds one set of weights: step must stay None and
+        prefer_ema does not apply, `uses_ema` of the result says which weights they are).
       step: checkpoint step (None = the newest readable one).
       prefer_ema: load the EMA weights when the checkpoint has them.
       config: use this config instead of workdir/config.json (e.g. with sampling overrides);
