@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_}cpu.json (written by
+quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4x_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -12,9 +12,12 @@ quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_}cpu.json
   benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
   benchmarks/results/quality_tiny_sweep_cpu.md  and a sampler sweep around the chosen schedule
   benchmarks/results/quality_tiny_wavefront_cpu.md  tiny trained and sampled with wavefronts in both orders
+  benchmarks/results/quality_tiny_noise_cpu.md  tiny with the warp's floor raised (more levels off the band)
+  benchmarks/results/quality_tiny_4x_cpu.md     tiny and its AR model on 4x the tokens, and prior weights
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
+  docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (4x tokens)
   docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
                                                 unprompted and prompted) and of the AR baseline
 The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
@@ -129,7 +132,8 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
              "T = 32, 64 tokens, 32 per row, unprompted unless said; `default` is configs/tiny.py's "
              "sampler when the run was measured (score temperature 1 until the tiny study chose 0.9 -> 0.5). "
              "`stX` is a score temperature X at every step, `stX+stfY` one that goes linearly from X at the "
-             "noisiest step to Y at the last, `wfW` a wavefront of width W (`+random_order`: in random order).", "",
+             "noisiest step to Y at the last, `wfW` a wavefront of width W (`+random_order`: in random order), "
+             "`pwX` the output prior at weight X in the sampling logits (`sample.prior_weight`; 1 = as trained).", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
              + ", ".join(f"{n} {_f(i.get('bound', {}).get('bound_bits'), '.2f')}" for n, i in dimbas.items())
@@ -238,6 +242,45 @@ def plot_noise_curves(studies: dict, path: str) -> str:
     return path
 
 
+def plot_tradeoff(res: dict, path: str) -> str:
+    """Judge perplexity against sample entropy of every unprompted DIMBA row of a tiny study,
+    score-temperature settings and prior-weight settings apart, with real text's entropy +-5%
+    and the AR model's perplexity for scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = res.get("reference", {})
+    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    if ref.get("entropy"):
+        ax.axvspan(0.95 * ref["entropy"], 1.05 * ref["entropy"], color="tab:green", alpha=0.12,
+                   label="real text's entropy +-5%")
+    groups = {"score temperature only": [], "with prior weight (pw)": []}
+    for r in res["rows"]:
+        if r["model"] != "dimba" or r["prompted"] or not r.get("judge_ppl"):
+            continue
+        v = r.get("variant", "").partition("/")[2] or "default"
+        groups["with prior weight (pw)" if "pw" in v else "score temperature only"].append((r["entropy"], r["judge_ppl"], v))
+    for (label, pts), marker in zip(groups.items(), ("o", "s")):
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+            for x, y, v in pts:
+                ax.annotate(v, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    if ar_ppl:
+        ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
+    ax.set_ylabel("judge perplexity (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("DIMBA tiny samplers: perplexity against entropy (down and right is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def samples_text(small: dict) -> str:
     out = ["DIMBA small (the model of record) and the AR baseline: samples from benchmarks/quality_study.py",
            f"({small['commands'][-1] if small.get('commands') else ''}).",
@@ -276,7 +319,8 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
-    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu"):
+    for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
+                 "quality_tiny_noise_cpu", "quality_tiny_4x_cpu"):
         tiny_path = os.path.join(args.results, f"{stem}.json")
         if os.path.isfile(tiny_path):
             with open(tiny_path) as f:
@@ -285,6 +329,8 @@ def main(argv=None) -> list[str]:
             with open(path, "w") as f:
                 f.write(tiny_table(tiny, f"{stem}.json"))
             written.append(path)
+            if stem == "quality_tiny_4x_cpu":
+                written.append(plot_tradeoff(tiny, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
     wave_path = os.path.join(args.results, "quality_wavefront_h200.json")
     if os.path.isfile(wave_path):
         with open(wave_path) as f:

@@ -28,6 +28,8 @@ Studies (STUDIES below):
             the noisiest step down to 0.6 at the last; st0.6+stf1 the reverse).
   tiny_wavefront  configs/tiny.py with wavefronts (W <= 3) in both orders, sampled with one
             level and at W = 1 and 3 in their order; the tiny study's AR judge.
+  tiny_noise  configs/tiny.py with the warp's floor raised to 1 and 4 (half / 80% of the
+            training levels uniform in log-SNR); the tiny study's AR judge.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -144,6 +146,20 @@ STUDIES = {
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+    },
+    "tiny_noise": {
+        # configs/tiny.py with more of its training levels spread evenly over log-SNR (the warp's
+        # floor: 1 = half, 4 = 80% of the draws uniform over diffusion.logsnr_range), beside the
+        # tiny study's AR judge (same --workdir: it is reused)
+        "config": "configs/tiny.py",
+        "runs": {
+            "floor1": {"diffusion.warp_floor": 1.0},
+            "floor4": {"diffusion.warp_floor": 4.0},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8", "st1+stf0.4"),
     },
     "small": {
         "config": "configs/small.py",
@@ -342,6 +358,10 @@ def sys_args(args) -> list[str]:
         out.append("--smoke")
     if args.export_dir:
         out += ["--export-dir", args.export_dir]
+    if args.variants is not None:
+        out += ["--variants", args.variants]
+    if args.sweep:
+        out += ["--sweep", args.sweep]
     for item in args.set:
         out += ["--set", item]
     return out

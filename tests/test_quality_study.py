@@ -37,6 +37,16 @@ def test_parse_sweep():
         qs.parse_sweep("euler:st0.7")
 
 
+def test_workers_get_the_drivers_sampler_choices():
+    args = qs.parse_args(["--study", "tiny", "--workdir", "w", "--out", "o.json",
+                          "--variants", "st0.8,pw0.5", "--sweep", "ddim:st0.7", "--set", "ar:train.steps=9"])
+    argv = qs.sys_args(args)
+    assert argv[argv.index("--variants") + 1] == "st0.8,pw0.5"
+    assert argv[argv.index("--sweep") + 1] == "ddim:st0.7"
+    assert argv[argv.index("--set") + 1] == "ar:train.steps=9"
+    assert "--variants" not in qs.sys_args(qs.parse_args(["--study", "tiny", "--workdir", "w", "--out", "o"]))
+
+
 def test_variant_names_and_patterns():
     from dimba_jax.evaluate.harness import variant_options
     assert variant_options("") == {}

@@ -128,6 +128,34 @@ def test_score_interpolation_and_the_output_prior(embed_dim):
     assert {"noise_warp/w", "noise_warp/bias"} <= names
 
 
+def test_prior_weight_scales_the_output_prior_in_predict_and_sampling():
+    from dimba_jax.diffusion import sampler as sampling
+    task = tiny_task()
+    model = task.init_model(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+    x_t = jax.random.normal(jax.random.key(2), (2, 16, 32))
+    lam, known = jnp.asarray([-3.0, 1.0]), jnp.zeros((2, 16), bool)
+    _, full = model.predict(x_t, lam, tokens, known)
+    _, part = model.predict(x_t, lam, tokens, known, prior_weight=0.3)
+    _, none = model.predict(x_t, lam, tokens, known, prior_weight=0.0)
+    prior = model.prior_logits(x_t, lam)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(none + prior), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(none + 0.3 * prior), rtol=1e-5, atol=1e-3)
+    # through the jitted sampler: weight 0 is the same network without its prior, 1 the default
+    kw = dict(steps=4, sampler="ddim", clamp=False, grid="warp", return_x0=True)
+    mask = jnp.broadcast_to(jnp.arange(16) < 4, (2, 16))
+    rng = jax.random.key(5)
+    ids0, x00 = sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.0, **kw)
+    ids1, x01 = sampling.sample(model, task.schedule, tokens, mask, rng, **kw)
+    assert not np.allclose(np.asarray(x00), np.asarray(x01), atol=1e-3)
+    model.skip_logits = False
+    ids_off, x0_off = sampling.sample(model, task.schedule, tokens, mask, rng, **kw)
+    np.testing.assert_allclose(np.asarray(x00), np.asarray(x0_off), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(ids0), np.asarray(ids_off))
+    with pytest.raises(ValueError, match="prior_weight"):
+        sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=-1.0, **kw)
+
+
 @pytest.mark.parametrize("embed_dim", [0, 8])
 def test_likelihood_bound_parts_and_estimator(embed_dim):
     task = tiny_task(embed_dim=embed_dim)

@@ -25,6 +25,8 @@ Per step, with x0_hat the model's estimate:
 * CFG: x0_hat = uncond + w (cond - uncond), w = `guidance` (1 = conditional only, one forward;
   0 = unconditional only, one forward; otherwise both branches in one batched forward). The
   unconditional branch is the same layout with the prompt dropped (DimbaModel `drop_prompt`).
+* prior weight w_p (`prior_weight`): the output prior enters the logits times w_p (1 = the
+  trained model; < 1 trusts each position's own noisy evidence less and the context more).
 * score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate);
   constant, or with `score_temperature_final` > 0 linear in the step index from
   `score_temperature` at the noisiest step to `score_temperature_final` at the last.
@@ -134,7 +136,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            steps: int, sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0, clamp: bool = True,
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
-           score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right"):
+           score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
+           prior_weight: float = 1.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -161,6 +164,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         the step index from `score_temperature` at the first (0 = constant).
       wavefront_order: "left_to_right" or "random" (a permutation of each row's generated
         positions drawn from rng).
+      prior_weight: >= 0, the weight of the model's output prior in the logits (1 = as trained).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -174,7 +178,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
     fn = make_sample_fn(model, schedule, steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
                         self_condition=self_condition, temperature=temperature, grid=grid,
                         score_temperature=score_temperature, wavefront=wavefront,
-                        score_temperature_final=score_temperature_final, wavefront_order=wavefront_order)
+                        score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
+                        prior_weight=prior_weight)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -183,7 +188,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
                    score_temperature: float = 1.0, wavefront: float = 0.0,
-                   score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right"):
+                   score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
+                   prior_weight: float = 1.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -202,6 +208,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                          f"{score_temperature}, {score_temperature_final}")
     if int(unroll) < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
+    if not prior_weight >= 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
     if wavefront < 0 or wavefront_order not in wavefront_lib.ORDERS:
         raise ValueError(f"wavefront must be >= 0 and wavefront_order one of {wavefront_lib.ORDERS}, "
                          f"got {wavefront}, {wavefront_order!r}")
@@ -222,7 +230,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
                   score_temperature=float(score_temperature), wavefront=float(wavefront),
                   score_temperature_final=float(score_temperature_final),
-                  wavefront_order=str(wavefront_order))
+                  wavefront_order=str(wavefront_order), prior_weight=float(prior_weight))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -231,25 +239,28 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
 
 
 def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance: float, clamp: bool,
-               score_temperature: float = 1.0):
+               score_temperature: float = 1.0, prior_weight: float = 1.0):
     """One guided, clamped, re-imposed estimate at one noise level.
 
     x_t (b, L, e); logsnr float scalar, or (b, L) one level per position; score_temperature a
-    float (1.0 = the model's own estimate, skipped) or a float32 scalar array. Returns (x0 float32
+    float (1.0 = the model's own estimate, skipped) or a float32 scalar array; prior_weight the
+    output prior's weight in the logits (1.0 = as trained). Returns (x0 float32
     (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
     logsnr = jnp.asarray(logsnr, jnp.float32)
     lam = logsnr if logsnr.ndim == 2 else jnp.full((b,), logsnr, jnp.float32)
     if guidance == 1.0:
-        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond)
+        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, prior_weight=prior_weight)
     elif guidance == 0.0:
-        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool))
+        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool),
+                                   prior_weight=prior_weight)
     else:
         two = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
         drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
         both_x0, both_logits = model.predict(two(x_t), two(lam), two(tokens), two(known),
-                                             self_cond=two(self_cond), drop_prompt=drop)
+                                             self_cond=two(self_cond), drop_prompt=drop,
+                                             prior_weight=prior_weight)
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
     if not (isinstance(score_temperature, float) and score_temperature == 1.0):
@@ -285,10 +296,10 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
                                              "temperature", "unroll", "score_temperature", "wavefront",
-                                             "score_temperature_final", "wavefront_order"))
+                                             "score_temperature_final", "wavefront_order", "prior_weight"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
                 self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
-                score_temperature_final=0.0, wavefront_order="left_to_right"):
+                score_temperature_final=0.0, wavefront_order="left_to_right", prior_weight=1.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -311,7 +322,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
-                                score_temperature=tau)
+                                score_temperature=tau, prior_weight=prior_weight)
         if sampler == "ddpm":
             mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
         else:

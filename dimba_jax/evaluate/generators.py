@@ -98,6 +98,7 @@ class DimbaGenerator:
                          "wavefront": float(s.wavefront),
                          "score_temperature_final": float(s.score_temperature_final),
                          "wavefront_order": str(s.wavefront_order),
+                         "prior_weight": float(s.prior_weight),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:

@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict] = {
     "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
 }
 VARIANT_PATTERNS = {"stf": "score_temperature_final", "st": "score_temperature", "wf": "wavefront",
-                    "eta": "eta", "cfg": "guidance", "temp": "temperature"}
+                    "eta": "eta", "cfg": "guidance", "temp": "temperature", "pw": "prior_weight"}
 
 
 def variant_options(name: str) -> dict:

@@ -236,8 +236,8 @@ class DimbaModel(nnx.Module):
         return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef
 
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
-                self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None,
+                prior_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
         """Predicts x0 and the token logits.
 
         Args:
@@ -249,6 +249,8 @@ class DimbaModel(nnx.Module):
           cond_mask: bool (b, L), True = known (clean) position.
           self_cond: float (b, L, e) previous x0 estimate, or None (= zeros).
           drop_prompt: bool (b,) — True replaces the prompt by the null embedding (CFG), or None.
+          prior_weight: the weight of the output prior in the logits (1 = the trained model;
+            a sampling knob, `sample.prior_weight`; ignored without `skip_logits`).
         Returns:
           (x0_hat float32 (b, L, e) with the clean (or null, if dropped) embeddings at known
           positions, logits float32 (b, L, V)). `readout` "score_interp": logits = head(h)
@@ -294,7 +296,7 @@ class DimbaModel(nnx.Module):
         for block in self.blocks:
             h = block(h, cond)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
-        prior = self.prior_logits(x_in, logsnr) if self.skip_logits else 0.0
+        prior = self.prior_logits(x_in, logsnr) * prior_weight if self.skip_logits else 0.0
         if self.readout == "score_interp":
             logits = self.logits(out) + prior
             x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits, axis=-1), self.embedding_table())
