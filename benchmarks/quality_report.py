@@ -17,7 +17,7 @@ quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
-  docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (4x tokens)
+  docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
   docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
                                                 unprompted and prompted) and of the AR baseline
 The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
@@ -242,41 +242,45 @@ def plot_noise_curves(studies: dict, path: str) -> str:
     return path
 
 
-def plot_tradeoff(res: dict, path: str) -> str:
-    """Judge perplexity against sample entropy of every unprompted DIMBA row of a tiny study,
-    score-temperature settings and prior-weight settings apart, with real text's entropy +-5%
-    and the AR model's perplexity for scale."""
+def plot_tradeoff(studies: dict, path: str) -> str:
+    """Judge perplexity against sample entropy of every unprompted DIMBA row of tiny studies (one
+    panel per {title: results}), score-temperature settings and prior-weight settings apart, with
+    real text's entropy +-5% and the AR model's perplexity for scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = res.get("reference", {})
-    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    if ref.get("entropy"):
-        ax.axvspan(0.95 * ref["entropy"], 1.05 * ref["entropy"], color="tab:green", alpha=0.12,
-                   label="real text's entropy +-5%")
-    groups = {"score temperature only": [], "with prior weight (pw)": []}
-    for r in res["rows"]:
-        if r["model"] != "dimba" or r["prompted"] or not r.get("judge_ppl"):
-            continue
-        v = r.get("variant", "").partition("/")[2] or "default"
-        groups["with prior weight (pw)" if "pw" in v else "score temperature only"].append((r["entropy"], r["judge_ppl"], v))
-    for (label, pts), marker in zip(groups.items(), ("o", "s")):
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
-            for x, y, v in pts:
-                ax.annotate(v, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    if ar_ppl:
-        ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
-    ax.set_ylabel("judge perplexity (lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("DIMBA tiny samplers: perplexity against entropy (down and right is better)", fontsize=9)
+    fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 4.8), squeeze=False)
+    for ax, (title, res) in zip(axes[0], studies.items()):
+        ref = res.get("reference", {})
+        ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
+        if ref.get("entropy"):
+            ax.axvspan(0.95 * ref["entropy"], 1.05 * ref["entropy"], color="tab:green", alpha=0.12,
+                       label="real text's entropy +-5%")
+        groups = {"score temperature only": [], "with prior weight (pw)": []}
+        for r in res["rows"]:
+            if r["model"] != "dimba" or r["prompted"] or not r.get("judge_ppl"):
+                continue
+            v = r.get("variant", "").partition("/")[2] or "default"
+            groups["with prior weight (pw)" if "pw" in v else "score temperature only"].append(
+                (r["entropy"], r["judge_ppl"], v))
+        for (label, pts), marker in zip(groups.items(), ("o", "s")):
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+                for x, y, v in pts:
+                    ax.annotate(v, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        if ar_ppl:
+            ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
+        ax.set_ylabel("judge perplexity (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("DIMBA tiny samplers: judge perplexity against entropy (each panel has its own AR judge)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -319,6 +323,7 @@ def main(argv=None) -> list[str]:
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
+    tradeoff = {}
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_4x_cpu"):
         tiny_path = os.path.join(args.results, f"{stem}.json")
@@ -329,8 +334,10 @@ def main(argv=None) -> list[str]:
             with open(path, "w") as f:
                 f.write(tiny_table(tiny, f"{stem}.json"))
             written.append(path)
-            if stem == "quality_tiny_4x_cpu":
-                written.append(plot_tradeoff(tiny, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
+            if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):
+                tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
+    if tradeoff:
+        written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
     wave_path = os.path.join(args.results, "quality_wavefront_h200.json")
     if os.path.isfile(wave_path):
         with open(wave_path) as f:
