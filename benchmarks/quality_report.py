@@ -188,14 +188,13 @@ def small_table(res: dict) -> str:
              "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
              "The setting of record is the lowest judge perplexity among the settings whose sample "
              "entropy is within 5% of real text's (the lowest overall if none is).", "",
-             "| sampler | score temperature | judge ppl | entropy |", "|---|---|---|---|"]
+             "| sampler | variant (`stX` score temperature, `pwX` prior weight) | judge ppl | entropy |",
+             "|---|---|---|---|"]
     for s in dimba.get("sweep", []):
-        v = s.get("variant") or ""
-        st = v[2:] if v.startswith("st") else "1"
-        lines.append(f"| {s['sampler']} | {st} | {_f(s['judge_ppl'], '.1f')} | {_f(s['entropy'], '.2f')} |")
+        lines.append(f"| {s['sampler']} | {s.get('variant') or 'default'} | {_f(s['judge_ppl'], '.1f')} | "
+                     f"{_f(s['entropy'], '.2f')} |")
     chosen = next((r for r in res["rows"] if r["model"] == "dimba"), {})
-    v = chosen.get("variant") or ""
-    setting = f"{chosen.get('sampler', 'ddim').upper()}, score temperature {v[2:] if v.startswith('st') else 'default'}"
+    setting = f"{chosen.get('sampler', 'ddim').upper()}, {chosen.get('variant') or 'default'}"
     lines += ["", f"## Rows of record ({setting}; latency at batch 1, quality of 64 samples)", "",
               "| model | T | prompted | latency ms (b=1) | judge ppl | x AR | entropy | entropy vs real |",
               "|---|---|---|---|---|---|---|---|"]

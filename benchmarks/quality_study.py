@@ -174,7 +174,8 @@ STUDIES = {
         # sampler settings tried at the headline T (unprompted) before the rows of record, which
         # use the one the judge scores best
         "sweep": (("ddim", "st0.5"), ("ddim", "st0.6"), ("ddim", "st0.7"), ("ddim", "st0.8"),
-                  ("ddpm", "st0.6"), ("ddpm", "st0.7")),
+                  ("ddpm", "st0.6"), ("ddpm", "st0.7"), ("ddim", "st1+stf0.5"),
+                  ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.8+st0.9+stf0.6"), ("ddim", "pw0.7+st1+stf0.7")),
         "lengths": (1024,),
         "batches": (1, 64),
         "prompt_len": 64,

@@ -108,3 +108,14 @@ def test_noise_agreement_helpers():
     for bad in ("", "a", "=x", "a="):
         with pytest.raises(ValueError, match="--models"):
             na.parse_models(bad)
+
+
+def test_likelihood_table():
+    from benchmarks.likelihood import to_markdown
+    doc = {"device": "cpu:cpu x1", "command": "python -m benchmarks.likelihood --models a=x", "batches": 4,
+           "rows": [{"run": "d", "path": "x", "task": "dimba", "tokens_seen": 1000, "bits": 10.1234,
+                     "diffusion_bits": 10.0, "recon_bits": 0.1234},
+                    {"run": "a", "path": "y", "task": "ar", "tokens_seen": 1000, "bits": 8.2}]}
+    text = to_markdown(doc)
+    assert "| d | dimba | 1,000 | 10.123 | 10.000 | 0.123 |" in text
+    assert "| a | ar | 1,000 | 8.200 | — | — |" in text
