@@ -252,6 +252,8 @@ def parse_args(argv=None):
                    help="studies measured in workers: write each DIMBA run as NAME.npz and the judge as judge.npz here")
     p.add_argument("--from-exports", default="",
                    help="measure the NAME.npz / judge.npz files of this folder instead of training")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the judged samples (rows of another seed replace these in --out: use a new file)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: train + measure one run
     return p.parse_args(argv)
 
@@ -363,9 +365,24 @@ def sys_args(args) -> list[str]:
         out += ["--variants", args.variants]
     if args.sweep:
         out += ["--sweep", args.sweep]
+    if args.seed:
+        out += ["--seed", str(args.seed)]
     for item in args.set:
         out += ["--set", item]
     return out
+
+
+def study_from_args(args) -> dict:
+    """The study as the driver and its workers measure it: STUDIES[--study] (shrunk with --smoke),
+    with --sweep, --variants and --seed applied."""
+    study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
+    if args.sweep:
+        study = dict(study, sweep=parse_sweep(args.sweep))
+    if args.variants is not None:
+        study = dict(study, variants=parse_variants(args.variants))
+    if args.seed:
+        study = dict(study, seed=args.seed)
+    return study
 
 
 def run_worker(args) -> None:
@@ -373,7 +390,7 @@ def run_worker(args) -> None:
     kept as text, into `<workdir>/<run>.measure.json` (the driver judges them)."""
     from dimba_jax import main as cli
 
-    study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
+    study = study_from_args(args)
     name = args.worker
     workdir = os.path.join(args.workdir, name)
     if not finished(workdir):
@@ -473,7 +490,7 @@ def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device
     L, T = study["lengths"][0], study["steps"][0]
     specs = [harness.RunSpec("dimba", smp, T, L, False, v) for smp, v in study["sweep"]]
     opts = harness.HarnessOptions(batches=(max(study["batches"]),), prompt_len=study["prompt_len"],
-                                  skip_tokens=study["skip_tokens"], overwrite=True)
+                                  skip_tokens=study["skip_tokens"], seed=study.get("seed", 0), overwrite=True)
     out = harness.run_harness({"dimba": gen}, judge, specs, val_texts, os.path.join(workdir, "sweep.json"),
                               options=opts, command=command, device=device, log=log)
     info["sweep"] = [{k: r.get(k) for k in ("sampler", "variant", "steps", "judge_ppl", "entropy")}
@@ -543,7 +560,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     tmp = os.path.join(args.workdir, f"{name}.harness.json")
     opts = harness.HarnessOptions(batches=study["batches"], prompt_len=prompt_len,
                                   skip_tokens=study["skip_tokens"], samples_to_keep=max(study["batches"]),
-                                  overwrite=True)
+                                  seed=study.get("seed", 0), overwrite=True)
     out = harness.run_harness({cfg.task: gen}, judge, specs, val_texts, tmp, options=opts,
                               command=command, device=device, log=log)
     res["all_samples"] = dict(out.get("samples", {}))
@@ -583,11 +600,7 @@ def main(argv=None) -> dict:
         log(f"{len(pareto['rows'])} rows into {args.pareto}")
         return pareto
     deadline = time.perf_counter() + args.budget_s
-    study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
-    if args.sweep:
-        study = dict(study, sweep=parse_sweep(args.sweep))
-    if args.variants is not None:
-        study = dict(study, variants=parse_variants(args.variants))
+    study = study_from_args(args)
     names = [n for n in (args.runs.split(",") if args.runs else study["runs"]) if n]
     command = "python -m benchmarks.quality_study " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -45,6 +45,11 @@ def test_workers_get_the_drivers_sampler_choices():
     assert argv[argv.index("--sweep") + 1] == "ddim:st0.7"
     assert argv[argv.index("--set") + 1] == "ar:train.steps=9"
     assert "--variants" not in qs.sys_args(qs.parse_args(["--study", "tiny", "--workdir", "w", "--out", "o"]))
+    # a worker parses those arguments back into the same study as the driver
+    worker = qs.study_from_args(qs.parse_args(argv + ["--seed", "3", "--worker", "dimba"]))
+    assert worker["variants"] == ("st0.8", "pw0.5") and worker["sweep"] == (("ddim", "st0.7"),)
+    assert worker["seed"] == 3 and qs.study_from_args(args).get("seed", 0) == 0
+    assert worker["runs"] == qs.STUDIES["tiny"]["runs"]
 
 
 def test_variant_names_and_patterns():
