@@ -18,12 +18,8 @@ Writes the JSON {"device", "command", "batches", "rows": [{"run", "path", "task"
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
-
-from benchmarks.noise_agreement import parse_models
 
 
 def to_markdown(doc: dict) -> str:
@@ -46,9 +42,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=4, help="validation batches per run")
     p.add_argument("--out", required=True, help="results JSON (the .md is written beside it)")
     args = p.parse_args(argv)
-    models = parse_models(args.models)
-
-    import jax
+    from dimba_jax.evaluate.results import device_label, parse_named_paths, write_with_markdown
+    models = parse_named_paths(args.models)
 
     from dimba_jax.train.inference import evaluate_model, load_run
 
@@ -64,16 +59,11 @@ def main(argv=None) -> dict:
             row["bits"] = m["nll_bits"]
         rows.append(row)
         print(row, flush=True)
-    dev = jax.devices()[0]
-    doc = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}",
+    doc = {"device": device_label(),
            "command": "python -m benchmarks.likelihood " + " ".join(
                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
            "batches": args.batches, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(to_markdown(doc))
+    write_with_markdown(doc, args.out, to_markdown(doc))
     print(to_markdown(doc))
     return doc
 

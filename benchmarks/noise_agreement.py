@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import shlex
 import sys
 
@@ -35,19 +33,6 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ValueError(f"agreement needs equal shapes, got {a.shape} and {b.shape}")
     return float(np.mean(a == b))
-
-
-def parse_models(text: str) -> dict[str, str]:
-    """'a=path1,b=path2' -> {"a": "path1", "b": "path2"} (at least one)."""
-    out = {}
-    for item in (x.strip() for x in text.split(",") if x.strip()):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--models: expected NAME=PATH, got {item!r}")
-        out[name] = path
-    if not out:
-        raise ValueError("--models: give at least one NAME=PATH")
-    return out
 
 
 def to_markdown(doc: dict) -> str:
@@ -72,7 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
     args = p.parse_args(argv)
-    models = parse_models(args.models)
+    from dimba_jax.evaluate import results as results_lib
+    models = results_lib.parse_named_paths(args.models)
 
     import jax
     import jax.numpy as jnp
@@ -114,16 +100,11 @@ def main(argv=None) -> dict:
                      "sampler": sampler, "agreement": agreement(with_p, without)})
         rows.append({"what": "with / without a prompt, one seed (first 4 after it)", "a": name, "b": name,
                      "sampler": sampler, "agreement": agreement(with_p[:, :4], without[:, :4])})
-    dev = jax.devices()[0]
-    doc = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}",
+    doc = {"device": results_lib.device_label(),
            "command": "python -m benchmarks.noise_agreement " + " ".join(
                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
            "settings": dict(kw, batch=b, length=length, prompt_len=plen, models=models), "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(to_markdown(doc))
+    results_lib.write_with_markdown(doc, args.out, to_markdown(doc))
     print(to_markdown(doc))
     return doc
 

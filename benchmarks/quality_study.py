@@ -609,15 +609,12 @@ def main(argv=None) -> dict:
         log(f"trained: {seconds}")
         return {}
 
-    import jax
-
     from dimba_jax.evaluate import harness
     from dimba_jax.evaluate import judge as judge_lib
     from dimba_jax.evaluate import results as results_lib
     from dimba_jax.train.inference import load_run
 
-    dev = jax.devices()[0]
-    device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
+    device = results_lib.device_label()
     res = results_lib.load(args.out)
     res["study"] = args.study
     results_lib.add_command(res, command, device)

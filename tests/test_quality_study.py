@@ -106,13 +106,14 @@ def test_noise_agreement_helpers():
     import numpy as np
 
     from benchmarks import noise_agreement as na
+    from dimba_jax.evaluate.results import parse_named_paths
     assert na.agreement(np.array([[1, 2, 3, 4]]), np.array([[1, 0, 3, 0]])) == 0.5
     with pytest.raises(ValueError, match="equal shapes"):
         na.agreement(np.zeros((2, 3)), np.zeros((3, 2)))
-    assert na.parse_models("a=runs/x, b=m.npz") == {"a": "runs/x", "b": "m.npz"}
+    assert parse_named_paths("a=runs/x, b=m.npz") == {"a": "runs/x", "b": "m.npz"}
     for bad in ("", "a", "=x", "a="):
         with pytest.raises(ValueError, match="--models"):
-            na.parse_models(bad)
+            parse_named_paths(bad)
 
 
 def test_likelihood_table():

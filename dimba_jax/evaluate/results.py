@@ -160,3 +160,33 @@ def validate(results: dict) -> None:
         for k in LONG_CONTEXT_KEYS:
             if k not in r:
                 raise ValueError(f"long-context row lacks {k!r}: {r}")
+
+
+def device_label() -> str:
+    """The device results are measured on, as results files name it: "platform:kind xN"."""
+    import jax
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{getattr(dev, 'device_kind', '')} x{jax.device_count()}"
+
+
+def write_with_markdown(doc: dict, path: str, markdown: str) -> None:
+    """Writes `doc` as JSON to `path` and `markdown` beside it (same stem, .md), creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(markdown)
+
+
+def parse_named_paths(text: str) -> dict[str, str]:
+    """A benchmark's --models argument: 'a=path1,b=path2' -> {"a": "path1", "b": "path2"} (at
+    least one). ValueError names a malformed item."""
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--models: expected NAME=PATH, got {item!r}")
+        out[name] = path
+    if not out:
+        raise ValueError("--models: give at least one NAME=PATH")
+    return out
