@@ -134,7 +134,8 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
              "sampler when the run was measured (score temperature 1 until the tiny study chose 0.9 -> 0.5). "
              "`stX` is a score temperature X at every step, `stX+stfY` one that goes linearly from X at the "
              "noisiest step to Y at the last, `wfW` a wavefront of width W (`+random_order`: in random order), "
-             "`pwX` the output prior at weight X in the sampling logits (`sample.prior_weight`; 1 = as trained).", "",
+             "`pwX` the output prior at weight X in the sampling logits (`sample.prior_weight`; 1 = as trained), "
+             "`pwX+pwfY` that weight going linearly from X at the noisiest step to Y at the last.", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
              + ", ".join(f"{n} {_f(i.get('bound', {}).get('bound_bits'), '.2f')}" for n, i in dimbas.items())

@@ -60,6 +60,7 @@ def test_variant_names_and_patterns():
     assert variant_options("wf1+st0.6+noselfcond") == {"wavefront": 1.0, "score_temperature": 0.6,
                                                         "self_condition": False}
     assert variant_options("cfg2+eta0.5+temp0.9") == {"guidance": 2.0, "eta": 0.5, "temperature": 0.9}
+    assert variant_options("pw0.4+pwf1") == {"prior_weight": 0.4, "prior_weight_final": 1.0}
     for bad in ("st", "stx", "foo", "st0.6+"):
         with pytest.raises(ValueError, match="unknown sampling variant"):
             variant_options(bad)

@@ -154,6 +154,17 @@ def test_prior_weight_scales_the_output_prior_in_predict_and_sampling():
     np.testing.assert_array_equal(np.asarray(ids0), np.asarray(ids_off))
     with pytest.raises(ValueError, match="prior_weight"):
         sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=-1.0, **kw)
+    # a schedule: from prior_weight at the first step to prior_weight_final at the last
+    model.skip_logits = True
+    const = sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.3, **kw)[1]
+    same = sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.3, prior_weight_final=0.3, **kw)[1]
+    ramp = sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.3, prior_weight_final=1.0, **kw)[1]
+    np.testing.assert_allclose(np.asarray(same), np.asarray(const), atol=1e-5)
+    assert not np.allclose(np.asarray(ramp), np.asarray(const), atol=1e-3)
+    one = dict(kw, steps=1)  # one step uses the first value
+    np.testing.assert_allclose(
+        np.asarray(sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.3, prior_weight_final=1.0, **one)[1]),
+        np.asarray(sampling.sample(model, task.schedule, tokens, mask, rng, prior_weight=0.3, **one)[1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("embed_dim", [0, 8])

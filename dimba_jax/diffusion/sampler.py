@@ -26,7 +26,8 @@ Per step, with x0_hat the model's estimate:
   0 = unconditional only, one forward; otherwise both branches in one batched forward). The
   unconditional branch is the same layout with the prompt dropped (DimbaModel `drop_prompt`).
 * prior weight w_p (`prior_weight`): the output prior enters the logits times w_p (1 = the
-  trained model; < 1 trusts each position's own noisy evidence less and the context more).
+  trained model; < 1 trusts each position's own noisy evidence less and the context more);
+  constant, or with `prior_weight_final` >= 0 linear in the step index to that value at the last.
 * score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate);
   constant, or with `score_temperature_final` > 0 linear in the step index from
   `score_temperature` at the noisiest step to `score_temperature_final` at the last.
@@ -137,7 +138,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
            score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-           prior_weight: float = 1.0):
+           prior_weight: float = 1.0, prior_weight_final: float = -1.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -165,6 +166,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
       wavefront_order: "left_to_right" or "random" (a permutation of each row's generated
         positions drawn from rng).
       prior_weight: >= 0, the weight of the model's output prior in the logits (1 = as trained).
+      prior_weight_final: >= 0: the prior weight of the last step, reached linearly in the step
+        index from `prior_weight` at the first; < 0: constant.
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -179,7 +182,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
                         self_condition=self_condition, temperature=temperature, grid=grid,
                         score_temperature=score_temperature, wavefront=wavefront,
                         score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
-                        prior_weight=prior_weight)
+                        prior_weight=prior_weight, prior_weight_final=prior_weight_final)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -189,7 +192,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
                    score_temperature: float = 1.0, wavefront: float = 0.0,
                    score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-                   prior_weight: float = 1.0):
+                   prior_weight: float = 1.0, prior_weight_final: float = -1.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -230,7 +233,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
                   score_temperature=float(score_temperature), wavefront=float(wavefront),
                   score_temperature_final=float(score_temperature_final),
-                  wavefront_order=str(wavefront_order), prior_weight=float(prior_weight))
+                  wavefront_order=str(wavefront_order), prior_weight=float(prior_weight),
+                  prior_weight_final=float(prior_weight_final))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -296,10 +300,12 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
                                              "temperature", "unroll", "score_temperature", "wavefront",
-                                             "score_temperature_final", "wavefront_order", "prior_weight"))
+                                             "score_temperature_final", "wavefront_order", "prior_weight",
+                                             "prior_weight_final"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
                 self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
-                score_temperature_final=0.0, wavefront_order="left_to_right", prior_weight=1.0):
+                score_temperature_final=0.0, wavefront_order="left_to_right", prior_weight=1.0,
+                prior_weight_final=-1.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -313,16 +319,21 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         taus = jnp.linspace(score_temperature, score_temperature_final, steps, dtype=jnp.float32)
     else:
         taus = None  # constant: the static value (1.0 skips the re-weighting)
+    if prior_weight_final >= 0 and prior_weight_final != prior_weight:
+        pws = jnp.linspace(prior_weight, prior_weight_final, steps, dtype=jnp.float32)
+    else:
+        pws = None  # constant: the static value
 
     def body(carry, step):
         x_t, x0_prev, _, key = carry
-        lam, a_t, a_prev, tau = step
+        lam, a_t, a_prev, tau, pw = step
         tau = score_temperature if taus is None else tau
+        pw = prior_weight if pws is None else pw
         if wavefront > 0:  # the step's inputs are (clock, next clock, last-step flag)
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
-                                score_temperature=tau, prior_weight=prior_weight)
+                                score_temperature=tau, prior_weight=pw)
         if sampler == "ddpm":
             mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
         else:
@@ -333,7 +344,8 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         return (x_next, x0, logits, key), None
 
     logits0 = jnp.zeros((b, length, model.vocab_size), jnp.float32)
-    xs = (ts, ab_t, ab_prev, jnp.zeros((steps,), jnp.float32) if taus is None else taus)
+    unused = jnp.zeros((steps,), jnp.float32)
+    xs = (ts, ab_t, ab_prev, unused if taus is None else taus, unused if pws is None else pws)
     (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), xs,
                                          unroll=min(int(unroll), steps))
     return read_out(logits, tokens, known, r_read, temperature), x0

@@ -99,6 +99,7 @@ class DimbaGenerator:
                          "score_temperature_final": float(s.score_temperature_final),
                          "wavefront_order": str(s.wavefront_order),
                          "prior_weight": float(s.prior_weight),
+                         "prior_weight_final": float(s.prior_weight_final),
                          "self_condition": bool(getattr(model, "self_condition", False))}
 
     def options(self, spec) -> dict:

@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict] = {
     "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
 }
 VARIANT_PATTERNS = {"stf": "score_temperature_final", "st": "score_temperature", "wf": "wavefront",
-                    "eta": "eta", "cfg": "guidance", "temp": "temperature", "pw": "prior_weight"}
+                    "eta": "eta", "cfg": "guidance", "temp": "temperature",
+                    "pwf": "prior_weight_final", "pw": "prior_weight"}
 
 
 def variant_options(name: str) -> dict:
@@ -76,7 +77,7 @@ def variant_options(name: str) -> dict:
         if part in VARIANTS and part:
             out.update(VARIANTS[part])
             continue
-        for prefix, option in VARIANT_PATTERNS.items():  # "stf" is tried before "st"
+        for prefix, option in VARIANT_PATTERNS.items():  # "stf" / "pwf" are tried before "st" / "pw"
             if part.startswith(prefix):
                 try:
                     out[option] = float(part[len(prefix):])

@@ -152,7 +152,8 @@ class DimbaTask:
                     clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
                     grid=str(s.grid), score_temperature=float(s.score_temperature),
                     wavefront=float(s.wavefront), score_temperature_final=float(s.score_temperature_final),
-                    wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight))
+                    wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
+                    prior_weight_final=float(s.prior_weight_final))
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
