@@ -14,7 +14,7 @@ denoiser's own contribution (context) is small.
 
 Writes the JSON (and a Markdown table beside it): {"device", "command", "settings", "rows":
 [{"what", "a", "b", "sampler", "agreement"}]}. Sampler settings: the first model's config.sample
-(grid, score temperatures, clamp), DDIM and DDPM, T = --steps.
+(grid, score temperatures, clamp, prior weight unless --prior-weight), DDIM and DDPM, T = --steps.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def to_markdown(doc: dict) -> str:
     lines = [f"# Token agreement of DIMBA samples that share their noise — {doc['device']}", "",
              "Made by `benchmarks/noise_agreement.py`:", "", f"    {doc['command']}", "",
              f"{s['batch']} unprompted samples of {s['length']} tokens per model, T = {s['steps']}, grid "
-             f"{s['grid']}, score temperature {s['score_temperature']} -> {s['score_temperature_final'] or s['score_temperature']}; "
+             f"{s['grid']}, score temperature {s['score_temperature']} -> {s['score_temperature_final'] or s['score_temperature']}, "
+             f"prior weight {s.get('prior_weight', 1.0)}; "
              f"prompts: {s['prompt_len']} random tokens. Agreement = fraction of positions with the same token.", "",
              "| what | a | b | sampler | agreement |", "|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -56,6 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="sample.prior_weight of every draw (default: the first model's config)")
     args = p.parse_args(argv)
     from dimba_jax.evaluate import results as results_lib
     models = results_lib.parse_named_paths(args.models)
@@ -71,7 +74,8 @@ def main(argv=None) -> dict:
     s = first.config.sample
     kw = dict(steps=args.steps, grid=str(s.grid), clamp=bool(s.clamp), eta=float(s.eta),
               score_temperature=float(s.score_temperature),
-              score_temperature_final=float(s.score_temperature_final))
+              score_temperature_final=float(s.score_temperature_final),
+              prior_weight=float(s.prior_weight if args.prior_weight is None else args.prior_weight))
     b, length, plen = args.batch, args.length, args.prompt_len
 
     def draw(run, sampler, seed, tokens, known):
