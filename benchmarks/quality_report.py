@@ -3,11 +3,12 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_wavefront_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4x_,4x_seed1_,4x_seed2_}cpu.json (written by
+quality_{wavefront,ablation_pw}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4x_,4x_seed1_,4x_seed2_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
   benchmarks/results/quality_wavefront_h200.md  the same for the wavefront of noise levels
+  benchmarks/results/quality_ablation_pw_h200.md  the default recipe at prior weights and score temperatures
   benchmarks/results/quality_tiny_cpu.md        configs/tiny.py on CPU: bound, sampling variants, samples
   benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
   benchmarks/results/quality_tiny_sweep_cpu.md  and a sampler sweep around the chosen schedule
@@ -72,6 +73,12 @@ STUDY_TEXT = {
                   "at score temperature 0.8 (the default) and one level for all positions (the judge ppl "
                   "column), and unprompted at the variants of the last columns (judge ppl / entropy): "
                   "`st0.6` score temperature 0.6, `wfW` a wavefront of width W, `wfW_st0.6` both"),
+    "ablation_pw": ("The output prior's weight at sampling (`sample.prior_weight`)",
+                    "the default recipe (`all`)",
+                    "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
+                    "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
+                    "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
+                    "weight X in the sampling logits"),
 }
 
 
@@ -340,14 +347,15 @@ def main(argv=None) -> list[str]:
                 tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
     if tradeoff:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
-    wave_path = os.path.join(args.results, "quality_wavefront_h200.json")
-    if os.path.isfile(wave_path):
-        with open(wave_path) as f:
-            wave = json.load(f)
-        path = os.path.join(args.results, "quality_wavefront_h200.md")
-        with open(path, "w") as f:
-            f.write(ablation_table(wave, "wavefront"))
-        written.append(path)
+    for study in ("wavefront", "ablation_pw"):
+        study_path = os.path.join(args.results, f"quality_{study}_h200.json")
+        if os.path.isfile(study_path):
+            with open(study_path) as f:
+                res = json.load(f)
+            path = os.path.join(args.results, f"quality_{study}_h200.md")
+            with open(path, "w") as f:
+                f.write(ablation_table(res, study))
+            written.append(path)
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small))
