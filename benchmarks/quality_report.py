@@ -307,6 +307,21 @@ def samples_text(small: dict) -> str:
     return "\n".join(out)
 
 
+def render_if_present(results_dir: str, stem: str, table, written: list) -> dict | None:
+    """Writes STEM.md from STEM.json with `table(results) -> str` when the JSON exists (its path is
+    appended to `written`); returns the results, or None without the file."""
+    src = os.path.join(results_dir, f"{stem}.json")
+    if not os.path.isfile(src):
+        return None
+    with open(src) as f:
+        res = json.load(f)
+    path = os.path.join(results_dir, f"{stem}.md")
+    with open(path, "w") as f:
+        f.write(table(res))
+    written.append(path)
+    return res
+
+
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="benchmarks/results")
@@ -335,27 +350,15 @@ def main(argv=None) -> list[str]:
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
                  "quality_tiny_4x_seed2_cpu"):
-        tiny_path = os.path.join(args.results, f"{stem}.json")
-        if os.path.isfile(tiny_path):
-            with open(tiny_path) as f:
-                tiny = json.load(f)
-            path = os.path.join(args.results, f"{stem}.md")
-            with open(path, "w") as f:
-                f.write(tiny_table(tiny, f"{stem}.json"))
-            written.append(path)
+        tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
+        if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):
                 tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
     if tradeoff:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
     for study in ("wavefront", "ablation_pw"):
-        study_path = os.path.join(args.results, f"quality_{study}_h200.json")
-        if os.path.isfile(study_path):
-            with open(study_path) as f:
-                res = json.load(f)
-            path = os.path.join(args.results, f"quality_{study}_h200.md")
-            with open(path, "w") as f:
-                f.write(ablation_table(res, study))
-            written.append(path)
+        render_if_present(args.results, f"quality_{study}_h200", lambda res, study=study: ablation_table(res, study),
+                          written)
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small))
