@@ -18,6 +18,10 @@ Studies (STUDIES below):
             same size and tokens is the scale and the judge.
   width     configs/ablation.py at diffusion widths model.embed_dim 256 (= d_model), 64, 32, 16,
             each judged at score temperatures 0.5 (default), 0.7 and 1; the AR model as above.
+  capacity  configs/ablation.py's default recipe at equal tokens with a larger denoiser
+            (d_model 384; 12 blocks; d_state 128), learning rates 4e-3 and 1e-3, and 2400 steps of
+            32 windows; sampled at score temperatures 0.8 and 0.6 and two prior-weight settings;
+            the AR model as above.
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
@@ -108,6 +112,24 @@ STUDIES = {
         },
         **ABL_STUDY,
         "variants": ("st0.7", "st1"),  # further score temperatures, unprompted, besides the default
+    },
+    "capacity": {
+        # configs/ablation.py's default recipe at equal tokens with a larger denoiser (wider,
+        # deeper, a larger state), other learning rates and twice the optimizer steps at half
+        # the batch: which training-side lever narrows the bound's gap to the AR model
+        "runs": {
+            "all": {},
+            "d384": {"model.d_model": 384},
+            "L12": {"model.n_layers": 12},
+            "ds128": {"model.d_state": 128},
+            "lr4e-3": {"train.lr": 4e-3},
+            "lr1e-3": {"train.lr": 1e-3},
+            "b32x2400": {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200,
+                         "train.checkpoint_every": 2400},
+            "ar": dict(AR_ABL),
+        },
+        **ABL_STUDY,
+        "variants": ("st0.6", "pw0.8+st0.9+stf0.6", "pw0.6+st1+stf0.8"),
     },
     "wavefront": {
         "runs": {
