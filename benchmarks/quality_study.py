@@ -361,7 +361,8 @@ def train_all(study: dict, names: list[str], args, deadline: float) -> dict:
                 logf.close()
                 log(f"train {name}: exit {proc.returncode} after {seconds[name]:.0f}s")
                 del procs[name]
-            elif time.perf_counter() - t0 > limit and name not in stopped:
+            elif (time.perf_counter() - t0 > limit and name not in stopped
+                  and not (in_worker and finished(os.path.join(args.workdir, name)))):
                 proc.terminate()  # the trainer checkpoints on SIGTERM, then the worker measures
                 stopped.add(name)
                 log(f"train {name}: stopped at the time limit ({limit:.0f}s)")
