@@ -19,8 +19,8 @@ Studies (STUDIES below):
   width     configs/ablation.py at diffusion widths model.embed_dim 256 (= d_model), 64, 32, 16,
             each judged at score temperatures 0.5 (default), 0.7 and 1; the AR model as above.
   capacity  configs/ablation.py's default recipe at equal tokens with a larger denoiser
-            (d_model 384; 12 blocks; d_state 128), learning rates 4e-3 and 1e-3, and 2400 steps of
-            32 windows; sampled at score temperatures 0.8 and 0.6 and two prior-weight settings;
+            (d_model 384; 12 blocks; d_state 128), learning rates 8e-3, 4e-3 and 1e-3, 2400 steps of
+            32 windows, and the winners combined; sampled at score temperatures 0.8 and 0.6 and two prior-weight settings;
             the AR model as above.
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
@@ -126,6 +126,12 @@ STUDIES = {
             "lr1e-3": {"train.lr": 1e-3},
             "b32x2400": {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200,
                          "train.checkpoint_every": 2400},
+            "lr8e-3": {"train.lr": 8e-3},
+            "lr4e-3+b32x2400": {"train.lr": 4e-3, "train.batch_size": 32, "train.steps": 2400,
+                                "train.warmup_steps": 200, "train.checkpoint_every": 2400},
+            "d384+lr4e-3+b32x2400": {"model.d_model": 384, "train.lr": 4e-3, "train.batch_size": 32,
+                                     "train.steps": 2400, "train.warmup_steps": 200,
+                                     "train.checkpoint_every": 2400},
             "ar": dict(AR_ABL),
         },
         **ABL_STUDY,
