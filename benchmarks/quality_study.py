@@ -34,6 +34,8 @@ Studies (STUDIES below):
             level and at W = 1 and 3 in their order; the tiny study's AR judge.
   tiny_noise  configs/tiny.py with the warp's floor raised to 1 and 4 (half / 80% of the
             training levels uniform in log-SNR); the tiny study's AR judge.
+  tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3 and with 680 steps of 12
+            windows; the tiny study's AR judge.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -188,6 +190,21 @@ STUDIES = {
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
         "variants": ("st0.8", "st1+stf0.4"),
+    },
+    "tiny_lr": {
+        # configs/tiny.py at equal tokens with a higher learning rate and with twice the
+        # optimizer steps at half the batch (the capacity study's winners at ablation scale),
+        # beside the tiny study's AR judge (same --workdir: it is reused)
+        "config": "configs/tiny.py",
+        "runs": {
+            "lr6e-3": {"train.lr": 6e-3},
+            "b12x680": {"train.batch_size": 12, "train.steps": 680, "train.warmup_steps": 80,
+                        "train.checkpoint_every": 340},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8", "st0.6", "pw0.6+st1+stf0.8"),
     },
     "small": {
         "config": "configs/small.py",
