@@ -3,12 +3,13 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_{wavefront,ablation_pw}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4x_,4x_seed1_,4x_seed2_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,4x_,4x_seed1_,4x_seed2_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
   benchmarks/results/quality_wavefront_h200.md  the same for the wavefront of noise levels
   benchmarks/results/quality_ablation_pw_h200.md  the default recipe at prior weights and score temperatures
+  benchmarks/results/quality_capacity_h200.md   training levers at equal tokens (size, learning rate, steps)
   benchmarks/results/quality_tiny_cpu.md        configs/tiny.py on CPU: bound, sampling variants, samples
   benchmarks/results/quality_tiny_sched_cpu.md  the same models (exported) at score-temperature schedules
   benchmarks/results/quality_tiny_sweep_cpu.md  and a sampler sweep around the chosen schedule
@@ -20,6 +21,7 @@ quality_{wavefront,ablation_pw}_h200.json and quality_tiny_{,sched_,sweep_,wavef
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
   docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
+  docs/capacity_tradeoff.png                    the same for the capacity study's runs, one line per run
   docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
                                                 unprompted and prompted) and of the AR baseline
 The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
@@ -57,7 +59,11 @@ def context_cells(info: dict) -> str:
 
 
 def commands(res: dict) -> str:
-    return "\n".join(f"    {c}" for c in res.get("commands", []))
+    """The results' commands as an indented block, then their notes (how the calls went) if any."""
+    text = "\n".join(f"    {c}" for c in res.get("commands", []))
+    notes = res.get("notes") or ""
+    notes = " ".join(notes) if isinstance(notes, list) else notes
+    return text + (f"\n\n{notes}" if notes else "")
 
 
 STUDY_TEXT = {
@@ -79,7 +85,32 @@ STUDY_TEXT = {
                     "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
                     "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
                     "weight X in the sampling logits"),
+    "capacity": ("Training levers at equal tokens: model size, learning rate, optimizer steps",
+                 "the default recipe (`all`, learning rate 2e-3) beside a wider denoiser (d_model 384, "
+                 "12.0M parameters), a deeper one (12 blocks, 9.5M), a larger state (d_state 128, 6.3M), "
+                 "learning rates 8e-3, 4e-3 and 1e-3, twice the optimizer steps at half the batch (2400 x 32 "
+                 "windows: the same tokens), and the winners combined",
+                 "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
+                 "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
+                 "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
+                 "weight X in the sampling logits"),
 }
+
+
+def best_within(res: dict, name: str, real_entropy: float | None) -> tuple[dict, str]:
+    """(row, variant) of run `name`'s unprompted samples with the lowest judge perplexity among
+    those whose entropy is within 5% of real text's ({} and "" if none is)."""
+    from benchmarks.quality_study import ENTROPY_TOLERANCE
+
+    best, label = {}, ""
+    for r in res["rows"]:
+        run, _, variant = r.get("variant", "").partition("/")
+        if run != name or r["prompted"] or not r.get("judge_ppl") or not real_entropy:
+            continue
+        if abs(r["entropy"] / real_entropy - 1.0) <= ENTROPY_TOLERANCE and (
+                not best or r["judge_ppl"] < best["judge_ppl"]):
+            best, label = r, variant or "default"
+    return best, label
 
 
 def ablation_table(res: dict, study: str = "ablation") -> str:
@@ -101,8 +132,10 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
              f"{_f(ref.get('entropy'), '.2f')} bits/token. AR: NLL {_f(ar.get('nll_bits'), '.2f')} bits/token, "
              f"next-token accuracy after the prompt {_f(ar.get('acc_after_prompt'), '.3f')}.", "",
              "| run | overrides of configs/ablation.py | bound bits/token | judge ppl (unprompted / prompted) "
-             "| entropy | context acc with/without prompt |" + "".join(f" {v} |" for v in extra),
-             "|---|---|---|---|---|---|" + "---|" * len(extra)]
+             "| entropy | context acc with/without prompt |" + "".join(f" {v} |" for v in extra)
+             + " best within 5% of real entropy (x AR) |",
+             "|---|---|---|---|---|---|" + "---|" * len(extra) + "---|"]
+    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
     for name, info in res["runs"].items():
         rows = _rows_by(res, name)
         bound = info.get("bound", {}).get("bound_bits", info.get("nll_bits"))
@@ -113,6 +146,9 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
         for v in extra:
             r = _rows_by(res, f"{name}/{v}").get(False, {})
             cells += f" {_f(r.get('judge_ppl'), '.0f')} / {_f(r.get('entropy'), '.2f')} |"
+        best, label = best_within(res, name, ref.get("entropy")) if info.get("task") == "dimba" else ({}, "")
+        ratio = f", {best['judge_ppl'] / ar_ppl:.1f}x" if best and ar_ppl else ""
+        cells += f" {_f(best.get('judge_ppl'), '.0f')} ({label}{ratio}) |" if best else " — |"
         lines.append(f"| {name} | {over} | {_f(bound, '.2f')} | {_f(un.get('judge_ppl'), '.0f')} / "
                      f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |"
                      + cells)
@@ -293,6 +329,42 @@ def plot_tradeoff(studies: dict, path: str) -> str:
     return path
 
 
+def plot_runs_tradeoff(res: dict, path: str, title: str) -> str:
+    """Judge perplexity against sample entropy of each DIMBA run's unprompted settings (one line per
+    run, through its settings in entropy order), with real text's entropy +-5% and the AR model's
+    perplexity for scale: the lower a run's line, the better its samples at any entropy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    ref = res.get("reference", {})
+    if ref.get("entropy"):
+        ax.axvspan(0.95 * ref["entropy"], 1.05 * ref["entropy"], color="tab:green", alpha=0.12,
+                   label="real text's entropy +-5%")
+    for name, info in res["runs"].items():
+        if info.get("task") != "dimba":
+            continue
+        pts = sorted((r["entropy"], r["judge_ppl"]) for r in res["rows"]
+                     if r.get("variant", "").partition("/")[0] == name and not r["prompted"]
+                     and r.get("judge_ppl"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
+    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
+    if ar_ppl:
+        ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
+    ax.set_ylabel("judge perplexity (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def samples_text(small: dict) -> str:
     out = ["DIMBA small (the model of record) and the AR baseline: samples from benchmarks/quality_study.py",
            f"({small['commands'][-1] if small.get('commands') else ''}).",
@@ -356,9 +428,14 @@ def main(argv=None) -> list[str]:
                 tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
     if tradeoff:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
-    for study in ("wavefront", "ablation_pw"):
-        render_if_present(args.results, f"quality_{study}_h200", lambda res, study=study: ablation_table(res, study),
-                          written)
+    for study in ("wavefront", "ablation_pw", "capacity"):
+        res = render_if_present(args.results, f"quality_{study}_h200",
+                                lambda res, study=study: ablation_table(res, study), written)
+        if res is not None and study == "capacity":
+            written.append(plot_runs_tradeoff(
+                res, os.path.join(args.docs, "capacity_tradeoff.png"),
+                "configs/ablation.py, equal tokens (19.7M): training levers, each run at 4 sampler "
+                "settings\n(quality_capacity_h200.json)"))
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small))
