@@ -10,8 +10,9 @@ file: ours beside the peer timed in the same call. The table lists the train ste
 MFU, tokens/s over mamba_ssm's), batch-1 generation of 1024 tokens (ms, ms per step, the peer's
 decode time over ours), the SSD (ours and the peer's forward and forward+backward, and their
 ratios) and the speed targets (MFU, tokens/s, batch-1 latency, SSD ratios) with whether each
-is met. The plot has three panels: train
-tokens/s, generation ms (log scale), SSD ours / peer with the 0.5 and 0.4 targets.
+is met; a part the file does not hold (a call of `--parts generate` alone) is left out. The plot
+has a panel per part: train tokens/s, generation ms (log scale), SSD ours / peer with the 0.5 and
+0.4 targets.
 """
 
 from __future__ import annotations
@@ -156,8 +157,33 @@ def to_markdown(doc: dict) -> str:
               "call). mamba_ssm runs from source (Triton kernels, no causal_conv1d build; its "
               "train step is eager PyTorch: a lower bound for the peer).", ""]
 
+    lines += train_section(doc) + generate_section(doc) + ssd_section(doc)
+    rows, absent = [], []
+    for t in targets(doc):
+        if t["met"] is None:
+            absent.append(t["target"])
+            continue
+        rows.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
+    lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"] + rows
+    if absent:
+        lines += ["", "Not measured in this call (no rows): " + "; ".join(absent) + "."]
+    for key, title in (("skipped", "Skipped (budget)"), ("failed", "Failed")):
+        if doc.get(key):
+            lines += ["", f"{title}:", ""] + [f"- {e['item']}: {e.get('why') or e.get('error')}"
+                                              for e in doc[key]]
+    if doc.get("peer_runs"):
+        lines += ["", "Peer scripts:", ""] + [
+            f"- {p['script']}: {p['stopped']} after {p['wall_s']} s ({p['records']} records)"
+            for p in doc["peer_runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def train_section(doc: dict) -> list[str]:
+    """The train-step table's lines ([] without train-step rows)."""
+    if not ordered(doc, "train_step"):
+        return []
     peer_train = _find(doc, "train_step", system="mamba_ssm", model="mamba2_130m")
-    lines += ["## Train step", "",
+    lines = ["## Train step", "",
               "| model | system | sequences x tokens | params | ms | tokens/s | MFU | tokens/s / mamba_ssm's |",
               "|---|---|---|---|---|---|---|---|"]
     for r in ordered(doc, "train_step"):
@@ -170,9 +196,15 @@ def to_markdown(doc: dict) -> str:
                      f"| {_fmt(_ratio(r['tokens_per_s'], peer_train and peer_train['tokens_per_s']))} |")
     lines += ["", "MFU: tokens/s x training FLOPs per token (dimba_jax.models.flops; for mamba_ssm "
               "its 130M architecture with its 50,280-row vocabulary) / the device's bf16 peak.", ""]
+    return lines
 
+
+def generate_section(doc: dict) -> list[str]:
+    """The batch-1 generation table's lines ([] without generation rows)."""
+    if not ordered(doc, "generate_1024_b1"):
+        return []
     decode = _find(doc, "generate_1024_b1", system="mamba_ssm", model="mamba2_130m")
-    lines += ["## Batch-1 generation of 1024 tokens", "",
+    lines = ["## Batch-1 generation of 1024 tokens", "",
               "| model | system | steps | ms | ms per step | mamba_ssm decode ms / this |",
               "|---|---|---|---|---|---|"]
     for r in ordered(doc, "generate_1024_b1"):
@@ -181,8 +213,14 @@ def to_markdown(doc: dict) -> str:
     lines += ["", "DIMBA: DDIM with T steps over 1024 positions, unprompted; AR (ours): 1024 "
               "recurrent steps from one EOS token; mamba_ssm: its CUDA-graph generate() after a "
               "32-token prompt.", ""]
+    return lines
 
-    lines += ["## SSD (bf16, headdim 64, d_state 128, one group, chunk 256)", "",
+
+def ssd_section(doc: dict) -> list[str]:
+    """The SSD table's lines ([] without SSD rows)."""
+    if not ordered(doc, "ssd"):
+        return []
+    lines = ["## SSD (bf16, headdim 64, d_state 128, one group, chunk 256)", "",
               "| shape | ours fwd ms | mamba_ssm fwd ms | ours / peer | ours fwd+bwd ms | "
               "mamba_ssm fwd+bwd ms | ours / peer |", "|---|---|---|---|---|---|---|"]
     for shape in SHAPE_NAMES:
@@ -200,33 +238,10 @@ def to_markdown(doc: dict) -> str:
     lines += ["", "Ours: wall time of back-to-back calls + one sync, median. mamba_ssm: "
               f"`{peer_time or '—'}` of its two timings (do_bench: triton's GPU time with L2 "
               "flushed; wall5: the method of ours; best: the smaller of the two).", ""]
-
-    lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
-    for t in targets(doc):
-        met = "no row" if t["met"] is None else ("yes" if t["met"] else "no")
-        lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['goal']} | {met} |")
-    for key, title in (("skipped", "Skipped (budget)"), ("failed", "Failed")):
-        if doc.get(key):
-            lines += ["", f"{title}:", ""] + [f"- {e['item']}: {e.get('why') or e.get('error')}"
-                                              for e in doc[key]]
-    if doc.get("peer_runs"):
-        lines += ["", "Peer scripts:", ""] + [
-            f"- {p['script']}: {p['stopped']} after {p['wall_s']} s ({p['records']} records)"
-            for p in doc["peer_runs"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(doc: dict, path: str) -> str:
-    """Writes the three-panel PNG (see the module docstring) to `path`; returns `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"dimba_jax": "#0d47a1", "mamba_ssm": "#ef6c00"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-
-    ax = axes[0]
+def _train_panel(ax, doc: dict, colours: dict) -> None:
     train = ordered(doc, "train_step")
     ax.bar(range(len(train)), [r["tokens_per_s"] / 1e3 for r in train],
            color=[colours[r["system"]] for r in train])
@@ -234,7 +249,8 @@ def plot(doc: dict, path: str) -> str:
     ax.set_ylabel("train tokens/s (thousands)")
     ax.set_title("Train step")
 
-    ax = axes[1]
+
+def _generate_panel(ax, doc: dict, colours: dict) -> None:
     gen = ordered(doc, "generate_1024_b1")
     ax.bar(range(len(gen)), [r["ms"] for r in gen], color=[colours[r["system"]] for r in gen])
     ax.set_xticks(range(len(gen)), [f"{r['model']}\n{r['system']}\n{r['steps']} steps" for r in gen],
@@ -243,7 +259,8 @@ def plot(doc: dict, path: str) -> str:
     ax.set_ylabel("ms (log scale)")
     ax.set_title("1024 tokens at batch 1")
 
-    ax = axes[2]
+
+def _ssd_panel(ax, doc: dict, colours: dict) -> None:
     shapes = [s for s in SHAPE_NAMES if _find(doc, "ssd", system="dimba_jax", shape=s)
               and _find(doc, "ssd", system="mamba_ssm", shape=s)]
     width, top = 0.38, 1.3
@@ -256,15 +273,30 @@ def plot(doc: dict, path: str) -> str:
                label="fwd" if col == "fwd_ms" else "fwd+bwd")
         for x in xs:
             ax.plot([x - width / 2, x + width / 2], [goal, goal], "k--", lw=1)
-    ax.axhline(1.0, color="#ef6c00", lw=1, label="mamba_ssm (same call)")
+    ax.axhline(1.0, color=colours["mamba_ssm"], lw=1, label="mamba_ssm (same call)")
     ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
     ax.set_ylim(0, top)
     ax.set_ylabel("ours / mamba_ssm (time)")
     ax.set_title("SSD (dashed: targets 0.5 / 0.4)")
     ax.legend(fontsize=8, loc="upper right")
 
+
+def plot(doc: dict, path: str) -> str:
+    """Writes the PNG (see the module docstring; one panel per part the file holds) to `path`;
+    returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"dimba_jax": "#0d47a1", "mamba_ssm": "#ef6c00"}
+    panels = [draw for what, draw in (("train_step", _train_panel), ("generate_1024_b1", _generate_panel),
+                                      ("ssd", _ssd_panel)) if ordered(doc, what)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(max(7.5, 5 * len(panels)), 4.6), squeeze=False)
+    for ax, draw in zip(axes[0], panels):
+        draw(ax, doc, colours)
     title = f"dimba_jax beside mamba_ssm, {doc['device']}, one call ({doc['call_id'][:8]})"
-    fig.suptitle(("SMOKE (not a measurement): " if doc.get("smoke") else "") + title)
+    fig.suptitle(("SMOKE (not a measurement): " if doc.get("smoke") else "") + title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
