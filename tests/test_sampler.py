@@ -238,3 +238,26 @@ def test_task_generate_and_infill():
         task.infill(model, "no gaps here")
     filled = task.infill(model, "ab[MASK]cd", span_length=3, steps=3)
     assert filled.startswith("ab") and filled.endswith("cd")
+
+
+def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_harness():
+    from dimba_jax.evaluate.generators import DimbaGenerator
+
+    c = tiny_config()
+    with c.unlocked():
+        c.sample.update(prior_weight=0.7, prior_weight_final=0.3, score_temperature=0.6, steps=7,
+                        wavefront_order="random", clamp=True)
+    opts = sampling.sampler_options(c.sample)
+    assert opts["prior_weight"] == 0.7 and opts["prior_weight_final"] == 0.3 and opts["steps"] == 7
+    assert opts["wavefront_order"] == "random" and opts["clamp"] is True
+    # every option is a keyword of the sampler's builder
+    import inspect
+    assert set(opts) <= set(inspect.signature(sampling.make_sample_fn).parameters)
+    task = DimbaTask.__new__(DimbaTask)
+    task.config = c
+    kw = task._sampler_kwargs(steps=3, clamp=False)
+    assert kw == dict(opts, steps=3, clamp=False)
+    model = DimbaModel(c.model, V, rngs=nnx.Rngs(0))
+    gen = DimbaGenerator(model, c, tokenizer=None)
+    assert {k: v for k, v in gen.defaults.items() if k != "self_condition"} == {
+        k: v for k, v in opts.items() if k not in ("steps", "sampler")}

@@ -95,6 +95,20 @@ def cut_at_eos(ids, eos_id: int) -> list[int]:
     return out
 
 
+def sampler_options(sample_config) -> dict:
+    """The sampler keyword arguments a `config.sample` names, typed: sampler (str), steps (int),
+    eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
+    score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
+    prior_weight_final (float). The one place a sample setting becomes a sampler argument."""
+    s = sample_config
+    return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
+                clamp=bool(s.clamp), temperature=float(s.temperature), grid=str(s.grid),
+                score_temperature=float(s.score_temperature),
+                score_temperature_final=float(s.score_temperature_final), wavefront=float(s.wavefront),
+                wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
+                prior_weight_final=float(s.prior_weight_final))
+
+
 def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(timesteps int32 (S,), alpha_bar at them (S,), alpha_bar at the next-kept (S,)), descending;
     the last "previous" alpha_bar is 1 (clean data). ValueError for steps outside 1..T."""

@@ -83,24 +83,18 @@ class DimbaGenerator:
     """
 
     def __init__(self, model: Any, config: Any, tokenizer: Any):
+        from dimba_jax.diffusion import sampler as sampling
         from dimba_jax.diffusion.schedule import schedule_from_config
 
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
-        s = config.sample
         self._samplers: dict = {}
         self.fast = True  # the pre-split path is the only path (make_sample_fn splits once)
-        self.defaults = {"eta": float(s.eta), "guidance": float(s.guidance), "clamp": bool(s.clamp),
-                         "temperature": float(s.temperature), "grid": str(s.grid),
-                         "score_temperature": float(s.score_temperature),
-                         "wavefront": float(s.wavefront),
-                         "score_temperature_final": float(s.score_temperature_final),
-                         "wavefront_order": str(s.wavefront_order),
-                         "prior_weight": float(s.prior_weight),
-                         "prior_weight_final": float(s.prior_weight_final),
-                         "self_condition": bool(getattr(model, "self_condition", False))}
+        self.defaults = {k: v for k, v in sampling.sampler_options(config.sample).items()
+                         if k not in ("steps", "sampler")}  # the spec names those
+        self.defaults["self_condition"] = bool(getattr(model, "self_condition", False))
 
     def options(self, spec) -> dict:
         """Sampler keyword arguments of `spec`: config defaults overridden by its variant."""

@@ -145,15 +145,12 @@ class DimbaTask:
     # ------------------------------------------------------------------ generation
     def _sampler_kwargs(self, steps=None, sampler=None, eta=None, guidance=None, clamp=None,
                         temperature=None) -> dict:
-        s = self.config.sample
-        pick = lambda v, d: d if v is None else v
-        return dict(steps=int(pick(steps, s.steps)), sampler=pick(sampler, s.sampler),
-                    eta=float(pick(eta, s.eta)), guidance=float(pick(guidance, s.guidance)),
-                    clamp=bool(pick(clamp, s.clamp)), temperature=float(pick(temperature, s.temperature)),
-                    grid=str(s.grid), score_temperature=float(s.score_temperature),
-                    wavefront=float(s.wavefront), score_temperature_final=float(s.score_temperature_final),
-                    wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
-                    prior_weight_final=float(s.prior_weight_final))
+        """config.sample's sampler arguments (`sampling.sampler_options`), the given ones replaced."""
+        opts = sampling.sampler_options(self.config.sample)
+        given = dict(steps=steps, sampler=sampler, eta=eta, guidance=guidance, clamp=clamp,
+                     temperature=temperature)
+        opts.update({k: type(opts[k])(v) for k, v in given.items() if v is not None})
+        return opts
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(sampling.cut_at_eos(ids, self.tokenizer.eos_id))
