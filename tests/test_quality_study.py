@@ -126,3 +126,24 @@ def test_likelihood_table():
     text = to_markdown(doc)
     assert "| d | dimba | 1,000 | 10.123 | 10.000 | 0.123 |" in text
     assert "| a | ar | 1,000 | 8.200 | — | — |" in text
+
+
+def test_every_studys_overrides_name_keys_of_its_config():
+    from dimba_jax.config import load_config_file
+
+    args = qs.parse_args(["--study", "tiny", "--workdir", "w", "--out", "o.json"])
+    configs = {}
+    for study_name, study in qs.STUDIES.items():
+        for run in study["runs"]:
+            config, overrides = qs.config_args(run, study, args)
+            c = configs.setdefault(config, load_config_file(config))
+            for item in overrides:
+                key, _, value = item.removeprefix("--config.").partition("=")
+                node = c
+                for part in key.split(".")[:-1]:
+                    node = node[part]
+                assert key.split(".")[-1] in node, f"{study_name}/{run}: unknown key {key}"
+    # equal tokens: the small_opt runs see what the small study's runs see
+    small, opt = qs.STUDIES["small"]["runs"], qs.STUDIES["small_opt"]["runs"]
+    tokens = lambda o, c: o.get("train.steps", c.train.steps) * o.get("train.batch_size", c.train.batch_size)
+    assert tokens(opt["dimba"], configs["configs/small.py"]) == tokens(small["dimba"], configs["configs/small.py"])
