@@ -286,6 +286,19 @@ def plot_noise_curves(studies: dict, path: str) -> str:
     return path
 
 
+def _finish_tradeoff_axes(ax, ar_ppl: float | None, title: str, ncol: int = 1) -> None:
+    """The AR model's perplexity line, log scale, labels, grid, legend and title of a judge
+    perplexity-against-entropy panel."""
+    if ar_ppl:
+        ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
+    ax.set_ylabel("judge perplexity (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", ncol=ncol)
+    ax.set_title(title, fontsize=9)
+
+
 def plot_tradeoff(studies: dict, path: str) -> str:
     """Judge perplexity against sample entropy of every unprompted DIMBA row of tiny studies (one
     panel per {title: results}), score-temperature settings and prior-weight settings apart, with
@@ -313,14 +326,7 @@ def plot_tradeoff(studies: dict, path: str) -> str:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
                 for x, y, v in pts:
                     ax.annotate(v, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        if ar_ppl:
-            ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
-        ax.set_yscale("log")
-        ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
-        ax.set_ylabel("judge perplexity (lower is better)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper left")
-        ax.set_title(title, fontsize=9)
+        _finish_tradeoff_axes(ax, ar_ppl, title)
     fig.suptitle("DIMBA tiny samplers: judge perplexity against entropy (each panel has its own AR judge)",
                  fontsize=10)
     fig.tight_layout()
@@ -350,15 +356,7 @@ def plot_runs_tradeoff(res: dict, path: str, title: str) -> str:
                      and r.get("judge_ppl"))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name)
-    ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
-    if ar_ppl:
-        ax.axhline(ar_ppl, color="k", ls=":", label=f"AR model's samples ({ar_ppl:.0f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("sample entropy (bits/token: mean unigram entropy of each sample)")
-    ax.set_ylabel("judge perplexity (lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
-    ax.set_title(title, fontsize=9)
+    _finish_tradeoff_axes(ax, _rows_by(res, "ar").get(False, {}).get("judge_ppl"), title, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -89,6 +89,9 @@ ABL_STUDY = {"config": "configs/ablation.py", "judge": "ar", "steps": (32,), "le
              "batches": (32,), "prompt_len": 32, "skip_tokens": 2000, "measure_in_worker": True,
              "variant_is_run": True}
 
+# configs/ablation.py's tokens in twice the optimizer steps at half the batch
+ABL_B32 = {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200, "train.checkpoint_every": 2400}
+
 STUDIES = {
     "ablation": {
         "runs": {
@@ -128,14 +131,10 @@ STUDIES = {
             "ds128": {"model.d_state": 128},
             "lr4e-3": {"train.lr": 4e-3},
             "lr1e-3": {"train.lr": 1e-3},
-            "b32x2400": {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200,
-                         "train.checkpoint_every": 2400},
+            "b32x2400": dict(ABL_B32),
             "lr8e-3": {"train.lr": 8e-3},
-            "lr4e-3+b32x2400": {"train.lr": 4e-3, "train.batch_size": 32, "train.steps": 2400,
-                                "train.warmup_steps": 200, "train.checkpoint_every": 2400},
-            "d384+lr4e-3+b32x2400": {"model.d_model": 384, "train.lr": 4e-3, "train.batch_size": 32,
-                                     "train.steps": 2400, "train.warmup_steps": 200,
-                                     "train.checkpoint_every": 2400},
+            "lr4e-3+b32x2400": dict(ABL_B32, **{"train.lr": 4e-3}),
+            "d384+lr4e-3+b32x2400": dict(ABL_B32, **{"train.lr": 4e-3, "model.d_model": 384}),
             "ar": dict(AR_ABL),
         },
         **ABL_STUDY,
