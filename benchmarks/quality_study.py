@@ -198,7 +198,9 @@ STUDIES = {
         # beside the tiny study's AR judge (same --workdir: it is reused)
         "config": "configs/tiny.py",
         "runs": {
-            "lr6e-3": {"train.lr": 6e-3},
+            # 340 x 24 windows was configs/tiny.py's recipe when this study ran; 680 x 12 is now
+            "lr6e-3": {"train.lr": 6e-3, "train.batch_size": 24, "train.steps": 340,
+                       "train.warmup_steps": 40, "train.checkpoint_every": 170},
             "b12x680": {"train.batch_size": 12, "train.steps": 680, "train.warmup_steps": 80,
                         "train.checkpoint_every": 340},
             "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
