@@ -97,11 +97,11 @@ _ref_call = nnx.jit(lambda m, x, lam, tok, mask, sc, drop: m.predict(x, lam, tok
 
 
 def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition,
-                     score_temperature=1.0, score_temperature_final=0.0, score_top_k=0):
+                     score_temperature=1.0, score_temperature_final=0.0, score_min_p=0.0):
     """Step by step in Python with its own respacing and its own posterior formulas; the model is
     told each step's log-SNR; the read-out is the argmax of the last step's guided logits. The
-    score temperature of step i is tau_0 + (tau_end - tau_0) i / (steps - 1); with score_top_k, the
-    re-weighting renormalises the K largest probabilities (found by sorting)."""
+    score temperature of step i is tau_0 + (tau_end - tau_0) i / (steps - 1); with score_min_p, the
+    re-weighting renormalises the probabilities at least score_min_p times their position's largest."""
     end = score_temperature_final or score_temperature
     taus = [score_temperature + (end - score_temperature) * i / max(steps - 1, 1) for i in range(steps)]
     big_t = sch.timesteps
@@ -122,11 +122,10 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
         uncond, uncond_logits = _ref_call(model, x, tb, tokens, mask, sc, jnp.ones((b,), bool))
         x0 = uncond + guidance * (cond - uncond)
         logits = uncond_logits + guidance * (cond_logits - uncond_logits)
-        if taus[i] != 1.0 or score_top_k:
+        if taus[i] != 1.0 or score_min_p:
             p = np.asarray(jax.nn.softmax(logits / taus[i], -1), np.float64)
-            if score_top_k:
-                cut = np.sort(p, axis=-1)[..., -score_top_k][..., None]
-                p = np.where(p >= cut, p, 0.0)
+            if score_min_p:
+                p = np.where(p >= score_min_p * p.max(-1, keepdims=True), p, 0.0)
                 p = p / p.sum(-1, keepdims=True)
             x0 = jnp.asarray(p, jnp.float32) @ model.embedding_table()
         if clamp:
@@ -153,9 +152,9 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
     (5, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True,
              score_temperature=0.4, score_temperature_final=1.2)),
     (5, dict(sampler="ddpm", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_temperature=0.6)),
-    (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_top_k=3)),
+    (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_min_p=0.3)),
     (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_temperature=0.7,
-             score_top_k=1)),
+             score_min_p=0.9)),
 ])
 def test_scan_sampler_matches_python_loop(setup, monkeypatch, steps, kw):
     """Respaced (steps < T) reverse processes equal a step-by-step reference, and the whole
@@ -272,12 +271,12 @@ def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_ha
         k: v for k, v in opts.items() if k not in ("steps", "sampler")}
 
 
-def test_score_top_k_is_checked_and_named_by_variants(setup):
+def test_score_min_p_is_checked_and_named_by_variants(setup):
     from dimba_jax.evaluate.harness import variant_options
 
     model, sch, tokens, mask = setup
-    for bad in (-1, V + 1, 2.5):
-        with pytest.raises(ValueError, match="score_top_k"):
-            sampling.make_sample_fn(model, sch, steps=2, score_top_k=bad)
-    assert variant_options("tk32+st0.8") == {"score_top_k": 32.0, "score_temperature": 0.8}
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="score_min_p"):
+            sampling.make_sample_fn(model, sch, steps=2, score_min_p=bad)
+    assert variant_options("mp0.05+st0.8") == {"score_min_p": 0.05, "score_temperature": 0.8}
     assert variant_options("temp0.5") == {"temperature": 0.5}

@@ -31,9 +31,10 @@ Per step, with x0_hat the model's estimate:
 * score temperature tau: x0_hat <- softmax(logits / tau) @ E (tau < 1 sharpens the estimate);
   constant, or with `score_temperature_final` > 0 linear in the step index from
   `score_temperature` at the noisiest step to `score_temperature_final` at the last.
-* score top-k K (`score_top_k` > 0): that softmax keeps each position's K most likely tokens
-  only (the rest get weight 0), so the long tail of unlikely rows stops pulling x0_hat toward the
-  table's mean.
+* score min-p m (`score_min_p` > 0): that softmax keeps, at each position, the tokens whose
+  probability is at least m times the position's largest (the rest get weight 0), so the long
+  tail of unlikely rows stops pulling x0_hat toward the table's mean; confident positions keep
+  few tokens, uncertain ones many.
 * clamp (switch): x0_hat <- softmax(head(x0_hat)) @ E, the softmax-weighted embedding.
 * known positions are re-imposed (clean embeddings) in x0_hat and in x_{t-1} at every step.
 * self-conditioning (switch): the previous step's final x0_hat is fed to the next step.
@@ -48,6 +49,7 @@ return their given tokens exactly.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -102,14 +104,14 @@ def sampler_options(sample_config) -> dict:
     """The sampler keyword arguments a `config.sample` names, typed: sampler (str), steps (int),
     eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
     score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
-    prior_weight_final (float), score_top_k (int). The one place a sample setting becomes a sampler argument."""
+    prior_weight_final (float), score_min_p (float). The one place a sample setting becomes a sampler argument."""
     s = sample_config
     return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
                 clamp=bool(s.clamp), temperature=float(s.temperature), grid=str(s.grid),
                 score_temperature=float(s.score_temperature),
                 score_temperature_final=float(s.score_temperature_final), wavefront=float(s.wavefront),
                 wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
-                prior_weight_final=float(s.prior_weight_final), score_top_k=int(s.score_top_k))
+                prior_weight_final=float(s.prior_weight_final), score_min_p=float(s.score_min_p))
 
 
 def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,7 +157,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
            score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-           prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_top_k: int = 0):
+           prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -185,8 +187,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
       prior_weight: >= 0, the weight of the model's output prior in the logits (1 = as trained).
       prior_weight_final: >= 0: the prior weight of the last step, reached linearly in the step
         index from `prior_weight` at the first; < 0: constant.
-      score_top_k: > 0: the score-temperature softmax keeps each position's K most likely tokens
-        (0 = all).
+      score_min_p: in [0, 1): the score-temperature softmax keeps the tokens whose probability is
+        at least this fraction of the position's largest (0 = all).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -202,7 +204,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
                         score_temperature=score_temperature, wavefront=wavefront,
                         score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
                         prior_weight=prior_weight, prior_weight_final=prior_weight_final,
-                        score_top_k=score_top_k)
+                        score_min_p=score_min_p)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -212,7 +214,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
                    score_temperature: float = 1.0, wavefront: float = 0.0,
                    score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-                   prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_top_k: int = 0):
+                   prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -233,9 +235,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     if not prior_weight >= 0:
         raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
-    if int(score_top_k) != score_top_k or not 0 <= int(score_top_k) <= model.vocab_size:
-        raise ValueError(f"score_top_k must be an integer in 0..{model.vocab_size} (the vocabulary), "
-                         f"got {score_top_k}")
+    if not 0 <= score_min_p < 1:
+        raise ValueError(f"score_min_p must be in [0, 1), got {score_min_p}")
     if wavefront < 0 or wavefront_order not in wavefront_lib.ORDERS:
         raise ValueError(f"wavefront must be >= 0 and wavefront_order one of {wavefront_lib.ORDERS}, "
                          f"got {wavefront}, {wavefront_order!r}")
@@ -257,7 +258,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                   score_temperature=float(score_temperature), wavefront=float(wavefront),
                   score_temperature_final=float(score_temperature_final),
                   wavefront_order=str(wavefront_order), prior_weight=float(prior_weight),
-                  prior_weight_final=float(prior_weight_final), score_top_k=int(score_top_k))
+                  prior_weight_final=float(prior_weight_final), score_min_p=float(score_min_p))
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
@@ -266,14 +267,14 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
 
 
 def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance: float, clamp: bool,
-               score_temperature: float = 1.0, prior_weight: float = 1.0, score_top_k: int = 0):
+               score_temperature: float = 1.0, prior_weight: float = 1.0, score_min_p: float = 0.0):
     """One guided, clamped, re-imposed estimate at one noise level.
 
     x_t (b, L, e); logsnr float scalar, or (b, L) one level per position; score_temperature a
     float (1.0 = the model's own estimate, skipped) or a float32 scalar array; prior_weight the
-    output prior's weight in the logits (1.0 = as trained); score_top_k > 0 keeps each position's K
-    most likely tokens in the re-weighting (0 = all). Returns (x0 float32 (b, L, e), logits
-    float32 (b, L, V)).
+    output prior's weight in the logits (1.0 = as trained); score_min_p > 0 keeps in the
+    re-weighting the tokens at least that fraction as likely as each position's most likely one
+    (0 = all). Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
     logsnr = jnp.asarray(logsnr, jnp.float32)
@@ -291,11 +292,11 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                                              prior_weight=prior_weight)
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
-    if score_top_k or not (isinstance(score_temperature, float) and score_temperature == 1.0):
+    if score_min_p or not (isinstance(score_temperature, float) and score_temperature == 1.0):
         scores = logits / score_temperature
-        if score_top_k:
-            kth = jax.lax.top_k(scores, int(score_top_k))[0][..., -1:]
-            scores = jnp.where(scores >= kth, scores, -jnp.inf)
+        if score_min_p:  # p_v >= m max_u p_u  <=>  s_v >= max_u s_u + log m
+            floor = jnp.max(scores, axis=-1, keepdims=True) + math.log(score_min_p)
+            scores = jnp.where(scores >= floor, scores, -jnp.inf)
         x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(scores, axis=-1), model.embedding_table())
     if clamp:
         x0 = model.clamp_to_embeddings(x0)
@@ -328,11 +329,11 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
                                              "temperature", "unroll", "score_temperature", "wavefront",
                                              "score_temperature_final", "wavefront_order", "prior_weight",
-                                             "prior_weight_final", "score_top_k"))
+                                             "prior_weight_final", "score_min_p"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
                 self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
                 score_temperature_final=0.0, wavefront_order="left_to_right", prior_weight=1.0,
-                prior_weight_final=-1.0, score_top_k=0):
+                prior_weight_final=-1.0, score_min_p=0.0):
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -360,7 +361,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
-                                score_temperature=tau, prior_weight=pw, score_top_k=score_top_k)
+                                score_temperature=tau, prior_weight=pw, score_min_p=score_min_p)
         if sampler == "ddpm":
             mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
         else:

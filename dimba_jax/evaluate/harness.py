@@ -63,7 +63,7 @@ VARIANTS: dict[str, dict] = {
 }
 VARIANT_PATTERNS = {"stf": "score_temperature_final", "st": "score_temperature", "wf": "wavefront",
                     "eta": "eta", "cfg": "guidance", "temp": "temperature",
-                    "pwf": "prior_weight_final", "pw": "prior_weight", "tk": "score_top_k"}
+                    "pwf": "prior_weight_final", "pw": "prior_weight", "mp": "score_min_p"}
 
 
 def variant_options(name: str) -> dict:
