@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -18,6 +18,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_lr_cpu.md     tiny at learning rate 6e-3, and at twice the steps of half the batch
   benchmarks/results/quality_tiny_4x_cpu.md     tiny and its AR model on 4x the tokens, and prior weights
   benchmarks/results/quality_tiny_4x_seed{1,2}_cpu.md  the 4x model's key settings at two more sample seeds
+  benchmarks/results/quality_tiny_4x_minp_cpu.md  the 4x model with the score's min-p truncation
   benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
@@ -420,7 +421,7 @@ def main(argv=None) -> list[str]:
     tradeoff = {}
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
-                 "quality_tiny_4x_seed2_cpu"):
+                 "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):
