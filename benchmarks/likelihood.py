@@ -2,8 +2,8 @@
 
 For each run (a workdir or a one-file export), `dimba_jax.train.inference.evaluate_model` on the
 first --batches batches of its validation split (config.train.batch_size windows of
-config.data.seq_len tokens each; runs of one tokenizer, corpus and window read the same
-windows): for DIMBA the variational bound in bits per token (`DimbaTask.nll_bound`, 128 strata
+config.data.seq_len tokens each, or --batch-size for every run; runs of one tokenizer, corpus,
+window and batch size read the same windows): for DIMBA the variational bound in bits per token (`DimbaTask.nll_bound`, 128 strata
 of log-SNR per batch, with its diffusion and reconstruction parts), for the AR model its exact
 NLL in bits per token. The bound needs its 128 strata: with 32 (the tiny studies' setting) it
 scatters by ~10%.
@@ -25,9 +25,13 @@ import sys
 def to_markdown(doc: dict) -> str:
     lines = [f"# Likelihoods on the same validation windows — {doc['device']}", "",
              "Made by `benchmarks/likelihood.py`:", "", f"    {doc['command']}", "",
-             f"The first {doc['batches']} validation batches of each run. DIMBA: the variational bound "
-             "(128 strata of log-SNR per batch); AR: the exact NLL. Bits per token.", "",
-             "| run | task | tokens seen | bits/token | diffusion part | reconstruction part |",
+             f"The first {doc['batches']} validation batches of each run"
+             + (f" ({doc['batch_size']} windows each, for every run)" if doc.get("batch_size") else "")
+             + ". DIMBA: the variational bound "
+             "(128 strata of log-SNR per batch); AR: the exact NLL. Bits per token.", ""]
+    if doc.get("notes"):
+        lines += [doc["notes"], ""]
+    lines += ["| run | task | tokens seen | bits/token | diffusion part | reconstruction part |",
              "|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         part = lambda k: f"{r[k]:.3f}" if k in r else "—"  # noqa: E731
@@ -40,6 +44,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", required=True, help="NAME=PATH,... workdirs or .npz exports")
     p.add_argument("--batches", type=int, default=4, help="validation batches per run")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="windows per validation batch for every run (0 = each run's train.batch_size); "
+                        "set it when the runs trained at different batch sizes, so all read the same windows")
     p.add_argument("--out", required=True, help="results JSON (the .md is written beside it)")
     args = p.parse_args(argv)
     from dimba_jax.evaluate.results import device_label, parse_named_paths, write_with_markdown
@@ -50,8 +57,11 @@ def main(argv=None) -> dict:
     rows = []
     for name, path in models.items():
         run = load_run(path)
-        m = evaluate_model(run, args.batches)
         tokens = int(run.step) * int(run.config.train.batch_size) * int(run.config.data.seq_len)
+        if args.batch_size:
+            with run.config.unlocked():
+                run.config.train.batch_size = args.batch_size
+        m = evaluate_model(run, args.batches)
         row = {"run": name, "path": path, "task": str(run.config.task), "tokens_seen": tokens}
         if "bound_bits" in m:
             row.update(bits=m["bound_bits"], diffusion_bits=m["diffusion_bits"], recon_bits=m["recon_bits"])
@@ -62,7 +72,7 @@ def main(argv=None) -> dict:
     doc = {"device": device_label(),
            "command": "python -m benchmarks.likelihood " + " ".join(
                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-           "batches": args.batches, "rows": rows}
+           "batches": args.batches, "batch_size": args.batch_size or None, "rows": rows}
     write_with_markdown(doc, args.out, to_markdown(doc))
     print(to_markdown(doc))
     return doc

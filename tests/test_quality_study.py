@@ -126,6 +126,8 @@ def test_likelihood_table():
     text = to_markdown(doc)
     assert "| d | dimba | 1,000 | 10.123 | 10.000 | 0.123 |" in text
     assert "| a | ar | 1,000 | 8.200 | — | — |" in text
+    assert "windows each" not in text
+    assert "(24 windows each, for every run)" in to_markdown(dict(doc, batch_size=24))
 
 
 def test_every_studys_overrides_name_keys_of_its_config():
