@@ -34,8 +34,8 @@ Studies (STUDIES below):
             level and at W = 1 and 3 in their order; the tiny study's AR judge.
   tiny_noise  configs/tiny.py with the warp's floor raised to 1 and 4 (half / 80% of the
             training levels uniform in log-SNR); the tiny study's AR judge.
-  tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3 and with 680 steps of 12
-            windows; the tiny study's AR judge.
+  tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3, with 680 steps of 12 windows,
+            1360 of 6, and 680 of 12 at 6e-3; the tiny study's AR judge.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -203,6 +203,10 @@ STUDIES = {
                        "train.warmup_steps": 40, "train.checkpoint_every": 170},
             "b12x680": {"train.batch_size": 12, "train.steps": 680, "train.warmup_steps": 80,
                         "train.checkpoint_every": 340},
+            "b6x1360": {"train.batch_size": 6, "train.steps": 1360, "train.warmup_steps": 160,
+                        "train.checkpoint_every": 680},
+            "lr6e-3+b12x680": {"train.lr": 6e-3, "train.batch_size": 12, "train.steps": 680,
+                               "train.warmup_steps": 80, "train.checkpoint_every": 340},
             "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
