@@ -11,12 +11,12 @@ Data: the corpus embedded in the package (public-domain books) and the BPE-8k to
 ships inside the package (no files needed).
 Model: d_model 128, 4 bidirectional Mamba-2 blocks (headdim 32, d_state 16), FiLM conditioning,
 self-conditioning, tied head: 1.77M parameters (1.05M of them the 8192 x 128 embedding), float32.
-Budget: 680 steps x 12 windows x 64 tokens = 0.52M tokens (~2 MB of text). Measured on an idle
-2-core machine (jax 0.10.2 CPU): 2.64 training steps per second; the whole command (tokenising,
-compiling, 680 steps, final samples and evaluation) took 4 min 33 s. Twice the optimizer steps at
-half the batch cost no time per token here and sample better at equal entropy (judge perplexity
-2245 against 2539 at -4%, bound 11.23 against 11.39 bits at 32 strata:
-benchmarks/results/quality_tiny_lr_cpu.md, the capacity study's lever at ablation scale).
+Budget: 1360 steps x 6 windows x 64 tokens = 0.52M tokens (~2 MB of text). Measured on an idle
+2-core machine (jax 0.10.2 CPU): 5.4 training steps per second; the whole command (tokenising,
+compiling, 1360 steps, final samples and evaluation) took 4 min 28 s. More optimizer steps at a
+smaller batch cost no time per token here and sample better at equal entropy: judge perplexity
+2539 (340 x 24), 2245 (680 x 12), 1896 (1360 x 6) at -3 to -4% of real text's entropy
+(benchmarks/results/quality_tiny_lr_cpu.md; the capacity study's lever at ablation scale).
 At this budget the samples are still word soup: real words and punctuation, little
 grammar. Samples use a score temperature falling from 0.9 to 0.5 over the steps (the comment
 at config.sample.score_temperature says why); a constant 0.5 collapses this undertrained model
@@ -49,11 +49,11 @@ def get_config():
     c.data.source = "embedded"
     c.data.tokenizer = "bpe"
     c.data.seq_len = 64
-    c.train.steps = 680
-    c.train.batch_size = 12
+    c.train.steps = 1360
+    c.train.batch_size = 6
     c.train.lr = 3e-3
-    c.train.warmup_steps = 80
-    c.train.checkpoint_every = 340
+    c.train.warmup_steps = 160
+    c.train.checkpoint_every = 680
     c.train.log_every = 20
     c.train.sample_every = 0
     c.train.eval_batches = 2
