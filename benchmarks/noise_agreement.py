@@ -14,7 +14,7 @@ denoiser's own contribution (context) is small.
 
 Writes the JSON (and a Markdown table beside it): {"device", "command", "settings", "rows":
 [{"what", "a", "b", "sampler", "agreement"}]}. Sampler settings: the first model's config.sample
-(grid, score temperatures, clamp, prior weight unless --prior-weight), DDIM and DDPM, T = --steps.
+(`sampling.sampler_options`; the prior weight unless --prior-weight), DDIM and DDPM, T = --steps.
 """
 
 from __future__ import annotations
@@ -71,11 +71,10 @@ def main(argv=None) -> dict:
 
     runs = {name: load_run(path) for name, path in models.items()}
     first = next(iter(runs.values()))
-    s = first.config.sample
-    kw = dict(steps=args.steps, grid=str(s.grid), clamp=bool(s.clamp), eta=float(s.eta),
-              score_temperature=float(s.score_temperature),
-              score_temperature_final=float(s.score_temperature_final),
-              prior_weight=float(s.prior_weight if args.prior_weight is None else args.prior_weight))
+    kw = {k: v for k, v in sampling.sampler_options(first.config.sample).items() if k != "sampler"}
+    kw["steps"] = args.steps
+    if args.prior_weight is not None:
+        kw["prior_weight"] = float(args.prior_weight)
     b, length, plen = args.batch, args.length, args.prompt_len
 
     def draw(run, sampler, seed, tokens, known):
