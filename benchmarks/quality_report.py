@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality_report
 
-Reads benchmarks/results/quality_{ablation,width,small}_h200.json and, when present,
+Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_opt_h100.json and, when present,
 quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
@@ -19,7 +19,8 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_4x_cpu.md     tiny and its AR model on 4x the tokens, and prior weights
   benchmarks/results/quality_tiny_4x_seed{1,2}_cpu.md  the 4x model's key settings at two more sample seeds
   benchmarks/results/quality_tiny_4x_minp_cpu.md  the 4x model with the score's min-p truncation
-  benchmarks/results/quality_small_h200.md      the model of record: sampler sweep, rows, bound vs AR NLL
+  benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
+  benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
   docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
@@ -214,11 +215,13 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
     return "\n".join(lines) + "\n"
 
 
-def small_table(res: dict) -> str:
+def small_table(res: dict, source: str, title: str) -> str:
+    """The Markdown page of a small study: `title` heads it, `source` names its results file."""
     ref = res.get("reference", {})
     dimba, ar = res["runs"]["dimba"], res["runs"]["ar"]
-    lines = [f"# The model of record: DIMBA small vs the AR baseline — {res.get('device', '')}", "",
-             "Made by `benchmarks/quality_report.py` from `quality_small_h200.json`, written by:", "",
+    ar_ppl = next((r["judge_ppl"] for r in res["rows"] if r["model"] == "ar" and not r["prompted"]), None)
+    lines = [f"# {title} — {res.get('device', '')}", "",
+             f"Made by `benchmarks/quality_report.py` from `{source}`, written by:", "",
              commands(res), "",
              f"DIMBA `configs/small.py` ({dimba['params']:,} parameters) and AR `configs/ar_small.py` "
              f"({ar['params']:,}) each trained on {dimba['tokens_seen']:,} tokens "
@@ -235,11 +238,14 @@ def small_table(res: dict) -> str:
              "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
              "The setting of record is the lowest judge perplexity among the settings whose sample "
              "entropy is within 5% of real text's (the lowest overall if none is).", "",
-             "| sampler | variant (`stX` score temperature, `pwX` prior weight) | judge ppl | entropy |",
-             "|---|---|---|---|"]
+             "| sampler | variant (`stX` score temperature, `pwX` prior weight) | judge ppl | x AR | entropy | entropy vs real |",
+             "|---|---|---|---|---|---|"]
     for s in dimba.get("sweep", []):
+        ratio = s["judge_ppl"] / ar_ppl if ar_ppl and s.get("judge_ppl") else None
+        rel = s["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and s.get("entropy") else None
         lines.append(f"| {s['sampler']} | {s.get('variant') or 'default'} | {_f(s['judge_ppl'], '.1f')} | "
-                     f"{_f(s['entropy'], '.2f')} |")
+                     f"{_f(ratio, '.2f')} | {_f(s['entropy'], '.2f')} | "
+                     f"{_f(None if rel is None else 100 * rel, '+.1f')}% |")
     chosen = next((r for r in res["rows"] if r["model"] == "dimba"), {})
     setting = f"{chosen.get('sampler', 'ddim').upper()}, {chosen.get('variant') or 'default'}"
     lines += ["", f"## Rows of record ({setting}; latency at batch 1, quality of 64 samples)", "",
@@ -365,9 +371,10 @@ def plot_runs_tradeoff(res: dict, path: str, title: str) -> str:
     return path
 
 
-def samples_text(small: dict) -> str:
+def samples_text(small: dict, source: str) -> str:
+    """Every judged setting's samples of a small study, `source` naming its results file."""
     out = ["DIMBA small (the model of record) and the AR baseline: samples from benchmarks/quality_study.py",
-           f"({small['commands'][-1] if small.get('commands') else ''}).",
+           f"(its commands and device: benchmarks/results/{source}).",
            "Each block: the setting, then up to five samples of 1024 tokens; prompted samples show the",
            "64-token prompt (cut from a validation book), then ' || ', then the continuation.", ""]
     for key, texts in sorted(small.get("samples", {}).items()):
@@ -403,18 +410,26 @@ def main(argv=None) -> list[str]:
     with open(os.path.join(args.results, "quality_ablation_h200.json")) as f:
         abl = json.load(f)
     with open(os.path.join(args.results, "quality_small_h200.json")) as f:
+        small_v1 = json.load(f)
+    with open(os.path.join(args.results, "quality_small_opt_h100.json")) as f:
         small = json.load(f)
     with open(os.path.join(args.results, "quality_width_h200.json")) as f:
         width = json.load(f)
     for name, text in (("quality_ablation_h200.md", ablation_table(abl)),
                        ("quality_width_h200.md", ablation_table(width, "width")),
-                       ("quality_small_h200.md", small_table(small))):
+                       ("quality_small_h200.md", small_table(
+                           small_v1, "quality_small_h200.json", "DIMBA small at the earlier recipe (learning "
+                           "rate 1e-3, 4000 steps of 16 windows) vs the AR baseline")),
+                       ("quality_small_opt_h100.md", small_table(
+                           small, "quality_small_opt_h100.json", "The model of record: DIMBA small (learning "
+                           "rate 2e-3, 8000 steps of 8 windows) vs the AR baseline"))):
         path = os.path.join(args.results, name)
         with open(path, "w") as f:
             f.write(text)
         written.append(path)
     curves = {f"ablation: {k}": v for k, v in abl["runs"].items()}
     curves["small: dimba (model of record)"] = small["runs"]["dimba"]
+    curves["small: dimba at the earlier recipe"] = small_v1["runs"]["dimba"]
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
     written.append(plot_noise_curves(widths, os.path.join(args.docs, "noise_curves_width.png")))
@@ -438,7 +453,7 @@ def main(argv=None) -> list[str]:
                 "settings\n(quality_capacity_h200.json)"))
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
-        f.write(samples_text(small))
+        f.write(samples_text(small, "quality_small_opt_h100.json"))
     written.append(path)
     print("\n".join(written))
     return written

@@ -39,8 +39,6 @@ Studies (STUDIES below):
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
-  small_opt the small study with DIMBA and AR both at learning rate 2e-3 and 8000 steps of 8
-            windows (the same 65.5M tokens; the capacity study's winners at ablation scale).
 
     python -m benchmarks.quality_study --study ablation --data-dir .gpu/data \\
         --workdir runs/ablation --out $OUT/quality_ablation_h200.json --budget-s 560
@@ -225,9 +223,9 @@ STUDIES = {
         "prompted_steps": (64, 16),
         # sampler settings tried at the headline T (unprompted) before the rows of record, which
         # use the one the judge scores best
-        "sweep": (("ddim", "st0.5"), ("ddim", "st0.6"), ("ddim", "st0.7"), ("ddim", "st0.8"),
-                  ("ddpm", "st0.6"), ("ddpm", "st0.7"), ("ddim", "st1+stf0.5"),
-                  ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.8+st0.9+stf0.6"), ("ddim", "pw0.7+st1+stf0.7")),
+        "sweep": (("ddim", "st0.7"), ("ddim", "st0.8"), ("ddpm", "st0.7"), ("ddim", "st1+stf0.5"),
+                  ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.7+st1+stf0.7"), ("ddim", "pw0.6+st1+stf0.9"),
+                  ("ddim", "pw0.5+st1+stf0.8"), ("ddim", "pw0.7+st1+stf0.8"), ("ddim", "pw0.5+st1+stf0.9")),
         "lengths": (1024,),
         "batches": (1, 64),
         "prompt_len": 64,
@@ -236,17 +234,6 @@ STUDIES = {
         "variant_is_run": False,
     },
 }
-
-
-# The capacity study's winning optimization (twice the learning rate, twice the optimizer steps at
-# half the batch: the same tokens) applied to the model of record and its AR baseline alike.
-SMALL_OPT = {"train.lr": 2e-3, "train.batch_size": 8, "train.steps": 8000, "train.warmup_steps": 400,
-             "train.checkpoint_every": 1000}
-STUDIES["small_opt"] = dict(STUDIES["small"], runs={
-    "dimba": dict(STUDIES["small"]["runs"]["dimba"], **SMALL_OPT),
-    "ar": dict(STUDIES["small"]["runs"]["ar"], **SMALL_OPT),
-    "judge": dict(STUDIES["small"]["runs"]["judge"]),
-})
 
 
 def parse_sweep(text: str) -> tuple[tuple[str, str], ...]:

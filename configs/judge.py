@@ -12,8 +12,8 @@ Check it: python -m dimba_jax.main --workdir runs/judge --mode eval  (validation
 Model: d_model 768, 12 causal Mamba-2 blocks (headdim 64, d_state 128), BPE 8k, ~52M
 parameters (larger than the compared models: DIMBA small ~33M, ar_small ~32M);
 context 512 so it judges 256-1024-token samples in overlapping windows. Built on
-configs/small.py (same corpus, tokenizer, schedule, warmup, weight decay and logging); only what
-differs is set here.
+configs/small.py (same corpus, tokenizer, schedule, weight decay and logging); only what differs
+is set here.
 """
 
 from dimba_jax.config import sibling_config
@@ -31,6 +31,7 @@ def get_config():
     c.train.steps = 3000
     c.train.batch_size = 64
     c.train.lr = 1.5e-3
+    c.train.warmup_steps = 200
     c.train.ema_decay = 0.0  # scoring uses the raw weights
     c.train.checkpoint_every = 500
     c.train.sample_every = 0

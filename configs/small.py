@@ -8,7 +8,7 @@ Data: the shared corpus `../shared/data/gutenberg/*.jsonl.xz` (~41 MB). On a mac
 The data folder is `$DIMBA_DATA` (default `.gpu/data`), or override the sources directly:
     --config.data.source='files:/path/train-*.jsonl.xz' --config.data.val_source='files:/path/validation.jsonl.xz'
 
-Train (one GPU, ~10 minutes at the default 4000 steps x 16 x 1024 tokens = 65M tokens):
+Train (one GPU, ~11 minutes on an H100 at the default 8000 steps x 8 x 1024 tokens = 65.5M tokens):
     python -m dimba_jax.main --config configs/small.py --workdir runs/small
 Sample / evaluate:
     python -m dimba_jax.main --workdir runs/small --mode sample --prompt "It was a dark" --steps 64
@@ -37,10 +37,10 @@ def get_config():
     c.model.ssd_impl = "auto"
     use_shared_corpus(c)  # $DIMBA_DATA (default .gpu/data): source, val_source, bpe, token cache
     c.data.seq_len = 1024
-    c.train.steps = 4000
-    c.train.batch_size = 16
-    c.train.lr = 1e-3
-    c.train.warmup_steps = 200
+    c.train.steps = 8000  # the recipe measured in benchmarks/results/quality_small_opt_h100.md
+    c.train.batch_size = 8
+    c.train.lr = 2e-3
+    c.train.warmup_steps = 400
     c.train.weight_decay = 0.1
     c.train.checkpoint_every = 1000
     c.train.log_every = 50

@@ -96,7 +96,8 @@ def test_quality_report_renders_every_committed_study(tmp_path):
     (tmp_path / "docs" / "small_run").mkdir(parents=True)
     written = quality_report.main(["--results", str(tmp_path), "--docs", str(tmp_path / "docs")])
     names = {os.path.basename(p) for p in written}
-    assert {"quality_ablation_h200.md", "quality_small_h200.md", "noise_curves.png", "samples.txt"} <= names
+    assert {"quality_ablation_h200.md", "quality_small_h200.md", "quality_small_opt_h100.md", "noise_curves.png",
+            "samples.txt"} <= names
     tiny = (tmp_path / "quality_tiny_sched_cpu.md").read_text()
     assert "| DIMBA st0.9+stf0.5 | 2539 |" in tiny and "score temperature" in tiny
     for md in (p for p in written if p.endswith(".md")):
@@ -145,7 +146,7 @@ def test_every_studys_overrides_name_keys_of_its_config():
                 for part in key.split(".")[:-1]:
                     node = node[part]
                 assert key.split(".")[-1] in node, f"{study_name}/{run}: unknown key {key}"
-    # equal tokens: the small_opt runs see what the small study's runs see
-    small, opt = qs.STUDIES["small"]["runs"], qs.STUDIES["small_opt"]["runs"]
-    tokens = lambda o, c: o.get("train.steps", c.train.steps) * o.get("train.batch_size", c.train.batch_size)
-    assert tokens(opt["dimba"], configs["configs/small.py"]) == tokens(small["dimba"], configs["configs/small.py"])
+    # equal tokens: the small study's DIMBA and AR runs see the same windows
+    small, ar = load_config_file("configs/small.py"), load_config_file("configs/ar_small.py")
+    assert (small.train.steps, small.train.batch_size, small.data.seq_len) == (
+        ar.train.steps, ar.train.batch_size, ar.data.seq_len)
