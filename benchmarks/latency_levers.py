@@ -344,8 +344,9 @@ def run_worker(args) -> None:
                 known = jnp.zeros((1, L), bool)
                 static = dict(sampler="ddim", guidance=1.0, clamp=clamp,
                               self_condition=bool(model.self_condition), temperature=0.0, unroll=unroll)
+                ones = jnp.ones((steps,), jnp.float32)  # score temperature and prior weight 1 at every step
                 args_ = (graphdef, state, tokens, known, jax.random.PRNGKey(0), ts, ab_t, ab_prev,
-                         jnp.float32(0.0))
+                         jnp.float32(0.0), ones, ones)
 
                 def call():
                     return sampling._sample_jit(*args_, **static)[0]

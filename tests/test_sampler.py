@@ -172,6 +172,22 @@ def test_scan_sampler_matches_python_loop(setup, monkeypatch, steps, kw):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
 
 
+def test_a_sweep_of_score_temperatures_and_prior_weights_compiles_once(setup, monkeypatch):
+    """Score temperatures, their schedules and prior weights are traced values: a sampler sweep over
+    them at one step count traces the model once, and each setting still gives its own samples."""
+    model, sch, tokens, mask = setup
+    calls = []
+    original = DimbaModel.predict
+    monkeypatch.setattr(DimbaModel, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    sweep = [dict(score_temperature=0.5), dict(score_temperature=0.8), dict(score_temperature=1.0,
+             score_temperature_final=0.5), dict(score_temperature=0.8, prior_weight=0.6),
+             dict(score_temperature=0.9, prior_weight=0.8, prior_weight_final=0.2)]
+    x0s = [sampling.sample(model, sch, tokens, mask, jax.random.key(3), steps=5, sampler="ddim", clamp=False,
+                           return_x0=True, **kw)[1] for kw in sweep]
+    assert len(calls) <= 1, f"model traced {len(calls)} times for {len(sweep)} settings"  # 0: compiled earlier
+    assert not np.allclose(np.asarray(x0s[0]), np.asarray(x0s[1]), atol=1e-4)
+
+
 def test_deterministic_given_seed_and_keeps_prompt(setup):
     model, sch, tokens, mask = setup
     kw = dict(steps=4, sampler="ddim", eta=0.0, guidance=1.0, clamp=True, self_condition=True, return_x0=True)

@@ -254,16 +254,18 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     else:
         ts, ab_t, ab_prev = noise_grid(model, schedule, steps, grid)
     graphdef, state = nnx.split(model)
+    taus = step_values(float(score_temperature), float(score_temperature_final), int(steps),
+                       float(score_temperature_final) > 0)
+    pws = step_values(float(prior_weight), float(prior_weight_final), int(steps), float(prior_weight_final) >= 0)
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
-                  score_temperature=float(score_temperature), wavefront=float(wavefront),
-                  score_temperature_final=float(score_temperature_final),
-                  wavefront_order=str(wavefront_order), prior_weight=float(prior_weight),
-                  prior_weight_final=float(prior_weight_final), score_min_p=float(score_min_p))
+                  reweight=bool(np.any(taus != 1.0)), wavefront=float(wavefront),
+                  wavefront_order=str(wavefront_order), score_min_p=float(score_min_p))
+    taus, pws = jnp.asarray(taus), jnp.asarray(pws)
 
     def fn(tokens_known, cond_mask, rng):
         return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
-                           **static)
+                           taus, pws, **static)
     return fn
 
 
@@ -327,14 +329,23 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
     return lam, a_t[..., None], a_prev[..., None]
 
 
+def step_values(first: float, last: float, steps: int, scheduled: bool) -> np.ndarray:
+    """float32 (steps,): `first` at every step, or (when `scheduled` and last != first) linear in
+    the step index from `first` at the noisiest step to `last` at the final one."""
+    if scheduled and last != first:
+        return np.linspace(first, last, steps, dtype=np.float32)
+    return np.full((steps,), first, np.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature", "unroll", "score_temperature", "wavefront",
-                                             "score_temperature_final", "wavefront_order", "prior_weight",
-                                             "prior_weight_final", "score_min_p"))
-def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, sampler, guidance, clamp,
-                self_condition, temperature, unroll=1, score_temperature=1.0, wavefront=0.0,
-                score_temperature_final=0.0, wavefront_order="left_to_right", prior_weight=1.0,
-                prior_weight_final=-1.0, score_min_p=0.0):
+                                             "temperature", "unroll", "reweight", "wavefront",
+                                             "wavefront_order", "score_min_p"))
+def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws, *, sampler, guidance,
+                clamp, self_condition, temperature, unroll=1, reweight=False, wavefront=0.0,
+                wavefront_order="left_to_right", score_min_p=0.0):
+    """The reverse process as one program. taus, pws float32 (S,): each step's score temperature
+    and prior weight (traced: a sweep over them compiles once); `reweight` False skips the
+    score re-weighting (every tau is 1)."""
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -344,20 +355,11 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
     rank = wavefront_lib.order_rank(wavefront_order, jax.random.fold_in(rng, 7), known)
 
     steps = int(ts.shape[0])
-    if score_temperature_final > 0 and score_temperature_final != score_temperature:
-        taus = jnp.linspace(score_temperature, score_temperature_final, steps, dtype=jnp.float32)
-    else:
-        taus = None  # constant: the static value (1.0 skips the re-weighting)
-    if prior_weight_final >= 0 and prior_weight_final != prior_weight:
-        pws = jnp.linspace(prior_weight, prior_weight_final, steps, dtype=jnp.float32)
-    else:
-        pws = None  # constant: the static value
 
     def body(carry, step):
         x_t, x0_prev, _, key = carry
         lam, a_t, a_prev, tau, pw = step
-        tau = score_temperature if taus is None else tau
-        pw = prior_weight if pws is None else pw
+        tau = tau if reweight else 1.0
         if wavefront > 0:  # the step's inputs are (clock, next clock, last-step flag)
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
@@ -373,8 +375,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, *, 
         return (x_next, x0, logits, key), None
 
     logits0 = jnp.zeros((b, length, model.vocab_size), jnp.float32)
-    unused = jnp.zeros((steps,), jnp.float32)
-    xs = (ts, ab_t, ab_prev, unused if taus is None else taus, unused if pws is None else pws)
+    xs = (ts, ab_t, ab_prev, taus, pws)
     (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), xs,
                                          unroll=min(int(unroll), steps))
     return read_out(logits, tokens, known, r_read, temperature), x0
