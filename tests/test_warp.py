@@ -200,3 +200,32 @@ def test_context_use_keys_and_bad_window():
     assert all(0.0 <= v <= 1.0 for v in out.values())
     with pytest.raises(ValueError, match="at least"):
         task.context_use(model, {"tokens": tokens[:, :10]}, prompt_len=16, positions=4)
+
+
+def test_context_use_by_position_averages_to_context_use():
+    """Position by position, the first entry the token right after the prompt; the means are
+    `context_use`'s numbers, and an all-known window reads as the prompt case."""
+    task = tiny_task()
+    model = task.init_model(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 256)
+    per = task.context_use_by_position(model, {"tokens": tokens}, prompt_len=16, positions=4, logsnrs=(-6.0, -2.0))
+    out = task.context_use(model, {"tokens": tokens}, prompt_len=16, positions=4, logsnrs=(-6.0, -2.0))
+    assert set(per) == {-6.0, -2.0}
+    for lam, (with_p, without) in per.items():
+        assert with_p.shape == without.shape == (4,)
+        assert out[f"acc_prompt_lam{lam:g}"] == pytest.approx(with_p.mean())
+        assert out[f"acc_noprompt_lam{lam:g}"] == pytest.approx(without.mean())
+
+
+def test_successor_control_data_is_successive_letters(tmp_path):
+    import json
+    import string
+
+    from benchmarks import context_probe
+    train, val = context_probe.make_successor(str(tmp_path), train_lines=20, val_lines=5)
+    lines = [json.loads(x)["text"].split(" ") for x in open(train)] + [json.loads(x)["text"].split(" ") for x in open(val)]
+    assert len(lines) == 25
+    for letters in lines:
+        assert 60 <= len(letters) <= 120
+        idx = [string.ascii_lowercase.index(c) for c in letters]
+        assert all((b - a) % 26 == 1 for a, b in zip(idx, idx[1:]))

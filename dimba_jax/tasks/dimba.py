@@ -320,6 +320,17 @@ class DimbaTask:
         with it noised like the rest (acc_noprompt_lam{level}), at each log-SNR level (default:
         the noisy half of `default_eval_logsnrs()`); a denoiser that reads context gains.
         Needs seq_len > prompt_len + positions."""
+        out = {}
+        for lam, (with_p, without) in self.context_use_by_position(model, batch, prompt_len, positions,
+                                                                    logsnrs, rng).items():
+            out[f"acc_prompt_lam{lam:g}"] = float(np.mean(with_p))
+            out[f"acc_noprompt_lam{lam:g}"] = float(np.mean(without))
+        return out
+
+    def context_use_by_position(self, model: DimbaModel, batch: dict, prompt_len: int = 32, positions: int = 8,
+                                logsnrs=None, rng: jax.Array | None = None) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """`context_use` position by position: {level: (accuracy with the prompt known, without it)},
+        each float64 (positions,), the first entry the token right after the prompt."""
         tokens = jnp.asarray(batch["tokens"], jnp.int32)
         b, length = tokens.shape
         if length < prompt_len + positions:
@@ -335,6 +346,6 @@ class DimbaTask:
         for lam in logsnrs:
             with_p = self._at(model, tokens, lam, noise, prefix)["correct"][:, window]
             without = self._at(model, tokens, lam, noise)["correct"][:, window]
-            out[f"acc_prompt_lam{lam:g}"] = float(jnp.mean(with_p))
-            out[f"acc_noprompt_lam{lam:g}"] = float(jnp.mean(without))
+            out[float(lam)] = (np.mean(np.asarray(with_p), 0, dtype=np.float64),
+                               np.mean(np.asarray(without), 0, dtype=np.float64))
         return out
