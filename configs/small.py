@@ -49,4 +49,10 @@ def get_config():
     c.train.eval_batches = 8
     c.sample.length = 1024
     c.sample.steps = 64
+    # The output prior at weight 0.6, the score temperature from 1 to 0.8 over the steps: at the
+    # entropy of score temperature 0.8 alone (-5.5% of real text's) it halves the judge perplexity
+    # (232 against 369; benchmarks/results/quality_small_opt_h100.md).
+    c.sample.prior_weight = 0.6
+    c.sample.score_temperature = 1.0
+    c.sample.score_temperature_final = 0.8
     return c

@@ -63,11 +63,13 @@ def get_config():
     # piece ("absor", the row closest to the mean of the table) fills the gaps; without it, 92%
     # (8 samples x 64 tokens, T = 32; docs/small_run/README.md, "read-out quirk").
     c.sample.clamp = False
-    # The score temperature falls from 0.9 at the noisiest step to 0.5 at the last: of the settings
-    # measured (benchmarks/results/quality_tiny_sched_cpu.md), the lowest judge perplexity with the
-    # sample entropy within 5% of real text's (2539 at -4.9%; a constant 1: 4943 at +3%, 0.8: 2682
-    # at -5.1%). A constant 0.5 collapses this model onto commas, newlines and "the".
-    c.sample.score_temperature = 0.9
-    c.sample.score_temperature_final = 0.5
+    # DDIM with the output prior at weight 0.6 and the score temperature falling from 1 at the
+    # noisiest step to 0.8 at the last: of the settings measured on this recipe
+    # (benchmarks/results/quality_tiny_lr_cpu.md, run b6x1360), the lowest judge perplexity with
+    # the sample entropy within 5% of real text's (1754 at -4%; 0.9 -> 0.5 without the prior
+    # weight: 1896 at -3%). A constant 0.5 collapses this model onto commas, newlines and "the".
+    c.sample.prior_weight = 0.6
+    c.sample.score_temperature = 1.0
+    c.sample.score_temperature_final = 0.8
     c.sample.num_samples = 4
     return c
