@@ -28,6 +28,7 @@ synchronised); the median window / steps is reported. Cases, in the order they r
   fwd_bwd       loss + gradients of the whole model (no optimizer), the real loss
                 (self-conditioning coin, layouts, CE) with a different RNG key per call
   optimizer     global-norm clip + AdamW + EMA + the step's norms, on given gradients
+                (optim.apply_update; the flat pass with --config.train.flat_update=True)
   train_step    the real jitted train step (dimba_jax.train.step, state donated)
   fwd           the loss alone (forward)
   fwd_bwd_sc0   fwd_bwd with diffusion.self_cond_prob = 0 (never the extra forward)
@@ -360,11 +361,7 @@ class Breakdown:
 
         @jax.jit
         def update(params, opt_state, ema, step, grads):
-            grad_norm = optim.global_norm(grads)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = jax.tree.map(lambda p, u: p + u, params, updates)
-            ema = None if ema is None else optim.update_ema(ema, params, step + 1, ema_decay)
-            return params, opt_state, ema, grad_norm, optim.global_norm(params)
+            return optim.apply_update(tx, grads, opt_state, params, ema, step + 1, ema_decay)
 
         st = s.state
         args = (st.params, st.opt_state, st.ema, st.step, grads)

@@ -117,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
     t.ema_decay = 0.999  # EMA of parameters used for sampling (0 = no EMA).
     t.param_dtype = "float32"  # Parameter and optimizer-state dtype.
+    t.flat_update = False  # Clip, AdamW and EMA over one flat vector per dtype in one fused pass instead of leaf by leaf (optim.FlatAdamW); needs mesh.fsdp = mesh.tensor = 1; a run resumes only with the setting it was saved with.
     t.checkpoint_every = 100  # Save a checkpoint every this many steps (and at the end / on SIGTERM).
     t.keep_checkpoints = 3  # Keep the last N checkpoints.
     t.log_every = 10  # Metrics (JSON lines + TensorBoard) every this many steps.

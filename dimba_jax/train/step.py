@@ -13,7 +13,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dimba_jax.train import mesh as mesh_lib
@@ -71,10 +70,11 @@ def make_loss_fn(task, parts: ModelParts) -> Callable:
     return loss_fn
 
 
-def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, train_config,
+def make_train_step(task, parts: ModelParts, tx, train_config,
                     mesh: Mesh, shardings: TrainState, rest_shardings: Any,
                     data_sharding: NamedSharding) -> Callable:
-    """Builds the jitted train step.
+    """Builds the jitted train step (`tx` from `optim.make_optimizer`: an optax chain, or a
+    `FlatAdamW`, which needs every parameter replicated — ValueError otherwise).
 
     Returns:
       step(state, rest, batch) -> (new_state, metrics, health) where
@@ -85,6 +85,14 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
                  parameter's gradient has a NaN/Inf)}.
       `state` is donated: do not reuse it after the call.
     """
+    if isinstance(tx, optim.FlatAdamW):
+        sharded = [jax.tree_util.keystr(path) for path, sh in
+                   jax.tree_util.tree_flatten_with_path(shardings.params)[0]
+                   if not sh.is_fully_replicated]
+        if sharded:
+            raise ValueError(f"train.flat_update needs replicated parameters, but {len(sharded)} "
+                             f"are sharded by the mesh (e.g. {sharded[0]}): set mesh.fsdp and "
+                             "mesh.tensor to 1 or turn train.flat_update off")
     accum = int(train_config.grad_accum)
     ema_decay = float(train_config.ema_decay)
     schedule = optim.learning_rate_schedule(train_config)
@@ -114,15 +122,13 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
     def step(state: TrainState, rest, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng)
-        grad_norm = optim.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
-        ema = None if state.ema is None else optim.update_ema(state.ema, params, new_step, ema_decay)
+        params, opt_state, ema, grad_norm, param_norm = optim.apply_update(
+            tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay)
         new_state = TrainState(step=new_step, params=params, opt_state=opt_state, ema=ema,
                                rng=state.rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in task_metrics.items()}
-        metrics.update(loss=loss, grad_norm=grad_norm, param_norm=optim.global_norm(params),
+        metrics.update(loss=loss, grad_norm=grad_norm, param_norm=param_norm,
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         health = {
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
