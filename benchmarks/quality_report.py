@@ -266,7 +266,21 @@ def small_table(res: dict, source: str, title: str) -> str:
               f"DIMBA with/without the prompt at log-SNR {', '.join(f'{v:g}' for v in CONTEXT_LEVELS)}: "
               f"{context_cells(dimba)}; the AR model's next-token accuracy at the same positions: "
               f"{_f(ar.get('acc_after_prompt'), '.3f')}.", ""]
-    return "\n".join(lines)
+    first = first_position_line(dimba, ar)
+    return "\n".join(lines + ([first, ""] if first else []))
+
+
+def first_position_line(dimba: dict, ar: dict) -> str:
+    """The context-use line of the first token after the prompt (the one the prompt decides most),
+    when the results hold accuracies by position; '' otherwise."""
+    per = dimba.get("context_by_position")
+    if not per:
+        return ""
+    cells = ", ".join(f"{lam}: {_f(v['prompt'][0], '.3f')}/{_f(v['noprompt'][0], '.3f')}"
+                      for lam, v in per.items() if float(lam) in CONTEXT_LEVELS)
+    ar_first = (ar.get("acc_after_prompt_by_position") or [None])[0]
+    return (f"The first token after the prompt alone, DIMBA with/without the prompt by log-SNR: {cells}; "
+            f"the AR model's next-token accuracy there: {_f(ar_first, '.3f')}.")
 
 
 def plot_noise_curves(studies: dict, path: str) -> str:

@@ -503,7 +503,8 @@ def judge_samples(res: dict, judge) -> None:
 
 def ar_measures(task, model, batches, prompt_len: int, positions: int = 8) -> dict:
     """The AR model's exact NLL (bits/token, teacher forcing) and next-token accuracy at
-    positions prompt_len .. prompt_len + positions - 1 of the same windows."""
+    positions prompt_len .. prompt_len + positions - 1 of the same windows (their mean, and each
+    position's)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -518,8 +519,9 @@ def ar_measures(task, model, batches, prompt_len: int, positions: int = 8) -> di
         nll.append(float(metrics["ce"]))
         logits = logits_fn(model, tokens)  # (b, L, V): position j predicts token j + 1
         pred = np.asarray(jnp.argmax(logits[:, prompt_len - 1:prompt_len - 1 + positions], -1))
-        correct.append(np.mean(pred == np.asarray(tokens[:, prompt_len:prompt_len + positions])))
-    return {"nll_bits": float(np.mean(nll)) / math.log(2.0), "acc_after_prompt": float(np.mean(correct))}
+        correct.append(np.mean(pred == np.asarray(tokens[:, prompt_len:prompt_len + positions]), 0))
+    return {"nll_bits": float(np.mean(nll)) / math.log(2.0), "acc_after_prompt": float(np.mean(correct)),
+            "acc_after_prompt_by_position": np.mean(correct, 0).tolist()}
 
 
 def choose_setting(rows: list[dict], real_entropy: float, tolerance: float = ENTROPY_TOLERANCE) -> dict:
@@ -582,9 +584,14 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         info["noise_curve"] = {k: float(np.mean([c[k] for c in curves])) for k in curves[0]}
         bounds = [task.nll_bound(model, b, levels=args.bound_levels) for b in batches]
         info["bound"] = {k: float(np.mean([x[k] for x in bounds])) for k in bounds[0]}
-        ctx = [task.context_use(model, b, prompt_len=min(32, seq // 2),
-                                logsnrs=CONTEXT_LOGSNRS) for b in batches]
-        info["context"] = {k: float(np.mean([x[k] for x in ctx])) for k in ctx[0]}
+        per = [task.context_use_by_position(model, b, prompt_len=min(32, seq // 2), logsnrs=CONTEXT_LOGSNRS)
+               for b in batches]
+        info["context"], info["context_by_position"] = {}, {}
+        for lam in CONTEXT_LOGSNRS:
+            with_p, without = (np.mean([p[lam][i] for p in per], 0) for i in (0, 1))
+            info["context"].update({f"acc_prompt_lam{lam:g}": float(with_p.mean()),
+                                    f"acc_noprompt_lam{lam:g}": float(without.mean())})
+            info["context_by_position"][f"{lam:g}"] = {"prompt": with_p.tolist(), "noprompt": without.tolist()}
         nll_bits = info["bound"]["bound_bits"]
         gen = DimbaGenerator(model, cfg, tok)
         specs = harness.plan(models=("dimba",), samplers=("ddim",), steps=study["steps"],

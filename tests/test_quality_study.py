@@ -150,3 +150,12 @@ def test_every_studys_overrides_name_keys_of_its_config():
     small, ar = load_config_file("configs/small.py"), load_config_file("configs/ar_small.py")
     assert (small.train.steps, small.train.batch_size, small.data.seq_len) == (
         ar.train.steps, ar.train.batch_size, ar.data.seq_len)
+
+
+def test_first_position_line_reads_the_by_position_accuracies():
+    from benchmarks import quality_report
+    dimba = {"context_by_position": {"-10": {"prompt": [0.2, 0.1], "noprompt": [0.05, 0.1]},
+                                     "-7": {"prompt": [0.3, 0.2], "noprompt": [0.1, 0.1]}}}
+    line = quality_report.first_position_line(dimba, {"acc_after_prompt_by_position": [0.31, 0.2]})
+    assert "-10: 0.200/0.050" in line and "-7:" not in line and line.endswith("there: 0.310.")
+    assert quality_report.first_position_line({}, {}) == ""
