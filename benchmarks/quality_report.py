@@ -209,7 +209,8 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
             rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
             lines.append(f"| {r['sampler']} | {r.get('variant') or 'default'} | {_f(r.get('judge_ppl'), '.0f')} | "
                          f"{_f(r.get('entropy'), '.2f')} | {_f(rel and 100 * rel, '+.0f')}% |")
-    lines += ["", "Samples (the first of each row):", ""]
+    fit = prompt_fit_line(res)
+    lines += (["", fit] if fit else []) + ["", "Samples (the first of each row):", ""]
     for key, texts in res.get("samples", {}).items():
         if texts:
             lines.append(f"* `{key}`: {texts[0][:300]!r}")
@@ -266,8 +267,25 @@ def small_table(res: dict, source: str, title: str) -> str:
               f"DIMBA with/without the prompt at log-SNR {', '.join(f'{v:g}' for v in CONTEXT_LEVELS)}: "
               f"{context_cells(dimba)}; the AR model's next-token accuracy at the same positions: "
               f"{_f(ar.get('acc_after_prompt'), '.3f')}.", ""]
-    first = first_position_line(dimba, ar)
-    return "\n".join(lines + ([first, ""] if first else []))
+    extra = [x for x in (first_position_line(dimba, ar), prompt_fit_line(res)) if x]
+    return "\n".join(lines + [x for e in extra for x in (e, "")])
+
+
+def prompt_fit_line(res: dict) -> str:
+    """The prompt fit of every run's prompted rows (`Judge.prompt_fit`), when the results hold
+    it: judge perplexity of the continuations' first tokens after their own prompt / another's."""
+    cells = {}
+    for name, info in res.get("runs", {}).items():
+        for key, fit in info.get("prompt_fit", {}).items():
+            model, sampler, steps = key.split("|")[:3]
+            label = "AR" if model == "ar" else f"{name} T = {steps}"
+            cells[label] = (f"{label} {_f(fit['fit_ppl_own'], '.1f')} / {_f(fit['fit_ppl_other'], '.1f')} "
+                            f"({_f(fit['fit_ppl_own'] / fit['fit_ppl_other'], '.2f')}x)")
+            tokens = fit["fit_tokens"]
+    if not cells:
+        return ""
+    return (f"Prompt fit: judge perplexity of the first {tokens} judge tokens of the prompted continuations "
+            f"after their own prompt / after another sample's: {'; '.join(cells.values())}.")
 
 
 def first_position_line(dimba: dict, ar: dict) -> str:

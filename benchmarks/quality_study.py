@@ -622,6 +622,8 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     out = harness.run_harness({cfg.task: gen}, judge, specs, val_texts, tmp, options=opts,
                               command=command, device=device, log=log)
     res["all_samples"] = dict(out.get("samples", {}))
+    info["prompt_fit"] = {k: {f: v[f] for f in ("fit_ppl_own", "fit_ppl_other", "fit_tokens")}
+                          for k, v in out.get("details", {}).items() if "fit_ppl_own" in v}
     rows = [dict(row, nll_bits=nll_bits) for row in out["rows"]]
     res["rows"] = rows
     res["runs"] = {name: info}

@@ -73,6 +73,8 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
         assert 50 < r["judge_ppl"] < 600
         assert 0 < r["entropy"] < np.log2(257)  # bits per byte token
         assert r["steps"] == (8 if r["model"] == "ar" else 2)  # AR: one network call per token
+    for key, detail in on_disk["details"].items():  # prompted rows carry the prompt fit of their judged samples
+        assert detail["fit_ppl_own"] > 0 and detail["fit_ppl_other"] > 0 and detail["fit_tokens"] == 32, key
     assert [r["L"] for r in on_disk["long_context"]] == [8, 16, 32]
     assert "old command" not in on_disk["command"]
     assert on_disk["reference"]["judge_ppl"] > 0 and on_disk["reference"]["entropy"] > 0

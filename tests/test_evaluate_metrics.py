@@ -87,6 +87,25 @@ def test_judge_scores_against_independent_loop():
     assert out["nll"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_prompt_fit_scores_each_head_after_its_own_and_anothers_prompt():
+    """A judge that expects each byte to repeat the previous one: continuations that repeat their
+    own prompt's last byte fit it (own ppl far below other); only the first head_tokens count."""
+    tok = get_tokenizer("byte")
+    vocab = tok.vocab_size
+    table = jnp.where(jnp.eye(vocab, dtype=bool), 8.0, 0.0)
+
+    judge = judge_lib.Judge(lambda ids: table[ids], tok, window=16, batch_size=2)
+    out = judge.prompt_fit(["aaaaZZZZ", "bbbbZZZZ", "ccccZZZZ"], ["xa", "xb", "xc"], head_tokens=4)
+    assert out["fit_tokens"] == 4
+    p_same = float(jax.nn.softmax(table[0])[0])  # a repeat
+    assert out["fit_ppl_own"] == pytest.approx(1.0 / p_same, rel=1e-4)
+    # after another prompt the first byte is not a repeat; the next three are
+    p_other = float(jax.nn.softmax(table[0])[1])
+    assert out["fit_ppl_other"] == pytest.approx(math.exp(-(math.log(p_other) + 3 * math.log(p_same)) / 4), rel=1e-4)
+    with pytest.raises(ValueError, match="two or more"):
+        judge.prompt_fit(["a"], ["b"])
+
+
 def test_real_token_chunks_are_distinct_real_excerpts():
     tok = get_tokenizer("byte")
     books = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(100)) for i in range(3)]

@@ -159,3 +159,16 @@ def test_first_position_line_reads_the_by_position_accuracies():
     line = quality_report.first_position_line(dimba, {"acc_after_prompt_by_position": [0.31, 0.2]})
     assert "-10: 0.200/0.050" in line and "-7:" not in line and line.endswith("there: 0.310.")
     assert quality_report.first_position_line({}, {}) == ""
+
+
+def test_prompt_fit_line_reads_each_runs_prompted_rows():
+    from benchmarks import quality_report
+    fit = {"fit_ppl_own": 50.0, "fit_ppl_other": 100.0, "fit_tokens": 32}
+    res = {"runs": {"dimba": {"prompt_fit": {"dimba|ddim|64|1024|64|True|st0.8": fit,
+                                             "dimba|ddim|64|1024|1|True|st0.8": fit}},
+                    "ar": {"prompt_fit": {"ar|ar|1024|1024|64|True|": dict(fit, fit_ppl_own=25.0)}}}}
+    line = quality_report.prompt_fit_line(res)
+    assert "first 32 judge tokens" in line
+    assert "dimba T = 64 50.0 / 100.0 (0.50x)" in line and "AR 25.0 / 100.0 (0.25x)" in line
+    assert line.count("dimba T = 64") == 1
+    assert quality_report.prompt_fit_line({"runs": {"dimba": {}}}) == ""

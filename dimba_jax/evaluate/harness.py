@@ -14,6 +14,9 @@ it generates, times and judges, and writes one row per batch size in the results
   prompted) and the mean per-sample unigram entropy over judge tokens (see `metrics`). Text is
   cut at the first EOS before judging. Both are properties of the spec, not of the batch size,
   so every row of a spec carries the same quality numbers.
+* **prompt fit** (prompted specs, in the row's "details"): `Judge.prompt_fit` of the judged
+  samples: the judge perplexity of each continuation's first `fit_tokens` judge tokens after its
+  own prompt and after another sample's prompt; own < other when the generator reads its prompt.
 * **steps**: denoising steps for DIMBA; for the AR baseline the number of sequential network
   evaluations, i.e. L_gen.
 
@@ -192,6 +195,7 @@ class HarnessOptions:
     time_budget_s: float | None = None
     overwrite: bool = False
     samples_to_keep: int = 5  # sample texts stored per spec in results["samples"]
+    fit_tokens: int = 32  # prompted rows: judge tokens of each continuation scored by `Judge.prompt_fit`
 
 
 def _prompt_pool(val_texts: Sequence[str], tokenizer: Any, num: int, prompt_len: int,
@@ -291,6 +295,8 @@ def run_harness(generators: dict[str, Generator], judge: judge_lib.Judge | None,
                                    "entropy_pooled": score["entropy_pooled"],
                                    "judge_tokens": score["tokens"],
                                    "mean_judge_tokens": score["mean_tokens"]})
+                    if prompt_texts is not None and b > 1:
+                        detail.update(judge.prompt_fit(texts, prompt_texts[:b], opts.fit_tokens))
                 results.setdefault("samples", {})[results_lib.row_key(spec.row(0))] = [
                     ((prompt_texts[i] + " || ") if prompt_texts else "") + texts[i]
                     for i in range(min(opts.samples_to_keep, len(texts)))]

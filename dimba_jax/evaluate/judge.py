@@ -221,6 +221,22 @@ class Judge:
         return out
 
 
+    def prompt_fit(self, texts: Sequence[str], contexts: Sequence[str], head_tokens: int = 32) -> dict:
+        """Whether continuations belong to their own prompts: the judge perplexity of the first
+        `head_tokens` judge tokens of each text given its own prompt (fit_ppl_own) and given the
+        next text's prompt, one it was not written after (fit_ppl_other; the prompts rotated by
+        one). A generator that reads its prompt scores own < other. Needs two or more texts.
+        Returns {"fit_ppl_own", "fit_ppl_other", "fit_tokens"} (floats, int)."""
+        if len(texts) < 2 or len(contexts) != len(texts):
+            raise ValueError(f"prompt_fit needs two or more texts with one prompt each, got "
+                             f"{len(texts)} texts and {len(contexts)} prompts")
+        heads = [self.encode(t)[:head_tokens] for t in texts]
+        ctx = [self.encode(c) for c in contexts]
+        own = self.score_ids(heads, ctx)["ppl"]
+        other = self.score_ids(heads, ctx[1:] + ctx[:1])["ppl"]
+        return {"fit_ppl_own": float(own), "fit_ppl_other": float(other), "fit_tokens": int(head_tokens)}
+
+
 def real_token_chunks(texts: Sequence[str], tokenizer: Any, num: int, length: int,
                       skip_tokens: int = 0) -> list[list[int]]:
     """`num` real-text excerpts of `length` token ids each, spread evenly over `texts`.
