@@ -487,8 +487,10 @@ def validation_texts(args) -> list[str]:
 
 
 def judge_samples(res: dict, judge) -> None:
-    """Fills judge_ppl / entropy of a worker's rows from its kept sample texts ("prompt || text")."""
+    """Fills judge_ppl / entropy of a worker's rows from its kept sample texts ("prompt || text"),
+    and the prompt fit of its prompted rows into its run's "prompt_fit"."""
     from dimba_jax.evaluate import results as results_lib
+    (info,) = res["runs"].values()
     for row in res["rows"]:
         texts = res.get("all_samples", {}).get(results_lib.row_key(dict(row, batch=0)))
         if not texts:
@@ -496,6 +498,9 @@ def judge_samples(res: dict, judge) -> None:
         if row["prompted"]:
             pairs = [t.split(" || ", 1) for t in texts]
             score = judge.score_texts([p[1] for p in pairs], [p[0] for p in pairs])
+            if len(pairs) > 1:
+                info.setdefault("prompt_fit", {})[results_lib.row_key(row)] = judge.prompt_fit(
+                    [p[1] for p in pairs], [p[0] for p in pairs])
         else:
             score = judge.score_texts(texts)
         row.update(judge_ppl=score["ppl"], entropy=score["entropy"])
