@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_opt_h100.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -19,6 +19,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_4x_cpu.md     tiny and its AR model on 4x the tokens, and prior weights
   benchmarks/results/quality_tiny_4x_seed{1,2}_cpu.md  the 4x model's key settings at two more sample seeds
   benchmarks/results/quality_tiny_4x_minp_cpu.md  the 4x model with the score's min-p truncation
+  benchmarks/results/quality_tiny_4x_fit_cpu.md  the 4x models again, with the prompt fit of their prompted samples
   benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
   benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
@@ -39,6 +40,7 @@ import os
 
 
 CONTEXT_LEVELS = (-10.0, -8.0, -6.0, -4.0, -2.0, 0.0)
+MIN_BOUND_LEVELS = 32  # as benchmarks.quality_study's: fewer strata, no quoted bound
 
 
 def _f(v, spec=".3g") -> str:
@@ -53,6 +55,14 @@ def _rows_by(res: dict, name: str) -> dict:
             if r["prompted"] not in out or r["batch"] > out[r["prompted"]]["batch"]:
                 out[r["prompted"]] = r
     return out
+
+
+def bound_cell(bound: dict) -> str:
+    """The bound in bits per token, or why it is not quoted (an estimate from too few strata)."""
+    levels = bound.get("levels")
+    if levels is not None and levels < MIN_BOUND_LEVELS:
+        return f"— ({levels} strata: too few for an estimate)"
+    return _f(bound.get("bound_bits"), ".2f")
 
 
 def context_cells(info: dict) -> str:
@@ -185,7 +195,7 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
              "`pwX+pwfY` that weight going linearly from X at the noisiest step to Y at the last.", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
-             + ", ".join(f"{n} {_f(i.get('bound', {}).get('bound_bits'), '.2f')}" for n, i in dimbas.items())
+             + ", ".join(f"{n} {bound_cell(i.get('bound', {}))}" for n, i in dimbas.items())
              + f", against the AR model's NLL {_f(ar.get('nll_bits'), '.2f')}. Context use (head accuracy "
              "after a clean prompt at log-SNR -10, with / without it): "
              + ", ".join(f"{n} {_f(i.get('context', {}).get('acc_prompt_lam-10'), '.3f')} / "
@@ -469,7 +479,7 @@ def main(argv=None) -> list[str]:
     tradeoff = {}
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
-                 "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu"):
+                 "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):

@@ -172,3 +172,11 @@ def test_prompt_fit_line_reads_each_runs_prompted_rows():
     assert "dimba T = 64 50.0 / 100.0 (0.50x)" in line and "AR 25.0 / 100.0 (0.25x)" in line
     assert line.count("dimba T = 64") == 1
     assert quality_report.prompt_fit_line({"runs": {"dimba": {}}}) == ""
+
+
+def test_bounds_from_too_few_strata_are_not_quoted():
+    from benchmarks import quality_report, quality_study
+    assert quality_report.MIN_BOUND_LEVELS == quality_study.MIN_BOUND_LEVELS
+    assert quality_report.bound_cell({"bound_bits": 2.6, "levels": 8}).startswith("— (8 strata")
+    assert quality_report.bound_cell({"bound_bits": 10.84, "levels": 32}) == "10.84"
+    assert quality_report.bound_cell({"bound_bits": 10.84}) == "10.84"  # older files: levels not recorded
