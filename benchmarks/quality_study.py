@@ -36,6 +36,9 @@ Studies (STUDIES below):
             training levels uniform in log-SNR); the tiny study's AR judge.
   tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3, with 680 steps of 12 windows,
             1360 of 6, and 680 of 12 at 6e-3; the tiny study's AR judge.
+  tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
+            beside the recipe, judged by the prompt fit and the context use by position; its own
+            AR judge.
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
@@ -211,6 +214,20 @@ STUDIES = {
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
         "variants": ("st0.8", "st0.6", "pw0.6+st1+stf0.8"),
+    },
+    "tiny_ctx": {
+        # configs/tiny.py with training levers aimed at reading the prompt, judged by the prompt fit
+        # and the context use by position: four times the prefix layouts, and the warp's floor
+        # raised to 1 (half the training levels uniform in log-SNR, the noisy end included)
+        "config": "configs/tiny.py",
+        "runs": {
+            "dimba": {},
+            "prefix0.8": {"diffusion.layout_probs": (0.1, 0.8, 0.1)},
+            "floor1": {"diffusion.warp_floor": 1.0},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True, "variants": (),
     },
     "small": {
         "config": "configs/small.py",
