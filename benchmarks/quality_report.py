@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_opt_h100.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -20,6 +20,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_4x_seed{1,2}_cpu.md  the 4x model's key settings at two more sample seeds
   benchmarks/results/quality_tiny_4x_minp_cpu.md  the 4x model with the score's min-p truncation
   benchmarks/results/quality_tiny_4x_fit_cpu.md  the 4x models again, with the prompt fit of their prompted samples
+  benchmarks/results/quality_tiny_ctx_cpu.md    tiny with prefix-heavy layouts and with the warp floor at 1: prompt fit, context by position
   benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
   benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
@@ -220,7 +221,11 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
             lines.append(f"| {r['sampler']} | {r.get('variant') or 'default'} | {_f(r.get('judge_ppl'), '.0f')} | "
                          f"{_f(r.get('entropy'), '.2f')} | {_f(rel and 100 * rel, '+.0f')}% |")
     fit = prompt_fit_line(res)
-    lines += (["", fit] if fit else []) + ["", "Samples (the first of each row):", ""]
+    lines += (["", fit] if fit else [])
+    for n, info in dimbas.items():
+        first = first_position_line(info, ar or {})
+        lines += ["", f"{n}: {first}"] if first else []
+    lines += ["", "Samples (the first of each row):", ""]
     for key, texts in res.get("samples", {}).items():
         if texts:
             lines.append(f"* `{key}`: {texts[0][:300]!r}")
@@ -479,7 +484,8 @@ def main(argv=None) -> list[str]:
     tradeoff = {}
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
-                 "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu"):
+                 "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu",
+                 "quality_tiny_ctx_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):
