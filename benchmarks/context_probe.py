@@ -54,19 +54,15 @@ def make_successor(folder: str, seed: int = 0, train_lines: int = 20000, val_lin
 
 def probe(workdir: str, prompt_len: int, positions: int, batches: int, batch_size: int) -> dict:
     """{level: {"prompt": [...], "noprompt": [...]}} averaged over `batches` validation batches."""
-    import numpy as np
-
     from dimba_jax.data.pipeline import make_eval_batches
     from dimba_jax.train.inference import load_run
     run = load_run(workdir)
     if run.config.task != "dimba":
         raise SystemExit(f"{workdir}: a {run.config.task!r} run; the probe reads DIMBA denoisers")
     evals = make_eval_batches(run.config.data, run.task.tokenizer, batch_size, batches, int(run.config.data.seq_len))
-    per = [run.task.context_use_by_position(run.model, b, prompt_len, positions, LEVELS) for b in evals]
+    per = run.task.context_use_by_position(run.model, evals, prompt_len, positions, LEVELS)
     return {"step": run.step, "windows": batch_size * batches,
-            "levels": {f"{lam:g}": {"prompt": np.mean([p[lam][0] for p in per], 0).tolist(),
-                                    "noprompt": np.mean([p[lam][1] for p in per], 0).tolist()}
-                       for lam in LEVELS}}
+            "levels": {f"{lam:g}": {"prompt": w.tolist(), "noprompt": wo.tolist()} for lam, (w, wo) in per.items()}}
 
 
 def table(res: dict) -> str:

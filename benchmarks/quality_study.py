@@ -610,11 +610,9 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         bounds = [task.nll_bound(model, b, levels=args.bound_levels) for b in batches]
         info["bound"] = dict({k: float(np.mean([x[k] for x in bounds])) for k in bounds[0]},
                              levels=int(args.bound_levels))
-        per = [task.context_use_by_position(model, b, prompt_len=min(32, seq // 2), logsnrs=CONTEXT_LOGSNRS)
-               for b in batches]
+        per = task.context_use_by_position(model, batches, prompt_len=min(32, seq // 2), logsnrs=CONTEXT_LOGSNRS)
         info["context"], info["context_by_position"] = {}, {}
-        for lam in CONTEXT_LOGSNRS:
-            with_p, without = (np.mean([p[lam][i] for p in per], 0) for i in (0, 1))
+        for lam, (with_p, without) in per.items():
             info["context"].update({f"acc_prompt_lam{lam:g}": float(with_p.mean()),
                                     f"acc_noprompt_lam{lam:g}": float(without.mean())})
             info["context_by_position"][f"{lam:g}"] = {"prompt": with_p.tolist(), "noprompt": without.tolist()}

@@ -208,7 +208,7 @@ def test_context_use_by_position_averages_to_context_use():
     task = tiny_task()
     model = task.init_model(nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 256)
-    per = task.context_use_by_position(model, {"tokens": tokens}, prompt_len=16, positions=4, logsnrs=(-6.0, -2.0))
+    per = task.context_use_by_position(model, [{"tokens": tokens}], prompt_len=16, positions=4, logsnrs=(-6.0, -2.0))
     out = task.context_use(model, {"tokens": tokens}, prompt_len=16, positions=4, logsnrs=(-6.0, -2.0))
     assert set(per) == {-6.0, -2.0}
     for lam, (with_p, without) in per.items():

@@ -321,31 +321,33 @@ class DimbaTask:
         the noisy half of `default_eval_logsnrs()`); a denoiser that reads context gains.
         Needs seq_len > prompt_len + positions."""
         out = {}
-        for lam, (with_p, without) in self.context_use_by_position(model, batch, prompt_len, positions,
+        for lam, (with_p, without) in self.context_use_by_position(model, [batch], prompt_len, positions,
                                                                     logsnrs, rng).items():
             out[f"acc_prompt_lam{lam:g}"] = float(np.mean(with_p))
             out[f"acc_noprompt_lam{lam:g}"] = float(np.mean(without))
         return out
 
-    def context_use_by_position(self, model: DimbaModel, batch: dict, prompt_len: int = 32, positions: int = 8,
-                                logsnrs=None, rng: jax.Array | None = None) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-        """`context_use` position by position: {level: (accuracy with the prompt known, without it)},
-        each float64 (positions,), the first entry the token right after the prompt."""
-        tokens = jnp.asarray(batch["tokens"], jnp.int32)
-        b, length = tokens.shape
-        if length < prompt_len + positions:
-            raise ValueError(f"context_use needs windows of at least {prompt_len + positions} tokens, got {length}")
+    def context_use_by_position(self, model: DimbaModel, batches: list[dict], prompt_len: int = 32,
+                                positions: int = 8, logsnrs=None, rng: jax.Array | None = None
+                                ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """`context_use` position by position over the windows of `batches` (each {"tokens": int32
+        (b, L)}, the same noise key for each): {level: (accuracy with the prompt known, without
+        it)}, each float64 (positions,), the first entry the token right after the prompt."""
         rng = jax.random.key(1) if rng is None else rng
-        noise = jax.random.normal(rng, (b, length, model.embed_dim), jnp.float32)
-        prefix = jnp.broadcast_to(jnp.arange(length)[None, :] < prompt_len, (b, length))
-        window = slice(prompt_len, prompt_len + positions)
         if logsnrs is None:
             levels = self.default_eval_logsnrs()
             logsnrs = levels[:len(levels) // 2 + 1]
-        out = {}
-        for lam in logsnrs:
-            with_p = self._at(model, tokens, lam, noise, prefix)["correct"][:, window]
-            without = self._at(model, tokens, lam, noise)["correct"][:, window]
-            out[float(lam)] = (np.mean(np.asarray(with_p), 0, dtype=np.float64),
-                               np.mean(np.asarray(without), 0, dtype=np.float64))
-        return out
+        window = slice(prompt_len, prompt_len + positions)
+        hits = {float(lam): ([], []) for lam in logsnrs}
+        for batch in batches:
+            tokens = jnp.asarray(batch["tokens"], jnp.int32)
+            b, length = tokens.shape
+            if length < prompt_len + positions:
+                raise ValueError(f"context_use needs windows of at least {prompt_len + positions} tokens, got {length}")
+            noise = jax.random.normal(rng, (b, length, model.embed_dim), jnp.float32)
+            prefix = jnp.broadcast_to(jnp.arange(length)[None, :] < prompt_len, (b, length))
+            for lam, (with_p, without) in hits.items():
+                with_p.append(np.asarray(self._at(model, tokens, lam, noise, prefix)["correct"][:, window]))
+                without.append(np.asarray(self._at(model, tokens, lam, noise)["correct"][:, window]))
+        return {lam: (np.mean(np.concatenate(w), 0, dtype=np.float64), np.mean(np.concatenate(wo), 0, dtype=np.float64))
+                for lam, (w, wo) in hits.items()}
