@@ -36,6 +36,8 @@ Studies (STUDIES below):
             training levels uniform in log-SNR); the tiny study's AR judge.
   tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3, with 680 steps of 12 windows,
             1360 of 6, and 680 of 12 at 6e-3; the tiny study's AR judge.
+  tiny_vocab  configs/tiny.py with the 2048-id BPE at twice the steps (tiny's wall time), and
+            with 6 blocks; its own AR judge on that tokenizer.
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
@@ -228,6 +230,25 @@ STUDIES = {
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True, "variants": (),
+    },
+    "tiny_vocab": {
+        # configs/tiny.py with the packaged 2048-id BPE: the tied head and the output prior cost a
+        # quarter, so tiny's five minutes hold twice the optimizer steps (2720 x 6 windows at
+        # 83 ms per step instead of 1360 x 6 at 194 ms on 2 CPU cores); its own AR judge, on the
+        # same tokenizer and tokens
+        "config": "configs/tiny.py",
+        "runs": {
+            "v2k": {"data.tokenizer": "bpe_2048", "train.steps": 2720, "train.warmup_steps": 320,
+                    "train.checkpoint_every": 1360},
+            "v2k+L6": {"data.tokenizer": "bpe_2048", "train.steps": 2720, "train.warmup_steps": 320,
+                       "train.checkpoint_every": 1360, "model.n_layers": 6},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6,
+                   "data.tokenizer": "bpe_2048", "train.steps": 2720, "train.warmup_steps": 320,
+                   "train.checkpoint_every": 1360},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8", "pw0.6+st1+stf0.8"),
     },
     "small": {
         "config": "configs/small.py",
