@@ -62,7 +62,9 @@ exported, are skipped), e.g. sampler settings on CPU:
         --data-dir .gpu/data --workdir runs/cpu --out runs/cpu/q.json --bound-levels 8 \\
         --variants 'st0.6,st0.7+stf1,st1+stf0.6'
 
-(`--variants` replaces the study's unprompted sampler variants; see harness.variant_options.)
+(`--variants` replaces the study's unprompted sampler variants; see harness.variant_options.
+`--prompted-variants` adds prompted rows at further settings, each with its prompt fit, e.g.
+classifier-free guidance: `--prompted-variants cfg1.5,cfg2,cfg3`.)
 """
 
 from __future__ import annotations
@@ -337,6 +339,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None,
                    help="comma-separated unprompted sampling variants measured for every DIMBA run, "
                         "replacing the study's (harness.variant_options: 'st0.7,st0.6+stf1,wf1')")
+    p.add_argument("--prompted-variants", default=None,
+                   help="comma-separated prompted sampling variants measured for every DIMBA run (with "
+                        "their prompt fit), replacing the study's, e.g. guidance: 'cfg2,cfg3'")
     p.add_argument("--pareto-only", action="store_true",
                    help="no device work: replace the rows of --pareto by those of the measured study in --out")
     p.add_argument("--export-dir", default="",
@@ -455,6 +460,8 @@ def sys_args(args) -> list[str]:
         out += ["--export-dir", args.export_dir]
     if args.variants is not None:
         out += ["--variants", args.variants]
+    if args.prompted_variants is not None:
+        out += ["--prompted-variants", args.prompted_variants]
     if args.sweep:
         out += ["--sweep", args.sweep]
     if args.seed:
@@ -466,12 +473,14 @@ def sys_args(args) -> list[str]:
 
 def study_from_args(args) -> dict:
     """The study as the driver and its workers measure it: STUDIES[--study] (shrunk with --smoke),
-    with --sweep, --variants and --seed applied."""
+    with --sweep, --variants, --prompted-variants and --seed applied."""
     study = smoke_study(STUDIES[args.study]) if args.smoke else STUDIES[args.study]
     if args.sweep:
         study = dict(study, sweep=parse_sweep(args.sweep))
     if args.variants is not None:
         study = dict(study, variants=parse_variants(args.variants))
+    if args.prompted_variants is not None:
+        study = dict(study, prompted_variants=parse_variants(args.prompted_variants))
     if args.seed:
         study = dict(study, seed=args.seed)
     return study
@@ -654,6 +663,8 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         variants = study.get("variants", ()) + tuple(study["runs"][name].get("@variants", ()))
         specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, False, v)
                   for L in study["lengths"] for v in variants]
+        specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, True, v)
+                  for L in study["lengths"] for v in study.get("prompted_variants", ())]
     else:
         info.update(ar_measures(task, model, batches, min(32, seq // 2)))
         nll_bits = info["nll_bits"]

@@ -165,12 +165,15 @@ def test_prompt_fit_line_reads_each_runs_prompted_rows():
     from benchmarks import quality_report
     fit = {"fit_ppl_own": 50.0, "fit_ppl_other": 100.0, "fit_tokens": 32}
     res = {"runs": {"dimba": {"prompt_fit": {"dimba|ddim|64|1024|64|True|st0.8": fit,
-                                             "dimba|ddim|64|1024|1|True|st0.8": fit}},
+                                             "dimba|ddim|64|1024|1|True|st0.8": fit,
+                                             "dimba|ddim|64|1024|64|True|cfg2": dict(fit, fit_ppl_own=40.0),
+                                             "dimba|ddim|64|1024|64|True|": fit}},
                     "ar": {"prompt_fit": {"ar|ar|1024|1024|64|True|": dict(fit, fit_ppl_own=25.0)}}}}
     line = quality_report.prompt_fit_line(res)
     assert "first 32 judge tokens" in line
-    assert "dimba T = 64 50.0 / 100.0 (0.50x)" in line and "AR 25.0 / 100.0 (0.25x)" in line
-    assert line.count("dimba T = 64") == 1
+    assert "dimba T = 64 st0.8 50.0 / 100.0 (0.50x)" in line and "AR 25.0 / 100.0 (0.25x)" in line
+    assert "dimba T = 64 cfg2 40.0 / 100.0 (0.40x)" in line and "dimba T = 64 50.0" in line
+    assert line.count("dimba T = 64 st0.8") == 1  # one cell per setting, whatever the batch
     assert quality_report.prompt_fit_line({"runs": {"dimba": {}}}) == ""
 
 

@@ -38,10 +38,11 @@ def test_byte_decode_drops_eos_and_out_of_range_and_replaces_bad_utf8():
     assert tok.decode([0xC3]) == "\ufffd"  # a truncated 2-byte sequence
 
 
-def test_bpe_round_trip_vocab_and_eos():
-    tok = get_tokenizer("bpe")
-    assert tok.name == "bpe"
-    assert 8192 <= tok.vocab_size <= 16384
+@pytest.mark.parametrize("name,vocab_size", [("bpe", 8192), ("bpe_2048", 2048)])
+def test_bpe_round_trip_vocab_and_eos(name, vocab_size):
+    tok = get_tokenizer(name)
+    assert tok.name == name
+    assert tok.vocab_size == vocab_size
     assert 0 <= tok.eos_id < tok.vocab_size
     for text in TEXTS + [f"text with {EOS_TOKEN} inside"]:
         ids = tok.encode(text)
@@ -55,12 +56,13 @@ def test_bpe_round_trip_vocab_and_eos():
     assert tok.decode(a + [tok.eos_id] + b) == "The first part. The second part."
 
 
-def test_bpe_compresses_english():
-    tok = get_tokenizer("bpe")
+@pytest.mark.parametrize("name,chars_per_token", [("bpe", 3.0), ("bpe_2048", 2.5)])
+def test_bpe_compresses_english(name, chars_per_token):
+    tok = get_tokenizer(name)
     text = ("It was a bright cold day in April, and the clocks were striking thirteen. The old man "
             "looked at the house and said that he would not go there again, for he had seen enough.")
     ids = tok.encode(text)
-    assert len(text) / len(ids) > 3.0, len(text) / len(ids)  # a byte tokenizer would give 1.0
+    assert len(text) / len(ids) > chars_per_token, len(text) / len(ids)  # bytes would give 1.0
 
 
 def test_get_tokenizer_errors(tmp_path):
