@@ -38,6 +38,8 @@ Studies (STUDIES below):
             1360 of 6, and 680 of 12 at 6e-3; the tiny study's AR judge.
   tiny_vocab  configs/tiny.py with the 2048-id BPE at twice the steps (tiny's wall time), and
             with 6 blocks; its own AR judge on that tokenizer.
+  tiny_input  configs/tiny.py with the posterior input (model.posterior_input) beside the
+            recipe; its own AR judge.
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
@@ -251,6 +253,20 @@ STUDIES = {
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
         "variants": ("st0.8", "pw0.6+st1+stf0.8"),
+    },
+    "tiny_input": {
+        # configs/tiny.py with the posterior input (model.posterior_input: the stem also reads
+        # each position's posterior mean under the output prior alone), beside the recipe at
+        # equal tokens; its own AR judge
+        "config": "configs/tiny.py",
+        "runs": {
+            "dimba": {},
+            "post": {"model.posterior_input": True},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8",),
     },
     "small": {
         "config": "configs/small.py",

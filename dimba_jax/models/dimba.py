@@ -4,7 +4,7 @@ Decisions:
 
 * **The diffusion space.** Tokens diffuse in a space of width e = `model.embed_dim` (0 means
   d_model): the embedding table, the noise, x_t, self-conditioning and x0_hat are all (.., e). The
-  stem projects [x_in | self_cond | mask] from 2e + 1 to d_model and the output projection maps
+  stem projects [x_in | self_cond | mask] from 2e + 1 (3e + 1 with `posterior_input`) to d_model and the output projection maps
   d_model back to e. A small e (Plaid uses 16) packs the vocabulary closely, so noise removes
   coarse information (which cluster of similar tokens) before fine, and context decides between
   the near neighbours; at e = d_model random rows are nearly orthogonal and every token resolves
@@ -17,12 +17,17 @@ Decisions:
   with a learned temperature (`logit_scale`, init 0 so an exact embedding scores
   sqrt(e) * embed_scale). `tie_embeddings=False` uses a separate Linear head instead.
 * **One sequence with a mask.** `cond_mask` (b, L) is True at known (clean) positions. The input
-  per position is [x_in | self_cond | mask], projected to d_model, where x_in is x_t at generated
+  per position is [x_in | self_cond | posterior | mask], projected to d_model, where x_in is x_t at generated
   positions and the clean embedding at known positions (re-imposed inside the model, so callers
   may pass anything there). The self-conditioning channel (the previous x0 estimate, zeros when
   absent) is overwritten at known positions by the same clean value, so it never carries more
   than the model is allowed to see. The output x0_hat has the clean embeddings re-imposed at known
-  positions.
+  positions. With `model.posterior_input` the stem also reads each position's posterior mean
+  under the output prior alone, softmax(prior_logits(x_t)) @ E (the exact E[x0 | its own x_t]
+  under a uniform prior over the vocabulary; clean embeddings at known positions): a denoised
+  view of every neighbour that the blocks would otherwise have to compute from x_t through the
+  whole vocabulary, given at every step, where self-conditioning gives the previous estimate on
+  half the training steps.
 * **Prompt conditioning.** The prompt encoder turns the visible prompt positions into c (b, L, d):
   added to the hidden state there, and its mean over visible positions (zero when none), through
   a linear map, joins tau(t): cond = silu(tau(t) + W_pool mean(c)). `cond` modulates every block
@@ -132,7 +137,7 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, readout, skip_logits, position_levels).
+        compute_dtype, readout, skip_logits, posterior_input, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -164,6 +169,7 @@ class DimbaModel(nnx.Module):
         if self.readout not in READOUTS:
             raise ValueError(f"model.readout must be one of {READOUTS}, got {m.readout!r}")
         self.skip_logits = bool(m.skip_logits)
+        self.posterior_input = bool(getattr(m, "posterior_input", False))
         self.noise_warp = noise_warp
 
         normal = nnx.initializers.normal(1.0)
@@ -174,7 +180,7 @@ class DimbaModel(nnx.Module):
         else:
             self.head = dense(e, vocab_size, ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
 
-        n_in = e * (2 if self.self_condition else 1) + 1
+        n_in = e * (1 + self.self_condition + self.posterior_input) + 1
         self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
         self.time_embed = TimestepEmbedding(int(m.time_embed_dim), d, param_dtype=param_dtype, rngs=rngs)
         self.pool_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
@@ -280,6 +286,10 @@ class DimbaModel(nnx.Module):
         if self.self_condition:
             sc = jnp.zeros_like(x_in) if self_cond is None else self_cond.astype(jnp.float32)
             feats.append(jnp.where(known[..., None], shown, sc))
+        prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
+        if self.posterior_input:
+            post = jnp.einsum("blv,vd->bld", jax.nn.softmax(prior, axis=-1), self.embedding_table())
+            feats.append(jnp.where(known[..., None], shown, post))
         feats.append(known[..., None].astype(jnp.float32))
         h = self.in_proj(jnp.concatenate(feats, axis=-1))
         if self.position_levels:
@@ -296,7 +306,7 @@ class DimbaModel(nnx.Module):
         for block in self.blocks:
             h = block(h, cond)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
-        prior = self.prior_logits(x_in, logsnr) * prior_weight if self.skip_logits else 0.0
+        prior = prior * prior_weight if self.skip_logits else 0.0
         if self.readout == "score_interp":
             logits = self.logits(out) + prior
             x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits, axis=-1), self.embedding_table())

@@ -118,8 +118,10 @@ class DimbaTask:
         forward = the Mamba-2 blocks (in/out projections once; conv + SSD twice when bidirectional,
                   since the two directions share their projections) + the tied head (2 e V, e the
                   diffusion width model.embed_dim) + 2 e V each for the score interpolation
-                  (softmax @ E) and the output prior (x_t @ E^T) when on
-                + the stem: input projection 2 (2e+1) d (or (e+1) d without self-conditioning),
+                  (softmax @ E) and the output prior (x_t @ E^T) when on, and 2 e V for the
+                  posterior input's softmax @ E (model.posterior_input; it shares the prior's x_t @ E^T)
+                + the stem: input projection 2 (2e+1) d (or (e+1) d without self-conditioning,
+                  e d more with the posterior input),
                   output projection 2 d e, prompt MLP 2 (e 2d + 2d d) (counted at every position),
                   with model.position_levels the per-position level embedding 2 (t_dim d + 2 d d);
         training = 3 x forward (forward + backward) + self_cond_prob x forward (the no-grad
@@ -128,9 +130,10 @@ class DimbaTask:
         m, d = self.config.model, int(self.config.model.d_model)
         e = int(getattr(m, "embed_dim", 0) or d)
         v = self.tokenizer.vocab_size
-        n_in = e * (2 if m.self_condition else 1) + 1
+        post = bool(getattr(m, "posterior_input", False))
+        n_in = e * (1 + bool(m.self_condition) + post) + 1
         stem = 2.0 * n_in * d + 2.0 * d * e + (2.0 * (e * 2 * d + 2 * d * d) if m.prompt_encoder == "mlp" else 0.0)
-        stem += 2.0 * e * v * ((m.readout == "score_interp") + bool(m.skip_logits))
+        stem += 2.0 * e * v * ((m.readout == "score_interp") + bool(m.skip_logits or post) + post)
         if getattr(m, "position_levels", False):  # each position's level: timestep MLP + level_proj
             stem += 2.0 * (int(m.time_embed_dim) * d + 2 * d * d)
         # A bidirectional block shares in_proj / out_proj between its directions and computes
