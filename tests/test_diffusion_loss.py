@@ -173,5 +173,14 @@ def test_task_loss_eval_and_flops():
     assert np.isfinite(float(loss)) and narrow_model.embedding_table().shape[1] == cfg.model.d_model // 4
     with cfg.unlocked():
         cfg.model.embed_dim = 0
+        cfg.model.posterior_input = True
+    post = DimbaTask(cfg)
+    e, d, v = cfg.model.d_model, cfg.model.d_model, post.tokenizer.vocab_size
+    # softmax @ E, x_t @ E^T when the output prior is off, and the stem's e more input rows
+    extra = 2.0 * e * v * (1 + (not cfg.model.skip_logits)) + 2.0 * e * d
+    passes = 3 + (cfg.diffusion.self_cond_prob if cfg.model.self_condition else 0.0)
+    assert post.flops_per_token(SEQ) == pytest.approx(f_bi + extra * passes)
+    with cfg.unlocked():
+        cfg.model.posterior_input = False
         cfg.model.bidirectional = False
     assert DimbaTask(cfg).flops_per_token(SEQ) < f_bi

@@ -201,3 +201,36 @@ def test_sinusoidal_embedding_values():
     freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
     np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]), rtol=1e-5)
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_posterior_input_is_the_output_priors_posterior_mean():
+    """With model.posterior_input the stem reads [x_in | self_cond | posterior | mask]: with the
+    posterior's rows of the input projection zeroed the model is the one without it (same other
+    weights); with only those rows (the rest zero) the stem sees exactly softmax(prior) @ E at
+    generated positions and the clean embedding at known ones."""
+    plain = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(0))
+    post = DimbaModel(model_cfg(posterior_input=True), V, rngs=nnx.Rngs(0))
+    n = post.in_proj.kernel.shape[0]
+    assert n == 3 * D + 1 and plain.in_proj.kernel.shape[0] == 2 * D + 1
+    state = nnx.state(plain, nnx.Param)
+    kernel = np.asarray(state["in_proj"]["kernel"][...])
+    state["in_proj"]["kernel"] = nnx.Param(jnp.asarray(np.concatenate([kernel[:2 * D], np.zeros((D, D)), kernel[2 * D:]])))
+    nnx.update(post, state)
+    x_t, lam, tokens = inputs(3)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    np.testing.assert_allclose(np.asarray(call(post, x_t, lam, tokens, mask)),
+                               np.asarray(call(plain, x_t, lam, tokens, mask)), rtol=1e-5, atol=1e-5)
+    # the stem's posterior channel is exactly softmax(prior) @ E, the clean embedding where known
+    table = np.asarray(post.embedding_table())
+    clean = table[np.asarray(tokens)]
+    known = np.asarray(mask)
+    x_in = np.where(known[..., None], clean, np.asarray(x_t))
+    stem, prior = post.stem_input(jnp.asarray(x_in), lam, jnp.asarray(known), jnp.asarray(clean), None)
+    lam_np = np.asarray(lam)[:, None, None]
+    ab = 1.0 / (1.0 + np.exp(-lam_np))
+    logits = np.einsum("bld,vd->blv", x_in, table) * np.sqrt(ab) / (1.0 - ab)  # log N(x; sqrt(ab) e_v, 1-ab) + const
+    np.testing.assert_allclose(np.asarray(prior), logits, rtol=1e-4, atol=1e-3)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.where(known[..., None], clean, (p / p.sum(-1, keepdims=True)) @ table)
+    np.testing.assert_allclose(np.asarray(stem[..., 2 * D:3 * D]), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(stem[..., -1]), known.astype(np.float32))

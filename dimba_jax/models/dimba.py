@@ -241,6 +241,28 @@ class DimbaModel(nnx.Module):
         coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
         return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef
 
+    def stem_input(self, x_in: jax.Array, logsnr: jax.Array, known: jax.Array, shown: jax.Array,
+                   self_cond: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """The stem's input per position and the output prior's logits.
+
+        x_in float32 (b, L, e): x_t at generated positions, `shown` (b, L, e) at known ones
+        (`known` bool (b, L)); logsnr (b,) or (b, L); self_cond (b, L, e) or None (= zeros).
+        Returns ([x_in | self_cond | posterior | mask] float32 (b, L, in_proj's width), the
+        self-conditioning and posterior channels only when on, both `shown` at known positions;
+        prior_logits(x_in) float32 (b, L, V), or None when neither skip_logits nor
+        posterior_input needs it).
+        """
+        feats = [x_in]
+        if self.self_condition:
+            sc = jnp.zeros_like(x_in) if self_cond is None else self_cond.astype(jnp.float32)
+            feats.append(jnp.where(known[..., None], shown, sc))
+        prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
+        if self.posterior_input:
+            post = jnp.einsum("blv,vd->bld", jax.nn.softmax(prior, axis=-1), self.embedding_table())
+            feats.append(jnp.where(known[..., None], shown, post))
+        feats.append(known[..., None].astype(jnp.float32))
+        return jnp.concatenate(feats, axis=-1), prior
+
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None,
                 prior_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
@@ -282,16 +304,8 @@ class DimbaModel(nnx.Module):
         clean = self.embed(tokens)
         shown = jnp.where(visible[..., None], clean, self.null_vector())  # what a known position shows
         x_in = jnp.where(known[..., None], shown, x_t.astype(jnp.float32))
-        feats = [x_in]
-        if self.self_condition:
-            sc = jnp.zeros_like(x_in) if self_cond is None else self_cond.astype(jnp.float32)
-            feats.append(jnp.where(known[..., None], shown, sc))
-        prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
-        if self.posterior_input:
-            post = jnp.einsum("blv,vd->bld", jax.nn.softmax(prior, axis=-1), self.embedding_table())
-            feats.append(jnp.where(known[..., None], shown, post))
-        feats.append(known[..., None].astype(jnp.float32))
-        h = self.in_proj(jnp.concatenate(feats, axis=-1))
+        stem_in, prior = self.stem_input(x_in, logsnr, known, shown, self_cond)
+        h = self.in_proj(stem_in)
         if self.position_levels:
             lam_pos = jnp.broadcast_to(logsnr[:, None], (b, length)) if logsnr.ndim == 1 else logsnr
             tau = self.time_embed(noise_time(lam_pos.reshape(-1))).reshape(b, length, -1)
