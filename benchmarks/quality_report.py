@@ -197,7 +197,9 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
              "`pwX+pwfY` that weight going linearly from X at the noisiest step to Y at the last.", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
-             + ", ".join(f"{n} {bound_cell(i.get('bound', {}))}" for n, i in dimbas.items())
+             + ", ".join(f"{n} {bound_cell(i.get('bound', {}))}"
+                         + (f" (context-free {bound_cell(i['unigram_bound'])})" if "unigram_bound" in i else "")
+                         for n, i in dimbas.items())
              + f", against the AR model's NLL {_f(ar.get('nll_bits'), '.2f')}. Context use (head accuracy "
              "after a clean prompt at log-SNR -10, with / without it): "
              + ", ".join(f"{n} {_f(i.get('context', {}).get('acc_prompt_lam-10'), '.3f')} / "
@@ -252,6 +254,9 @@ def small_table(res: dict, source: str, title: str) -> str:
              f"| DIMBA small | {_f(dimba['bound']['bound_bits'], '.2f')} | variational upper bound "
              f"(diffusion {_f(dimba['bound']['diffusion_bits'], '.2f')}, recon {_f(dimba['bound']['recon_bits'], '.2g')}, "
              f"prior {_f(dimba['bound']['prior_bits'], '.2g')}; stratified levels over log-SNR) |",
+             *([f"| context-free denoiser | {bound_cell(dimba['unigram_bound'])} | the same bound of each "
+                "position's exact posterior under the training tokens' unigram prior (no context), on "
+                "DIMBA's embedding table |"] if "unigram_bound" in dimba else []),
              f"| AR small | {_f(ar['nll_bits'], '.2f')} | exact NLL |", "",
              "## Sampler sweep (T = 64, 1024 tokens, unprompted, 64 samples judged)", "",
              "The setting of record is the lowest judge perplexity among the settings whose sample "

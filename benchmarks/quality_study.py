@@ -632,7 +632,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     """All measurements of one trained run into res["runs"][name] and res["rows"]."""
     import numpy as np
 
-    from dimba_jax.data.pipeline import make_eval_batches
+    from dimba_jax.data.pipeline import make_eval_batches, unigram_log_prior
     from dimba_jax.evaluate import harness
     from dimba_jax.evaluate import results as results_lib
     from dimba_jax.evaluate.generators import ArGenerator, DimbaGenerator
@@ -656,6 +656,10 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         bounds = [task.nll_bound(model, b, levels=args.bound_levels) for b in batches]
         info["bound"] = dict({k: float(np.mean([x[k] for x in bounds])) for k in bounds[0]},
                              levels=int(args.bound_levels))
+        log_prior = unigram_log_prior(cfg.data, tok)
+        ref = [task.unigram_bound(model, b, log_prior, levels=args.bound_levels) for b in batches]
+        info["unigram_bound"] = dict({k: float(np.mean([x[k] for x in ref])) for k in ref[0]},
+                                     levels=int(args.bound_levels))
         per = task.context_use_by_position(model, batches, prompt_len=min(32, seq // 2), logsnrs=CONTEXT_LOGSNRS)
         info["context"], info["context_by_position"] = {}, {}
         for lam, (with_p, without) in per.items():

@@ -208,3 +208,13 @@ def test_worker_process_gives_the_same_batches_and_resumes(corpus):
         resumed.close()
     for x, y in zip(first + rest, reference):
         np.testing.assert_array_equal(x, y)
+
+
+def test_unigram_log_prior_counts_the_training_tokens(corpus):
+    from dimba_jax.data.pipeline import open_train_source, unigram_log_prior
+    data, _ = corpus
+    train_docs = [open_train_source(data)[i] for i in range(len(open_train_source(data)))]
+    counts = np.bincount(reference_stream(train_docs), minlength=BYTE.vocab_size) + 0.5
+    got = unigram_log_prior(data, BYTE)
+    assert got.shape == (BYTE.vocab_size,)
+    np.testing.assert_allclose(got, np.log(counts / counts.sum()), rtol=1e-12)

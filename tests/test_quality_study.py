@@ -122,11 +122,11 @@ def test_likelihood_table():
     from benchmarks.likelihood import to_markdown
     doc = {"device": "cpu:cpu x1", "command": "python -m benchmarks.likelihood --models a=x", "batches": 4,
            "rows": [{"run": "d", "path": "x", "task": "dimba", "tokens_seen": 1000, "bits": 10.1234,
-                     "diffusion_bits": 10.0, "recon_bits": 0.1234},
+                     "diffusion_bits": 10.0, "recon_bits": 0.1234, "context_free_bits": 10.5},
                     {"run": "a", "path": "y", "task": "ar", "tokens_seen": 1000, "bits": 8.2}]}
     text = to_markdown(doc)
-    assert "| d | dimba | 1,000 | 10.123 | 10.000 | 0.123 |" in text
-    assert "| a | ar | 1,000 | 8.200 | — | — |" in text
+    assert "| d | dimba | 1,000 | 10.123 | 10.000 | 0.123 | 10.500 | 0.377 |" in text
+    assert "| a | ar | 1,000 | 8.200 | — | — | — | — |" in text
     assert "windows each" not in text
     assert "(24 windows each, for every run)" in to_markdown(dict(doc, batch_size=24))
 

@@ -229,3 +229,27 @@ def test_successor_control_data_is_successive_letters(tmp_path):
         assert 60 <= len(letters) <= 120
         idx = [string.ascii_lowercase.index(c) for c in letters]
         assert all((b - a) % 26 == 1 for a, b in zip(idx, idx[1:]))
+
+
+def test_unigram_bound_is_the_entropy_for_the_exact_posterior():
+    """The context-free denoiser with the true unigram prior is the exact posterior of i.i.d.
+    tokens, so its bound is their entropy (up to the Monte Carlo error of the strata): log2 V
+    for uniform tokens; H(p) for tokens drawn from p with log_prior = log p, less than the
+    same tokens scored under a uniform prior."""
+    task = tiny_task()
+    model = task.init_model(nnx.Rngs(0))
+    v = model.vocab_size
+    uniform = jax.random.randint(jax.random.key(1), (4, 48), 0, v)
+    out = task.unigram_bound(model, {"tokens": uniform}, jnp.full((v,), -math.log(v)), levels=64)
+    assert out["bound_bits"] == pytest.approx(math.log2(v), rel=0.02)
+    assert out["bound_bits"] == pytest.approx(out["recon_bits"] + out["diffusion_bits"] + out["prior_bits"])
+    p = np.exp(-0.05 * np.arange(v))
+    p /= p.sum()
+    skewed = jax.random.choice(jax.random.key(2), v, (4, 48), p=jnp.asarray(p))
+    entropy = float(-(p * np.log2(p)).sum())
+    fit = task.unigram_bound(model, {"tokens": skewed}, jnp.log(jnp.asarray(p)), levels=64)
+    flat = task.unigram_bound(model, {"tokens": skewed}, jnp.full((v,), -math.log(v)), levels=64)
+    assert fit["bound_bits"] == pytest.approx(entropy, rel=0.03)
+    assert fit["bound_bits"] < flat["bound_bits"] - 1.0
+    with pytest.raises(ValueError, match="log_prior"):
+        task.unigram_bound(model, {"tokens": uniform}, jnp.zeros((3,)))

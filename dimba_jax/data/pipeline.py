@@ -226,6 +226,17 @@ def open_train_source(data_config: Any) -> DocumentSource:
     return limit_documents(source, int(_cfg(data_config, "max_docs", 0)))
 
 
+def unigram_log_prior(data_config: Any, tokenizer: Tokenizer, *, smoothing: float = 0.5) -> np.ndarray:
+    """log p(token) of the training tokens of `data_config` (config.data), float64 (V,): counts
+    plus `smoothing` each, normalised (tokenised through data.token_cache_dir when set). The
+    prior of the context-free reference denoiser (DimbaTask.unigram_bound)."""
+    tokens = load_or_tokenize(open_train_source(data_config), tokenizer,
+                              cache_dir=_cfg(data_config, "token_cache_dir", ""), progress=False)
+    counts = np.bincount(np.asarray(tokens, np.int64), minlength=tokenizer.vocab_size).astype(np.float64)
+    counts = counts[:tokenizer.vocab_size] + float(smoothing)
+    return np.log(counts / counts.sum())
+
+
 def open_validation_source(data_config: Any) -> DocumentSource:
     """`data_config.val_source` (all of it), or else the held-out part of `data_config.source`."""
     val_spec = _cfg(data_config, "val_source", "")

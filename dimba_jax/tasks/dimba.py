@@ -23,7 +23,7 @@ from flax import nnx
 
 from dimba_jax.diffusion import sampler as sampling
 from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
-from dimba_jax.diffusion.schedule import schedule_from_config
+from dimba_jax.diffusion.schedule import add_noise_logsnr, schedule_from_config
 from dimba_jax.diffusion.warp import NoiseWarp
 from dimba_jax.diffusion.wavefront import ORDERS as WAVEFRONT_ORDERS
 from dimba_jax.layers.conditioning import frozen_prompt_encoder
@@ -295,6 +295,47 @@ class DimbaTask:
         prior_bits.
         """
         tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        e = model.embed_dim
+
+        def terms(lam, noise):
+            out = self._at(model, tokens, lam, noise)
+            return float(out["mse"]) * e, float(out["ce"])  # squared error per token, summed over e
+
+        return self._vdm_bound(model, tokens, terms, levels, rng)
+
+    def unigram_bound(self, model: DimbaModel, batch: dict, log_prior, levels: int = 128,
+                      rng: jax.Array | None = None) -> dict[str, float]:
+        """`nll_bound` of the denoiser that knows no context: each position's exact posterior
+        under a unigram prior, softmax(log_prior + prior_logits(x_t)), read out as x0_hat =
+        posterior @ E, over the model's own embedding table (same strata and noise as
+        `nll_bound` with the same rng). A trained denoiser's bound below this one is what it has
+        learned from context; the two differ by the information the neighbours carry.
+        log_prior: float (V,) log unigram probabilities (e.g. of the training tokens). Returns the
+        keys of `nll_bound`."""
+        tokens = jnp.asarray(batch["tokens"], jnp.int32)
+        log_prior = jnp.asarray(log_prior, jnp.float32)
+        if log_prior.shape != (model.vocab_size,):
+            raise ValueError(f"unigram_bound: log_prior must have shape ({model.vocab_size},), got {log_prior.shape}")
+
+        @jax.jit
+        def at(table, lam, noise):
+            x0 = table[tokens]
+            x_t = add_noise_logsnr(x0, jnp.full((tokens.shape[0],), lam, jnp.float32), noise)
+            ab = jax.nn.sigmoid(lam)
+            coef = jnp.sqrt(ab) / (1.0 - ab)  # the output prior: log N(x_t; sqrt(ab) e_v, 1 - ab), rows of equal norm
+            logp = jax.nn.log_softmax(log_prior + coef * jnp.einsum("bld,vd->blv", x_t, table), -1)
+            x0_hat = jnp.einsum("blv,vd->bld", jnp.exp(logp), table)
+            ce = -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
+            return jnp.mean(jnp.sum(jnp.square(x0_hat - x0), -1)), ce
+
+        table = model.embedding_table()
+        return self._vdm_bound(model, tokens, lambda lam, noise: tuple(float(v) for v in at(table, lam, noise)),
+                               levels, rng)
+
+    def _vdm_bound(self, model: DimbaModel, tokens: jax.Array, terms, levels: int,
+                   rng: jax.Array | None) -> dict[str, float]:
+        """The bound of `nll_bound` for a denoiser given as terms(lam, noise) -> (squared x0 error
+        per token summed over e, head cross-entropy), both floats, at log-SNR lam."""
         lo, hi = (float(v) for v in self.config.diffusion.logsnr_range)
         rng = jax.random.key(0) if rng is None else rng
         r_u, r_noise = jax.random.split(rng)
@@ -305,10 +346,9 @@ class DimbaTask:
         for i in range(levels):
             lam = lo + (i + float(u[i])) * width
             noise = jax.random.normal(jax.random.fold_in(r_noise, i), (*tokens.shape, e), jnp.float32)
-            sq_err = float(self._at(model, tokens, lam, noise)["mse"]) * e  # per token, summed over e
-            diffusion += 0.5 * math.exp(lam) * sq_err * width
+            diffusion += 0.5 * math.exp(lam) * terms(lam, noise)[0] * width
         noise = jax.random.normal(jax.random.fold_in(r_noise, levels), (*tokens.shape, e), jnp.float32)
-        recon = float(self._at(model, tokens, hi, noise)["ce"])
+        recon = terms(hi, noise)[1]
         ab = 1.0 / (1.0 + math.exp(-lo))
         norm2 = float(model.embed_norm) ** 2
         prior = 0.5 * (ab * norm2 - e * ab - e * math.log1p(-ab))
