@@ -692,6 +692,8 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
         specs = harness.plan(models=("ar",), lengths=study["lengths"], prompted=(False, True))
     log(f"measured {name}: {json.dumps({k: v for k, v in info.items() if k in ('bound', 'nll_bits')})}")
     tmp = os.path.join(args.workdir, f"{name}.harness.json")
+    if os.path.exists(tmp):
+        os.remove(tmp)  # rows of an earlier measurement of this run must not join this one's
     opts = harness.HarnessOptions(batches=study["batches"], prompt_len=prompt_len,
                                   skip_tokens=study["skip_tokens"], samples_to_keep=max(study["batches"]),
                                   seed=study.get("seed", 0), overwrite=True)
