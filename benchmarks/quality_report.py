@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_opt_h100.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -22,6 +22,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_4x_fit_cpu.md  the 4x models again, with the prompt fit of their prompted samples
   benchmarks/results/quality_tiny_ctx_cpu.md    tiny with prefix-heavy layouts and with the warp floor at 1: prompt fit, context by position
   benchmarks/results/quality_tiny_vocab_cpu.md  tiny with the 2048-id BPE at twice the steps (equal wall time), its own AR judge
+  benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
   benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
   benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
@@ -492,7 +493,8 @@ def main(argv=None) -> list[str]:
     for stem in ("quality_tiny_cpu", "quality_tiny_sched_cpu", "quality_tiny_sweep_cpu", "quality_tiny_wavefront_cpu",
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
                  "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu",
-                 "quality_tiny_ctx_cpu", "quality_tiny_vocab_cpu", "quality_tiny_vocab_cfg_cpu"):
+                 "quality_tiny_ctx_cpu", "quality_tiny_vocab_cpu", "quality_tiny_vocab_cfg_cpu",
+                 "quality_tiny_input_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):
