@@ -111,6 +111,14 @@ STUDY_TEXT = {
                  "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
                  "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
                  "weight X in the sampling logits"),
+    "posterior": ("The posterior input (`model.posterior_input`)",
+                  "the default recipe (`all`) and the capacity study's best optimisation (learning rate "
+                  "4e-3, 2400 x 32 windows), each with and without the stem reading every position's "
+                  "posterior mean under the output prior alone (models/dimba.py)",
+                  "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
+                  "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
+                  "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
+                  "weight X in the sampling logits"),
 }
 
 
@@ -130,16 +138,20 @@ def best_within(res: dict, name: str, real_entropy: float | None) -> tuple[dict,
     return best, label
 
 
-def ablation_table(res: dict, study: str = "ablation") -> str:
+def ablation_table(res: dict, study: str = "ablation", stem: str = "") -> str:
+    """One row per run of a configs/ablation.py study (`stem`: its results file without .json,
+    default quality_STUDY_h200)."""
     title, what, sampling = STUDY_TEXT[study]
+    stem = stem or f"quality_{study}_h200"
     ref = res.get("reference", {})
     ar = res["runs"].get("ar", {})
     extra = sorted({r["variant"].split("/", 1)[1] for r in res["rows"] if "/" in r.get("variant", "")})
     lines = [f"# {title} — {res.get('device', '')}", "",
-             f"Made by `benchmarks/quality_report.py` from `quality_{study}_h200.json`, written by:", "",
+             f"Made by `benchmarks/quality_report.py` from `{stem}.json`, written by:", "",
              commands(res), "",
              f"`configs/ablation.py` (d_model 256, 6 bidirectional blocks, ~6.1M parameters), {what}; each run "
-             "1200 steps x 64 x 256 = 19.7M tokens, all trained side by side on one H200; the AR model "
+             "1200 steps x 64 x 256 = 19.7M tokens (or as its overrides say, at the same tokens), all trained "
+             f"side by side on one GPU ({res.get('device', '')}); the AR model "
              "of the same size and tokens (9 causal blocks) is the scale and the judge (window 256). "
              f"Samples: DDIM T = 32, 256 tokens, 32 per row, {sampling}. Context: the head's accuracy "
              "on the 8 tokens after a clean 32-token prompt, prompt known / prompt noised like the rest, "
@@ -155,7 +167,9 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
     ar_ppl = _rows_by(res, "ar").get(False, {}).get("judge_ppl")
     for name, info in res["runs"].items():
         rows = _rows_by(res, name)
-        bound = info.get("bound", {}).get("bound_bits", info.get("nll_bits"))
+        bound = _f(info.get("bound", {}).get("bound_bits", info.get("nll_bits")), ".2f")
+        if "unigram_bound" in info:
+            bound += f" (context-free {_f(info['unigram_bound'].get('bound_bits'), '.2f')})"
         over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()
                          if not k.startswith("@")) or "(defaults)"
         un, pr = rows.get(False, {}), rows.get(True, {})
@@ -166,7 +180,7 @@ def ablation_table(res: dict, study: str = "ablation") -> str:
         best, label = best_within(res, name, ref.get("entropy")) if info.get("task") == "dimba" else ({}, "")
         ratio = f", {best['judge_ppl'] / ar_ppl:.1f}x" if best and ar_ppl else ""
         cells += f" {_f(best.get('judge_ppl'), '.0f')} ({label}{ratio}) |" if best else " — |"
-        lines.append(f"| {name} | {over} | {_f(bound, '.2f')} | {_f(un.get('judge_ppl'), '.0f')} / "
+        lines.append(f"| {name} | {over} | {bound} | {_f(un.get('judge_ppl'), '.0f')} / "
                      f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |"
                      + cells)
     return "\n".join(lines) + "\n"
@@ -501,9 +515,11 @@ def main(argv=None) -> list[str]:
                 tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
     if tradeoff:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
-    for study in ("wavefront", "ablation_pw", "capacity"):
-        res = render_if_present(args.results, f"quality_{study}_h200",
-                                lambda res, study=study: ablation_table(res, study), written)
+    for study, stem in (("wavefront", "quality_wavefront_h200"), ("ablation_pw", "quality_ablation_pw_h200"),
+                        ("capacity", "quality_capacity_h200"), ("posterior", "quality_posterior_h100"),
+                        ("posterior", "quality_posterior_h200")):
+        res = render_if_present(args.results, stem,
+                                lambda res, study=study, stem=stem: ablation_table(res, study, stem), written)
         if res is not None and study == "capacity":
             written.append(plot_runs_tradeoff(
                 res, os.path.join(args.docs, "capacity_tradeoff.png"),

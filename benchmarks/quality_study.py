@@ -22,6 +22,9 @@ Studies (STUDIES below):
             (d_model 384; 12 blocks; d_state 128), learning rates 8e-3, 4e-3 and 1e-3, 2400 steps of
             32 windows, and the winners combined; sampled at score temperatures 0.8 and 0.6 and two prior-weight settings;
             the AR model as above.
+  posterior configs/ablation.py with the posterior input (model.posterior_input) at the
+            default recipe and at learning rate 4e-3 with 2400 x 32 windows, each beside the
+            same without it; the AR model as above.
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
@@ -147,6 +150,20 @@ STUDIES = {
         },
         **ABL_STUDY,
         "variants": ("st0.6", "pw0.8+st0.9+stf0.6", "pw0.6+st1+stf0.8"),
+    },
+    "posterior": {
+        # configs/ablation.py with the posterior input (model.posterior_input), at the default
+        # recipe and at the capacity study's best optimisation (learning rate 4e-3, 2400 x 32),
+        # each beside the same without it; the AR model as in the capacity study
+        "runs": {
+            "all": {},
+            "post": {"model.posterior_input": True},
+            "lr4e-3+b32x2400": dict(ABL_B32, **{"train.lr": 4e-3}),
+            "lr4e-3+b32x2400+post": dict(ABL_B32, **{"train.lr": 4e-3, "model.posterior_input": True}),
+            "ar": dict(AR_ABL),
+        },
+        **ABL_STUDY,
+        "variants": ("st0.6", "pw0.6+st1+stf0.8"),
     },
     "wavefront": {
         "runs": {
