@@ -42,7 +42,8 @@ Studies (STUDIES below):
   tiny_vocab  configs/tiny.py with the 2048-id BPE at twice the steps (tiny's wall time), and
             with 6 blocks; its own AR judge on that tokenizer.
   tiny_input  configs/tiny.py with the posterior input (model.posterior_input) beside the
-            recipe, at equal steps and at equal time (1200 steps); its own AR judge.
+            recipe, at equal steps, at equal time (1200 steps) and in place of
+            self-conditioning; its own AR judge.
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
@@ -283,6 +284,8 @@ STUDIES = {
             # cores (228.6 vs 202.2 ms, train_throughput_tiny_post_cpu.md)
             "post_1200": {"model.posterior_input": True, "train.steps": 1200, "train.warmup_steps": 140,
                           "train.checkpoint_every": 600},
+            # the posterior input in place of self-conditioning (whose pass costs ~11% per step)
+            "post-sc": {"model.posterior_input": True, "model.self_condition": False},
             "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
