@@ -30,6 +30,8 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   docs/noise_curves_width.png                   the same for the diffusion widths
   docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
   docs/capacity_tradeoff.png                    the same for the capacity study's runs, one line per run
+  docs/context_gain_tiny.png                    per noise level, what tiny has learned from context
+                                                (likelihood_tiny_{input,vocab}_cpu.json, when they carry curves)
   docs/small_run/samples.txt                    samples of the model of record (T = 64 and 16,
                                                 unprompted and prompted) and of the AR baseline
 The Pareto file (`pareto_h200.json`) gets its table and plots from `benchmarks/plot_pareto.py`.
@@ -364,6 +366,43 @@ def plot_noise_curves(studies: dict, path: str) -> str:
     return path
 
 
+def plot_context_gain(docs: dict, path: str) -> str:
+    """Per log-SNR, each DIMBA run's head cross-entropy beside the context-free posterior's (left)
+    and their difference, what the run has learned from context (right), from likelihood files
+    ({label: results of benchmarks.likelihood}) whose rows carry a "curve"."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, doc in docs.items():
+        ar = [r["bits"] for r in doc["rows"] if r["task"] == "ar"]
+        for r in doc["rows"]:
+            c = r.get("curve")
+            if not c:
+                continue
+            name = f"{label}: {r['run']}"
+            lam, ce, free = c["logsnr"], c["ce_bits"], c["context_free_ce_bits"]
+            line, = axes[0].plot(lam, ce, marker=".", label=name)
+            axes[0].plot(lam, free, ls=":", color=line.get_color())
+            gain = r["context_free_bits"] - r["bits"]
+            axes[1].plot(lam, [f - m for f, m in zip(free, ce)], marker=".", color=line.get_color(),
+                         label=f"{name} ({gain:.2f} bits in the bound; AR {r['context_free_bits'] - ar[0]:.2f})"
+                         if ar else name)
+    axes[0].set_ylabel("head cross-entropy (bits/token); dotted: context-free posterior")
+    axes[1].set_ylabel("context-free minus the run's (bits/token)")
+    axes[1].axhline(0.0, color="k", lw=0.8)
+    for ax in axes:
+        ax.set_xlabel("log-SNR lambda (noisier to the left)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("What the denoiser has learned from context, by noise level (validation windows, no prompt)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _finish_tradeoff_axes(ax, ar_ppl: float | None, title: str, ncol: int = 1) -> None:
     """The AR model's perplexity line, log scale, labels, grid, legend and title of a judge
     perplexity-against-entropy panel."""
@@ -525,6 +564,16 @@ def main(argv=None) -> list[str]:
                 res, os.path.join(args.docs, "capacity_tradeoff.png"),
                 "configs/ablation.py, equal tokens (19.7M): training levers, each run at 4 sampler "
                 "settings\n(quality_capacity_h200.json)"))
+    gains = {}
+    for stem, label in (("likelihood_tiny_input_cpu", "tiny (BPE-8k)"), ("likelihood_tiny_vocab_cpu", "tiny (BPE-2k)")):
+        src = os.path.join(args.results, f"{stem}.json")
+        if os.path.isfile(src):
+            with open(src) as f:
+                doc = json.load(f)
+            if any("curve" in r for r in doc["rows"]):
+                gains[label] = doc
+    if gains:
+        written.append(plot_context_gain(gains, os.path.join(args.docs, "context_gain_tiny.png")))
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
         f.write(samples_text(small, "quality_small_opt_h100.json"))

@@ -131,6 +131,21 @@ def test_likelihood_table():
     assert "(24 windows each, for every run)" in to_markdown(dict(doc, batch_size=24))
 
 
+def test_likelihood_curve_levels_and_context_gain_plot(tmp_path):
+    from benchmarks.likelihood import parse_levels
+    from benchmarks.quality_report import plot_context_gain
+    assert parse_levels("-10:2:0.5")[:3] == [-10.0, -9.5, -9.0] and parse_levels("-10:2:0.5")[-1] == 2.0
+    assert parse_levels("-1:-1:1") == [-1.0]
+    for bad in ("1:2", "2:1:1", "0:1:0"):
+        with pytest.raises(ValueError, match="curve-logsnrs"):
+            parse_levels(bad)
+    doc = {"rows": [{"run": "d", "task": "dimba", "bits": 9.9, "context_free_bits": 10.0,
+                     "curve": {"logsnr": [-4.0, -2.0], "ce_bits": [8.0, 1.0], "context_free_ce_bits": [8.1, 1.2]}},
+                    {"run": "a", "task": "ar", "bits": 8.3}]}
+    path = plot_context_gain({"tiny": doc}, str(tmp_path / "gain.png"))
+    assert os.path.getsize(path) > 1000
+
+
 def test_every_studys_overrides_name_keys_of_its_config():
     from dimba_jax.config import load_config_file
 

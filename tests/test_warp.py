@@ -185,7 +185,7 @@ def test_likelihood_bound_parts_and_estimator(embed_dim):
     # stratified estimate vs a dense trapezoid of the same integrand
     noise = jax.random.normal(jax.random.key(9), (2, 48, e))
     lams = np.linspace(lo, hi, 161)
-    vals = [0.5 * math.exp(v) * e * float(task._at(model, tokens, float(v), noise)["mse"]) for v in lams]
+    vals = [0.5 * math.exp(v) * e * float(task.terms_at(model, tokens, float(v), noise)["mse"]) for v in lams]
     dense = np.trapezoid(vals, lams) / math.log(2)
     assert dense > 8.0
     assert out["diffusion_bits"] == pytest.approx(dense, rel=0.1)

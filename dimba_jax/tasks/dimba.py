@@ -237,7 +237,11 @@ class DimbaTask:
         terms["correct"] = (jnp.argmax(logits, -1) == tokens)  # (b, L) bool
         return terms
 
-    def _at(self, model, tokens, logsnr: float, noise, cond_mask=None) -> dict:
+    def terms_at(self, model, tokens, logsnr: float, noise, cond_mask=None) -> dict:
+        """The denoiser's loss terms at one log-SNR for given noise: tokens int32 (b, L), noise
+        float (b, L, e), cond_mask bool (b, L) (None = every position generated), prompt kept,
+        self-conditioning pass on when the model has it. Returns float32 scalars loss, mse, ce,
+        acc and `correct` bool (b, L) (the head's argmax is the token)."""
         b = tokens.shape[0]
         cond_mask = jnp.zeros(tokens.shape, bool) if cond_mask is None else cond_mask
         return self._eval_at(model, tokens, jnp.full((b,), logsnr, jnp.float32), noise, cond_mask)
@@ -272,7 +276,7 @@ class DimbaTask:
         if ts is None:
             points += [(f"lam{lam:g}", lam) for lam in (logsnrs or self.default_eval_logsnrs())]
         for name, lam in points:
-            terms = self._at(model, tokens, lam, noise)
+            terms = self.terms_at(model, tokens, lam, noise)
             out.update({f"{k}_{name}": float(terms[k]) for k in ("loss", "mse", "ce", "acc")})
         return out
 
@@ -298,7 +302,7 @@ class DimbaTask:
         e = model.embed_dim
 
         def terms(lam, noise):
-            out = self._at(model, tokens, lam, noise)
+            out = self.terms_at(model, tokens, lam, noise)
             return float(out["mse"]) * e, float(out["ce"])  # squared error per token, summed over e
 
         return self._vdm_bound(model, tokens, terms, levels, rng)
@@ -313,24 +317,39 @@ class DimbaTask:
         log_prior: float (V,) log unigram probabilities (e.g. of the training tokens). Returns the
         keys of `nll_bound`."""
         tokens = jnp.asarray(batch["tokens"], jnp.int32)
-        log_prior = jnp.asarray(log_prior, jnp.float32)
-        if log_prior.shape != (model.vocab_size,):
-            raise ValueError(f"unigram_bound: log_prior must have shape ({model.vocab_size},), got {log_prior.shape}")
-
-        @jax.jit
-        def at(table, lam, noise):
-            x0 = table[tokens]
-            x_t = add_noise_logsnr(x0, jnp.full((tokens.shape[0],), lam, jnp.float32), noise)
-            ab = jax.nn.sigmoid(lam)
-            coef = jnp.sqrt(ab) / (1.0 - ab)  # the output prior: log N(x_t; sqrt(ab) e_v, 1 - ab), rows of equal norm
-            logp = jax.nn.log_softmax(log_prior + coef * jnp.einsum("bld,vd->blv", x_t, table), -1)
-            x0_hat = jnp.einsum("blv,vd->bld", jnp.exp(logp), table)
-            ce = -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
-            return jnp.mean(jnp.sum(jnp.square(x0_hat - x0), -1)), ce
-
         table = model.embedding_table()
-        return self._vdm_bound(model, tokens, lambda lam, noise: tuple(float(v) for v in at(table, lam, noise)),
-                               levels, rng)
+
+        def terms(lam, noise):
+            out = self.context_free_terms(table, tokens, log_prior, lam, noise)
+            return float(out["sq_err"]), float(out["ce"])
+
+        return self._vdm_bound(model, tokens, terms, levels, rng)
+
+    def context_free_terms(self, table: jax.Array, tokens: jax.Array, log_prior, logsnr: float,
+                           noise: jax.Array) -> dict[str, jax.Array]:
+        """The context-free denoiser at one log-SNR: each position's exact posterior under the
+        prior `log_prior` (float (V,)) given its own x_t = add_noise_logsnr(table[tokens], logsnr,
+        noise). table: float32 (V, e) the embedding table (`DimbaModel.embedding_table()`, rows of
+        equal norm); tokens int32 (b, L); noise float (b, L, e). Returns float32 scalars: sq_err
+        (||x0 - posterior @ E||^2 per token, summed over e) and ce (the posterior's cross-entropy
+        on the tokens, nats)."""
+        log_prior = jnp.asarray(log_prior, jnp.float32)
+        if log_prior.shape != (table.shape[0],):
+            raise ValueError(f"context-free denoiser: log_prior must have shape ({table.shape[0]},), got {log_prior.shape}")
+        return self._context_free_jit(table, jnp.asarray(tokens, jnp.int32), log_prior,
+                                      jnp.float32(logsnr), jnp.asarray(noise, jnp.float32))
+
+    @staticmethod
+    @jax.jit
+    def _context_free_jit(table, tokens, log_prior, lam, noise):
+        x0 = table[tokens]
+        x_t = add_noise_logsnr(x0, jnp.full((tokens.shape[0],), lam), noise)
+        ab = jax.nn.sigmoid(lam)
+        coef = jnp.sqrt(ab) / (1.0 - ab)  # the output prior: log N(x_t; sqrt(ab) e_v, 1 - ab), rows of equal norm
+        logp = jax.nn.log_softmax(log_prior + coef * jnp.einsum("bld,vd->blv", x_t, table), -1)
+        x0_hat = jnp.einsum("blv,vd->bld", jnp.exp(logp), table)
+        ce = -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
+        return {"sq_err": jnp.mean(jnp.sum(jnp.square(x0_hat - x0), -1)), "ce": ce}
 
     def _vdm_bound(self, model: DimbaModel, tokens: jax.Array, terms, levels: int,
                    rng: jax.Array | None) -> dict[str, float]:
@@ -390,7 +409,7 @@ class DimbaTask:
             noise = jax.random.normal(rng, (b, length, model.embed_dim), jnp.float32)
             prefix = jnp.broadcast_to(jnp.arange(length)[None, :] < prompt_len, (b, length))
             for lam, (with_p, without) in hits.items():
-                with_p.append(np.asarray(self._at(model, tokens, lam, noise, prefix)["correct"][:, window]))
-                without.append(np.asarray(self._at(model, tokens, lam, noise)["correct"][:, window]))
+                with_p.append(np.asarray(self.terms_at(model, tokens, lam, noise, prefix)["correct"][:, window]))
+                without.append(np.asarray(self.terms_at(model, tokens, lam, noise)["correct"][:, window]))
         return {lam: (np.mean(np.concatenate(w), 0, dtype=np.float64), np.mean(np.concatenate(wo), 0, dtype=np.float64))
                 for lam, (w, wo) in hits.items()}
