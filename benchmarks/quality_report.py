@@ -389,7 +389,8 @@ def plot_context_gain(docs: dict, path: str) -> str:
             axes[1].plot(lam, [f - m for f, m in zip(free, ce)], marker=".", color=line.get_color(),
                          label=f"{name} ({gain:.2f} bits in the bound; AR {r['context_free_bits'] - ar[0]:.2f})"
                          if ar else name)
-    axes[0].set_ylabel("head cross-entropy (bits/token); dotted: context-free posterior")
+    axes[0].plot([], [], ls=":", color="grey", label="dotted: the context-free posterior")
+    axes[0].set_ylabel("head cross-entropy (bits/token)")
     axes[1].set_ylabel("context-free minus the run's (bits/token)")
     axes[1].axhline(0.0, color="k", lw=0.8)
     for ax in axes:
