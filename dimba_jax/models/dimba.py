@@ -137,7 +137,7 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, readout, skip_logits, posterior_input, position_levels).
+        compute_dtype, readout, skip_logits, posterior_input, logit_bias, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -179,6 +179,10 @@ class DimbaModel(nnx.Module):
             self.logit_scale = nnx.Param(partitioned(nnx.initializers.zeros_init(), ())(rngs.params(), (), param_dtype))
         else:
             self.head = dense(e, vocab_size, ("embed", "vocab"), rngs=rngs, param_dtype=param_dtype)
+        self.use_logit_bias = bool(getattr(m, "logit_bias", False))
+        if self.use_logit_bias:
+            self.logit_bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("vocab",))(
+                rngs.params(), (vocab_size,), param_dtype))
 
         n_in = e * (1 + self.self_condition + self.posterior_input) + 1
         self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
@@ -217,12 +221,17 @@ class DimbaModel(nnx.Module):
         return jnp.take(self.embedding_table(), tokens, axis=0)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Head: float (b, L, e) -> float32 logits (b, L, V) (tied: scaled x @ E^T; else Linear)."""
+        """Head: float (b, L, e) -> float32 logits (b, L, V) (tied: scaled x @ E^T; else Linear),
+        plus the learned per-token bias (V,) with model.logit_bias."""
         x = x.astype(jnp.float32)
         if self.tie_embeddings:
             scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
-            return jnp.einsum("bld,vd->blv", x, self.embedding_table()) * scale
-        return self.head(x).astype(jnp.float32)
+            out = jnp.einsum("bld,vd->blv", x, self.embedding_table()) * scale
+        else:
+            out = self.head(x).astype(jnp.float32)
+        if self.use_logit_bias:
+            out = out + self.logit_bias[...].astype(jnp.float32)
+        return out
 
     def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
         """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, e) -> float32 (b, L, e)."""
