@@ -234,3 +234,19 @@ def test_posterior_input_is_the_output_priors_posterior_mean():
     want = np.where(known[..., None], clean, (p / p.sum(-1, keepdims=True)) @ table)
     np.testing.assert_allclose(np.asarray(stem[..., 2 * D:3 * D]), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(stem[..., -1]), known.astype(np.float32))
+
+
+def test_logit_bias_adds_a_learned_per_token_bias_not_decayed():
+    from dimba_jax.train.optim import weight_decay_mask
+    plain = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(0))
+    biased = DimbaModel(model_cfg(logit_bias=True), V, rngs=nnx.Rngs(0))
+    assert not hasattr(plain, "logit_bias") and biased.logit_bias.shape == (V,)
+    bias = jax.random.normal(jax.random.key(4), (V,))
+    biased.logit_bias[...] = bias
+    x = jax.random.normal(jax.random.key(5), (B, L, D))
+    np.testing.assert_allclose(np.asarray(biased.logits(x)), np.asarray(plain.logits(x) + bias), rtol=1e-5, atol=1e-5)
+    # AdamW leaves it alone: 1-D, and on the logical axis "vocab" (train/optim.py)
+    from dimba_jax.train.mesh import variable_logical_axes
+    assert variable_logical_axes(nnx.state(biased, nnx.Param)["logit_bias"]) == ("vocab",)
+    mask = weight_decay_mask({"logit_bias": np.zeros((V,))}, {"logit_bias": ("vocab",)})
+    assert mask == {"logit_bias": False}
