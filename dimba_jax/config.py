@@ -95,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
     a.val_source = ""  # Validation source in the same syntax; "" = the held-out part of `source`.
     a.text_field = "text"  # Field holding the text in jsonl records / tfds examples.
     a.tfds_split = "train"  # Split read from a tfds source.
-    a.tokenizer = "byte"  # "byte" (no files) or "bpe" (the committed BPE vocabulary in the package).
+    a.tokenizer = "byte"  # "byte" (no files), "bpe" / "bpe_2048" (the committed 8192- / 2048-id BPE vocabularies in the package) or "bpe:PATH".
     a.seq_len = 128  # Tokens per training window (documents packed with EOS).
     a.shuffle_buffer_docs = 0  # Reserved; shuffling is a global grain index shuffle over windows (deterministic).
     a.num_workers = 0  # grain worker processes (0 = in-process).
