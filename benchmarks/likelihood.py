@@ -60,20 +60,19 @@ def parse_levels(text: str) -> list[float]:
     return [round(start + i * step, 6) for i in range(int(round((stop - start) / step)) + 1)]
 
 
-def context_curve(run, num_batches: int, logsnrs: list[float]) -> dict:
-    """A DIMBA run's head cross-entropy and the context-free posterior's (bits per token) at each
-    log-SNR, averaged over the first `num_batches` validation batches (unconditional layout, the
-    same noise for both)."""
+def context_curve(run, num_batches: int, logsnrs: list[float], log_prior) -> dict:
+    """A DIMBA run's head cross-entropy and the context-free posterior's under `log_prior`
+    (bits per token) at each log-SNR, averaged over the first `num_batches` validation batches
+    (unconditional layout, the same noise for both)."""
     import math
 
     import jax
     import numpy as np
 
-    from dimba_jax.data.pipeline import make_eval_batches, unigram_log_prior
+    from dimba_jax.data.pipeline import make_eval_batches
     cfg, task, model = run.config, run.task, run.model
     batches = make_eval_batches(cfg.data, task.tokenizer, int(cfg.train.batch_size), num_batches,
                                 int(cfg.data.seq_len))
-    log_prior = unigram_log_prior(cfg.data, task.tokenizer)
     table = model.embedding_table()
     ce, free = np.zeros(len(logsnrs)), np.zeros(len(logsnrs))
     for i, batch in enumerate(batches):
@@ -100,6 +99,7 @@ def main(argv=None) -> dict:
     from dimba_jax.evaluate.results import device_label, parse_named_paths, write_with_markdown
     models = parse_named_paths(args.models)
 
+    from dimba_jax.data.pipeline import unigram_log_prior
     from dimba_jax.train.inference import evaluate_model, load_run
 
     rows = []
@@ -109,13 +109,15 @@ def main(argv=None) -> dict:
         if args.batch_size:
             with run.config.unlocked():
                 run.config.train.batch_size = args.batch_size
-        m = evaluate_model(run, args.batches, context_free=True)
+        dimba = str(run.config.task) == "dimba"
+        log_prior = unigram_log_prior(run.config.data, run.task.tokenizer) if dimba else None  # tokenises the training split
+        m = evaluate_model(run, args.batches, log_prior=log_prior)
         row = {"run": name, "path": path, "task": str(run.config.task), "tokens_seen": tokens}
         if "bound_bits" in m:
             row.update(bits=m["bound_bits"], diffusion_bits=m["diffusion_bits"], recon_bits=m["recon_bits"],
                        context_free_bits=m["context_free_bits"])
             if args.curve_logsnrs:
-                row["curve"] = context_curve(run, args.batches, parse_levels(args.curve_logsnrs))
+                row["curve"] = context_curve(run, args.batches, parse_levels(args.curve_logsnrs), log_prior)
         else:
             row["bits"] = m["nll_bits"]
         rows.append(row)

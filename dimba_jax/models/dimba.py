@@ -82,6 +82,19 @@ LOGSNR_TOP = 12.0
 TIME_PER_LOGSNR = 25.0
 
 
+def output_prior_logits(x_t: jax.Array, logsnr: jax.Array, table: jax.Array) -> jax.Array:
+    """The output prior ("skip logits"): log N(x_t; sqrt(ab) e_v, (1 - ab) I) per row v of
+    `table`, up to a constant per position (every row has the same norm, so ||e_v||^2 drops out):
+    sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
+    tokens of a position seen alone under a uniform prior; the head learns what context adds.
+    lambda is clipped to the range the timestep embedding covers ([-28, 12]).
+    x_t float (b, L, e), logsnr float (b,) or (b, L), table float (V, e) -> float32 (b, L, V)."""
+    lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
+    coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
+    coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
+    return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), table) * coef
+
+
 def noise_time(logsnr: jax.Array) -> jax.Array:
     """The timestep embedding's input for log-SNR levels: float (b,) -> float32 (b,)."""
     return (LOGSNR_TOP - logsnr.astype(jnp.float32)) * TIME_PER_LOGSNR
@@ -239,16 +252,9 @@ class DimbaModel(nnx.Module):
 
     # ------------------------------------------------------------------ denoiser
     def prior_logits(self, x_t: jax.Array, logsnr: jax.Array) -> jax.Array:
-        """The output prior ("skip logits"): log N(x_t; sqrt(ab) e_v, (1 - ab) I) per row v, up to
-        a constant per position (every row has the same norm, so ||e_v||^2 drops out):
-        sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
-        tokens of a position seen alone under a uniform prior; the head learns what context adds.
-        lambda is clipped to the range the timestep embedding covers ([-28, 12]).
-        x_t float (b, L, e), logsnr float (b,) or (b, L) -> float32 (b, L, V)."""
-        lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
-        coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
-        coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
-        return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), self.embedding_table()) * coef
+        """`output_prior_logits` over this model's embedding table: x_t float (b, L, e), logsnr
+        float (b,) or (b, L) -> float32 (b, L, V)."""
+        return output_prior_logits(x_t, logsnr, self.embedding_table())
 
     def stem_input(self, x_in: jax.Array, logsnr: jax.Array, known: jax.Array, shown: jax.Array,
                    self_cond: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:

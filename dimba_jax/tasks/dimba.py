@@ -28,7 +28,7 @@ from dimba_jax.diffusion.warp import NoiseWarp
 from dimba_jax.diffusion.wavefront import ORDERS as WAVEFRONT_ORDERS
 from dimba_jax.layers.conditioning import frozen_prompt_encoder
 from dimba_jax.models import flops as flops_lib
-from dimba_jax.models.dimba import DimbaModel, resolve_dtype
+from dimba_jax.models.dimba import DimbaModel, output_prior_logits, resolve_dtype
 
 
 def check_wavefront(config) -> None:
@@ -343,10 +343,9 @@ class DimbaTask:
     @jax.jit
     def _context_free_jit(table, tokens, log_prior, lam, noise):
         x0 = table[tokens]
-        x_t = add_noise_logsnr(x0, jnp.full((tokens.shape[0],), lam), noise)
-        ab = jax.nn.sigmoid(lam)
-        coef = jnp.sqrt(ab) / (1.0 - ab)  # the output prior: log N(x_t; sqrt(ab) e_v, 1 - ab), rows of equal norm
-        logp = jax.nn.log_softmax(log_prior + coef * jnp.einsum("bld,vd->blv", x_t, table), -1)
+        lam = jnp.full((tokens.shape[0],), lam)
+        x_t = add_noise_logsnr(x0, lam, noise)
+        logp = jax.nn.log_softmax(log_prior + output_prior_logits(x_t, lam, table), -1)
         x0_hat = jnp.einsum("blv,vd->bld", jnp.exp(logp), table)
         ce = -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], -1))
         return {"sq_err": jnp.mean(jnp.sum(jnp.square(x0_hat - x0), -1)), "ce": ce}

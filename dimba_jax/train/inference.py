@@ -120,15 +120,15 @@ def generate_text(run: LoadedRun, prompts: list[str] | None = None, *,
 
 
 def evaluate_model(run: LoadedRun, num_batches: int | None = None,
-                   ts: tuple[int, ...] | None = None, context_free: bool = False) -> dict[str, float]:
+                   ts: tuple[int, ...] | None = None, log_prior=None) -> dict[str, float]:
     """Validation numbers averaged over `num_batches` (default config.train.eval_batches)
     batches of the validation split: the task's loss parts; for DIMBA the loss and the head's
     token accuracy at several noise levels (DimbaTask.eval_metrics) and the likelihood bound in
-    bits per token (DimbaTask.nll_bound: bound_bits and its parts), with `context_free` also
-    the bound of the denoiser without context on the same strata and noise
-    (DimbaTask.unigram_bound under the training tokens' unigram prior: context_free_bits; this
-    tokenises the training split); for the AR model its exact NLL in bits per token (nll_bits)."""
-    from dimba_jax.data.pipeline import make_eval_batches, unigram_log_prior
+    bits per token (DimbaTask.nll_bound: bound_bits and its parts), with `log_prior` (float (V,),
+    e.g. `data.pipeline.unigram_log_prior`) also the bound of the denoiser without context on
+    the same strata and noise (DimbaTask.unigram_bound: context_free_bits); for the AR model its
+    exact NLL in bits per token (nll_bits)."""
+    from dimba_jax.data.pipeline import make_eval_batches
     cfg = run.config
     n = int(cfg.train.eval_batches if num_batches is None else num_batches)
     if n <= 0:
@@ -136,13 +136,12 @@ def evaluate_model(run: LoadedRun, num_batches: int | None = None,
     batches = make_eval_batches(cfg.data, run.task.tokenizer, int(cfg.train.batch_size), n,
                                 int(cfg.data.seq_len))
     task = run.task
-    log_prior = unigram_log_prior(cfg.data, task.tokenizer) if context_free and hasattr(task, "unigram_bound") else None
     sums: dict[str, float] = {}
     for i, batch in enumerate(batches):
         if hasattr(task, "eval_metrics"):
             out = task.eval_metrics(run.model, batch, ts)
             out.update(task.nll_bound(run.model, batch, rng=jax.random.PRNGKey(i)))
-            if log_prior is not None:
+            if log_prior is not None and hasattr(task, "unigram_bound"):
                 ref = task.unigram_bound(run.model, batch, log_prior, rng=jax.random.PRNGKey(i))
                 out["context_free_bits"] = ref["bound_bits"]
         else:
