@@ -23,6 +23,8 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_ctx_cpu.md    tiny with prefix-heavy layouts and with the warp floor at 1: prompt fit, context by position
   benchmarks/results/quality_tiny_vocab_cpu.md  tiny with the 2048-id BPE at twice the steps (equal wall time), its own AR judge
   benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
+  benchmarks/results/quality_tiny_input_s1_cpu.md  the same (recipe, posterior input, at equal time) at training seed 1
+  benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
   benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
   benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
@@ -212,7 +214,9 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
              "`stX` is a score temperature X at every step, `stX+stfY` one that goes linearly from X at the "
              "noisiest step to Y at the last, `wfW` a wavefront of width W (`+random_order`: in random order), "
              "`pwX` the output prior at weight X in the sampling logits (`sample.prior_weight`; 1 = as trained), "
-             "`pwX+pwfY` that weight going linearly from X at the noisiest step to Y at the last.", "",
+             "`pwX+pwfY` that weight going linearly from X at the noisiest step to Y at the last, `draw` "
+             "each step moving toward the embedding of a token drawn from the step's scores instead of their "
+             "mean (`sample.draw_x0`; with `eta1`, DDIM at DDPM's variance: ancestral sampling).", "",
              f"Real text (judge, L=64): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
              f"{_f(ref.get('entropy'), '.2f')} bits/token. Bound (bits/token): "
              + ", ".join(f"{n} {bound_cell(i.get('bound', {}))}"
@@ -548,7 +552,7 @@ def main(argv=None) -> list[str]:
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
                  "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu",
                  "quality_tiny_ctx_cpu", "quality_tiny_vocab_cpu", "quality_tiny_vocab_cfg_cpu",
-                 "quality_tiny_input_cpu"):
+                 "quality_tiny_input_cpu", "quality_tiny_input_s1_cpu", "quality_tiny_4x_draw_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):

@@ -23,8 +23,11 @@ Studies (STUDIES below):
             32 windows, and the winners combined; sampled at score temperatures 0.8 and 0.6 and two prior-weight settings;
             the AR model as above.
   posterior configs/ablation.py with the posterior input (model.posterior_input) at the
-            default recipe and at learning rate 4e-3 with 2400 x 32 windows, each beside the
-            same without it; the AR model as above.
+            default recipe, at learning rate 4e-3 with 2400 x 32 windows and with 4800 x 16, each
+            beside the same without it; the AR model as above, and the AR model at 4e-3 with
+            4800 x 16 (same tokens) for scale. Two chained calls on one machine (the second
+            trains only what the first did not: `--runs all` after
+            `--runs all,post,lr4e-3+b32x2400,lr4e-3+b32x2400+post,ar`).
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
@@ -103,6 +106,8 @@ ABL_STUDY = {"config": "configs/ablation.py", "judge": "ar", "steps": (32,), "le
 
 # configs/ablation.py's tokens in twice the optimizer steps at half the batch
 ABL_B32 = {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200, "train.checkpoint_every": 2400}
+# ... and in four times the steps at a quarter of the batch
+ABL_B16 = {"train.batch_size": 16, "train.steps": 4800, "train.warmup_steps": 400, "train.checkpoint_every": 4800}
 
 STUDIES = {
     "ablation": {
@@ -161,6 +166,11 @@ STUDIES = {
             "post": {"model.posterior_input": True},
             "lr4e-3+b32x2400": dict(ABL_B32, **{"train.lr": 4e-3}),
             "lr4e-3+b32x2400+post": dict(ABL_B32, **{"train.lr": 4e-3, "model.posterior_input": True}),
+            # optimisation pushed one step further: twice the steps again at half the batch,
+            # with and without the posterior input, and the AR model given the same optimisation
+            "lr4e-3+b16x4800": dict(ABL_B16, **{"train.lr": 4e-3}),
+            "lr4e-3+b16x4800+post": dict(ABL_B16, **{"train.lr": 4e-3, "model.posterior_input": True}),
+            "ar+lr4e-3+b16x4800": dict(AR_ABL, **ABL_B16, **{"train.lr": 4e-3}),
             "ar": dict(AR_ABL),
         },
         **ABL_STUDY,

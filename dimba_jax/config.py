@@ -85,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.score_temperature = 0.8  # Each step's x0_hat = softmax(logits / score_temperature) @ E (< 1 sharpens the estimate; 0.8 keeps configs/small.py's sample entropy within 5% of real text, lower trades entropy for judge perplexity).
     s.score_temperature_final = 0.0  # > 0: the score temperature of the last step, linear in the step index from score_temperature at the first (0 = constant).
     s.score_min_p = 0.0  # > 0: each step's x0_hat re-weighting keeps the tokens at least this fraction as likely as each position's most likely one (0 = all; sample.score_temperature).
+    s.draw_x0 = False  # True: each step moves toward the embedding of a token drawn from its scores (ancestral), not toward their mean.
     s.prior_weight = 1.0  # Weight of the output prior (model.skip_logits) in the sampling logits: 1 = as trained; < 1 trusts each position's own noisy evidence less, the context more.
     s.prior_weight_final = -1.0  # >= 0: the prior weight of the last step, linear in the step index from prior_weight at the first (< 0 = constant).
     s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.

@@ -97,11 +97,12 @@ _ref_call = nnx.jit(lambda m, x, lam, tok, mask, sc, drop: m.predict(x, lam, tok
 
 
 def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guidance, clamp, self_condition,
-                     score_temperature=1.0, score_temperature_final=0.0, score_min_p=0.0):
+                     score_temperature=1.0, score_temperature_final=0.0, score_min_p=0.0, draw_x0=False):
     """Step by step in Python with its own respacing and its own posterior formulas; the model is
     told each step's log-SNR; the read-out is the argmax of the last step's guided logits. The
     score temperature of step i is tau_0 + (tau_end - tau_0) i / (steps - 1); with score_min_p, the
-    re-weighting renormalises the probabilities at least score_min_p times their position's largest."""
+    re-weighting renormalises the probabilities at least score_min_p times their position's largest;
+    with draw_x0 the step moves toward the embedding of a token drawn from those probabilities."""
     end = score_temperature_final or score_temperature
     taus = [score_temperature + (end - score_temperature) * i / max(steps - 1, 1) for i in range(steps)]
     big_t = sch.timesteps
@@ -132,13 +133,22 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
             x0 = jax.nn.softmax(model.logits(x0), -1) @ model.embedding_table()
         x0 = jnp.where(known, clean, x0)
         a_t, a_p = ab(t), ab(t_prev)
-        if sampler == "ddpm":
-            mean, std = _gauss_posterior(x, x0, a_t, a_p)
-        else:
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-            std = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
-            mean = math.sqrt(a_p) * x0 + math.sqrt(max(1 - a_p - std ** 2, 0.0)) * eps
         key, sub = jax.random.split(key)
+        target = x0
+        if draw_x0:
+            p = np.asarray(jax.nn.softmax(logits / taus[i], -1), np.float64)
+            if score_min_p:
+                p = np.where(p >= score_min_p * p.max(-1, keepdims=True), p, 0.0)
+            with np.errstate(divide="ignore"):
+                log_p = jnp.asarray(np.log(p / p.sum(-1, keepdims=True)), jnp.float32)
+            drawn = jax.random.categorical(jax.random.fold_in(sub, 1), log_p, axis=-1)
+            target = jnp.where(known, clean, model.embed(drawn))
+        if sampler == "ddpm":
+            mean, std = _gauss_posterior(x, target, a_t, a_p)
+        else:
+            eps = (x - math.sqrt(a_t) * target) / math.sqrt(1 - a_t)
+            std = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+            mean = math.sqrt(a_p) * target + math.sqrt(max(1 - a_p - std ** 2, 0.0)) * eps
         x = jnp.where(known, clean, mean + std * jax.random.normal(sub, x.shape))
         x0_prev = x0
     ids = jnp.where(mask, tokens, jnp.argmax(logits, -1))
@@ -155,6 +165,10 @@ def reference_sample(model, sch, tokens, mask, rng, *, steps, sampler, eta, guid
     (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_min_p=0.3)),
     (4, dict(sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_temperature=0.7,
              score_min_p=0.9)),
+    (4, dict(sampler="ddpm", eta=0.0, guidance=1.0, clamp=False, self_condition=True, score_temperature=0.8,
+             draw_x0=True)),
+    (4, dict(sampler="ddim", eta=0.0, guidance=2.0, clamp=False, self_condition=True, score_min_p=0.3,
+             draw_x0=True)),
 ])
 def test_scan_sampler_matches_python_loop(setup, monkeypatch, steps, kw):
     """Respaced (steps < T) reverse processes equal a step-by-step reference, and the whole

@@ -104,7 +104,7 @@ def sampler_options(sample_config) -> dict:
     """The sampler keyword arguments a `config.sample` names, typed: sampler (str), steps (int),
     eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
     score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
-    prior_weight_final (float), score_min_p (float). The one place a sample setting becomes a
+    prior_weight_final (float), score_min_p (float), draw_x0 (bool). The one place a sample setting becomes a
     sampler argument."""
     s = sample_config
     return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
@@ -112,7 +112,8 @@ def sampler_options(sample_config) -> dict:
                 score_temperature=float(s.score_temperature),
                 score_temperature_final=float(s.score_temperature_final), wavefront=float(s.wavefront),
                 wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
-                prior_weight_final=float(s.prior_weight_final), score_min_p=float(s.score_min_p))
+                prior_weight_final=float(s.prior_weight_final), score_min_p=float(s.score_min_p),
+                draw_x0=bool(s.draw_x0))
 
 
 def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -158,7 +159,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            self_condition: bool | None = None, temperature: float = 0.0, return_x0: bool = False,
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
            score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-           prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0):
+           prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
+           draw_x0: bool = False):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -190,6 +192,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         index from `prior_weight` at the first; < 0: constant.
       score_min_p: in [0, 1): the score-temperature softmax keeps the tokens whose probability is
         at least this fraction of the position's largest (0 = all).
+      draw_x0: each step moves toward the embedding of one token per position drawn from that
+        step's re-weighted scores (ancestral sampling with "ddpm"), not toward their mean.
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -205,7 +209,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
                         score_temperature=score_temperature, wavefront=wavefront,
                         score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
                         prior_weight=prior_weight, prior_weight_final=prior_weight_final,
-                        score_min_p=score_min_p)
+                        score_min_p=score_min_p, draw_x0=draw_x0)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -215,7 +219,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
                    score_temperature: float = 1.0, wavefront: float = 0.0,
                    score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-                   prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0):
+                   prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
+                   draw_x0: bool = False):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
@@ -260,7 +265,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     static = dict(sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
                   reweight=bool(np.any(taus != 1.0)), wavefront=float(wavefront),
-                  wavefront_order=str(wavefront_order), score_min_p=float(score_min_p))
+                  wavefront_order=str(wavefront_order), score_min_p=float(score_min_p),
+                  draw_x0=bool(draw_x0))
     taus, pws = jnp.asarray(taus), jnp.asarray(pws)
 
     def fn(tokens_known, cond_mask, rng):
@@ -296,14 +302,22 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
     if score_min_p or not (isinstance(score_temperature, float) and score_temperature == 1.0):
-        scores = logits / score_temperature
-        if score_min_p:  # p_v >= m max_u p_u  <=>  s_v >= max_u s_u + log m
-            floor = jnp.max(scores, axis=-1, keepdims=True) + math.log(score_min_p)
-            scores = jnp.where(scores >= floor, scores, -jnp.inf)
+        scores = step_scores(logits, score_temperature, score_min_p)
         x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(scores, axis=-1), model.embedding_table())
     if clamp:
         x0 = model.clamp_to_embeddings(x0)
     return jnp.where(known[..., None], clean, x0), logits
+
+
+def step_scores(logits: jax.Array, score_temperature, score_min_p: float = 0.0) -> jax.Array:
+    """A step's re-weighted token scores: logits (b, L, V) / score_temperature, with the tokens
+    less than score_min_p times as likely as each position's most likely one at -inf (0 = none).
+    -> float32 (b, L, V)."""
+    scores = logits / score_temperature
+    if score_min_p:  # p_v >= m max_u p_u  <=>  s_v >= max_u s_u + log m
+        floor = jnp.max(scores, axis=-1, keepdims=True) + math.log(score_min_p)
+        scores = jnp.where(scores >= floor, scores, -jnp.inf)
+    return scores
 
 
 def read_out(logits: jax.Array, tokens_known: jax.Array, known: jax.Array, rng: jax.Array,
@@ -339,13 +353,14 @@ def step_values(first: float, last: float, steps: int, scheduled: bool) -> np.nd
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
                                              "temperature", "unroll", "reweight", "wavefront",
-                                             "wavefront_order", "score_min_p"))
+                                             "wavefront_order", "score_min_p", "draw_x0"))
 def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws, *, sampler, guidance,
                 clamp, self_condition, temperature, unroll=1, reweight=False, wavefront=0.0,
-                wavefront_order="left_to_right", score_min_p=0.0):
+                wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False):
     """The reverse process as one program. taus, pws float32 (S,): each step's score temperature
     and prior weight (traced: a sweep over them compiles once); `reweight` False skips the
-    score re-weighting (every tau is 1)."""
+    score re-weighting (every tau is 1); `draw_x0` steps toward the embedding of a token drawn
+    from each step's scores instead of their mean (self-conditioning still reads the mean)."""
     model = nnx.merge(graphdef, state)
     b, length = tokens.shape
     clean = model.embed(tokens)
@@ -365,11 +380,16 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
                                 score_temperature=tau, prior_weight=pw, score_min_p=score_min_p)
-        if sampler == "ddpm":
-            mean, std = ddpm_posterior(x_t, x0, a_t, a_prev)
-        else:
-            mean, std = ddim_posterior(x_t, x0, a_t, a_prev, eta)
         key, sub = jax.random.split(key)
+        target = x0
+        if draw_x0:
+            draw_key = jax.random.fold_in(sub, 1)
+            ids = jax.random.categorical(draw_key, step_scores(logits, tau, score_min_p), axis=-1)
+            target = jnp.where(known[..., None], clean, model.embed(ids))
+        if sampler == "ddpm":
+            mean, std = ddpm_posterior(x_t, target, a_t, a_prev)
+        else:
+            mean, std = ddim_posterior(x_t, target, a_t, a_prev, eta)
         x_next = mean + std * jax.random.normal(sub, x_t.shape, jnp.float32)
         x_next = jnp.where(known[..., None], clean, x_next)
         return (x_next, x0, logits, key), None

@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     "uniform_grid": {"grid": "uniform"},
     "warp_grid": {"grid": "warp"},
     "random_order": {"wavefront_order": "random"},
+    "draw": {"draw_x0": True},
     "wf1_st0.6": {"wavefront": 1.0, "score_temperature": 0.6},
     "wf3_st0.6": {"wavefront": 3.0, "score_temperature": 0.6},
 }
