@@ -23,6 +23,8 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_ctx_cpu.md    tiny with prefix-heavy layouts and with the warp floor at 1: prompt fit, context by position
   benchmarks/results/quality_tiny_vocab_cpu.md  tiny with the 2048-id BPE at twice the steps (equal wall time), its own AR judge
   benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
+  benchmarks/results/quality_posterior_h200.md  the posterior input at ablation scale, at three optimisations
+  docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
   benchmarks/results/quality_tiny_input_s1_cpu.md  the same (recipe, posterior input, at equal time) at training seed 1
   benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
@@ -116,9 +118,11 @@ STUDY_TEXT = {
                  "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
                  "weight X in the sampling logits"),
     "posterior": ("The posterior input (`model.posterior_input`)",
-                  "the default recipe (`all`) and the capacity study's best optimisation (learning rate "
-                  "4e-3, 2400 x 32 windows), each with and without the stem reading every position's "
-                  "posterior mean under the output prior alone (models/dimba.py)",
+                  "the default recipe (`all`), the capacity study's best optimisation (learning rate "
+                  "4e-3, 2400 x 32 windows) and the same at 4800 x 16 windows, each with and without the "
+                  "stem reading every position's posterior mean under the output prior alone "
+                  "(models/dimba.py); and the AR model trained at 4e-3 and 4800 x 16 (`ar+...`, the same "
+                  "tokens: its NLL improves, its samples, judged by the default-recipe AR model, do not)",
                   "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
                   "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
                   "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
@@ -173,7 +177,9 @@ def ablation_table(res: dict, study: str = "ablation", stem: str = "") -> str:
         rows = _rows_by(res, name)
         bound = _f(info.get("bound", {}).get("bound_bits", info.get("nll_bits")), ".2f")
         if "unigram_bound" in info:
-            bound += f" (context-free {_f(info['unigram_bound'].get('bound_bits'), '.2f')})"
+            free, own = info["unigram_bound"].get("bound_bits"), info.get("bound", {}).get("bound_bits")
+            learned = f"; learned from context {free - own:.2f}" if free and own else ""
+            bound += f" (context-free {_f(free, '.2f')}{learned})"
         over = ", ".join(f"{k}={v}" for k, v in info.get("overrides", {}).items()
                          if not k.startswith("@")) or "(defaults)"
         un, pr = rows.get(False, {}), rows.get(True, {})
@@ -569,6 +575,11 @@ def main(argv=None) -> list[str]:
                 res, os.path.join(args.docs, "capacity_tradeoff.png"),
                 "configs/ablation.py, equal tokens (19.7M): training levers, each run at 4 sampler "
                 "settings\n(quality_capacity_h200.json)"))
+        if res is not None and stem == "quality_posterior_h200":
+            written.append(plot_runs_tradeoff(
+                res, os.path.join(args.docs, "posterior_tradeoff.png"),
+                "configs/ablation.py, equal tokens (19.7M): the posterior input at three optimisations, "
+                "each run at 3 sampler settings\n(quality_posterior_h200.json)"))
     gains = {}
     for stem, label in (("likelihood_tiny_input_cpu", "tiny (BPE-8k)"), ("likelihood_tiny_vocab_cpu", "tiny (BPE-2k)")):
         src = os.path.join(args.results, f"{stem}.json")
