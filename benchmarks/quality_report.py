@@ -16,6 +16,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_wavefront_cpu.md  tiny trained and sampled with wavefronts in both orders
   benchmarks/results/quality_tiny_noise_cpu.md  tiny with the warp's floor raised (more levels off the band)
   benchmarks/results/quality_tiny_lr_cpu.md     tiny at learning rate 6e-3, and at twice the steps of half the batch
+  benchmarks/results/quality_tiny_lr_b3_cpu.md  the same lever once more: 2720 steps of 3 windows
   benchmarks/results/quality_tiny_4x_cpu.md     tiny and its AR model on 4x the tokens, and prior weights
   benchmarks/results/quality_tiny_4x_seed{1,2}_cpu.md  the 4x model's key settings at two more sample seeds
   benchmarks/results/quality_tiny_4x_minp_cpu.md  the 4x model with the score's min-p truncation
@@ -558,7 +559,8 @@ def main(argv=None) -> list[str]:
                  "quality_tiny_noise_cpu", "quality_tiny_lr_cpu", "quality_tiny_4x_cpu", "quality_tiny_4x_seed1_cpu",
                  "quality_tiny_4x_seed2_cpu", "quality_tiny_4x_minp_cpu", "quality_tiny_4x_fit_cpu",
                  "quality_tiny_ctx_cpu", "quality_tiny_vocab_cpu", "quality_tiny_vocab_cfg_cpu",
-                 "quality_tiny_input_cpu", "quality_tiny_input_s1_cpu", "quality_tiny_4x_draw_cpu"):
+                 "quality_tiny_input_cpu", "quality_tiny_input_s1_cpu", "quality_tiny_4x_draw_cpu",
+                 "quality_tiny_lr_b3_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):

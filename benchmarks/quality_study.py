@@ -41,7 +41,7 @@ Studies (STUDIES below):
   tiny_noise  configs/tiny.py with the warp's floor raised to 1 and 4 (half / 80% of the
             training levels uniform in log-SNR); the tiny study's AR judge.
   tiny_lr   configs/tiny.py at equal tokens with learning rate 6e-3, with 680 steps of 12 windows,
-            1360 of 6, and 680 of 12 at 6e-3; the tiny study's AR judge.
+            1360 of 6, 2720 of 3, and 680 of 12 at 6e-3; the tiny study's AR judge.
   tiny_vocab  configs/tiny.py with the 2048-id BPE at twice the steps (tiny's wall time), and
             with 6 blocks; its own AR judge on that tokenizer.
   tiny_input  configs/tiny.py with the posterior input (model.posterior_input) beside the
@@ -243,6 +243,10 @@ STUDIES = {
                         "train.checkpoint_every": 680},
             "lr6e-3+b12x680": {"train.lr": 6e-3, "train.batch_size": 12, "train.steps": 680,
                                "train.warmup_steps": 80, "train.checkpoint_every": 340},
+            # twice the steps again at half the batch (the lever that still paid at ablation scale
+            # from 2400 x 32 to 4800 x 16, quality_posterior_h200.md)
+            "b3x2720": {"train.batch_size": 3, "train.steps": 2720, "train.warmup_steps": 320,
+                        "train.checkpoint_every": 1360},
             "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
