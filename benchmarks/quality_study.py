@@ -25,9 +25,9 @@ Studies (STUDIES below):
   posterior configs/ablation.py with the posterior input (model.posterior_input) at the
             default recipe, at learning rate 4e-3 with 2400 x 32 windows and with 4800 x 16, each
             beside the same without it; the AR model as above, and the AR model at 4e-3 with
-            4800 x 16 (same tokens) for scale. Two chained calls on one machine (the second
-            trains only what the first did not: `--runs all` after
-            `--runs all,post,lr4e-3+b32x2400,lr4e-3+b32x2400+post,ar`).
+            4800 x 16 (same tokens) for scale. Chained calls on one machine, each training the
+            runs its `--runs` names beside the judge the first trained (the study workdir stays
+            on a warm machine); quality_posterior_h200.json holds the three that were run.
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each

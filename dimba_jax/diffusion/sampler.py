@@ -104,8 +104,8 @@ def sampler_options(sample_config) -> dict:
     """The sampler keyword arguments a `config.sample` names, typed: sampler (str), steps (int),
     eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
     score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
-    prior_weight_final (float), score_min_p (float), draw_x0 (bool). The one place a sample setting becomes a
-    sampler argument."""
+    prior_weight_final (float), score_min_p (float), draw_x0 (bool). The one place a sample
+    setting becomes a sampler argument."""
     s = sample_config
     return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
                 clamp=bool(s.clamp), temperature=float(s.temperature), grid=str(s.grid),
