@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     from dimba_jax.data.pipeline import unigram_log_prior
     from dimba_jax.train.inference import evaluate_model, load_run
 
-    rows = []
+    rows, priors = [], {}  # the unigram prior per data config: runs on one corpus tokenise it once
     for name, path in models.items():
         run = load_run(path)
         tokens = int(run.step) * int(run.config.train.batch_size) * int(run.config.data.seq_len)
@@ -110,7 +110,12 @@ def main(argv=None) -> dict:
             with run.config.unlocked():
                 run.config.train.batch_size = args.batch_size
         dimba = str(run.config.task) == "dimba"
-        log_prior = unigram_log_prior(run.config.data, run.task.tokenizer) if dimba else None  # tokenises the training split
+        log_prior = None
+        if dimba:
+            key = run.config.data.to_json()
+            if key not in priors:
+                priors[key] = unigram_log_prior(run.config.data, run.task.tokenizer)  # tokenises the training split
+            log_prior = priors[key]
         m = evaluate_model(run, args.batches, log_prior=log_prior)
         row = {"run": name, "path": path, "task": str(run.config.task), "tokens_seen": tokens}
         if "bound_bits" in m:
