@@ -26,6 +26,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
   benchmarks/results/quality_posterior_h200.md  the posterior input at ablation scale, at three optimisations
   docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
+  benchmarks/results/quality_posterior_{b8,lr}_h100.md  its best run at 9600 x 8 windows; at learning rates 6e-3 and 2e-3
   benchmarks/results/quality_tiny_input_s1_cpu.md  the same (recipe, posterior input, at equal time) at training seed 1
   benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
@@ -124,6 +125,21 @@ STUDY_TEXT = {
                   "stem reading every position's posterior mean under the output prior alone "
                   "(models/dimba.py); and the AR model trained at 4e-3 and 4800 x 16 (`ar+...`, the same "
                   "tokens: its NLL improves, its samples, judged by the default-recipe AR model, do not)",
+                  "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
+                  "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
+                  "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
+                  "weight X in the sampling logits"),
+    "posterior_b8": ("The posterior input at 9600 steps of 8 windows",
+                     "the posterior study's best run (learning rate 4e-3, posterior input) trained once "
+                     "more at twice the steps and half the batch: 9600 x 8 windows, the same tokens "
+                     "(compare `lr4e-3+b16x4800+post` in quality_posterior_h200.md, another call)",
+                  "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
+                  "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
+                  "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
+                  "weight X in the sampling logits"),
+    "posterior_lr": ("The posterior input at learning rates 6e-3 and 2e-3",
+                     "the posterior input at learning rate 6e-3 and 4800 x 16 windows (the study's "
+                     "best run was 4e-3 there), and at 2e-3 (the small model's rate) and 9600 x 8 windows",
                   "at score temperature 0.8 (the default; the judge ppl column), and unprompted at the "
                   "variants of the last columns (judge ppl / entropy): `stX` score temperature X, "
                   "`stX+stfY` from X at the noisiest step to Y at the last, `pwX` the output prior at "
@@ -569,7 +585,8 @@ def main(argv=None) -> list[str]:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
     for study, stem in (("wavefront", "quality_wavefront_h200"), ("ablation_pw", "quality_ablation_pw_h200"),
                         ("capacity", "quality_capacity_h200"), ("posterior", "quality_posterior_h100"),
-                        ("posterior", "quality_posterior_h200")):
+                        ("posterior", "quality_posterior_h200"), ("posterior_b8", "quality_posterior_b8_h100"),
+                        ("posterior_lr", "quality_posterior_lr_h100")):
         res = render_if_present(args.results, stem,
                                 lambda res, study=study, stem=stem: ablation_table(res, study, stem), written)
         if res is not None and study == "capacity":

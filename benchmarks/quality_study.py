@@ -108,6 +108,8 @@ ABL_STUDY = {"config": "configs/ablation.py", "judge": "ar", "steps": (32,), "le
 ABL_B32 = {"train.batch_size": 32, "train.steps": 2400, "train.warmup_steps": 200, "train.checkpoint_every": 2400}
 # ... and in four times the steps at a quarter of the batch
 ABL_B16 = {"train.batch_size": 16, "train.steps": 4800, "train.warmup_steps": 400, "train.checkpoint_every": 4800}
+# ... and in eight times the steps at an eighth of the batch (warm-up as at 4800 x 16)
+ABL_B8 = {"train.batch_size": 8, "train.steps": 9600, "train.warmup_steps": 400, "train.checkpoint_every": 4800}
 
 STUDIES = {
     "ablation": {
@@ -171,6 +173,12 @@ STUDIES = {
             "lr4e-3+b16x4800": dict(ABL_B16, **{"train.lr": 4e-3}),
             "lr4e-3+b16x4800+post": dict(ABL_B16, **{"train.lr": 4e-3, "model.posterior_input": True}),
             "ar+lr4e-3+b16x4800": dict(AR_ABL, **ABL_B16, **{"train.lr": 4e-3}),
+            # with the posterior input: twice the steps again, and the learning rate either side
+            "lr4e-3+b8x9600+post": dict(ABL_B8, **{"train.lr": 4e-3, "model.posterior_input": True}),
+            "lr2e-3+b8x9600+post": dict(ABL_B8, **{"train.lr": 2e-3, "train.warmup_steps": 200,
+                                                   "train.checkpoint_every": 2400,
+                                                   "model.posterior_input": True}),
+            "lr6e-3+b16x4800+post": dict(ABL_B16, **{"train.lr": 6e-3, "model.posterior_input": True}),
             "ar": dict(AR_ABL),
         },
         **ABL_STUDY,
@@ -412,17 +420,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def config_args(name: str, study: dict, args) -> tuple[str, list[str]]:
-    """(config file, CLI overrides) of one run (its "@variants", the sampler variants it is
-    measured at besides the study's, are not overrides)."""
+def run_overrides(name: str, study: dict, args) -> dict:
+    """The run's entry in the study (with "@config" / "@variants") updated by --set NAME:key=value."""
     overrides = dict(study["runs"][name])
-    config = overrides.pop("@config", study["config"])
-    overrides.pop("@variants", None)
     for item in args.set:
         run, _, kv = item.partition(":")
         if run == name:
             k, _, v = kv.partition("=")
             overrides[k] = v
+    return overrides
+
+
+def config_args(name: str, study: dict, args) -> tuple[str, list[str]]:
+    """(config file, CLI overrides) of one run (its "@variants", the sampler variants it is
+    measured at besides the study's, are not overrides)."""
+    overrides = run_overrides(name, study, args)
+    config = overrides.pop("@config", study["config"])
+    overrides.pop("@variants", None)
     if args.smoke:
         overrides.update({"data.source": "embedded", "data.val_source": "", "data.tokenizer": "bpe",
                           "data.token_cache_dir": "", "model.d_model": 32, "model.n_layers": 1,
@@ -689,7 +703,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
     batches = make_eval_batches(cfg.data, tok, batch, args.eval_batches, seq)
     info = {"workdir": workdir, "step": step, "params": count_params(model), "task": cfg.task,
             "tokens_seen": step * int(cfg.train.batch_size) * seq,
-            "overrides": {k: v for k, v in study["runs"][name].items()}}
+            "overrides": run_overrides(name, study, args)}
     prompt_len = study["prompt_len"]
     if cfg.task == "dimba":
         curves = [task.eval_metrics(model, b, logsnrs=tuple(float(v) for v in np.arange(-15.0, 5.5, 1.0)))

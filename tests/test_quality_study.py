@@ -50,6 +50,10 @@ def test_workers_get_the_drivers_sampler_choices():
     assert worker["variants"] == ("st0.8", "pw0.5") and worker["sweep"] == (("ddim", "st0.7"),)
     assert worker["seed"] == 3 and qs.study_from_args(args).get("seed", 0) == 0
     assert worker["runs"] == qs.STUDIES["tiny"]["runs"]
+    # --set reaches the run's config and the overrides its results record
+    assert qs.run_overrides("ar", worker, args)["train.steps"] == "9"
+    assert "--config.train.steps=9" in qs.config_args("ar", worker, args)[1]
+    assert "train.steps" not in qs.run_overrides("dimba", worker, args)
 
 
 def test_variant_names_and_patterns():
