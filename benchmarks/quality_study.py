@@ -25,9 +25,10 @@ Studies (STUDIES below):
   posterior configs/ablation.py with the posterior input (model.posterior_input) at the
             default recipe, at learning rate 4e-3 with 2400 x 32 windows and with 4800 x 16, each
             beside the same without it; the AR model as above, and the AR model at 4e-3 with
-            4800 x 16 (same tokens) for scale. Chained calls on one machine, each training the
+            4800 x 16 (same tokens) for scale; with the posterior input also 9600 x 8 at 4e-3
+            and 2e-3, and 4800 x 16 at 6e-3. Chained calls on one machine, each training the
             runs its `--runs` names beside the judge the first trained (the study workdir stays
-            on a warm machine); quality_posterior_h200.json holds the three that were run.
+            on a warm machine); quality_posterior_{h200,b8_h100,lr_h100}.json hold those run.
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
@@ -53,6 +54,10 @@ Studies (STUDIES below):
   small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
+  small_post  the small study with DIMBA at the ablation winners (the posterior input, learning
+            rate 4e-3), the same AR model and judge, the sweep cut to the output-prior settings
+            near the 5% entropy line and the record's sampler (~25 device minutes: two training
+            calls, then `--runs ar,dimba` measures both; see STUDIES["small_post"]).
 
     python -m benchmarks.quality_study --study ablation --data-dir .gpu/data \\
         --workdir runs/ablation --out $OUT/quality_ablation_h200.json --budget-s 560
@@ -341,6 +346,17 @@ STUDIES = {
         "variant_is_run": False,
     },
 }
+
+
+# the small study at the ablation scale's winners (quality_posterior_*.md)
+STUDIES["small_post"] = dict(
+    STUDIES["small"],
+    runs=dict(STUDIES["small"]["runs"],
+              dimba=dict(STUDIES["small"]["runs"]["dimba"], **{"model.posterior_input": True, "train.lr": 4e-3}),
+              judge=dict(STUDIES["small"]["runs"]["judge"], **{"train.steps": 1500, "train.checkpoint_every": 1500})),
+    sweep=(("ddim", "st1+stf0.5"), ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.6+st1+stf0.9"),
+           ("ddim", "pw0.5+st1+stf0.8"), ("ddim", "pw0.5+st1+stf0.9")),
+)
 
 
 def parse_sweep(text: str) -> tuple[tuple[str, str], ...]:
