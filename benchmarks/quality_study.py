@@ -55,9 +55,16 @@ Studies (STUDIES below):
             the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
             results file (`--pareto`).
   small_post  the small study with DIMBA at the ablation winners (the posterior input, learning
-            rate 4e-3), the same AR model and judge, the sweep cut to the output-prior settings
-            near the 5% entropy line and the record's sampler (~25 device minutes: two training
-            calls, then `--runs ar,dimba` measures both; see STUDIES["small_post"]).
+            rate 4e-3), the same AR model and judge (1500 steps), the sweep cut to the
+            output-prior settings near the 5% entropy line and the record's sampler. Three
+            chained calls on one warm machine (~25 device minutes on an H100), the same command
+            each time (its --out and workdir stay on the machine; copy --out to $OUT each time):
+                python -m benchmarks.quality_study --study small_post --data-dir .gpu/data \
+                    --workdir runs/sp --out runs/sp/q.json --pareto runs/sp/pareto.json \
+                    --budget-s 570 --train-reserve-s 2
+            The first trains until its budget; the second finishes training and measures what
+            fits in the time left (a run only when its `measure_s` estimate does); the third
+            measures the rest.
 
     python -m benchmarks.quality_study --study ablation --data-dir .gpu/data \\
         --workdir runs/ablation --out $OUT/quality_ablation_h200.json --budget-s 560
@@ -343,6 +350,10 @@ STUDIES = {
         "prompt_len": 64,
         "skip_tokens": 2000,
         "measure_in_worker": False,  # measured after training, alone on the GPU (latencies of record)
+        # seconds to measure each run; a run is measured only when the call has that much left
+        # (on an H100 DIMBA with the ten-setting sweep took most of a 575 s call; AR with the
+        # judge's loading fitted in a 145 s one)
+        "measure_s": {"dimba": 500, "ar": 110},
         "variant_is_run": False,
     },
 }
@@ -356,6 +367,7 @@ STUDIES["small_post"] = dict(
               judge=dict(STUDIES["small"]["runs"]["judge"], **{"train.steps": 1500, "train.checkpoint_every": 1500})),
     sweep=(("ddim", "st1+stf0.5"), ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.6+st1+stf0.9"),
            ("ddim", "pw0.5+st1+stf0.8"), ("ddim", "pw0.5+st1+stf0.9")),
+    measure_s={"dimba": 420, "ar": 110},
 )
 
 
@@ -530,6 +542,17 @@ def train_all(study: dict, names: list[str], args, deadline: float) -> dict:
                 log(f"train {name}: stopped at the time limit ({limit:.0f}s)")
         time.sleep(2.0)
     return seconds
+
+
+def too_little_time(study: dict, name: str, left_s: float) -> str:
+    """Why run `name` is not measured with `left_s` seconds of the call's budget left (its
+    measurement takes about study["measure_s"][name] seconds, 30 when the study gives no
+    estimate), or "" when it fits."""
+    need = float(study.get("measure_s", {}).get(name, 30.0))
+    if left_s >= need:
+        return ""
+    return (f"{name} not measured: {max(left_s, 0.0):.0f}s of the budget left, its measurement "
+            f"takes about {need:.0f}s (the study's measure_s; results' measure_seconds has past ones)")
 
 
 def measure_path(args, name: str) -> str:
@@ -858,11 +881,16 @@ def main(argv=None) -> dict:
                 one = json.load(f)
             judge_samples(one, judge)
         else:
-            if time.perf_counter() > deadline - 30:
-                log(f"budget spent; {name} not measured")
-                break
-            one = {"rows": []}
+            if not args.from_exports and not finished(os.path.join(args.workdir, name)):
+                log(f"{name} not measured: not trained to its configured steps yet (rerun to continue)")
+                continue
+            short = too_little_time(study, name, deadline - time.perf_counter())
+            if short:
+                log(short)
+                continue
+            one, t0 = {"rows": []}, time.perf_counter()
             measure(name, study, args, judge, val_texts, one, command, device)
+            res.setdefault("measure_seconds", {})[name] = round(time.perf_counter() - t0, 1)
         rows = [dict(r, variant="/".join(x for x in (name, r.get("variant", "")) if x))
                 if study["variant_is_run"] else r for r in one["rows"]]
         results_lib.merge_rows(res, rows)

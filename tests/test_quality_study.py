@@ -202,3 +202,12 @@ def test_bounds_from_too_few_strata_are_not_quoted():
     assert quality_report.bound_cell({"bound_bits": 2.6, "levels": 8}).startswith("— (8 strata")
     assert quality_report.bound_cell({"bound_bits": 10.84, "levels": 32}) == "10.84"
     assert quality_report.bound_cell({"bound_bits": 10.84}) == "10.84"  # older files: levels not recorded
+
+
+def test_a_run_is_measured_only_when_its_estimate_fits_the_budget_left():
+    study = qs.STUDIES["small_post"]
+    assert qs.too_little_time(study, "ar", 111.0) == ""
+    msg = qs.too_little_time(study, "dimba", 300.0)
+    assert msg.startswith("dimba not measured: 300s of the budget left") and "420s" in msg
+    assert qs.too_little_time(qs.STUDIES["tiny"], "dimba", 31.0) == ""  # no estimate: 30 s
+    assert "0s of the budget left" in qs.too_little_time(qs.STUDIES["tiny"], "ar", -5.0)
