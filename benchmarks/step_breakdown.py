@@ -28,7 +28,7 @@ synchronised); the median window / steps is reported. Cases, in the order they r
   fwd_bwd       loss + gradients of the whole model (no optimizer), the real loss
                 (self-conditioning coin, layouts, CE) with a different RNG key per call
   optimizer     global-norm clip + AdamW + EMA + the step's norms, on given gradients
-                (optim.apply_update; the flat pass with --config.train.flat_update=True)
+                (optim.apply_update)
   train_step    the real jitted train step (dimba_jax.train.step, state donated)
   fwd           the loss alone (forward)
   fwd_bwd_sc0   fwd_bwd with diffusion.self_cond_prob = 0 (never the extra forward)

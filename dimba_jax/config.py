@@ -32,7 +32,6 @@ def default_config() -> ml_collections.ConfigDict:
     m.ssd_backward = "mosaic"  # Pallas backward kernels under the Mosaic forward: "mosaic" | "triton".
     m.ssd_block_len = 0  # Mosaic kernel chunk length, 64 or 128 (0 = 128 for 16-bit, 64 for float32).
     m.ssd_forward_only_block_len = 64  # Mosaic chunk length of gradient-free calls (0 = ssd_block_len).
-    m.conv_impl = "autodiff"  # Depthwise conv backward: "autodiff" | "custom_vjp" (hand-written, time-major layouts; dimba_jax.layers.conv).
     m.bidirectional = True  # DIMBA denoiser sees both sides (forward + flipped scan); False = causal ablation.
     m.conditioning = "film"  # How timestep + pooled prompt condition the blocks: "film" or "additive".
     m.prompt_encoder = "mlp"  # "mlp" (light, trained) or "frozen" (a Mamba-2 stack from a checkpoint, no grads).
@@ -120,7 +119,6 @@ def default_config() -> ml_collections.ConfigDict:
     t.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
     t.ema_decay = 0.999  # EMA of parameters used for sampling (0 = no EMA).
     t.param_dtype = "float32"  # Parameter and optimizer-state dtype.
-    t.flat_update = False  # Clip, AdamW and EMA over one flat vector per dtype in one fused pass instead of leaf by leaf (optim.FlatAdamW); needs mesh.fsdp = mesh.tensor = 1; a run resumes only with the setting it was saved with.
     t.checkpoint_every = 100  # Save a checkpoint every this many steps (and at the end / on SIGTERM).
     t.keep_checkpoints = 3  # Keep the last N checkpoints.
     t.log_every = 10  # Metrics (JSON lines + TensorBoard) every this many steps.

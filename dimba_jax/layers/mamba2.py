@@ -29,11 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimba_jax.layers.conv import causal_depthwise_conv_silu, conv_keep_masks
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
 from dimba_jax.ssd import KernelConfig, ssd
-
-CONV_IMPLS = ("autodiff", "custom_vjp")  # Mamba2(conv_impl=...): how the conv is differentiated
 
 
 class Mamba2Cache(NamedTuple):
@@ -105,9 +102,6 @@ class Mamba2(nnx.Module):
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
       out_proj_init_scale: multiplies the out_proj init bound (LMs use 1/sqrt(n_layers)).
-      conv_impl: "autodiff" (the conv written as shifted adds, differentiated by JAX) or
-        "custom_vjp" (dimba_jax.layers.conv: the same forward with a hand-written backward that
-        keeps XLA on time-major layouts); equal results up to float32 rounding.
       dtype: compute dtype of activations; param_dtype: parameter dtype.
 
     Parameters (logical axes): in_proj.kernel (d_model, d_in_proj) ("embed", "mlp");
@@ -121,12 +115,9 @@ class Mamba2(nnx.Module):
                  ssd_kernels: KernelConfig | None = None, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
-                 out_proj_init_scale: float = 1.0, conv_impl: str = "autodiff",
+                 out_proj_init_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d_inner = expand * d_model
-        if conv_impl not in CONV_IMPLS:
-            raise ValueError(f"Mamba2: conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-        self.conv_impl = conv_impl
         if min(d_model, d_state, expand, headdim, ngroups, d_conv, chunk_size) <= 0:
             raise ValueError("Mamba2: all sizes must be positive")
         if d_inner % headdim:
@@ -199,10 +190,6 @@ class Mamba2(nnx.Module):
         out[t] = bias + sum_k w[k] * xbc[t - (d_conv-1) + k], zero before t = 0 and, with
         seq_idx, zero for inputs from a different packed sequence than t's.
         """
-        if self.conv_impl == "custom_vjp":
-            return causal_depthwise_conv_silu(xbc.astype(self.dtype), self.conv_weight[...],
-                                              self.conv_bias[...],
-                                              conv_keep_masks(seq_idx, self.d_conv))
         k_width, seqlen = self.d_conv, xbc.shape[1]
         w = self.conv_weight[...].astype(jnp.float32)
         xpad = jnp.pad(xbc.astype(jnp.float32), ((0, 0), (k_width - 1, 0), (0, 0)))

@@ -131,9 +131,7 @@ class DimbaBlock(nnx.Module):
         self.mixer = mixer_cls(m.d_model, d_state=m.d_state, expand=m.expand, headdim=m.headdim,
                                ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
                                ssd_impl=m.ssd_impl, ssd_kernels=KernelConfig.from_config(m),
-                               conv_impl=getattr(m, "conv_impl", "autodiff"),
-                               dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:

@@ -3,7 +3,7 @@
   tasks.py        config.task -> a Task of dimba_jax.tasks (with a frozen-encoder donor run)
   distributed.py  jax.distributed.initialize from flags or the cluster environment
   mesh.py         the (data, fsdp, tensor) mesh; logical axis names -> PartitionSpecs
-  optim.py        AdamW + warm-up/cosine, clipping, weight-decay mask, EMA (optax, or flat: FlatAdamW)
+  optim.py        AdamW + warm-up/cosine, clipping, weight-decay mask, EMA
   state.py        TrainState, sharded creation, restore targets
   step.py         jitted train/eval steps, global batches, the non-finite guard
   checkpoint.py   orbax checkpoints (async, keep N, data-iterator state, corrupt fallback), config.json

@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dimba_jax.config import default_config
-from dimba_jax.train import optim
 
 _log = logging.getLogger(__name__)
 
@@ -197,9 +196,7 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
     Raises:
       ValueError: the workdir has a checkpoint and its config.json has a different architecture
-        (task, model, tokenizer): those checkpoints could not be restored into this model; or
-        another train.flat_update (or, with it, train.decay_embeddings): their optimizer state
-        is stored differently.
+        (task, model, tokenizer): those checkpoints could not be restored into this model.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not (os.path.exists(path) and has_checkpoint(workdir)):
@@ -211,19 +208,6 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"{workdir!r} holds a run with a different architecture; refusing to reuse it "
             f"(use another --workdir). Differences: {'; '.join(conflicts)}")
-    old = _flatten(saved)
-    was_flat, flat = bool(old.get("train.flat_update", False)), bool(config.train.flat_update)
-    if was_flat != flat:
-        raise ValueError(
-            f"{workdir!r} holds checkpoints saved with train.flat_update={was_flat}, which store "
-            f"the optimizer state differently: resume with train.flat_update={was_flat} (or use "
-            "another --workdir)")
-    decay = bool(old.get("train.decay_embeddings", False))
-    if flat and decay != bool(config.train.decay_embeddings):
-        raise ValueError(
-            f"{workdir!r} holds checkpoints saved with train.flat_update=True and "
-            f"train.decay_embeddings={decay}, which orders their flat optimizer state: resume "
-            f"with train.decay_embeddings={decay} (or use another --workdir)")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -370,24 +354,6 @@ class Checkpointer:
         _sync("dimba_quarantine_%d" % step)
         self.manager.reload()
 
-    def _check_flat_update(self, step: int, abstract_opt_state) -> None:
-        """Raises ValueError if checkpoint `step` holds the optimizer state of the other
-        train.flat_update setting than `abstract_opt_state`. Reads only metadata; a checkpoint
-        whose metadata does not read is left to the restore."""
-        try:
-            meta = self.manager.item_metadata(step)["opt_state"]
-        except Exception:  # noqa: BLE001 - unreadable: the restore reports it
-            return
-        if meta is None:
-            return
-        saved = _is_flat_state(getattr(meta, "tree", meta))
-        wanted = _is_flat_state(abstract_opt_state)
-        if saved != wanted:
-            raise ValueError(
-                f"checkpoint {step} in {self.directory} was saved with train.flat_update={saved} "
-                f"and this run has train.flat_update={wanted}: resume with the setting it was "
-                "saved with (the checkpoint is left as it is)")
-
     def restore(self, abstract_state) -> Restored | None:
         """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
@@ -398,12 +364,8 @@ class Checkpointer:
           Restored, or None if there is no checkpoint.
         A checkpoint that fails to restore (torn, truncated, corrupt) is reported, moved to
         `<step>.corrupt`, and the previous one is tried.
-        Raises:
-          ValueError: the newest checkpoint's optimizer state was saved with another
-            train.flat_update than `abstract_state`'s (the checkpoint is left as it is).
         """
         for step in reversed(self.all_steps()):
-            self._check_flat_update(step, abstract_state.opt_state)
             try:
                 return self._restore_step(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
@@ -412,15 +374,6 @@ class Checkpointer:
                            str(e)[:500])
                 self._quarantine(step)
         return None
-
-
-def _is_flat_state(opt_state: Any) -> bool:
-    """Whether an optimizer state (a tree of arrays, ShapeDtypeStructs or orbax metadata) is a
-    `optim.FlatAdamState`: its leaves sit directly under the fields count / mu / nu."""
-    paths = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    heads = {str(getattr(p[0], "key", getattr(p[0], "name", p[0]))) for p, _ in paths if p}
-    return bool(paths) and heads <= set(optim.FlatAdamState._fields)
 
 
 def _sync(name: str) -> None:

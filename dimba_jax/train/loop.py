@@ -54,11 +54,6 @@ def validate_config(config, num_processes: int, batch_shards: int) -> None:
     for name in ("checkpoint_every", "log_every", "sample_every", "eval_every"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
-    fsdp, tensor = int(config.mesh.fsdp), int(config.mesh.tensor)
-    if bool(t.flat_update) and (fsdp > 1 or tensor > 1):
-        raise ValueError(f"train.flat_update=True needs replicated parameters, but mesh.fsdp={fsdp}"
-                         f" and mesh.tensor={tensor} shard them: set both to 1 or turn "
-                         "train.flat_update off")
 
 
 def _default_data(config, tokenizer, process_index, process_count):

@@ -23,7 +23,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dimba_jax.train import mesh as mesh_lib
-from dimba_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -32,7 +31,7 @@ class TrainState:
 
     step: int32 scalar, optimizer steps taken.
     params: nested dict of float arrays (config.train.param_dtype).
-    opt_state: the optimizer's state: optax's for params, or optim.FlatAdamState (flat_update).
+    opt_state: optax state for params.
     ema: nested dict like params (the EMA used for sampling), or None when ema_decay == 0.
     rng: uint32 (2,) base PRNG key; step n uses fold_in(rng, n), so resuming is exact.
     """
@@ -128,12 +127,12 @@ def init_params_and_rest(task, parts: ModelParts, rng: jax.Array, param_dtype) -
     return cast_floats(nnx.to_pure_dict(params), param_dtype), nnx.to_pure_dict(rest)
 
 
-def state_shardings(parts: ModelParts, tx, mesh: Mesh,
+def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh,
                     axis_rules, param_dtype, use_ema: bool) -> tuple[TrainState, Any]:
     """(TrainState of NamedShardings, rest shardings) for the jitted init, step and restore.
 
     Optimizer moments take their parameter's sharding (via optax.tree_map_params); counts and
-    other scalars are replicated, and so are the flat vectors of `optim.FlatAdamW`.
+    other scalars are replicated.
     """
     specs = param_specs(parts, mesh, axis_rules)
     p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
@@ -141,20 +140,17 @@ def state_shardings(parts: ModelParts, tx, mesh: Mesh,
     abstract_params = cast_floats(parts.abstract_params, param_dtype)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = mesh_lib.replicated(mesh)
-    if isinstance(tx, optim.FlatAdamW):
-        opt_shard = jax.tree.map(lambda _: repl, abstract_opt)
-    else:
-        opt_shard = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, p_shard,
-            transform_non_params=lambda _: repl,
-            is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_shard = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, p_shard,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
     state = TrainState(step=repl, params=p_shard, opt_state=opt_shard,
                        ema=p_shard if use_ema else None, rng=repl)
     rest_shard = jax.tree.map(lambda _: repl, nnx.to_pure_dict(parts.rest_template))
     return state, rest_shard
 
 
-def create_train_state(task, parts: ModelParts, tx, seed: int,
+def create_train_state(task, parts: ModelParts, tx: optax.GradientTransformation, seed: int,
                        shardings: TrainState, rest_shardings: Any, param_dtype,
                        use_ema: bool) -> tuple[TrainState, Any]:
     """Initialises params, optimizer state and EMA directly in their shardings (one jit).

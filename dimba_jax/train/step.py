@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dimba_jax.train import mesh as mesh_lib
@@ -70,11 +71,10 @@ def make_loss_fn(task, parts: ModelParts) -> Callable:
     return loss_fn
 
 
-def make_train_step(task, parts: ModelParts, tx, train_config,
+def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, train_config,
                     mesh: Mesh, shardings: TrainState, rest_shardings: Any,
                     data_sharding: NamedSharding) -> Callable:
-    """Builds the jitted train step (`tx` from `optim.make_optimizer`: an optax chain, or a
-    `FlatAdamW`, which needs every parameter replicated — ValueError otherwise).
+    """Builds the jitted train step.
 
     Returns:
       step(state, rest, batch) -> (new_state, metrics, health) where
@@ -85,14 +85,6 @@ def make_train_step(task, parts: ModelParts, tx, train_config,
                  parameter's gradient has a NaN/Inf)}.
       `state` is donated: do not reuse it after the call.
     """
-    if isinstance(tx, optim.FlatAdamW):
-        sharded = [jax.tree_util.keystr(path) for path, sh in
-                   jax.tree_util.tree_flatten_with_path(shardings.params)[0]
-                   if not sh.is_fully_replicated]
-        if sharded:
-            raise ValueError(f"train.flat_update needs replicated parameters, but {len(sharded)} "
-                             f"are sharded by the mesh (e.g. {sharded[0]}): set mesh.fsdp and "
-                             "mesh.tensor to 1 or turn train.flat_update off")
     accum = int(train_config.grad_accum)
     ema_decay = float(train_config.ema_decay)
     schedule = optim.learning_rate_schedule(train_config)
