@@ -841,6 +841,11 @@ def main(argv=None) -> dict:
     if args.train_only:
         log(f"trained: {seconds}")
         return {}
+    if (not study["measure_in_worker"] and not args.from_exports
+            and not finished(os.path.join(args.workdir, study["judge"]))):
+        log(f"the judge ({study['judge']}) is not trained to its steps yet: nothing measured "
+            "(rerun to continue)")
+        return {}
 
     from dimba_jax.evaluate import harness
     from dimba_jax.evaluate import judge as judge_lib

@@ -211,3 +211,11 @@ def test_a_run_is_measured_only_when_its_estimate_fits_the_budget_left():
     assert msg.startswith("dimba not measured: 300s of the budget left") and "420s" in msg
     assert qs.too_little_time(qs.STUDIES["tiny"], "dimba", 31.0) == ""  # no estimate: 30 s
     assert "0s of the budget left" in qs.too_little_time(qs.STUDIES["tiny"], "ar", -5.0)
+
+
+def test_nothing_is_measured_before_the_judge_has_finished_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(qs, "train_all", lambda *a, **k: {})
+    monkeypatch.setattr(qs, "finished", lambda workdir: not workdir.endswith("judge"))
+    out = tmp_path / "q.json"
+    assert qs.main(["--study", "small_post", "--workdir", str(tmp_path), "--out", str(out)]) == {}
+    assert not out.exists()
