@@ -56,7 +56,8 @@ Studies (STUDIES below):
             results file (`--pareto`).
   small_post  the small study with DIMBA at the ablation winners (the posterior input, learning
             rate 4e-3), the same AR model and judge (1500 steps), the sweep cut to the
-            output-prior settings near the 5% entropy line and the record's sampler. Three
+            output-prior settings near the 5% entropy line and the record's sampler, and the
+            prompted row at T = 64 also with classifier-free guidance 2. Three
             chained calls on one warm machine (~25 device minutes on an H100), the same command
             each time (its --out and workdir stay on the machine; copy --out to $OUT each time):
                 python -m benchmarks.quality_study --study small_post --data-dir .gpu/data \
@@ -367,7 +368,8 @@ STUDIES["small_post"] = dict(
               judge=dict(STUDIES["small"]["runs"]["judge"], **{"train.steps": 1500, "train.checkpoint_every": 1500})),
     sweep=(("ddim", "st1+stf0.5"), ("ddim", "pw0.6+st1+stf0.8"), ("ddim", "pw0.6+st1+stf0.9"),
            ("ddim", "pw0.5+st1+stf0.8"), ("ddim", "pw0.5+st1+stf0.9")),
-    measure_s={"dimba": 420, "ar": 110},
+    prompted_guidance=(2.0,),  # the prompted target's lever: classifier-free guidance at scale 2
+    measure_s={"dimba": 450, "ar": 110},
 )
 
 
@@ -723,6 +725,23 @@ def sweep(gen, study: dict, judge, val_texts, workdir: str, command: str, device
     return best["sampler"], best.get("variant", "")
 
 
+def record_specs(study: dict, sampler: str, variant: str) -> list:
+    """The rows of record of a DIMBA run at the sweep's chosen (sampler, variant): unprompted at
+    every T of the study (its headline T first), prompted at its `prompted_steps`, and prompted
+    at the headline T with each classifier-free guidance scale of `prompted_guidance` added to
+    the chosen variant ("<variant>+cfg<scale>")."""
+    from dimba_jax.evaluate import harness
+    headline = study["steps"][0]
+    specs = [harness.RunSpec("dimba", sampler, t, L, p, variant)
+             for L in study["lengths"] for p in (False, True)
+             for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
+                       if not p else study.get("prompted_steps", study["steps"][:1]))]
+    specs += [harness.RunSpec("dimba", sampler, headline, L, True,
+                              "+".join(x for x in (variant, f"cfg{g:g}") if x))
+              for L in study["lengths"] for g in study.get("prompted_guidance", ())]
+    return specs
+
+
 def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: str, device: str) -> None:
     """All measurements of one trained run into res["runs"][name] and res["rows"]."""
     import numpy as np
@@ -770,11 +789,7 @@ def measure(name: str, study: dict, args, judge, val_texts, res: dict, command: 
             scratch = os.path.join(args.workdir, name)  # the run's folder (also with --from-exports)
             os.makedirs(scratch, exist_ok=True)
             sampler, variant = sweep(gen, study, judge, val_texts, scratch, command, device, info)
-            headline = study["steps"][0]
-            specs = [harness.RunSpec("dimba", sampler, t, L, p, variant)
-                     for L in study["lengths"] for p in (False, True)
-                     for t in ((headline,) + tuple(x for x in study["steps"] if x != headline)
-                               if not p else study.get("prompted_steps", study["steps"][:1]))]
+            specs = record_specs(study, sampler, variant)
         variants = study.get("variants", ()) + tuple(study["runs"][name].get("@variants", ()))
         specs += [harness.RunSpec("dimba", "ddim", study["steps"][0], L, False, v)
                   for L in study["lengths"] for v in variants]

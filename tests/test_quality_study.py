@@ -208,7 +208,7 @@ def test_a_run_is_measured_only_when_its_estimate_fits_the_budget_left():
     study = qs.STUDIES["small_post"]
     assert qs.too_little_time(study, "ar", 111.0) == ""
     msg = qs.too_little_time(study, "dimba", 300.0)
-    assert msg.startswith("dimba not measured: 300s of the budget left") and "420s" in msg
+    assert msg.startswith("dimba not measured: 300s of the budget left") and "450s" in msg
     assert qs.too_little_time(qs.STUDIES["tiny"], "dimba", 31.0) == ""  # no estimate: 30 s
     assert "0s of the budget left" in qs.too_little_time(qs.STUDIES["tiny"], "ar", -5.0)
 
@@ -219,3 +219,14 @@ def test_nothing_is_measured_before_the_judge_has_finished_training(tmp_path, mo
     out = tmp_path / "q.json"
     assert qs.main(["--study", "small_post", "--workdir", str(tmp_path), "--out", str(out)]) == {}
     assert not out.exists()
+
+
+def test_rows_of_record_at_the_chosen_setting_with_guided_prompted_rows():
+    specs = qs.record_specs(qs.STUDIES["small_post"], "ddim", "pw0.6+st1+stf0.8")
+    got = [(s.steps, s.prompted, s.variant) for s in specs]
+    assert got[:4] == [(64, False, "pw0.6+st1+stf0.8"), (16, False, "pw0.6+st1+stf0.8"),
+                       (32, False, "pw0.6+st1+stf0.8"), (128, False, "pw0.6+st1+stf0.8")]
+    assert got[4:] == [(64, True, "pw0.6+st1+stf0.8"), (16, True, "pw0.6+st1+stf0.8"),
+                       (64, True, "pw0.6+st1+stf0.8+cfg2")]
+    assert [s.variant for s in qs.record_specs(qs.STUDIES["small_post"], "ddim", "") if s.prompted] == ["", "", "cfg2"]
+    assert all("cfg" not in s.variant for s in qs.record_specs(qs.STUDIES["small"], "ddim", "st0.8"))
