@@ -32,6 +32,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
   benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
   benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
+  benchmarks/results/quality_small_post_{h100,h200}.md  the small_post study (posterior input, 4e-3), when present
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
   docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
@@ -326,7 +327,9 @@ def small_table(res: dict, source: str, title: str) -> str:
         base = ar_rows.get(r["prompted"], {}).get("judge_ppl")
         ratio = r["judge_ppl"] / base if base and r["judge_ppl"] else None
         rel = r["entropy"] / ref["entropy"] - 1 if ref.get("entropy") and r.get("entropy") else None
-        lines.append(f"| {r['model']} | {r['steps']} | {'yes' if r['prompted'] else 'no'} | "
+        other = r["model"] == "dimba" and (r.get("variant") or "") != (chosen.get("variant") or "")
+        steps = f"{r['steps']} ({r.get('variant') or 'default'})" if other else r["steps"]
+        lines.append(f"| {r['model']} | {steps} | {'yes' if r['prompted'] else 'no'} | "
                      f"{_f(r['latency_ms'], '.1f')} | {_f(r['judge_ppl'], '.1f')} | {_f(ratio, '.2f')} | "
                      f"{_f(r['entropy'], '.2f')} | {_f(None if rel is None else 100 * rel, '+.0f')}% |")
     lines += ["", "## Context use (head accuracy on the 8 tokens after a clean 32-token prompt)", "",
@@ -564,6 +567,10 @@ def main(argv=None) -> list[str]:
         with open(path, "w") as f:
             f.write(text)
         written.append(path)
+    for stem in ("quality_small_post_h100", "quality_small_post_h200"):
+        render_if_present(args.results, stem, lambda res, stem=stem: small_table(
+            res, f"{stem}.json", "DIMBA small at the ablation winners (posterior input, learning rate "
+            "4e-3, 8000 steps of 8 windows) vs the AR baseline"), written)
     curves = {f"ablation: {k}": v for k, v in abl["runs"].items()}
     curves["small: dimba (model of record)"] = small["runs"]["dimba"]
     curves["small: dimba at the earlier recipe"] = small_v1["runs"]["dimba"]

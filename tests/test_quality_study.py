@@ -2,6 +2,7 @@
 parsing, the Pareto file rebuilt from a study (rows of one checkpoint only), and the report's
 tables from the committed results."""
 
+import json
 import math
 import os
 
@@ -230,3 +231,16 @@ def test_rows_of_record_at_the_chosen_setting_with_guided_prompted_rows():
                        (64, True, "pw0.6+st1+stf0.8+cfg2")]
     assert [s.variant for s in qs.record_specs(qs.STUDIES["small_post"], "ddim", "") if s.prompted] == ["", "", "cfg2"]
     assert all("cfg" not in s.variant for s in qs.record_specs(qs.STUDIES["small"], "ddim", "st0.8"))
+
+
+def test_small_table_names_the_variant_of_rows_off_the_chosen_setting():
+    from benchmarks import quality_report as qr
+    with open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                           "quality_small_opt_h100.json")) as f:
+        res = json.load(f)
+    row = next(r for r in res["rows"] if r["model"] == "dimba" and r["prompted"] and r["batch"] == 1
+               and r["steps"] == 64)
+    res["rows"].append(dict(row, variant=row["variant"] + "+cfg2", judge_ppl=123.4))
+    table = qr.small_table(res, "x.json", "t")
+    assert f"| dimba | 64 ({row['variant']}+cfg2) | yes |" in table and "| 123.4 |" in table
+    assert "| dimba | 64 | yes |" in table  # the row at the chosen setting keeps its plain T
