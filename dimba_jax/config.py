@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.readout = "score_interp"  # "score_interp": x0_hat = softmax(logits) @ E, trained by CE (CDCD); "direct": regress x0_hat (the paper's x0-MSE).
     m.skip_logits = True  # Add the output prior (the exact per-token Gaussian likelihood of x_t under each embedding row) to the logits.
     m.posterior_input = False  # Also feed the stem each position's posterior mean under the output prior alone, softmax(prior_logits(x_t)) @ E (models/dimba.py).
+    m.posterior_grad = True  # With posterior_input: gradients flow through the posterior channel into the embedding table; False makes it a constant of the input (less than half its training cost).
     m.logit_bias = False  # A learned per-token bias (V,) in the head's logits, zero at init: the unigram the noisiest levels need, without the blocks computing it.
     m.position_levels = False  # Also embed each position's own noise level into the stem (needed to train or sample with a wavefront; diffusion/wavefront.py).
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.

@@ -250,3 +250,22 @@ def test_logit_bias_adds_a_learned_per_token_bias_not_decayed():
     assert variable_logical_axes(nnx.state(biased, nnx.Param)["logit_bias"]) == ("vocab",)
     mask = weight_decay_mask({"logit_bias": np.zeros((V,))}, {"logit_bias": ("vocab",)})
     assert mask == {"logit_bias": False}
+
+
+def test_posterior_grad_off_stops_the_gradient_at_the_posterior_channel():
+    """posterior_grad=False gives the same posterior channel, through which no gradient then
+    flows (here: to x_t); with it on, one does."""
+    x_t, lam, tokens = inputs(5)
+    known = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    out = {}
+    for flag in (True, False):
+        model = DimbaModel(model_cfg(posterior_input=True, posterior_grad=flag), V, rngs=nnx.Rngs(0))
+        clean = model.embed(tokens)
+
+        def channel(scale, model=model, clean=clean):
+            stem, _ = model.stem_input(x_t * scale, lam, known, clean, None)
+            return stem[..., 2 * D:3 * D]
+
+        out[flag] = (np.asarray(channel(1.0)), float(jax.grad(lambda s: jnp.sum(channel(s) ** 2))(1.0)))
+    np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-6)
+    assert out[False][1] == 0.0 and abs(out[True][1]) > 0.0

@@ -27,7 +27,9 @@ Decisions:
   under a uniform prior over the vocabulary; clean embeddings at known positions): a denoised
   view of every neighbour that the blocks would otherwise have to compute from x_t through the
   whole vocabulary, given at every step, where self-conditioning gives the previous estimate on
-  half the training steps.
+  half the training steps. `model.posterior_grad` False stops the gradient at that channel (it
+  is then a constant of the input, as x_t is): the embedding table learns only through the
+  other paths, and the channel costs less than half as much to train.
 * **Prompt conditioning.** The prompt encoder turns the visible prompt positions into c (b, L, d):
   added to the hidden state there, and its mean over visible positions (zero when none), through
   a linear map, joins tau(t): cond = silu(tau(t) + W_pool mean(c)). `cond` modulates every block
@@ -148,7 +150,8 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, readout, skip_logits, posterior_input, logit_bias, position_levels).
+        compute_dtype, readout, skip_logits, posterior_input, posterior_grad, logit_bias,
+        position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -181,6 +184,7 @@ class DimbaModel(nnx.Module):
             raise ValueError(f"model.readout must be one of {READOUTS}, got {m.readout!r}")
         self.skip_logits = bool(m.skip_logits)
         self.posterior_input = bool(getattr(m, "posterior_input", False))
+        self.posterior_grad = bool(getattr(m, "posterior_grad", True))
         self.noise_warp = noise_warp
 
         normal = nnx.initializers.normal(1.0)
@@ -272,6 +276,8 @@ class DimbaModel(nnx.Module):
         prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
         if self.posterior_input:
             post = jnp.einsum("blv,vd->bld", jax.nn.softmax(prior, axis=-1), self.embedding_table())
+            if not self.posterior_grad:
+                post = jax.lax.stop_gradient(post)
             feats.append(jnp.where(known[..., None], shown, post))
         feats.append(known[..., None].astype(jnp.float32))
         return jnp.concatenate(feats, axis=-1), prior
