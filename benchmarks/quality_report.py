@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality_report
 
-Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_opt_h100.json and, when present,
+Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_{opt,post}_h100.json and, when present,
 quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
@@ -31,9 +31,11 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_input_nograd_cpu.md  the posterior input without gradients through it, seed 1
   benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
   benchmarks/results/quality_tiny_vocab_cfg_cpu.md  its v2k run prompted with classifier-free guidance and a low prior weight: prompt fit
-  benchmarks/results/quality_small_opt_h100.md  the model of record: sampler sweep, rows, bound vs AR NLL
-  benchmarks/results/quality_small_h200.md      the same at small's earlier recipe (learning rate 1e-3, 4000 x 16)
-  benchmarks/results/quality_small_post_{h100,h200}.md  the small_post study (posterior input, 4e-3), when present
+  benchmarks/results/quality_small_post_h100.md  the model of record (posterior input, learning rate 4e-3):
+                                                sampler sweep, rows, bound vs AR NLL
+  benchmarks/results/quality_small_opt_h100.md  the same at small's earlier recipe (2e-3, no posterior input)
+  benchmarks/results/quality_small_h200.md      and at the one before (learning rate 1e-3, 4000 x 16)
+  benchmarks/results/quality_small_post_h200.md  the small_post study on an H200, when present
   docs/noise_curves.png                         head accuracy and cross-entropy against log-SNR
   docs/noise_curves_width.png                   the same for the diffusion widths
   docs/tiny_sampler_tradeoff.png                judge perplexity against entropy of tiny's samplers (1x, 4x tokens)
@@ -55,6 +57,7 @@ import os
 
 CONTEXT_LEVELS = (-10.0, -8.0, -6.0, -4.0, -2.0, 0.0)
 MIN_BOUND_LEVELS = 32  # as benchmarks.quality_study's: fewer strata, no quoted bound
+RECORD = "quality_small_post_h100"  # the results of the model of record (configs/small.py's recipe)
 
 
 def _f(v, spec=".3g") -> str:
@@ -553,6 +556,8 @@ def main(argv=None) -> list[str]:
     with open(os.path.join(args.results, "quality_small_h200.json")) as f:
         small_v1 = json.load(f)
     with open(os.path.join(args.results, "quality_small_opt_h100.json")) as f:
+        small_v2 = json.load(f)
+    with open(os.path.join(args.results, f"{RECORD}.json")) as f:
         small = json.load(f)
     with open(os.path.join(args.results, "quality_width_h200.json")) as f:
         width = json.load(f)
@@ -562,18 +567,21 @@ def main(argv=None) -> list[str]:
                            small_v1, "quality_small_h200.json", "DIMBA small at the earlier recipe (learning "
                            "rate 1e-3, 4000 steps of 16 windows) vs the AR baseline")),
                        ("quality_small_opt_h100.md", small_table(
-                           small, "quality_small_opt_h100.json", "The model of record: DIMBA small (learning "
-                           "rate 2e-3, 8000 steps of 8 windows) vs the AR baseline"))):
+                           small_v2, "quality_small_opt_h100.json", "DIMBA small at the earlier recipe "
+                           "(learning rate 2e-3, 8000 steps of 8 windows, no posterior input) vs the AR baseline")),
+                       (f"{RECORD}.md", small_table(
+                           small, f"{RECORD}.json", "The model of record: DIMBA small (the posterior input, "
+                           "learning rate 4e-3, 8000 steps of 8 windows) vs the AR baseline"))):
         path = os.path.join(args.results, name)
         with open(path, "w") as f:
             f.write(text)
         written.append(path)
-    for stem in ("quality_small_post_h100", "quality_small_post_h200"):
-        render_if_present(args.results, stem, lambda res, stem=stem: small_table(
-            res, f"{stem}.json", "DIMBA small at the ablation winners (posterior input, learning rate "
-            "4e-3, 8000 steps of 8 windows) vs the AR baseline"), written)
+    render_if_present(args.results, "quality_small_post_h200", lambda res: small_table(
+        res, "quality_small_post_h200.json", "DIMBA small at the recipe of record (posterior input, learning "
+        "rate 4e-3, 8000 steps of 8 windows) vs the AR baseline, on an H200"), written)
     curves = {f"ablation: {k}": v for k, v in abl["runs"].items()}
     curves["small: dimba (model of record)"] = small["runs"]["dimba"]
+    curves["small: dimba at 2e-3, no posterior input"] = small_v2["runs"]["dimba"]
     curves["small: dimba at the earlier recipe"] = small_v1["runs"]["dimba"]
     written.append(plot_noise_curves(curves, os.path.join(args.docs, "noise_curves.png")))
     widths = {f"width: {k}": v for k, v in width["runs"].items()}
@@ -620,7 +628,7 @@ def main(argv=None) -> list[str]:
         written.append(plot_context_gain(gains, os.path.join(args.docs, "context_gain_tiny.png")))
     path = os.path.join(args.docs, "small_run", "samples.txt")
     with open(path, "w") as f:
-        f.write(samples_text(small, "quality_small_opt_h100.json"))
+        f.write(samples_text(small, f"{RECORD}.json"))
     written.append(path)
     print("\n".join(written))
     return written

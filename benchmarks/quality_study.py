@@ -52,14 +52,14 @@ Studies (STUDIES below):
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
-  small     configs/small.py with the chosen recipe, configs/ar_small.py on the same tokens and
-            the judge (configs/judge.py); harness rows at T in {16, 32, 64, 128} into the Pareto
-            results file (`--pareto`).
-  small_post  the small study with DIMBA at the ablation winners (the posterior input, learning
-            rate 4e-3), the same AR model and judge (1500 steps), the sweep cut to the
-            output-prior settings near the 5% entropy line and the record's sampler, and the
-            prompted row at T = 64 also with classifier-free guidance 2. Three
-            chained calls on one warm machine (~25 device minutes on an H100), the same command
+  small     configs/small.py at its earlier recipe (no posterior input, learning rate 2e-3),
+            configs/ar_small.py on the same tokens and the judge (configs/judge.py); harness rows
+            at T in {16, 32, 64, 128} into the Pareto results file (`--pareto`).
+  small_post  configs/small.py's recipe of record: the small study with DIMBA at the ablation
+            winners (the posterior input, learning rate 4e-3), the same AR model and judge (1500
+            steps), the sweep cut to the output-prior settings near the 5% entropy line, and the
+            prompted row at T = 64 also with classifier-free guidance 2. Three chained calls on
+            one warm machine (~29 device minutes on an H100 with its start), the same command
             each time (its --out and workdir stay on the machine; copy --out to $OUT each time):
                 python -m benchmarks.quality_study --study small_post --data-dir .gpu/data \
                     --workdir runs/sp --out runs/sp/q.json --pareto runs/sp/pareto.json \
@@ -338,7 +338,9 @@ STUDIES = {
     "small": {
         "config": "configs/small.py",
         "runs": {
-            "dimba": {"train.sample_every": 0, "train.eval_every": 0},
+            # small's earlier recipe (quality_small_opt_h100.md): no posterior input, rate 2e-3
+            "dimba": {"train.sample_every": 0, "train.eval_every": 0, "model.posterior_input": False,
+                      "train.lr": 2e-3},
             "ar": {"@config": "configs/ar_small.py", "train.sample_every": 0, "train.eval_every": 0},
             "judge": {"@config": "configs/judge.py", "train.eval_every": 0},
         },
@@ -364,7 +366,8 @@ STUDIES = {
 }
 
 
-# the small study at the ablation scale's winners (quality_posterior_*.md)
+# the small study at the ablation scale's winners (quality_posterior_*.md): configs/small.py's
+# recipe of record since quality_small_post_h100.md
 STUDIES["small_post"] = dict(
     STUDIES["small"],
     runs=dict(STUDIES["small"]["runs"],

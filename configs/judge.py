@@ -27,6 +27,7 @@ def get_config():
     c.model.chunk_size = 256
     c.model.bidirectional = False
     c.model.time_embed_dim = 128  # not used by the AR task (the library default)
+    c.model.posterior_input = False  # a DIMBA stem's input; the AR model has none
     c.data.seq_len = 512
     c.train.steps = 3000
     c.train.batch_size = 64

@@ -97,3 +97,14 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
     table = open(os.path.splitext(out)[0] + ".md").read()
     assert table.count("| ar | ar |") == 2 and table.count("| dimba | ddim |") == 2
     assert len(paths) == 4
+
+
+def test_pareto_table_puts_each_models_bits_per_token_beside_its_rows():
+    from dimba_jax.evaluate import plots
+    row = dict(sampler="ddim", variant="", steps=64, L_gen=1024, batch=1, prompted=False,
+               latency_ms=113.1, tokens_per_s=9051.0, judge_ppl=256.8, entropy=7.456)
+    table = plots.markdown_table({"rows": [dict(row, model="dimba", nll_bits=7.9699),
+                                           dict(row, model="ar", sampler="ar", steps=1024)]})
+    assert "| 256.80 | 7.456 | 7.97 |" in table  # DIMBA's bound
+    ar_line = next(l for l in table.splitlines() if l.startswith("| ar | ar |"))
+    assert ar_line.endswith("| 7.456 | — |")  # no likelihood recorded: a dash, not a number

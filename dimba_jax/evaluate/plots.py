@@ -203,8 +203,10 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {name} | {m.get('workdir') or '—'} | {m.get('step', '—')} | "
                          f"{_fmt(m.get('params'), ',')} | {_fmt(m.get('tokens_seen'), ',')} | "
                          f"{m.get('d_model', '—')} x {m.get('n_layers', '—')} |")
-    lines += ["", "| model | sampler | variant | T | L_gen | batch | prompted | latency (ms) | "
-              "tokens/s | judge ppl | entropy |", "|" + "---|" * 11]
+    lines += ["", "`bits/token`: the model's likelihood of held-out text (DIMBA: the variational bound; "
+              "AR: the exact NLL), the same for all rows of one model.", "",
+              "| model | sampler | variant | T | L_gen | batch | prompted | latency (ms) | "
+              "tokens/s | judge ppl | entropy | bits/token |", "|" + "---|" * 12]
     order = sorted(results["rows"], key=lambda r: (r["L_gen"], r["prompted"], r["model"] != "ar",
                                                    r.get("variant", ""), r["sampler"], r["steps"],
                                                    r["batch"]))
@@ -212,7 +214,8 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {r['model']} | {r['sampler']} | {r.get('variant') or 'default'} | "
                      f"{r['steps']} | {r['L_gen']} | {r['batch']} | {'yes' if r['prompted'] else 'no'} | "
                      f"{_fmt(r['latency_ms'], '.1f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
-                     f"{_fmt(r['judge_ppl'], '.2f')} | {_fmt(r['entropy'], '.3f')} |")
+                     f"{_fmt(r['judge_ppl'], '.2f')} | {_fmt(r['entropy'], '.3f')} | "
+                     f"{_fmt(r.get('nll_bits'), '.2f')} |")
     lc = results.get("long_context") or []
     if lc:
         slope = long_context.slope_of(lc)
