@@ -27,6 +27,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_posterior_h200.md  the posterior input at ablation scale, at three optimisations
   docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
   benchmarks/results/quality_posterior_{b8,lr}_h100.md  its best run at 9600 x 8 windows; at learning rates 6e-3 and 2e-3
+  benchmarks/results/quality_prompt_{h100,h200}.md  the prompted target's levers at ablation scale, when present
   benchmarks/results/quality_tiny_input_s1_cpu.md  the same (recipe, posterior input, at equal time) at training seed 1
   benchmarks/results/quality_tiny_input_nograd_cpu.md  the posterior input without gradients through it, seed 1
   benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
@@ -215,6 +216,55 @@ def ablation_table(res: dict, study: str = "ablation", stem: str = "") -> str:
         lines.append(f"| {name} | {over} | {bound} | {_f(un.get('judge_ppl'), '.0f')} / "
                      f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | {context_cells(info)} |"
                      + cells)
+    return "\n".join(lines) + "\n"
+
+
+def without_guidance(variant: str) -> str:
+    """The sampling variant with its classifier-free guidance part removed ('pw0.6+cfg2' ->
+    'pw0.6'): guidance acts only with a prompt, so this is the variant's unprompted twin."""
+    return "+".join(p for p in variant.split("+") if p and not p.startswith("cfg"))
+
+
+def prompt_table(res: dict, stem: str) -> str:
+    """The prompt study: per DIMBA run and prompted sampler, judge perplexity prompted against the
+    same sampler unprompted (the prompted target's ratio), and the prompt fit; the AR model's
+    ratio as the scale."""
+    ref = res.get("reference", {})
+    lines = [f"# The prompted target's levers at ablation scale — {res.get('device', '')}", "",
+             f"Made by `benchmarks/quality_report.py` from `{stem}.json`, written by:", "",
+             commands(res), "",
+             "`configs/ablation.py` (d_model 256, 6 bidirectional blocks) with the posterior input at "
+             "learning rate 4e-3, 4800 steps of 16 windows of 256 tokens (19.7M tokens), and the AR model "
+             "of the same size and tokens (9 causal blocks), the judge (window 256); trained side by side "
+             "in one call. Samples: DDIM T = 32, 256 tokens, 32 per row; prompted rows continue a 32-token "
+             "prompt cut from a validation book and are judged conditioned on it. `ratio` is the prompted "
+             "judge perplexity over the unprompted one at the same sampler without guidance (the issue's "
+             "target: at most 0.8x); `prompt fit` the judge perplexity of the continuations' first tokens "
+             "after their own prompt / after another sample's (below 1x: the continuation belongs to its "
+             "prompt). `eta1`: DDIM at DDPM's variance (fresh noise at every step); `cfgG`: "
+             "classifier-free guidance at scale G; `pwX` the output prior's weight.", "",
+             f"Real text (judge, L=256): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
+             f"{_f(ref.get('entropy'), '.2f')} bits/token.", "",
+             "| run | sampler | unprompted ppl / entropy | prompted ppl / entropy | ratio | prompt fit (own / other) |",
+             "|---|---|---|---|---|---|"]
+    for name, info in res["runs"].items():
+        fits = {key.split("|")[-1]: fit for key, fit in info.get("prompt_fit", {}).items()}
+        if info.get("task") == "ar":
+            variants = [("", "ar", "ar")]
+        else:
+            variants = [(v, f"{name}/{v}" if v else name, f"{name}/{without_guidance(v)}" if v else name)
+                        for v in [""] + sorted({r["variant"].split("/", 1)[1] for r in res["rows"]
+                                                if r["prompted"] and r.get("variant", "").startswith(f"{name}/")})]
+        for v, key_pr, key_un in variants:
+            pr, un = _rows_by(res, key_pr).get(True, {}), _rows_by(res, key_un).get(False, {})
+            ratio = (f"{pr['judge_ppl'] / un['judge_ppl']:.2f}x"
+                     if pr.get("judge_ppl") and un.get("judge_ppl") else "—")
+            fit = fits.get(v)
+            fit_cell = (f"{_f(fit['fit_ppl_own'], '.0f')} / {_f(fit['fit_ppl_other'], '.0f')} "
+                        f"({fit['fit_ppl_own'] / fit['fit_ppl_other']:.2f}x)" if fit else "—")
+            lines.append(f"| {name} | {v or 'its default'} | {_f(un.get('judge_ppl'), '.0f')} / "
+                         f"{_f(un.get('entropy'), '.2f')} | {_f(pr.get('judge_ppl'), '.0f')} / "
+                         f"{_f(pr.get('entropy'), '.2f')} | {ratio} | {fit_cell} |")
     return "\n".join(lines) + "\n"
 
 
@@ -616,6 +666,8 @@ def main(argv=None) -> list[str]:
                 res, os.path.join(args.docs, "posterior_tradeoff.png"),
                 "configs/ablation.py, equal tokens (19.7M): the posterior input at three optimisations, "
                 "each run at 3 sampler settings\n(quality_posterior_h200.json)"))
+    for stem in ("quality_prompt_h100", "quality_prompt_h200"):
+        render_if_present(args.results, stem, lambda res, stem=stem: prompt_table(res, stem), written)
     gains = {}
     for stem, label in (("likelihood_tiny_input_cpu", "tiny (BPE-8k)"), ("likelihood_tiny_vocab_cpu", "tiny (BPE-2k)")):
         src = os.path.join(args.results, f"{stem}.json")

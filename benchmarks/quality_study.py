@@ -29,6 +29,12 @@ Studies (STUDIES below):
             and 2e-3, and 4800 x 16 at 6e-3. Chained calls on one machine, each training the
             runs its `--runs` names beside the judge the first trained (the study workdir stays
             on a warm machine); quality_posterior_{h200,b8_h100,lr_h100}.json hold those run.
+  prompt    the prompted target's levers at ablation scale: the posterior input's best run
+            (4e-3, 4800 x 16) sampled with and without a prompt at three samplers (the best, with
+            fresh noise at every step, at prior weight 0.3) and with classifier-free guidance 1.5
+            to 4; the AR model's prompted / unprompted ratio beside it. One call (~5 min):
+                python -m benchmarks.quality_study --study prompt --data-dir .gpu/data \
+                    --workdir runs/prompt --out $OUT/quality_prompt_$DEV.json --budget-s 560
   wavefront configs/ablation.py with per-position noise levels (diffusion/wavefront.py): the
             default recipe, the same with the per-position level embedding alone
             (model.position_levels), and trained with wavefronts up to W = 1 and W = 3; each
@@ -125,6 +131,11 @@ ABL_B16 = {"train.batch_size": 16, "train.steps": 4800, "train.warmup_steps": 40
 # ... and in eight times the steps at an eighth of the batch (warm-up as at 4800 x 16)
 ABL_B8 = {"train.batch_size": 8, "train.steps": 9600, "train.warmup_steps": 400, "train.checkpoint_every": 4800}
 
+# the prompt study's samplers: the ablation scale's best (the prior weight 0.6 with the score
+# temperature 1 -> 0.8), the same with DDPM's variance (fresh noise at every step, eta 1), and a
+# lower prior weight (what the network adds from context counts for more)
+PROMPT_BASES = ("pw0.6+st1+stf0.8", "pw0.6+st1+stf0.8+eta1", "pw0.3+st1+stf0.8")
+
 STUDIES = {
     "ablation": {
         "runs": {
@@ -197,6 +208,19 @@ STUDIES = {
         },
         **ABL_STUDY,
         "variants": ("st0.6", "pw0.6+st1+stf0.8"),
+    },
+    "prompt": {
+        # the prompted target's levers at ablation scale, on the posterior input's best run
+        # (quality_posterior_*.md): each prompted sampler beside the same sampler unprompted
+        # (guidance acts only with a prompt), the AR model's prompted / unprompted as the scale
+        "runs": {
+            "post": dict(ABL_B16, **{"train.lr": 4e-3, "model.posterior_input": True}),
+            "ar": dict(AR_ABL),
+        },
+        **ABL_STUDY,
+        "variants": PROMPT_BASES,
+        "prompted_variants": PROMPT_BASES + tuple(f"{PROMPT_BASES[0]}+cfg{g:g}" for g in (1.5, 2, 3, 4))
+        + (f"{PROMPT_BASES[2]}+cfg2",),
     },
     "wavefront": {
         "runs": {

@@ -244,3 +244,24 @@ def test_small_table_names_the_variant_of_rows_off_the_chosen_setting():
     table = qr.small_table(res, "x.json", "t")
     assert f"| dimba | 64 ({row['variant']}+cfg2) | yes |" in table and "| 123.4 |" in table
     assert "| dimba | 64 | yes |" in table  # the row at the chosen setting keeps its plain T
+
+
+def test_prompt_table_divides_each_prompted_sampler_by_its_unguided_unprompted_twin():
+    from benchmarks import quality_report as qr
+    assert qr.without_guidance("pw0.6+st1+stf0.8+cfg2") == "pw0.6+st1+stf0.8"
+    assert qr.without_guidance("cfg3") == "" and qr.without_guidance("pw0.3+eta1") == "pw0.3+eta1"
+
+    def row(variant, prompted, ppl, model="dimba"):
+        return dict(model=model, variant=variant, prompted=prompted, batch=32, judge_ppl=ppl, entropy=7.0)
+    fit = {"fit_ppl_own": 30.0, "fit_ppl_other": 60.0, "fit_tokens": 32}
+    res = {"rows": [row("post", False, 400.0), row("post", True, 380.0),
+                    row("post/pw0.6", False, 300.0), row("post/pw0.6", True, 270.0),
+                    row("post/pw0.6+cfg3", True, 210.0),
+                    row("ar", False, 50.0, "ar"), row("ar", True, 45.0, "ar")],
+           "runs": {"post": {"task": "dimba", "prompt_fit": {"dimba|ddim|32|256|32|True|pw0.6+cfg3": fit}},
+                    "ar": {"task": "ar", "prompt_fit": {"ar|ar|256|256|32|True|": fit}}}}
+    table = qr.prompt_table(res, "quality_prompt_h100")
+    assert "| post | pw0.6+cfg3 | 300 / 7.00 | 210 / 7.00 | 0.70x | 30 / 60 (0.50x) |" in table
+    assert "| post | pw0.6 | 300 / 7.00 | 270 / 7.00 | 0.90x | — |" in table
+    assert "| post | its default | 400 / 7.00 | 380 / 7.00 | 0.95x | — |" in table
+    assert "| ar | its default | 50 / 7.00 | 45 / 7.00 | 0.90x | 30 / 60 (0.50x) |" in table
