@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, check_norm_impl,
+                                          default_interpret)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
 from dimba_jax.ssd import KernelConfig, ssd
 
@@ -98,6 +100,8 @@ class Mamba2(nnx.Module):
       ssd_impl: "auto" | "xla" | "reference" | "pallas" (dimba_jax.ssd.ssd's `impl`).
       ssd_kernels: the Pallas kernels of the SSD (`dimba_jax.ssd.KernelConfig`; default its
         defaults), passed to `ssd` as its static `kernels`.
+      norm_impl: "xla" | "pallas": the gated-norm epilogue of `BidirectionalMamba2` (the fused
+        kernel of `layers/fused_norm.py`); this causal mixer's own norm is always XLA.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -112,7 +116,8 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
-                 ssd_kernels: KernelConfig | None = None, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 ssd_kernels: KernelConfig | None = None, norm_impl: str = "xla",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
                  out_proj_init_scale: float = 1.0,
@@ -132,6 +137,7 @@ class Mamba2(nnx.Module):
         self.ngroups, self.d_conv, self.chunk_size = ngroups, d_conv, chunk_size
         self.ssd_impl = ssd_impl
         self.ssd_kernels = ssd_kernels or KernelConfig()
+        self.norm_impl = check_norm_impl(norm_impl)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
@@ -321,6 +327,9 @@ class BidirectionalMamba2(nnx.Module):
     flipped time), which halves the number of SSD kernels; with `seq_idx` the two scans are
     separate calls because the backward one needs the flipped segment ids. The two convs are
     separate elementwise programs (each direction has its own filter; XLA fuses each).
+    With `norm_impl="pallas"`, shared projections and no `seq_idx`, the two gated norms, the
+    flip and the mean are one Pallas kernel on that SSD output (`layers/fused_norm.py`; in the
+    Pallas interpreter off GPU); otherwise XLA.
 
     Args: those of `Mamba2` plus `share_projections`.
     """
@@ -363,6 +372,11 @@ class BidirectionalMamba2(nnx.Module):
             y = ssd(cat(x_f, x_b), cat(dt_f, dt_b).astype(jnp.float32), cat(a_f, a_b, 0),
                     cat(b_f, b_b), cat(c_f, c_b), f.chunk_size, D=cat(d_f, d_b, 0),
                     dt_bias=cat(bias_f, bias_b, 0), **common)
+            if self.share_projections and f.norm_impl == "pallas":
+                y = bidirectional_gated_norm_pallas(
+                    y, z_f, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
+                    eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret())
+                return f.out_proj(y)
             y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
         else:
             y_f = ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,

@@ -27,6 +27,19 @@ def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
+def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, ngroups: int = 1,
+                   eps: float = 1e-5, dtype=None) -> jax.Array:
+    """normalise(y * silu(z)) * weight per group of d/ngroups channels, in float32.
+
+    y, z: (..., d); weight: (d,). Returns (..., d) in `dtype` (default y.dtype).
+    """
+    out_dtype = dtype or y.dtype
+    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    grouped = g.reshape(*g.shape[:-1], ngroups, g.shape[-1] // ngroups)
+    g = _rms_normalize(grouped, eps).reshape(g.shape)
+    return (g * weight.astype(jnp.float32)).astype(out_dtype)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * weight over the last axis (eps inside the square root).
 
@@ -87,8 +100,5 @@ class GatedRMSNorm(nnx.Module):
         if y.shape != z.shape or y.shape[-1] != self.dim:
             raise ValueError(f"GatedRMSNorm expects y and z of shape (..., {self.dim}); "
                              f"got {y.shape} and {z.shape}")
-        out_dtype = self.dtype or y.dtype
-        g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        grouped = g.reshape(*g.shape[:-1], self.ngroups, self.dim // self.ngroups)
-        g = _rms_normalize(grouped, self.eps).reshape(g.shape)
-        return (g * self.weight[...].astype(jnp.float32)).astype(out_dtype)
+        return gated_rms_norm(y, z, self.weight[...], ngroups=self.ngroups, eps=self.eps,
+                              dtype=self.dtype)
