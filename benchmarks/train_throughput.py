@@ -22,6 +22,10 @@ Variants (several measurements in one process, e.g. MFU levers in one GPU call):
     # the fused gated-norm epilogue of the bidirectional mixer against XLA's:
     python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
         --warmup 2 --variant baseline: --variant fusednorm:model.norm_impl=pallas --out PREFIX
+    # the fused conv prologue, alone and with the fused epilogue:
+    python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
+        --warmup 2 --variant baseline: --variant fusedconv:model.conv_impl=pallas \
+        --variant both:model.conv_impl=pallas,model.norm_impl=pallas --out PREFIX
 `--variant NAME:KEY=VALUE,KEY=VALUE` (repeatable; an empty list after the colon = the base
 settings). KEY is a config key (`model.ssd_impl`, `train.grad_accum`, ...) or one of the
 measurement settings `per_device_batch`, `seq_len`. Variants run in order; one that fails is
@@ -372,7 +376,7 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
         "devices": n, "mesh": dict(mesh.shape), "per_device_batch": args.per_device_batch,
         "global_batch": config.train.batch_size, "seq_len": seq_len,
         "compute_dtype": config.model.compute_dtype, "ssd_impl": config.model.ssd_impl,
-        "norm_impl": config.model.norm_impl,
+        "norm_impl": config.model.norm_impl, "conv_impl": config.model.conv_impl,
         "params": state_lib.count_params(parts.abstract_params),
         "step_ms": step_s * 1e3, "step_ms_windows": [w * 1e3 for w in windows],
         "tokens_per_s": tps, "tokens_per_s_per_device": tps / n,

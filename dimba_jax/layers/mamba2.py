@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
+                                          check_conv_impl)
 from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, check_norm_impl,
                                           default_interpret)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
@@ -102,6 +104,8 @@ class Mamba2(nnx.Module):
         defaults), passed to `ssd` as its static `kernels`.
       norm_impl: "xla" | "pallas": the gated-norm epilogue of `BidirectionalMamba2` (the fused
         kernel of `layers/fused_norm.py`); this causal mixer's own norm is always XLA.
+      conv_impl: "xla" | "pallas": the conv prologue of `BidirectionalMamba2` (the fused kernel
+        of `layers/fused_conv.py`); this causal mixer's own conv is always XLA.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -117,6 +121,7 @@ class Mamba2(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
                  ssd_kernels: KernelConfig | None = None, norm_impl: str = "xla",
+                 conv_impl: str = "xla",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
@@ -138,6 +143,7 @@ class Mamba2(nnx.Module):
         self.ssd_impl = ssd_impl
         self.ssd_kernels = ssd_kernels or KernelConfig()
         self.norm_impl = check_norm_impl(norm_impl)
+        self.conv_impl = check_conv_impl(conv_impl)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
@@ -196,18 +202,8 @@ class Mamba2(nnx.Module):
         out[t] = bias + sum_k w[k] * xbc[t - (d_conv-1) + k], zero before t = 0 and, with
         seq_idx, zero for inputs from a different packed sequence than t's.
         """
-        k_width, seqlen = self.d_conv, xbc.shape[1]
-        w = self.conv_weight[...].astype(jnp.float32)
-        xpad = jnp.pad(xbc.astype(jnp.float32), ((0, 0), (k_width - 1, 0), (0, 0)))
-        if seq_idx is not None:
-            spad = jnp.pad(seq_idx, ((0, 0), (k_width - 1, 0)), constant_values=-1)
-        acc = self.conv_bias[...].astype(jnp.float32)
-        for k in range(k_width):
-            term = xpad[:, k:k + seqlen] * w[k]
-            if seq_idx is not None and k < k_width - 1:
-                term = jnp.where((spad[:, k:k + seqlen] == seq_idx)[..., None], term, 0.0)
-            acc = acc + term
-        return jax.nn.silu(acc).astype(self.dtype)
+        return causal_conv1d_silu(xbc, self.conv_weight[...], self.conv_bias[...],
+                                  seq_idx=seq_idx, dtype=self.dtype)
 
     def _ssm_params(self):
         """float32 (A, D, dt_bias), each (nheads,)."""
@@ -327,6 +323,10 @@ class BidirectionalMamba2(nnx.Module):
     flipped time), which halves the number of SSD kernels; with `seq_idx` the two scans are
     separate calls because the backward one needs the flipped segment ids. The two convs are
     separate elementwise programs (each direction has its own filter; XLA fuses each).
+    With `conv_impl="pallas"`, shared projections and no `seq_idx`, both convs + SiLU, the flip
+    of the backward input and the concatenation of both directions' x, B, C, dt for that one
+    SSD call are one Pallas kernel (`layers/fused_conv.py`; in the Pallas interpreter off GPU);
+    otherwise XLA.
     With `norm_impl="pallas"`, shared projections and no `seq_idx`, the two gated norms, the
     flip and the mean are one Pallas kernel on that SSD output (`layers/fused_norm.py`; in the
     Pallas interpreter off GPU); otherwise XLA.
@@ -358,19 +358,23 @@ class BidirectionalMamba2(nnx.Module):
         z_f, xbc_f, dt_f = f._split_proj(zxf)
         z_b, xbc_b, dt_b = bk._split_proj(zxb)
         seq_r = _flip(seq_idx)
-        # Both directions in "scan time": backward inputs are flipped.
-        xbc_f = f._conv(xbc_f, seq_idx)
-        xbc_b = bk._conv(_flip(xbc_b), seq_r)
-        dt_b = _flip(dt_b)
-        x_f, b_f, c_f = f._split_xbc(xbc_f)
-        x_b, b_b, c_b = bk._split_xbc(xbc_b)
         a_f, d_f, bias_f = f._ssm_params()
         a_b, d_b, bias_b = bk._ssm_params()
         common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl, kernels=f.ssd_kernels)
+        # Both directions in "scan time": backward inputs are flipped.
         if seq_idx is None and f.dt_limit == bk.dt_limit:
             cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731
-            y = ssd(cat(x_f, x_b), cat(dt_f, dt_b).astype(jnp.float32), cat(a_f, a_b, 0),
-                    cat(b_f, b_b), cat(c_f, c_b), f.chunk_size, D=cat(d_f, d_b, 0),
+            if self.share_projections and f.conv_impl == "pallas":
+                x, b, c, dt = bidirectional_conv_pallas(
+                    xbc_f, dt_f, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
+                    bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
+                    interpret=default_interpret())
+            else:
+                x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, None))
+                x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), None))
+                x, b, c = cat(x_f, x_b), cat(b_f, b_b), cat(c_f, c_b)
+                dt = cat(dt_f, _flip(dt_b)).astype(jnp.float32)
+            y = ssd(x, dt, cat(a_f, a_b, 0), b, c, f.chunk_size, D=cat(d_f, d_b, 0),
                     dt_bias=cat(bias_f, bias_b, 0), **common)
             if self.share_projections and f.norm_impl == "pallas":
                 y = bidirectional_gated_norm_pallas(
@@ -379,6 +383,9 @@ class BidirectionalMamba2(nnx.Module):
                 return f.out_proj(y)
             y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
         else:
+            x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, seq_idx))
+            x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), seq_r))
+            dt_b = _flip(dt_b)
             y_f = ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,
                       dt_bias=bias_f, seq_idx=seq_idx, **common)
             y_b = ssd(x_b, dt_b.astype(jnp.float32), a_b, b_b, c_b, bk.chunk_size, D=d_b,

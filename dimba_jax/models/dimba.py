@@ -134,6 +134,7 @@ class DimbaBlock(nnx.Module):
                                ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
                                ssd_impl=m.ssd_impl, ssd_kernels=KernelConfig.from_config(m),
                                norm_impl=getattr(m, "norm_impl", "xla"),
+                               conv_impl=getattr(m, "conv_impl", "xla"),
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
@@ -149,7 +150,7 @@ class DimbaModel(nnx.Module):
 
     Args:
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
-        chunk_size, ssd_impl, norm_impl, bidirectional, conditioning, prompt_encoder,
+        chunk_size, ssd_impl, norm_impl, conv_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
         compute_dtype, readout, skip_logits, posterior_input, posterior_grad, logit_bias,
         position_levels).

@@ -1,0 +1,353 @@
+"""The prologue of the bidirectional Mamba-2 mixer with shared projections, as one Pallas kernel.
+
+From the shared projection's xBC (b, L, C), C = H*P + 2*G*N, and dt (b, L, H), with the two
+directions' depthwise conv weights w_f, w_b (K, C) and biases bias_f, bias_b (C,), K = d_conv:
+
+    a_f[t] = bias_f + sum_k w_f[k] * xbc[t - (K-1) + k]        (zero for rows < 0)
+    a_b[s] = bias_b + sum_k w_b[k] * xbc[L-1-s + (K-1) - k]    (zero for rows > L-1)
+    [x | B | C]_f = silu(a_f),  [x | B | C]_b = silu(a_b),  in float32, then rounded to `dtype`
+
+a_b is the causal conv of flip(xbc) at scan time s (original row L-1-s). The outputs are the
+inputs of the single SSD call over both directions, backward halves in scan time:
+
+    x_cat (b, L, 2H, P), B_cat (b, L, 2G, N), C_cat (b, L, 2G, N) in `dtype`;
+    dt_cat (b, L, 2H) float32 = [dt[t] | dt[L-1-t]].
+
+`bidirectional_conv_xla` is that computation in jnp (what `BidirectionalMamba2` computes);
+`bidirectional_conv_pallas` is one Pallas kernel for both directions (Triton backend, or the
+Pallas interpreter with `interpret=True`) with a custom VJP. The flip is row arithmetic inside
+the kernels; the split and the concatenation are where the kernel writes. The backward saves
+only the inputs and recomputes a_f, a_b.
+
+Backward (g = dout * silu'(a), silu'(a) = sig(a) * (1 + a * (1 - sig(a))), float32):
+    dxbc[j] = sum_k w_f[k] * g_f[j + (K-1) - k] + w_b[k] * g_b[L-1-j + (K-1) - k]
+    dw_f[k] = sum_t g_f[t] * xbc[t - (K-1) + k],  dbias_f = sum_t g_f[t]
+    dw_b[k] = sum_s g_b[s] * xbc[L-1-s + (K-1) - k],  dbias_b = sum_s g_b[s]
+    ddt[j]  = ddt_cat[j, :H] + ddt_cat[L-1-j, H:]
+One program owns original rows j of dxbc and ddt; its weight and bias sums run over the scan
+rows t = j and s = L-1-j (per-program partial sums, added in XLA).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from dimba_jax.layers.fused_norm import _block_rows, _compiler_params
+
+CONV_IMPLS = ("xla", "pallas")
+# Time rows per program (largest power of two <= this that divides seqlen).
+DEFAULT_BLOCK_ROWS = 16
+
+
+def check_conv_impl(impl: str) -> str:
+    """Returns `impl` if it is one of CONV_IMPLS, else raises a one-line ValueError."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    return impl
+
+
+def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
+    """Depthwise causal conv + bias + SiLU (float32 accumulation).
+
+    out[t] = silu(bias + sum_k weight[k] * xbc[t - (K-1) + k]), zero before t = 0 and, with
+    seq_idx, zero for inputs from a different packed sequence than t's.
+
+    Args:
+      xbc: (batch, L, C); weight: (K, C); bias: (C,).
+      seq_idx: optional (batch, L) int packed-sequence ids.
+      dtype: output dtype (default xbc.dtype).
+    Returns:
+      (batch, L, C) in `dtype`.
+    """
+    k_width, seqlen = weight.shape[0], xbc.shape[1]
+    w = weight.astype(jnp.float32)
+    xpad = jnp.pad(xbc.astype(jnp.float32), ((0, 0), (k_width - 1, 0), (0, 0)))
+    if seq_idx is not None:
+        spad = jnp.pad(seq_idx, ((0, 0), (k_width - 1, 0)), constant_values=-1)
+    acc = bias.astype(jnp.float32)
+    for k in range(k_width):
+        term = xpad[:, k:k + seqlen] * w[k]
+        if seq_idx is not None and k < k_width - 1:
+            term = jnp.where((spad[:, k:k + seqlen] == seq_idx)[..., None], term, 0.0)
+        acc = acc + term
+    return jax.nn.silu(acc).astype(dtype or xbc.dtype)
+
+
+def _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state):
+    """(nheads, headdim) after checking the shapes."""
+    if xbc.ndim != 3 or dt.ndim != 3 or dt.shape[:2] != xbc.shape[:2]:
+        raise ValueError(f"expected xbc (batch, L, conv_dim) and dt (batch, L, nheads); got "
+                         f"{xbc.shape}, {dt.shape}")
+    nh, c = dt.shape[-1], xbc.shape[-1]
+    d_inner = c - 2 * ngroups * d_state
+    if ngroups <= 0 or d_state <= 0 or d_inner <= 0 or d_inner % nh or nh % ngroups:
+        raise ValueError(f"conv_dim {c} != nheads {nh} * headdim + 2 * ngroups {ngroups} * "
+                         f"d_state {d_state} (nheads % ngroups == 0)")
+    k_width = w_f.shape[0]
+    if (w_f.shape != (k_width, c) or w_b.shape != (k_width, c) or bias_f.shape != (c,)
+            or bias_b.shape != (c,)):
+        raise ValueError(f"expected weights (d_conv, {c}) and biases ({c},); got {w_f.shape}, "
+                         f"{w_b.shape}, {bias_f.shape}, {bias_b.shape}")
+    return nh, d_inner // nh
+
+
+def bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
+                           dtype=None):
+    """The reference prologue in jnp (the module docstring's math).
+
+    Args:
+      xbc: (batch, L, conv_dim) conv input [x | B | C] in original time.
+      dt: (batch, L, nheads) raw dt (before bias and softplus).
+      w_f, w_b: (d_conv, conv_dim) conv weights; bias_f, bias_b: (conv_dim,) conv biases.
+      ngroups, d_state: B/C groups G and state size N (conv_dim = nheads*headdim + 2*G*N).
+      dtype: dtype of x_cat, B_cat, C_cat (default xbc.dtype).
+    Returns:
+      x_cat (batch, L, 2*nheads, headdim), B_cat, C_cat (batch, L, 2*ngroups, d_state), all in
+      `dtype`; dt_cat (batch, L, 2*nheads) float32. Backward halves in scan (flipped) time.
+    """
+    nh, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
+    bsz, seqlen, _ = xbc.shape
+    d_inner, gn = nh * p, ngroups * d_state
+
+    def split(v):
+        return (v[..., :d_inner].reshape(bsz, seqlen, nh, p),
+                v[..., d_inner:d_inner + gn].reshape(bsz, seqlen, ngroups, d_state),
+                v[..., d_inner + gn:].reshape(bsz, seqlen, ngroups, d_state))
+
+    fwd = split(causal_conv1d_silu(xbc, w_f, bias_f, dtype=dtype))
+    bwd = split(causal_conv1d_silu(jnp.flip(xbc, axis=1), w_b, bias_b, dtype=dtype))
+    x, b, c = (jnp.concatenate([u, v], axis=2) for u, v in zip(fwd, bwd))
+    return x, b, c, jnp.concatenate([dt, jnp.flip(dt, axis=1)], axis=2).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. One program: batch row bi, time rows [t0, t0 + T). xbc_ref is the whole (L, C)
+# sequence of batch bi. Channels are visited in tiles of P (heads of x) or N (groups of B, C)
+# columns; a tile's input rows r + d are gathered with rows outside [0, L) read as zero.
+# --------------------------------------------------------------------------------------------
+
+
+def _shifted(ref, rows, d, cols, seqlen):
+    """ref[rows + d, cols] in float32, zero where rows + d is outside [0, seqlen)."""
+    r = rows + d
+    ok = (r >= 0) & (r < seqlen)
+    return jnp.where(ok[:, None], ref[jnp.clip(r, 0, seqlen - 1), cols].astype(jnp.float32), 0.0)
+
+
+def _pre(x, w, bias, offsets):
+    """bias + sum_k w[k] * x[offsets[k]] (the reference's summation order)."""
+    acc = bias
+    for k, d in enumerate(offsets):
+        acc = acc + x[d] * w[k]
+    return acc
+
+
+def _vecs(w_ref, b_ref, cols, k_width):
+    f32 = jnp.float32
+    return ([w_ref[k, cols].astype(f32)[None, :] for k in range(k_width)],
+            b_ref[cols].astype(f32)[None, :])
+
+
+def _column_tiles(nh, p, ng, n):
+    """(first column of tile j, tile width, tile count) of x's heads, B's groups, C's groups."""
+    return ((lambda h: h * p, p, nh), (lambda g: nh * p + g * n, n, ng),
+            (lambda g: nh * p + (ng + g) * n, n, ng))
+
+
+def _fwd_kernel(xbc_ref, dt_ref, wf_ref, wb_ref, bf_ref, bb_ref, x_ref, bm_ref, cm_ref, dtc_ref,
+                *, q, seqlen, nh, p, ng, n, k_width):
+    t0 = pl.program_id(1) * q
+    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    rf, rb = t0 + i, (seqlen - 1 - t0) - i  # original rows of the forward / backward outputs
+    km = k_width - 1
+
+    for (first, width, count), o_ref in zip(_column_tiles(nh, p, ng, n), (x_ref, bm_ref, cm_ref)):
+        def tile(j, carry, first=first, width=width, o_ref=o_ref, count=count):
+            cols = pl.ds(first(j), width)
+            w_f, b_f = _vecs(wf_ref, bf_ref, cols, k_width)
+            w_b, b_b = _vecs(wb_ref, bb_ref, cols, k_width)
+            xf = {d: _shifted(xbc_ref, rf, d, cols, seqlen) for d in range(-km, 1)}
+            xb = {d: _shifted(xbc_ref, rb, d, cols, seqlen) for d in range(0, km + 1)}
+            a_f = _pre(xf, w_f, b_f, [k - km for k in range(k_width)])
+            a_b = _pre(xb, w_b, b_b, [km - k for k in range(k_width)])
+            o_ref[:, j, :] = jax.nn.silu(a_f).astype(o_ref.dtype)
+            o_ref[:, count + j, :] = jax.nn.silu(a_b).astype(o_ref.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, count, tile, 0)
+
+    def dt_head(h, carry):
+        dtc_ref[:, h] = dt_ref[pl.ds(t0, q), h].astype(jnp.float32)
+        dtc_ref[:, nh + h] = dt_ref[rb, h].astype(jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(0, nh, dt_head, 0)
+
+
+def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, ddtc_ref,
+                dxbc_ref, ddt_ref, dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
+    """dx_ref, dbm_ref, dcm_ref, ddtc_ref: the whole cotangent sequences of batch bi;
+    dw_ref: (2, K + 1, C) this program's partial sums of [dw; dbias] of both directions."""
+    f32 = jnp.float32
+    t0 = pl.program_id(1) * q
+    j = t0 + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)  # original rows owned
+    km = k_width - 1
+
+    def dsilu(a):
+        sig = jax.nn.sigmoid(a)
+        return sig * (1.0 + a * (1.0 - sig))
+
+    def dout(ref, rows, idx):
+        v = ref[jnp.minimum(rows, seqlen - 1), idx, :].astype(f32)
+        return jnp.where((rows < seqlen)[:, None], v, 0.0)
+
+    for (first, width, count), d_ref in zip(_column_tiles(nh, p, ng, n),
+                                            (dx_ref, dbm_ref, dcm_ref)):
+        def tile(c, carry, first=first, width=width, d_ref=d_ref, count=count):
+            cols = pl.ds(first(c), width)
+            w_f, b_f = _vecs(wf_ref, bf_ref, cols, k_width)
+            w_b, b_b = _vecs(wb_ref, bb_ref, cols, k_width)
+            xs = {d: _shifted(xbc_ref, j, d, cols, seqlen) for d in range(-km, km + 1)}
+            dxbc = jnp.zeros((q, width), f32)
+            for m in range(k_width):  # g_f at row j + m, g_b at scan row L-1-j + m
+                a_f = _pre(xs, w_f, b_f, [m - km + k for k in range(k_width)])
+                a_b = _pre(xs, w_b, b_b, [km - m - k for k in range(k_width)])
+                g_f = dout(d_ref, j + m, c) * dsilu(a_f)
+                g_b = dout(d_ref, (seqlen - 1 - j) + m, count + c) * dsilu(a_b)
+                dxbc = dxbc + w_f[km - m] * g_f + w_b[km - m] * g_b
+                if m == 0:
+                    g_f0, g_b0 = g_f, g_b
+            dxbc_ref[:, cols] = dxbc.astype(dxbc_ref.dtype)
+            for k in range(k_width):
+                dw_ref[0, k, cols] = jnp.sum(g_f0 * xs[k - km], axis=0)
+                dw_ref[1, k, cols] = jnp.sum(g_b0 * xs[km - k], axis=0)
+            dw_ref[0, k_width, cols] = jnp.sum(g_f0, axis=0)
+            dw_ref[1, k_width, cols] = jnp.sum(g_b0, axis=0)
+            return carry
+
+        jax.lax.fori_loop(0, count, tile, 0)
+
+    def dt_head(h, carry):
+        g = ddtc_ref[pl.ds(t0, q), h] + ddtc_ref[(seqlen - 1) - j, nh + h]
+        ddt_ref[:, h] = g.astype(ddt_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, nh, dt_head, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, T, num_warps, interpret).
+# --------------------------------------------------------------------------------------------
+
+
+def _statics(xbc, dt, w_f, cfg):
+    ng, n, _, q, _, _ = cfg
+    bsz, seqlen, c = xbc.shape
+    nh = dt.shape[-1]
+    p = (c - 2 * ng * n) // nh
+    kw = dict(q=q, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=w_f.shape[0])
+    return bsz, seqlen, c, nh, p, kw
+
+
+def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+    ng, n, out_dtype, q, num_warps, interpret = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
+    k_width, dtype = w_f.shape[0], jnp.dtype(out_dtype)
+    seq = lambda *tail: pl.BlockSpec((None, seqlen, *tail),  # noqa: E731
+                                     lambda bi, ti: (bi, 0) + (0,) * len(tail))
+    rows = lambda *tail: pl.BlockSpec((None, q, *tail),  # noqa: E731
+                                      lambda bi, ti: (bi, ti) + (0,) * len(tail))
+    mat = pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0))
+    vec = pl.BlockSpec((c,), lambda bi, ti: (0,))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, **kw),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2 * nh, p), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * ng, n), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * ng, n), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * nh), jnp.float32)),
+        grid=(bsz, seqlen // q),
+        in_specs=[seq(c), seq(nh), mat, mat, vec, vec],
+        out_specs=(rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n), rows(2 * nh)),
+        compiler_params=_compiler_params(num_warps, interpret),
+        interpret=interpret,
+        name="bidir_conv_fwd",
+    )(xbc, dt, w_f, w_b, bias_f, bias_b)
+
+
+def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
+    ng, n, _, q, num_warps, interpret = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
+    k_width, nt = w_f.shape[0], seqlen // q
+    seq = lambda *tail: pl.BlockSpec((None, seqlen, *tail),  # noqa: E731
+                                     lambda bi, ti: (bi, 0) + (0,) * len(tail))
+    rows = lambda *tail: pl.BlockSpec((None, q, *tail),  # noqa: E731
+                                      lambda bi, ti: (bi, ti) + (0,) * len(tail))
+    mat = pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0))
+    vec = pl.BlockSpec((c,), lambda bi, ti: (0,))
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, **kw),
+        out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),
+                   jax.ShapeDtypeStruct(dt.shape, dt.dtype),
+                   jax.ShapeDtypeStruct((bsz, nt, 2, k_width + 1, c), jnp.float32)),
+        grid=(bsz, nt),
+        in_specs=[seq(c), mat, mat, vec, vec, seq(2 * nh, p), seq(2 * ng, n), seq(2 * ng, n),
+                  seq(2 * nh)],
+        out_specs=(rows(c), rows(nh),
+                   pl.BlockSpec((None, None, 2, k_width + 1, c),
+                                lambda bi, ti: (bi, ti, 0, 0, 0))),
+        compiler_params=_compiler_params(num_warps, interpret),
+        interpret=interpret,
+        name="bidir_conv_bwd",
+    )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+    return _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
+
+
+def _fused_fwd(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+    return (_fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg),
+            (xbc, dt, w_f, w_b, bias_f, bias_b))
+
+
+def _fused_bwd(cfg, res, cts):
+    xbc, dt, w_f, w_b, bias_f, bias_b = res
+    dxbc, ddt, dw = _bwd_call(*res, *cts, cfg)
+    dw = jnp.sum(dw, axis=(0, 1))  # (2, K + 1, C)
+    k_width = w_f.shape[0]
+    return (dxbc, ddt, dw[0, :k_width].astype(w_f.dtype), dw[1, :k_width].astype(w_b.dtype),
+            dw[0, k_width].astype(bias_f.dtype), dw[1, k_width].astype(bias_b.dtype))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
+                              dtype=None, interpret: bool = False,
+                              block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4):
+    """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
+    `bidirectional_conv_xla`.
+
+    Args (beyond the reference's):
+      interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
+      block_rows: time rows per program, rounded down to a power of two dividing seqlen.
+      num_warps: warps per Triton program.
+    Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
+    (rows, d_state)).
+    Returns:
+      (x_cat, B_cat, C_cat, dt_cat) as the reference. Gradients: xbc (xbc.dtype), dt (dt.dtype),
+      w_f, w_b, bias_f, bias_b (their dtypes).
+    """
+    _, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
+    for name, v in (("headdim", p), ("d_state", d_state)):
+        if v & (v - 1):
+            raise ValueError(f"the fused conv needs {name} a power of two, got {v}")
+    dtype = jnp.dtype(dtype or xbc.dtype)
+    cfg = (int(ngroups), int(d_state), dtype.name, _block_rows(xbc.shape[1], int(block_rows)),
+           int(num_warps), bool(interpret))
+    return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)

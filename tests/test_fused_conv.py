@@ -1,0 +1,249 @@
+"""The fused prologue of the bidirectional mixer (layers/fused_conv.py): the Pallas kernel in the
+interpreter vs the jnp reference (values and every gradient), the reference vs the tensors that
+BidirectionalMamba2 feeds its SSD, the model knob (pallas vs xla, alone and with the fused
+norm), and its Triton lowering for CUDA.
+
+Tolerances: forward values agree bit for bit in float32 and bfloat16 (same float32 summation
+order, one rounding to the output dtype). float32 gradients agree to float32 summation order
+(~1e-6). bf16 gradients of xbc and dt may differ by one bf16 ulp (the reference adds the two
+directions' contributions as bf16 terms, the kernel in float32); weight and bias gradients are
+float32 in both. Compiled on a GPU (Triton's exp / sigmoid, FMA contraction) the bf16 tolerance
+applies to everything.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from _nnx_jit import jitted
+from dimba_jax.config import default_config
+from dimba_jax.layers import fused_conv as fc
+from dimba_jax.layers import mamba2 as mamba2_lib
+from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
+from dimba_jax.models.dimba import DimbaModel
+
+B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_TOL = dict(rtol=2e-2, atol=4e-2)
+NAMES = ("xbc", "dt", "w_f", "w_b", "bias_f", "bias_b")
+
+
+def _args(dtype, ngroups, seed=0, seqlen=L):
+    c = H * P + 2 * ngroups * N
+    k = jax.random.split(jax.random.key(seed), 6)
+    return (jax.random.normal(k[0], (B, seqlen, c)).astype(dtype),
+            jax.random.normal(k[1], (B, seqlen, H)).astype(dtype),
+            0.5 * jax.random.normal(k[2], (K, c)), 0.5 * jax.random.normal(k[3], (K, c)),
+            0.5 * jax.random.normal(k[4], (c,)), 0.5 * jax.random.normal(k[5], (c,)))
+
+
+def _cotangents(args, ngroups, seed=7):
+    shapes = jax.eval_shape(functools.partial(fc.bidirectional_conv_xla, ngroups=ngroups,
+                                              d_state=N), *args)
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return tuple(jax.random.normal(k, s.shape).astype(s.dtype) for k, s in zip(keys, shapes))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "ngroups", "block_rows"))
+def _value_and_grads(args, cts, *, impl, ngroups, block_rows=4):
+    if impl == "xla":
+        f = functools.partial(fc.bidirectional_conv_xla, ngroups=ngroups, d_state=N)
+    else:
+        f = functools.partial(fc.bidirectional_conv_pallas, ngroups=ngroups, d_state=N,
+                              interpret=True, block_rows=block_rows)
+    out, vjp = jax.vjp(f, *args)
+    return out, vjp(cts)
+
+
+def _compare(args, ngroups, dtype, block_rows=4):
+    cts = _cotangents(args, ngroups)
+    ref, ref_grads = _value_and_grads(args, cts, impl="xla", ngroups=ngroups)
+    out, grads = _value_and_grads(args, cts, impl="pallas", ngroups=ngroups,
+                                  block_rows=block_rows)
+    for o, r, want in zip(out, ref, (dtype, dtype, dtype, jnp.float32)):
+        assert o.dtype == r.dtype == want and o.shape == r.shape
+        np.testing.assert_array_equal(np.float32(o), np.float32(r))
+    for name, g, r, a in zip(NAMES, grads, ref_grads, args):
+        assert g.dtype == a.dtype and g.shape == a.shape, name
+        tol = BF16_TOL if a.dtype == jnp.bfloat16 else F32_TOL
+        np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
+
+
+@pytest.mark.parametrize("dtype,ngroups,seqlen,block_rows", [
+    (jnp.float32, 1, L, 4), (jnp.bfloat16, 1, L, 4), (jnp.bfloat16, 2, L, 4),
+    (jnp.float32, 2, 7, 16),  # seqlen 7: one row per program; taps past both ends read zeros
+])
+def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, block_rows):
+    _compare(_args(dtype, ngroups, seed=ngroups, seqlen=seqlen), ngroups, dtype, block_rows)
+
+
+def _bidi(conv_impl="xla", norm_impl="xla", share=True, dtype=jnp.float32):
+    return BidirectionalMamba2(32, share_projections=share, rngs=nnx.Rngs(5), ssd_impl="xla",
+                               conv_impl=conv_impl, norm_impl=norm_impl, d_state=N, expand=2,
+                               headdim=8, ngroups=2, d_conv=K, chunk_size=4, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_reference_equals_the_mixer_ssd_inputs(dtype, monkeypatch):
+    """The reference's outputs are the x, B, C, dt the XLA mixer hands its one SSD call."""
+    seen = []
+    real_ssd = mamba2_lib.ssd
+
+    def recording_ssd(x, dt, a, b, c, *args, **kwargs):
+        seen.append((x, b, c, dt))
+        return real_ssd(x, dt, a, b, c, *args, **kwargs)
+
+    monkeypatch.setattr(mamba2_lib, "ssd", recording_ssd)
+    graphdef, state = nnx.split(_bidi(dtype=dtype))
+
+    @jax.jit
+    def inputs_and_reference(state, u):
+        bidi = nnx.merge(graphdef, state)
+        bidi(u)
+        f, bk = bidi.fwd, bidi.bwd
+        _, xbc, dt = f._split_proj(f.in_proj(u.astype(dtype)))
+        ref = fc.bidirectional_conv_xla(xbc, dt, f.conv_weight[...], bk.conv_weight[...],
+                                        f.conv_bias[...], bk.conv_bias[...], ngroups=f.ngroups,
+                                        d_state=f.d_state, dtype=dtype)
+        (inputs,) = seen
+        return inputs, ref
+
+    inputs, ref = inputs_and_reference(state, jax.random.normal(jax.random.key(0), (B, L, 32)))
+    for got, want in zip(inputs, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.float32(got), np.float32(want))
+
+
+@jax.jit
+def _mixer_loss_and_grads(graphdef, state, u, ct):
+    def loss(state, u):
+        return jnp.sum(nnx.merge(graphdef, state)(u).astype(jnp.float32) * ct)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(state, u)
+
+
+def test_mixer_pallas_equals_xla_values_and_gradients():
+    """conv_impl="pallas" alone and with norm_impl="pallas" against the all-XLA mixer."""
+    u = jax.random.normal(jax.random.key(1), (B, L, 32))
+    ct = jax.random.normal(jax.random.key(2), (B, L, 32))
+    results = []
+    for conv_impl, norm_impl in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
+        graphdef, state = nnx.split(_bidi(conv_impl, norm_impl), nnx.Param)
+        jaxpr = str(jax.make_jaxpr(_mixer_loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
+        assert jaxpr.count("name=bidir_conv_fwd") == (conv_impl == "pallas")
+        assert jaxpr.count("name=bidir_gated_norm_fwd") == (norm_impl == "pallas")
+        results.append(_mixer_loss_and_grads(graphdef, state, u, ct))
+    l_x, (g_x, du_x) = results[0]
+    flat_x = jax.tree_util.tree_leaves_with_path(g_x)
+    names = [jax.tree_util.keystr(path) for path, _ in flat_x]
+    assert any("conv_weight" in n for n in names) and any("conv_bias" in n for n in names)
+    for l_p, (g_p, du_p) in results[1:]:
+        np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
+        np.testing.assert_allclose(du_p, du_x, rtol=1e-4, atol=1e-5)
+        flat_p = jax.tree.leaves(g_p)
+        assert len(flat_x) == len(flat_p)
+        for name, (_, a), b in zip(names, flat_x, flat_p):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_mixer_falls_back_to_xla_without_shared_projections_or_with_seq_idx():
+    u = jax.random.normal(jax.random.key(3), (B, L, 32))
+    seq_idx = jnp.broadcast_to((jnp.arange(L) >= 9).astype(jnp.int32), (B, L))
+    for share, kw in ((False, {}), (True, {"seq_idx": seq_idx})):
+        np.testing.assert_array_equal(jitted(_bidi("pallas", share=share))(u, **kw),
+                                      jitted(_bidi("xla", share=share))(u, **kw))
+    causal = [Mamba2(32, rngs=nnx.Rngs(6), ssd_impl="xla", conv_impl=impl, d_state=N, headdim=8,
+                     chunk_size=4) for impl in ("pallas", "xla")]
+    np.testing.assert_array_equal(jitted(causal[0])(u), jitted(causal[1])(u))
+
+
+def test_dimba_model_knob_pallas_equals_xla():
+    c = default_config()
+    x_t = jax.random.normal(jax.random.key(4), (B, L, 16))
+    tokens = jax.random.randint(jax.random.key(5), (B, L), 0, 20, dtype=jnp.int32)
+    logsnr, mask = jnp.zeros((B,)), jnp.zeros((B, L), bool)
+    outs = []
+    for impl in ("xla", "pallas"):
+        with c.unlocked():
+            c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
+                           time_embed_dim=16, ssd_impl="xla", conv_impl=impl)
+        model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
+        jaxpr = str(jax.make_jaxpr(lambda *a: model(*a))(x_t, logsnr, tokens, mask))
+        assert ("pallas_call" in jaxpr) == (impl == "pallas")
+        outs.append(jitted(model)(x_t, logsnr, tokens, mask))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_config_without_the_key_builds_the_xla_path():
+    c = default_config()
+    with c.unlocked():
+        c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
+                       time_embed_dim=16, ssd_impl="xla")
+        del c.model["conv_impl"]
+    model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
+    assert all(m.conv_impl == "xla" for m in (model.blocks[0].mixer.fwd,
+                                              model.blocks[0].mixer.bwd))
+
+
+def test_unknown_conv_impl_raises():
+    with pytest.raises(ValueError, match="model.conv_impl"):
+        Mamba2(16, headdim=8, conv_impl="triton", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.conv_impl"):
+        BidirectionalMamba2(16, headdim=8, conv_impl="fused", rngs=nnx.Rngs(0))
+    assert default_config().model.conv_impl == "xla"
+
+
+def test_throughput_variants_parse():
+    from benchmarks.train_throughput import parse_variant
+    from dimba_jax.train.overrides import apply_overrides
+
+    for text, want in (("fusedconv:model.conv_impl=pallas", ("pallas", "xla")),
+                       ("both:model.conv_impl=pallas,model.norm_impl=pallas",
+                        ("pallas", "pallas"))):
+        _, pairs = parse_variant(text)
+        m = apply_overrides(default_config(), pairs).model
+        assert (m.conv_impl, m.norm_impl) == want
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    """Forward and backward lower through the Pallas Triton backend (no GPU needed), at the
+    base config's widths (24 heads of 64, one group of d_state 128)."""
+    from dimba_jax.ssd.hopper import cuda_lowering_context
+
+    c = 24 * 64 + 2 * 128
+    shapes = (jax.ShapeDtypeStruct((2, 64, c), jnp.bfloat16),
+              jax.ShapeDtypeStruct((2, 64, 24), jnp.bfloat16),
+              *(jax.ShapeDtypeStruct(s, jnp.float32) for s in ((K, c), (K, c), (c,), (c,))))
+
+    def f(*args):
+        out, vjp = jax.vjp(functools.partial(fc.bidirectional_conv_pallas, ngroups=1,
+                                             d_state=128), *args)
+        return out, vjp(tuple(jnp.ones_like(o) for o in out))
+
+    with cuda_lowering_context():
+        text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_match_reference_on_gpu():
+    args = _args(jnp.bfloat16, 2, seed=4)
+    cts = _cotangents(args, 2, seed=9)
+
+    def run(f):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cts)
+
+    ref, ref_grads = jax.jit(lambda: run(functools.partial(
+        fc.bidirectional_conv_xla, ngroups=2, d_state=N)))()
+    out, grads = jax.jit(lambda: run(functools.partial(
+        fc.bidirectional_conv_pallas, ngroups=2, d_state=N, block_rows=4)))()
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype
+        np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **BF16_TOL)
