@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dimba_jax.layers.fused_norm import _block_rows, _compiler_params
+from dimba_jax.layers.triton_common import compiler_params, rows_per_program
 
 CONV_IMPLS = ("xla", "pallas")
 # Time rows per program (largest power of two <= this that divides seqlen).
@@ -272,7 +272,7 @@ def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
         grid=(bsz, seqlen // q),
         in_specs=[seq(c), seq(nh), mat, mat, vec, vec],
         out_specs=(rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n), rows(2 * nh)),
-        compiler_params=_compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
         name="bidir_conv_fwd",
     )(xbc, dt, w_f, w_b, bias_f, bias_b)
@@ -299,7 +299,7 @@ def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
         out_specs=(rows(c), rows(nh),
                    pl.BlockSpec((None, None, 2, k_width + 1, c),
                                 lambda bi, ti: (bi, ti, 0, 0, 0))),
-        compiler_params=_compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
         name="bidir_conv_bwd",
     )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc.astype(jnp.float32))
@@ -348,6 +348,6 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         if v & (v - 1):
             raise ValueError(f"the fused conv needs {name} a power of two, got {v}")
     dtype = jnp.dtype(dtype or xbc.dtype)
-    cfg = (int(ngroups), int(d_state), dtype.name, _block_rows(xbc.shape[1], int(block_rows)),
+    cfg = (int(ngroups), int(d_state), dtype.name, rows_per_program(xbc.shape[1], int(block_rows)),
            int(num_warps), bool(interpret))
     return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)

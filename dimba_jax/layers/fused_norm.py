@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
+from dimba_jax.layers.triton_common import compiler_params, rows_per_program
 
 NORM_IMPLS = ("xla", "pallas")
 # Time rows per program (largest power of two <= this that divides seqlen).
@@ -43,11 +44,6 @@ def check_norm_impl(impl: str) -> str:
     if impl not in NORM_IMPLS:
         raise ValueError(f"model.norm_impl must be one of {NORM_IMPLS}, got {impl!r}")
     return impl
-
-
-def default_interpret() -> bool:
-    """True off an NVIDIA GPU: the kernel then runs in the Pallas interpreter."""
-    return jax.default_backend() != "gpu"
 
 
 def _check(y, z, w_f, w_b, ngroups):
@@ -198,13 +194,6 @@ def _bwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, rstd_ref, do_ref, dys_ref, dz_ref
 # --------------------------------------------------------------------------------------------
 
 
-def _compiler_params(num_warps, interpret):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
-    return plt.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def _specs(seqlen, h2, p, d, q, ngroups):
     seq = pl.BlockSpec((None, seqlen, h2, p), lambda bi, ti: (bi, 0, 0, 0))
     rows = pl.BlockSpec((None, q, d), lambda bi, ti: (bi, ti, 0))
@@ -226,7 +215,7 @@ def _fwd_call(y, z, w_f, w_b, cfg):
         grid=(bsz, seqlen // q),
         in_specs=[seq, rows, vec, vec],
         out_specs=(rows, rstd),
-        compiler_params=_compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
         name="bidir_gated_norm_fwd",
     )(y, z, w_f, w_b)
@@ -248,7 +237,7 @@ def _bwd_call(y, z, w_f, w_b, rstd, dout, cfg):
         grid=(bsz, nt),
         in_specs=[seq, rows, vec, vec, rstd_spec, rows],
         out_specs=(seq, rows, pl.BlockSpec((None, None, 2, d), lambda bi, ti: (bi, ti, 0, 0))),
-        compiler_params=_compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
         name="bidir_gated_norm_bwd",
     )(y, z, w_f, w_b, rstd, dout)
@@ -274,13 +263,6 @@ def _fused_bwd(cfg, res, dout):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _block_rows(seqlen: int, block_rows: int) -> int:
-    q = 1
-    while q * 2 <= block_rows and seqlen % (q * 2) == 0:
-        q *= 2
-    return q
-
-
 def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,
                                     dtype=None, interpret: bool = False,
                                     block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4):
@@ -301,6 +283,6 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     if p & (p - 1):
         raise ValueError(f"the fused gated norm needs headdim a power of two, got {p}")
     dtype = jnp.dtype(dtype or y.dtype)
-    cfg = (int(ngroups), float(eps), dtype.name, _block_rows(y.shape[1], int(block_rows)),
+    cfg = (int(ngroups), float(eps), dtype.name, rows_per_program(y.shape[1], int(block_rows)),
            int(num_warps), bool(interpret))
     return _fused(y.astype(dtype), z, w_f, w_b, cfg)

@@ -31,9 +31,9 @@ from flax import nnx
 
 from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
                                           check_conv_impl)
-from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, check_norm_impl,
-                                          default_interpret)
+from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas, check_norm_impl
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
+from dimba_jax.layers.triton_common import default_interpret
 from dimba_jax.ssd import KernelConfig, ssd
 
 
