@@ -46,3 +46,13 @@ def run_steps(module, inputs, cache):
     """
     graphdef, state = nnx.split(module)
     return _scan_steps(graphdef, state, inputs, cache)
+
+
+@jax.jit
+def loss_and_grads(graphdef, state, u, ct):
+    """sum(module(u) * ct) (float32) and its gradients with respect to (state, u), jitted:
+    a module's values and every gradient at once (graphdef, state = nnx.split(module, nnx.Param))."""
+    def loss(state, u):
+        return jax.numpy.sum(nnx.merge(graphdef, state)(u).astype(jax.numpy.float32) * ct)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(state, u)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _nnx_jit import jitted
+from _nnx_jit import jitted, loss_and_grads
 from dimba_jax.config import default_config
 from dimba_jax.layers import fused_conv as fc
 from dimba_jax.layers import mamba2 as mamba2_lib
@@ -118,14 +118,6 @@ def test_reference_equals_the_mixer_ssd_inputs(dtype, monkeypatch):
         np.testing.assert_array_equal(np.float32(got), np.float32(want))
 
 
-@jax.jit
-def _mixer_loss_and_grads(graphdef, state, u, ct):
-    def loss(state, u):
-        return jnp.sum(nnx.merge(graphdef, state)(u).astype(jnp.float32) * ct)
-
-    return jax.value_and_grad(loss, argnums=(0, 1))(state, u)
-
-
 def test_mixer_pallas_equals_xla_values_and_gradients():
     """conv_impl="pallas" alone and with norm_impl="pallas" against the all-XLA mixer."""
     u = jax.random.normal(jax.random.key(1), (B, L, 32))
@@ -133,10 +125,10 @@ def test_mixer_pallas_equals_xla_values_and_gradients():
     results = []
     for conv_impl, norm_impl in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
         graphdef, state = nnx.split(_bidi(conv_impl, norm_impl), nnx.Param)
-        jaxpr = str(jax.make_jaxpr(_mixer_loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
+        jaxpr = str(jax.make_jaxpr(loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
         assert jaxpr.count("name=bidir_conv_fwd") == (conv_impl == "pallas")
         assert jaxpr.count("name=bidir_gated_norm_fwd") == (norm_impl == "pallas")
-        results.append(_mixer_loss_and_grads(graphdef, state, u, ct))
+        results.append(loss_and_grads(graphdef, state, u, ct))
     l_x, (g_x, du_x) = results[0]
     flat_x = jax.tree_util.tree_leaves_with_path(g_x)
     names = [jax.tree_util.keystr(path) for path, _ in flat_x]
@@ -161,7 +153,9 @@ def test_mixer_falls_back_to_xla_without_shared_projections_or_with_seq_idx():
     np.testing.assert_array_equal(jitted(causal[0])(u), jitted(causal[1])(u))
 
 
-def test_dimba_model_knob_pallas_equals_xla():
+@pytest.mark.parametrize("knob", ["conv_impl", "norm_impl"])
+def test_dimba_model_kernel_knob_pallas_equals_xla(knob):
+    """A DIMBA model with one fused kernel on equals the XLA model (and runs a pallas_call)."""
     c = default_config()
     x_t = jax.random.normal(jax.random.key(4), (B, L, 16))
     tokens = jax.random.randint(jax.random.key(5), (B, L), 0, 20, dtype=jnp.int32)
@@ -170,7 +164,7 @@ def test_dimba_model_knob_pallas_equals_xla():
     for impl in ("xla", "pallas"):
         with c.unlocked():
             c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
-                           time_embed_dim=16, ssd_impl="xla", conv_impl=impl)
+                           time_embed_dim=16, ssd_impl="xla", **{knob: impl})
         model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
         jaxpr = str(jax.make_jaxpr(lambda *a: model(*a))(x_t, logsnr, tokens, mask))
         assert ("pallas_call" in jaxpr) == (impl == "pallas")

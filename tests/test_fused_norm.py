@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _nnx_jit import jitted
+from _nnx_jit import jitted, loss_and_grads
 from dimba_jax.config import default_config
 from dimba_jax.layers import fused_norm as fn
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
-from dimba_jax.models.dimba import DimbaModel
 from dimba_jax.ssd import ssd
 
 B, L, H, P = 2, 16, 2, 8
@@ -113,23 +112,15 @@ def test_reference_equals_the_mixer_epilogue():
                                rtol=1e-5, atol=1e-5)
 
 
-@jax.jit
-def _mixer_loss_and_grads(graphdef, state, u, ct):
-    def loss(state, u):
-        return jnp.sum(nnx.merge(graphdef, state)(u).astype(jnp.float32) * ct)
-
-    return jax.value_and_grad(loss, argnums=(0, 1))(state, u)
-
-
 def test_mixer_pallas_equals_xla_values_and_gradients():
     u = jax.random.normal(jax.random.key(1), (B, L, 32))
     ct = jax.random.normal(jax.random.key(2), (B, L, 32))
     results = []
     for impl in ("xla", "pallas"):
         graphdef, state = nnx.split(_bidi(impl), nnx.Param)
-        jaxpr = str(jax.make_jaxpr(_mixer_loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
+        jaxpr = str(jax.make_jaxpr(loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
         assert ("pallas_call" in jaxpr) == (impl == "pallas")
-        results.append(_mixer_loss_and_grads(graphdef, state, u, ct))
+        results.append(loss_and_grads(graphdef, state, u, ct))
     (l_x, (g_x, du_x)), (l_p, (g_p, du_p)) = results
     np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
     np.testing.assert_allclose(du_p, du_x, rtol=1e-4, atol=1e-5)
@@ -145,23 +136,6 @@ def test_mixer_falls_back_to_xla_without_shared_projections_or_with_seq_idx():
     for share, kw in ((False, {}), (True, {"seq_idx": seq_idx})):
         np.testing.assert_array_equal(jitted(_bidi("pallas", share))(u, **kw),
                                       jitted(_bidi("xla", share))(u, **kw))
-
-
-def test_dimba_model_knob_pallas_equals_xla():
-    c = default_config()
-    x_t = jax.random.normal(jax.random.key(4), (B, L, 16))
-    tokens = jax.random.randint(jax.random.key(5), (B, L), 0, 20, dtype=jnp.int32)
-    logsnr, mask = jnp.zeros((B,)), jnp.zeros((B, L), bool)
-    outs = []
-    for impl in ("xla", "pallas"):
-        with c.unlocked():
-            c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
-                           time_embed_dim=16, ssd_impl="xla", norm_impl=impl)
-        model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
-        jaxpr = str(jax.make_jaxpr(lambda *a: model(*a))(x_t, logsnr, tokens, mask))
-        assert ("pallas_call" in jaxpr) == (impl == "pallas")
-        outs.append(jitted(model)(x_t, logsnr, tokens, mask))
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_norm_impl_raises():

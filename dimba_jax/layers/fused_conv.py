@@ -36,18 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dimba_jax.layers.triton_common import compiler_params, rows_per_program
-
-CONV_IMPLS = ("xla", "pallas")
-# Time rows per program (largest power of two <= this that divides seqlen).
-DEFAULT_BLOCK_ROWS = 16
-
-
-def check_conv_impl(impl: str) -> str:
-    """Returns `impl` if it is one of CONV_IMPLS, else raises a one-line ValueError."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    return impl
+from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, compiler_params, rows_per_program
 
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
@@ -253,16 +242,24 @@ def _statics(xbc, dt, w_f, cfg):
     return bsz, seqlen, c, nh, p, kw
 
 
+def _specs(seqlen, q, k_width, c):
+    """BlockSpec makers over grid (batch, row block): a batch row's whole sequence, its row
+    block of q rows (trailing dims `*tail` whole), the (k_width, c) weights, the (c,) biases."""
+    def seq(*tail):
+        return pl.BlockSpec((None, seqlen, *tail), lambda bi, ti: (bi, 0) + (0,) * len(tail))
+
+    def rows(*tail):
+        return pl.BlockSpec((None, q, *tail), lambda bi, ti: (bi, ti) + (0,) * len(tail))
+
+    return (seq, rows, pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0)),
+            pl.BlockSpec((c,), lambda bi, ti: (0,)))
+
+
 def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
     ng, n, out_dtype, q, num_warps, interpret = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
     k_width, dtype = w_f.shape[0], jnp.dtype(out_dtype)
-    seq = lambda *tail: pl.BlockSpec((None, seqlen, *tail),  # noqa: E731
-                                     lambda bi, ti: (bi, 0) + (0,) * len(tail))
-    rows = lambda *tail: pl.BlockSpec((None, q, *tail),  # noqa: E731
-                                      lambda bi, ti: (bi, ti) + (0,) * len(tail))
-    mat = pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0))
-    vec = pl.BlockSpec((c,), lambda bi, ti: (0,))
+    seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2 * nh, p), dtype),
@@ -282,12 +279,7 @@ def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
     ng, n, _, q, num_warps, interpret = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
     k_width, nt = w_f.shape[0], seqlen // q
-    seq = lambda *tail: pl.BlockSpec((None, seqlen, *tail),  # noqa: E731
-                                     lambda bi, ti: (bi, 0) + (0,) * len(tail))
-    rows = lambda *tail: pl.BlockSpec((None, q, *tail),  # noqa: E731
-                                      lambda bi, ti: (bi, ti) + (0,) * len(tail))
-    mat = pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0))
-    vec = pl.BlockSpec((c,), lambda bi, ti: (0,))
+    seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, **kw),
         out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),

@@ -32,18 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
-from dimba_jax.layers.triton_common import compiler_params, rows_per_program
-
-NORM_IMPLS = ("xla", "pallas")
-# Time rows per program (largest power of two <= this that divides seqlen).
-DEFAULT_BLOCK_ROWS = 16
-
-
-def check_norm_impl(impl: str) -> str:
-    """Returns `impl` if it is one of NORM_IMPLS, else raises a one-line ValueError."""
-    if impl not in NORM_IMPLS:
-        raise ValueError(f"model.norm_impl must be one of {NORM_IMPLS}, got {impl!r}")
-    return impl
+from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, compiler_params, rows_per_program
 
 
 def _check(y, z, w_f, w_b, ngroups):

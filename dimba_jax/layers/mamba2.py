@@ -29,11 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
-                                          check_conv_impl)
-from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas, check_norm_impl
+from dimba_jax.layers.fused_conv import bidirectional_conv_pallas, causal_conv1d_silu
+from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import default_interpret
+from dimba_jax.layers.triton_common import check_impl, default_interpret
 from dimba_jax.ssd import KernelConfig, ssd
 
 
@@ -142,8 +141,8 @@ class Mamba2(nnx.Module):
         self.ngroups, self.d_conv, self.chunk_size = ngroups, d_conv, chunk_size
         self.ssd_impl = ssd_impl
         self.ssd_kernels = ssd_kernels or KernelConfig()
-        self.norm_impl = check_norm_impl(norm_impl)
-        self.conv_impl = check_conv_impl(conv_impl)
+        self.norm_impl = check_impl("model.norm_impl", norm_impl)
+        self.conv_impl = check_impl("model.conv_impl", conv_impl)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads

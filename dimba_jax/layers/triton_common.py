@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import jax
 
+IMPLS = ("xla", "pallas")  # the values of the kernel knobs (model.norm_impl, model.conv_impl)
+DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
+
+
+def check_impl(knob: str, impl: str) -> str:
+    """Returns `impl` if it is one of IMPLS, else raises a one-line ValueError naming `knob`."""
+    if impl not in IMPLS:
+        raise ValueError(f"{knob} must be one of {IMPLS}, got {impl!r}")
+    return impl
+
 
 def default_interpret() -> bool:
     """True off an NVIDIA GPU: the kernels then run in the Pallas interpreter."""
