@@ -229,12 +229,13 @@ def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_re
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, T, num_warps, interpret).
+# pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (T fwd, T bwd),
+# (num_warps fwd, num_warps bwd), interpret).
 # --------------------------------------------------------------------------------------------
 
 
-def _statics(xbc, dt, w_f, cfg):
-    ng, n, _, q, _, _ = cfg
+def _statics(xbc, dt, w_f, cfg, q):
+    ng, n = cfg[:2]
     bsz, seqlen, c = xbc.shape
     nh = dt.shape[-1]
     p = (c - 2 * ng * n) // nh
@@ -256,8 +257,8 @@ def _specs(seqlen, q, k_width, c):
 
 
 def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
-    ng, n, out_dtype, q, num_warps, interpret = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
+    ng, n, out_dtype, (q, _), (num_warps, _), interpret = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
     k_width, dtype = w_f.shape[0], jnp.dtype(out_dtype)
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     return pl.pallas_call(
@@ -276,8 +277,8 @@ def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
 
 
 def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, q, num_warps, interpret = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg)
+    ng, n, _, (_, q), (_, num_warps), interpret = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
     k_width, nt = w_f.shape[0], seqlen // q
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     return pl.pallas_call(
@@ -321,7 +322,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
                               dtype=None, interpret: bool = False,
-                              block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4):
+                              block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
+                              block_rows_bwd: int | None = None, num_warps_bwd: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -329,6 +331,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
+      block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's).
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state)).
     Returns:
@@ -340,6 +343,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         if v & (v - 1):
             raise ValueError(f"the fused conv needs {name} a power of two, got {v}")
     dtype = jnp.dtype(dtype or xbc.dtype)
-    cfg = (int(ngroups), int(d_state), dtype.name, rows_per_program(xbc.shape[1], int(block_rows)),
-           int(num_warps), bool(interpret))
+    rows = [rows_per_program(xbc.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
+    cfg = (int(ngroups), int(d_state), dtype.name, tuple(rows),
+           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret))
     return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)

@@ -179,7 +179,8 @@ def _bwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, rstd_ref, do_ref, dys_ref, dz_ref
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers; cfg = (ngroups, eps, out dtype name, T, num_warps, interpret).
+# pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (T fwd, T bwd),
+# (num_warps fwd, num_warps bwd), interpret).
 # --------------------------------------------------------------------------------------------
 
 
@@ -192,7 +193,7 @@ def _specs(seqlen, h2, p, d, q, ngroups):
 
 
 def _fwd_call(y, z, w_f, w_b, cfg):
-    ngroups, eps, out_dtype, q, num_warps, interpret = cfg
+    ngroups, eps, out_dtype, (q, _), (num_warps, _), interpret = cfg
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
     seq, rows, vec, rstd = _specs(seqlen, h2, p, d, q, ngroups)
@@ -211,7 +212,7 @@ def _fwd_call(y, z, w_f, w_b, cfg):
 
 
 def _bwd_call(y, z, w_f, w_b, rstd, dout, cfg):
-    ngroups, _, _, q, num_warps, interpret = cfg
+    ngroups, _, _, (_, q), (_, num_warps), interpret = cfg
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
     nt = seqlen // q
@@ -254,7 +255,9 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,
                                     dtype=None, interpret: bool = False,
-                                    block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4):
+                                    block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
+                                    block_rows_bwd: int | None = None,
+                                    num_warps_bwd: int | None = None):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
 
@@ -262,6 +265,7 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
+      block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's).
     Constraints: headdim a power of two (the kernels' tiles are (rows, headdim)).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y (y.dtype), z (z.dtype),
@@ -272,6 +276,7 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     if p & (p - 1):
         raise ValueError(f"the fused gated norm needs headdim a power of two, got {p}")
     dtype = jnp.dtype(dtype or y.dtype)
-    cfg = (int(ngroups), float(eps), dtype.name, rows_per_program(y.shape[1], int(block_rows)),
-           int(num_warps), bool(interpret))
+    rows = [rows_per_program(y.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
+    cfg = (int(ngroups), float(eps), dtype.name, tuple(rows),
+           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret))
     return _fused(y.astype(dtype), z, w_f, w_b, cfg)

@@ -1,0 +1,224 @@
+"""Row blocks and warps of the bidirectional mixer's fused kernels, beside the XLA path they replace.
+
+    python -m benchmarks.fused_bench --config configs/base.py --batch 16 --batch1 \
+        --out $OUT/fused_bench_h100
+
+Times, at one mixer's shapes from `--config` (d_inner = expand * d_model, headdim, d_state,
+ngroups, d_conv, data.seq_len; activations in bf16, weights in float32):
+  conv: `fused_conv.bidirectional_conv_pallas` (both convs + SiLU + flip + split + concatenation)
+  norm: `fused_norm.bidirectional_gated_norm_pallas` (both gated RMS norms + flip + mean)
+and their jnp references (`*_xla`, jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
+The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
+program); then the backward kernel over the same grid with the forward at the defaults; then
+the best forward with the best backward ("tuned"), whose values and gradients are checked
+against the reference (largest relative error over all outputs and gradients). `--batch1` adds
+the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the Pallas
+interpreter (for tests only; the times mean nothing there).
+
+Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
+kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, ms, or error)
+and PREFIX.md (best configurations against XLA, then the grids). Written after every row.
+`--budget-s` stops starting new sweeps once it is spent (what is done is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.ssd_pallas_bench import rel, time_ms
+from dimba_jax.config import load_config_file
+from dimba_jax.layers import fused_conv, fused_norm
+from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, default_interpret
+
+DEFAULT_WARPS = 4  # the public functions' num_warps default
+
+
+def mixer_dims(config) -> dict:
+    """One bidirectional mixer's sizes from a config: L, d_inner, nheads, headdim, ngroups,
+    d_state, d_conv, conv_dim."""
+    m = config.model
+    d_inner = m.expand * m.d_model
+    dims = dict(L=int(config.data.seq_len), d_inner=d_inner, nheads=d_inner // m.headdim,
+                headdim=int(m.headdim), ngroups=int(m.ngroups), d_state=int(m.d_state),
+                d_conv=int(m.d_conv))
+    dims["conv_dim"] = d_inner + 2 * dims["ngroups"] * dims["d_state"]
+    return dims
+
+
+def make_case(kernel: str, dims: dict, batch: int, key):
+    """(reference fn, pallas fn maker, args, cotangents) of one kernel at batch `batch`."""
+    b, L, h, p, g, n = batch, dims["L"], dims["nheads"], dims["headdim"], dims["ngroups"], dims["d_state"]
+    ks = jax.random.split(key, 8)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    if kernel == "conv":
+        c, k = dims["conv_dim"], dims["d_conv"]
+        args = (jax.random.normal(ks[0], (b, L, c), bf16), jax.random.normal(ks[1], (b, L, h), bf16),
+                0.5 * jax.random.normal(ks[2], (k, c), f32), 0.5 * jax.random.normal(ks[3], (k, c), f32),
+                0.1 * jax.random.normal(ks[4], (c,), f32), 0.1 * jax.random.normal(ks[5], (c,), f32))
+        kw = dict(ngroups=g, d_state=n, dtype=bf16)
+        ref = lambda *a: fused_conv.bidirectional_conv_xla(*a, **kw)  # noqa: E731
+        make = lambda **t: (lambda *a: fused_conv.bidirectional_conv_pallas(  # noqa: E731
+            *a, **kw, interpret=default_interpret(), **t))
+    else:
+        d = h * p
+        args = (jax.random.normal(ks[0], (b, L, 2 * h, p), bf16), jax.random.normal(ks[1], (b, L, d), bf16),
+                1.0 + 0.1 * jax.random.normal(ks[2], (d,), f32), 1.0 + 0.1 * jax.random.normal(ks[3], (d,), f32))
+        kw = dict(ngroups=g, dtype=bf16)
+        ref = lambda *a: fused_norm.bidirectional_gated_norm_xla(*a, **kw)  # noqa: E731
+        make = lambda **t: (lambda *a: fused_norm.bidirectional_gated_norm_pallas(  # noqa: E731
+            *a, **kw, interpret=default_interpret(), **t))
+    outs = jax.eval_shape(ref, *args)
+    cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
+                       jax.tree.unflatten(jax.tree.structure(outs),
+                                          list(jax.random.split(ks[7], len(jax.tree.leaves(outs))))))
+    return ref, make, args, cts
+
+
+def fwd(fn):
+    return jax.jit(fn)
+
+
+def fwdbwd(fn):
+    def f(cts, *a):
+        y, vjp = jax.vjp(fn, *a)
+        return y, vjp(cts)
+    return jax.jit(f)
+
+
+def max_rel(a, b) -> float:
+    return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+class Runner:
+    """Times rows, appends them to the result and rewrites the outputs after each."""
+
+    def __init__(self, a, dims):
+        self.a, self.t0 = a, time.time()
+        self.result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                       "command": "python -m benchmarks.fused_bench " + " ".join(map(shlex.quote, sys.argv[1:])),
+                       "dims": dims, "rows": []}
+
+    def out_of_time(self) -> bool:
+        return time.time() - self.t0 > self.a.budget_s
+
+    def time(self, f, args, **row):
+        try:
+            row["ms"] = time_ms(f, args, self.a.runs, self.a.inner)[0]
+        except Exception as e:  # noqa: BLE001 (a configuration the compiler rejects is a result)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        self.result["rows"].append(row)
+        write(self.result, self.a.out)
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool):
+    ref, make, args, cts = make_case(kernel, dims, batch, jax.random.key(0))
+    base = dict(kernel=kernel, batch=batch)
+    run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
+    if backward:
+        run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
+    best = {}
+    for r in rows:
+        for w in warps:
+            if run.out_of_time():
+                return
+            row = run.time(fwd(make(block_rows=r, num_warps=w)), args, **base, impl="pallas",
+                           block_rows=r, num_warps=w, **{"pass": "fwd"})
+            if "ms" in row and row["ms"] < best.get("fwd", (np.inf,))[0]:
+                best["fwd"] = (row["ms"], r, w)
+    if not backward:
+        return
+    for r in rows:
+        for w in warps:
+            if run.out_of_time():
+                return
+            row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w)), (cts, *args), **base,
+                           impl="pallas", block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
+                           block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
+            if "ms" in row and row["ms"] < best.get("bwd", (np.inf,))[0]:
+                best["bwd"] = (row["ms"], r, w)
+    if "fwd" in best and "bwd" in best:
+        tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
+                     block_rows_bwd=best["bwd"][1], num_warps_bwd=best["bwd"][2])
+        f = fwdbwd(make(**tiles))
+        err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
+        row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **tiles, **{"pass": "fwdbwd"})
+        row["max_rel_err_vs_xla"] = err
+        write(run.result, run.a.out)
+
+
+def write(result, prefix):
+    with open(prefix + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    rows = result["rows"]
+    lines = [f"# Fused mixer kernels on {result['device']} (jax {result['jax']})", "",
+             f"Command: `{result['command']}`", "", f"Mixer dims: {result['dims']} (bf16 "
+             "activations). ms = median of timed windows. `fwdbwd` sweeps the backward kernel "
+             f"with the forward at its defaults ({DEFAULT_BLOCK_ROWS} rows, {DEFAULT_WARPS} warps).",
+             "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA | rel err vs XLA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" not in r:
+            continue
+        xla = next((x["ms"] for x in rows if x["impl"] == "xla" and x["kernel"] == r["kernel"]
+                    and x["batch"] == r["batch"] and x["pass"] == r["pass"] and "ms" in x), None)
+        tiles = "" if r["impl"] == "xla" else f"{r['block_rows']} x {r['num_warps']}"
+        if r.get("block_rows_bwd"):
+            tiles += f" ({r['block_rows_bwd']} x {r['num_warps_bwd']})"
+        err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
+        lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} | {tiles} "
+                     f"| {r['ms']:.3f} | {r['ms'] / xla:.2f} | {err} |" if xla else
+                     f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} | {tiles} "
+                     f"| {r['ms']:.3f} | | {err} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed configurations:", ""] + [
+            f"- {r['kernel']} b{r['batch']} {r['pass']} {r.get('block_rows')}x{r.get('num_warps')}"
+            f" ({r.get('block_rows_bwd')}x{r.get('num_warps_bwd')}): {r['error']}" for r in failed]
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
+    p.add_argument("--batch1", action="store_true", help="also sweep the forward at batch 1")
+    p.add_argument("--kernels", default="conv,norm")
+    p.add_argument("--rows", default="4,8,16,32")
+    p.add_argument("--warps", default="1,2,4,8")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=400.0)
+    p.add_argument("--out", required=True, help="output prefix (PREFIX.json, PREFIX.md)")
+    a = p.parse_args(argv)
+    config = load_config_file(a.config)
+    if a.seq_len:
+        config.data.seq_len = a.seq_len
+    dims = mixer_dims(config)
+    rows = [int(v) for v in a.rows.split(",")]
+    warps = [int(v) for v in a.warps.split(",")]
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    run = Runner(a, dims)
+    kernels = a.kernels.split(",")
+    for kernel in kernels:
+        sweep(run, kernel, dims, a.batch, rows, warps, backward=True)
+    if a.batch1:
+        for kernel in kernels:
+            sweep(run, kernel, dims, 1, rows, warps, backward=False)
+    return run.result
+
+
+if __name__ == "__main__":
+    main()
