@@ -19,12 +19,12 @@ Variants (several measurements in one process, e.g. MFU levers in one GPU call):
     python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
         --warmup 2 --budget-s 200 --variant baseline: --variant pallas:model.ssd_impl=pallas \
         --variant b32:per_device_batch=32 --out $OUT/train_throughput_h200
-    # the fused gated-norm epilogue of the bidirectional mixer against XLA's:
+    # the fused epilogue and prologue of the bidirectional mixer (on by default on a GPU,
+    # model.norm_impl / model.conv_impl "auto") against XLA's:
     python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
-        --warmup 2 --variant baseline: --variant fusednorm:model.norm_impl=pallas --out PREFIX
-    # the fused conv prologue, alone and with the fused epilogue:
-    python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 \
-        --warmup 2 --variant baseline: --variant fusedconv:model.conv_impl=pallas \
+        --warmup 2 --variant xla:model.conv_impl=xla,model.norm_impl=xla \
+        --variant fusednorm:model.conv_impl=xla,model.norm_impl=pallas \
+        --variant fusedconv:model.conv_impl=pallas,model.norm_impl=xla \
         --variant both:model.conv_impl=pallas,model.norm_impl=pallas --out PREFIX
 `--variant NAME:KEY=VALUE,KEY=VALUE` (repeatable; an empty list after the colon = the base
 settings). KEY is a config key (`model.ssd_impl`, `train.grad_accum`, ...) or one of the

@@ -1,7 +1,8 @@
 """The fused prologue of the bidirectional mixer (layers/fused_conv.py): the Pallas kernel in the
 interpreter vs the jnp reference (values and every gradient), the reference vs the tensors that
 BidirectionalMamba2 feeds its SSD, the model knob (pallas vs xla, alone and with the fused
-norm), and its Triton lowering for CUDA.
+norm), and its Triton lowering for CUDA. Also what both kernel knobs (model.conv_impl,
+model.norm_impl) share: their values, "auto" and its resolution (layers/triton_common.py).
 
 Tolerances: forward values agree bit for bit in float32 and bfloat16 (same float32 summation
 order, one rounding to the output dtype). float32 gradients agree to float32 summation order
@@ -23,6 +24,7 @@ from _nnx_jit import jitted, loss_and_grads
 from dimba_jax.config import default_config
 from dimba_jax.layers import fused_conv as fc
 from dimba_jax.layers import mamba2 as mamba2_lib
+from dimba_jax.layers import triton_common
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.models.dimba import DimbaModel
 
@@ -172,30 +174,98 @@ def test_dimba_model_kernel_knob_pallas_equals_xla(knob):
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_config_without_the_key_builds_the_xla_path():
+def _raise(*args, **kwargs):
+    raise AssertionError("the fused kernel was called")
+
+
+@pytest.mark.parametrize("knob", ["conv_impl", "norm_impl"])
+def test_dimba_model_kernel_knob_auto_is_xla_off_gpu(knob, monkeypatch):
+    """On CPU "auto" is the XLA path (bit for bit; no fused kernel, no interpreter)."""
+    monkeypatch.setattr(mamba2_lib, "bidirectional_conv_pallas", _raise)
+    monkeypatch.setattr(mamba2_lib, "bidirectional_gated_norm_pallas", _raise)
+    assert jax.default_backend() == "cpu"
+    c = default_config()
+    x_t = jax.random.normal(jax.random.key(4), (B, L, 16))
+    tokens = jax.random.randint(jax.random.key(5), (B, L), 0, 20, dtype=jnp.int32)
+    logsnr, mask = jnp.zeros((B,)), jnp.zeros((B, L), bool)
+    outs = []
+    for impl in ("xla", "auto"):
+        with c.unlocked():
+            c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
+                           time_embed_dim=16, ssd_impl="xla", **{knob: impl})
+        model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
+        assert "pallas_call" not in str(jax.make_jaxpr(lambda *a: model(*a))(x_t, logsnr, tokens,
+                                                                             mask))
+        outs.append(jitted(model)(x_t, logsnr, tokens, mask))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+def test_use_fused_truth_table(backend, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    gpu = backend == "gpu"
+    for supported in (True, False):
+        for shape_supported in (True, False):
+            got = {impl: triton_common.use_fused(impl, supported, shape_supported=shape_supported)
+                   for impl in triton_common.IMPLS}
+            assert got == {"xla": False, "pallas": supported,
+                           "auto": gpu and supported and shape_supported}, (supported,
+                                                                            shape_supported)
+    assert triton_common.use_fused("auto", True) == gpu
+    with pytest.raises(ValueError):
+        triton_common.use_fused("triton", True)
+
+
+@pytest.mark.parametrize("share,d_state,headdim,want", [
+    (True, N, 8, (1, 1)),  # both kernels take the call and the sizes
+    (True, 12, 8, (0, 1)),  # d_state 12: the conv kernel's tiles cannot; the norm's can
+    (True, N, 12, (0, 0)),  # headdim 12: neither kernel
+    (False, N, 8, (0, 0)),  # separate projections: neither
+])
+def test_mixer_auto_on_gpu_uses_each_kernel_where_it_applies(share, d_state, headdim, want,
+                                                             monkeypatch):
+    """With the backend reported as "gpu" (traced only, no GPU needed), "auto" routes each knob
+    through use_fused with its kernel's size constraints."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    bidi = BidirectionalMamba2(24, share_projections=share, rngs=nnx.Rngs(5), ssd_impl="xla",
+                               d_state=d_state, expand=2, headdim=headdim, d_conv=K,
+                               chunk_size=4)
+    assert (bidi.fwd.conv_impl, bidi.fwd.norm_impl) == ("auto", "auto")
+    jaxpr = str(jax.make_jaxpr(lambda u: bidi(u))(jnp.zeros((B, L, 24))))
+    assert (jaxpr.count("name=bidir_conv_fwd"), jaxpr.count("name=bidir_gated_norm_fwd")) == want
+    seq_idx = jnp.zeros((B, L), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda u: bidi(u, seq_idx=seq_idx))(jnp.zeros((B, L, 24))))
+    assert "pallas_call" not in jaxpr
+
+
+def test_config_without_the_keys_builds_the_default():
     c = default_config()
     with c.unlocked():
         c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
                        time_embed_dim=16, ssd_impl="xla")
         del c.model["conv_impl"]
+        del c.model["norm_impl"]
     model = DimbaModel(c.model, 20, rngs=nnx.Rngs(0))
-    assert all(m.conv_impl == "xla" for m in (model.blocks[0].mixer.fwd,
-                                              model.blocks[0].mixer.bwd))
+    for m in (model.blocks[0].mixer.fwd, model.blocks[0].mixer.bwd):
+        assert (m.conv_impl, m.norm_impl) == ("auto", "auto")
 
 
-def test_unknown_conv_impl_raises():
-    with pytest.raises(ValueError, match="model.conv_impl"):
-        Mamba2(16, headdim=8, conv_impl="triton", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="model.conv_impl"):
-        BidirectionalMamba2(16, headdim=8, conv_impl="fused", rngs=nnx.Rngs(0))
-    assert default_config().model.conv_impl == "xla"
+@pytest.mark.parametrize("knob", ["conv_impl", "norm_impl"])
+def test_unknown_kernel_knob_raises(knob):
+    want = r"^model\.%s must be one of \('auto', 'xla', 'pallas'\), got 'triton'$" % knob
+    for cls in (Mamba2, BidirectionalMamba2):
+        with pytest.raises(ValueError, match=want):
+            cls(16, headdim=8, rngs=nnx.Rngs(0), **{knob: "triton"})
+    assert default_config().model[knob] == "auto"
+    assert triton_common.IMPLS == ("auto", "xla", "pallas")
 
 
 def test_throughput_variants_parse():
     from benchmarks.train_throughput import parse_variant
     from dimba_jax.train.overrides import apply_overrides
 
-    for text, want in (("fusedconv:model.conv_impl=pallas", ("pallas", "xla")),
+    for text, want in (("xla:model.conv_impl=xla,model.norm_impl=xla", ("xla", "xla")),
+                       ("fusedconv:model.conv_impl=pallas,model.norm_impl=xla", ("pallas", "xla")),
                        ("both:model.conv_impl=pallas,model.norm_impl=pallas",
                         ("pallas", "pallas"))):
         _, pairs = parse_variant(text)

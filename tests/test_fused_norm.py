@@ -17,9 +17,8 @@ import pytest
 from flax import nnx
 
 from _nnx_jit import jitted, loss_and_grads
-from dimba_jax.config import default_config
 from dimba_jax.layers import fused_norm as fn
-from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
+from dimba_jax.layers.mamba2 import BidirectionalMamba2
 from dimba_jax.ssd import ssd
 
 B, L, H, P = 2, 16, 2, 8
@@ -136,14 +135,6 @@ def test_mixer_falls_back_to_xla_without_shared_projections_or_with_seq_idx():
     for share, kw in ((False, {}), (True, {"seq_idx": seq_idx})):
         np.testing.assert_array_equal(jitted(_bidi("pallas", share))(u, **kw),
                                       jitted(_bidi("xla", share))(u, **kw))
-
-
-def test_unknown_norm_impl_raises():
-    with pytest.raises(ValueError, match="model.norm_impl"):
-        Mamba2(16, headdim=8, norm_impl="triton", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="model.norm_impl"):
-        BidirectionalMamba2(16, headdim=8, norm_impl="fused", rngs=nnx.Rngs(0))
-    assert default_config().model.norm_impl == "xla"
 
 
 def test_kernels_lower_to_triton_for_cuda():

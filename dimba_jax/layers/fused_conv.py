@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, compiler_params, rows_per_program
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
+                                            rows_per_program)
 
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
@@ -82,6 +83,15 @@ def _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state):
         raise ValueError(f"expected weights (d_conv, {c}) and biases ({c},); got {w_f.shape}, "
                          f"{w_b.shape}, {bias_f.shape}, {bias_b.shape}")
     return nh, d_inner // nh
+
+
+def conv_size_error(headdim: int, d_state: int) -> str:
+    """Why the fused kernels cannot take these sizes, "" if they can: their tiles are
+    (rows, headdim) and (rows, d_state), so both are powers of two."""
+    for name, v in (("headdim", headdim), ("d_state", d_state)):
+        if not is_power_of_two(v):
+            return f"the fused conv needs {name} a power of two, got {v}"
+    return ""
 
 
 def bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
@@ -339,9 +349,9 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       w_f, w_b, bias_f, bias_b (their dtypes).
     """
     _, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
-    for name, v in (("headdim", p), ("d_state", d_state)):
-        if v & (v - 1):
-            raise ValueError(f"the fused conv needs {name} a power of two, got {v}")
+    error = conv_size_error(p, d_state)
+    if error:
+        raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
     rows = [rows_per_program(xbc.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), int(d_state), dtype.name, tuple(rows),

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
-from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, compiler_params, rows_per_program
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
+                                            rows_per_program)
 
 
 def _check(y, z, w_f, w_b, ngroups):
@@ -45,6 +46,14 @@ def _check(y, z, w_f, w_b, ngroups):
                          f"{z.shape}, {w_f.shape}, {w_b.shape}")
     if ngroups <= 0 or (h2 // 2) % ngroups:
         raise ValueError(f"nheads {h2 // 2} must be divisible by ngroups {ngroups}")
+
+
+def norm_size_error(headdim: int) -> str:
+    """Why the fused kernels cannot take this head size, "" if they can: their tiles are
+    (rows, headdim), so headdim is a power of two."""
+    if not is_power_of_two(headdim):
+        return f"the fused gated norm needs headdim a power of two, got {headdim}"
+    return ""
 
 
 def bidirectional_gated_norm_xla(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,
@@ -272,9 +281,9 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       w_f, w_b (their dtypes).
     """
     _check(y, z, w_f, w_b, ngroups)
-    p = y.shape[-1]
-    if p & (p - 1):
-        raise ValueError(f"the fused gated norm needs headdim a power of two, got {p}")
+    error = norm_size_error(y.shape[-1])
+    if error:
+        raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
     rows = [rows_per_program(y.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), float(eps), dtype.name, tuple(rows),

@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dimba_jax.layers.fused_conv import bidirectional_conv_pallas, causal_conv1d_silu
-from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas
+from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
+                                         conv_size_error)
+from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas, norm_size_error
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import check_impl, default_interpret
+from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
 from dimba_jax.ssd import KernelConfig, ssd
 
 
@@ -101,10 +102,16 @@ class Mamba2(nnx.Module):
       ssd_impl: "auto" | "xla" | "reference" | "pallas" (dimba_jax.ssd.ssd's `impl`).
       ssd_kernels: the Pallas kernels of the SSD (`dimba_jax.ssd.KernelConfig`; default its
         defaults), passed to `ssd` as its static `kernels`.
-      norm_impl: "xla" | "pallas": the gated-norm epilogue of `BidirectionalMamba2` (the fused
-        kernel of `layers/fused_norm.py`); this causal mixer's own norm is always XLA.
-      conv_impl: "xla" | "pallas": the conv prologue of `BidirectionalMamba2` (the fused kernel
-        of `layers/fused_conv.py`); this causal mixer's own conv is always XLA.
+      norm_impl: "auto" | "xla" | "pallas": the gated-norm epilogue of `BidirectionalMamba2`
+        (the fused kernel of `layers/fused_norm.py`; needs headdim a power of two); this causal
+        mixer's own norm is always XLA.
+      conv_impl: "auto" | "xla" | "pallas": the conv prologue of `BidirectionalMamba2` (the
+        fused kernel of `layers/fused_conv.py`; needs headdim and d_state powers of two); this
+        causal mixer's own conv is always XLA.
+        For both knobs: "pallas" = the fused kernel wherever the call allows it (in the Pallas
+        interpreter off GPU; other sizes raise); "auto" = the fused kernel on a GPU where the
+        call and the sizes allow it, else XLA (never the interpreter); see
+        `triton_common.use_fused`.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -119,8 +126,8 @@ class Mamba2(nnx.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
-                 ssd_kernels: KernelConfig | None = None, norm_impl: str = "xla",
-                 conv_impl: str = "xla",
+                 ssd_kernels: KernelConfig | None = None, norm_impl: str = "auto",
+                 conv_impl: str = "auto",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
@@ -322,13 +329,14 @@ class BidirectionalMamba2(nnx.Module):
     flipped time), which halves the number of SSD kernels; with `seq_idx` the two scans are
     separate calls because the backward one needs the flipped segment ids. The two convs are
     separate elementwise programs (each direction has its own filter; XLA fuses each).
-    With `conv_impl="pallas"`, shared projections and no `seq_idx`, both convs + SiLU, the flip
-    of the backward input and the concatenation of both directions' x, B, C, dt for that one
-    SSD call are one Pallas kernel (`layers/fused_conv.py`; in the Pallas interpreter off GPU);
-    otherwise XLA.
-    With `norm_impl="pallas"`, shared projections and no `seq_idx`, the two gated norms, the
-    flip and the mean are one Pallas kernel on that SSD output (`layers/fused_norm.py`; in the
-    Pallas interpreter off GPU); otherwise XLA.
+    With shared projections, no `seq_idx` and one dt_limit for both directions, two fused Pallas
+    kernels can replace XLA around that SSD call: the prologue (`conv_impl`;
+    `layers/fused_conv.py`: both convs + SiLU, the flip of the backward input and the
+    concatenation of both directions' x, B, C, dt) and the epilogue (`norm_impl`;
+    `layers/fused_norm.py`: the two gated norms, the flip and the mean). Each knob is resolved
+    per call by `triton_common.use_fused`: "pallas" runs the kernel (in the Pallas interpreter
+    off GPU), "auto" runs it on a GPU where the kernel takes the sizes, "xla" never; otherwise
+    the XLA path.
 
     Args: those of `Mamba2` plus `share_projections`.
     """
@@ -360,10 +368,15 @@ class BidirectionalMamba2(nnx.Module):
         a_f, d_f, bias_f = f._ssm_params()
         a_b, d_b, bias_b = bk._ssm_params()
         common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl, kernels=f.ssd_kernels)
+        one_call = seq_idx is None and f.dt_limit == bk.dt_limit
+        fusable = one_call and self.share_projections
+        fuse_conv = use_fused(f.conv_impl, fusable,
+                              shape_supported=not conv_size_error(f.headdim, f.d_state))
+        fuse_norm = use_fused(f.norm_impl, fusable, shape_supported=not norm_size_error(f.headdim))
         # Both directions in "scan time": backward inputs are flipped.
-        if seq_idx is None and f.dt_limit == bk.dt_limit:
+        if one_call:
             cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731
-            if self.share_projections and f.conv_impl == "pallas":
+            if fuse_conv:
                 x, b, c, dt = bidirectional_conv_pallas(
                     xbc_f, dt_f, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
                     bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
@@ -375,7 +388,7 @@ class BidirectionalMamba2(nnx.Module):
                 dt = cat(dt_f, _flip(dt_b)).astype(jnp.float32)
             y = ssd(x, dt, cat(a_f, a_b, 0), b, c, f.chunk_size, D=cat(d_f, d_b, 0),
                     dt_bias=cat(bias_f, bias_b, 0), **common)
-            if self.share_projections and f.norm_impl == "pallas":
+            if fuse_norm:
                 y = bidirectional_gated_norm_pallas(
                     y, z_f, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
                     eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret())

@@ -1,11 +1,11 @@
-"""What the layers' Pallas Triton kernels (fused_norm, fused_conv) share: where they run and how
-their sequences split into row blocks."""
+"""What the layers' Pallas Triton kernels (fused_norm, fused_conv) share: the knob values that
+choose them, where they run and how their sequences split into row blocks."""
 
 from __future__ import annotations
 
 import jax
 
-IMPLS = ("xla", "pallas")  # the values of the kernel knobs (model.norm_impl, model.conv_impl)
+IMPLS = ("auto", "xla", "pallas")  # the kernel knobs' values (model.norm_impl, model.conv_impl)
 DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 
 
@@ -14,6 +14,35 @@ def check_impl(knob: str, impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{knob} must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bool:
+    """Whether a kernel knob's value runs its fused Pallas kernel on one call.
+
+    Args:
+      impl: the knob's value, one of IMPLS.
+      supported: the call is one the fused kernel computes (in `BidirectionalMamba2`: shared
+        projections, no seq_idx, one dt_limit for both directions); every value takes the XLA
+        path where it is not.
+      shape_supported: the kernel takes the call's sizes (powers of two for its tiles). "auto"
+        takes the XLA path where it does not; "pallas" calls the kernel, which raises a
+        ValueError naming the size.
+    Returns:
+      "xla": False. "pallas": `supported` (the kernel runs in the Pallas interpreter off GPU, see
+      `default_interpret`). "auto": `supported and shape_supported` on a GPU
+      (jax.default_backend() == "gpu"), else False: never the interpreter.
+    """
+    check_impl("impl", impl)
+    if impl == "xla" or not supported:
+        return False
+    if impl == "pallas":
+        return True
+    return shape_supported and jax.default_backend() == "gpu"
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for n = 1, 2, 4, ...: the sizes a Triton tile takes."""
+    return n > 0 and not n & (n - 1)
 
 
 def default_interpret() -> bool:

@@ -133,8 +133,8 @@ class DimbaBlock(nnx.Module):
         self.mixer = mixer_cls(m.d_model, d_state=m.d_state, expand=m.expand, headdim=m.headdim,
                                ngroups=m.ngroups, d_conv=m.d_conv, chunk_size=m.chunk_size,
                                ssd_impl=m.ssd_impl, ssd_kernels=KernelConfig.from_config(m),
-                               norm_impl=getattr(m, "norm_impl", "xla"),
-                               conv_impl=getattr(m, "conv_impl", "xla"),
+                               norm_impl=getattr(m, "norm_impl", "auto"),
+                               conv_impl=getattr(m, "conv_impl", "auto"),
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
