@@ -39,6 +39,8 @@ from jax.experimental import pallas as pl
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
                                             rows_per_program)
 
+BWD_BLOCK_ROWS, BWD_NUM_WARPS = 4, 8  # the backward kernel's default tiles (bidirectional_conv_pallas)
+
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
     """Depthwise causal conv + bias + SiLU (float32 accumulation).
@@ -333,7 +335,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
-                              block_rows_bwd: int | None = None, num_warps_bwd: int | None = None):
+                              block_rows_bwd: int = BWD_BLOCK_ROWS, num_warps_bwd: int = BWD_NUM_WARPS):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -341,7 +343,9 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
-      block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's).
+      block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's);
+        the defaults were the fastest of 4-32 rows x 1-8 warps at configs/base.py's mixer on an
+        H100 (benchmarks/results/fused_bench_h100.md: 1.23 ms against 1.37 ms at 16 x 4).
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state)).
     Returns:
