@@ -1,0 +1,33 @@
+"""benchmarks/fused_bench.py on CPU (the kernels interpreted): its rows, the tuned row's check
+against the jnp reference, and its outputs."""
+
+import json
+
+from benchmarks import fused_bench
+
+
+def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
+    prefix = str(tmp_path / "fb")
+    result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
+                               "--rows", "4", "--warps", "1", "--runs", "1", "--inner", "1",
+                               "--out", prefix])
+    rows = result["rows"]
+    assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    for kernel in ("conv", "norm"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert {(r["impl"], r["pass"]) for r in mine} == {
+            ("xla", "fwd"), ("xla", "fwdbwd"), ("pallas", "fwd"), ("pallas", "fwdbwd"),
+            ("pallas (tuned)", "fwdbwd")}
+        assert sorted(r["block_rows"] for r in mine if r["impl"] == "pallas"
+                      and r["pass"] == "fwd") == [4]
+        assert sorted(r["block_rows_bwd"] for r in mine if r["impl"] == "pallas"
+                      and r["pass"] == "fwdbwd") == [4]
+        tuned = next(r for r in mine if r["impl"] == "pallas (tuned)")
+        assert tuned["max_rel_err_vs_xla"] < 2e-2  # bf16 activations
+    assert result["dims"]["L"] == 8 and result["dims"]["conv_dim"] == (
+        result["dims"]["d_inner"] + 2 * result["dims"]["ngroups"] * result["dims"]["d_state"])
+    with open(prefix + ".json") as f:
+        assert json.load(f)["rows"] == rows
+    with open(prefix + ".md") as f:
+        md = f.read()
+    assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md and "python -m benchmarks.fused_bench" in md
