@@ -65,6 +65,17 @@ def _f(v, spec=".3g") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def real_prompted_sentence(res: dict, L: int) -> str:
+    """" Real text after its own prompt: ..." from reference_by_L[L]["prompted"] (the
+    prompted-over-unprompted ratio of the books' own continuations), or "" where not measured."""
+    real = (res.get("reference_by_L") or {}).get(str(L), {}).get("prompted") or {}
+    if "ratio" not in real:
+        return ""
+    return (f" Real text after its own {real['prompt_len']}-token prompt: judge ppl "
+            f"{real['ppl_prompted']:.1f} against {real['ppl_unprompted']:.1f} without it "
+            f"({real['ratio']:.2f}x), the ratio of continuations as good as the books' own.")
+
+
 def _rows_by(res: dict, name: str) -> dict:
     """{prompted: row} of one run's judged rows (the largest batch)."""
     out = {}
@@ -244,7 +255,7 @@ def prompt_table(res: dict, stem: str) -> str:
              "prompt). `eta1`: DDIM at DDPM's variance (fresh noise at every step); `cfgG`: "
              "classifier-free guidance at scale G; `pwX` the output prior's weight.", "",
              f"Real text (judge, L=256): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
-             f"{_f(ref.get('entropy'), '.2f')} bits/token.", "",
+             f"{_f(ref.get('entropy'), '.2f')} bits/token.{real_prompted_sentence(res, 256)}", "",
              "| run | sampler | unprompted ppl / entropy | prompted ppl / entropy | ratio | prompt fit (own / other) |",
              "|---|---|---|---|---|---|"]
     for name, info in res["runs"].items():
@@ -348,7 +359,7 @@ def small_table(res: dict, source: str, title: str) -> str:
              f"({dimba['tokens_seen'] == ar['tokens_seen'] and 'equal' or 'UNEQUAL'}); judge "
              f"`configs/judge.py` at 1500 steps, trained in the same call. "
              f"Real text (L=1024): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
-             f"{_f(ref.get('entropy'), '.2f')} bits/token.", "",
+             f"{_f(ref.get('entropy'), '.2f')} bits/token.{real_prompted_sentence(res, 1024)}", "",
              "## Likelihood on held-out text (same windows, bits per token)", "",
              "| model | bits/token | what |", "|---|---|---|",
              f"| DIMBA small | {_f(dimba['bound']['bound_bits'], '.2f')} | variational upper bound "

@@ -78,6 +78,9 @@ def test_smoke_end_to_end_writes_valid_results_resumes_and_plots(tmp_path):
     assert [r["L"] for r in on_disk["long_context"]] == [8, 16, 32]
     assert "old command" not in on_disk["command"]
     assert on_disk["reference"]["judge_ppl"] > 0 and on_disk["reference"]["entropy"] > 0
+    real = on_disk["reference_by_L"]["8"]["prompted"]  # real text after its own 4-token prompt
+    assert real["prompt_len"] == 4 and real["ratio"] == pytest.approx(
+        real["ppl_prompted"] / real["ppl_unprompted"])
     assert on_disk["models"]["dimba"]["params"] > 0
     # the pre-split path gave exactly the public API's samples for both models
     assert results.load(out)["pre_split_fast_path"] == {"ar": True, "dimba": True}

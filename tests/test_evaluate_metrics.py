@@ -106,6 +106,24 @@ def test_prompt_fit_scores_each_head_after_its_own_and_anothers_prompt():
         judge.prompt_fit(["a"], ["b"])
 
 
+def test_reference_prompted_stats_scores_real_continuations_with_and_without_their_prompt():
+    """Books of one repeated letter under a judge that expects repeats: after its prompt every
+    continuation byte is a repeat; without it the first byte follows EOS."""
+    tok = get_tokenizer("byte")
+    vocab = tok.vocab_size
+    table = jnp.where(jnp.eye(vocab, dtype=bool), 8.0, 0.0)
+    judge = judge_lib.Judge(lambda ids: table[ids], tok, window=16, batch_size=2)
+    out = judge_lib.reference_prompted_stats(judge, [c * 40 for c in "abc"], num=3, prompt_len=4,
+                                             length=6)
+    p_same = float(jax.nn.softmax(table[0])[0])
+    p_first = float(jax.nn.softmax(table[tok.eos_id])[ord("a")])
+    assert out["ppl_prompted"] == pytest.approx(1.0 / p_same, rel=1e-4)
+    assert out["ppl_unprompted"] == pytest.approx(
+        math.exp(-(math.log(p_first) + 5 * math.log(p_same)) / 6), rel=1e-4)
+    assert out["ratio"] == pytest.approx(out["ppl_prompted"] / out["ppl_unprompted"])
+    assert (out["prompt_len"], out["num"]) == (4, 3)
+
+
 def test_real_token_chunks_are_distinct_real_excerpts():
     tok = get_tokenizer("byte")
     books = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(100)) for i in range(3)]

@@ -265,3 +265,8 @@ def test_prompt_table_divides_each_prompted_sampler_by_its_unguided_unprompted_t
     assert "| post | pw0.6 | 300 / 7.00 | 270 / 7.00 | 0.90x | — |" in table
     assert "| post | its default | 400 / 7.00 | 380 / 7.00 | 0.95x | — |" in table
     assert "| ar | its default | 50 / 7.00 | 45 / 7.00 | 0.90x | 30 / 60 (0.50x) |" in table
+    assert "Real text after" not in table  # not measured: no sentence
+    res["reference_by_L"] = {"256": {"prompted": {"ppl_prompted": 45.0, "ppl_unprompted": 60.0,
+                                                  "ratio": 0.75, "prompt_len": 32}}}
+    assert ("Real text after its own 32-token prompt: judge ppl 45.0 against 60.0 without it "
+            "(0.75x)") in qr.prompt_table(res, "quality_prompt_h100")

@@ -210,8 +210,11 @@ def _prompt_pool(val_texts: Sequence[str], tokenizer: Any, num: int, prompt_len:
 
 
 def ensure_reference(results: dict, judge: judge_lib.Judge, val_texts: Sequence[str],
-                     length: int, num: int, skip_tokens: int, headline_length: int) -> None:
-    """Computes the real-text reference at `length` judge tokens into results (if missing)."""
+                     length: int, num: int, skip_tokens: int, headline_length: int,
+                     prompt_len: int = 0) -> None:
+    """Computes the real-text reference at `length` judge tokens into results (if missing);
+    with prompt_len > 0 also its "prompted" entry (`judge.reference_prompted_stats`, or
+    {"error": ...} where the texts are too short)."""
     key = str(int(length))
     known = results.setdefault("reference_by_L", {}).get(key)
     if known is None or known.get("num") != num:  # (re)compute for this sample-set size
@@ -222,6 +225,16 @@ def ensure_reference(results: dict, judge: judge_lib.Judge, val_texts: Sequence[
         results["reference_by_L"][key] = {"judge_ppl": stats["ppl"], "entropy": stats["entropy"],
                                           "entropy_words": stats["entropy_words"],
                                           "num": num, "length": length}
+    entry = results["reference_by_L"][key]
+    if prompt_len > 0 and entry.get("prompted", {}).get("prompt_len") != prompt_len:
+        entry["prompted"] = {"error": "", "prompt_len": prompt_len}
+        for skip in (skip_tokens, 0):
+            try:
+                entry["prompted"] = judge_lib.reference_prompted_stats(
+                    judge, val_texts, num, prompt_len, length, skip)
+                break
+            except ValueError as e:
+                entry["prompted"]["error"] = str(e)
     ref_key = str(int(headline_length)) if str(int(headline_length)) in results["reference_by_L"] \
         else max(results["reference_by_L"], key=int)
     ref = results["reference_by_L"][ref_key]
@@ -268,7 +281,7 @@ def run_harness(generators: dict[str, Generator], judge: judge_lib.Judge | None,
         gen = generators[spec.model]
         if judge is not None:
             ensure_reference(results, judge, val_texts, spec.L_gen, big, opts.skip_tokens,
-                             headline_len)
+                             headline_len, opts.prompt_len if spec.prompted else 0)
         prompts, prompt_texts = None, None
         if spec.prompted:
             tok_id = id(gen.tokenizer)

@@ -287,3 +287,17 @@ def reference_stats(judge: Judge, texts: Sequence[str], num: int, length: int,
     """Judge ppl and entropies of `num` real excerpts of `length` judge tokens (the reference)."""
     chunks = real_text_chunks(texts, judge.tokenizer, num, length, skip_tokens)
     return judge.score_texts(chunks)
+
+
+def reference_prompted_stats(judge: Judge, texts: Sequence[str], num: int, prompt_len: int,
+                             length: int, skip_tokens: int = 0) -> dict:
+    """What a prompt is worth on real text: judge perplexity of `num` real continuations of
+    `length` judge tokens given the `prompt_len` tokens before them in their book
+    (ppl_prompted) and given nothing (ppl_unprompted), and ratio = prompted / unprompted (the
+    real-text counterpart of the prompted-over-unprompted ratio of generated samples)."""
+    chunks = real_token_chunks(texts, judge.tokenizer, num, prompt_len + length, skip_tokens)
+    conts = [c[prompt_len:] for c in chunks]
+    prompted = judge.score_ids(conts, [c[:prompt_len] for c in chunks])["ppl"]
+    unprompted = judge.score_ids(conts)["ppl"]
+    return {"ppl_prompted": float(prompted), "ppl_unprompted": float(unprompted),
+            "ratio": float(prompted / unprompted), "prompt_len": int(prompt_len), "num": int(num)}
