@@ -1,4 +1,5 @@
-"""Row blocks and warps of the bidirectional mixer's fused kernels, beside the XLA path they replace.
+"""Row blocks and warps of the bidirectional mixer's fused kernels, beside the XLA path they
+replace.
 
     python -m benchmarks.fused_bench --config configs/base.py --batch 16 --batch1 \
         --out $OUT/fused_bench_h100
@@ -11,13 +12,16 @@ and their jnp references (`*_xla`, jitted), forward alone ("fwd") and forward + 
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program); then the backward kernel over the same grid with the forward at the defaults; then
 the best forward with the best backward ("tuned"), whose values and gradients are checked
-against the reference (largest relative error over all outputs and gradients). `--batch1` adds
-the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the Pallas
-interpreter (for tests only; the times mean nothing there).
+against the reference (largest relative error over all outputs and gradients). The conv
+kernel's backward sweep and tuned row run once per backward structure of `--conv-backward`
+("fused": one kernel; "two_pass": two kernels through a float32 g; both by default). `--batch1`
+adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the
+Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
-kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, ms, or error)
-and PREFIX.md (best configurations against XLA, then the grids). Written after every row.
+kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, backward (the
+conv's pallas fwdbwd rows), ms, or error) and PREFIX.md (the rows as a table, the failed
+configurations after it). Written after every row.
 `--budget-s` stops starting new sweeps once it is spent (what is done is kept).
 """
 
@@ -56,30 +60,36 @@ def mixer_dims(config) -> dict:
 
 def make_case(kernel: str, dims: dict, batch: int, key):
     """(reference fn, pallas fn maker, args, cotangents) of one kernel at batch `batch`."""
-    b, L, h, p, g, n = batch, dims["L"], dims["nheads"], dims["headdim"], dims["ngroups"], dims["d_state"]
+    b, L, h, p = batch, dims["L"], dims["nheads"], dims["headdim"]
+    g, n = dims["ngroups"], dims["d_state"]
     ks = jax.random.split(key, 8)
     bf16, f32 = jnp.bfloat16, jnp.float32
     if kernel == "conv":
         c, k = dims["conv_dim"], dims["d_conv"]
-        args = (jax.random.normal(ks[0], (b, L, c), bf16), jax.random.normal(ks[1], (b, L, h), bf16),
-                0.5 * jax.random.normal(ks[2], (k, c), f32), 0.5 * jax.random.normal(ks[3], (k, c), f32),
-                0.1 * jax.random.normal(ks[4], (c,), f32), 0.1 * jax.random.normal(ks[5], (c,), f32))
+        args = (jax.random.normal(ks[0], (b, L, c), bf16),
+                jax.random.normal(ks[1], (b, L, h), bf16),
+                0.5 * jax.random.normal(ks[2], (k, c), f32),
+                0.5 * jax.random.normal(ks[3], (k, c), f32),
+                0.1 * jax.random.normal(ks[4], (c,), f32),
+                0.1 * jax.random.normal(ks[5], (c,), f32))
         kw = dict(ngroups=g, d_state=n, dtype=bf16)
         ref = lambda *a: fused_conv.bidirectional_conv_xla(*a, **kw)  # noqa: E731
         make = lambda **t: (lambda *a: fused_conv.bidirectional_conv_pallas(  # noqa: E731
             *a, **kw, interpret=default_interpret(), **t))
     else:
         d = h * p
-        args = (jax.random.normal(ks[0], (b, L, 2 * h, p), bf16), jax.random.normal(ks[1], (b, L, d), bf16),
-                1.0 + 0.1 * jax.random.normal(ks[2], (d,), f32), 1.0 + 0.1 * jax.random.normal(ks[3], (d,), f32))
+        args = (jax.random.normal(ks[0], (b, L, 2 * h, p), bf16),
+                jax.random.normal(ks[1], (b, L, d), bf16),
+                1.0 + 0.1 * jax.random.normal(ks[2], (d,), f32),
+                1.0 + 0.1 * jax.random.normal(ks[3], (d,), f32))
         kw = dict(ngroups=g, dtype=bf16)
         ref = lambda *a: fused_norm.bidirectional_gated_norm_xla(*a, **kw)  # noqa: E731
         make = lambda **t: (lambda *a: fused_norm.bidirectional_gated_norm_pallas(  # noqa: E731
             *a, **kw, interpret=default_interpret(), **t))
     outs = jax.eval_shape(ref, *args)
+    keys = list(jax.random.split(ks[7], len(jax.tree.leaves(outs))))
     cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
-                       jax.tree.unflatten(jax.tree.structure(outs),
-                                          list(jax.random.split(ks[7], len(jax.tree.leaves(outs))))))
+                       jax.tree.unflatten(jax.tree.structure(outs), keys))
     return ref, make, args, cts
 
 
@@ -104,7 +114,8 @@ class Runner:
     def __init__(self, a, dims):
         self.a, self.t0 = a, time.time()
         self.result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-                       "command": "python -m benchmarks.fused_bench " + " ".join(map(shlex.quote, sys.argv[1:])),
+                       "command": "python -m benchmarks.fused_bench "
+                                  + " ".join(map(shlex.quote, sys.argv[1:])),
                        "dims": dims, "rows": []}
 
     def out_of_time(self) -> bool:
@@ -121,7 +132,11 @@ class Runner:
         return row
 
 
-def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool):
+def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool,
+          structures=(None,)):
+    """The forward sweep, then (with `backward`) the backward sweep and the tuned row once per
+    backward structure in `structures` (None: the kernel's only one; the conv kernel's
+    `backward` argument otherwise, recorded as the rows' "backward")."""
     ref, make, args, cts = make_case(kernel, dims, batch, jax.random.key(0))
     base = dict(kernel=kernel, batch=batch)
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
@@ -138,23 +153,27 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
                 best["fwd"] = (row["ms"], r, w)
     if not backward:
         return
-    for r in rows:
-        for w in warps:
-            if run.out_of_time():
-                return
-            row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w)), (cts, *args), **base,
-                           impl="pallas", block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
-                           block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
-            if "ms" in row and row["ms"] < best.get("bwd", (np.inf,))[0]:
-                best["bwd"] = (row["ms"], r, w)
-    if "fwd" in best and "bwd" in best:
-        tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
-                     block_rows_bwd=best["bwd"][1], num_warps_bwd=best["bwd"][2])
-        f = fwdbwd(make(**tiles))
-        err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
-        row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **tiles, **{"pass": "fwdbwd"})
-        row["max_rel_err_vs_xla"] = err
-        write(run.result, run.a.out)
+    for structure in structures:
+        bw = {} if structure is None else {"backward": structure}
+        for r in rows:
+            for w in warps:
+                if run.out_of_time():
+                    return
+                row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w, **bw)),
+                               (cts, *args), **base, impl="pallas", **bw,
+                               block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
+                               block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
+                if "ms" in row and row["ms"] < best.get(structure, (np.inf,))[0]:
+                    best[structure] = (row["ms"], r, w)
+        if "fwd" in best and structure in best:
+            tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
+                         block_rows_bwd=best[structure][1], num_warps_bwd=best[structure][2])
+            f = fwdbwd(make(**tiles, **bw))
+            err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
+            row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **bw, **tiles,
+                           **{"pass": "fwdbwd"})
+            row["max_rel_err_vs_xla"] = err
+            write(run.result, run.a.out)
 
 
 def write(result, prefix):
@@ -164,9 +183,10 @@ def write(result, prefix):
     lines = [f"# Fused mixer kernels on {result['device']} (jax {result['jax']})", "",
              f"Command: `{result['command']}`", "", f"Mixer dims: {result['dims']} (bf16 "
              "activations). ms = median of timed windows. `fwdbwd` sweeps the backward kernel "
-             f"with the forward at its defaults ({DEFAULT_BLOCK_ROWS} rows, {DEFAULT_WARPS} warps).",
-             "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA | rel err vs XLA |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"with the forward at its defaults ({DEFAULT_BLOCK_ROWS} rows, {DEFAULT_WARPS} "
+             "warps), once per conv backward structure (`backward`).",
+             "", "| kernel | batch | pass | impl | backward | rows x warps (bwd) | ms | x XLA "
+             "| rel err vs XLA |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" not in r:
             continue
@@ -176,14 +196,14 @@ def write(result, prefix):
         if r.get("block_rows_bwd"):
             tiles += f" ({r['block_rows_bwd']} x {r['num_warps_bwd']})"
         err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
-        lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} | {tiles} "
-                     f"| {r['ms']:.3f} | {r['ms'] / xla:.2f} | {err} |" if xla else
-                     f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} | {tiles} "
-                     f"| {r['ms']:.3f} | | {err} |")
+        ratio = f"{r['ms'] / xla:.2f}" if xla else ""
+        lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} "
+                     f"| {r.get('backward', '')} | {tiles} | {r['ms']:.3f} | {ratio} | {err} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed configurations:", ""] + [
-            f"- {r['kernel']} b{r['batch']} {r['pass']} {r.get('block_rows')}x{r.get('num_warps')}"
+            f"- {r['kernel']} b{r['batch']} {r['pass']} {r.get('backward', '')} "
+            f"{r.get('block_rows')}x{r.get('num_warps')}"
             f" ({r.get('block_rows_bwd')}x{r.get('num_warps_bwd')}): {r['error']}" for r in failed]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -196,6 +216,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
     p.add_argument("--batch1", action="store_true", help="also sweep the forward at batch 1")
     p.add_argument("--kernels", default="conv,norm")
+    p.add_argument("--conv-backward", default=",".join(fused_conv.BACKWARDS),
+                   help="the conv backward structures to sweep (bidirectional_conv_pallas's "
+                        "`backward`)")
     p.add_argument("--rows", default="4,8,16,32")
     p.add_argument("--warps", default="1,2,4,8")
     p.add_argument("--runs", type=int, default=5)
@@ -212,8 +235,13 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
+    structures = {"conv": a.conv_backward.split(",")}
+    bad = [v for v in structures["conv"] if v not in fused_conv.BACKWARDS]
+    if bad:
+        p.error(f"--conv-backward: {bad} not in {fused_conv.BACKWARDS}")
     for kernel in kernels:
-        sweep(run, kernel, dims, a.batch, rows, warps, backward=True)
+        sweep(run, kernel, dims, a.batch, rows, warps, backward=True,
+              structures=structures.get(kernel, (None,)))
     if a.batch1:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False)

@@ -1,7 +1,7 @@
-"""The fused prologue of the bidirectional mixer (layers/fused_conv.py): the Pallas kernel in the
-interpreter vs the jnp reference (values and every gradient), the reference vs the tensors that
-BidirectionalMamba2 feeds its SSD, the model knob (pallas vs xla, alone and with the fused
-norm), and its Triton lowering for CUDA. Also what both kernel knobs (model.conv_impl,
+"""The fused prologue of the bidirectional mixer (layers/fused_conv.py): the Pallas kernels in the
+interpreter vs the jnp reference (values and every gradient, with each backward structure), the
+reference vs the tensors that BidirectionalMamba2 feeds its SSD, the model knob (pallas vs xla,
+alone and with the fused norm), and their Triton lowering for CUDA. Also what both kernel knobs (model.conv_impl,
 model.norm_impl) share: their values, "auto" and its resolution (layers/triton_common.py).
 
 Tolerances: forward values agree bit for bit in float32 and bfloat16 (same float32 summation
@@ -50,22 +50,23 @@ def _cotangents(args, ngroups, seed=7):
     return tuple(jax.random.normal(k, s.shape).astype(s.dtype) for k, s in zip(keys, shapes))
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "ngroups", "block_rows"))
-def _value_and_grads(args, cts, *, impl, ngroups, block_rows=4):
+@functools.partial(jax.jit, static_argnames=("impl", "ngroups", "block_rows", "backward"))
+def _value_and_grads(args, cts, *, impl, ngroups, block_rows=4, backward="two_pass"):
     if impl == "xla":
         f = functools.partial(fc.bidirectional_conv_xla, ngroups=ngroups, d_state=N)
     else:
         f = functools.partial(fc.bidirectional_conv_pallas, ngroups=ngroups, d_state=N,
-                              interpret=True, block_rows=block_rows)
+                              interpret=True, block_rows=block_rows, block_rows_bwd=block_rows,
+                              backward=backward)
     out, vjp = jax.vjp(f, *args)
     return out, vjp(cts)
 
 
-def _compare(args, ngroups, dtype, block_rows=4):
+def _compare(args, ngroups, dtype, block_rows=4, backward="two_pass"):
     cts = _cotangents(args, ngroups)
     ref, ref_grads = _value_and_grads(args, cts, impl="xla", ngroups=ngroups)
     out, grads = _value_and_grads(args, cts, impl="pallas", ngroups=ngroups,
-                                  block_rows=block_rows)
+                                  block_rows=block_rows, backward=backward)
     for o, r, want in zip(out, ref, (dtype, dtype, dtype, jnp.float32)):
         assert o.dtype == r.dtype == want and o.shape == r.shape
         np.testing.assert_array_equal(np.float32(o), np.float32(r))
@@ -75,12 +76,22 @@ def _compare(args, ngroups, dtype, block_rows=4):
         np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
 
 
+@pytest.mark.parametrize("backward", fc.BACKWARDS)
 @pytest.mark.parametrize("dtype,ngroups,seqlen,block_rows", [
     (jnp.float32, 1, L, 4), (jnp.bfloat16, 1, L, 4), (jnp.bfloat16, 2, L, 4),
     (jnp.float32, 2, 7, 16),  # seqlen 7: one row per program; taps past both ends read zeros
 ])
-def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, block_rows):
-    _compare(_args(dtype, ngroups, seed=ngroups, seqlen=seqlen), ngroups, dtype, block_rows)
+def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, block_rows,
+                                                       backward):
+    _compare(_args(dtype, ngroups, seed=ngroups, seqlen=seqlen), ngroups, dtype, block_rows,
+             backward)
+
+
+def test_unknown_backward_raises():
+    with pytest.raises(ValueError, match=r"^backward must be one of \('fused', 'two_pass'\), "
+                                         r"got 'three_pass'$"):
+        fc.bidirectional_conv_pallas(*_args(jnp.float32, 1), ngroups=1, d_state=N,
+                                     interpret=True, backward="three_pass")
 
 
 def _bidi(conv_impl="xla", norm_impl="xla", share=True, dtype=jnp.float32):
@@ -273,9 +284,11 @@ def test_throughput_variants_parse():
         assert (m.conv_impl, m.norm_impl) == want
 
 
-def test_kernels_lower_to_triton_for_cuda():
-    """Forward and backward lower through the Pallas Triton backend (no GPU needed), at the
-    base config's widths (24 heads of 64, one group of d_state 128)."""
+@pytest.mark.parametrize("backward,kernels", [("fused", 2), ("two_pass", 3)])
+def test_kernels_lower_to_triton_for_cuda(backward, kernels):
+    """Forward and backward (each structure: one kernel or two) lower through the Pallas Triton
+    backend (no GPU needed), at the base config's widths (24 heads of 64, one group of d_state
+    128)."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     c = 24 * 64 + 2 * 128
@@ -285,16 +298,17 @@ def test_kernels_lower_to_triton_for_cuda():
 
     def f(*args):
         out, vjp = jax.vjp(functools.partial(fc.bidirectional_conv_pallas, ngroups=1,
-                                             d_state=128), *args)
+                                             d_state=128, backward=backward), *args)
         return out, vjp(tuple(jnp.ones_like(o) for o in out))
 
     with cuda_lowering_context():
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 2
+    assert text.count("xla.gpu.triton") == kernels
 
 
 @pytest.mark.gpu
-def test_compiled_kernels_match_reference_on_gpu():
+@pytest.mark.parametrize("backward", fc.BACKWARDS)
+def test_compiled_kernels_match_reference_on_gpu(backward):
     args = _args(jnp.bfloat16, 2, seed=4)
     cts = _cotangents(args, 2, seed=9)
 
@@ -305,7 +319,8 @@ def test_compiled_kernels_match_reference_on_gpu():
     ref, ref_grads = jax.jit(lambda: run(functools.partial(
         fc.bidirectional_conv_xla, ngroups=2, d_state=N)))()
     out, grads = jax.jit(lambda: run(functools.partial(
-        fc.bidirectional_conv_pallas, ngroups=2, d_state=N, block_rows=4)))()
+        fc.bidirectional_conv_pallas, ngroups=2, d_state=N, block_rows=4,
+        backward=backward)))()
     for o, r in zip(out, ref):
         assert o.dtype == r.dtype
         np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)

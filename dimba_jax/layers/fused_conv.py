@@ -1,4 +1,4 @@
-"""The prologue of the bidirectional Mamba-2 mixer with shared projections, as one Pallas kernel.
+"""The prologue of the bidirectional Mamba-2 mixer with shared projections, as Pallas kernels.
 
 From the shared projection's xBC (b, L, C), C = H*P + 2*G*N, and dt (b, L, H), with the two
 directions' depthwise conv weights w_f, w_b (K, C) and biases bias_f, bias_b (C,), K = d_conv:
@@ -14,18 +14,35 @@ inputs of the single SSD call over both directions, backward halves in scan time
     dt_cat (b, L, 2H) float32 = [dt[t] | dt[L-1-t]].
 
 `bidirectional_conv_xla` is that computation in jnp (what `BidirectionalMamba2` computes);
-`bidirectional_conv_pallas` is one Pallas kernel for both directions (Triton backend, or the
-Pallas interpreter with `interpret=True`) with a custom VJP. The flip is row arithmetic inside
-the kernels; the split and the concatenation are where the kernel writes. The backward saves
-only the inputs and recomputes a_f, a_b.
+`bidirectional_conv_pallas` is one Pallas forward kernel for both directions (Triton backend,
+or the Pallas interpreter with `interpret=True`) with a custom VJP. The flip is row arithmetic
+inside the kernels; the split and the concatenation are where the kernels write. The VJP saves
+only the inputs (xbc, dt, weights, biases) and recomputes a_f, a_b.
 
-Backward (g = dout * silu'(a), silu'(a) = sig(a) * (1 + a * (1 - sig(a))), float32):
+Backward (g = dout * silu'(a), silu'(a) = sig(a) * (1 + a * (1 - sig(a))), float32; dout_f[t],
+dout_b[s]: the cotangents of x_cat/B_cat/C_cat at the forward / backward half):
     dxbc[j] = sum_k w_f[k] * g_f[j + (K-1) - k] + w_b[k] * g_b[L-1-j + (K-1) - k]
     dw_f[k] = sum_t g_f[t] * xbc[t - (K-1) + k],  dbias_f = sum_t g_f[t]
     dw_b[k] = sum_s g_b[s] * xbc[L-1-s + (K-1) - k],  dbias_b = sum_s g_b[s]
     ddt[j]  = ddt_cat[j, :H] + ddt_cat[L-1-j, H:]
-One program owns original rows j of dxbc and ddt; its weight and bias sums run over the scan
-rows t = j and s = L-1-j (per-program partial sums, added in XLA).
+Weight and bias sums are per-program partial sums (b, L/T, 2, K+1, C) float32, added in XLA.
+Two structures, chosen by `backward` (grid (batch, row blocks of T rows) for every kernel):
+
+  "fused": one kernel "bidir_conv_bwd". A program owns original rows j of dxbc and ddt; per
+    column tile it loads the 2K-1 shifted xbc tiles j-(K-1) .. j+(K-1) and, for each of the K
+    taps, recomputes a_f at rows j + m and a_b at scan rows L-1-j + m (K times per row) with
+    the cotangents there. Its weight and bias sums run over scan rows t = j and s = L-1-j.
+    Nothing but dxbc, ddt and dw goes to HBM; a program keeps the 2K-1 xbc tiles live and
+    computes each pre-activation K times (K cotangent loads per row, from cache).
+  "two_pass": kernel "bidir_conv_bwd_g" over scan rows t: K shifted xbc loads per direction
+    give a_f[t], a_b[t] once each; g_f[t], g_b[t] from the cotangents at the program's own
+    rows; writes g (b, L, 2, C) float32 (forward half in original time, backward half in scan
+    time) and the weight and bias sums over rows t from the same loads. Then kernel
+    "bidir_conv_bwd_dx" over original rows j: dxbc[j] from K shifted loads of g per direction
+    (zero outside [0, L)), written in xbc.dtype, and ddt[j]. Each pre-activation is computed
+    once, and a program keeps one direction's K shifted tiles and g live; the price is g in
+    HBM: 2C float32 per row written by pass 1 and read by pass 2 (16C bytes per row beyond
+    the fused kernel's traffic).
 """
 
 from __future__ import annotations
@@ -39,7 +56,8 @@ from jax.experimental import pallas as pl
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
                                             rows_per_program)
 
-BWD_BLOCK_ROWS, BWD_NUM_WARPS = 4, 8  # the backward kernel's default tiles (bidirectional_conv_pallas)
+BWD_BLOCK_ROWS, BWD_NUM_WARPS = 4, 8  # the backward kernels' default tiles
+BACKWARDS = ("fused", "two_pass")  # the backward structures (bidirectional_conv_pallas)
 
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
@@ -132,11 +150,12 @@ def bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d
 # --------------------------------------------------------------------------------------------
 
 
-def _shifted(ref, rows, d, cols, seqlen):
-    """ref[rows + d, cols] in float32, zero where rows + d is outside [0, seqlen)."""
+def _shifted(ref, rows, d, cols, seqlen, *mid):
+    """ref[rows + d, *mid, cols] in float32, zero where rows + d is outside [0, seqlen)."""
     r = rows + d
     ok = (r >= 0) & (r < seqlen)
-    return jnp.where(ok[:, None], ref[jnp.clip(r, 0, seqlen - 1), cols].astype(jnp.float32), 0.0)
+    v = ref[(jnp.clip(r, 0, seqlen - 1), *mid, cols)].astype(jnp.float32)
+    return jnp.where(ok[:, None], v, 0.0)
 
 
 def _pre(x, w, bias, offsets):
@@ -148,9 +167,11 @@ def _pre(x, w, bias, offsets):
 
 
 def _vecs(w_ref, b_ref, cols, k_width):
+    """The K weight rows and the bias of columns `cols`, each (1, width) float32 (bias None
+    without b_ref)."""
     f32 = jnp.float32
     return ([w_ref[k, cols].astype(f32)[None, :] for k in range(k_width)],
-            b_ref[cols].astype(f32)[None, :])
+            None if b_ref is None else b_ref[cols].astype(f32)[None, :])
 
 
 def _column_tiles(nh, p, ng, n):
@@ -189,18 +210,32 @@ def _fwd_kernel(xbc_ref, dt_ref, wf_ref, wb_ref, bf_ref, bb_ref, x_ref, bm_ref, 
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
+def _dsilu(a):
+    """silu'(a) = sig(a) * (1 + a * (1 - sig(a)))."""
+    sig = jax.nn.sigmoid(a)
+    return sig * (1.0 + a * (1.0 - sig))
+
+
+def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh):
+    """ddt_ref (q, H) = ddt[j] = ddt_cat[j, :H] + ddt_cat[L-1-j, H:] for the rows j = t0 + i;
+    ddtc_ref: the whole (L, 2H) float32 ddt_cat of the batch row."""
+    def dt_head(h, carry):
+        g = ddtc_ref[pl.ds(t0, q), h] + ddtc_ref[(seqlen - 1) - j, nh + h]
+        ddt_ref[:, h] = g.astype(ddt_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, nh, dt_head, 0)
+
+
 def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, ddtc_ref,
                 dxbc_ref, ddt_ref, dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
-    """dx_ref, dbm_ref, dcm_ref, ddtc_ref: the whole cotangent sequences of batch bi;
+    """The "fused" backward: dxbc_ref (q, C) and ddt_ref (q, H) at the original rows j owned;
+    dx_ref, dbm_ref, dcm_ref, ddtc_ref: the whole cotangent sequences of batch bi;
     dw_ref: (2, K + 1, C) this program's partial sums of [dw; dbias] of both directions."""
     f32 = jnp.float32
     t0 = pl.program_id(1) * q
     j = t0 + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)  # original rows owned
     km = k_width - 1
-
-    def dsilu(a):
-        sig = jax.nn.sigmoid(a)
-        return sig * (1.0 + a * (1.0 - sig))
 
     def dout(ref, rows, idx):
         v = ref[jnp.minimum(rows, seqlen - 1), idx, :].astype(f32)
@@ -217,8 +252,8 @@ def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_re
             for m in range(k_width):  # g_f at row j + m, g_b at scan row L-1-j + m
                 a_f = _pre(xs, w_f, b_f, [m - km + k for k in range(k_width)])
                 a_b = _pre(xs, w_b, b_b, [km - m - k for k in range(k_width)])
-                g_f = dout(d_ref, j + m, c) * dsilu(a_f)
-                g_b = dout(d_ref, (seqlen - 1 - j) + m, count + c) * dsilu(a_b)
+                g_f = dout(d_ref, j + m, c) * _dsilu(a_f)
+                g_b = dout(d_ref, (seqlen - 1 - j) + m, count + c) * _dsilu(a_b)
                 dxbc = dxbc + w_f[km - m] * g_f + w_b[km - m] * g_b
                 if m == 0:
                     g_f0, g_b0 = g_f, g_b
@@ -232,17 +267,76 @@ def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_re
 
         jax.lax.fori_loop(0, count, tile, 0)
 
-    def dt_head(h, carry):
-        g = ddtc_ref[pl.ds(t0, q), h] + ddtc_ref[(seqlen - 1) - j, nh + h]
-        ddt_ref[:, h] = g.astype(ddt_ref.dtype)
-        return carry
+    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh)
 
-    jax.lax.fori_loop(0, nh, dt_head, 0)
+
+def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, g_ref,
+                  dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
+    """Pass 1 of the "two_pass" backward, scan rows t = t0 + i of batch bi.
+
+    dx_ref (q, 2H, P), dbm_ref, dcm_ref (q, 2G, N): the cotangents of x_cat, B_cat, C_cat at
+    the program's rows. g_ref (q, 2, C) float32: [g_f[t] | g_b[t]]. dw_ref (2, K + 1, C)
+    float32: this program's partial sums of [dw; dbias] of both directions.
+    """
+    t0 = pl.program_id(1) * q
+    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    rf, rb = t0 + i, (seqlen - 1 - t0) - i  # original rows of a_f[t] / a_b[t]
+    km = k_width - 1
+    # (original rows, tap offsets, weights, bias) of the forward and the backward direction
+    dirs = ((rf, [k - km for k in range(k_width)], wf_ref, bf_ref),
+            (rb, [km - k for k in range(k_width)], wb_ref, bb_ref))
+
+    for (first, width, count), d_ref in zip(_column_tiles(nh, p, ng, n),
+                                            (dx_ref, dbm_ref, dcm_ref)):
+        def tile(c, carry, first=first, width=width, d_ref=d_ref, count=count):
+            cols = pl.ds(first(c), width)
+            for half, (rows, offsets, w_ref, b_ref) in enumerate(dirs):
+                w, bias = _vecs(w_ref, b_ref, cols, k_width)
+                xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
+                g = d_ref[:, half * count + c, :].astype(jnp.float32) * _dsilu(
+                    _pre(xs, w, bias, offsets))
+                g_ref[:, half, cols] = g
+                for k, d in enumerate(offsets):
+                    dw_ref[half, k, cols] = jnp.sum(g * xs[d], axis=0)
+                dw_ref[half, k_width, cols] = jnp.sum(g, axis=0)
+            return carry
+
+        jax.lax.fori_loop(0, count, tile, 0)
+
+
+def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seqlen, nh, p, ng,
+                   n, k_width):
+    """Pass 2 of the "two_pass" backward, original rows j = t0 + i of batch bi.
+
+    g_ref: the whole (L, 2, C) float32 g of pass 1; ddtc_ref: the whole (L, 2H) ddt_cat.
+    dxbc_ref (q, C) in xbc's dtype: sum_k w_f[k] * g_f[j + (K-1) - k]
+    + w_b[k] * g_b[L-1-j + (K-1) - k]; ddt_ref (q, H).
+    """
+    t0 = pl.program_id(1) * q
+    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    j = t0 + i
+    km = k_width - 1
+    dirs = ((j, wf_ref), ((seqlen - 1 - t0) - i, wb_ref))  # scan rows of g at tap offset 0
+
+    for first, width, count in _column_tiles(nh, p, ng, n):
+        def tile(c, carry, first=first, width=width):
+            cols = pl.ds(first(c), width)
+            acc = jnp.zeros((q, width), jnp.float32)
+            for half, (rows, w_ref) in enumerate(dirs):
+                w, _ = _vecs(w_ref, None, cols, k_width)
+                for k in range(k_width):
+                    acc = acc + w[k] * _shifted(g_ref, rows, km - k, cols, seqlen, half)
+            dxbc_ref[:, cols] = acc.astype(dxbc_ref.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, count, tile, 0)
+
+    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh)
 
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret).
+# (num_warps fwd, num_warps bwd), interpret, backward structure).
 # --------------------------------------------------------------------------------------------
 
 
@@ -269,7 +363,7 @@ def _specs(seqlen, q, k_width, c):
 
 
 def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
-    ng, n, out_dtype, (q, _), (num_warps, _), interpret = cfg
+    ng, n, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
     k_width, dtype = w_f.shape[0], jnp.dtype(out_dtype)
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
@@ -289,7 +383,7 @@ def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
 
 
 def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, (_, q), (_, num_warps), interpret = cfg
+    ng, n, _, (_, q), (_, num_warps), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
     k_width, nt = w_f.shape[0], seqlen // q
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
@@ -310,6 +404,38 @@ def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
     )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc.astype(jnp.float32))
 
 
+def _bwd_two_pass_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
+    ng, n, _, (_, q), (_, num_warps), interpret, _ = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
+    k_width, nt = w_f.shape[0], seqlen // q
+    seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
+    params = compiler_params(num_warps, interpret)
+    g, dw = pl.pallas_call(
+        functools.partial(_bwd_g_kernel, **kw),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2, c), jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, nt, 2, k_width + 1, c), jnp.float32)),
+        grid=(bsz, nt),
+        in_specs=[seq(c), mat, mat, vec, vec, rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n)],
+        out_specs=(rows(2, c), pl.BlockSpec((None, None, 2, k_width + 1, c),
+                                            lambda bi, ti: (bi, ti, 0, 0, 0))),
+        compiler_params=params,
+        interpret=interpret,
+        name="bidir_conv_bwd_g",
+    )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm)
+    dxbc, ddt = pl.pallas_call(
+        functools.partial(_bwd_dx_kernel, **kw),
+        out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),
+                   jax.ShapeDtypeStruct(dt.shape, dt.dtype)),
+        grid=(bsz, nt),
+        in_specs=[seq(2, c), mat, mat, seq(2 * nh)],
+        out_specs=(rows(c), rows(nh)),
+        compiler_params=params,
+        interpret=interpret,
+        name="bidir_conv_bwd_dx",
+    )(g, w_f, w_b, ddtc.astype(jnp.float32))
+    return dxbc, ddt, dw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
     return _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
@@ -322,7 +448,8 @@ def _fused_fwd(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
 
 def _fused_bwd(cfg, res, cts):
     xbc, dt, w_f, w_b, bias_f, bias_b = res
-    dxbc, ddt, dw = _bwd_call(*res, *cts, cfg)
+    call = _bwd_call if cfg[-1] == "fused" else _bwd_two_pass_call
+    dxbc, ddt, dw = call(*res, *cts, cfg)
     dw = jnp.sum(dw, axis=(0, 1))  # (2, K + 1, C)
     k_width = w_f.shape[0]
     return (dxbc, ddt, dw[0, :k_width].astype(w_f.dtype), dw[1, :k_width].astype(w_b.dtype),
@@ -335,7 +462,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
-                              block_rows_bwd: int = BWD_BLOCK_ROWS, num_warps_bwd: int = BWD_NUM_WARPS):
+                              block_rows_bwd: int = BWD_BLOCK_ROWS,
+                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "two_pass"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -343,21 +471,27 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
-      block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's);
-        the defaults were the fastest of 4-32 rows x 1-8 warps at configs/base.py's mixer on an
-        H100 (benchmarks/results/fused_bench_h100.md: 1.23 ms against 1.37 ms at 16 x 4).
+      block_rows_bwd, num_warps_bwd: the same for the backward kernels, both passes of
+        "two_pass" alike (None = the forward's); the defaults were the fastest of 4-32 rows x
+        1-8 warps for "fused" at configs/base.py's mixer on an H100
+        (benchmarks/results/fused_bench_h100.md: 1.23 ms against 1.37 ms at 16 x 4).
+      backward: the backward's structure, one of BACKWARDS: "fused" (one kernel) or "two_pass"
+        (two kernels through a float32 g); see the module docstring.
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state)).
     Returns:
       (x_cat, B_cat, C_cat, dt_cat) as the reference. Gradients: xbc (xbc.dtype), dt (dt.dtype),
       w_f, w_b, bias_f, bias_b (their dtypes).
     """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     _, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
     error = conv_size_error(p, d_state)
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
-    rows = [rows_per_program(xbc.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
+    rows = [rows_per_program(xbc.shape[1], int(r))
+            for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), int(d_state), dtype.name, tuple(rows),
-           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret))
+           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), backward)
     return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
