@@ -308,8 +308,10 @@ def test_kernels_lower_to_triton_for_cuda(backward, kernels):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", fc.BACKWARDS)
-def test_compiled_kernels_match_reference_on_gpu(backward):
-    args = _args(jnp.bfloat16, 2, seed=4)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_kernels_match_reference_on_gpu(backward, dtype):
+    args = _args(dtype, 2, seed=4)
+    tol = BF16_TOL if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     cts = _cotangents(args, 2, seed=9)
 
     def run(f):
@@ -323,6 +325,6 @@ def test_compiled_kernels_match_reference_on_gpu(backward):
         backward=backward)))()
     for o, r in zip(out, ref):
         assert o.dtype == r.dtype
-        np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)
+        np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)
     for name, g, r in zip(NAMES, grads, ref_grads):
-        np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **BF16_TOL)
+        np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)

@@ -463,7 +463,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                               block_rows_bwd: int = BWD_BLOCK_ROWS,
-                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "two_pass"):
+                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "fused"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -475,8 +475,10 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         "two_pass" alike (None = the forward's); the defaults were the fastest of 4-32 rows x
         1-8 warps for "fused" at configs/base.py's mixer on an H100
         (benchmarks/results/fused_bench_h100.md: 1.23 ms against 1.37 ms at 16 x 4).
-      backward: the backward's structure, one of BACKWARDS: "fused" (one kernel) or "two_pass"
-        (two kernels through a float32 g); see the module docstring.
+      backward: the backward's structure, one of BACKWARDS: "fused" (one kernel; the default,
+        the one timed in the training step) or "two_pass" (two kernels through a float32 g, not
+        yet timed on a GPU: `benchmarks.fused_bench --conv-backward fused,two_pass`); see the
+        module docstring.
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state)).
     Returns:
