@@ -28,6 +28,7 @@ configurations after it). Written after every row.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shlex
@@ -38,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.ssd_pallas_bench import rel, time_ms
+from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
 from dimba_jax.layers import fused_conv, fused_norm
 from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, default_interpret
 
-DEFAULT_WARPS = 4  # the public functions' num_warps default
+DEFAULT_WARPS = inspect.signature(
+    fused_conv.bidirectional_conv_pallas).parameters["num_warps"].default  # the forward's warps
 
 
 def mixer_dims(config) -> dict:
@@ -91,17 +93,6 @@ def make_case(kernel: str, dims: dict, batch: int, key):
     cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
                        jax.tree.unflatten(jax.tree.structure(outs), keys))
     return ref, make, args, cts
-
-
-def fwd(fn):
-    return jax.jit(fn)
-
-
-def fwdbwd(fn):
-    def f(cts, *a):
-        y, vjp = jax.vjp(fn, *a)
-        return y, vjp(cts)
-    return jax.jit(f)
 
 
 def max_rel(a, b) -> float:

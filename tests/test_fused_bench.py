@@ -33,4 +33,5 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
         assert json.load(f)["rows"] == rows
     with open(prefix + ".md") as f:
         md = f.read()
-    assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md and "python -m benchmarks.fused_bench" in md
+    assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md
+    assert "python -m benchmarks.fused_bench" in md

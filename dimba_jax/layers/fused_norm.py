@@ -285,7 +285,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
-    rows = [rows_per_program(y.shape[1], int(r)) for r in (block_rows, block_rows_bwd or block_rows)]
+    rows = [rows_per_program(y.shape[1], int(r))
+            for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), float(eps), dtype.name, tuple(rows),
            (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret))
     return _fused(y.astype(dtype), z, w_f, w_b, cfg)
