@@ -25,6 +25,9 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   f32         compute dtype float32 instead of bfloat16
   cb_unroll4  cb_while + unroll4
   reference   ssd_impl "reference" (sequential lax.scan over time; expected slow, for the record)
+  mixer_xla   model.conv_impl and model.norm_impl "xla" (the mixer's conv and gated norm without the
+              fused Pallas kernels "auto" picks on a GPU)
+  mixer_pallas  both "pallas" (the fused kernels forced, where "auto" may fall back)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
@@ -99,6 +102,8 @@ VARIANTS: dict[str, dict] = {
     "f32": {"compute_dtype": "float32"},
     "cb_unroll4": {"unroll": 4, "xla_flags": _CB_WHILE},
     "reference": {"ssd_impl": "reference", "cases": ["dimba_T{lo}", "ar"]},
+    "mixer_xla": {"conv_impl": "xla", "norm_impl": "xla"},
+    "mixer_pallas": {"conv_impl": "pallas", "norm_impl": "pallas"},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -251,6 +256,9 @@ def _configs(args, settings):
             cfg.model.ssd_impl = settings["ssd_impl"]
         if settings.get("compute_dtype"):
             cfg.model.compute_dtype = settings["compute_dtype"]
+        for knob in ("conv_impl", "norm_impl"):
+            if settings.get(knob):
+                setattr(cfg.model, knob, settings[knob])
     return dimba_cfg, ar_cfg
 
 

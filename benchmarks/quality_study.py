@@ -915,7 +915,7 @@ def main(argv=None) -> dict:
     val_texts = validation_texts(args)
     for L in study["lengths"]:
         harness.ensure_reference(res, judge, val_texts, L, max(study["batches"]), study["skip_tokens"],
-                                 max(study["lengths"]))
+                                 max(study["lengths"]), study["prompt_len"])
     for name in names:
         if study["runs"][name].get("@config") == "configs/judge.py":
             continue  # the judge scores; it is not a row

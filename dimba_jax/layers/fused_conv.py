@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
                                             rows_per_program)
 
-BWD_BLOCK_ROWS, BWD_NUM_WARPS = 4, 8  # the backward kernels' default tiles
+BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
 BACKWARDS = ("fused", "two_pass")  # the backward structures (bidirectional_conv_pallas)
 
 
@@ -463,7 +463,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                               block_rows_bwd: int = BWD_BLOCK_ROWS,
-                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "fused"):
+                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "two_pass"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
