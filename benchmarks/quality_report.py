@@ -28,6 +28,8 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
   benchmarks/results/quality_posterior_{b8,lr}_h100.md  its best run at 9600 x 8 windows; at learning rates 6e-3 and 2e-3
   benchmarks/results/quality_prompt_{h100,h200}.md  the prompted target's levers at ablation scale, when present
+  benchmarks/results/quality_prompt2_h100.md   the same study again, with the prompted real-text
+                                                reference of quality_prompt_ar_h100.json (--runs ar)
   benchmarks/results/quality_tiny_input_s1_cpu.md  the same (recipe, posterior input, at equal time) at training seed 1
   benchmarks/results/quality_tiny_input_nograd_cpu.md  the posterior input without gradients through it, seed 1
   benchmarks/results/quality_tiny_4x_draw_cpu.md  the 4x model sampled toward drawn tokens (sample.draw_x0) instead of the mean
@@ -59,6 +61,8 @@ import os
 CONTEXT_LEVELS = (-10.0, -8.0, -6.0, -4.0, -2.0, 0.0)
 MIN_BOUND_LEVELS = 32  # as benchmarks.quality_study's: fewer strata, no quoted bound
 RECORD = "quality_small_post_h100"  # the results of the model of record (configs/small.py's recipe)
+# prompt studies whose prompted real-text reference comes from another call's results
+PROMPT_CEILING = {"quality_prompt2_h100": "quality_prompt_ar_h100"}
 
 
 def _f(v, spec=".3g") -> str:
@@ -74,6 +78,32 @@ def real_prompted_sentence(res: dict, L: int) -> str:
     return (f" Real text after its own {real['prompt_len']}-token prompt: judge ppl "
             f"{real['ppl_prompted']:.1f} against {real['ppl_unprompted']:.1f} without it "
             f"({real['ratio']:.2f}x), the ratio of continuations as good as the books' own.")
+
+
+def real_text_ceiling(res: dict, other: dict, other_stem: str, L: int,
+                      target: float = 0.8) -> str:
+    """" Real text after its own prompt ..." from another call's results `other` (file
+    `other_stem`.json) where `res` lacks reference_by_L[L]["prompted"]: that call's command, how
+    closely the two calls' judges agree on the unprompted real-text reference (the relative
+    difference of their judge ppl, rounded up to 0.1%), and the ratio against the prompted
+    target; "" where neither holds the entry."""
+    own = real_prompted_sentence(res, L)
+    if own or not real_prompted_sentence(other, L):
+        return own
+    real = other["reference_by_L"][str(L)]["prompted"]
+    ppl = res.get("reference_by_L", {}).get(str(L), {}).get("judge_ppl")
+    ppl_other = other["reference_by_L"][str(L)].get("judge_ppl")
+    agree = ""
+    if ppl and ppl_other:
+        diff = math.ceil(1000 * abs(ppl / ppl_other - 1.0)) / 10
+        agree = (f"; its judge and this call's agree within {diff:.1f}% on the unprompted "
+                 f"real-text reference (judge ppl {ppl_other:.2f} there, {ppl:.2f} here)")
+    cmd = "; ".join(f"`{c}`" for c in other.get("commands", []))
+    verdict = ("at or below" if real["ratio"] <= target else "above")
+    return (f"{real_prompted_sentence(other, L)} This ratio comes from `{other_stem}.json`, "
+            f"another call ({cmd}){agree}. It is the ceiling of the prompted target under this "
+            f"judge: real text itself scores {real['ratio']:.2f}x, {verdict} the target's "
+            f"{target:g}x.")
 
 
 def _rows_by(res: dict, name: str) -> dict:
@@ -236,10 +266,11 @@ def without_guidance(variant: str) -> str:
     return "+".join(p for p in variant.split("+") if p and not p.startswith("cfg"))
 
 
-def prompt_table(res: dict, stem: str) -> str:
+def prompt_table(res: dict, stem: str, ceiling: tuple[dict, str] | None = None) -> str:
     """The prompt study: per DIMBA run and prompted sampler, judge perplexity prompted against the
     same sampler unprompted (the prompted target's ratio), and the prompt fit; the AR model's
-    ratio as the scale."""
+    ratio as the scale. `ceiling`: (results, stem) of another call holding the prompted
+    real-text reference that `res` lacks (see real_text_ceiling)."""
     ref = res.get("reference", {})
     lines = [f"# The prompted target's levers at ablation scale — {res.get('device', '')}", "",
              f"Made by `benchmarks/quality_report.py` from `{stem}.json`, written by:", "",
@@ -255,7 +286,10 @@ def prompt_table(res: dict, stem: str) -> str:
              "prompt). `eta1`: DDIM at DDPM's variance (fresh noise at every step); `cfgG`: "
              "classifier-free guidance at scale G; `pwX` the output prior's weight.", "",
              f"Real text (judge, L=256): judge ppl {_f(ref.get('judge_ppl'), '.1f')}, entropy "
-             f"{_f(ref.get('entropy'), '.2f')} bits/token.{real_prompted_sentence(res, 256)}", "",
+             f"{_f(ref.get('entropy'), '.2f')} bits/token."
+             + (real_text_ceiling(res, *ceiling, 256) if ceiling
+                else real_prompted_sentence(res, 256)),
+             "",
              "| run | sampler | unprompted ppl / entropy | prompted ppl / entropy | ratio | prompt fit (own / other) |",
              "|---|---|---|---|---|---|"]
     for name, info in res["runs"].items():
@@ -677,8 +711,15 @@ def main(argv=None) -> list[str]:
                 res, os.path.join(args.docs, "posterior_tradeoff.png"),
                 "configs/ablation.py, equal tokens (19.7M): the posterior input at three optimisations, "
                 "each run at 3 sampler settings\n(quality_posterior_h200.json)"))
-    for stem in ("quality_prompt_h100", "quality_prompt_h200"):
-        render_if_present(args.results, stem, lambda res, stem=stem: prompt_table(res, stem), written)
+    for stem in ("quality_prompt_h100", "quality_prompt_h200", "quality_prompt2_h100"):
+        other = PROMPT_CEILING.get(stem, "")
+        src = os.path.join(args.results, f"{other}.json")
+        ceiling = None
+        if other and os.path.isfile(src):
+            with open(src) as f:
+                ceiling = (json.load(f), other)
+        render_if_present(args.results, stem,
+                          lambda res, stem=stem, c=ceiling: prompt_table(res, stem, c), written)
     gains = {}
     for stem, label in (("likelihood_tiny_input_cpu", "tiny (BPE-8k)"), ("likelihood_tiny_vocab_cpu", "tiny (BPE-2k)")):
         src = os.path.join(args.results, f"{stem}.json")
