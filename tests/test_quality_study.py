@@ -107,6 +107,10 @@ def test_quality_report_renders_every_committed_study(tmp_path):
     assert "| DIMBA st0.9+stf0.5 | 2539 |" in tiny and "score temperature" in tiny
     for md in (p for p in written if p.endswith(".md")):
         assert open(md).read().count("\n|") >= 3, md
+    if (tmp_path / "quality_prompt_ar_h100.json").exists():
+        prompt2 = (tmp_path / "quality_prompt2_h100.md").read_text()
+        assert "real text itself scores 0.94x" in prompt2
+        assert "quality_prompt_ar_h100.json" in prompt2
 
 
 def test_noise_agreement_helpers():
@@ -270,3 +274,55 @@ def test_prompt_table_divides_each_prompted_sampler_by_its_unguided_unprompted_t
                                                   "ratio": 0.75, "prompt_len": 32}}}
     assert ("Real text after its own 32-token prompt: judge ppl 45.0 against 60.0 without it "
             "(0.75x)") in qr.prompt_table(res, "quality_prompt_h100")
+
+
+def test_prompt_table_takes_the_real_text_ceiling_from_another_call():
+    from benchmarks import quality_report as qr
+    res = {"rows": [], "runs": {}, "reference_by_L": {"256": {"judge_ppl": 55.0}}}
+    other = {"commands": ["python -m benchmarks.quality_study --study prompt --runs ar"],
+             "reference_by_L": {"256": {"judge_ppl": 54.8, "prompted": {
+                 "ppl_prompted": 51.0, "ppl_unprompted": 54.0, "ratio": 51.0 / 54.0,
+                 "prompt_len": 32}}}}
+    table = qr.prompt_table(res, "quality_prompt2_h100", (other, "quality_prompt_ar_h100"))
+    assert ("Real text after its own 32-token prompt: judge ppl 51.0 against 54.0 without it "
+            "(0.94x)") in table
+    assert "comes from `quality_prompt_ar_h100.json`" in table and "--runs ar`" in table
+    assert "agree within 0.4% on the unprompted real-text reference" in table  # 55 / 54.8: 0.36%
+    assert "real text itself scores 0.94x, above the target's 0.8x" in table
+    # a call holding its own entry keeps it; neither holding one: no sentence
+    res["reference_by_L"]["256"]["prompted"] = dict(other["reference_by_L"]["256"]["prompted"])
+    assert "comes from" not in qr.prompt_table(res, "x", (other, "quality_prompt_ar_h100"))
+    del res["reference_by_L"]["256"]["prompted"], other["reference_by_L"]["256"]["prompted"]
+    assert "Real text after" not in qr.prompt_table(res, "x", (other, "quality_prompt_ar_h100"))
+
+
+def test_the_coordinator_asks_for_the_prompted_real_text_reference(tmp_path, monkeypatch):
+    """main passes the study's prompt_len to harness.ensure_reference (its "prompted" entry)."""
+    import types
+
+    from dimba_jax.evaluate import harness
+    from dimba_jax.evaluate import judge as judge_lib
+    from dimba_jax.evaluate import results as results_lib
+    from dimba_jax.train import inference
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def ensure_reference(*args):
+        calls.append(args)
+        raise Stop
+
+    run = types.SimpleNamespace(model=None, config=types.SimpleNamespace(
+        data=types.SimpleNamespace(seq_len=256)), task=types.SimpleNamespace(tokenizer=None))
+    monkeypatch.setattr(qs, "train_all", lambda *a, **k: {})
+    monkeypatch.setattr(qs, "validation_texts", lambda args: [])
+    monkeypatch.setattr(inference, "load_run", lambda *a, **k: run)
+    monkeypatch.setattr(judge_lib, "Judge", lambda *a, **k: None)
+    monkeypatch.setattr(results_lib, "device_label", lambda: "cpu: x1")
+    monkeypatch.setattr(harness, "ensure_reference", ensure_reference)
+    with pytest.raises(Stop):
+        qs.main(["--study", "prompt", "--workdir", str(tmp_path),
+                 "--out", str(tmp_path / "q.json")])
+    assert calls[0][3:] == (256, 32, 2000, 256, qs.STUDIES["prompt"]["prompt_len"])
