@@ -12,15 +12,12 @@ and their jnp references (`*_xla`, jitted), forward alone ("fwd") and forward + 
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program); then the backward kernel over the same grid with the forward at the defaults; then
 the best forward with the best backward ("tuned"), whose values and gradients are checked
-against the reference (largest relative error over all outputs and gradients). The conv
-kernel's backward sweep and tuned row run once per backward structure of `--conv-backward`
-("fused": one kernel; "two_pass": two kernels through a float32 g; both by default). `--batch1`
+against the reference (largest relative error over all outputs and gradients). `--batch1`
 adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the
 Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
-kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, backward (the
-conv's pallas fwdbwd rows), ms, or error) and PREFIX.md (the rows as a table, the failed
+kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, ms, or error) and PREFIX.md (the rows as a table, the failed
 configurations after it). Written after every row.
 `--budget-s` stops starting new sweeps once it is spent (what is done is kept).
 """
@@ -123,11 +120,8 @@ class Runner:
         return row
 
 
-def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool,
-          structures=(None,)):
-    """The forward sweep, then (with `backward`) the backward sweep and the tuned row once per
-    backward structure in `structures` (None: the kernel's only one; the conv kernel's
-    `backward` argument otherwise, recorded as the rows' "backward")."""
+def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool):
+    """The forward sweep, then (with `backward`) the backward sweep and the tuned row."""
     ref, make, args, cts = make_case(kernel, dims, batch, jax.random.key(0))
     base = dict(kernel=kernel, batch=batch)
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
@@ -144,27 +138,24 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
                 best["fwd"] = (row["ms"], r, w)
     if not backward:
         return
-    for structure in structures:
-        bw = {} if structure is None else {"backward": structure}
-        for r in rows:
-            for w in warps:
-                if run.out_of_time():
-                    return
-                row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w, **bw)),
-                               (cts, *args), **base, impl="pallas", **bw,
-                               block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
-                               block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
-                if "ms" in row and row["ms"] < best.get(structure, (np.inf,))[0]:
-                    best[structure] = (row["ms"], r, w)
-        if "fwd" in best and structure in best:
-            tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
-                         block_rows_bwd=best[structure][1], num_warps_bwd=best[structure][2])
-            f = fwdbwd(make(**tiles, **bw))
-            err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
-            row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **bw, **tiles,
-                           **{"pass": "fwdbwd"})
-            row["max_rel_err_vs_xla"] = err
-            write(run.result, run.a.out)
+    for r in rows:
+        for w in warps:
+            if run.out_of_time():
+                return
+            row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w)), (cts, *args), **base,
+                           impl="pallas", block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
+                           block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
+            if "ms" in row and row["ms"] < best.get("bwd", (np.inf,))[0]:
+                best["bwd"] = (row["ms"], r, w)
+    if "fwd" in best and "bwd" in best:
+        tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
+                     block_rows_bwd=best["bwd"][1], num_warps_bwd=best["bwd"][2])
+        f = fwdbwd(make(**tiles))
+        err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
+        row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **tiles,
+                       **{"pass": "fwdbwd"})
+        row["max_rel_err_vs_xla"] = err
+        write(run.result, run.a.out)
 
 
 def write(result, prefix):
@@ -175,9 +166,9 @@ def write(result, prefix):
              f"Command: `{result['command']}`", "", f"Mixer dims: {result['dims']} (bf16 "
              "activations). ms = median of timed windows. `fwdbwd` sweeps the backward kernel "
              f"with the forward at its defaults ({DEFAULT_BLOCK_ROWS} rows, {DEFAULT_WARPS} "
-             "warps), once per conv backward structure (`backward`).",
-             "", "| kernel | batch | pass | impl | backward | rows x warps (bwd) | ms | x XLA "
-             "| rel err vs XLA |", "|---|---|---|---|---|---|---|---|---|"]
+             "warps).",
+             "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA "
+             "| rel err vs XLA |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" not in r:
             continue
@@ -189,11 +180,11 @@ def write(result, prefix):
         err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
         ratio = f"{r['ms'] / xla:.2f}" if xla else ""
         lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} "
-                     f"| {r.get('backward', '')} | {tiles} | {r['ms']:.3f} | {ratio} | {err} |")
+                     f"| {tiles} | {r['ms']:.3f} | {ratio} | {err} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed configurations:", ""] + [
-            f"- {r['kernel']} b{r['batch']} {r['pass']} {r.get('backward', '')} "
+            f"- {r['kernel']} b{r['batch']} {r['pass']} "
             f"{r.get('block_rows')}x{r.get('num_warps')}"
             f" ({r.get('block_rows_bwd')}x{r.get('num_warps_bwd')}): {r['error']}" for r in failed]
     with open(prefix + ".md", "w") as f:
@@ -207,9 +198,6 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
     p.add_argument("--batch1", action="store_true", help="also sweep the forward at batch 1")
     p.add_argument("--kernels", default="conv,norm")
-    p.add_argument("--conv-backward", default=",".join(fused_conv.BACKWARDS),
-                   help="the conv backward structures to sweep (bidirectional_conv_pallas's "
-                        "`backward`)")
     p.add_argument("--rows", default="4,8,16,32")
     p.add_argument("--warps", default="1,2,4,8")
     p.add_argument("--runs", type=int, default=5)
@@ -226,13 +214,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
-    structures = {"conv": a.conv_backward.split(",")}
-    bad = [v for v in structures["conv"] if v not in fused_conv.BACKWARDS]
-    if bad:
-        p.error(f"--conv-backward: {bad} not in {fused_conv.BACKWARDS}")
     for kernel in kernels:
-        sweep(run, kernel, dims, a.batch, rows, warps, backward=True,
-              structures=structures.get(kernel, (None,)))
+        sweep(run, kernel, dims, a.batch, rows, warps, backward=True)
     if a.batch1:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False)

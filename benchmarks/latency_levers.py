@@ -25,9 +25,11 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   f32         compute dtype float32 instead of bfloat16
   cb_unroll4  cb_while + unroll4
   reference   ssd_impl "reference" (sequential lax.scan over time; expected slow, for the record)
-  mixer_xla   model.conv_impl and model.norm_impl "xla" (the mixer's conv and gated norm without the
-              fused Pallas kernels "auto" picks on a GPU)
-  mixer_pallas  both "pallas" (the fused kernels forced, where "auto" may fall back)
+  mixer_xla   model.conv_impl and model.norm_impl "xla" (the mixer's conv and gated norm in XLA,
+              as "auto" runs them when sampling)
+  mixer_pallas  both "pallas" (the fused forward kernels in the sampler too)
+  mixer_pallas_cb  mixer_pallas + cb_while (whether the kernels' custom calls cost the sampler
+              its CUDA graphs)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
@@ -104,6 +106,7 @@ VARIANTS: dict[str, dict] = {
     "reference": {"ssd_impl": "reference", "cases": ["dimba_T{lo}", "ar"]},
     "mixer_xla": {"conv_impl": "xla", "norm_impl": "xla"},
     "mixer_pallas": {"conv_impl": "pallas", "norm_impl": "pallas"},
+    "mixer_pallas_cb": {"conv_impl": "pallas", "norm_impl": "pallas", "xla_flags": _CB_WHILE},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "

@@ -1,5 +1,5 @@
 """The fused prologue of the bidirectional mixer (layers/fused_conv.py): the Pallas kernels in the
-interpreter vs the jnp reference (values and every gradient, with each backward structure), the
+interpreter vs the jnp reference (values and every gradient; forward_only), the
 reference vs the tensors that BidirectionalMamba2 feeds its SSD, the model knob (pallas vs xla,
 alone and with the fused norm), and their Triton lowering for CUDA. Also what both kernel knobs (model.conv_impl,
 model.norm_impl) share: their values, "auto" and its resolution (layers/triton_common.py).
@@ -50,23 +50,22 @@ def _cotangents(args, ngroups, seed=7):
     return tuple(jax.random.normal(k, s.shape).astype(s.dtype) for k, s in zip(keys, shapes))
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "ngroups", "block_rows", "backward"))
-def _value_and_grads(args, cts, *, impl, ngroups, block_rows=4, backward="two_pass"):
+@functools.partial(jax.jit, static_argnames=("impl", "ngroups", "block_rows"))
+def _value_and_grads(args, cts, *, impl, ngroups, block_rows=4):
     if impl == "xla":
         f = functools.partial(fc.bidirectional_conv_xla, ngroups=ngroups, d_state=N)
     else:
         f = functools.partial(fc.bidirectional_conv_pallas, ngroups=ngroups, d_state=N,
-                              interpret=True, block_rows=block_rows, block_rows_bwd=block_rows,
-                              backward=backward)
+                              interpret=True, block_rows=block_rows, block_rows_bwd=block_rows)
     out, vjp = jax.vjp(f, *args)
     return out, vjp(cts)
 
 
-def _compare(args, ngroups, dtype, block_rows=4, backward="two_pass"):
+def _compare(args, ngroups, dtype, block_rows=4):
     cts = _cotangents(args, ngroups)
     ref, ref_grads = _value_and_grads(args, cts, impl="xla", ngroups=ngroups)
     out, grads = _value_and_grads(args, cts, impl="pallas", ngroups=ngroups,
-                                  block_rows=block_rows, backward=backward)
+                                  block_rows=block_rows)
     for o, r, want in zip(out, ref, (dtype, dtype, dtype, jnp.float32)):
         assert o.dtype == r.dtype == want and o.shape == r.shape
         np.testing.assert_array_equal(np.float32(o), np.float32(r))
@@ -76,22 +75,40 @@ def _compare(args, ngroups, dtype, block_rows=4, backward="two_pass"):
         np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
 
 
-@pytest.mark.parametrize("backward", fc.BACKWARDS)
 @pytest.mark.parametrize("dtype,ngroups,seqlen,block_rows", [
     (jnp.float32, 1, L, 4), (jnp.bfloat16, 1, L, 4), (jnp.bfloat16, 2, L, 4),
     (jnp.float32, 2, 7, 16),  # seqlen 7: one row per program; taps past both ends read zeros
 ])
-def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, block_rows,
-                                                       backward):
-    _compare(_args(dtype, ngroups, seed=ngroups, seqlen=seqlen), ngroups, dtype, block_rows,
-             backward)
+def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, block_rows):
+    _compare(_args(dtype, ngroups, seed=ngroups, seqlen=seqlen), ngroups, dtype, block_rows)
 
 
-def test_unknown_backward_raises():
-    with pytest.raises(ValueError, match=r"^backward must be one of \('fused', 'two_pass'\), "
-                                         r"got 'three_pass'$"):
+def test_unknown_forward_only_raises():
+    with pytest.raises(ValueError, match=r"^forward_only must be one of \('pallas', 'xla'\), "
+                                         r"got 'triton'$"):
         fc.bidirectional_conv_pallas(*_args(jnp.float32, 1), ngroups=1, d_state=N,
-                                     interpret=True, backward="three_pass")
+                                     interpret=True, forward_only="triton")
+
+
+def test_forward_only_xla_runs_the_reference_unless_differentiated():
+    """forward_only="xla": an undifferentiated call is the reference (no kernel, equal values);
+    a differentiated one still runs the forward and backward kernels."""
+    args = _args(jnp.float32, 1)
+    f = functools.partial(fc.bidirectional_conv_pallas, ngroups=1, d_state=N, interpret=True,
+                          block_rows=4, forward_only="xla")
+    ref = functools.partial(fc.bidirectional_conv_xla, ngroups=1, d_state=N)
+    assert "pallas_call" not in str(jax.make_jaxpr(f)(*args))
+    for got, want in zip(jax.jit(f)(*args), jax.jit(ref)(*args)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    def loss(fn, *a):
+        return sum(jnp.sum(o * o) for o in fn(*a))
+
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, f), argnums=0))(*args))
+    assert grad_jaxpr.count("pallas_call") == 3  # forward, and both backward kernels
+    pallas_jaxpr = str(jax.make_jaxpr(functools.partial(
+        fc.bidirectional_conv_pallas, ngroups=1, d_state=N, interpret=True))(*args))
+    assert pallas_jaxpr.count("pallas_call") == 1
 
 
 def _bidi(conv_impl="xla", norm_impl="xla", share=True, dtype=jnp.float32):
@@ -236,14 +253,18 @@ def test_use_fused_truth_table(backend, monkeypatch):
 def test_mixer_auto_on_gpu_uses_each_kernel_where_it_applies(share, d_state, headdim, want,
                                                              monkeypatch):
     """With the backend reported as "gpu" (traced only, no GPU needed), "auto" routes each knob
-    through use_fused with its kernel's size constraints."""
+    through use_fused with its kernel's size constraints when differentiated; an
+    undifferentiated call (sampling) runs no kernel."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     bidi = BidirectionalMamba2(24, share_projections=share, rngs=nnx.Rngs(5), ssd_impl="xla",
                                d_state=d_state, expand=2, headdim=headdim, d_conv=K,
                                chunk_size=4)
     assert (bidi.fwd.conv_impl, bidi.fwd.norm_impl) == ("auto", "auto")
-    jaxpr = str(jax.make_jaxpr(lambda u: bidi(u))(jnp.zeros((B, L, 24))))
+    u0 = jnp.zeros((B, L, 24))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(bidi(u) ** 2)))(u0))
     assert (jaxpr.count("name=bidir_conv_fwd"), jaxpr.count("name=bidir_gated_norm_fwd")) == want
+    jaxpr = str(jax.make_jaxpr(lambda u: bidi(u))(u0))
+    assert "pallas_call" not in jaxpr
     seq_idx = jnp.zeros((B, L), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda u: bidi(u, seq_idx=seq_idx))(jnp.zeros((B, L, 24))))
     assert "pallas_call" not in jaxpr
@@ -284,9 +305,8 @@ def test_throughput_variants_parse():
         assert (m.conv_impl, m.norm_impl) == want
 
 
-@pytest.mark.parametrize("backward,kernels", [("fused", 2), ("two_pass", 3)])
-def test_kernels_lower_to_triton_for_cuda(backward, kernels):
-    """Forward and backward (each structure: one kernel or two) lower through the Pallas Triton
+def test_kernels_lower_to_triton_for_cuda():
+    """The forward and both backward kernels lower through the Pallas Triton
     backend (no GPU needed), at the base config's widths (24 heads of 64, one group of d_state
     128)."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
@@ -298,18 +318,17 @@ def test_kernels_lower_to_triton_for_cuda(backward, kernels):
 
     def f(*args):
         out, vjp = jax.vjp(functools.partial(fc.bidirectional_conv_pallas, ngroups=1,
-                                             d_state=128, backward=backward), *args)
+                                             d_state=128), *args)
         return out, vjp(tuple(jnp.ones_like(o) for o in out))
 
     with cuda_lowering_context():
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == kernels
+    assert text.count("xla.gpu.triton") == 3
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", fc.BACKWARDS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_compiled_kernels_match_reference_on_gpu(backward, dtype):
+def test_compiled_kernels_match_reference_on_gpu(dtype):
     args = _args(dtype, 2, seed=4)
     tol = BF16_TOL if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     cts = _cotangents(args, 2, seed=9)
@@ -321,8 +340,7 @@ def test_compiled_kernels_match_reference_on_gpu(backward, dtype):
     ref, ref_grads = jax.jit(lambda: run(functools.partial(
         fc.bidirectional_conv_xla, ngroups=2, d_state=N)))()
     out, grads = jax.jit(lambda: run(functools.partial(
-        fc.bidirectional_conv_pallas, ngroups=2, d_state=N, block_rows=4,
-        backward=backward)))()
+        fc.bidirectional_conv_pallas, ngroups=2, d_state=N, block_rows=4)))()
     for o, r in zip(out, ref):
         assert o.dtype == r.dtype
         np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)

@@ -64,6 +64,22 @@ def test_kernel_matches_reference_values_and_gradients(dtype, ngroups):
         np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
 
 
+def test_forward_only_xla_runs_the_reference_unless_differentiated():
+    """forward_only="xla": an undifferentiated call is the reference (no kernel, equal values);
+    a differentiated one runs the forward and backward kernels; unknown values raise."""
+    args = _args(jnp.float32)
+    f = functools.partial(fn.bidirectional_gated_norm_pallas, interpret=True, block_rows=4,
+                          forward_only="xla")
+    assert "pallas_call" not in str(jax.make_jaxpr(f)(*args))
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(*args)),
+                                  np.asarray(jax.jit(fn.bidirectional_gated_norm_xla)(*args)))
+    grad = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1)))(*args)
+    assert str(grad).count("pallas_call") == 2
+    with pytest.raises(ValueError, match=r"^forward_only must be one of \('pallas', 'xla'\), "
+                                         r"got 'auto'$"):
+        fn.bidirectional_gated_norm_pallas(*args, interpret=True, forward_only="auto")
+
+
 def test_odd_seqlen_uses_single_rows():
     """seqlen 7: one row per program; the flipped half still lines up."""
     args = _args(jnp.float32, seed=3, seqlen=7)

@@ -26,23 +26,17 @@ dout_b[s]: the cotangents of x_cat/B_cat/C_cat at the forward / backward half):
     dw_b[k] = sum_s g_b[s] * xbc[L-1-s + (K-1) - k],  dbias_b = sum_s g_b[s]
     ddt[j]  = ddt_cat[j, :H] + ddt_cat[L-1-j, H:]
 Weight and bias sums are per-program partial sums (b, L/T, 2, K+1, C) float32, added in XLA.
-Two structures, chosen by `backward` (grid (batch, row blocks of T rows) for every kernel):
+Two kernels over grid (batch, row blocks of T rows): "bidir_conv_bwd_g" over scan rows t: K
+shifted xbc loads per direction give a_f[t], a_b[t] once each; g_f[t], g_b[t] from the
+cotangents at the program's own rows; it writes g (b, L, 2, C) float32 (forward half in
+original time, backward half in scan time) and the weight and bias sums over rows t from the
+same loads. Then "bidir_conv_bwd_dx" over original rows j: dxbc[j] from K shifted loads of g
+per direction (zero outside [0, L)), written in xbc.dtype, and ddt[j]. Each pre-activation is
+computed once; g costs 2C float32 per row in HBM, written by the first kernel and read by the
+second.
 
-  "fused": one kernel "bidir_conv_bwd". A program owns original rows j of dxbc and ddt; per
-    column tile it loads the 2K-1 shifted xbc tiles j-(K-1) .. j+(K-1) and, for each of the K
-    taps, recomputes a_f at rows j + m and a_b at scan rows L-1-j + m (K times per row) with
-    the cotangents there. Its weight and bias sums run over scan rows t = j and s = L-1-j.
-    Nothing but dxbc, ddt and dw goes to HBM; a program keeps the 2K-1 xbc tiles live and
-    computes each pre-activation K times (K cotangent loads per row, from cache).
-  "two_pass": kernel "bidir_conv_bwd_g" over scan rows t: K shifted xbc loads per direction
-    give a_f[t], a_b[t] once each; g_f[t], g_b[t] from the cotangents at the program's own
-    rows; writes g (b, L, 2, C) float32 (forward half in original time, backward half in scan
-    time) and the weight and bias sums over rows t from the same loads. Then kernel
-    "bidir_conv_bwd_dx" over original rows j: dxbc[j] from K shifted loads of g per direction
-    (zero outside [0, L)), written in xbc.dtype, and ddt[j]. Each pre-activation is computed
-    once, and a program keeps one direction's K shifted tiles and g live; the price is g in
-    HBM: 2C float32 per row written by pass 1 and read by pass 2 (16C bytes per row beyond
-    the fused kernel's traffic).
+`forward_only` chooses what a call that is not differentiated runs: the forward kernel
+("pallas") or `bidirectional_conv_xla` ("xla"); a differentiated call always runs the kernels.
 """
 
 from __future__ import annotations
@@ -53,11 +47,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
-                                            rows_per_program)
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
+                                            compiler_params, is_power_of_two, rows_per_program)
 
 BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
-BACKWARDS = ("fused", "two_pass")  # the backward structures (bidirectional_conv_pallas)
 
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
@@ -227,52 +220,9 @@ def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh):
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, ddtc_ref,
-                dxbc_ref, ddt_ref, dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
-    """The "fused" backward: dxbc_ref (q, C) and ddt_ref (q, H) at the original rows j owned;
-    dx_ref, dbm_ref, dcm_ref, ddtc_ref: the whole cotangent sequences of batch bi;
-    dw_ref: (2, K + 1, C) this program's partial sums of [dw; dbias] of both directions."""
-    f32 = jnp.float32
-    t0 = pl.program_id(1) * q
-    j = t0 + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)  # original rows owned
-    km = k_width - 1
-
-    def dout(ref, rows, idx):
-        v = ref[jnp.minimum(rows, seqlen - 1), idx, :].astype(f32)
-        return jnp.where((rows < seqlen)[:, None], v, 0.0)
-
-    for (first, width, count), d_ref in zip(_column_tiles(nh, p, ng, n),
-                                            (dx_ref, dbm_ref, dcm_ref)):
-        def tile(c, carry, first=first, width=width, d_ref=d_ref, count=count):
-            cols = pl.ds(first(c), width)
-            w_f, b_f = _vecs(wf_ref, bf_ref, cols, k_width)
-            w_b, b_b = _vecs(wb_ref, bb_ref, cols, k_width)
-            xs = {d: _shifted(xbc_ref, j, d, cols, seqlen) for d in range(-km, km + 1)}
-            dxbc = jnp.zeros((q, width), f32)
-            for m in range(k_width):  # g_f at row j + m, g_b at scan row L-1-j + m
-                a_f = _pre(xs, w_f, b_f, [m - km + k for k in range(k_width)])
-                a_b = _pre(xs, w_b, b_b, [km - m - k for k in range(k_width)])
-                g_f = dout(d_ref, j + m, c) * _dsilu(a_f)
-                g_b = dout(d_ref, (seqlen - 1 - j) + m, count + c) * _dsilu(a_b)
-                dxbc = dxbc + w_f[km - m] * g_f + w_b[km - m] * g_b
-                if m == 0:
-                    g_f0, g_b0 = g_f, g_b
-            dxbc_ref[:, cols] = dxbc.astype(dxbc_ref.dtype)
-            for k in range(k_width):
-                dw_ref[0, k, cols] = jnp.sum(g_f0 * xs[k - km], axis=0)
-                dw_ref[1, k, cols] = jnp.sum(g_b0 * xs[km - k], axis=0)
-            dw_ref[0, k_width, cols] = jnp.sum(g_f0, axis=0)
-            dw_ref[1, k_width, cols] = jnp.sum(g_b0, axis=0)
-            return carry
-
-        jax.lax.fori_loop(0, count, tile, 0)
-
-    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh)
-
-
 def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, g_ref,
                   dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
-    """Pass 1 of the "two_pass" backward, scan rows t = t0 + i of batch bi.
+    """Backward kernel 1 ("bidir_conv_bwd_g"), scan rows t = t0 + i of batch bi.
 
     dx_ref (q, 2H, P), dbm_ref, dcm_ref (q, 2G, N): the cotangents of x_cat, B_cat, C_cat at
     the program's rows. g_ref (q, 2, C) float32: [g_f[t] | g_b[t]]. dw_ref (2, K + 1, C)
@@ -306,7 +256,7 @@ def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_
 
 def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seqlen, nh, p, ng,
                    n, k_width):
-    """Pass 2 of the "two_pass" backward, original rows j = t0 + i of batch bi.
+    """Backward kernel 2 ("bidir_conv_bwd_dx"), original rows j = t0 + i of batch bi.
 
     g_ref: the whole (L, 2, C) float32 g of pass 1; ddtc_ref: the whole (L, 2H) ddt_cat.
     dxbc_ref (q, C) in xbc's dtype: sum_k w_f[k] * g_f[j + (K-1) - k]
@@ -336,7 +286,7 @@ def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seq
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret, backward structure).
+# (num_warps fwd, num_warps bwd), interpret, forward_only).
 # --------------------------------------------------------------------------------------------
 
 
@@ -387,28 +337,6 @@ def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
     k_width, nt = w_f.shape[0], seqlen // q
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),
-                   jax.ShapeDtypeStruct(dt.shape, dt.dtype),
-                   jax.ShapeDtypeStruct((bsz, nt, 2, k_width + 1, c), jnp.float32)),
-        grid=(bsz, nt),
-        in_specs=[seq(c), mat, mat, vec, vec, seq(2 * nh, p), seq(2 * ng, n), seq(2 * ng, n),
-                  seq(2 * nh)],
-        out_specs=(rows(c), rows(nh),
-                   pl.BlockSpec((None, None, 2, k_width + 1, c),
-                                lambda bi, ti: (bi, ti, 0, 0, 0))),
-        compiler_params=compiler_params(num_warps, interpret),
-        interpret=interpret,
-        name="bidir_conv_bwd",
-    )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc.astype(jnp.float32))
-
-
-def _bwd_two_pass_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, (_, q), (_, num_warps), interpret, _ = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
-    k_width, nt = w_f.shape[0], seqlen // q
-    seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(num_warps, interpret)
     g, dw = pl.pallas_call(
         functools.partial(_bwd_g_kernel, **kw),
@@ -438,6 +366,9 @@ def _bwd_two_pass_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cf
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+    if cfg[-1] == "xla":
+        return bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups=cfg[0],
+                                      d_state=cfg[1], dtype=jnp.dtype(cfg[2]))
     return _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
 
 
@@ -448,8 +379,7 @@ def _fused_fwd(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
 
 def _fused_bwd(cfg, res, cts):
     xbc, dt, w_f, w_b, bias_f, bias_b = res
-    call = _bwd_call if cfg[-1] == "fused" else _bwd_two_pass_call
-    dxbc, ddt, dw = call(*res, *cts, cfg)
+    dxbc, ddt, dw = _bwd_call(*res, *cts, cfg)
     dw = jnp.sum(dw, axis=(0, 1))  # (2, K + 1, C)
     k_width = w_f.shape[0]
     return (dxbc, ddt, dw[0, :k_width].astype(w_f.dtype), dw[1, :k_width].astype(w_b.dtype),
@@ -463,7 +393,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                               block_rows_bwd: int = BWD_BLOCK_ROWS,
-                              num_warps_bwd: int = BWD_NUM_WARPS, backward: str = "two_pass"):
+                              num_warps_bwd: int = BWD_NUM_WARPS, forward_only: str = "pallas"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -471,22 +401,19 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       interpret: run the kernels in the Pallas interpreter (any device; CPU tests).
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
-      block_rows_bwd, num_warps_bwd: the same for the backward kernels, both passes of
-        "two_pass" alike (None = the forward's); the defaults were the fastest of 4-32 rows x
-        1-8 warps for "fused" at configs/base.py's mixer on an H100
-        (benchmarks/results/fused_bench_h100.md: 1.23 ms against 1.37 ms at 16 x 4).
-      backward: the backward's structure, one of BACKWARDS: "fused" (one kernel; the default,
-        the one timed in the training step) or "two_pass" (two kernels through a float32 g, not
-        yet timed on a GPU: `benchmarks.fused_bench --conv-backward fused,two_pass`); see the
-        module docstring.
+      block_rows_bwd, num_warps_bwd: the same for both backward kernels (None = the
+        forward's); the defaults were the fastest of 4-16 rows x 4-8 warps at
+        configs/base.py's mixer on an H100 (benchmarks/results/fused_bench2_h100.md).
+      forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated runs: "pallas"
+        (the forward kernel) or "xla" (`bidirectional_conv_xla`); a differentiated call runs
+        the forward and backward kernels either way.
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state)).
     Returns:
       (x_cat, B_cat, C_cat, dt_cat) as the reference. Gradients: xbc (xbc.dtype), dt (dt.dtype),
       w_f, w_b, bias_f, bias_b (their dtypes).
     """
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    check_forward_only(forward_only)
     _, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
     error = conv_size_error(p, d_state)
     if error:
@@ -495,5 +422,5 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
     rows = [rows_per_program(xbc.shape[1], int(r))
             for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), int(d_state), dtype.name, tuple(rows),
-           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), backward)
+           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), forward_only)
     return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)

@@ -16,7 +16,8 @@ does (so the forward results agree to the last bit up to float32 summation order
 interpreter with `interpret=True`) with a custom VJP. The flip of the backward half is row
 arithmetic inside the kernels (row L-1-t is read in the forward, written in the backward). The
 backward recomputes the gate and normalised values from the inputs and the saved per-row
-rstd (b, 2 * ngroups, L) float32; nothing else is saved.
+rstd (b, 2 * ngroups, L) float32; nothing else is saved. `forward_only` chooses what a call
+that is not differentiated runs: the forward kernel ("pallas") or the jnp reference ("xla").
 
 Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = mean(dn * n)):
     dw = sum_rows(do * n);  dg = rstd * (dn - n * m);  dy = dg * s
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
-from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, compiler_params, is_power_of_two,
-                                            rows_per_program)
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
+                                            compiler_params, is_power_of_two, rows_per_program)
 
 
 def _check(y, z, w_f, w_b, ngroups):
@@ -189,7 +190,7 @@ def _bwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, rstd_ref, do_ref, dys_ref, dz_ref
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret).
+# (num_warps fwd, num_warps bwd), interpret, forward_only).
 # --------------------------------------------------------------------------------------------
 
 
@@ -202,7 +203,7 @@ def _specs(seqlen, h2, p, d, q, ngroups):
 
 
 def _fwd_call(y, z, w_f, w_b, cfg):
-    ngroups, eps, out_dtype, (q, _), (num_warps, _), interpret = cfg
+    ngroups, eps, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
     seq, rows, vec, rstd = _specs(seqlen, h2, p, d, q, ngroups)
@@ -221,7 +222,7 @@ def _fwd_call(y, z, w_f, w_b, cfg):
 
 
 def _bwd_call(y, z, w_f, w_b, rstd, dout, cfg):
-    ngroups, _, _, (_, q), (_, num_warps), interpret = cfg
+    ngroups, _, _, (_, q), (_, num_warps), interpret, _ = cfg
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
     nt = seqlen // q
@@ -244,6 +245,9 @@ def _bwd_call(y, z, w_f, w_b, rstd, dout, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(y, z, w_f, w_b, cfg):
+    if cfg[-1] == "xla":
+        return bidirectional_gated_norm_xla(y, z, w_f, w_b, ngroups=cfg[0], eps=cfg[1],
+                                            dtype=jnp.dtype(cfg[2]))
     return _fwd_call(y, z, w_f, w_b, cfg)[0]
 
 
@@ -266,7 +270,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     dtype=None, interpret: bool = False,
                                     block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                                     block_rows_bwd: int | None = None,
-                                    num_warps_bwd: int | None = None):
+                                    num_warps_bwd: int | None = None,
+                                    forward_only: str = "pallas"):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
 
@@ -275,12 +280,16 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
       block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's).
+      forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated
+        runs: "pallas" (the forward kernel) or "xla" (`bidirectional_gated_norm_xla`); a
+        differentiated call runs the forward and backward kernels either way.
     Constraints: headdim a power of two (the kernels' tiles are (rows, headdim)).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y (y.dtype), z (z.dtype),
       w_f, w_b (their dtypes).
     """
     _check(y, z, w_f, w_b, ngroups)
+    check_forward_only(forward_only)
     error = norm_size_error(y.shape[-1])
     if error:
         raise ValueError(error)
@@ -288,5 +297,5 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     rows = [rows_per_program(y.shape[1], int(r))
             for r in (block_rows, block_rows_bwd or block_rows)]
     cfg = (int(ngroups), float(eps), dtype.name, tuple(rows),
-           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret))
+           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), forward_only)
     return _fused(y.astype(dtype), z, w_f, w_b, cfg)

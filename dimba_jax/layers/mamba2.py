@@ -33,7 +33,8 @@ from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1
                                          conv_size_error)
 from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas, norm_size_error
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
+from dimba_jax.layers.triton_common import (check_impl, default_interpret, forward_only_of,
+                                            use_fused)
 from dimba_jax.ssd import KernelConfig, ssd
 
 
@@ -109,9 +110,10 @@ class Mamba2(nnx.Module):
         fused kernel of `layers/fused_conv.py`; needs headdim and d_state powers of two); this
         causal mixer's own conv is always XLA.
         For both knobs: "pallas" = the fused kernel wherever the call allows it (in the Pallas
-        interpreter off GPU; other sizes raise); "auto" = the fused kernel on a GPU where the
-        call and the sizes allow it, else XLA (never the interpreter); see
-        `triton_common.use_fused`.
+        interpreter off GPU; other sizes raise); "auto" = the fused kernels on a GPU where the
+        call and the sizes allow it, under differentiation only (an undifferentiated call runs
+        the XLA math), else XLA (never the interpreter); see `triton_common.use_fused` and
+        `forward_only_of`.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -335,8 +337,9 @@ class BidirectionalMamba2(nnx.Module):
     concatenation of both directions' x, B, C, dt) and the epilogue (`norm_impl`;
     `layers/fused_norm.py`: the two gated norms, the flip and the mean). Each knob is resolved
     per call by `triton_common.use_fused`: "pallas" runs the kernel (in the Pallas interpreter
-    off GPU), "auto" runs it on a GPU where the kernel takes the sizes, "xla" never; otherwise
-    the XLA path.
+    off GPU), "auto" runs it on a GPU where the kernel takes the sizes and the call is
+    differentiated (training; an undifferentiated call, as in sampling, takes the XLA math:
+    `triton_common.forward_only_of`), "xla" never; otherwise the XLA path.
 
     Args: those of `Mamba2` plus `share_projections`.
     """
@@ -380,7 +383,7 @@ class BidirectionalMamba2(nnx.Module):
                 x, b, c, dt = bidirectional_conv_pallas(
                     xbc_f, dt_f, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
                     bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
-                    interpret=default_interpret())
+                    interpret=default_interpret(), forward_only=forward_only_of(f.conv_impl))
             else:
                 x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, None))
                 x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), None))
@@ -391,7 +394,8 @@ class BidirectionalMamba2(nnx.Module):
             if fuse_norm:
                 y = bidirectional_gated_norm_pallas(
                     y, z_f, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
-                    eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret())
+                    eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret(),
+                    forward_only=forward_only_of(f.norm_impl))
                 return f.out_proj(y)
             y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
         else:

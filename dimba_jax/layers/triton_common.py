@@ -6,6 +6,9 @@ from __future__ import annotations
 import jax
 
 IMPLS = ("auto", "xla", "pallas")  # the kernel knobs' values (model.norm_impl, model.conv_impl)
+# What an undifferentiated call of a fused kernel runs: its forward kernel or its XLA reference
+# (a differentiated call runs the kernels either way).
+FORWARD_ONLY = ("pallas", "xla")
 DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 
 
@@ -14,6 +17,21 @@ def check_impl(knob: str, impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{knob} must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def check_forward_only(forward_only: str) -> str:
+    """Returns `forward_only` if it is one of FORWARD_ONLY, else raises a one-line ValueError."""
+    if forward_only not in FORWARD_ONLY:
+        raise ValueError(f"forward_only must be one of {FORWARD_ONLY}, got {forward_only!r}")
+    return forward_only
+
+
+def forward_only_of(impl: str) -> str:
+    """The `forward_only` of a kernel a knob's value runs: "xla" for "auto" (on an H100 the
+    XLA mixer samples faster at batch 1: benchmarks/results/latency_levers_mixer_h100.md,
+    228 vs 307 ms for DIMBA base at T = 64, while the kernels win in the training step),
+    "pallas" for "pallas" (the kernels everywhere)."""
+    return "xla" if check_impl("impl", impl) == "auto" else "pallas"
 
 
 def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bool:
@@ -30,7 +48,8 @@ def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bo
     Returns:
       "xla": False. "pallas": `supported` (the kernel runs in the Pallas interpreter off GPU, see
       `default_interpret`). "auto": `supported and shape_supported` on a GPU
-      (jax.default_backend() == "gpu"), else False: never the interpreter.
+      (jax.default_backend() == "gpu"), else False: never the interpreter. Where True, the
+      kernel's `forward_only` (`forward_only_of`) decides what an undifferentiated call runs.
     """
     check_impl("impl", impl)
     if impl == "xla" or not supported:
