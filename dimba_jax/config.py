@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.position_levels = False  # Also embed each position's own noise level into the stem (needed to train or sample with a wavefront; diffusion/wavefront.py).
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
     m.compute_dtype = "float32"  # Activations dtype: "float32" or "bfloat16" (params stay in train.param_dtype).
+    m.head_dtype = "float32"  # Operand dtype of the vocabulary-sized GEMMs (tied head x @ E^T, output prior, softmax @ E; forward and backward): "float32" or "bfloat16" (float32 accumulation; logits, softmaxes and x0_hat stay float32). Untimed: the lever is the head/prior's f32 (TF32) GEMMs of docs/train_step_profile.md; time it on a GPU with `python -m benchmarks.train_throughput --config configs/base.py --steps 10 --repeats 3 --warmup 2 --variant f32:model.head_dtype=float32 --variant bf16:model.head_dtype=bfloat16`.
 
     # ------------------------------------------------------------ diffusion
     d = c.diffusion = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """The DIMBA denoiser: shapes, fixed-norm embeddings, masking, CFG dropout, causal vs
-bidirectional dependence, conditioning variants, the frozen prompt encoder, axis names."""
+bidirectional dependence, conditioning variants, the frozen prompt encoder, axis names, the
+head's GEMM dtype (model.head_dtype)."""
 
 import math
 
@@ -269,3 +270,96 @@ def test_posterior_grad_off_stops_the_gradient_at_the_posterior_channel():
         out[flag] = (np.asarray(channel(1.0)), float(jax.grad(lambda s: jnp.sum(channel(s) ** 2))(1.0)))
     np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-6)
     assert out[False][1] == 0.0 and abs(out[True][1]) > 0.0
+
+
+@nnx.jit
+def predict(model, x_t, t, tokens, mask):
+    """One jitted `predict`: (x0_hat, logits)."""
+    return model.predict(x_t, t, tokens, mask)
+
+
+def test_head_dtype_float32_is_the_float32_einsum():
+    """model.head_dtype "float32" (the default) computes the head, the output prior and softmax @ E
+    as the float32 einsums themselves, bit for bit."""
+    model = DimbaModel(model_cfg(head_dtype="float32"), V, rngs=nnx.Rngs(0))
+    x, lam, _ = inputs(1)
+    table = model.embedding_table()
+    scale = jnp.exp(model.logit_scale[...].astype(jnp.float32)) / model.embed_norm
+    np.testing.assert_array_equal(np.asarray(model.logits(x)),
+                                  np.asarray(jnp.einsum("bld,vd->blv", x, table) * scale))
+    coef = (jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam))[:, None, None]
+    np.testing.assert_array_equal(np.asarray(model.prior_logits(x, lam)),
+                                  np.asarray(jnp.einsum("bld,vd->blv", x, table) * coef))
+    p = jax.nn.softmax(model.logits(x), axis=-1)
+    np.testing.assert_array_equal(np.asarray(model.clamp_to_embeddings(x)),
+                                  np.asarray(jnp.einsum("blv,vd->bld", p, table)))
+
+
+@pytest.mark.parametrize("spec", ["bld,vd->blv", "blv,vd->bld"])
+def test_head_einsum_bfloat16_forward_and_gradients(spec):
+    """head_einsum in bfloat16: float32 outputs and gradients within bf16 rounding of the float32
+    einsum's, not equal to them."""
+    from dimba_jax.models.dimba import head_einsum
+
+    ka, kb, kg = jax.random.split(jax.random.key(7), 3)
+    a = jax.random.normal(ka, (B, L, D) if spec.startswith("bld") else (B, L, V))
+    b = jax.random.normal(kb, (V, D))
+    g = jax.random.normal(kg, jax.eval_shape(lambda: jnp.einsum(spec, a, b)).shape)
+    out = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        y, vjp = jax.vjp(lambda a, b, dt=dt: head_einsum(spec, a, b, dt), a, b)
+        out[dt] = (y, *vjp(g))
+    for ref, low in zip(out[jnp.float32], out[jnp.bfloat16]):
+        assert low.dtype == jnp.float32 and ref.dtype == jnp.float32
+        err = float(jnp.max(jnp.abs(low - ref)) / jnp.max(jnp.abs(ref)))
+        assert 0.0 < err < 2e-2, err
+
+
+def test_head_dtype_bfloat16_keeps_float32_outputs_close_to_float32():
+    """model.head_dtype "bfloat16": x0_hat and logits are float32, within bf16 rounding of the
+    float32 head's (same weights, output prior and posterior input on) and not identical."""
+    x_t, lam, tokens = inputs(2)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        model = DimbaModel(model_cfg(head_dtype=dt, posterior_input=True), V, rngs=nnx.Rngs(0))
+        out[dt] = predict(model, x_t, lam, tokens, mask)
+    for ref, low in zip(out["float32"], out["bfloat16"]):
+        assert low.dtype == jnp.float32 and low.shape == ref.shape
+        assert not np.array_equal(np.asarray(low), np.asarray(ref))
+        err = float(jnp.max(jnp.abs(low - ref)) / jnp.max(jnp.abs(ref)))
+        assert err < 2e-2, err
+
+
+def test_head_dtype_bfloat16_gradients_are_finite_and_close_to_float32():
+    """jax.grad of cross-entropy + x0 error through the model (same weights, both heads in one
+    jitted program): with the bfloat16 head every parameter's gradient is finite and within a few
+    percent (relative norm) of the float32 head's."""
+    x_t, lam, tokens = inputs(4)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    graphs = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = model_cfg(head_dtype=dt, posterior_input=True, bidirectional=False, ssd_impl="xla")
+        graphs[dt], params = nnx.split(DimbaModel(cfg, V, rngs=nnx.Rngs(0)))
+
+    def loss(params, graph):
+        model = nnx.merge(graph, params)
+        x0, logits = model.predict(x_t, lam, tokens, mask)
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1))
+        return ce + jnp.mean(jnp.square(x0 - model.embed(tokens)))
+
+    both = jax.jit(lambda p: {dt: jax.grad(loss)(p, g) for dt, g in graphs.items()}).lower(params)
+    # XLA's lowest CPU optimisation level: the values are checked, not the speed (compile time)
+    grads = both.compile(compiler_options={"xla_backend_optimization_level": 0})(params)
+    ref, low = (jax.tree.leaves(grads[dt]) for dt in ("float32", "bfloat16"))
+    assert len(ref) == len(low) > 10
+    for r, g in zip(ref, low):
+        assert g.dtype == r.dtype and bool(jnp.all(jnp.isfinite(g)))
+        rel = float(jnp.linalg.norm(g - r) / jnp.maximum(jnp.linalg.norm(r), 1e-12))
+        assert rel < 5e-2, rel
+
+
+def test_unknown_head_dtype_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"model\.head_dtype must be one of") as err:
+        DimbaModel(model_cfg(head_dtype="float16"), V, rngs=nnx.Rngs(0))
+    assert "\n" not in str(err.value)

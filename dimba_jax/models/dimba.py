@@ -58,10 +58,15 @@ Decisions:
   `model.bidirectional` is False; then a final RMSNorm and a linear map to width e (the head's input; x0_hat itself with
   the direct read-out). The residual
   stream and the stem/head run in float32; the mixers compute in `model.compute_dtype`.
+* **Head precision.** The vocabulary-sized GEMMs (the tied head x @ E^T, the output prior
+  x_t @ E^T and every softmax @ E) take their operands in `model.head_dtype` ("float32" or
+  "bfloat16") and accumulate in float32 (`head_einsum`, forward and backward); logits,
+  softmaxes and x0_hat are float32 either way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -78,23 +83,68 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 READOUTS = ("score_interp", "direct")
+HEAD_DTYPES = ("float32", "bfloat16")
 # The timestep embedding reads lambda through t_in = (LOGSNR_TOP - lambda) * TIME_PER_LOGSNR, so
 # lambda in [-28, 12] spans t_in in [0, 1000], the range its sinusoidal features are made for.
 LOGSNR_TOP = 12.0
 TIME_PER_LOGSNR = 25.0
 
 
-def output_prior_logits(x_t: jax.Array, logsnr: jax.Array, table: jax.Array) -> jax.Array:
+def head_einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """A vocabulary-sized GEMM of the head or the output prior: jnp.einsum(spec, a, b), float32.
+
+    spec: a two-operand contraction "A,B->C" in which every index appears in exactly two of A,
+    B, C ("bld,vd->blv": x @ E^T; "blv,vd->bld": p @ E). a, b: float32 arrays. dtype float32:
+    the float32 einsum itself. bfloat16: both operands cast to bfloat16 and the products summed
+    in float32 (`preferred_element_type`); the backward's two GEMMs likewise take the cotangent
+    and the saved operands in bfloat16 and return float32 gradients. -> float32 array of C.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return _low_precision_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(spec, dtype, a, b):
+    """`head_einsum` in `dtype`: float32 a, b -> float32 (operands in dtype, float32 sums)."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_einsum_fwd(spec, dtype, a, b):
+    """The forward: (float32 output, residuals (a, b) in dtype)."""
+    a_low, b_low = a.astype(dtype), b.astype(dtype)
+    out = jnp.einsum(spec, a_low, b_low, preferred_element_type=jnp.float32)
+    return out, (a_low, b_low)
+
+
+def _low_precision_einsum_bwd(spec, dtype, res, g):
+    """The backward: float32 cotangent g of C -> float32 (da, db), each one GEMM in dtype."""
+    a_low, b_low = res
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    g_low = g.astype(dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g_low, b_low, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{out},{sa}->{sb}", g_low, a_low, preferred_element_type=jnp.float32)
+    return da, db
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
+def output_prior_logits(x_t: jax.Array, logsnr: jax.Array, table: jax.Array,
+                        dtype=jnp.float32) -> jax.Array:
     """The output prior ("skip logits"): log N(x_t; sqrt(ab) e_v, (1 - ab) I) per row v of
     `table`, up to a constant per position (every row has the same norm, so ||e_v||^2 drops out):
     sqrt(ab) / (1 - ab) * x_t . e_v with ab = sigmoid(logsnr). It is the exact posterior over
     tokens of a position seen alone under a uniform prior; the head learns what context adds.
     lambda is clipped to the range the timestep embedding covers ([-28, 12]).
-    x_t float (b, L, e), logsnr float (b,) or (b, L), table float (V, e) -> float32 (b, L, V)."""
+    x_t float (b, L, e), logsnr float (b,) or (b, L), table float (V, e) -> float32 (b, L, V);
+    dtype: the GEMM's operand dtype (`head_einsum`)."""
     lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
     coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
     coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
-    return jnp.einsum("bld,vd->blv", x_t.astype(jnp.float32), table) * coef
+    return head_einsum("bld,vd->blv", x_t.astype(jnp.float32), table, dtype) * coef
 
 
 def noise_time(logsnr: jax.Array) -> jax.Array:
@@ -152,8 +202,8 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, norm_impl, conv_impl, bidirectional, conditioning, prompt_encoder,
         prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, readout, skip_logits, posterior_input, posterior_grad, logit_bias,
-        position_levels).
+        compute_dtype, head_dtype, readout, skip_logits, posterior_input, posterior_grad,
+        logit_bias, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -184,6 +234,10 @@ class DimbaModel(nnx.Module):
         self.readout = str(m.readout)
         if self.readout not in READOUTS:
             raise ValueError(f"model.readout must be one of {READOUTS}, got {m.readout!r}")
+        head_dtype = str(getattr(m, "head_dtype", "float32"))
+        if head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"model.head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
+        self.head_dtype = _DTYPES[head_dtype]
         self.skip_logits = bool(m.skip_logits)
         self.posterior_input = bool(getattr(m, "posterior_input", False))
         self.posterior_grad = bool(getattr(m, "posterior_grad", True))
@@ -243,22 +297,27 @@ class DimbaModel(nnx.Module):
         x = x.astype(jnp.float32)
         if self.tie_embeddings:
             scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
-            out = jnp.einsum("bld,vd->blv", x, self.embedding_table()) * scale
+            out = head_einsum("bld,vd->blv", x, self.embedding_table(), self.head_dtype) * scale
         else:
             out = self.head(x).astype(jnp.float32)
         if self.use_logit_bias:
             out = out + self.logit_bias[...].astype(jnp.float32)
         return out
 
+    def expected_embedding(self, probs: jax.Array) -> jax.Array:
+        """probs @ E: float32 weights over the vocabulary (b, L, V) -> float32 (b, L, e), the
+        GEMM's operands in model.head_dtype (`head_einsum`)."""
+        return head_einsum("blv,vd->bld", probs, self.embedding_table(), self.head_dtype)
+
     def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
         """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, e) -> float32 (b, L, e)."""
-        return jnp.einsum("blv,vd->bld", jax.nn.softmax(self.logits(x), axis=-1), self.embedding_table())
+        return self.expected_embedding(jax.nn.softmax(self.logits(x), axis=-1))
 
     # ------------------------------------------------------------------ denoiser
     def prior_logits(self, x_t: jax.Array, logsnr: jax.Array) -> jax.Array:
         """`output_prior_logits` over this model's embedding table: x_t float (b, L, e), logsnr
         float (b,) or (b, L) -> float32 (b, L, V)."""
-        return output_prior_logits(x_t, logsnr, self.embedding_table())
+        return output_prior_logits(x_t, logsnr, self.embedding_table(), self.head_dtype)
 
     def stem_input(self, x_in: jax.Array, logsnr: jax.Array, known: jax.Array, shown: jax.Array,
                    self_cond: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
@@ -277,7 +336,7 @@ class DimbaModel(nnx.Module):
             feats.append(jnp.where(known[..., None], shown, sc))
         prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
         if self.posterior_input:
-            post = jnp.einsum("blv,vd->bld", jax.nn.softmax(prior, axis=-1), self.embedding_table())
+            post = self.expected_embedding(jax.nn.softmax(prior, axis=-1))
             if not self.posterior_grad:
                 post = jax.lax.stop_gradient(post)
             feats.append(jnp.where(known[..., None], shown, post))
@@ -344,7 +403,7 @@ class DimbaModel(nnx.Module):
         prior = prior * prior_weight if self.skip_logits else 0.0
         if self.readout == "score_interp":
             logits = self.logits(out) + prior
-            x0 = jnp.einsum("blv,vd->bld", jax.nn.softmax(logits, axis=-1), self.embedding_table())
+            x0 = self.expected_embedding(jax.nn.softmax(logits, axis=-1))
         else:
             x0 = out
             logits = self.logits(x0) + prior
