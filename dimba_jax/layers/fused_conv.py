@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
-                                            compiler_params, is_power_of_two, rows_per_program)
+                                            compiler_params, is_power_of_two, kernel_tiles)
 
 BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
 
@@ -419,8 +419,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
-    rows = [rows_per_program(xbc.shape[1], int(r))
-            for r in (block_rows, block_rows_bwd or block_rows)]
-    cfg = (int(ngroups), int(d_state), dtype.name, tuple(rows),
-           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), forward_only)
+    rows, warps = kernel_tiles(xbc.shape[1], block_rows, num_warps, block_rows_bwd,
+                               num_warps_bwd)
+    cfg = (int(ngroups), int(d_state), dtype.name, rows, warps, bool(interpret),
+           forward_only)
     return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)

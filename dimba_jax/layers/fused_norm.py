@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
-                                            compiler_params, is_power_of_two, rows_per_program)
+                                            compiler_params, is_power_of_two, kernel_tiles)
 
 
 def _check(y, z, w_f, w_b, ngroups):
@@ -294,8 +294,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
-    rows = [rows_per_program(y.shape[1], int(r))
-            for r in (block_rows, block_rows_bwd or block_rows)]
-    cfg = (int(ngroups), float(eps), dtype.name, tuple(rows),
-           (int(num_warps), int(num_warps_bwd or num_warps)), bool(interpret), forward_only)
+    rows, warps = kernel_tiles(y.shape[1], block_rows, num_warps, block_rows_bwd,
+                               num_warps_bwd)
+    cfg = (int(ngroups), float(eps), dtype.name, rows, warps, bool(interpret),
+           forward_only)
     return _fused(y.astype(dtype), z, w_f, w_b, cfg)

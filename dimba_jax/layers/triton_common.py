@@ -77,6 +77,15 @@ def compiler_params(num_warps: int, interpret: bool):
     return plt.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
+def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: int | None,
+                 num_warps_bwd: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((rows fwd, rows bwd), (warps fwd, warps bwd)) of a fused kernel's forward and backward
+    programs: rows by `rows_per_program`, a backward value of None (or 0) = the forward's."""
+    rows = tuple(rows_per_program(seqlen, int(r))
+                 for r in (block_rows, block_rows_bwd or block_rows))
+    return rows, (int(num_warps), int(num_warps_bwd or num_warps))
+
+
 def rows_per_program(seqlen: int, max_rows: int) -> int:
     """The largest power of two <= max_rows that divides seqlen (1 at least): time rows per program."""
     q = 1
