@@ -27,7 +27,7 @@ synchronised); the median window / steps is reported. Cases, in the order they r
                 difference is the SSD's own cost (both directions, fwd + bwd)
   fwd_bwd       loss + gradients of the whole model (no optimizer), the real loss
                 (self-conditioning coin, layouts, CE) with a different RNG key per call
-  optimizer     global-norm clip + AdamW + EMA + the step's norms, on given gradients
+  optimizer     global-norm clip + AdamW + EMA + the gradient norm, on given gradients
                 (optim.apply_update)
   train_step    the real jitted train step (dimba_jax.train.step, state donated)
   fwd           the loss alone (forward)
@@ -366,7 +366,7 @@ class Breakdown:
         st = s.state
         args = (st.params, st.opt_state, st.ema, st.step, grads)
         r = self._timed(update, args, lambda c: (lambda i: c(*args)))
-        r["note"] = "clip + AdamW + EMA + grad/param norms (not donated: new buffers per call)"
+        r["note"] = "clip + AdamW + EMA + grad norm (not donated: new buffers per call)"
         return r
 
     def case_train_step(self) -> dict:

@@ -9,6 +9,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dimba_jax.train import checkpoint as ckpt_lib
@@ -151,3 +152,54 @@ def test_ema_and_learning_rate_schedule():
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
     assert float(lr(10)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.1)
     assert float(lr(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # cosine midpoint
+
+
+def test_apply_update_is_the_optax_chain_with_one_reduction_per_leaf():
+    """apply_update = clip_by_global_norm + AdamW (optax's own chain) + the EMA, with the grad
+    norm and the per-leaf finiteness read off one sum of squares per gradient leaf: the
+    compiled update holds exactly one reduction per leaf (no parameter norm, no second pass
+    for the health check)."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
+    params = {"w1": jax.random.normal(keys[0], (6, 5)), "b": jax.random.normal(keys[1], (5,)),
+              "deep": {"w2": jax.random.normal(keys[2], (5, 3, 2))}}
+    grads = jax.tree.map(lambda p, k: 3.0 * jax.random.normal(k, p.shape), params,
+                         {"w1": keys[3], "b": keys[4], "deep": {"w2": keys[5]}})
+    axes = {"w1": ("embed", "mlp"), "b": ("mlp",), "deep": {"w2": ("mlp", None, None)}}
+    config = toy_config(100, warmup_steps=0, lr=0.1, grad_clip=1.0)
+    tx = optim.make_optimizer(config.train, params, axes)
+    opt_state, ema, step = tx.init(params), jax.tree.map(jnp.zeros_like, params), jnp.int32(5)
+
+    def update(g, s, p, e):
+        return optim.apply_update(tx, g, s, p, e, step, 0.9)
+
+    new_p, _, new_e, norm, sq = jax.jit(update)(grads, opt_state, params, ema)
+    ref_updates, _ = tx.update(grads, opt_state, params)  # the chain clips with its own norm
+    ref_p = optax.apply_updates(params, ref_updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_p, ref_p)
+    d = float(optim.ema_decay_at(step, 0.9))
+    jax.tree.map(lambda e, p: np.testing.assert_allclose(e, (1 - d) * p, rtol=1e-6), new_e, ref_p)
+    assert float(norm) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6) and norm > 1.0
+    jax.tree.map(lambda s, g: np.testing.assert_allclose(s, np.sum(np.square(g)), rtol=1e-5),
+                 sq, grads)
+    hlo = jax.jit(update).lower(grads, opt_state, params, ema).compile().as_text()
+    assert hlo.count(" reduce(") == len(jax.tree.leaves(params)), hlo.count(" reduce(")
+
+
+def test_param_norm_is_logged_on_logging_steps_and_not_by_the_step(tmp_path):
+    config = toy_config(4, log_every=2)
+    _run(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4] and all(r["param_norm"] > 0 for r in rows)
+    _, params = _final_params(tmp_path, ema=False)
+    assert rows[-1]["param_norm"] == pytest.approx(float(optim.global_norm(params)), rel=1e-6)
+    task = ToyTask(config)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
+    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
+    sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, jnp.float32, True)
+    st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True)
+    ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
+    fn = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
+    _, metrics, health = fn(st, rest, step_lib.global_batch(next(ToyData(8, 12)), ds))
+    assert "param_norm" not in metrics and bool(health["finite"])
+    assert not any(jax.tree.leaves(jax.device_get(health["nonfinite_grads"])))

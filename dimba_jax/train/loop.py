@@ -145,6 +145,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
                                           data_sharding)
     eval_step = step_lib.make_eval_step(task, parts, mesh, shardings.params, rest_shardings,
                                         data_sharding)
+    param_norm = jax.jit(optim.global_norm)  # a logging quantity: logging steps only
     # The data pipeline is built before anything is written: a start that fails here (a bad
     # data source, say) leaves the workdir as it was.
     train_iter = (data_factory or _default_data)(config, tokenizer, pid, nproc)
@@ -253,7 +254,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
                     if flops_per_token:
                         values["mfu"] = flops_lib.mfu(values["tokens_per_s"], flops_per_token,
                                                       jax.device_count(), peak)
-                window_start, window_steps = now, 0
+                values["param_norm"] = float(jax.device_get(param_norm(state.params)))
+                window_start, window_steps = time.perf_counter(), 0  # the norm is not timed
                 check(pending)
                 writer.write(step_done, values)
                 summary["last_metrics"] = values

@@ -92,17 +92,22 @@ def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
                         ema, params)
 
 
+def leaf_square_sums(tree: Any) -> Any:
+    """The sum of squares of each leaf, in float32: a pytree like `tree` of float32 scalars."""
+    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))), tree)
+
+
 def global_norm(tree: Any) -> jax.Array:
     """sqrt of the sum of squares of all leaves, in float32 (scalar)."""
-    leaves = jax.tree.leaves(tree)
+    leaves = jax.tree.leaves(leaf_square_sums(tree))
     if not leaves:
         return jnp.float32(0.0)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    return jnp.sqrt(sum(leaves))
 
 
 def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
                  ema: Any, step: jax.Array,
-                 ema_decay: float) -> tuple[Any, Any, Any, jax.Array, jax.Array]:
+                 ema_decay: float) -> tuple[Any, Any, Any, jax.Array, Any]:
     """One optimizer step with `tx` from `make_optimizer`, then the EMA.
 
     Args:
@@ -110,11 +115,17 @@ def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
       step: int32 scalar, the optimizer step being completed (1-based; EMA warm-up).
       ema_decay: `config.train.ema_decay`.
     Returns:
-      (params, opt_state, ema or None, grad_norm, param_norm); the norms are float32
-      scalars of the gradients (before clipping) and of the new parameters.
+      (params, opt_state, ema or None, grad_norm, grad_square_sums): grad_norm the float32
+      global norm of the gradients before clipping, grad_square_sums a pytree like the
+      parameters of each gradient's float32 sum of squares (`leaf_square_sums`; the same
+      reductions give the norm, and the clip's own norm is the same expression, which XLA
+      computes once). The parameters' norm is not computed here: it is a logging quantity,
+      taken on the logging steps only (`global_norm`).
     """
-    grad_norm = global_norm(grads)
+    square_sums = leaf_square_sums(grads)
+    leaves = jax.tree.leaves(square_sums)
+    grad_norm = jnp.sqrt(sum(leaves)) if leaves else jnp.float32(0.0)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     ema = None if ema is None else update_ema(ema, params, step, ema_decay)
-    return params, opt_state, ema, grad_norm, global_norm(params)
+    return params, opt_state, ema, grad_norm, square_sums

@@ -78,11 +78,13 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
 
     Returns:
       step(state, rest, batch) -> (new_state, metrics, health) where
-        metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm",
-          "param_norm", "lr";
+        metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm", "lr"
+          (the parameters' norm is the loop's, on logging steps only);
         health: {"finite": bool scalar (loss and grad norm finite),
                  "nonfinite_grads": nested dict like params of bool scalars (True = this
-                 parameter's gradient has a NaN/Inf)}.
+                 parameter's gradient's sum of squares is not finite: a NaN/Inf in it, or
+                 entries so large their squares overflow float32; read off the reductions
+                 of the gradient norm, so it costs no pass over the gradients of its own)}.
       `state` is donated: do not reuse it after the call.
     """
     accum = int(train_config.grad_accum)
@@ -115,16 +117,16 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng)
         new_step = state.step + 1
-        params, opt_state, ema, grad_norm, param_norm = optim.apply_update(
+        params, opt_state, ema, grad_norm, grad_sq = optim.apply_update(
             tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay)
         new_state = TrainState(step=new_step, params=params, opt_state=opt_state, ema=ema,
                                rng=state.rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in task_metrics.items()}
-        metrics.update(loss=loss, grad_norm=grad_norm, param_norm=param_norm,
+        metrics.update(loss=loss, grad_norm=grad_norm,
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         health = {
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-            "nonfinite_grads": jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads),
+            "nonfinite_grads": jax.tree.map(lambda s: ~jnp.isfinite(s), grad_sq),
         }
         return new_state, metrics, health
 
