@@ -28,12 +28,13 @@ dout_b[s]: the cotangents of x_cat/B_cat/C_cat at the forward / backward half):
 Weight and bias sums are per-program partial sums (b, L/T, 2, K+1, C) float32, added in XLA.
 Two kernels over grid (batch, row blocks of T rows): "bidir_conv_bwd_g" over scan rows t: K
 shifted xbc loads per direction give a_f[t], a_b[t] once each; g_f[t], g_b[t] from the
-cotangents at the program's own rows; it writes g (b, L, 2, C) float32 (forward half in
+cotangents at the program's own rows; it writes g (b, L, 2, C) in xbc.dtype (forward half in
 original time, backward half in scan time) and the weight and bias sums over rows t from the
 same loads. Then "bidir_conv_bwd_dx" over original rows j: dxbc[j] from K shifted loads of g
-per direction (zero outside [0, L)), written in xbc.dtype, and ddt[j]. Each pre-activation is
-computed once; g costs 2C float32 per row in HBM, written by the first kernel and read by the
-second.
+per direction (zero outside [0, L)), summed in float32 and written in xbc.dtype, and ddt[j].
+Each pre-activation is computed once; g is stored in xbc.dtype (2C values per row in HBM,
+bf16 in training: no full-size float32 intermediate), written by the first kernel and read by
+the second; the weight and bias sums take the float32 g before that rounding.
 
 `forward_only` chooses what a call that is not differentiated runs: the forward kernel
 ("pallas") or `bidirectional_conv_xla` ("xla"); a differentiated call always runs the kernels.
@@ -225,8 +226,8 @@ def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_
     """Backward kernel 1 ("bidir_conv_bwd_g"), scan rows t = t0 + i of batch bi.
 
     dx_ref (q, 2H, P), dbm_ref, dcm_ref (q, 2G, N): the cotangents of x_cat, B_cat, C_cat at
-    the program's rows. g_ref (q, 2, C) float32: [g_f[t] | g_b[t]]. dw_ref (2, K + 1, C)
-    float32: this program's partial sums of [dw; dbias] of both directions.
+    the program's rows. g_ref (q, 2, C) in xbc's dtype: [g_f[t] | g_b[t]]. dw_ref (2, K + 1, C)
+    float32: this program's partial sums of [dw; dbias] of both directions (of the float32 g).
     """
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
@@ -245,7 +246,7 @@ def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_
                 xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
                 g = d_ref[:, half * count + c, :].astype(jnp.float32) * _dsilu(
                     _pre(xs, w, bias, offsets))
-                g_ref[:, half, cols] = g
+                g_ref[:, half, cols] = g.astype(g_ref.dtype)
                 for k, d in enumerate(offsets):
                     dw_ref[half, k, cols] = jnp.sum(g * xs[d], axis=0)
                 dw_ref[half, k_width, cols] = jnp.sum(g, axis=0)
@@ -258,7 +259,7 @@ def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seq
                    n, k_width):
     """Backward kernel 2 ("bidir_conv_bwd_dx"), original rows j = t0 + i of batch bi.
 
-    g_ref: the whole (L, 2, C) float32 g of pass 1; ddtc_ref: the whole (L, 2H) ddt_cat.
+    g_ref: the whole (L, 2, C) g of pass 1 (xbc's dtype); ddtc_ref: the whole (L, 2H) ddt_cat.
     dxbc_ref (q, C) in xbc's dtype: sum_k w_f[k] * g_f[j + (K-1) - k]
     + w_b[k] * g_b[L-1-j + (K-1) - k]; ddt_ref (q, H).
     """
@@ -340,7 +341,7 @@ def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
     params = compiler_params(num_warps, interpret)
     g, dw = pl.pallas_call(
         functools.partial(_bwd_g_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2, c), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2, c), xbc.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, 2, k_width + 1, c), jnp.float32)),
         grid=(bsz, nt),
         in_specs=[seq(c), mat, mat, vec, vec, rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n)],
