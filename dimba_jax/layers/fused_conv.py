@@ -1,4 +1,5 @@
-"""The prologue of the bidirectional Mamba-2 mixer with shared projections, as Pallas kernels.
+"""The prologue of the Mamba-2 mixer (depthwise conv + SiLU + split) as Pallas kernels: both
+directions of the bidirectional mixer with shared projections, or the causal mixer's one.
 
 From the shared projection's xBC (b, L, C), C = H*P + 2*G*N, and dt (b, L, H), with the two
 directions' depthwise conv weights w_f, w_b (K, C) and biases bias_f, bias_b (C,), K = d_conv:
@@ -36,8 +37,12 @@ Each pre-activation is computed once; g is stored in xbc.dtype (2C values per ro
 bf16 in training: no full-size float32 intermediate), written by the first kernel and read by
 the second; the weight and bias sums take the float32 g before that rounding.
 
+The causal mixer's prologue is the same kernels with one direction (nd = 1: the forward half
+only, no flip, outputs (b, L, H, P), (b, L, G, N), (b, L, G, N), dt (b, L, H) float32):
+`causal_conv_pallas`, with `causal_conv_xla` its jnp reference. Kernel names drop "bidir_".
+
 `forward_only` chooses what a call that is not differentiated runs: the forward kernel
-("pallas") or `bidirectional_conv_xla` ("xla"); a differentiated call always runs the kernels.
+("pallas") or the jnp reference ("xla"); a differentiated call always runs the kernels.
 """
 
 from __future__ import annotations
@@ -137,6 +142,24 @@ def bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d
     return x, b, c, jnp.concatenate([dt, jnp.flip(dt, axis=1)], axis=2).astype(jnp.float32)
 
 
+def causal_conv_xla(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None):
+    """The causal mixer's prologue in jnp: one direction of `bidirectional_conv_xla`.
+
+    Args: xbc (batch, L, conv_dim), dt (batch, L, nheads), w (d_conv, conv_dim), bias
+      (conv_dim,), ngroups, d_state, dtype as `bidirectional_conv_xla`.
+    Returns:
+      x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state) in `dtype`, and dt
+      float32 (batch, L, nheads).
+    """
+    nh, p = _dims(xbc, dt, w, w, bias, bias, ngroups, d_state)
+    bsz, seqlen, _ = xbc.shape
+    d_inner, gn = nh * p, ngroups * d_state
+    v = causal_conv1d_silu(xbc, w, bias, dtype=dtype)
+    return (v[..., :d_inner].reshape(bsz, seqlen, nh, p),
+            v[..., d_inner:d_inner + gn].reshape(bsz, seqlen, ngroups, d_state),
+            v[..., d_inner + gn:].reshape(bsz, seqlen, ngroups, d_state), dt.astype(jnp.float32))
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels. One program: batch row bi, time rows [t0, t0 + T). xbc_ref is the whole (L, C)
 # sequence of batch bi. Channels are visited in tiles of P (heads of x) or N (groups of B, C)
@@ -174,31 +197,38 @@ def _column_tiles(nh, p, ng, n):
             (lambda g: nh * p + (ng + g) * n, n, ng))
 
 
-def _fwd_kernel(xbc_ref, dt_ref, wf_ref, wb_ref, bf_ref, bb_ref, x_ref, bm_ref, cm_ref, dtc_ref,
-                *, q, seqlen, nh, p, ng, n, k_width):
+def _directions(seqlen, t0, i, k_width, nd):
+    """Per direction (forward, then with nd = 2 the backward): (original rows of its outputs
+    at scan rows t0 + i, its K tap offsets in original rows)."""
+    km = k_width - 1
+    return ((t0 + i, [k - km for k in range(k_width)]),
+            ((seqlen - 1 - t0) - i, [km - k for k in range(k_width)]))[:nd]
+
+
+def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
+    """refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref (q, nd*H, P),
+    bm_ref, cm_ref (q, nd*G, N) and dtc_ref (q, nd*H) float32."""
+    w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
+    x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    rf, rb = t0 + i, (seqlen - 1 - t0) - i  # original rows of the forward / backward outputs
-    km = k_width - 1
+    dirs = _directions(seqlen, t0, i, k_width, nd)
 
     for (first, width, count), o_ref in zip(_column_tiles(nh, p, ng, n), (x_ref, bm_ref, cm_ref)):
         def tile(j, carry, first=first, width=width, o_ref=o_ref, count=count):
             cols = pl.ds(first(j), width)
-            w_f, b_f = _vecs(wf_ref, bf_ref, cols, k_width)
-            w_b, b_b = _vecs(wb_ref, bb_ref, cols, k_width)
-            xf = {d: _shifted(xbc_ref, rf, d, cols, seqlen) for d in range(-km, 1)}
-            xb = {d: _shifted(xbc_ref, rb, d, cols, seqlen) for d in range(0, km + 1)}
-            a_f = _pre(xf, w_f, b_f, [k - km for k in range(k_width)])
-            a_b = _pre(xb, w_b, b_b, [km - k for k in range(k_width)])
-            o_ref[:, j, :] = jax.nn.silu(a_f).astype(o_ref.dtype)
-            o_ref[:, count + j, :] = jax.nn.silu(a_b).astype(o_ref.dtype)
+            for half, (rows, offsets) in enumerate(dirs):
+                w, bias = _vecs(w_refs[half], b_refs[half], cols, k_width)
+                xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
+                o_ref[:, half * count + j, :] = jax.nn.silu(
+                    _pre(xs, w, bias, offsets)).astype(o_ref.dtype)
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
 
     def dt_head(h, carry):
-        dtc_ref[:, h] = dt_ref[pl.ds(t0, q), h].astype(jnp.float32)
-        dtc_ref[:, nh + h] = dt_ref[rb, h].astype(jnp.float32)
+        for half, (rows, _) in enumerate(dirs):
+            dtc_ref[:, half * nh + h] = dt_ref[rows, h].astype(jnp.float32)
         return carry
 
     jax.lax.fori_loop(0, nh, dt_head, 0)
@@ -210,39 +240,39 @@ def _dsilu(a):
     return sig * (1.0 + a * (1.0 - sig))
 
 
-def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh):
-    """ddt_ref (q, H) = ddt[j] = ddt_cat[j, :H] + ddt_cat[L-1-j, H:] for the rows j = t0 + i;
-    ddtc_ref: the whole (L, 2H) float32 ddt_cat of the batch row."""
+def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
+    """ddt_ref (q, H) = ddt[j] = ddt_cat[j, :H] (+ ddt_cat[L-1-j, H:] with nd = 2) for the
+    rows j = t0 + i; ddtc_ref: the whole (L, nd*H) float32 ddt_cat of the batch row."""
     def dt_head(h, carry):
-        g = ddtc_ref[pl.ds(t0, q), h] + ddtc_ref[(seqlen - 1) - j, nh + h]
+        g = ddtc_ref[pl.ds(t0, q), h]
+        if nd == 2:
+            g = g + ddtc_ref[(seqlen - 1) - j, nh + h]
         ddt_ref[:, h] = g.astype(ddt_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_ref, g_ref,
-                  dw_ref, *, q, seqlen, nh, p, ng, n, k_width):
-    """Backward kernel 1 ("bidir_conv_bwd_g"), scan rows t = t0 + i of batch bi.
+def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
+    """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t = t0 + i.
 
-    dx_ref (q, 2H, P), dbm_ref, dcm_ref (q, 2G, N): the cotangents of x_cat, B_cat, C_cat at
-    the program's rows. g_ref (q, 2, C) in xbc's dtype: [g_f[t] | g_b[t]]. dw_ref (2, K + 1, C)
-    float32: this program's partial sums of [dw; dbias] of both directions (of the float32 g).
+    refs: nd weight refs, nd bias refs; dx_ref (q, nd*H, P), dbm_ref, dcm_ref (q, nd*G, N): the
+    cotangents of x_cat, B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C)
+    in xbc's dtype: [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's
+    partial sums of [dw; dbias] of each direction (of the float32 g).
     """
+    w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
+    dx_ref, dbm_ref, dcm_ref, g_ref, dw_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    rf, rb = t0 + i, (seqlen - 1 - t0) - i  # original rows of a_f[t] / a_b[t]
-    km = k_width - 1
-    # (original rows, tap offsets, weights, bias) of the forward and the backward direction
-    dirs = ((rf, [k - km for k in range(k_width)], wf_ref, bf_ref),
-            (rb, [km - k for k in range(k_width)], wb_ref, bb_ref))
+    dirs = _directions(seqlen, t0, i, k_width, nd)
 
     for (first, width, count), d_ref in zip(_column_tiles(nh, p, ng, n),
                                             (dx_ref, dbm_ref, dcm_ref)):
         def tile(c, carry, first=first, width=width, d_ref=d_ref, count=count):
             cols = pl.ds(first(c), width)
-            for half, (rows, offsets, w_ref, b_ref) in enumerate(dirs):
-                w, bias = _vecs(w_ref, b_ref, cols, k_width)
+            for half, (rows, offsets) in enumerate(dirs):
+                w, bias = _vecs(w_refs[half], b_refs[half], cols, k_width)
                 xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
                 g = d_ref[:, half * count + c, :].astype(jnp.float32) * _dsilu(
                     _pre(xs, w, bias, offsets))
@@ -255,26 +285,28 @@ def _bwd_g_kernel(xbc_ref, wf_ref, wb_ref, bf_ref, bb_ref, dx_ref, dbm_ref, dcm_
         jax.lax.fori_loop(0, count, tile, 0)
 
 
-def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seqlen, nh, p, ng,
-                   n, k_width):
-    """Backward kernel 2 ("bidir_conv_bwd_dx"), original rows j = t0 + i of batch bi.
+def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
+    """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
+    j = t0 + i of batch bi.
 
-    g_ref: the whole (L, 2, C) g of pass 1 (xbc's dtype); ddtc_ref: the whole (L, 2H) ddt_cat.
-    dxbc_ref (q, C) in xbc's dtype: sum_k w_f[k] * g_f[j + (K-1) - k]
-    + w_b[k] * g_b[L-1-j + (K-1) - k]; ddt_ref (q, H).
+    g_ref: the whole (L, nd, C) g of pass 1 (xbc's dtype); refs: nd weight refs, ddtc_ref (the
+    whole (L, nd*H) ddt_cat), then the outputs dxbc_ref (q, C) in xbc's dtype:
+    sum_k w_f[k] * g_f[j + (K-1) - k] (+ w_b[k] * g_b[L-1-j + (K-1) - k] with nd = 2) and
+    ddt_ref (q, H).
     """
+    w_refs, (ddtc_ref, dxbc_ref, ddt_ref) = refs[:nd], refs[nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     j = t0 + i
     km = k_width - 1
-    dirs = ((j, wf_ref), ((seqlen - 1 - t0) - i, wb_ref))  # scan rows of g at tap offset 0
+    scan_rows = (j, (seqlen - 1 - t0) - i)[:nd]  # scan rows of g at tap offset 0
 
     for first, width, count in _column_tiles(nh, p, ng, n):
         def tile(c, carry, first=first, width=width):
             cols = pl.ds(first(c), width)
             acc = jnp.zeros((q, width), jnp.float32)
-            for half, (rows, w_ref) in enumerate(dirs):
-                w, _ = _vecs(w_ref, None, cols, k_width)
+            for half, rows in enumerate(scan_rows):
+                w, _ = _vecs(w_refs[half], None, cols, k_width)
                 for k in range(k_width):
                     acc = acc + w[k] * _shifted(g_ref, rows, km - k, cols, seqlen, half)
             dxbc_ref[:, cols] = acc.astype(dxbc_ref.dtype)
@@ -282,21 +314,21 @@ def _bwd_dx_kernel(g_ref, wf_ref, wb_ref, ddtc_ref, dxbc_ref, ddt_ref, *, q, seq
 
         jax.lax.fori_loop(0, count, tile, 0)
 
-    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh)
+    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh, nd=nd)
 
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret, forward_only).
+# (num_warps fwd, num_warps bwd), interpret, forward_only); ws, bs = the nd weights and biases.
 # --------------------------------------------------------------------------------------------
 
 
-def _statics(xbc, dt, w_f, cfg, q):
+def _statics(xbc, dt, ws, cfg, q):
     ng, n = cfg[:2]
     bsz, seqlen, c = xbc.shape
     nh = dt.shape[-1]
     p = (c - 2 * ng * n) // nh
-    kw = dict(q=q, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=w_f.shape[0])
+    kw = dict(q=q, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=ws[0].shape[0], nd=len(ws))
     return bsz, seqlen, c, nh, p, kw
 
 
@@ -313,81 +345,105 @@ def _specs(seqlen, q, k_width, c):
             pl.BlockSpec((c,), lambda bi, ti: (0,)))
 
 
-def _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+def _name(nd, part):
+    return f"{'bidir_' if nd == 2 else ''}conv_{part}"
+
+
+def _fwd_call(xbc, dt, ws, bs, cfg):
     ng, n, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
-    k_width, dtype = w_f.shape[0], jnp.dtype(out_dtype)
-    seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, q)
+    nd, dtype = len(ws), jnp.dtype(out_dtype)
+    seq, rows, mat, vec = _specs(seqlen, q, ws[0].shape[0], c)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2 * nh, p), dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * ng, n), dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * ng, n), dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, 2 * nh), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * nh, p), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng, n), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng, n), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nd * nh), jnp.float32)),
         grid=(bsz, seqlen // q),
-        in_specs=[seq(c), seq(nh), mat, mat, vec, vec],
-        out_specs=(rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n), rows(2 * nh)),
+        in_specs=[seq(c), seq(nh)] + [mat] * nd + [vec] * nd,
+        out_specs=(rows(nd * nh, p), rows(nd * ng, n), rows(nd * ng, n), rows(nd * nh)),
         compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
-        name="bidir_conv_fwd",
-    )(xbc, dt, w_f, w_b, bias_f, bias_b)
+        name=_name(nd, "fwd"),
+    )(xbc, dt, *ws, *bs)
 
 
-def _bwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, dx, dbm, dcm, ddtc, cfg):
+def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
     ng, n, _, (_, q), (_, num_warps), interpret, _ = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, w_f, cfg, q)
-    k_width, nt = w_f.shape[0], seqlen // q
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, q)
+    nd, k_width, nt = len(ws), ws[0].shape[0], seqlen // q
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(num_warps, interpret)
     g, dw = pl.pallas_call(
         functools.partial(_bwd_g_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, 2, c), xbc.dtype),
-                   jax.ShapeDtypeStruct((bsz, nt, 2, k_width + 1, c), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
+                   jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
         grid=(bsz, nt),
-        in_specs=[seq(c), mat, mat, vec, vec, rows(2 * nh, p), rows(2 * ng, n), rows(2 * ng, n)],
-        out_specs=(rows(2, c), pl.BlockSpec((None, None, 2, k_width + 1, c),
-                                            lambda bi, ti: (bi, ti, 0, 0, 0))),
+        in_specs=[seq(c)] + [mat] * nd + [vec] * nd
+        + [rows(nd * nh, p), rows(nd * ng, n), rows(nd * ng, n)],
+        out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
+                                             lambda bi, ti: (bi, ti, 0, 0, 0))),
         compiler_params=params,
         interpret=interpret,
-        name="bidir_conv_bwd_g",
-    )(xbc, w_f, w_b, bias_f, bias_b, dx, dbm, dcm)
+        name=_name(nd, "bwd_g"),
+    )(xbc, *ws, *bs, dx, dbm, dcm)
     dxbc, ddt = pl.pallas_call(
         functools.partial(_bwd_dx_kernel, **kw),
         out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),
                    jax.ShapeDtypeStruct(dt.shape, dt.dtype)),
         grid=(bsz, nt),
-        in_specs=[seq(2, c), mat, mat, seq(2 * nh)],
+        in_specs=[seq(nd, c)] + [mat] * nd + [seq(nd * nh)],
         out_specs=(rows(c), rows(nh)),
         compiler_params=params,
         interpret=interpret,
-        name="bidir_conv_bwd_dx",
-    )(g, w_f, w_b, ddtc.astype(jnp.float32))
+        name=_name(nd, "bwd_dx"),
+    )(g, *ws, ddtc.astype(jnp.float32))
     return dxbc, ddt, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
+def _reference(xbc, dt, ws, bs, cfg):
+    """The jnp math of the kernels for nd = len(ws) directions."""
+    kw = dict(ngroups=cfg[0], d_state=cfg[1], dtype=jnp.dtype(cfg[2]))
+    if len(ws) == 2:
+        return bidirectional_conv_xla(xbc, dt, *ws, *bs, **kw)
+    return causal_conv_xla(xbc, dt, ws[0], bs[0], **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(xbc, dt, ws, bs, cfg):
     if cfg[-1] == "xla":
-        return bidirectional_conv_xla(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups=cfg[0],
-                                      d_state=cfg[1], dtype=jnp.dtype(cfg[2]))
-    return _fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
+        return _reference(xbc, dt, ws, bs, cfg)
+    return _fwd_call(xbc, dt, ws, bs, cfg)
 
 
-def _fused_fwd(xbc, dt, w_f, w_b, bias_f, bias_b, cfg):
-    return (_fwd_call(xbc, dt, w_f, w_b, bias_f, bias_b, cfg),
-            (xbc, dt, w_f, w_b, bias_f, bias_b))
+def _fused_fwd(xbc, dt, ws, bs, cfg):
+    return _fwd_call(xbc, dt, ws, bs, cfg), (xbc, dt, ws, bs)
 
 
 def _fused_bwd(cfg, res, cts):
-    xbc, dt, w_f, w_b, bias_f, bias_b = res
-    dxbc, ddt, dw = _bwd_call(*res, *cts, cfg)
-    dw = jnp.sum(dw, axis=(0, 1))  # (2, K + 1, C)
-    k_width = w_f.shape[0]
-    return (dxbc, ddt, dw[0, :k_width].astype(w_f.dtype), dw[1, :k_width].astype(w_b.dtype),
-            dw[0, k_width].astype(bias_f.dtype), dw[1, k_width].astype(bias_b.dtype))
+    xbc, dt, ws, bs = res
+    dxbc, ddt, dw = _bwd_call(xbc, dt, ws, bs, *cts, cfg)
+    dw = jnp.sum(dw, axis=(0, 1))  # (nd, K + 1, C)
+    k_width = ws[0].shape[0]
+    return (dxbc, ddt, tuple(dw[h, :k_width].astype(w.dtype) for h, w in enumerate(ws)),
+            tuple(dw[h, k_width].astype(b.dtype) for h, b in enumerate(bs)))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_only):
+    """Checks the sizes, tile and forward_only arguments and runs the custom VJP."""
+    check_forward_only(forward_only)
+    _, p = _dims(xbc, dt, ws[0], ws[-1], bs[0], bs[-1], ngroups, d_state)
+    error = conv_size_error(p, d_state)
+    if error:
+        raise ValueError(error)
+    dtype = jnp.dtype(dtype or xbc.dtype)
+    rows, warps = kernel_tiles(xbc.shape[1], *tiles)
+    cfg = (int(ngroups), int(d_state), dtype.name, rows, warps, bool(interpret), forward_only)
+    return _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
 def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,
@@ -414,14 +470,20 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       (x_cat, B_cat, C_cat, dt_cat) as the reference. Gradients: xbc (xbc.dtype), dt (dt.dtype),
       w_f, w_b, bias_f, bias_b (their dtypes).
     """
-    check_forward_only(forward_only)
-    _, p = _dims(xbc, dt, w_f, w_b, bias_f, bias_b, ngroups, d_state)
-    error = conv_size_error(p, d_state)
-    if error:
-        raise ValueError(error)
-    dtype = jnp.dtype(dtype or xbc.dtype)
-    rows, warps = kernel_tiles(xbc.shape[1], block_rows, num_warps, block_rows_bwd,
-                               num_warps_bwd)
-    cfg = (int(ngroups), int(d_state), dtype.name, rows, warps, bool(interpret),
-           forward_only)
-    return _fused(xbc, dt, w_f, w_b, bias_f, bias_b, cfg)
+    return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
+                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+
+
+def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None,
+                       interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
+                       num_warps: int = 4, block_rows_bwd: int = BWD_BLOCK_ROWS,
+                       num_warps_bwd: int = BWD_NUM_WARPS, forward_only: str = "pallas"):
+    """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
+    math, arguments and outputs as `causal_conv_xla`; the tile and forward_only arguments as
+    `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
+    Returns:
+      (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
+      (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).
+    """
+    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret,
+                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)

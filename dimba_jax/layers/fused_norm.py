@@ -1,4 +1,5 @@
-"""The epilogue of the bidirectional Mamba-2 mixer with shared projections, as one Pallas kernel.
+"""The epilogue of the Mamba-2 mixer (gate + grouped RMS norm) as Pallas kernels: both directions
+of the bidirectional mixer with shared projections, or the causal mixer's one.
 
 With the SSD output of both directions in one array y (b, L, 2H, P) (heads [0, H) the forward
 direction in normal time, heads [H, 2H) the backward direction in scan time, i.e. flipped),
@@ -18,6 +19,9 @@ arithmetic inside the kernels (row L-1-t is read in the forward, written in the 
 backward recomputes the gate and normalised values from the inputs and the saved per-row
 rstd (b, 2 * ngroups, L) float32; nothing else is saved. `forward_only` chooses what a call
 that is not differentiated runs: the forward kernel ("pallas") or the jnp reference ("xla").
+The causal mixer's gated norm is the same kernels with one direction (`gated_norm_pallas`:
+out = N(y * s) * w, no flip, no mean; its reference is `norms.gated_rms_norm`); kernel names
+then drop "bidir_".
 
 Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = mean(dn * n)):
     dw = sum_rows(do * n);  dg = rstd * (dn - n * m);  dy = dg * s
@@ -83,8 +87,9 @@ def bidirectional_gated_norm_xla(y, z, w_f, w_b, *, ngroups: int = 1, eps: float
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. One program: batch row bi, output time rows [t0, t0 + T). ys_ref is the whole
-# (L, 2H, P) sequence of batch bi; the forward half reads rows t0 + i, the backward half rows
+# Kernels, for nd = 2 directions (the bidirectional epilogue) or nd = 1 (the causal mixer's
+# gated norm). One program: batch row bi, output time rows [t0, t0 + T). ys_ref is the whole
+# (L, nd*H, P) sequence of batch bi; the forward half reads rows t0 + i, the backward half rows
 # L - 1 - t0 - i. Heads are visited group by group with a loop of P-wide tiles (T, P).
 # --------------------------------------------------------------------------------------------
 
@@ -94,95 +99,89 @@ def _silu_parts(z):
     return z * sig, sig
 
 
-def _rows(t0, q, seqlen):
-    """(forward rows pl.ds, backward rows (q,) int32) for output rows [t0, t0 + q)."""
+def _rows(t0, q, seqlen, nd):
+    """The rows each direction reads for output rows [t0, t0 + q): the forward's pl.ds, and
+    with nd = 2 the backward's (q,) int32 rows L - 1 - t0 - i."""
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    return pl.ds(t0, q), (seqlen - 1 - t0) - i
+    return (pl.ds(t0, q), (seqlen - 1 - t0) - i)[:nd]
 
 
-def _fwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, o_ref, rstd_ref, *, q, seqlen, nh, p, ngroups,
-                eps):
+def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, eps, nd):
+    """refs: nd weight refs (D,), then o_ref (q, D) and rstd_ref (nd * G, q) float32."""
     f32 = jnp.float32
-    t0 = pl.program_id(1) * q
-    rf, rb = _rows(t0, q, seqlen)
+    w_refs, (o_ref, rstd_ref) = refs[:nd], refs[nd:]
+    rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
     hpg = nh // ngroups
 
     def tiles(h):
         cols = pl.ds(h * p, p)
         s, _ = _silu_parts(z_ref[:, cols].astype(f32))
-        g_f = ys_ref[rf, h, :].astype(f32) * s
-        g_b = ys_ref[rb, nh + h, :].astype(f32) * s
-        return cols, g_f, g_b
+        return cols, [ys_ref[r, k * nh + h, :].astype(f32) * s for k, r in enumerate(rows)]
 
     for gi in range(ngroups):
         def sumsq(j, acc):
-            _, g_f, g_b = tiles(gi * hpg + j)
-            return acc[0] + jnp.sum(g_f * g_f, axis=1), acc[1] + jnp.sum(g_b * g_b, axis=1)
+            _, gs = tiles(gi * hpg + j)
+            return tuple(a + jnp.sum(g * g, axis=1) for a, g in zip(acc, gs))
 
-        zero = jnp.zeros((q,), f32)
-        ss_f, ss_b = jax.lax.fori_loop(0, hpg, sumsq, (zero, zero))
-        r_f = jax.lax.rsqrt(ss_f / (hpg * p) + eps)
-        r_b = jax.lax.rsqrt(ss_b / (hpg * p) + eps)
-        rstd_ref[gi, :] = r_f
-        rstd_ref[ngroups + gi, :] = r_b
+        ss = jax.lax.fori_loop(0, hpg, sumsq, (jnp.zeros((q,), f32),) * nd)
+        rs = [jax.lax.rsqrt(v / (hpg * p) + eps) for v in ss]
+        for k, r in enumerate(rs):
+            rstd_ref[k * ngroups + gi, :] = r
 
         def write(j, carry):
-            cols, g_f, g_b = tiles(gi * hpg + j)
-            o_f = (g_f * r_f[:, None] * wf_ref[cols].astype(f32)[None, :]).astype(o_ref.dtype)
-            o_b = (g_b * r_b[:, None] * wb_ref[cols].astype(f32)[None, :]).astype(o_ref.dtype)
-            o_ref[:, cols] = ((o_f.astype(f32) + o_b.astype(f32)) * 0.5).astype(o_ref.dtype)
+            cols, gs = tiles(gi * hpg + j)
+            outs = [(g * r[:, None] * w[cols].astype(f32)[None, :]).astype(o_ref.dtype)
+                    for g, r, w in zip(gs, rs, w_refs)]
+            if nd == 2:  # each half rounded to the output dtype, then the mean
+                outs = [((outs[0].astype(f32) + outs[1].astype(f32)) * 0.5).astype(o_ref.dtype)]
+            o_ref[:, cols] = outs[0]
             return carry
 
         jax.lax.fori_loop(0, hpg, write, 0)
 
 
-def _bwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, rstd_ref, do_ref, dys_ref, dz_ref, dw_ref, *, q,
-                seqlen, nh, p, ngroups):
-    """dys_ref: (L, 2H, P) of batch bi (rows of both halves written as read in the forward);
-    dw_ref: (2, D) this program's partial sums of dw_f, dw_b."""
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, nd):
+    """refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref (q, D), then the outputs dys_ref
+    (L, nd*H, P) of batch bi (rows of each half written as read in the forward), dz_ref (q, D)
+    and dw_ref (nd, D): this program's partial sums of the weights' gradients."""
     f32 = jnp.float32
-    t0 = pl.program_id(1) * q
-    rf, rb = _rows(t0, q, seqlen)
+    w_refs, (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref) = refs[:nd], refs[nd:]
+    rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
     hpg = nh // ngroups
+    half = 0.5 if nd == 2 else 1.0  # the mean's factor
 
     for gi in range(ngroups):
-        r_f = rstd_ref[gi, :]
-        r_b = rstd_ref[ngroups + gi, :]
+        rs = [rstd_ref[k * ngroups + gi, :] for k in range(nd)]
 
         def tiles(h):
             cols = pl.ds(h * p, p)
             z = z_ref[:, cols].astype(f32)
             s, sig = _silu_parts(z)
-            y_f = ys_ref[rf, h, :].astype(f32)
-            y_b = ys_ref[rb, nh + h, :].astype(f32)
-            n_f = y_f * s * r_f[:, None]
-            n_b = y_b * s * r_b[:, None]
-            do = do_ref[:, cols].astype(f32) * 0.5
-            dn_f = do * wf_ref[cols].astype(f32)[None, :]
-            dn_b = do * wb_ref[cols].astype(f32)[None, :]
-            return cols, z, s, sig, y_f, y_b, n_f, n_b, do, dn_f, dn_b
+            ys = [ys_ref[r, k * nh + h, :].astype(f32) for k, r in enumerate(rows)]
+            ns = [y * s * r[:, None] for y, r in zip(ys, rs)]
+            do = do_ref[:, cols].astype(f32) * half
+            dns = [do * w[cols].astype(f32)[None, :] for w in w_refs]
+            return cols, z, s, sig, ys, ns, do, dns
 
         def dots(j, acc):
-            h = gi * hpg + j
-            cols, _, _, _, _, _, n_f, n_b, do, dn_f, dn_b = tiles(h)
-            dw_ref[0, cols] = jnp.sum(do * n_f, axis=0)
-            dw_ref[1, cols] = jnp.sum(do * n_b, axis=0)
-            return acc[0] + jnp.sum(dn_f * n_f, axis=1), acc[1] + jnp.sum(dn_b * n_b, axis=1)
+            cols, _, _, _, _, ns, do, dns = tiles(gi * hpg + j)
+            for k, n in enumerate(ns):
+                dw_ref[k, cols] = jnp.sum(do * n, axis=0)
+            return tuple(a + jnp.sum(dn * n, axis=1) for a, dn, n in zip(acc, dns, ns))
 
-        zero = jnp.zeros((q,), f32)
-        c_f, c_b = jax.lax.fori_loop(0, hpg, dots, (zero, zero))
-        c_f = c_f / (hpg * p)
-        c_b = c_b / (hpg * p)
+        cs = jax.lax.fori_loop(0, hpg, dots, (jnp.zeros((q,), f32),) * nd)
+        cs = [c / (hpg * p) for c in cs]
 
         def write(j, carry):
             h = gi * hpg + j
-            cols, z, s, sig, y_f, y_b, n_f, n_b, _, dn_f, dn_b = tiles(h)
-            dg_f = r_f[:, None] * (dn_f - n_f * c_f[:, None])
-            dg_b = r_b[:, None] * (dn_b - n_b * c_b[:, None])
-            dys_ref[rf, h, :] = (dg_f * s).astype(dys_ref.dtype)
-            dys_ref[rb, nh + h, :] = (dg_b * s).astype(dys_ref.dtype)
+            cols, z, s, sig, ys, ns, _, dns = tiles(h)
+            dz = 0.0
+            for k, r in enumerate(rows):
+                dg = rs[k][:, None] * (dns[k] - ns[k] * cs[k][:, None])
+                dys_ref[r, k * nh + h, :] = (dg * s).astype(dys_ref.dtype)
+                dz = dz + dg * ys[k]
             dsilu = sig * (1.0 + z * (1.0 - sig))
-            dz_ref[:, cols] = ((dg_f * y_f + dg_b * y_b) * dsilu).astype(dz_ref.dtype)
+            dz_ref[:, cols] = (dz * dsilu).astype(dz_ref.dtype)
             return carry
 
         jax.lax.fori_loop(0, hpg, write, 0)
@@ -190,80 +189,108 @@ def _bwd_kernel(ys_ref, z_ref, wf_ref, wb_ref, rstd_ref, do_ref, dys_ref, dz_ref
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret, forward_only).
+# (num_warps fwd, num_warps bwd), interpret, forward_only); ws = the nd weights.
 # --------------------------------------------------------------------------------------------
 
 
-def _specs(seqlen, h2, p, d, q, ngroups):
+def _specs(seqlen, h2, p, d, q, ngroups, nd):
     seq = pl.BlockSpec((None, seqlen, h2, p), lambda bi, ti: (bi, 0, 0, 0))
     rows = pl.BlockSpec((None, q, d), lambda bi, ti: (bi, ti, 0))
     vec = pl.BlockSpec((d,), lambda bi, ti: (0,))
-    rstd = pl.BlockSpec((None, 2 * ngroups, q), lambda bi, ti: (bi, 0, ti))
+    rstd = pl.BlockSpec((None, nd * ngroups, q), lambda bi, ti: (bi, 0, ti))
     return seq, rows, vec, rstd
 
 
-def _fwd_call(y, z, w_f, w_b, cfg):
+def _name(nd, part):
+    return f"{'bidir_' if nd == 2 else ''}gated_norm_{part}"
+
+
+def _fwd_call(y, z, ws, cfg):
     ngroups, eps, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
+    nd = len(ws)
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
-    seq, rows, vec, rstd = _specs(seqlen, h2, p, d, q, ngroups)
+    seq, rows, vec, rstd = _specs(seqlen, h2, p, d, q, ngroups, nd)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, q=q, seqlen=seqlen, nh=h2 // 2, p=p, ngroups=ngroups,
-                          eps=eps),
+        functools.partial(_fwd_kernel, q=q, seqlen=seqlen, nh=h2 // nd, p=p, ngroups=ngroups,
+                          eps=eps, nd=nd),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, d), jnp.dtype(out_dtype)),
-                   jax.ShapeDtypeStruct((bsz, 2 * ngroups, seqlen), jnp.float32)),
+                   jax.ShapeDtypeStruct((bsz, nd * ngroups, seqlen), jnp.float32)),
         grid=(bsz, seqlen // q),
-        in_specs=[seq, rows, vec, vec],
+        in_specs=[seq, rows] + [vec] * nd,
         out_specs=(rows, rstd),
         compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
-        name="bidir_gated_norm_fwd",
-    )(y, z, w_f, w_b)
+        name=_name(nd, "fwd"),
+    )(y, z, *ws)
 
 
-def _bwd_call(y, z, w_f, w_b, rstd, dout, cfg):
+def _bwd_call(y, z, ws, rstd, dout, cfg):
     ngroups, _, _, (_, q), (_, num_warps), interpret, _ = cfg
+    nd = len(ws)
     bsz, seqlen, h2, p = y.shape
     d = z.shape[-1]
     nt = seqlen // q
-    seq, rows, vec, rstd_spec = _specs(seqlen, h2, p, d, q, ngroups)
-    # Each program writes its own rows of the (L, 2H, P) block of its batch element: programs
-    # of one batch element share that output block but never an element of it.
+    seq, rows, vec, rstd_spec = _specs(seqlen, h2, p, d, q, ngroups, nd)
+    # Each program writes its own rows of the (L, nd*H, P) block of its batch element:
+    # programs of one batch element share that output block but never an element of it.
     return pl.pallas_call(
-        functools.partial(_bwd_kernel, q=q, seqlen=seqlen, nh=h2 // 2, p=p, ngroups=ngroups),
+        functools.partial(_bwd_kernel, q=q, seqlen=seqlen, nh=h2 // nd, p=p, ngroups=ngroups,
+                          nd=nd),
         out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
                    jax.ShapeDtypeStruct(z.shape, z.dtype),
-                   jax.ShapeDtypeStruct((bsz, nt, 2, d), jnp.float32)),
+                   jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
         grid=(bsz, nt),
-        in_specs=[seq, rows, vec, vec, rstd_spec, rows],
-        out_specs=(seq, rows, pl.BlockSpec((None, None, 2, d), lambda bi, ti: (bi, ti, 0, 0))),
+        in_specs=[seq, rows] + [vec] * nd + [rstd_spec, rows],
+        out_specs=(seq, rows, pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
         compiler_params=compiler_params(num_warps, interpret),
         interpret=interpret,
-        name="bidir_gated_norm_bwd",
-    )(y, z, w_f, w_b, rstd, dout)
+        name=_name(nd, "bwd"),
+    )(y, z, *ws, rstd, dout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(y, z, w_f, w_b, cfg):
+def _reference(y, z, ws, cfg):
+    """The jnp math of the kernels for nd = len(ws) directions."""
+    ngroups, eps, dtype = cfg[0], cfg[1], jnp.dtype(cfg[2])
+    if len(ws) == 2:
+        return bidirectional_gated_norm_xla(y, z, *ws, ngroups=ngroups, eps=eps, dtype=dtype)
+    bsz, seqlen = y.shape[:2]
+    return gated_rms_norm(y.reshape(bsz, seqlen, -1).astype(dtype), z, ws[0], ngroups=ngroups,
+                          eps=eps, dtype=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(y, z, ws, cfg):
     if cfg[-1] == "xla":
-        return bidirectional_gated_norm_xla(y, z, w_f, w_b, ngroups=cfg[0], eps=cfg[1],
-                                            dtype=jnp.dtype(cfg[2]))
-    return _fwd_call(y, z, w_f, w_b, cfg)[0]
+        return _reference(y, z, ws, cfg)
+    return _fwd_call(y, z, ws, cfg)[0]
 
 
-def _fused_fwd(y, z, w_f, w_b, cfg):
-    out, rstd = _fwd_call(y, z, w_f, w_b, cfg)
-    return out, (y, z, w_f, w_b, rstd)
+def _fused_fwd(y, z, ws, cfg):
+    out, rstd = _fwd_call(y, z, ws, cfg)
+    return out, (y, z, ws, rstd)
 
 
 def _fused_bwd(cfg, res, dout):
-    y, z, w_f, w_b, rstd = res
-    dy, dz, dw = _bwd_call(y, z, w_f, w_b, rstd, dout, cfg)
+    y, z, ws, rstd = res
+    dy, dz, dw = _bwd_call(y, z, ws, rstd, dout, cfg)
     dw = jnp.sum(dw, axis=(0, 1))
-    return dy, dz, dw[0].astype(w_f.dtype), dw[1].astype(w_b.dtype)
+    return dy, dz, tuple(dw[k].astype(w.dtype) for k, w in enumerate(ws))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only):
+    """Checks the tile and forward_only arguments and runs the custom VJP."""
+    check_forward_only(forward_only)
+    error = norm_size_error(y.shape[-1])
+    if error:
+        raise ValueError(error)
+    dtype = jnp.dtype(dtype or y.dtype)
+    rows, warps = kernel_tiles(y.shape[1], *tiles)
+    cfg = (int(ngroups), float(eps), dtype.name, rows, warps, bool(interpret), forward_only)
+    return _fused(y.astype(dtype), z, tuple(ws), cfg)
 
 
 def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,
@@ -289,13 +316,28 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       w_f, w_b (their dtypes).
     """
     _check(y, z, w_f, w_b, ngroups)
-    check_forward_only(forward_only)
-    error = norm_size_error(y.shape[-1])
-    if error:
-        raise ValueError(error)
-    dtype = jnp.dtype(dtype or y.dtype)
-    rows, warps = kernel_tiles(y.shape[1], block_rows, num_warps, block_rows_bwd,
-                               num_warps_bwd)
-    cfg = (int(ngroups), float(eps), dtype.name, rows, warps, bool(interpret),
-           forward_only)
-    return _fused(y.astype(dtype), z, w_f, w_b, cfg)
+    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret,
+                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+
+
+def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None,
+                      interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
+                      num_warps: int = 4, block_rows_bwd: int | None = None,
+                      num_warps_bwd: int | None = None, forward_only: str = "pallas"):
+    """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
+    gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
+
+    Args:
+      y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
+        norm weight; the rest as `bidirectional_gated_norm_pallas` (forward_only "xla" runs
+        that jnp expression when not differentiated).
+    Returns:
+      (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y, z, w (their dtypes).
+    """
+    if y.ndim != 4 or z.shape != (*y.shape[:2], y.shape[2] * y.shape[3]) or w.shape != z.shape[-1:]:
+        raise ValueError(f"expected y (batch, L, nheads, headdim), z (batch, L, nheads*headdim) "
+                         f"and w (nheads*headdim,); got {y.shape}, {z.shape}, {w.shape}")
+    if ngroups <= 0 or y.shape[2] % ngroups:
+        raise ValueError(f"nheads {y.shape[2]} must be divisible by ngroups {ngroups}")
+    return _call(y, z, (w,), ngroups, eps, dtype, interpret,
+                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)

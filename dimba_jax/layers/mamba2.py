@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
-                                         conv_size_error)
-from dimba_jax.layers.fused_norm import bidirectional_gated_norm_pallas, norm_size_error
+                                         causal_conv_pallas, conv_size_error)
+from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, gated_norm_pallas,
+                                         norm_size_error)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
 from dimba_jax.layers.triton_common import (check_impl, default_interpret, forward_only_of,
                                             use_fused)
@@ -103,12 +104,12 @@ class Mamba2(nnx.Module):
       ssd_impl: "auto" | "xla" | "reference" | "pallas" (dimba_jax.ssd.ssd's `impl`).
       ssd_kernels: the Pallas kernels of the SSD (`dimba_jax.ssd.KernelConfig`; default its
         defaults), passed to `ssd` as its static `kernels`.
-      norm_impl: "auto" | "xla" | "pallas": the gated-norm epilogue of `BidirectionalMamba2`
-        (the fused kernel of `layers/fused_norm.py`; needs headdim a power of two); this causal
-        mixer's own norm is always XLA.
-      conv_impl: "auto" | "xla" | "pallas": the conv prologue of `BidirectionalMamba2` (the
-        fused kernel of `layers/fused_conv.py`; needs headdim and d_state powers of two); this
-        causal mixer's own conv is always XLA.
+      norm_impl: "auto" | "xla" | "pallas": the gated-norm epilogue (the fused kernels of
+        `layers/fused_norm.py`, one direction here, both in `BidirectionalMamba2`; needs
+        headdim a power of two).
+      conv_impl: "auto" | "xla" | "pallas": the conv prologue (the fused kernels of
+        `layers/fused_conv.py`, one direction here, both in `BidirectionalMamba2`; needs
+        headdim and d_state powers of two; here not with seq_idx, which takes the XLA conv).
         For both knobs: "pallas" = the fused kernel wherever the call allows it (in the Pallas
         interpreter off GPU; other sizes raise); "auto" = the fused kernels on a GPU where the
         call and the sizes allow it, under differentiation only (an undifferentiated call runs
@@ -241,14 +242,27 @@ class Mamba2(nnx.Module):
         batch, seqlen, _ = u.shape
         zxbcdt = self.in_proj(u.astype(self.dtype))
         z, xbc_in, dt = self._split_proj(zxbcdt)
-        x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
+        if use_fused(self.conv_impl, seq_idx is None,
+                     shape_supported=not conv_size_error(self.headdim, self.d_state)):
+            x, b, c, dt = causal_conv_pallas(
+                xbc_in, dt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
+                d_state=self.d_state, dtype=self.dtype, interpret=default_interpret(),
+                forward_only=forward_only_of(self.conv_impl))
+        else:
+            x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
         a, d, dt_bias = self._ssm_params()
         out = ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
                   dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
                   return_final_states=return_cache, impl=self.ssd_impl,
                   kernels=self.ssd_kernels)
         y, final = out if return_cache else (out, None)
-        y = self.norm(y.reshape(batch, seqlen, self.d_inner).astype(self.dtype), z)
+        if use_fused(self.norm_impl, True, shape_supported=not norm_size_error(self.headdim)):
+            y = gated_norm_pallas(y, z, self.norm.weight[...], ngroups=self.ngroups,
+                                  eps=self.norm.eps, dtype=self.dtype,
+                                  interpret=default_interpret(),
+                                  forward_only=forward_only_of(self.norm_impl))
+        else:
+            y = self.norm(y.reshape(batch, seqlen, self.d_inner).astype(self.dtype), z)
         y = self.out_proj(y)
         if not return_cache:
             return y

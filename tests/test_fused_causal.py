@@ -1,0 +1,237 @@
+"""The fused kernels with one direction, the causal Mamba2 mixer's prologue and epilogue
+(layers/fused_conv.py `causal_conv_pallas`, layers/fused_norm.py `gated_norm_pallas`): the
+kernels in the Pallas interpreter vs their jnp references (values and every gradient), the
+causal mixer with the knobs on "pallas" vs "xla", where "auto" runs them (traced with the
+backend reported as "gpu"), their Triton lowering for CUDA, and (marked gpu) the compiled
+kernels against the references.
+
+Tolerances as in test_fused_conv / test_fused_norm: bf16 forward values bit for bit (the same
+float32 math, one rounding), float32 values and gradients to summation order, bf16 gradients
+to ~1 ulp.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from _nnx_jit import jitted, loss_and_grads
+from dimba_jax.layers import fused_conv as fc
+from dimba_jax.layers import fused_norm as fn
+from dimba_jax.layers.mamba2 import Mamba2
+from dimba_jax.layers.norms import gated_rms_norm
+
+B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_TOL = dict(rtol=2e-2, atol=4e-2)
+
+
+def _conv_args(dtype, ngroups, seed=0, seqlen=L):
+    c = H * P + 2 * ngroups * N
+    k = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(k[0], (B, seqlen, c)).astype(dtype),
+            jax.random.normal(k[1], (B, seqlen, H)).astype(dtype),
+            0.5 * jax.random.normal(k[2], (K, c)), 0.5 * jax.random.normal(k[3], (c,)))
+
+
+def _norm_args(dtype, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k[0], (B, L, H, P)).astype(dtype),
+            jax.random.normal(k[1], (B, L, H * P)).astype(dtype),
+            1.0 + 0.3 * jax.random.normal(k[2], (H * P,)))
+
+
+def _norm_xla(y, z, w, *, ngroups, dtype=None):
+    dtype = dtype or y.dtype
+    return gated_rms_norm(y.reshape(*y.shape[:2], -1).astype(dtype), z, w, ngroups=ngroups,
+                          dtype=dtype)
+
+
+def _cotangents(f, args, seed=7):
+    shapes = jax.eval_shape(f, *args)
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, s.shape).astype(s.dtype)
+                                     for k, s in zip(keys, leaves)])
+
+
+def _value_and_grads(f, args, cts):
+    out, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
+    return out, vjp(cts)
+
+
+def _check(ref_f, pallas_f, args, names):
+    cts = _cotangents(ref_f, args)
+    ref, ref_grads = _value_and_grads(ref_f, args, cts)
+    out, grads = _value_and_grads(pallas_f, args, cts)
+    for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        if o.dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(np.float32(o), np.float32(r))
+        else:  # the norm's mean of squares sums in another order
+            np.testing.assert_allclose(o, r, **F32_TOL)
+    for name, g, r, a in zip(names, grads, ref_grads, args):
+        assert g.dtype == a.dtype and g.shape == a.shape, name
+        tol = BF16_TOL if a.dtype == jnp.bfloat16 else F32_TOL
+        np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
+
+
+@pytest.mark.parametrize("dtype,ngroups,seqlen,block_rows", [
+    (jnp.float32, 1, L, 4), (jnp.bfloat16, 2, L, 4),
+    (jnp.float32, 2, 7, 16),  # seqlen 7: one row per program; taps before row 0 read zeros
+])
+def test_causal_conv_kernel_matches_reference(dtype, ngroups, seqlen, block_rows):
+    args = _conv_args(dtype, ngroups, seed=ngroups, seqlen=seqlen)
+    ref = functools.partial(fc.causal_conv_xla, ngroups=ngroups, d_state=N)
+    pallas = functools.partial(fc.causal_conv_pallas, ngroups=ngroups, d_state=N,
+                               interpret=True, block_rows=block_rows, block_rows_bwd=block_rows)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: sum(jnp.sum(o.astype(jnp.float32) ** 2)
+                                                       for o in pallas(*a))))(*args))
+    assert [jaxpr.count(f"name={k}") for k in ("conv_fwd", "conv_bwd_g", "conv_bwd_dx")] == [1, 1, 1]
+    assert "bidir" not in jaxpr
+    _check(ref, pallas, args, ("xbc", "dt", "w", "bias"))
+
+
+def test_causal_conv_reference_is_the_mixer_xla_prologue():
+    """causal_conv_xla = Mamba2's XLA conv + split, and dt in float32."""
+    mixer = Mamba2(32, rngs=nnx.Rngs(1), ssd_impl="xla", d_state=N, headdim=8, ngroups=2,
+                   d_conv=K, chunk_size=4)
+    k = jax.random.split(jax.random.key(2), 2)
+    xbc = jax.random.normal(k[0], (B, L, mixer.conv_dim))
+    dt = jax.random.normal(k[1], (B, L, mixer.nheads)).astype(jnp.bfloat16)
+    want = mixer._split_xbc(mixer._conv(xbc, None))
+    got = fc.causal_conv_xla(xbc, dt, mixer.conv_weight[...], mixer.conv_bias[...], ngroups=2,
+                             d_state=N)
+    for g, w in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(dt, np.float32))
+
+
+@pytest.mark.parametrize("dtype,ngroups", [(jnp.float32, 1), (jnp.bfloat16, 2)])
+def test_gated_norm_kernel_matches_reference(dtype, ngroups):
+    args = _norm_args(dtype, seed=ngroups)
+    ref = functools.partial(_norm_xla, ngroups=ngroups)
+    pallas = functools.partial(fn.gated_norm_pallas, ngroups=ngroups, interpret=True,
+                               block_rows=4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(pallas(*a).astype(jnp.float32) ** 2),
+                                        argnums=(0, 1, 2)))(*args))
+    assert [jaxpr.count(f"name={k}") for k in ("gated_norm_fwd", "gated_norm_bwd")] == [1, 1]
+    assert "bidir" not in jaxpr
+    _check(ref, pallas, args, ("y", "z", "w"))
+
+
+def test_gated_norm_rejects_bad_shapes():
+    y, z, w = _norm_args(jnp.float32)
+    with pytest.raises(ValueError, match=r"^expected y \(batch, L, nheads, headdim\)"):
+        fn.gated_norm_pallas(y, z[..., :-1], w, interpret=True)
+    with pytest.raises(ValueError, match=r"^nheads 2 must be divisible by ngroups 3$"):
+        fn.gated_norm_pallas(y, z, w, ngroups=3, interpret=True)
+
+
+def _causal(conv_impl="xla", norm_impl="xla", d_state=N, headdim=8):
+    return Mamba2(32, rngs=nnx.Rngs(6), ssd_impl="xla", conv_impl=conv_impl,
+                  norm_impl=norm_impl, d_state=d_state, expand=2, headdim=headdim, ngroups=2,
+                  d_conv=K, chunk_size=4)
+
+
+def test_causal_mixer_pallas_equals_xla_values_and_gradients():
+    u = jax.random.normal(jax.random.key(1), (B, L, 32))
+    ct = jax.random.normal(jax.random.key(2), (B, L, 32))
+    results = []
+    for conv_impl, norm_impl in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
+        graphdef, state = nnx.split(_causal(conv_impl, norm_impl), nnx.Param)
+        jaxpr = str(jax.make_jaxpr(loss_and_grads, static_argnums=0)(graphdef, state, u, ct))
+        assert jaxpr.count("name=conv_fwd") == (conv_impl == "pallas")
+        assert jaxpr.count("name=gated_norm_fwd") == (norm_impl == "pallas")
+        results.append(loss_and_grads(graphdef, state, u, ct))
+    l_x, (g_x, du_x) = results[0]
+    flat_x = jax.tree_util.tree_leaves_with_path(g_x)
+    names = [jax.tree_util.keystr(path) for path, _ in flat_x]
+    assert any("conv_weight" in n for n in names) and any("norm" in n for n in names)
+    for l_p, (g_p, du_p) in results[1:]:
+        np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
+        np.testing.assert_allclose(du_p, du_x, rtol=1e-4, atol=1e-5)
+        for name, (_, a), b in zip(names, flat_x, jax.tree.leaves(g_p)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_causal_mixer_with_seq_idx_takes_the_xla_conv():
+    u = jax.random.normal(jax.random.key(3), (B, L, 32))
+    seq_idx = jnp.broadcast_to((jnp.arange(L) >= 9).astype(jnp.int32), (B, L))
+    np.testing.assert_array_equal(jitted(_causal("pallas"))(u, seq_idx=seq_idx),
+                                  jitted(_causal("xla"))(u, seq_idx=seq_idx))
+
+
+@pytest.mark.parametrize("d_state,headdim,want", [
+    (N, 8, (1, 1)),  # both kernels take the sizes
+    (12, 8, (0, 1)),  # d_state 12: the conv kernel's tiles cannot; the norm's can
+    (N, 12, (0, 0)),  # headdim 12: neither
+])
+def test_causal_mixer_auto_on_gpu_uses_each_kernel_where_it_applies(d_state, headdim, want,
+                                                                    monkeypatch):
+    """Backend reported as "gpu" (traced only): "auto" runs each kernel under differentiation
+    where it takes the sizes, none undifferentiated (prefill, sampling), and no conv kernel
+    with seq_idx."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    mixer = Mamba2(24, rngs=nnx.Rngs(5), ssd_impl="xla", d_state=d_state, expand=2,
+                   headdim=headdim, d_conv=K, chunk_size=4)
+    assert (mixer.conv_impl, mixer.norm_impl) == ("auto", "auto")
+    u0 = jnp.zeros((B, L, 24))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(mixer(u) ** 2)))(u0))
+    assert (jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")) == want
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda u: mixer(u))(u0))
+    assert "pallas_call" not in str(jax.make_jaxpr(
+        lambda u: mixer.forward(u, return_cache=True))(u0))
+    seq_idx = jnp.zeros((B, L), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(mixer(u, seq_idx=seq_idx) ** 2)))(u0))
+    assert jaxpr.count("name=conv_fwd") == 0
+    assert jaxpr.count("name=gated_norm_fwd") == want[1]
+
+
+def test_causal_kernels_lower_to_triton_for_cuda():
+    """Forward and backward of both one-direction kernels lower through the Pallas Triton
+    backend (no GPU needed) at configs/ar_base.py's mixer widths (24 heads of 64, one group of
+    d_state 128)."""
+    from dimba_jax.ssd.hopper import cuda_lowering_context
+
+    c, d = 24 * 64 + 2 * 128, 24 * 64
+    conv_shapes = (jax.ShapeDtypeStruct((2, 64, c), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((2, 64, 24), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((K, c), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32))
+    norm_shapes = (jax.ShapeDtypeStruct((2, 64, 24, 64), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((2, 64, d), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((d,), jnp.float32))
+
+    def both(conv_args, norm_args):
+        out, vjp = jax.vjp(functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128),
+                           *conv_args)
+        n, nvjp = jax.vjp(fn.gated_norm_pallas, *norm_args)
+        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+
+    with cuda_lowering_context():
+        text = jax.jit(both).trace(conv_shapes, norm_shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_causal_kernels_match_reference_on_gpu(dtype):
+    tol = BF16_TOL if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for ref, pallas, args in (
+            (functools.partial(fc.causal_conv_xla, ngroups=2, d_state=N),
+             functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, block_rows=4),
+             _conv_args(dtype, 2, seed=4)),
+            (functools.partial(_norm_xla, ngroups=2),
+             functools.partial(fn.gated_norm_pallas, ngroups=2, block_rows=4),
+             _norm_args(dtype, seed=4))):
+        cts = _cotangents(ref, args, seed=9)
+        want, want_grads = _value_and_grads(ref, args, cts)
+        got, grads = _value_and_grads(pallas, args, cts)
+        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)
+        for g, r in zip(grads, want_grads):
+            np.testing.assert_allclose(np.float32(g), np.float32(r), **tol)
