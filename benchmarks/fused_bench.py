@@ -1,14 +1,15 @@
-"""Row blocks and warps of the bidirectional mixer's fused kernels, beside the XLA path they
-replace.
+"""Row blocks and warps of the mixer's fused kernels, beside the XLA path they replace.
 
     python -m benchmarks.fused_bench --config configs/base.py --batch 16 --batch1 \
         --out $OUT/fused_bench_h100
 
 Times, at one mixer's shapes from `--config` (d_inner = expand * d_model, headdim, d_state,
-ngroups, d_conv, data.seq_len; activations in bf16, weights in float32):
+ngroups, d_conv, data.seq_len; activations in bf16, weights in float32), with
+model.bidirectional (DIMBA):
   conv: `fused_conv.bidirectional_conv_pallas` (both convs + SiLU + flip + split + concatenation)
   norm: `fused_norm.bidirectional_gated_norm_pallas` (both gated RMS norms + flip + mean)
-and their jnp references (`*_xla`, jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
+or without it (the causal mixer, e.g. configs/ar_base.py): `fused_conv.causal_conv_pallas` and
+`fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program); then the backward kernel over the same grid with the forward at the defaults; then
 the best forward with the best backward ("tuned"), whose values and gradients are checked
@@ -39,6 +40,7 @@ import numpy as np
 from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
 from dimba_jax.layers import fused_conv, fused_norm
+from dimba_jax.layers.norms import gated_rms_norm
 from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, default_interpret
 
 DEFAULT_WARPS = inspect.signature(
@@ -46,13 +48,13 @@ DEFAULT_WARPS = inspect.signature(
 
 
 def mixer_dims(config) -> dict:
-    """One bidirectional mixer's sizes from a config: L, d_inner, nheads, headdim, ngroups,
-    d_state, d_conv, conv_dim."""
+    """One mixer's sizes from a config: L, d_inner, nheads, headdim, ngroups, d_state, d_conv,
+    conv_dim, directions (2 bidirectional, 1 causal)."""
     m = config.model
     d_inner = m.expand * m.d_model
     dims = dict(L=int(config.data.seq_len), d_inner=d_inner, nheads=d_inner // m.headdim,
                 headdim=int(m.headdim), ngroups=int(m.ngroups), d_state=int(m.d_state),
-                d_conv=int(m.d_conv))
+                d_conv=int(m.d_conv), directions=2 if m.bidirectional else 1)
     dims["conv_dim"] = d_inner + 2 * dims["ngroups"] * dims["d_state"]
     return dims
 
@@ -60,36 +62,46 @@ def mixer_dims(config) -> dict:
 def make_case(kernel: str, dims: dict, batch: int, key):
     """(reference fn, pallas fn maker, args, cotangents) of one kernel at batch `batch`."""
     b, L, h, p = batch, dims["L"], dims["nheads"], dims["headdim"]
-    g, n = dims["ngroups"], dims["d_state"]
+    g, n, bidi = dims["ngroups"], dims["d_state"], dims.get("directions", 2) == 2
     ks = jax.random.split(key, 8)
     bf16, f32 = jnp.bfloat16, jnp.float32
     if kernel == "conv":
         c, k = dims["conv_dim"], dims["d_conv"]
+        ws = [0.5 * jax.random.normal(ks[2 + i], (k, c), f32) for i in range(1 + bidi)]
+        bs = [0.1 * jax.random.normal(ks[4 + i], (c,), f32) for i in range(1 + bidi)]
         args = (jax.random.normal(ks[0], (b, L, c), bf16),
-                jax.random.normal(ks[1], (b, L, h), bf16),
-                0.5 * jax.random.normal(ks[2], (k, c), f32),
-                0.5 * jax.random.normal(ks[3], (k, c), f32),
-                0.1 * jax.random.normal(ks[4], (c,), f32),
-                0.1 * jax.random.normal(ks[5], (c,), f32))
+                jax.random.normal(ks[1], (b, L, h), bf16), *ws, *bs)
         kw = dict(ngroups=g, d_state=n, dtype=bf16)
-        ref = lambda *a: fused_conv.bidirectional_conv_xla(*a, **kw)  # noqa: E731
-        make = lambda **t: (lambda *a: fused_conv.bidirectional_conv_pallas(  # noqa: E731
+        xla_fn, pallas_fn = ((fused_conv.bidirectional_conv_xla, fused_conv.bidirectional_conv_pallas)
+                             if bidi else (fused_conv.causal_conv_xla, fused_conv.causal_conv_pallas))
+        ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
+        make = lambda **t: (lambda *a: pallas_fn(  # noqa: E731
             *a, **kw, interpret=default_interpret(), **t))
     else:
         d = h * p
-        args = (jax.random.normal(ks[0], (b, L, 2 * h, p), bf16),
+        args = (jax.random.normal(ks[0], (b, L, (1 + bidi) * h, p), bf16),
                 jax.random.normal(ks[1], (b, L, d), bf16),
-                1.0 + 0.1 * jax.random.normal(ks[2], (d,), f32),
-                1.0 + 0.1 * jax.random.normal(ks[3], (d,), f32))
+                *[1.0 + 0.1 * jax.random.normal(ks[2 + i], (d,), f32) for i in range(1 + bidi)])
         kw = dict(ngroups=g, dtype=bf16)
-        ref = lambda *a: fused_norm.bidirectional_gated_norm_xla(*a, **kw)  # noqa: E731
-        make = lambda **t: (lambda *a: fused_norm.bidirectional_gated_norm_pallas(  # noqa: E731
+        if bidi:
+            xla_fn, pallas_fn = (fused_norm.bidirectional_gated_norm_xla,
+                                 fused_norm.bidirectional_gated_norm_pallas)
+        else:
+            xla_fn, pallas_fn = causal_gated_norm_xla, fused_norm.gated_norm_pallas
+        ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
+        make = lambda **t: (lambda *a: pallas_fn(  # noqa: E731
             *a, **kw, interpret=default_interpret(), **t))
     outs = jax.eval_shape(ref, *args)
     keys = list(jax.random.split(ks[7], len(jax.tree.leaves(outs))))
     cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
                        jax.tree.unflatten(jax.tree.structure(outs), keys))
     return ref, make, args, cts
+
+
+def causal_gated_norm_xla(y, z, w, *, ngroups, dtype):
+    """The causal mixer's XLA epilogue: y (b, L, H, P) -> gated_rms_norm over d_inner."""
+    return gated_rms_norm(y.reshape(*y.shape[:2], -1).astype(dtype), z, w, ngroups=ngroups,
+                          dtype=dtype)
 
 
 def max_rel(a, b) -> float:

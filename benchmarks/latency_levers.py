@@ -30,6 +30,10 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   mixer_pallas  both "pallas" (the fused forward kernels in the sampler too)
   mixer_pallas_cb  mixer_pallas + cb_while (whether the kernels' custom calls cost the sampler
               its CUDA graphs)
+  ssd_xla     ssd_impl "xla" (the chunked SSD in XLA instead of the Mosaic forward kernels:
+              whether the kernels' launches cost more than they save at batch 1)
+  head_bf16   model.head_dtype "bfloat16" (the sampler's vocabulary GEMMs in bf16 with float32
+              sums: output prior, tied head, softmax @ E)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
@@ -107,6 +111,8 @@ VARIANTS: dict[str, dict] = {
     "mixer_xla": {"conv_impl": "xla", "norm_impl": "xla"},
     "mixer_pallas": {"conv_impl": "pallas", "norm_impl": "pallas"},
     "mixer_pallas_cb": {"conv_impl": "pallas", "norm_impl": "pallas", "xla_flags": _CB_WHILE},
+    "ssd_xla": {"ssd_impl": "xla"},
+    "head_bf16": {"head_dtype": "bfloat16"},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -259,8 +265,8 @@ def _configs(args, settings):
             cfg.model.ssd_impl = settings["ssd_impl"]
         if settings.get("compute_dtype"):
             cfg.model.compute_dtype = settings["compute_dtype"]
-        for knob in ("conv_impl", "norm_impl"):
-            if settings.get(knob):
+        for knob in ("conv_impl", "norm_impl", "head_dtype"):
+            if settings.get(knob) and knob in cfg.model:
                 setattr(cfg.model, knob, settings[knob])
     return dimba_cfg, ar_cfg
 

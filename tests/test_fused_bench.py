@@ -33,3 +33,24 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
         md = f.read()
     assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md
     assert "python -m benchmarks.fused_bench" in md
+
+
+def test_causal_config_sweeps_the_one_direction_kernels(tmp_path):
+    """A config with model.bidirectional False (the AR baseline's mixer) times the causal
+    kernels (causal_conv_pallas, gated_norm_pallas) and checks them against their references."""
+    import os
+
+    tiny = os.path.abspath("configs/tiny.py")
+    cfg = tmp_path / "causal_tiny.py"
+    cfg.write_text("from dimba_jax.config import load_config_file\n\n\ndef get_config():\n"
+                   f"    c = load_config_file({tiny!r})\n    c.model.bidirectional = False\n"
+                   "    return c\n")
+    result = fused_bench.main(["--config", str(cfg), "--batch", "1", "--seq-len", "8",
+                               "--rows", "4", "--warps", "1", "--runs", "1", "--inner", "1",
+                               "--out", str(tmp_path / "fb")])
+    assert result["dims"]["directions"] == 1
+    rows = result["rows"]
+    assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
+    assert sorted(r["kernel"] for r in tuned) == ["conv", "norm"]
+    assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)
