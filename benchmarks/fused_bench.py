@@ -11,14 +11,16 @@ model.bidirectional (DIMBA):
 or without it (the causal mixer, e.g. configs/ar_base.py): `fused_conv.causal_conv_pallas` and
 `fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
-program); then the backward kernel over the same grid with the forward at the defaults; then
-the best forward with the best backward ("tuned"), whose values and gradients are checked
+program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
+loops over column tiles; columns per tile, 0 = the natural headdim / d_state); then the
+backward kernels likewise with the forward at the defaults; then the best forward with the
+best backward ("tuned"), whose values and gradients are checked
 against the reference (largest relative error over all outputs and gradients). `--batch1`
 adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the
 Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
-kernel, pass, impl, batch, block_rows, num_warps, block_rows_bwd, num_warps_bwd, ms, or error) and PREFIX.md (the rows as a table, the failed
+kernel, pass, impl, batch, block_rows, num_warps, num_stages, block_cols and their _bwd twins where set, ms, or error) and PREFIX.md (the rows as a table, the failed
 configurations after it). Written after every row.
 `--budget-s` stops starting new sweeps once it is spent (what is done is kept).
 """
@@ -132,42 +134,69 @@ class Runner:
         return row
 
 
-def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool):
-    """The forward sweep, then (with `backward`) the backward sweep and the tuned row."""
+def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool,
+          stages=(1,), cols=(0,)):
+    """The forward sweep (rows x warps, then stages x cols at the best of those), then (with
+    `backward`) the same for the backward kernels with the forward at its defaults, and the
+    tuned row (the best forward with the best backward)."""
     ref, make, args, cts = make_case(kernel, dims, batch, jax.random.key(0))
     base = dict(kernel=kernel, batch=batch)
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
     if backward:
         run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
     best = {}
-    for r in rows:
-        for w in warps:
+
+    def phase(key, grid, timed):
+        """Times `timed(tiles)` over the tile dicts of `grid`; keeps the fastest in best[key]."""
+        for tiles in grid:
             if run.out_of_time():
-                return
-            row = run.time(fwd(make(block_rows=r, num_warps=w)), args, **base, impl="pallas",
-                           block_rows=r, num_warps=w, **{"pass": "fwd"})
-            if "ms" in row and row["ms"] < best.get("fwd", (np.inf,))[0]:
-                best["fwd"] = (row["ms"], r, w)
-    if not backward:
+                return False
+            row = timed(tiles)
+            if "ms" in row and row["ms"] < best.get(key, (np.inf,))[0]:
+                best[key] = (row["ms"], tiles)
+        return True
+
+    def refine(key, suffix):
+        """stages x cols (but the plain 1 x 0) at the best rows x warps of best[key]."""
+        _, t = best[key]
+        return [dict(t, **{"num_stages" + suffix: st, "block_cols" + suffix: c})
+                for st in stages for c in cols if (st, c) != (1, 0)]
+
+    def timed_fwd(t):
+        return run.time(fwd(make(**t)), args, **base, impl="pallas", **t, **{"pass": "fwd"})
+
+    def timed_bwd(t):
+        return run.time(fwdbwd(make(**t)), (cts, *args), **base, impl="pallas",
+                        block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS, **t,
+                        **{"pass": "fwdbwd"})
+
+    grid = [dict(block_rows=r, num_warps=w) for r in rows for w in warps]
+    if not phase("fwd", grid, timed_fwd) or "fwd" not in best:
         return
-    for r in rows:
-        for w in warps:
-            if run.out_of_time():
-                return
-            row = run.time(fwdbwd(make(block_rows_bwd=r, num_warps_bwd=w)), (cts, *args), **base,
-                           impl="pallas", block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS,
-                           block_rows_bwd=r, num_warps_bwd=w, **{"pass": "fwdbwd"})
-            if "ms" in row and row["ms"] < best.get("bwd", (np.inf,))[0]:
-                best["bwd"] = (row["ms"], r, w)
-    if "fwd" in best and "bwd" in best:
-        tiles = dict(block_rows=best["fwd"][1], num_warps=best["fwd"][2],
-                     block_rows_bwd=best["bwd"][1], num_warps_bwd=best["bwd"][2])
-        f = fwdbwd(make(**tiles))
-        err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
-        row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **tiles,
-                       **{"pass": "fwdbwd"})
-        row["max_rel_err_vs_xla"] = err
-        write(run.result, run.a.out)
+    if not phase("fwd", refine("fwd", ""), timed_fwd) or not backward:
+        return
+    grid = [dict(block_rows_bwd=r, num_warps_bwd=w) for r in rows for w in warps]
+    if not phase("bwd", grid, timed_bwd) or "bwd" not in best:
+        return
+    if not phase("bwd", refine("bwd", "_bwd"), timed_bwd):
+        return
+    tiles = dict(best["fwd"][1], **best["bwd"][1])
+    f = fwdbwd(make(**tiles))
+    err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
+    row = run.time(f, (cts, *args), **base, impl="pallas (tuned)", **tiles, **{"pass": "fwdbwd"})
+    row["max_rel_err_vs_xla"] = err
+    write(run.result, run.a.out)
+
+
+def tile_text(r: dict, suffix: str = "") -> str:
+    """'rows x warps' of a row's pass, with ' s<stages>' and ' c<cols>' where not the plain
+    1 stage / natural width."""
+    text = f"{r['block_rows' + suffix]} x {r['num_warps' + suffix]}"
+    if r.get("num_stages" + suffix, 1) != 1:
+        text += f" s{r['num_stages' + suffix]}"
+    if r.get("block_cols" + suffix, 0):
+        text += f" c{r['block_cols' + suffix]}"
+    return text
 
 
 def write(result, prefix):
@@ -186,9 +215,9 @@ def write(result, prefix):
             continue
         xla = next((x["ms"] for x in rows if x["impl"] == "xla" and x["kernel"] == r["kernel"]
                     and x["batch"] == r["batch"] and x["pass"] == r["pass"] and "ms" in x), None)
-        tiles = "" if r["impl"] == "xla" else f"{r['block_rows']} x {r['num_warps']}"
+        tiles = "" if r["impl"] == "xla" else tile_text(r)
         if r.get("block_rows_bwd"):
-            tiles += f" ({r['block_rows_bwd']} x {r['num_warps_bwd']})"
+            tiles += f" ({tile_text(r, '_bwd')})"
         err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
         ratio = f"{r['ms'] / xla:.2f}" if xla else ""
         lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} "
@@ -197,8 +226,9 @@ def write(result, prefix):
     if failed:
         lines += ["", "Failed configurations:", ""] + [
             f"- {r['kernel']} b{r['batch']} {r['pass']} "
-            f"{r.get('block_rows')}x{r.get('num_warps')}"
-            f" ({r.get('block_rows_bwd')}x{r.get('num_warps_bwd')}): {r['error']}" for r in failed]
+            f"{tile_text(r) if 'block_rows' in r else ''}"
+            f" ({tile_text(r, '_bwd') if 'block_rows_bwd' in r else ''}): {r['error']}"
+            for r in failed]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -212,6 +242,10 @@ def main(argv=None):
     p.add_argument("--kernels", default="conv,norm")
     p.add_argument("--rows", default="4,8,16,32")
     p.add_argument("--warps", default="1,2,4,8")
+    p.add_argument("--stages", default="1,2,3",
+                   help="Triton pipeline stages tried at the best rows x warps")
+    p.add_argument("--cols", default="0,128,256,512",
+                   help="columns per tile tried at the best rows x warps (0 = natural width)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=400.0)
@@ -223,14 +257,16 @@ def main(argv=None):
     dims = mixer_dims(config)
     rows = [int(v) for v in a.rows.split(",")]
     warps = [int(v) for v in a.warps.split(",")]
+    stages = [int(v) for v in a.stages.split(",")]
+    cols = [int(v) for v in a.cols.split(",")]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
     for kernel in kernels:
-        sweep(run, kernel, dims, a.batch, rows, warps, backward=True)
+        sweep(run, kernel, dims, a.batch, rows, warps, backward=True, stages=stages, cols=cols)
     if a.batch1:
         for kernel in kernels:
-            sweep(run, kernel, dims, 1, rows, warps, backward=False)
+            sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)
     return run.result
 
 

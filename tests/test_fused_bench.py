@@ -9,8 +9,8 @@ from benchmarks import fused_bench
 def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
     prefix = str(tmp_path / "fb")
     result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
-                               "--rows", "4", "--warps", "1", "--runs", "1", "--inner", "1",
-                               "--out", prefix])
+                               "--rows", "4", "--warps", "1", "--stages", "1,2", "--cols", "0,64",
+                               "--runs", "1", "--inner", "1", "--out", prefix])
     rows = result["rows"]
     assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
     for kernel in ("conv", "norm"):
@@ -18,10 +18,13 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
         assert {(r["impl"], r["pass"]) for r in mine} == {
             ("xla", "fwd"), ("xla", "fwdbwd"), ("pallas", "fwd"), ("pallas", "fwdbwd"),
             ("pallas (tuned)", "fwdbwd")}
-        assert sorted(r["block_rows"] for r in mine if r["impl"] == "pallas"
-                      and r["pass"] == "fwd") == [4]
-        assert [r["block_rows_bwd"] for r in mine
-                if r["impl"] == "pallas" and r["pass"] == "fwdbwd"] == [4]
+        fwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwd"]
+        assert [r["block_rows"] for r in fwd] == [4] * 4  # rows x warps, then stages x cols
+        assert [(r.get("num_stages", 1), r.get("block_cols", 0)) for r in fwd] == [
+            (1, 0), (1, 64), (2, 0), (2, 64)]
+        bwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwdbwd"]
+        assert [(r["block_rows_bwd"], r.get("num_stages_bwd", 1), r.get("block_cols_bwd", 0))
+                for r in bwd] == [(4, 1, 0), (4, 1, 64), (4, 2, 0), (4, 2, 64)]
         tuned = [r for r in mine if r["impl"] == "pallas (tuned)"]
         assert len(tuned) == 1
         assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)  # bf16 activations
@@ -46,8 +49,8 @@ def test_causal_config_sweeps_the_one_direction_kernels(tmp_path):
                    f"    c = load_config_file({tiny!r})\n    c.model.bidirectional = False\n"
                    "    return c\n")
     result = fused_bench.main(["--config", str(cfg), "--batch", "1", "--seq-len", "8",
-                               "--rows", "4", "--warps", "1", "--runs", "1", "--inner", "1",
-                               "--out", str(tmp_path / "fb")])
+                               "--rows", "4", "--warps", "1", "--stages", "1", "--cols", "0",
+                               "--runs", "1", "--inner", "1", "--out", str(tmp_path / "fb")])
     assert result["dims"]["directions"] == 1
     rows = result["rows"]
     assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]

@@ -235,3 +235,80 @@ def test_compiled_causal_kernels_match_reference_on_gpu(dtype):
             np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)
         for g, r in zip(grads, want_grads):
             np.testing.assert_allclose(np.float32(g), np.float32(r), **tol)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("cols", [16, 32])
+def test_wider_column_tiles_compute_the_same(nd, cols):
+    """block_cols wider than headdim / d_state (tiles spanning heads and groups; the kernels
+    narrow it to each region) and num_stages (a compile parameter) give the values of the
+    natural tiling (the conv bit for bit; the norm's sums of squares add in another order) and
+    its gradients to float32 summation order."""
+    conv_args = _conv_args(jnp.float32, 2, seed=3)
+    norm_args = _norm_args(jnp.float32, seed=3)
+    if nd == 2:
+        k = jax.random.split(jax.random.key(11), 3)
+        conv_args = conv_args[:3] + (0.5 * jax.random.normal(k[0], conv_args[2].shape),
+                                     conv_args[3], 0.5 * jax.random.normal(k[1], conv_args[3].shape))
+        y, z, w = norm_args
+        norm_args = (jnp.concatenate([y, y[:, ::-1]], axis=2), z, w,
+                     1.0 + 0.3 * jax.random.normal(k[2], w.shape))
+        conv_fn, norm_fn = fc.bidirectional_conv_pallas, fn.bidirectional_gated_norm_pallas
+    else:
+        conv_fn, norm_fn = fc.causal_conv_pallas, fn.gated_norm_pallas
+    for exact, f, args in ((True, functools.partial(conv_fn, ngroups=2, d_state=N), conv_args),
+                           (False, functools.partial(norm_fn, ngroups=1), norm_args)):
+        natural = functools.partial(f, interpret=True, block_rows=4, block_rows_bwd=4)
+        wide = functools.partial(natural, block_cols=cols, num_stages=2)
+        cts = _cotangents(natural, args)
+        want, want_grads = _value_and_grads(natural, args, cts)
+        got, grads = _value_and_grads(wide, args, cts)
+        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            if exact:
+                np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+            else:
+                np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-6)
+        for g, r in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+
+
+def test_tile_arguments_are_checked():
+    from dimba_jax.layers import triton_common as tc
+
+    assert tc.tile_width(1536, 64, 0) == 64 and tc.tile_width(1536, 64, 256) == 256
+    assert tc.tile_width(1536, 64, 1024) == 512 and tc.tile_width(128, 128, 512) == 128
+    fwd, bwd = tc.kernel_tiles(1024, 16, 4, 8, None, num_stages=2, block_cols=256)
+    assert fwd == tc.Tiles(16, 4, 2, 256) and bwd == tc.Tiles(8, 4, 2, 256)
+    with pytest.raises(ValueError, match=r"^num_stages must be >= 1"):
+        tc.kernel_tiles(64, 16, 4, None, None, num_stages=0)
+    with pytest.raises(ValueError, match=r"^block_cols must be 0 or a power of two"):
+        fc.causal_conv_pallas(*_conv_args(jnp.float32, 1), ngroups=1, d_state=N, interpret=True,
+                              block_cols=24)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_wide_pipelined_tiles_lower_to_triton_for_cuda(nd):
+    """256-column tiles (4 heads of 64; B and C narrowed to d_state 128) with 3 pipeline
+    stages lower through the Pallas Triton backend at configs/base.py's widths."""
+    from dimba_jax.ssd.hopper import cuda_lowering_context
+
+    c, d = 24 * 64 + 2 * 128, 24 * 64
+    f32 = jnp.float32
+    conv_shapes = (jax.ShapeDtypeStruct((2, 64, c), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((2, 64, 24), jnp.bfloat16),
+                   *[jax.ShapeDtypeStruct((K, c), f32)] * nd, *[jax.ShapeDtypeStruct((c,), f32)] * nd)
+    norm_shapes = (jax.ShapeDtypeStruct((2, 64, 24 * nd, 64), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((2, 64, d), jnp.bfloat16), *[jax.ShapeDtypeStruct((d,), f32)] * nd)
+    tiles = dict(block_cols=256, num_stages=3)
+    conv = fc.bidirectional_conv_pallas if nd == 2 else fc.causal_conv_pallas
+    norm = fn.bidirectional_gated_norm_pallas if nd == 2 else fn.gated_norm_pallas
+
+    def both(conv_args, norm_args):
+        out, vjp = jax.vjp(functools.partial(conv, ngroups=1, d_state=128, **tiles), *conv_args)
+        n, nvjp = jax.vjp(functools.partial(norm, **tiles), *norm_args)
+        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+
+    with cuda_lowering_context():
+        text = jax.jit(both).trace(conv_shapes, norm_shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 5

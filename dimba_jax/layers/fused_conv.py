@@ -54,7 +54,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
-                                            compiler_params, is_power_of_two, kernel_tiles)
+                                            compiler_params, is_power_of_two, kernel_tiles,
+                                            tile_width)
 
 BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
 
@@ -191,10 +192,15 @@ def _vecs(w_ref, b_ref, cols, k_width):
             None if b_ref is None else b_ref[cols].astype(f32)[None, :])
 
 
-def _column_tiles(nh, p, ng, n):
-    """(first column of tile j, tile width, tile count) of x's heads, B's groups, C's groups."""
-    return ((lambda h: h * p, p, nh), (lambda g: nh * p + g * n, n, ng),
-            (lambda g: nh * p + (ng + g) * n, n, ng))
+def _column_tiles(nh, p, ng, n, cols):
+    """Per region of xBC (x, then B, then C): (first xbc column of tile j, tile width, tile
+    count, region width). Tiles are `tile_width(region, natural, cols)` wide, the natural
+    width being headdim for x and d_state for B and C."""
+    out = []
+    for start, total, natural in ((0, nh * p, p), (nh * p, ng * n, n), (nh * p + ng * n, ng * n, n)):
+        w = tile_width(total, natural, cols)
+        out.append((lambda j, start=start, w=w: start + j * w, w, total // w, total))
+    return out
 
 
 def _directions(seqlen, t0, i, k_width, nd):
@@ -205,22 +211,24 @@ def _directions(seqlen, t0, i, k_width, nd):
             ((seqlen - 1 - t0) - i, [km - k for k in range(k_width)]))[:nd]
 
 
-def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
-    """refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref (q, nd*H, P),
-    bm_ref, cm_ref (q, nd*G, N) and dtc_ref (q, nd*H) float32."""
+def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
+    """refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref (q, nd*H*P),
+    bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and dtc_ref (q, nd*H)
+    float32."""
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     dirs = _directions(seqlen, t0, i, k_width, nd)
 
-    for (first, width, count), o_ref in zip(_column_tiles(nh, p, ng, n), (x_ref, bm_ref, cm_ref)):
-        def tile(j, carry, first=first, width=width, o_ref=o_ref, count=count):
-            cols = pl.ds(first(j), width)
+    for (first, width, count, total), o_ref in zip(_column_tiles(nh, p, ng, n, cols),
+                                                   (x_ref, bm_ref, cm_ref)):
+        def tile(j, carry, first=first, width=width, total=total, o_ref=o_ref):
+            cs = pl.ds(first(j), width)
             for half, (rows, offsets) in enumerate(dirs):
-                w, bias = _vecs(w_refs[half], b_refs[half], cols, k_width)
-                xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
-                o_ref[:, half * count + j, :] = jax.nn.silu(
+                w, bias = _vecs(w_refs[half], b_refs[half], cs, k_width)
+                xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                o_ref[:, pl.ds(half * total + j * width, width)] = jax.nn.silu(
                     _pre(xs, w, bias, offsets)).astype(o_ref.dtype)
             return carry
 
@@ -253,10 +261,10 @@ def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
+def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
     """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t = t0 + i.
 
-    refs: nd weight refs, nd bias refs; dx_ref (q, nd*H, P), dbm_ref, dcm_ref (q, nd*G, N): the
+    refs: nd weight refs, nd bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the
     cotangents of x_cat, B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C)
     in xbc's dtype: [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's
     partial sums of [dw; dbias] of each direction (of the float32 g).
@@ -267,25 +275,25 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
     i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     dirs = _directions(seqlen, t0, i, k_width, nd)
 
-    for (first, width, count), d_ref in zip(_column_tiles(nh, p, ng, n),
-                                            (dx_ref, dbm_ref, dcm_ref)):
-        def tile(c, carry, first=first, width=width, d_ref=d_ref, count=count):
-            cols = pl.ds(first(c), width)
+    for (first, width, count, total), d_ref in zip(_column_tiles(nh, p, ng, n, cols),
+                                                   (dx_ref, dbm_ref, dcm_ref)):
+        def tile(c, carry, first=first, width=width, total=total, d_ref=d_ref):
+            cs = pl.ds(first(c), width)
             for half, (rows, offsets) in enumerate(dirs):
-                w, bias = _vecs(w_refs[half], b_refs[half], cols, k_width)
-                xs = {d: _shifted(xbc_ref, rows, d, cols, seqlen) for d in offsets}
-                g = d_ref[:, half * count + c, :].astype(jnp.float32) * _dsilu(
+                w, bias = _vecs(w_refs[half], b_refs[half], cs, k_width)
+                xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                g = d_ref[:, pl.ds(half * total + c * width, width)].astype(jnp.float32) * _dsilu(
                     _pre(xs, w, bias, offsets))
-                g_ref[:, half, cols] = g.astype(g_ref.dtype)
+                g_ref[:, half, cs] = g.astype(g_ref.dtype)
                 for k, d in enumerate(offsets):
-                    dw_ref[half, k, cols] = jnp.sum(g * xs[d], axis=0)
-                dw_ref[half, k_width, cols] = jnp.sum(g, axis=0)
+                    dw_ref[half, k, cs] = jnp.sum(g * xs[d], axis=0)
+                dw_ref[half, k_width, cs] = jnp.sum(g, axis=0)
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
 
 
-def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
+def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
     """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
     j = t0 + i of batch bi.
 
@@ -301,15 +309,15 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
     km = k_width - 1
     scan_rows = (j, (seqlen - 1 - t0) - i)[:nd]  # scan rows of g at tap offset 0
 
-    for first, width, count in _column_tiles(nh, p, ng, n):
+    for first, width, count, _ in _column_tiles(nh, p, ng, n, cols):
         def tile(c, carry, first=first, width=width):
-            cols = pl.ds(first(c), width)
+            cs = pl.ds(first(c), width)
             acc = jnp.zeros((q, width), jnp.float32)
             for half, rows in enumerate(scan_rows):
-                w, _ = _vecs(w_refs[half], None, cols, k_width)
+                w, _ = _vecs(w_refs[half], None, cs, k_width)
                 for k in range(k_width):
-                    acc = acc + w[k] * _shifted(g_ref, rows, km - k, cols, seqlen, half)
-            dxbc_ref[:, cols] = acc.astype(dxbc_ref.dtype)
+                    acc = acc + w[k] * _shifted(g_ref, rows, km - k, cs, seqlen, half)
+            dxbc_ref[:, cs] = acc.astype(dxbc_ref.dtype)
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
@@ -318,17 +326,18 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd):
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret, forward_only); ws, bs = the nd weights and biases.
+# pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (Tiles fwd, Tiles bwd),
+# interpret, forward_only); ws, bs = the nd weights and biases.
 # --------------------------------------------------------------------------------------------
 
 
-def _statics(xbc, dt, ws, cfg, q):
+def _statics(xbc, dt, ws, cfg, tiles):
     ng, n = cfg[:2]
     bsz, seqlen, c = xbc.shape
     nh = dt.shape[-1]
     p = (c - 2 * ng * n) // nh
-    kw = dict(q=q, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=ws[0].shape[0], nd=len(ws))
+    kw = dict(q=tiles.rows, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=ws[0].shape[0],
+              nd=len(ws), cols=tiles.cols)
     return bsz, seqlen, c, nh, p, kw
 
 
@@ -350,38 +359,42 @@ def _name(nd, part):
 
 
 def _fwd_call(xbc, dt, ws, bs, cfg):
-    ng, n, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, q)
-    nd, dtype = len(ws), jnp.dtype(out_dtype)
+    ng, n, out_dtype, (tiles, _), interpret, _ = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
+    nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
     seq, rows, mat, vec = _specs(seqlen, q, ws[0].shape[0], c)
-    return pl.pallas_call(
+    x, bm, cm, dtc = pl.pallas_call(
         functools.partial(_fwd_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * nh, p), dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng, n), dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng, n), dtype),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * nh * p), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng * n), dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nd * ng * n), dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * nh), jnp.float32)),
         grid=(bsz, seqlen // q),
         in_specs=[seq(c), seq(nh)] + [mat] * nd + [vec] * nd,
-        out_specs=(rows(nd * nh, p), rows(nd * ng, n), rows(nd * ng, n), rows(nd * nh)),
-        compiler_params=compiler_params(num_warps, interpret),
+        out_specs=(rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n), rows(nd * nh)),
+        compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "fwd"),
     )(xbc, dt, *ws, *bs)
+    return (x.reshape(bsz, seqlen, nd * nh, p), bm.reshape(bsz, seqlen, nd * ng, n),
+            cm.reshape(bsz, seqlen, nd * ng, n), dtc)
 
 
 def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, (_, q), (_, num_warps), interpret, _ = cfg
-    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, q)
+    ng, n, _, (_, tiles), interpret, _ = cfg
+    bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
+    q = tiles.rows
     nd, k_width, nt = len(ws), ws[0].shape[0], seqlen // q
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
-    params = compiler_params(num_warps, interpret)
+    params = compiler_params(tiles, interpret)
+    dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
     g, dw = pl.pallas_call(
         functools.partial(_bwd_g_kernel, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
         grid=(bsz, nt),
         in_specs=[seq(c)] + [mat] * nd + [vec] * nd
-        + [rows(nd * nh, p), rows(nd * ng, n), rows(nd * ng, n)],
+        + [rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n)],
         out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
                                              lambda bi, ti: (bi, ti, 0, 0, 0))),
         compiler_params=params,
@@ -434,15 +447,16 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_only):
-    """Checks the sizes, tile and forward_only arguments and runs the custom VJP."""
+    """Checks the sizes, tile and forward_only arguments and runs the custom VJP; tiles = the
+    keyword arguments of `triton_common.kernel_tiles` but seqlen."""
     check_forward_only(forward_only)
     _, p = _dims(xbc, dt, ws[0], ws[-1], bs[0], bs[-1], ngroups, d_state)
     error = conv_size_error(p, d_state)
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
-    rows, warps = kernel_tiles(xbc.shape[1], *tiles)
-    cfg = (int(ngroups), int(d_state), dtype.name, rows, warps, bool(interpret), forward_only)
+    cfg = (int(ngroups), int(d_state), dtype.name, kernel_tiles(xbc.shape[1], **tiles),
+           bool(interpret), forward_only)
     return _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
@@ -450,7 +464,9 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               dtype=None, interpret: bool = False,
                               block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                               block_rows_bwd: int = BWD_BLOCK_ROWS,
-                              num_warps_bwd: int = BWD_NUM_WARPS, forward_only: str = "pallas"):
+                              num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
+                              num_stages_bwd: int | None = None, block_cols: int = 0,
+                              block_cols_bwd: int | None = None, forward_only: str = "pallas"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -461,23 +477,33 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       block_rows_bwd, num_warps_bwd: the same for both backward kernels (None = the
         forward's); the defaults were the fastest of 4-16 rows x 4-8 warps at
         configs/base.py's mixer on an H100 (benchmarks/results/fused_bench2_h100.md).
+      num_stages, num_stages_bwd: Triton pipeline stages of the loops over column tiles
+        (forward; backward, None = the forward's); 1 = no software pipelining.
+      block_cols, block_cols_bwd: columns per tile (0 = headdim for x, d_state for B and C;
+        else a power of two, narrowed to divide each region; backward None = the forward's).
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated runs: "pallas"
         (the forward kernel) or "xla" (`bidirectional_conv_xla`); a differentiated call runs
         the forward and backward kernels either way.
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
-    (rows, d_state)).
+    (rows, d_state) at the natural width).
     Returns:
       (x_cat, B_cat, C_cat, dt_cat) as the reference. Gradients: xbc (xbc.dtype), dt (dt.dtype),
       w_f, w_b, bias_f, bias_b (their dtypes).
     """
+    tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
+                 num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+                 num_stages_bwd=num_stages_bwd, block_cols=block_cols,
+                 block_cols_bwd=block_cols_bwd)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
-                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+                 tiles, forward_only)
 
 
 def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None,
                        interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
                        num_warps: int = 4, block_rows_bwd: int = BWD_BLOCK_ROWS,
-                       num_warps_bwd: int = BWD_NUM_WARPS, forward_only: str = "pallas"):
+                       num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
+                       num_stages_bwd: int | None = None, block_cols: int = 0,
+                       block_cols_bwd: int | None = None, forward_only: str = "pallas"):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
     math, arguments and outputs as `causal_conv_xla`; the tile and forward_only arguments as
     `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
@@ -485,5 +511,8 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
       (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
       (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).
     """
-    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret,
-                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+    tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
+                 num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+                 num_stages_bwd=num_stages_bwd, block_cols=block_cols,
+                 block_cols_bwd=block_cols_bwd)
+    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles, forward_only)

@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
-                                            compiler_params, is_power_of_two, kernel_tiles)
+                                            compiler_params, is_power_of_two, kernel_tiles,
+                                            tile_width)
 
 
 def _check(y, z, w_f, w_b, ngroups):
@@ -106,17 +107,20 @@ def _rows(t0, q, seqlen, nd):
     return (pl.ds(t0, q), (seqlen - 1 - t0) - i)[:nd]
 
 
-def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, eps, nd):
-    """refs: nd weight refs (D,), then o_ref (q, D) and rstd_ref (nd * G, q) float32."""
+def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w):
+    """ys_ref: (L, nd*D) of batch bi (direction-major); refs: nd weight refs (D,), then o_ref
+    (q, D) and rstd_ref (nd * G, q) float32. w: columns per tile (divides D / G)."""
     f32 = jnp.float32
     w_refs, (o_ref, rstd_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
-    hpg = nh // ngroups
+    per_group = d // ngroups
+    hpg = per_group // w  # tiles per group
 
     def tiles(h):
-        cols = pl.ds(h * p, p)
+        cols = pl.ds(h * w, w)
         s, _ = _silu_parts(z_ref[:, cols].astype(f32))
-        return cols, [ys_ref[r, k * nh + h, :].astype(f32) * s for k, r in enumerate(rows)]
+        return cols, [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) * s
+                      for k, r in enumerate(rows)]
 
     for gi in range(ngroups):
         def sumsq(j, acc):
@@ -124,14 +128,14 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, eps, nd):
             return tuple(a + jnp.sum(g * g, axis=1) for a, g in zip(acc, gs))
 
         ss = jax.lax.fori_loop(0, hpg, sumsq, (jnp.zeros((q,), f32),) * nd)
-        rs = [jax.lax.rsqrt(v / (hpg * p) + eps) for v in ss]
+        rs = [jax.lax.rsqrt(v / per_group + eps) for v in ss]
         for k, r in enumerate(rs):
             rstd_ref[k * ngroups + gi, :] = r
 
         def write(j, carry):
             cols, gs = tiles(gi * hpg + j)
-            outs = [(g * r[:, None] * w[cols].astype(f32)[None, :]).astype(o_ref.dtype)
-                    for g, r, w in zip(gs, rs, w_refs)]
+            outs = [(g * r[:, None] * wr[cols].astype(f32)[None, :]).astype(o_ref.dtype)
+                    for g, r, wr in zip(gs, rs, w_refs)]
             if nd == 2:  # each half rounded to the output dtype, then the mean
                 outs = [((outs[0].astype(f32) + outs[1].astype(f32)) * 0.5).astype(o_ref.dtype)]
             o_ref[:, cols] = outs[0]
@@ -140,27 +144,29 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, eps, nd):
         jax.lax.fori_loop(0, hpg, write, 0)
 
 
-def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, nd):
-    """refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref (q, D), then the outputs dys_ref
-    (L, nd*H, P) of batch bi (rows of each half written as read in the forward), dz_ref (q, D)
-    and dw_ref (nd, D): this program's partial sums of the weights' gradients."""
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w):
+    """ys_ref: (L, nd*D) of batch bi; refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
+    (q, D), then the outputs dys_ref (L, nd*D) of batch bi (rows of each half written as read
+    in the forward), dz_ref (q, D) and dw_ref (nd, D): this program's partial sums of the
+    weights' gradients. w: columns per tile."""
     f32 = jnp.float32
     w_refs, (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
-    hpg = nh // ngroups
+    per_group = d // ngroups
+    hpg = per_group // w
     half = 0.5 if nd == 2 else 1.0  # the mean's factor
 
     for gi in range(ngroups):
         rs = [rstd_ref[k * ngroups + gi, :] for k in range(nd)]
 
         def tiles(h):
-            cols = pl.ds(h * p, p)
+            cols = pl.ds(h * w, w)
             z = z_ref[:, cols].astype(f32)
             s, sig = _silu_parts(z)
-            ys = [ys_ref[r, k * nh + h, :].astype(f32) for k, r in enumerate(rows)]
+            ys = [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) for k, r in enumerate(rows)]
             ns = [y * s * r[:, None] for y, r in zip(ys, rs)]
             do = do_ref[:, cols].astype(f32) * half
-            dns = [do * w[cols].astype(f32)[None, :] for w in w_refs]
+            dns = [do * wr[cols].astype(f32)[None, :] for wr in w_refs]
             return cols, z, s, sig, ys, ns, do, dns
 
         def dots(j, acc):
@@ -170,7 +176,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, nd):
             return tuple(a + jnp.sum(dn * n, axis=1) for a, dn, n in zip(acc, dns, ns))
 
         cs = jax.lax.fori_loop(0, hpg, dots, (jnp.zeros((q,), f32),) * nd)
-        cs = [c / (hpg * p) for c in cs]
+        cs = [c / per_group for c in cs]
 
         def write(j, carry):
             h = gi * hpg + j
@@ -178,7 +184,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, nd):
             dz = 0.0
             for k, r in enumerate(rows):
                 dg = rs[k][:, None] * (dns[k] - ns[k] * cs[k][:, None])
-                dys_ref[r, k * nh + h, :] = (dg * s).astype(dys_ref.dtype)
+                dys_ref[r, pl.ds(k * d + h * w, w)] = (dg * s).astype(dys_ref.dtype)
                 dz = dz + dg * ys[k]
             dsilu = sig * (1.0 + z * (1.0 - sig))
             dz_ref[:, cols] = (dz * dsilu).astype(dz_ref.dtype)
@@ -188,13 +194,13 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, nh, p, ngroups, nd):
 
 
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (T fwd, T bwd),
-# (num_warps fwd, num_warps bwd), interpret, forward_only); ws = the nd weights.
+# pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (Tiles fwd, Tiles bwd),
+# interpret, forward_only); ws = the nd weights. The kernels see y as (b, L, nd*D).
 # --------------------------------------------------------------------------------------------
 
 
-def _specs(seqlen, h2, p, d, q, ngroups, nd):
-    seq = pl.BlockSpec((None, seqlen, h2, p), lambda bi, ti: (bi, 0, 0, 0))
+def _specs(seqlen, d, q, ngroups, nd):
+    seq = pl.BlockSpec((None, seqlen, nd * d), lambda bi, ti: (bi, 0, 0))
     rows = pl.BlockSpec((None, q, d), lambda bi, ti: (bi, ti, 0))
     vec = pl.BlockSpec((d,), lambda bi, ti: (0,))
     rstd = pl.BlockSpec((None, nd * ngroups, q), lambda bi, ti: (bi, 0, ti))
@@ -205,48 +211,54 @@ def _name(nd, part):
     return f"{'bidir_' if nd == 2 else ''}gated_norm_{part}"
 
 
+def _width(y, d, ngroups, tiles):
+    """Columns per tile: headdim, or tiles.cols narrowed to divide a group's d / ngroups."""
+    return tile_width(d // ngroups, y.shape[-1], tiles.cols)
+
+
 def _fwd_call(y, z, ws, cfg):
-    ngroups, eps, out_dtype, (q, _), (num_warps, _), interpret, _ = cfg
-    nd = len(ws)
-    bsz, seqlen, h2, p = y.shape
+    ngroups, eps, out_dtype, (tiles, _), interpret, _ = cfg
+    nd, q = len(ws), tiles.rows
+    bsz, seqlen = y.shape[:2]
     d = z.shape[-1]
-    seq, rows, vec, rstd = _specs(seqlen, h2, p, d, q, ngroups, nd)
+    seq, rows, vec, rstd = _specs(seqlen, d, q, ngroups, nd)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, q=q, seqlen=seqlen, nh=h2 // nd, p=p, ngroups=ngroups,
-                          eps=eps, nd=nd),
+        functools.partial(_fwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, eps=eps, nd=nd,
+                          w=_width(y, d, ngroups, tiles)),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, d), jnp.dtype(out_dtype)),
                    jax.ShapeDtypeStruct((bsz, nd * ngroups, seqlen), jnp.float32)),
         grid=(bsz, seqlen // q),
         in_specs=[seq, rows] + [vec] * nd,
         out_specs=(rows, rstd),
-        compiler_params=compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "fwd"),
-    )(y, z, *ws)
+    )(y.reshape(bsz, seqlen, nd * d), z, *ws)
 
 
 def _bwd_call(y, z, ws, rstd, dout, cfg):
-    ngroups, _, _, (_, q), (_, num_warps), interpret, _ = cfg
-    nd = len(ws)
-    bsz, seqlen, h2, p = y.shape
+    ngroups, _, _, (_, tiles), interpret, _ = cfg
+    nd, q = len(ws), tiles.rows
+    bsz, seqlen = y.shape[:2]
     d = z.shape[-1]
     nt = seqlen // q
-    seq, rows, vec, rstd_spec = _specs(seqlen, h2, p, d, q, ngroups, nd)
-    # Each program writes its own rows of the (L, nd*H, P) block of its batch element:
-    # programs of one batch element share that output block but never an element of it.
-    return pl.pallas_call(
-        functools.partial(_bwd_kernel, q=q, seqlen=seqlen, nh=h2 // nd, p=p, ngroups=ngroups,
-                          nd=nd),
-        out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
+    seq, rows, vec, rstd_spec = _specs(seqlen, d, q, ngroups, nd)
+    # Each program writes its own rows of the (L, nd*D) block of its batch element: programs
+    # of one batch element share that output block but never an element of it.
+    dy, dz, dw = pl.pallas_call(
+        functools.partial(_bwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, nd=nd,
+                          w=_width(y, d, ngroups, tiles)),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * d), y.dtype),
                    jax.ShapeDtypeStruct(z.shape, z.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
         grid=(bsz, nt),
         in_specs=[seq, rows] + [vec] * nd + [rstd_spec, rows],
         out_specs=(seq, rows, pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
-        compiler_params=compiler_params(num_warps, interpret),
+        compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "bwd"),
-    )(y, z, *ws, rstd, dout)
+    )(y.reshape(bsz, seqlen, nd * d), z, *ws, rstd, dout)
+    return dy.reshape(y.shape), dz, dw
 
 
 def _reference(y, z, ws, cfg):
@@ -282,14 +294,15 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only):
-    """Checks the tile and forward_only arguments and runs the custom VJP."""
+    """Checks the tile and forward_only arguments and runs the custom VJP; tiles = the keyword
+    arguments of `triton_common.kernel_tiles` but seqlen."""
     check_forward_only(forward_only)
     error = norm_size_error(y.shape[-1])
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
-    rows, warps = kernel_tiles(y.shape[1], *tiles)
-    cfg = (int(ngroups), float(eps), dtype.name, rows, warps, bool(interpret), forward_only)
+    cfg = (int(ngroups), float(eps), dtype.name, kernel_tiles(y.shape[1], **tiles),
+           bool(interpret), forward_only)
     return _fused(y.astype(dtype), z, tuple(ws), cfg)
 
 
@@ -297,7 +310,9 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     dtype=None, interpret: bool = False,
                                     block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                                     block_rows_bwd: int | None = None,
-                                    num_warps_bwd: int | None = None,
+                                    num_warps_bwd: int | None = None, num_stages: int = 1,
+                                    num_stages_bwd: int | None = None, block_cols: int = 0,
+                                    block_cols_bwd: int | None = None,
                                     forward_only: str = "pallas"):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
@@ -307,23 +322,33 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
       block_rows_bwd, num_warps_bwd: the same for the backward kernel (None = the forward's).
+      num_stages, num_stages_bwd: Triton pipeline stages of the loops over column tiles
+        (backward None = the forward's); 1 = no software pipelining.
+      block_cols, block_cols_bwd: columns per tile (0 = headdim; else a power of two, narrowed
+        to divide d_inner / ngroups; backward None = the forward's).
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated
         runs: "pallas" (the forward kernel) or "xla" (`bidirectional_gated_norm_xla`); a
         differentiated call runs the forward and backward kernels either way.
-    Constraints: headdim a power of two (the kernels' tiles are (rows, headdim)).
+    Constraints: headdim a power of two (the kernels' tiles are (rows, headdim) at the natural
+    width).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y (y.dtype), z (z.dtype),
       w_f, w_b (their dtypes).
     """
     _check(y, z, w_f, w_b, ngroups)
-    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret,
-                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+    tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
+                 num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+                 num_stages_bwd=num_stages_bwd, block_cols=block_cols,
+                 block_cols_bwd=block_cols_bwd)
+    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, forward_only)
 
 
 def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None,
                       interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
                       num_warps: int = 4, block_rows_bwd: int | None = None,
-                      num_warps_bwd: int | None = None, forward_only: str = "pallas"):
+                      num_warps_bwd: int | None = None, num_stages: int = 1,
+                      num_stages_bwd: int | None = None, block_cols: int = 0,
+                      block_cols_bwd: int | None = None, forward_only: str = "pallas"):
     """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
     gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
 
@@ -339,5 +364,8 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
                          f"and w (nheads*headdim,); got {y.shape}, {z.shape}, {w.shape}")
     if ngroups <= 0 or y.shape[2] % ngroups:
         raise ValueError(f"nheads {y.shape[2]} must be divisible by ngroups {ngroups}")
-    return _call(y, z, (w,), ngroups, eps, dtype, interpret,
-                 (block_rows, num_warps, block_rows_bwd, num_warps_bwd), forward_only)
+    tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
+                 num_warps_bwd=num_warps_bwd, num_stages=num_stages,
+                 num_stages_bwd=num_stages_bwd, block_cols=block_cols,
+                 block_cols_bwd=block_cols_bwd)
+    return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, forward_only)

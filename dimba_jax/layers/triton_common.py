@@ -3,6 +3,8 @@ choose them, where they run and how their sequences split into row blocks."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 
 IMPLS = ("auto", "xla", "pallas")  # the kernel knobs' values (model.norm_impl, model.conv_impl)
@@ -69,21 +71,58 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def compiler_params(num_warps: int, interpret: bool):
-    """Triton compiler parameters (`num_warps`, one pipeline stage); None in the interpreter."""
+class Tiles(NamedTuple):
+    """The program shape of one pass (forward or backward) of a fused kernel.
+
+    rows: time rows per program (a power of two dividing seqlen, `rows_per_program`);
+    warps: warps per Triton program; stages: Triton software-pipeline stages of the kernels'
+    loops over column tiles (1 = no pipelining); cols: columns per tile, a power of two
+    (0 = the kernel's natural width: headdim, or d_state for B and C; a kernel narrows any
+    value to the largest power of two dividing the region it tiles, `tile_width`).
+    """
+
+    rows: int
+    warps: int
+    stages: int
+    cols: int
+
+
+def compiler_params(tiles: Tiles, interpret: bool):
+    """Triton compiler parameters of one pass (`num_warps`, `num_stages`); None in the
+    interpreter."""
     if interpret:
         return None
     from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
-    return plt.CompilerParams(num_warps=num_warps, num_stages=1)
+    return plt.CompilerParams(num_warps=int(tiles.warps), num_stages=int(tiles.stages))
 
 
 def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: int | None,
-                 num_warps_bwd: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((rows fwd, rows bwd), (warps fwd, warps bwd)) of a fused kernel's forward and backward
-    programs: rows by `rows_per_program`, a backward value of None (or 0) = the forward's."""
+                 num_warps_bwd: int | None, num_stages: int = 1, num_stages_bwd: int | None = None,
+                 block_cols: int = 0, block_cols_bwd: int | None = None) -> tuple[Tiles, Tiles]:
+    """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`; a
+    backward value of None = the forward's (for rows and warps also 0). ValueError for a
+    stage count below 1 or a negative / non-power-of-two column width."""
+    stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
+    cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
+    if min(stages) < 1:
+        raise ValueError(f"num_stages must be >= 1, got {stages}")
+    if any(c < 0 or (c and not is_power_of_two(c)) for c in cols):
+        raise ValueError(f"block_cols must be 0 or a power of two, got {cols}")
     rows = tuple(rows_per_program(seqlen, int(r))
                  for r in (block_rows, block_rows_bwd or block_rows))
-    return rows, (int(num_warps), int(num_warps_bwd or num_warps))
+    warps = (int(num_warps), int(num_warps_bwd or num_warps))
+    return tuple(Tiles(*t) for t in zip(rows, warps, stages, cols))
+
+
+def tile_width(total: int, natural: int, cols: int) -> int:
+    """Columns per tile of a region `total` wide: `natural` for cols 0, else the largest power of
+    two <= cols dividing total (1 at least)."""
+    if not cols:
+        return natural
+    w = 1
+    while w * 2 <= cols and total % (w * 2) == 0:
+        w *= 2
+    return w
 
 
 def rows_per_program(seqlen: int, max_rows: int) -> int:
