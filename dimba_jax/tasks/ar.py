@@ -22,8 +22,11 @@ class ArTask:
       tokenizer: provides vocab_size, eos_id and decode(ids) (dimba_jax.data.tokenizers).
       vocab_size: overrides tokenizer.vocab_size (then tokenizer may be None; no sample_text).
 
-    Batches: {"tokens": int32 (batch, seq_len)}; the loss predicts tokens[:, 1:] from
-    tokens[:, :-1] (documents are EOS-separated windows; every position counts).
+    Batches: {"tokens": int32 (batch, seq_len)}; the loss predicts tokens[:, 1:] from the
+    prefixes before them (documents are EOS-separated windows; every position counts). The
+    model reads all seq_len tokens and the last position's logits are dropped: causal, so the
+    same predictions as reading tokens[:, :-1], at the batch's own length (a power of two, as
+    the fused mixer kernels' row blocks and the SSD chunks want; seq_len - 1 is odd).
     If config.model.init_from_mamba_ssm is set, `init_model` loads that checkpoint's weights.
     """
 
@@ -54,7 +57,7 @@ class ArTask:
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"ArTask.loss: tokens must be (batch, seq_len >= 2), got "
                              f"{tokens.shape}")
-        logits = model(tokens[:, :-1])
+        logits = model(tokens)[:, :-1]
         ce, accuracy = next_token_metrics(logits, tokens[:, 1:])
         return ce, {"ce": ce, "accuracy": accuracy}
 
