@@ -12,7 +12,8 @@ or without it (the causal mixer, e.g. configs/ar_base.py): `fused_conv.causal_co
 `fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
-loops over column tiles; columns per tile, 0 = the natural headdim / d_state); then the
+loops over column tiles; columns per tile, 0 = the natural headdim / d_state), and for the conv
+programs of 2, 4, 8 times the best rows walked in steps of those rows (`step_rows`); then the
 backward kernels likewise with the forward at the defaults; then the best forward with the
 best backward ("tuned"), whose values and gradients are checked
 against the reference (largest relative error over all outputs and gradients). `--batch1`
@@ -20,7 +21,7 @@ adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels 
 Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
-kernel, pass, impl, batch, block_rows, num_warps, num_stages, block_cols and their _bwd twins where set, ms, or error) and PREFIX.md (the rows as a table, the failed
+kernel, pass, impl, batch, block_rows, num_warps, num_stages, block_cols, step_rows and their _bwd twins where set, ms, or error) and PREFIX.md (the rows as a table, the failed
 configurations after it). Written after every row.
 `--budget-s` stops starting new sweeps once it is spent (what is done is kept).
 """
@@ -162,6 +163,15 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
         return [dict(t, **{"num_stages" + suffix: st, "block_cols" + suffix: c})
                 for st in stages for c in cols if (st, c) != (1, 0)]
 
+    def refine_steps(key, suffix):
+        """conv only: programs of 2, 4 and 8 times the best rows, walked in steps of them."""
+        _, t = best[key]
+        if kernel != "conv":
+            return []
+        r = t["block_rows" + suffix]
+        return [dict(t, **{"block_rows" + suffix: r * m, "step_rows" + suffix: r})
+                for m in (2, 4, 8) if r * m <= dims["L"]]
+
     def timed_fwd(t):
         return run.time(fwd(make(**t)), args, **base, impl="pallas", **t, **{"pass": "fwd"})
 
@@ -173,12 +183,16 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
     grid = [dict(block_rows=r, num_warps=w) for r in rows for w in warps]
     if not phase("fwd", grid, timed_fwd) or "fwd" not in best:
         return
-    if not phase("fwd", refine("fwd", ""), timed_fwd) or not backward:
+    if not phase("fwd", refine("fwd", ""), timed_fwd):
+        return
+    if not phase("fwd", refine_steps("fwd", ""), timed_fwd) or not backward:
         return
     grid = [dict(block_rows_bwd=r, num_warps_bwd=w) for r in rows for w in warps]
     if not phase("bwd", grid, timed_bwd) or "bwd" not in best:
         return
     if not phase("bwd", refine("bwd", "_bwd"), timed_bwd):
+        return
+    if not phase("bwd", refine_steps("bwd", "_bwd"), timed_bwd):
         return
     tiles = dict(best["fwd"][1], **best["bwd"][1])
     f = fwdbwd(make(**tiles))
@@ -196,6 +210,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" s{r['num_stages' + suffix]}"
     if r.get("block_cols" + suffix, 0):
         text += f" c{r['block_cols' + suffix]}"
+    if r.get("step_rows" + suffix, 0):
+        text += f" step{r['step_rows' + suffix]}"
     return text
 
 

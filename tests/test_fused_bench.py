@@ -19,12 +19,14 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
             ("xla", "fwd"), ("xla", "fwdbwd"), ("pallas", "fwd"), ("pallas", "fwdbwd"),
             ("pallas (tuned)", "fwdbwd")}
         fwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwd"]
-        assert [r["block_rows"] for r in fwd] == [4] * 4  # rows x warps, then stages x cols
-        assert [(r.get("num_stages", 1), r.get("block_cols", 0)) for r in fwd] == [
-            (1, 0), (1, 64), (2, 0), (2, 64)]
+        steps = [(8, 4)] if kernel == "conv" else []  # 2x the rows in steps of 4 (L = 8)
+        assert [(r["block_rows"], r.get("step_rows", 0)) for r in fwd] == [(4, 0)] * 4 + steps
+        assert [(r.get("num_stages", 1), r.get("block_cols", 0)) for r in fwd][:4] == [
+            (1, 0), (1, 64), (2, 0), (2, 64)]  # rows x warps, then stages x cols
         bwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwdbwd"]
         assert [(r["block_rows_bwd"], r.get("num_stages_bwd", 1), r.get("block_cols_bwd", 0))
-                for r in bwd] == [(4, 1, 0), (4, 1, 64), (4, 2, 0), (4, 2, 64)]
+                for r in bwd][:4] == [(4, 1, 0), (4, 1, 64), (4, 2, 0), (4, 2, 64)]
+        assert [(r["block_rows_bwd"], r.get("step_rows_bwd", 0)) for r in bwd][4:] == steps
         tuned = [r for r in mine if r["impl"] == "pallas (tuned)"]
         assert len(tuned) == 1
         assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)  # bf16 activations

@@ -312,3 +312,31 @@ def test_wide_pipelined_tiles_lower_to_triton_for_cuda(nd):
         text = jax.jit(both).trace(conv_shapes, norm_shapes).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 5
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_row_steps_compute_the_same(nd):
+    """Programs of 16 rows walked in steps of 4 (weights loaded once per column tile, the
+    weight gradients summed over the steps in registers) give the one-step kernels' values bit
+    for bit and their gradients to float32 summation order, at a length with two programs."""
+    args = _conv_args(jnp.float32, 2, seed=5, seqlen=32)
+    if nd == 2:
+        k = jax.random.split(jax.random.key(12), 2)
+        args = args[:3] + (0.5 * jax.random.normal(k[0], args[2].shape), args[3],
+                           0.5 * jax.random.normal(k[1], args[3].shape))
+        f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True)
+    else:
+        f = functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True)
+    one = functools.partial(f, block_rows=16, block_rows_bwd=16)
+    stepped = functools.partial(one, step_rows=4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: sum(jnp.sum(o ** 2) for o in stepped(*a))))(*args))
+    assert jaxpr.count("pallas_call") == 3
+    cts = _cotangents(one, args)
+    want, want_grads = _value_and_grads(one, args, cts)
+    got, grads = _value_and_grads(stepped, args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+    with pytest.raises(ValueError, match=r"^step_rows must be 0 or a power of two"):
+        f(*args, step_rows=3)

@@ -211,28 +211,44 @@ def _directions(seqlen, t0, i, k_width, nd):
             ((seqlen - 1 - t0) - i, [km - k for k in range(k_width)]))[:nd]
 
 
-def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
+def _steps(q, step, body, init):
+    """body(s, carry) over the q // step row steps of a program (called once, not looped, for
+    one step); returns the final carry."""
+    if q // step == 1:
+        return body(0, init)
+    return jax.lax.fori_loop(0, q // step, body, init)
+
+
+def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
     """refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref (q, nd*H*P),
     bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and dtc_ref (q, nd*H)
-    float32."""
+    float32. Per column tile the program walks its q rows in steps of `step` rows."""
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
-    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    dirs = _directions(seqlen, t0, i, k_width, nd)
+    i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
 
     for (first, width, count, total), o_ref in zip(_column_tiles(nh, p, ng, n, cols),
                                                    (x_ref, bm_ref, cm_ref)):
         def tile(j, carry, first=first, width=width, total=total, o_ref=o_ref):
             cs = pl.ds(first(j), width)
-            for half, (rows, offsets) in enumerate(dirs):
-                w, bias = _vecs(w_refs[half], b_refs[half], cs, k_width)
-                xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
-                o_ref[:, pl.ds(half * total + j * width, width)] = jax.nn.silu(
-                    _pre(xs, w, bias, offsets)).astype(o_ref.dtype)
+            vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
+
+            def rows_step(si, c):
+                dirs = _directions(seqlen, t0 + si * step, i, k_width, nd)
+                for half, (rows, offsets) in enumerate(dirs):
+                    w, bias = vecs[half]
+                    xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                    o_ref[pl.ds(si * step, step), pl.ds(half * total + j * width, width)] = (
+                        jax.nn.silu(_pre(xs, w, bias, offsets)).astype(o_ref.dtype))
+                return c
+
+            _steps(q, step, rows_step, 0)
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
+
+    dirs = _directions(seqlen, t0, jax.lax.broadcasted_iota(jnp.int32, (q,), 0), k_width, nd)
 
     def dt_head(h, carry):
         for half, (rows, _) in enumerate(dirs):
@@ -261,41 +277,54 @@ def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
-    """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t = t0 + i.
+def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
+    """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t0 + i.
 
     refs: nd weight refs, nd bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the
     cotangents of x_cat, B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C)
     in xbc's dtype: [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's
-    partial sums of [dw; dbias] of each direction (of the float32 g).
+    partial sums of [dw; dbias] of each direction (of the float32 g), summed over its row
+    steps of `step` rows in registers.
     """
+    f32 = jnp.float32
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     dx_ref, dbm_ref, dcm_ref, g_ref, dw_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
-    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    dirs = _directions(seqlen, t0, i, k_width, nd)
+    i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
 
     for (first, width, count, total), d_ref in zip(_column_tiles(nh, p, ng, n, cols),
                                                    (dx_ref, dbm_ref, dcm_ref)):
         def tile(c, carry, first=first, width=width, total=total, d_ref=d_ref):
             cs = pl.ds(first(c), width)
-            for half, (rows, offsets) in enumerate(dirs):
-                w, bias = _vecs(w_refs[half], b_refs[half], cs, k_width)
-                xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
-                g = d_ref[:, pl.ds(half * total + c * width, width)].astype(jnp.float32) * _dsilu(
-                    _pre(xs, w, bias, offsets))
-                g_ref[:, half, cs] = g.astype(g_ref.dtype)
-                for k, d in enumerate(offsets):
-                    dw_ref[half, k, cs] = jnp.sum(g * xs[d], axis=0)
-                dw_ref[half, k_width, cs] = jnp.sum(g, axis=0)
+            vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
+
+            def rows_step(si, acc):
+                rs = pl.ds(si * step, step)
+                dirs = _directions(seqlen, t0 + si * step, i, k_width, nd)
+                new = []
+                for half, (rows, offsets) in enumerate(dirs):
+                    w, bias = vecs[half]
+                    xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                    g = d_ref[rs, pl.ds(half * total + c * width, width)].astype(f32) * _dsilu(
+                        _pre(xs, w, bias, offsets))
+                    g_ref[rs, half, cs] = g.astype(g_ref.dtype)
+                    sums = [jnp.sum(g * xs[d], axis=0) for d in offsets] + [jnp.sum(g, axis=0)]
+                    new.append(tuple(a + b for a, b in zip(acc[half], sums)))
+                return tuple(new)
+
+            zero = jnp.zeros((width,), f32)
+            acc = _steps(q, step, rows_step, ((zero,) * (k_width + 1),) * nd)
+            for half in range(nd):
+                for k in range(k_width + 1):
+                    dw_ref[half, k, cs] = acc[half][k]
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
 
 
-def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
+def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
     """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
-    j = t0 + i of batch bi.
+    j = t0 + i of batch bi, in steps of `step` rows.
 
     g_ref: the whole (L, nd, C) g of pass 1 (xbc's dtype); refs: nd weight refs, ddtc_ref (the
     whole (L, nd*H) ddt_cat), then the outputs dxbc_ref (q, C) in xbc's dtype:
@@ -304,24 +333,30 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols):
     """
     w_refs, (ddtc_ref, dxbc_ref, ddt_ref) = refs[:nd], refs[nd:]
     t0 = pl.program_id(1) * q
-    i = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    j = t0 + i
+    i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
     km = k_width - 1
-    scan_rows = (j, (seqlen - 1 - t0) - i)[:nd]  # scan rows of g at tap offset 0
 
     for first, width, count, _ in _column_tiles(nh, p, ng, n, cols):
         def tile(c, carry, first=first, width=width):
             cs = pl.ds(first(c), width)
-            acc = jnp.zeros((q, width), jnp.float32)
-            for half, rows in enumerate(scan_rows):
-                w, _ = _vecs(w_refs[half], None, cs, k_width)
-                for k in range(k_width):
-                    acc = acc + w[k] * _shifted(g_ref, rows, km - k, cs, seqlen, half)
-            dxbc_ref[:, cs] = acc.astype(dxbc_ref.dtype)
+            ws = [_vecs(w_refs[h], None, cs, k_width)[0] for h in range(nd)]
+
+            def rows_step(si, c2):
+                ts = t0 + si * step
+                scan_rows = (ts + i, (seqlen - 1 - ts) - i)[:nd]  # scan rows of g at offset 0
+                acc = jnp.zeros((step, width), jnp.float32)
+                for half, rows in enumerate(scan_rows):
+                    for k in range(k_width):
+                        acc = acc + ws[half][k] * _shifted(g_ref, rows, km - k, cs, seqlen, half)
+                dxbc_ref[pl.ds(si * step, step), cs] = acc.astype(dxbc_ref.dtype)
+                return c2
+
+            _steps(q, step, rows_step, 0)
             return carry
 
         jax.lax.fori_loop(0, count, tile, 0)
 
+    j = t0 + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh, nd=nd)
 
 
@@ -337,7 +372,7 @@ def _statics(xbc, dt, ws, cfg, tiles):
     nh = dt.shape[-1]
     p = (c - 2 * ng * n) // nh
     kw = dict(q=tiles.rows, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=ws[0].shape[0],
-              nd=len(ws), cols=tiles.cols)
+              nd=len(ws), cols=tiles.cols, step=tiles.step or tiles.rows)
     return bsz, seqlen, c, nh, p, kw
 
 
@@ -466,7 +501,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               block_rows_bwd: int = BWD_BLOCK_ROWS,
                               num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                               num_stages_bwd: int | None = None, block_cols: int = 0,
-                              block_cols_bwd: int | None = None, forward_only: str = "pallas"):
+                              block_cols_bwd: int | None = None, step_rows: int = 0,
+                              step_rows_bwd: int | None = None, forward_only: str = "pallas"):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -481,6 +517,10 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         (forward; backward, None = the forward's); 1 = no software pipelining.
       block_cols, block_cols_bwd: columns per tile (0 = headdim for x, d_state for B and C;
         else a power of two, narrowed to divide each region; backward None = the forward's).
+      step_rows, step_rows_bwd: time rows per inner step of a program (0 = all its rows in one
+        step; else a power of two, at most the program's rows; backward None = the forward's):
+        each column tile's weights load once per program, and the backward sums the weight
+        gradients over the steps in registers (fewer, larger programs with small tiles).
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated runs: "pallas"
         (the forward kernel) or "xla" (`bidirectional_conv_xla`); a differentiated call runs
         the forward and backward kernels either way.
@@ -493,7 +533,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd)
+                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
                  tiles, forward_only)
 
@@ -503,7 +543,8 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        num_warps: int = 4, block_rows_bwd: int = BWD_BLOCK_ROWS,
                        num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                        num_stages_bwd: int | None = None, block_cols: int = 0,
-                       block_cols_bwd: int | None = None, forward_only: str = "pallas"):
+                       block_cols_bwd: int | None = None, step_rows: int = 0,
+                       step_rows_bwd: int | None = None, forward_only: str = "pallas"):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
     math, arguments and outputs as `causal_conv_xla`; the tile and forward_only arguments as
     `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
@@ -514,5 +555,5 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd)
+                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
     return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles, forward_only)

@@ -78,13 +78,18 @@ class Tiles(NamedTuple):
     warps: warps per Triton program; stages: Triton software-pipeline stages of the kernels'
     loops over column tiles (1 = no pipelining); cols: columns per tile, a power of two
     (0 = the kernel's natural width: headdim, or d_state for B and C; a kernel narrows any
-    value to the largest power of two dividing the region it tiles, `tile_width`).
+    value to the largest power of two dividing the region it tiles, `tile_width`); step: time
+    rows per inner step of a program (a power of two dividing rows; 0 = rows: one step; the
+    conv kernels walk their rows in such steps per column tile, loading the tile's weights
+    once, and the conv backward sums its weight gradients over the steps in registers; the
+    norm kernels take their rows in one step).
     """
 
     rows: int
     warps: int
     stages: int
     cols: int
+    step: int = 0
 
 
 def compiler_params(tiles: Tiles, interpret: bool):
@@ -98,20 +103,26 @@ def compiler_params(tiles: Tiles, interpret: bool):
 
 def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: int | None,
                  num_warps_bwd: int | None, num_stages: int = 1, num_stages_bwd: int | None = None,
-                 block_cols: int = 0, block_cols_bwd: int | None = None) -> tuple[Tiles, Tiles]:
-    """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`; a
-    backward value of None = the forward's (for rows and warps also 0). ValueError for a
-    stage count below 1 or a negative / non-power-of-two column width."""
+                 block_cols: int = 0, block_cols_bwd: int | None = None, step_rows: int = 0,
+                 step_rows_bwd: int | None = None) -> tuple[Tiles, Tiles]:
+    """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
+    clipped to the rows; a backward value of None = the forward's (for rows and warps also 0).
+    ValueError for a stage count below 1, or a negative / non-power-of-two column width or
+    step."""
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
+    steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
     if min(stages) < 1:
         raise ValueError(f"num_stages must be >= 1, got {stages}")
     if any(c < 0 or (c and not is_power_of_two(c)) for c in cols):
         raise ValueError(f"block_cols must be 0 or a power of two, got {cols}")
+    if any(v < 0 or (v and not is_power_of_two(v)) for v in steps):
+        raise ValueError(f"step_rows must be 0 or a power of two, got {steps}")
     rows = tuple(rows_per_program(seqlen, int(r))
                  for r in (block_rows, block_rows_bwd or block_rows))
     warps = (int(num_warps), int(num_warps_bwd or num_warps))
-    return tuple(Tiles(*t) for t in zip(rows, warps, stages, cols))
+    steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
+    return tuple(Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
 
 
 def tile_width(total: int, natural: int, cols: int) -> int:
