@@ -108,10 +108,9 @@ def test_nonfinite_loss_aborts_with_the_step_and_parameters_and_saves_nothing_ba
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
 
 
-def _one_step_params(accum):
-    config = toy_config(1, grad_accum=accum, warmup_steps=0)
-    task = ToyTask(config)
-    task.dropout = 0.0  # the loss then ignores its rng, so micro-batching must not change it
+def _first_step(config, task):
+    """(new state, metrics, health) of the jitted train step on one device from the
+    initial state, on the first ToyData batch."""
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
     tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
@@ -119,8 +118,14 @@ def _one_step_params(accum):
     st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True)
     ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
     fn = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
-    batch = step_lib.global_batch(next(ToyData(8, 12)), ds)
-    new, metrics, _ = fn(st, rest, batch)
+    return fn(st, rest, step_lib.global_batch(next(ToyData(8, 12)), ds))
+
+
+def _one_step_params(accum):
+    config = toy_config(1, grad_accum=accum, warmup_steps=0)
+    task = ToyTask(config)
+    task.dropout = 0.0  # the loss then ignores its rng, so micro-batching must not change it
+    new, metrics, _ = _first_step(config, task)
     return jax.device_get(new.params), float(metrics["loss"]), float(metrics["grad_norm"])
 
 
@@ -192,14 +197,6 @@ def test_param_norm_is_logged_on_logging_steps_and_not_by_the_step(tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and all(r["param_norm"] > 0 for r in rows)
     _, params = _final_params(tmp_path, ema=False)
     assert rows[-1]["param_norm"] == pytest.approx(float(optim.global_norm(params)), rel=1e-6)
-    task = ToyTask(config)
-    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-    parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
-    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
-    sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, jnp.float32, True)
-    st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True)
-    ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
-    fn = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
-    _, metrics, health = fn(st, rest, step_lib.global_batch(next(ToyData(8, 12)), ds))
+    _, metrics, health = _first_step(config, ToyTask(config))
     assert "param_norm" not in metrics and bool(health["finite"])
     assert not any(jax.tree.leaves(jax.device_get(health["nonfinite_grads"])))
