@@ -323,3 +323,30 @@ def test_row_steps_compute_the_same(nd):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
     with pytest.raises(ValueError, match=r"^step_rows must be 0 or a power of two"):
         f(*args, step_rows=3)
+
+
+@pytest.mark.parametrize("knob", ["conv_impl", "norm_impl"])
+def test_ar_model_takes_the_kernel_knobs_from_the_config(knob):
+    """config.model.conv_impl / norm_impl reach the AR baseline's mixers: "pallas" runs the
+    one-direction kernel under differentiation and gives the "xla" model's loss; "auto" is XLA
+    on the CPU."""
+    from dimba_jax.config import default_config
+    from dimba_jax.models.ar import lm_from_config
+
+    ids = jax.random.randint(jax.random.key(3), (B, L), 0, 40, dtype=jnp.int32)
+    losses = {}
+    for impl in ("xla", "pallas", "auto"):
+        c = default_config()
+        c.model.update(d_model=16, n_layers=1, d_state=8, headdim=8, chunk_size=8,
+                       ssd_impl="xla", **{knob: impl})
+        model = lm_from_config(c.model, 40, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model, nnx.Param)
+
+        def loss(state, graphdef=graphdef):
+            return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(state))
+        assert ("pallas_call" in jaxpr) == (impl == "pallas"), impl
+        losses[impl] = float(jax.jit(loss)(state))
+    assert losses["auto"] == losses["xla"]
+    assert losses["pallas"] == pytest.approx(losses["xla"], rel=1e-5)
