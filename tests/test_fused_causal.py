@@ -350,3 +350,43 @@ def test_ar_model_takes_the_kernel_knobs_from_the_config(knob):
         losses[impl] = float(jax.jit(loss)(state))
     assert losses["auto"] == losses["xla"]
     assert losses["pallas"] == pytest.approx(losses["xla"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nd", [1, 2])
+def test_compiled_tile_options_match_reference_on_gpu(nd):
+    """Compiled with pipeline stages, 256-column tiles and 4-row steps of 16-row programs (the
+    options fused_bench sweeps), the kernels still match their references, at headdim 64 and
+    d_state 128 (so the tiles span several heads)."""
+    kw = dict(block_rows=16, block_rows_bwd=16, num_stages=2, block_cols=256, step_rows=4)
+    k = jax.random.split(jax.random.key(8), 8)
+    c, d, bf16 = 8 * 64 + 2 * 128, 8 * 64, jnp.bfloat16
+    ws = [0.5 * jax.random.normal(k[2 + h], (K, c)) for h in range(nd)]
+    bs = [0.1 * jax.random.normal(k[4 + h], (c,)) for h in range(nd)]
+    conv_args = (jax.random.normal(k[0], (2, 64, c), bf16),
+                 jax.random.normal(k[1], (2, 64, 8), bf16), *ws, *bs)
+    norm_args = (jax.random.normal(k[6], (2, 64, 8 * nd, 64), bf16),
+                 jax.random.normal(k[7], (2, 64, d), bf16),
+                 *[1.0 + 0.1 * jax.random.normal(k[2 + h], (d,)) for h in range(nd)])
+    if nd == 2:
+        cases = ((functools.partial(fc.bidirectional_conv_xla, ngroups=1, d_state=128),
+                  functools.partial(fc.bidirectional_conv_pallas, ngroups=1, d_state=128, **kw),
+                  conv_args),
+                 (fn.bidirectional_gated_norm_xla,
+                  functools.partial(fn.bidirectional_gated_norm_pallas, **{
+                      k_: v for k_, v in kw.items() if k_ != "step_rows"}), norm_args))
+    else:
+        cases = ((functools.partial(fc.causal_conv_xla, ngroups=1, d_state=128),
+                  functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128, **kw),
+                  conv_args),
+                 (functools.partial(_norm_xla, ngroups=1),
+                  functools.partial(fn.gated_norm_pallas, **{
+                      k_: v for k_, v in kw.items() if k_ != "step_rows"}), norm_args))
+    for ref, pallas, args in cases:
+        cts = _cotangents(ref, args, seed=9)
+        want, want_grads = _value_and_grads(ref, args, cts)
+        got, grads = _value_and_grads(pallas, args, cts)
+        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)
+        for g, r in zip(grads, want_grads):
+            np.testing.assert_allclose(np.float32(g), np.float32(r), **BF16_TOL)
