@@ -125,8 +125,10 @@ def test_gated_norm_kernel_matches_reference(dtype, ngroups):
 
 def test_gated_norm_rejects_bad_shapes():
     y, z, w = _norm_args(jnp.float32)
-    with pytest.raises(ValueError, match=r"^expected y \(batch, L, nheads, headdim\)"):
+    with pytest.raises(ValueError, match=r"^z_offset 0 \+ d_inner 16 must fit z's columns"):
         fn.gated_norm_pallas(y, z[..., :-1], w, interpret=True)
+    with pytest.raises(ValueError, match=r"^expected y \(batch, L, nheads, headdim\)"):
+        fn.gated_norm_pallas(y, z, w[:-1], interpret=True)
     with pytest.raises(ValueError, match=r"^nheads 2 must be divisible by ngroups 3$"):
         fn.gated_norm_pallas(y, z, w, ngroups=3, interpret=True)
 
@@ -390,3 +392,74 @@ def test_compiled_tile_options_match_reference_on_gpu(nd):
             np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)
         for g, r in zip(grads, want_grads):
             np.testing.assert_allclose(np.float32(g), np.float32(r), **BF16_TOL)
+
+
+def _check_packed(nd, interpret):
+    """The kernels reading xBC, dt and the gate straight from the projection's output
+    [z | xBC | dt] (column offsets, no slice copies) give the values of the kernels fed the
+    slices, and the projection output's gradient is the slices' gradients in their columns."""
+    d, c = H * P, H * P + 2 * 2 * N
+    width = d + c + H
+    k = jax.random.split(jax.random.key(21), 8)
+    zx = jax.random.normal(k[0], (B, L, width))
+    ws = tuple(0.5 * jax.random.normal(k[1 + h], (K, c)) for h in range(nd))
+    bs = tuple(0.1 * jax.random.normal(k[3 + h], (c,)) for h in range(nd))
+    nws = tuple(1.0 + 0.3 * jax.random.normal(k[5 + h], (d,)) for h in range(nd))
+    y = jax.random.normal(k[7], (B, L, nd * H, P))
+    conv = fc.bidirectional_conv_pallas if nd == 2 else fc.causal_conv_pallas
+    norm = fn.bidirectional_gated_norm_pallas if nd == 2 else fn.gated_norm_pallas
+    kw = dict(ngroups=2, d_state=N, interpret=interpret, block_rows=4, block_rows_bwd=4)
+
+    def packed(zx):
+        outs = conv(zx, zx, *ws, *bs, **kw, xbc_offset=d, dt_offset=d + c, nheads=H)
+        return outs, norm(y, zx, *nws, ngroups=1, interpret=interpret, block_rows=4)
+
+    def sliced(zx):
+        outs = conv(zx[..., d:d + c], zx[..., d + c:], *ws, *bs, **kw)
+        return outs, norm(y, zx[..., :d], *nws, ngroups=1, interpret=interpret, block_rows=4)
+
+    cts = _cotangents(sliced, (zx,))
+    want, want_grad = _value_and_grads(sliced, (zx,), cts)
+    got, grad = _value_and_grads(packed, (zx,), cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    np.testing.assert_allclose(np.asarray(grad[0]), np.asarray(want_grad[0]), **F32_TOL)
+    with pytest.raises(ValueError, match=r"^xbc_offset 20 \+ conv_dim 48 must fit"):
+        conv(zx, zx, *ws, *bs, **kw, xbc_offset=d + 4, dt_offset=d + c, nheads=H)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_packed_projection_output_equals_its_slices(nd):
+    _check_packed(nd, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nd", [1, 2])
+def test_compiled_packed_kernels_equal_their_slices_on_gpu(nd):
+    _check_packed(nd, interpret=False)
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+def test_packed_kernels_lower_to_triton_for_cuda(nd):
+    """With the projection's whole output as input (configs/base.py widths: [z 1536 | xBC
+    1792 | dt 24]) the kernels lower through the Pallas Triton backend."""
+    from dimba_jax.ssd.hopper import cuda_lowering_context
+
+    d, c = 24 * 64, 24 * 64 + 2 * 128
+    f32 = jnp.float32
+    zx = jax.ShapeDtypeStruct((2, 64, d + c + 24), jnp.bfloat16)
+    ws = [jax.ShapeDtypeStruct((K, c), f32)] * nd + [jax.ShapeDtypeStruct((c,), f32)] * nd
+    y = jax.ShapeDtypeStruct((2, 64, 24 * nd, 64), jnp.bfloat16)
+    nws = [jax.ShapeDtypeStruct((d,), f32)] * nd
+    conv = fc.bidirectional_conv_pallas if nd == 2 else fc.causal_conv_pallas
+    norm = fn.bidirectional_gated_norm_pallas if nd == 2 else fn.gated_norm_pallas
+
+    def both(zx, ws, y, nws):
+        out, vjp = jax.vjp(lambda a: conv(a, a, *ws, ngroups=1, d_state=128, xbc_offset=d,
+                                          dt_offset=d + c, nheads=24), zx)
+        n, nvjp = jax.vjp(lambda a: norm(y, a, *nws), zx)
+        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+
+    with cuda_lowering_context():
+        text = jax.jit(both).trace(zx, ws, y, nws).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 5

@@ -219,10 +219,13 @@ def _steps(q, step, body, init):
     return jax.lax.fori_loop(0, q // step, body, init)
 
 
-def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
-    """refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref (q, nd*H*P),
-    bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and dtc_ref (q, nd*H)
-    float32. Per column tile the program walks its q rows in steps of `step` rows."""
+def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo,
+                do):
+    """xbc_ref, dt_ref: the whole sequences holding xBC at columns [xo, xo + C) and dt at
+    [do, do + H); refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref
+    (q, nd*H*P), bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and
+    dtc_ref (q, nd*H) float32. Per column tile the program walks its q rows in steps of
+    `step` rows."""
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
@@ -232,13 +235,14 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
                                                    (x_ref, bm_ref, cm_ref)):
         def tile(j, carry, first=first, width=width, total=total, o_ref=o_ref):
             cs = pl.ds(first(j), width)
+            src = pl.ds(xo + first(j), width)
             vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
 
             def rows_step(si, c):
                 dirs = _directions(seqlen, t0 + si * step, i, k_width, nd)
                 for half, (rows, offsets) in enumerate(dirs):
                     w, bias = vecs[half]
-                    xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                    xs = {d: _shifted(xbc_ref, rows, d, src, seqlen) for d in offsets}
                     o_ref[pl.ds(si * step, step), pl.ds(half * total + j * width, width)] = (
                         jax.nn.silu(_pre(xs, w, bias, offsets)).astype(o_ref.dtype))
                 return c
@@ -252,7 +256,7 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
 
     def dt_head(h, carry):
         for half, (rows, _) in enumerate(dirs):
-            dtc_ref[:, half * nh + h] = dt_ref[rows, h].astype(jnp.float32)
+            dtc_ref[:, half * nh + h] = dt_ref[rows, do + h].astype(jnp.float32)
         return carry
 
     jax.lax.fori_loop(0, nh, dt_head, 0)
@@ -277,10 +281,10 @@ def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
+def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do):
     """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t0 + i.
 
-    refs: nd weight refs, nd bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the
+    xbc_ref: the whole sequence holding xBC at columns [xo, xo + C); refs: nd weight refs, nd bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the
     cotangents of x_cat, B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C)
     in xbc's dtype: [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's
     partial sums of [dw; dbias] of each direction (of the float32 g), summed over its row
@@ -296,6 +300,7 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
                                                    (dx_ref, dbm_ref, dcm_ref)):
         def tile(c, carry, first=first, width=width, total=total, d_ref=d_ref):
             cs = pl.ds(first(c), width)
+            src = pl.ds(xo + first(c), width)
             vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
 
             def rows_step(si, acc):
@@ -304,7 +309,7 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
                 new = []
                 for half, (rows, offsets) in enumerate(dirs):
                     w, bias = vecs[half]
-                    xs = {d: _shifted(xbc_ref, rows, d, cs, seqlen) for d in offsets}
+                    xs = {d: _shifted(xbc_ref, rows, d, src, seqlen) for d in offsets}
                     g = d_ref[rs, pl.ds(half * total + c * width, width)].astype(f32) * _dsilu(
                         _pre(xs, w, bias, offsets))
                     g_ref[rs, half, cs] = g.astype(g_ref.dtype)
@@ -322,7 +327,7 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
         jax.lax.fori_loop(0, count, tile, 0)
 
 
-def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step):
+def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do):
     """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
     j = t0 + i of batch bi, in steps of `step` rows.
 
@@ -362,17 +367,20 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (Tiles fwd, Tiles bwd),
-# interpret, forward_only); ws, bs = the nd weights and biases.
+# interpret, (xbc offset, dt offset, nheads), forward_only); ws, bs = the nd weights and
+# biases. xbc and dt may be wider arrays (the input projection's whole output) holding xBC at
+# columns [xo, xo + C) and dt at [do, do + H).
 # --------------------------------------------------------------------------------------------
 
 
 def _statics(xbc, dt, ws, cfg, tiles):
     ng, n = cfg[:2]
-    bsz, seqlen, c = xbc.shape
-    nh = dt.shape[-1]
+    xo, do, nh = cfg[5]
+    bsz, seqlen = xbc.shape[:2]
+    c = ws[0].shape[1]
     p = (c - 2 * ng * n) // nh
     kw = dict(q=tiles.rows, seqlen=seqlen, nh=nh, p=p, ng=ng, n=n, k_width=ws[0].shape[0],
-              nd=len(ws), cols=tiles.cols, step=tiles.step or tiles.rows)
+              nd=len(ws), cols=tiles.cols, step=tiles.step or tiles.rows, xo=xo, do=do)
     return bsz, seqlen, c, nh, p, kw
 
 
@@ -394,7 +402,7 @@ def _name(nd, part):
 
 
 def _fwd_call(xbc, dt, ws, bs, cfg):
-    ng, n, out_dtype, (tiles, _), interpret, _ = cfg
+    ng, n, out_dtype, (tiles, _), interpret, _, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
     seq, rows, mat, vec = _specs(seqlen, q, ws[0].shape[0], c)
@@ -405,7 +413,7 @@ def _fwd_call(xbc, dt, ws, bs, cfg):
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * ng * n), dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * nh), jnp.float32)),
         grid=(bsz, seqlen // q),
-        in_specs=[seq(c), seq(nh)] + [mat] * nd + [vec] * nd,
+        in_specs=[seq(xbc.shape[-1]), seq(dt.shape[-1])] + [mat] * nd + [vec] * nd,
         out_specs=(rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n), rows(nd * nh)),
         compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
@@ -416,7 +424,7 @@ def _fwd_call(xbc, dt, ws, bs, cfg):
 
 
 def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, (_, tiles), interpret, _ = cfg
+    ng, n, _, (_, tiles), interpret, _, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     q = tiles.rows
     nd, k_width, nt = len(ws), ws[0].shape[0], seqlen // q
@@ -428,7 +436,7 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
         grid=(bsz, nt),
-        in_specs=[seq(c)] + [mat] * nd + [vec] * nd
+        in_specs=[seq(xbc.shape[-1])] + [mat] * nd + [vec] * nd
         + [rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n)],
         out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
                                              lambda bi, ti: (bi, ti, 0, 0, 0))),
@@ -438,8 +446,8 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
     )(xbc, *ws, *bs, dx, dbm, dcm)
     dxbc, ddt = pl.pallas_call(
         functools.partial(_bwd_dx_kernel, **kw),
-        out_shape=(jax.ShapeDtypeStruct(xbc.shape, xbc.dtype),
-                   jax.ShapeDtypeStruct(dt.shape, dt.dtype)),
+        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, c), xbc.dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, nh), dt.dtype)),
         grid=(bsz, nt),
         in_specs=[seq(nd, c)] + [mat] * nd + [seq(nd * nh)],
         out_specs=(rows(c), rows(nh)),
@@ -453,6 +461,8 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
 def _reference(xbc, dt, ws, bs, cfg):
     """The jnp math of the kernels for nd = len(ws) directions."""
     kw = dict(ngroups=cfg[0], d_state=cfg[1], dtype=jnp.dtype(cfg[2]))
+    (xo, do, nh), c = cfg[5], ws[0].shape[1]
+    xbc, dt = xbc[..., xo:xo + c], dt[..., do:do + nh]
     if len(ws) == 2:
         return bidirectional_conv_xla(xbc, dt, *ws, *bs, **kw)
     return causal_conv_xla(xbc, dt, ws[0], bs[0], **kw)
@@ -469,9 +479,20 @@ def _fused_fwd(xbc, dt, ws, bs, cfg):
     return _fwd_call(xbc, dt, ws, bs, cfg), (xbc, dt, ws, bs)
 
 
+def _widen(v, offset, width):
+    """v (b, L, c) placed at columns [offset, offset + c) of zeros (b, L, width); v itself
+    when it is the whole width."""
+    c = v.shape[-1]
+    if (offset, width) == (0, c):
+        return v
+    return jnp.pad(v, ((0, 0), (0, 0), (offset, width - offset - c)))
+
+
 def _fused_bwd(cfg, res, cts):
     xbc, dt, ws, bs = res
     dxbc, ddt, dw = _bwd_call(xbc, dt, ws, bs, *cts, cfg)
+    xo, do, _ = cfg[5]
+    dxbc, ddt = _widen(dxbc, xo, xbc.shape[-1]), _widen(ddt, do, dt.shape[-1])
     dw = jnp.sum(dw, axis=(0, 1))  # (nd, K + 1, C)
     k_width = ws[0].shape[0]
     return (dxbc, ddt, tuple(dw[h, :k_width].astype(w.dtype) for h, w in enumerate(ws)),
@@ -481,17 +502,28 @@ def _fused_bwd(cfg, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_only):
+def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_only,
+          packed=(0, 0, None)):
     """Checks the sizes, tile and forward_only arguments and runs the custom VJP; tiles = the
-    keyword arguments of `triton_common.kernel_tiles` but seqlen."""
+    keyword arguments of `triton_common.kernel_tiles` but seqlen; packed = (xbc_offset,
+    dt_offset, nheads) of the public functions."""
     check_forward_only(forward_only)
-    _, p = _dims(xbc, dt, ws[0], ws[-1], bs[0], bs[-1], ngroups, d_state)
+    xo, do, nh = (int(v) if v is not None else None for v in packed)
+    c = ws[0].shape[1]
+    if xbc.ndim == 3 and dt.ndim == 3:
+        nh = nh or dt.shape[-1] - do
+        if xo < 0 or xo + c > xbc.shape[-1] or do < 0 or nh <= 0 or do + nh > dt.shape[-1]:
+            raise ValueError(f"xbc_offset {xo} + conv_dim {c} must fit xbc's {xbc.shape[-1]} "
+                             f"columns and dt_offset {do} + nheads {nh} dt's {dt.shape[-1]}")
+    part = lambda a, w: (jax.ShapeDtypeStruct((*a.shape[:-1], w), a.dtype)  # noqa: E731
+                         if a.ndim == 3 else a)
+    _, p = _dims(part(xbc, c), part(dt, nh), ws[0], ws[-1], bs[0], bs[-1], ngroups, d_state)
     error = conv_size_error(p, d_state)
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
     cfg = (int(ngroups), int(d_state), dtype.name, kernel_tiles(xbc.shape[1], **tiles),
-           bool(interpret), forward_only)
+           bool(interpret), (xo, do, nh), forward_only)
     return _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
@@ -502,7 +534,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                               num_stages_bwd: int | None = None, block_cols: int = 0,
                               block_cols_bwd: int | None = None, step_rows: int = 0,
-                              step_rows_bwd: int | None = None, forward_only: str = "pallas"):
+                              step_rows_bwd: int | None = None, forward_only: str = "pallas",
+                              xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
 
@@ -524,6 +557,11 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated runs: "pallas"
         (the forward kernel) or "xla" (`bidirectional_conv_xla`); a differentiated call runs
         the forward and backward kernels either way.
+      xbc_offset, dt_offset, nheads: xbc and dt may be wider arrays, e.g. both the input
+        projection's whole output [z | xBC | dt]: the kernels read xBC from columns
+        [xbc_offset, xbc_offset + conv_dim) (conv_dim = the weights' width) and dt from
+        [dt_offset, dt_offset + nheads) (nheads None = dt's width - dt_offset), so no slice
+        of them is copied; their gradients are then those arrays' widths, zero elsewhere.
     Constraints: headdim and d_state powers of two (the kernels' tiles are (rows, headdim) and
     (rows, d_state) at the natural width).
     Returns:
@@ -535,7 +573,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
-                 tiles, forward_only)
+                 tiles, forward_only, (xbc_offset, dt_offset, nheads))
 
 
 def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None,
@@ -544,10 +582,11 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                        num_stages_bwd: int | None = None, block_cols: int = 0,
                        block_cols_bwd: int | None = None, step_rows: int = 0,
-                       step_rows_bwd: int | None = None, forward_only: str = "pallas"):
+                       step_rows_bwd: int | None = None, forward_only: str = "pallas",
+                       xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
-    math, arguments and outputs as `causal_conv_xla`; the tile and forward_only arguments as
-    `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
+    math, arguments and outputs as `causal_conv_xla`; the tile, forward_only and packing
+    (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
     Returns:
       (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
       (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).
@@ -556,4 +595,5 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
-    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles, forward_only)
+    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles, forward_only,
+                 (xbc_offset, dt_offset, nheads))

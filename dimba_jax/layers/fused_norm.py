@@ -42,16 +42,25 @@ from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_on
                                             tile_width)
 
 
-def _check(y, z, w_f, w_b, ngroups):
+def _check(y, z, w_f, w_b, ngroups, z_offset=0):
     if y.ndim != 4 or y.shape[2] % 2:
         raise ValueError(f"y must be (batch, seqlen, 2*nheads, headdim), got {y.shape}")
     bsz, seqlen, h2, p = y.shape
     d = h2 // 2 * p
+    if z.ndim == 3 and (z_offset or z.shape[-1] != d):
+        _check_offset(z, d, z_offset)
+        z = jax.ShapeDtypeStruct((bsz, seqlen, d), z.dtype)
     if z.shape != (bsz, seqlen, d) or w_f.shape != (d,) or w_b.shape != (d,):
         raise ValueError(f"expected z {(bsz, seqlen, d)} and weights ({d},); got "
                          f"{z.shape}, {w_f.shape}, {w_b.shape}")
     if ngroups <= 0 or (h2 // 2) % ngroups:
         raise ValueError(f"nheads {h2 // 2} must be divisible by ngroups {ngroups}")
+
+
+def _check_offset(z, d, z_offset):
+    if z.ndim != 3 or z_offset < 0 or z_offset + d > z.shape[-1]:
+        raise ValueError(f"z_offset {z_offset} + d_inner {d} must fit z's columns, got z "
+                         f"{z.shape}")
 
 
 def norm_size_error(headdim: int) -> str:
@@ -107,9 +116,10 @@ def _rows(t0, q, seqlen, nd):
     return (pl.ds(t0, q), (seqlen - 1 - t0) - i)[:nd]
 
 
-def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w):
-    """ys_ref: (L, nd*D) of batch bi (direction-major); refs: nd weight refs (D,), then o_ref
-    (q, D) and rstd_ref (nd * G, q) float32. w: columns per tile (divides D / G)."""
+def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo):
+    """ys_ref: (L, nd*D) of batch bi (direction-major); z_ref: (q, W) rows holding the gate at
+    columns [zo, zo + D); refs: nd weight refs (D,), then o_ref (q, D) and rstd_ref (nd * G, q)
+    float32. w: columns per tile (divides D / G)."""
     f32 = jnp.float32
     w_refs, (o_ref, rstd_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
@@ -118,7 +128,7 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w):
 
     def tiles(h):
         cols = pl.ds(h * w, w)
-        s, _ = _silu_parts(z_ref[:, cols].astype(f32))
+        s, _ = _silu_parts(z_ref[:, pl.ds(zo + h * w, w)].astype(f32))
         return cols, [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) * s
                       for k, r in enumerate(rows)]
 
@@ -144,8 +154,9 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w):
         jax.lax.fori_loop(0, hpg, write, 0)
 
 
-def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w):
-    """ys_ref: (L, nd*D) of batch bi; refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo):
+    """ys_ref: (L, nd*D) of batch bi; z_ref: (q, W) rows holding the gate at columns
+    [zo, zo + D); refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
     (q, D), then the outputs dys_ref (L, nd*D) of batch bi (rows of each half written as read
     in the forward), dz_ref (q, D) and dw_ref (nd, D): this program's partial sums of the
     weights' gradients. w: columns per tile."""
@@ -161,7 +172,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w):
 
         def tiles(h):
             cols = pl.ds(h * w, w)
-            z = z_ref[:, cols].astype(f32)
+            z = z_ref[:, pl.ds(zo + h * w, w)].astype(f32)
             s, sig = _silu_parts(z)
             ys = [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) for k, r in enumerate(rows)]
             ns = [y * s * r[:, None] for y, r in zip(ys, rs)]
@@ -195,13 +206,18 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w):
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (Tiles fwd, Tiles bwd),
-# interpret, forward_only); ws = the nd weights. The kernels see y as (b, L, nd*D).
+# interpret, z offset, forward_only); ws = the nd weights. The kernels see y as (b, L, nd*D);
+# z may be a wider array (the input projection's whole output) holding the gate at columns
+# [z offset, z offset + D).
 # --------------------------------------------------------------------------------------------
 
 
 def _specs(seqlen, d, q, ngroups, nd):
     seq = pl.BlockSpec((None, seqlen, nd * d), lambda bi, ti: (bi, 0, 0))
-    rows = pl.BlockSpec((None, q, d), lambda bi, ti: (bi, ti, 0))
+
+    def rows(width=d):
+        return pl.BlockSpec((None, q, width), lambda bi, ti: (bi, ti, 0))
+
     vec = pl.BlockSpec((d,), lambda bi, ti: (0,))
     rstd = pl.BlockSpec((None, nd * ngroups, q), lambda bi, ti: (bi, 0, ti))
     return seq, rows, vec, rstd
@@ -217,19 +233,19 @@ def _width(y, d, ngroups, tiles):
 
 
 def _fwd_call(y, z, ws, cfg):
-    ngroups, eps, out_dtype, (tiles, _), interpret, _ = cfg
+    ngroups, eps, out_dtype, (tiles, _), interpret, zo, _ = cfg
     nd, q = len(ws), tiles.rows
     bsz, seqlen = y.shape[:2]
-    d = z.shape[-1]
+    d = ws[0].shape[0]
     seq, rows, vec, rstd = _specs(seqlen, d, q, ngroups, nd)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, eps=eps, nd=nd,
-                          w=_width(y, d, ngroups, tiles)),
+                          w=_width(y, d, ngroups, tiles), zo=zo),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, d), jnp.dtype(out_dtype)),
                    jax.ShapeDtypeStruct((bsz, nd * ngroups, seqlen), jnp.float32)),
         grid=(bsz, seqlen // q),
-        in_specs=[seq, rows] + [vec] * nd,
-        out_specs=(rows, rstd),
+        in_specs=[seq, rows(z.shape[-1])] + [vec] * nd,
+        out_specs=(rows(), rstd),
         compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "fwd"),
@@ -237,23 +253,23 @@ def _fwd_call(y, z, ws, cfg):
 
 
 def _bwd_call(y, z, ws, rstd, dout, cfg):
-    ngroups, _, _, (_, tiles), interpret, _ = cfg
+    ngroups, _, _, (_, tiles), interpret, zo, _ = cfg
     nd, q = len(ws), tiles.rows
     bsz, seqlen = y.shape[:2]
-    d = z.shape[-1]
+    d = ws[0].shape[0]
     nt = seqlen // q
     seq, rows, vec, rstd_spec = _specs(seqlen, d, q, ngroups, nd)
     # Each program writes its own rows of the (L, nd*D) block of its batch element: programs
     # of one batch element share that output block but never an element of it.
     dy, dz, dw = pl.pallas_call(
         functools.partial(_bwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, nd=nd,
-                          w=_width(y, d, ngroups, tiles)),
+                          w=_width(y, d, ngroups, tiles), zo=zo),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * d), y.dtype),
-                   jax.ShapeDtypeStruct(z.shape, z.dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, d), z.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
         grid=(bsz, nt),
-        in_specs=[seq, rows] + [vec] * nd + [rstd_spec, rows],
-        out_specs=(seq, rows, pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
+        in_specs=[seq, rows(z.shape[-1])] + [vec] * nd + [rstd_spec, rows()],
+        out_specs=(seq, rows(), pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
         compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "bwd"),
@@ -264,6 +280,7 @@ def _bwd_call(y, z, ws, rstd, dout, cfg):
 def _reference(y, z, ws, cfg):
     """The jnp math of the kernels for nd = len(ws) directions."""
     ngroups, eps, dtype = cfg[0], cfg[1], jnp.dtype(cfg[2])
+    z = z[..., cfg[5]:cfg[5] + ws[0].shape[0]]
     if len(ws) == 2:
         return bidirectional_gated_norm_xla(y, z, *ws, ngroups=ngroups, eps=eps, dtype=dtype)
     bsz, seqlen = y.shape[:2]
@@ -286,6 +303,8 @@ def _fused_fwd(y, z, ws, cfg):
 def _fused_bwd(cfg, res, dout):
     y, z, ws, rstd = res
     dy, dz, dw = _bwd_call(y, z, ws, rstd, dout, cfg)
+    if dz.shape != z.shape:  # the gate's columns of a wider z
+        dz = jnp.pad(dz, ((0, 0), (0, 0), (cfg[5], z.shape[-1] - cfg[5] - dz.shape[-1])))
     dw = jnp.sum(dw, axis=(0, 1))
     return dy, dz, tuple(dw[k].astype(w.dtype) for k, w in enumerate(ws))
 
@@ -293,7 +312,7 @@ def _fused_bwd(cfg, res, dout):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only):
+def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only, z_offset=0):
     """Checks the tile and forward_only arguments and runs the custom VJP; tiles = the keyword
     arguments of `triton_common.kernel_tiles` but seqlen."""
     check_forward_only(forward_only)
@@ -302,7 +321,7 @@ def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only):
         raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
     cfg = (int(ngroups), float(eps), dtype.name, kernel_tiles(y.shape[1], **tiles),
-           bool(interpret), forward_only)
+           bool(interpret), int(z_offset), forward_only)
     return _fused(y.astype(dtype), z, tuple(ws), cfg)
 
 
@@ -313,7 +332,7 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     num_warps_bwd: int | None = None, num_stages: int = 1,
                                     num_stages_bwd: int | None = None, block_cols: int = 0,
                                     block_cols_bwd: int | None = None,
-                                    forward_only: str = "pallas"):
+                                    forward_only: str = "pallas", z_offset: int = 0):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
 
@@ -329,18 +348,21 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated
         runs: "pallas" (the forward kernel) or "xla" (`bidirectional_gated_norm_xla`); a
         differentiated call runs the forward and backward kernels either way.
+      z_offset: z may be a wider array (the input projection's whole output [z | xBC | dt]):
+        the kernels read the gate from its columns [z_offset, z_offset + d_inner), so no slice
+        of it is copied; z's gradient is then z's width, zero elsewhere.
     Constraints: headdim a power of two (the kernels' tiles are (rows, headdim) at the natural
     width).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y (y.dtype), z (z.dtype),
       w_f, w_b (their dtypes).
     """
-    _check(y, z, w_f, w_b, ngroups)
+    _check(y, z, w_f, w_b, ngroups, z_offset)
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd)
-    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, forward_only)
+    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, forward_only, z_offset)
 
 
 def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None,
@@ -348,18 +370,24 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
                       num_warps: int = 4, block_rows_bwd: int | None = None,
                       num_warps_bwd: int | None = None, num_stages: int = 1,
                       num_stages_bwd: int | None = None, block_cols: int = 0,
-                      block_cols_bwd: int | None = None, forward_only: str = "pallas"):
+                      block_cols_bwd: int | None = None, forward_only: str = "pallas",
+                      z_offset: int = 0):
     """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
     gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
 
     Args:
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
         norm weight; the rest as `bidirectional_gated_norm_pallas` (forward_only "xla" runs
-        that jnp expression when not differentiated).
+        that jnp expression when not differentiated; z_offset: the gate's first column of a
+        wider z).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y, z, w (their dtypes).
     """
-    if y.ndim != 4 or z.shape != (*y.shape[:2], y.shape[2] * y.shape[3]) or w.shape != z.shape[-1:]:
+    wide = y.ndim == 4 and z.ndim == 3 and (z_offset or z.shape[-1] != y.shape[2] * y.shape[3])
+    if wide:
+        _check_offset(z, y.shape[2] * y.shape[3], z_offset)
+    zs = z.shape[:-1] + (y.shape[2] * y.shape[3],) if wide else z.shape
+    if y.ndim != 4 or zs != (*y.shape[:2], y.shape[2] * y.shape[3]) or w.shape != zs[-1:]:
         raise ValueError(f"expected y (batch, L, nheads, headdim), z (batch, L, nheads*headdim) "
                          f"and w (nheads*headdim,); got {y.shape}, {z.shape}, {w.shape}")
     if ngroups <= 0 or y.shape[2] % ngroups:
@@ -368,4 +396,4 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd)
-    return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, forward_only)
+    return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, forward_only, z_offset)

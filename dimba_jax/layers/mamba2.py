@@ -196,6 +196,12 @@ class Mamba2(nnx.Module):
         dt = zxbcdt[..., self.d_inner + self.conv_dim:]
         return z, xbc, dt
 
+    def _packed_columns(self) -> dict:
+        """Where the fused conv kernels find xBC and dt in the projection's output
+        [z | xBC | dt] (their xbc_offset, dt_offset, nheads); the gate is at column 0."""
+        return dict(xbc_offset=self.d_inner, dt_offset=self.d_inner + self.conv_dim,
+                    nheads=self.nheads)
+
     def _split_xbc(self, xbc: jax.Array):
         """(b, l, conv_dim) -> x (b,l,h,p), B (b,l,g,n), C (b,l,g,n)."""
         gn = self.ngroups * self.d_state
@@ -245,9 +251,9 @@ class Mamba2(nnx.Module):
         if use_fused(self.conv_impl, seq_idx is None,
                      shape_supported=not conv_size_error(self.headdim, self.d_state)):
             x, b, c, dt = causal_conv_pallas(
-                xbc_in, dt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
+                zxbcdt, zxbcdt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
                 d_state=self.d_state, dtype=self.dtype, interpret=default_interpret(),
-                forward_only=forward_only_of(self.conv_impl))
+                forward_only=forward_only_of(self.conv_impl), **self._packed_columns())
         else:
             x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
         a, d, dt_bias = self._ssm_params()
@@ -257,7 +263,7 @@ class Mamba2(nnx.Module):
                   kernels=self.ssd_kernels)
         y, final = out if return_cache else (out, None)
         if use_fused(self.norm_impl, True, shape_supported=not norm_size_error(self.headdim)):
-            y = gated_norm_pallas(y, z, self.norm.weight[...], ngroups=self.ngroups,
+            y = gated_norm_pallas(y, zxbcdt, self.norm.weight[...], ngroups=self.ngroups,
                                   eps=self.norm.eps, dtype=self.dtype,
                                   interpret=default_interpret(),
                                   forward_only=forward_only_of(self.norm_impl))
@@ -393,11 +399,12 @@ class BidirectionalMamba2(nnx.Module):
         # Both directions in "scan time": backward inputs are flipped.
         if one_call:
             cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731
-            if fuse_conv:
+            if fuse_conv:  # reads xBC and dt from the projection's output: no slice copies
                 x, b, c, dt = bidirectional_conv_pallas(
-                    xbc_f, dt_f, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
+                    zxf, zxf, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
                     bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
-                    interpret=default_interpret(), forward_only=forward_only_of(f.conv_impl))
+                    interpret=default_interpret(), forward_only=forward_only_of(f.conv_impl),
+                    **f._packed_columns())
             else:
                 x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, None))
                 x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), None))
@@ -407,7 +414,7 @@ class BidirectionalMamba2(nnx.Module):
                     dt_bias=cat(bias_f, bias_b, 0), **common)
             if fuse_norm:
                 y = bidirectional_gated_norm_pallas(
-                    y, z_f, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
+                    y, zxf, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
                     eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret(),
                     forward_only=forward_only_of(f.norm_impl))
                 return f.out_proj(y)
