@@ -9,7 +9,7 @@ from benchmarks import fused_bench
 def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
     prefix = str(tmp_path / "fb")
     result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
-                               "--rows", "4", "--warps", "1", "--stages", "1,2", "--cols", "0,64",
+                               "--rows", "4", "--warps", "1", "--stages", "1,2", "--cols", "0",
                                "--runs", "1", "--inner", "1", "--out", prefix])
     rows = result["rows"]
     assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
@@ -20,13 +20,13 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
             ("pallas (tuned)", "fwdbwd")}
         fwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwd"]
         steps = [(8, 4)] if kernel == "conv" else []  # 2x the rows in steps of 4 (L = 8)
-        assert [(r["block_rows"], r.get("step_rows", 0)) for r in fwd] == [(4, 0)] * 4 + steps
-        assert [(r.get("num_stages", 1), r.get("block_cols", 0)) for r in fwd][:4] == [
-            (1, 0), (1, 64), (2, 0), (2, 64)]  # rows x warps, then stages x cols
+        assert [(r["block_rows"], r.get("step_rows", 0)) for r in fwd] == [(4, 0)] * 2 + steps
+        assert [(r.get("num_stages", 1), r.get("block_cols", 0)) for r in fwd][:2] == [
+            (1, 0), (2, 0)]  # rows x warps, then stages x cols
         bwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwdbwd"]
         assert [(r["block_rows_bwd"], r.get("num_stages_bwd", 1), r.get("block_cols_bwd", 0))
-                for r in bwd][:4] == [(4, 1, 0), (4, 1, 64), (4, 2, 0), (4, 2, 64)]
-        assert [(r["block_rows_bwd"], r.get("step_rows_bwd", 0)) for r in bwd][4:] == steps
+                for r in bwd][:2] == [(4, 1, 0), (4, 2, 0)]
+        assert [(r["block_rows_bwd"], r.get("step_rows_bwd", 0)) for r in bwd][2:] == steps
         tuned = [r for r in mine if r["impl"] == "pallas (tuned)"]
         assert len(tuned) == 1
         assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)  # bf16 activations

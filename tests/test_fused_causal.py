@@ -223,7 +223,7 @@ def test_compiled_causal_kernels_match_reference_on_gpu(dtype):
 
 
 @pytest.mark.parametrize("nd", [1, 2])
-@pytest.mark.parametrize("cols", [16, 32])
+@pytest.mark.parametrize("cols", [32])  # narrowed to 16 in each region: tiles of two heads
 def test_wider_column_tiles_compute_the_same(nd, cols):
     """block_cols wider than headdim / d_state (tiles spanning heads and groups; the kernels
     narrow it to each region) and num_stages (a compile parameter) give the values of the
