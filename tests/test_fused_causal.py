@@ -22,6 +22,7 @@ from _nnx_jit import check_kernel_knobs, jitted
 from dimba_jax.layers import fused_conv as fc
 from dimba_jax.layers import fused_norm as fn
 from dimba_jax.layers.mamba2 import Mamba2
+from dimba_jax.layers.mamba2 import causal_impl as mamba2_causal_impl
 from dimba_jax.layers.norms import gated_rms_norm
 
 B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
@@ -150,30 +151,29 @@ def test_causal_mixer_with_seq_idx_takes_the_xla_conv():
                                   jitted(_causal("xla"))(u, seq_idx=seq_idx))
 
 
-@pytest.mark.parametrize("d_state,headdim,want", [
-    (N, 8, (1, 1)),  # both kernels take the sizes
-    (12, 8, (0, 1)),  # d_state 12: the conv kernel's tiles cannot; the norm's can
-    (N, 12, (0, 0)),  # headdim 12: neither
-])
-def test_causal_mixer_auto_on_gpu_uses_each_kernel_where_it_applies(d_state, headdim, want,
-                                                                    monkeypatch):
-    """Backend reported as "gpu" (traced only): "auto" runs each kernel under differentiation
-    where it takes the sizes, none undifferentiated (prefill, sampling), and no conv kernel
-    with seq_idx."""
+@pytest.mark.parametrize("d_state,headdim", [(N, 8), (12, 8), (N, 12)])
+def test_causal_mixer_pallas_on_gpu_uses_each_kernel_where_it_applies_and_auto_none(
+        d_state, headdim, monkeypatch):
+    """Backend reported as "gpu" (traced only): "pallas" runs both kernels (no conv kernel with
+    seq_idx); "auto" runs none in the causal mixer until its kernels are measured faster
+    (`causal_impl`), whatever the sizes."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    mixer = Mamba2(24, rngs=nnx.Rngs(5), ssd_impl="xla", d_state=d_state, expand=2,
-                   headdim=headdim, d_conv=K, chunk_size=4)
-    assert (mixer.conv_impl, mixer.norm_impl) == ("auto", "auto")
+
+    def mixer(impl):
+        return Mamba2(24, rngs=nnx.Rngs(5), ssd_impl="xla", d_state=d_state, expand=2,
+                      headdim=headdim, d_conv=K, chunk_size=4, conv_impl=impl, norm_impl=impl)
+
     u0 = jnp.zeros((B, L, 24))
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(mixer(u) ** 2)))(u0))
-    assert (jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")) == want
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda u: mixer(u))(u0))
-    assert "pallas_call" not in str(jax.make_jaxpr(
-        lambda u: mixer.forward(u, return_cache=True))(u0))
-    seq_idx = jnp.zeros((B, L), jnp.int32)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(mixer(u, seq_idx=seq_idx) ** 2)))(u0))
-    assert jaxpr.count("name=conv_fwd") == 0
-    assert jaxpr.count("name=gated_norm_fwd") == want[1]
+    auto = mixer("auto")
+    assert "pallas_call" not in str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(auto(u) ** 2)))(u0))
+    if d_state == N and headdim == 8:  # "pallas" raises where a size does not fit
+        m = mixer("pallas")
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(m(u) ** 2)))(u0))
+        assert (jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")) == (1, 1)
+        seq_idx = jnp.zeros((B, L), jnp.int32)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(m(u, seq_idx=seq_idx) ** 2)))(u0))
+        assert jaxpr.count("name=conv_fwd") == 0 and jaxpr.count("name=gated_norm_fwd") == 1
+    assert mamba2_causal_impl("auto") == "xla" and mamba2_causal_impl("pallas") == "pallas"
 
 
 def test_causal_kernels_lower_to_triton_for_cuda():
