@@ -43,7 +43,6 @@ import numpy as np
 from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
 from dimba_jax.layers import fused_conv, fused_norm
-from dimba_jax.layers.norms import gated_rms_norm
 from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, default_interpret
 
 DEFAULT_WARPS = inspect.signature(
@@ -90,7 +89,7 @@ def make_case(kernel: str, dims: dict, batch: int, key):
             xla_fn, pallas_fn = (fused_norm.bidirectional_gated_norm_xla,
                                  fused_norm.bidirectional_gated_norm_pallas)
         else:
-            xla_fn, pallas_fn = causal_gated_norm_xla, fused_norm.gated_norm_pallas
+            xla_fn, pallas_fn = fused_norm.gated_norm_xla, fused_norm.gated_norm_pallas
         ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
         make = lambda **t: (lambda *a: pallas_fn(  # noqa: E731
             *a, **kw, interpret=default_interpret(), **t))
@@ -99,12 +98,6 @@ def make_case(kernel: str, dims: dict, batch: int, key):
     cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
                        jax.tree.unflatten(jax.tree.structure(outs), keys))
     return ref, make, args, cts
-
-
-def causal_gated_norm_xla(y, z, w, *, ngroups, dtype):
-    """The causal mixer's XLA epilogue: y (b, L, H, P) -> gated_rms_norm over d_inner."""
-    return gated_rms_norm(y.reshape(*y.shape[:2], -1).astype(dtype), z, w, ngroups=ngroups,
-                          dtype=dtype)
 
 
 def max_rel(a, b) -> float:

@@ -23,7 +23,6 @@ from dimba_jax.layers import fused_conv as fc
 from dimba_jax.layers import fused_norm as fn
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.mamba2 import causal_impl as mamba2_causal_impl
-from dimba_jax.layers.norms import gated_rms_norm
 
 B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -45,12 +44,6 @@ def _norm_args(dtype, seed=0):
             1.0 + 0.3 * jax.random.normal(k[2], (H * P,)))
 
 
-def _norm_xla(y, z, w, *, ngroups, dtype=None):
-    dtype = dtype or y.dtype
-    return gated_rms_norm(y.reshape(*y.shape[:2], -1).astype(dtype), z, w, ngroups=ngroups,
-                          dtype=dtype)
-
-
 def _cotangents(f, args, seed=7):
     shapes = jax.eval_shape(f, *args)
     leaves, tree = jax.tree.flatten(shapes)
@@ -62,6 +55,17 @@ def _cotangents(f, args, seed=7):
 def _value_and_grads(f, args, cts):
     out, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
     return out, vjp(cts)
+
+
+def _check_close(ref_f, pallas_f, args, tol):
+    """pallas_f's values and gradients against ref_f's within `tol` (compiled kernels)."""
+    cts = _cotangents(ref_f, args, seed=9)
+    want, want_grads = _value_and_grads(ref_f, args, cts)
+    got, grads = _value_and_grads(pallas_f, args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(np.float32(g), np.float32(r), **tol)
 
 
 def _check(ref_f, pallas_f, args, names):
@@ -114,7 +118,7 @@ def test_causal_conv_reference_is_the_mixer_xla_prologue():
 @pytest.mark.parametrize("dtype,ngroups", [(jnp.float32, 1), (jnp.bfloat16, 2)])
 def test_gated_norm_kernel_matches_reference(dtype, ngroups):
     args = _norm_args(dtype, seed=ngroups)
-    ref = functools.partial(_norm_xla, ngroups=ngroups)
+    ref = functools.partial(fn.gated_norm_xla, ngroups=ngroups)
     pallas = functools.partial(fn.gated_norm_pallas, ngroups=ngroups, interpret=True,
                                block_rows=4)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(pallas(*a).astype(jnp.float32) ** 2),
@@ -210,16 +214,10 @@ def test_compiled_causal_kernels_match_reference_on_gpu(dtype):
             (functools.partial(fc.causal_conv_xla, ngroups=2, d_state=N),
              functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, block_rows=4),
              _conv_args(dtype, 2, seed=4)),
-            (functools.partial(_norm_xla, ngroups=2),
+            (functools.partial(fn.gated_norm_xla, ngroups=2),
              functools.partial(fn.gated_norm_pallas, ngroups=2, block_rows=4),
              _norm_args(dtype, seed=4))):
-        cts = _cotangents(ref, args, seed=9)
-        want, want_grads = _value_and_grads(ref, args, cts)
-        got, grads = _value_and_grads(pallas, args, cts)
-        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(np.float32(o), np.float32(r), **tol)
-        for g, r in zip(grads, want_grads):
-            np.testing.assert_allclose(np.float32(g), np.float32(r), **tol)
+        _check_close(ref, pallas, args, tol)
 
 
 @pytest.mark.parametrize("nd", [1, 2])
@@ -381,17 +379,11 @@ def test_compiled_tile_options_match_reference_on_gpu(nd):
         cases = ((functools.partial(fc.causal_conv_xla, ngroups=1, d_state=128),
                   functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128, **kw),
                   conv_args),
-                 (functools.partial(_norm_xla, ngroups=1),
+                 (functools.partial(fn.gated_norm_xla, ngroups=1),
                   functools.partial(fn.gated_norm_pallas, **{
                       k_: v for k_, v in kw.items() if k_ != "step_rows"}), norm_args))
     for ref, pallas, args in cases:
-        cts = _cotangents(ref, args, seed=9)
-        want, want_grads = _value_and_grads(ref, args, cts)
-        got, grads = _value_and_grads(pallas, args, cts)
-        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(np.float32(o), np.float32(r), **BF16_TOL)
-        for g, r in zip(grads, want_grads):
-            np.testing.assert_allclose(np.float32(g), np.float32(r), **BF16_TOL)
+        _check_close(ref, pallas, args, BF16_TOL)
 
 
 def _check_packed(nd, interpret):

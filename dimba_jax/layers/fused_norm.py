@@ -20,7 +20,7 @@ backward recomputes the gate and normalised values from the inputs and the saved
 rstd (b, 2 * ngroups, L) float32; nothing else is saved. `forward_only` chooses what a call
 that is not differentiated runs: the forward kernel ("pallas") or the jnp reference ("xla").
 The causal mixer's gated norm is the same kernels with one direction (`gated_norm_pallas`:
-out = N(y * s) * w, no flip, no mean; its reference is `norms.gated_rms_norm`); kernel names
+out = N(y * s) * w, no flip, no mean; its reference is `gated_norm_xla`); kernel names
 then drop "bidir_".
 
 Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = mean(dn * n)):
@@ -94,6 +94,15 @@ def bidirectional_gated_norm_xla(y, z, w_f, w_b, *, ngroups: int = 1, eps: float
     n_f = gated_rms_norm(y_f, z, w_f, ngroups=ngroups, eps=eps, dtype=dtype)
     n_b = gated_rms_norm(y_b, z, w_b, ngroups=ngroups, eps=eps, dtype=dtype)
     return (n_f + n_b) * 0.5
+
+
+def gated_norm_xla(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None):
+    """The causal mixer's epilogue in jnp (what `Mamba2` computes): y (batch, L, nheads,
+    headdim), z (batch, L, d_inner), w (d_inner,) -> gated_rms_norm of y cast to `dtype`
+    (default y.dtype), (batch, L, d_inner) in `dtype`."""
+    dtype = dtype or y.dtype
+    return gated_rms_norm(y.reshape(*y.shape[:2], -1).astype(dtype), z, w, ngroups=ngroups,
+                          eps=eps, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,9 +292,7 @@ def _reference(y, z, ws, cfg):
     z = z[..., cfg[5]:cfg[5] + ws[0].shape[0]]
     if len(ws) == 2:
         return bidirectional_gated_norm_xla(y, z, *ws, ngroups=ngroups, eps=eps, dtype=dtype)
-    bsz, seqlen = y.shape[:2]
-    return gated_rms_norm(y.reshape(bsz, seqlen, -1).astype(dtype), z, ws[0], ngroups=ngroups,
-                          eps=eps, dtype=dtype)
+    return gated_norm_xla(y, z, ws[0], ngroups=ngroups, eps=eps, dtype=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
