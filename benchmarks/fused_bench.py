@@ -14,9 +14,11 @@ The forward kernel is swept over `--rows` x `--warps` (time rows per program, wa
 program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
 loops over column tiles; columns per tile, 0 = the natural headdim / d_state), and for the conv
 programs of 2, 4, 8 times the best rows walked in steps of those rows (`step_rows`); then the
-backward kernels likewise with the forward at the defaults; then the best forward with the
+backward kernels likewise with the forward at `PLAIN`'s tiles; then the best forward with the
 best backward ("tuned"), whose values and gradients are checked
-against the reference (largest relative error over all outputs and gradients). `--batch1`
+against the reference (largest relative error over all outputs and gradients). Each sweep row
+sets the tiles it names and `PLAIN`'s for the rest; the rows "pallas (defaults)" time the
+public functions at their own default tiles (what the model runs). `--batch1`
 adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the
 Pallas interpreter (for tests only; the times mean nothing there).
 
@@ -43,10 +45,25 @@ import numpy as np
 from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
 from dimba_jax.layers import fused_conv, fused_norm
-from dimba_jax.layers.triton_common import DEFAULT_BLOCK_ROWS, default_interpret
+from dimba_jax.layers.triton_common import default_interpret
 
-DEFAULT_WARPS = inspect.signature(
-    fused_conv.bidirectional_conv_pallas).parameters["num_warps"].default  # the forward's warps
+# The sweep's baseline: every tile argument a sweep row does not set (16 rows x 4 warps, one
+# pipeline stage, the natural column width, all rows in one step), whatever the defaults are.
+PLAIN = dict(block_rows=16, num_warps=4, num_stages=1, block_cols=0, step_rows=0,
+             num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0)
+TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows")
+
+
+def tile_defaults(fn) -> dict:
+    """The default tiles of a fused kernel's public function `fn`, every backward one that
+    defaults to None (= the forward's) resolved to the forward's value."""
+    params = inspect.signature(fn).parameters
+    out = {k: params[k].default for k in TILE_ARGS if k in params}
+    for k in TILE_ARGS:
+        if k + "_bwd" in params:
+            v = params[k + "_bwd"].default
+            out[k + "_bwd"] = out[k] if v is None else v
+    return out
 
 
 def mixer_dims(config) -> dict:
@@ -61,8 +78,20 @@ def mixer_dims(config) -> dict:
     return dims
 
 
+def maker(pallas_fn, kw):
+    """make(**tiles) -> the pallas function at those tiles, PLAIN's for the rest."""
+    params = inspect.signature(pallas_fn).parameters
+
+    def make(**tiles):
+        t = {k: v for k, v in dict(PLAIN, **tiles).items() if k in params}
+        return lambda *a: pallas_fn(*a, **kw, interpret=default_interpret(), **t)
+
+    return make
+
+
 def make_case(kernel: str, dims: dict, batch: int, key):
-    """(reference fn, pallas fn maker, args, cotangents) of one kernel at batch `batch`."""
+    """(reference fn, pallas fn maker, args, cotangents, the pallas function's default tiles)
+    of one kernel at batch `batch`; make(**tiles) sets the tiles not given to PLAIN's."""
     b, L, h, p = batch, dims["L"], dims["nheads"], dims["headdim"]
     g, n, bidi = dims["ngroups"], dims["d_state"], dims.get("directions", 2) == 2
     ks = jax.random.split(key, 8)
@@ -77,8 +106,7 @@ def make_case(kernel: str, dims: dict, batch: int, key):
         xla_fn, pallas_fn = ((fused_conv.bidirectional_conv_xla, fused_conv.bidirectional_conv_pallas)
                              if bidi else (fused_conv.causal_conv_xla, fused_conv.causal_conv_pallas))
         ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
-        make = lambda **t: (lambda *a: pallas_fn(  # noqa: E731
-            *a, **kw, interpret=default_interpret(), **t))
+        make = maker(pallas_fn, kw)
     else:
         d = h * p
         args = (jax.random.normal(ks[0], (b, L, (1 + bidi) * h, p), bf16),
@@ -91,13 +119,12 @@ def make_case(kernel: str, dims: dict, batch: int, key):
         else:
             xla_fn, pallas_fn = fused_norm.gated_norm_xla, fused_norm.gated_norm_pallas
         ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
-        make = lambda **t: (lambda *a: pallas_fn(  # noqa: E731
-            *a, **kw, interpret=default_interpret(), **t))
+        make = maker(pallas_fn, kw)
     outs = jax.eval_shape(ref, *args)
     keys = list(jax.random.split(ks[7], len(jax.tree.leaves(outs))))
     cts = jax.tree.map(lambda o, kk: jax.random.normal(kk, o.shape, o.dtype), outs,
                        jax.tree.unflatten(jax.tree.structure(outs), keys))
-    return ref, make, args, cts
+    return ref, make, args, cts, tile_defaults(pallas_fn)
 
 
 def max_rel(a, b) -> float:
@@ -130,14 +157,19 @@ class Runner:
 
 def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool,
           stages=(1,), cols=(0,)):
-    """The forward sweep (rows x warps, then stages x cols at the best of those), then (with
-    `backward`) the same for the backward kernels with the forward at its defaults, and the
-    tuned row (the best forward with the best backward)."""
-    ref, make, args, cts = make_case(kernel, dims, batch, jax.random.key(0))
+    """The XLA reference and the pallas function at its default tiles, the forward sweep
+    (rows x warps, then stages x cols at the best of those), then (with `backward`) the same
+    for the backward kernels with the forward at PLAIN's tiles, and the tuned row (the best
+    forward with the best backward). Tiles a row does not name are PLAIN's."""
+    ref, make, args, cts, defaults = make_case(kernel, dims, batch, jax.random.key(0))
     base = dict(kernel=kernel, batch=batch)
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
+    run.time(fwd(make(**defaults)), args, **base, impl="pallas (defaults)", **defaults,
+             **{"pass": "fwd"})
     if backward:
         run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
+        run.time(fwdbwd(make(**defaults)), (cts, *args), **base, impl="pallas (defaults)",
+                 **defaults, **{"pass": "fwdbwd"})
     best = {}
 
     def phase(key, grid, timed):
@@ -170,7 +202,7 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
 
     def timed_bwd(t):
         return run.time(fwdbwd(make(**t)), (cts, *args), **base, impl="pallas",
-                        block_rows=DEFAULT_BLOCK_ROWS, num_warps=DEFAULT_WARPS, **t,
+                        block_rows=PLAIN["block_rows"], num_warps=PLAIN["num_warps"], **t,
                         **{"pass": "fwdbwd"})
 
     grid = [dict(block_rows=r, num_warps=w) for r in rows for w in warps]
@@ -214,9 +246,11 @@ def write(result, prefix):
     rows = result["rows"]
     lines = [f"# Fused mixer kernels on {result['device']} (jax {result['jax']})", "",
              f"Command: `{result['command']}`", "", f"Mixer dims: {result['dims']} (bf16 "
-             "activations). ms = median of timed windows. `fwdbwd` sweeps the backward kernel "
-             f"with the forward at its defaults ({DEFAULT_BLOCK_ROWS} rows, {DEFAULT_WARPS} "
-             "warps).",
+             "activations). ms = median of timed windows. \"pallas (defaults)\": the kernels "
+             "at the tiles the model runs; the sweep's rows set only the tiles they name, the "
+             f"rest are {PLAIN['block_rows']} rows x {PLAIN['num_warps']} warps, one stage, the "
+             "natural width, one step; `fwdbwd` sweeps the backward kernel with the forward at "
+             "those.",
              "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA "
              "| rel err vs XLA |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

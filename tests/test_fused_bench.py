@@ -6,6 +6,25 @@ import json
 from benchmarks import fused_bench
 
 
+def test_sweep_rows_set_plain_tiles_and_defaults_resolve_the_backward():
+    """A sweep row's unnamed tiles are PLAIN's whatever the function's defaults; a backward
+    default of None reads as the forward's."""
+    seen = {}
+
+    def kernel(y, *, ngroups, block_rows=8, num_warps=2, num_stages=3, block_cols=128,
+               block_rows_bwd=None, num_warps_bwd=8, num_stages_bwd=None, block_cols_bwd=64,
+               interpret=False):
+        seen.update(block_rows=block_rows, num_stages=num_stages, block_cols=block_cols,
+                    num_warps_bwd=num_warps_bwd)
+        return y
+
+    fused_bench.maker(kernel, dict(ngroups=1))(block_rows=32)(0)
+    assert seen == dict(block_rows=32, num_stages=1, block_cols=0, num_warps_bwd=8)
+    assert fused_bench.tile_defaults(kernel) == dict(
+        block_rows=8, num_warps=2, num_stages=3, block_cols=128, block_rows_bwd=8,
+        num_warps_bwd=8, num_stages_bwd=3, block_cols_bwd=64)
+
+
 def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
     prefix = str(tmp_path / "fb")
     result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
@@ -17,7 +36,8 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
         mine = [r for r in rows if r["kernel"] == kernel]
         assert {(r["impl"], r["pass"]) for r in mine} == {
             ("xla", "fwd"), ("xla", "fwdbwd"), ("pallas", "fwd"), ("pallas", "fwdbwd"),
-            ("pallas (tuned)", "fwdbwd")}
+            ("pallas (tuned)", "fwdbwd"), ("pallas (defaults)", "fwd"),
+            ("pallas (defaults)", "fwdbwd")}
         fwd = [r for r in mine if r["impl"] == "pallas" and r["pass"] == "fwd"]
         steps = [(8, 4)] if kernel == "conv" else []  # 2x the rows in steps of 4 (L = 8)
         assert [(r["block_rows"], r.get("step_rows", 0)) for r in fwd] == [(4, 0)] * 2 + steps

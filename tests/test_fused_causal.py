@@ -22,7 +22,6 @@ from _nnx_jit import check_kernel_knobs, jitted
 from dimba_jax.layers import fused_conv as fc
 from dimba_jax.layers import fused_norm as fn
 from dimba_jax.layers.mamba2 import Mamba2
-from dimba_jax.layers.mamba2 import causal_impl as mamba2_causal_impl
 
 B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -156,11 +155,10 @@ def test_causal_mixer_with_seq_idx_takes_the_xla_conv():
 
 
 @pytest.mark.parametrize("d_state,headdim", [(N, 8), (12, 8), (N, 12)])
-def test_causal_mixer_pallas_on_gpu_uses_each_kernel_where_it_applies_and_auto_none(
-        d_state, headdim, monkeypatch):
-    """Backend reported as "gpu" (traced only): "pallas" runs both kernels (no conv kernel with
-    seq_idx); "auto" runs none in the causal mixer until its kernels are measured faster
-    (`causal_impl`), whatever the sizes."""
+def test_causal_mixer_on_gpu_uses_each_kernel_where_it_applies(d_state, headdim, monkeypatch):
+    """Backend reported as "gpu" (traced only): "pallas" and "auto" run both kernels under
+    differentiation (no conv kernel with seq_idx); where a size does not fit "pallas" raises
+    and "auto" runs XLA; an undifferentiated "auto" call runs XLA."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
     def mixer(impl):
@@ -168,16 +166,22 @@ def test_causal_mixer_pallas_on_gpu_uses_each_kernel_where_it_applies_and_auto_n
                       headdim=headdim, d_conv=K, chunk_size=4, conv_impl=impl, norm_impl=impl)
 
     u0 = jnp.zeros((B, L, 24))
+    seq_idx = jnp.zeros((B, L), jnp.int32)
+
+    def counts(m, **kw):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(m(u, **kw) ** 2)))(u0))
+        return jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")
+
     auto = mixer("auto")
-    assert "pallas_call" not in str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(auto(u) ** 2)))(u0))
-    if d_state == N and headdim == 8:  # "pallas" raises where a size does not fit
-        m = mixer("pallas")
-        jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(m(u) ** 2)))(u0))
-        assert (jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")) == (1, 1)
-        seq_idx = jnp.zeros((B, L), jnp.int32)
-        jaxpr = str(jax.make_jaxpr(jax.grad(lambda u: jnp.sum(m(u, seq_idx=seq_idx) ** 2)))(u0))
-        assert jaxpr.count("name=conv_fwd") == 0 and jaxpr.count("name=gated_norm_fwd") == 1
-    assert mamba2_causal_impl("auto") == "xla" and mamba2_causal_impl("pallas") == "pallas"
+    assert "pallas_call" not in str(jax.make_jaxpr(auto)(u0))
+    if d_state == N and headdim == 8:
+        for m in (mixer("pallas"), auto):
+            assert counts(m) == (1, 1)
+            assert counts(m, seq_idx=seq_idx) == (0, 1)
+    else:
+        assert counts(auto) == (0, int(headdim == 8))
+        with pytest.raises(ValueError):
+            mixer("pallas")(u0)
 
 
 def test_causal_kernels_lower_to_triton_for_cuda():

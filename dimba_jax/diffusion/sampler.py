@@ -58,6 +58,7 @@ from flax import nnx
 
 from dimba_jax.diffusion import wavefront as wavefront_lib
 from dimba_jax.diffusion.schedule import CosineSchedule
+from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -362,6 +363,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
     score re-weighting (every tau is 1); `draw_x0` steps toward the embedding of a token drawn
     from each step's scores instead of their mean (self-conditioning still reads the mean)."""
     model = nnx.merge(graphdef, state)
+    cast_linears_to_compute_dtype(model)  # once, not at every step of the loop
     b, length = tokens.shape
     clean = model.embed(tokens)
     r_init, r_loop, r_read = jax.random.split(rng, 3)

@@ -577,16 +577,19 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
 
 
 def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None,
-                       interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
-                       num_warps: int = 4, block_rows_bwd: int = BWD_BLOCK_ROWS,
-                       num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
-                       num_stages_bwd: int | None = None, block_cols: int = 0,
-                       block_cols_bwd: int | None = None, step_rows: int = 0,
-                       step_rows_bwd: int | None = None, forward_only: str = "pallas",
+                       interpret: bool = False, block_rows: int = 8, num_warps: int = 4,
+                       block_rows_bwd: int = 64, num_warps_bwd: int = 8, num_stages: int = 3,
+                       num_stages_bwd: int | None = 1, block_cols: int = 0,
+                       block_cols_bwd: int | None = 512, step_rows: int = 0,
+                       step_rows_bwd: int | None = 16, forward_only: str = "pallas",
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
     math, arguments and outputs as `causal_conv_xla`; the tile, forward_only and packing
-    (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. Constraints: headdim and d_state powers of two.
+    (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles
+    were the fastest forward + backward that `benchmarks.fused_bench` found at
+    configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
+    kernels' defaults (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and
+    d_state powers of two.
     Returns:
       (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
       (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).

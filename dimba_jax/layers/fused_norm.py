@@ -336,8 +336,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     dtype=None, interpret: bool = False,
                                     block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
                                     block_rows_bwd: int | None = None,
-                                    num_warps_bwd: int | None = None, num_stages: int = 1,
-                                    num_stages_bwd: int | None = None, block_cols: int = 0,
+                                    num_warps_bwd: int | None = 8, num_stages: int = 2,
+                                    num_stages_bwd: int | None = None, block_cols: int = 256,
                                     block_cols_bwd: int | None = None,
                                     forward_only: str = "pallas", z_offset: int = 0):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
@@ -352,6 +352,9 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
         (backward None = the forward's); 1 = no software pipelining.
       block_cols, block_cols_bwd: columns per tile (0 = headdim; else a power of two, narrowed
         to divide d_inner / ngroups; backward None = the forward's).
+        The default tiles were the fastest forward + backward that `benchmarks.fused_bench`
+        found at configs/base.py's mixer on an H100, 0.377 ms against 0.424 ms at one stage
+        and the natural width (benchmarks/results/fused_bench3_h100.md).
       forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated
         runs: "pallas" (the forward kernel) or "xla" (`bidirectional_gated_norm_xla`); a
         differentiated call runs the forward and backward kernels either way.
@@ -373,11 +376,10 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
 
 
 def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None,
-                      interpret: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
-                      num_warps: int = 4, block_rows_bwd: int | None = None,
-                      num_warps_bwd: int | None = None, num_stages: int = 1,
-                      num_stages_bwd: int | None = None, block_cols: int = 0,
-                      block_cols_bwd: int | None = None, forward_only: str = "pallas",
+                      interpret: bool = False, block_rows: int = 8, num_warps: int = 4,
+                      block_rows_bwd: int | None = 16, num_warps_bwd: int | None = None,
+                      num_stages: int = 2, num_stages_bwd: int | None = 1, block_cols: int = 128,
+                      block_cols_bwd: int | None = 256, forward_only: str = "pallas",
                       z_offset: int = 0):
     """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
     gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
@@ -386,7 +388,10 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
         norm weight; the rest as `bidirectional_gated_norm_pallas` (forward_only "xla" runs
         that jnp expression when not differentiated; z_offset: the gate's first column of a
-        wider z).
+        wider z). The default tiles were the fastest forward + backward that
+        `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100, 0.272 ms
+        against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps, one
+        stage, natural width; benchmarks/results/fused_bench_ar_h100.md).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y, z, w (their dtypes).
     """

@@ -84,13 +84,6 @@ def _dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
     return init
 
 
-def causal_impl(impl: str) -> str:
-    """What a kernel knob runs in the causal mixer: "auto" is "xla" there (the one-direction
-    kernels have no GPU measurement yet, and "auto" takes a fused kernel only where one showed
-    it faster: docs/train_step_profile.md); "xla" and "pallas" as given."""
-    return "xla" if impl == "auto" else impl
-
-
 def _flip(x):
     return None if x is None else jnp.flip(x, axis=1)
 
@@ -117,8 +110,6 @@ class Mamba2(nnx.Module):
       conv_impl: "auto" | "xla" | "pallas": the conv prologue (the fused kernels of
         `layers/fused_conv.py`, one direction here, both in `BidirectionalMamba2`; needs
         headdim and d_state powers of two; here not with seq_idx, which takes the XLA conv).
-        In this causal mixer "auto" is XLA (`causal_impl`: its one-direction kernels are not
-        measured yet); "pallas" runs them.
         For both knobs: "pallas" = the fused kernel wherever the call allows it (in the Pallas
         interpreter off GPU; other sizes raise); "auto" = the fused kernels on a GPU where the
         call and the sizes allow it, under differentiation only (an undifferentiated call runs
@@ -257,7 +248,7 @@ class Mamba2(nnx.Module):
         batch, seqlen, _ = u.shape
         zxbcdt = self.in_proj(u.astype(self.dtype))
         z, xbc_in, dt = self._split_proj(zxbcdt)
-        if use_fused(causal_impl(self.conv_impl), seq_idx is None,
+        if use_fused(self.conv_impl, seq_idx is None,
                      shape_supported=not conv_size_error(self.headdim, self.d_state)):
             x, b, c, dt = causal_conv_pallas(
                 zxbcdt, zxbcdt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
@@ -271,7 +262,7 @@ class Mamba2(nnx.Module):
                   return_final_states=return_cache, impl=self.ssd_impl,
                   kernels=self.ssd_kernels)
         y, final = out if return_cache else (out, None)
-        if use_fused(causal_impl(self.norm_impl), True,
+        if use_fused(self.norm_impl, True,
                      shape_supported=not norm_size_error(self.headdim)):
             y = gated_norm_pallas(y, zxbcdt, self.norm.weight[...], ngroups=self.ngroups,
                                   eps=self.norm.eps, dtype=self.dtype,

@@ -28,6 +28,7 @@ from dimba_jax.interop.checkpoint import load_into_lm
 from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
+from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 from dimba_jax.models import flops
 from dimba_jax.ssd import KernelConfig
 
@@ -237,6 +238,7 @@ def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new
     num_new static. Returns int32 (batch, num_new), the same as `generate`.
     """
     model = nnx.merge(graphdef, state)
+    cast_linears_to_compute_dtype(model)  # once, not at every decoded token
     logits, cache = model.prefill(prompt_ids)
     keys = jax.random.split(rng, num_new)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_p, model.vocab_size)
