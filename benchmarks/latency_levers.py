@@ -44,8 +44,9 @@ changes the generated tokens. Per variant it also derives the cost of one DIMBA 
 fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
 
 Results are written after every measurement to OUT/latency_levers.json and .md (OUT = --out).
-With --profile 1 (default) the base variant also traces two calls of DIMBA T=64 with jax.profiler
-and summarises them with benchmarks.profile_summary (OUT/profile_summary_base_dimba_T64.md;
+With --profile 1 (default) the base variant (or those of --profile-variants) also traces two
+calls of DIMBA T=64 with jax.profiler and summarises them with benchmarks.profile_summary
+(OUT/profile_summary_<variant>_dimba_T64.md;
 its "step" is one whole sampling call: kernel time, top kernels, idle gap = wall - busy, i.e. the
 launch-bound share; the raw trace is deleted after a successful summary). AR is not traced (1024
 tokens x ~400 kernels make a trace too large to summarise within the budget).
@@ -139,9 +140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-cache", default="runs/jax_cache",
                    help="persistent XLA compilation cache ('' = off; not used with --smoke)")
     p.add_argument("--profile", type=int, default=1,
-                   help="1 = also trace 2 calls of the base variant's DIMBA headline case with "
-                        "jax.profiler under OUT/profile_base_<case>/ and summarise them with "
-                        "benchmarks/profile_summary.py (kernel time vs idle gaps); 0 = off")
+                   help="1 = also trace 2 calls of the --profile-variants' DIMBA headline case "
+                        "with jax.profiler under OUT/profile_<variant>_<case>/ and summarise "
+                        "them with benchmarks/profile_summary.py (kernel time vs idle gaps); "
+                        "0 = off")
+    p.add_argument("--profile-variants", default="base",
+                   help="comma list of the variants traced with --profile 1 (cb_off: kernels "
+                        "outside CUDA graphs, so the summary attributes them to source lines)")
     p.add_argument("--out-dir-worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="tiny random models on CPU (tests)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # JSON settings of one variant
@@ -550,7 +555,7 @@ def run_parent(args, argv) -> dict:
             print(f"[levers] {state['variant_status'][name]}", flush=True)
             continue
         settings = dict(VARIANTS[name], name=name)
-        if name == "base" and args.profile:
+        if args.profile and name in args.profile_variants.split(","):
             settings["profile"] = True
         state["rows"] = [r for r in state["rows"] if r.get("variant") != name]  # a re-run replaces them
         env = dict(os.environ, PYTHONUNBUFFERED="1")
