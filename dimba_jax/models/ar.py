@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dimba_jax.interop.checkpoint import load_into_lm
 from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
