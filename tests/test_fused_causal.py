@@ -11,6 +11,7 @@ to ~1 ulp.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,14 @@ from dimba_jax.layers.mamba2 import Mamba2
 B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=4e-2)
+
+
+def _tiles(f, **kw):
+    """Tile arguments for the fused function f: each given forward tile also set for the
+    backward (f's own backward defaults may differ), only the arguments f takes."""
+    params = inspect.signature(f).parameters
+    out = {**{k + "_bwd": v for k, v in kw.items()}, **kw}
+    return {k: v for k, v in out.items() if k in params}
 
 
 def _conv_args(dtype, ngroups, seed=0, seqlen=L):
@@ -245,8 +254,10 @@ def test_wider_column_tiles_compute_the_same(nd, cols):
         conv_fn, norm_fn = fc.causal_conv_pallas, fn.gated_norm_pallas
     for exact, f, args in ((True, functools.partial(conv_fn, ngroups=2, d_state=N), conv_args),
                            (False, functools.partial(norm_fn, ngroups=1), norm_args)):
-        natural = functools.partial(f, interpret=True, block_rows=4, block_rows_bwd=4)
-        wide = functools.partial(natural, block_cols=cols, num_stages=2)
+        natural = functools.partial(f, interpret=True, **_tiles(
+            f, block_rows=4, block_cols=0, num_stages=1, step_rows=0))
+        wide = functools.partial(f, interpret=True, **_tiles(
+            f, block_rows=4, block_cols=cols, num_stages=2, step_rows=0))
         cts = _cotangents(natural, args)
         want, want_grads = _value_and_grads(natural, args, cts)
         got, grads = _value_and_grads(wide, args, cts)
@@ -286,13 +297,14 @@ def test_wide_pipelined_tiles_lower_to_triton_for_cuda(nd):
                    *[jax.ShapeDtypeStruct((K, c), f32)] * nd, *[jax.ShapeDtypeStruct((c,), f32)] * nd)
     norm_shapes = (jax.ShapeDtypeStruct((2, 64, 24 * nd, 64), jnp.bfloat16),
                    jax.ShapeDtypeStruct((2, 64, d), jnp.bfloat16), *[jax.ShapeDtypeStruct((d,), f32)] * nd)
-    tiles = dict(block_cols=256, num_stages=3)
     conv = fc.bidirectional_conv_pallas if nd == 2 else fc.causal_conv_pallas
     norm = fn.bidirectional_gated_norm_pallas if nd == 2 else fn.gated_norm_pallas
 
     def both(conv_args, norm_args):
-        out, vjp = jax.vjp(functools.partial(conv, ngroups=1, d_state=128, **tiles), *conv_args)
-        n, nvjp = jax.vjp(functools.partial(norm, **tiles), *norm_args)
+        out, vjp = jax.vjp(functools.partial(conv, ngroups=1, d_state=128, **_tiles(
+            conv, block_cols=256, num_stages=3)), *conv_args)
+        n, nvjp = jax.vjp(functools.partial(norm, **_tiles(norm, block_cols=256, num_stages=3)),
+                          *norm_args)
         return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
 
     with cuda_lowering_context():
@@ -314,8 +326,10 @@ def test_row_steps_compute_the_same(nd):
         f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True)
     else:
         f = functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True)
-    one = functools.partial(f, block_rows=16, block_rows_bwd=16)
-    stepped = functools.partial(one, step_rows=4)
+    one = functools.partial(f, **_tiles(f, block_rows=16, block_cols=0, num_stages=1,
+                                        step_rows=0))
+    stepped = functools.partial(f, **_tiles(f, block_rows=16, block_cols=0, num_stages=1,
+                                            step_rows=4))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: sum(jnp.sum(o ** 2) for o in stepped(*a))))(*args))
     assert jaxpr.count("pallas_call") == 3
     cts = _cotangents(one, args)
@@ -362,7 +376,7 @@ def test_compiled_tile_options_match_reference_on_gpu(nd):
     """Compiled with pipeline stages, 256-column tiles and 4-row steps of 16-row programs (the
     options fused_bench sweeps), the kernels still match their references, at headdim 64 and
     d_state 128 (so the tiles span several heads)."""
-    kw = dict(block_rows=16, block_rows_bwd=16, num_stages=2, block_cols=256, step_rows=4)
+    kw = dict(block_rows=16, num_stages=2, block_cols=256, step_rows=4)
     k = jax.random.split(jax.random.key(8), 8)
     c, d, bf16 = 8 * 64 + 2 * 128, 8 * 64, jnp.bfloat16
     ws = [0.5 * jax.random.normal(k[2 + h], (K, c)) for h in range(nd)]
@@ -374,18 +388,20 @@ def test_compiled_tile_options_match_reference_on_gpu(nd):
                  *[1.0 + 0.1 * jax.random.normal(k[2 + h], (d,)) for h in range(nd)])
     if nd == 2:
         cases = ((functools.partial(fc.bidirectional_conv_xla, ngroups=1, d_state=128),
-                  functools.partial(fc.bidirectional_conv_pallas, ngroups=1, d_state=128, **kw),
+                  functools.partial(fc.bidirectional_conv_pallas, ngroups=1, d_state=128,
+                                    **_tiles(fc.bidirectional_conv_pallas, **kw)),
                   conv_args),
                  (fn.bidirectional_gated_norm_xla,
-                  functools.partial(fn.bidirectional_gated_norm_pallas, **{
-                      k_: v for k_, v in kw.items() if k_ != "step_rows"}), norm_args))
+                  functools.partial(fn.bidirectional_gated_norm_pallas,
+                                    **_tiles(fn.bidirectional_gated_norm_pallas, **kw)), norm_args))
     else:
         cases = ((functools.partial(fc.causal_conv_xla, ngroups=1, d_state=128),
-                  functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128, **kw),
+                  functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128,
+                                    **_tiles(fc.causal_conv_pallas, **kw)),
                   conv_args),
                  (functools.partial(fn.gated_norm_xla, ngroups=1),
-                  functools.partial(fn.gated_norm_pallas, **{
-                      k_: v for k_, v in kw.items() if k_ != "step_rows"}), norm_args))
+                  functools.partial(fn.gated_norm_pallas, **_tiles(fn.gated_norm_pallas, **kw)),
+                  norm_args))
     for ref, pallas, args in cases:
         _check_close(ref, pallas, args, BF16_TOL)
 
