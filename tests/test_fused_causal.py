@@ -61,8 +61,12 @@ def _cotangents(f, args, seed=7):
 
 
 def _value_and_grads(f, args, cts):
-    out, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
-    return out, vjp(cts)
+    """f's values and the gradients of <f, cts> w.r.t. args, forward and backward jitted."""
+    def run(args, cts):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cts)
+
+    return jax.jit(run)(args, cts)
 
 
 def _check_close(ref_f, pallas_f, args, tol):
