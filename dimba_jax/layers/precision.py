@@ -1,9 +1,9 @@
 """Parameters stored in the dtype a layer computes in, for programs that only run the model.
 
 An `nnx.Linear` built with `dtype=bfloat16, param_dtype=float32` casts its float32 kernel to
-bfloat16 on every call. Inside a sampling or decoding loop that cast is repeated at every step:
-XLA keeps it in the loop body (on an H100, DIMBA base sampling at batch 1 ran one
-`wrapped_convert` kernel per projection per step;
+bfloat16 on every call. Inside a sampling or decoding loop the weights enter the loop in float32,
+so the cast runs at every step (on an H100, DIMBA base sampling at batch 1 ran two standalone
+`wrapped_convert` kernels per layer and step, 7% of its kernel time, which these casts explain:
 benchmarks/results/latency_levers_h100_profile.md).
 `cast_linears_to_compute_dtype` does the cast once, before the loop; the layer's own cast is
 then the identity, so the results are the same bits.
