@@ -28,6 +28,8 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   mixer_xla   model.conv_impl and model.norm_impl "xla" (the mixer's conv and gated norm in XLA,
               as "auto" runs them when sampling)
   mixer_pallas  both "pallas" (the fused forward kernels in the sampler too)
+  conv_pallas  model.conv_impl "pallas" alone (the fused conv forward, DIMBA T=64 only)
+  norm_pallas  model.norm_impl "pallas" alone (the fused gated-norm forward, DIMBA T=64 only)
   mixer_pallas_cb  mixer_pallas + cb_while (whether the kernels' custom calls cost the sampler
               its CUDA graphs)
   ssd_xla     ssd_impl "xla" (the chunked SSD in XLA instead of the Mosaic forward kernels:
@@ -111,6 +113,8 @@ VARIANTS: dict[str, dict] = {
     "reference": {"ssd_impl": "reference", "cases": ["dimba_T{lo}", "ar"]},
     "mixer_xla": {"conv_impl": "xla", "norm_impl": "xla"},
     "mixer_pallas": {"conv_impl": "pallas", "norm_impl": "pallas"},
+    "conv_pallas": {"conv_impl": "pallas", "cases": ["dimba_T{hi}"]},
+    "norm_pallas": {"norm_impl": "pallas", "cases": ["dimba_T{hi}"]},
     "mixer_pallas_cb": {"conv_impl": "pallas", "norm_impl": "pallas", "xla_flags": _CB_WHILE},
     "ssd_xla": {"ssd_impl": "xla"},
     "head_bf16": {"head_dtype": "bfloat16"},

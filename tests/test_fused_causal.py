@@ -170,8 +170,8 @@ def test_causal_mixer_with_seq_idx_takes_the_xla_conv():
 @pytest.mark.parametrize("d_state,headdim", [(N, 8), (12, 8), (N, 12)])
 def test_causal_mixer_on_gpu_uses_each_kernel_where_it_applies(d_state, headdim, monkeypatch):
     """Backend reported as "gpu" (traced only): "pallas" and "auto" run both kernels under
-    differentiation (no conv kernel with seq_idx); where a size does not fit "pallas" raises
-    and "auto" runs XLA; an undifferentiated "auto" call runs XLA."""
+    differentiation and without it (no conv kernel with seq_idx); where a size does not fit
+    "pallas" raises and "auto" runs XLA."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
     def mixer(impl):
@@ -186,7 +186,9 @@ def test_causal_mixer_on_gpu_uses_each_kernel_where_it_applies(d_state, headdim,
         return jaxpr.count("name=conv_fwd"), jaxpr.count("name=gated_norm_fwd")
 
     auto = mixer("auto")
-    assert "pallas_call" not in str(jax.make_jaxpr(auto)(u0))
+    fwd_only = str(jax.make_jaxpr(auto)(u0))
+    assert (fwd_only.count("name=conv_fwd"), fwd_only.count("name=gated_norm_fwd")) == (
+        int(d_state == N and headdim == 8), int(headdim == 8))
     if d_state == N and headdim == 8:
         for m in (mixer("pallas"), auto):
             assert counts(m) == (1, 1)
@@ -280,9 +282,18 @@ def test_tile_arguments_are_checked():
     assert tc.tile_width(1536, 64, 0) == 64 and tc.tile_width(1536, 64, 256) == 256
     assert tc.tile_width(1536, 64, 1024) == 512 and tc.tile_width(128, 128, 512) == 128
     fwd, bwd = tc.kernel_tiles(1024, 16, 4, 8, None, num_stages=2, block_cols=256)
-    assert fwd == tc.Tiles(16, 4, 2, 256) and bwd == tc.Tiles(8, 4, 2, 256)
+    assert fwd == tc.Tiles(16, 4, 2, 256, programs=1024) and bwd == tc.Tiles(8, 4, 2, 256)
     with pytest.raises(ValueError, match=r"^num_stages must be >= 1"):
         tc.kernel_tiles(64, 16, 4, None, None, num_stages=0)
+    with pytest.raises(ValueError, match=r"^min_programs must be >= 1, got 0$"):
+        tc.kernel_tiles(64, 16, 4, None, None, min_programs=0)
+    # the grid targets at a small batch: configs/base.py's conv at batch 1 (64 row blocks of
+    # 16, 26 column tiles) takes one tile per program; batch 16 is untouched
+    assert tc.split_count(1024, 64, 26) == 26 and tc.split_count(1024, 1024, 26) == 1
+    assert tc.split_count(20, 8, 6) == 3 and tc.split_count(10**6, 8, 1) == 1
+    assert tc.narrower_rows(fwd, 16, 1024) == fwd
+    assert tc.narrower_rows(fwd, 1, 1024) == fwd._replace(rows=1, cols=4096)
+    assert tc.narrower_rows(fwd._replace(cols=0, step=8), 2, 1024).rows == 2
     with pytest.raises(ValueError, match=r"^block_cols must be 0 or a power of two"):
         fc.causal_conv_pallas(*_conv_args(jnp.float32, 1), ngroups=1, d_state=N, interpret=True,
                               block_cols=24)

@@ -64,20 +64,15 @@ def test_kernel_matches_reference_values_and_gradients(dtype, ngroups):
         np.testing.assert_allclose(np.float32(g), np.float32(r), err_msg=name, **tol)
 
 
-def test_forward_only_xla_runs_the_reference_unless_differentiated():
-    """forward_only="xla": an undifferentiated call is the reference (no kernel, equal values);
-    a differentiated one runs the forward and backward kernels; unknown values raise."""
-    args = _args(jnp.float32)
-    f = functools.partial(fn.bidirectional_gated_norm_pallas, interpret=True, block_rows=4,
-                          forward_only="xla")
-    assert "pallas_call" not in str(jax.make_jaxpr(f)(*args))
-    np.testing.assert_array_equal(np.asarray(jax.jit(f)(*args)),
-                                  np.asarray(jax.jit(fn.bidirectional_gated_norm_xla)(*args)))
-    grad = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1)))(*args)
-    assert str(grad).count("pallas_call") == 2
-    with pytest.raises(ValueError, match=r"^forward_only must be one of \('pallas', 'xla'\), "
-                                         r"got 'auto'$"):
-        fn.bidirectional_gated_norm_pallas(*args, interpret=True, forward_only="auto")
+@pytest.mark.parametrize("min_programs", [1, 16, 10**6])
+def test_forward_narrower_rows_keep_the_values(min_programs):
+    """The forward's grid target (2 batch rows x 4 row blocks of 4): rows 4 (1), 2 rows x twice
+    the columns (16), one row (10**6): float32 values equal the reference's."""
+    args = _args(jnp.float32, seed=5)
+    f = functools.partial(fn.bidirectional_gated_norm_pallas, ngroups=2, interpret=True,
+                          block_rows=4, block_cols=8, min_programs=min_programs)
+    want = jax.jit(functools.partial(fn.bidirectional_gated_norm_xla, ngroups=2))(*args)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(*args)), np.asarray(want), **F32_TOL)
 
 
 def test_odd_seqlen_uses_single_rows():

@@ -41,8 +41,9 @@ The causal mixer's prologue is the same kernels with one direction (nd = 1: the 
 only, no flip, outputs (b, L, H, P), (b, L, G, N), (b, L, G, N), dt (b, L, H) float32):
 `causal_conv_pallas`, with `causal_conv_xla` its jnp reference. Kernel names drop "bidir_".
 
-`forward_only` chooses what a call that is not differentiated runs: the forward kernel
-("pallas") or the jnp reference ("xla"); a differentiated call always runs the kernels.
+At a small batch (the sampler's denoiser at batch 1: 64 row blocks) the forward's grid gets a
+third axis that splits the column tiles over programs (`min_programs`), so the GPU's SMs are
+not left to a few programs that each walk every column tile.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
                                             compiler_params, is_power_of_two, kernel_tiles,
-                                            tile_width)
+                                            split_count, tile_width)
 
 BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
 
@@ -219,21 +220,43 @@ def _steps(q, step, body, init):
     return jax.lax.fori_loop(0, q // step, body, init)
 
 
+def _split_loop(count, splits, shift, body):
+    """body(j) over the tiles j in [0, count) of this program's split: with splits = 1 all
+    of them; else the tiles j whose global index shift + j is congruent to the split
+    pl.program_id(2) modulo splits (a split owns the tiles at a stride of splits)."""
+    if splits == 1:
+        jax.lax.fori_loop(0, count, lambda j, c: (body(j), c)[1], 0)
+        return
+    first = (pl.program_id(2) + (splits - shift % splits)) % splits
+
+    def visit(m, carry):
+        j = first + m * splits
+
+        @pl.when(j < count)
+        def _():
+            body(j)
+        return carry
+
+    jax.lax.fori_loop(0, -(-count // splits), visit, 0)
+
+
 def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo,
-                do):
+                do, splits=1):
     """xbc_ref, dt_ref: the whole sequences holding xBC at columns [xo, xo + C) and dt at
     [do, do + H); refs: nd weight refs (K, C), nd bias refs (C,), then the outputs x_ref
     (q, nd*H*P), bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and
     dtc_ref (q, nd*H) float32. Per column tile the program walks its q rows in steps of
-    `step` rows."""
+    `step` rows. With splits > 1 the grid's third axis splits the column tiles (x, B and C
+    tiles in one global order, then the dt heads) over that many programs (`_split_loop`)."""
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
 
+    shift = 0
     for (first, width, count, total), o_ref in zip(_column_tiles(nh, p, ng, n, cols),
                                                    (x_ref, bm_ref, cm_ref)):
-        def tile(j, carry, first=first, width=width, total=total, o_ref=o_ref):
+        def tile(j, first=first, width=width, total=total, o_ref=o_ref):
             cs = pl.ds(first(j), width)
             src = pl.ds(xo + first(j), width)
             vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
@@ -248,18 +271,17 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
                 return c
 
             _steps(q, step, rows_step, 0)
-            return carry
 
-        jax.lax.fori_loop(0, count, tile, 0)
+        _split_loop(count, splits, shift, tile)
+        shift += count
 
     dirs = _directions(seqlen, t0, jax.lax.broadcasted_iota(jnp.int32, (q,), 0), k_width, nd)
 
-    def dt_head(h, carry):
+    def dt_head(h):
         for half, (rows, _) in enumerate(dirs):
             dtc_ref[:, half * nh + h] = dt_ref[rows, do + h].astype(jnp.float32)
-        return carry
 
-    jax.lax.fori_loop(0, nh, dt_head, 0)
+    _split_loop(nh, splits, shift, dt_head)
 
 
 def _dsilu(a):
@@ -367,7 +389,7 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, d_state, out dtype name, (Tiles fwd, Tiles bwd),
-# interpret, (xbc offset, dt offset, nheads), forward_only); ws, bs = the nd weights and
+# interpret, (xbc offset, dt offset, nheads)); ws, bs = the nd weights and
 # biases. xbc and dt may be wider arrays (the input projection's whole output) holding xBC at
 # columns [xo, xo + C) and dt at [do, do + H).
 # --------------------------------------------------------------------------------------------
@@ -385,16 +407,17 @@ def _statics(xbc, dt, ws, cfg, tiles):
 
 
 def _specs(seqlen, q, k_width, c):
-    """BlockSpec makers over grid (batch, row block): a batch row's whole sequence, its row
-    block of q rows (trailing dims `*tail` whole), the (k_width, c) weights, the (c,) biases."""
+    """BlockSpec makers over grid (batch, row block[, column split]): a batch row's whole
+    sequence, its row block of q rows (trailing dims `*tail` whole; the column splits of a row
+    block share it and write disjoint columns), the (k_width, c) weights, the (c,) biases."""
     def seq(*tail):
-        return pl.BlockSpec((None, seqlen, *tail), lambda bi, ti: (bi, 0) + (0,) * len(tail))
+        return pl.BlockSpec((None, seqlen, *tail), lambda bi, ti, *_: (bi, 0) + (0,) * len(tail))
 
     def rows(*tail):
-        return pl.BlockSpec((None, q, *tail), lambda bi, ti: (bi, ti) + (0,) * len(tail))
+        return pl.BlockSpec((None, q, *tail), lambda bi, ti, *_: (bi, ti) + (0,) * len(tail))
 
-    return (seq, rows, pl.BlockSpec((k_width, c), lambda bi, ti: (0, 0)),
-            pl.BlockSpec((c,), lambda bi, ti: (0,)))
+    return (seq, rows, pl.BlockSpec((k_width, c), lambda bi, ti, *_: (0, 0)),
+            pl.BlockSpec((c,), lambda bi, ti, *_: (0,)))
 
 
 def _name(nd, part):
@@ -402,17 +425,19 @@ def _name(nd, part):
 
 
 def _fwd_call(xbc, dt, ws, bs, cfg):
-    ng, n, out_dtype, (tiles, _), interpret, _, _ = cfg
+    ng, n, out_dtype, (tiles, _), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
+    ntiles = sum(count for _, _, count, _ in _column_tiles(nh, p, ng, n, tiles.cols))
+    splits = split_count(tiles.programs, bsz * (seqlen // q), ntiles)
     seq, rows, mat, vec = _specs(seqlen, q, ws[0].shape[0], c)
     x, bm, cm, dtc = pl.pallas_call(
-        functools.partial(_fwd_kernel, **kw),
+        functools.partial(_fwd_kernel, splits=splits, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * nh * p), dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * ng * n), dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * ng * n), dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nd * nh), jnp.float32)),
-        grid=(bsz, seqlen // q),
+        grid=(bsz, seqlen // q, splits),
         in_specs=[seq(xbc.shape[-1]), seq(dt.shape[-1])] + [mat] * nd + [vec] * nd,
         out_specs=(rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n), rows(nd * nh)),
         compiler_params=compiler_params(tiles, interpret),
@@ -424,7 +449,7 @@ def _fwd_call(xbc, dt, ws, bs, cfg):
 
 
 def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
-    ng, n, _, (_, tiles), interpret, _, _ = cfg
+    ng, n, _, (_, tiles), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     q = tiles.rows
     nd, k_width, nt = len(ws), ws[0].shape[0], seqlen // q
@@ -458,20 +483,8 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
     return dxbc, ddt, dw
 
 
-def _reference(xbc, dt, ws, bs, cfg):
-    """The jnp math of the kernels for nd = len(ws) directions."""
-    kw = dict(ngroups=cfg[0], d_state=cfg[1], dtype=jnp.dtype(cfg[2]))
-    (xo, do, nh), c = cfg[5], ws[0].shape[1]
-    xbc, dt = xbc[..., xo:xo + c], dt[..., do:do + nh]
-    if len(ws) == 2:
-        return bidirectional_conv_xla(xbc, dt, *ws, *bs, **kw)
-    return causal_conv_xla(xbc, dt, ws[0], bs[0], **kw)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(xbc, dt, ws, bs, cfg):
-    if cfg[-1] == "xla":
-        return _reference(xbc, dt, ws, bs, cfg)
     return _fwd_call(xbc, dt, ws, bs, cfg)
 
 
@@ -502,12 +515,10 @@ def _fused_bwd(cfg, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_only,
-          packed=(0, 0, None)):
-    """Checks the sizes, tile and forward_only arguments and runs the custom VJP; tiles = the
+def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0, 0, None)):
+    """Checks the sizes and tile arguments and runs the custom VJP; tiles = the
     keyword arguments of `triton_common.kernel_tiles` but seqlen; packed = (xbc_offset,
     dt_offset, nheads) of the public functions."""
-    check_forward_only(forward_only)
     xo, do, nh = (int(v) if v is not None else None for v in packed)
     c = ws[0].shape[1]
     if xbc.ndim == 3 and dt.ndim == 3:
@@ -523,7 +534,7 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, forward_on
         raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
     cfg = (int(ngroups), int(d_state), dtype.name, kernel_tiles(xbc.shape[1], **tiles),
-           bool(interpret), (xo, do, nh), forward_only)
+           bool(interpret), (xo, do, nh))
     return _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
@@ -534,7 +545,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                               num_stages_bwd: int | None = None, block_cols: int = 0,
                               block_cols_bwd: int | None = None, step_rows: int = 0,
-                              step_rows_bwd: int | None = None, forward_only: str = "pallas",
+                              step_rows_bwd: int | None = None,
+                              min_programs: int = DEFAULT_MIN_PROGRAMS,
                               xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
@@ -554,9 +566,10 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         step; else a power of two, at most the program's rows; backward None = the forward's):
         each column tile's weights load once per program, and the backward sums the weight
         gradients over the steps in registers (fewer, larger programs with small tiles).
-      forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated runs: "pallas"
-        (the forward kernel) or "xla" (`bidirectional_conv_xla`); a differentiated call runs
-        the forward and backward kernels either way.
+      min_programs: the forward's grid target: where batch x row blocks falls short of it
+        (batch 1 in the sampler: 64 programs, each walking every column tile), a third grid
+        axis splits the column tiles over programs (`triton_common.split_count`); 1 = never.
+        The backward's grid is batch x row blocks.
       xbc_offset, dt_offset, nheads: xbc and dt may be wider arrays, e.g. both the input
         projection's whole output [z | xBC | dt]: the kernels read xBC from columns
         [xbc_offset, xbc_offset + conv_dim) (conv_dim = the weights' width) and dt from
@@ -571,9 +584,10 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
+                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
+                 min_programs=min_programs)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
-                 tiles, forward_only, (xbc_offset, dt_offset, nheads))
+                 tiles, (xbc_offset, dt_offset, nheads))
 
 
 def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=None,
@@ -581,11 +595,11 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        block_rows_bwd: int = 64, num_warps_bwd: int = 8, num_stages: int = 3,
                        num_stages_bwd: int | None = 1, block_cols: int = 0,
                        block_cols_bwd: int | None = 512, step_rows: int = 0,
-                       step_rows_bwd: int | None = 16, forward_only: str = "pallas",
+                       step_rows_bwd: int | None = 16,
+                       min_programs: int = DEFAULT_MIN_PROGRAMS,
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
-    math, arguments and outputs as `causal_conv_xla`; the tile, forward_only and packing
-    (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles
+    math, arguments and outputs as `causal_conv_xla`; the tile, min_programs and packing (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles
     were the fastest forward + backward that `benchmarks.fused_bench` found at
     configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
     kernels' defaults (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and
@@ -597,6 +611,7 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd)
-    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles, forward_only,
+                 block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
+                 min_programs=min_programs)
+    return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads))

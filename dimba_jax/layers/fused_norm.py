@@ -17,11 +17,11 @@ does (so the forward results agree to the last bit up to float32 summation order
 interpreter with `interpret=True`) with a custom VJP. The flip of the backward half is row
 arithmetic inside the kernels (row L-1-t is read in the forward, written in the backward). The
 backward recomputes the gate and normalised values from the inputs and the saved per-row
-rstd (b, 2 * ngroups, L) float32; nothing else is saved. `forward_only` chooses what a call
-that is not differentiated runs: the forward kernel ("pallas") or the jnp reference ("xla").
+rstd (b, 2 * ngroups, L) float32; nothing else is saved.
 The causal mixer's gated norm is the same kernels with one direction (`gated_norm_pallas`:
 out = N(y * s) * w, no flip, no mean; its reference is `gated_norm_xla`); kernel names
-then drop "bidir_".
+then drop "bidir_". At a small batch (the sampler's denoiser at batch 1) the forward takes fewer,
+wider rows per program (`min_programs`), so its grid still fills the GPU.
 
 Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = mean(dn * n)):
     dw = sum_rows(do * n);  dg = rstd * (dn - n * m);  dy = dg * s
@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
-from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, check_forward_only,
+from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
                                             compiler_params, is_power_of_two, kernel_tiles,
-                                            tile_width)
+                                            narrower_rows, tile_width)
 
 
 def _check(y, z, w_f, w_b, ngroups, z_offset=0):
@@ -215,7 +215,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo):
 
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers; cfg = (ngroups, eps, out dtype name, (Tiles fwd, Tiles bwd),
-# interpret, z offset, forward_only); ws = the nd weights. The kernels see y as (b, L, nd*D);
+# interpret, z offset); ws = the nd weights. The kernels see y as (b, L, nd*D);
 # z may be a wider array (the input projection's whole output) holding the gate at columns
 # [z offset, z offset + D).
 # --------------------------------------------------------------------------------------------
@@ -242,9 +242,10 @@ def _width(y, d, ngroups, tiles):
 
 
 def _fwd_call(y, z, ws, cfg):
-    ngroups, eps, out_dtype, (tiles, _), interpret, zo, _ = cfg
-    nd, q = len(ws), tiles.rows
+    ngroups, eps, out_dtype, (tiles, _), interpret, zo = cfg
     bsz, seqlen = y.shape[:2]
+    tiles = narrower_rows(tiles, bsz, seqlen)
+    nd, q = len(ws), tiles.rows
     d = ws[0].shape[0]
     seq, rows, vec, rstd = _specs(seqlen, d, q, ngroups, nd)
     return pl.pallas_call(
@@ -262,7 +263,7 @@ def _fwd_call(y, z, ws, cfg):
 
 
 def _bwd_call(y, z, ws, rstd, dout, cfg):
-    ngroups, _, _, (_, tiles), interpret, zo, _ = cfg
+    ngroups, _, _, (_, tiles), interpret, zo = cfg
     nd, q = len(ws), tiles.rows
     bsz, seqlen = y.shape[:2]
     d = ws[0].shape[0]
@@ -286,19 +287,8 @@ def _bwd_call(y, z, ws, rstd, dout, cfg):
     return dy.reshape(y.shape), dz, dw
 
 
-def _reference(y, z, ws, cfg):
-    """The jnp math of the kernels for nd = len(ws) directions."""
-    ngroups, eps, dtype = cfg[0], cfg[1], jnp.dtype(cfg[2])
-    z = z[..., cfg[5]:cfg[5] + ws[0].shape[0]]
-    if len(ws) == 2:
-        return bidirectional_gated_norm_xla(y, z, *ws, ngroups=ngroups, eps=eps, dtype=dtype)
-    return gated_norm_xla(y, z, ws[0], ngroups=ngroups, eps=eps, dtype=dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(y, z, ws, cfg):
-    if cfg[-1] == "xla":
-        return _reference(y, z, ws, cfg)
     return _fwd_call(y, z, ws, cfg)[0]
 
 
@@ -319,16 +309,15 @@ def _fused_bwd(cfg, res, dout):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, forward_only, z_offset=0):
-    """Checks the tile and forward_only arguments and runs the custom VJP; tiles = the keyword
+def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, z_offset=0):
+    """Checks the tile arguments and runs the custom VJP; tiles = the keyword
     arguments of `triton_common.kernel_tiles` but seqlen."""
-    check_forward_only(forward_only)
     error = norm_size_error(y.shape[-1])
     if error:
         raise ValueError(error)
     dtype = jnp.dtype(dtype or y.dtype)
     cfg = (int(ngroups), float(eps), dtype.name, kernel_tiles(y.shape[1], **tiles),
-           bool(interpret), int(z_offset), forward_only)
+           bool(interpret), int(z_offset))
     return _fused(y.astype(dtype), z, tuple(ws), cfg)
 
 
@@ -339,7 +328,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     num_warps_bwd: int | None = 8, num_stages: int = 2,
                                     num_stages_bwd: int | None = None, block_cols: int = 256,
                                     block_cols_bwd: int | None = None,
-                                    forward_only: str = "pallas", z_offset: int = 0):
+                                    min_programs: int = DEFAULT_MIN_PROGRAMS,
+                                    z_offset: int = 0):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
 
@@ -355,9 +345,10 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
         The default tiles were the fastest forward + backward that `benchmarks.fused_bench`
         found at configs/base.py's mixer on an H100, 0.377 ms against 0.424 ms at one stage
         and the natural width (benchmarks/results/fused_bench3_h100.md).
-      forward_only: one of triton_common.FORWARD_ONLY, what a call that is not differentiated
-        runs: "pallas" (the forward kernel) or "xla" (`bidirectional_gated_norm_xla`); a
-        differentiated call runs the forward and backward kernels either way.
+      min_programs: the forward's grid target: where batch x row blocks falls short of it
+        (batch 1 in the sampler), the forward takes fewer rows per program and as many times
+        wider column tiles (`triton_common.narrower_rows`); 1 = never. The backward keeps its
+        tiles.
       z_offset: z may be a wider array (the input projection's whole output [z | xBC | dt]):
         the kernels read the gate from its columns [z_offset, z_offset + d_inner), so no slice
         of it is copied; z's gradient is then z's width, zero elsewhere.
@@ -371,24 +362,23 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd)
-    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, forward_only, z_offset)
+                 block_cols_bwd=block_cols_bwd, min_programs=min_programs)
+    return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, z_offset)
 
 
 def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=None,
                       interpret: bool = False, block_rows: int = 8, num_warps: int = 4,
                       block_rows_bwd: int | None = 16, num_warps_bwd: int | None = None,
                       num_stages: int = 2, num_stages_bwd: int | None = 1, block_cols: int = 128,
-                      block_cols_bwd: int | None = 256, forward_only: str = "pallas",
-                      z_offset: int = 0):
+                      block_cols_bwd: int | None = 256,
+                      min_programs: int = DEFAULT_MIN_PROGRAMS, z_offset: int = 0):
     """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
     gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
 
     Args:
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
-        norm weight; the rest as `bidirectional_gated_norm_pallas` (forward_only "xla" runs
-        that jnp expression when not differentiated; z_offset: the gate's first column of a
-        wider z). The default tiles were the fastest forward + backward that
+        norm weight; the rest as `bidirectional_gated_norm_pallas` (min_programs likewise;
+        z_offset: the gate's first column of a wider z). The default tiles were the fastest forward + backward that
         `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100, 0.272 ms
         against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps, one
         stage, natural width; benchmarks/results/fused_bench_ar_h100.md).
@@ -407,5 +397,5 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd)
-    return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, forward_only, z_offset)
+                 block_cols_bwd=block_cols_bwd, min_programs=min_programs)
+    return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, z_offset)

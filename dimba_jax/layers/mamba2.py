@@ -34,8 +34,7 @@ from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1
 from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, gated_norm_pallas,
                                          norm_size_error)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import (check_impl, default_interpret, forward_only_of,
-                                            use_fused)
+from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
 from dimba_jax.ssd import KernelConfig, ssd
 
 
@@ -112,9 +111,8 @@ class Mamba2(nnx.Module):
         headdim and d_state powers of two; here not with seq_idx, which takes the XLA conv).
         For both knobs: "pallas" = the fused kernel wherever the call allows it (in the Pallas
         interpreter off GPU; other sizes raise); "auto" = the fused kernels on a GPU where the
-        call and the sizes allow it, under differentiation only (an undifferentiated call runs
-        the XLA math), else XLA (never the interpreter); see `triton_common.use_fused` and
-        `forward_only_of`.
+        call and the sizes allow it, in training and in sampling alike, else XLA (never the
+        interpreter); see `triton_common.use_fused`.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -253,7 +251,7 @@ class Mamba2(nnx.Module):
             x, b, c, dt = causal_conv_pallas(
                 zxbcdt, zxbcdt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
                 d_state=self.d_state, dtype=self.dtype, interpret=default_interpret(),
-                forward_only=forward_only_of(self.conv_impl), **self._packed_columns())
+                **self._packed_columns())
         else:
             x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
         a, d, dt_bias = self._ssm_params()
@@ -266,8 +264,7 @@ class Mamba2(nnx.Module):
                      shape_supported=not norm_size_error(self.headdim)):
             y = gated_norm_pallas(y, zxbcdt, self.norm.weight[...], ngroups=self.ngroups,
                                   eps=self.norm.eps, dtype=self.dtype,
-                                  interpret=default_interpret(),
-                                  forward_only=forward_only_of(self.norm_impl))
+                                  interpret=default_interpret())
         else:
             y = self.norm(y.reshape(batch, seqlen, self.d_inner).astype(self.dtype), z)
         y = self.out_proj(y)
@@ -358,9 +355,8 @@ class BidirectionalMamba2(nnx.Module):
     concatenation of both directions' x, B, C, dt) and the epilogue (`norm_impl`;
     `layers/fused_norm.py`: the two gated norms, the flip and the mean). Each knob is resolved
     per call by `triton_common.use_fused`: "pallas" runs the kernel (in the Pallas interpreter
-    off GPU), "auto" runs it on a GPU where the kernel takes the sizes and the call is
-    differentiated (training; an undifferentiated call, as in sampling, takes the XLA math:
-    `triton_common.forward_only_of`), "xla" never; otherwise the XLA path.
+    off GPU), "auto" runs it on a GPU where the kernel takes the sizes (training and
+    sampling), "xla" never; otherwise the XLA path.
 
     Args: those of `Mamba2` plus `share_projections`.
     """
@@ -404,7 +400,7 @@ class BidirectionalMamba2(nnx.Module):
                 x, b, c, dt = bidirectional_conv_pallas(
                     zxf, zxf, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
                     bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
-                    interpret=default_interpret(), forward_only=forward_only_of(f.conv_impl),
+                    interpret=default_interpret(),
                     **f._packed_columns())
             else:
                 x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, None))
@@ -416,8 +412,7 @@ class BidirectionalMamba2(nnx.Module):
             if fuse_norm:
                 y = bidirectional_gated_norm_pallas(
                     y, zxf, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
-                    eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret(),
-                    forward_only=forward_only_of(f.norm_impl))
+                    eps=f.norm.eps, dtype=f.dtype, interpret=default_interpret())
                 return f.out_proj(y)
             y_f, y_b = y[:, :, :f.nheads], y[:, :, f.nheads:]
         else:

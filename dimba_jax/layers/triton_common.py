@@ -8,10 +8,9 @@ from typing import NamedTuple
 import jax
 
 IMPLS = ("auto", "xla", "pallas")  # the kernel knobs' values (model.norm_impl, model.conv_impl)
-# What an undifferentiated call of a fused kernel runs: its forward kernel or its XLA reference
-# (a differentiated call runs the kernels either way).
-FORWARD_ONLY = ("pallas", "xla")
 DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
+# The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
+DEFAULT_MIN_PROGRAMS = 1024
 
 
 def check_impl(knob: str, impl: str) -> str:
@@ -19,21 +18,6 @@ def check_impl(knob: str, impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{knob} must be one of {IMPLS}, got {impl!r}")
     return impl
-
-
-def check_forward_only(forward_only: str) -> str:
-    """Returns `forward_only` if it is one of FORWARD_ONLY, else raises a one-line ValueError."""
-    if forward_only not in FORWARD_ONLY:
-        raise ValueError(f"forward_only must be one of {FORWARD_ONLY}, got {forward_only!r}")
-    return forward_only
-
-
-def forward_only_of(impl: str) -> str:
-    """The `forward_only` of a kernel a knob's value runs: "xla" for "auto" (on an H100 the
-    XLA mixer samples faster at batch 1: benchmarks/results/latency_levers_mixer_h100.md,
-    228 vs 307 ms for DIMBA base at T = 64, while the kernels win in the training step),
-    "pallas" for "pallas" (the kernels everywhere)."""
-    return "xla" if check_impl("impl", impl) == "auto" else "pallas"
 
 
 def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bool:
@@ -51,7 +35,10 @@ def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bo
       "xla": False. "pallas": `supported` (the kernel runs in the Pallas interpreter off GPU, see
       `default_interpret`). "auto": `supported and shape_supported` on a GPU
       (jax.default_backend() == "gpu"), else False: never the interpreter. Where True, the
-      kernel's `forward_only` (`forward_only_of`) decides what an undifferentiated call runs.
+      kernels run in differentiated and undifferentiated calls alike (training and sampling;
+      at batch 1 the forward kernels keep their grid full through `Tiles.programs`: on an H100
+      DIMBA base samples T = 64 at batch 1 in 176.9 ms with them, 216.5 ms with XLA's conv and
+      norm, benchmarks/results/latency_levers_mixer2_h100.md).
     """
     check_impl("impl", impl)
     if impl == "xla" or not supported:
@@ -90,6 +77,28 @@ class Tiles(NamedTuple):
     stages: int
     cols: int
     step: int = 0
+    programs: int = 1
+
+
+def split_count(programs: int, grid: int, tiles: int) -> int:
+    """Into how many programs a forward kernel splits each of its `grid` programs' `tiles`
+    column tiles so that the grid reaches `programs` programs: 1 where `grid` already does,
+    else the fewest splits that give every split ceil(tiles / splits) tiles with at least
+    `programs` programs in all (at most `tiles`)."""
+    if grid >= programs or tiles <= 1:
+        return 1
+    per = max(1, tiles // -(-programs // grid))  # tiles per split at the needed split count
+    return -(-tiles // per)
+
+
+def narrower_rows(tiles: Tiles, batch: int, seqlen: int) -> Tiles:
+    """`tiles` with rows halved and columns doubled (the tile keeps its size) while the grid
+    batch * seqlen / rows stays under tiles.programs, down to one row; cols 0 (the natural
+    width) stays 0 and the rows alone shrink."""
+    rows, cols = tiles.rows, tiles.cols
+    while rows > 1 and batch * (seqlen // rows) < tiles.programs:
+        rows, cols = rows // 2, cols * 2
+    return tiles._replace(rows=rows, cols=cols, step=min(tiles.step, rows) if tiles.step else 0)
 
 
 def compiler_params(tiles: Tiles, interpret: bool):
@@ -104,11 +113,14 @@ def compiler_params(tiles: Tiles, interpret: bool):
 def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: int | None,
                  num_warps_bwd: int | None, num_stages: int = 1, num_stages_bwd: int | None = None,
                  block_cols: int = 0, block_cols_bwd: int | None = None, step_rows: int = 0,
-                 step_rows_bwd: int | None = None) -> tuple[Tiles, Tiles]:
+                 step_rows_bwd: int | None = None,
+                 min_programs: int = DEFAULT_MIN_PROGRAMS) -> tuple[Tiles, Tiles]:
     """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
-    clipped to the rows; a backward value of None = the forward's (for rows and warps also 0).
-    ValueError for a stage count below 1, or a negative / non-power-of-two column width or
-    step."""
+    clipped to the rows; a backward value of None = the forward's (for rows and warps also 0);
+    min_programs the forward's grid target (`Tiles.programs`). ValueError for a stage count or
+    min_programs below 1, or a negative / non-power-of-two column width or step."""
+    if int(min_programs) < 1:
+        raise ValueError(f"min_programs must be >= 1, got {min_programs}")
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
@@ -122,7 +134,8 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
                  for r in (block_rows, block_rows_bwd or block_rows))
     warps = (int(num_warps), int(num_warps_bwd or num_warps))
     steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
-    return tuple(Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
+    fwd, bwd = (Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
+    return fwd._replace(programs=int(min_programs)), bwd
 
 
 def tile_width(total: int, natural: int, cols: int) -> int:
