@@ -80,7 +80,7 @@ def check_kernel_knobs(make_mixer, conv_name, norm_name, d_model=32, batch=2, se
     names = [jax.tree_util.keystr(path) for path, _ in flat_x]
     assert any("conv_weight" in n for n in names) and any("conv_bias" in n for n in names)
     for l_p, (g_p, du_p) in results[1:]:
-        np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
+        np.testing.assert_allclose(l_p, l_x, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(du_p, du_x, rtol=1e-4, atol=1e-5)
         flat_p = jax.tree.leaves(g_p)
         assert len(flat_x) == len(flat_p)

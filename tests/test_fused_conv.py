@@ -4,8 +4,9 @@ reference vs the tensors that BidirectionalMamba2 feeds its SSD, the model knob 
 alone and with the fused norm), and their Triton lowering for CUDA. Also what both kernel knobs (model.conv_impl,
 model.norm_impl) share: their values, "auto" and its resolution (layers/triton_common.py).
 
-Tolerances: forward values agree bit for bit in float32 and bfloat16 (same float32 summation
-order, one rounding to the output dtype). float32 gradients agree to float32 summation order
+Tolerances: forward values agree bit for bit in bfloat16 (same float32 summation order, one
+rounding to the output dtype) and to 1e-6 in float32 (XLA's CPU backend at optimisation level 0,
+tests/conftest.py, compiles the interpreted kernel's SiLU and the reference's differently). float32 gradients agree to float32 summation order
 (~1e-6). bf16 gradients of xbc and dt may differ by one bf16 ulp (the reference adds the two
 directions' contributions as bf16 terms, the kernel in float32); weight and bias gradients are
 float32 in both. Compiled on a GPU (Triton's exp / sigmoid, FMA contraction) the bf16 tolerance
@@ -30,6 +31,7 @@ from dimba_jax.models.dimba import DimbaModel
 
 B, L, H, P, N, K = 2, 16, 2, 8, 8, 4
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
+F32_FWD_TOL = dict(rtol=1e-6, atol=1e-6)
 BF16_TOL = dict(rtol=2e-2, atol=4e-2)
 NAMES = ("xbc", "dt", "w_f", "w_b", "bias_f", "bias_b")
 
@@ -68,7 +70,10 @@ def _compare(args, ngroups, dtype, block_rows=4):
                                   block_rows=block_rows)
     for o, r, want in zip(out, ref, (dtype, dtype, dtype, jnp.float32)):
         assert o.dtype == r.dtype == want and o.shape == r.shape
-        np.testing.assert_array_equal(np.float32(o), np.float32(r))
+        if o.dtype == jnp.float32:
+            np.testing.assert_allclose(np.asarray(o), np.asarray(r), **F32_FWD_TOL)
+        else:
+            np.testing.assert_array_equal(np.float32(o), np.float32(r))
     for name, g, r, a in zip(NAMES, grads, ref_grads, args):
         assert g.dtype == a.dtype and g.shape == a.shape, name
         tol = BF16_TOL if a.dtype == jnp.bfloat16 else F32_TOL
@@ -87,13 +92,15 @@ def test_kernel_matches_reference_values_and_gradients(dtype, ngroups, seqlen, b
 def test_forward_column_splits_write_every_output(min_programs):
     """The forward's grid target (2 batch rows x 4 row blocks = 8 programs, 6 column tiles and
     2 dt heads): no split (1), 3 splits of 2 tiles (20) and one tile per program (10**6) give
-    the reference's values bit for bit (float32)."""
+    the reference's values (float32; the dt columns are copies, bit for bit)."""
     args = _args(jnp.float32, 2, seed=3)
     f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True,
                           block_rows=4, min_programs=min_programs)
     want = jax.jit(functools.partial(fc.bidirectional_conv_xla, ngroups=2, d_state=N))(*args)
-    for got, ref in zip(jax.jit(f)(*args), want):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    got = jax.jit(f)(*args)
+    for o, r in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), **F32_FWD_TOL)
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))
 
 
 def test_bf16_gradients_are_as_close_to_float32_math_as_xla_bf16():
