@@ -19,8 +19,12 @@ best backward ("tuned"), whose values and gradients are checked
 against the reference (largest relative error over all outputs and gradients). Each sweep row
 sets the tiles it names and `PLAIN`'s for the rest; the rows "pallas (defaults)" time the
 public functions at their own default tiles (what the model runs). `--batch1`
-adds the forward sweep at batch 1 (the sampler's denoiser). Off GPU the kernels run in the
-Pallas interpreter (for tests only; the times mean nothing there).
+adds the forward sweep at batch 1 (the sampler's denoiser); those rows time one jitted call
+each, which at batch 1 is mostly dispatch (tens of us for a few us of kernel), so
+`--batch1-loop N` also times the batch-1 forward as N calls inside one jitted loop (as the
+sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference, the defaults and
+--rows x --warps x --programs (`min_programs`, the forward's grid target). Off GPU the kernels
+run in the Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
 kernel, pass, impl, batch, block_rows, num_warps, num_stages, block_cols, step_rows and their _bwd twins where set, ms, or error) and PREFIX.md (the rows as a table, the failed
@@ -48,10 +52,11 @@ from dimba_jax.layers import fused_conv, fused_norm
 from dimba_jax.layers.triton_common import default_interpret
 
 # The sweep's baseline: every tile argument a sweep row does not set (16 rows x 4 warps, one
-# pipeline stage, the natural column width, all rows in one step), whatever the defaults are.
+# pipeline stage, the natural column width, all rows in one step, no grid target), whatever the
+# defaults are.
 PLAIN = dict(block_rows=16, num_warps=4, num_stages=1, block_cols=0, step_rows=0,
-             num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0)
-TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows")
+             num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0, min_programs=1)
+TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows", "min_programs")
 
 
 def tile_defaults(fn) -> dict:
@@ -127,6 +132,37 @@ def make_case(kernel: str, dims: dict, batch: int, key):
     return ref, make, args, cts, tile_defaults(pallas_fn)
 
 
+def loop_fn(fn, n: int):
+    """jit of n calls of fn(*args) in one fori_loop. Each call's last argument (a float32 bias
+    or norm weight) is nudged by 1e-30 x one element of its output, so no call is hoisted out
+    of the loop or merged with another; returns that argument after the loop."""
+    def body(_, a):
+        first = jax.tree.leaves(fn(*a))[0].reshape(-1)[0].astype(jnp.float32)
+        return (*a[:-1], a[-1] + 1e-30 * first)
+
+    return jax.jit(lambda *a: jax.lax.fori_loop(0, n, body, a)[-1])
+
+
+def sweep_loop(run, kernel: str, dims: dict, rows, warps, programs, n: int):
+    """The batch-1 forward as n calls in one jitted loop (`loop_fn`; ms per call): the XLA
+    reference, the pallas function at its defaults, then rows x warps x min_programs."""
+    ref, make, args, _, defaults = make_case(kernel, dims, 1, jax.random.key(0))
+    base = dict(kernel=kernel, batch=1, loop=n, **{"pass": "fwd (loop)"})
+
+    def timed(f, **row):
+        return run.time(loop_fn(f, n), args, calls=n, **base, **row)
+
+    timed(ref, impl="xla")
+    timed(make(**defaults), impl="pallas (defaults)", **defaults)
+    for r in rows:
+        for w in warps:
+            for mp in programs:
+                if run.out_of_time():
+                    return
+                timed(make(block_rows=r, num_warps=w, min_programs=mp), impl="pallas",
+                      block_rows=r, num_warps=w, min_programs=mp)
+
+
 def max_rel(a, b) -> float:
     return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -144,9 +180,10 @@ class Runner:
     def out_of_time(self) -> bool:
         return time.time() - self.t0 > self.a.budget_s
 
-    def time(self, f, args, **row):
+    def time(self, f, args, calls: int = 1, **row):
+        """Times f(*args) (ms per call of f's `calls` calls), appends the row, writes."""
         try:
-            row["ms"] = time_ms(f, args, self.a.runs, self.a.inner)[0]
+            row["ms"] = time_ms(f, args, self.a.runs, self.a.inner)[0] / calls
         except Exception as e:  # noqa: BLE001 (a configuration the compiler rejects is a result)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         self.result["rows"].append(row)
@@ -237,6 +274,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" c{r['block_cols' + suffix]}"
     if r.get("step_rows" + suffix, 0):
         text += f" step{r['step_rows' + suffix]}"
+    if not suffix and r.get("min_programs") not in (None, PLAIN.get("min_programs")):
+        text += f" p{r['min_programs']}"
     return text
 
 
@@ -279,9 +318,14 @@ def write(result, prefix):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16,
+                   help="batch of the forward + backward sweeps (0: none, e.g. --batch1-loop alone)")
     p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
     p.add_argument("--batch1", action="store_true", help="also sweep the forward at batch 1")
+    p.add_argument("--batch1-loop", type=int, default=0,
+                   help="N > 0: also time the batch-1 forward as N calls in one jitted loop")
+    p.add_argument("--programs", default="1,256,1024,4096",
+                   help="min_programs values of the --batch1-loop sweep")
     p.add_argument("--kernels", default="conv,norm")
     p.add_argument("--rows", default="4,8,16,32")
     p.add_argument("--warps", default="1,2,4,8")
@@ -305,11 +349,15 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
-    for kernel in kernels:
+    for kernel in kernels if a.batch else ():
         sweep(run, kernel, dims, a.batch, rows, warps, backward=True, stages=stages, cols=cols)
     if a.batch1:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)
+    if a.batch1_loop:
+        programs = [int(v) for v in a.programs.split(",")]
+        for kernel in kernels:
+            sweep_loop(run, kernel, dims, rows, warps, programs, a.batch1_loop)
     return run.result
 
 

@@ -72,10 +72,16 @@ def test_causal_config_sweeps_the_one_direction_kernels(tmp_path):
                    "    return c\n")
     result = fused_bench.main(["--config", str(cfg), "--batch", "1", "--seq-len", "8",
                                "--rows", "4", "--warps", "1", "--stages", "1", "--cols", "0",
-                               "--runs", "1", "--inner", "1", "--out", str(tmp_path / "fb")])
+                               "--runs", "1", "--inner", "1", "--batch1-loop", "2",
+                               "--programs", "1,8", "--kernels", "conv,norm",
+                               "--out", str(tmp_path / "fb")])
     assert result["dims"]["directions"] == 1
     rows = result["rows"]
     assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    loop = [(r["kernel"], r["impl"], r.get("min_programs")) for r in rows
+            if r["pass"] == "fwd (loop)"]
+    assert loop == [(k, i, p) for k in ("conv", "norm") for i, p in
+                    (("xla", None), ("pallas (defaults)", 1024), ("pallas", 1), ("pallas", 8))]
     tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
     assert sorted(r["kernel"] for r in tuned) == ["conv", "norm"]
     assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)
