@@ -23,9 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TRAIN = ("train_throughput_fused", "train_throughput_fused2", "tt_twopass")
-LEVERS = "latency_levers_mixer"
-# legend names of latency_levers variants (others: the variant's own name)
-LEVER_NAMES = {"base": "fused forward kernels", "mixer_xla": "XLA mixer (what \"auto\" samples with)"}
+LEVERS = "latency_levers_mixer2"
+# legend names of the latency_levers variants of LEVERS' call (others: the variant's own name)
+LEVER_NAMES = {"base": "XLA conv + norm (\"auto\" before the grid target)",
+               "mixer_pallas": "fused forwards, grid target (\"auto\" now)",
+               "conv_pallas": "fused conv alone", "norm_pallas": "fused norm alone"}
 
 
 def _load(path: str) -> dict:

@@ -10,7 +10,7 @@ def test_figure_from_committed_results(tmp_path):
     assert [len(rows) for _, rows in groups] == [2, 3, 2]
     assert all(rows[0][1] > rows[-1][1] for _, rows in groups)  # all-XLA first, slowest
     levers = plot_fused.lever_bars("benchmarks/results", plot_fused.LEVERS, "h100")
-    assert {v for v, _, _ in levers} == {"base", "mixer_xla"}
+    assert {v for v, _, _ in levers} == {"base", "mixer_pallas", "conv_pallas", "norm_pallas"}
     out = plot_fused.main(["--out", str(tmp_path / "f.png")])
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
