@@ -57,7 +57,8 @@ GPU command (one H200; ~200 s):
 
     timeout 240 python3 -m benchmarks.latency_levers --out $OUT --budget-s 220
 
-Subsets: --variants base,cb_while,pallas_cb (in the given order). The budget rarely covers every
+Subsets: --variants base,cb_while,pallas_cb (in the given order); further variants of config
+overrides: --variant fo128:model.ssd_forward_only_block_len=128 (repeatable, run after them). The budget rarely covers every
 variant in one call (each costs ~40-60 s: start, three compilations, timing); continue in a second
 call from the first one's JSON (finished variants are skipped, rows accumulate, `same_ids_as_base`
 and the derived numbers then span both calls):
@@ -128,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="output folder (default: $OUT, else the current folder)")
     p.add_argument("--budget-s", type=float, default=200.0, help="wall-clock budget of the whole call")
     p.add_argument("--variants", default=",".join(DEFAULT_ORDER), help="comma list, run in this order")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="a further variant (repeatable; run after --variants): config overrides "
+                        "set on both the DIMBA and the AR config, e.g. "
+                        "fo128:model.ssd_forward_only_block_len=128")
     p.add_argument("--dimba-config", default="configs/small.py")
     p.add_argument("--ar-config", default="configs/ar_small.py")
     p.add_argument("--L-gen", type=int, default=1024, help="generated tokens (DIMBA L and AR new tokens)")
@@ -260,6 +265,7 @@ def _install_matmul_state_pass() -> None:
 
 def _configs(args, settings):
     from benchmarks import pareto  # config helpers of the Pareto driver
+    from dimba_jax.train.overrides import apply_overrides
 
     if args.smoke:
         dimba_cfg, ar_cfg = pareto.smoke_config("dimba"), pareto.smoke_config("ar")
@@ -277,6 +283,7 @@ def _configs(args, settings):
         for knob in ("conv_impl", "norm_impl", "head_dtype"):
             if settings.get(knob) and knob in cfg.model:
                 setattr(cfg.model, knob, settings[knob])
+        apply_overrides(cfg, [tuple(kv) for kv in settings.get("overrides", [])])
     return dimba_cfg, ar_cfg
 
 
@@ -525,10 +532,22 @@ def run_parent(args, argv) -> dict:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    specs = {n: VARIANTS[n] for n in names}
+    from benchmarks.train_throughput import parse_variant
+    from dimba_jax.config import default_config
+    from dimba_jax.train.overrides import apply_overrides
+
+    for text in args.variant:
+        name, pairs = parse_variant(text)
+        if name in specs:
+            raise ValueError(f"--variant {text!r}: the name {name!r} is taken")
+        apply_overrides(default_config(), pairs)  # an unknown key or a bad value fails here
+        specs[name] = {"overrides": [list(kv) for kv in pairs]}
+        names.append(name)
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     state = {"command": "python3 -m benchmarks.latency_levers " + " ".join(argv), "L_gen": args.L_gen,
              "repeats": args.repeats, "steps": steps_list, "rows": [], "variant_status": {},
-             "variants": {n: VARIANTS[n] for n in names}}
+             "variants": specs}
     if args.previous:
         if not os.path.isfile(args.previous):
             raise FileNotFoundError(f"--previous {args.previous!r} not found")
@@ -558,7 +577,7 @@ def run_parent(args, argv) -> dict:
             state["variant_status"][name] = f"skipped: {left:.0f}s of the budget left"
             print(f"[levers] {state['variant_status'][name]}", flush=True)
             continue
-        settings = dict(VARIANTS[name], name=name)
+        settings = dict(specs[name], name=name)
         if args.profile and name in args.profile_variants.split(","):
             settings["profile"] = True
         state["rows"] = [r for r in state["rows"] if r.get("variant") != name]  # a re-run replaces them

@@ -53,6 +53,21 @@ def test_smoke_run_writes_results_and_survives_a_bad_variant(tmp_path, monkeypat
 def test_unknown_variant_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown variants"):
         levers.main(["--smoke", "--out", str(tmp_path), "--variants", "base,warp_drive"])
+    with pytest.raises(ValueError, match=r"^unknown config key --config\.model\.warp"):
+        levers.main(["--smoke", "--out", str(tmp_path), "--variants", "base",
+                     "--variant", "w:model.warp=9"])
+    with pytest.raises(ValueError, match="the name 'base' is taken"):
+        levers.main(["--smoke", "--out", str(tmp_path), "--variants", "base",
+                     "--variant", "base:model.ssd_forward_only_block_len=128"])
+
+
+def test_variant_overrides_reach_both_configs():
+    args = levers.parse_args(["--smoke"])
+    dimba, ar = levers._configs(args, {"overrides": [["model.ssd_forward_only_block_len", "128"],
+                                                     ["model.head_dtype", "bfloat16"]]})
+    for cfg in (dimba, ar):
+        assert cfg.model.ssd_forward_only_block_len == 128
+        assert cfg.model.head_dtype == "bfloat16"
 
 
 def test_sampler_unroll_gives_the_same_tokens():
