@@ -319,7 +319,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--batch", type=int, default=16,
-                   help="batch of the forward + backward sweeps (0: none, e.g. --batch1-loop alone)")
+                   help="batch of the forward + backward sweeps (0: none, e.g. with "
+                        "--batch1-loop alone)")
     p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
     p.add_argument("--batch1", action="store_true", help="also sweep the forward at batch 1")
     p.add_argument("--batch1-loop", type=int, default=0,

@@ -58,10 +58,10 @@ GPU command (one H200; ~200 s):
     timeout 240 python3 -m benchmarks.latency_levers --out $OUT --budget-s 220
 
 Subsets: --variants base,cb_while,pallas_cb (in the given order); further variants of config
-overrides: --variant fo128:model.ssd_forward_only_block_len=128 (repeatable, run after them). The budget rarely covers every
-variant in one call (each costs ~40-60 s: start, three compilations, timing); continue in a second
-call from the first one's JSON (finished variants are skipped, rows accumulate, `same_ids_as_base`
-and the derived numbers then span both calls):
+overrides: --variant fo128:model.ssd_forward_only_block_len=128 (repeatable, run after them).
+The budget rarely covers every variant in one call (each costs ~40-60 s: start, three compilations,
+timing); continue in a second call from the first one's JSON (finished variants are skipped, rows
+accumulate, `same_ids_as_base` and the derived numbers then span both calls):
 
     cp $OUT/latency_levers.json benchmarks/results/latency_levers_h200.json   # after call 1
     timeout 240 python3 -m benchmarks.latency_levers --out $OUT --budget-s 220 \
@@ -96,29 +96,31 @@ _CB_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 # name -> settings. xla_flags are appended to any XLA_FLAGS of the caller's environment.
 _CB_WHILE = f"--xla_gpu_enable_command_buffer={_CB_ALL} --xla_gpu_graph_min_graph_size=1"
 # name -> settings, in the default order (most informative first: the budget may stop the run).
-# xla_flags are appended to any XLA_FLAGS of the caller's environment; "cases" replaces the
-# default cases (DIMBA at each --steps value and AR).
+# xla_flags are appended to any XLA_FLAGS of the caller's environment; "overrides" are config
+# overrides ([dotted key, text value] pairs) set on both configs; "cases" replaces the default
+# cases (DIMBA at each --steps value and AR).
 VARIANTS: dict[str, dict] = {
     "base": {},
     "cb_while": {"xla_flags": _CB_WHILE},
     "cb_min1": {"xla_flags": "--xla_gpu_graph_min_graph_size=1"},
-    "pallas": {"ssd_impl": "pallas"},
-    "pallas_cb": {"ssd_impl": "pallas", "xla_flags": _CB_WHILE},
+    "pallas": {"overrides": [["model.ssd_impl", "pallas"]]},
+    "pallas_cb": {"overrides": [["model.ssd_impl", "pallas"]], "xla_flags": _CB_WHILE},
     "extras": {"cases": ["dimba_T{hi}_noclamp", "ar_topp1"]},
     "unroll4": {"unroll": 4},
     "cb_off": {"xla_flags": "--xla_gpu_enable_command_buffer="},
     "matmul_pass": {"state_pass": "matmul"},
     "cb_matmul_pass": {"state_pass": "matmul", "xla_flags": _CB_WHILE},
-    "f32": {"compute_dtype": "float32"},
+    "f32": {"overrides": [["model.compute_dtype", "float32"]]},
     "cb_unroll4": {"unroll": 4, "xla_flags": _CB_WHILE},
-    "reference": {"ssd_impl": "reference", "cases": ["dimba_T{lo}", "ar"]},
-    "mixer_xla": {"conv_impl": "xla", "norm_impl": "xla"},
-    "mixer_pallas": {"conv_impl": "pallas", "norm_impl": "pallas"},
-    "conv_pallas": {"conv_impl": "pallas", "cases": ["dimba_T{hi}"]},
-    "norm_pallas": {"norm_impl": "pallas", "cases": ["dimba_T{hi}"]},
-    "mixer_pallas_cb": {"conv_impl": "pallas", "norm_impl": "pallas", "xla_flags": _CB_WHILE},
-    "ssd_xla": {"ssd_impl": "xla"},
-    "head_bf16": {"head_dtype": "bfloat16"},
+    "reference": {"overrides": [["model.ssd_impl", "reference"]], "cases": ["dimba_T{lo}", "ar"]},
+    "mixer_xla": {"overrides": [["model.conv_impl", "xla"], ["model.norm_impl", "xla"]]},
+    "mixer_pallas": {"overrides": [["model.conv_impl", "pallas"], ["model.norm_impl", "pallas"]]},
+    "conv_pallas": {"overrides": [["model.conv_impl", "pallas"]], "cases": ["dimba_T{hi}"]},
+    "norm_pallas": {"overrides": [["model.norm_impl", "pallas"]], "cases": ["dimba_T{hi}"]},
+    "mixer_pallas_cb": {"overrides": [["model.conv_impl", "pallas"], ["model.norm_impl", "pallas"]],
+                        "xla_flags": _CB_WHILE},
+    "ssd_xla": {"overrides": [["model.ssd_impl", "xla"]]},
+    "head_bf16": {"overrides": [["model.head_dtype", "bfloat16"]]},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -276,13 +278,6 @@ def _configs(args, settings):
         ar_cfg = pareto.load_config_file(os.path.join(ROOT, args.ar_config) if not os.path.isabs(
             args.ar_config) else args.ar_config)
     for cfg in (dimba_cfg, ar_cfg):
-        if settings.get("ssd_impl"):
-            cfg.model.ssd_impl = settings["ssd_impl"]
-        if settings.get("compute_dtype"):
-            cfg.model.compute_dtype = settings["compute_dtype"]
-        for knob in ("conv_impl", "norm_impl", "head_dtype"):
-            if settings.get(knob) and knob in cfg.model:
-                setattr(cfg.model, knob, settings[knob])
         apply_overrides(cfg, [tuple(kv) for kv in settings.get("overrides", [])])
     return dimba_cfg, ar_cfg
 

@@ -6,11 +6,11 @@ model.norm_impl) share: their values, "auto" and its resolution (layers/triton_c
 
 Tolerances: forward values agree bit for bit in bfloat16 (same float32 summation order, one
 rounding to the output dtype) and to 1e-6 in float32 (XLA's CPU backend at optimisation level 0,
-tests/conftest.py, compiles the interpreted kernel's SiLU and the reference's differently). float32 gradients agree to float32 summation order
-(~1e-6). bf16 gradients of xbc and dt may differ by one bf16 ulp (the reference adds the two
-directions' contributions as bf16 terms, the kernel in float32); weight and bias gradients are
-float32 in both. Compiled on a GPU (Triton's exp / sigmoid, FMA contraction) the bf16 tolerance
-applies to everything.
+tests/conftest.py, compiles the interpreted kernel's SiLU and the reference's differently). float32
+gradients agree to float32 summation order (~1e-6). bf16 gradients of xbc and dt may differ by one
+bf16 ulp (the reference adds the two directions' contributions as bf16 terms, the kernel in
+float32); weight and bias gradients are float32 in both. Compiled on a GPU (Triton's exp / sigmoid,
+FMA contraction) the bf16 tolerance applies to everything.
 """
 
 import functools

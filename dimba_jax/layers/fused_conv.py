@@ -225,11 +225,15 @@ def _split_loop(count, splits, shift, body):
     of them; else the tiles j whose global index shift + j is congruent to the split
     pl.program_id(2) modulo splits (a split owns the tiles at a stride of splits)."""
     if splits == 1:
-        jax.lax.fori_loop(0, count, lambda j, c: (body(j), c)[1], 0)
+        def visit(j, carry):
+            body(j)
+            return carry
+
+        jax.lax.fori_loop(0, count, visit, 0)
         return
     first = (pl.program_id(2) + (splits - shift % splits)) % splits
 
-    def visit(m, carry):
+    def visit_split(m, carry):
         j = first + m * splits
 
         @pl.when(j < count)
@@ -237,7 +241,7 @@ def _split_loop(count, splits, shift, body):
             body(j)
         return carry
 
-    jax.lax.fori_loop(0, -(-count // splits), visit, 0)
+    jax.lax.fori_loop(0, -(-count // splits), visit_split, 0)
 
 
 def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo,
@@ -598,12 +602,12 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        step_rows_bwd: int | None = 16,
                        min_programs: int = DEFAULT_MIN_PROGRAMS,
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
-    """The causal mixer's prologue as the same kernels with one direction (custom VJP); same
-    math, arguments and outputs as `causal_conv_xla`; the tile, min_programs and packing (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles
-    were the fastest forward + backward that `benchmarks.fused_bench` found at
-    configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
-    kernels' defaults (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and
-    d_state powers of two.
+    """The causal mixer's prologue as the same kernels with one direction (custom VJP); same math,
+    arguments and outputs as `causal_conv_xla`; the tile, min_programs and packing (xbc_offset,
+    dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles were the fastest
+    forward + backward that `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an
+    H100, 0.348 ms against 0.482 ms at the bidirectional kernels' defaults
+    (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and d_state powers of two.
     Returns:
       (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
       (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).

@@ -378,10 +378,10 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
     Args:
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
         norm weight; the rest as `bidirectional_gated_norm_pallas` (min_programs likewise;
-        z_offset: the gate's first column of a wider z). The default tiles were the fastest forward + backward that
-        `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100, 0.272 ms
-        against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps, one
-        stage, natural width; benchmarks/results/fused_bench_ar_h100.md).
+        z_offset: the gate's first column of a wider z). The default tiles were the fastest forward
+        + backward that `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100,
+        0.272 ms against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps,
+        one stage, natural width; benchmarks/results/fused_bench_ar_h100.md).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y, z, w (their dtypes).
     """
