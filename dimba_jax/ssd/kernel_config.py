@@ -30,7 +30,11 @@ class KernelConfig:
       float32 (the f32 tiles of a 128 chunk exceed shared memory). Speed only.
     forward_only_block_len: chunk length of Mosaic forward-only calls (no gradient taken:
       sampling, evaluation) where it divides the training chunk; None = block_len. On the H200
-      the forward at chunk 64 is 1.2-1.3x faster than at 128, while fwd+bwd is faster at 128.
+      the forward at chunk 64 is 1.2-1.3x faster than at 128 at the SSD's benchmark shapes,
+      while fwd+bwd is faster at 128. The models' default (`config.model`) is 128: the batch-1
+      sampler of configs/base.py (T = 64, one H100) takes 165.7 ms at 128 against 177.5 ms at
+      64, and 167.2 against 177.2 in a second call
+      (benchmarks/results/latency_levers_fo2_h100.md, latency_levers_fo_h100.md).
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
