@@ -218,6 +218,10 @@ class FiLM(nnx.Module):
         scale, shift = jnp.split(self.proj(c.astype(jnp.float32)), 2, axis=-1)
         return (x.astype(jnp.float32) * (1.0 + scale[:, None, :]) + shift[:, None, :]).astype(x.dtype)
 
+    def modulation(self, c: jax.Array) -> jax.Array:
+        """[scale; shift] of c: float32 (b, 2, d_model) (what `__call__` applies)."""
+        return self.proj(c.astype(jnp.float32)).reshape(c.shape[0], 2, -1)
+
 
 class AdditiveConditioning(nnx.Module):
     """x + shift(c) with a zero-initialised linear shift. c: (b, cond_dim); x: (b, L, d_model)."""
@@ -228,6 +232,11 @@ class AdditiveConditioning(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         return (x.astype(jnp.float32) + self.proj(c.astype(jnp.float32))[:, None, :]).astype(x.dtype)
+
+    def modulation(self, c: jax.Array) -> jax.Array:
+        """[scale = 0; shift] of c: float32 (b, 2, d_model) (x * (1 + 0) + shift = `__call__`)."""
+        shift = self.proj(c.astype(jnp.float32))
+        return jnp.stack([jnp.zeros_like(shift), shift], axis=1)
 
 
 def make_block_conditioning(kind: str, cond_dim: int, d_model: int, *, param_dtype=jnp.float32,

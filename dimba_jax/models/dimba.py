@@ -75,8 +75,10 @@ from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
                                            make_block_conditioning)
+from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
+from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
 from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -170,8 +172,11 @@ def normalize_rows(table: jax.Array, scale: float) -> jax.Array:
 class DimbaBlock(nnx.Module):
     """Pre-norm residual Mamba-2 block with FiLM / additive conditioning.
 
-    __call__(h float32 (b, L, d), c float32 (b, cond_dim) or None) -> float32 (b, L, d).
-    With c=None the conditioning is skipped (used when a trained stack serves as a frozen encoder).
+    __call__(h float32 (b, L, d), c float32 (b, cond_dim) or None) -> float32 (b, L, d):
+    h + mixer(cond(norm(h), c)). With c=None the conditioning is skipped (used when a trained
+    stack serves as a frozen encoder). A stack runs `prenorm` and `mixer` itself so that each
+    block's pre-norm also adds the previous block's mixer output (one fused kernel with
+    `model.prenorm_impl`).
     """
 
     def __init__(self, model_cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -187,12 +192,28 @@ class DimbaBlock(nnx.Module):
                                conv_impl=getattr(m, "conv_impl", "auto"),
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
+        self.prenorm_impl = check_impl("model.prenorm_impl", getattr(m, "prenorm_impl", "xla"))
 
-    def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
+    def prenorm(self, h: jax.Array, delta: jax.Array | None,
+                c: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """(u, x): u = h + delta (h's dtype; h itself for delta None), x = cond(norm(u), c)
+        in the blocks' dtype, the mixer's input. h (b, L, d) float32; delta (b, L, d) (the
+        previous block's mixer output) or None; c (b, cond_dim) or None. `model.prenorm_impl`
+        picks the fused kernel (`layers/fused_prenorm.py`) or XLA (`triton_common.use_fused`)."""
+        if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(h.shape[-1])):
+            mod = None if c is None else self.cond.modulation(c)
+            return prenorm_pallas(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
+                                  dtype=self.dtype, interpret=default_interpret())
+        if delta is not None:
+            h = h + delta.astype(h.dtype)
         x = self.norm(h)
         if c is not None:
             x = self.cond(x, c)
-        return h + self.mixer(x.astype(self.dtype)).astype(h.dtype)
+        return h, x.astype(self.dtype)
+
+    def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
+        h, x = self.prenorm(h, None, c)
+        return h + self.mixer(x).astype(h.dtype)
 
 
 class DimbaModel(nnx.Module):
@@ -200,9 +221,9 @@ class DimbaModel(nnx.Module):
 
     Args:
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
-        chunk_size, ssd_impl, norm_impl, conv_impl, bidirectional, conditioning, prompt_encoder,
-        prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim, self_condition,
-        compute_dtype, head_dtype, readout, skip_logits, posterior_input, posterior_grad,
+        chunk_size, ssd_impl, norm_impl, conv_impl, prenorm_impl, bidirectional, conditioning,
+        prompt_encoder, prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim,
+        self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input, posterior_grad,
         logit_bias, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
@@ -397,8 +418,11 @@ class DimbaModel(nnx.Module):
         pooled = jnp.sum(c_pos, axis=1) / n_visible
         cond = jax.nn.silu(self.time_embed(noise_time(level)) + self.pool_proj(pooled))
 
+        delta = None  # each block's mixer output, added to h by the next block's pre-norm
         for block in self.blocks:
-            h = block(h, cond)
+            h, x = block.prenorm(h, delta, cond)
+            delta = block.mixer(x)
+        h = h + delta.astype(h.dtype)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
         prior = prior * prior_weight if self.skip_logits else 0.0
         if self.readout == "score_interp":
