@@ -17,8 +17,10 @@ The forward kernel is swept over `--rows` x `--warps` (time rows per program, wa
 program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
 loops over column tiles; columns per tile, 0 = the natural headdim / d_state), and for the conv
 programs of 2, 4, 8 times the best rows walked in steps of those rows (`step_rows`); then the
-backward kernels likewise with the forward at `PLAIN`'s tiles; then the best forward with the
-best backward ("tuned"), whose values and gradients are checked
+backward kernels likewise with the forward at `PLAIN`'s tiles (for the conv also `--bwd-sums`:
+programs of ROWS rows in steps of STEP whose weight sums are elementwise over the steps,
+`sums_bwd="tile"`, with the column tiles split to MIN_PROGRAMS_BWD programs); then the best
+forward with the best backward ("tuned"), whose values and gradients are checked
 against the reference (largest relative error over all outputs and gradients). Each sweep row
 sets the tiles it names and `PLAIN`'s for the rest; the rows "pallas (defaults)" time the
 public functions at their own default tiles (what the model runs). `--batch1`
@@ -58,7 +60,8 @@ from dimba_jax.layers.triton_common import default_interpret
 # pipeline stage, the natural column width, all rows in one step, no grid target), whatever the
 # defaults are.
 PLAIN = dict(block_rows=16, num_warps=4, num_stages=1, block_cols=0, step_rows=0,
-             num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0, min_programs=1)
+             num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0, min_programs=1,
+             min_programs_bwd=1, sums_bwd="step")
 TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows", "min_programs")
 
 
@@ -71,6 +74,8 @@ def tile_defaults(fn) -> dict:
         if k + "_bwd" in params:
             v = params[k + "_bwd"].default
             out[k + "_bwd"] = out[k] if v is None else v
+    if "sums_bwd" in params:
+        out["sums_bwd"] = params["sums_bwd"].default
     return out
 
 
@@ -206,10 +211,12 @@ class Runner:
 
 
 def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backward: bool,
-          stages=(1,), cols=(0,)):
+          stages=(1,), cols=(0,), bwd_sums=()):
     """The XLA reference and the pallas function at its default tiles, the forward sweep
     (rows x warps, then stages x cols at the best of those), then (with `backward`) the same
-    for the backward kernels with the forward at PLAIN's tiles, and the tuned row (the best
+    for the backward kernels with the forward at PLAIN's tiles, for the conv also its weight
+    sums elementwise over row steps (`bwd_sums`: (rows, step, min_programs_bwd) triples with
+    sums_bwd "tile" at the best backward warps and columns), and the tuned row (the best
     forward with the best backward). Tiles a row does not name are PLAIN's."""
     ref, make, args, cts, defaults = make_case(kernel, dims, batch, jax.random.key(0))
     base = dict(kernel=kernel, batch=batch)
@@ -247,6 +254,14 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
         return [dict(t, **{"block_rows" + suffix: r * m, "step_rows" + suffix: r})
                 for m in (2, 4, 8) if r * m <= dims["L"]]
 
+    def refine_sums(key):
+        """conv only: the backward's tile sums over column splits at best[key]'s warps / cols."""
+        _, t = best[key]
+        if kernel != "conv":
+            return []
+        return [dict(t, block_rows_bwd=r, step_rows_bwd=st, sums_bwd="tile",
+                     min_programs_bwd=mp) for r, st, mp in bwd_sums if r <= dims["L"]]
+
     def timed_fwd(t):
         return run.time(fwd(make(**t)), args, **base, impl="pallas", **t, **{"pass": "fwd"})
 
@@ -269,6 +284,8 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
         return
     if not phase("bwd", refine_steps("bwd", "_bwd"), timed_bwd):
         return
+    if not phase("bwd", refine_sums("bwd"), timed_bwd):
+        return
     tiles = dict(best["fwd"][1], **best["bwd"][1])
     f = fwdbwd(make(**tiles))
     err = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
@@ -287,6 +304,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" c{r['block_cols' + suffix]}"
     if r.get("step_rows" + suffix, 0):
         text += f" step{r['step_rows' + suffix]}"
+    if r.get("sums" + suffix, "step") != "step":
+        text += f" sums-{r['sums' + suffix]} p{r['min_programs' + suffix]}"
     if not suffix and r.get("min_programs") not in (None, PLAIN.get("min_programs")):
         text += f" p{r['min_programs']}"
     return text
@@ -347,6 +366,9 @@ def main(argv=None):
                    help="Triton pipeline stages tried at the best rows x warps")
     p.add_argument("--cols", default="0,128,256,512",
                    help="columns per tile tried at the best rows x warps (0 = natural width)")
+    p.add_argument("--bwd-sums", default="64:8:1,64:8:1024,256:8:1024,256:4:1024,1024:8:1024",
+                   help="conv backward: ROWS:STEP:MIN_PROGRAMS_BWD triples timed with "
+                        "sums_bwd 'tile' at the best backward warps and columns ('' = none)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=400.0)
@@ -363,8 +385,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
+    bwd_sums = [tuple(int(v) for v in t.split(":")) for t in a.bwd_sums.split(",") if t]
     for kernel in kernels if a.batch else ():
-        sweep(run, kernel, dims, a.batch, rows, warps, backward=True, stages=stages, cols=cols)
+        sweep(run, kernel, dims, a.batch, rows, warps, backward=True, stages=stages, cols=cols,
+              bwd_sums=bwd_sums)
     if a.batch1:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)

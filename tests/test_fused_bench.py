@@ -105,3 +105,23 @@ def test_prenorm_kernel_sweeps_and_checks_against_its_reference(tmp_path):
             and r["pass"] == "fwd"] == [0, 64]
     tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
     assert len(tuned) == 1 and tuned[0]["max_rel_err_vs_xla"] < 2e-2
+
+
+def test_conv_backward_tile_sums_are_swept(tmp_path):
+    """--bwd-sums ROWS:STEP:PROGRAMS: the conv backward timed with its weight sums elementwise
+    over row steps and its column tiles split (rows longer than L are skipped), at the best
+    backward warps; the rows record sums_bwd and min_programs_bwd, the table names them."""
+    prefix = str(tmp_path / "fb")
+    result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
+                               "--rows", "4", "--warps", "1", "--stages", "1", "--cols", "0",
+                               "--bwd-sums", "8:2:1024,8:8:1,64:8:1", "--kernels", "conv",
+                               "--runs", "1", "--inner", "1", "--out", prefix])
+    rows = result["rows"]
+    assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    tiled = [(r["block_rows_bwd"], r["step_rows_bwd"], r["min_programs_bwd"])
+             for r in rows if r.get("sums_bwd") == "tile" and r["impl"] == "pallas"]
+    assert tiled == [(8, 2, 1024), (8, 8, 1)]
+    tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
+    assert len(tuned) == 1 and tuned[0]["max_rel_err_vs_xla"] < 2e-2
+    with open(prefix + ".md") as f:
+        assert "sums-tile p1024" in f.read()

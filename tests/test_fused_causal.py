@@ -276,6 +276,34 @@ def test_wider_column_tiles_compute_the_same(nd, cols):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
 
 
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("rows,step,programs", [(16, 4, 10**6), (8, 2, 1), (16, 16, 3)])
+def test_backward_tile_sums_and_column_splits_compute_the_same(nd, rows, step, programs):
+    """The backward's weight sums elementwise over row steps (sums_bwd "tile") and its column
+    tiles split over a third grid axis (min_programs_bwd: one tile per program at 10**6, none
+    at 1, two splits at 3) give the gradients of the plain backward (4 rows, one step, sums
+    per step) to float32 summation order, and the same forward values."""
+    args = _conv_args(jnp.float32, 2, seed=5)
+    if nd == 2:
+        k = jax.random.split(jax.random.key(12), 2)
+        args = args[:3] + (0.5 * jax.random.normal(k[0], args[2].shape), args[3],
+                           0.5 * jax.random.normal(k[1], args[3].shape))
+        f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True)
+    else:
+        f = functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True)
+    plain = functools.partial(f, **_tiles(f.func, block_rows=4, block_cols=0, num_stages=1,
+                                          step_rows=0))
+    tiled = functools.partial(plain, block_rows_bwd=rows, step_rows_bwd=step, sums_bwd="tile",
+                              min_programs_bwd=programs)
+    cts = _cotangents(plain, args)
+    want, want_grads = _value_and_grads(plain, args, cts)
+    got, grads = _value_and_grads(tiled, args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+
+
 def test_tile_arguments_are_checked():
     from dimba_jax.layers import triton_common as tc
 
@@ -287,6 +315,12 @@ def test_tile_arguments_are_checked():
         tc.kernel_tiles(64, 16, 4, None, None, num_stages=0)
     with pytest.raises(ValueError, match=r"^min_programs must be >= 1, got 0$"):
         tc.kernel_tiles(64, 16, 4, None, None, min_programs=0)
+    with pytest.raises(ValueError, match=r"^min_programs_bwd must be >= 1, got 0$"):
+        tc.kernel_tiles(64, 16, 4, None, None, min_programs_bwd=0)
+    with pytest.raises(ValueError, match=r"^sums_bwd must be one of"):
+        tc.kernel_tiles(64, 16, 4, None, None, sums_bwd="row")
+    assert tc.kernel_tiles(64, 16, 4, 32, 8, step_rows_bwd=4, min_programs_bwd=512,
+                           sums_bwd="tile")[1] == tc.Tiles(32, 8, 1, 0, 4, 512, "tile")
     # the grid targets at a small batch: configs/base.py's conv at batch 1 (64 row blocks of
     # 16, 26 column tiles) takes one tile per program; batch 16 is untouched
     assert tc.split_count(1024, 64, 26) == 26 and tc.split_count(1024, 1024, 26) == 1

@@ -292,10 +292,12 @@ def test_throughput_variants_parse():
         assert (m.conv_impl, m.norm_impl) == want
 
 
-def test_kernels_lower_to_triton_for_cuda():
+@pytest.mark.parametrize("bwd", [{}, dict(block_rows_bwd=64, step_rows_bwd=8, sums_bwd="tile",
+                                          min_programs_bwd=1024)])
+def test_kernels_lower_to_triton_for_cuda(bwd):
     """The forward and both backward kernels lower through the Pallas Triton
     backend (no GPU needed), at the base config's widths (24 heads of 64, one group of d_state
-    128)."""
+    128), with the default backward tiles and with the tile sums over column splits."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     c = 24 * 64 + 2 * 128
@@ -305,7 +307,7 @@ def test_kernels_lower_to_triton_for_cuda():
 
     def f(*args):
         out, vjp = jax.vjp(functools.partial(fc.bidirectional_conv_pallas, ngroups=1,
-                                             d_state=128), *args)
+                                             d_state=128, **bwd), *args)
         return out, vjp(tuple(jnp.ones_like(o) for o in out))
 
     with cuda_lowering_context():

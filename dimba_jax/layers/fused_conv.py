@@ -307,24 +307,30 @@ def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
     jax.lax.fori_loop(0, nh, dt_head, 0)
 
 
-def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do):
+def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do,
+                  splits=1, sums="step"):
     """Backward kernel 1 ("bidir_conv_bwd_g"; "conv_bwd_g" with nd = 1), scan rows t0 + i.
 
-    xbc_ref: the whole sequence holding xBC at columns [xo, xo + C); refs: nd weight refs, nd bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the
-    cotangents of x_cat, B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C)
-    in xbc's dtype: [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's
-    partial sums of [dw; dbias] of each direction (of the float32 g), summed over its row
-    steps of `step` rows in registers.
+    xbc_ref: the whole sequence holding xBC at columns [xo, xo + C); refs: nd weight refs, nd
+    bias refs; dx_ref (q, nd*H*P), dbm_ref, dcm_ref (q, nd*G*N): the cotangents of x_cat,
+    B_cat, C_cat at the program's rows; then the outputs g_ref (q, nd, C) in xbc's dtype:
+    [g_f[t] | g_b[t]], and dw_ref (nd, K + 1, C) float32: this program's partial sums of
+    [dw; dbias] of each direction (of the float32 g), summed over its row steps of `step` rows
+    in registers: each step's rows reduced at once (sums "step") or elementwise (step, width)
+    sums reduced once per column tile (sums "tile"). With splits > 1 the grid's third axis
+    splits the column tiles (x, B and C tiles in one global order) over that many programs.
     """
     f32 = jnp.float32
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     dx_ref, dbm_ref, dcm_ref, g_ref, dw_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
+    per_step = sums == "tile"
 
+    shift = 0
     for (first, width, count, total), d_ref in zip(_column_tiles(nh, p, ng, n, cols),
                                                    (dx_ref, dbm_ref, dcm_ref)):
-        def tile(c, carry, first=first, width=width, total=total, d_ref=d_ref):
+        def tile(c, first=first, width=width, total=total, d_ref=d_ref):
             cs = pl.ds(first(c), width)
             src = pl.ds(xo + first(c), width)
             vecs = [_vecs(w_refs[h], b_refs[h], cs, k_width) for h in range(nd)]
@@ -339,18 +345,21 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
                     g = d_ref[rs, pl.ds(half * total + c * width, width)].astype(f32) * _dsilu(
                         _pre(xs, w, bias, offsets))
                     g_ref[rs, half, cs] = g.astype(g_ref.dtype)
-                    sums = [jnp.sum(g * xs[d], axis=0) for d in offsets] + [jnp.sum(g, axis=0)]
-                    new.append(tuple(a + b for a, b in zip(acc[half], sums)))
+                    terms = [g * xs[d] for d in offsets] + [g]
+                    if not per_step:
+                        terms = [jnp.sum(v, axis=0) for v in terms]
+                    new.append(tuple(a + b for a, b in zip(acc[half], terms)))
                 return tuple(new)
 
-            zero = jnp.zeros((width,), f32)
+            zero = jnp.zeros((step, width) if per_step else (width,), f32)
             acc = _steps(q, step, rows_step, ((zero,) * (k_width + 1),) * nd)
             for half in range(nd):
                 for k in range(k_width + 1):
-                    dw_ref[half, k, cs] = acc[half][k]
-            return carry
+                    v = acc[half][k]
+                    dw_ref[half, k, cs] = jnp.sum(v, axis=0) if per_step else v
 
-        jax.lax.fori_loop(0, count, tile, 0)
+        _split_loop(count, splits, shift, tile)
+        shift += count
 
 
 def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do):
@@ -457,18 +466,20 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     q = tiles.rows
     nd, k_width, nt = len(ws), ws[0].shape[0], seqlen // q
+    ntiles = sum(count for _, _, count, _ in _column_tiles(nh, p, ng, n, tiles.cols))
+    splits = split_count(tiles.programs, bsz * nt, ntiles)
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
     g, dw = pl.pallas_call(
-        functools.partial(_bwd_g_kernel, **kw),
+        functools.partial(_bwd_g_kernel, splits=splits, sums=tiles.sums, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
-        grid=(bsz, nt),
+        grid=(bsz, nt, splits),
         in_specs=[seq(xbc.shape[-1])] + [mat] * nd + [vec] * nd
         + [rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n)],
         out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
-                                             lambda bi, ti: (bi, ti, 0, 0, 0))),
+                                             lambda bi, ti, *_: (bi, ti, 0, 0, 0))),
         compiler_params=params,
         interpret=interpret,
         name=_name(nd, "bwd_g"),
@@ -551,6 +562,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               block_cols_bwd: int | None = None, step_rows: int = 0,
                               step_rows_bwd: int | None = None,
                               min_programs: int = DEFAULT_MIN_PROGRAMS,
+                              min_programs_bwd: int = 1, sums_bwd: str = "step",
                               xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
@@ -573,7 +585,11 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       min_programs: the forward's grid target: where batch x row blocks falls short of it
         (batch 1 in the sampler: 64 programs, each walking every column tile), a third grid
         axis splits the column tiles over programs (`triton_common.split_count`); 1 = never.
-        The backward's grid is batch x row blocks.
+      min_programs_bwd: the same grid target for the backward's first kernel (the one that
+        sums the weight gradients); 1 = batch x row blocks.
+      sums_bwd: how that kernel sums the weight gradients over its row steps (`Tiles.sums`):
+        "step" or "tile" (elementwise over the steps, one reduction per column tile; for
+        programs of many rows in small steps).
       xbc_offset, dt_offset, nheads: xbc and dt may be wider arrays, e.g. both the input
         projection's whole output [z | xBC | dt]: the kernels read xBC from columns
         [xbc_offset, xbc_offset + conv_dim) (conv_dim = the weights' width) and dt from
@@ -589,7 +605,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
-                 min_programs=min_programs)
+                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
                  tiles, (xbc_offset, dt_offset, nheads))
 
@@ -601,13 +617,15 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        block_cols_bwd: int | None = 512, step_rows: int = 0,
                        step_rows_bwd: int | None = 16,
                        min_programs: int = DEFAULT_MIN_PROGRAMS,
+                       min_programs_bwd: int = 1, sums_bwd: str = "step",
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same math,
-    arguments and outputs as `causal_conv_xla`; the tile, min_programs and packing (xbc_offset,
-    dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The default tiles were the fastest
-    forward + backward that `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an
-    H100, 0.348 ms against 0.482 ms at the bidirectional kernels' defaults
-    (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and d_state powers of two.
+    arguments and outputs as `causal_conv_xla`; the tile, min_programs(_bwd), sums_bwd and
+    packing (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The
+    default tiles were the fastest forward + backward that `benchmarks.fused_bench` found at
+    configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
+    kernels' defaults (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and
+    d_state powers of two.
     Returns:
       (x (batch, L, nheads, headdim), B, C (batch, L, ngroups, d_state)) in `dtype`, dt float32
       (batch, L, nheads). Gradients: xbc, dt, w, bias (their dtypes).
@@ -616,6 +634,6 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
-                 min_programs=min_programs)
+                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd)
     return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads))

@@ -291,7 +291,8 @@ def prenorm_pallas(h, delta, weight, mod, *, eps: float = 1e-5, dtype=None,
     Args: those of `prenorm_xla`, plus interpret (the Pallas interpreter: CPU tests, slow);
     block_rows / num_warps (_bwd): time rows and warps per program of the forward (backward;
     None = the forward's); block_cols: columns per tile (0 = NATURAL_COLS), narrowed to the
-    largest power of two dividing d; min_programs: the forward's grid target (`triton_common.Tiles.programs`).
+    largest power of two dividing d; min_programs: the forward's grid target
+    (`triton_common.Tiles.programs`).
     Returns: (u, x) as `prenorm_xla`. Raises ValueError for mismatched shapes or a d the
     kernels do not take (`prenorm_size_error`).
     """

@@ -7,10 +7,11 @@ from typing import NamedTuple
 
 import jax
 
-IMPLS = ("auto", "xla", "pallas")  # the kernel knobs' values (model.norm_impl, conv_impl, prenorm_impl)
+IMPLS = ("auto", "xla", "pallas")  # kernel knobs' values: model.norm_impl, conv_impl, prenorm_impl
 DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 # The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
 DEFAULT_MIN_PROGRAMS = 1024
+SUMS = ("step", "tile")  # `Tiles.sums` values
 
 
 def check_impl(knob: str, impl: str) -> str:
@@ -69,7 +70,13 @@ class Tiles(NamedTuple):
     rows per inner step of a program (a power of two dividing rows; 0 = rows: one step; the
     conv kernels walk their rows in such steps per column tile, loading the tile's weights
     once, and the conv backward sums its weight gradients over the steps in registers; the
-    norm kernels take their rows in one step).
+    norm kernels take their rows in one step); programs: the grid target (`split_count`,
+    `narrower_rows`; 1 = the plain batch x row-block grid); sums: how the conv backward's
+    first kernel sums its weight gradients over its row steps: "step" (each step's rows summed
+    across the program at once, carrying (width,) vectors: 2(K+1) cross-row reductions per
+    step and direction) or "tile" (carrying (step, width) elementwise sums, reduced once per
+    column tile: fewer reductions, 2(K+1) x step x width float32 registers per direction
+    spread over the program's threads).
     """
 
     rows: int
@@ -78,6 +85,7 @@ class Tiles(NamedTuple):
     cols: int
     step: int = 0
     programs: int = 1
+    sums: str = "step"
 
 
 def split_count(programs: int, grid: int, tiles: int) -> int:
@@ -114,13 +122,18 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
                  num_warps_bwd: int | None, num_stages: int = 1, num_stages_bwd: int | None = None,
                  block_cols: int = 0, block_cols_bwd: int | None = None, step_rows: int = 0,
                  step_rows_bwd: int | None = None,
-                 min_programs: int = DEFAULT_MIN_PROGRAMS) -> tuple[Tiles, Tiles]:
+                 min_programs: int = DEFAULT_MIN_PROGRAMS, min_programs_bwd: int = 1,
+                 sums_bwd: str = "step") -> tuple[Tiles, Tiles]:
     """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
     clipped to the rows; a backward value of None = the forward's (for rows and warps also 0);
-    min_programs the forward's grid target (`Tiles.programs`). ValueError for a stage count or
-    min_programs below 1, or a negative / non-power-of-two column width or step."""
-    if int(min_programs) < 1:
-        raise ValueError(f"min_programs must be >= 1, got {min_programs}")
+    min_programs / min_programs_bwd the grid targets (`Tiles.programs`); sums_bwd the
+    backward's `Tiles.sums`. ValueError for a stage count or grid target below 1, a negative /
+    non-power-of-two column width or step, or an unknown sums_bwd."""
+    for name, value in (("min_programs", min_programs), ("min_programs_bwd", min_programs_bwd)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if sums_bwd not in SUMS:
+        raise ValueError(f"sums_bwd must be one of {SUMS}, got {sums_bwd!r}")
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
@@ -135,7 +148,8 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
     warps = (int(num_warps), int(num_warps_bwd or num_warps))
     steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
     fwd, bwd = (Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
-    return fwd._replace(programs=int(min_programs)), bwd
+    return (fwd._replace(programs=int(min_programs)),
+            bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd))
 
 
 def tile_width(total: int, natural: int, cols: int) -> int:
