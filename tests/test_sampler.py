@@ -37,6 +37,9 @@ def setup():
     model = DimbaModel(c.model, V, rngs=nnx.Rngs(0))
     # make the (fresh, zero-initialised) conditioning matter so the prompt visibly changes outputs
     model.logit_scale[...] = jnp.asarray(1.5)
+    for i, block in enumerate(model.blocks):  # FiLM matters too (the samplers' modulation table)
+        block.cond.proj.kernel[...] = 0.1 * jax.random.normal(jax.random.key(10 + i),
+                                                              block.cond.proj.kernel.shape)
     sch = cosine_schedule(T_SMALL)
     tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V, dtype=jnp.int32)
     mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
@@ -310,3 +313,20 @@ def test_score_min_p_is_checked_and_named_by_variants(setup):
             sampling.make_sample_fn(model, sch, steps=2, score_min_p=bad)
     assert variant_options("mp0.05+st0.8") == {"score_min_p": 0.05, "score_temperature": 0.8}
     assert variant_options("temp0.5") == {"temperature": 0.5}
+
+
+def test_step_modulations_are_each_steps_block_modulations(setup):
+    """The sampler's table of every step's block modulations (one GEMM per block for all steps)
+    equals the per-step `block_modulations(block_conditioning(lam, pooled))`; a table over
+    MAX_STEP_MODULATION_BYTES is not built (None: each step computes its own)."""
+    model, _, tokens, mask = setup
+    ctx = model.prompt_context(tokens, mask)
+    lams = jnp.array([4.0, 0.5, -3.0])
+    table = sampling.step_modulations(model, lams, ctx.pooled)
+    assert table.shape == (3, len(model.blocks), B, 2, model.d_model)
+    assert float(jnp.abs(table).max()) > 0.0  # the fixture's FiLM is not zero
+    for i, lam in enumerate(lams):
+        want = model.block_modulations(model.block_conditioning(jnp.full((B,), lam), ctx.pooled))
+        np.testing.assert_allclose(np.asarray(table[i]), np.asarray(want), rtol=1e-5, atol=1e-6)
+    too_many = sampling.MAX_STEP_MODULATION_BYTES // (B * 2 * model.d_model * 4) + 1
+    assert sampling.step_modulations(model, jnp.zeros((too_many,)), ctx.pooled) is None

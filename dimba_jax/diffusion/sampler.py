@@ -276,30 +276,47 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     return fn
 
 
+def _guided(a):
+    """a twice along the batch axis (the prompted and the prompt-dropped half), None kept."""
+    return None if a is None else jnp.concatenate([a, a], axis=0)
+
+
+def guidance_batch(tokens, known, guidance: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens, known, drop_prompt) of the batch the denoiser sees under `guidance`: the prompt
+    (1.0), the dropped prompt (0.0), or both halves (else; batch 2b)."""
+    b = tokens.shape[0]
+    if guidance == 1.0:
+        return tokens, known, jnp.zeros((b,), bool)
+    if guidance == 0.0:
+        return tokens, known, jnp.ones((b,), bool)
+    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+    return _guided(tokens), _guided(known), drop
+
+
 def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance: float, clamp: bool,
-               score_temperature: float = 1.0, prior_weight: float = 1.0, score_min_p: float = 0.0):
+               score_temperature: float = 1.0, prior_weight: float = 1.0, score_min_p: float = 0.0,
+               context=None, modulations=None):
     """One guided, clamped, re-imposed estimate at one noise level.
 
     x_t (b, L, e); logsnr float scalar, or (b, L) one level per position; score_temperature a
     float (1.0 = the model's own estimate, skipped) or a float32 scalar array; prior_weight the
     output prior's weight in the logits (1.0 = as trained); score_min_p > 0 keeps in the
     re-weighting the tokens at least that fraction as likely as each position's most likely one
-    (0 = all). Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
+    (0 = all); context, modulations: `model.prompt_context` of `guidance_batch` and the
+    step's `model.block_modulations` computed beforehand, or None (see `DimbaModel.predict`).
+    Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
     logsnr = jnp.asarray(logsnr, jnp.float32)
     lam = logsnr if logsnr.ndim == 2 else jnp.full((b,), logsnr, jnp.float32)
-    if guidance == 1.0:
-        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, prior_weight=prior_weight)
-    elif guidance == 0.0:
-        x0, logits = model.predict(x_t, lam, tokens, known, self_cond=self_cond, drop_prompt=jnp.ones((b,), bool),
-                                   prior_weight=prior_weight)
+    g_tokens, g_known, drop = guidance_batch(tokens, known, guidance)
+    kw = dict(drop_prompt=drop, prior_weight=prior_weight, context=context,
+              modulations=modulations)
+    if guidance in (0.0, 1.0):
+        x0, logits = model.predict(x_t, lam, g_tokens, g_known, self_cond=self_cond, **kw)
     else:
-        two = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
-        drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-        both_x0, both_logits = model.predict(two(x_t), two(lam), two(tokens), two(known),
-                                             self_cond=two(self_cond), drop_prompt=drop,
-                                             prior_weight=prior_weight)
+        both_x0, both_logits = model.predict(_guided(x_t), _guided(lam), g_tokens, g_known,
+                                             self_cond=_guided(self_cond), **kw)
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
     if score_min_p or not (isinstance(score_temperature, float) and score_temperature == 1.0):
@@ -344,6 +361,23 @@ def wavefront_levels(model, rank: jax.Array, width: float, clock, clock_next, la
     return lam, a_t[..., None], a_prev[..., None]
 
 
+MAX_STEP_MODULATION_BYTES = 1 << 28  # larger (steps x layers x batch x d) tables: per step
+
+
+def step_modulations(model, lams: jax.Array, pooled: jax.Array) -> jax.Array | None:
+    """Every step's `model.block_modulations` at one level per sequence: lams float32 (S,) the
+    steps' log-SNR, pooled float32 (B, d) (`PromptContext.pooled`) -> float32 (S, n_layers, B,
+    2, d); None where that table would pass MAX_STEP_MODULATION_BYTES (each step then
+    computes its own)."""
+    n_steps, batch = lams.shape[0], pooled.shape[0]
+    if n_steps * len(model.blocks) * batch * 2 * model.d_model * 4 > MAX_STEP_MODULATION_BYTES:
+        return None
+    level = jnp.repeat(lams.astype(jnp.float32), batch)  # (S * B,), step-major
+    cond = model.block_conditioning(level, jnp.tile(pooled, (n_steps, 1)))
+    mods = model.block_modulations(cond)  # (n_layers, S * B, 2, d)
+    return jnp.moveaxis(mods.reshape(mods.shape[0], n_steps, batch, *mods.shape[2:]), 1, 0)
+
+
 def step_values(first: float, last: float, steps: int, scheduled: bool) -> np.ndarray:
     """float32 (steps,): `first` at every step, or (when `scheduled` and last != first) linear in
     the step index from `first` at the noisiest step to `last` at the final one."""
@@ -372,16 +406,21 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
     rank = wavefront_lib.order_rank(wavefront_order, jax.random.fold_in(rng, 7), known)
 
     steps = int(ts.shape[0])
+    # Loop invariants, computed once: the prompt's context, and (one level per sequence) every
+    # step's block modulations (one GEMM per block for all steps, not one per block and step).
+    context = model.prompt_context(*guidance_batch(tokens, known, guidance))
+    mods = None if wavefront > 0 else step_modulations(model, ts, context.pooled)
 
     def body(carry, step):
         x_t, x0_prev, _, key = carry
-        lam, a_t, a_prev, tau, pw = step
+        lam, a_t, a_prev, tau, pw, mod = step
         tau = tau if reweight else 1.0
         if wavefront > 0:  # the step's inputs are (clock, next clock, last-step flag)
             lam, a_t, a_prev = wavefront_levels(model, rank, wavefront, lam, a_t, a_prev)
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
-                                score_temperature=tau, prior_weight=pw, score_min_p=score_min_p)
+                                score_temperature=tau, prior_weight=pw, score_min_p=score_min_p,
+                                context=context, modulations=mod)
         key, sub = jax.random.split(key)
         target = x0
         if draw_x0:
@@ -397,7 +436,7 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
         return (x_next, x0, logits, key), None
 
     logits0 = jnp.zeros((b, length, model.vocab_size), jnp.float32)
-    xs = (ts, ab_t, ab_prev, taus, pws)
+    xs = (ts, ab_t, ab_prev, taus, pws, mods)
     (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), xs,
                                          unroll=min(int(unroll), steps))
     return read_out(logits, tokens, known, r_read, temperature), x0

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,21 @@ def normalize_rows(table: jax.Array, scale: float) -> jax.Array:
     return table * (scale * jax.lax.rsqrt(jnp.sum(jnp.square(table), -1, keepdims=True) + 1e-12))
 
 
+class PromptContext(NamedTuple):
+    """What the denoiser reads from the prompt alone (`DimbaModel.prompt_context`).
+
+    known: bool (b, L) the known positions; shown float32 (b, L, e) what each known position
+    shows (its clean embedding, or the null embedding where the prompt is dropped); c_pos
+    float32 (b, L, d) the prompt encoder's output (zero where not visible); pooled float32
+    (b, d) its mean over the visible positions.
+    """
+
+    known: jax.Array
+    shown: jax.Array
+    c_pos: jax.Array
+    pooled: jax.Array
+
+
 class DimbaBlock(nnx.Module):
     """Pre-norm residual Mamba-2 block with FiLM / additive conditioning.
 
@@ -195,24 +211,24 @@ class DimbaBlock(nnx.Module):
         self.prenorm_impl = check_impl("model.prenorm_impl", getattr(m, "prenorm_impl", "xla"))
 
     def prenorm(self, h: jax.Array, delta: jax.Array | None,
-                c: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """(u, x): u = h + delta (h's dtype; h itself for delta None), x = cond(norm(u), c)
-        in the blocks' dtype, the mixer's input. h (b, L, d) float32; delta (b, L, d) (the
-        previous block's mixer output) or None; c (b, cond_dim) or None. `model.prenorm_impl`
-        picks the fused kernel (`layers/fused_prenorm.py`) or XLA (`triton_common.use_fused`)."""
+                mod: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """(u, x): u = h + delta (h's dtype; h itself for delta None), x = norm(u) * (1 + scale)
+        + shift in the blocks' dtype, the mixer's input. h (b, L, d) float32; delta (b, L, d)
+        (the previous block's mixer output) or None; mod float32 (b, 2, d) = [scale; shift]
+        (`self.cond.modulation(c)`) or None (no conditioning). `model.prenorm_impl` picks the
+        fused kernel (`layers/fused_prenorm.py`) or XLA (`triton_common.use_fused`)."""
         if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(h.shape[-1])):
-            mod = None if c is None else self.cond.modulation(c)
             return prenorm_pallas(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
                                   dtype=self.dtype, interpret=default_interpret())
         if delta is not None:
             h = h + delta.astype(h.dtype)
         x = self.norm(h)
-        if c is not None:
-            x = self.cond(x, c)
+        if mod is not None:
+            x = (x.astype(jnp.float32) * (1.0 + mod[:, None, 0]) + mod[:, None, 1]).astype(x.dtype)
         return h, x.astype(self.dtype)
 
     def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
-        h, x = self.prenorm(h, None, c)
+        h, x = self.prenorm(h, None, None if c is None else self.cond.modulation(c))
         return h + self.mixer(x).astype(h.dtype)
 
 
@@ -364,9 +380,40 @@ class DimbaModel(nnx.Module):
         feats.append(known[..., None].astype(jnp.float32))
         return jnp.concatenate(feats, axis=-1), prior
 
+    def prompt_context(self, tokens: jax.Array, cond_mask: jax.Array,
+                       drop_prompt: jax.Array | None = None) -> PromptContext:
+        """What `predict` computes from the prompt alone (not from x_t or the noise level), so a
+        sampler computes it once for all its steps. tokens int (b, L), cond_mask bool (b, L),
+        drop_prompt bool (b,) or None (see `predict`)."""
+        b, length = tokens.shape
+        if cond_mask.shape != (b, length):
+            raise ValueError(f"DimbaModel: tokens {tokens.shape} and cond_mask {cond_mask.shape} "
+                             "do not agree")
+        known = cond_mask.astype(bool)
+        if drop_prompt is None:
+            drop_prompt = jnp.zeros((b,), bool)
+        visible = known & ~drop_prompt.astype(bool)[:, None]
+        clean = self.embed(tokens)
+        shown = jnp.where(visible[..., None], clean, self.null_vector())  # what a known position shows
+        c_pos = self.prompt_encoder(clean, tokens, visible).astype(jnp.float32)  # zero where not visible
+        n_visible = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1).astype(jnp.float32)
+        return PromptContext(known, shown, c_pos, jnp.sum(c_pos, axis=1) / n_visible)
+
+    def block_conditioning(self, level: jax.Array, pooled: jax.Array) -> jax.Array:
+        """The blocks' conditioning vector: level float (b,) log-SNR (see `predict`), pooled
+        float32 (b, d) (`PromptContext.pooled`) -> float32 (b, d)."""
+        return jax.nn.silu(self.time_embed(noise_time(level)) + self.pool_proj(pooled))
+
+    def block_modulations(self, cond: jax.Array) -> jax.Array:
+        """Every block's [scale; shift] of `cond` float32 (b, d): float32 (n_layers, b, 2, d)
+        (FiLM; additive conditioning has scale 0). A sampler computes them for all its steps
+        at once (one GEMM per block instead of one per block and step)."""
+        return jnp.stack([block.cond.modulation(cond) for block in self.blocks])
+
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None,
-                prior_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                prior_weight: float = 1.0, context: PromptContext | None = None,
+                modulations: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Predicts x0 and the token logits.
 
         Args:
@@ -380,6 +427,11 @@ class DimbaModel(nnx.Module):
           drop_prompt: bool (b,) — True replaces the prompt by the null embedding (CFG), or None.
           prior_weight: the weight of the output prior in the logits (1 = the trained model;
             a sampling knob, `sample.prior_weight`; ignored without `skip_logits`).
+          context: `prompt_context(tokens, cond_mask, drop_prompt)` computed beforehand (a
+            sampler's steps share it), or None (computed here; tokens, cond_mask and
+            drop_prompt are then read only through it).
+          modulations: `block_modulations(block_conditioning(level, context.pooled))` computed
+            beforehand, float32 (n_layers, b, 2, d), or None (computed here).
         Returns:
           (x0_hat float32 (b, L, e) with the clean (or null, if dropped) embeddings at known
           positions, logits float32 (b, L, V)). `readout` "score_interp": logits = head(h)
@@ -390,7 +442,8 @@ class DimbaModel(nnx.Module):
         if e != self.embed_dim or tokens.shape != (b, length) or cond_mask.shape != (b, length):
             raise ValueError(f"DimbaModel: x_t {x_t.shape}, tokens {tokens.shape}, cond_mask "
                              f"{cond_mask.shape} do not agree (embed_dim {self.embed_dim})")
-        known = cond_mask.astype(bool)
+        ctx = context if context is not None else self.prompt_context(tokens, cond_mask, drop_prompt)
+        known = ctx.known
         logsnr = jnp.asarray(logsnr, jnp.float32)
         if logsnr.ndim == 2:
             if logsnr.shape != (b, length):
@@ -399,28 +452,20 @@ class DimbaModel(nnx.Module):
             level = jnp.sum(logsnr * gen, 1) / jnp.maximum(jnp.sum(gen, 1), 1.0)  # FiLM's level
         else:
             logsnr = level = jnp.broadcast_to(logsnr, (b,))
-        if drop_prompt is None:
-            drop_prompt = jnp.zeros((b,), bool)
-        visible = known & ~drop_prompt.astype(bool)[:, None]
-        clean = self.embed(tokens)
-        shown = jnp.where(visible[..., None], clean, self.null_vector())  # what a known position shows
-        x_in = jnp.where(known[..., None], shown, x_t.astype(jnp.float32))
-        stem_in, prior = self.stem_input(x_in, logsnr, known, shown, self_cond)
+        x_in = jnp.where(known[..., None], ctx.shown, x_t.astype(jnp.float32))
+        stem_in, prior = self.stem_input(x_in, logsnr, known, ctx.shown, self_cond)
         h = self.in_proj(stem_in)
         if self.position_levels:
             lam_pos = jnp.broadcast_to(logsnr[:, None], (b, length)) if logsnr.ndim == 1 else logsnr
             tau = self.time_embed(noise_time(lam_pos.reshape(-1))).reshape(b, length, -1)
             h = h + self.level_proj(jax.nn.silu(tau))
-
-        c_pos = self.prompt_encoder(clean, tokens, visible).astype(jnp.float32)  # zero where not visible
-        h = h + c_pos
-        n_visible = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1).astype(jnp.float32)
-        pooled = jnp.sum(c_pos, axis=1) / n_visible
-        cond = jax.nn.silu(self.time_embed(noise_time(level)) + self.pool_proj(pooled))
+        h = h + ctx.c_pos
+        if modulations is None:
+            modulations = self.block_modulations(self.block_conditioning(level, ctx.pooled))
 
         delta = None  # each block's mixer output, added to h by the next block's pre-norm
-        for block in self.blocks:
-            h, x = block.prenorm(h, delta, cond)
+        for block, mod in zip(self.blocks, modulations):
+            h, x = block.prenorm(h, delta, mod)
             delta = block.mixer(x)
         h = h + delta.astype(h.dtype)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
@@ -431,7 +476,7 @@ class DimbaModel(nnx.Module):
         else:
             x0 = out
             logits = self.logits(x0) + prior
-        return jnp.where(known[..., None], shown, x0), logits
+        return jnp.where(known[..., None], ctx.shown, x0), logits
 
     def __call__(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                  self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None) -> jax.Array:
