@@ -239,8 +239,8 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, norm_impl, conv_impl, prenorm_impl, bidirectional, conditioning,
         prompt_encoder, prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim,
-        self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input, posterior_grad,
-        logit_bias, position_levels).
+        self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input,
+        posterior_grad, logit_bias, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
       prompt_encoder: optional ready-made prompt encoder module (overrides model.prompt_encoder;
@@ -428,8 +428,8 @@ class DimbaModel(nnx.Module):
           prior_weight: the weight of the output prior in the logits (1 = the trained model;
             a sampling knob, `sample.prior_weight`; ignored without `skip_logits`).
           context: `prompt_context(tokens, cond_mask, drop_prompt)` computed beforehand (a
-            sampler's steps share it), or None (computed here; tokens, cond_mask and
-            drop_prompt are then read only through it).
+            sampler's steps share it; tokens and cond_mask are then only checked for their
+            shapes and drop_prompt is unused), or None (computed here).
           modulations: `block_modulations(block_conditioning(level, context.pooled))` computed
             beforehand, float32 (n_layers, b, 2, d), or None (computed here).
         Returns:
