@@ -155,6 +155,22 @@ def process_dt(dt, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf))
     return out
 
 
+def prepare_dt(dt, A, q: int, *, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, math.inf)) -> tuple[jax.Array, jax.Array]:
+    """The step sizes in the chunk kernels' layout: dt (b, L, h) any float dtype, A (h,), q the
+    chunk length -> (dtk, sk) float32 (b, h, Lp), Lp = L rounded up to a multiple of q: dtk the
+    processed dt (`process_dt`; 0 at padded positions: no decay, no input), sk the chunk-local
+    cumulative sum of dtk * A (restarting at every multiple of q)."""
+    bsz, seqlen, nh = dt.shape
+    dtp = process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    lp = -(-seqlen // q) * q
+    if lp != seqlen:
+        dtp = jnp.pad(dtp, ((0, 0), (0, lp - seqlen), (0, 0)))
+    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
+    a = dtk * A.astype(jnp.float32)[None, :, None]
+    return dtk, jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
+
+
 def segment_ids(seq_idx) -> jax.Array | None:
     """Monotone segment ids: 0 for the first segment, +1 at every position where seq_idx changes.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 FORWARDS = ("mosaic", "triton")
+PROLOGUES = ("xla", "pallas")
 BACKWARDS = ("mosaic", "triton")
 BLOCK_LENS = (64, 128)
 
@@ -35,11 +36,16 @@ class KernelConfig:
       sampler of configs/base.py (T = 64, one H100) takes 165.7 ms at 128 against 177.5 ms at
       64, and 167.2 against 177.2 in a second call
       (benchmarks/results/latency_levers_fo2_h100.md, latency_levers_fo_h100.md).
+    prologue: the step sizes in front of the Mosaic kernels (dt bias, softplus, limits, the
+      layout transpose and the chunk-local cumulative sum of dt * A): "xla" (four to five
+      kernels per call) or "pallas" (one Triton kernel, `pallas_prologue`, where it takes the
+      head count; its backward is XLA's). Not yet timed on a GPU, so "xla" by default.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
     block_len: int | None = None
     forward_only_block_len: int | None = 64
+    prologue: str = "xla"
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -47,6 +53,9 @@ class KernelConfig:
         if self.backward not in BACKWARDS:
             raise ValueError(f"KernelConfig.backward must be one of {BACKWARDS}, got "
                              f"{self.backward!r}")
+        if self.prologue not in PROLOGUES:
+            raise ValueError(f"KernelConfig.prologue must be one of {PROLOGUES}, got "
+                             f"{self.prologue!r}")
         for name in ("block_len", "forward_only_block_len"):
             value = getattr(self, name)
             if value is not None and value not in BLOCK_LENS:
@@ -55,15 +64,17 @@ class KernelConfig:
 
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
-        """From `config.model`: ssd_forward, ssd_backward, ssd_block_len and
-        ssd_forward_only_block_len (0 = None); a missing field keeps the default (older runs)."""
+        """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
+        ssd_forward_only_block_len (0 = None) and ssd_prologue; a missing field keeps the
+        default (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
                    backward=str(get("ssd_backward", default.backward)),
                    block_len=int(get("ssd_block_len", 0)) or None,
                    forward_only_block_len=int(get("ssd_forward_only_block_len",
-                                                  default.forward_only_block_len)) or None)
+                                                  default.forward_only_block_len)) or None,
+                   prologue=str(get("ssd_prologue", default.prologue)))
 
 
 DEFAULT = KernelConfig()

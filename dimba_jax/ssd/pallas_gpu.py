@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.ssd import _common
+from dimba_jax.ssd.pallas_prologue import prepare_dt_pallas, prologue_supported
 
 # Chunk length used by the kernels (a power of two); the caller's chunk_size is only a hint.
 DEFAULT_BLOCK_LEN = 128
@@ -525,30 +526,32 @@ def _segment_rows(seg_ids, lp, q):
 
 
 def prepare_chunks(x, dt, A, B, C, q: int, cdt, *, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf")), initial_states=None):
-    """The XLA glue in front of the chunk kernels (shared by the Triton and Mosaic GPU paths).
+                   dt_limit=(0.0, float("inf")), initial_states=None, dt_kernel: bool = False,
+                   interpret: bool = False):
+    """The glue in front of the chunk kernels (shared by the Triton and Mosaic GPU paths).
 
     x: (b, L, h, P); dt: (b, L, h); A: (h,); B, C: (b, L, g, N); q: kernel chunk length; cdt:
     the kernels' operand dtype. Processes dt (bias, softplus, limits), pads L up to Lp, a
     multiple of q (padded positions get dt = 0: no decay, no input), and forms the chunk-local
-    cumulative sum of dt * A.
+    cumulative sum of dt * A (`_common.prepare_dt`; with dt_kernel, where
+    `pallas_prologue.prologue_supported`, its one Pallas kernel, interpreted with `interpret`).
     Returns xk (b, Lp, h, P), bk and ck (b, Lp, g, N) in cdt; dtk (b, h, Lp) float32; sk
     (b, h, Lp) float32 (restarting at every chunk); h0 (b, h, P, N) float32 (zeros if
     initial_states is None).
     """
     bsz, seqlen, nh, p = x.shape
     n = B.shape[-1]
-    dtp = _common.process_dt(dt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     lp = -(-seqlen // q) * q
     pad = lp - seqlen
     xk, bk, ck = x.astype(cdt), B.astype(cdt), C.astype(cdt)
     if pad:
         pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
         xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
-        dtp = jnp.pad(dtp, ((0, 0), (0, pad), (0, 0)))  # dt = 0: no decay, no input
-    dtk = jnp.transpose(dtp, (0, 2, 1))  # (b, h, Lp)
-    a = dtk * A.astype(jnp.float32)[None, :, None]
-    sk = jnp.cumsum(a.reshape(bsz, nh, lp // q, q), axis=-1).reshape(bsz, nh, lp)
+    dt_kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    if dt_kernel and prologue_supported(nh, q):
+        dtk, sk = prepare_dt_pallas(dt, A, q, interpret=interpret, **dt_kw)
+    else:
+        dtk, sk = _common.prepare_dt(dt, A, q, **dt_kw)
     if initial_states is None:
         h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
     else:

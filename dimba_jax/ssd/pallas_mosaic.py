@@ -253,7 +253,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
 
     xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(
         x, dt, A, B, C, q, cdt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_states=initial_states)
+        initial_states=initial_states, dt_kernel=kernels.prologue == "pallas",
+        interpret=interpret)
     tf32 = cdt == jnp.float32
     if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
         d = jnp.zeros((nh, p), jnp.float32)

@@ -1,0 +1,114 @@
+"""The SSD chunk kernels' step-size prologue as one Pallas Triton kernel.
+
+From dt (b, L, h) (any float dtype), the per-head bias dt_bias, softplus, the clip to dt_limit
+and A (h,), the chunk kernels read (`_common.prepare_dt`, its XLA reference):
+
+    dtk[b, j, t] = clip(softplus(dt[b, t, j] + dt_bias[j]), *dt_limit)   (0 for t >= L)
+    sk[b, j, t]  = sum of A[j] * dtk[b, j, u] over u from the start of t's chunk of q to t
+
+both float32 (b, h, Lp), Lp = L rounded up to a multiple of q. In XLA that is four to five
+kernels per SSD call (the processing, the pad, the transpose, the product and a chunked
+cumulative sum); here it is one: a program takes one chunk of q rows of `HEADS` heads, processes
+them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores both outputs transposed.
+The backward (a custom VJP) is the XLA reference's, recomputed from the saved inputs: the
+tensors are small and this saves the forward's launches where they count, in sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from dimba_jax.ssd import _common
+
+HEADS = 8  # heads per program; the kernel takes nheads that are a multiple of it
+
+
+def prologue_supported(nheads: int, q: int) -> bool:
+    """Whether the kernel takes these sizes: nheads a multiple of HEADS, q a power of two >= 16."""
+    return nheads % HEADS == 0 and q >= 16 and not q & (q - 1)
+
+
+def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *, q, seqlen, softplus, lo, hi):
+    """dt_ref: the whole (L, h) dt of batch row bi; bias_ref, a_ref (HEADS,) float32; outputs
+    dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block pl.program_id(2)."""
+    rows = pl.program_id(1) * q + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
+    heads = pl.ds(pl.program_id(2) * HEADS, HEADS)
+    v = dt_ref[jnp.clip(rows, 0, seqlen - 1), heads].astype(jnp.float32)
+    v = v + bias_ref[...][None, :]
+    if softplus:
+        v = _common.softplus(v)
+    if lo > -math.inf or hi < math.inf:
+        v = jnp.clip(v, lo, hi)
+    v = jnp.where((rows < seqlen)[:, None], v, 0.0)  # padded positions: no decay, no input
+    dtk_ref[...] = v.T
+    sk_ref[...] = jnp.cumsum(v * a_ref[...][None, :], axis=0).T
+
+
+def _triton_params():
+    """The Triton backend's compiler parameters (one warp group; no loop to pipeline)."""
+    from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
+    return plt.CompilerParams(num_warps=4, num_stages=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _prologue(dt, A, bias, cfg):
+    q, softplus, limit, interpret = cfg
+    bsz, seqlen, nh = dt.shape
+    lp = -(-seqlen // q) * q
+    out = jax.ShapeDtypeStruct((bsz, nh, lp), jnp.float32)
+    block = pl.BlockSpec((None, HEADS, q), lambda bi, ci, hi: (bi, hi, ci))
+    vec = pl.BlockSpec((HEADS,), lambda bi, ci, hi: (hi,))
+    return pl.pallas_call(
+        functools.partial(_kernel, q=q, seqlen=seqlen, softplus=softplus, lo=float(limit[0]),
+                          hi=float(limit[1])),
+        out_shape=(out, out),
+        grid=(bsz, lp // q, nh // HEADS),
+        in_specs=[pl.BlockSpec((None, seqlen, nh), lambda bi, ci, hi: (bi, 0, 0)), vec, vec],
+        out_specs=(block, block),
+        compiler_params=None if interpret else _triton_params(),
+        interpret=interpret,
+        name="ssd_dt_prologue",
+    )(dt, bias, A)
+
+
+def _reference(dt, A, bias, cfg):
+    q, softplus, limit, _ = cfg
+    return _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
+
+
+def _prologue_fwd(dt, A, bias, cfg):
+    return _prologue(dt, A, bias, cfg), (dt, A, bias)
+
+
+def _prologue_bwd(cfg, res, cts):
+    _, vjp = jax.vjp(functools.partial(_reference, cfg=cfg), *res)
+    return vjp(cts)
+
+
+_prologue.defvjp(_prologue_fwd, _prologue_bwd)
+
+
+def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
+                      dt_limit=(0.0, math.inf), interpret: bool = False):
+    """`_common.prepare_dt` as the fused kernel (differentiable: the reference's VJP).
+
+    Args: dt (b, L, h) any float dtype; A (h,); q the chunk length (a power of two >= 16);
+    dt_bias (h,) or None; dt_softplus, dt_limit as `ssd`; interpret: the Pallas interpreter.
+    Returns: (dtk, sk) float32 (b, h, Lp). Raises ValueError for sizes the kernel does not take
+    (`prologue_supported`).
+    """
+    nh = dt.shape[-1]
+    if dt.ndim != 3 or A.shape != (nh,) or (dt_bias is not None and dt_bias.shape != (nh,)):
+        raise ValueError(f"prepare_dt_pallas: dt (b, L, h), A and dt_bias (h,); got {dt.shape}, "
+                         f"{A.shape}, {None if dt_bias is None else dt_bias.shape}")
+    if not prologue_supported(nh, q):
+        raise ValueError(f"prepare_dt_pallas: nheads {nh} must be a multiple of {HEADS} and the "
+                         f"chunk {q} a power of two >= 16")
+    bias = jnp.zeros((nh,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
+    cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret))
+    return _prologue(dt, A.astype(jnp.float32), bias, cfg)

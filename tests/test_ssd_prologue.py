@@ -1,0 +1,116 @@
+"""The SSD step-size prologue kernel (ssd/pallas_prologue.py) in the Pallas interpreter against
+its XLA reference (`_common.prepare_dt`): values, gradients, padding, the fallback for head
+counts it does not take, its place in the Mosaic path (KernelConfig.prologue), and its Triton
+lowering for CUDA."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimba_jax.ssd import KernelConfig, _common, pallas_gpu, pallas_mosaic, pallas_prologue
+
+
+def _args(seqlen=40, nh=16, dtype=jnp.float32, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    dt = (2.0 * jax.random.normal(k[0], (2, seqlen, nh))).astype(dtype)
+    A = -jnp.exp(jax.random.normal(k[1], (nh,)))
+    bias = 0.5 * jax.random.normal(k[2], (nh,))
+    return dt, A, bias
+
+
+@pytest.mark.parametrize("seqlen,q,dtype,kw", [
+    (40, 16, jnp.float32, dict(dt_softplus=True)),  # 40 -> 48: padded rows are zero
+    (64, 32, jnp.bfloat16, dict(dt_softplus=True, dt_limit=(0.01, 2.0))),
+    (32, 16, jnp.float32, dict(dt_softplus=False, dt_limit=(0.0, math.inf))),  # clip at 0 only
+])
+def test_kernel_matches_reference_values_and_gradients(seqlen, q, dtype, kw):
+    dt, A, bias = _args(seqlen, dtype=dtype, seed=seqlen)
+    ref = functools.partial(_common.prepare_dt, q=q, **kw)
+    fused = functools.partial(pallas_prologue.prepare_dt_pallas, q=q, interpret=True, **kw)
+    cts = tuple(jax.random.normal(jax.random.key(i), (2, 16, -(-seqlen // q) * q))
+                for i in (1, 2))
+
+    def run(f):
+        out, vjp = jax.vjp(lambda d, a, b: f(d, a, dt_bias=b), dt, A, bias)
+        return out, vjp(cts)
+
+    (want_dtk, want_sk), want_g = jax.jit(lambda: run(ref))()
+    (dtk, sk), g = jax.jit(lambda: run(fused))()
+    np.testing.assert_allclose(np.asarray(dtk), np.asarray(want_dtk), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(sk), np.asarray(want_sk), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(dtk)[:, :, seqlen:].any()
+    for got, want in zip(g, want_g):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-6, atol=1e-7)
+
+
+def test_sizes_it_does_not_take_raise_and_prepare_chunks_falls_back():
+    dt, A, bias = _args(nh=12)
+    assert not pallas_prologue.prologue_supported(12, 16)
+    assert not pallas_prologue.prologue_supported(16, 24)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pallas_prologue.prepare_dt_pallas(dt, A, 16, interpret=True)
+    with pytest.raises(ValueError, match="dt_bias"):
+        pallas_prologue.prepare_dt_pallas(dt, A, 16, dt_bias=bias[:4], interpret=True)
+    x = jnp.zeros((2, 40, 12, 8))
+    bc = jnp.zeros((2, 40, 1, 8))
+    got = pallas_gpu.prepare_chunks(x, dt, A, bc, bc, 16, jnp.float32, dt_bias=bias,
+                                    dt_softplus=True, dt_kernel=True, interpret=True)
+    want = pallas_gpu.prepare_chunks(x, dt, A, bc, bc, 16, jnp.float32, dt_bias=bias,
+                                     dt_softplus=True)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
+    """KernelConfig(prologue="pallas") makes ssd_mosaic_forward prepare its chunks with the
+    kernel (dt_kernel); the default keeps XLA's; an unknown value is refused."""
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(k.get("dt_kernel"))
+        raise RuntimeError("stop")  # the Mosaic kernels themselves are not the point here
+
+    monkeypatch.setattr(pallas_gpu, "prepare_chunks", spy)
+    dt, A, bias = _args(seqlen=64)
+    x = jnp.zeros((2, 64, 16, 64), jnp.bfloat16)
+    bc = jnp.zeros((2, 64, 1, 64), jnp.bfloat16)
+    for cfg in (KernelConfig(), KernelConfig(prologue="pallas")):
+        with pytest.raises(RuntimeError, match="stop"):
+            pallas_mosaic.ssd_mosaic_forward(x, dt, A, bc, bc, 64, dt_bias=bias, dt_softplus=True,
+                                             kernels=cfg, interpret=True)
+    assert seen == [False, True]
+    with pytest.raises(ValueError, match="KernelConfig.prologue"):
+        KernelConfig(prologue="cuda")
+
+
+def test_kernel_lowers_to_triton_for_cuda():
+    """The forward lowers through the Pallas Triton backend (no GPU needed) at the base
+    config's SSD call (48 heads: both directions, L 1024, chunk 128); its backward is XLA's."""
+    from dimba_jax.ssd.hopper import cuda_lowering_context
+
+    dt = jax.ShapeDtypeStruct((1, 1024, 48), jnp.float32)
+    A = jax.ShapeDtypeStruct((48,), jnp.float32)
+
+    def f(dt, A, bias):
+        out, vjp = jax.vjp(lambda d, a, b: pallas_prologue.prepare_dt_pallas(
+            d, a, 128, dt_bias=b, dt_softplus=True), dt, A, bias)
+        return out, vjp(jax.tree.map(jnp.ones_like, out))
+
+    with cuda_lowering_context():
+        text = jax.jit(f).trace(dt, A, A).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_matches_reference_on_gpu():
+    dt, A, bias = _args(seqlen=200, nh=48, seed=3)
+    kw = dict(dt_bias=bias, dt_softplus=True, dt_limit=(0.0, math.inf))
+    want = jax.jit(lambda: _common.prepare_dt(dt, A, 128, **kw))()
+    got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, **kw))()
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
