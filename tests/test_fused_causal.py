@@ -60,6 +60,30 @@ def _cotangents(f, args, seed=7):
                                      for k, s in zip(keys, leaves)])
 
 
+def _conv_case(nd, seqlen=L, seed=5):
+    """(the nd-direction conv kernels' function, interpreted; its float32 arguments, the
+    backward direction with weights and bias of its own)."""
+    args = _conv_args(jnp.float32, 2, seed=seed, seqlen=seqlen)
+    if nd == 1:
+        return functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True), args
+    k = jax.random.split(jax.random.key(12), 2)
+    args = args[:3] + (0.5 * jax.random.normal(k[0], args[2].shape), args[3],
+                       0.5 * jax.random.normal(k[1], args[3].shape))
+    return (functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True),
+            args)
+
+
+def _assert_same_values_and_gradients(f, g, args):
+    """g's values equal f's bit for bit and its gradients to float32 summation order."""
+    cts = _cotangents(f, args)
+    want, want_grads = _value_and_grads(f, args, cts)
+    got, grads = _value_and_grads(g, args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    for a, b in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **F32_TOL)
+
+
 def _value_and_grads(f, args, cts):
     """f's values and the gradients of <f, cts> w.r.t. args, forward and backward jitted."""
     def run(args, cts):
@@ -283,25 +307,12 @@ def test_backward_tile_sums_and_column_splits_compute_the_same(nd, rows, step, p
     tiles split over a third grid axis (min_programs_bwd: one tile per program at 10**6, none
     at 1, two splits at 3) give the gradients of the plain backward (4 rows, one step, sums
     per step) to float32 summation order, and the same forward values."""
-    args = _conv_args(jnp.float32, 2, seed=5)
-    if nd == 2:
-        k = jax.random.split(jax.random.key(12), 2)
-        args = args[:3] + (0.5 * jax.random.normal(k[0], args[2].shape), args[3],
-                           0.5 * jax.random.normal(k[1], args[3].shape))
-        f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True)
-    else:
-        f = functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True)
-    plain = functools.partial(f, **_tiles(f.func, block_rows=4, block_cols=0, num_stages=1,
+    f, args = _conv_case(nd)
+    plain = functools.partial(f, **_tiles(f, block_rows=4, block_cols=0, num_stages=1,
                                           step_rows=0))
-    tiled = functools.partial(plain, block_rows_bwd=rows, step_rows_bwd=step, sums_bwd="tile",
-                              min_programs_bwd=programs)
-    cts = _cotangents(plain, args)
-    want, want_grads = _value_and_grads(plain, args, cts)
-    got, grads = _value_and_grads(tiled, args, cts)
-    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
-    for g, r in zip(grads, want_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+    _assert_same_values_and_gradients(
+        plain, functools.partial(plain, block_rows_bwd=rows, step_rows_bwd=step,
+                                 sums_bwd="tile", min_programs_bwd=programs), args)
 
 
 def test_tile_arguments_are_checked():
@@ -367,27 +378,14 @@ def test_row_steps_compute_the_same(nd):
     """Programs of 16 rows walked in steps of 4 (weights loaded once per column tile, the
     weight gradients summed over the steps in registers) give the one-step kernels' values bit
     for bit and their gradients to float32 summation order, at a length with two programs."""
-    args = _conv_args(jnp.float32, 2, seed=5, seqlen=32)
-    if nd == 2:
-        k = jax.random.split(jax.random.key(12), 2)
-        args = args[:3] + (0.5 * jax.random.normal(k[0], args[2].shape), args[3],
-                           0.5 * jax.random.normal(k[1], args[3].shape))
-        f = functools.partial(fc.bidirectional_conv_pallas, ngroups=2, d_state=N, interpret=True)
-    else:
-        f = functools.partial(fc.causal_conv_pallas, ngroups=2, d_state=N, interpret=True)
+    f, args = _conv_case(nd, seqlen=32)
     one = functools.partial(f, **_tiles(f, block_rows=16, block_cols=0, num_stages=1,
                                         step_rows=0))
     stepped = functools.partial(f, **_tiles(f, block_rows=16, block_cols=0, num_stages=1,
                                             step_rows=4))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: sum(jnp.sum(o ** 2) for o in stepped(*a))))(*args))
     assert jaxpr.count("pallas_call") == 3
-    cts = _cotangents(one, args)
-    want, want_grads = _value_and_grads(one, args, cts)
-    got, grads = _value_and_grads(stepped, args, cts)
-    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
-    for g, r in zip(grads, want_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+    _assert_same_values_and_gradients(one, stepped, args)
     with pytest.raises(ValueError, match=r"^step_rows must be 0 or a power of two"):
         f(*args, step_rows=3)
 
