@@ -263,6 +263,22 @@ def test_compiled_causal_kernels_match_reference_on_gpu(dtype):
         _check_close(ref, pallas, args, tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("nd", [1, 2])
+def test_compiled_backward_tile_sums_match_the_plain_backward_on_gpu(nd):
+    """The compiled kernels with the backward's tile sums and column splits (float32): the
+    plain backward's gradients to float32 summation order."""
+    f, args = _conv_case(nd, seqlen=64)
+    f = functools.partial(f.func, **{**f.keywords, "interpret": False})
+    plain = functools.partial(f, block_rows=4, block_rows_bwd=4, step_rows_bwd=0)
+    tiled = functools.partial(f, block_rows=4, block_rows_bwd=32, step_rows_bwd=8,
+                              sums_bwd="tile", min_programs_bwd=10**6)
+    cts = _cotangents(plain, args)
+    (_, want), (_, got) = (_value_and_grads(g, args, cts) for g in (plain, tiled))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("nd", [1, 2])
 @pytest.mark.parametrize("cols", [32])  # narrowed to 16 in each region: tiles of two heads
 def test_wider_column_tiles_compute_the_same(nd, cols):
