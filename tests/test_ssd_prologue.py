@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimba_jax.ssd import KernelConfig, _common, pallas_gpu, pallas_mosaic, pallas_prologue
+from dimba_jax.ssd import (KernelConfig, _common, pallas_gpu, pallas_mosaic, pallas_mosaic_fwd,
+                           pallas_prologue)
 
 
 def _args(seqlen=40, nh=16, dtype=jnp.float32, seed=0):
@@ -28,27 +29,43 @@ def _args(seqlen=40, nh=16, dtype=jnp.float32, seed=0):
     (32, 16, jnp.float32, dict(dt_softplus=False, dt_limit=(0.0, math.inf))),  # clip at 0 only
 ])
 def test_kernel_matches_reference_values_and_gradients(seqlen, q, dtype, kw):
+    """dtk, sk (and with weights the state pass's w and the chunk-end decays, against
+    `pallas_mosaic_fwd.state_weights` and exp of each chunk's last cumulative sum) and the
+    gradients of all of them."""
     dt, A, bias = _args(seqlen, dtype=dtype, seed=seqlen)
-    ref = functools.partial(_common.prepare_dt, q=q, **kw)
-    fused = functools.partial(pallas_prologue.prepare_dt_pallas, q=q, interpret=True, **kw)
-    cts = tuple(jax.random.normal(jax.random.key(i), (2, 16, -(-seqlen // q) * q))
-                for i in (1, 2))
+    lp = -(-seqlen // q) * q
+    cts = tuple(jax.random.normal(jax.random.key(i), (2, 16, lp)) for i in (1, 2, 3)) + (
+        jax.random.normal(jax.random.key(4), (2, 16, lp // q)),)
+    fused = functools.partial(pallas_prologue.prepare_dt_pallas, q=q, weights=True,
+                              interpret=True, **kw)
+
+    def ref(d, a, dt_bias):
+        dtk, sk = _common.prepare_dt(d, a, q, dt_bias=dt_bias, **kw)
+        dec = jnp.exp(sk.reshape(2, 16, lp // q, q)[..., -1])
+        return dtk, sk, pallas_mosaic_fwd.state_weights(dtk, sk, q), dec
 
     def run(f):
         out, vjp = jax.vjp(lambda d, a, b: f(d, a, dt_bias=b), dt, A, bias)
         return out, vjp(cts)
 
-    (want_dtk, want_sk), want_g = jax.jit(lambda: run(ref))()
-    (dtk, sk), g = jax.jit(lambda: run(fused))()
-    np.testing.assert_allclose(np.asarray(dtk), np.asarray(want_dtk), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(sk), np.asarray(want_sk), rtol=1e-5, atol=1e-6)
-    assert not np.asarray(dtk)[:, :, seqlen:].any()
-    for got, want in zip(g, want_g):
-        assert got.dtype == want.dtype
-        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-6, atol=1e-7)
+    want, want_g = jax.jit(lambda: run(ref))()
+    got, g = jax.jit(lambda: run(fused))()
+    for name, o, w in zip(("dtk", "sk", "w", "dec"), got, want):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert not np.asarray(got[0])[:, :, seqlen:].any()
+    two = jax.jit(functools.partial(pallas_prologue.prepare_dt_pallas, q=q, interpret=True,
+                                    **kw))(dt, A, dt_bias=bias)
+    for o, w in zip(two, got[:2]):  # without weights: the same two outputs
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
+    for got_g, want_g_ in zip(g, want_g):  # sums over (b, L): to float32 summation order
+        assert got_g.dtype == want_g_.dtype
+        scale = float(np.abs(np.float32(want_g_)).max())
+        np.testing.assert_allclose(np.float32(got_g), np.float32(want_g_), rtol=1e-5,
+                                   atol=1e-5 * scale)
 
 
-def test_sizes_it_does_not_take_raise_and_prepare_chunks_falls_back():
+def test_sizes_it_does_not_take_raise_and_prepare_chunks_takes_given_chunks():
     dt, A, bias = _args(nh=12)
     assert not pallas_prologue.prologue_supported(12, 16)
     assert not pallas_prologue.prologue_supported(16, 24)
@@ -58,21 +75,19 @@ def test_sizes_it_does_not_take_raise_and_prepare_chunks_falls_back():
         pallas_prologue.prepare_dt_pallas(dt, A, 16, dt_bias=bias[:4], interpret=True)
     x = jnp.zeros((2, 40, 12, 8))
     bc = jnp.zeros((2, 40, 1, 8))
-    got = pallas_gpu.prepare_chunks(x, dt, A, bc, bc, 16, jnp.float32, dt_bias=bias,
-                                    dt_softplus=True, dt_kernel=True, interpret=True)
-    want = pallas_gpu.prepare_chunks(x, dt, A, bc, bc, 16, jnp.float32, dt_bias=bias,
-                                     dt_softplus=True)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    given = (jnp.ones((2, 12, 48)), 2 * jnp.ones((2, 12, 48)))
+    got = pallas_gpu.prepare_chunks(x, dt, A, bc, bc, 16, jnp.float32, dt_chunks=given)
+    assert got[3] is given[0] and got[4] is given[1]  # precomputed dt chunks are used as given
 
 
 def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
-    """KernelConfig(prologue="pallas") makes ssd_mosaic_forward prepare its chunks with the
-    kernel (dt_kernel); the default keeps XLA's; an unknown value is refused."""
+    """KernelConfig(prologue="pallas") makes ssd_mosaic_forward take its dt chunks (and the
+    state pass's weights) from the kernel; the default keeps XLA's; an unknown value is
+    refused."""
     seen = []
 
     def spy(*a, **k):
-        seen.append(k.get("dt_kernel"))
+        seen.append(k.get("dt_chunks") is not None)
         raise RuntimeError("stop")  # the Mosaic kernels themselves are not the point here
 
     monkeypatch.setattr(pallas_gpu, "prepare_chunks", spy)
@@ -98,7 +113,7 @@ def test_kernel_lowers_to_triton_for_cuda():
 
     def f(dt, A, bias):
         out, vjp = jax.vjp(lambda d, a, b: pallas_prologue.prepare_dt_pallas(
-            d, a, 128, dt_bias=b, dt_softplus=True), dt, A, bias)
+            d, a, 128, dt_bias=b, dt_softplus=True, weights=True), dt, A, bias)
         return out, vjp(jax.tree.map(jnp.ones_like, out))
 
     with cuda_lowering_context():

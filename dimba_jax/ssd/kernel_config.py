@@ -37,9 +37,10 @@ class KernelConfig:
       64, and 167.2 against 177.2 in a second call
       (benchmarks/results/latency_levers_fo2_h100.md, latency_levers_fo_h100.md).
     prologue: the step sizes in front of the Mosaic kernels (dt bias, softplus, limits, the
-      layout transpose and the chunk-local cumulative sum of dt * A): "xla" (four to five
-      kernels per call) or "pallas" (one Triton kernel, `pallas_prologue`, where it takes the
-      head count; its backward is XLA's). Not yet timed on a GPU, so "xla" by default.
+      layout transpose, the chunk-local cumulative sum of dt * A, the state pass's weights and
+      chunk-end decays): "xla" (six to seven kernels per call) or "pallas" (one Triton kernel,
+      `pallas_prologue`, where it takes the head count; its backward is XLA's). Not yet timed
+      on a GPU, so "xla" by default.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.ssd import _common
-from dimba_jax.ssd.pallas_prologue import prepare_dt_pallas, prologue_supported
 
 # Chunk length used by the kernels (a power of two); the caller's chunk_size is only a hint.
 DEFAULT_BLOCK_LEN = 128
@@ -526,15 +525,14 @@ def _segment_rows(seg_ids, lp, q):
 
 
 def prepare_chunks(x, dt, A, B, C, q: int, cdt, *, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf")), initial_states=None, dt_kernel: bool = False,
-                   interpret: bool = False):
+                   dt_limit=(0.0, float("inf")), initial_states=None, dt_chunks=None):
     """The glue in front of the chunk kernels (shared by the Triton and Mosaic GPU paths).
 
     x: (b, L, h, P); dt: (b, L, h); A: (h,); B, C: (b, L, g, N); q: kernel chunk length; cdt:
     the kernels' operand dtype. Processes dt (bias, softplus, limits), pads L up to Lp, a
     multiple of q (padded positions get dt = 0: no decay, no input), and forms the chunk-local
-    cumulative sum of dt * A (`_common.prepare_dt`; with dt_kernel, where
-    `pallas_prologue.prologue_supported`, its one Pallas kernel, interpreted with `interpret`).
+    cumulative sum of dt * A (`_common.prepare_dt`; dt_chunks: those two computed beforehand,
+    e.g. by `pallas_prologue.prepare_dt_pallas`).
     Returns xk (b, Lp, h, P), bk and ck (b, Lp, g, N) in cdt; dtk (b, h, Lp) float32; sk
     (b, h, Lp) float32 (restarting at every chunk); h0 (b, h, P, N) float32 (zeros if
     initial_states is None).
@@ -547,11 +545,8 @@ def prepare_chunks(x, dt, A, B, C, q: int, cdt, *, dt_bias=None, dt_softplus=Fal
     if pad:
         pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
         xk, bk, ck = jnp.pad(xk, pad4), jnp.pad(bk, pad4), jnp.pad(ck, pad4)
-    dt_kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
-    if dt_kernel and prologue_supported(nh, q):
-        dtk, sk = prepare_dt_pallas(dt, A, q, interpret=interpret, **dt_kw)
-    else:
-        dtk, sk = _common.prepare_dt(dt, A, q, **dt_kw)
+    dtk, sk = dt_chunks if dt_chunks is not None else _common.prepare_dt(
+        dt, A, q, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     if initial_states is None:
         h0 = jnp.zeros((bsz, nh, p, n), jnp.float32)
     else:

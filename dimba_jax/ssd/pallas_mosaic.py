@@ -36,6 +36,7 @@ from dimba_jax.ssd import pallas_mosaic_bwd, pallas_mosaic_rev
 from dimba_jax.ssd import pallas_mosaic_fwd as _fwd
 from dimba_jax.ssd.hopper import BACKWARD_SEMANTICS, DEFAULT_SEMANTICS
 from dimba_jax.ssd.kernel_config import BACKWARDS, DEFAULT, KernelConfig
+from dimba_jax.ssd.pallas_prologue import prepare_dt_pallas, prologue_supported
 
 DEFAULT_BLOCK_LEN = 128
 logger = logging.getLogger(__name__)
@@ -110,14 +111,19 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # Differentiable core: the Mosaic forward kernels; pallas_gpu's backward with Mosaic stages.
 # --------------------------------------------------------------------------------------------
 
-def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics):
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
+    """The forward kernels; pre = (w, dec): the state pass's weights and chunk-end decays of
+    (dt, s) at chunk q computed beforehand (`pallas_prologue`), or None (computed here)."""
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
-    dec = _tri._chunk_end_decay(s, None, q)  # (b, h, nc)
+    if pre is None:
+        w, dec = _fwd.state_weights(dt, s, q), _tri._chunk_end_decay(s, None, q)  # dec (b, h, nc)
+    else:
+        w, dec = pre
     p = h0.shape[2]
     dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (p,))
-    hprev, fin = _fwd.segmented_statepass(xin, bin_, _fwd.state_weights(dt, s, q), dec_rows, h0,
+    hprev, fin = _fwd.segmented_statepass(xin, bin_, w, dec_rows, h0,
                                           q=q, hpg=hpg, hprev_dtype=x.dtype,
                                           interpret=interpret, semantics=semantics)
     y = _fwd.chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
@@ -135,21 +141,23 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd):
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
     """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk q_fwd where it
     divides q; the forward rule used under differentiation keeps chunk q, whose per-chunk
-    states the backward needs. The result is the same up to rounding."""
+    states the backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at
+    chunk q (dropped where the call rechunks); functions of dt and s whose gradients the
+    backward's ddt and ds already carry, so their own cotangents are zero."""
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
-        q = q_fwd
-    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
+        q, pre = q_fwd, None
+    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd):
-    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics)
-    return (y, fin), (x, b, c, dt, s, hprev, d)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
+    return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
 def _mosaic_chunk_bwd(x, b, q, semantics):
@@ -185,7 +193,9 @@ def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
     # semantics and q_fwd belong to the forward kernels: the backward depends on neither (its
     # kernels use BACKWARD_SEMANTICS).
     del semantics, q_fwd
-    return _bwd_impl_once(q, hpg, interpret, backward, res, grads)
+    pre = res[-1]
+    return (*_bwd_impl_once(q, hpg, interpret, backward, res[:-1], grads),
+            jax.tree.map(jnp.zeros_like, pre))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -251,17 +261,21 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     p, g = sizes["headdim"], sizes["ngroups"]
     cdt = x.dtype
 
-    xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(
-        x, dt, A, B, C, q, cdt, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_states=initial_states, dt_kernel=kernels.prologue == "pallas",
-        interpret=interpret)
+    dt_kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    dt_chunks, pre = None, None
+    if kernels.prologue == "pallas" and prologue_supported(nh, q):
+        dtk, sk, w, dec = prepare_dt_pallas(dt, A, q, weights=True, interpret=interpret, **dt_kw)
+        dt_chunks, pre = (dtk, sk), (w, dec)
+    xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(x, dt, A, B, C, q, cdt, **dt_kw,
+                                                  initial_states=initial_states,
+                                                  dt_chunks=dt_chunks)
     tf32 = cdt == jnp.float32
     if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
         d = jnp.zeros((nh, p), jnp.float32)
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
-                   kernels.backward, kernels.forward_only_block_len)
+                   kernels.backward, kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)

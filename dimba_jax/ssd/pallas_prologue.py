@@ -6,10 +6,16 @@ and A (h,), the chunk kernels read (`_common.prepare_dt`, its XLA reference):
     dtk[b, j, t] = clip(softplus(dt[b, t, j] + dt_bias[j]), *dt_limit)   (0 for t >= L)
     sk[b, j, t]  = sum of A[j] * dtk[b, j, u] over u from the start of t's chunk of q to t
 
-both float32 (b, h, Lp), Lp = L rounded up to a multiple of q. In XLA that is four to five
-kernels per SSD call (the processing, the pad, the transpose, the product and a chunked
-cumulative sum); here it is one: a program takes one chunk of q rows of `HEADS` heads, processes
-them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores both outputs transposed.
+both float32 (b, h, Lp), Lp = L rounded up to a multiple of q; with `weights` also what the
+Mosaic state pass reads (`pallas_mosaic_fwd.state_weights` and the chunk-end decays):
+
+    w[b, j, t]   = dtk[b, j, t] * exp(S - sk[b, j, t]),  dec[b, j, c] = exp(S),
+    S = the sum of A[j] * dtk over chunk c (t's chunk)
+
+w (b, h, Lp), dec (b, h, Lp / q) float32. In XLA that is four to five kernels per SSD call
+(the processing, the pad, the transpose, the product and a chunked cumulative sum) and two more
+for w and dec; here it is one: a program takes one chunk of q rows of `HEADS` heads, processes
+them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores its outputs transposed.
 The backward (a custom VJP) is the XLA reference's, recomputed from the saved inputs: the
 tensors are small and this saves the forward's launches where they count, in sampling.
 """
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.ssd import _common
+from dimba_jax.ssd.pallas_mosaic_fwd import state_weights
 
 HEADS = 8  # heads per program; the kernel takes nheads that are a multiple of it
 
@@ -33,9 +40,10 @@ def prologue_supported(nheads: int, q: int) -> bool:
     return nheads % HEADS == 0 and q >= 16 and not q & (q - 1)
 
 
-def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *, q, seqlen, softplus, lo, hi):
+def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *w_dec, q, seqlen, softplus, lo, hi):
     """dt_ref: the whole (L, h) dt of batch row bi; bias_ref, a_ref (HEADS,) float32; outputs
-    dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block pl.program_id(2)."""
+    dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block pl.program_id(2);
+    with weights also w_ref (HEADS, q) and dec_ref (HEADS,) float32."""
     rows = pl.program_id(1) * q + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     heads = pl.ds(pl.program_id(2) * HEADS, HEADS)
     v = dt_ref[jnp.clip(rows, 0, seqlen - 1), heads].astype(jnp.float32)
@@ -45,8 +53,16 @@ def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *, q, seqlen, softplus, lo
     if lo > -math.inf or hi < math.inf:
         v = jnp.clip(v, lo, hi)
     v = jnp.where((rows < seqlen)[:, None], v, 0.0)  # padded positions: no decay, no input
+    a = v * a_ref[...][None, :]
+    sk = jnp.cumsum(a, axis=0)
     dtk_ref[...] = v.T
-    sk_ref[...] = jnp.cumsum(v * a_ref[...][None, :], axis=0).T
+    sk_ref[...] = sk.T
+    if w_dec:
+        w_ref, dec_ref = w_dec
+        last = (jax.lax.broadcasted_iota(jnp.int32, (q, HEADS), 0) == q - 1)
+        total = jnp.sum(jnp.where(last, sk, 0.0), axis=0)  # the chunk's last cumulative sum
+        w_ref[...] = (v * jnp.exp(total[None, :] - sk)).T
+        dec_ref[...] = jnp.exp(total)
 
 
 def _triton_params():
@@ -57,19 +73,23 @@ def _triton_params():
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _prologue(dt, A, bias, cfg):
-    q, softplus, limit, interpret = cfg
+    q, softplus, limit, interpret, weights = cfg
     bsz, seqlen, nh = dt.shape
     lp = -(-seqlen // q) * q
     out = jax.ShapeDtypeStruct((bsz, nh, lp), jnp.float32)
     block = pl.BlockSpec((None, HEADS, q), lambda bi, ci, hi: (bi, hi, ci))
     vec = pl.BlockSpec((HEADS,), lambda bi, ci, hi: (hi,))
+    out_shape, out_specs = [out, out], [block, block]
+    if weights:
+        out_shape += [out, jax.ShapeDtypeStruct((bsz, nh, lp // q), jnp.float32)]
+        out_specs += [block, pl.BlockSpec((None, HEADS, None), lambda bi, ci, hi: (bi, hi, ci))]
     return pl.pallas_call(
         functools.partial(_kernel, q=q, seqlen=seqlen, softplus=softplus, lo=float(limit[0]),
                           hi=float(limit[1])),
-        out_shape=(out, out),
+        out_shape=tuple(out_shape),
         grid=(bsz, lp // q, nh // HEADS),
         in_specs=[pl.BlockSpec((None, seqlen, nh), lambda bi, ci, hi: (bi, 0, 0)), vec, vec],
-        out_specs=(block, block),
+        out_specs=tuple(out_specs),
         compiler_params=None if interpret else _triton_params(),
         interpret=interpret,
         name="ssd_dt_prologue",
@@ -77,8 +97,12 @@ def _prologue(dt, A, bias, cfg):
 
 
 def _reference(dt, A, bias, cfg):
-    q, softplus, limit, _ = cfg
-    return _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
+    q, softplus, limit, _, weights = cfg
+    dtk, sk = _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
+    if not weights:
+        return dtk, sk
+    bsz, nh, lp = sk.shape
+    return dtk, sk, state_weights(dtk, sk, q), jnp.exp(sk.reshape(bsz, nh, lp // q, q)[..., -1])
 
 
 def _prologue_fwd(dt, A, bias, cfg):
@@ -94,13 +118,14 @@ _prologue.defvjp(_prologue_fwd, _prologue_bwd)
 
 
 def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
-                      dt_limit=(0.0, math.inf), interpret: bool = False):
+                      dt_limit=(0.0, math.inf), weights: bool = False, interpret: bool = False):
     """`_common.prepare_dt` as the fused kernel (differentiable: the reference's VJP).
 
     Args: dt (b, L, h) any float dtype; A (h,); q the chunk length (a power of two >= 16);
-    dt_bias (h,) or None; dt_softplus, dt_limit as `ssd`; interpret: the Pallas interpreter.
-    Returns: (dtk, sk) float32 (b, h, Lp). Raises ValueError for sizes the kernel does not take
-    (`prologue_supported`).
+    dt_bias (h,) or None; dt_softplus, dt_limit as `ssd`; weights: also the state pass's w and
+    chunk-end decays; interpret: the Pallas interpreter.
+    Returns: (dtk, sk) float32 (b, h, Lp) [+ (w (b, h, Lp), dec (b, h, Lp / q)) with weights].
+    Raises ValueError for sizes the kernel does not take (`prologue_supported`).
     """
     nh = dt.shape[-1]
     if dt.ndim != 3 or A.shape != (nh,) or (dt_bias is not None and dt_bias.shape != (nh,)):
@@ -110,5 +135,6 @@ def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
         raise ValueError(f"prepare_dt_pallas: nheads {nh} must be a multiple of {HEADS} and the "
                          f"chunk {q} a power of two >= 16")
     bias = jnp.zeros((nh,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
-    cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret))
+    cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret),
+           bool(weights))
     return _prologue(dt, A.astype(jnp.float32), bias, cfg)
