@@ -123,10 +123,18 @@ def test_kernel_lowers_to_triton_for_cuda():
 
 @pytest.mark.gpu
 def test_compiled_kernel_matches_reference_on_gpu():
+    """Compiled (48 heads, L 200 padded to 256, chunk 128): dtk, sk, the state pass's weights
+    and the chunk-end decays against the XLA reference."""
     dt, A, bias = _args(seqlen=200, nh=48, seed=3)
     kw = dict(dt_bias=bias, dt_softplus=True, dt_limit=(0.0, math.inf))
-    want = jax.jit(lambda: _common.prepare_dt(dt, A, 128, **kw))()
-    got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, **kw))()
+
+    def ref():
+        dtk, sk = _common.prepare_dt(dt, A, 128, **kw)
+        dec = jnp.exp(sk.reshape(2, 48, 2, 128)[..., -1])
+        return dtk, sk, pallas_mosaic_fwd.state_weights(dtk, sk, 128), dec
+
+    want = jax.jit(ref)()
+    got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, weights=True, **kw))()
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
