@@ -48,3 +48,15 @@ def test_scripts_import_siblings_through_the_package(name):
     source = (ROOT / "benchmarks" / f"{name}.py").read_text()
     assert _bare_sibling_imports(source) == [], (
         f"benchmarks/{name}.py imports a sibling by bare name; use `from benchmarks import ...`")
+
+
+def test_ssd_bench_variants_name_the_mosaic_prologue():
+    """ssd_pallas_bench's "mosaic:BLOCK:BACKWARD:PROLOGUE" variants: the prologue kernel is
+    named in the label and the row's fields; without it the old labels stay."""
+    from benchmarks import ssd_pallas_bench as bench
+
+    label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas")
+    assert label == "mosaic_128_mosaic_bwd_pallas_prologue"
+    assert fields == {"block_len": 128, "backward": "mosaic", "prologue": "pallas"}
+    assert bench.parse_variant("mosaic:64")[:2] == ("mosaic_64_triton_bwd",
+                                                   {"block_len": 64, "backward": "triton"})
