@@ -325,7 +325,7 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
     dx_ref, dbm_ref, dcm_ref, g_ref, dw_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
-    per_step = sums == "tile"
+    elementwise = sums == "tile"
 
     shift = 0
     for (first, width, count, total), d_ref in zip(_column_tiles(nh, p, ng, n, cols),
@@ -346,17 +346,17 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
                         _pre(xs, w, bias, offsets))
                     g_ref[rs, half, cs] = g.astype(g_ref.dtype)
                     terms = [g * xs[d] for d in offsets] + [g]
-                    if not per_step:
+                    if not elementwise:
                         terms = [jnp.sum(v, axis=0) for v in terms]
                     new.append(tuple(a + b for a, b in zip(acc[half], terms)))
                 return tuple(new)
 
-            zero = jnp.zeros((step, width) if per_step else (width,), f32)
+            zero = jnp.zeros((step, width) if elementwise else (width,), f32)
             acc = _steps(q, step, rows_step, ((zero,) * (k_width + 1),) * nd)
             for half in range(nd):
                 for k in range(k_width + 1):
                     v = acc[half][k]
-                    dw_ref[half, k, cs] = jnp.sum(v, axis=0) if per_step else v
+                    dw_ref[half, k, cs] = jnp.sum(v, axis=0) if elementwise else v
 
         _split_loop(count, splits, shift, tile)
         shift += count

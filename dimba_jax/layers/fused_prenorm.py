@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dimba_jax.layers.norms import rms_normalize
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
                                             compiler_params, kernel_tiles, narrower_rows,
                                             tile_width)
@@ -77,9 +78,7 @@ def prenorm_xla(h, delta, weight, mod, *, eps: float = 1e-5, dtype=None):
     """
     _check(h, delta, weight, mod)
     u = h if delta is None else h + delta.astype(h.dtype)
-    uf = u.astype(jnp.float32)
-    x = uf * jax.lax.rsqrt(jnp.mean(jnp.square(uf), axis=-1, keepdims=True) + eps)
-    x = (x * weight.astype(jnp.float32)).astype(h.dtype).astype(jnp.float32)
+    x = (rms_normalize(u, eps) * weight.astype(jnp.float32)).astype(h.dtype).astype(jnp.float32)
     if mod is not None:
         mod = mod.astype(jnp.float32)
         x = (x * (1.0 + mod[:, None, 0]) + mod[:, None, 1]).astype(h.dtype)

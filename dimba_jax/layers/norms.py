@@ -21,7 +21,7 @@ def partitioned(init, names: tuple):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2, -1) + eps), computed in float32. Shape preserved."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -36,7 +36,7 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, ngroups: in
     out_dtype = dtype or y.dtype
     g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     grouped = g.reshape(*g.shape[:-1], ngroups, g.shape[-1] // ngroups)
-    g = _rms_normalize(grouped, eps).reshape(g.shape)
+    g = rms_normalize(grouped, eps).reshape(g.shape)
     return (g * weight.astype(jnp.float32)).astype(out_dtype)
 
 
@@ -65,7 +65,7 @@ class RMSNorm(nnx.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"RMSNorm expects last axis {self.dim}, got shape {x.shape}")
         out_dtype = self.dtype or x.dtype
-        y = _rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
+        y = rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
         return y.astype(out_dtype)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dimba_jax.interop.mamba_ssm import padded_vocab
-from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error
+from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error, prenorm_xla
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
@@ -153,12 +153,11 @@ class MambaLM(nnx.Module):
         """(residual + h float32, layer.norm of it in the compute dtype): residual (..., d)
         float32, h (..., d) the previous layer's output (or the embedding); one fused kernel
         where `prenorm_impl` picks it."""
-        if use_fused(self.prenorm_impl, residual.ndim == 3,
-                     shape_supported=not prenorm_size_error(self.d_model)):
+        if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(self.d_model)):
             return prenorm_pallas(residual, h, layer.norm.weight[...], None, eps=layer.norm.eps,
                                   dtype=self.dtype, interpret=default_interpret())
-        residual = residual + h.astype(jnp.float32)
-        return residual, layer.norm(residual).astype(self.dtype)
+        return prenorm_xla(residual, h, layer.norm.weight[...], None, eps=layer.norm.eps,
+                           dtype=self.dtype)
 
     def _run_layers(self, ids, seq_idx, return_cache):
         h = self._embed(ids)

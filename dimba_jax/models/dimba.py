@@ -76,7 +76,7 @@ from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
                                            make_block_conditioning)
-from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error
+from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error, prenorm_xla
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned
 from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
@@ -220,12 +220,8 @@ class DimbaBlock(nnx.Module):
         if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(h.shape[-1])):
             return prenorm_pallas(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
                                   dtype=self.dtype, interpret=default_interpret())
-        if delta is not None:
-            h = h + delta.astype(h.dtype)
-        x = self.norm(h)
-        if mod is not None:
-            x = (x.astype(jnp.float32) * (1.0 + mod[:, None, 0]) + mod[:, None, 1]).astype(x.dtype)
-        return h, x.astype(self.dtype)
+        return prenorm_xla(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
+                           dtype=self.dtype)
 
     def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
         h, x = self.prenorm(h, None, None if c is None else self.cond.modulation(c))

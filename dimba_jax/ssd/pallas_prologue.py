@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.ssd import _common
+from dimba_jax.ssd.pallas_gpu import _chunk_end_decay
 from dimba_jax.ssd.pallas_mosaic_fwd import state_weights
 
 HEADS = 8  # heads per program; the kernel takes nheads that are a multiple of it
@@ -101,8 +102,7 @@ def _reference(dt, A, bias, cfg):
     dtk, sk = _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
     if not weights:
         return dtk, sk
-    bsz, nh, lp = sk.shape
-    return dtk, sk, state_weights(dtk, sk, q), jnp.exp(sk.reshape(bsz, nh, lp // q, q)[..., -1])
+    return dtk, sk, state_weights(dtk, sk, q), _chunk_end_decay(sk, None, q)
 
 
 def _prologue_fwd(dt, A, bias, cfg):
