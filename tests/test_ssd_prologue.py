@@ -135,8 +135,8 @@ def test_compiled_kernel_matches_reference_on_gpu():
 
     want = jax.jit(ref)()
     got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, weights=True, **kw))()
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):  # the Triton scan sums in another order than XLA's cumsum
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
 def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients():

@@ -58,7 +58,10 @@ from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROG
                                             compiler_params, is_power_of_two, kernel_tiles,
                                             split_count, tile_width)
 
-BWD_BLOCK_ROWS, BWD_NUM_WARPS = 8, 4  # the backward kernels' default tiles
+# The bidirectional backward kernels' default tiles: 64 rows in steps of 8, weight sums
+# elementwise over the steps ("tile"), column splits up to 1024 programs (fastest forward +
+# backward at configs/base.py's mixer on an H100: benchmarks/results/fused_sums_h100.md).
+BWD_BLOCK_ROWS, BWD_NUM_WARPS, BWD_STEP_ROWS, BWD_MIN_PROGRAMS, BWD_SUMS = 64, 4, 8, 1024, "tile"
 
 
 def causal_conv1d_silu(xbc, weight, bias, *, seq_idx=None, dtype=None):
@@ -560,9 +563,10 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               num_warps_bwd: int = BWD_NUM_WARPS, num_stages: int = 1,
                               num_stages_bwd: int | None = None, block_cols: int = 0,
                               block_cols_bwd: int | None = None, step_rows: int = 0,
-                              step_rows_bwd: int | None = None,
+                              step_rows_bwd: int | None = BWD_STEP_ROWS,
                               min_programs: int = DEFAULT_MIN_PROGRAMS,
-                              min_programs_bwd: int = 1, sums_bwd: str = "step",
+                              min_programs_bwd: int = BWD_MIN_PROGRAMS,
+                              sums_bwd: str = BWD_SUMS,
                               xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
@@ -572,8 +576,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       block_rows: time rows per program, rounded down to a power of two dividing seqlen.
       num_warps: warps per Triton program.
       block_rows_bwd, num_warps_bwd: the same for both backward kernels (None = the
-        forward's); the defaults were the fastest of 4-16 rows x 4-8 warps at
-        configs/base.py's mixer on an H100 (benchmarks/results/fused_bench2_h100.md).
+        forward's); defaults: `BWD_*` above.
       num_stages, num_stages_bwd: Triton pipeline stages of the loops over column tiles
         (forward; backward, None = the forward's); 1 = no software pipelining.
       block_cols, block_cols_bwd: columns per tile (0 = headdim for x, d_state for B and C;

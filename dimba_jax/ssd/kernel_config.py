@@ -39,8 +39,11 @@ class KernelConfig:
     prologue: the step sizes in front of the Mosaic kernels (dt bias, softplus, limits, the
       layout transpose, the chunk-local cumulative sum of dt * A, the state pass's weights and
       chunk-end decays): "xla" (six to seven kernels per call) or "pallas" (one Triton kernel,
-      `pallas_prologue`, where it takes the head count; its backward is XLA's). Not yet timed
-      on a GPU, so "xla" by default.
+      `pallas_prologue`, where it takes the head count; its backward is XLA's). On an H100
+      the kernel makes the forward 3-13% faster at three of the four benchmark shapes and
+      fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so
+      "xla" here; the models' default (`config.model.ssd_prologue`) is "pallas", which the
+      batch-1 sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md).
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
