@@ -59,8 +59,8 @@ import numpy as np
 
 from dimba_jax.ssd import KernelConfig, hopper, pallas_mosaic, pallas_mosaic_fwd, ssd
 
-# The four reference shapes of docs/ssd_reference.md (with mamba_ssm's quoted times), their P / N / groups / chunk and the
-# relative-error helper are ssd_pallas_bench's.
+# The four benchmark shapes (name, B, L, H), their P / N / groups / chunk and the relative-error
+# helper are ssd_pallas_bench's.
 from benchmarks.ssd_pallas_bench import CHUNK, G, N, P, SHAPES, rel
 
 SMALL = [  # (B, L, H, P, G, N, dtype, block_len, options)
@@ -237,13 +237,13 @@ def correctness_case(rec, spec, seed, with_grads=True):
 
 
 def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
-    name, b, l, h, ref_fwd, ref_fb = shape
+    name, b, l, h = shape
     args, kw, dy = make_inputs(1234, b, l, h, P, G, N, jnp.bfloat16, "D+bias")
     a = [args[k] for k in ("x", "dt", "A", "B", "C")]
     label = impl if impl != "mosaic" else f"mosaic q{q} {SEMANTICS}"
     f = jax.jit(impl_fn(impl, kw, q))
     case = dict(case=f"time {name}", shape=name, B=b, L=l, H=h, P=P, N=N, chunk=CHUNK, impl=label,
-                mamba_ssm_fwd_ms=ref_fwd, mamba_ssm_fwdbwd_ms=ref_fb, status="ok")
+                status="ok")
     case["fwd"] = time_ms(f, a, runs, deadline)
     y = f(*a)
     if y_xla is not None:
@@ -261,7 +261,7 @@ def timing_case(rec, shape, impl, q, runs, deadline, do_bwd, y_xla=None):
 def stage_case(rec, shape, q, runs, deadline, semantics):
     """The chunk-output stage alone: Mosaic kernel vs pallas_gpu's Triton kernel, same inputs."""
     from dimba_jax.ssd import pallas_gpu  # pylint: disable=import-outside-toplevel
-    name, b, l, h = shape[:4]
+    name, b, l, h = shape
     ks = jax.random.split(jax.random.key(7), 8)
     nc = l // q
     x = jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16)
@@ -292,7 +292,7 @@ def stage_case(rec, shape, q, runs, deadline, semantics):
 
 def stage_state_case(rec, shape, q, runs, deadline, semantics):
     """The fused chunk-state + state-pass stage alone (`stage_statepass`) on fresh inputs."""
-    name, b, l, h = shape[:4]
+    name, b, l, h = shape
     ks = jax.random.split(jax.random.key(11), 5)
     nc = l // q
     x = jax.random.normal(ks[0], (b, l, h, P), jnp.bfloat16)
@@ -379,7 +379,7 @@ def stage_bwd_case(rec, shape, q, runs, deadline, semantics, interpret=False):
     Triton kernel. errors: relative L2 of each output vs Triton (< 1e-2 required).
     """
     from dimba_jax.ssd import pallas_gpu, pallas_mosaic_bwd  # pylint: disable=import-outside-toplevel
-    name, b, l, h = shape[:4]
+    name, b, l, h = shape
     args = bwd_stage_inputs(b, l, h, q)
     hpg = h // G
     ok, why = pallas_mosaic_bwd.supported_bwd(x=args[0], b=args[1], q=q)
@@ -441,7 +441,7 @@ def chunk_bwd_lowering(rec, semantics):
     float32 and bf16 dstates."""
     from dimba_jax.ssd import pallas_mosaic_bwd  # pylint: disable=import-outside-toplevel
     s = jax.ShapeDtypeStruct
-    name, b, l, h = SHAPES[0][:4]
+    name, b, l, h = SHAPES[0]
     for q in (128, 64):
         for dst_dtype in ("float32", "bfloat16"):
             nc = l // q
@@ -512,7 +512,7 @@ def rev_stage_case(rec, shape, q, runs, deadline, semantics, interpret=False):
     Triton pair (`_chunk_state_call(mode="dout")` + `_state_pass_bwd_call`, as core_backward
     runs them), same inputs; each REV_VARIANTS entry timed, errors vs Triton (< 1e-2)."""
     from dimba_jax.ssd import pallas_gpu, pallas_mosaic_rev  # pylint: disable=import-outside-toplevel
-    name, b, l, h = shape[:4]
+    name, b, l, h = shape
     args = rev_stage_inputs(b, l, h, q)
     hpg, nc = h // G, l // q
 
@@ -580,7 +580,7 @@ def run_rev(rec, a, deadline):
     if jax.devices()[0].platform != "gpu" or a.lower_only:
         sds, f32, bf = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
         for sem in sems:
-            for name, b, l, h in (s[:4] for s in shapes):
+            for name, b, l, h in shapes:
                 for label, kw in REV_VARIANTS:
                     nc = l // q
                     fargs = (sds((b, l, h, P), bf), sds((b, l, G, N), bf), sds((b, h, l), f32),
@@ -615,7 +615,7 @@ def lowering_check(rec, shapes, semantics="lane"):
     the device compile (PTX / ptxas), which needs the GPU.
     """
     s = jax.ShapeDtypeStruct
-    for name, b, l, h in (sh[:4] for sh in shapes):
+    for name, b, l, h in shapes:
         for dtype, q in LOWER_CONFIGS:
             dt = jnp.dtype(dtype)
             lp = -(-l // q) * q
@@ -711,7 +711,7 @@ def main():
         small = [(1, 150, 2, 64, 1, 64, "bfloat16", 64, "D+bias+h0"),
                  (1, 70, 2, 64, 1, 64, "float32", 64, "D"),
                  (1, 70, 2, 64, 1, 128, "float32", 128, "D")]
-        shapes = [("tiny", 1, 128, 2, 1.0, 1.0)]
+        shapes = [("tiny", 1, 128, 2)]
         impls = [("mosaic", 64), ("xla", None)]
         a.runs = 3
     else:

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import device_tag
 from dimba_jax.ssd import _common, resolve_impl, ssd
 from dimba_jax.ssd import chunked as chunked_module
 
@@ -62,15 +63,6 @@ SHAPES = [  # name, batch, seqlen, nheads
 QUICK_SHAPES = [("tiny-L256", 2, 256, 4), ("tiny-L1000", 1, 1000, 4)]
 P, N, GROUPS, CHUNK = 64, 128, 1, 256
 QUICK_P, QUICK_N, QUICK_CHUNK = 16, 32, 64
-
-# docs/ssd_reference.md, one H200, bf16: (fwd ms, fwd+bwd ms).
-QUOTED = {
-    "mamba_ssm triton": {"130m-L2k": (1.02, 4.81), "130m-L8k": (0.93, 3.91),
-                         "1.3b-L2k": (0.99, 5.52), "130m-L32k": (1.06, 5.20)},
-    "plain jax.numpy": {"130m-L2k": (2.19, 4.92), "130m-L8k": (2.18, 5.07),
-                        "1.3b-L2k": (5.02, 12.82), "130m-L32k": (4.48, 9.84)},
-}
-
 
 def flops_fwd(b, l, h, p, n, chunk, g=GROUPS):
     """Forward matmul FLOPs of the chunked SSD (see the module docstring)."""
@@ -240,16 +232,12 @@ def stage_breakdown(b, l, h, p, n, chunk, warmup, iters):
 def markdown(result):
     lines = [f"SSD benchmark on {result['device']} (jax {result['jax']})", "",
              f"Command: `{result['command']}`", "",
-             "| shape | B | L | H | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |"
-             " quoted plain jnp fwd / fwd+bwd ms | quoted mamba_ssm fwd / fwd+bwd ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | B | L | H | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        plain = QUOTED["plain jax.numpy"].get(row["shape"])
-        triton = QUOTED["mamba_ssm triton"].get(row["shape"])
-        fmt = lambda t: f"{t[0]} / {t[1]}" if t else "-"  # noqa: E731
         lines.append(f"| {row['shape']} | {row['B']} | {row['L']} | {row['H']} | {row['impl']} | "
                      f"{row['fwd_ms']:.3f} | {row['fwdbwd_ms']:.3f} | {row['fwd_tflops']} | "
-                     f"{row['fwdbwd_tflops']} | {fmt(plain)} | {fmt(triton)} |")
+                     f"{row['fwdbwd_tflops']} |")
     if result.get("check"):
         lines += ["", "Numerical check, xla vs sequential reference (max |err| / max |ref|):", "",
                   "```", json.dumps(result["check"], indent=1), "```"]
@@ -259,14 +247,17 @@ def markdown(result):
     if result.get("errors"):
         lines += ["", "Errors:", ""] + [f"- {e}" for e in result["errors"]]
     lines += ["", "FLOPs: fwd = 2BLQGN + 2BLQHP + 4BLHPN (chunked matmuls as executed, Q = chunk), "
-              "fwd+bwd = 3 fwd. Quoted figures: docs/ssd_reference.md (one H200, bf16)."]
+              "fwd+bwd = 3 fwd. Ratios to mamba_ssm: benchmarks/vs_mamba_ssm.py "
+              "(both timed in one call)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="directory for the JSON and .md")
-    parser.add_argument("--tag", default=None, help="file stem suffix: ssd_<tag>.json (default: xla_<device>)")
+    parser.add_argument("--tag", default=None,
+                        help="file stem suffix: ssd_<tag>.json (default: xla_ + "
+                             "benchmarks.device_tag of the device, e.g. xla_h100)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--impls", default=None, help="comma list (default: every available impl)")
     parser.add_argument("--shapes", default=None, help="comma list of shape names (default: all)")
@@ -281,8 +272,8 @@ def main(argv=None):
 
     device = jax.devices()[0]
     device_name = f"{device.platform}: {getattr(device, 'device_kind', device)}"
-    tag = args.tag or ("quick_" if args.quick else "") + (
-        "xla_h200" if "H200" in device_name else f"xla_{device.platform}")
+    tag = args.tag or ("quick_" if args.quick else "") + "xla_" + device_tag(
+        getattr(device, "device_kind", "") or device.platform)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"ssd_{tag}.json")
     md_path = os.path.join(args.out, f"ssd_{tag}.md")

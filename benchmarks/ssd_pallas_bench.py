@@ -7,10 +7,14 @@ What it does, in one run:
   1. correctness: pallas (every kernel variant) vs the float32 sequential reference, forward
      and all gradients, float32 and bfloat16, fresh random inputs (seqlen not a multiple of the
      chunk); the XLA chunked SSD's bf16 error is printed beside it for scale;
-  2. timing at the four benchmark shapes (130m / 1.3b widths at 2k / 8k tokens) (bf16, dstate 128, headdim 64, 1 group, chunk 256 for
-     xla): forward and forward+backward (vjp of y w.r.t. x, dt, A, B, C, D with dt_bias +
-     softplus), median of >= 50 timed runs after warm-up;
-  3. writes ssd_h200.json (ssd_bench.py's format, plus variant rows and errors) and ssd_h200.md.
+  2. timing at ssd_bench.py's four shapes (130m / 1.3b widths at 2k to 32k tokens; bf16,
+     dstate 128, headdim 64, 1 group, chunk 256 for xla): forward and forward+backward (vjp of y
+     w.r.t. x, dt, A, B, C, D with dt_bias + softplus), median of >= 50 timed runs after warm-up;
+  3. writes ssd_<tag>.json (ssd_bench.py's format, plus variant rows and errors) and
+     ssd_<tag>.md, tag = `benchmarks.device_tag` of the device kind ("h200", "h100", ...).
+
+It times our kernels only: ratios to mamba_ssm come from benchmarks/vs_mamba_ssm.py, which times
+both in one call.
 
 Timing: each sample is the wall time of `inner` back-to-back calls followed by one
 block_until_ready, divided by `inner` (amortises Python dispatch, as a CUDA-graph replay would);
@@ -31,18 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import device_tag
+from benchmarks.ssd_bench import CHUNK, GROUPS as G, N, P, SHAPES  # name, B, L, H
 from dimba_jax.ssd import _common
 from dimba_jax.ssd import KernelConfig, pallas_gpu, pallas_mosaic, ssd
 from dimba_jax.ssd.chunked import chunked_scan
 from dimba_jax.ssd.reference import reference_scan
 
-SHAPES = [  # name, B, L, H  (P=64, N=128, 1 group, chunk 256), mamba_ssm Triton fwd / fwd+bwd ms
-    ("130m-L2k", 8, 2048, 24, 1.02, 4.81),
-    ("130m-L8k", 2, 8192, 24, 0.93, 3.91),
-    ("1.3b-L2k", 8, 2048, 64, 0.99, 5.52),
-    ("130m-L32k", 1, 32768, 24, 1.06, 5.20),
-]
-P, N, G, CHUNK = 64, 128, 1, 256
 # The kernel version these numbers belong to (docs/ssd_kernel_notes.md lists the versions).
 KERNEL_VERSION = "v6 (Mosaic GPU forward and backward)"
 
@@ -178,27 +177,29 @@ def check(fn, dtype, seed, dims):
 
 
 def write(result, a):
-    """Writes ssd_h200.json and ssd_h200.md under a.out (called after every shape)."""
-    with open(os.path.join(a.out, "ssd_h200.json"), "w") as f:
+    """Writes ssd_<tag>.json and ssd_<tag>.md under a.out, tag = device_tag(result["device"])
+    (called after every shape)."""
+    stem = os.path.join(a.out, f"ssd_{device_tag(result['device'])}")
+    with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| shape | impl | fwd ms | fwd+bwd ms | fwd / mamba_ssm | fwd+bwd / mamba_ssm | fwd TFLOP/s | fwd+bwd TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+             "|---|---|---|---|---|---|"]
     variants = {r["impl"] for r in result["variant_rows"]}
     listed = result["rows"] + (result["variant_rows"] if len(variants) > 1 else [])
     for r in listed:
         if "fwd_ms" not in r:
-            lines.append(f"| {r['shape']} | {r['impl']} | error | error | | | | |")
+            lines.append(f"| {r['shape']} | {r['impl']} | error | error | | |")
             continue
         lines.append(
             f"| {r['shape']} | {r['impl']}{' (' + r['variant'] + ')' if 'variant' in r else ''} "
-            f"| {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwd_ms'] / r['mamba_ssm_fwd_ms']:.2f} "
-            f"| {r['fwdbwd_ms'] / r['mamba_ssm_fwdbwd_ms']:.2f} | {r['fwd_tflops']:.0f} "
+            f"| {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwd_tflops']:.0f} "
             f"| {r['fwdbwd_tflops']:.0f} |")
     md = (f"# SSD on {result['device']} (jax {result['jax']})\n\n"
           f"Command: `{result['command']}`\n\nbf16, headdim 64, dstate 128, 1 group; medians of "
           f"{a.runs} samples. TFLOP/s are nominal (chunk-256 SSD FLOPs, fwd+bwd = 3x fwd). "
-          f"Targets: fwd <= 0.5x and fwd+bwd <= 0.4x mamba_ssm.\n\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(a.out, "ssd_h200.md"), "w") as f:
+          f"Ratios to mamba_ssm come only from `benchmarks/vs_mamba_ssm.py`, which times both "
+          f"in one call.\n\n" + "\n".join(lines) + "\n")
+    with open(stem + ".md", "w") as f:
         f.write(md)
     print(md)
 
@@ -249,14 +250,13 @@ def main():
 
     # ---------------------------------------------------------------- timing
     want = set(a.shapes.split(","))
-    for name, b, l, h, ref_fwd, ref_fb in SHAPES:
+    for name, b, l, h in SHAPES:
         if name not in want:
             continue
         inputs, dy = make_inputs(jax.random.key(hash(name) % (1 << 30)), b, l, h, jnp.bfloat16)
         args = [inputs[k] for k in ARGS]
         flops = nominal_flops(b, l, h)
         base = {"shape": name, "B": b, "L": l, "H": h, "P": P, "N": N, "chunk": CHUNK,
-                "mamba_ssm_fwd_ms": ref_fwd, "mamba_ssm_fwdbwd_ms": ref_fb,
                 "nominal_fwd_gflop": flops / 1e9, "min_fwd_mbytes": min_bytes(b, l, h) / 1e6}
         impls = [] if a.skip_xla else [("xla", None, xla_ssd)]
         impls += variants

@@ -32,7 +32,7 @@ def main():
     for name in a.shapes.split(","):
         if name not in shapes:
             raise ValueError(f"unknown shape {name!r}; known: {sorted(shapes)}")
-        _, b, l, h, _, _ = shapes[name]
+        _, b, l, h = shapes[name]
         inputs, dy = bench.make_inputs(jax.random.key(0), b, l, h, jax.numpy.bfloat16)
         args = [inputs[k] for k in bench.ARGS]
         for mode in a.modes.split(","):

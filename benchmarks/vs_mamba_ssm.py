@@ -379,7 +379,7 @@ def ssd_geometry(args) -> tuple[list[tuple[str, int, int, int]], int, int, int]:
 
     if args.smoke:
         return [(name, 1, 64, 2) for name in SHAPE_NAMES], 16, 16, 16
-    shapes = [(name, b, l, h) for name, b, l, h, *_ in sb.SHAPES]
+    shapes = list(sb.SHAPES)
     assert tuple(s[0] for s in shapes) == SHAPE_NAMES, shapes
     return shapes, sb.P, sb.N, sb.CHUNK
 

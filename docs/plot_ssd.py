@@ -1,12 +1,13 @@
-"""Draws docs/ssd_h200.png: the SSD kernels' times on the H200 next to mamba_ssm and the targets.
+"""Draws docs/ssd_h200.png: our SSD kernels' times on the H200, by kernel version.
 
     python docs/plot_ssd.py    # reads benchmarks/results/ssd_h200.json and history/ssd_h200_v*.json
 
-Two panels (forward, forward + backward), one group of bars per reference shape: mamba_ssm's
-Triton kernel (quoted in docs/ssd_reference.md), our `xla` chunked SSD, and the `pallas` kernels
-by version (v3: Triton; v5: Mosaic GPU forward + Triton backward; v6: Mosaic GPU both ways, the
-current `ssd(impl="pallas")`). The targets (0.5x and 0.4x mamba_ssm) are the dashed
-marks. Every number comes from the JSON files, which carry their commands and device.
+Two panels (forward, forward + backward), one group of bars per benchmark shape: our `xla`
+chunked SSD and the `pallas` kernels by version (v3: Triton; v5: Mosaic GPU forward + Triton
+backward; v6: Mosaic GPU both ways, the current `ssd(impl="pallas")`). mamba_ssm is not drawn
+here: its times beside ours, both timed in one call, are docs/vs_mamba_ssm_h200.png
+(benchmarks/vs_mamba_ssm.py). Every number comes from the JSON files, which carry their
+commands and device.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ SERIES = [
     ("pallas v5: Mosaic fwd, Triton bwd", "history/ssd_h200_v5_triton_bwd.json", "pallas", "#42a5f5"),
     ("pallas v6: Mosaic fwd + bwd", "ssd_h200.json", "pallas", "#0d47a1"),
 ]
-TARGETS = {"fwd_ms": 0.5, "fwdbwd_ms": 0.4}  # share of mamba_ssm (docs/ssd_reference.md)
+PEER_PLOT = "docs/vs_mamba_ssm_h200.png"  # mamba_ssm beside ours, timed in one call
 
 
-def load_rows(results_dir: str) -> tuple[list[str], dict, dict]:
-    """(shape names in order, {(label, shape): row}, {shape: (mamba fwd, mamba fwd+bwd)})."""
-    rows, mamba, shapes = {}, {}, []
+def load_rows(results_dir: str) -> tuple[list[str], dict]:
+    """(shape names in order, {(label, shape): row})."""
+    rows, shapes = {}, []
     for label, fname, impl, _ in SERIES:
         path = os.path.join(results_dir, fname)
         if not os.path.isfile(path):
@@ -44,35 +45,29 @@ def load_rows(results_dir: str) -> tuple[list[str], dict, dict]:
                 if r["impl"] != impl or "fwd_ms" not in r:
                     continue
                 rows[(label, r["shape"])] = r
-                mamba[r["shape"]] = (r["mamba_ssm_fwd_ms"], r["mamba_ssm_fwdbwd_ms"])
                 if r["shape"] not in shapes:
                     shapes.append(r["shape"])
-    return shapes, rows, mamba
+    return shapes, rows
 
 
 def draw(path: str, results_dir: str = RESULTS) -> None:
     """Writes the two-panel bar chart to `path` (PNG)."""
-    shapes, rows, mamba = load_rows(results_dir)
+    shapes, rows = load_rows(results_dir)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    width = 0.16
+    width = 0.2
     x = np.arange(len(shapes))
-    for ax, key, col, title in ((axes[0], "fwd_ms", 0, "forward"),
-                                (axes[1], "fwdbwd_ms", 1, "forward + backward")):
-        ax.bar(x - 2 * width, [mamba[s][col] for s in shapes], width, color="#ef6c00",
-               label="mamba_ssm Triton (quoted)")
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
         for i, (label, _, _, colour) in enumerate(SERIES):
             vals = [rows[(label, s)][key] if (label, s) in rows else np.nan for s in shapes]
-            ax.bar(x + (i - 1) * width, vals, width, color=colour, label=label)
-        for j, s in enumerate(shapes):  # the target: a dashed mark over the group
-            t = TARGETS[key] * mamba[s][col]
-            ax.plot([j - 2.5 * width, j + 2.5 * width], [t, t], "k--", lw=1)
+            ax.bar(x + (i - (len(SERIES) - 1) / 2) * width, vals, width, color=colour, label=label)
         ax.set_xticks(x, shapes)
         ax.set_ylabel("ms (median of 50)")
-        ax.set_title(f"SSD {title}, bf16, H200 (dashed: target {TARGETS[key]}x mamba_ssm)",
-                     fontsize=10)
+        ax.set_title(f"SSD {title}, bf16, H200", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Our SSD kernels by version; mamba_ssm beside them, timed in the same call: "
+                 f"{PEER_PLOT}", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=len(SERIES), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
