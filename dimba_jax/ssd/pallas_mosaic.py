@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from dimba_jax.ssd import _common, hopper
 from dimba_jax.ssd import pallas_gpu as _tri
-from dimba_jax.ssd import pallas_mosaic_bwd, pallas_mosaic_rev
+from dimba_jax.ssd import pallas_mosaic_bwd, pallas_mosaic_rev, pallas_seq
 from dimba_jax.ssd import pallas_mosaic_fwd as _fwd
 from dimba_jax.ssd.hopper import BACKWARD_SEMANTICS, DEFAULT_SEMANTICS
 from dimba_jax.ssd.kernel_config import BACKWARDS, DEFAULT, KernelConfig
@@ -141,12 +141,19 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
-    """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk q_fwd where it
-    divides q; the forward rule used under differentiation keeps chunk q, whose per-chunk
-    states the backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at
-    chunk q (dropped where the call rechunks); functions of dt and s whose gradients the
-    backward's ddt and ds already carry, so their own cotangents are zero."""
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, pre=None):
+    """Forward-only calls (no gradient taken: sampling, evaluation) run as fwd_only = (q_fwd,
+    kernel) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, at its own chunk),
+    "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides q. The forward rule used
+    under differentiation keeps the Mosaic kernels at chunk q, whose per-chunk states the
+    backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at chunk q
+    (dropped where the call rechunks); functions of dt and s whose gradients the backward's ddt
+    and ds already carry, so their own cotangents are zero."""
+    q_fwd, kernel = fwd_only
+    if kernel == "sequential" and pallas_seq.supported_seq(
+            headdim=x.shape[-1], dstate=b.shape[-1], dtype=x.dtype)[0]:
+        s = _fwd.rechunk_cumsum(s, q, pallas_seq.BLOCK_LEN)
+        return _seq_once(x, b, c, dt, s, h0, d, hpg, interpret)
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
@@ -155,7 +162,14 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, 
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _seq_once(x, b, c, dt, s, h0, d, hpg, interpret):
+    """`pallas_seq.ssd_seq_forward` at its chunk, jitted once for all call sites."""
+    return pallas_seq.ssd_seq_forward(x, b, c, dt, s, h0, d, q=pallas_seq.BLOCK_LEN, hpg=hpg,
+                                      interpret=interpret)
+
+
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, pre=None):
     y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
     return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
@@ -275,7 +289,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
-                   kernels.backward, kernels.forward_only_block_len, pre)
+                   kernels.backward,
+                   (kernels.forward_only_block_len, kernels.forward_only_kernel), pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
