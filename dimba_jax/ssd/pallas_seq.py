@@ -72,7 +72,8 @@ def _kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h0_ref, d_ref, y_ref, fin_ref, *
 
 
 def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
-                    block_p: int = BLOCK_P, num_warps: int = 4, interpret: bool = False):
+                    block_p: int = BLOCK_P, num_warps: int = 4, num_stages: int = 1,
+                    interpret: bool = False):
     """The chunked SSD forward in one launch (no gradient: a plain function of its inputs).
 
     Args:
@@ -83,7 +84,8 @@ def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
       h0: (batch, nheads, P, N) float32, the state entering the sequence.
       d: (nheads, P) float32, the D skip per headdim row (zeros for none).
       q: chunk length of `s`; hpg: heads per group; block_p: headdim rows per program;
-      num_warps: warps per Triton program; interpret: the Pallas interpreter.
+      num_warps: warps per Triton program; num_stages: Triton software-pipeline stages of the
+      loop over chunks (1 = none); interpret: the Pallas interpreter.
     Returns:
       y (batch, Lp, nheads, P) in x.dtype; the final state (batch, nheads, P, N) float32.
     Raises:
@@ -109,7 +111,7 @@ def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
         grid=(bsz, nh, p // block_p),
         in_specs=[xs, bs, bs, vs, vs, hs, ds],
         out_specs=(xs, hs),
-        compiler_params=None if interpret else _tri._params(num_warps, num_stages=1),
+        compiler_params=None if interpret else _tri._params(num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ssd_seq_fwd",
     )(x, b, c, dt.astype(jnp.float32), s.astype(jnp.float32), h0.astype(jnp.float32),
