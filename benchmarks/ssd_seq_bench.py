@@ -139,7 +139,7 @@ def main(argv=None):
         timed(ssd_call, args, lambda y: y, impl=f"ssd_mosaic_forward ({kernel})")
 
     q = pallas_seq.BLOCK_LEN
-    xk, bk, ck, dtk, sk, h0 = pallas_gpu.prepare_chunks(x, dt, A, B, C, q, jnp.bfloat16,
+    xk, bk, ck, dtk, _, h0 = pallas_gpu.prepare_chunks(x, dt, A, B, C, q, jnp.bfloat16,
                                                         dt_bias=dt_bias, dt_softplus=True)
     d = jnp.broadcast_to(D[:, None], (shape["nheads"], shape["headdim"])).astype(jnp.float32)
     hpg = shape["nheads"] // shape["ngroups"]
@@ -148,7 +148,7 @@ def main(argv=None):
             for st in (int(v) for v in a.stages.split(",")):
                 f = functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=hpg, block_p=bp,
                                       num_warps=w, num_stages=st, interpret=interpret)
-                timed(lambda *c, f=f: f(*c)[0], (xk, bk, ck, dtk, sk, h0, d),
+                timed(lambda *c, f=f: f(*c)[0], (xk, bk, ck, dtk, A, h0, d),
                       lambda y: y[:, :shape["L"]], impl="pallas_seq kernel", block_p=bp,
                       num_warps=w, num_stages=st)
     return result

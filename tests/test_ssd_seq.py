@@ -33,11 +33,11 @@ def test_kernel_matches_the_sequential_recurrence(dtype, seqlen, q, block_p, g):
     x, B, C = x.astype(dtype), B.astype(dtype), C.astype(dtype)
     h0, D = kw["initial_states"], kw["D"]
     want_y, want_fin = _reference(x, dt, A, B, C, D, h0, kw["dt_bias"])
-    xk, bk, ck, dtk, sk, h0k = pallas_gpu.prepare_chunks(
+    xk, bk, ck, dtk, _, h0k = pallas_gpu.prepare_chunks(
         x, dt, A, B, C, q, dtype, dt_bias=kw["dt_bias"], dt_softplus=True, initial_states=h0)
     y, fin = jax.jit(functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=4 // g,
                                        block_p=block_p, interpret=True))(
-        xk, bk, ck, dtk, sk, h0k, D.astype(jnp.float32))
+        xk, bk, ck, dtk, A, h0k, D.astype(jnp.float32))
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     assert y.dtype == dtype and fin.dtype == jnp.float32
     assert rel_error(y[:, :seqlen], want_y) < tol
@@ -57,7 +57,7 @@ def test_sizes_it_does_not_take_are_refused_with_the_reason():
     bc = jnp.zeros((1, 40, 1, 16), jnp.bfloat16)
     v = jnp.zeros((1, 2, 40))
     with pytest.raises(ValueError, match="ssd_seq_forward: .*do not fit"):
-        pallas_seq.ssd_seq_forward(x, bc, bc, v, v, jnp.zeros((1, 2, 32, 16)),
+        pallas_seq.ssd_seq_forward(x, bc, bc, v, jnp.zeros(2), jnp.zeros((1, 2, 32, 16)),
                                    jnp.zeros((2, 32)), hpg=2, interpret=True)
 
 
@@ -99,7 +99,7 @@ def test_kernel_lowers_to_triton_for_cuda(lp):
     S = jax.ShapeDtypeStruct
     args = (S((1, lp, 48, 64), jnp.bfloat16), S((1, lp, 2, 128), jnp.bfloat16),
             S((1, lp, 2, 128), jnp.bfloat16), S((1, 48, lp), jnp.float32),
-            S((1, 48, lp), jnp.float32), S((1, 48, 64, 128), jnp.float32),
+            S((48,), jnp.float32), S((1, 48, 64, 128), jnp.float32),
             S((48, 64), jnp.float32))
     f = functools.partial(pallas_seq.ssd_seq_forward, hpg=24)
     with cuda_lowering_context():
@@ -113,11 +113,11 @@ def test_compiled_kernel_matches_the_recurrence_on_gpu():
     P 64, N 128, bf16): y and the final state against reference_scan."""
     (x, dt, A, B, C), kw, _ = ssd_args(11, 1, 1000, 48, 64, 2, 128)
     want_y, want_fin = _reference(x, dt, A, B, C, kw["D"], kw["initial_states"], kw["dt_bias"])
-    xk, bk, ck, dtk, sk, h0k = pallas_gpu.prepare_chunks(
+    xk, bk, ck, dtk, _, h0k = pallas_gpu.prepare_chunks(
         x, dt, A, B, C, 64, jnp.bfloat16, dt_bias=kw["dt_bias"], dt_softplus=True,
         initial_states=kw["initial_states"])
     y, fin = jax.jit(functools.partial(pallas_seq.ssd_seq_forward, hpg=24))(
-        xk, bk, ck, dtk, sk, h0k, kw["D"])
+        xk, bk, ck, dtk, A, h0k, kw["D"])
     assert rel_error(y[:, :1000], want_y) < 1e-2
     assert rel_error(fin, want_fin) < 1e-2
     np.testing.assert_array_equal(np.isfinite(np.asarray(y, np.float32)), True)

@@ -141,19 +141,20 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, pre=None):
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, aux):
     """Forward-only calls (no gradient taken: sampling, evaluation) run as fwd_only = (q_fwd,
-    kernel) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, at its own chunk),
-    "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides q. The forward rule used
-    under differentiation keeps the Mosaic kernels at chunk q, whose per-chunk states the
-    backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at chunk q
-    (dropped where the call rechunks); functions of dt and s whose gradients the backward's ddt
-    and ds already carry, so their own cotangents are zero."""
+    kernel) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, its own chunk, s
+    formed in the kernel from dt and A), "mosaic" = the two Mosaic kernels at chunk q_fwd where
+    it divides q. The forward rule used under differentiation keeps the Mosaic kernels at chunk
+    q, whose per-chunk states the backward needs. The result is the same up to rounding.
+    aux = (pre, A): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
+    (nheads,) decays; functions or sources of dt and s whose gradients the backward's ddt and ds
+    already carry, so their own cotangents are zero."""
+    pre, a = aux
     q_fwd, kernel = fwd_only
     if kernel == "sequential" and pallas_seq.supported_seq(
             headdim=x.shape[-1], dstate=b.shape[-1], dtype=x.dtype)[0]:
-        s = _fwd.rechunk_cumsum(s, q, pallas_seq.BLOCK_LEN)
-        return _seq_once(x, b, c, dt, s, h0, d, hpg, interpret)
+        return _seq_once(x, b, c, dt, a, h0, d, hpg, interpret)
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
@@ -163,15 +164,14 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_onl
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
-def _seq_once(x, b, c, dt, s, h0, d, hpg, interpret):
+def _seq_once(x, b, c, dt, a, h0, d, hpg, interpret):
     """`pallas_seq.ssd_seq_forward` at its chunk, jitted once for all call sites."""
-    return pallas_seq.ssd_seq_forward(x, b, c, dt, s, h0, d, q=pallas_seq.BLOCK_LEN, hpg=hpg,
-                                      interpret=interpret)
+    return pallas_seq.ssd_seq_forward(x, b, c, dt, a, h0, d, hpg=hpg, interpret=interpret)
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, pre=None):
-    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
-    return (y, fin), (x, b, c, dt, s, hprev, d, pre)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, aux):
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, aux[0])
+    return (y, fin), (x, b, c, dt, s, hprev, d, aux)
 
 
 def _mosaic_chunk_bwd(x, b, q, semantics):
@@ -203,13 +203,13 @@ def _mosaic_state_bwd(x, b, q, semantics):
     return pallas_mosaic_rev.state_bwd_fn(semantics)
 
 
-def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
-    # semantics and q_fwd belong to the forward kernels: the backward depends on neither (its
+def _core_bwd(q, hpg, interpret, semantics, backward, fwd_only, res, grads):
+    # semantics and fwd_only belong to the forward kernels: the backward depends on neither (its
     # kernels use BACKWARD_SEMANTICS).
-    del semantics, q_fwd
-    pre = res[-1]
+    del semantics, fwd_only
+    aux = res[-1]
     return (*_bwd_impl_once(q, hpg, interpret, backward, res[:-1], grads),
-            jax.tree.map(jnp.zeros_like, pre))
+            jax.tree.map(jnp.zeros_like, aux))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -290,7 +290,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
                    kernels.backward,
-                   (kernels.forward_only_block_len, kernels.forward_only_kernel), pre)
+                   (kernels.forward_only_block_len, kernels.forward_only_kernel),
+                   (pre, A.astype(jnp.float32)))
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)

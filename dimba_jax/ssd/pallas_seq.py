@@ -2,7 +2,7 @@
 
 A program per (batch, head, block of `block_p` headdim rows) walks every chunk of its sequence
 in order and carries its rows of the state in registers. Per chunk of Q positions (s the
-chunk-local cumulative sum of dt*A, prepared as for the other kernels; h the (block_p, N)
+chunk-local cumulative sum of dt*A, formed in the kernel at its own chunk; h the (block_p, N)
 float32 state entering the chunk):
 
     y  = ((C B^T) o L) @ (x dt) + exp(s) * (C @ h^T) + D x,     L_ij = exp(s_i - s_j) [i >= j]
@@ -50,15 +50,16 @@ def supported_seq(*, headdim: int, dstate: int, dtype, block_p: int = BLOCK_P,
     return True, ""
 
 
-def _kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h0_ref, d_ref, y_ref, fin_ref, *, q, nc):
+def _kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, h0_ref, d_ref, y_ref, fin_ref, *, q, nc):
     """One (batch, head, headdim block): every chunk in order, the state carried."""
     f32 = jnp.float32
-    d = d_ref[...]
+    d, a = d_ref[...], a_ref[...]
 
     def chunk(ci, h):
         rows = pl.ds(pl.multiple_of(ci * q, q), q)
         x, bm, cm = x_ref[rows, :], b_ref[rows, :], c_ref[rows, :]
-        dt, s = dt_ref[rows], s_ref[rows]
+        dt = dt_ref[rows]
+        s = jnp.cumsum(dt * a, axis=0)
         cdt = x.dtype
         m = (_tri._dot(cm, bm, trans_b=True) * _tri._masked_decay(s, q)).astype(cdt)
         xd = (x.astype(f32) * dt[:, None]).astype(cdt)
@@ -71,7 +72,7 @@ def _kernel(x_ref, b_ref, c_ref, dt_ref, s_ref, h0_ref, d_ref, y_ref, fin_ref, *
     fin_ref[...] = jax.lax.fori_loop(0, nc, chunk, h0_ref[...])
 
 
-def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
+def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
                     block_p: int = BLOCK_P, num_warps: int = 4, num_stages: int = 1,
                     interpret: bool = False):
     """The chunked SSD forward in one launch (no gradient: a plain function of its inputs).
@@ -79,11 +80,12 @@ def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
     Args:
       x: (batch, Lp, nheads, P) bfloat16/float16/float32, Lp a multiple of q (zero padded).
       b, c: (batch, Lp, ngroups, N) in x.dtype.
-      dt, s: (batch, nheads, Lp) float32: step sizes (padded rows zero) and their chunk-local
-        cumulative sums times A at chunk q (`pallas_gpu.prepare_chunks`).
+      dt: (batch, nheads, Lp) float32 step sizes, processed (bias, softplus, limits) and zero
+        on padded rows (`pallas_gpu.prepare_chunks`).
+      A: (nheads,) float32 (negative: the decay per unit step).
       h0: (batch, nheads, P, N) float32, the state entering the sequence.
       d: (nheads, P) float32, the D skip per headdim row (zeros for none).
-      q: chunk length of `s`; hpg: heads per group; block_p: headdim rows per program;
+      q: chunk length; hpg: heads per group; block_p: headdim rows per program;
       num_warps: warps per Triton program; num_stages: Triton software-pipeline stages of the
       loop over chunks (1 = none); interpret: the Pallas interpreter.
     Returns:
@@ -104,16 +106,17 @@ def ssd_seq_forward(x, b, c, dt, s, h0, d, *, q: int = BLOCK_LEN, hpg: int,
     vs = pl.BlockSpec((None, None, lp), lambda bi, hi, pi: (bi, hi, 0))
     hs = pl.BlockSpec((None, None, block_p, n), lambda bi, hi, pi: (bi, hi, pi, 0))
     ds = pl.BlockSpec((None, block_p), lambda bi, hi, pi: (hi, pi))
+    a_spec = pl.BlockSpec((1,), lambda bi, hi, pi: (hi,))
     return pl.pallas_call(
         functools.partial(_kernel, q=q, nc=lp // q),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((bsz, nh, p, n), jnp.float32)),
         grid=(bsz, nh, p // block_p),
-        in_specs=[xs, bs, bs, vs, vs, hs, ds],
+        in_specs=[xs, bs, bs, vs, a_spec, hs, ds],
         out_specs=(xs, hs),
         compiler_params=None if interpret else _tri._params(num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ssd_seq_fwd",
-    )(x, b, c, dt.astype(jnp.float32), s.astype(jnp.float32), h0.astype(jnp.float32),
+    )(x, b, c, dt.astype(jnp.float32), A.astype(jnp.float32), h0.astype(jnp.float32),
       d.astype(jnp.float32))
 
