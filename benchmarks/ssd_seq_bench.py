@@ -7,7 +7,8 @@ headdim, d_state, ngroups per direction, data.seq_len; bf16; `--batch`, default 
 the forward-only `pallas_mosaic.ssd_mosaic_forward` (what `ssd(impl="pallas")` runs on Hopper;
 dt bias + softplus, D) with `KernelConfig(forward_only_kernel="mosaic")` (the models'
 forward_only_block_len and prologue) and "sequential" (`pallas_seq` at its defaults), then the
-sequential kernel alone on prepared chunk inputs over `--block-p` x `--warps` x `--stages`.
+sequential kernel alone on prepared chunk inputs over `--chunks` x `--block-p` x `--warps` x
+`--stages`.
 Each time is n calls in one jitted loop (`fused_bench.loop_fn`, as the sampler's scan runs
 them; us per call). Every row's y is checked against the float32 sequential recurrence
 (relative L2 error). Off GPU the kernels run in their interpreters (tests only; the times mean
@@ -70,11 +71,11 @@ def write(result, prefix):
              f"(jax {result['jax']})", "", f"Command: `{result['command']}`", "",
              f"Shape: {result['shape']} (bf16). us per call = one jitted loop of "
              f"{result['loop']} calls / {result['loop']}; median of the timed windows.", "",
-             "| impl | block_p x warps x stages | us per call | rel err vs recurrence |",
+             "| impl | q x block_p x warps x stages | us per call | rel err vs recurrence |",
              "|---|---|---|---|"]
     for r in result["rows"]:
-        tiles = (f"{r['block_p']} x {r['num_warps']} x {r['num_stages']}" if "block_p" in r
-                 else "")
+        tiles = (f"{r['q']} x {r['block_p']} x {r['num_warps']} x {r['num_stages']}"
+                 if "block_p" in r else "")
         us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         lines.append(f"| {r['impl']} | {tiles} | {us} | {err} |")
@@ -88,6 +89,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=0, help="override data.seq_len (0: the config's)")
     p.add_argument("--loop", type=int, default=64, help="calls per jitted loop")
+    p.add_argument("--chunks", default="64", help="chunk lengths q of the kernel sweep")
     p.add_argument("--block-p", default="16,32,64")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2")
@@ -138,19 +140,19 @@ def main(argv=None):
 
         timed(ssd_call, args, lambda y: y, impl=f"ssd_mosaic_forward ({kernel})")
 
-    q = pallas_seq.BLOCK_LEN
-    xk, bk, ck, dtk, _, h0 = pallas_gpu.prepare_chunks(x, dt, A, B, C, q, jnp.bfloat16,
-                                                        dt_bias=dt_bias, dt_softplus=True)
     d = jnp.broadcast_to(D[:, None], (shape["nheads"], shape["headdim"])).astype(jnp.float32)
     hpg = shape["nheads"] // shape["ngroups"]
-    for bp in (int(v) for v in a.block_p.split(",")):
-        for w in (int(v) for v in a.warps.split(",")):
-            for st in (int(v) for v in a.stages.split(",")):
-                f = functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=hpg, block_p=bp,
-                                      num_warps=w, num_stages=st, interpret=interpret)
-                timed(lambda *c, f=f: f(*c)[0], (xk, bk, ck, dtk, A, h0, d),
-                      lambda y: y[:, :shape["L"]], impl="pallas_seq kernel", block_p=bp,
-                      num_warps=w, num_stages=st)
+    sweep = [(int(q), int(bp), int(w), int(st)) for q in a.chunks.split(",")
+             for bp in a.block_p.split(",") for w in a.warps.split(",")
+             for st in a.stages.split(",")]
+    for q, bp, w, st in sweep:
+        xk, bk, ck, dtk, _, h0 = pallas_gpu.prepare_chunks(x, dt, A, B, C, q, jnp.bfloat16,
+                                                            dt_bias=dt_bias, dt_softplus=True)
+        f = functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=hpg, block_p=bp,
+                              num_warps=w, num_stages=st, interpret=interpret)
+        timed(lambda *c, f=f: f(*c)[0], (xk, bk, ck, dtk, A, h0, d),
+              lambda y: y[:, :shape["L"]], impl="pallas_seq kernel", q=q, block_p=bp,
+              num_warps=w, num_stages=st)
     return result
 
 
