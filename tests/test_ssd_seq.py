@@ -42,6 +42,11 @@ def test_kernel_matches_the_sequential_recurrence(dtype, seqlen, q, block_p, g):
     assert y.dtype == dtype and fin.dtype == jnp.float32
     assert rel_error(y[:, :seqlen], want_y) < tol
     assert rel_error(fin, want_fin) < tol
+    y0, fin0 = jax.jit(functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=4 // g,
+                                         block_p=block_p, interpret=True))(
+        xk, bk, ck, dtk, A, None, D.astype(jnp.float32))  # h0 None: a zero initial state
+    want_y0, want_fin0 = _reference(x, dt, A, B, C, D, jnp.zeros_like(h0), kw["dt_bias"])
+    assert rel_error(y0[:, :seqlen], want_y0) < tol and rel_error(fin0, want_fin0) < tol
 
 
 def test_sizes_it_does_not_take_are_refused_with_the_reason():
@@ -87,13 +92,17 @@ def test_mosaic_path_runs_it_for_forward_only_calls_only():
         jax.grad(lambda x: f(x, dt, A, B, C).astype(jnp.float32).sum()))(x))
     want_y, _ = _reference(x, dt, A, B, C, kw["D"], kw["initial_states"], kw["dt_bias"])
     assert rel_error(jax.jit(f)(x, dt, A, B, C), want_y) < 1e-2
+    kw.pop("initial_states")  # the sampler's call: a zero initial state, made in the kernel
+    f0 = functools.partial(f, initial_states=None)
+    want_y0, _ = _reference(x, dt, A, B, C, kw["D"], jnp.zeros((1, 8, 64, 64)), kw["dt_bias"])
+    assert rel_error(jax.jit(f0)(x, dt, A, B, C), want_y0) < 1e-2
 
 
 @pytest.mark.parametrize("lp", [1024, 1088])
 def test_kernel_lowers_to_triton_for_cuda(lp):
     """Lowers through the Pallas Triton backend (no GPU needed) at the base config's batch-1
     SSD call (48 heads: both directions, 2 groups, P 64, N 128), also at a length that is not
-    a power of two."""
+    a power of two and with the zero initial state made in the kernel."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     S = jax.ShapeDtypeStruct
@@ -101,7 +110,9 @@ def test_kernel_lowers_to_triton_for_cuda(lp):
             S((1, lp, 2, 128), jnp.bfloat16), S((1, 48, lp), jnp.float32),
             S((48,), jnp.float32), S((1, 48, 64, 128), jnp.float32),
             S((48, 64), jnp.float32))
-    f = functools.partial(pallas_seq.ssd_seq_forward, hpg=24)
+    def f(x, b, c, dt, A, h0, d):  # at 1088 also without an initial state
+        return pallas_seq.ssd_seq_forward(x, b, c, dt, A, h0 if lp == 1024 else None, d, hpg=24)
+
     with cuda_lowering_context():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1

@@ -143,18 +143,18 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
 def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, aux):
     """Forward-only calls (no gradient taken: sampling, evaluation) run as fwd_only = (q_fwd,
-    kernel) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, its own chunk, s
-    formed in the kernel from dt and A), "mosaic" = the two Mosaic kernels at chunk q_fwd where
-    it divides q. The forward rule used under differentiation keeps the Mosaic kernels at chunk
+    kernel, h0_zero) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, its own
+    chunk, s formed in the kernel from dt and A; with h0_zero the zero initial state is made in
+    the kernel, h0 unread), "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides q. The forward rule used under differentiation keeps the Mosaic kernels at chunk
     q, whose per-chunk states the backward needs. The result is the same up to rounding.
     aux = (pre, A): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
     (nheads,) decays; functions or sources of dt and s whose gradients the backward's ddt and ds
     already carry, so their own cotangents are zero."""
     pre, a = aux
-    q_fwd, kernel = fwd_only
+    q_fwd, kernel, h0_zero = fwd_only
     if kernel == "sequential" and pallas_seq.supported_seq(
             headdim=x.shape[-1], dstate=b.shape[-1], dtype=x.dtype)[0]:
-        return _seq_once(x, b, c, dt, a, h0, d, hpg, interpret)
+        return _seq_once(x, b, c, dt, a, None if h0_zero else h0, d, hpg, interpret)
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
@@ -290,7 +290,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
                    kernels.backward,
-                   (kernels.forward_only_block_len, kernels.forward_only_kernel),
+                   (kernels.forward_only_block_len, kernels.forward_only_kernel,
+                    initial_states is None),
                    (pre, A.astype(jnp.float32)))
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:

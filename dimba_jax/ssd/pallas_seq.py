@@ -50,8 +50,13 @@ def supported_seq(*, headdim: int, dstate: int, dtype, block_p: int = BLOCK_P,
     return True, ""
 
 
-def _kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, h0_ref, d_ref, y_ref, fin_ref, *, q, nc):
-    """One (batch, head, headdim block): every chunk in order, the state carried."""
+def _kernel(*refs, q, nc, has_h0):
+    """One (batch, head, headdim block): every chunk in order, the state carried (from h0_ref,
+    or from zeros without it)."""
+    if has_h0:
+        x_ref, b_ref, c_ref, dt_ref, a_ref, d_ref, h0_ref, y_ref, fin_ref = refs
+    else:
+        x_ref, b_ref, c_ref, dt_ref, a_ref, d_ref, y_ref, fin_ref = refs
     f32 = jnp.float32
     d, a = d_ref[...], a_ref[...]
 
@@ -69,7 +74,8 @@ def _kernel(x_ref, b_ref, c_ref, dt_ref, a_ref, h0_ref, d_ref, y_ref, fin_ref, *
         bw = (bm.astype(f32) * (jnp.exp(s_end - s) * dt)[:, None]).astype(cdt)
         return jnp.exp(s_end) * h + _tri._dot(x, bw, trans_a=True)
 
-    fin_ref[...] = jax.lax.fori_loop(0, nc, chunk, h0_ref[...])
+    h0 = h0_ref[...] if has_h0 else jnp.zeros(fin_ref.shape, f32)
+    fin_ref[...] = jax.lax.fori_loop(0, nc, chunk, h0)
 
 
 def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
@@ -83,7 +89,8 @@ def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
       dt: (batch, nheads, Lp) float32 step sizes, processed (bias, softplus, limits) and zero
         on padded rows (`pallas_gpu.prepare_chunks`).
       A: (nheads,) float32 (negative: the decay per unit step).
-      h0: (batch, nheads, P, N) float32, the state entering the sequence.
+      h0: (batch, nheads, P, N) float32, the state entering the sequence; None = zeros (made in
+        the kernel, nothing read).
       d: (nheads, P) float32, the D skip per headdim row (zeros for none).
       q: chunk length; hpg: heads per group; block_p: headdim rows per program;
       num_warps: warps per Triton program; num_stages: Triton software-pipeline stages of the
@@ -108,15 +115,15 @@ def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
     ds = pl.BlockSpec((None, block_p), lambda bi, hi, pi: (hi, pi))
     a_spec = pl.BlockSpec((1,), lambda bi, hi, pi: (hi,))
     return pl.pallas_call(
-        functools.partial(_kernel, q=q, nc=lp // q),
+        functools.partial(_kernel, q=q, nc=lp // q, has_h0=h0 is not None),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((bsz, nh, p, n), jnp.float32)),
         grid=(bsz, nh, p // block_p),
-        in_specs=[xs, bs, bs, vs, a_spec, hs, ds],
+        in_specs=[xs, bs, bs, vs, a_spec, ds] + ([hs] if h0 is not None else []),
         out_specs=(xs, hs),
         compiler_params=None if interpret else _tri._params(num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ssd_seq_fwd",
-    )(x, b, c, dt.astype(jnp.float32), A.astype(jnp.float32), h0.astype(jnp.float32),
-      d.astype(jnp.float32))
+    )(x, b, c, dt.astype(jnp.float32), A.astype(jnp.float32), d.astype(jnp.float32),
+      *([] if h0 is None else [h0.astype(jnp.float32)]))
 
