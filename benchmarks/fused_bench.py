@@ -92,6 +92,15 @@ def mixer_dims(config) -> dict:
     return dims
 
 
+def load_mixer(config_path: str, seq_len: int = 0):
+    """(config, `mixer_dims` of it) from a config file, data.seq_len overridden where seq_len
+    is given (0: the config's)."""
+    config = load_config_file(config_path)
+    if seq_len:
+        config.data.seq_len = seq_len
+    return config, mixer_dims(config)
+
+
 def maker(pallas_fn, kw):
     """make(**tiles) -> the pallas function at those tiles, PLAIN's for the rest."""
     params = inspect.signature(pallas_fn).parameters
@@ -374,10 +383,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=400.0)
     p.add_argument("--out", required=True, help="output prefix (PREFIX.json, PREFIX.md)")
     a = p.parse_args(argv)
-    config = load_config_file(a.config)
-    if a.seq_len:
-        config.data.seq_len = a.seq_len
-    dims = mixer_dims(config)
+    _, dims = load_mixer(a.config, a.seq_len)
     rows = [int(v) for v in a.rows.split(",")]
     warps = [int(v) for v in a.warps.split(",")]
     stages = [int(v) for v in a.stages.split(",")]

@@ -32,9 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.fused_bench import loop_fn, mixer_dims
+from benchmarks.fused_bench import load_mixer, loop_fn
 from benchmarks.ssd_pallas_bench import rel, time_ms
-from dimba_jax.config import load_config_file
 from dimba_jax.ssd import KernelConfig, _common, pallas_gpu, pallas_mosaic, pallas_seq
 from dimba_jax.ssd.reference import reference_scan
 
@@ -98,10 +97,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=200.0)
     p.add_argument("--out", required=True, help="output prefix (PREFIX.json, PREFIX.md)")
     a = p.parse_args(argv)
-    config = load_config_file(a.config)
-    if a.seq_len:
-        config.data.seq_len = a.seq_len
-    dims = mixer_dims(config)
+    config, dims = load_mixer(a.config, a.seq_len)
     shape = dict(batch=a.batch, L=dims["L"], nheads=dims["nheads"] * dims["directions"],
                  headdim=dims["headdim"], ngroups=dims["ngroups"] * dims["directions"],
                  d_state=dims["d_state"])
