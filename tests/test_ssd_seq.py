@@ -28,7 +28,8 @@ def _reference(x, dt, A, B, C, D, h0, dt_bias):
     (jnp.bfloat16, 96, 32, 16, 4),  # one head per group
 ])
 def test_kernel_matches_the_sequential_recurrence(dtype, seqlen, q, block_p, g):
-    """y and the final state against reference_scan (initial state and D given)."""
+    """y and the final state against reference_scan: initial state and D (nheads, P) given,
+    then a zero initial state made in the kernel and D (nheads,)."""
     (x, dt, A, B, C), kw, _ = ssd_args(seqlen + q, 2, seqlen, 4, 32, g, 16)
     x, B, C = x.astype(dtype), B.astype(dtype), C.astype(dtype)
     h0, D = kw["initial_states"], kw["D"]
@@ -44,8 +45,9 @@ def test_kernel_matches_the_sequential_recurrence(dtype, seqlen, q, block_p, g):
     assert rel_error(fin, want_fin) < tol
     y0, fin0 = jax.jit(functools.partial(pallas_seq.ssd_seq_forward, q=q, hpg=4 // g,
                                          block_p=block_p, interpret=True))(
-        xk, bk, ck, dtk, A, None, D.astype(jnp.float32))  # h0 None: a zero initial state
-    want_y0, want_fin0 = _reference(x, dt, A, B, C, D, jnp.zeros_like(h0), kw["dt_bias"])
+        xk, bk, ck, dtk, A, None, D[:, 0])  # h0 None: a zero initial state; D (nheads,)
+    want_y0, want_fin0 = _reference(x, dt, A, B, C, D[:, :1], jnp.zeros_like(h0),
+                                    kw["dt_bias"])
     assert rel_error(y0[:, :seqlen], want_y0) < tol and rel_error(fin0, want_fin0) < tol
 
 

@@ -147,14 +147,15 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_onl
     chunk, s formed in the kernel from dt and A; with h0_zero the zero initial state is made in
     the kernel, h0 unread), "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides q. The forward rule used under differentiation keeps the Mosaic kernels at chunk
     q, whose per-chunk states the backward needs. The result is the same up to rounding.
-    aux = (pre, A): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
-    (nheads,) decays; functions or sources of dt and s whose gradients the backward's ddt and ds
-    already carry, so their own cotangents are zero."""
-    pre, a = aux
+    aux = (pre, A, D): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
+    (nheads,) decays, D the sequential kernel's skip as given ((nheads,) or (nheads, P), zeros
+    where `d` is); functions or sources of dt, s and d whose gradients the backward's ddt, ds and
+    dd already carry, so their own cotangents are zero."""
+    pre, a, d_seq = aux
     q_fwd, kernel, h0_zero = fwd_only
     if kernel == "sequential" and pallas_seq.supported_seq(
             headdim=x.shape[-1], dstate=b.shape[-1], dtype=x.dtype)[0]:
-        return _seq_once(x, b, c, dt, a, None if h0_zero else h0, d, hpg, interpret)
+        return _seq_once(x, b, c, dt, a, None if h0_zero else h0, d_seq, hpg, interpret)
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
@@ -285,14 +286,15 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
                                                   dt_chunks=dt_chunks)
     tf32 = cdt == jnp.float32
     if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
-        d = jnp.zeros((nh, p), jnp.float32)
+        d, d_seq = jnp.zeros((nh, p), jnp.float32), jnp.zeros((nh,), jnp.float32)
     else:
-        d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
+        d_seq = D.astype(jnp.float32)
+        d = jnp.broadcast_to(d_seq.reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
                    kernels.backward,
                    (kernels.forward_only_block_len, kernels.forward_only_kernel,
                     initial_states is None),
-                   (pre, A.astype(jnp.float32)))
+                   (pre, A.astype(jnp.float32), d_seq))
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)

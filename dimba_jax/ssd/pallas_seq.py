@@ -91,7 +91,7 @@ def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
       A: (nheads,) float32 (negative: the decay per unit step).
       h0: (batch, nheads, P, N) float32, the state entering the sequence; None = zeros (made in
         the kernel, nothing read).
-      d: (nheads, P) float32, the D skip per headdim row (zeros for none).
+      d: the D skip, (nheads,) per head or (nheads, P) per headdim row (zeros for none).
       q: chunk length; hpg: heads per group; block_p: headdim rows per program;
       num_warps: warps per Triton program; num_stages: Triton software-pipeline stages of the
       loop over chunks (1 = none); interpret: the Pallas interpreter.
@@ -112,7 +112,10 @@ def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
     bs = pl.BlockSpec((None, lp, None, n), lambda bi, hi, pi: (bi, 0, hi // hpg, 0))
     vs = pl.BlockSpec((None, None, lp), lambda bi, hi, pi: (bi, hi, 0))
     hs = pl.BlockSpec((None, None, block_p, n), lambda bi, hi, pi: (bi, hi, pi, 0))
-    ds = pl.BlockSpec((None, block_p), lambda bi, hi, pi: (hi, pi))
+    if d.shape not in ((nh,), (nh, p)):
+        raise ValueError(f"ssd_seq_forward: D must be ({nh},) or ({nh}, {p}), got {d.shape}")
+    ds = (pl.BlockSpec((None, block_p), lambda bi, hi, pi: (hi, pi)) if d.ndim == 2
+          else pl.BlockSpec((1,), lambda bi, hi, pi: (hi,)))
     a_spec = pl.BlockSpec((1,), lambda bi, hi, pi: (hi,))
     return pl.pallas_call(
         functools.partial(_kernel, q=q, nc=lp // q, has_h0=h0 is not None),
