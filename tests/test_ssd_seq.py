@@ -104,7 +104,7 @@ def test_mosaic_path_runs_it_for_forward_only_calls_only():
 def test_kernel_lowers_to_triton_for_cuda(lp):
     """Lowers through the Pallas Triton backend (no GPU needed) at the base config's batch-1
     SSD call (48 heads: both directions, 2 groups, P 64, N 128), also at a length that is not
-    a power of two and with the zero initial state made in the kernel."""
+    a power of two, with the zero initial state made in the kernel and D per head."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     S = jax.ShapeDtypeStruct
@@ -112,8 +112,10 @@ def test_kernel_lowers_to_triton_for_cuda(lp):
             S((1, lp, 2, 128), jnp.bfloat16), S((1, 48, lp), jnp.float32),
             S((48,), jnp.float32), S((1, 48, 64, 128), jnp.float32),
             S((48, 64), jnp.float32))
-    def f(x, b, c, dt, A, h0, d):  # at 1088 also without an initial state
-        return pallas_seq.ssd_seq_forward(x, b, c, dt, A, h0 if lp == 1024 else None, d, hpg=24)
+    def f(x, b, c, dt, A, h0, d):  # at 1088 without an initial state and with D per head
+        if lp == 1024:
+            return pallas_seq.ssd_seq_forward(x, b, c, dt, A, h0, d, hpg=24)
+        return pallas_seq.ssd_seq_forward(x, b, c, dt, A, None, d[:, 0], hpg=24)
 
     with cuda_lowering_context():
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
