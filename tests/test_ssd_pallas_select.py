@@ -25,12 +25,16 @@ def test_kernel_config_defaults_validation_and_config_fields():
                 dict(forward_only_block_len=32)):
         with pytest.raises(ValueError, match="KernelConfig"):
             KernelConfig(**bad)
-    config = default_config()  # the models' forward-only chunk is 128 (the batch-1 sampler's best)
-    assert KernelConfig.from_config(config.model) == KernelConfig(forward_only_block_len=128)
+    # the models' forward-only chunk is 128 and their dt prologue the Pallas kernel (the batch-1
+    # sampler's best)
+    config = default_config()
+    assert KernelConfig.from_config(config.model) == KernelConfig(forward_only_block_len=128,
+                                                                  prologue="pallas")
     with config.unlocked():
         config.model.update(ssd_forward="triton", ssd_backward="triton", ssd_block_len=64,
                             ssd_forward_only_block_len=0)
-    assert KernelConfig.from_config(config.model) == KernelConfig("triton", "triton", 64, None)
+    assert KernelConfig.from_config(config.model) == KernelConfig("triton", "triton", 64, None,
+                                                                  prologue="pallas")
     assert KernelConfig.from_config(object()) == KernelConfig()  # an older config: defaults
 
 
