@@ -108,7 +108,7 @@ def _epilogue_by_reference(graphdef, state, u):
     for m, xbc, dt in ((f, f._conv(xbc_f, None), dt_f),
                        (bk, bk._conv(jnp.flip(xbc_b, 1), None), jnp.flip(dt_b, 1))):
         x, b, c = m._split_xbc(xbc)
-        a, d, bias = m._ssm_params()
+        a, d, bias = m.ssm_constants()
         ys.append(ssd(x, dt, a, b, c, m.chunk_size, D=d, dt_bias=bias, dt_softplus=True,
                       impl="xla"))
     ref = fn.bidirectional_gated_norm_xla(jnp.concatenate(ys, axis=2), z, f.norm.weight[...],

@@ -330,3 +330,24 @@ def test_step_modulations_are_each_steps_block_modulations(setup):
         np.testing.assert_allclose(np.asarray(table[i]), np.asarray(want), rtol=1e-5, atol=1e-6)
     too_many = sampling.MAX_STEP_MODULATION_BYTES // (B * 2 * model.d_model * 4) + 1
     assert sampling.step_modulations(model, jnp.zeros((too_many,)), ctx.pooled) is None
+
+
+def test_mixer_constants_passed_in_give_the_same_prediction(setup):
+    """`predict` with `mixer_constants()` computed beforehand (the sampler's loop invariant)
+    equals `predict` computing each block's own; the constants are both directions' float32
+    (A, D, dt_bias) with A = -exp(A_log)."""
+    model, _, tokens, mask = setup
+    consts = model.mixer_constants()
+    assert len(consts) == len(model.blocks)
+    mixer = model.blocks[0].mixer
+    a, d, bias = consts[0]
+    np.testing.assert_allclose(
+        np.asarray(a), -np.exp(np.concatenate([np.asarray(mixer.fwd.A_log[...]),
+                                               np.asarray(mixer.bwd.A_log[...])])), rtol=1e-6)
+    assert d.shape == bias.shape == (2 * mixer.fwd.nheads,)
+    x_t = jax.random.normal(jax.random.key(3), (B, L, model.embed_dim))
+    lam = jnp.full((B,), 1.5)
+    want = model.predict(x_t, lam, tokens, mask)
+    got = model.predict(x_t, lam, tokens, mask, mixer_constants=consts)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

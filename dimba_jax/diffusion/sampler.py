@@ -295,15 +295,16 @@ def guidance_batch(tokens, known, guidance: float) -> tuple[jax.Array, jax.Array
 
 def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance: float, clamp: bool,
                score_temperature: float = 1.0, prior_weight: float = 1.0, score_min_p: float = 0.0,
-               context=None, modulations=None):
+               context=None, modulations=None, mixer_constants=None):
     """One guided, clamped, re-imposed estimate at one noise level.
 
     x_t (b, L, e); logsnr float scalar, or (b, L) one level per position; score_temperature a
     float (1.0 = the model's own estimate, skipped) or a float32 scalar array; prior_weight the
     output prior's weight in the logits (1.0 = as trained); score_min_p > 0 keeps in the
     re-weighting the tokens at least that fraction as likely as each position's most likely one
-    (0 = all); context, modulations: `model.prompt_context` of `guidance_batch` and the
-    step's `model.block_modulations` computed beforehand, or None (see `DimbaModel.predict`).
+    (0 = all); context, modulations, mixer_constants: `model.prompt_context` of
+    `guidance_batch`, the step's `model.block_modulations` and `model.mixer_constants()`
+    computed beforehand, or None (see `DimbaModel.predict`).
     Returns (x0 float32 (b, L, e), logits float32 (b, L, V)).
     """
     b = x_t.shape[0]
@@ -311,7 +312,7 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
     lam = logsnr if logsnr.ndim == 2 else jnp.full((b,), logsnr, jnp.float32)
     g_tokens, g_known, drop = guidance_batch(tokens, known, guidance)
     kw = dict(drop_prompt=drop, prior_weight=prior_weight, context=context,
-              modulations=modulations)
+              modulations=modulations, mixer_constants=mixer_constants)
     if guidance in (0.0, 1.0):
         x0, logits = model.predict(x_t, lam, g_tokens, g_known, self_cond=self_cond, **kw)
     else:
@@ -406,9 +407,11 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
     rank = wavefront_lib.order_rank(wavefront_order, jax.random.fold_in(rng, 7), known)
 
     steps = int(ts.shape[0])
-    # Loop invariants, computed once: the prompt's context, and (one level per sequence) every
-    # step's block modulations (one GEMM per block for all steps, not one per block and step).
+    # Loop invariants, computed once: the prompt's context, the mixers' SSM constants, and (one
+    # level per sequence) every step's block modulations (one GEMM per block for all steps, not
+    # one per block and step).
     context = model.prompt_context(*guidance_batch(tokens, known, guidance))
+    mixer_constants = model.mixer_constants()
     mods = None if wavefront > 0 else step_modulations(model, ts, context.pooled)
 
     def body(carry, step):
@@ -420,7 +423,8 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
         sc = x0_prev if self_condition else None
         x0, logits = predict_x0(model, x_t, lam, tokens, known, clean, sc, guidance=guidance, clamp=clamp,
                                 score_temperature=tau, prior_weight=pw, score_min_p=score_min_p,
-                                context=context, modulations=mod)
+                                context=context, modulations=mod,
+                                mixer_constants=mixer_constants)
         key, sub = jax.random.split(key)
         target = x0
         if draw_x0:

@@ -218,8 +218,10 @@ class Mamba2(nnx.Module):
         return causal_conv1d_silu(xbc, self.conv_weight[...], self.conv_bias[...],
                                   seq_idx=seq_idx, dtype=self.dtype)
 
-    def _ssm_params(self):
-        """float32 (A, D, dt_bias), each (nheads,)."""
+    def ssm_constants(self):
+        """float32 (A, D, dt_bias), each (nheads,): A = -exp(A_log). Functions of the
+        parameters alone, so a caller that runs the mixer many times on the same parameters
+        (a sampler's step loop) computes them once and passes them as `ssm`."""
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))
         return a, self.D[...].astype(jnp.float32), self.dt_bias[...].astype(jnp.float32)
 
@@ -233,10 +235,11 @@ class Mamba2(nnx.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, u: jax.Array, *, seq_idx: jax.Array | None = None,
-                return_cache: bool = False):
+                return_cache: bool = False, ssm=None):
         """Parallel forward; optionally also the cache after the last token (prefill).
 
-        u: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int, packed-sequence ids.
+        u: (batch, seqlen, d_model); seq_idx: optional (batch, seqlen) int, packed-sequence ids;
+        ssm: `ssm_constants()` computed beforehand, or None (computed here).
         Returns y (batch, seqlen, d_model) in `dtype`, and with return_cache a Mamba2Cache
         (conv_state in `dtype`) such that `step` continues the sequence exactly.
         """
@@ -254,7 +257,7 @@ class Mamba2(nnx.Module):
                 **self._packed_columns())
         else:
             x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
-        a, d, dt_bias = self._ssm_params()
+        a, d, dt_bias = self.ssm_constants() if ssm is None else ssm
         out = ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
                   dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
                   return_final_states=return_cache, impl=self.ssd_impl,
@@ -274,9 +277,11 @@ class Mamba2(nnx.Module):
                             ssm_state=final.astype(jnp.float32))
         return y, cache
 
-    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None) -> jax.Array:
-        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in `dtype`."""
-        return self.forward(u, seq_idx=seq_idx)
+    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None,
+                 ssm=None) -> jax.Array:
+        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in `dtype`; ssm as in
+        `forward`."""
+        return self.forward(u, seq_idx=seq_idx, ssm=ssm)
 
     # ------------------------------------------------------------------------ recurrent step
     def init_cache(self, batch: int, dtype=jnp.float32) -> Mamba2Cache:
@@ -302,7 +307,7 @@ class Mamba2(nnx.Module):
         conv = jnp.sum(window.astype(jnp.float32) * self.conv_weight[...].astype(jnp.float32),
                        axis=1) + self.conv_bias[...].astype(jnp.float32)
         x, b, c = self._split_xbc(jax.nn.silu(conv))  # float32: (b,h,p), (b,g,n), (b,g,n)
-        a, d, dt_bias = self._ssm_params()
+        a, d, dt_bias = self.ssm_constants()
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
         dt = jnp.clip(dt, self.dt_limit[0], self.dt_limit[1])  # (b, h)
         heads_per_group = self.nheads // self.ngroups
@@ -371,8 +376,16 @@ class BidirectionalMamba2(nnx.Module):
             self.bwd.out_proj = self.fwd.out_proj
         self.d_model = d_model
 
-    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None) -> jax.Array:
-        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in the blocks' `dtype`."""
+    def ssm_constants(self):
+        """Both directions' float32 (A, D, dt_bias) concatenated, each (2 * nheads,): forward
+        heads first, as the one SSD call takes them (`Mamba2.ssm_constants`)."""
+        both = zip(self.fwd.ssm_constants(), self.bwd.ssm_constants())
+        return tuple(jnp.concatenate(pair, axis=0) for pair in both)
+
+    def __call__(self, u: jax.Array, *, seq_idx: jax.Array | None = None,
+                 ssm=None) -> jax.Array:
+        """u: (batch, seqlen, d_model) -> y: (batch, seqlen, d_model) in the blocks' `dtype`;
+        ssm: `ssm_constants()` computed beforehand, or None (computed here)."""
         f, bk = self.fwd, self.bwd
         f._check_input(u, "__call__", 3)
         if seq_idx is not None and seq_idx.shape != u.shape[:2]:
@@ -385,8 +398,7 @@ class BidirectionalMamba2(nnx.Module):
         z_f, xbc_f, dt_f = f._split_proj(zxf)
         z_b, xbc_b, dt_b = bk._split_proj(zxb)
         seq_r = _flip(seq_idx)
-        a_f, d_f, bias_f = f._ssm_params()
-        a_b, d_b, bias_b = bk._ssm_params()
+        a, d, bias = self.ssm_constants() if ssm is None else ssm
         common = dict(dt_softplus=True, dt_limit=f.dt_limit, impl=f.ssd_impl, kernels=f.ssd_kernels)
         one_call = seq_idx is None and f.dt_limit == bk.dt_limit
         fusable = one_call and self.share_projections
@@ -407,8 +419,7 @@ class BidirectionalMamba2(nnx.Module):
                 x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), None))
                 x, b, c = cat(x_f, x_b), cat(b_f, b_b), cat(c_f, c_b)
                 dt = cat(dt_f, _flip(dt_b)).astype(jnp.float32)
-            y = ssd(x, dt, cat(a_f, a_b, 0), b, c, f.chunk_size, D=cat(d_f, d_b, 0),
-                    dt_bias=cat(bias_f, bias_b, 0), **common)
+            y = ssd(x, dt, a, b, c, f.chunk_size, D=d, dt_bias=bias, **common)
             if fuse_norm:
                 y = bidirectional_gated_norm_pallas(
                     y, zxf, f.norm.weight[...], bk.norm.weight[...], ngroups=f.ngroups,
@@ -419,10 +430,11 @@ class BidirectionalMamba2(nnx.Module):
             x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, seq_idx))
             x_b, b_b, c_b = bk._split_xbc(bk._conv(_flip(xbc_b), seq_r))
             dt_b = _flip(dt_b)
-            y_f = ssd(x_f, dt_f.astype(jnp.float32), a_f, b_f, c_f, f.chunk_size, D=d_f,
-                      dt_bias=bias_f, seq_idx=seq_idx, **common)
-            y_b = ssd(x_b, dt_b.astype(jnp.float32), a_b, b_b, c_b, bk.chunk_size, D=d_b,
-                      dt_bias=bias_b, seq_idx=seq_r, dt_softplus=True, dt_limit=bk.dt_limit,
+            h = f.nheads
+            y_f = ssd(x_f, dt_f.astype(jnp.float32), a[:h], b_f, c_f, f.chunk_size, D=d[:h],
+                      dt_bias=bias[:h], seq_idx=seq_idx, **common)
+            y_b = ssd(x_b, dt_b.astype(jnp.float32), a[h:], b_b, c_b, bk.chunk_size, D=d[h:],
+                      dt_bias=bias[h:], seq_idx=seq_r, dt_softplus=True, dt_limit=bk.dt_limit,
                       impl=bk.ssd_impl, kernels=bk.ssd_kernels)
         y_f = f.norm(y_f.reshape(batch, seqlen, f.d_inner).astype(f.dtype), z_f)
         y_b = bk.norm(_flip(y_b).reshape(batch, seqlen, bk.d_inner).astype(bk.dtype), z_b)

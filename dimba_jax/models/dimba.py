@@ -406,10 +406,16 @@ class DimbaModel(nnx.Module):
         at once (one GEMM per block instead of one per block and step)."""
         return jnp.stack([block.cond.modulation(cond) for block in self.blocks])
 
+    def mixer_constants(self) -> tuple:
+        """Every block's mixer `ssm_constants()` (float32 A, D, dt_bias per head): functions of
+        the parameters alone, which a sampler computes once for all its steps."""
+        return tuple(block.mixer.ssm_constants() for block in self.blocks)
+
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,
                 self_cond: jax.Array | None = None, drop_prompt: jax.Array | None = None,
                 prior_weight: float = 1.0, context: PromptContext | None = None,
-                modulations: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                modulations: jax.Array | None = None,
+                mixer_constants: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         """Predicts x0 and the token logits.
 
         Args:
@@ -428,6 +434,8 @@ class DimbaModel(nnx.Module):
             shapes and drop_prompt is unused), or None (computed here).
           modulations: `block_modulations(block_conditioning(level, context.pooled))` computed
             beforehand, float32 (n_layers, b, 2, d), or None (computed here).
+          mixer_constants: `mixer_constants()` computed beforehand, or None (each block's
+            computed here).
         Returns:
           (x0_hat float32 (b, L, e) with the clean (or null, if dropped) embeddings at known
           positions, logits float32 (b, L, V)). `readout` "score_interp": logits = head(h)
@@ -459,10 +467,12 @@ class DimbaModel(nnx.Module):
         if modulations is None:
             modulations = self.block_modulations(self.block_conditioning(level, ctx.pooled))
 
+        if mixer_constants is None:
+            mixer_constants = (None,) * len(self.blocks)
         delta = None  # each block's mixer output, added to h by the next block's pre-norm
-        for block, mod in zip(self.blocks, modulations):
+        for block, mod, ssm in zip(self.blocks, modulations, mixer_constants):
             h, x = block.prenorm(h, delta, mod)
-            delta = block.mixer(x)
+            delta = block.mixer(x, ssm=ssm)
         h = h + delta.astype(h.dtype)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
         prior = prior * prior_weight if self.skip_logits else 0.0
