@@ -66,13 +66,13 @@ def _kernel(*refs, q, nc, has_h0):
         dt = dt_ref[rows]
         s = jnp.cumsum(dt * a, axis=0)
         cdt = x.dtype
-        m = (_tri._dot(cm, bm, trans_b=True) * _tri._masked_decay(s, q)).astype(cdt)
+        m = (_tri.dot(cm, bm, trans_b=True) * _tri.masked_decay(s, q)).astype(cdt)
         xd = (x.astype(f32) * dt[:, None]).astype(cdt)
-        y = _tri._dot(m, xd) + jnp.exp(s)[:, None] * _tri._dot(cm, h.astype(cdt), trans_b=True)
+        y = _tri.dot(m, xd) + jnp.exp(s)[:, None] * _tri.dot(cm, h.astype(cdt), trans_b=True)
         y_ref[rows, :] = (y + d[None, :] * x.astype(f32)).astype(y_ref.dtype)
-        s_end = _tri._last(s, q)
+        s_end = _tri.last_entry(s, q)
         bw = (bm.astype(f32) * (jnp.exp(s_end - s) * dt)[:, None]).astype(cdt)
-        return jnp.exp(s_end) * h + _tri._dot(x, bw, trans_a=True)
+        return jnp.exp(s_end) * h + _tri.dot(x, bw, trans_a=True)
 
     h0 = h0_ref[...] if has_h0 else jnp.zeros(fin_ref.shape, f32)
     fin_ref[...] = jax.lax.fori_loop(0, nc, chunk, h0)
@@ -124,7 +124,7 @@ def ssd_seq_forward(x, b, c, dt, A, h0, d, *, q: int = BLOCK_LEN, hpg: int,
         grid=(bsz, nh, p // block_p),
         in_specs=[xs, bs, bs, vs, a_spec, ds] + ([hs] if h0 is not None else []),
         out_specs=(xs, hs),
-        compiler_params=None if interpret else _tri._params(num_warps, num_stages=num_stages),
+        compiler_params=None if interpret else _tri.triton_params(num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ssd_seq_fwd",
     )(x, b, c, dt.astype(jnp.float32), A.astype(jnp.float32), d.astype(jnp.float32),
