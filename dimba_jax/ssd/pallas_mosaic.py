@@ -145,8 +145,9 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_onl
     """Forward-only calls (no gradient taken: sampling, evaluation) run as fwd_only = (q_fwd,
     kernel, h0_zero) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, its own
     chunk, s formed in the kernel from dt and A; with h0_zero the zero initial state is made in
-    the kernel, h0 unread), "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides q. The forward rule used under differentiation keeps the Mosaic kernels at chunk
-    q, whose per-chunk states the backward needs. The result is the same up to rounding.
+    the kernel, h0 unread), "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides
+    q. The forward rule used under differentiation keeps the Mosaic kernels at chunk q, whose
+    per-chunk states the backward needs. The result is the same up to rounding.
     aux = (pre, A, D): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
     (nheads,) decays, D the sequential kernel's skip as given ((nheads,) or (nheads, P), zeros
     where `d` is); functions or sources of dt, s and d whose gradients the backward's ddt, ds and
