@@ -9,10 +9,7 @@ model.bidirectional (DIMBA):
   conv: `fused_conv.bidirectional_conv_pallas` (both convs + SiLU + flip + split + concatenation)
   norm: `fused_norm.bidirectional_gated_norm_pallas` (both gated RMS norms + flip + mean)
 or without it (the causal mixer, e.g. configs/ar_base.py): `fused_conv.causal_conv_pallas` and
-`fused_norm.gated_norm_pallas` (one direction); and
-  prenorm: `fused_prenorm.prenorm_pallas` (a DIMBA block's residual add + RMSNorm + FiLM over
-  d_model; float32 residual stream, bf16 mixer output and x);
-and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
+`fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
 loops over column tiles; columns per tile, 0 = the natural headdim / d_state), and for the conv
@@ -53,7 +50,7 @@ import numpy as np
 
 from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
-from dimba_jax.layers import fused_conv, fused_norm, fused_prenorm
+from dimba_jax.layers import fused_conv, fused_norm
 from dimba_jax.layers.triton_common import default_interpret
 
 # The sweep's baseline: every tile argument a sweep row does not set (16 rows x 4 warps, one
@@ -129,15 +126,6 @@ def make_case(kernel: str, dims: dict, batch: int, key):
         xla_fn, pallas_fn = ((fused_conv.bidirectional_conv_xla, fused_conv.bidirectional_conv_pallas)
                              if bidi else (fused_conv.causal_conv_xla, fused_conv.causal_conv_pallas))
         ref = lambda *a: xla_fn(*a, **kw)  # noqa: E731
-        make = maker(pallas_fn, kw)
-    elif kernel == "prenorm":
-        d = dims["d_model"]
-        args = (jax.random.normal(ks[0], (b, L, d), f32), jax.random.normal(ks[1], (b, L, d), bf16),
-                1.0 + 0.1 * jax.random.normal(ks[2], (d,), f32),
-                0.1 * jax.random.normal(ks[3], (b, 2, d), f32))
-        kw = dict(dtype=bf16)
-        pallas_fn = fused_prenorm.prenorm_pallas
-        ref = lambda *a: fused_prenorm.prenorm_xla(*a, **kw)  # noqa: E731
         make = maker(pallas_fn, kw)
     else:
         d = h * p
@@ -368,7 +356,7 @@ def main(argv=None):
                    help="N > 0: also time the batch-1 forward as N calls in one jitted loop")
     p.add_argument("--programs", default="1,256,1024,4096",
                    help="min_programs values of the --batch1-loop sweep")
-    p.add_argument("--kernels", default="conv,norm", help="of conv, norm, prenorm")
+    p.add_argument("--kernels", default="conv,norm", help="of conv, norm")
     p.add_argument("--rows", default="4,8,16,32")
     p.add_argument("--warps", default="1,2,4,8")
     p.add_argument("--stages", default="1,2,3",

@@ -21,10 +21,48 @@ def partitioned(init, names: tuple):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+def _rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2, -1) + eps), computed in float32. Shape preserved."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def prenorm(h: jax.Array, delta: jax.Array | None, weight: jax.Array, mod: jax.Array | None,
+            *, eps: float = 1e-5, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """A block's pre-norm: the previous block's residual add, RMSNorm and conditioning.
+
+        u = h + delta                                    (in h's dtype; u = h without delta)
+        x = (u * rsqrt(mean(u^2) + eps) * w) * (1 + scale[b]) + shift[b]
+
+    Args:
+      h: (batch, L, d) residual stream (float32 in the models).
+      delta: (batch, L, d) any float dtype (the previous block's mixer output), or None.
+      weight: (d,) RMSNorm weight.
+      mod: (batch, 2, d) float32 [scale; shift] (FiLM; additive conditioning has scale 0), or
+        None (no conditioning).
+      eps: added to the mean square.
+      dtype: dtype of x (default h.dtype).
+    Returns:
+      (u (batch, L, d) in h.dtype, x (batch, L, d) in `dtype`): what `RMSNorm` and the
+      conditioning modules compute, in that order of operations.
+    Raises:
+      ValueError (one line) for shapes that do not fit together.
+    """
+    if h.ndim != 3:
+        raise ValueError(f"h must be (batch, seqlen, d_model), got {h.shape}")
+    bsz, _, d = h.shape
+    if delta is not None and delta.shape != h.shape:
+        raise ValueError(f"delta must have h's shape {h.shape}, got {delta.shape}")
+    if weight.shape != (d,):
+        raise ValueError(f"weight must be ({d},), got {weight.shape}")
+    if mod is not None and mod.shape != (bsz, 2, d):
+        raise ValueError(f"mod must be (batch, 2, d_model) = {(bsz, 2, d)}, got {mod.shape}")
+    u = h if delta is None else h + delta.astype(h.dtype)
+    x = (_rms_normalize(u, eps) * weight.astype(jnp.float32)).astype(h.dtype).astype(jnp.float32)
+    if mod is not None:
+        mod = mod.astype(jnp.float32)
+        x = (x * (1.0 + mod[:, None, 0]) + mod[:, None, 1]).astype(h.dtype)
+    return u, x.astype(dtype or h.dtype)
 
 
 def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, ngroups: int = 1,
@@ -36,7 +74,7 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, ngroups: in
     out_dtype = dtype or y.dtype
     g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     grouped = g.reshape(*g.shape[:-1], ngroups, g.shape[-1] // ngroups)
-    g = rms_normalize(grouped, eps).reshape(g.shape)
+    g = _rms_normalize(grouped, eps).reshape(g.shape)
     return (g * weight.astype(jnp.float32)).astype(out_dtype)
 
 
@@ -65,7 +103,7 @@ class RMSNorm(nnx.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"RMSNorm expects last axis {self.dim}, got shape {x.shape}")
         out_dtype = self.dtype or x.dtype
-        y = rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
+        y = _rms_normalize(x, self.eps) * self.weight[...].astype(jnp.float32)
         return y.astype(out_dtype)
 
 

@@ -1,4 +1,4 @@
-"""What the layers' Pallas Triton kernels (fused_norm, fused_conv, fused_prenorm) share: the knob
+"""What the layers' Pallas Triton kernels (fused_norm, fused_conv) share: the knob
 values that choose them, where they run and how their sequences split into row blocks."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax
 
-IMPLS = ("auto", "xla", "pallas")  # kernel knobs' values: model.norm_impl, conv_impl, prenorm_impl
+IMPLS = ("auto", "xla", "pallas")  # kernel knobs' values: model.norm_impl, conv_impl
 DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 # The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
 DEFAULT_MIN_PROGRAMS = 1024

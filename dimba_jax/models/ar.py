@@ -25,10 +25,8 @@ import numpy as np
 from flax import nnx
 
 from dimba_jax.interop.mamba_ssm import padded_vocab
-from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error, prenorm_xla
 from dimba_jax.layers.mamba2 import Mamba2
-from dimba_jax.layers.norms import RMSNorm, partitioned
-from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
+from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 from dimba_jax.models import flops
 from dimba_jax.ssd import KernelConfig
@@ -69,8 +67,6 @@ class MambaLM(nnx.Module):
       d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl, ssd_kernels, conv_impl,
         norm_impl: Mamba2 mixer settings (conv_impl / norm_impl: its fused prologue / epilogue
         kernels, see `Mamba2`).
-      prenorm_impl: "auto" | "xla" | "pallas": each layer's residual add + RMSNorm as one fused
-        kernel (`layers/fused_prenorm.py`, resolved by `triton_common.use_fused`) or XLA.
       tie_embeddings: output head = embedding table (True) or a separate `lm_head` Linear.
       pad_vocab_size_multiple: pad the vocabulary to this multiple (mamba_ssm default 16 for
         the published Mamba-2 checkpoints); `padded_vocab_size` overrides the padded size.
@@ -87,8 +83,7 @@ class MambaLM(nnx.Module):
                  expand: int = 2, headdim: int = 64, ngroups: int = 1, d_conv: int = 4,
                  chunk_size: int = 256, ssd_impl: str = "auto",
                  ssd_kernels: KernelConfig | None = None, conv_impl: str = "auto",
-                 norm_impl: str = "auto", prenorm_impl: str = "xla",
-                 tie_embeddings: bool = True,
+                 norm_impl: str = "auto", tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 16, padded_vocab_size: int | None = None,
                  norm_eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -102,7 +97,6 @@ class MambaLM(nnx.Module):
         self.d_model, self.n_layers = d_model, n_layers
         self.tie_embeddings = tie_embeddings
         self.norm_eps = norm_eps
-        self.prenorm_impl = check_impl("model.prenorm_impl", prenorm_impl)
         self.dtype, self.param_dtype = dtype, param_dtype
         mixer_config = dict(d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups,
                             d_conv=d_conv, chunk_size=chunk_size, conv_impl=conv_impl,
@@ -151,13 +145,9 @@ class MambaLM(nnx.Module):
 
     def _prenorm(self, layer, residual, h):
         """(residual + h float32, layer.norm of it in the compute dtype): residual (..., d)
-        float32, h (..., d) the previous layer's output (or the embedding); one fused kernel
-        where `prenorm_impl` picks it."""
-        if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(self.d_model)):
-            return prenorm_pallas(residual, h, layer.norm.weight[...], None, eps=layer.norm.eps,
-                                  dtype=self.dtype, interpret=default_interpret())
-        return prenorm_xla(residual, h, layer.norm.weight[...], None, eps=layer.norm.eps,
-                           dtype=self.dtype)
+        float32, h (..., d) the previous layer's output (or the embedding) (`norms.prenorm`)."""
+        return prenorm(residual, h, layer.norm.weight[...], None, eps=layer.norm.eps,
+                       dtype=self.dtype)
 
     def _run_layers(self, ids, seq_idx, return_cache):
         h = self._embed(ids)
@@ -310,7 +300,7 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
 def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    rngs: nnx.Rngs, pad_vocab_size_multiple: int = 16) -> MambaLM:
     """Builds a MambaLM from `config.model` (d_model, n_layers, d_state, expand, headdim,
-    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, conv_impl, norm_impl, prenorm_impl,
+    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, conv_impl, norm_impl,
     tie_embeddings, compute_dtype)."""
     m = model_config
     return MambaLM(vocab_size, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
@@ -319,7 +309,6 @@ def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    ssd_kernels=KernelConfig.from_config(m),
                    conv_impl=getattr(m, "conv_impl", "auto"),
                    norm_impl=getattr(m, "norm_impl", "auto"),
-                   prenorm_impl=getattr(m, "prenorm_impl", "xla"),
                    tie_embeddings=m.tie_embeddings,
                    pad_vocab_size_multiple=pad_vocab_size_multiple,
                    dtype=as_dtype(m.compute_dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)

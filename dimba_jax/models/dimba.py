@@ -76,10 +76,8 @@ from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
                                            make_block_conditioning)
-from dimba_jax.layers.fused_prenorm import prenorm_pallas, prenorm_size_error, prenorm_xla
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
-from dimba_jax.layers.norms import RMSNorm, partitioned
-from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
+from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -191,8 +189,7 @@ class DimbaBlock(nnx.Module):
     __call__(h float32 (b, L, d), c float32 (b, cond_dim) or None) -> float32 (b, L, d):
     h + mixer(cond(norm(h), c)). With c=None the conditioning is skipped (used when a trained
     stack serves as a frozen encoder). A stack runs `prenorm` and `mixer` itself so that each
-    block's pre-norm also adds the previous block's mixer output (one fused kernel with
-    `model.prenorm_impl`).
+    block's pre-norm also adds the previous block's mixer output.
     """
 
     def __init__(self, model_cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -208,20 +205,14 @@ class DimbaBlock(nnx.Module):
                                conv_impl=getattr(m, "conv_impl", "auto"),
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
-        self.prenorm_impl = check_impl("model.prenorm_impl", getattr(m, "prenorm_impl", "xla"))
 
     def prenorm(self, h: jax.Array, delta: jax.Array | None,
                 mod: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """(u, x): u = h + delta (h's dtype; h itself for delta None), x = norm(u) * (1 + scale)
-        + shift in the blocks' dtype, the mixer's input. h (b, L, d) float32; delta (b, L, d)
-        (the previous block's mixer output) or None; mod float32 (b, 2, d) = [scale; shift]
-        (`self.cond.modulation(c)`) or None (no conditioning). `model.prenorm_impl` picks the
-        fused kernel (`layers/fused_prenorm.py`) or XLA (`triton_common.use_fused`)."""
-        if use_fused(self.prenorm_impl, True, shape_supported=not prenorm_size_error(h.shape[-1])):
-            return prenorm_pallas(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
-                                  dtype=self.dtype, interpret=default_interpret())
-        return prenorm_xla(h, delta, self.norm.weight[...], mod, eps=self.norm.eps,
-                           dtype=self.dtype)
+        + shift in the blocks' dtype, the mixer's input (`norms.prenorm`). h (b, L, d) float32;
+        delta (b, L, d) (the previous block's mixer output) or None; mod float32 (b, 2, d) =
+        [scale; shift] (`self.cond.modulation(c)`) or None (no conditioning)."""
+        return prenorm(h, delta, self.norm.weight[...], mod, eps=self.norm.eps, dtype=self.dtype)
 
     def __call__(self, h: jax.Array, c: jax.Array | None = None) -> jax.Array:
         h, x = self.prenorm(h, None, None if c is None else self.cond.modulation(c))
@@ -233,7 +224,7 @@ class DimbaModel(nnx.Module):
 
     Args:
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
-        chunk_size, ssd_impl, norm_impl, conv_impl, prenorm_impl, bidirectional, conditioning,
+        chunk_size, ssd_impl, norm_impl, conv_impl, bidirectional, conditioning,
         prompt_encoder, prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim,
         self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input,
         posterior_grad, logit_bias, position_levels).
