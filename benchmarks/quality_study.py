@@ -55,6 +55,9 @@ Studies (STUDIES below):
             recipe, at equal steps, at equal time (1200 steps), in place of
             self-conditioning, without gradients through it, and with a learned per-token logit
             bias; its own AR judge.
+  tiny_head  configs/tiny.py with the head's GEMMs on bfloat16 operands (model.head_dtype)
+            beside the recipe (float32) and the recipe at seed 1 (the scale of seed noise); its own
+            AR judge.
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
@@ -353,6 +356,22 @@ STUDIES = {
             # 0.075 bits/token worse than the unigram itself (docs/context_gain_tiny.png)
             "bias": {"model.logit_bias": True},
             "post+bias": {"model.posterior_input": True, "model.logit_bias": True},
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
+        "variants": ("st0.8",),
+    },
+    "tiny_head": {
+        # configs/tiny.py with the vocabulary-sized GEMMs (tied head, output prior, softmax @ E)
+        # on bfloat16 operands (model.head_dtype; float32 accumulation) beside the recipe's
+        # float32, and the recipe again at master seed 1 for the scale of seed noise; its own AR
+        # judge
+        "config": "configs/tiny.py",
+        "runs": {
+            "dimba": {},
+            "bf16": {"model.head_dtype": "bfloat16"},
+            "seed1": {"seed": 1},
             "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
         },
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
