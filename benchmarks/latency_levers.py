@@ -34,8 +34,8 @@ before jax starts, and an unknown flag aborts the process, which then only loses
               its CUDA graphs)
   ssd_xla     ssd_impl "xla" (the chunked SSD in XLA instead of the Mosaic forward kernels:
               whether the kernels' launches cost more than they save at batch 1)
-  head_bf16   model.head_dtype "bfloat16" (the sampler's vocabulary GEMMs in bf16 with float32
-              sums: output prior, tied head, softmax @ E)
+  head_f32    model.head_dtype "float32" (the sampler's vocabulary GEMMs, output prior, tied
+              head and softmax @ E, on float32 operands instead of the default bf16 ones)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
@@ -120,7 +120,7 @@ VARIANTS: dict[str, dict] = {
     "mixer_pallas_cb": {"overrides": [["model.conv_impl", "pallas"], ["model.norm_impl", "pallas"]],
                         "xla_flags": _CB_WHILE},
     "ssd_xla": {"overrides": [["model.ssd_impl", "xla"]]},
-    "head_bf16": {"overrides": [["model.head_dtype", "bfloat16"]]},
+    "head_f32": {"overrides": [["model.head_dtype", "float32"]]},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "

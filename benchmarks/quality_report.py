@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_{opt,post}_h100.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_,head_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -24,6 +24,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_ctx_cpu.md    tiny with prefix-heavy layouts and with the warp floor at 1: prompt fit, context by position
   benchmarks/results/quality_tiny_vocab_cpu.md  tiny with the 2048-id BPE at twice the steps (equal wall time), its own AR judge
   benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
+  benchmarks/results/quality_tiny_head_cpu.md   tiny with the head's GEMMs on bfloat16 operands (model.head_dtype) beside float32 and seed 1
   benchmarks/results/quality_posterior_h200.md  the posterior input at ablation scale, at three optimisations
   docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
   benchmarks/results/quality_posterior_{b8,lr}_h100.md  its best run at 9600 x 8 windows; at learning rates 6e-3 and 2e-3
@@ -688,7 +689,7 @@ def main(argv=None) -> list[str]:
                  "quality_tiny_ctx_cpu", "quality_tiny_vocab_cpu", "quality_tiny_vocab_cfg_cpu",
                  "quality_tiny_input_cpu", "quality_tiny_input_s1_cpu", "quality_tiny_input_nograd_cpu",
                  "quality_tiny_4x_draw_cpu",
-                 "quality_tiny_lr_b3_cpu"):
+                 "quality_tiny_lr_b3_cpu", "quality_tiny_head_cpu"):
         tiny = render_if_present(args.results, stem, lambda res, stem=stem: tiny_table(res, f"{stem}.json"), written)
         if tiny is not None:
             if stem in ("quality_tiny_cpu", "quality_tiny_4x_cpu"):

@@ -208,9 +208,10 @@ def test_posterior_input_is_the_output_priors_posterior_mean():
     """With model.posterior_input the stem reads [x_in | self_cond | posterior | mask]: with the
     posterior's rows of the input projection zeroed the model is the one without it (same other
     weights); with only those rows (the rest zero) the stem sees exactly softmax(prior) @ E at
-    generated positions and the clean embedding at known ones."""
-    plain = DimbaModel(model_cfg(), V, rngs=nnx.Rngs(0))
-    post = DimbaModel(model_cfg(posterior_input=True), V, rngs=nnx.Rngs(0))
+    generated positions and the clean embedding at known ones (float32 head: the float32 math
+    is what is compared)."""
+    plain = DimbaModel(model_cfg(head_dtype="float32"), V, rngs=nnx.Rngs(0))
+    post = DimbaModel(model_cfg(posterior_input=True, head_dtype="float32"), V, rngs=nnx.Rngs(0))
     n = post.in_proj.kernel.shape[0]
     assert n == 3 * D + 1 and plain.in_proj.kernel.shape[0] == 2 * D + 1
     state = nnx.state(plain, nnx.Param)
@@ -279,7 +280,7 @@ def predict(model, x_t, t, tokens, mask):
 
 
 def test_head_dtype_float32_is_the_float32_einsum():
-    """model.head_dtype "float32" (the default) computes the head, the output prior and softmax @ E
+    """model.head_dtype "float32" computes the head, the output prior and softmax @ E
     as the float32 einsums themselves, bit for bit."""
     model = DimbaModel(model_cfg(head_dtype="float32"), V, rngs=nnx.Rngs(0))
     x, lam, _ = inputs(1)

@@ -123,16 +123,16 @@ def test_matmul_state_pass_matches_the_associative_scan(monkeypatch):
 
 
 def test_variant_settings_reach_the_configs():
-    """ssd_xla and head_bf16 change what they name in the DIMBA config (and the AR config's
+    """ssd_xla and head_f32 change what they name in the DIMBA config (and the AR config's
     ssd_impl), nothing else."""
     import argparse
 
     args = argparse.Namespace(smoke=True)
     base_d, base_a = levers._configs(args, {})
-    for name, want in (("ssd_xla", {"ssd_impl": "xla"}), ("head_bf16", {"head_dtype": "bfloat16"})):
+    for name, want in (("ssd_xla", {"ssd_impl": "xla"}), ("head_f32", {"head_dtype": "float32"})):
         d, a = levers._configs(args, dict(levers.VARIANTS[name], name=name))
         for cfg, base in ((d, base_d), (a, base_a)):
             changed = {k for k in cfg.model if cfg.model[k] != base.model[k]}
             assert changed <= set(want), (name, changed)
             assert all(cfg.model[k] == v for k, v in want.items())
-    assert base_d.model.head_dtype == "float32"
+    assert base_d.model.head_dtype == "bfloat16"

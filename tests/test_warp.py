@@ -96,7 +96,7 @@ def tiny_task(**model):
     c = default_config()
     with c.unlocked():
         c.model.update(d_model=32, n_layers=1, d_state=8, headdim=16, chunk_size=16, time_embed_dim=16,
-                       ssd_impl="xla", **model)
+                       ssd_impl="xla", head_dtype="float32", **model)  # float32: exact comparisons
         c.data.seq_len = 48
         c.data.tokenizer = "byte"
     return DimbaTask(c)

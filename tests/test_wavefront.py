@@ -17,7 +17,7 @@ def tiny_task(**overrides):
     c = default_config()
     with c.unlocked():
         c.model.update(d_model=32, n_layers=1, d_state=8, headdim=16, chunk_size=16, time_embed_dim=16,
-                       ssd_impl="xla", position_levels=True)
+                       ssd_impl="xla", position_levels=True, head_dtype="float32")  # exact comparisons
         c.data.seq_len = 24
         c.data.tokenizer = "byte"
         c.diffusion.wavefront = 3.0

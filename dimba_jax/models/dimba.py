@@ -61,7 +61,8 @@ Decisions:
 * **Head precision.** The vocabulary-sized GEMMs (the tied head x @ E^T, the output prior
   x_t @ E^T and every softmax @ E) take their operands in `model.head_dtype` ("float32" or
   "bfloat16") and accumulate in float32 (`head_einsum`, forward and backward); logits,
-  softmaxes and x0_hat are float32 either way.
+  softmaxes and x0_hat are float32 either way. A config without the key (a run saved before
+  it existed) keeps "float32", the precision it was trained at.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import dataclasses
 
 FORWARDS = ("mosaic", "triton")
 PROLOGUES = ("xla", "pallas")
-FORWARD_ONLY_KERNELS = ("mosaic", "sequential")
 BACKWARDS = ("mosaic", "triton")
 BLOCK_LENS = (64, 128)
 
@@ -45,20 +44,12 @@ class KernelConfig:
       fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so
       "xla" here; the models' default (`config.model.ssd_prologue`) is "pallas", which the
       batch-1 sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md).
-    forward_only_kernel: the Mosaic path's forward-only calls (no gradient taken: sampling,
-      evaluation): "mosaic" (the two Mosaic kernels at forward_only_block_len) or "sequential"
-      (`pallas_seq`: one Triton launch, a program per (batch, head, headdim block) walking
-      every chunk with its state in registers, where it takes the sizes). In the batch-1
-      sampler of configs/base.py on an H100 the two Mosaic kernels take 14.2 us per call on
-      average, 44 ms of a 155.6 ms T = 64 call (benchmarks/results/latency_levers_prof_h100/).
-      "sequential" is not yet timed on a GPU, so "mosaic" by default.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
     block_len: int | None = None
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
-    forward_only_kernel: str = "mosaic"
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -66,9 +57,6 @@ class KernelConfig:
         if self.backward not in BACKWARDS:
             raise ValueError(f"KernelConfig.backward must be one of {BACKWARDS}, got "
                              f"{self.backward!r}")
-        if self.forward_only_kernel not in FORWARD_ONLY_KERNELS:
-            raise ValueError(f"KernelConfig.forward_only_kernel must be one of "
-                             f"{FORWARD_ONLY_KERNELS}, got {self.forward_only_kernel!r}")
         if self.prologue not in PROLOGUES:
             raise ValueError(f"KernelConfig.prologue must be one of {PROLOGUES}, got "
                              f"{self.prologue!r}")
@@ -81,8 +69,8 @@ class KernelConfig:
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
-        ssd_forward_only_block_len (0 = None), ssd_prologue and ssd_forward_only_kernel; a
-        missing field keeps the default (older runs)."""
+        ssd_forward_only_block_len (0 = None) and ssd_prologue; a missing field keeps the
+        default (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -90,9 +78,7 @@ class KernelConfig:
                    block_len=int(get("ssd_block_len", 0)) or None,
                    forward_only_block_len=int(get("ssd_forward_only_block_len",
                                                   default.forward_only_block_len)) or None,
-                   prologue=str(get("ssd_prologue", default.prologue)),
-                   forward_only_kernel=str(get("ssd_forward_only_kernel",
-                                               default.forward_only_kernel)))
+                   prologue=str(get("ssd_prologue", default.prologue)))
 
 
 DEFAULT = KernelConfig()

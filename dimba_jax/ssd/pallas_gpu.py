@@ -53,7 +53,7 @@ def _triton():
     return plt
 
 
-def dot(a, b, trans_a=False, trans_b=False):
+def _dot(a, b, trans_a=False, trans_b=False):
     """a @ b (optionally transposed) on the tensor cores, float32 accumulation.
 
     bf16/f16 operands: plain tensor-core products. float32 operands: Triton's default tf32
@@ -134,7 +134,7 @@ def backward_size_reason(headdim: int, dstate: int) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def last_entry(v, q):
+def _last(v, q):
     """v[q-1] of a (q,) vector, without a scalar load."""
     idx = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     return jnp.sum(jnp.where(idx == q - 1, v, 0.0))
@@ -156,7 +156,7 @@ def _chunk_state_kernel(*refs, q, mode, has_seg):
     u = u_ref[...]
     s = s_ref[...]
     if mode == "state":
-        w = jnp.exp(last_entry(s, q) - s) * dt_ref[...]
+        w = jnp.exp(_last(s, q) - s) * dt_ref[...]
         if has_seg:
             w = w * seg_ref[2]
     else:
@@ -164,7 +164,7 @@ def _chunk_state_kernel(*refs, q, mode, has_seg):
         if has_seg:
             w = w * seg_ref[1]
     vw = (v_ref[...].astype(jnp.float32) * w[:, None]).astype(u.dtype)
-    o_ref[...] = dot(u, vw, trans_a=True).astype(o_ref.dtype)
+    o_ref[...] = _dot(u, vw, trans_a=True).astype(o_ref.dtype)
 
 
 def _state_pass_fwd_kernel(st_ref, dec_ref, h0_ref, hprev_ref, fin_ref, *, nc):
@@ -197,7 +197,7 @@ def _load(*refs):
     return tuple(r[...] for r in refs)
 
 
-def masked_decay(s, q, seg=None):
+def _masked_decay(s, q, seg=None):
     """L_ij = exp(s_i - s_j) for i >= j (and seg_i == seg_j when segments are given), else 0."""
     i = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
@@ -213,13 +213,13 @@ def _chunk_out_kernel(*refs, q, has_seg):
         refs, 7, has_seg)
     x, b, c, dt, s = _load(x_ref, b_ref, c_ref, dt_ref, s_ref)
     cdt = x.dtype
-    g = dot(c, b, trans_b=True)
-    m = (g * masked_decay(s, q, seg_ref[0] if has_seg else None)).astype(cdt)
+    g = _dot(c, b, trans_b=True)
+    m = (g * _masked_decay(s, q, seg_ref[0] if has_seg else None)).astype(cdt)
     xd = (x.astype(jnp.float32) * dt[:, None]).astype(cdt)
-    y = dot(m, xd)
+    y = _dot(m, xd)
     h = h_ref[...].astype(cdt)
     e_s = jnp.exp(s) * seg_ref[1] if has_seg else jnp.exp(s)
-    y = y + e_s[:, None] * dot(c, h, trans_b=True)
+    y = y + e_s[:, None] * _dot(c, h, trans_b=True)
     y = y + d_ref[...][None, :] * x.astype(jnp.float32)
     y_ref[...] = y.astype(y_ref.dtype)
 
@@ -239,23 +239,23 @@ def _chunk_bwd_kernel(*refs, q, has_seg):
     xf = x.astype(f32)
     xd_f = xf * dt[:, None]
     xd = xd_f.astype(cdt)
-    lmask = masked_decay(s, q, seg_ref[0] if has_seg else None)
-    m_f = dot(c, b, trans_b=True) * lmask
+    lmask = _masked_decay(s, q, seg_ref[0] if has_seg else None)
+    m_f = _dot(c, b, trans_b=True) * lmask
     m = m_f.astype(cdt)
-    dm = dot(dy, xd, trans_b=True)                 # (q, q) dL/dM
+    dm = _dot(dy, xd, trans_b=True)                 # (q, q) dL/dM
     w = dm * m_f                                      # dL/d(s_i - s_j), zero above the diagonal
     dg = (dm * lmask).astype(cdt)                     # dL/d(C B^T)
     e_s = jnp.exp(s)
-    e_end = jnp.exp(last_entry(s, q) - s)
+    e_end = jnp.exp(_last(s, q) - s)
     if has_seg:  # incoming state reaches the first segment only; S collects the last one only
         e_s = e_s * seg_ref[1]
         e_end = e_end * seg_ref[2]
 
-    b_dst = dot(b, dst, trans_b=True)              # (q, p)
-    dxd = dot(m, dy, trans_a=True) + e_end[:, None] * b_dst
-    dc = dot(dg, b) + e_s[:, None] * dot(dy, h)
-    db = dot(dg, c, trans_a=True) + e_end[:, None] * dot(xd, dst)
-    y_off = e_s[:, None] * dot(c, h, trans_b=True)
+    b_dst = _dot(b, dst, trans_b=True)              # (q, p)
+    dxd = _dot(m, dy, trans_a=True) + e_end[:, None] * b_dst
+    dc = _dot(dg, b) + e_s[:, None] * _dot(dy, h)
+    db = _dot(dg, c, trans_a=True) + e_end[:, None] * _dot(xd, dst)
+    y_off = e_s[:, None] * _dot(c, h, trans_b=True)
     v = e_end * jnp.sum(xd_f * b_dst, axis=1)
     idx = jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     ds = (jnp.sum(w, axis=1) - jnp.sum(w, axis=0)
@@ -278,8 +278,7 @@ def _chunk_bwd_kernel(*refs, q, has_seg):
 # --------------------------------------------------------------------------------------------
 
 
-def triton_params(num_warps, num_stages=2):
-    """The Pallas Triton compiler parameters of a kernel: warps per program, pipeline stages."""
+def _params(num_warps, num_stages=2):
     return _triton().CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -317,7 +316,7 @@ def _chunk_state_call(u, v, dt, s, seg, *, q, hpg, mode, num_warps, interpret):
         grid=(bsz, nh, nc),
         in_specs=in_specs,
         out_specs=sts,
-        compiler_params=triton_params(num_warps),
+        compiler_params=_params(num_warps),
         interpret=interpret,
         name=f"ssd_chunk_{mode}",
     )(*args)
@@ -336,7 +335,7 @@ def _state_pass_fwd_call(states, dec, h0, *, hprev_dtype, interpret):
         grid=(bsz, nh, p // r),
         in_specs=[seq, decs, one],
         out_specs=(seq, one),
-        compiler_params=triton_params(4),
+        compiler_params=_params(4),
         interpret=interpret,
         name="ssd_state_pass_fwd",
     )(states, dec, h0)
@@ -358,7 +357,7 @@ def _state_pass_bwd_call(dhprev, hprev, dec, dfin, *, interpret):
         grid=(bsz, nh, nr),
         in_specs=[seq, seq, decs, one],
         out_specs=(seq, dsend_spec, one),
-        compiler_params=triton_params(4),
+        compiler_params=_params(4),
         interpret=interpret,
         name="ssd_state_pass_bwd",
     )(dhprev, hprev, dec, dfin)
@@ -377,7 +376,7 @@ def _chunk_out_call(x, b, c, dt, s, hprev, d, seg, *, q, hpg, num_warps, interpr
         grid=(bsz, nh, nc),
         in_specs=in_specs,
         out_specs=xs,
-        compiler_params=triton_params(num_warps),
+        compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_out",
     )(*args)
@@ -407,7 +406,7 @@ def _chunk_bwd_call(x, b, c, dt, s, dy, hprev, dstates, d, seg, *, q, hpg, num_w
         in_specs=in_specs,
         out_specs=(xs, hn, hn, vs, vs,
                    pl.BlockSpec((None, None, None, p), lambda bi, hi, ci: (bi, hi, ci, 0))),
-        compiler_params=triton_params(num_warps),
+        compiler_params=_params(num_warps),
         interpret=interpret,
         name="ssd_chunk_bwd",
     )(*args)

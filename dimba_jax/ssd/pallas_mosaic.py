@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from dimba_jax.ssd import _common, hopper
 from dimba_jax.ssd import pallas_gpu as _tri
-from dimba_jax.ssd import pallas_mosaic_bwd, pallas_mosaic_rev, pallas_seq
+from dimba_jax.ssd import pallas_mosaic_bwd, pallas_mosaic_rev
 from dimba_jax.ssd import pallas_mosaic_fwd as _fwd
 from dimba_jax.ssd.hopper import BACKWARD_SEMANTICS, DEFAULT_SEMANTICS
 from dimba_jax.ssd.kernel_config import BACKWARDS, DEFAULT, KernelConfig
@@ -141,22 +141,12 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, aux):
-    """Forward-only calls (no gradient taken: sampling, evaluation) run as fwd_only = (q_fwd,
-    kernel, h0_zero) says: "sequential" = `pallas_seq.ssd_seq_forward` (one launch, its own
-    chunk, s formed in the kernel from dt and A; with h0_zero the zero initial state is made in
-    the kernel, h0 unread), "mosaic" = the two Mosaic kernels at chunk q_fwd where it divides
-    q. The forward rule used under differentiation keeps the Mosaic kernels at chunk q, whose
-    per-chunk states the backward needs. The result is the same up to rounding.
-    aux = (pre, A, D): pre is `_fwd_impl`'s, at chunk q (dropped where the call rechunks), A the
-    (nheads,) decays, D the sequential kernel's skip as given ((nheads,) or (nheads, P), zeros
-    where `d` is); functions or sources of dt, s and d whose gradients the backward's ddt, ds and
-    dd already carry, so their own cotangents are zero."""
-    pre, a, d_seq = aux
-    q_fwd, kernel, h0_zero = fwd_only
-    if kernel == "sequential" and pallas_seq.supported_seq(
-            headdim=x.shape[-1], dstate=b.shape[-1], dtype=x.dtype)[0]:
-        return _seq_once(x, b, c, dt, a, None if h0_zero else h0, d_seq, hpg, interpret)
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+    """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk q_fwd where it
+    divides q; the forward rule used under differentiation keeps chunk q, whose per-chunk
+    states the backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at
+    chunk q (dropped where the call rechunks); functions of dt and s whose gradients the
+    backward's ddt and ds already carry, so their own cotangents are zero."""
     q_fwd = q_fwd or q
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
@@ -165,15 +155,9 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_onl
     return y, fin
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8))
-def _seq_once(x, b, c, dt, a, h0, d, hpg, interpret):
-    """`pallas_seq.ssd_seq_forward` at its chunk, jitted once for all call sites."""
-    return pallas_seq.ssd_seq_forward(x, b, c, dt, a, h0, d, hpg=hpg, interpret=interpret)
-
-
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, fwd_only, aux):
-    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, aux[0])
-    return (y, fin), (x, b, c, dt, s, hprev, d, aux)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
+    return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
 def _mosaic_chunk_bwd(x, b, q, semantics):
@@ -205,13 +189,13 @@ def _mosaic_state_bwd(x, b, q, semantics):
     return pallas_mosaic_rev.state_bwd_fn(semantics)
 
 
-def _core_bwd(q, hpg, interpret, semantics, backward, fwd_only, res, grads):
-    # semantics and fwd_only belong to the forward kernels: the backward depends on neither (its
+def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
+    # semantics and q_fwd belong to the forward kernels: the backward depends on neither (its
     # kernels use BACKWARD_SEMANTICS).
-    del semantics, fwd_only
-    aux = res[-1]
+    del semantics, q_fwd
+    pre = res[-1]
     return (*_bwd_impl_once(q, hpg, interpret, backward, res[:-1], grads),
-            jax.tree.map(jnp.zeros_like, aux))
+            jax.tree.map(jnp.zeros_like, pre))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -287,15 +271,11 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
                                                   dt_chunks=dt_chunks)
     tf32 = cdt == jnp.float32
     if D is None or tf32:  # the tf32 kernel leaves D x to XLA (below)
-        d, d_seq = jnp.zeros((nh, p), jnp.float32), jnp.zeros((nh,), jnp.float32)
+        d = jnp.zeros((nh, p), jnp.float32)
     else:
-        d_seq = D.astype(jnp.float32)
-        d = jnp.broadcast_to(d_seq.reshape(nh, -1), (nh, p))
+        d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
-                   kernels.backward,
-                   (kernels.forward_only_block_len, kernels.forward_only_kernel,
-                    initial_states is None),
-                   (pre, A.astype(jnp.float32), d_seq))
+                   kernels.backward, kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
