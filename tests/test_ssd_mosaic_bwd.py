@@ -9,6 +9,7 @@ pallas_gpu's `_chunk_bwd_call` (monkeypatched in the test only) vs the sequentia
 GPU (`gpu` marker): the compiled kernel vs the compiled Triton kernel, bf16 and f16.
 """
 
+import functools
 import re
 
 import numpy as np
@@ -290,3 +291,119 @@ def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, seman
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4  # 2 forward + 2 backward
     assert "triton" not in text.lower()
+
+
+def test_group_sums_shared_memory_and_where_they_are_taken():
+    """group_sums stages dB / dC in float32 (twice the 16-bit slab bytes) and is taken only for
+    compiled calls with several heads per group whose staging fits; KernelConfig reads it from
+    config.model.ssd_backward_group_sums (off by default)."""
+    slab16 = pallas_mosaic_bwd.SLAB * 128 * 2
+    for share in (False, True):
+        extra = (1 if share else 2) * slab16
+        assert (pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, False, share, group_sums=True)
+                - pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, False, share)) == extra
+    x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    taken = functools.partial(pallas_mosaic_bwd.group_sums_taken, x=x, b=b, q=128)
+    assert taken(hpg=2, interpret=False)
+    assert not taken(hpg=2, interpret=True)  # the interpreter takes no accumulator Ref
+    assert not taken(hpg=1, interpret=False)  # nothing to sum
+    assert KernelConfig().backward_group_sums is False
+    from dimba_jax.config import default_config
+    m = default_config().model
+    assert KernelConfig.from_config(m).backward_group_sums is False
+    m.ssd_backward_group_sums = True
+    assert KernelConfig.from_config(m).backward_group_sums is True
+
+
+@pytest.mark.parametrize("q,semantics", [(128, "warpgroup"), (64, "lane")])
+def test_group_sums_lower_for_cuda_on_cpu(q, semantics):
+    """chunk_bwd_mosaic(group_sums=True) lowers for cuda with TMA reduce-adds into float32
+    (batch, Lp, ngroups, N) dB and dC, and returns them so; the other outputs as without."""
+    s = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    bsz, nc, nh, g, p, n = 1, 2, 4, 2, 64, 128
+    lp = nc * q
+    shapes = (s((bsz, lp, nh, p), bf16), s((bsz, lp, g, n), bf16), s((bsz, lp, g, n), bf16),
+              s((bsz, nh, lp), f32), s((bsz, nh, lp), f32), s((bsz, lp, nh, p), bf16),
+              s((bsz, nh, nc, p, n), bf16), s((bsz, nh, nc, p, n), bf16), s((nh, p), f32))
+
+    def f(*a):
+        return pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g, semantics=semantics,
+                                                  group_sums=True)
+
+    with hopper.cuda_lowering_context():
+        lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+    infos = lowered.out_info
+    assert [i.shape for i in infos] == [(bsz, lp, nh, p), (bsz, lp, g, n), (bsz, lp, g, n),
+                                        (bsz, nh, lp), (bsz, nh, lp), (bsz, nh, nc, p)]
+    assert [i.dtype for i in infos] == [bf16, f32, f32, f32, f32, f32]
+
+
+def test_full_gradient_with_group_sums_lowers_for_cuda():
+    """jax.grad of ssd_mosaic_forward with KernelConfig(backward_group_sums=True) (the
+    accumulators are Refs made inside the custom-VJP backward) lowers for cuda: four Mosaic
+    kernels, no Triton kernel, and no per-head dB / dC left for XLA to sum."""
+    s = jax.ShapeDtypeStruct
+    b, l, h, p, g, n = 1, 256, 4, 64, 2, 128
+    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
+
+    def loss(sums, *a):
+        y = pallas_mosaic.ssd_mosaic_forward(
+            *a, 256, dt_softplus=True,
+            kernels=KernelConfig(block_len=128, backward="mosaic", backward_group_sums=sums))
+        return jnp.square(y.astype(jnp.float32)).sum()
+
+    texts = {}
+    for sums in (False, True):
+        with hopper.cuda_lowering_context():
+            texts[sums] = jax.jit(jax.grad(functools.partial(loss, sums), argnums=(3, 4))).trace(
+                *shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert len(re.findall(r"custom_call @mosaic_gpu", texts[sums])) == 4
+        assert "triton" not in texts[sums].lower()
+    per_head = f"tensor<{b}x{l}x{h}x{n}xbf16>"  # the kernel's per-head dB / dC
+    assert per_head in texts[False] and per_head not in texts[True]
+
+
+def test_core_backward_takes_dB_dC_summed_per_group():
+    """pallas_gpu.core_backward with a chunk_bwd that returns dB / dC already summed per group
+    (float32, as the group-sums kernel does) gives the gradients of the per-head path
+    (interpreted Triton kernels, two heads per group)."""
+    bsz, nc, q, nh, g, p, n = 1, 2, 64, 4, 2, 64, 64
+    x, bm, cm, dt, s, dy, hprev, _, d = _inputs(7, bsz, nc, q, nh, g, p, n, jnp.bfloat16)
+    hprev = hprev.astype(jnp.bfloat16)
+    res = (x, bm, cm, dt, s, hprev, d, None)
+    grads = (dy, jnp.zeros((bsz, nh, p, n), jnp.float32))
+    cfg = (q, nh // g, 4, 4, True)
+
+    def summed(*a, **k):
+        dx, db_h, dc_h, ddt, ds, dd = pallas_gpu._chunk_bwd_call(*a, **k)
+        per_group = lambda v: v.reshape(bsz, nc * q, g, nh // g, n).sum(3, dtype=jnp.float32)  # noqa: E731
+        return dx, per_group(db_h), per_group(dc_h), ddt, ds, dd
+
+    want = pallas_gpu.core_backward(cfg, res, grads)
+    got = pallas_gpu.core_backward(cfg, res, grads, chunk_bwd=summed)
+    for w, o in zip(want[:7], got[:7]):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,q", [(jnp.bfloat16, 128), (jnp.bfloat16, 64), (jnp.float16, 128)])
+def test_gpu_group_sums_match_the_per_head_kernel(dtype, q):
+    """Compiled: the group-sums kernel's dB / dC equal the per-head kernel's outputs summed
+    per group in float32 (up to the order of the adds), every other output the same."""
+    bsz, nc, nh, g, p, n = 2, 3, 6, 2, 64, 128
+    args = _inputs(20261206, bsz, nc, q, nh, g, p, n, dtype)
+    heads = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g))(*args)
+    sums = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(
+        *a, q=q, hpg=nh // g, group_sums=True))(*args)
+    lp = nc * q
+    for k in (1, 2):
+        want = heads[k].astype(jnp.float32).reshape(bsz, lp, g, nh // g, n).sum(3)
+        assert sums[k].shape == (bsz, lp, g, n) and sums[k].dtype == jnp.float32
+        assert _rel(sums[k], want) < 1e-2, NAMES[k]
+    for k in (0, 3, 4, 5):
+        np.testing.assert_array_equal(np.asarray(sums[k]), np.asarray(heads[k]), NAMES[k])

@@ -44,12 +44,19 @@ class KernelConfig:
       fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so
       "xla" here; the models' default (`config.model.ssd_prologue`) is "pallas", which the
       batch-1 sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md).
+    backward_group_sums: under the Mosaic chunk backward, whether each program reduce-adds its
+      dB / dC into float32 per-group accumulators by TMA (`pallas_mosaic_bwd.group_sums_taken`
+      says where: compiled calls with several heads per group) instead of writing them per head
+      for XLA to sum: ~0.8 GB less traffic per base-sized call, but the order of the adds, so
+      dB / dC's rounding, varies from run to run, and at block_len 64 the float32 staging
+      leaves one block per SM instead of two. Not yet timed on a GPU, so off.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
     block_len: int | None = None
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
+    backward_group_sums: bool = False
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -69,8 +76,8 @@ class KernelConfig:
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
-        ssd_forward_only_block_len (0 = None) and ssd_prologue; a missing field keeps the
-        default (older runs)."""
+        ssd_forward_only_block_len (0 = None), ssd_prologue and ssd_backward_group_sums; a
+        missing field keeps the default (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -78,7 +85,9 @@ class KernelConfig:
                    block_len=int(get("ssd_block_len", 0)) or None,
                    forward_only_block_len=int(get("ssd_forward_only_block_len",
                                                   default.forward_only_block_len)) or None,
-                   prologue=str(get("ssd_prologue", default.prologue)))
+                   prologue=str(get("ssd_prologue", default.prologue)),
+                   backward_group_sums=bool(get("ssd_backward_group_sums",
+                                                default.backward_group_sums)))
 
 
 DEFAULT = KernelConfig()

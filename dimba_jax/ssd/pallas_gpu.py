@@ -461,7 +461,8 @@ def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
 def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     """The custom_vjp backward of `_core`: the Triton dout chunk-state and reverse state-pass
     kernels, then `chunk_bwd` (default `_chunk_bwd_call`; pallas_mosaic passes its Mosaic GPU
-    kernel, same signature and outputs) for dx, dB, dC, ddt, ds and dD.
+    kernel, same signature and outputs, except that its dB and dC may come summed per group,
+    (b, Lp, ngroups, N), instead of per head) for dx, dB, dC, ddt, ds and dD.
 
     state_bwd: None (the two Triton kernels) or a replacement for both,
       state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret) -> (dstates
@@ -492,8 +493,13 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
         x, b, c, dt, s, dy, hprev, dstates, d, seg, q=q, hpg=hpg, num_warps=nwb, interpret=interp)
     ds = ds.reshape(bsz, nh, nc, q).at[..., -1].add(jnp.sum(dsend, axis=2)).reshape(bsz, nh, lp)
     f32 = jnp.float32
-    db = db_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(b.dtype)
-    dc = dc_h.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32).astype(c.dtype)
+
+    def per_group(v, dtype):
+        if v.shape[2] != g:  # per head: sum each group's heads
+            v = v.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32)
+        return v.astype(dtype)
+
+    db, dc = per_group(db_h, b.dtype), per_group(dc_h, c.dtype)
     dseg = None if seg is None else jnp.zeros_like(seg)
     return dx, db, dc, ddt, ds, dh0, jnp.sum(dd, axis=(0, 2)), dseg
 

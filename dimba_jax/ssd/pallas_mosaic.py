@@ -160,9 +160,10 @@ def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_f
     return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
-def _mosaic_chunk_bwd(x, b, q, semantics):
-    """The Mosaic GPU chunk-backward kernel as a drop-in for pallas_gpu._chunk_bwd_call, or
-    None (with a logged reason) where pallas_mosaic_bwd does not take these shapes."""
+def _mosaic_chunk_bwd(x, b, q, semantics, group_sums):
+    """The Mosaic GPU chunk-backward kernel as a drop-in for pallas_gpu._chunk_bwd_call (with
+    group_sums, dB / dC summed per group in the kernel where it can), or None (with a logged
+    reason) where pallas_mosaic_bwd does not take these shapes."""
     ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=q)
     if not ok:
         _warn_once(f"Mosaic GPU SSD backward does not take this call ({why}); using Triton's")
@@ -172,7 +173,7 @@ def _mosaic_chunk_bwd(x, b, q, semantics):
         del seg, num_warps  # no seq_idx on the Mosaic path; one warpgroup per program
         return pallas_mosaic_bwd.chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
                                                   hpg=hpg, interpret=interpret,
-                                                  semantics=semantics)
+                                                  semantics=semantics, group_sums=group_sums)
 
     return chunk_bwd
 
@@ -200,9 +201,12 @@ def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _bwd_impl_once(q, hpg, interpret, backward, res, grads):
-    """The custom_vjp backward, jitted once for all call sites (see `_fwd_impl_once`)."""
+    """The custom_vjp backward, jitted once for all call sites (see `_fwd_impl_once`).
+    backward: (KernelConfig.backward, KernelConfig.backward_group_sums)."""
     x, b, c, dt, s, hprev, d = res
-    chunk_bwd = _mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
+    backward, group_sums = backward
+    chunk_bwd = (_mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS, group_sums)
+                 if backward == "mosaic" else None)
     state_bwd = _mosaic_state_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
     dx, db, dc, ddt, ds, dh0, dd, _ = _tri.core_backward(
@@ -275,7 +279,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
-                   kernels.backward, kernels.forward_only_block_len, pre)
+                   (kernels.backward, kernels.backward_group_sums),
+                   kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)
