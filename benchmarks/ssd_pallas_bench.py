@@ -86,22 +86,27 @@ def dispatcher_ssd(x, dt, A, B, C, D=None, dt_bias=None):
 
 def parse_variant(spec):
     """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd);
-    "mosaic[:BLOCK[:BACKWARD[:PROLOGUE]]]" -> the Mosaic forward at chunk BLOCK (default per
-    dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic") and the dt
-    PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`); "default" ->
+    "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:sums]]]]" -> the Mosaic forward at chunk BLOCK (default
+    per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the dt
+    PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and, with "sums", dB /
+    dC summed per group in the Mosaic chunk backward (`KernelConfig.backward_group_sums`); "default" ->
     ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
     if spec == "default":
         return ("pallas_default", {"kernels": repr(KernelConfig())}, dispatcher_ssd)
     if spec.startswith("mosaic"):
-        parts = spec.split(":") + ["", "", ""]
+        parts = spec.split(":") + ["", "", "", ""]
         block = int(parts[1]) if parts[1] else None
+        if parts[4] not in ("", "sums"):
+            raise ValueError(f"variant {spec!r}: the fifth field is 'sums' or empty")
         kernels = KernelConfig(block_len=block, backward=parts[2] or "triton",
-                               prologue=parts[3] or "xla")
+                               prologue=parts[3] or "xla", backward_group_sums=parts[4] == "sums")
         label_block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
         label = f"mosaic_{label_block}_{kernels.backward}_bwd"
         fields = {"block_len": label_block, "backward": kernels.backward}
         if kernels.prologue != "xla":
             label, fields["prologue"] = f"{label}_{kernels.prologue}_prologue", kernels.prologue
+        if kernels.backward_group_sums:
+            label, fields["backward_group_sums"] = f"{label}_group_sums", True
         return label, fields, mosaic_ssd(kernels)
     var = tuple(int(v) for v in spec.split("x"))
     return (f"pallas_{spec}", dict(zip(("block_len", "warps_fwd", "warps_bwd"), var)),
