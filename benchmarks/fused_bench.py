@@ -9,7 +9,8 @@ model.bidirectional (DIMBA):
   conv: `fused_conv.bidirectional_conv_pallas` (both convs + SiLU + flip + split + concatenation)
   norm: `fused_norm.bidirectional_gated_norm_pallas` (both gated RMS norms + flip + mean)
 or without it (the causal mixer, e.g. configs/ar_base.py): `fused_conv.causal_conv_pallas` and
-`fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward alone ("fwd") and forward + VJP ("fwdbwd").
+`fused_norm.gated_norm_pallas` (one direction); and their jnp references (jitted), forward
+alone ("fwd") and forward + VJP ("fwdbwd").
 The forward kernel is swept over `--rows` x `--warps` (time rows per program, warps per
 program), then at the best of those over `--stages` x `--cols` (Triton pipeline stages of the
 loops over column tiles; columns per tile, 0 = the natural headdim / d_state), and for the conv
@@ -87,15 +88,6 @@ def mixer_dims(config) -> dict:
                 d_conv=int(m.d_conv), directions=2 if m.bidirectional else 1)
     dims["conv_dim"] = d_inner + 2 * dims["ngroups"] * dims["d_state"]
     return dims
-
-
-def load_mixer(config_path: str, seq_len: int = 0):
-    """(config, `mixer_dims` of it) from a config file, data.seq_len overridden where seq_len
-    is given (0: the config's)."""
-    config = load_config_file(config_path)
-    if seq_len:
-        config.data.seq_len = seq_len
-    return config, mixer_dims(config)
 
 
 def maker(pallas_fn, kw):
@@ -371,7 +363,10 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=400.0)
     p.add_argument("--out", required=True, help="output prefix (PREFIX.json, PREFIX.md)")
     a = p.parse_args(argv)
-    _, dims = load_mixer(a.config, a.seq_len)
+    config = load_config_file(a.config)
+    if a.seq_len:
+        config.data.seq_len = a.seq_len
+    dims = mixer_dims(config)
     rows = [int(v) for v in a.rows.split(",")]
     warps = [int(v) for v in a.warps.split(",")]
     stages = [int(v) for v in a.stages.split(",")]

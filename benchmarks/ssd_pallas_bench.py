@@ -89,8 +89,8 @@ def parse_variant(spec):
     "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:sums]]]]" -> the Mosaic forward at chunk BLOCK (default
     per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the dt
     PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and, with "sums", dB /
-    dC summed per group in the Mosaic chunk backward (`KernelConfig.backward_group_sums`); "default" ->
-    ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
+    dC summed per group in the Mosaic chunk backward (`KernelConfig.backward_group_sums`);
+    "default" -> ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
     if spec == "default":
         return ("pallas_default", {"kernels": repr(KernelConfig())}, dispatcher_ssd)
     if spec.startswith("mosaic"):
