@@ -7,7 +7,6 @@ sequential reference and a float64 NumPy state recurrence.
 GPU (`gpu` marker): forward and every gradient vs impl="reference", fresh random inputs.
 """
 
-import functools
 import re
 
 import numpy as np
@@ -180,30 +179,6 @@ def test_segmented_state_walk_lowers_for_cuda_on_cpu(semantics):
     assert fin_info.shape == (b, h, p, n) and fin_info.dtype == f32
 
 
-def test_chunk_parallel_state_walk_is_one_kernel():
-    """With one segment per chunk (`segments` >= the chunk count) the walk is one kernel call
-    (the chunk states, in parallel) and XLA: no second walk; a count that does not divide the
-    chunks falls back to the automatic walk (one kernel here: enough programs)."""
-    s = jax.ShapeDtypeStruct
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    b, l, h, g, p, n, q = 1, 512, 4, 1, 64, 128, 64
-    args = (s((b, l, h, p), bf16), s((b, l, g, n), bf16), s((b, h, l), f32),
-            s((b, h, l // q, p), f32), s((b, h, p, n), f32))
-    ends = "tensor<1x8x4x64x128xf32>"  # the kernel's per-segment end states, one per chunk
-    for segments, kernels, parallel in ((8, 1, True), (100, 1, True), (2, 2, False),
-                                        (3, 1, False)):
-        walk = functools.partial(pallas_mosaic_fwd.segmented_statepass, q=q, hpg=h // g,
-                                 hprev_dtype=bf16, segments=segments)
-        with hopper.cuda_lowering_context():
-            lowered = jax.jit(walk).trace(*args).lower(lowering_platforms=("cuda",))
-        text = lowered.as_text()
-        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == kernels, segments
-        assert (ends in text) == parallel, segments
-        hprev_info, fin_info = lowered.out_info
-        assert hprev_info.shape == (b, h, l // q, p, n) and hprev_info.dtype == bf16
-        assert fin_info.shape == (b, h, p, n) and fin_info.dtype == f32
-
-
 def _chunk_states_f64(x, bm, dt, s, q):
     """Float64 NumPy chunk states: S_c = sum_t x_t^T (dt_t exp(s_end - s_t) B_t), per head.
 
@@ -273,12 +248,11 @@ def test_interpreter_state_kernels_match_float64(monkeypatch, nc, slots):
     assert _rel(fin, h) < 5e-3
 
 
-@pytest.mark.parametrize("segments", [2, 4, 64])
+@pytest.mark.parametrize("segments", [2, 4])
 def test_interpreter_segmented_state_walk_matches_float64(segments):
     """The two-level state walk (`segmented_statepass`: segment end states from zero, combined
-    in XLA, then every segment walked from its true initial state; with 4 = the chunk count, or
-    more, the chunk-parallel form without the second walk) in the interpreter, bf16: h_c
-    entering every chunk and the final state vs the float64 recurrence, and equal to the
+    in XLA, then every segment walked from its true initial state) in the interpreter, bf16:
+    h_c entering every chunk and the final state vs the float64 recurrence, and equal to the
     one-segment walk up to bf16 rounding."""
     dtype, p, n = jnp.bfloat16, 64, 64
     q, bsz, nc, nh, g = 64, 2, 4, 2, 1
@@ -308,19 +282,15 @@ def test_statepass_segments(programs, nc, want):
     assert pallas_mosaic_fwd.statepass_segments(programs, nc) == want
 
 
-@pytest.mark.parametrize("seqlen,dtype,tol,segments", [
-    (70, jnp.bfloat16, 1.5e-2, 0), (150, jnp.float32, 1e-5, 0),
-    (150, jnp.float32, 1e-5, 8)])  # 8 >= the 3 chunks: chunk-parallel states
-def test_interpreter_forward_matches_reference(seqlen, dtype, tol, segments):
-    """The Mosaic forward (fused chunk-state + state-pass kernel, and the chunk-output kernel)
-    in the Mosaic GPU interpreter (products as plain dots there, so float32 is exact up to
-    rounding; seqlen is not a multiple of the 64-long chunks); `statepass_segments` 8: the
-    chunk states in parallel and their recurrence in XLA."""
+@pytest.mark.parametrize("seqlen,dtype,tol", [(70, jnp.bfloat16, 1.5e-2), (150, jnp.float32, 1e-5)])
+def test_interpreter_forward_matches_reference(seqlen, dtype, tol):
+    """The Mosaic forward (fused chunk-state + state-pass kernel, and the chunk-output kernel) in the Mosaic GPU interpreter (products as plain dots there, so float32
+    is exact up to rounding; seqlen is not a multiple of the 64-long chunks)."""
     args, kw, _ = _inputs(20261204, 1, seqlen, 2, 64, 1, 64,
                           dtype, per_channel_d=dtype == jnp.bfloat16)
-    kernels = KernelConfig(block_len=64, backward="triton", statepass_segments=segments)
     y, fin = pallas_mosaic.ssd_mosaic_forward(*args, CHUNK, interpret=True,
-                                              return_final_states=True, **kw, kernels=kernels)
+                                              return_final_states=True, **kw,
+                                              kernels=KernelConfig(block_len=64, backward="triton"))
     y_ref, fin_ref = _reference(args, kw, final=True)
     assert y.dtype == dtype and y.shape == args[0].shape
     assert _rel(y, y_ref) < tol
@@ -328,17 +298,15 @@ def test_interpreter_forward_matches_reference(seqlen, dtype, tol, segments):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,backward,segments", [
-    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "triton", 0),
-    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "triton", 0),
-    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "triton", 0),
-    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "triton", 0),  # dstate 256
-    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "triton", 0),
-    ((1, 4096, 2, 64, 1, 128), jnp.bfloat16, 128, False, "mosaic", 0),
-    ((1, 1024, 8, 64, 1, 128), jnp.bfloat16, 128, False, "mosaic", 64),  # chunk-parallel states
+@pytest.mark.parametrize("dims,dtype,block_len,per_channel_d,backward", [
+    ((2, 300, 4, 64, 1, 128), jnp.bfloat16, 128, False, "triton"),
+    ((1, 517, 8, 64, 2, 64), jnp.bfloat16, 64, True, "triton"),
+    ((2, 256, 4, 128, 1, 128), jnp.float16, 128, False, "triton"),
+    ((1, 200, 4, 64, 1, 256), jnp.float16, 64, False, "triton"),  # dstate 256
+    ((2, 300, 4, 64, 1, 128), jnp.float32, 64, True, "triton"),
+    ((1, 4096, 2, 64, 1, 128), jnp.bfloat16, 128, False, "mosaic"),
 ])
-def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, backward,
-                                                  segments):
+def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_channel_d, backward):
     args, kw, dy = _inputs(20261204, *dims, dtype,
                            per_channel_d=per_channel_d)
     ok, why = pallas_mosaic.supported(x=args[0], B=args[3], block_len=block_len)
@@ -351,8 +319,7 @@ def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_c
 
     def mosaic(*a):
         return pallas_mosaic.ssd_mosaic_forward(
-            *a, CHUNK, **kw, kernels=KernelConfig(block_len=block_len, backward=backward,
-                                                  statepass_segments=segments))
+            *a, CHUNK, **kw, kernels=KernelConfig(block_len=block_len, backward=backward))
 
     y, vjp = jax.vjp(jax.jit(mosaic), *args)
     y_ref, vjp_ref = jax.vjp(lambda *a: _reference(a, kw), *args)
@@ -360,8 +327,7 @@ def test_gpu_forward_and_gradients_match_reference(dims, dtype, block_len, per_c
     assert _rel(y, y_ref) < tol
     _, fin = jax.jit(lambda *a: pallas_mosaic.ssd_mosaic_forward(
         *a, CHUNK, return_final_states=True, **kw,
-        kernels=KernelConfig(block_len=block_len, backward="triton",
-                             statepass_segments=segments)))(*args)
+        kernels=KernelConfig(block_len=block_len, backward="triton")))(*args)
     assert _rel(fin, _reference(args, kw, final=True)[1]) < tol
     for name, gr, gr_ref in zip(("x", "dt", "A", "B", "C"), vjp(dy), vjp_ref(dy)):
         assert _rel(gr, gr_ref) < tol, name
@@ -389,7 +355,7 @@ def test_forward_only_calls_run_at_the_forward_only_chunk(monkeypatch):
         return real(x, b, c, dt, s, h0, d, q, *rest)
 
     monkeypatch.setattr(pallas_mosaic, "_fwd_impl_once",
-                        jax.jit(spy, static_argnums=(7, 8, 9, 10, 11)))
+                        jax.jit(spy, static_argnums=(7, 8, 9, 10)))
     args, kw, dy = _inputs(20261204, 1, 200, 2, 64, 1, 64,
                            jnp.bfloat16)
 

@@ -22,8 +22,7 @@ def test_kernel_config_defaults_validation_and_config_fields():
     assert KernelConfig() == KernelConfig("mosaic", "mosaic", None, 64)
     assert hash(KernelConfig()) == hash(KernelConfig())  # a static jit argument
     for bad in (dict(forward="cuda"), dict(backward="cudnn"), dict(block_len=96),
-                dict(forward_only_block_len=32), dict(statepass_segments=-1),
-                dict(statepass_segments=2.0)):
+                dict(forward_only_block_len=32)):
         with pytest.raises(ValueError, match="KernelConfig"):
             KernelConfig(**bad)
     # the models' forward-only chunk is 128 and their dt prologue the Pallas kernel (the batch-1
@@ -36,9 +35,6 @@ def test_kernel_config_defaults_validation_and_config_fields():
                             ssd_forward_only_block_len=0)
     assert KernelConfig.from_config(config.model) == KernelConfig("triton", "triton", 64, None,
                                                                   prologue="pallas")
-    with config.unlocked():
-        config.model.ssd_statepass_segments = 16
-    assert KernelConfig.from_config(config.model).statepass_segments == 16
     assert KernelConfig.from_config(object()) == KernelConfig()  # an older config: defaults
 
 

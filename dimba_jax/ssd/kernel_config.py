@@ -51,15 +51,9 @@ class KernelConfig:
       dB / dC's rounding, varies from run to run, and at block_len 64 the float32 staging
       leaves one block per SM instead of two. On an H100 the SSD's forward+backward at
       130m-L2k takes 0.833 / 0.844 ms with it against 0.854 / 0.864 ms without (two repeats,
-      one call; benchmarks/results/ssd_group_sums_h100.md): 2-3% faster, not worth
-      run-to-run rounding by default, so off.
-    statepass_segments: how the Mosaic forward's state pass walks the chunks
-      (`pallas_mosaic_fwd.segmented_statepass`): 0 = automatic (one sequential walk where the
-      programs fill the GPU, else a two-level walk over up to 8 segments of at least 8 chunks);
-      k > 0 = min(k, chunks) segments where that divides the chunk count (else automatic). k at
-      least the chunk count is the chunk-parallel form: every chunk's state computed from zero
-      in one fully parallel kernel and the recurrence over them in XLA, with no second walk.
-      Speed only.
+      one call; benchmarks/results/ssd_group_sums_h100.md): 2-3% faster; the configs/base.py train
+      step 110.6 against 111.1 ms, within its windows' noise (train_throughput_head_gs_h100.md).
+      Not worth run-to-run rounding by default, so off.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
@@ -67,7 +61,6 @@ class KernelConfig:
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
     backward_group_sums: bool = False
-    statepass_segments: int = 0
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -78,9 +71,6 @@ class KernelConfig:
         if self.prologue not in PROLOGUES:
             raise ValueError(f"KernelConfig.prologue must be one of {PROLOGUES}, got "
                              f"{self.prologue!r}")
-        if not isinstance(self.statepass_segments, int) or self.statepass_segments < 0:
-            raise ValueError(f"KernelConfig.statepass_segments must be an int >= 0, got "
-                             f"{self.statepass_segments!r}")
         for name in ("block_len", "forward_only_block_len"):
             value = getattr(self, name)
             if value is not None and value not in BLOCK_LENS:
@@ -90,8 +80,8 @@ class KernelConfig:
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
-        ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_group_sums and
-        ssd_statepass_segments; a missing field keeps the default (older runs)."""
+        ssd_forward_only_block_len (0 = None), ssd_prologue and ssd_backward_group_sums; a
+        missing field keeps the default (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -101,9 +91,7 @@ class KernelConfig:
                                                   default.forward_only_block_len)) or None,
                    prologue=str(get("ssd_prologue", default.prologue)),
                    backward_group_sums=bool(get("ssd_backward_group_sums",
-                                                default.backward_group_sums)),
-                   statepass_segments=int(get("ssd_statepass_segments",
-                                              default.statepass_segments)))
+                                                default.backward_group_sums)))
 
 
 DEFAULT = KernelConfig()

@@ -111,10 +111,9 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # Differentiable core: the Mosaic forward kernels; pallas_gpu's backward with Mosaic stages.
 # --------------------------------------------------------------------------------------------
 
-def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, segments, pre=None):
-    """The forward kernels; segments: `KernelConfig.statepass_segments`; pre = (w, dec): the
-    state pass's weights and chunk-end decays of (dt, s) at chunk q computed beforehand
-    (`pallas_prologue`), or None (computed here)."""
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
+    """The forward kernels; pre = (w, dec): the state pass's weights and chunk-end decays of
+    (dt, s) at chunk q computed beforehand (`pallas_prologue`), or None (computed here)."""
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
@@ -126,7 +125,6 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, segments, pre
     dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (p,))
     hprev, fin = _fwd.segmented_statepass(xin, bin_, w, dec_rows, h0,
                                           q=q, hpg=hpg, hprev_dtype=x.dtype,
-                                          segments=segments,
                                           interpret=interpret, semantics=semantics)
     y = _fwd.chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
                               semantics=semantics)
@@ -139,12 +137,11 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, segments, pre
 # module, seconds each) once per program instead of once per call site. Without this the
 # configs/base.py train step (48 SSD calls: 24 bidirectional blocks) took 203 s to compile with
 # two Mosaic kernels per call and more than 290 s with four.
-_fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10, 11))
+_fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12, 13))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, segments,
-          pre=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
     """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk q_fwd where it
     divides q; the forward rule used under differentiation keeps chunk q, whose per-chunk
     states the backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at
@@ -154,15 +151,12 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, 
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
         q, pre = q_fwd, None
-    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, segments,
-                               pre)
+    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, segments,
-              pre=None):
-    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics,
-                                   segments, pre)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
     return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
@@ -196,10 +190,10 @@ def _mosaic_state_bwd(x, b, q, semantics):
     return pallas_mosaic_rev.state_bwd_fn(semantics)
 
 
-def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, segments, res, grads):
-    # semantics, q_fwd and segments belong to the forward kernels: the backward depends on
-    # none of them (its kernels use BACKWARD_SEMANTICS).
-    del semantics, q_fwd, segments
+def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
+    # semantics and q_fwd belong to the forward kernels: the backward depends on neither (its
+    # kernels use BACKWARD_SEMANTICS).
+    del semantics, q_fwd
     pre = res[-1]
     return (*_bwd_impl_once(q, hpg, interpret, backward, res[:-1], grads),
             jax.tree.map(jnp.zeros_like, pre))
@@ -286,7 +280,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
                    (kernels.backward, kernels.backward_group_sums),
-                   kernels.forward_only_block_len, kernels.statepass_segments, pre)
+                   kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:
         y = _common.apply_skip_and_gate(y, x, D=D if tf32 else None, z=z)

@@ -491,19 +491,13 @@ def segmented_statepass(x, b, w, dec, h0, *, q, hpg, hprev_dtype, segments=None,
     segment, H_0 = h0, H_{s+1} = D_s H_s + E_s (E_s the segment's end state from zero, D_s the
     product of its chunk decays; S small steps); (3) the kernel again, each segment from H_s,
     writing every h_c. Twice the reads of x and B, in exchange for S times the parallelism of a
-    walk whose steps wait on each other. With one chunk per segment (S = the chunk count) the
-    states entering the segments of (2) are every h_c, so (3) is skipped: the chunk states are
-    computed in parallel (one kernel, one chunk per program) and only the recurrence over them
-    runs in XLA. Same arguments and returns as `chunk_statepass_mosaic` (h0 (batch, nheads, P,
-    N)); segments None or 0 picks `statepass_segments`; k > 0 asks for min(k, chunks) segments,
-    taken where that divides the chunk count (else the automatic choice).
+    walk whose steps wait on each other. Same arguments and returns as `chunk_statepass_mosaic`
+    (h0 (batch, nheads, P, N)); segments None picks `statepass_segments`.
     """
     tf32, bsz, lp, nh, p, n = _state_operand_dims(x, b)
     nc = lp // q
     nb = statepass_block_cols(q, p, n, jnp.dtype(x.dtype).itemsize, bsz * nh)
-    nseg = min(int(segments or 0), nc)
-    if nseg < 1 or nc % nseg:
-        nseg = statepass_segments(bsz * nh * (n // nb), nc)
+    nseg = int(segments or statepass_segments(bsz * nh * (n // nb), nc))
     kw = dict(q=q, hpg=hpg, hprev_dtype=hprev_dtype, block_cols=nb, interpret=interpret,
               semantics=semantics)
     if nseg == 1:
@@ -515,9 +509,6 @@ def segmented_statepass(x, b, w, dec, h0, *, q, hpg, hprev_dtype, segments=None,
     starts = [h0.astype(jnp.float32)]
     for si in range(nseg - 1):
         starts.append(seg_decay[:, :, si, None, None] * starts[-1] + ends[:, si])
-    if nseg == nc:  # one chunk per segment: the segments' initial states are the h_c
-        fin = seg_decay[:, :, -1, None, None] * starts[-1] + ends[:, -1]
-        return jnp.stack(starts, axis=2).astype(hprev_dtype), fin
     hprev, fins = chunk_statepass_mosaic(x, b, w, dec, jnp.stack(starts, axis=1),
                                           segments=nseg, **kw)
     return hprev, fins[:, -1]
