@@ -336,7 +336,7 @@ def test_step_modulations_are_each_steps_block_modulations(setup):
 def test_mixer_constants_passed_in_give_the_same_prediction(setup):
     """`predict` with `mixer_constants()` computed beforehand (the sampler's loop invariant)
     equals `predict` computing each block's own; the constants are both directions' float32
-    (A, D, dt_bias) with A = -exp(A_log)."""
+    (A, D, dt_bias) with A = -exp(A_log) and D each head's skip repeated over its channels."""
     model, _, tokens, mask = setup
     consts = model.mixer_constants()
     assert len(consts) == len(model.blocks)
@@ -345,7 +345,12 @@ def test_mixer_constants_passed_in_give_the_same_prediction(setup):
     np.testing.assert_allclose(
         np.asarray(a), -np.exp(np.concatenate([np.asarray(mixer.fwd.A_log[...]),
                                                np.asarray(mixer.bwd.A_log[...])])), rtol=1e-6)
-    assert d.shape == bias.shape == (2 * mixer.fwd.nheads,)
+    assert bias.shape == (2 * mixer.fwd.nheads,)
+    assert d.shape == (2 * mixer.fwd.nheads, mixer.fwd.headdim)  # repeated over the channels
+    np.testing.assert_array_equal(
+        np.asarray(d[:, 0]), np.concatenate([np.asarray(mixer.fwd.D[...]),
+                                             np.asarray(mixer.bwd.D[...])]).astype(np.float32))
+    assert float(jnp.abs(d - d[:, :1]).max()) == 0.0
     x_t = jax.random.normal(jax.random.key(3), (B, L, model.embed_dim))
     lam = jnp.full((B,), 1.5)
     want = model.predict(x_t, lam, tokens, mask)

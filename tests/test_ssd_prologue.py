@@ -23,25 +23,28 @@ def _args(seqlen=40, nh=16, dtype=jnp.float32, seed=0):
     return dt, A, bias
 
 
-@pytest.mark.parametrize("seqlen,q,dtype,kw", [
-    (40, 16, jnp.float32, dict(dt_softplus=True)),  # 40 -> 48: padded rows are zero
-    (64, 32, jnp.bfloat16, dict(dt_softplus=True, dt_limit=(0.01, 2.0))),
-    (32, 16, jnp.float32, dict(dt_softplus=False, dt_limit=(0.0, math.inf))),  # clip at 0 only
+@pytest.mark.parametrize("seqlen,q,dtype,kw,dec_cols", [
+    (40, 16, jnp.float32, dict(dt_softplus=True), 0),  # 40 -> 48: padded rows are zero
+    (64, 32, jnp.bfloat16, dict(dt_softplus=True, dt_limit=(0.01, 2.0)), 0),
+    (32, 16, jnp.float32, dict(dt_softplus=False, dt_limit=(0.0, math.inf)), 0),  # clip at 0
+    (40, 16, jnp.float32, dict(dt_softplus=True), 8),  # decays repeated along 8 columns
 ])
-def test_kernel_matches_reference_values_and_gradients(seqlen, q, dtype, kw):
+def test_kernel_matches_reference_values_and_gradients(seqlen, q, dtype, kw, dec_cols):
     """dtk, sk (and with weights the state pass's w and the chunk-end decays, against
-    `pallas_mosaic_fwd.state_weights` and exp of each chunk's last cumulative sum) and the
-    gradients of all of them."""
+    `pallas_mosaic_fwd.state_weights` and exp of each chunk's last cumulative sum, repeated
+    along dec_cols columns where asked) and the gradients of all of them."""
     dt, A, bias = _args(seqlen, dtype=dtype, seed=seqlen)
     lp = -(-seqlen // q) * q
+    dec_shape = (2, 16, lp // q) + ((dec_cols,) if dec_cols else ())
     cts = tuple(jax.random.normal(jax.random.key(i), (2, 16, lp)) for i in (1, 2, 3)) + (
-        jax.random.normal(jax.random.key(4), (2, 16, lp // q)),)
+        jax.random.normal(jax.random.key(4), dec_shape),)
     fused = functools.partial(pallas_prologue.prepare_dt_pallas, q=q, weights=True,
-                              interpret=True, **kw)
+                              dec_cols=dec_cols, interpret=True, **kw)
 
     def ref(d, a, dt_bias):
         dtk, sk = _common.prepare_dt(d, a, q, dt_bias=dt_bias, **kw)
         dec = jnp.exp(sk.reshape(2, 16, lp // q, q)[..., -1])
+        dec = jnp.broadcast_to(dec[..., None], dec_shape) if dec_cols else dec
         return dtk, sk, pallas_mosaic_fwd.state_weights(dtk, sk, q), dec
 
     def run(f):
@@ -71,6 +74,9 @@ def test_sizes_it_does_not_take_raise_and_prepare_chunks_takes_given_chunks():
     assert not pallas_prologue.prologue_supported(16, 24)
     with pytest.raises(ValueError, match="multiple of 8"):
         pallas_prologue.prepare_dt_pallas(dt, A, 16, interpret=True)
+    with pytest.raises(ValueError, match="dec_cols"):
+        pallas_prologue.prepare_dt_pallas(jnp.zeros((2, 40, 16)), A[:1].repeat(16), 16,
+                                          weights=True, dec_cols=6, interpret=True)
     with pytest.raises(ValueError, match="dt_bias"):
         pallas_prologue.prepare_dt_pallas(dt, A, 16, dt_bias=bias[:4], interpret=True)
     x = jnp.zeros((2, 40, 12, 8))
@@ -105,7 +111,8 @@ def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
 
 def test_kernel_lowers_to_triton_for_cuda():
     """The forward lowers through the Pallas Triton backend (no GPU needed) at the base
-    config's SSD call (48 heads: both directions, L 1024, chunk 128); its backward is XLA's."""
+    config's SSD call (48 heads: both directions, L 1024, chunk 128, the decays repeated over
+    headdim 64 as ssd_mosaic_forward asks); its backward is XLA's."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     dt = jax.ShapeDtypeStruct((1, 1024, 48), jnp.float32)
@@ -113,7 +120,7 @@ def test_kernel_lowers_to_triton_for_cuda():
 
     def f(dt, A, bias):
         out, vjp = jax.vjp(lambda d, a, b: pallas_prologue.prepare_dt_pallas(
-            d, a, 128, dt_bias=b, dt_softplus=True, weights=True), dt, A, bias)
+            d, a, 128, dt_bias=b, dt_softplus=True, weights=True, dec_cols=64), dt, A, bias)
         return out, vjp(jax.tree.map(jnp.ones_like, out))
 
     with cuda_lowering_context():
@@ -137,6 +144,11 @@ def test_compiled_kernel_matches_reference_on_gpu():
     got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, weights=True, **kw))()
     for g, w in zip(got, want):  # the Triton scan sums in another order than XLA's cumsum
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+    rows = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(dt, A, 128, weights=True,
+                                                             dec_cols=64, **kw))()[3]
+    assert rows.shape == (2, 48, 2, 64)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(want[3])[..., None].repeat(64, -1),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients():

@@ -219,11 +219,15 @@ class Mamba2(nnx.Module):
                                   seq_idx=seq_idx, dtype=self.dtype)
 
     def ssm_constants(self):
-        """float32 (A, D, dt_bias), each (nheads,): A = -exp(A_log). Functions of the
-        parameters alone, so a caller that runs the mixer many times on the same parameters
-        (a sampler's step loop) computes them once and passes them as `ssm`."""
+        """float32 A (nheads,) = -exp(A_log), D (nheads, headdim) (each head's skip weight
+        repeated over its channels: the form the SSD kernels read, so no broadcast per call)
+        and dt_bias (nheads,). Functions of the parameters alone, so a caller that runs the
+        mixer many times on the same parameters (a sampler's step loop) computes them once and
+        passes them as `ssm`."""
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        return a, self.D[...].astype(jnp.float32), self.dt_bias[...].astype(jnp.float32)
+        d = jnp.broadcast_to(self.D[...].astype(jnp.float32)[:, None],
+                             (self.nheads, self.headdim))
+        return a, d, self.dt_bias[...].astype(jnp.float32)
 
     def _conv_tail(self, xbc: jax.Array) -> jax.Array:
         """Last d_conv-1 conv inputs of xbc (b, l, c), left-zero-padded when l < d_conv-1."""
@@ -316,7 +320,7 @@ class Mamba2(nnx.Module):
         decay = jnp.exp(dt * a)  # (b, h)
         state = (cache.ssm_state * decay[:, :, None, None]
                  + (dt[:, :, None] * x)[..., None] * b[:, :, None, :])
-        y = jnp.einsum("bhpn,bhn->bhp", state, c) + d[:, None] * x
+        y = jnp.einsum("bhpn,bhn->bhp", state, c) + d * x
         y = self.norm(y.reshape(batch, self.d_inner).astype(self.dtype), z)
         y = self.out_proj(y)
         return y, Mamba2Cache(conv_state=window[:, 1:], ssm_state=state)
@@ -377,8 +381,9 @@ class BidirectionalMamba2(nnx.Module):
         self.d_model = d_model
 
     def ssm_constants(self):
-        """Both directions' float32 (A, D, dt_bias) concatenated, each (2 * nheads,): forward
-        heads first, as the one SSD call takes them (`Mamba2.ssm_constants`)."""
+        """Both directions' float32 (A, D, dt_bias) concatenated along the heads (A and dt_bias
+        (2 * nheads,), D (2 * nheads, headdim)): forward heads first, as the one SSD call takes
+        them (`Mamba2.ssm_constants`)."""
         both = zip(self.fwd.ssm_constants(), self.bwd.ssm_constants())
         return tuple(jnp.concatenate(pair, axis=0) for pair in both)
 

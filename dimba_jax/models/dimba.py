@@ -399,8 +399,8 @@ class DimbaModel(nnx.Module):
         return jnp.stack([block.cond.modulation(cond) for block in self.blocks])
 
     def mixer_constants(self) -> tuple:
-        """Every block's mixer `ssm_constants()` (float32 A, D, dt_bias per head): functions of
-        the parameters alone, which a sampler computes once for all its steps."""
+        """Every block's mixer `ssm_constants()` (float32 A, D, dt_bias; `Mamba2.ssm_constants`):
+        functions of the parameters alone, which a sampler computes once for all its steps."""
         return tuple(block.mixer.ssm_constants() for block in self.blocks)
 
     def predict(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,

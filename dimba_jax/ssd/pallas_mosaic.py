@@ -112,17 +112,17 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # --------------------------------------------------------------------------------------------
 
 def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
-    """The forward kernels; pre = (w, dec): the state pass's weights and chunk-end decays of
-    (dt, s) at chunk q computed beforehand (`pallas_prologue`), or None (computed here)."""
+    """The forward kernels; pre = (w, dec): the state pass's weights (b, h, Lp) and chunk-end
+    decays (b, h, Lp / q, P) of (dt, s) at chunk q computed beforehand (`pallas_prologue`), or
+    None (computed here)."""
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
     if pre is None:
         w, dec = _fwd.state_weights(dt, s, q), _tri._chunk_end_decay(s, None, q)  # dec (b, h, nc)
+        dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (h0.shape[2],))
     else:
-        w, dec = pre
-    p = h0.shape[2]
-    dec_rows = jnp.broadcast_to(dec[..., None], dec.shape + (p,))
+        w, dec_rows = pre
     hprev, fin = _fwd.segmented_statepass(xin, bin_, w, dec_rows, h0,
                                           q=q, hpg=hpg, hprev_dtype=x.dtype,
                                           interpret=interpret, semantics=semantics)
@@ -267,9 +267,10 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
 
     dt_kw = dict(dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     dt_chunks, pre = None, None
-    if kernels.prologue == "pallas" and prologue_supported(nh, q):
-        dtk, sk, w, dec = prepare_dt_pallas(dt, A, q, weights=True, interpret=interpret, **dt_kw)
-        dt_chunks, pre = (dtk, sk), (w, dec)
+    if kernels.prologue == "pallas" and prologue_supported(nh, q) and not p & (p - 1):
+        dtk, sk, w, dec_rows = prepare_dt_pallas(dt, A, q, weights=True, dec_cols=p,
+                                                 interpret=interpret, **dt_kw)
+        dt_chunks, pre = (dtk, sk), (w, dec_rows)
     xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(x, dt, A, B, C, q, cdt, **dt_kw,
                                                   initial_states=initial_states,
                                                   dt_chunks=dt_chunks)

@@ -12,7 +12,9 @@ Mosaic state pass reads (`pallas_mosaic_fwd.state_weights` and the chunk-end dec
     w[b, j, t]   = dtk[b, j, t] * exp(S - sk[b, j, t]),  dec[b, j, c] = exp(S),
     S = the sum of A[j] * dtk over chunk c (t's chunk)
 
-w (b, h, Lp), dec (b, h, Lp / q) float32. In XLA that is four to five kernels per SSD call
+w (b, h, Lp), dec (b, h, Lp / q) float32, or with `dec_cols` > 0 dec (b, h, Lp / q, dec_cols):
+each chunk's decay repeated dec_cols times, the per-row vector the state pass reads (so no
+broadcast kernel of its own). In XLA that is four to five kernels per SSD call
 (the processing, the pad, the transpose, the product and a chunked cumulative sum) and two more
 for w and dec; here it is one: a program takes one chunk of q rows of `HEADS` heads, processes
 them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores its outputs transposed.
@@ -41,10 +43,12 @@ def prologue_supported(nheads: int, q: int) -> bool:
     return nheads % HEADS == 0 and q >= 16 and not q & (q - 1)
 
 
-def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *w_dec, q, seqlen, softplus, lo, hi):
+def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *w_dec, q, seqlen, softplus, lo, hi,
+            dec_cols):
     """dt_ref: the whole (L, h) dt of batch row bi; bias_ref, a_ref (HEADS,) float32; outputs
     dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block pl.program_id(2);
-    with weights also w_ref (HEADS, q) and dec_ref (HEADS,) float32."""
+    with weights also w_ref (HEADS, q) and dec_ref (HEADS,) float32, or (HEADS, dec_cols)
+    with dec_cols > 0."""
     rows = pl.program_id(1) * q + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
     heads = pl.ds(pl.program_id(2) * HEADS, HEADS)
     v = dt_ref[jnp.clip(rows, 0, seqlen - 1), heads].astype(jnp.float32)
@@ -63,7 +67,8 @@ def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *w_dec, q, seqlen, softplu
         last = (jax.lax.broadcasted_iota(jnp.int32, (q, HEADS), 0) == q - 1)
         total = jnp.sum(jnp.where(last, sk, 0.0), axis=0)  # the chunk's last cumulative sum
         w_ref[...] = (v * jnp.exp(total[None, :] - sk)).T
-        dec_ref[...] = jnp.exp(total)
+        dec = jnp.exp(total)
+        dec_ref[...] = jnp.broadcast_to(dec[:, None], (HEADS, dec_cols)) if dec_cols else dec
 
 
 def _triton_params():
@@ -74,19 +79,23 @@ def _triton_params():
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _prologue(dt, A, bias, cfg):
-    q, softplus, limit, interpret, weights = cfg
+    q, softplus, limit, interpret, weights, dec_cols = cfg
     bsz, seqlen, nh = dt.shape
     lp = -(-seqlen // q) * q
     out = jax.ShapeDtypeStruct((bsz, nh, lp), jnp.float32)
     block = pl.BlockSpec((None, HEADS, q), lambda bi, ci, hi: (bi, hi, ci))
     vec = pl.BlockSpec((HEADS,), lambda bi, ci, hi: (hi,))
     out_shape, out_specs = [out, out], [block, block]
-    if weights:
+    if weights and dec_cols:
+        out_shape += [out, jax.ShapeDtypeStruct((bsz, nh, lp // q, dec_cols), jnp.float32)]
+        out_specs += [block, pl.BlockSpec((None, HEADS, None, dec_cols),
+                                          lambda bi, ci, hi: (bi, hi, ci, 0))]
+    elif weights:
         out_shape += [out, jax.ShapeDtypeStruct((bsz, nh, lp // q), jnp.float32)]
         out_specs += [block, pl.BlockSpec((None, HEADS, None), lambda bi, ci, hi: (bi, hi, ci))]
     return pl.pallas_call(
         functools.partial(_kernel, q=q, seqlen=seqlen, softplus=softplus, lo=float(limit[0]),
-                          hi=float(limit[1])),
+                          hi=float(limit[1]), dec_cols=dec_cols),
         out_shape=tuple(out_shape),
         grid=(bsz, lp // q, nh // HEADS),
         in_specs=[pl.BlockSpec((None, seqlen, nh), lambda bi, ci, hi: (bi, 0, 0)), vec, vec],
@@ -98,11 +107,14 @@ def _prologue(dt, A, bias, cfg):
 
 
 def _reference(dt, A, bias, cfg):
-    q, softplus, limit, _, weights = cfg
+    q, softplus, limit, _, weights, dec_cols = cfg
     dtk, sk = _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
     if not weights:
         return dtk, sk
-    return dtk, sk, state_weights(dtk, sk, q), _chunk_end_decay(sk, None, q)
+    dec = _chunk_end_decay(sk, None, q)
+    if dec_cols:
+        dec = jnp.broadcast_to(dec[..., None], dec.shape + (dec_cols,))
+    return dtk, sk, state_weights(dtk, sk, q), dec
 
 
 def _prologue_fwd(dt, A, bias, cfg):
@@ -118,13 +130,16 @@ _prologue.defvjp(_prologue_fwd, _prologue_bwd)
 
 
 def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
-                      dt_limit=(0.0, math.inf), weights: bool = False, interpret: bool = False):
+                      dt_limit=(0.0, math.inf), weights: bool = False, dec_cols: int = 0,
+                      interpret: bool = False):
     """`_common.prepare_dt` as the fused kernel (differentiable: the reference's VJP).
 
     Args: dt (b, L, h) any float dtype; A (h,); q the chunk length (a power of two >= 16);
     dt_bias (h,) or None; dt_softplus, dt_limit as `ssd`; weights: also the state pass's w and
-    chunk-end decays; interpret: the Pallas interpreter.
-    Returns: (dtk, sk) float32 (b, h, Lp) [+ (w (b, h, Lp), dec (b, h, Lp / q)) with weights].
+    chunk-end decays; dec_cols: 0, or a power of two: the decays repeated along a last axis of
+    this width (the state pass's rows, headdim); interpret: the Pallas interpreter.
+    Returns: (dtk, sk) float32 (b, h, Lp) [+ (w (b, h, Lp), dec (b, h, Lp / q) or
+    (b, h, Lp / q, dec_cols)) with weights].
     Raises ValueError for sizes the kernel does not take (`prologue_supported`).
     """
     nh = dt.shape[-1]
@@ -134,7 +149,9 @@ def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
     if not prologue_supported(nh, q):
         raise ValueError(f"prepare_dt_pallas: nheads {nh} must be a multiple of {HEADS} and the "
                          f"chunk {q} a power of two >= 16")
+    if dec_cols and (dec_cols < 0 or dec_cols & (dec_cols - 1)):
+        raise ValueError(f"prepare_dt_pallas: dec_cols must be 0 or a power of two, got {dec_cols}")
     bias = jnp.zeros((nh,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
     cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret),
-           bool(weights))
+           bool(weights), int(dec_cols))
     return _prologue(dt, A.astype(jnp.float32), bias, cfg)
