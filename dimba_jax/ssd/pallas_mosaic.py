@@ -112,9 +112,9 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # --------------------------------------------------------------------------------------------
 
 def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
-    """The forward kernels; pre = (w, dec): the state pass's weights (b, h, Lp) and chunk-end
-    decays (b, h, Lp / q, P) of (dt, s) at chunk q computed beforehand (`pallas_prologue`), or
-    None (computed here)."""
+    """The forward kernels; pre = (w, dec_rows): the state pass's weights (b, h, Lp) and
+    chunk-end decays repeated over the head's channels (b, h, Lp / q, P) of (dt, s) at chunk q,
+    computed beforehand (`pallas_prologue`), or None (computed here)."""
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
