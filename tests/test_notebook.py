@@ -63,7 +63,7 @@ def test_readme_matches_ci_and_its_links_exist():
     """The README's install and test commands are the ones .ci/run runs; linked files exist."""
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(REPO, ".ci", "run"), encoding="utf-8").read()
-    for command in ('pip install -e ".[test]"', "python -m pytest tests"):
+    for command in ('pip install -e ".[test]"', "python -m pytest -n 2 tests"):
         assert command in readme and command in ci, command
     links = re.findall(r"\]\(((?:docs|dimba_jax|notebooks|launch)/[^)#]*)\)", readme)
     assert "docs/dataflow.png" in links
