@@ -36,6 +36,8 @@ before jax starts, and an unknown flag aborts the process, which then only loses
               whether the kernels' launches cost more than they save at batch 1)
   head_f32    model.head_dtype "float32" (the sampler's vocabulary GEMMs, output prior, tied
               head and softmax @ E, on float32 operands instead of the default bf16 ones)
+  tgemm_off   --xla_gpu_enable_triton_gemm=false (XLA's GEMMs with fused operands go to cuBLAS
+              instead of its Triton GEMM emitter: the projections' prologues become separate kernels)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
@@ -121,6 +123,7 @@ VARIANTS: dict[str, dict] = {
                         "xla_flags": _CB_WHILE},
     "ssd_xla": {"overrides": [["model.ssd_impl", "xla"]]},
     "head_f32": {"overrides": [["model.head_dtype", "float32"]]},
+    "tgemm_off": {"xla_flags": "--xla_gpu_enable_triton_gemm=false"},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
