@@ -37,12 +37,15 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   head_f32    model.head_dtype "float32" (the sampler's vocabulary GEMMs, output prior, tied
               head and softmax @ E, on float32 operands instead of the default bf16 ones)
   tgemm_off   --xla_gpu_enable_triton_gemm=false (XLA's GEMMs with fused operands go to cuBLAS
-              instead of its Triton GEMM emitter: the projections' prologues become separate kernels)
+              instead of its Triton GEMM emitter: the projections' prologues become separate kernels;
+              measured faster, now the sampler's default through `sample.gemm`, which sets that
+              option on the sampling program alone; `--variant triton:sample.gemm=xla` times the
+              Triton GEMMs against it)
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
 with block_until_ready; the calls are the pre-split jitted programs the harness uses:
-`sampler._sample_jit`, `ar.generate_split`). Weights are random (timing does not depend on
+`sampler.sample_program(config.sample.gemm)`, `ar.generate_split`). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
 changes the generated tokens. Per variant it also derives the cost of one DIMBA step and the
 fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
@@ -77,7 +80,7 @@ Applying a winning XLA flag set to pareto.py: put it in the launch command, e.g.
 (the flags only change how kernels are launched, not what they compute; the JSON shows whether the
 tokens stayed identical). A winning ssd_impl or dtype is a config field
 (--config.model.ssd_impl=pallas or xla, and the config.model.ssd_* kernel fields); a
-winning unroll is `make_sample_fn(..., unroll=4)` / `_sample_jit(..., unroll=4)`.
+winning unroll is `make_sample_fn(..., unroll=4)` / `sample_program()(..., unroll=4)`.
 """
 
 from __future__ import annotations
@@ -379,10 +382,12 @@ def run_worker(args) -> None:
                 args_ = (graphdef, state, tokens, known, jax.random.PRNGKey(0), ts, ab_t, ab_prev,
                          jnp.float32(0.0), ones, ones)
 
-                def call():
-                    return sampling._sample_jit(*args_, **static)[0]
+                program = sampling.sample_program(str(dimba_cfg.sample.gemm))
 
-                lowered = sampling._sample_jit.lower(*args_, **static)
+                def call():
+                    return program(*args_, **static)[0]
+
+                lowered = program.lower(*args_, **static)
                 info = {"model": "dimba", "steps": steps, "clamp": clamp,
                         "self_condition": bool(model.self_condition)}
             else:

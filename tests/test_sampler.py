@@ -256,6 +256,28 @@ def test_bad_arguments(setup):
         sampling.sample(model, sch, tokens, mask[:, :3], jax.random.key(0), steps=2)
 
 
+def test_gemm_knob_compiles_the_program_with_its_options(setup):
+    """sample.gemm: "cublas" sets XLA's Triton GEMM emitter off on the sampling program alone
+    (one more jitted function, the default one untouched), "xla" keeps XLA's defaults, "auto" is
+    "cublas" on a GPU only; off GPU every value gives the same samples; an unknown value raises
+    a one-line error naming the knob."""
+    model, sch, tokens, mask = setup
+    assert sampling.program_options("cublas") == {"xla_gpu_enable_triton_gemm": False}
+    assert sampling.program_options("xla") == {}
+    assert sampling.program_options("auto") == (
+        {"xla_gpu_enable_triton_gemm": False} if jax.default_backend() == "gpu" else {})
+    assert sampling.sample_program("xla") is sampling._sample_jit
+    cublas = sampling.sample_program("cublas")
+    assert cublas is not sampling._sample_jit and cublas is sampling.sample_program("cublas")
+    kw = dict(steps=3, sampler="ddim", clamp=True, return_x0=True)
+    a_ids, a_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(5), gemm="xla", **kw)
+    b_ids, b_x0 = sampling.sample(model, sch, tokens, mask, jax.random.key(5), gemm="cublas", **kw)
+    np.testing.assert_array_equal(np.asarray(a_ids), np.asarray(b_ids))
+    np.testing.assert_allclose(np.asarray(a_x0), np.asarray(b_x0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sample.gemm must be one of"):
+        sampling.make_sample_fn(model, sch, steps=2, gemm="triton")
+
+
 def test_cut_at_eos():
     assert sampling.cut_at_eos([5, 6, 9, 7, 9], 9) == [5, 6]
     assert sampling.cut_at_eos(np.array([1, 2, 3]), 9) == [1, 2, 3]
@@ -292,6 +314,7 @@ def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_ha
     opts = sampling.sampler_options(c.sample)
     assert opts["prior_weight"] == 0.7 and opts["prior_weight_final"] == 0.3 and opts["steps"] == 7
     assert opts["wavefront_order"] == "random" and opts["clamp"] is True
+    assert opts["gemm"] == "auto"
     # every option is a keyword of the sampler's builder
     import inspect
     assert set(opts) <= set(inspect.signature(sampling.make_sample_fn).parameters)

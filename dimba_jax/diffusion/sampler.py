@@ -61,6 +61,24 @@ from dimba_jax.diffusion.schedule import CosineSchedule
 from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 
 SAMPLERS = ("ddpm", "ddim")
+GEMMS = ("auto", "xla", "cublas")  # `sample.gemm` values (`program_options`)
+
+
+def program_options(gemm: str) -> dict:
+    """XLA compile options of the sampling program for the knob `sample.gemm`.
+
+    "cublas": XLA's Triton GEMM emitter off (`xla_gpu_enable_triton_gemm`), so the GEMMs that
+    XLA would fuse with their operands' elementwise producers run as cuBLAS calls, the
+    producers as separate kernels; "xla": XLA's default choice; "auto": "cublas" on a GPU
+    (batch-1 DIMBA base T = 64 on an H100: 138.95 against 143.00 ms, the same tokens,
+    benchmarks/results/latency_levers_tgemm_h100.md), else "xla". The option changes nothing
+    off GPU. Returns {} for XLA's defaults. ValueError (one line) for an unknown value.
+    """
+    if gemm not in GEMMS:
+        raise ValueError(f"sample.gemm must be one of {GEMMS}, got {gemm!r}")
+    if gemm == "cublas" or (gemm == "auto" and jax.default_backend() == "gpu"):
+        return {"xla_gpu_enable_triton_gemm": False}
+    return {}
 
 
 def ddpm_posterior(x_t: jax.Array, x0_hat: jax.Array, ab_t, ab_prev) -> tuple[jax.Array, jax.Array]:
@@ -105,8 +123,9 @@ def sampler_options(sample_config) -> dict:
     """The sampler keyword arguments a `config.sample` names, typed: sampler (str), steps (int),
     eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
     score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
-    prior_weight_final (float), score_min_p (float), draw_x0 (bool). The one place a sample
-    setting becomes a sampler argument."""
+    prior_weight_final (float), score_min_p (float), draw_x0 (bool), gemm (str; "auto" where a
+    config saved before the knob lacks it). The one place a sample setting becomes a sampler
+    argument."""
     s = sample_config
     return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
                 clamp=bool(s.clamp), temperature=float(s.temperature), grid=str(s.grid),
@@ -114,7 +133,7 @@ def sampler_options(sample_config) -> dict:
                 score_temperature_final=float(s.score_temperature_final), wavefront=float(s.wavefront),
                 wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
                 prior_weight_final=float(s.prior_weight_final), score_min_p=float(s.score_min_p),
-                draw_x0=bool(s.draw_x0))
+                draw_x0=bool(s.draw_x0), gemm=str(getattr(s, "gemm", "auto")))
 
 
 def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,7 +180,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
            score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
            prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
-           draw_x0: bool = False):
+           draw_x0: bool = False, gemm: str = "auto"):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -195,11 +214,14 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         at least this fraction of the position's largest (0 = all).
       draw_x0: each step moves toward the embedding of one token per position drawn from that
         step's re-weighted scores (ancestral sampling with "ddpm"), not toward their mean.
+      gemm: how the program's GEMMs compile, "auto" | "xla" | "cublas" (`program_options`;
+        the same computation either way).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
     Raises:
-      ValueError: steps outside 1..T, unknown sampler or grid, bad shapes, negative eta/temperature.
+      ValueError: steps outside 1..T, unknown sampler, grid or gemm, bad shapes, negative
+        eta/temperature.
     """
     tokens_known = jnp.asarray(tokens_known, jnp.int32)
     cond_mask = jnp.asarray(cond_mask, bool)
@@ -210,7 +232,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
                         score_temperature=score_temperature, wavefront=wavefront,
                         score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
                         prior_weight=prior_weight, prior_weight_final=prior_weight_final,
-                        score_min_p=score_min_p, draw_x0=draw_x0)
+                        score_min_p=score_min_p, draw_x0=draw_x0, gemm=gemm)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
@@ -221,11 +243,13 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                    score_temperature: float = 1.0, wavefront: float = 0.0,
                    score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
                    prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
-                   draw_x0: bool = False):
+                   draw_x0: bool = False, gemm: str = "auto"):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
     results, fewer loop iterations (a latency lever measured by benchmarks/latency_levers.py).
+    `gemm` picks the compiled program's GEMMs (`program_options`, `sample_program`); the other
+    arguments are `sample`'s.
     Validates the settings and splits the model once; returns
     `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L), x0 float32 (b, L, e))`,
     the same computation as `sample` (same results for the same arguments). The model's weights are
@@ -233,6 +257,7 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    program = sample_program(gemm)
     if eta < 0 or temperature < 0:
         raise ValueError(f"eta ({eta}) and temperature ({temperature}) must be >= 0")
     if not score_temperature > 0 or score_temperature_final < 0:
@@ -271,8 +296,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     taus, pws = jnp.asarray(taus), jnp.asarray(pws)
 
     def fn(tokens_known, cond_mask, rng):
-        return _sample_jit(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
-                           taus, pws, **static)
+        return program(graphdef, state, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, jnp.float32(eta),
+                       taus, pws, **static)
     return fn
 
 
@@ -387,12 +412,26 @@ def step_values(first: float, last: float, steps: int, scheduled: bool) -> np.nd
     return np.full((steps,), first, np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guidance", "clamp", "self_condition",
-                                             "temperature", "unroll", "reweight", "wavefront",
-                                             "wavefront_order", "score_min_p", "draw_x0"))
-def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws, *, sampler, guidance,
-                clamp, self_condition, temperature, unroll=1, reweight=False, wavefront=0.0,
-                wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False):
+_STATIC_ARGNAMES = ("graphdef", "sampler", "guidance", "clamp", "self_condition", "temperature", "unroll",
+                    "reweight", "wavefront", "wavefront_order", "score_min_p", "draw_x0")
+
+
+def sample_program(gemm: str = "auto"):
+    """The jitted reverse process (`_sample_program`) compiled with `program_options(gemm)`:
+    `_sample_jit` itself where those are XLA's defaults, else one jitted function per option
+    set (kept, so each compiles once per shape like `_sample_jit`)."""
+    options = program_options(gemm)
+    return _sample_jit if not options else _sample_jit_with(tuple(sorted(options.items())))
+
+
+@functools.cache
+def _sample_jit_with(options: tuple):
+    return jax.jit(_sample_program, static_argnames=_STATIC_ARGNAMES, compiler_options=dict(options))
+
+
+def _sample_program(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws, *, sampler, guidance,
+                    clamp, self_condition, temperature, unroll=1, reweight=False, wavefront=0.0,
+                    wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False):
     """The reverse process as one program. taus, pws float32 (S,): each step's score temperature
     and prior weight (traced: a sweep over them compiles once); `reweight` False skips the
     score re-weighting (every tau is 1); `draw_x0` steps toward the embedding of a token drawn
@@ -444,3 +483,6 @@ def _sample_jit(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, tau
     (_, x0, logits, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), logits0, r_loop), xs,
                                          unroll=min(int(unroll), steps))
     return read_out(logits, tokens, known, r_read, temperature), x0
+
+
+_sample_jit = jax.jit(_sample_program, static_argnames=_STATIC_ARGNAMES)  # XLA's default options
