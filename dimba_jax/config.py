@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.prior_weight = 1.0  # Weight of the output prior (model.skip_logits) in the sampling logits: 1 = as trained; < 1 trusts each position's own noisy evidence less, the context more.
     s.prior_weight_final = -1.0  # >= 0: the prior weight of the last step, linear in the step index from prior_weight at the first (< 0 = constant).
     s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.
-    s.gemm = "auto"  # The sampling program's GEMMs: "auto" | "xla" | "cublas". "cublas" compiles it with XLA's Triton GEMM emitter off, so GEMMs XLA would fuse with their operands' elementwise producers run as cuBLAS calls (diffusion/sampler.py:program_options); "auto" = "cublas" on a GPU (batch-1 base T=64, H100: 138.95 vs 143.00 ms, same tokens; benchmarks/results/latency_levers_tgemm_h100.md), else "xla". No effect on training (its GEMMs are cuBLAS already: 111.8 vs 111.2 ms, train_throughput_tgemm_off_h100.md).
+    s.gemm = "auto"  # The sampling program's GEMMs: "auto" | "xla" | "cublas". "cublas" compiles it with XLA's Triton GEMM emitter off, so GEMMs XLA would fuse with their operands' elementwise producers run as cuBLAS calls (diffusion/sampler.py:program_options); "auto" = "cublas" on a GPU (batch-1 base T=64, H100: 138.52 vs 141.97 ms with "xla", same tokens; benchmarks/results/latency_levers_gemm_h100.md), else "xla". No effect on training (its GEMMs are cuBLAS already: 111.8 vs 111.2 ms, train_throughput_tgemm_off_h100.md).
 
     # ------------------------------------------------------------------ data
     a = c.data = ml_collections.ConfigDict()

@@ -70,8 +70,8 @@ def program_options(gemm: str) -> dict:
     "cublas": XLA's Triton GEMM emitter off (`xla_gpu_enable_triton_gemm`), so the GEMMs that
     XLA would fuse with their operands' elementwise producers run as cuBLAS calls, the
     producers as separate kernels; "xla": XLA's default choice; "auto": "cublas" on a GPU
-    (batch-1 DIMBA base T = 64 on an H100: 138.95 against 143.00 ms, the same tokens,
-    benchmarks/results/latency_levers_tgemm_h100.md), else "xla". The option changes nothing
+    (batch-1 DIMBA base T = 64 on an H100: 138.52 against 141.97 ms for "xla", the same
+    tokens, benchmarks/results/latency_levers_gemm_h100.md), else "xla". The option changes nothing
     off GPU. Returns {} for XLA's defaults. ValueError (one line) for an unknown value.
     """
     if gemm not in GEMMS:
