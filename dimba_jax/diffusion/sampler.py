@@ -426,6 +426,7 @@ def sample_program(gemm: str = "auto"):
 
 @functools.cache
 def _sample_jit_with(options: tuple):
+    """`_sample_program` jitted with the compile options ((name, value) pairs), once per set."""
     return jax.jit(_sample_program, static_argnames=_STATIC_ARGNAMES, compiler_options=dict(options))
 
 
