@@ -115,11 +115,7 @@ def plot(entries: list[dict], path: str) -> str:
     key = ", ".join(f"{m} {d}" for d, m in markers.items())
     fig.suptitle(f"dimba_jax beside mamba_ssm, each point one call (dashed: the goal; markers: {key})",
                  fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> tuple[str, str]:

@@ -297,9 +297,16 @@ def plot(doc: dict, path: str) -> str:
         draw(ax, doc, colours)
     title = f"dimba_jax beside mamba_ssm, {doc['device']}, one call ({doc['call_id'][:8]})"
     fig.suptitle(("SMOKE (not a measurement): " if doc.get("smoke") else "") + title, fontsize=10)
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: str, dpi: int) -> str:
+    """Lays out `fig`, writes it to `path` (its folder made) as PNG and closes it; returns path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
