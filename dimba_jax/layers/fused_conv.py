@@ -49,6 +49,7 @@ not left to a few programs that each walk every column tile.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -297,14 +298,15 @@ def _dsilu(a):
     return sig * (1.0 + a * (1.0 - sig))
 
 
-def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd):
-    """ddt_ref (q, H) = ddt[j] = ddt_cat[j, :H] (+ ddt_cat[L-1-j, H:] with nd = 2) for the
-    rows j = t0 + i; ddtc_ref: the whole (L, nd*H) float32 ddt_cat of the batch row."""
+def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd, col=0):
+    """ddt_ref[:, col:col + H] (q rows) = ddt[j] = ddt_cat[j, :H] (+ ddt_cat[L-1-j, H:] with
+    nd = 2) for the rows j = t0 + i; ddtc_ref: the whole (L, nd*H) float32 ddt_cat of the
+    batch row."""
     def dt_head(h, carry):
         g = ddtc_ref[pl.ds(t0, q), h]
         if nd == 2:
             g = g + ddtc_ref[(seqlen - 1) - j, nh + h]
-        ddt_ref[:, h] = g.astype(ddt_ref.dtype)
+        ddt_ref[:, col + h] = g.astype(ddt_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, nh, dt_head, 0)
@@ -365,16 +367,24 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
         shift += count
 
 
-def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do):
+def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do,
+                   into=False):
     """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
     j = t0 + i of batch bi, in steps of `step` rows.
 
     g_ref: the whole (L, nd, C) g of pass 1 (xbc's dtype); refs: nd weight refs, ddtc_ref (the
     whole (L, nd*H) ddt_cat), then the outputs dxbc_ref (q, C) in xbc's dtype:
     sum_k w_f[k] * g_f[j + (K-1) - k] (+ w_b[k] * g_b[L-1-j + (K-1) - k] with nd = 2) and
-    ddt_ref (q, H).
+    ddt_ref (q, H). With `into`: an input ref (the buffer, unread) and one output ref (q, W)
+    aliased to it instead, dxbc written at columns [xo, xo + C) and ddt at [do, do + H).
     """
-    w_refs, (ddtc_ref, dxbc_ref, ddt_ref) = refs[:nd], refs[nd:]
+    if into:
+        w_refs, (ddtc_ref, _, out_ref) = refs[:nd], refs[nd:]
+        dxbc_ref = ddt_ref = out_ref
+        xs, ds = xo, do
+    else:
+        w_refs, (ddtc_ref, dxbc_ref, ddt_ref) = refs[:nd], refs[nd:]
+        xs, ds = 0, 0
     t0 = pl.program_id(1) * q
     i = jax.lax.broadcasted_iota(jnp.int32, (step,), 0)
     km = k_width - 1
@@ -391,7 +401,8 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
                 for half, rows in enumerate(scan_rows):
                     for k in range(k_width):
                         acc = acc + ws[half][k] * _shifted(g_ref, rows, km - k, cs, seqlen, half)
-                dxbc_ref[pl.ds(si * step, step), cs] = acc.astype(dxbc_ref.dtype)
+                dxbc_ref[pl.ds(si * step, step), pl.ds(xs + first(c), width)] = acc.astype(
+                    dxbc_ref.dtype)
                 return c2
 
             _steps(q, step, rows_step, 0)
@@ -400,7 +411,7 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
         jax.lax.fori_loop(0, count, tile, 0)
 
     j = t0 + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh, nd=nd)
+    _ddt_rows(ddtc_ref, ddt_ref, t0, j, q=q, seqlen=seqlen, nh=nh, nd=nd, col=ds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +451,8 @@ def _name(nd, part):
     return f"{'bidir_' if nd == 2 else ''}conv_{part}"
 
 
-def _fwd_call(xbc, dt, ws, bs, cfg):
+def fwd_call(xbc, dt, ws, bs, cfg):
+    """The forward kernel: (x, B, C, dt_cat) as the public functions return them."""
     ng, n, out_dtype, (tiles, _), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
@@ -464,7 +476,13 @@ def _fwd_call(xbc, dt, ws, bs, cfg):
             cm.reshape(bsz, seqlen, nd * ng, n), dtc)
 
 
-def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
+def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
+    """The two backward kernels: (dxbc (b, L, C) in xbc.dtype, ddt (b, L, H) in dt.dtype,
+    weight / bias partial sums (b, L/T, nd, K + 1, C) float32). With `into` (a (b, L, W)
+    array, W the width of xbc, which must be dt itself: the projection's output read at both
+    offsets) the second kernel writes dxbc and ddt into that array's xBC and dt columns in
+    place (aliased) and returns it as one (b, L, W) gradient, with every other column as it
+    was: (buffer, None, sums). cfg: this module's."""
     ng, n, _, (_, tiles), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     q = tiles.rows
@@ -487,6 +505,23 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
         interpret=interpret,
         name=_name(nd, "bwd_g"),
     )(xbc, *ws, *bs, dx, dbm, dcm)
+    if into is not None:
+        width = into.shape[-1]
+        if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
+            raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
+                             f"the one array read as xbc and dt, {xbc.shape}")
+        (buf,) = pl.pallas_call(
+            functools.partial(_bwd_dx_kernel, into=True, **kw),
+            out_shape=(jax.ShapeDtypeStruct(into.shape, into.dtype),),
+            grid=(bsz, nt),
+            in_specs=[seq(nd, c)] + [mat] * nd + [seq(nd * nh), rows(width)],
+            out_specs=(rows(width),),
+            input_output_aliases={nd + 2: 0},
+            compiler_params=params,
+            interpret=interpret,
+            name=_name(nd, "bwd_dx"),
+        )(g, *ws, ddtc.astype(jnp.float32), into)
+        return buf, None, dw
     dxbc, ddt = pl.pallas_call(
         functools.partial(_bwd_dx_kernel, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, c), xbc.dtype),
@@ -503,11 +538,11 @@ def _bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(xbc, dt, ws, bs, cfg):
-    return _fwd_call(xbc, dt, ws, bs, cfg)
+    return fwd_call(xbc, dt, ws, bs, cfg)
 
 
 def _fused_fwd(xbc, dt, ws, bs, cfg):
-    return _fwd_call(xbc, dt, ws, bs, cfg), (xbc, dt, ws, bs)
+    return fwd_call(xbc, dt, ws, bs, cfg), (xbc, dt, ws, bs)
 
 
 def _widen(v, offset, width):
@@ -521,7 +556,7 @@ def _widen(v, offset, width):
 
 def _fused_bwd(cfg, res, cts):
     xbc, dt, ws, bs = res
-    dxbc, ddt, dw = _bwd_call(xbc, dt, ws, bs, *cts, cfg)
+    dxbc, ddt, dw = bwd_call(xbc, dt, ws, bs, *cts, cfg)
     xo, do, _ = cfg[5]
     dxbc, ddt = _widen(dxbc, xo, xbc.shape[-1]), _widen(ddt, do, dt.shape[-1])
     dw = jnp.sum(dw, axis=(0, 1))  # (nd, K + 1, C)
@@ -533,10 +568,11 @@ def _fused_bwd(cfg, res, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0, 0, None)):
-    """Checks the sizes and tile arguments and runs the custom VJP; tiles = the
-    keyword arguments of `triton_common.kernel_tiles` but seqlen; packed = (xbc_offset,
-    dt_offset, nheads) of the public functions."""
+def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0, 0, None),
+          config_only=False):
+    """Checks the sizes and tile arguments and runs the custom VJP (with config_only: returns
+    its cfg); tiles = the keyword arguments of `triton_common.kernel_tiles` but seqlen; packed =
+    (xbc_offset, dt_offset, nheads) of the public functions."""
     xo, do, nh = (int(v) if v is not None else None for v in packed)
     c = ws[0].shape[1]
     if xbc.ndim == 3 and dt.ndim == 3:
@@ -553,7 +589,24 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
     dtype = jnp.dtype(dtype or xbc.dtype)
     cfg = (int(ngroups), int(d_state), dtype.name, kernel_tiles(xbc.shape[1], **tiles),
            bool(interpret), (xo, do, nh))
-    return _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
+    return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
+
+
+_TILE_ARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
+              "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
+              "min_programs", "min_programs_bwd", "sums_bwd")
+
+
+def kernel_config(xbc, dt, ws, bs, *, ngroups: int, d_state: int, dtype, interpret: bool,
+                  xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None) -> tuple:
+    """The cfg `fwd_call` and `bwd_call` take (after the public functions' size checks), at
+    the default tiles of `bidirectional_conv_pallas` (two weights) or `causal_conv_pallas`
+    (one)."""
+    fn = bidirectional_conv_pallas if len(ws) == 2 else causal_conv_pallas
+    params = inspect.signature(fn).parameters
+    tiles = {k: params[k].default for k in _TILE_ARGS}
+    return _call(xbc, dt, tuple(ws), tuple(bs), ngroups, d_state, dtype, interpret, tiles,
+                 (xbc_offset, dt_offset, nheads), config_only=True)
 
 
 def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int, d_state: int,

@@ -31,6 +31,7 @@ Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = me
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -163,12 +164,13 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo):
         jax.lax.fori_loop(0, hpg, write, 0)
 
 
-def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo):
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0):
     """ys_ref: (L, nd*D) of batch bi; z_ref: (q, W) rows holding the gate at columns
     [zo, zo + D); refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
     (q, D), then the outputs dys_ref (L, nd*D) of batch bi (rows of each half written as read
-    in the forward), dz_ref (q, D) and dw_ref (nd, D): this program's partial sums of the
-    weights' gradients. w: columns per tile."""
+    in the forward), dz_ref (q, D), or (q, W') holding dz at columns [dzo, dzo + D) and
+    nothing else, and dw_ref (nd, D): this program's partial sums of the weights' gradients.
+    w: columns per tile."""
     f32 = jnp.float32
     w_refs, (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
@@ -207,7 +209,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo):
                 dys_ref[r, pl.ds(k * d + h * w, w)] = (dg * s).astype(dys_ref.dtype)
                 dz = dz + dg * ys[k]
             dsilu = sig * (1.0 + z * (1.0 - sig))
-            dz_ref[:, cols] = (dz * dsilu).astype(dz_ref.dtype)
+            dz_ref[:, pl.ds(dzo + h * w, w)] = (dz * dsilu).astype(dz_ref.dtype)
             return carry
 
         jax.lax.fori_loop(0, hpg, write, 0)
@@ -241,7 +243,8 @@ def _width(y, d, ngroups, tiles):
     return tile_width(d // ngroups, y.shape[-1], tiles.cols)
 
 
-def _fwd_call(y, z, ws, cfg):
+def fwd_call(y, z, ws, cfg):
+    """The forward kernel: (out (b, L, D) in cfg's dtype, rstd (b, nd*G, L) float32)."""
     ngroups, eps, out_dtype, (tiles, _), interpret, zo = cfg
     bsz, seqlen = y.shape[:2]
     tiles = narrower_rows(tiles, bsz, seqlen)
@@ -262,24 +265,31 @@ def _fwd_call(y, z, ws, cfg):
     )(y.reshape(bsz, seqlen, nd * d), z, *ws)
 
 
-def _bwd_call(y, z, ws, rstd, dout, cfg):
+def bwd_call(y, z, ws, rstd, dout, cfg, dz_wide: bool = False):
+    """The backward kernel: (dy (y's shape, y.dtype), dz, dw partial sums (b, L/T, nd, D)
+    float32). dz is (b, L, D) in z.dtype, or with dz_wide z's full width with dz at z's gate
+    columns and every other column left unwritten (for a caller whose next kernel writes
+    them, `fused_mixer`). cfg: this module's (ngroups, eps, dtype name, tiles, interpret, z
+    offset)."""
     ngroups, _, _, (_, tiles), interpret, zo = cfg
     nd, q = len(ws), tiles.rows
     bsz, seqlen = y.shape[:2]
     d = ws[0].shape[0]
     nt = seqlen // q
     seq, rows, vec, rstd_spec = _specs(seqlen, d, q, ngroups, nd)
+    dz_width = z.shape[-1] if dz_wide else d
     # Each program writes its own rows of the (L, nd*D) block of its batch element: programs
     # of one batch element share that output block but never an element of it.
     dy, dz, dw = pl.pallas_call(
         functools.partial(_bwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, nd=nd,
-                          w=_width(y, d, ngroups, tiles), zo=zo),
+                          w=_width(y, d, ngroups, tiles), zo=zo, dzo=zo if dz_wide else 0),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * d), y.dtype),
-                   jax.ShapeDtypeStruct((bsz, seqlen, d), z.dtype),
+                   jax.ShapeDtypeStruct((bsz, seqlen, dz_width), z.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
         grid=(bsz, nt),
         in_specs=[seq, rows(z.shape[-1])] + [vec] * nd + [rstd_spec, rows()],
-        out_specs=(seq, rows(), pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
+        out_specs=(seq, rows(dz_width),
+                   pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
         compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "bwd"),
@@ -289,17 +299,17 @@ def _bwd_call(y, z, ws, rstd, dout, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(y, z, ws, cfg):
-    return _fwd_call(y, z, ws, cfg)[0]
+    return fwd_call(y, z, ws, cfg)[0]
 
 
 def _fused_fwd(y, z, ws, cfg):
-    out, rstd = _fwd_call(y, z, ws, cfg)
+    out, rstd = fwd_call(y, z, ws, cfg)
     return out, (y, z, ws, rstd)
 
 
 def _fused_bwd(cfg, res, dout):
     y, z, ws, rstd = res
-    dy, dz, dw = _bwd_call(y, z, ws, rstd, dout, cfg)
+    dy, dz, dw = bwd_call(y, z, ws, rstd, dout, cfg)
     if dz.shape != z.shape:  # the gate's columns of a wider z
         dz = jnp.pad(dz, ((0, 0), (0, 0), (cfg[5], z.shape[-1] - cfg[5] - dz.shape[-1])))
     dw = jnp.sum(dw, axis=(0, 1))
@@ -309,16 +319,34 @@ def _fused_bwd(cfg, res, dout):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, z_offset=0):
-    """Checks the tile arguments and runs the custom VJP; tiles = the keyword
-    arguments of `triton_common.kernel_tiles` but seqlen."""
+def _config(y, ngroups, eps, dtype, interpret, tiles, z_offset=0):
+    """The kernels' cfg after checking the sizes; tiles = the keyword arguments of
+    `triton_common.kernel_tiles` but seqlen."""
     error = norm_size_error(y.shape[-1])
     if error:
         raise ValueError(error)
-    dtype = jnp.dtype(dtype or y.dtype)
-    cfg = (int(ngroups), float(eps), dtype.name, kernel_tiles(y.shape[1], **tiles),
-           bool(interpret), int(z_offset))
-    return _fused(y.astype(dtype), z, tuple(ws), cfg)
+    return (int(ngroups), float(eps), jnp.dtype(dtype or y.dtype).name,
+            kernel_tiles(y.shape[1], **tiles), bool(interpret), int(z_offset))
+
+
+def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, z_offset=0):
+    """Runs the custom VJP at `_config`'s cfg."""
+    cfg = _config(y, ngroups, eps, dtype, interpret, tiles, z_offset)
+    return _fused(y.astype(cfg[2]), z, tuple(ws), cfg)
+
+
+_TILE_ARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
+              "num_stages_bwd", "block_cols", "block_cols_bwd", "min_programs")
+
+
+def kernel_config(y, nd: int, *, ngroups: int, eps: float, dtype, interpret: bool,
+                  z_offset: int = 0) -> tuple:
+    """The cfg `fwd_call` and `bwd_call` take for y (batch, L, nd*nheads, headdim), at the
+    default tiles of `bidirectional_gated_norm_pallas` (nd 2) or `gated_norm_pallas` (nd 1)."""
+    fn = bidirectional_gated_norm_pallas if nd == 2 else gated_norm_pallas
+    params = inspect.signature(fn).parameters
+    tiles = {k: params[k].default for k in _TILE_ARGS}
+    return _config(y, ngroups, eps, dtype, interpret, tiles, z_offset)
 
 
 def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,

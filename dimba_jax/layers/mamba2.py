@@ -31,6 +31,7 @@ from flax import nnx
 
 from dimba_jax.layers.fused_conv import (bidirectional_conv_pallas, causal_conv1d_silu,
                                          causal_conv_pallas, conv_size_error)
+from dimba_jax.layers.fused_mixer import mixer_core
 from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, gated_norm_pallas,
                                          norm_size_error)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
@@ -113,6 +114,10 @@ class Mamba2(nnx.Module):
         interpreter off GPU; other sizes raise); "auto" = the fused kernels on a GPU where the
         call and the sizes allow it, in training and in sampling alike, else XLA (never the
         interpreter); see `triton_common.use_fused`.
+      core_vjp: where both fused kernels run (and, causal, without seq_idx or a returned
+        cache), run prologue -> SSD -> epilogue as one custom VJP whose backward writes the
+        in-projection output's gradient once (`layers/fused_mixer.py`) instead of three
+        widened gradients that XLA adds; the same values and gradients.
       dt_min, dt_max, dt_init_floor: dt initialisation range and floor.
       a_init_range: A = -U(a_init_range) at init.
       dt_limit: (lo, hi) clip applied to softplus(dt + dt_bias).
@@ -128,7 +133,7 @@ class Mamba2(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
                  ssd_kernels: KernelConfig | None = None, norm_impl: str = "auto",
-                 conv_impl: str = "auto",
+                 conv_impl: str = "auto", core_vjp: bool = False,
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
@@ -151,6 +156,7 @@ class Mamba2(nnx.Module):
         self.ssd_kernels = ssd_kernels or KernelConfig()
         self.norm_impl = check_impl("model.norm_impl", norm_impl)
         self.conv_impl = check_impl("model.conv_impl", conv_impl)
+        self.core_vjp = bool(core_vjp)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.d_in_proj = 2 * d_inner + 2 * ngroups * d_state + nheads
@@ -193,6 +199,17 @@ class Mamba2(nnx.Module):
         xbc = zxbcdt[..., self.d_inner:self.d_inner + self.conv_dim]
         dt = zxbcdt[..., self.d_inner + self.conv_dim:]
         return z, xbc, dt
+
+    def _core(self, zxbcdt, mixers, a, d, dt_bias):
+        """`fused_mixer.mixer_core` over `mixers` (this mixer, or both directions forward
+        first) sharing this one's settings and projection output zxbcdt."""
+        return mixer_core(
+            zxbcdt, tuple(m.conv_weight[...] for m in mixers),
+            tuple(m.conv_bias[...] for m in mixers), a, d, dt_bias,
+            tuple(m.norm.weight[...] for m in mixers), ngroups=self.ngroups,
+            d_state=self.d_state, chunk_size=self.chunk_size, dt_limit=self.dt_limit,
+            ssd_impl=self.ssd_impl, kernels=self.ssd_kernels, eps=self.norm.eps,
+            dtype=self.dtype, interpret=default_interpret(), **self._packed_columns())
 
     def _packed_columns(self) -> dict:
         """Where the fused conv kernels find xBC and dt in the projection's output
@@ -253,6 +270,13 @@ class Mamba2(nnx.Module):
         batch, seqlen, _ = u.shape
         zxbcdt = self.in_proj(u.astype(self.dtype))
         z, xbc_in, dt = self._split_proj(zxbcdt)
+        a, d, dt_bias = self.ssm_constants() if ssm is None else ssm
+        if (self.core_vjp and not return_cache
+                and use_fused(self.conv_impl, seq_idx is None,
+                              shape_supported=not conv_size_error(self.headdim, self.d_state))
+                and use_fused(self.norm_impl, True,
+                              shape_supported=not norm_size_error(self.headdim))):
+            return self.out_proj(self._core(zxbcdt, (self,), a, d, dt_bias))
         if use_fused(self.conv_impl, seq_idx is None,
                      shape_supported=not conv_size_error(self.headdim, self.d_state)):
             x, b, c, dt = causal_conv_pallas(
@@ -261,7 +285,6 @@ class Mamba2(nnx.Module):
                 **self._packed_columns())
         else:
             x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
-        a, d, dt_bias = self.ssm_constants() if ssm is None else ssm
         out = ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
                   dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
                   return_final_states=return_cache, impl=self.ssd_impl,
@@ -410,6 +433,8 @@ class BidirectionalMamba2(nnx.Module):
         fuse_conv = use_fused(f.conv_impl, fusable,
                               shape_supported=not conv_size_error(f.headdim, f.d_state))
         fuse_norm = use_fused(f.norm_impl, fusable, shape_supported=not norm_size_error(f.headdim))
+        if fuse_conv and fuse_norm and f.core_vjp:
+            return f.out_proj(f._core(zxf, (f, bk), a, d, bias))
         # Both directions in "scan time": backward inputs are flipped.
         if one_call:
             cat = lambda p, q, axis=2: jnp.concatenate([p, q], axis=axis)  # noqa: E731

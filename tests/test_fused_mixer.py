@@ -1,0 +1,143 @@
+"""The mixer core as one custom VJP (`layers/fused_mixer.py`) against the same fused prologue,
+SSD and fused epilogue called one after another (each with its own VJP): values and every
+gradient, both directions and the causal mixer's one, in the Pallas interpreter; its errors;
+and the Mamba-2 layers' knob."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dimba_jax.layers import fused_conv, fused_mixer, fused_norm
+from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
+from dimba_jax.ssd import ssd
+
+B, L, H, P, G, N, K, CHUNK = 2, 16, 2, 16, 1, 16, 4, 8
+D, C = H * P, H * P + 2 * G * N
+W = D + C + H
+
+
+def _args(nd, seed=0):
+    k = jax.random.split(jax.random.key(seed), 9)
+    zx = jax.random.normal(k[0], (B, L, W), jnp.float32).astype(jnp.bfloat16)
+    conv_ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, C)) for i in range(nd))
+    conv_bs = tuple(0.1 * jax.random.normal(k[3 + i], (C,)) for i in range(nd))
+    a = -jnp.exp(0.3 * jax.random.normal(k[5], (nd * H,)))
+    d = jax.random.normal(k[6], (nd * H, P))
+    bias = 0.2 * jax.random.normal(k[7], (nd * H,))
+    norm_ws = tuple(1.0 + 0.1 * jax.random.normal(k[8], (D,)) for _ in range(nd))
+    return zx, conv_ws, conv_bs, a, d, bias, norm_ws
+
+
+COMMON = dict(ngroups=G, dtype=jnp.bfloat16, interpret=True)
+SSD_KW = dict(dt_softplus=True, dt_limit=(0.0, float("inf")), impl="xla")
+
+
+def _separate(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
+    """The three calls as the layers make them without the core VJP."""
+    packed = dict(xbc_offset=D, dt_offset=D + C, nheads=H)
+    if len(conv_ws) == 2:
+        x, b, c, dt = fused_conv.bidirectional_conv_pallas(zx, zx, *conv_ws, *conv_bs,
+                                                           d_state=N, **packed, **COMMON)
+    else:
+        x, b, c, dt = fused_conv.causal_conv_pallas(zx, zx, conv_ws[0], conv_bs[0], d_state=N,
+                                                    **packed, **COMMON)
+    y = ssd(x, dt, a, b, c, CHUNK, D=d, dt_bias=bias, **SSD_KW)
+    if len(norm_ws) == 2:
+        return fused_norm.bidirectional_gated_norm_pallas(y, zx, *norm_ws, eps=1e-5, **COMMON)
+    return fused_norm.gated_norm_pallas(y, zx, norm_ws[0], eps=1e-5, **COMMON)
+
+
+def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
+    return fused_mixer.mixer_core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, d_state=N,
+                                  chunk_size=CHUNK, dt_limit=SSD_KW["dt_limit"], ssd_impl="xla",
+                                  kernels=None, eps=1e-5, xbc_offset=D, dt_offset=D + C,
+                                  nheads=H, **COMMON)
+
+
+@pytest.mark.parametrize("nd", [2, 1])
+def test_core_vjp_equals_the_separate_calls(nd):
+    """Same output bits and the same gradient bits (zx, conv weights and biases, A, D,
+    dt_bias, norm weights): the separate path adds three zx gradients that are zero outside
+    their own columns, the core writes each column once."""
+    args = _args(nd)
+    want, got = _separate(*args), _core(*args)
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    ct = jax.random.normal(jax.random.key(9), want.shape, jnp.float32)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)
+
+    g_want = jax.grad(loss(_separate), argnums=tuple(range(7)))(*args)
+    g_got = jax.grad(loss(_core), argnums=tuple(range(7)))(*args)
+    for w, g in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
+        assert w.shape == g.shape and w.dtype == g.dtype
+        np.testing.assert_array_equal(np.float32(g), np.float32(w))
+
+
+def test_core_checks_its_columns_and_directions():
+    zx, conv_ws, conv_bs, a, d, bias, norm_ws = _args(2)
+    with pytest.raises(ValueError, match="must be \\[z"):
+        fused_mixer.mixer_core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, d_state=N,
+                               chunk_size=CHUNK, dt_limit=(0.0, 1.0), ssd_impl="xla",
+                               kernels=None, eps=1e-5, xbc_offset=D + 1, dt_offset=D + C,
+                               nheads=H, **COMMON)
+    with pytest.raises(ValueError, match="one or two directions"):
+        fused_mixer.mixer_core(zx, conv_ws, conv_bs[:1], a, d, bias, norm_ws, d_state=N,
+                               chunk_size=CHUNK, dt_limit=(0.0, 1.0), ssd_impl="xla",
+                               kernels=None, eps=1e-5, xbc_offset=D, dt_offset=D + C,
+                               nheads=H, **COMMON)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_mamba2_layers_take_the_core_vjp_by_their_knob(bidirectional, monkeypatch):
+    """Mamba2 / BidirectionalMamba2 with both fused kernels and core_vjp=True call the core
+    and give the same output and parameter-gradient bits as core_vjp=False; with the XLA conv
+    the knob has nothing to fuse and the core is not called."""
+    import dimba_jax.layers.mamba2 as mamba2_lib
+
+    calls = []
+    real = mamba2_lib.mixer_core
+    monkeypatch.setattr(mamba2_lib, "mixer_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cls = BidirectionalMamba2 if bidirectional else Mamba2
+    u = jax.random.normal(jax.random.key(3), (B, L, 16), jnp.float32)
+    kw = dict(d_state=N, headdim=P, chunk_size=CHUNK, ssd_impl="xla", dtype=jnp.bfloat16,
+              norm_impl="pallas")
+    results = {}
+    for core in (False, True):
+        layer = cls(16, conv_impl="pallas", core_vjp=core, rngs=nnx.Rngs(0), **kw)
+        graphdef, params = nnx.split(layer, nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, p)(u).astype(jnp.float32) ** 2)
+
+        results[core] = (nnx.merge(graphdef, params)(u), jax.grad(loss)(params))
+    assert calls  # the core ran (forward and gradient)
+    for want, got in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
+        np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    calls.clear()
+    cls(16, conv_impl="xla", core_vjp=True, rngs=nnx.Rngs(0), **kw)(u)
+    assert not calls
+
+
+def test_core_gradient_lowers_for_cuda_with_the_aliased_buffer(monkeypatch):
+    """The compiled kernels (not the interpreter) lower for CUDA on any machine: the
+    gradient of the core holds the epilogue's and the prologue's backward kernels, the second
+    writing into the first's buffer through an input/output alias."""
+    monkeypatch.setitem(COMMON, "interpret", False)
+    args = _args(2)
+    ct = jnp.ones((B, L, D), jnp.float32)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(_core(*a).astype(jnp.float32) * ct),
+                            argnums=(0, 1, 2, 6)))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("bidir_gated_norm_bwd") >= 1 and text.count("bidir_conv_bwd_dx") >= 1
+    assert "output_operand_alias" in text or "aliases" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nd", [2, 1])
+def test_core_vjp_equals_the_separate_calls_on_gpu(nd, monkeypatch):
+    """Compiled on the GPU: the same output and gradient bits as the separate calls."""
+    monkeypatch.setitem(COMMON, "interpret", False)
+    test_core_vjp_equals_the_separate_calls(nd)
