@@ -56,8 +56,7 @@ def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
                                   nheads=H, **COMMON)
 
 
-@pytest.mark.parametrize("nd", [2, 1])
-def test_core_vjp_equals_the_separate_calls(nd):
+def test_core_vjp_equals_the_separate_calls(nd=2):
     """Same output bits and the same gradient bits (zx, conv weights and biases, A, D,
     dt_bias, norm weights): the separate path adds three zx gradients that are zero outside
     their own columns, the core writes each column once."""
@@ -90,34 +89,40 @@ def test_core_checks_its_columns_and_directions():
                                nheads=H, **COMMON)
 
 
-@pytest.mark.parametrize("bidirectional", [True, False])
-def test_mamba2_layers_take_the_core_vjp_by_their_knob(bidirectional, monkeypatch):
-    """Mamba2 / BidirectionalMamba2 with both fused kernels and core_vjp=True call the core
-    and give the same output and parameter-gradient bits as core_vjp=False; with the XLA conv
-    the knob has nothing to fuse and the core is not called."""
+def test_mamba2_layers_take_the_core_vjp_by_their_knob(monkeypatch):
+    """The causal Mamba2 with both fused kernels and core_vjp=True calls the core (one
+    direction) and gives the same output and parameter-gradient bits as core_vjp=False;
+    BidirectionalMamba2 calls it with both directions; with the XLA conv the knob has nothing
+    to fuse and the core is not called."""
     import dimba_jax.layers.mamba2 as mamba2_lib
 
     calls = []
     real = mamba2_lib.mixer_core
-    monkeypatch.setattr(mamba2_lib, "mixer_core", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cls = BidirectionalMamba2 if bidirectional else Mamba2
+    monkeypatch.setattr(mamba2_lib, "mixer_core",
+                        lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     u = jax.random.normal(jax.random.key(3), (B, L, 16), jnp.float32)
     kw = dict(d_state=N, headdim=P, chunk_size=CHUNK, ssd_impl="xla", dtype=jnp.bfloat16,
               norm_impl="pallas")
     results = {}
     for core in (False, True):
-        layer = cls(16, conv_impl="pallas", core_vjp=core, rngs=nnx.Rngs(0), **kw)
+        layer = Mamba2(16, conv_impl="pallas", core_vjp=core, rngs=nnx.Rngs(0), **kw)
         graphdef, params = nnx.split(layer, nnx.Param)
 
         def loss(p, graphdef=graphdef):
             return jnp.sum(nnx.merge(graphdef, p)(u).astype(jnp.float32) ** 2)
 
         results[core] = (nnx.merge(graphdef, params)(u), jax.grad(loss)(params))
-    assert calls  # the core ran (forward and gradient)
+    assert calls and set(calls) == {1}
     for want, got in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
         np.testing.assert_array_equal(np.float32(got), np.float32(want))
     calls.clear()
-    cls(16, conv_impl="xla", core_vjp=True, rngs=nnx.Rngs(0), **kw)(u)
+    bidir = dict(kw, conv_impl="pallas", rngs=nnx.Rngs(0))
+    want = BidirectionalMamba2(16, core_vjp=False, **bidir)(u)
+    got = BidirectionalMamba2(16, core_vjp=True, **dict(bidir, rngs=nnx.Rngs(0)))(u)
+    assert calls == [2]
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    calls.clear()
+    Mamba2(16, conv_impl="xla", core_vjp=True, rngs=nnx.Rngs(0), **kw)(u)
     assert not calls
 
 
