@@ -49,15 +49,14 @@ not left to a few programs that each walk every column tile.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
-                                            compiler_params, is_power_of_two, kernel_tiles,
-                                            split_count, tile_width)
+                                            compiler_params, default_tiles, is_power_of_two,
+                                            kernel_tiles, split_count, tile_width)
 
 # The bidirectional backward kernels' default tiles: 64 rows in steps of 8, weight sums
 # elementwise over the steps ("tile"), column splits up to 1024 programs (fastest forward +
@@ -592,19 +591,13 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
     return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
-_TILE_ARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
-              "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
-              "min_programs", "min_programs_bwd", "sums_bwd")
-
-
 def kernel_config(xbc, dt, ws, bs, *, ngroups: int, d_state: int, dtype, interpret: bool,
                   xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None) -> tuple:
     """The cfg `fwd_call` and `bwd_call` take (after the public functions' size checks), at
     the default tiles of `bidirectional_conv_pallas` (two weights) or `causal_conv_pallas`
     (one)."""
     fn = bidirectional_conv_pallas if len(ws) == 2 else causal_conv_pallas
-    params = inspect.signature(fn).parameters
-    tiles = {k: params[k].default for k in _TILE_ARGS}
+    tiles = default_tiles(fn)
     return _call(xbc, dt, tuple(ws), tuple(bs), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads), config_only=True)
 

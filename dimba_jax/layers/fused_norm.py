@@ -31,7 +31,6 @@ Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = me
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +38,8 @@ from jax.experimental import pallas as pl
 
 from dimba_jax.layers.norms import gated_rms_norm
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
-                                            compiler_params, is_power_of_two, kernel_tiles,
-                                            narrower_rows, tile_width)
+                                            compiler_params, default_tiles, is_power_of_two,
+                                            kernel_tiles, narrower_rows, tile_width)
 
 
 def _check(y, z, w_f, w_b, ngroups, z_offset=0):
@@ -335,17 +334,12 @@ def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, z_offset=0):
     return _fused(y.astype(cfg[2]), z, tuple(ws), cfg)
 
 
-_TILE_ARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
-              "num_stages_bwd", "block_cols", "block_cols_bwd", "min_programs")
-
-
 def kernel_config(y, nd: int, *, ngroups: int, eps: float, dtype, interpret: bool,
                   z_offset: int = 0) -> tuple:
     """The cfg `fwd_call` and `bwd_call` take for y (batch, L, nd*nheads, headdim), at the
     default tiles of `bidirectional_gated_norm_pallas` (nd 2) or `gated_norm_pallas` (nd 1)."""
     fn = bidirectional_gated_norm_pallas if nd == 2 else gated_norm_pallas
-    params = inspect.signature(fn).parameters
-    tiles = {k: params[k].default for k in _TILE_ARGS}
+    tiles = default_tiles(fn)
     return _config(y, ngroups, eps, dtype, interpret, tiles, z_offset)
 
 

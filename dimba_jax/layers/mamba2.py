@@ -271,14 +271,13 @@ class Mamba2(nnx.Module):
         zxbcdt = self.in_proj(u.astype(self.dtype))
         z, xbc_in, dt = self._split_proj(zxbcdt)
         a, d, dt_bias = self.ssm_constants() if ssm is None else ssm
-        if (self.core_vjp and not return_cache
-                and use_fused(self.conv_impl, seq_idx is None,
+        fuse_conv = use_fused(self.conv_impl, seq_idx is None,
                               shape_supported=not conv_size_error(self.headdim, self.d_state))
-                and use_fused(self.norm_impl, True,
-                              shape_supported=not norm_size_error(self.headdim))):
+        fuse_norm = use_fused(self.norm_impl, True,
+                              shape_supported=not norm_size_error(self.headdim))
+        if self.core_vjp and not return_cache and fuse_conv and fuse_norm:
             return self.out_proj(self._core(zxbcdt, (self,), a, d, dt_bias))
-        if use_fused(self.conv_impl, seq_idx is None,
-                     shape_supported=not conv_size_error(self.headdim, self.d_state)):
+        if fuse_conv:
             x, b, c, dt = causal_conv_pallas(
                 zxbcdt, zxbcdt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
                 d_state=self.d_state, dtype=self.dtype, interpret=default_interpret(),
@@ -290,8 +289,7 @@ class Mamba2(nnx.Module):
                   return_final_states=return_cache, impl=self.ssd_impl,
                   kernels=self.ssd_kernels)
         y, final = out if return_cache else (out, None)
-        if use_fused(self.norm_impl, True,
-                     shape_supported=not norm_size_error(self.headdim)):
+        if fuse_norm:
             y = gated_norm_pallas(y, zxbcdt, self.norm.weight[...], ngroups=self.ngroups,
                                   eps=self.norm.eps, dtype=self.dtype,
                                   interpret=default_interpret())

@@ -3,6 +3,7 @@ values that choose them, where they run and how their sequences split into row b
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -86,6 +87,19 @@ class Tiles(NamedTuple):
     step: int = 0
     programs: int = 1
     sums: str = "step"
+
+
+# The tile keywords of the fused kernels' public functions (each takes a subset).
+TILE_KWARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
+               "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
+               "min_programs", "min_programs_bwd", "sums_bwd")
+
+
+def default_tiles(fn) -> dict:
+    """The defaults of `fn`'s TILE_KWARGS parameters (a fused kernel's public function), as
+    `kernel_tiles` takes them: the tiles a caller of the kernels' internals runs them at."""
+    params = inspect.signature(fn).parameters
+    return {k: params[k].default for k in TILE_KWARGS if k in params}
 
 
 def split_count(programs: int, grid: int, tiles: int) -> int:
