@@ -53,7 +53,8 @@ def test_smoke_run_writes_one_call_of_rows_and_the_report(tmp_path, monkeypatch)
     assert md.startswith("# dimba_jax beside mamba_ssm on cpu") and "SMOKE RUN" in md
     assert "| 130m-L2k | " in md and "| 1.000 | " in md and doc["call_id"] in md
     ratio = ours["fwd_ms"] / peer["fwd_ms"]
-    assert f"| SSD 130m-L2k fwd: ours / mamba_ssm | {ratio:.3f} | <= 0.5 | yes |" in md
+    verdict = "yes" if ratio <= 0.5 else "no"  # CPU timings of a tiny shape: either can happen
+    assert f"| SSD 130m-L2k fwd: ours / mamba_ssm | {ratio:.3f} | <= 0.5 | {verdict} |" in md
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
