@@ -86,20 +86,27 @@ def dispatcher_ssd(x, dt, A, B, C, D=None, dt_bias=None):
 
 def parse_variant(spec):
     """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd);
-    "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:sums]]]]" -> the Mosaic forward at chunk BLOCK (default
-    per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the dt
-    PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and, with "sums", dB /
-    dC summed per group in the Mosaic chunk backward (`KernelConfig.backward_group_sums`);
+    "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:FLAGS]]]]" -> the Mosaic forward at chunk BLOCK
+    (default per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the
+    dt PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and FLAGS joined by
+    "+": "sums" (dB / dC summed per group in the Mosaic chunk backward,
+    `KernelConfig.backward_group_sums`), "wg2" (two consumer warpgroups in it,
+    `KernelConfig.backward_warpgroups`), "owg2" (two in the chunk output,
+    `KernelConfig.output_warpgroups`);
     "default" -> ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
     if spec == "default":
         return ("pallas_default", {"kernels": repr(KernelConfig())}, dispatcher_ssd)
     if spec.startswith("mosaic"):
         parts = spec.split(":") + ["", "", "", ""]
         block = int(parts[1]) if parts[1] else None
-        if parts[4] not in ("", "sums"):
-            raise ValueError(f"variant {spec!r}: the fifth field is 'sums' or empty")
+        flags = set(parts[4].split("+")) - {""}
+        if flags - {"sums", "wg2", "owg2"}:
+            raise ValueError(f"variant {spec!r}: the fifth field joins 'sums', 'wg2', 'owg2' "
+                             f"by '+'")
         kernels = KernelConfig(block_len=block, backward=parts[2] or "triton",
-                               prologue=parts[3] or "xla", backward_group_sums=parts[4] == "sums")
+                               prologue=parts[3] or "xla", backward_group_sums="sums" in flags,
+                               backward_warpgroups=2 if "wg2" in flags else 1,
+                               output_warpgroups=2 if "owg2" in flags else 1)
         label_block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
         label = f"mosaic_{label_block}_{kernels.backward}_bwd"
         fields = {"block_len": label_block, "backward": kernels.backward}
@@ -107,6 +114,10 @@ def parse_variant(spec):
             label, fields["prologue"] = f"{label}_{kernels.prologue}_prologue", kernels.prologue
         if kernels.backward_group_sums:
             label, fields["backward_group_sums"] = f"{label}_group_sums", True
+        if kernels.backward_warpgroups == 2:
+            label, fields["backward_warpgroups"] = f"{label}_wg2", 2
+        if kernels.output_warpgroups == 2:
+            label, fields["output_warpgroups"] = f"{label}_owg2", 2
         return label, fields, mosaic_ssd(kernels)
     var = tuple(int(v) for v in spec.split("x"))
     return (f"pallas_{spec}", dict(zip(("block_len", "warps_fwd", "warps_bwd"), var)),

@@ -60,3 +60,19 @@ def test_ssd_bench_variants_name_the_mosaic_prologue():
     assert fields == {"block_len": 128, "backward": "mosaic", "prologue": "pallas"}
     assert bench.parse_variant("mosaic:64")[:2] == ("mosaic_64_triton_bwd",
                                                    {"block_len": 64, "backward": "triton"})
+
+
+def test_ssd_bench_variants_name_two_warpgroups():
+    """The fifth field's flags joined by "+": "wg2" (two consumer warpgroups in the Mosaic
+    chunk backward), "owg2" (in the chunk output), named in the label and the fields; an
+    unknown flag is refused."""
+    from benchmarks import ssd_pallas_bench as bench
+
+    label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2")
+    assert label == "mosaic_128_mosaic_bwd_pallas_prologue_wg2"
+    assert fields["backward_warpgroups"] == 2 and "output_warpgroups" not in fields
+    label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2+owg2")
+    assert label.endswith("_wg2_owg2") and fields["output_warpgroups"] == 2
+    assert "backward_group_sums" not in fields
+    with pytest.raises(ValueError, match="fifth field"):
+        bench.parse_variant("mosaic:128:mosaic:pallas:wg3")

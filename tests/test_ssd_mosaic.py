@@ -396,3 +396,80 @@ def test_kernels_are_lowered_once_per_program_not_per_call_site():
         return len(re.findall(r"custom_call @mosaic_gpu", text))
 
     assert kernels(3) == kernels(5) <= 4 * 3
+
+
+def test_two_warpgroup_chunk_output_in_the_interpreter():
+    """chunk_out_mosaic(warpgroups=2) at chunk 128 (warpgroup k: rows [64 k, 64 k + 64) over
+    the causal columns) gives the one-warpgroup kernel's y bit for bit; at chunk 64, or with
+    float32 x, it runs one warpgroup; any count but 1 or 2 is refused."""
+    args, kw, _ = _inputs(7, 1, 128, 1, 64, 1, 64, jnp.bfloat16, per_channel_d=True)
+    x, dt, a, bm, cm = args
+    q = 128
+    dtk = jax.nn.softplus(dt + kw["dt_bias"]).transpose(0, 2, 1)          # (b, h, L)
+    s = jnp.cumsum(dtk * a[None, :, None], -1)
+    hprev = (0.3 * jax.random.normal(jax.random.key(8), (1, 1, 1, 64, 64))).astype(x.dtype)
+    d = jnp.broadcast_to(kw["D"].reshape(1, -1), (1, 64)).astype(jnp.float32)
+    run = lambda wgs: pallas_mosaic_fwd.chunk_out_mosaic(  # noqa: E731
+        x, bm, cm, dtk, s, hprev, d, q=q, hpg=1, interpret=True, warpgroups=wgs)
+    np.testing.assert_array_equal(np.asarray(run(2), np.float32), np.asarray(run(1), np.float32))
+    with pytest.raises(ValueError, match="warpgroups must be 1 or 2"):
+        run(3)
+
+
+def test_output_warpgroups_reach_the_chunk_output_kernel(monkeypatch):
+    """KernelConfig.output_warpgroups (from config.model.ssd_output_warpgroups, 1 by default)
+    reaches chunk_out_mosaic in the forward and under the gradient, and the two-warpgroup
+    kernel lowers for cuda inside the full gradient program."""
+    from dimba_jax.config import default_config
+    m = default_config().model
+    assert KernelConfig.from_config(m).output_warpgroups == 1
+    m.ssd_output_warpgroups = 2
+    assert KernelConfig.from_config(m).output_warpgroups == 2
+    with pytest.raises(ValueError, match="output_warpgroups"):
+        KernelConfig(output_warpgroups=0)
+    seen = []
+    real = pallas_mosaic_fwd.chunk_out_mosaic
+
+    def spy(*a, **k):
+        seen.append(k["warpgroups"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pallas_mosaic_fwd, "chunk_out_mosaic", spy)
+    s = jax.ShapeDtypeStruct
+    b, l, h, p, g, n = 1, 256, 2, 64, 1, 128
+    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
+
+    def loss(*a):
+        y = pallas_mosaic.ssd_mosaic_forward(
+            *a, CHUNK, dt_softplus=True,
+            kernels=KernelConfig(block_len=128, backward="mosaic", output_warpgroups=2))
+        return y.astype(jnp.float32).sum()
+
+    with hopper.cuda_lowering_context():
+        text = jax.jit(jax.grad(loss, argnums=(0, 3, 4))).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert seen == [2] and "custom_call @mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+def test_gpu_two_warpgroup_chunk_output_and_gradients():
+    """Compiled, chunk 128, bf16: y and every gradient with two warpgroups in the chunk output
+    and the chunk backward match the one-warpgroup kernels (the chunk backward's bit for bit
+    is its own test) and the reference."""
+    args, kw, dy = _inputs(20261207, 2, 1024, 4, 64, 2, 128, jnp.bfloat16)
+
+    def run(wgs):
+        def f(*a):
+            return pallas_mosaic.ssd_mosaic_forward(
+                *a, CHUNK, **kw, kernels=KernelConfig(block_len=128, backward="mosaic",
+                                                      backward_warpgroups=wgs,
+                                                      output_warpgroups=wgs))
+        y, vjp = jax.vjp(jax.jit(f), *args)
+        return y, vjp(dy)
+
+    (y1, g1), (y2, g2) = run(1), run(2)
+    y_ref, vjp_ref = jax.vjp(lambda *a: _reference(a, kw), *args)
+    assert _rel(y2, y1) < 1e-3 and _rel(y2, y_ref) < 1.5e-2
+    for name, a, b, r in zip(("x", "dt", "A", "B", "C"), g1, g2, vjp_ref(dy)):
+        assert _rel(b, a) < 1e-3 and _rel(b, r) < 1.5e-2, name

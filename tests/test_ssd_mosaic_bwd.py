@@ -407,3 +407,99 @@ def test_gpu_group_sums_match_the_per_head_kernel(dtype, q):
         assert _rel(sums[k], want) < 1e-2, NAMES[k]
     for k in (0, 3, 4, 5):
         np.testing.assert_array_equal(np.asarray(sums[k]), np.asarray(heads[k]), NAMES[k])
+
+
+def test_two_warpgroups_shared_memory_and_where_they_are_taken():
+    """Two consumer warpgroups need two 64-row slabs (chunk 128) and their own staging tiles:
+    they fit at headdim 64 with dS in 16 bits (one block per SM), not at chunk 64 or headdim
+    128, where chunk_bwd_mosaic runs one warpgroup; KernelConfig reads the count from
+    config.model.ssd_backward_warpgroups (1 by default) and rejects any other than 1 or 2."""
+    fit = pallas_mosaic_bwd.warpgroups_fit
+    need = pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, convert_dstates=False, warpgroups=2)
+    one = pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, convert_dstates=False)
+    assert one < need <= hopper.SMEM_LIMIT and need > hopper.TWO_BLOCKS_SMEM
+    assert fit(128, 64, 128, 2) and fit(128, 64, 64, 2)
+    assert not fit(64, 64, 128, 2) and not fit(128, 128, 128, 2)
+    assert KernelConfig().backward_warpgroups == 1
+    from dimba_jax.config import default_config
+    m = default_config().model
+    assert KernelConfig.from_config(m).backward_warpgroups == 1
+    m.ssd_backward_warpgroups = 2
+    assert KernelConfig.from_config(m).backward_warpgroups == 2
+    with pytest.raises(ValueError, match="backward_warpgroups"):
+        KernelConfig(backward_warpgroups=3)
+    args = _inputs(3, 1, 1, 64, 2, 1, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="warpgroups must be 1 or 2"):
+        pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=64, hpg=2, warpgroups=4)
+
+
+def test_two_warpgroups_give_the_bits_of_one_in_the_interpreter():
+    """One chunk of 128 (slab 0 hands its v rows to slab 1 through shared memory; slab 1 forms
+    sum(v) and dD): every output bit for bit the one-warpgroup kernel's, float32 dS (converted
+    in XLA for two warpgroups, in the kernel for one)."""
+    args = _inputs(5, 1, 1, 128, 1, 1, 64, 64, jnp.bfloat16)
+    one = pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=128, hpg=1, interpret=True)
+    two = pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=128, hpg=1, interpret=True, warpgroups=2)
+    for name, a, b in zip(NAMES, one, two):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), name)
+
+
+def test_two_warpgroups_lower_for_cuda_on_cpu():
+    """The two-warpgroup kernel (256 threads per program) lowers for cuda under the backward's
+    semantics: one Mosaic GPU call, the one-warpgroup kernel's outputs."""
+    s = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    q, p, n, bsz, nc, nh, g = 128, 64, 128, 1, 2, 4, 2
+    lp = nc * q
+    shapes = (s((bsz, lp, nh, p), bf16), s((bsz, lp, g, n), bf16), s((bsz, lp, g, n), bf16),
+              s((bsz, nh, lp), f32), s((bsz, nh, lp), f32), s((bsz, lp, nh, p), bf16),
+              s((bsz, nh, nc, p, n), bf16), s((bsz, nh, nc, p, n), f32), s((nh, p), f32))
+
+    def f(*a):
+        return pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g, warpgroups=2,
+                                                  semantics=hopper.BACKWARD_SEMANTICS)
+
+    with hopper.cuda_lowering_context():
+        lowered = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",))
+    assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 1
+    assert [i.shape for i in lowered.out_info] == [
+        (bsz, lp, nh, p), (bsz, lp, nh, n), (bsz, lp, nh, n), (bsz, nh, lp), (bsz, nh, lp),
+        (bsz, nh, nc, p)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,n", [(jnp.bfloat16, 128), (jnp.float16, 64)])
+def test_gpu_two_warpgroups_give_the_bits_of_one(dtype, n):
+    """Compiled, chunk 128: the two-warpgroup kernel's outputs equal the one-warpgroup
+    kernel's bit for bit (3 heads per group, 3 chunks, float32 dS)."""
+    bsz, nc, nh, g, p, q = 2, 3, 6, 2, 64, 128
+    args = _inputs(20261207, bsz, nc, q, nh, g, p, n, dtype)
+    one = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g))(*args)
+    two = jax.jit(lambda *a: pallas_mosaic_bwd.chunk_bwd_mosaic(*a, q=q, hpg=nh // g,
+                                                                warpgroups=2))(*args)
+    for name, a, b in zip(NAMES, one, two):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), name)
+
+
+@pytest.mark.gpu
+def test_gpu_full_gradient_with_two_warpgroups():
+    """jax.grad through ssd_mosaic_forward with KernelConfig(backward_warpgroups=2) gives the
+    gradients of backward_warpgroups=1 bit for bit (chunk 128, bf16, 2 heads per group)."""
+    b, l, h, p, g, n = 2, 512, 4, 64, 2, 128
+    ks = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16)
+    dt = jax.random.normal(ks[1], (b, l, h)) - 1.0
+    a = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0))
+    bm = jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16)
+    cm = jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16)
+
+    def loss(wgs, *args):
+        y = pallas_mosaic.ssd_mosaic_forward(
+            *args, 256, dt_softplus=True,
+            kernels=KernelConfig(block_len=128, backward="mosaic", backward_warpgroups=wgs))
+        return jnp.square(y.astype(jnp.float32)).sum()
+
+    grads = {w: jax.jit(jax.grad(functools.partial(loss, w), argnums=(0, 1, 2, 3, 4)))(
+        x, dt, a, bm, cm) for w in (1, 2)}
+    for one, two in zip(grads[1], grads[2]):
+        np.testing.assert_array_equal(np.asarray(two), np.asarray(one))

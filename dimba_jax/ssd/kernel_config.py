@@ -54,6 +54,15 @@ class KernelConfig:
       one call; benchmarks/results/ssd_group_sums_h100.md): 2-3% faster; the configs/base.py train
       step 110.6 against 111.1 ms, within its windows' noise (train_throughput_head_gs_h100.md).
       Not worth run-to-run rounding by default, so off.
+    backward_warpgroups: consumer warpgroups per program of the Mosaic chunk backward: 1, or 2
+      (one per 64-row slab of a 128-chunk, each issuing its own wgmmas, so the two slabs'
+      products overlap; `pallas_mosaic_bwd.warpgroups_fit` says where it fits: chunk 128,
+      headdim 64, dstate up to 128, no group sums). The same bits as 1. Not yet timed on a
+      GPU, so 1.
+    output_warpgroups: consumer warpgroups per program of the Mosaic chunk output: 1, or 2
+      (16-bit x at chunk 128: one per 64-row slab, over the columns the causal mask keeps;
+      `pallas_mosaic_fwd.chunk_out_mosaic`). Used in training (chunk 128) and in forward-only
+      calls at chunk 128 (the models' sampler). Not yet timed on a GPU, so 1.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
@@ -61,6 +70,8 @@ class KernelConfig:
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
     backward_group_sums: bool = False
+    backward_warpgroups: int = 1
+    output_warpgroups: int = 1
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -71,6 +82,10 @@ class KernelConfig:
         if self.prologue not in PROLOGUES:
             raise ValueError(f"KernelConfig.prologue must be one of {PROLOGUES}, got "
                              f"{self.prologue!r}")
+        for name in ("backward_warpgroups", "output_warpgroups"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"KernelConfig.{name} must be 1 or 2, got "
+                                 f"{getattr(self, name)!r}")
         for name in ("block_len", "forward_only_block_len"):
             value = getattr(self, name)
             if value is not None and value not in BLOCK_LENS:
@@ -80,8 +95,9 @@ class KernelConfig:
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
-        ssd_forward_only_block_len (0 = None), ssd_prologue and ssd_backward_group_sums; a
-        missing field keeps the default (older runs)."""
+        ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_group_sums,
+        ssd_backward_warpgroups and ssd_output_warpgroups; a missing field keeps the default
+        (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -91,7 +107,11 @@ class KernelConfig:
                                                   default.forward_only_block_len)) or None,
                    prologue=str(get("ssd_prologue", default.prologue)),
                    backward_group_sums=bool(get("ssd_backward_group_sums",
-                                                default.backward_group_sums)))
+                                                default.backward_group_sums)),
+                   backward_warpgroups=int(get("ssd_backward_warpgroups",
+                                               default.backward_warpgroups)),
+                   output_warpgroups=int(get("ssd_output_warpgroups",
+                                             default.output_warpgroups)))
 
 
 DEFAULT = KernelConfig()

@@ -111,10 +111,12 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # Differentiable core: the Mosaic forward kernels; pallas_gpu's backward with Mosaic stages.
 # --------------------------------------------------------------------------------------------
 
-def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
-    """The forward kernels; pre = (w, dec_rows): the state pass's weights (b, h, Lp) and
-    chunk-end decays repeated over the head's channels (b, h, Lp / q, P) of (dt, s) at chunk q,
-    computed beforehand (`pallas_prologue`), or None (computed here)."""
+def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, pre=None):
+    """The forward kernels; forward = (semantics, KernelConfig.output_warpgroups); pre = (w,
+    dec_rows): the state pass's weights (b, h, Lp) and chunk-end decays repeated over the
+    head's channels (b, h, Lp / q, P) of (dt, s) at chunk q, computed beforehand
+    (`pallas_prologue`), or None (computed here)."""
+    semantics, out_wgs = forward
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
@@ -127,7 +129,7 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre=None):
                                           q=q, hpg=hpg, hprev_dtype=x.dtype,
                                           interpret=interpret, semantics=semantics)
     y = _fwd.chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
-                              semantics=semantics)
+                              semantics=semantics, warpgroups=out_wgs)
     return y, fin, hprev
 
 
@@ -141,7 +143,7 @@ _fwd_impl_once = jax.jit(_fwd_impl, static_argnums=(7, 8, 9, 10))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
-def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
+def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, backward, q_fwd, pre=None):
     """Forward-only calls (no gradient taken: sampling, evaluation) run at chunk q_fwd where it
     divides q; the forward rule used under differentiation keeps chunk q, whose per-chunk
     states the backward needs. The result is the same up to rounding. pre: `_fwd_impl`'s, at
@@ -151,19 +153,20 @@ def _core(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, 
     if q % q_fwd == 0 and q_fwd != q:
         s = _fwd.rechunk_cumsum(s, q, q_fwd)
         q, pre = q_fwd, None
-    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
+    y, fin, _ = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, pre)
     return y, fin
 
 
-def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, backward, q_fwd, pre=None):
-    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, semantics, pre)
+def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, backward, q_fwd, pre=None):
+    y, fin, hprev = _fwd_impl_once(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, pre)
     return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
-def _mosaic_chunk_bwd(x, b, q, semantics, group_sums):
+def _mosaic_chunk_bwd(x, b, q, semantics, group_sums, warpgroups):
     """The Mosaic GPU chunk-backward kernel as a drop-in for pallas_gpu._chunk_bwd_call (with
-    group_sums, dB / dC summed per group in the kernel where it can), or None (with a logged
-    reason) where pallas_mosaic_bwd does not take these shapes."""
+    group_sums, dB / dC summed per group in the kernel where it can; with warpgroups 2, two
+    consumer warpgroups per program where they fit), or None (with a logged reason) where
+    pallas_mosaic_bwd does not take these shapes."""
     ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=q)
     if not ok:
         _warn_once(f"Mosaic GPU SSD backward does not take this call ({why}); using Triton's")
@@ -173,7 +176,8 @@ def _mosaic_chunk_bwd(x, b, q, semantics, group_sums):
         del seg, num_warps  # no seq_idx on the Mosaic path; one warpgroup per program
         return pallas_mosaic_bwd.chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
                                                   hpg=hpg, interpret=interpret,
-                                                  semantics=semantics, group_sums=group_sums)
+                                                  semantics=semantics, group_sums=group_sums,
+                                                  warpgroups=warpgroups)
 
     return chunk_bwd
 
@@ -190,10 +194,10 @@ def _mosaic_state_bwd(x, b, q, semantics):
     return pallas_mosaic_rev.state_bwd_fn(semantics)
 
 
-def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
-    # semantics and q_fwd belong to the forward kernels: the backward depends on neither (its
+def _core_bwd(q, hpg, interpret, forward, backward, q_fwd, res, grads):
+    # forward and q_fwd belong to the forward kernels: the backward depends on neither (its
     # kernels use BACKWARD_SEMANTICS).
-    del semantics, q_fwd
+    del forward, q_fwd
     pre = res[-1]
     return (*_bwd_impl_once(q, hpg, interpret, backward, res[:-1], grads),
             jax.tree.map(jnp.zeros_like, pre))
@@ -202,10 +206,10 @@ def _core_bwd(q, hpg, interpret, semantics, backward, q_fwd, res, grads):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _bwd_impl_once(q, hpg, interpret, backward, res, grads):
     """The custom_vjp backward, jitted once for all call sites (see `_fwd_impl_once`).
-    backward: (KernelConfig.backward, KernelConfig.backward_group_sums)."""
+    backward: (KernelConfig.backward, .backward_group_sums, .backward_warpgroups)."""
     x, b, c, dt, s, hprev, d = res
-    backward, group_sums = backward
-    chunk_bwd = (_mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS, group_sums)
+    backward, group_sums, warpgroups = backward
+    chunk_bwd = (_mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS, group_sums, warpgroups)
                  if backward == "mosaic" else None)
     state_bwd = _mosaic_state_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
@@ -279,8 +283,9 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.zeros((nh, p), jnp.float32)
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
-    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret), semantics,
-                   (kernels.backward, kernels.backward_group_sums),
+    y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret),
+                   (semantics, kernels.output_warpgroups),
+                   (kernels.backward, kernels.backward_group_sums, kernels.backward_warpgroups),
                    kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:

@@ -57,6 +57,13 @@ Data flow. Grid (chunk, head, batch), one warpgroup (128 threads) per program.
   * Shared memory (`smem_bytes`, exact against Mosaic GPU's own count): 112,736 bytes at
     Q = 64, P = 64, N = 128 (dB / dC share a staging tile, dS 16-bit: two blocks per SM) and
     212,064 at Q = 128 (dS converted in the kernel; one block per SM).
+  * Two consumer warpgroups (`warpgroups=2`, Q = 128; 256 threads per program): warpgroup k
+    runs slab k, with its own dx / dB / dC staging tiles (221,288 bytes at P = 64, N = 128, dS
+    in 16 bits), so the two slabs' wgmmas and stores overlap instead of following each other.
+    Warpgroup 0 issues the TMA loads (both wait on the same barriers), stores its ddt / ds
+    rows, and hands its v rows to warpgroup 1 through SMEM and an mbarrier; it makes no
+    cross-warp reduction, so the two never use Mosaic's reduction scratch at once. Warpgroup 1
+    forms sum(v) and dD (from both slabs' tiles) in the one-warpgroup order: the same bits.
 
 float32 inputs are not supported (tf32 wgmma takes no transposed operands; `supported_bwd`
 says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machine with
@@ -79,7 +86,8 @@ _NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
 
 
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
-               share_staging: bool = False, group_sums: bool = False) -> int:
+               share_staging: bool = False, group_sums: bool = False,
+               warpgroups: int = 1) -> int:
     """Shared memory of `chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
     cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
     (this matched Mosaic GPU's own count exactly at six configurations, jax 0.10.2 and 0.11.2).
@@ -87,6 +95,8 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
     group_sums: whether the dB / dC slabs are staged in float32 (reduce-added per group).
+    warpgroups: consumer warpgroups per program (2: one per 64-row slab, each with its own
+      staging tiles, plus the slab-0 -> slab-1 exchange vector and its barrier).
     """
     a = hopper.aligned
     tiles = 2 * a(itemsize * q * p) + 2 * a(itemsize * q * n) + 2 * a(itemsize * p * n)
@@ -94,7 +104,9 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
     staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(bc_item * SLAB * n)
     vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
     f32_dst = a(4 * p * n) if convert_dstates else 0
-    return tiles + staging + vectors + f32_dst + hopper.REDUCTION_SCRATCH + 8 * _NUM_BARRIERS
+    exchange = (a(4 * SLAB) + 8) if warpgroups == 2 else 0
+    return (tiles + warpgroups * staging + vectors + f32_dst + exchange
+            + hopper.REDUCTION_SCRATCH + 8 * _NUM_BARRIERS)
 
 
 def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool,
@@ -121,6 +133,14 @@ def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool,
     if best is None:
         return False, True, smem_bytes(q, p, n, itemsize, False, True, group_sums)
     return best[1]
+
+
+def warpgroups_fit(q: int, p: int, n: int, itemsize: int) -> bool:
+    """Whether the two-warpgroup kernel takes chunk length q, headdim p, dstate n: two 64-row
+    slabs (q = 128) and, with per-head dB / dC, dS in 16 bits and separate staging per
+    warpgroup, within shared memory (221,288 bytes at P 64, N 128: one block per SM)."""
+    return q == 2 * SLAB and smem_bytes(q, p, n, itemsize, convert_dstates=False,
+                                        warpgroups=2) <= hopper.SMEM_LIMIT
 
 
 def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
@@ -168,7 +188,8 @@ def group_sums_taken(*, x, b, q: int, hpg: int, interpret: bool) -> bool:
 
 
 def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
-                      semantics: str = hopper.DEFAULT_SEMANTICS, group_sums: bool = False):
+                      semantics: str = hopper.DEFAULT_SEMANTICS, group_sums: bool = False,
+                      warpgroups: int = 1):
     """Chunk backward on Hopper; drop-in for `pallas_gpu._chunk_bwd_call(..., seg=None)`.
 
     Args:
@@ -186,6 +207,9 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
       group_sums: where `group_sums_taken`, each program reduce-adds its float32 dB / dC slabs
         into per-group accumulators by TMA (`reduction_op="add"`; the order of the adds, so
         the rounding, varies from run to run); elsewhere per head.
+      warpgroups: 1, or 2: two consumer warpgroups per program, one per 64-row slab, where
+        `warpgroups_fit` and no group sums are taken (else one); float32 dS is then rounded
+        to x.dtype in XLA. The same bits as one warpgroup.
     Returns:
       dx: (batch, Lp, nheads, P) x.dtype;
       db, dc: (batch, Lp, nheads, N) x.dtype per head (sum over a group's heads outside), or
@@ -213,15 +237,22 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
                          f"s {s.shape} for x {x.shape}, q {q}")
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
+    if warpgroups not in (1, 2):
+        raise ValueError(f"chunk_bwd_mosaic: warpgroups must be 1 or 2, got {warpgroups!r}")
     dst_f32 = jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
     sums = group_sums and group_sums_taken(x=x, b=b, q=q, hpg=hpg, interpret=interpret)
-    convert, share, _ = smem_plan(q, p, n, jnp.dtype(cdt).itemsize, dst_f32, group_sums=sums)
+    itemsize = jnp.dtype(cdt).itemsize
+    if warpgroups == 2 and not sums and warpgroups_fit(q, p, n, itemsize):
+        convert, share = False, False
+    else:
+        warpgroups = 1
+        convert, share, _ = smem_plan(q, p, n, itemsize, dst_f32, group_sums=sums)
     # float32 dS: converted in the kernel (its float32 tile staged in SMEM) where that fits,
     # else here in XLA (one extra pass over dstates).
     dstates = dstates.astype(jnp.float32 if convert else cdt)
     kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
                            convert=convert, share_staging=share, interpret=interpret,
-                           semantics=semantics, group_sums=sums)
+                           semantics=semantics, group_sums=sums, warpgroups=warpgroups)
     f32 = jnp.float32
     args = (x, b.astype(cdt), c.astype(cdt), dt.astype(f32), s.astype(f32),
             _end_decay(s.astype(f32), q), dy.astype(cdt), hprev.astype(cdt), dstates,
@@ -235,7 +266,7 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
 
 
 def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,
-                  semantics, group_sums=False):
+                  semantics, group_sums=False, warpgroups=1):
     """The plgpu.kernel callable of `chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
     hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd). With group_sums: arguments also
     the zeroed float32 (batch, Lp, ngroups, N) dB and dC accumulator `Ref`s, which the kernel
@@ -244,6 +275,8 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
     convert: dstates arrive in float32 and are converted in the kernel (else in cdt).
     share_staging: the dB and dC slabs go through one SMEM staging tile (saves SLAB x N
       16-bit items; dB waits until the dC store has read it).
+    warpgroups: 1, or 2 (q = 128, per-head dB / dC, dS in cdt, separate staging: see
+      `warpgroups_fit`): one consumer warpgroup per 64-row slab, each with its own staging.
     """
     plgpu = hopper.mosaic_gpu()
     nc = lp // q
@@ -312,6 +345,11 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         extra = list(extra)
         db_st = dc_st if share_staging else extra.pop(0)
         dst32 = extra.pop(0) if convert else None
+        if warpgroups == 2:  # slab 1's staging tiles, the slab-0 v vector and its barrier
+            staging = [(dx_st, dc_st, db_st), tuple(extra[:3])]
+            v_xch, xbar = extra[3], extra[4]
+        else:
+            staging = [(dx_st, dc_st, db_st)] * nslab
         # TMA loads in the order of first use, each waited for just before it (the first slab
         # computes while the later tiles arrive).
         loads = [(dy_ref.at[bi, rows, hi], dy_smem), (x_ref.at[bi, rows, hi], x_smem),
@@ -321,18 +359,25 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                  (d_ref.at[hi], d_smem), (dt_ref.at[bi, hi, rows], dt_row),
                  (ee_ref.at[bi, hi, rows], ee_row),
                  (dst_ref.at[bi, hi, ci], dst32 if convert else dst_smem)]
-        for k, (src, dst) in enumerate(loads):
-            plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
-        bar_of = [dst for _, dst in loads]
-        waited = set()
 
-        def ready(*smems):
-            """Wait (once per kernel) for the TMA loads into these SMEM buffers."""
-            for ref in smems:
-                k = next(i for i, r in enumerate(bar_of) if r is ref)
-                if k not in waited:
-                    plgpu.barrier_wait(bars.at[k])
-                    waited.add(k)
+        def issue_loads():
+            for k, (src, dst) in enumerate(loads):
+                plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
+
+        bar_of = [dst for _, dst in loads]
+
+        def waiter():
+            """ready(*smems): wait (once per warpgroup) for the TMA loads into these buffers."""
+            waited = set()
+
+            def ready(*smems):
+                for ref in smems:
+                    k = next(i for i, r in enumerate(bar_of) if r is ref)
+                    if k not in waited:
+                        plgpu.barrier_wait(bars.at[k])
+                        waited.add(k)
+
+            return ready
 
         def store(val, st, dst_ref_slice, add=False):
             st[...] = val
@@ -356,9 +401,12 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                 return jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))
             return jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
 
-        dd_acc = None
-        v_total = None
-        for si in range(nslab):
+        def slab(si, ready, dd=True):
+            """Slab si (rows r0 = 64 si ...): dC, dB and dx rows stored, ddt rows into ddt_st.
+            Returns the ds rows without the chunk's sum(v) term and the v rows ((SLAB,)
+            float32 each), and with dd colsum(dy o x) over the slab's rows ((P,) float32: a
+            cross-warp reduction), else None."""
+            dx_st, dc_st, db_st = staging[si]
             r0 = si * SLAB
             sl = pl.ds(r0, SLAB)
             out_rows = pl.ds(ci * q + r0, SLAB)
@@ -423,22 +471,73 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
 
             v = dt_r * jnp.sum(x_r * bs, axis=1)       # e_end o rowsum(xd o (B dS^T))
             ddt_st.at[sl][...] = jnp.sum(dxd * x_r, axis=1)
-            v_sum = jnp.sum(v, axis=0)
-            v_total = v_sum if v_total is None else v_total + v_sum
-            ds_r = rs_w - cs_w + t_off - v
-            if si == nslab - 1:  # the chunk's last position collects sum(v) over the chunk
-                last = iota((SLAB,), 0, row) == SLAB - 1
-                ds_r = ds_r + jnp.where(last, v_total, 0.0)
-            ds_st.at[sl][...] = ds_r
-            dd_r = jnp.sum(dy_r * x_r, axis=0)
-            dd_acc = dd_r if dd_acc is None else dd_acc + dd_r
+            return rs_w - cs_w + t_off - v, v, jnp.sum(dy_r * x_r, axis=0) if dd else None
 
-        dd_st[...] = dd_acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ddt_st, ddt_ref.at[bi, hi, rows])
-        plgpu.copy_smem_to_gmem(ds_st, ds_ref.at[bi, hi, rows])
-        plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
-        plgpu.wait_smem_to_gmem(0)
+        def dd_rows(si):
+            """colsum(dy o x) over slab si's rows, from the tiles: (P,) float32."""
+            sl = pl.ds(si * SLAB, SLAB)
+            x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
+            dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
+            return jnp.sum(dy_r * x_r, axis=0)
+
+        def with_last(ds_r, v_total):
+            """ds rows of the chunk's last slab: its last position collects sum(v)."""
+            last = iota((SLAB,), 0, row) == SLAB - 1
+            return ds_r + jnp.where(last, v_total, 0.0)
+
+        if warpgroups == 1:
+            issue_loads()
+            ready = waiter()
+            dd_acc = None
+            v_total = None
+            for si in range(nslab):
+                sl = pl.ds(si * SLAB, SLAB)
+                ds_r, v, dd_r = slab(si, ready)
+                v_sum = jnp.sum(v, axis=0)
+                v_total = v_sum if v_total is None else v_total + v_sum
+                ds_st.at[sl][...] = with_last(ds_r, v_total) if si == nslab - 1 else ds_r
+                dd_acc = dd_r if dd_acc is None else dd_acc + dd_r
+            dd_st[...] = dd_acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ddt_st, ddt_ref.at[bi, hi, rows])
+            plgpu.copy_smem_to_gmem(ds_st, ds_ref.at[bi, hi, rows])
+            plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
+            plgpu.wait_smem_to_gmem(0)
+            return
+
+        # Two warpgroups, one per slab. Warpgroup 0 issues the loads, stores its slab's rows
+        # and hands its v rows to warpgroup 1 through SMEM (v_xch, barrier xbar); it makes no
+        # cross-warp reduction, so the two never share Mosaic's reduction scratch at once.
+        # Warpgroup 1 forms every sum (sum(v) over the chunk, dD over both slabs) after the
+        # barrier, in the one-warpgroup kernel's order (the same bits).
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _():
+            issue_loads()
+            ds_r, v, _ = slab(0, waiter(), dd=False)  # its dD sum: warpgroup 1's to form
+            sl = pl.ds(0, SLAB)
+            ds_st.at[sl][...] = ds_r
+            v_xch[...] = v
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(xbar.at[0])
+            plgpu.copy_smem_to_gmem(ddt_st.at[sl], ddt_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
+            plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _():
+            ds_r, v, dd_1 = slab(1, waiter())
+            plgpu.barrier_wait(xbar.at[0])
+            v_total = jnp.sum(load(v_xch, row), axis=0) + jnp.sum(v, axis=0)
+            sl = pl.ds(SLAB, SLAB)
+            ds_st.at[sl][...] = with_last(ds_r, v_total)
+            dd_st[...] = dd_rows(0) + dd_1
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ddt_st.at[sl], ddt_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
+            plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
+            plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
+            plgpu.wait_smem_to_gmem(0)
 
     tr = functools.partial(hopper.smem_transforms, plgpu)
     scratch = [
@@ -459,6 +558,12 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         scratch.append(plgpu.SMEM((SLAB, n), bc_dtype, transforms=tr(n, bc_dtype)))  # dB slab
     if convert:
         scratch.append(plgpu.SMEM((p, n), f32, transforms=tr(n, f32)))  # dS float32
+    if warpgroups == 2:  # slab 1's dx, dC, dB staging; slab 0's v rows and their barrier
+        scratch += [plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),
+                    plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),
+                    plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),
+                    plgpu.SMEM((SLAB,), f32),
+                    plgpu.Barrier(num_barriers=1)]
     tail = (jax.ShapeDtypeStruct((bsz, nh, lp), f32),
             jax.ShapeDtypeStruct((bsz, nh, lp), f32),
             jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
@@ -477,9 +582,10 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                 jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
                 jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
                 *tail)
+    threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
     return hopper.kernel_call(
         plgpu, body, out_type, scratch,
-        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )

@@ -45,8 +45,11 @@ from dimba_jax.ssd.hopper import DEFAULT_SEMANTICS
 # --------------------------------------------------------------------------------------------
 
 
+SLAB = 64  # rows per consumer warpgroup of the two-warpgroup chunk output
+
+
 def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
-                      semantics: str = DEFAULT_SEMANTICS):
+                      semantics: str = DEFAULT_SEMANTICS, warpgroups: int = 1):
     """Chunk-output stage on Hopper.
 
     Args:
@@ -60,9 +63,15 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
       interpret: run in the Mosaic GPU interpreter (any device; slow, for tests).
       semantics: Mosaic GPU lowering semantics, "lane" (what the kernel is written for) or
         "warpgroup" (jax 0.11's default; a diagnostic, see `hopper.compiler_params`).
+      warpgroups: 1, or 2 (16-bit x at q = 128; else one): two consumer warpgroups per
+        program, warpgroup k computing the chunk's rows [64 k, 64 k + 64) over the columns the
+        causal mask keeps ([0, 64 k + 64)), so its G, M and accumulators are 64 rows tall and
+        the two slabs' wgmmas overlap. Warpgroup 0 issues the TMA loads; each stores its rows.
     Returns:
       y: (batch, Lp, nheads, P) x.dtype.
     """
+    if warpgroups not in (1, 2):
+        raise ValueError(f"chunk_out_mosaic: warpgroups must be 1 or 2, got {warpgroups!r}")
     plgpu = hopper.mosaic_gpu()
     tf32 = jnp.dtype(x.dtype) == jnp.dtype(jnp.float32)
     if tf32:
@@ -72,6 +81,8 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     n = b.shape[-1]
     nc = lp // q
     cdt = x.dtype
+    if tf32 or q != 2 * SLAB:
+        warpgroups = 1
     f32 = jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
@@ -84,6 +95,60 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
+    def slab_rows(ci, hi, bi, si, refs):
+        """Two-warpgroup kernel, warpgroup si: y rows [64 si, 64 si + 64) of the chunk, over
+        the columns [0, w), w = 64 si + 64, that the causal mask keeps; stored by TMA."""
+        (x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars, y_smem,
+         y_ref) = refs
+        r0, w = si * SLAB, si * SLAB + SLAB
+        sl, k = pl.ds(r0, SLAB), pl.ds(0, w)
+        plgpu.barrier_wait(bars.at[0])
+        plgpu.barrier_wait(bars.at[1])
+        plgpu.barrier_wait(bars.at[2])
+
+        def products(g_acc, off_acc):
+            plgpu.wgmma(g_acc, c_smem.at[sl], b_smem.at[k].transpose((1, 0)))  # C_R B^T
+            plgpu.wgmma(off_acc, c_smem.at[sl], h_smem.transpose((1, 0)))       # C_R h^T
+            return g_acc[...], off_acc[...]
+
+        if interpret:
+            c_val = c_smem.at[sl][...]
+            nt = (((1,), (1,)), ((), ()))
+            g = lax.dot_general(c_val, b_smem.at[k][...], nt, preferred_element_type=f32)
+            off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
+        else:
+            g, off = pl.run_scoped(products, plgpu.ACC((SLAB, w), f32),
+                                   plgpu.ACC((SLAB, p), f32))
+        plgpu.barrier_wait(bars.at[3])
+        plgpu.barrier_wait(bars.at[4])
+        plgpu.barrier_wait(bars.at[7])
+        s_i = load(s_smem.at[sl], row)
+        s_j = load(s_col_smem.at[k], col)
+        dt_j = load(dt_smem.at[k], col)
+        i_idx = iota((SLAB, w), 0) + r0
+        j_idx = iota((SLAB, w), 1)
+        diff = (lax.broadcast_in_dim(s_i, (SLAB, w), [0])
+                - lax.broadcast_in_dim(s_j, (SLAB, w), [1]))
+        decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+        m = (g * decay * lax.broadcast_in_dim(dt_j, (SLAB, w), [1])).astype(cdt)
+        y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (SLAB, p), [0])
+        plgpu.barrier_wait(bars.at[5])
+        if interpret:
+            y = y0 + jnp.dot(m, x_smem.at[k][...], preferred_element_type=f32)
+        else:
+            def intra_init(acc_ref):
+                plgpu.wgmma(acc_ref, m, x_smem.at[k])                         # y0 + M_R (x)
+
+            y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
+        plgpu.barrier_wait(bars.at[6])
+        d_p = load(d_smem, col)
+        xr = load(x_smem.at[sl], wgmma_layout).astype(f32)
+        y = y + xr * lax.broadcast_in_dim(d_p, (SLAB, p), [1])
+        y_smem.at[sl][...] = y.astype(cdt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem.at[sl], y_ref.at[bi, pl.ds(ci * q + r0, SLAB), hi])
+        plgpu.wait_smem_to_gmem(0)
+
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
              x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
              *extra_smem):
@@ -92,6 +157,28 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
+        if warpgroups == 2:
+            wg = lax.axis_index("wg")
+            refs = (x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
+                    extra_smem[0], y_ref)
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
+                plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
+                plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
+                plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
+                plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
+                plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
+                plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
+                slab_rows(ci, hi, bi, 0, refs)
+
+            @pl.when(wg == 1)
+            def _():
+                slab_rows(ci, hi, bi, 1, refs)
+
+            return
         plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
         plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
         plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
@@ -199,9 +286,10 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     else:  # y tile
         scratch += [plgpu.SMEM((q, p), cdt, transforms=hopper.smem_transforms(plgpu, p, cdt))]
     y_shape = (bsz, lp, nh, p)
+    threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
     return hopper.kernel_call(
         plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
-        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"),
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )(x, b, c, dt, s, hprev, d)
