@@ -95,60 +95,6 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
-    def slab_rows(ci, hi, bi, si, refs):
-        """Two-warpgroup kernel, warpgroup si: y rows [64 si, 64 si + 64) of the chunk, over
-        the columns [0, w), w = 64 si + 64, that the causal mask keeps; stored by TMA."""
-        (x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars, y_smem,
-         y_ref) = refs
-        r0, w = si * SLAB, si * SLAB + SLAB
-        sl, k = pl.ds(r0, SLAB), pl.ds(0, w)
-        plgpu.barrier_wait(bars.at[0])
-        plgpu.barrier_wait(bars.at[1])
-        plgpu.barrier_wait(bars.at[2])
-
-        def products(g_acc, off_acc):
-            plgpu.wgmma(g_acc, c_smem.at[sl], b_smem.at[k].transpose((1, 0)))  # C_R B^T
-            plgpu.wgmma(off_acc, c_smem.at[sl], h_smem.transpose((1, 0)))       # C_R h^T
-            return g_acc[...], off_acc[...]
-
-        if interpret:
-            c_val = c_smem.at[sl][...]
-            nt = (((1,), (1,)), ((), ()))
-            g = lax.dot_general(c_val, b_smem.at[k][...], nt, preferred_element_type=f32)
-            off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
-        else:
-            g, off = pl.run_scoped(products, plgpu.ACC((SLAB, w), f32),
-                                   plgpu.ACC((SLAB, p), f32))
-        plgpu.barrier_wait(bars.at[3])
-        plgpu.barrier_wait(bars.at[4])
-        plgpu.barrier_wait(bars.at[7])
-        s_i = load(s_smem.at[sl], row)
-        s_j = load(s_col_smem.at[k], col)
-        dt_j = load(dt_smem.at[k], col)
-        i_idx = iota((SLAB, w), 0) + r0
-        j_idx = iota((SLAB, w), 1)
-        diff = (lax.broadcast_in_dim(s_i, (SLAB, w), [0])
-                - lax.broadcast_in_dim(s_j, (SLAB, w), [1]))
-        decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
-        m = (g * decay * lax.broadcast_in_dim(dt_j, (SLAB, w), [1])).astype(cdt)
-        y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (SLAB, p), [0])
-        plgpu.barrier_wait(bars.at[5])
-        if interpret:
-            y = y0 + jnp.dot(m, x_smem.at[k][...], preferred_element_type=f32)
-        else:
-            def intra_init(acc_ref):
-                plgpu.wgmma(acc_ref, m, x_smem.at[k])                         # y0 + M_R (x)
-
-            y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
-        plgpu.barrier_wait(bars.at[6])
-        d_p = load(d_smem, col)
-        xr = load(x_smem.at[sl], wgmma_layout).astype(f32)
-        y = y + xr * lax.broadcast_in_dim(d_p, (SLAB, p), [1])
-        y_smem.at[sl][...] = y.astype(cdt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem.at[sl], y_ref.at[bi, pl.ds(ci * q + r0, SLAB), hi])
-        plgpu.wait_smem_to_gmem(0)
-
     def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
              x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
              *extra_smem):
@@ -157,116 +103,120 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
-        if warpgroups == 2:
+
+        def issue_loads():
+            plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
+            plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
+            plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
+            plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
+            # s is needed along rows (s_i) and along columns (s_j), two register layouts. Two
+            # loads of one SMEM buffer are merged by CSE into one value that Warpgroup layout
+            # inference cannot relayout to both, so the column copy gets its own buffer.
+            plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
+            plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
+            if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
+            else:
+                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
+            plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
+
+        def front(r0, nrows, w):
+            """Rows [r0, r0 + nrows) of M = ((C B^T) o L) dt_j over columns [0, w), rounded to
+            cdt, and of the off-chunk term exp(s_i) (C h^T): (nrows, w), (nrows, P)."""
+            sl, k = pl.ds(r0, nrows), pl.ds(0, w)
+            plgpu.barrier_wait(bars.at[0])
+            plgpu.barrier_wait(bars.at[1])
+            plgpu.barrier_wait(bars.at[2])
+
+            def products(g_acc, off_acc):
+                plgpu.wgmma(g_acc, c_smem.at[sl], b_smem.at[k].transpose((1, 0)))  # C B^T
+                plgpu.wgmma(off_acc, c_smem.at[sl], h_smem.transpose((1, 0)))       # C h^T
+                return g_acc[...], off_acc[...]
+
+            # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the
+            # elementwise math of this kernel, but its wgmma takes neither transposed operands
+            # nor A in registers, and it has no plgpu.load / layouts: there the products are
+            # plain dots.
+            if interpret:
+                c_val = c_smem.at[sl][...]
+                nt = (((1,), (1,)), ((), ()))
+                g = lax.dot_general(c_val, b_smem.at[k][...], nt, preferred_element_type=f32)
+                off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
+            else:
+                g, off = pl.run_scoped(products, plgpu.ACC((nrows, w), f32),
+                                       plgpu.ACC((nrows, p), f32))
+            plgpu.barrier_wait(bars.at[3])
+            plgpu.barrier_wait(bars.at[4])
+            plgpu.barrier_wait(bars.at[7])
+            s_i = load(s_smem.at[sl], row)
+            s_j = load(s_col_smem.at[k], col)
+            dt_j = load(dt_smem.at[k], col)
+            i_idx = iota((nrows, w), 0) + r0 if r0 else iota((nrows, w), 0)
+            j_idx = iota((nrows, w), 1)
+            diff = (lax.broadcast_in_dim(s_i, (nrows, w), [0])
+                    - lax.broadcast_in_dim(s_j, (nrows, w), [1]))
+            decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+            m = (g * decay * lax.broadcast_in_dim(dt_j, (nrows, w), [1])).astype(cdt)
+            y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (nrows, p), [0])
+            plgpu.barrier_wait(bars.at[5])
+            return m, y0
+
+        def rows_16bit(r0, nrows, w, y_smem):
+            """16-bit x: rows [r0, r0 + nrows) of y = y0 + M (x) + D x, stored by TMA."""
+            sl, k = pl.ds(r0, nrows), pl.ds(0, w)
+            m, y0 = front(r0, nrows, w)
+            if interpret:  # the interpreter's wgmma takes no A in registers: same product
+                y = y0 + jnp.dot(m, x_smem.at[k][...], preferred_element_type=f32)
+            else:  # accumulate M (x) straight onto the off-chunk term
+                def intra_init(acc_ref):
+                    plgpu.wgmma(acc_ref, m, x_smem.at[k])                          # y0 + M (x)
+
+                y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
+            plgpu.barrier_wait(bars.at[6])
+            d_p = load(d_smem, col)
+            xr = load(x_smem.at[sl], wgmma_layout).astype(f32)
+            y = y + xr * lax.broadcast_in_dim(d_p, (nrows, p), [1])
+            y_smem.at[sl][...] = y.astype(cdt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem.at[sl], y_ref.at[bi, pl.ds(ci * q + r0, nrows), hi])
+            plgpu.wait_smem_to_gmem(0)
+
+        if warpgroups == 2:  # warpgroup k: rows [64 k, 64 k + 64) over columns [0, 64 k + 64)
             wg = lax.axis_index("wg")
-            refs = (x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
-                    extra_smem[0], y_ref)
 
             @pl.when(wg == 0)
             def _():
-                plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
-                plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
-                plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
-                plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
-                plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
-                plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
-                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
-                plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
-                slab_rows(ci, hi, bi, 0, refs)
+                issue_loads()
+                rows_16bit(0, SLAB, SLAB, extra_smem[0])
 
             @pl.when(wg == 1)
             def _():
-                slab_rows(ci, hi, bi, 1, refs)
+                rows_16bit(SLAB, SLAB, q, extra_smem[0])
 
             return
-        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
-        plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
-        plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
-        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
-        # s is needed along rows (s_i) and along columns (s_j), two register layouts. Two
-        # loads of one SMEM buffer are merged by CSE into one value that Warpgroup layout
-        # inference cannot relayout to both, so the column copy gets its own buffer.
-        plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
-        plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
-        if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
-            plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
-        else:
-            plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
-        plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
-        plgpu.barrier_wait(bars.at[0])
-        plgpu.barrier_wait(bars.at[1])
-        plgpu.barrier_wait(bars.at[2])
-
-        def products(g_acc, off_acc):
-            plgpu.wgmma(g_acc, c_smem, b_smem.transpose((1, 0)))     # C B^T
-            plgpu.wgmma(off_acc, c_smem, h_smem.transpose((1, 0)))   # C h^T
-            return g_acc[...], off_acc[...]
-
-        # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the elementwise
-        # math of this kernel, but its wgmma takes neither transposed operands nor A in
-        # registers, and it has no plgpu.load / layouts: there the products are plain dots.
+        issue_loads()
+        if not tf32:
+            rows_16bit(0, q, q, extra_smem[0])
+            return
+        # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM and x
+        # is read as the transpose of its (P, q) tile. D x is added by the caller.
+        m, y0 = front(0, q, q)
+        m_smem, y_smem = extra_smem
         if interpret:
-            c_val = c_smem[...]
-            nt = (((1,), (1,)), ((), ()))
-            g = lax.dot_general(c_val, b_smem[...], nt, preferred_element_type=f32)
-            off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
+            y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
         else:
-            g, off = pl.run_scoped(products, plgpu.ACC((q, q), f32), plgpu.ACC((q, p), f32))
-
-        plgpu.barrier_wait(bars.at[3])
-        plgpu.barrier_wait(bars.at[4])
-        plgpu.barrier_wait(bars.at[7])
-        s_i = load(s_smem, row)
-        s_j = load(s_col_smem, col)
-        dt_j = load(dt_smem, col)
-        i_idx = iota((q, q), 0)
-        j_idx = iota((q, q), 1)
-        diff = (lax.broadcast_in_dim(s_i, (q, q), [0])
-                - lax.broadcast_in_dim(s_j, (q, q), [1]))
-        decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
-        m = (g * decay * lax.broadcast_in_dim(dt_j, (q, q), [1])).astype(cdt)
-        y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (q, p), [0])
-
-        plgpu.barrier_wait(bars.at[5])
-
-        if tf32:
-            # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM
-            # and x is read as the transpose of its (P, q) tile. D x is added by the caller.
-            m_smem, y_smem = extra_smem
-            if interpret:
-                y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
-            else:
-                m_smem[...] = m
-                plgpu.commit_smem()
-
-                def intra_tf32(acc_ref):
-                    plgpu.wgmma(acc_ref, m_smem, x_smem.transpose((1, 0)))
-
-                y = pl.run_state(intra_tf32)(plgpu.ACC.init(y0))
-            y_smem[...] = y
+            m_smem[...] = m
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
-            plgpu.wait_smem_to_gmem(0)
-            plgpu.barrier_wait(bars.at[6])
-            return
 
-        if interpret:  # the interpreter's wgmma takes no A in registers: same product
-            y = y0 + jnp.dot(m, x_smem[...], preferred_element_type=f32)
-        else:  # accumulate M (x) straight onto the off-chunk term
-            def intra_init(acc_ref):
-                plgpu.wgmma(acc_ref, m, x_smem)                                   # y0 + M (x)
+            def intra_tf32(acc_ref):
+                plgpu.wgmma(acc_ref, m_smem, x_smem.transpose((1, 0)))
 
-            y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
-
-        plgpu.barrier_wait(bars.at[6])
-        d_p = load(d_smem, col)
-        xr = load(x_smem, wgmma_layout).astype(f32)
-        y = y + xr * lax.broadcast_in_dim(d_p, (q, p), [1])
-        (y_smem,) = extra_smem
-        y_smem[...] = y.astype(cdt)
+            y = pl.run_state(intra_tf32)(plgpu.ACC.init(y0))
+        y_smem[...] = y
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, y_ref.at[bi, rows, hi])
         plgpu.wait_smem_to_gmem(0)
+        plgpu.barrier_wait(bars.at[6])
 
     x_tile = (p, q) if tf32 else (q, p)
     scratch = [
