@@ -3,7 +3,7 @@
     python -m benchmarks.quality_report
 
 Reads benchmarks/results/quality_{ablation,width,small}_h200.json, quality_small_{opt,post}_h100.json and, when present,
-quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_,head_}cpu.json (written by
+quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,sweep_,wavefront_,noise_,lr_,4x_,4x_seed1_,4x_seed2_,4x_minp_,4x_fit_,ctx_,vocab_,vocab_cfg_,input_,head_,ar_head_}cpu.json (written by
 `benchmarks.quality_study`) and writes:
   benchmarks/results/quality_ablation_h200.md   one row per lever: bound, judged samples, context use
   benchmarks/results/quality_width_h200.md      the same for diffusion widths (model.embed_dim)
@@ -25,6 +25,7 @@ quality_{wavefront,ablation_pw,capacity}_h200.json and quality_tiny_{,sched_,swe
   benchmarks/results/quality_tiny_vocab_cpu.md  tiny with the 2048-id BPE at twice the steps (equal wall time), its own AR judge
   benchmarks/results/quality_tiny_input_cpu.md  tiny with the posterior input (model.posterior_input) beside the recipe
   benchmarks/results/quality_tiny_head_cpu.md   tiny with the head's GEMMs on bfloat16 operands (model.head_dtype) beside float32 and seed 1
+  benchmarks/results/quality_tiny_ar_head_cpu.md  tiny's AR model likewise (its head's GEMMs, forward and backward)
   benchmarks/results/quality_posterior_h200.md  the posterior input at ablation scale, at three optimisations
   docs/posterior_tradeoff.png                   its runs' judge perplexity against sample entropy
   benchmarks/results/quality_posterior_{b8,lr}_h100.md  its best run at 9600 x 8 windows; at learning rates 6e-3 and 2e-3
@@ -381,6 +382,34 @@ def tiny_table(res: dict, source: str = "quality_tiny_cpu.json") -> str:
     return "\n".join(lines) + "\n"
 
 
+def ar_runs_table(res: dict, source: str) -> str:
+    """An AR-only study (CPU): held-out NLL, judged samples and their entropy for each AR run."""
+    ref = res.get("reference", {})
+    runs = res["runs"]
+    judge = res.get("models", {}).get("judge", {})
+    lines = [f"# AR runs of configs/tiny.py's width on CPU — {res.get('device', '')}", "",
+             f"Made by `benchmarks/quality_report.py` from `{source}`, written by:", "",
+             commands(res), "",
+             "Each run trained on " + ", ".join(f"`{n}` {i['tokens_seen']:,}" for n, i in runs.items())
+             + " tokens of the embedded corpus ("
+             + ("equal" if len({i["tokens_seen"] for i in runs.values()}) == 1 else "UNEQUAL")
+             + "), side by side (one process each); overrides: "
+             + ", ".join(f"`{n}` ({', '.join(f'{k}={v}' for k, v in i.get('overrides', {}).items() if k not in ('task', 'model.bidirectional', 'model.n_layers')) or 'as configured'})"
+                         for n, i in runs.items())
+             + f". The judge is `{os.path.basename(judge.get('workdir', '')) or '?'}` (window "
+             f"{judge.get('window', '?')}), so its own samples score best. Real text: judge ppl "
+             f"{_f(ref.get('judge_ppl'), '.1f')}, entropy {_f(ref.get('entropy'), '.2f')} bits/token.", "",
+             "| run | held-out NLL (bits/token) | judge ppl | prompted | entropy | prompted |",
+             "|---|---|---|---|---|---|"]
+    for name, info in runs.items():
+        rows = {r["prompted"]: r for r in res["rows"] if r.get("variant") == name}
+        un, pr = rows.get(False, {}), rows.get(True, {})
+        lines.append(f"| {name} | {_f(info.get('nll_bits'), '.4f')} | {_f(un.get('judge_ppl'), '.0f')} | "
+                     f"{_f(pr.get('judge_ppl'), '.0f')} | {_f(un.get('entropy'), '.2f')} | "
+                     f"{_f(pr.get('entropy'), '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def small_table(res: dict, source: str, title: str) -> str:
     """The Markdown page of a small study: `title` heads it, `source` names its results file."""
     ref = res.get("reference", {})
@@ -696,6 +725,8 @@ def main(argv=None) -> list[str]:
                 tradeoff[f"{tiny['runs']['dimba']['tokens_seen']:,} tokens ({stem}.json)"] = tiny
     if tradeoff:
         written.append(plot_tradeoff(tradeoff, os.path.join(args.docs, "tiny_sampler_tradeoff.png")))
+    render_if_present(args.results, "quality_tiny_ar_head_cpu",
+                      lambda res: ar_runs_table(res, "quality_tiny_ar_head_cpu.json"), written)
     for study, stem in (("wavefront", "quality_wavefront_h200"), ("ablation_pw", "quality_ablation_pw_h200"),
                         ("capacity", "quality_capacity_h200"), ("posterior", "quality_posterior_h100"),
                         ("posterior", "quality_posterior_h200"), ("posterior_b8", "quality_posterior_b8_h100"),

@@ -58,6 +58,9 @@ Studies (STUDIES below):
   tiny_head  configs/tiny.py with the head's GEMMs on bfloat16 operands (model.head_dtype)
             beside the recipe (float32) and the recipe at seed 1 (the scale of seed noise); its own
             AR judge.
+  tiny_ar_head  the AR model of configs/tiny.py's width with its head's GEMMs on bfloat16 operands
+            forward and backward (model.head_dtype "bfloat16", the default) beside "float32" and
+            beside the default at seed 1; the first AR run judges.
   tiny_ctx  configs/tiny.py with four times the prefix layouts, and with the warp's floor at 1,
             beside the recipe, judged by the prompt fit and the context use by position; its own
             AR judge.
@@ -377,6 +380,21 @@ STUDIES = {
         "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
         "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
         "variants": ("st0.8",),
+    },
+    "tiny_ar_head": {
+        # the AR model of configs/tiny.py's width (6 causal blocks) with its head's GEMMs on
+        # bfloat16 operands forward and backward (model.head_dtype, the default) beside float32
+        # and beside the default at master seed 1 (the scale of seed noise); the first judges
+        "config": "configs/tiny.py",
+        "runs": {
+            "ar": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6},
+            "ar_f32": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6,
+                       "model.head_dtype": "float32"},
+            "ar_seed1": {"task": "ar", "model.bidirectional": False, "model.n_layers": 6,
+                         "seed": 1},
+        },
+        "judge": "ar", "steps": (32,), "lengths": (64,), "batches": (32,), "prompt_len": 16,
+        "skip_tokens": 0, "measure_in_worker": True, "variant_is_run": True,
     },
     "small": {
         "config": "configs/small.py",

@@ -179,3 +179,46 @@ def test_ar_task_needs_a_vocabulary():
         ArTask(_ar_config())
     with pytest.raises(ValueError, match="tokenizer"):
         ArTask(_ar_config(), vocab_size=VOCAB).sample_text(_model(), jax.random.key(0), 1)
+
+
+def _vocab_dots(jaxpr, v_pad):
+    """(operand dtypes) of every dot_general in `jaxpr` and its sub-jaxprs that touches the
+    padded vocabulary (an operand or the output with a dimension v_pad)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes = [v.aval.shape for v in eqn.invars] + [eqn.outvars[0].aval.shape]
+            if any(v_pad in s for s in shapes):
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _vocab_dots(inner, v_pad)
+    return found
+
+
+@pytest.mark.parametrize("head_dtype,want", [(None, "float32"), ("bfloat16", "bfloat16")])
+def test_head_gemms_forward_and_backward_take_the_head_dtype(head_dtype, want):
+    """The head's three vocabulary-sized GEMMs (logits, and the backward's two) take operands in
+    head_dtype (None: the compute dtype, here float32); config.model.head_dtype reaches the
+    model; the logits are float32 either way, within bf16 rounding of the float32 head's."""
+    hd = None if head_dtype is None else getattr(jnp, head_dtype)
+    model, ids = _model(head_dtype=hd, padded_vocab_size=80), _ids()  # 80: no other dim
+    graphdef, state = nnx.split(model)
+    loss = lambda st: nnx.merge(graphdef, st)(ids).sum()  # noqa: E731
+    dots = _vocab_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, model.padded_vocab_size)
+    assert len(dots) == 3 and all(d == (want, want) for d in dots), dots
+    logits = jitted(model)(ids)
+    ref = jitted(_model(padded_vocab_size=80))(ids)
+    assert logits.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(logits - ref)) / jnp.max(jnp.abs(ref)))
+    assert (err == 0.0) if head_dtype is None else (0.0 < err < 2e-2), err
+    from dimba_jax.config import default_config
+    from dimba_jax.models.ar import lm_from_config
+    m = default_config().model
+    m.d_model, m.n_layers, m.ssd_impl, m.head_dtype = 32, 1, "reference", "bfloat16"
+    assert lm_from_config(m, VOCAB, rngs=nnx.Rngs(0)).head_dtype == jnp.bfloat16
+    with m.unlocked():
+        del m.head_dtype  # a run saved before the key existed: the compute dtype
+    assert lm_from_config(m, VOCAB, rngs=nnx.Rngs(0)).head_dtype == jnp.dtype(m.compute_dtype)

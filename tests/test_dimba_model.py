@@ -300,7 +300,7 @@ def test_head_dtype_float32_is_the_float32_einsum():
 def test_head_einsum_bfloat16_forward_and_gradients(spec):
     """head_einsum in bfloat16: float32 outputs and gradients within bf16 rounding of the float32
     einsum's, not equal to them."""
-    from dimba_jax.models.dimba import head_einsum
+    from dimba_jax.layers.precision import head_einsum
 
     ka, kb, kg = jax.random.split(jax.random.key(7), 3)
     a = jax.random.normal(ka, (B, L, D) if spec.startswith("bld") else (B, L, V))

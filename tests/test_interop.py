@@ -229,6 +229,7 @@ def test_ar_task_starts_from_a_checkpoint_with_one_config_field(tmp_path):
     for k, v in MIXER.items():
         setattr(config.model, k, v)
     config.model.ssd_impl = "xla"
+    config.model.head_dtype = "float32"  # the oracle's float32 logits (the default rounds to bf16)
     config.model.init_from_mamba_ssm = str(write_checkpoint(tmp_path / "ckpt", params))
     model = ArTask(config, vocab_size=300).init_model(nnx.Rngs(0))
     assert rel_err(jitted(model)(ids), logits) <= 1e-4

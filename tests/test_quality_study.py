@@ -326,3 +326,18 @@ def test_the_coordinator_asks_for_the_prompted_real_text_reference(tmp_path, mon
         qs.main(["--study", "prompt", "--workdir", str(tmp_path),
                  "--out", str(tmp_path / "q.json")])
     assert calls[0][3:] == (256, 32, 2000, 256, qs.STUDIES["prompt"]["prompt_len"])
+
+
+def test_ar_runs_table_lists_every_ar_run_with_its_nll_and_samples():
+    """The AR-only study's page (quality_tiny_ar_head_cpu.json): one row per run with its
+    held-out NLL and judged samples, tokens marked equal, the overrides named."""
+    from benchmarks import quality_report as qr
+    with open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                           "quality_tiny_ar_head_cpu.json")) as f:
+        res = json.load(f)
+    table = qr.ar_runs_table(res, "x.json")
+    for name, info in res["runs"].items():
+        assert f"| {name} | {info['nll_bits']:.4f} | " in table
+    assert "(equal)" in table and "`ar_f32` (model.head_dtype=float32)" in table
+    res["runs"]["ar_seed1"] = dict(res["runs"]["ar_seed1"], tokens_seen=1)
+    assert "(UNEQUAL)" in qr.ar_runs_table(res, "x.json")

@@ -1,16 +1,23 @@
-"""Parameters stored in the dtype a layer computes in, for programs that only run the model.
+"""Precision helpers of the models (no model here: layers below both).
 
-An `nnx.Linear` built with `dtype=bfloat16, param_dtype=float32` casts its float32 kernel to
-bfloat16 on every call. Inside a sampling or decoding loop the weights enter the loop in float32,
-so the cast runs at every step (on an H100, DIMBA base sampling at batch 1 ran two standalone
-`wrapped_convert` kernels per layer and step, 7% of its kernel time, which these casts explain:
-benchmarks/results/latency_levers_h100_profile.md).
-`cast_linears_to_compute_dtype` does the cast once, before the loop; the layer's own cast is
-then the identity, so the results are the same bits.
+`cast_linears_to_compute_dtype`: parameters stored in the dtype a layer computes in, for
+programs that only run the model. An `nnx.Linear` built with `dtype=bfloat16,
+param_dtype=float32` casts its float32 kernel to bfloat16 on every call. Inside a sampling or
+decoding loop the weights enter the loop in float32, so the cast runs at every step (on an H100,
+DIMBA base sampling at batch 1 ran two standalone `wrapped_convert` kernels per layer and step,
+7% of its kernel time, which these casts explain: benchmarks/results/latency_levers_h100_profile.md).
+The function does the cast once, before the loop; the layer's own cast is then the identity, so
+the results are the same bits.
+
+`head_einsum`: a vocabulary-sized GEMM (a tied head x @ E^T, DIMBA's softmax @ E) with its
+operands in a chosen dtype and float32 sums, forward and backward (`model.head_dtype`).
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,3 +45,46 @@ def cast_linears_to_compute_dtype(model: nnx.Module) -> int:
                     param.value = value.astype(dtype)
                 cast += 1
     return cast
+
+
+def head_einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """A vocabulary-sized GEMM of the head or the output prior: jnp.einsum(spec, a, b), float32.
+
+    spec: a two-operand contraction "A,B->C" in which every index appears in exactly two of A,
+    B, C ("bld,vd->blv": x @ E^T; "blv,vd->bld": p @ E). a, b: float arrays (taken as float32;
+    their gradients come back in their own dtypes). dtype float32: the float32 einsum itself.
+    bfloat16: both operands cast to bfloat16 and the products summed in float32
+    (`preferred_element_type`); the backward's two GEMMs likewise take the cotangent and the
+    saved operands in bfloat16 and return float32 gradients. -> float32 array of C.
+    """
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return _low_precision_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(spec, dtype, a, b):
+    """`head_einsum` in `dtype`: float32 a, b -> float32 (operands in dtype, float32 sums)."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_einsum_fwd(spec, dtype, a, b):
+    """The forward: (float32 output, residuals (a, b) in dtype)."""
+    a_low, b_low = a.astype(dtype), b.astype(dtype)
+    out = jnp.einsum(spec, a_low, b_low, preferred_element_type=jnp.float32)
+    return out, (a_low, b_low)
+
+
+def _low_precision_einsum_bwd(spec, dtype, res, g):
+    """The backward: float32 cotangent g of C -> float32 (da, db), each one GEMM in dtype."""
+    a_low, b_low = res
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    g_low = g.astype(dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g_low, b_low, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{out},{sa}->{sb}", g_low, a_low, preferred_element_type=jnp.float32)
+    return da, db
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)

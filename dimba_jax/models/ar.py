@@ -27,7 +27,7 @@ from flax import nnx
 from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
-from dimba_jax.layers.precision import cast_linears_to_compute_dtype
+from dimba_jax.layers.precision import cast_linears_to_compute_dtype, head_einsum
 from dimba_jax.models import flops
 from dimba_jax.ssd import KernelConfig
 
@@ -72,6 +72,8 @@ class MambaLM(nnx.Module):
         the published Mamba-2 checkpoints); `padded_vocab_size` overrides the padded size.
       norm_eps: RMSNorm epsilon (1e-5).
       dtype: compute dtype; param_dtype: parameter dtype. The residual stream is float32.
+      head_dtype: operand dtype of the head's GEMM (forward and backward, float32 sums, float32
+        logits; `layers.precision.head_einsum`); None: the compute dtype.
 
     Parameters (logical axes): embedding.embedding (V_pad, d_model) ("vocab", "embed");
     layers[i].norm.weight ("embed",); layers[i].mixer.* (see Mamba2); norm_f.weight ("embed",);
@@ -86,7 +88,7 @@ class MambaLM(nnx.Module):
                  norm_impl: str = "auto", core_vjp: bool = False, tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 16, padded_vocab_size: int | None = None,
                  norm_eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 head_dtype=None, rngs: nnx.Rngs):
         if n_layers <= 0:
             raise ValueError(f"MambaLM: n_layers must be positive, got {n_layers}")
         v_pad = padded_vocab_size or padded_vocab(vocab_size, pad_vocab_size_multiple)
@@ -98,6 +100,7 @@ class MambaLM(nnx.Module):
         self.tie_embeddings = tie_embeddings
         self.norm_eps = norm_eps
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.head_dtype = jnp.dtype(dtype if head_dtype is None else head_dtype)
         mixer_config = dict(d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups,
                             d_conv=d_conv, chunk_size=chunk_size, conv_impl=conv_impl,
                             norm_impl=norm_impl, core_vjp=core_vjp)
@@ -141,7 +144,7 @@ class MambaLM(nnx.Module):
             w = self.embedding.embedding[...].astype(self.dtype)  # (V, d)
         else:
             w = self.lm_head.kernel[...].astype(self.dtype).T
-        return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
+        return head_einsum("...d,vd->...v", h, w, self.head_dtype)
 
     def _prenorm(self, layer, residual, h):
         """(residual + h float32, layer.norm of it in the compute dtype): residual (..., d)
@@ -301,7 +304,8 @@ def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    rngs: nnx.Rngs, pad_vocab_size_multiple: int = 16) -> MambaLM:
     """Builds a MambaLM from `config.model` (d_model, n_layers, d_state, expand, headdim,
     ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, conv_impl, norm_impl,
-    mixer_core_vjp, tie_embeddings, compute_dtype)."""
+    mixer_core_vjp, tie_embeddings, compute_dtype, head_dtype; a config without head_dtype, a
+    run saved before it reached this model, keeps the compute dtype)."""
     m = model_config
     return MambaLM(vocab_size, d_model=m.d_model, n_layers=m.n_layers, d_state=m.d_state,
                    expand=m.expand, headdim=m.headdim, ngroups=m.ngroups, d_conv=m.d_conv,
@@ -312,7 +316,8 @@ def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    core_vjp=bool(getattr(m, "mixer_core_vjp", False)),
                    tie_embeddings=m.tie_embeddings,
                    pad_vocab_size_multiple=pad_vocab_size_multiple,
-                   dtype=as_dtype(m.compute_dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)
+                   dtype=as_dtype(m.compute_dtype), param_dtype=as_dtype(param_dtype),
+                   head_dtype=as_dtype(getattr(m, "head_dtype", m.compute_dtype)), rngs=rngs)
 
 
 def next_token_metrics(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -60,14 +60,13 @@ Decisions:
   stream and the stem/head run in float32; the mixers compute in `model.compute_dtype`.
 * **Head precision.** The vocabulary-sized GEMMs (the tied head x @ E^T, the output prior
   x_t @ E^T and every softmax @ E) take their operands in `model.head_dtype` ("float32" or
-  "bfloat16") and accumulate in float32 (`head_einsum`, forward and backward); logits,
+  "bfloat16") and accumulate in float32 (`layers.precision.head_einsum`, forward and backward); logits,
   softmaxes and x0_hat are float32 either way. A config without the key (a run saved before
   it existed) keeps "float32", the precision it was trained at.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -79,6 +78,7 @@ from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, 
                                            make_block_conditioning)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
+from dimba_jax.layers.precision import head_einsum
 from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -90,48 +90,6 @@ HEAD_DTYPES = ("float32", "bfloat16")
 # lambda in [-28, 12] spans t_in in [0, 1000], the range its sinusoidal features are made for.
 LOGSNR_TOP = 12.0
 TIME_PER_LOGSNR = 25.0
-
-
-def head_einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """A vocabulary-sized GEMM of the head or the output prior: jnp.einsum(spec, a, b), float32.
-
-    spec: a two-operand contraction "A,B->C" in which every index appears in exactly two of A,
-    B, C ("bld,vd->blv": x @ E^T; "blv,vd->bld": p @ E). a, b: float32 arrays. dtype float32:
-    the float32 einsum itself. bfloat16: both operands cast to bfloat16 and the products summed
-    in float32 (`preferred_element_type`); the backward's two GEMMs likewise take the cotangent
-    and the saved operands in bfloat16 and return float32 gradients. -> float32 array of C.
-    """
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, a, b)
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return _low_precision_einsum(spec, jnp.dtype(dtype), a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _low_precision_einsum(spec, dtype, a, b):
-    """`head_einsum` in `dtype`: float32 a, b -> float32 (operands in dtype, float32 sums)."""
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _low_precision_einsum_fwd(spec, dtype, a, b):
-    """The forward: (float32 output, residuals (a, b) in dtype)."""
-    a_low, b_low = a.astype(dtype), b.astype(dtype)
-    out = jnp.einsum(spec, a_low, b_low, preferred_element_type=jnp.float32)
-    return out, (a_low, b_low)
-
-
-def _low_precision_einsum_bwd(spec, dtype, res, g):
-    """The backward: float32 cotangent g of C -> float32 (da, db), each one GEMM in dtype."""
-    a_low, b_low = res
-    inputs, out = spec.split("->")
-    sa, sb = inputs.split(",")
-    g_low = g.astype(dtype)
-    da = jnp.einsum(f"{out},{sb}->{sa}", g_low, b_low, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{out},{sa}->{sb}", g_low, a_low, preferred_element_type=jnp.float32)
-    return da, db
-
-
-_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
 def output_prior_logits(x_t: jax.Array, logsnr: jax.Array, table: jax.Array,
