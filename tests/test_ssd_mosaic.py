@@ -418,8 +418,8 @@ def test_two_warpgroup_chunk_output_in_the_interpreter():
 
 def test_output_warpgroups_reach_the_chunk_output_kernel(monkeypatch):
     """KernelConfig.output_warpgroups (from config.model.ssd_output_warpgroups, 1 by default)
-    reaches chunk_out_mosaic in the forward and under the gradient, and the two-warpgroup
-    kernel lowers for cuda inside the full gradient program."""
+    reaches chunk_out_mosaic, and the two-warpgroup kernel lowers for cuda inside the forward
+    (chunk 128, the sampler's forward-only chunk)."""
     from dimba_jax.config import default_config
     m = default_config().model
     assert KernelConfig.from_config(m).output_warpgroups == 1
@@ -441,15 +441,13 @@ def test_output_warpgroups_reach_the_chunk_output_kernel(monkeypatch):
     shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
               s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
 
-    def loss(*a):
-        y = pallas_mosaic.ssd_mosaic_forward(
+    def forward(*a):
+        return pallas_mosaic.ssd_mosaic_forward(
             *a, CHUNK, dt_softplus=True,
-            kernels=KernelConfig(block_len=128, backward="mosaic", output_warpgroups=2))
-        return y.astype(jnp.float32).sum()
+            kernels=KernelConfig(block_len=128, forward_only_block_len=None, output_warpgroups=2))
 
     with hopper.cuda_lowering_context():
-        text = jax.jit(jax.grad(loss, argnums=(0, 3, 4))).trace(*shapes).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(forward).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert seen == [2] and "custom_call @mosaic_gpu" in text
 
 
