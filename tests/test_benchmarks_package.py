@@ -64,8 +64,8 @@ def test_ssd_bench_variants_name_the_mosaic_prologue():
 
 def test_ssd_bench_variants_name_two_warpgroups():
     """The fifth field's flags joined by "+": "wg2" (two consumer warpgroups in the Mosaic
-    chunk backward), "owg2" (in the chunk output), named in the label and the fields; an
-    unknown flag is refused."""
+    chunk backward), "owg2" (in the chunk output), "fo128" (forward-only calls at chunk 128),
+    named in the label and the fields; an unknown flag is refused."""
     from benchmarks import ssd_pallas_bench as bench
 
     label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2")
@@ -73,6 +73,8 @@ def test_ssd_bench_variants_name_two_warpgroups():
     assert fields["backward_warpgroups"] == 2 and "output_warpgroups" not in fields
     label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2+owg2")
     assert label.endswith("_wg2_owg2") and fields["output_warpgroups"] == 2
+    label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:owg2+fo128")
+    assert label.endswith("_owg2_fo128") and fields["forward_only_block_len"] == 128
     assert "backward_group_sums" not in fields
     with pytest.raises(ValueError, match="fifth field"):
         bench.parse_variant("mosaic:128:mosaic:pallas:wg3")
