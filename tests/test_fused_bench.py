@@ -26,14 +26,23 @@ def test_sweep_rows_set_plain_tiles_and_defaults_resolve_the_backward():
 
 
 def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
+    """The sweep's rows for both kernels, the tuned row checked against XLA, and --bwd-sums
+    ROWS:STEP:PROGRAMS: the conv backward timed with its weight sums elementwise over row steps
+    and its column tiles split (rows longer than L skipped); those rows record sums_bwd and
+    min_programs_bwd, and the table names them."""
     prefix = str(tmp_path / "fb")
     result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
                                "--rows", "4", "--warps", "1", "--stages", "1,2", "--cols", "0",
+                               "--bwd-sums", "8:2:1024,8:8:1,64:8:1",
                                "--runs", "1", "--inner", "1", "--out", prefix])
     rows = result["rows"]
     assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    tiled = [(r["kernel"], r["block_rows_bwd"], r["step_rows_bwd"], r["min_programs_bwd"])
+             for r in rows if r.get("sums_bwd") == "tile" and r["impl"] == "pallas"]
+    assert tiled == [("conv", 8, 2, 1024), ("conv", 8, 8, 1)]
+    untiled = [r for r in rows if not (r.get("sums_bwd") == "tile" and r["impl"] == "pallas")]
     for kernel in ("conv", "norm"):
-        mine = [r for r in rows if r["kernel"] == kernel]
+        mine = [r for r in untiled if r["kernel"] == kernel]
         assert {(r["impl"], r["pass"]) for r in mine} == {
             ("xla", "fwd"), ("xla", "fwdbwd"), ("pallas", "fwd"), ("pallas", "fwdbwd"),
             ("pallas (tuned)", "fwdbwd"), ("pallas (defaults)", "fwd"),
@@ -57,6 +66,7 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
     with open(prefix + ".md") as f:
         md = f.read()
     assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md
+    assert "sums-tile p1024" in md
     assert "python -m benchmarks.fused_bench" in md
 
 
@@ -85,23 +95,3 @@ def test_causal_config_sweeps_the_one_direction_kernels(tmp_path):
     tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
     assert sorted(r["kernel"] for r in tuned) == ["conv", "norm"]
     assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)
-
-
-def test_conv_backward_tile_sums_are_swept(tmp_path):
-    """--bwd-sums ROWS:STEP:PROGRAMS: the conv backward timed with its weight sums elementwise
-    over row steps and its column tiles split (rows longer than L are skipped), at the best
-    backward warps; the rows record sums_bwd and min_programs_bwd, the table names them."""
-    prefix = str(tmp_path / "fb")
-    result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
-                               "--rows", "4", "--warps", "1", "--stages", "1", "--cols", "0",
-                               "--bwd-sums", "8:2:1024,8:8:1,64:8:1", "--kernels", "conv",
-                               "--runs", "1", "--inner", "1", "--out", prefix])
-    rows = result["rows"]
-    assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
-    tiled = [(r["block_rows_bwd"], r["step_rows_bwd"], r["min_programs_bwd"])
-             for r in rows if r.get("sums_bwd") == "tile" and r["impl"] == "pallas"]
-    assert tiled == [(8, 2, 1024), (8, 8, 1)]
-    tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
-    assert len(tuned) == 1 and tuned[0]["max_rel_err_vs_xla"] < 2e-2
-    with open(prefix + ".md") as f:
-        assert "sums-tile p1024" in f.read()
