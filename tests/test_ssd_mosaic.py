@@ -417,14 +417,14 @@ def test_two_warpgroup_chunk_output_in_the_interpreter():
 
 
 def test_output_warpgroups_reach_the_chunk_output_kernel(monkeypatch):
-    """KernelConfig.output_warpgroups (from config.model.ssd_output_warpgroups, 1 by default)
+    """KernelConfig.output_warpgroups (from config.model.ssd_output_warpgroups, 2 by default)
     reaches chunk_out_mosaic, and the two-warpgroup kernel lowers for cuda inside the forward
     (chunk 128, the sampler's forward-only chunk)."""
     from dimba_jax.config import default_config
     m = default_config().model
-    assert KernelConfig.from_config(m).output_warpgroups == 1
-    m.ssd_output_warpgroups = 2
     assert KernelConfig.from_config(m).output_warpgroups == 2
+    m.ssd_output_warpgroups = 1
+    assert KernelConfig.from_config(m).output_warpgroups == 1
     with pytest.raises(ValueError, match="output_warpgroups"):
         KernelConfig(output_warpgroups=0)
     seen = []

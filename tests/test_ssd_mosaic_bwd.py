@@ -413,19 +413,19 @@ def test_two_warpgroups_shared_memory_and_where_they_are_taken():
     """Two consumer warpgroups need two 64-row slabs (chunk 128) and their own staging tiles:
     they fit at headdim 64 with dS in 16 bits (one block per SM), not at chunk 64 or headdim
     128, where chunk_bwd_mosaic runs one warpgroup; KernelConfig reads the count from
-    config.model.ssd_backward_warpgroups (1 by default) and rejects any other than 1 or 2."""
+    config.model.ssd_backward_warpgroups (2 by default) and rejects any other than 1 or 2."""
     fit = pallas_mosaic_bwd.warpgroups_fit
     need = pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, convert_dstates=False, warpgroups=2)
     one = pallas_mosaic_bwd.smem_bytes(128, 64, 128, 2, convert_dstates=False)
     assert one < need <= hopper.SMEM_LIMIT and need > hopper.TWO_BLOCKS_SMEM
     assert fit(128, 64, 128, 2) and fit(128, 64, 64, 2)
     assert not fit(64, 64, 128, 2) and not fit(128, 128, 128, 2)
-    assert KernelConfig().backward_warpgroups == 1
+    assert KernelConfig().backward_warpgroups == 2
     from dimba_jax.config import default_config
     m = default_config().model
-    assert KernelConfig.from_config(m).backward_warpgroups == 1
-    m.ssd_backward_warpgroups = 2
     assert KernelConfig.from_config(m).backward_warpgroups == 2
+    m.ssd_backward_warpgroups = 1
+    assert KernelConfig.from_config(m).backward_warpgroups == 1
     with pytest.raises(ValueError, match="backward_warpgroups"):
         KernelConfig(backward_warpgroups=3)
     args = _inputs(3, 1, 1, 64, 2, 1, 64, 64, jnp.bfloat16)

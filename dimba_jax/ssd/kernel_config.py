@@ -57,12 +57,19 @@ class KernelConfig:
     backward_warpgroups: consumer warpgroups per program of the Mosaic chunk backward: 1, or 2
       (one per 64-row slab of a 128-chunk, each issuing its own wgmmas, so the two slabs'
       products overlap; `pallas_mosaic_bwd.warpgroups_fit` says where it fits: chunk 128,
-      headdim 64, dstate up to 128, no group sums). The same bits as 1. Not yet timed on a
-      GPU, so 1.
+      headdim 64, dstate up to 128, no group sums; elsewhere one). The same bits as 1. On an
+      H200 the SSD's forward+backward takes 1.600 against 1.904 ms at 1.3b-L2k, 1.598 against
+      1.776 at 130m-L32k, 0.750 against 0.855 at 130m-L2k (one call,
+      benchmarks/results/ssd_wg2_h200.md), so 2.
     output_warpgroups: consumer warpgroups per program of the Mosaic chunk output: 1, or 2
       (16-bit x at chunk 128: one per 64-row slab, over the columns the causal mask keeps;
-      `pallas_mosaic_fwd.chunk_out_mosaic`). Used in training (chunk 128) and in forward-only
-      calls at chunk 128 (the models' sampler). Not yet timed on a GPU, so 1.
+      `pallas_mosaic_fwd.chunk_out_mosaic`; elsewhere one). Used in training (chunk 128) and in
+      forward-only calls at chunk 128 (the models' sampler). On an H200, with two backward
+      warpgroups: forward+backward 1.562 against 1.600 ms at 1.3b-L2k, 1.489 against 1.598 at
+      130m-L32k (ssd_wg2_h200.md); the batch-1 sampler at configs/base.py T = 64 129.2 against
+      135.9 ms (latency_levers_owg2_h200.md), so 2. Forward-only calls at chunk 128 with it
+      stay slower than at chunk 64 at the benchmark's shapes (0.444 against 0.390 ms at
+      1.3b-L2k), so `forward_only_block_len` stays 64.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
@@ -70,8 +77,8 @@ class KernelConfig:
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
     backward_group_sums: bool = False
-    backward_warpgroups: int = 1
-    output_warpgroups: int = 1
+    backward_warpgroups: int = 2
+    output_warpgroups: int = 2
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
