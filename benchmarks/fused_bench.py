@@ -139,6 +139,34 @@ def make_case(kernel: str, dims: dict, batch: int, key):
     return ref, make, args, cts, tile_defaults(pallas_fn)
 
 
+# HBM bandwidth of the devices the benchmarks run on, bytes/s (vendor figures: H100 SXM HBM3,
+# H200 HBM3e), for the tables' "% of HBM" column; other devices get none.
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def hbm_bytes(kernel: str, pass_: str, dims: dict, batch: int, itemsize: int = 2) -> int:
+    """The bytes the fused kernels of one call must move between HBM and the chip if each array
+    they read or write crosses once: inputs, outputs and the conv backward's g (written by its
+    first kernel, read by its second), activations `itemsize` bytes, dt_cat / ddt_cat float32;
+    weights, biases and the conv's weight partial sums left out (small). "fwdbwd" is the
+    forward kernel plus the backward kernels; "fwd (loop)" is "fwd". The rows' GB/s divide it
+    by their time, for the XLA reference too (the same arrays, so the same floor)."""
+    rows, nd, h = batch * dims["L"], dims.get("directions", 2), dims["nheads"]
+    act = rows * itemsize
+    if kernel == "conv":
+        c = dims["conv_dim"]
+        fwd = act * (c + h) + nd * act * c + rows * nd * h * 4  # xbc, dt -> x|B|C per direction, dt_cat
+        bwd = (act * c + 2 * nd * act * c  # bwd_g: xbc and the cotangents in, g out
+               + nd * act * c + rows * nd * h * 4 + act * (c + h))  # bwd_dx: g, ddt_cat in, dxbc, ddt out
+    elif kernel == "norm":
+        d = h * dims["headdim"]
+        fwd = act * d * (nd + 2)  # y (nd directions), z in; out
+        bwd = act * d * (nd + 2) + act * d * (nd + 1)  # y, z, dout in; dy, dz out
+    else:
+        raise ValueError(f"hbm_bytes: unknown kernel {kernel!r}")
+    return int(fwd + bwd) if pass_ == "fwdbwd" else int(fwd)
+
+
 def loop_fn(fn, n: int):
     """jit of n calls of fn(*args) in one fori_loop. Each call's last argument (a float32 bias
     or norm weight) is nudged by 1e-30 x one element of its output, so no call is hoisted out
@@ -191,6 +219,8 @@ class Runner:
         """Times f(*args) (ms per call of f's `calls` calls), appends the row, writes."""
         try:
             row["ms"] = time_ms(f, args, self.a.runs, self.a.inner)[0] / calls
+            row["gbps"] = hbm_bytes(row["kernel"], row["pass"], self.result["dims"],
+                                    row["batch"]) / row["ms"] / 1e6
         except Exception as e:  # noqa: BLE001 (a configuration the compiler rejects is a result)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         self.result["rows"].append(row)
@@ -304,15 +334,19 @@ def write(result, prefix):
     with open(prefix + ".json", "w") as f:
         json.dump(result, f, indent=1)
     rows = result["rows"]
+    peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in result["device"]), None)
     lines = [f"# Fused mixer kernels on {result['device']} (jax {result['jax']})", "",
              f"Command: `{result['command']}`", "", f"Mixer dims: {result['dims']} (bf16 "
              "activations). ms = median of timed windows. \"pallas (defaults)\": the kernels "
              "at the tiles the model runs; the sweep's rows set only the tiles they name, the "
              f"rest are {PLAIN['block_rows']} rows x {PLAIN['num_warps']} warps, one stage, the "
              "natural width, one step; `fwdbwd` sweeps the backward kernel with the forward at "
-             "those.",
-             "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA "
-             "| rel err vs XLA |", "|---|---|---|---|---|---|---|---|"]
+             "those.", "",
+             "GB/s: `hbm_bytes` (each array the kernels read or write crossing HBM once) per "
+             "time; % of HBM: of the device's " + (f"{peak / 1e12:.2f} TB/s" if peak else
+                                                    "(unknown here)") + ".",
+             "", "| kernel | batch | pass | impl | rows x warps (bwd) | ms | x XLA | GB/s "
+             "| % of HBM | rel err vs XLA |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" not in r:
             continue
@@ -323,8 +357,10 @@ def write(result, prefix):
             tiles += f" ({tile_text(r, '_bwd')})"
         err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
         ratio = f"{r['ms'] / xla:.2f}" if xla else ""
+        gbps = r.get("gbps")
+        share = f"{100 * gbps * 1e9 / peak:.0f}%" if gbps and peak else ""
         lines.append(f"| {r['kernel']} | {r['batch']} | {r['pass']} | {r['impl']} "
-                     f"| {tiles} | {r['ms']:.3f} | {ratio} | {err} |")
+                     f"| {tiles} | {r['ms']:.3f} | {ratio} | {gbps or 0:.0f} | {share} | {err} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed configurations:", ""] + [

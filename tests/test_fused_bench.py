@@ -3,6 +3,8 @@ against the jnp reference, and its outputs."""
 
 import json
 
+import pytest
+
 from benchmarks import fused_bench
 
 
@@ -65,7 +67,9 @@ def test_sweep_writes_rows_and_checks_the_tuned_kernels(tmp_path):
         assert json.load(f)["rows"] == rows
     with open(prefix + ".md") as f:
         md = f.read()
-    assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md
+    assert "| conv | 1 | fwdbwd | pallas (tuned) |" in md and "% of HBM" in md
+    assert all(r["gbps"] == pytest.approx(fused_bench.hbm_bytes(
+        r["kernel"], r["pass"], result["dims"], r["batch"]) / r["ms"] / 1e6) for r in rows)
     assert "sums-tile p1024" in md
     assert "python -m benchmarks.fused_bench" in md
 
@@ -95,3 +99,29 @@ def test_causal_config_sweeps_the_one_direction_kernels(tmp_path):
     tuned = [r for r in rows if r["impl"] == "pallas (tuned)"]
     assert sorted(r["kernel"] for r in tuned) == ["conv", "norm"]
     assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in tuned)
+
+
+def test_hbm_bytes_count_each_array_once():
+    """The bandwidth floor of a row: every array the fused kernels read or write, once, by
+    its shape (bf16 activations, float32 dt_cat / ddt_cat), against hbm_bytes."""
+    import numpy as np
+
+    dims = dict(L=8, nheads=2, headdim=4, conv_dim=16, directions=2)
+    b, L, h, c, d, nd = 3, 8, 2, 16, 8, 2
+
+    def size(*arrays):
+        return sum(int(np.prod(shape)) * item for shape, item in arrays)
+
+    conv_fwd = size(((b, L, c), 2), ((b, L, h), 2),  # xbc, dt in
+                    ((b, L, nd * c), 2), ((b, L, nd * h), 4))  # x|B|C per direction, dt_cat out
+    conv_bwd = size(((b, L, c), 2), ((b, L, nd * c), 2), ((b, L, nd * c), 2),  # bwd_g
+                    ((b, L, nd * c), 2), ((b, L, nd * h), 4), ((b, L, c), 2), ((b, L, h), 2))
+    norm_fwd = size(((b, L, nd * d), 2), ((b, L, d), 2), ((b, L, d), 2))
+    norm_bwd = norm_fwd + size(((b, L, nd * d), 2), ((b, L, d), 2))
+    assert fused_bench.hbm_bytes("conv", "fwd", dims, b) == conv_fwd
+    assert fused_bench.hbm_bytes("conv", "fwd (loop)", dims, b) == conv_fwd
+    assert fused_bench.hbm_bytes("conv", "fwdbwd", dims, b) == conv_fwd + conv_bwd
+    assert fused_bench.hbm_bytes("norm", "fwd", dims, b) == norm_fwd
+    assert fused_bench.hbm_bytes("norm", "fwdbwd", dims, b) == norm_fwd + norm_bwd
+    causal = dict(dims, directions=1)
+    assert fused_bench.hbm_bytes("norm", "fwd", causal, b) == size(((b, L, d), 2)) * 3

@@ -25,7 +25,7 @@ def _launch(workdir, steps, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                LOG_DIR=str(tmp_path / "logs"),
                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device each, compiled fast
     return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", *SMALL,
                              "--workdir", str(workdir), f"--config.train.steps={steps}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

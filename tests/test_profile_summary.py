@@ -174,7 +174,7 @@ def test_train_throughput_four_devices_variants_profile(tmp_path):
     """4 fake CPU devices, data=2 x fsdp=2: a failing variant is recorded, the next one is
     measured and profiled, the budget stops the third."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
     env["JAX_PLATFORMS"] = "cpu"
     out = str(tmp_path / "tt")
     cmd = [sys.executable, "-m", "benchmarks.train_throughput",
