@@ -103,6 +103,39 @@ def test_forward_column_splits_write_every_output(min_programs):
     np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))
 
 
+@pytest.mark.parametrize("min_programs", [1, 10**6])
+def test_dt_columns_move_in_power_of_two_pieces(min_programs):
+    """Six heads (not a power of two): dt_cat and ddt move as column pieces of 4 and 2
+    (`_pieces`), unsplit and one piece per split program; dt_cat and the dt gradient are the
+    reference's bit for bit (copies and one float32 add), the rest within float32 rounding."""
+    assert fc._pieces(6) == [(0, 4), (4, 2)] and fc._pieces(24) == [(0, 16), (16, 8)]
+    assert fc._pieces(7) == [(0, 4), (4, 2), (6, 1)] and fc._pieces(8) == [(0, 8)]
+    h, c = 6, 6 * P + 2 * N
+    k = jax.random.split(jax.random.key(11), 7)
+    args = (jax.random.normal(k[0], (B, L, c)), jax.random.normal(k[1], (B, L, h)),
+            *(0.5 * jax.random.normal(kk, (K, c)) for kk in k[2:4]),
+            *(0.5 * jax.random.normal(kk, (c,)) for kk in k[4:6]))
+    kw = dict(ngroups=1, d_state=N)
+    cts = tuple(jax.random.normal(kk, s.shape) for kk, s in zip(
+        jax.random.split(k[6], 4), jax.eval_shape(functools.partial(
+            fc.bidirectional_conv_xla, **kw), *args)))
+
+    def value_and_grads(f):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(cts)
+
+    want = jax.jit(lambda: value_and_grads(functools.partial(fc.bidirectional_conv_xla, **kw)))()
+    got = jax.jit(lambda: value_and_grads(functools.partial(
+        fc.bidirectional_conv_pallas, **kw, interpret=True, block_rows=4,
+        min_programs=min_programs)))()
+    np.testing.assert_array_equal(np.asarray(got[0][3]), np.asarray(want[0][3]))  # dt_cat
+    np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(want[1][1]))  # ddt
+    for o, r in zip(got[0][:3], want[0][:3]):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), **F32_FWD_TOL)
+    for name, g, r in zip(NAMES, got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), err_msg=name, **F32_TOL)
+
+
 def test_bf16_gradients_are_as_close_to_float32_math_as_xla_bf16():
     """The backward stores g in xbc's dtype (bf16 here): every gradient must stay as close to
     the float32 computation of the same bf16 inputs as XLA's bf16 autodiff is (dxbc: ~3e-3 of

@@ -254,7 +254,8 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
     (q, nd*H*P), bm_ref, cm_ref (q, nd*G*N) (direction-major, then heads or groups) and
     dtc_ref (q, nd*H) float32. Per column tile the program walks its q rows in steps of
     `step` rows. With splits > 1 the grid's third axis splits the column tiles (x, B and C
-    tiles in one global order, then the dt heads) over that many programs (`_split_loop`)."""
+    tiles in one global order, then the dt columns in `_pieces`) over that many programs
+    (`_split_loop`)."""
     w_refs, b_refs = refs[:nd], refs[nd:2 * nd]
     x_ref, bm_ref, cm_ref, dtc_ref = refs[2 * nd:]
     t0 = pl.program_id(1) * q
@@ -283,12 +284,16 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
         shift += count
 
     dirs = _directions(seqlen, t0, jax.lax.broadcasted_iota(jnp.int32, (q,), 0), k_width, nd)
+    for m, (h0, width) in enumerate(_pieces(nh)):
+        def dt_piece(h0=h0, width=width):
+            for half, (rows, _) in enumerate(dirs):
+                dtc_ref[:, pl.ds(half * nh + h0, width)] = dt_ref[
+                    rows, pl.ds(do + h0, width)].astype(jnp.float32)
 
-    def dt_head(h):
-        for half, (rows, _) in enumerate(dirs):
-            dtc_ref[:, half * nh + h] = dt_ref[rows, do + h].astype(jnp.float32)
-
-    _split_loop(nh, splits, shift, dt_head)
+        if splits == 1:
+            dt_piece()
+        else:  # piece m belongs to split (shift + m) mod splits
+            pl.when(pl.program_id(2) == (shift + m) % splits)(dt_piece)
 
 
 def _dsilu(a):
@@ -297,18 +302,26 @@ def _dsilu(a):
     return sig * (1.0 + a * (1.0 - sig))
 
 
+def _pieces(count):
+    """[0, count) as power-of-two column pieces, widest first: (first column, width) pairs
+    (24 -> (0, 16), (16, 8)), so a (rows, count) block moves as a few whole tiles."""
+    out, first = [], 0
+    for bit in reversed(range(count.bit_length())):
+        if count & (1 << bit):
+            out.append((first, 1 << bit))
+            first += 1 << bit
+    return out
+
+
 def _ddt_rows(ddtc_ref, ddt_ref, t0, j, *, q, seqlen, nh, nd, col=0):
     """ddt_ref[:, col:col + H] (q rows) = ddt[j] = ddt_cat[j, :H] (+ ddt_cat[L-1-j, H:] with
-    nd = 2) for the rows j = t0 + i; ddtc_ref: the whole (L, nd*H) float32 ddt_cat of the
-    batch row."""
-    def dt_head(h, carry):
-        g = ddtc_ref[pl.ds(t0, q), h]
+    nd = 2) for the rows j = t0 + i, in `_pieces(H)`; ddtc_ref: the whole (L, nd*H) float32
+    ddt_cat of the batch row."""
+    for h0, width in _pieces(nh):
+        g = ddtc_ref[pl.ds(t0, q), pl.ds(h0, width)]
         if nd == 2:
-            g = g + ddtc_ref[(seqlen - 1) - j, nh + h]
-        ddt_ref[:, col + h] = g.astype(ddt_ref.dtype)
-        return carry
-
-    jax.lax.fori_loop(0, nh, dt_head, 0)
+            g = g + ddtc_ref[(seqlen - 1) - j, pl.ds(nh + h0, width)]
+        ddt_ref[:, pl.ds(col + h0, width)] = g.astype(ddt_ref.dtype)
 
 
 def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do,
