@@ -291,6 +291,8 @@ def test_full_gradient_with_the_mosaic_backward_lowers_for_cuda(block_len, seman
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4  # 2 forward + 2 backward
     assert "triton" not in text.lower()
+    names = set(re.findall(r"(ssd_[a-z_]+)_mosaic_gpu", text))  # the kernels' names in profiles
+    assert names == {"ssd_chunk_out", "ssd_chunk_statepass", "ssd_rev_statepass", "ssd_chunk_bwd"}
 
 
 def test_group_sums_shared_memory_and_where_they_are_taken():

@@ -130,7 +130,8 @@ def store_tile_last(plgpu, smem, value, dst) -> None:
 
 def kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     """plgpu.kernel with `out_type` / `scratch_types` (jax 0.10+) or the older `out_shape` /
-    `scratch_shapes` keywords, whichever this jax's signature has."""
+    `scratch_shapes` keywords, whichever this jax's signature has. `body`'s name is the kernel's
+    in profiles (`<name>_mosaic_gpu_kernel`)."""
     params = inspect.signature(plgpu.kernel).parameters
     out_key = "out_type" if "out_type" in params else "out_shape"
     scratch_key = "scratch_types" if "scratch_types" in params else "scratch_shapes"
@@ -141,12 +142,13 @@ def mesh_kernel_call(plgpu, body, out_type, scratch_types, *, grid, grid_names,
                      compiler_params):
     """Like `kernel_call`, through `pl.kernel` on a `plgpu.Mesh`: this takes `Ref` operands
     (`jax.new_ref`), which the kernel reads and writes in place, where `plgpu.kernel` rejects
-    them (jax 0.10). The scratch buffers are allocated around `body` (`pl.run_scoped`). The
+    them (jax 0.10). Its kernel is not named after `body` in profiles (jax names it itself). The scratch buffers are allocated around `body` (`pl.run_scoped`). The
     Mosaic GPU interpreter does not take `Ref` operands: compiled calls only."""
     from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
 
     def scoped(*refs):
         pl.run_scoped(functools.partial(body, *refs), *scratch_types)
+
 
     mesh = plgpu.Mesh(grid=grid, grid_names=grid_names)
     return pl.kernel(scoped, out_type=out_type, mesh=mesh, compiler_params=compiler_params)

@@ -326,7 +326,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
     def cols_bcast(v, shape):
         return lax.broadcast_in_dim(v, shape, [1])
 
-    def body(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
+    def ssd_chunk_bwd(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
              dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref,
              x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, vin, vout, pvec, dx_st, dc_st,
              bars, *extra):
@@ -569,13 +569,13 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
     dx_type = jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt)
     if group_sums:
-        def body_sums(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
+        def ssd_chunk_bwd_sums(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
                       db_ref, dc_ref, dx_ref, ddt_ref, ds_ref, dd_ref, *scratch_refs):
-            body(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
+            ssd_chunk_bwd(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
                  dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref, *scratch_refs)
 
         return hopper.mesh_kernel_call(
-            plgpu, body_sums, (dx_type, *tail), scratch, grid=(nc, nh, bsz),
+            plgpu, ssd_chunk_bwd_sums, (dx_type, *tail), scratch, grid=(nc, nh, bsz),
             grid_names=("chunk", "head", "batch"),
             compiler_params=hopper.compiler_params(plgpu, semantics))
     out_type = (dx_type,
@@ -584,7 +584,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                 *tail)
     threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
     return hopper.kernel_call(
-        plgpu, body, out_type, scratch,
+        plgpu, ssd_chunk_bwd, out_type, scratch,
         grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),

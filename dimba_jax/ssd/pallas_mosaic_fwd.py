@@ -95,7 +95,7 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
-    def body(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
+    def ssd_chunk_out(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
              x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
              *extra_smem):
         ci = lax.axis_index("chunk")
@@ -238,7 +238,7 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     y_shape = (bsz, lp, nh, p)
     threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
     return hopper.kernel_call(
-        plgpu, body, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
+        plgpu, ssd_chunk_out, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
         grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
@@ -387,7 +387,7 @@ def chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols=
 
     load = hopper.smem_loader(plgpu, interpret)
 
-    def body(x_ref, b_ref, w_ref, dec_ref, h0_ref, hp_ref, fin_ref,
+    def ssd_chunk_statepass(x_ref, b_ref, w_ref, dec_ref, h0_ref, hp_ref, fin_ref,
              x_smem, b_smem, w_smem, dec_smem, xw_smem, hp_smem, h_smem,
              x_bars, b_bars, w_bars, dec_bars, h_bar):
         ni = lax.axis_index("col")
@@ -497,7 +497,7 @@ def chunk_statepass_mosaic(x, b, w, dec, h0, *, q, hpg, hprev_dtype, block_cols=
     out_type = (jax.ShapeDtypeStruct(hprev_shape, hprev_dtype),
                 jax.ShapeDtypeStruct((bsz, *seg_dims, nh, p, n), f32))
     return hopper.kernel_call(
-        plgpu, body, out_type, scratch,
+        plgpu, ssd_chunk_statepass, out_type, scratch,
         grid=(nblk, nh, bsz * nseg), grid_names=("col", "head", "batch"),
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),

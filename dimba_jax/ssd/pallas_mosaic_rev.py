@@ -223,7 +223,7 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
     row = wgmma_layout.reduce(1)  # (P,) vector along the rows of dh; (q,) along dy's rows
     load = hopper.smem_loader(plgpu, interpret)
 
-    def body(dy_ref, c_ref, w_ref, dec_ref, hp_ref, dfin_ref, dst_ref, dse_ref, dh0_ref,
+    def ssd_rev_statepass(dy_ref, c_ref, w_ref, dec_ref, hp_ref, dfin_ref, dst_ref, dse_ref, dh0_ref,
              dy_smem, c_smem, w_smem, dec_smem, hp_smem, dyw_smem, ds_smem, dse_smem, h_smem,
              dy_bars, c_bars, w_bars, dec_bars, hp_bars, h_bar):
         ni = lax.axis_index("col")
@@ -334,7 +334,7 @@ def _build_kernel(*, bsz, nc, nh, p, n, nb, q, hpg, cdt, dst_dtype, prefetch, ov
                     jax.ShapeDtypeStruct((1, 1, 1, 1, p), f32))
     out_type += (jax.ShapeDtypeStruct((bsz, *seg_dims, nh, p, n), f32),)
     return hopper.kernel_call(
-        plgpu, body, out_type, scratch,
+        plgpu, ssd_rev_statepass, out_type, scratch,
         grid=(nblk, nh, bsz * nseg), grid_names=("col", "head", "batch"),
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
