@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dimba_jax.layers import mosaic_conv
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
                                             compiler_params, default_tiles, is_power_of_two,
                                             kernel_tiles, split_count, tile_width)
@@ -468,6 +469,13 @@ def fwd_call(xbc, dt, ws, bs, cfg):
     ng, n, out_dtype, (tiles, _), interpret, _ = cfg
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
+    if tiles.kernel == "mosaic":
+        x, bm, cm = mosaic_conv.conv_fwd_mosaic(xbc, ws, bs, nheads=nh, ngroups=ng, d_state=n,
+                                                xo=kw["xo"], dtype=dtype, interpret=interpret)
+        dts = dt[..., kw["do"]:kw["do"] + nh].astype(jnp.float32)
+        dtc = jnp.concatenate([dts, jnp.flip(dts, axis=1)], axis=2) if nd == 2 else dts
+        return (x.reshape(bsz, seqlen, nd * nh, p), bm.reshape(bsz, seqlen, nd * ng, n),
+                cm.reshape(bsz, seqlen, nd * ng, n), dtc)
     ntiles = sum(count for _, _, count, _ in _column_tiles(nh, p, ng, n, tiles.cols))
     splits = split_count(tiles.programs, bsz * (seqlen // q), ntiles)
     seq, rows, mat, vec = _specs(seqlen, q, ws[0].shape[0], c)
@@ -596,21 +604,27 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
                          if a.ndim == 3 else a)
     _, p = _dims(part(xbc, c), part(dt, nh), ws[0], ws[-1], bs[0], bs[-1], ngroups, d_state)
     error = conv_size_error(p, d_state)
-    if error:
-        raise ValueError(error)
     dtype = jnp.dtype(dtype or xbc.dtype)
     cfg = (int(ngroups), int(d_state), dtype.name, kernel_tiles(xbc.shape[1], **tiles),
            bool(interpret), (xo, do, nh))
+    if error:
+        raise ValueError(error)
+    fwd, bwd = cfg[3]
+    if fwd.kernel == "mosaic" and mosaic_conv.size_error(
+            xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
+            jnp.dtype(xbc.dtype).itemsize, bool(interpret)):
+        cfg = cfg[:3] + ((fwd._replace(kernel="triton"), bwd),) + cfg[4:]
     return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
 def kernel_config(xbc, dt, ws, bs, *, ngroups: int, d_state: int, dtype, interpret: bool,
-                  xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None) -> tuple:
+                  xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None,
+                  forward_kernel: str = "triton") -> tuple:
     """The cfg `fwd_call` and `bwd_call` take (after the public functions' size checks), at
     the default tiles of `bidirectional_conv_pallas` (two weights) or `causal_conv_pallas`
-    (one)."""
+    (one), with the forward run by `forward_kernel`."""
     fn = bidirectional_conv_pallas if len(ws) == 2 else causal_conv_pallas
-    tiles = default_tiles(fn)
+    tiles = dict(default_tiles(fn), forward_kernel=forward_kernel)
     return _call(xbc, dt, tuple(ws), tuple(bs), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads), config_only=True)
 
@@ -625,7 +639,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               step_rows_bwd: int | None = BWD_STEP_ROWS,
                               min_programs: int = DEFAULT_MIN_PROGRAMS,
                               min_programs_bwd: int = BWD_MIN_PROGRAMS,
-                              sums_bwd: str = BWD_SUMS,
+                              sums_bwd: str = BWD_SUMS, forward_kernel: str = "triton",
                               xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
@@ -652,6 +666,11 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       sums_bwd: how that kernel sums the weight gradients over its row steps (`Tiles.sums`):
         "step" or "tile" (elementwise over the steps, one reduction per column tile; for
         programs of many rows in small steps).
+      forward_kernel: "triton" (the forward kernel above, shaped by the forward tile
+        arguments) or "mosaic" (`mosaic_conv.conv_fwd_mosaic`: one Mosaic GPU program per
+        64-row block and column tile, TMA in and out, dt_cat by jnp; Hopper, or the Mosaic GPU
+        interpreter with `interpret`; where it does not take the sizes, `mosaic_conv.size_error`,
+        the Triton forward runs); the backward kernels are the same either way.
       xbc_offset, dt_offset, nheads: xbc and dt may be wider arrays, e.g. both the input
         projection's whole output [z | xBC | dt]: the kernels read xBC from columns
         [xbc_offset, xbc_offset + conv_dim) (conv_dim = the weights' width) and dt from
@@ -667,7 +686,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
-                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd)
+                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd,
+                 forward_kernel=forward_kernel)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
                  tiles, (xbc_offset, dt_offset, nheads))
 
@@ -680,10 +700,12 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        step_rows_bwd: int | None = 16,
                        min_programs: int = DEFAULT_MIN_PROGRAMS,
                        min_programs_bwd: int = 1, sums_bwd: str = "step",
+                       forward_kernel: str = "triton",
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same math,
-    arguments and outputs as `causal_conv_xla`; the tile, min_programs(_bwd), sums_bwd and
-    packing (xbc_offset, dt_offset, nheads) arguments as `bidirectional_conv_pallas`. The
+    arguments and outputs as `causal_conv_xla`; the tile, min_programs(_bwd), sums_bwd,
+    forward_kernel and packing (xbc_offset, dt_offset, nheads) arguments as
+    `bidirectional_conv_pallas`. The
     default tiles were the fastest forward + backward that `benchmarks.fused_bench` found at
     configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
     kernels' defaults (benchmarks/results/fused_bench_ar_h100.md). Constraints: headdim and
@@ -696,6 +718,7 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
-                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd)
+                 min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd,
+                 forward_kernel=forward_kernel)
     return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads))

@@ -13,6 +13,7 @@ DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 # The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
 DEFAULT_MIN_PROGRAMS = 1024
 SUMS = ("step", "tile")  # `Tiles.sums` values
+CONV_FORWARDS = ("triton", "mosaic")  # `Tiles.kernel` values of the conv forward (model.conv_forward)
 
 
 def check_impl(knob: str, impl: str) -> str:
@@ -77,7 +78,9 @@ class Tiles(NamedTuple):
     across the program at once, carrying (width,) vectors: 2(K+1) cross-row reductions per
     step and direction) or "tile" (carrying (step, width) elementwise sums, reduced once per
     column tile: fewer reductions, 2(K+1) x step x width float32 registers per direction
-    spread over the program's threads).
+    spread over the program's threads); kernel: which kernel runs the pass, "triton" (the
+    Pallas Triton kernels these tiles shape) or, for the conv forward, "mosaic" (the Mosaic GPU
+    kernel of `mosaic_conv`, which has its own fixed tiles).
     """
 
     rows: int
@@ -87,12 +90,13 @@ class Tiles(NamedTuple):
     step: int = 0
     programs: int = 1
     sums: str = "step"
+    kernel: str = "triton"
 
 
 # The tile keywords of the fused kernels' public functions (each takes a subset).
 TILE_KWARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
                "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
-               "min_programs", "min_programs_bwd", "sums_bwd")
+               "min_programs", "min_programs_bwd", "sums_bwd", "forward_kernel")
 
 
 def default_tiles(fn) -> dict:
@@ -137,17 +141,21 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
                  block_cols: int = 0, block_cols_bwd: int | None = None, step_rows: int = 0,
                  step_rows_bwd: int | None = None,
                  min_programs: int = DEFAULT_MIN_PROGRAMS, min_programs_bwd: int = 1,
-                 sums_bwd: str = "step") -> tuple[Tiles, Tiles]:
+                 sums_bwd: str = "step", forward_kernel: str = "triton") -> tuple[Tiles, Tiles]:
     """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
     clipped to the rows; a backward value of None = the forward's (for rows and warps also 0);
     min_programs / min_programs_bwd the grid targets (`Tiles.programs`); sums_bwd the
-    backward's `Tiles.sums`. ValueError for a stage count or grid target below 1, a negative /
-    non-power-of-two column width or step, or an unknown sums_bwd."""
+    backward's `Tiles.sums`; forward_kernel the forward's `Tiles.kernel`. ValueError for a
+    stage count or grid target below 1, a negative / non-power-of-two column width or step, or
+    an unknown sums_bwd or forward_kernel."""
     for name, value in (("min_programs", min_programs), ("min_programs_bwd", min_programs_bwd)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if sums_bwd not in SUMS:
         raise ValueError(f"sums_bwd must be one of {SUMS}, got {sums_bwd!r}")
+    if forward_kernel not in CONV_FORWARDS:
+        raise ValueError(f"model.conv_forward must be one of {CONV_FORWARDS}, got "
+                         f"{forward_kernel!r}")
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
@@ -162,7 +170,7 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
     warps = (int(num_warps), int(num_warps_bwd or num_warps))
     steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
     fwd, bwd = (Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
-    return (fwd._replace(programs=int(min_programs)),
+    return (fwd._replace(programs=int(min_programs), kernel=forward_kernel),
             bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd))
 
 

@@ -73,18 +73,20 @@ def compiler_params(plgpu, semantics: str = "lane"):
         lowering_semantics=kinds.Lane if semantics == "lane" else kinds.Warpgroup)
 
 
-def smem_loader(plgpu, interpret: bool):
+def smem_loader(plgpu, interpret: bool, optimized: bool = True):
     """load(ref, layout): a register value of an SMEM ref in a Mosaic GPU register layout, for
     both jax versions (0.10's plgpu.load needs an index, 0.11 deprecates it); a plain read in
-    the interpreter, which has no plgpu.load and ignores layouts."""
+    the interpreter, which has no plgpu.load and ignores layouts. optimized=False lets Mosaic
+    emit a transfer with bank conflicts where it finds no conflict-free one (an untiled,
+    unswizzled ref read in the WGMMA layout)."""
     takes_idx = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
 
     def load(ref, layout):
         if interpret:
             return ref[...]
         if takes_idx:
-            return plgpu.load(ref, (), layout=layout)
-        return plgpu.load(ref, layout=layout)
+            return plgpu.load(ref, (), layout=layout, optimized=optimized)
+        return plgpu.load(ref, layout=layout, optimized=optimized)
 
     return load
 
