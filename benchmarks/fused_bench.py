@@ -26,7 +26,9 @@ adds the forward sweep at batch 1 (the sampler's denoiser); those rows time one 
 each, which at batch 1 is mostly dispatch (tens of us for a few us of kernel), so
 `--batch1-loop N` also times the batch-1 forward as N calls inside one jitted loop (as the
 sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference, the defaults and
---rows x --warps x --programs (`min_programs`, the forward's grid target). Off GPU the kernels
+--rows x --warps x --programs (`min_programs`, the forward's grid target). For the conv, the
+rows "pallas (mosaic fwd)" time the defaults with the Mosaic GPU forward
+(`forward_kernel="mosaic"`, layers/mosaic_conv.py) beside the "pallas (defaults)" rows. Off GPU the kernels
 run in the Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
@@ -189,6 +191,9 @@ def sweep_loop(run, kernel: str, dims: dict, rows, warps, programs, n: int):
 
     timed(ref, impl="xla")
     timed(make(**defaults), impl="pallas (defaults)", **defaults)
+    if kernel == "conv":
+        mosaic = dict(defaults, forward_kernel="mosaic")
+        timed(make(**mosaic), impl="pallas (mosaic fwd)", **mosaic)
     for r in rows:
         for w in warps:
             for mp in programs:
@@ -242,10 +247,17 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
     run.time(fwd(make(**defaults)), args, **base, impl="pallas (defaults)", **defaults,
              **{"pass": "fwd"})
+    if kernel == "conv":
+        mosaic = dict(defaults, forward_kernel="mosaic")
+        run.time(fwd(make(**mosaic)), args, **base, impl="pallas (mosaic fwd)", **mosaic,
+                 **{"pass": "fwd"})
     if backward:
         run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
         run.time(fwdbwd(make(**defaults)), (cts, *args), **base, impl="pallas (defaults)",
                  **defaults, **{"pass": "fwdbwd"})
+        if kernel == "conv":
+            run.time(fwdbwd(make(**mosaic)), (cts, *args), **base, impl="pallas (mosaic fwd)",
+                     **mosaic, **{"pass": "fwdbwd"})
     best = {}
 
     def phase(key, grid, timed):
@@ -327,6 +339,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" sums-{r['sums' + suffix]} p{r['min_programs' + suffix]}"
     if not suffix and r.get("min_programs") not in (None, PLAIN.get("min_programs")):
         text += f" p{r['min_programs']}"
+    if not suffix and r.get("forward_kernel", "triton") != "triton":
+        text += f" {r['forward_kernel']}"
     return text
 
 

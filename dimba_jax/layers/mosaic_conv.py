@@ -25,6 +25,8 @@ compiled (TMA boxes and shared-memory rows 128-byte aligned), xBC's columns 16-b
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -57,14 +59,15 @@ def _rows_layout(plgpu, w: int):
 
 
 def size_error(seqlen: int, d_inner: int, gn: int, xo: int, itemsize: int,
-               interpret: bool) -> str:
+               interpret: bool, k_width: int = 4) -> str:
     """Why the kernel cannot take these sizes ("" if it can)."""
     if seqlen % ROWS:
         return f"the Mosaic conv needs seqlen a multiple of {ROWS}, got {seqlen}"
     w = tile_cols(d_inner, gn)
-    if not interpret and (w * itemsize) % 128:
+    if not interpret and ((w * itemsize) % 128 or (k_width * w) % 128):
         return (f"the Mosaic conv needs H*P ({d_inner}) and G*N ({gn}) to share a power-of-two "
-                f"divisor of at least {128 // itemsize} columns, got {w}")
+                f"divisor of at least {max(128 // itemsize, -(-128 // k_width))} columns, "
+                f"got {w}")
     if not interpret and (xo * itemsize) % 16:
         return f"the Mosaic conv needs xBC's first column 16-byte aligned, got column {xo}"
     return ""
@@ -90,7 +93,8 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     bsz, seqlen, _ = xbc.shape
     gn = ngroups * d_state
     d_inner = c - 2 * gn
-    error = size_error(seqlen, d_inner, gn, xo, jnp.dtype(xbc.dtype).itemsize, interpret)
+    error = size_error(seqlen, d_inner, gn, xo, jnp.dtype(xbc.dtype).itemsize, interpret,
+                       k_width)
     if error:
         raise ValueError(error)
     q, w, km = ROWS, tile_cols(d_inner, gn), k_width - 1
@@ -118,10 +122,20 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
         j, ti, bi = lax.axis_index("col"), lax.axis_index("row"), lax.axis_index("batch")
         t0 = ti * q
         cols = pl.ds(xo + j * w, w)
-        # Block starts (original rows) and halos per direction: forward [t0 - km, t0),
-        # backward [L - t0, L - t0 + km), both outside the sequence in row block 0.
+        # Block starts (original rows) and halos per direction: forward [t0 - km, t0) into
+        # buffer rows [0, km), backward [L - t0, L - t0 + km) into rows [q, q + km); in row
+        # block 0 both lie outside the sequence: K zero rows (the halo and the block row
+        # beside it, which the block's TMA then overwrites) instead.
         main = (t0, seqlen - t0 - q)
         halo = ((0, t0 - km), (q, seqlen - t0))  # (buffer row, first original row)
+
+        @pl.when(ti == 0)
+        def _():
+            for h in range(nd):
+                bufs.at[h, pl.ds(halo[h][0] - (h == 1), k_width)][...] = jnp.zeros(
+                    (k_width, w), bufs.dtype)
+            plgpu.commit_smem()
+
         for h in range(nd):
             plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(main[h], q), cols],
                                     bufs.at[h, pl.ds(km * (h == 0), q)], bars.at[3 * h])
@@ -130,20 +144,15 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
             plgpu.copy_gmem_to_smem(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[h],
                                     bars.at[3 * h + 2])
 
-            @pl.when(ti > 0)
-            def _(h=h):
-                plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(halo[h][1], km), cols],
-                                        bufs.at[h, pl.ds(halo[h][0], km)], bars.at[3 * nd + h])
-                plgpu.barrier_wait(bars.at[3 * nd + h])
-
-            @pl.when(ti == 0)
-            def _(h=h):
-                bufs.at[h, pl.ds(halo[h][0], km)][...] = jnp.zeros((km, w), bufs.dtype)
+            pl.when(ti > 0)(functools.partial(
+                plgpu.copy_gmem_to_smem, x_hbm.at[bi, pl.ds(halo[h][1], km), cols],
+                bufs.at[h, pl.ds(halo[h][0], km)], bars.at[3 * nd + h]))
 
         plgpu.commit_smem()
         for h in range(nd):
             for bar in range(3):
                 plgpu.barrier_wait(bars.at[3 * h + bar])
+            pl.when(ti > 0)(functools.partial(plgpu.barrier_wait, bars.at[3 * nd + h]))
             acc = bcast(load_vec(b_smem.at[h], col))
             for k in range(k_width):
                 # forward: out row i takes buffer row i + k; backward (original time, buffer
