@@ -286,49 +286,66 @@ def test_wider_column_tiles_compute_the_same(nd, cols):
     narrow it to each region) and num_stages (a compile parameter) give the values of the
     natural tiling (the conv bit for bit; the norm's sums of squares add in another order) and
     its gradients to float32 summation order."""
-    conv_args = _conv_args(jnp.float32, 2, seed=3)
+    plain = _plain_conv(nd)[0]
+    _assert_same_as_plain_conv(nd, functools.partial(plain, **_tiles(
+        plain.func, block_rows=4, block_cols=cols, num_stages=2, step_rows=0)))
     norm_args = _norm_args(jnp.float32, seed=3)
     if nd == 2:
-        k = jax.random.split(jax.random.key(11), 3)
-        conv_args = conv_args[:3] + (0.5 * jax.random.normal(k[0], conv_args[2].shape),
-                                     conv_args[3], 0.5 * jax.random.normal(k[1], conv_args[3].shape))
         y, z, w = norm_args
         norm_args = (jnp.concatenate([y, y[:, ::-1]], axis=2), z, w,
-                     1.0 + 0.3 * jax.random.normal(k[2], w.shape))
-        conv_fn, norm_fn = fc.bidirectional_conv_pallas, fn.bidirectional_gated_norm_pallas
+                     1.0 + 0.3 * jax.random.normal(jax.random.key(11), w.shape))
+        norm_fn = fn.bidirectional_gated_norm_pallas
     else:
-        conv_fn, norm_fn = fc.causal_conv_pallas, fn.gated_norm_pallas
-    for exact, f, args in ((True, functools.partial(conv_fn, ngroups=2, d_state=N), conv_args),
-                           (False, functools.partial(norm_fn, ngroups=1), norm_args)):
-        natural = functools.partial(f, interpret=True, **_tiles(
-            f, block_rows=4, block_cols=0, num_stages=1, step_rows=0))
-        wide = functools.partial(f, interpret=True, **_tiles(
-            f, block_rows=4, block_cols=cols, num_stages=2, step_rows=0))
-        cts = _cotangents(natural, args)
-        want, want_grads = _value_and_grads(natural, args, cts)
-        got, grads = _value_and_grads(wide, args, cts)
-        for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            if exact:
-                np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
-            else:
-                np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-6)
-        for g, r in zip(grads, want_grads):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
+        norm_fn = fn.gated_norm_pallas
+    f = functools.partial(norm_fn, ngroups=1)
+    natural = functools.partial(f, interpret=True, **_tiles(
+        f, block_rows=4, block_cols=0, num_stages=1, step_rows=0))
+    wide = functools.partial(f, interpret=True, **_tiles(
+        f, block_rows=4, block_cols=cols, num_stages=2, step_rows=0))
+    cts = _cotangents(natural, norm_args)
+    want, want_grads = _value_and_grads(natural, norm_args, cts)
+    got, grads = _value_and_grads(wide, norm_args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), **F32_TOL)
 
 
-@pytest.mark.parametrize("nd", [1, 2])
-@pytest.mark.parametrize("rows,step,programs", [(16, 4, 10**6), (8, 2, 1), (16, 16, 3)])
+@functools.cache
+def _plain_conv(nd):
+    """The nd-direction conv kernels at the natural tiling (4 rows, one step, no column
+    splits, sums per step) on `_conv_case(nd)`'s arguments: (function, arguments, cotangents,
+    values, gradients), computed once per nd for the tests that compare tilings against it."""
+    f, args = _conv_case(nd)
+    plain = functools.partial(f, **_tiles(f, block_rows=4, block_cols=0, num_stages=1,
+                                          step_rows=0))
+    cts = _cotangents(plain, args)
+    return (plain, args, cts, *_value_and_grads(plain, args, cts))
+
+
+def _assert_same_as_plain_conv(nd, f):
+    """f (nd-direction conv kernels) against `_plain_conv(nd)`: its values bit for bit and its
+    gradients to float32 summation order."""
+    _, args, cts, want, want_grads = _plain_conv(nd)
+    got, grads = _value_and_grads(f, args, cts)
+    for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
+    for a, b in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **F32_TOL)
+
+
+# each tile configuration once and each direction count (one kernel code, parametrized by nd)
+@pytest.mark.parametrize("nd,rows,step,programs", [
+    (1, 16, 4, 10**6), (1, 8, 2, 1), (2, 16, 16, 3)])
 def test_backward_tile_sums_and_column_splits_compute_the_same(nd, rows, step, programs):
     """The backward's weight sums elementwise over row steps (sums_bwd "tile") and its column
     tiles split over a third grid axis (min_programs_bwd: one tile per program at 10**6, none
     at 1, two splits at 3) give the gradients of the plain backward (4 rows, one step, sums
     per step) to float32 summation order, and the same forward values."""
-    f, args = _conv_case(nd)
-    plain = functools.partial(f, **_tiles(f, block_rows=4, block_cols=0, num_stages=1,
-                                          step_rows=0))
-    _assert_same_values_and_gradients(
-        plain, functools.partial(plain, block_rows_bwd=rows, step_rows_bwd=step,
-                                 sums_bwd="tile", min_programs_bwd=programs), args)
+    plain = _plain_conv(nd)[0]
+    _assert_same_as_plain_conv(nd, functools.partial(
+        plain, block_rows_bwd=rows, step_rows_bwd=step, sums_bwd="tile",
+        min_programs_bwd=programs))
 
 
 def test_tile_arguments_are_checked():

@@ -56,20 +56,21 @@ def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
                                   nheads=H, **COMMON)
 
 
-def test_core_vjp_equals_the_separate_calls(nd=2, batch=B):
+def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit):
     """Same output bits and the same gradient bits (zx, conv weights and biases, A, D,
     dt_bias, norm weights): the separate path adds three zx gradients that are zero outside
-    their own columns, the core writes each column once."""
+    their own columns, the core writes each column once. Each side one jitted program on the
+    CPU (an eager grad dispatches the interpreted kernels and the XLA SSD op by op)."""
     args = _args(nd, batch=batch)
-    want, got = _separate(*args), _core(*args)
+    want, got = jit(_separate)(*args), jit(_core)(*args)
     np.testing.assert_array_equal(np.float32(got), np.float32(want))
     ct = jax.random.normal(jax.random.key(9), want.shape, jnp.float32)
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)
 
-    g_want = jax.grad(loss(_separate), argnums=tuple(range(7)))(*args)
-    g_got = jax.grad(loss(_core), argnums=tuple(range(7)))(*args)
+    g_want = jit(jax.grad(loss(_separate), argnums=tuple(range(7))))(*args)
+    g_got = jit(jax.grad(loss(_core), argnums=tuple(range(7))))(*args)
     for w, g in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
         assert w.shape == g.shape and w.dtype == g.dtype
         np.testing.assert_array_equal(np.float32(g), np.float32(w))
@@ -93,7 +94,8 @@ def test_mamba2_layers_take_the_core_vjp_by_their_knob(monkeypatch):
     """The causal Mamba2 with both fused kernels and core_vjp=True calls the core (one
     direction) and gives the same output and parameter-gradient bits as core_vjp=False;
     BidirectionalMamba2 calls it with both directions; with the XLA conv the knob has nothing
-    to fuse and the core is not called."""
+    to fuse and the core is not called. Each call one jitted program, traced afresh (the spy
+    sees the calls the trace makes)."""
     import dimba_jax.layers.mamba2 as mamba2_lib
 
     calls = []
@@ -103,6 +105,11 @@ def test_mamba2_layers_take_the_core_vjp_by_their_knob(monkeypatch):
     u = jax.random.normal(jax.random.key(3), (B, L, 16), jnp.float32)
     kw = dict(d_state=N, headdim=P, chunk_size=CHUNK, ssd_impl="xla", dtype=jnp.bfloat16,
               norm_impl="pallas")
+
+    def output(layer):
+        graphdef, state = nnx.split(layer)
+        return jax.jit(lambda s, u: nnx.merge(graphdef, s)(u))(state, u)
+
     results = {}
     for core in (False, True):
         layer = Mamba2(16, conv_impl="pallas", core_vjp=core, rngs=nnx.Rngs(0), **kw)
@@ -111,18 +118,18 @@ def test_mamba2_layers_take_the_core_vjp_by_their_knob(monkeypatch):
         def loss(p, graphdef=graphdef):
             return jnp.sum(nnx.merge(graphdef, p)(u).astype(jnp.float32) ** 2)
 
-        results[core] = (nnx.merge(graphdef, params)(u), jax.grad(loss)(params))
+        results[core] = (output(layer), jax.jit(jax.grad(loss))(params))
     assert calls and set(calls) == {1}
     for want, got in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True])):
         np.testing.assert_array_equal(np.float32(got), np.float32(want))
     calls.clear()
     bidir = dict(kw, conv_impl="pallas", rngs=nnx.Rngs(0))
-    want = BidirectionalMamba2(16, core_vjp=False, **bidir)(u)
-    got = BidirectionalMamba2(16, core_vjp=True, **dict(bidir, rngs=nnx.Rngs(0)))(u)
+    want = output(BidirectionalMamba2(16, core_vjp=False, **bidir))
+    got = output(BidirectionalMamba2(16, core_vjp=True, **dict(bidir, rngs=nnx.Rngs(0))))
     assert calls == [2]
     np.testing.assert_array_equal(np.float32(got), np.float32(want))
     calls.clear()
-    Mamba2(16, conv_impl="xla", core_vjp=True, rngs=nnx.Rngs(0), **kw)(u)
+    output(Mamba2(16, conv_impl="xla", core_vjp=True, rngs=nnx.Rngs(0), **kw))
     assert not calls
 
 
@@ -144,6 +151,6 @@ def test_core_gradient_lowers_for_cuda_with_the_aliased_buffer(monkeypatch):
 @pytest.mark.parametrize("nd", [2, 1])
 def test_core_vjp_equals_the_separate_calls_on_gpu(nd, monkeypatch):
     """Compiled on the GPU, two batch rows: the same output and gradient bits as the separate
-    calls."""
+    calls (called eagerly, each kernel its own program)."""
     monkeypatch.setitem(COMMON, "interpret", False)
-    test_core_vjp_equals_the_separate_calls(nd, batch=2)
+    test_core_vjp_equals_the_separate_calls(nd, batch=2, jit=lambda f: f)
