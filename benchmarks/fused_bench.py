@@ -28,7 +28,8 @@ each, which at batch 1 is mostly dispatch (tens of us for a few us of kernel), s
 sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference, the defaults and
 --rows x --warps x --programs (`min_programs`, the forward's grid target). For the conv, the
 rows "pallas (mosaic fwd)" time the defaults with the Mosaic GPU forward
-(`forward_kernel="mosaic"`, layers/mosaic_conv.py) beside the "pallas (defaults)" rows. Off GPU the kernels
+(`forward_kernel="mosaic"`, layers/mosaic_conv.py) beside the "pallas (defaults)" rows, where
+that kernel takes the sizes (`mosaic_takes`). Off GPU the kernels
 run in the Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
@@ -53,7 +54,7 @@ import numpy as np
 
 from benchmarks.ssd_pallas_bench import fwd_fn as fwd, fwdbwd_fn as fwdbwd, rel, time_ms
 from dimba_jax.config import load_config_file
-from dimba_jax.layers import fused_conv, fused_norm
+from dimba_jax.layers import fused_conv, fused_norm, mosaic_conv
 from dimba_jax.layers.triton_common import default_interpret
 
 # The sweep's baseline: every tile argument a sweep row does not set (16 rows x 4 warps, one
@@ -90,6 +91,14 @@ def mixer_dims(config) -> dict:
                 d_conv=int(m.d_conv), directions=2 if m.bidirectional else 1)
     dims["conv_dim"] = d_inner + 2 * dims["ngroups"] * dims["d_state"]
     return dims
+
+
+def mosaic_takes(kernel: str, dims: dict) -> bool:
+    """Whether the Mosaic conv forward takes a conv case's sizes (else fused_conv would run
+    the Triton forward under that name: no rows)."""
+    return kernel == "conv" and not mosaic_conv.size_error(
+        dims["L"], dims["d_inner"], dims["ngroups"] * dims["d_state"], 0, 2,
+        default_interpret(), dims["d_conv"])
 
 
 def maker(pallas_fn, kw):
@@ -191,7 +200,7 @@ def sweep_loop(run, kernel: str, dims: dict, rows, warps, programs, n: int):
 
     timed(ref, impl="xla")
     timed(make(**defaults), impl="pallas (defaults)", **defaults)
-    if kernel == "conv":
+    if mosaic_takes(kernel, dims):
         mosaic = dict(defaults, forward_kernel="mosaic")
         timed(make(**mosaic), impl="pallas (mosaic fwd)", **mosaic)
     for r in rows:
@@ -247,7 +256,7 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
     run.time(fwd(make(**defaults)), args, **base, impl="pallas (defaults)", **defaults,
              **{"pass": "fwd"})
-    if kernel == "conv":
+    if mosaic_takes(kernel, dims):
         mosaic = dict(defaults, forward_kernel="mosaic")
         run.time(fwd(make(**mosaic)), args, **base, impl="pallas (mosaic fwd)", **mosaic,
                  **{"pass": "fwd"})
@@ -255,7 +264,7 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
         run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
         run.time(fwdbwd(make(**defaults)), (cts, *args), **base, impl="pallas (defaults)",
                  **defaults, **{"pass": "fwdbwd"})
-        if kernel == "conv":
+        if mosaic_takes(kernel, dims):
             run.time(fwdbwd(make(**mosaic)), (cts, *args), **base, impl="pallas (mosaic fwd)",
                      **mosaic, **{"pass": "fwdbwd"})
     best = {}
