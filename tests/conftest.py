@@ -2,8 +2,7 @@
 backend at optimisation level 0 (set before any backend starts, inherited by the tests'
 subprocesses unless they replace XLA_FLAGS): the suite's time is mostly compiling many tiny
 programs, which -O0 makes ~20% faster; float32 results move by summation-order amounts only,
-inside the tests' tolerances; and one persistent compilation cache for the run (a full local run
-11.1 min with it, 12.5 without)."""
+inside the tests' tolerances; and one persistent compilation cache for the run."""
 
 import os
 
