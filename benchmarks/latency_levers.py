@@ -122,6 +122,7 @@ VARIANTS: dict[str, dict] = {
     "mixer_pallas": {"overrides": [["model.conv_impl", "pallas"], ["model.norm_impl", "pallas"]]},
     "conv_pallas": {"overrides": [["model.conv_impl", "pallas"]], "cases": ["dimba_T{hi}"]},
     "mosaic_conv": {"overrides": [["model.conv_forward", "mosaic"]], "cases": ["dimba_T{hi}"]},
+    "triton_conv": {"overrides": [["model.conv_forward", "triton"]], "cases": ["dimba_T{hi}"]},
     "norm_pallas": {"overrides": [["model.norm_impl", "pallas"]], "cases": ["dimba_T{hi}"]},
     "mixer_pallas_cb": {"overrides": [["model.conv_impl", "pallas"], ["model.norm_impl", "pallas"]],
                         "xla_flags": _CB_WHILE},
