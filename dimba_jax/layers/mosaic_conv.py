@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from dimba_jax.ssd import hopper
 
-ROWS = 64  # q: time rows per program (the WGMMA register layout's 64-row slab)
+ROWS = 64  # q: time rows per program (a multiple of `_rows_layout`'s 1024 / w rows per tile)
 MAX_COLS = 128  # w: columns per program, at most
 
 
