@@ -612,7 +612,7 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
     fwd, bwd = cfg[3]
     if fwd.kernel == "mosaic" and mosaic_conv.size_error(
             xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
-            jnp.dtype(xbc.dtype).itemsize, bool(interpret)):
+            jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
         cfg = cfg[:3] + ((fwd._replace(kernel="triton"), bwd),) + cfg[4:]
     return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
