@@ -256,15 +256,15 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
     run.time(fwd(ref), args, **base, impl="xla", **{"pass": "fwd"})
     run.time(fwd(make(**defaults)), args, **base, impl="pallas (defaults)", **defaults,
              **{"pass": "fwd"})
-    if mosaic_takes(kernel, dims):
-        mosaic = dict(defaults, forward_kernel="mosaic")
+    mosaic = dict(defaults, forward_kernel="mosaic") if mosaic_takes(kernel, dims) else None
+    if mosaic:
         run.time(fwd(make(**mosaic)), args, **base, impl="pallas (mosaic fwd)", **mosaic,
                  **{"pass": "fwd"})
     if backward:
         run.time(fwdbwd(ref), (cts, *args), **base, impl="xla", **{"pass": "fwdbwd"})
         run.time(fwdbwd(make(**defaults)), (cts, *args), **base, impl="pallas (defaults)",
                  **defaults, **{"pass": "fwdbwd"})
-        if mosaic_takes(kernel, dims):
+        if mosaic:
             run.time(fwdbwd(make(**mosaic)), (cts, *args), **base, impl="pallas (mosaic fwd)",
                      **mosaic, **{"pass": "fwdbwd"})
     best = {}

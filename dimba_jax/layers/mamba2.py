@@ -35,7 +35,7 @@ from dimba_jax.layers.fused_mixer import mixer_core
 from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, gated_norm_pallas,
                                          norm_size_error)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import (CONV_FORWARDS, check_impl, default_interpret,
+from dimba_jax.layers.triton_common import (check_conv_forward, check_impl, default_interpret,
                                             use_fused)
 from dimba_jax.ssd import KernelConfig, ssd
 
@@ -160,10 +160,7 @@ class Mamba2(nnx.Module):
         self.ssd_kernels = ssd_kernels or KernelConfig()
         self.norm_impl = check_impl("model.norm_impl", norm_impl)
         self.conv_impl = check_impl("model.conv_impl", conv_impl)
-        if conv_forward not in CONV_FORWARDS:
-            raise ValueError(f"model.conv_forward must be one of {CONV_FORWARDS}, got "
-                             f"{conv_forward!r}")
-        self.conv_forward = conv_forward
+        self.conv_forward = check_conv_forward(conv_forward)
         self.core_vjp = bool(core_vjp)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state

@@ -23,6 +23,14 @@ def check_impl(knob: str, impl: str) -> str:
     return impl
 
 
+def check_conv_forward(kernel: str) -> str:
+    """Returns `kernel` if it is one of CONV_FORWARDS, else raises a one-line ValueError naming
+    model.conv_forward."""
+    if kernel not in CONV_FORWARDS:
+        raise ValueError(f"model.conv_forward must be one of {CONV_FORWARDS}, got {kernel!r}")
+    return kernel
+
+
 def use_fused(impl: str, supported: bool, *, shape_supported: bool = True) -> bool:
     """Whether a kernel knob's value runs its fused Pallas kernel on one call.
 
@@ -153,9 +161,7 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
             raise ValueError(f"{name} must be >= 1, got {value}")
     if sums_bwd not in SUMS:
         raise ValueError(f"sums_bwd must be one of {SUMS}, got {sums_bwd!r}")
-    if forward_kernel not in CONV_FORWARDS:
-        raise ValueError(f"model.conv_forward must be one of {CONV_FORWARDS}, got "
-                         f"{forward_kernel!r}")
+    check_conv_forward(forward_kernel)
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
