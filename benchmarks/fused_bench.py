@@ -28,8 +28,9 @@ each, which at batch 1 is mostly dispatch (tens of us for a few us of kernel), s
 sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference, the defaults and
 --rows x --warps x --programs (`min_programs`, the forward's grid target). For the conv, the
 rows "pallas (mosaic fwd)" time the defaults with the Mosaic GPU forward
-(`forward_kernel="mosaic"`, layers/mosaic_conv.py) beside the "pallas (defaults)" rows, where
-that kernel takes the sizes (`mosaic_takes`). Off GPU the kernels
+(`forward_kernel="mosaic"`, layers/mosaic_conv.py) and "pallas (mosaic fwd+bwd)" also its
+backward's first kernel (`backward_kernel="mosaic"`) beside the "pallas (defaults)" rows, where
+those kernels take the sizes (`mosaic_takes`). Off GPU the kernels
 run in the Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
@@ -267,6 +268,9 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
         if mosaic:
             run.time(fwdbwd(make(**mosaic)), (cts, *args), **base, impl="pallas (mosaic fwd)",
                      **mosaic, **{"pass": "fwdbwd"})
+            both = dict(mosaic, backward_kernel="mosaic")
+            run.time(fwdbwd(make(**both)), (cts, *args), **base,
+                     impl="pallas (mosaic fwd+bwd)", **both, **{"pass": "fwdbwd"})
     best = {}
 
     def phase(key, grid, timed):
@@ -350,6 +354,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" p{r['min_programs']}"
     if not suffix and r.get("forward_kernel", "triton") != "triton":
         text += f" {r['forward_kernel']}"
+    if suffix and r.get("backward_kernel", "triton") != "triton":
+        text += f" {r['backward_kernel']}"
     return text
 
 

@@ -1,8 +1,8 @@
-"""The Mosaic GPU conv forward (`layers/mosaic_conv.py`): the reference's bits in the Mosaic GPU
-interpreter (both directions across row blocks, so both halo paths; the causal mixer's one
-direction), the same values and gradients as the Triton forward through `fused_conv`, its
-size checks and fallback, its lowering for Hopper at configs/base.py's and small.py's sizes,
-the model knob, and (gpu) the compiled kernel against the reference."""
+"""The Mosaic GPU conv kernels (`layers/mosaic_conv.py`), forward and the backward's first: the
+reference's values in the Mosaic GPU interpreter (both directions across row blocks, so both
+halo paths; the causal mixer's one direction), the all-Triton values and gradients through
+`fused_conv`, the size checks and fallback, lowering for Hopper at configs/base.py's and
+small.py's sizes, the model knobs, and (gpu) the compiled kernels against the reference."""
 
 import functools
 
@@ -50,27 +50,71 @@ def test_interpreter_gives_the_reference_bits(nd):
         assert np.mean(g != w) < 1e-3
 
 
-def test_fused_conv_forward_kernel_mosaic_equals_triton():
-    """`bidirectional_conv_pallas(forward_kernel="mosaic")` reading xBC and dt from the packed
-    projection output: the Triton forward's outputs (dt_cat included) and every gradient."""
-    xbc, ws, bs = _args(1, 64, H * P)
+@pytest.mark.parametrize("nd", [2, 1])
+def test_backward_g_kernel_gives_the_reference_in_the_interpreter(nd):
+    """`conv_bwd_g_mosaic` over two row blocks, xBC at column 8: g = dout * silu'(a) per
+    direction (the backward half in scan time) within a bf16 rounding of jnp's, and the
+    programs' weight and bias partial sums adding up to jnp's sums over the sequence."""
+    xbc, ws, bs = _args(2, 128, 8)
+    k = jax.random.split(jax.random.key(5), 3)
+    douts = [jax.random.normal(k[0], (2, 128, nd * H * P), jnp.bfloat16),
+             jax.random.normal(k[1], (2, 128, nd * G * N), jnp.bfloat16),
+             jax.random.normal(k[2], (2, 128, nd * G * N), jnp.bfloat16)]
+    g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws[:nd], bs[:nd], *douts, ngroups=G, d_state=N,
+                                          xo=8, interpret=True)
+    assert g.shape == (2, 128, nd, C) and g.dtype == jnp.bfloat16
+    assert dw.shape == (2, 2, nd, K + 1, C) and dw.dtype == jnp.float32
+    x = xbc[..., 8:8 + C].astype(jnp.float32)
+    for h in range(nd):
+        dout = jnp.concatenate([d[..., h * w:(h + 1) * w] for d, w in
+                                zip(douts, (H * P, G * N, G * N))], -1).astype(jnp.float32)
+        xs = jnp.pad(x if h == 0 else x[:, ::-1], ((0, 0), (K - 1, 0), (0, 0)))  # scan time
+        taps = [xs[:, i:i + 128] for i in range(K)]
+        a = bs[h] + sum(ws[h][i] * taps[i] for i in range(K))
+        sig = jax.nn.sigmoid(a)
+        want = dout * sig * (1 + a * (1 - sig))
+        np.testing.assert_allclose(np.float32(g[:, :, h]), np.float32(want), rtol=2.0 ** -7,
+                                   atol=1e-6)
+        sums = jnp.stack([jnp.sum(want * t, axis=(0, 1)) for t in taps]
+                         + [jnp.sum(want, axis=(0, 1))])
+        np.testing.assert_allclose(np.asarray(jnp.sum(dw[:, :, h], axis=(0, 1))),
+                                   np.asarray(sums), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("nd,fwd,bwd", [(2, "mosaic", "triton"), (2, "triton", "mosaic"),
+                                        (1, "mosaic", "mosaic")])
+def test_fused_conv_with_mosaic_kernels_equals_triton(nd, fwd, bwd):
+    """`bidirectional_conv_pallas` / `causal_conv_pallas` with the Mosaic forward and / or the
+    Mosaic backward's first kernel, reading xBC and dt from the packed projection output (two
+    row blocks): the all-Triton outputs (dt_cat included) and the xbc gradient bit for bit
+    (the same float32 g, rounded alike); the weight and bias gradients to float32 rounding
+    (the Mosaic kernel sums its 64 rows in another order than Triton's row steps)."""
+    xbc, ws, bs = _args(1, 128, H * P)
     kw = dict(ngroups=G, d_state=N, interpret=True, xbc_offset=H * P, dt_offset=H * P + C,
               nheads=H)
     ct_key = jax.random.key(7)
+    fn = fused_conv.bidirectional_conv_pallas if nd == 2 else fused_conv.causal_conv_pallas
 
-    def value_and_grads(kernel):
+    def value_and_grads(kernels):
         def loss(*a):
-            outs = fused_conv.bidirectional_conv_pallas(a[0], a[0], *a[1:], forward_kernel=kernel,
-                                                        **kw)
+            outs = fn(a[0], a[0], *a[1:1 + nd], *a[1 + nd:], forward_kernel=kernels[0],
+                      backward_kernel=kernels[1], **kw)
             cts = [jax.random.normal(jax.random.fold_in(ct_key, i), o.shape)
                    for i, o in enumerate(outs)]
             return sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(outs, cts)), outs
-        return jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)(xbc, *ws, *bs)
+        return jax.value_and_grad(loss, argnums=tuple(range(1 + 2 * nd)), has_aux=True)(
+            xbc, *ws[:nd], *bs[:nd])
 
-    want, got = value_and_grads("triton"), value_and_grads("mosaic")
-    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    (want_loss, want_outs), want_grads = value_and_grads(("triton", "triton"))
+    (got_loss, got_outs), got_grads = value_and_grads((fwd, bwd))
+    for w, g in zip(jax.tree.leaves(want_outs) + [want_grads[0]],
+                    jax.tree.leaves(got_outs) + [got_grads[0]]):
         assert w.shape == g.shape and w.dtype == g.dtype
         np.testing.assert_array_equal(np.float32(g), np.float32(w))
+    np.testing.assert_array_equal(got_loss, want_loss)
+    for w, g in zip(want_grads[1:], got_grads[1:]):
+        assert w.shape == g.shape and w.dtype == g.dtype
+        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=1e-5, atol=1e-4)
 
 
 def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot():
@@ -100,7 +144,8 @@ def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot():
 @pytest.mark.parametrize("nheads,d_state,nd", [(24, 128, 2), (16, 64, 1)])
 def test_lowers_for_hopper(nheads, d_state, nd):
     """configs/base.py's mixer (128-column tiles, both directions) and small.py's d_state 64
-    (64-column tiles, one direction) lower to one Mosaic GPU kernel for sm_90a."""
+    (64-column tiles, one direction): the forward and the backward's first kernel each lower
+    to one Mosaic GPU kernel for sm_90a."""
     d_inner = nheads * 64
     conv_dim = d_inner + 2 * d_state
     f = functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
@@ -108,18 +153,28 @@ def test_lowers_for_hopper(nheads, d_state, nd):
     shapes = (jax.ShapeDtypeStruct((2, 256, d_inner + conv_dim + nheads), jnp.bfloat16),
               (jax.ShapeDtypeStruct((K, conv_dim), jnp.float32),) * nd,
               (jax.ShapeDtypeStruct((conv_dim,), jnp.float32),) * nd)
+    douts = (jax.ShapeDtypeStruct((2, 256, nd * d_inner), jnp.bfloat16),
+             *(jax.ShapeDtypeStruct((2, 256, nd * d_state), jnp.bfloat16),) * 2)
+    bwd = functools.partial(mosaic_conv.conv_bwd_g_mosaic, ngroups=1, d_state=d_state,
+                            xo=d_inner)
     with hopper.cuda_lowering_context():
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        bwd_text = jax.jit(bwd).trace(*shapes, *douts).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and "conv_fwd" in text
+    assert bwd_text.count("mosaic_gpu") >= 1 and "conv_bwd_g" in bwd_text
 
 
 def test_model_knob_reaches_the_mixers_and_is_checked():
     from flax import nnx
     mixer = BidirectionalMamba2(32, d_state=16, headdim=16, conv_forward="mosaic",
-                                rngs=nnx.Rngs(0))
+                                conv_backward="mosaic", rngs=nnx.Rngs(0))
     assert (mixer.fwd.conv_forward, mixer.bwd.conv_forward) == ("mosaic", "mosaic")
+    assert (mixer.fwd.conv_backward, mixer.bwd.conv_backward) == ("mosaic", "mosaic")
     with pytest.raises(ValueError, match="model.conv_forward must be one of"):
         BidirectionalMamba2(32, d_state=16, headdim=16, conv_forward="triton2", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.conv_backward must be one of"):
+        BidirectionalMamba2(32, d_state=16, headdim=16, conv_backward="cuda", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.gpu
@@ -143,3 +198,40 @@ def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen):
     for g, w in zip(got, want[:3]):
         np.testing.assert_allclose(np.float32(g), np.float32(w.reshape(g.shape)), rtol=1e-2,
                                    atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,seqlen", [(2, 1024), (4, 256)])
+def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen):
+    """configs/base.py's mixer sizes, the Mosaic forward and backward's first kernel compiled
+    inside `bidirectional_conv_pallas`: its gradients against autodiff of the jnp reference,
+    within bf16 roundings (g is rounded to bf16 before the Triton dxbc kernel)."""
+    nheads, d_state = 24, 128
+    d_inner = nheads * 64
+    conv_dim = d_inner + 2 * d_state
+    k = jax.random.split(jax.random.key(4), 6)
+    zx = jax.random.normal(k[0], (batch, seqlen, d_inner + conv_dim + nheads), jnp.bfloat16)
+    ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(2))
+    bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(2))
+    kw = dict(ngroups=1, d_state=d_state)
+
+    def loss(fused, zx, *wb):
+        if fused:
+            outs = fused_conv.bidirectional_conv_pallas(
+                zx, zx, *wb, xbc_offset=d_inner, dt_offset=d_inner + conv_dim, nheads=nheads,
+                forward_kernel="mosaic", backward_kernel="mosaic", **kw)
+        else:
+            dt = zx[..., d_inner + conv_dim:]
+            outs = fused_conv.bidirectional_conv_xla(zx[..., d_inner:d_inner + conv_dim], dt,
+                                                     *wb, **kw)
+        cts = [jax.random.normal(jax.random.fold_in(k[5], i), o.shape) for i, o in
+               enumerate(outs[:3])]
+        return sum(jnp.sum(o.astype(jnp.float32).reshape(c.shape) * c)
+                   for o, c in zip(outs[:3], cts))
+
+    grads = [jax.jit(jax.grad(functools.partial(loss, fused), argnums=tuple(range(5))))(
+        zx, *ws, *bs) for fused in (True, False)]
+    for g, w in zip(*grads):
+        g, w = np.float32(g), np.float32(w)
+        scale = np.max(np.abs(w))
+        np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * scale)

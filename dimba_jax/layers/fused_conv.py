@@ -512,19 +512,23 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
-    g, dw = pl.pallas_call(
-        functools.partial(_bwd_g_kernel, splits=splits, sums=tiles.sums, **kw),
-        out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
-                   jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
-        grid=(bsz, nt, splits),
-        in_specs=[seq(xbc.shape[-1])] + [mat] * nd + [vec] * nd
-        + [rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n)],
-        out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
-                                             lambda bi, ti, *_: (bi, ti, 0, 0, 0))),
-        compiler_params=params,
-        interpret=interpret,
-        name=_name(nd, "bwd_g"),
-    )(xbc, *ws, *bs, dx, dbm, dcm)
+    if tiles.kernel == "mosaic":
+        g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
+                                              xo=kw["xo"], interpret=interpret)
+    else:
+        g, dw = pl.pallas_call(
+            functools.partial(_bwd_g_kernel, splits=splits, sums=tiles.sums, **kw),
+            out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
+                       jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), jnp.float32)),
+            grid=(bsz, nt, splits),
+            in_specs=[seq(xbc.shape[-1])] + [mat] * nd + [vec] * nd
+            + [rows(nd * nh * p), rows(nd * ng * n), rows(nd * ng * n)],
+            out_specs=(rows(nd, c), pl.BlockSpec((None, None, nd, k_width + 1, c),
+                                                 lambda bi, ti, *_: (bi, ti, 0, 0, 0))),
+            compiler_params=params,
+            interpret=interpret,
+            name=_name(nd, "bwd_g"),
+        )(xbc, *ws, *bs, dx, dbm, dcm)
     if into is not None:
         width = into.shape[-1]
         if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
@@ -609,22 +613,22 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
            bool(interpret), (xo, do, nh))
     if error:
         raise ValueError(error)
-    fwd, bwd = cfg[3]
-    if fwd.kernel == "mosaic" and mosaic_conv.size_error(
-            xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
-            jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
-        cfg = cfg[:3] + ((fwd._replace(kernel="triton"), bwd),) + cfg[4:]
+    if mosaic_conv.size_error(xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
+                              jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
+        cfg = cfg[:3] + (tuple(t._replace(kernel="triton") for t in cfg[3]),) + cfg[4:]
     return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
 def kernel_config(xbc, dt, ws, bs, *, ngroups: int, d_state: int, dtype, interpret: bool,
                   xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None,
-                  forward_kernel: str = "triton") -> tuple:
+                  forward_kernel: str = "triton", backward_kernel: str = "triton") -> tuple:
     """The cfg `fwd_call` and `bwd_call` take (after the public functions' size checks), at
     the default tiles of `bidirectional_conv_pallas` (two weights) or `causal_conv_pallas`
-    (one), with the forward run by `forward_kernel`."""
+    (one), with the forward run by `forward_kernel` and the backward's first kernel by
+    `backward_kernel`."""
     fn = bidirectional_conv_pallas if len(ws) == 2 else causal_conv_pallas
-    tiles = dict(default_tiles(fn), forward_kernel=forward_kernel)
+    tiles = dict(default_tiles(fn), forward_kernel=forward_kernel,
+                 backward_kernel=backward_kernel)
     return _call(xbc, dt, tuple(ws), tuple(bs), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads), config_only=True)
 
@@ -640,6 +644,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                               min_programs: int = DEFAULT_MIN_PROGRAMS,
                               min_programs_bwd: int = BWD_MIN_PROGRAMS,
                               sums_bwd: str = BWD_SUMS, forward_kernel: str = "triton",
+                              backward_kernel: str = "triton",
                               xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The fused prologue (Pallas kernels, custom VJP); same math, arguments and outputs as
     `bidirectional_conv_xla`.
@@ -670,7 +675,11 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         arguments) or "mosaic" (`mosaic_conv.conv_fwd_mosaic`: one Mosaic GPU program per
         64-row block and column tile, TMA in and out, dt_cat by jnp; Hopper, or the Mosaic GPU
         interpreter with `interpret`; where it does not take the sizes, `mosaic_conv.size_error`,
-        the Triton forward runs); the backward kernels are the same either way.
+        the Triton forward runs).
+      backward_kernel: the backward's first kernel (g and the weight sums): "triton" (shaped
+        by the backward tile arguments) or "mosaic" (`mosaic_conv.conv_bwd_g_mosaic`, the
+        same program shape and fallback as the Mosaic forward). The second kernel (dxbc, ddt)
+        is the Triton one either way.
       xbc_offset, dt_offset, nheads: xbc and dt may be wider arrays, e.g. both the input
         projection's whole output [z | xBC | dt]: the kernels read xBC from columns
         [xbc_offset, xbc_offset + conv_dim) (conv_dim = the weights' width) and dt from
@@ -687,7 +696,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
                  min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd,
-                 forward_kernel=forward_kernel)
+                 forward_kernel=forward_kernel, backward_kernel=backward_kernel)
     return _call(xbc, dt, (w_f, w_b), (bias_f, bias_b), ngroups, d_state, dtype, interpret,
                  tiles, (xbc_offset, dt_offset, nheads))
 
@@ -700,11 +709,11 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                        step_rows_bwd: int | None = 16,
                        min_programs: int = DEFAULT_MIN_PROGRAMS,
                        min_programs_bwd: int = 1, sums_bwd: str = "step",
-                       forward_kernel: str = "triton",
+                       forward_kernel: str = "triton", backward_kernel: str = "triton",
                        xbc_offset: int = 0, dt_offset: int = 0, nheads: int | None = None):
     """The causal mixer's prologue as the same kernels with one direction (custom VJP); same math,
     arguments and outputs as `causal_conv_xla`; the tile, min_programs(_bwd), sums_bwd,
-    forward_kernel and packing (xbc_offset, dt_offset, nheads) arguments as
+    forward_kernel, backward_kernel and packing (xbc_offset, dt_offset, nheads) arguments as
     `bidirectional_conv_pallas`. The
     default tiles were the fastest forward + backward that `benchmarks.fused_bench` found at
     configs/ar_base.py's mixer on an H100, 0.348 ms against 0.482 ms at the bidirectional
@@ -719,6 +728,6 @@ def causal_conv_pallas(xbc, dt, w, bias, *, ngroups: int, d_state: int, dtype=No
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
                  block_cols_bwd=block_cols_bwd, step_rows=step_rows, step_rows_bwd=step_rows_bwd,
                  min_programs=min_programs, min_programs_bwd=min_programs_bwd, sums_bwd=sums_bwd,
-                 forward_kernel=forward_kernel)
+                 forward_kernel=forward_kernel, backward_kernel=backward_kernel)
     return _call(xbc, dt, (w,), (bias,), ngroups, d_state, dtype, interpret, tiles,
                  (xbc_offset, dt_offset, nheads))

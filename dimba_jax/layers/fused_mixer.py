@@ -80,7 +80,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def mixer_core(zx, conv_ws, conv_bs, a, d, dt_bias, norm_ws, *, ngroups: int, d_state: int,
                chunk_size: int, dt_limit, ssd_impl: str, kernels, eps: float, dtype,
                interpret: bool, xbc_offset: int, dt_offset: int, nheads: int,
-               conv_forward: str = "triton"):
+               conv_forward: str = "triton", conv_backward: str = "triton"):
     """The mixer between its projections, as the fused prologue, `ssd` and the fused epilogue
     compute it, with one custom VJP (module docstring).
 
@@ -96,7 +96,8 @@ def mixer_core(zx, conv_ws, conv_bs, a, d, dt_bias, norm_ws, *, ngroups: int, d_
       interpret: run the kernels in the Pallas interpreter.
       xbc_offset, dt_offset, nheads: where xBC and dt sit in zx, and H.
       conv_forward: the prologue's forward kernel, "triton" or "mosaic"
-        (`fused_conv.bidirectional_conv_pallas`'s forward_kernel).
+        (`fused_conv.bidirectional_conv_pallas`'s forward_kernel); conv_backward: its
+        backward's first kernel, the same way (backward_kernel).
     Returns:
       (batch, L, D) in `dtype`: `bidirectional_gated_norm_pallas` (or `gated_norm_pallas`) of
       the SSD of `bidirectional_conv_pallas`'s (or `causal_conv_pallas`'s) outputs.
@@ -116,7 +117,8 @@ def mixer_core(zx, conv_ws, conv_bs, a, d, dt_bias, norm_ws, *, ngroups: int, d_
     conv_cfg = fused_conv.kernel_config(zx, zx, conv_ws, conv_bs, ngroups=ngroups,
                                         d_state=d_state, dtype=dtype, interpret=interpret,
                                         xbc_offset=xbc_offset, dt_offset=dt_offset, nheads=nheads,
-                                        forward_kernel=conv_forward)
+                                        forward_kernel=conv_forward,
+                                        backward_kernel=conv_backward)
     y_shape = jax.ShapeDtypeStruct((*zx.shape[:2], nd * nheads, d_inner // nheads),
                                    jnp.dtype(dtype))
     norm_cfg = fused_norm.kernel_config(y_shape, nd, ngroups=ngroups, eps=eps, dtype=dtype,

@@ -35,7 +35,7 @@ from dimba_jax.layers.fused_mixer import mixer_core
 from dimba_jax.layers.fused_norm import (bidirectional_gated_norm_pallas, gated_norm_pallas,
                                          norm_size_error)
 from dimba_jax.layers.norms import GatedRMSNorm, partitioned
-from dimba_jax.layers.triton_common import (check_conv_forward, check_impl, default_interpret,
+from dimba_jax.layers.triton_common import (check_conv_kernel, check_impl, default_interpret,
                                             use_fused)
 from dimba_jax.ssd import KernelConfig, ssd
 
@@ -117,7 +117,9 @@ class Mamba2(nnx.Module):
         interpreter); see `triton_common.use_fused`.
       conv_forward: "triton" | "mosaic": the fused conv prologue's forward kernel (the Pallas
         Triton kernel, or the Mosaic GPU kernel of `layers/mosaic_conv.py`, Hopper only; the
-        Triton one where the Mosaic one does not take the sizes); the backward is the same.
+        Triton one where the Mosaic one does not take the sizes).
+      conv_backward: "triton" | "mosaic": the same choice for the backward's first kernel (g
+        and the weight sums; `mosaic_conv.conv_bwd_g_mosaic`); its second is Triton's.
       core_vjp: where both fused kernels run (and, causal, without seq_idx or a returned
         cache), run prologue -> SSD -> epilogue as one custom VJP whose backward writes the
         in-projection output's gradient once (`layers/fused_mixer.py`) instead of three
@@ -137,7 +139,8 @@ class Mamba2(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 128, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
                  ssd_kernels: KernelConfig | None = None, norm_impl: str = "auto",
-                 conv_impl: str = "auto", conv_forward: str = "triton", core_vjp: bool = False,
+                 conv_impl: str = "auto", conv_forward: str = "triton", conv_backward: str = "triton",
+                 core_vjp: bool = False,
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  a_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_limit: tuple[float, float] = (0.0, float("inf")),
@@ -160,7 +163,8 @@ class Mamba2(nnx.Module):
         self.ssd_kernels = ssd_kernels or KernelConfig()
         self.norm_impl = check_impl("model.norm_impl", norm_impl)
         self.conv_impl = check_impl("model.conv_impl", conv_impl)
-        self.conv_forward = check_conv_forward(conv_forward)
+        self.conv_forward = check_conv_kernel("model.conv_forward", conv_forward)
+        self.conv_backward = check_conv_kernel("model.conv_backward", conv_backward)
         self.core_vjp = bool(core_vjp)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state
@@ -215,7 +219,7 @@ class Mamba2(nnx.Module):
             d_state=self.d_state, chunk_size=self.chunk_size, dt_limit=self.dt_limit,
             ssd_impl=self.ssd_impl, kernels=self.ssd_kernels, eps=self.norm.eps,
             dtype=self.dtype, interpret=default_interpret(), conv_forward=self.conv_forward,
-            **self._packed_columns())
+            conv_backward=self.conv_backward, **self._packed_columns())
 
     def _packed_columns(self) -> dict:
         """Where the fused conv kernels find xBC and dt in the projection's output
@@ -287,7 +291,8 @@ class Mamba2(nnx.Module):
             x, b, c, dt = causal_conv_pallas(
                 zxbcdt, zxbcdt, self.conv_weight[...], self.conv_bias[...], ngroups=self.ngroups,
                 d_state=self.d_state, dtype=self.dtype, interpret=default_interpret(),
-                forward_kernel=self.conv_forward, **self._packed_columns())
+                forward_kernel=self.conv_forward, backward_kernel=self.conv_backward,
+                **self._packed_columns())
         else:
             x, b, c = self._split_xbc(self._conv(xbc_in, seq_idx))
         out = ssd(x, dt.astype(jnp.float32), a, b, c, self.chunk_size, D=d, dt_bias=dt_bias,
@@ -447,6 +452,7 @@ class BidirectionalMamba2(nnx.Module):
                     zxf, zxf, f.conv_weight[...], bk.conv_weight[...], f.conv_bias[...],
                     bk.conv_bias[...], ngroups=f.ngroups, d_state=f.d_state, dtype=f.dtype,
                     interpret=default_interpret(), forward_kernel=f.conv_forward,
+                    backward_kernel=f.conv_backward,
                     **f._packed_columns())
             else:
                 x_f, b_f, c_f = f._split_xbc(f._conv(xbc_f, None))

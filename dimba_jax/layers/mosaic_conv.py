@@ -26,6 +26,7 @@ compiled (TMA boxes and shared-memory rows 128-byte aligned), xBC's columns 16-b
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +47,19 @@ def tile_cols(d_inner: int, gn: int) -> int:
     return w
 
 
-def _rows_layout(plgpu, w: int):
-    """The (q, w) register layout of the kernel's tiles: each thread holds 8 consecutive
-    columns of a row (one 16-byte vector of 16-bit data), a warp's lanes span the w columns
-    (w / 8 lanes) and 256 / w rows, the 4 warps of the warpgroup stack such row groups, so a
-    warp reads whole contiguous rows of an unswizzled shared-memory tile without bank
-    conflicts; (w,) vectors of the reduced layout broadcast along the rows."""
+def _rows_layout(plgpu, w: int, vec: int = 8):
+    """The (q, w) register layout of the kernels' tiles: each thread holds `vec` consecutive
+    columns of a row (8: one 16-byte vector of 16-bit data), a warp's lanes span the w columns
+    (w / vec lanes) and 32 * vec / w rows, the 4 warps of the warpgroup stack such row groups,
+    so a warp reads whole contiguous rows of an unswizzled shared-memory tile without bank
+    conflicts; (w,) vectors of the reduced layout broadcast along the rows. vec = 4 (float32
+    vectors of 16 bytes) is what Mosaic's sums across warps take (`jnp.sum(axis=0)`)."""
     from jax.experimental.mosaic.gpu import fragmented_array as fa  # pylint: disable=g-import-not-at-top
-    lanes_rows = 256 // w
-    tiling = fa.Tiling(((4 * lanes_rows, w), (lanes_rows, w), (8,)))
+    lanes_rows = 32 * vec // w
+    if lanes_rows == 1:  # a warp's lanes span one row
+        tiling = fa.Tiling(((4, w), (vec,)))
+        return plgpu.Layout.TILED(tiling, warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
+    tiling = fa.Tiling(((4 * lanes_rows, w), (lanes_rows, w), (vec,)))
     return plgpu.Layout.TILED(tiling, warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
 
 
@@ -73,9 +78,152 @@ def size_error(seqlen: int, d_inner: int, gn: int, xo: int, itemsize: int,
     return ""
 
 
+class _Sizes(NamedTuple):
+    """The kernels' static sizes: nd directions, K taps, C columns of xBC (d_inner of x, gn of
+    B and C each), w columns per program, q rows per program, nt row blocks."""
+    nd: int
+    k_width: int
+    c: int
+    d_inner: int
+    gn: int
+    w: int
+    q: int
+    nt: int
+
+
+def _sizes(xbc, ws, ngroups, d_state, xo, interpret) -> _Sizes:
+    nd, (k_width, c) = len(ws), ws[0].shape
+    seqlen = xbc.shape[1]
+    gn = ngroups * d_state
+    d_inner = c - 2 * gn
+    error = size_error(seqlen, d_inner, gn, xo, jnp.dtype(xbc.dtype).itemsize, interpret,
+                       k_width)
+    if error:
+        raise ValueError(error)
+    return _Sizes(nd, k_width, c, d_inner, gn, tile_cols(d_inner, gn), ROWS, seqlen // ROWS)
+
+
+def _regions(sz: _Sizes):
+    """(first column tile, tile count, region width) of x, B and C: column tile j of xBC lies in
+    the region with first <= j < first + count, at column (j - first) * w of that region."""
+    nx, ng = sz.d_inner // sz.w, sz.gn // sz.w
+    return ((0, nx, sz.d_inner), (nx, ng, sz.gn), (nx + ng, ng, sz.gn))
+
+
+class _Program:
+    """What both kernels do first in their program (column tile j, row block ti, batch row bi):
+    the TMA loads of the two xBC row blocks (`load_blocks`) and of the weight and bias tiles, and
+    each direction's float32 (q, w) pre-activation from them (`pre`), in the reference's order.
+
+    bufs (nd, q + K - 1, w) in xbc's dtype; w_smem (nd, K, w) and b_smem (nd, w) float32; bars:
+    4 * nd one-arrival barriers (block, weights, bias per direction, then one halo each)."""
+
+    def __init__(self, plgpu, sz: _Sizes, seqlen: int, xo: int, interpret: bool, vec: int = 8):
+        self.plgpu, self.sz, self.seqlen, self.xo = plgpu, sz, seqlen, xo
+        self.interpret = interpret
+        self.layout = _rows_layout(plgpu, sz.w, vec)
+        self.col = self.layout.reduce(0)
+        self.load = hopper.smem_loader(plgpu, interpret)
+        # the (w,) float32 vectors: 8-column vectors are 32 bytes, wider than Mosaic's optimized
+        # transfers take; one load per tap and program
+        self.load_vec = hopper.smem_loader(plgpu, interpret, optimized=False)
+
+    def scratch(self, dtype):
+        plgpu, sz = self.plgpu, self.sz
+        f32 = jnp.float32
+        return [plgpu.SMEM((sz.nd, sz.q + sz.k_width - 1, sz.w), dtype),
+                plgpu.SMEM((sz.nd, sz.k_width, sz.w), f32), plgpu.SMEM((sz.nd, sz.w), f32),
+                plgpu.Barrier(num_barriers=4 * sz.nd)]
+
+    def ids(self):
+        return lax.axis_index("col"), lax.axis_index("row"), lax.axis_index("batch")
+
+    def load_blocks(self, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars):
+        """Starts the loads: forward block original rows [t0 - (K-1), t0 + q) into buffer rows
+        [0, q + K - 1), backward block [L - t0 - q, L - t0 + K - 1) likewise; the halo rows past
+        either end of the sequence are zeros (row block 0: K zero rows, the halo and the block
+        row beside it, which the block's TMA then overwrites: Mosaic stores need 128-element
+        multiples)."""
+        plgpu, sz, seqlen = self.plgpu, self.sz, self.seqlen
+        q, km, w = sz.q, sz.k_width - 1, sz.w
+        j, ti, bi = self.ids()
+        t0 = ti * q
+        cols = pl.ds(self.xo + j * w, w)
+        main = (t0, seqlen - t0 - q)
+        halo = ((0, t0 - km), (q, seqlen - t0))  # (buffer row, first original row)
+
+        @pl.when(ti == 0)
+        def _():
+            for h in range(sz.nd):
+                bufs.at[h, pl.ds(halo[h][0] - (h == 1), sz.k_width)][...] = jnp.zeros(
+                    (sz.k_width, w), bufs.dtype)
+            plgpu.commit_smem()
+
+        for h in range(sz.nd):
+            plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(main[h], q), cols],
+                                    bufs.at[h, pl.ds(km * (h == 0), q)], bars.at[3 * h])
+            plgpu.copy_gmem_to_smem(w_hbm[h].at[:, pl.ds(j * w, w)], w_smem.at[h],
+                                    bars.at[3 * h + 1])
+            plgpu.copy_gmem_to_smem(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[h],
+                                    bars.at[3 * h + 2])
+            pl.when(ti > 0)(functools.partial(
+                plgpu.copy_gmem_to_smem, x_hbm.at[bi, pl.ds(halo[h][1], km), cols],
+                bufs.at[h, pl.ds(halo[h][0], km)], bars.at[3 * sz.nd + h]))
+        plgpu.commit_smem()
+
+    def wait(self, h, bars):
+        """Waits for direction h's block, halo, weights and bias."""
+        ti = lax.axis_index("row")
+        for bar in range(3):
+            self.plgpu.barrier_wait(bars.at[3 * h + bar])
+        pl.when(ti > 0)(functools.partial(self.plgpu.barrier_wait, bars.at[3 * self.sz.nd + h]))
+
+    def bcast(self, v):  # (w,) -> (q, w) in the rows layout
+        v = lax.broadcast_in_dim(v, (self.sz.q, self.sz.w), [1])
+        return v if self.interpret else self.plgpu.layout_cast(v, self.layout)
+
+    def tap(self, h, k, bufs):
+        """Direction h's tap k, (q, w) float32: forward out row i takes buffer row i + k;
+        backward (original time, buffer row r = original row L - t0 - q + r): row r takes
+        buffer row r + (K-1) - k."""
+        shift = k if h == 0 else self.sz.k_width - 1 - k
+        return self.load(bufs.at[h, pl.ds(shift, self.sz.q)], self.layout).astype(jnp.float32)
+
+    def pre(self, h, bufs, w_smem, b_smem):
+        """Direction h's (q, w) float32 pre-activation: bias + sum_k w[k] * tap k."""
+        acc = self.bcast(self.load_vec(b_smem.at[h], self.col))
+        for k in range(self.sz.k_width):
+            acc = acc + self.tap(h, k, bufs) * self.bcast(self.load_vec(w_smem.at[h, k],
+                                                                         self.col))
+        return acc
+
+    def store_rows(self, src, dst, h, t0):
+        """Direction h's (q, w) SMEM rows `src` to HBM at scan rows [t0, t0 + q), dst(rows) the
+        HBM view of those rows: one TMA forward; backward rows are in original time in `src`
+        (scan row t0 + i = its row q - 1 - i), so q one-row TMAs in reverse (the flip)."""
+        if h == 0:
+            self.plgpu.copy_smem_to_gmem(src, dst(pl.ds(t0, self.sz.q)))
+            return
+        for i in range(self.sz.q):
+            self.plgpu.copy_smem_to_gmem(src.at[pl.ds(self.sz.q - 1 - i, 1)],
+                                         dst(pl.ds(t0 + i, 1)))
+
+    def call(self, body, name, out_type, scratch, args, semantics, reduction_scratch_bytes=0):
+        body.__name__ = name if self.sz.nd == 2 else name.removeprefix("bidir_")
+        plgpu, sz = self.plgpu, self.sz
+        return hopper.kernel_call(
+            plgpu, body, out_type, scratch,
+            grid=(sz.d_inner // sz.w + 2 * (sz.gn // sz.w), sz.nt, args[0].shape[0]),
+            grid_names=("col", "row", "batch"),
+            **({"interpret": hopper.interpret_params()} if self.interpret
+               else {"compiler_params": hopper.compiler_params(plgpu, semantics,
+                                                                reduction_scratch_bytes)}),
+        )(*args)
+
+
 def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo: int = 0,
                     dtype=None, interpret: bool = False, semantics: str = "lane"):
-    """Both directions' conv + SiLU (nd = len(ws)), the module docstring's kernel.
+    """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel.
 
     Args:
       xbc: (b, L, W) bf16 / f16 / f32, xBC at columns [xo, xo + C).
@@ -88,105 +236,122 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     Returns:
       x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns.
     """
+    del nheads
     plgpu = hopper.mosaic_gpu()
-    nd, (k_width, c) = len(ws), ws[0].shape
+    sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
     bsz, seqlen, _ = xbc.shape
-    gn = ngroups * d_state
-    d_inner = c - 2 * gn
-    error = size_error(seqlen, d_inner, gn, xo, jnp.dtype(xbc.dtype).itemsize, interpret,
-                       k_width)
-    if error:
-        raise ValueError(error)
-    q, w, km = ROWS, tile_cols(d_inner, gn), k_width - 1
-    nx, ng_tiles = d_inner // w, gn // w
-    nt = seqlen // q
+    nd, q, w = sz.nd, sz.q, sz.w
     dtype = jnp.dtype(dtype or xbc.dtype)
-    f32 = jnp.float32
-    rows_layout = _rows_layout(plgpu, w)
-    col = rows_layout.reduce(0)
-    load = hopper.smem_loader(plgpu, interpret)
-    # the (w,) float32 vectors: 8-column vectors are 32 bytes, wider than Mosaic's optimized
-    # transfers take; one load per tap and program
-    load_vec = hopper.smem_loader(plgpu, interpret, optimized=False)
-
-    def bcast(v):  # (w,) -> (q, w) in rows_layout
-        v = lax.broadcast_in_dim(v, (q, w), [1])
-        return v if interpret else plgpu.layout_cast(v, rows_layout)
-
-    regions = ((0, nx, d_inner), (nx, ng_tiles, gn), (nx + ng_tiles, ng_tiles, gn))
+    prog = _Program(plgpu, sz, seqlen, xo, interpret)
+    regions = _regions(sz)
 
     def conv_fwd(x_hbm, *refs):
         w_hbm, b_hbm = refs[:nd], refs[nd:2 * nd]
         outs = refs[2 * nd:2 * nd + 3]
-        bufs, w_smem, b_smem, o_smem, bars = refs[2 * nd + 3:]
-        j, ti, bi = lax.axis_index("col"), lax.axis_index("row"), lax.axis_index("batch")
-        t0 = ti * q
-        cols = pl.ds(xo + j * w, w)
-        # Block starts (original rows) and halos per direction: forward [t0 - km, t0) into
-        # buffer rows [0, km), backward [L - t0, L - t0 + km) into rows [q, q + km); in row
-        # block 0 both lie outside the sequence: K zero rows (the halo and the block row
-        # beside it, which the block's TMA then overwrites) instead.
-        main = (t0, seqlen - t0 - q)
-        halo = ((0, t0 - km), (q, seqlen - t0))  # (buffer row, first original row)
-
-        @pl.when(ti == 0)
-        def _():
-            for h in range(nd):
-                bufs.at[h, pl.ds(halo[h][0] - (h == 1), k_width)][...] = jnp.zeros(
-                    (k_width, w), bufs.dtype)
-            plgpu.commit_smem()
-
+        bufs, w_smem, b_smem, bars, o_smem = refs[2 * nd + 3:]
+        j, ti, bi = prog.ids()
+        prog.load_blocks(x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
         for h in range(nd):
-            plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(main[h], q), cols],
-                                    bufs.at[h, pl.ds(km * (h == 0), q)], bars.at[3 * h])
-            plgpu.copy_gmem_to_smem(w_hbm[h].at[:, pl.ds(j * w, w)], w_smem.at[h],
-                                    bars.at[3 * h + 1])
-            plgpu.copy_gmem_to_smem(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[h],
-                                    bars.at[3 * h + 2])
-
-            pl.when(ti > 0)(functools.partial(
-                plgpu.copy_gmem_to_smem, x_hbm.at[bi, pl.ds(halo[h][1], km), cols],
-                bufs.at[h, pl.ds(halo[h][0], km)], bars.at[3 * nd + h]))
-
-        plgpu.commit_smem()
-        for h in range(nd):
-            for bar in range(3):
-                plgpu.barrier_wait(bars.at[3 * h + bar])
-            pl.when(ti > 0)(functools.partial(plgpu.barrier_wait, bars.at[3 * nd + h]))
-            acc = bcast(load_vec(b_smem.at[h], col))
-            for k in range(k_width):
-                # forward: out row i takes buffer row i + k; backward (original time, buffer
-                # row r = original row L - t0 - q + r): row r takes buffer row r + km - k
-                shift = k if h == 0 else km - k
-                xk = load(bufs.at[h, pl.ds(shift, q)], rows_layout).astype(f32)
-                acc = acc + xk * bcast(load_vec(w_smem.at[h, k], col))
-            o_smem.at[h][...] = jax.nn.silu(acc).astype(dtype)
+            prog.wait(h, bars)
+            o_smem.at[h][...] = jax.nn.silu(prog.pre(h, bufs, w_smem, b_smem)).astype(dtype)
         plgpu.commit_smem()
         for (first, count, total), out in zip(regions, outs):
             @pl.when((j >= first) & (j < first + count))
             def _(first=first, total=total, out=out):
                 for h in range(nd):
                     oc = pl.ds(h * total + (j - first) * w, w)
-                    if h == 0:
-                        plgpu.copy_smem_to_gmem(o_smem.at[0], out.at[bi, pl.ds(t0, q), oc])
-                        continue
-                    for i in range(q):  # scan row t0 + i = original row L - 1 - t0 - i
-                        plgpu.copy_smem_to_gmem(o_smem.at[h, pl.ds(q - 1 - i, 1)],
-                                                out.at[bi, pl.ds(t0 + i, 1), oc])
+                    prog.store_rows(o_smem.at[h], lambda rows, oc=oc: out.at[bi, rows, oc], h,
+                                    ti * q)
 
         plgpu.wait_smem_to_gmem(0)
 
-    out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd * d_inner), dtype),
-                jax.ShapeDtypeStruct((bsz, seqlen, nd * gn), dtype),
-                jax.ShapeDtypeStruct((bsz, seqlen, nd * gn), dtype))
-    scratch = [plgpu.SMEM((nd, q + km, w), xbc.dtype), plgpu.SMEM((nd, k_width, w), f32),
-               plgpu.SMEM((nd, w), f32), plgpu.SMEM((nd, q, w), dtype),
-               plgpu.Barrier(num_barriers=4 * nd)]
-    name = "bidir_conv_fwd" if nd == 2 else "conv_fwd"
-    conv_fwd.__name__ = name
-    return hopper.kernel_call(
-        plgpu, conv_fwd, out_type, scratch,
-        grid=(nx + 2 * ng_tiles, nt, bsz), grid_names=("col", "row", "batch"),
-        **({"interpret": hopper.interpret_params()} if interpret
-           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
-    )(xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs])
+    out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.d_inner), dtype),
+                jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype),
+                jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype))
+    scratch = prog.scratch(xbc.dtype) + [plgpu.SMEM((nd, q, w), dtype)]
+    return prog.call(conv_fwd, "bidir_conv_fwd", out_type, scratch,
+                     (xbc, *[wt.astype(jnp.float32) for wt in ws],
+                      *[b.astype(jnp.float32) for b in bs]), semantics)
+
+
+def _dsilu(a):
+    """silu'(a) = sig(a) * (1 + a * (1 - sig(a)))."""
+    sig = jax.nn.sigmoid(a)
+    return sig * (1.0 + a * (1.0 - sig))
+
+
+def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo: int = 0,
+                      interpret: bool = False, semantics: str = "lane"):
+    """The conv backward's first kernel ("bidir_conv_bwd_g"; `fused_conv`'s module docstring has
+    the math): g = dout * silu'(a) of both directions from the recomputed pre-activations, and
+    the programs' partial sums of the weight and bias gradients.
+
+    Per program, besides the forward's loads: the cotangents' forward half at rows
+    [t0, t0 + q) by one TMA and the backward half at scan rows t0 + q - 1 - r into buffer row r
+    (original time) by q one-row TMAs, so every product is formed in original time; g's
+    backward half is stored back in scan time like the forward's outputs.
+
+    Args:
+      xbc, ws, bs, xo, interpret, semantics: as `conv_fwd_mosaic`.
+      dx (b, L, nd*H*P), dbm, dcm (b, L, nd*G*N): the cotangents of the forward's outputs.
+    Returns:
+      g (b, L, nd, C) in xbc's dtype ([g_f[t] | g_b[t]], the backward half in scan time) and
+      (b, L/q, nd, K + 1, C) float32 partial sums over each program's q rows of
+      [dw_0 .. dw_{K-1}; dbias] per direction, from the float32 g.
+    """
+    plgpu = hopper.mosaic_gpu()
+    sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
+    bsz, seqlen, _ = xbc.shape
+    nd, q, w, k_width, c = sz.nd, sz.q, sz.w, sz.k_width, sz.c
+    f32 = jnp.float32
+    prog = _Program(plgpu, sz, seqlen, xo, interpret, vec=4)
+    regions = _regions(sz)
+
+    def conv_bwd_g(x_hbm, *refs):
+        w_hbm, b_hbm = refs[:nd], refs[nd:2 * nd]
+        d_hbm = refs[2 * nd:2 * nd + 3]
+        g_hbm, dw_hbm = refs[2 * nd + 3:2 * nd + 5]
+        bufs, w_smem, b_smem, bars, d_smem, g_smem, dw_smem, d_bars, rev_bar = refs[2 * nd + 5:]
+        j, ti, bi = prog.ids()
+        t0 = ti * q
+        prog.load_blocks(x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
+        for (first, count, total), d_ref in zip(regions, d_hbm):
+            @pl.when((j >= first) & (j < first + count))
+            def _(first=first, total=total, d_ref=d_ref):
+                for h in range(nd):
+                    dc = pl.ds(h * total + (j - first) * w, w)
+                    if h == 0:
+                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0, q), dc], d_smem.at[0],
+                                                d_bars.at[0])
+                        continue
+                    for r in range(q):
+                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0 + q - 1 - r, 1), dc],
+                                                d_smem.at[1, pl.ds(r, 1)], rev_bar.at[0])
+
+        for h in range(nd):
+            prog.wait(h, bars)
+            plgpu.barrier_wait(d_bars.at[0] if h == 0 else rev_bar.at[0])
+            g = prog.load(d_smem.at[h], prog.layout).astype(f32) * _dsilu(
+                prog.pre(h, bufs, w_smem, b_smem))
+            g_smem.at[h][...] = g.astype(g_smem.dtype)
+            for k in range(k_width):
+                dw_smem.at[h, k][...] = jnp.sum(g * prog.tap(h, k, bufs), axis=0)
+            dw_smem.at[h, k_width][...] = jnp.sum(g, axis=0)
+        plgpu.commit_smem()
+        cols = pl.ds(j * w, w)
+        for h in range(nd):
+            prog.store_rows(g_smem.at[h], lambda rows, h=h: g_hbm.at[bi, rows, h, cols], h, t0)
+        plgpu.copy_smem_to_gmem(dw_smem, dw_hbm.at[bi, ti, :, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
+                jax.ShapeDtypeStruct((bsz, sz.nt, nd, k_width + 1, c), f32))
+    scratch = prog.scratch(xbc.dtype) + [
+        plgpu.SMEM((nd, q, w), dx.dtype), plgpu.SMEM((nd, q, w), xbc.dtype),
+        plgpu.SMEM((nd, k_width + 1, w), f32), plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=q, num_barriers=1)]
+    return prog.call(conv_bwd_g, "bidir_conv_bwd_g", out_type, scratch,
+                     (xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs],
+                      dx, dbm, dcm), semantics,
+                     # jnp.sum(axis=0) of a (q, w) float32 tile: 8 row groups of (w,) partials
+                     reduction_scratch_bytes=8 * w * 4)

@@ -13,7 +13,8 @@ DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 # The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
 DEFAULT_MIN_PROGRAMS = 1024
 SUMS = ("step", "tile")  # `Tiles.sums` values
-CONV_FORWARDS = ("triton", "mosaic")  # `Tiles.kernel` values of the conv forward (model.conv_forward)
+# `Tiles.kernel` values of the conv prologue's passes (model.conv_forward, model.conv_backward)
+CONV_KERNELS = ("triton", "mosaic")
 
 
 def check_impl(knob: str, impl: str) -> str:
@@ -23,11 +24,11 @@ def check_impl(knob: str, impl: str) -> str:
     return impl
 
 
-def check_conv_forward(kernel: str) -> str:
-    """Returns `kernel` if it is one of CONV_FORWARDS, else raises a one-line ValueError naming
-    model.conv_forward."""
-    if kernel not in CONV_FORWARDS:
-        raise ValueError(f"model.conv_forward must be one of {CONV_FORWARDS}, got {kernel!r}")
+def check_conv_kernel(knob: str, kernel: str) -> str:
+    """Returns `kernel` if it is one of CONV_KERNELS, else raises a one-line ValueError naming
+    `knob` (model.conv_forward or model.conv_backward)."""
+    if kernel not in CONV_KERNELS:
+        raise ValueError(f"{knob} must be one of {CONV_KERNELS}, got {kernel!r}")
     return kernel
 
 
@@ -87,8 +88,9 @@ class Tiles(NamedTuple):
     step and direction) or "tile" (carrying (step, width) elementwise sums, reduced once per
     column tile: fewer reductions, 2(K+1) x step x width float32 registers per direction
     spread over the program's threads); kernel: which kernel runs the pass, "triton" (the
-    Pallas Triton kernels these tiles shape) or, for the conv forward, "mosaic" (the Mosaic GPU
-    kernel of `mosaic_conv`, which has its own fixed tiles).
+    Pallas Triton kernels these tiles shape) or, for the conv prologue, "mosaic" (the Mosaic GPU
+    kernels of `mosaic_conv`, which have their own fixed tiles: the forward, or the backward's
+    first kernel).
     """
 
     rows: int
@@ -104,7 +106,8 @@ class Tiles(NamedTuple):
 # The tile keywords of the fused kernels' public functions (each takes a subset).
 TILE_KWARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
                "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
-               "min_programs", "min_programs_bwd", "sums_bwd", "forward_kernel")
+               "min_programs", "min_programs_bwd", "sums_bwd", "forward_kernel",
+               "backward_kernel")
 
 
 def default_tiles(fn) -> dict:
@@ -149,19 +152,21 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
                  block_cols: int = 0, block_cols_bwd: int | None = None, step_rows: int = 0,
                  step_rows_bwd: int | None = None,
                  min_programs: int = DEFAULT_MIN_PROGRAMS, min_programs_bwd: int = 1,
-                 sums_bwd: str = "step", forward_kernel: str = "triton") -> tuple[Tiles, Tiles]:
+                 sums_bwd: str = "step", forward_kernel: str = "triton",
+                 backward_kernel: str = "triton") -> tuple[Tiles, Tiles]:
     """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
     clipped to the rows; a backward value of None = the forward's (for rows and warps also 0);
     min_programs / min_programs_bwd the grid targets (`Tiles.programs`); sums_bwd the
-    backward's `Tiles.sums`; forward_kernel the forward's `Tiles.kernel`. ValueError for a
-    stage count or grid target below 1, a negative / non-power-of-two column width or step, or
-    an unknown sums_bwd or forward_kernel."""
+    backward's `Tiles.sums`; forward_kernel / backward_kernel the passes' `Tiles.kernel`.
+    ValueError for a stage count or grid target below 1, a negative / non-power-of-two column
+    width or step, or an unknown sums_bwd, forward_kernel or backward_kernel."""
     for name, value in (("min_programs", min_programs), ("min_programs_bwd", min_programs_bwd)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if sums_bwd not in SUMS:
         raise ValueError(f"sums_bwd must be one of {SUMS}, got {sums_bwd!r}")
-    check_conv_forward(forward_kernel)
+    check_conv_kernel("model.conv_forward", forward_kernel)
+    check_conv_kernel("model.conv_backward", backward_kernel)
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
@@ -177,7 +182,7 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
     steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
     fwd, bwd = (Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
     return (fwd._replace(programs=int(min_programs), kernel=forward_kernel),
-            bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd))
+            bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd, kernel=backward_kernel))
 
 
 def tile_width(total: int, natural: int, cols: int) -> int:

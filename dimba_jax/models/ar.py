@@ -65,7 +65,7 @@ class MambaLM(nnx.Module):
       vocab_size: number of real token ids; the embedding has `padded_vocab_size` rows.
       d_model, n_layers: width and depth.
       d_state, expand, headdim, ngroups, d_conv, chunk_size, ssd_impl, ssd_kernels, conv_impl,
-        conv_forward, norm_impl, core_vjp: Mamba2 mixer settings (conv_impl / norm_impl: its fused prologue /
+        conv_forward, conv_backward, norm_impl, core_vjp: Mamba2 mixer settings (conv_impl / norm_impl: its fused prologue /
         epilogue kernels; core_vjp: both as one custom VJP; see `Mamba2`).
       tie_embeddings: output head = embedding table (True) or a separate `lm_head` Linear.
       pad_vocab_size_multiple: pad the vocabulary to this multiple (mamba_ssm default 16 for
@@ -85,7 +85,8 @@ class MambaLM(nnx.Module):
                  expand: int = 2, headdim: int = 64, ngroups: int = 1, d_conv: int = 4,
                  chunk_size: int = 256, ssd_impl: str = "auto",
                  ssd_kernels: KernelConfig | None = None, conv_impl: str = "auto",
-                 conv_forward: str = "triton", norm_impl: str = "auto", core_vjp: bool = False, tie_embeddings: bool = True,
+                 conv_forward: str = "triton", conv_backward: str = "triton",
+                 norm_impl: str = "auto", core_vjp: bool = False, tie_embeddings: bool = True,
                  pad_vocab_size_multiple: int = 16, padded_vocab_size: int | None = None,
                  norm_eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                  head_dtype=None, rngs: nnx.Rngs):
@@ -103,7 +104,8 @@ class MambaLM(nnx.Module):
         self.head_dtype = jnp.dtype(dtype if head_dtype is None else head_dtype)
         mixer_config = dict(d_state=d_state, expand=expand, headdim=headdim, ngroups=ngroups,
                             d_conv=d_conv, chunk_size=chunk_size, conv_impl=conv_impl,
-                            conv_forward=conv_forward, norm_impl=norm_impl, core_vjp=core_vjp)
+                            conv_forward=conv_forward, conv_backward=conv_backward,
+                            norm_impl=norm_impl, core_vjp=core_vjp)
         self.embedding = nnx.Embed(
             v_pad, d_model, dtype=dtype, param_dtype=param_dtype,
             embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
@@ -303,7 +305,7 @@ def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperatu
 def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    rngs: nnx.Rngs, pad_vocab_size_multiple: int = 16) -> MambaLM:
     """Builds a MambaLM from `config.model` (d_model, n_layers, d_state, expand, headdim,
-    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, conv_impl, conv_forward, norm_impl,
+    ngroups, d_conv, chunk_size, ssd_impl, ssd_* kernels, conv_impl, conv_forward, conv_backward, norm_impl,
     mixer_core_vjp, tie_embeddings, compute_dtype, head_dtype; a config without head_dtype, a
     run saved before it reached this model, keeps the compute dtype)."""
     m = model_config
@@ -313,6 +315,7 @@ def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    ssd_kernels=KernelConfig.from_config(m),
                    conv_impl=getattr(m, "conv_impl", "auto"),
                    conv_forward=getattr(m, "conv_forward", "triton"),
+                   conv_backward=getattr(m, "conv_backward", "triton"),
                    norm_impl=getattr(m, "norm_impl", "auto"),
                    core_vjp=bool(getattr(m, "mixer_core_vjp", False)),
                    tie_embeddings=m.tie_embeddings,

@@ -163,6 +163,7 @@ class DimbaBlock(nnx.Module):
                                norm_impl=getattr(m, "norm_impl", "auto"),
                                conv_impl=getattr(m, "conv_impl", "auto"),
                                conv_forward=getattr(m, "conv_forward", "triton"),
+                               conv_backward=getattr(m, "conv_backward", "triton"),
                                core_vjp=bool(getattr(m, "mixer_core_vjp", False)),
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
@@ -185,7 +186,7 @@ class DimbaModel(nnx.Module):
 
     Args:
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
-        chunk_size, ssd_impl, norm_impl, conv_impl, conv_forward, mixer_core_vjp, bidirectional, conditioning,
+        chunk_size, ssd_impl, norm_impl, conv_impl, conv_forward, conv_backward, mixer_core_vjp, bidirectional, conditioning,
         prompt_encoder, prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim,
         self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input,
         posterior_grad, logit_bias, position_levels).

@@ -57,8 +57,10 @@ def interpret_params():
     return InterpretGPUParams()
 
 
-def compiler_params(plgpu, semantics: str = "lane"):
-    """Compiler parameters pinning Mosaic GPU's lowering semantics ("lane" or "warpgroup").
+def compiler_params(plgpu, semantics: str = "lane", reduction_scratch_bytes: int = 0):
+    """Compiler parameters pinning Mosaic GPU's lowering semantics ("lane" or "warpgroup") and,
+    if nonzero, the shared-memory bytes reserved for reductions across warps (jax's default,
+    2 KiB, holds a (128,) float32 sum over 4 warps' partial sums; wider sums need more).
 
     The kernel gives explicit register layouts (plgpu.load(..., layout=...),
     broadcasted_iota(..., layout=WGMMA)) and lowers under both semantics, so it pins one rather
@@ -69,8 +71,9 @@ def compiler_params(plgpu, semantics: str = "lane"):
     if semantics not in ("lane", "warpgroup"):
         raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
     kinds = plgpu.LoweringSemantics
+    extra = {"reduction_scratch_bytes": reduction_scratch_bytes} if reduction_scratch_bytes else {}
     return plgpu.CompilerParams(
-        lowering_semantics=kinds.Lane if semantics == "lane" else kinds.Warpgroup)
+        lowering_semantics=kinds.Lane if semantics == "lane" else kinds.Warpgroup, **extra)
 
 
 def smem_loader(plgpu, interpret: bool, optimized: bool = True):
