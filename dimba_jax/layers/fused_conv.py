@@ -30,7 +30,8 @@ Weight and bias sums are per-program partial sums (b, L/T, 2, K+1, C) float32, a
 Two kernels over grid (batch, row blocks of T rows): "bidir_conv_bwd_g" over scan rows t: K
 shifted xbc loads per direction give a_f[t], a_b[t] once each; g_f[t], g_b[t] from the
 cotangents at the program's own rows; it writes g (b, L, 2, C) in xbc.dtype (forward half in
-original time, backward half in scan time) and the weight and bias sums over rows t from the
+original time, backward half in scan time; `mosaic_conv.conv_bwd_g_mosaic` writes both in
+original time) and the weight and bias sums over rows t from the
 same loads. Then "bidir_conv_bwd_dx" over original rows j: dxbc[j] from K shifted loads of g
 per direction (zero outside [0, L)), summed in float32 and written in xbc.dtype, and ddt[j].
 Each pre-activation is computed once; g is stored in xbc.dtype (2C values per row in HBM,
@@ -381,7 +382,7 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
 
 
 def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, step, xo, do,
-                   into=False):
+                   into=False, g_time="scan"):
     """Backward kernel 2 ("bidir_conv_bwd_dx"; "conv_bwd_dx" with nd = 1), original rows
     j = t0 + i of batch bi, in steps of `step` rows.
 
@@ -390,6 +391,8 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
     sum_k w_f[k] * g_f[j + (K-1) - k] (+ w_b[k] * g_b[L-1-j + (K-1) - k] with nd = 2) and
     ddt_ref (q, H). With `into`: an input ref (the buffer, unread) and one output ref (q, W)
     aliased to it instead, dxbc written at columns [xo, xo + C) and ddt at [do, do + H).
+    g_time: the time of g's backward half, "scan" (the Triton first kernel's) or "original"
+    (the Mosaic one's: g_b[L-1-j + (K-1) - k] is then row j - (K-1) + k).
     """
     if into:
         w_refs, (ddtc_ref, _, out_ref) = refs[:nd], refs[nd:]
@@ -409,11 +412,15 @@ def _bwd_dx_kernel(g_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, ste
 
             def rows_step(si, c2):
                 ts = t0 + si * step
-                scan_rows = (ts + i, (seqlen - 1 - ts) - i)[:nd]  # scan rows of g at offset 0
+                # rows of g at tap offset 0 and each tap's offset from them
+                taps = ((ts + i, lambda k: km - k),
+                        (((seqlen - 1 - ts) - i, lambda k: km - k) if g_time == "scan"
+                         else (ts + i, lambda k: k - km)))[:nd]
                 acc = jnp.zeros((step, width), jnp.float32)
-                for half, rows in enumerate(scan_rows):
+                for half, (rows, offset) in enumerate(taps):
                     for k in range(k_width):
-                        acc = acc + ws[half][k] * _shifted(g_ref, rows, km - k, cs, seqlen, half)
+                        acc = acc + ws[half][k] * _shifted(g_ref, rows, offset(k), cs, seqlen,
+                                                           half)
                 dxbc_ref[pl.ds(si * step, step), pl.ds(xs + first(c), width)] = acc.astype(
                     dxbc_ref.dtype)
                 return c2
@@ -512,6 +519,7 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
+    g_time = "original" if tiles.kernel == "mosaic" else "scan"
     if tiles.kernel == "mosaic":
         g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
                                               xo=kw["xo"], interpret=interpret)
@@ -535,7 +543,7 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
             raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
                              f"the one array read as xbc and dt, {xbc.shape}")
         (buf,) = pl.pallas_call(
-            functools.partial(_bwd_dx_kernel, into=True, **kw),
+            functools.partial(_bwd_dx_kernel, into=True, g_time=g_time, **kw),
             out_shape=(jax.ShapeDtypeStruct(into.shape, into.dtype),),
             grid=(bsz, nt),
             in_specs=[seq(nd, c)] + [mat] * nd + [seq(nd * nh), rows(width)],
@@ -547,7 +555,7 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
         )(g, *ws, ddtc.astype(jnp.float32), into)
         return buf, None, dw
     dxbc, ddt = pl.pallas_call(
-        functools.partial(_bwd_dx_kernel, **kw),
+        functools.partial(_bwd_dx_kernel, g_time=g_time, **kw),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, c), xbc.dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, nh), dt.dtype)),
         grid=(bsz, nt),

@@ -288,14 +288,14 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
 
     Per program, besides the forward's loads: the cotangents' forward half at rows
     [t0, t0 + q) by one TMA and the backward half at scan rows t0 + q - 1 - r into buffer row r
-    (original time) by q one-row TMAs, so every product is formed in original time; g's
-    backward half is stored back in scan time like the forward's outputs.
+    (original time) by q one-row TMAs, so every product is formed in original time; both
+    halves of g are stored in original time, one TMA each.
 
     Args:
       xbc, ws, bs, xo, interpret, semantics: as `conv_fwd_mosaic`.
       dx (b, L, nd*H*P), dbm, dcm (b, L, nd*G*N): the cotangents of the forward's outputs.
     Returns:
-      g (b, L, nd, C) in xbc's dtype ([g_f[t] | g_b[t]], the backward half in scan time) and
+      g (b, L, nd, C) in xbc's dtype ([g_f[t] | g_b[L-1-t]]: both halves in original time) and
       (b, L/q, nd, K + 1, C) float32 partial sums over each program's q rows of
       [dw_0 .. dw_{K-1}; dbias] per direction, from the float32 g.
     """
@@ -339,8 +339,8 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
             dw_smem.at[h, k_width][...] = jnp.sum(g, axis=0)
         plgpu.commit_smem()
         cols = pl.ds(j * w, w)
-        for h in range(nd):
-            prog.store_rows(g_smem.at[h], lambda rows, h=h: g_hbm.at[bi, rows, h, cols], h, t0)
+        for h, first in enumerate((t0, seqlen - t0 - q)[:nd]):
+            plgpu.copy_smem_to_gmem(g_smem.at[h], g_hbm.at[bi, pl.ds(first, q), h, cols])
         plgpu.copy_smem_to_gmem(dw_smem, dw_hbm.at[bi, ti, :, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
