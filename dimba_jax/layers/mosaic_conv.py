@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from dimba_jax.ssd import hopper
 
 ROWS = 64  # q: time rows per program (a multiple of `_rows_layout`'s 1024 / w rows per tile)
+SUB = 16  # rows per step of the backward's first kernel (a multiple of its layout's tile rows)
 MAX_COLS = 128  # w: columns per program, at most
 
 
@@ -178,23 +179,25 @@ class _Program:
             self.plgpu.barrier_wait(bars.at[3 * h + bar])
         pl.when(ti > 0)(functools.partial(self.plgpu.barrier_wait, bars.at[3 * self.sz.nd + h]))
 
-    def bcast(self, v):  # (w,) -> (q, w) in the rows layout
-        v = lax.broadcast_in_dim(v, (self.sz.q, self.sz.w), [1])
+    def bcast(self, v, rows=None):  # (w,) -> (rows, w) (default q rows) in the rows layout
+        v = lax.broadcast_in_dim(v, (rows or self.sz.q, self.sz.w), [1])
         return v if self.interpret else self.plgpu.layout_cast(v, self.layout)
 
-    def tap(self, h, k, bufs):
-        """Direction h's tap k, (q, w) float32: forward out row i takes buffer row i + k;
-        backward (original time, buffer row r = original row L - t0 - q + r): row r takes
-        buffer row r + (K-1) - k."""
+    def tap(self, h, k, bufs, r0=0, rows=None):
+        """Direction h's tap k at the block's rows [r0, r0 + rows) (default all q), float32:
+        forward out row i takes buffer row i + k; backward (original time, buffer row r =
+        original row L - t0 - q + r): row r takes buffer row r + (K-1) - k."""
         shift = k if h == 0 else self.sz.k_width - 1 - k
-        return self.load(bufs.at[h, pl.ds(shift, self.sz.q)], self.layout).astype(jnp.float32)
+        return self.load(bufs.at[h, pl.ds(r0 + shift, rows or self.sz.q)],
+                         self.layout).astype(jnp.float32)
 
-    def pre(self, h, bufs, w_smem, b_smem):
-        """Direction h's (q, w) float32 pre-activation: bias + sum_k w[k] * tap k."""
-        acc = self.bcast(self.load_vec(b_smem.at[h], self.col))
+    def pre(self, h, bufs, w_smem, b_smem, r0=0, rows=None):
+        """Direction h's float32 pre-activation at rows [r0, r0 + rows) (default all q):
+        bias + sum_k w[k] * tap k."""
+        acc = self.bcast(self.load_vec(b_smem.at[h], self.col), rows)
         for k in range(self.sz.k_width):
-            acc = acc + self.tap(h, k, bufs) * self.bcast(self.load_vec(w_smem.at[h, k],
-                                                                         self.col))
+            acc = acc + self.tap(h, k, bufs, r0, rows) * self.bcast(
+                self.load_vec(w_smem.at[h, k], self.col), rows)
         return acc
 
     def store_rows(self, src, dst, h, t0):
@@ -204,7 +207,8 @@ class _Program:
         if h == 0:
             self.plgpu.copy_smem_to_gmem(src, dst(pl.ds(t0, self.sz.q)))
             return
-        for i in range(self.sz.q):
+        @pl.loop(0, self.sz.q)  # a loop, not q unrolled copies: the kernel compiles q x faster
+        def _(i):
             self.plgpu.copy_smem_to_gmem(src.at[pl.ds(self.sz.q - 1 - i, 1)],
                                          dst(pl.ds(t0 + i, 1)))
 
@@ -324,19 +328,25 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
                         plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0, q), dc], d_smem.at[0],
                                                 d_bars.at[0])
                         continue
-                    for r in range(q):
+                    @pl.loop(0, q)
+                    def _(r, d_ref=d_ref, dc=dc):
                         plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0 + q - 1 - r, 1), dc],
                                                 d_smem.at[1, pl.ds(r, 1)], rev_bar.at[0])
 
         for h in range(nd):
             prog.wait(h, bars)
             plgpu.barrier_wait(d_bars.at[0] if h == 0 else rev_bar.at[0])
-            g = prog.load(d_smem.at[h], prog.layout).astype(f32) * _dsilu(
-                prog.pre(h, bufs, w_smem, b_smem))
-            g_smem.at[h][...] = g.astype(g_smem.dtype)
-            for k in range(k_width):
-                dw_smem.at[h, k][...] = jnp.sum(g * prog.tap(h, k, bufs), axis=0)
-            dw_smem.at[h, k_width][...] = jnp.sum(g, axis=0)
+            # SUB rows at a time (few registers per thread); the weight and bias sums
+            # elementwise over the steps, reduced across rows once per program
+            sums = [jnp.zeros((SUB, w), f32)] * (k_width + 1)
+            for r0 in range(0, q, SUB):
+                g = prog.load(d_smem.at[h, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
+                    prog.pre(h, bufs, w_smem, b_smem, r0, SUB))
+                g_smem.at[h, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
+                taps = [prog.tap(h, k, bufs, r0, SUB) for k in range(k_width)]
+                sums = [s + g * t for s, t in zip(sums, taps)] + [sums[-1] + g]
+            for k in range(k_width + 1):
+                dw_smem.at[h, k][...] = jnp.sum(sums[k], axis=0)
         plgpu.commit_smem()
         cols = pl.ds(j * w, w)
         for h, first in enumerate((t0, seqlen - t0 - q)[:nd]):
@@ -353,5 +363,5 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
     return prog.call(conv_bwd_g, "bidir_conv_bwd_g", out_type, scratch,
                      (xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs],
                       dx, dbm, dcm), semantics,
-                     # jnp.sum(axis=0) of a (q, w) float32 tile: 8 row groups of (w,) partials
+                     # jnp.sum(axis=0) of a (SUB, w) float32 tile: 8 row groups of (w,) partials
                      reduction_scratch_bytes=8 * w * 4)
