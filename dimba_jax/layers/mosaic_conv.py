@@ -191,13 +191,13 @@ class _Program:
         return self.load(bufs.at[h, pl.ds(r0 + shift, rows or self.sz.q)],
                          self.layout).astype(jnp.float32)
 
-    def pre(self, h, bufs, w_smem, b_smem, r0=0, rows=None):
+    def pre(self, h, bufs, w_smem, b_smem, r0=0, rows=None, taps=None):
         """Direction h's float32 pre-activation at rows [r0, r0 + rows) (default all q):
-        bias + sum_k w[k] * tap k."""
+        bias + sum_k w[k] * tap k (taps: those K taps if already loaded)."""
         acc = self.bcast(self.load_vec(b_smem.at[h], self.col), rows)
         for k in range(self.sz.k_width):
-            acc = acc + self.tap(h, k, bufs, r0, rows) * self.bcast(
-                self.load_vec(w_smem.at[h, k], self.col), rows)
+            tap = self.tap(h, k, bufs, r0, rows) if taps is None else taps[k]
+            acc = acc + tap * self.bcast(self.load_vec(w_smem.at[h, k], self.col), rows)
         return acc
 
     def store_rows(self, src, dst, h, t0):
@@ -340,10 +340,10 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
             # elementwise over the steps, reduced across rows once per program
             sums = [jnp.zeros((SUB, w), f32)] * (k_width + 1)
             for r0 in range(0, q, SUB):
-                g = prog.load(d_smem.at[h, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
-                    prog.pre(h, bufs, w_smem, b_smem, r0, SUB))
-                g_smem.at[h, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
                 taps = [prog.tap(h, k, bufs, r0, SUB) for k in range(k_width)]
+                g = prog.load(d_smem.at[h, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
+                    prog.pre(h, bufs, w_smem, b_smem, r0, SUB, taps))
+                g_smem.at[h, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
                 sums = [s + g * t for s, t in zip(sums, taps)] + [sums[-1] + g]
             for k in range(k_width + 1):
                 dw_smem.at[h, k][...] = jnp.sum(sums[k], axis=0)
