@@ -28,10 +28,6 @@ def get_config():
     c.model.d_state = 128
     c.model.chunk_size = 256
     c.model.posterior_input = False
-    # The conv prologue's forward as one Mosaic GPU kernel (layers/mosaic_conv.py; H100, this
-    # mixer, one call: forward 0.129 vs 0.225 ms at batch 16, forward + backward 0.709 vs
-    # 0.784, batch-1 loop 0.014 vs 0.015 ms per call; benchmarks/results/fused_mosaic_h100.md).
-    c.model.conv_forward = "mosaic"
     c.train.steps = 20000
     c.train.batch_size = 32
     c.train.lr = 6e-4

@@ -1,6 +1,8 @@
-"""The fused conv prologue's forward (`fused_conv`'s module docstring has the math) as one
-Mosaic GPU (Hopper) kernel: both directions' depthwise conv + bias + SiLU, written where the
-SSD reads them (x_cat, B_cat, C_cat; backward halves in scan time).
+"""The fused conv prologue (`fused_conv`'s module docstring has the math) as Mosaic GPU
+(Hopper) kernels: the forward (`conv_fwd_mosaic`: both directions' depthwise conv + bias +
+SiLU, written where the SSD reads them: x_cat, B_cat, C_cat, backward halves in scan time) and
+the backward's first kernel (`conv_bwd_g_mosaic`: g = dout * silu'(a) and the weight and bias
+sums).
 
 Grid (column tile j of xBC, w columns; row block of q rows; batch row). A program reads two
 (q + K - 1, w) row blocks of xBC into shared memory by TMA, each a q-row block plus a halo of
@@ -11,10 +13,13 @@ K - 1 rows (zeros past either end of the sequence):
               original rows L - 1 - t0 - i)
 
 and forms each direction's (q, w) pre-activation from K row-shifted slices of its block
-(static offsets), float32, in the reference's order (bias, then the taps k = 0 .. K-1). The
-forward half is stored by one TMA; the backward half is computed in original time (an
-anti-causal conv over its block) and stored row by row in reverse, q TMA stores of one row,
-which is the flip. dt_cat is not written here (the caller's jnp, a (b, L, 2H) concatenate).
+(static offsets), float32, in the reference's order (bias, then the taps k = 0 .. K-1), the
+backward one in original time (an anti-causal conv over its block). The forward kernel stores
+the forward half by one TMA and the backward half row by row in reverse, q TMA stores of one
+row in a loop, which is the flip; dt_cat is not written here (the caller's jnp, a (b, L, 2H)
+concatenate). The backward kernel reads the backward half's cotangent the same way reversed
+(q one-row TMA loads), so all its products are in original time, and writes both halves of g
+in original time, one TMA each.
 
 Shapes: xbc (b, L, W) holding xBC at columns [xo, xo + C), C = H*P + 2*G*N; weights (K, C)
 and biases (C,) float32; outputs (b, L, nd*H*P), (b, L, nd*G*N) x 2 in `dtype`, nd = 1 (the
