@@ -76,6 +76,27 @@ def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit):
         np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
 
+def test_mixers_of_one_shape_share_one_lowered_core():
+    """Three mixers of one shape in one jitted gradient (the layers of a model): the core, the
+    separate path's conv and norm calls are each lowered once, not once per call site, so a
+    model's compile does not grow with its depth by the kernels' lowering."""
+    args = _args(2)
+
+    def stack(fn):
+        def loss(zx, *rest):
+            return sum(jnp.sum(fn(zx + i, *rest).astype(jnp.float32)) for i in range(3))
+        return jax.jit(jax.grad(loss)).lower(*args).as_text()
+
+    core_text, separate_text = stack(_core), stack(_separate)
+    for text, name in ((core_text, "mixer_core_call"), (separate_text, "_fused")):
+        defs = [ln for ln in text.splitlines() if f"func.func private @{name}" in ln]
+        calls = [ln for ln in text.splitlines() if f"call @{name}" in ln]
+        callees = {ln.split("call @")[1].split("(")[0] for ln in calls}
+        # each function (forward, backward; conv and norm) defined once, called by all three
+        assert len(defs) == len(callees) and 1 <= len(callees) <= 4, (name, callees)
+        assert len(calls) == 3 * len(callees), (name, len(calls))
+
+
 def test_core_checks_its_columns_and_directions():
     zx, conv_ws, conv_bs, a, d, bias, norm_ws = _args(2)
     with pytest.raises(ValueError, match="must be \\[z"):

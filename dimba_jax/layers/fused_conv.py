@@ -598,6 +598,8 @@ def _fused_bwd(cfg, res, cts):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+# jitted, so the many calls of one shape in a model (every layer) share one lowered copy
+_fused_call = jax.jit(_fused, static_argnums=(4,))
 
 
 def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0, 0, None),
@@ -624,7 +626,7 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
     if mosaic_conv.size_error(xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
                               jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
         cfg = cfg[:3] + (tuple(t._replace(kernel="triton") for t in cfg[3]),) + cfg[4:]
-    return cfg if config_only else _fused(xbc, dt, tuple(ws), tuple(bs), cfg)
+    return cfg if config_only else _fused_call(xbc, dt, tuple(ws), tuple(bs), cfg)
 
 
 def kernel_config(xbc, dt, ws, bs, *, ngroups: int, d_state: int, dtype, interpret: bool,

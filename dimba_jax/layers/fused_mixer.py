@@ -77,6 +77,14 @@ def _core_bwd(cfg, res, dout):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+@functools.partial(jax.jit, static_argnums=(7,))
+def mixer_core_call(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg):
+    """`_core` as its own jitted function: the model's many mixers of one shape (every layer,
+    each pass) then share one traced and lowered copy of the core and its kernels (JAX caches
+    the lowering of identical jitted calls within a module) instead of one per call site."""
+    return _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg)
+
+
 def mixer_core(zx, conv_ws, conv_bs, a, d, dt_bias, norm_ws, *, ngroups: int, d_state: int,
                chunk_size: int, dt_limit, ssd_impl: str, kernels, eps: float, dtype,
                interpret: bool, xbc_offset: int, dt_offset: int, nheads: int,
@@ -125,5 +133,5 @@ def mixer_core(zx, conv_ws, conv_bs, a, d, dt_bias, norm_ws, *, ngroups: int, d_
                                         interpret=interpret, z_offset=0)
     ssd_kw = (("chunk_size", int(chunk_size)), ("dt_limit", tuple(dt_limit)),
               ("impl", ssd_impl), ("kernels", kernels))
-    return _core(zx, tuple(conv_ws), tuple(conv_bs), a, d, dt_bias, tuple(norm_ws),
-                 (conv_cfg, norm_cfg, ssd_kw))
+    return mixer_core_call(zx, tuple(conv_ws), tuple(conv_bs), a, d, dt_bias, tuple(norm_ws),
+                           (conv_cfg, norm_cfg, ssd_kw))

@@ -316,6 +316,8 @@ def _fused_bwd(cfg, res, dout):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+# jitted, so the many calls of one shape in a model (every layer) share one lowered copy
+_fused_call = jax.jit(_fused, static_argnums=(3,))
 
 
 def _config(y, ngroups, eps, dtype, interpret, tiles, z_offset=0):
@@ -331,7 +333,7 @@ def _config(y, ngroups, eps, dtype, interpret, tiles, z_offset=0):
 def _call(y, z, ws, ngroups, eps, dtype, interpret, tiles, z_offset=0):
     """Runs the custom VJP at `_config`'s cfg."""
     cfg = _config(y, ngroups, eps, dtype, interpret, tiles, z_offset)
-    return _fused(y.astype(cfg[2]), z, tuple(ws), cfg)
+    return _fused_call(y.astype(cfg[2]), z, tuple(ws), cfg)
 
 
 def kernel_config(y, nd: int, *, ngroups: int, eps: float, dtype, interpret: bool,
