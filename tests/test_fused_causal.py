@@ -241,7 +241,7 @@ def test_causal_kernels_lower_to_triton_for_cuda():
         out, vjp = jax.vjp(functools.partial(fc.causal_conv_pallas, ngroups=1, d_state=128),
                            *conv_args)
         n, nvjp = jax.vjp(fn.gated_norm_pallas, *norm_args)
-        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+        return out, n, vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
 
     with cuda_lowering_context():
         text = jax.jit(both).trace(conv_shapes, norm_shapes).lower(
@@ -398,7 +398,7 @@ def test_wide_pipelined_tiles_lower_to_triton_for_cuda(nd):
             conv, block_cols=256, num_stages=3)), *conv_args)
         n, nvjp = jax.vjp(functools.partial(norm, **_tiles(norm, block_cols=256, num_stages=3)),
                           *norm_args)
-        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+        return out, n, vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
 
     with cuda_lowering_context():
         text = jax.jit(both).trace(conv_shapes, norm_shapes).lower(
@@ -550,7 +550,7 @@ def test_packed_kernels_lower_to_triton_for_cuda(nd):
         out, vjp = jax.vjp(lambda a: conv(a, a, *ws, ngroups=1, d_state=128, xbc_offset=d,
                                           dt_offset=d + c, nheads=24), zx)
         n, nvjp = jax.vjp(lambda a: norm(y, a, *nws), zx)
-        return vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
+        return out, n, vjp(tuple(jnp.ones_like(o) for o in out)), nvjp(jnp.ones_like(n))
 
     with cuda_lowering_context():
         text = jax.jit(both).trace(zx, ws, y, nws).lower(lowering_platforms=("cuda",)).as_text()

@@ -177,18 +177,25 @@ def test_model_knob_reaches_the_mixers_and_is_checked():
         BidirectionalMamba2(32, d_state=16, headdim=16, conv_backward="cuda", rngs=nnx.Rngs(0))
 
 
+def _base_args(batch, seqlen, seed):
+    """configs/base.py's mixer sizes: (H, N, H*P, C, the projection output zx (batch, seqlen,
+    H*P + C + H) bf16, both directions' conv weights and biases)."""
+    nheads, d_state = 24, 128
+    d_inner = nheads * 64
+    conv_dim = d_inner + 2 * d_state
+    k = jax.random.split(jax.random.key(seed), 5)
+    zx = jax.random.normal(k[0], (batch, seqlen, d_inner + conv_dim + nheads), jnp.bfloat16)
+    ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(2))
+    bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(2))
+    return nheads, d_state, d_inner, conv_dim, zx, ws, bs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch,seqlen", [(1, 1024), (4, 256)])
 def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen):
     """configs/base.py's mixer sizes compiled: within a bf16 rounding of the jnp reference
     (both compute float32 sums; the compilers may contract them differently)."""
-    nheads, d_state = 24, 128
-    d_inner = nheads * 64
-    conv_dim = d_inner + 2 * d_state
-    k = jax.random.split(jax.random.key(3), 5)
-    zx = jax.random.normal(k[0], (batch, seqlen, d_inner + conv_dim + nheads), jnp.bfloat16)
-    ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(2))
-    bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(2))
+    nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 3)
     got = jax.jit(functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
                                     d_state=d_state, xo=d_inner))(zx, ws, bs)
     dt = zx[..., d_inner + conv_dim:].astype(jnp.float32)
@@ -206,13 +213,8 @@ def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen):
     """configs/base.py's mixer sizes, the Mosaic forward and backward's first kernel compiled
     inside `bidirectional_conv_pallas`: its gradients against autodiff of the jnp reference,
     within bf16 roundings (g is rounded to bf16 before the Triton dxbc kernel)."""
-    nheads, d_state = 24, 128
-    d_inner = nheads * 64
-    conv_dim = d_inner + 2 * d_state
-    k = jax.random.split(jax.random.key(4), 6)
-    zx = jax.random.normal(k[0], (batch, seqlen, d_inner + conv_dim + nheads), jnp.bfloat16)
-    ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(2))
-    bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(2))
+    nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 4)
+    ct_key = jax.random.key(5)
     kw = dict(ngroups=1, d_state=d_state)
 
     def loss(fused, zx, *wb):
@@ -224,7 +226,7 @@ def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen):
             dt = zx[..., d_inner + conv_dim:]
             outs = fused_conv.bidirectional_conv_xla(zx[..., d_inner:d_inner + conv_dim], dt,
                                                      *wb, **kw)
-        cts = [jax.random.normal(jax.random.fold_in(k[5], i), o.shape) for i, o in
+        cts = [jax.random.normal(jax.random.fold_in(ct_key, i), o.shape) for i, o in
                enumerate(outs[:3])]
         return sum(jnp.sum(o.astype(jnp.float32).reshape(c.shape) * c)
                    for o, c in zip(outs[:3], cts))
