@@ -176,6 +176,8 @@ def hbm_bytes(kernel: str, pass_: str, dims: dict, batch: int, itemsize: int = 2
         bwd = act * d * (nd + 2) + act * d * (nd + 1)  # y, z, dout in; dy, dz out
     else:
         raise ValueError(f"hbm_bytes: unknown kernel {kernel!r}")
+    if pass_ == "bwd_g":  # the conv backward's first kernel alone
+        return int(act * c + 2 * nd * act * c)
     return int(fwd + bwd) if pass_ == "fwdbwd" else int(fwd)
 
 
@@ -381,7 +383,7 @@ def write(result, prefix):
             continue
         xla = next((x["ms"] for x in rows if x["impl"] == "xla" and x["kernel"] == r["kernel"]
                     and x["batch"] == r["batch"] and x["pass"] == r["pass"] and "ms" in x), None)
-        tiles = "" if r["impl"] == "xla" else tile_text(r)
+        tiles = tile_text(r) if "block_rows" in r else ""  # xla, the bare Mosaic kernels
         if r.get("block_rows_bwd"):
             tiles += f" ({tile_text(r, '_bwd')})"
         err = f"{r['max_rel_err_vs_xla']:.1e}" if "max_rel_err_vs_xla" in r else ""
@@ -399,6 +401,37 @@ def write(result, prefix):
             for r in failed]
     with open(prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
+    """The bare Mosaic conv kernels (`mosaic_conv`) at batch `batch`, both directions per
+    program and one (`split`): the forward (and, loop > 0, the batch-1 forward as `loop` calls
+    in one jitted loop) and the backward's first kernel (pass "bwd_g"), impl
+    "mosaic kernel" / "mosaic kernel split"."""
+    if not mosaic_takes("conv", dims):
+        return
+    g, n, h, nd = dims["ngroups"], dims["d_state"], dims["nheads"], dims.get("directions", 2)
+    kw = dict(ngroups=g, d_state=n, interpret=default_interpret())
+    for b, looped in [(batch, False)] + ([(1, True)] if loop else []):
+        _, _, args, cts, _ = make_case("conv", dims, b, jax.random.key(0))
+        xbc, wb = args[0], args[2:2 + 2 * nd]  # the nd weights, then the nd biases
+        douts = tuple(c.reshape(b, dims["L"], -1).astype(xbc.dtype) for c in cts[:3])
+        for split in (False, True):
+            row = dict(kernel="conv", batch=b,
+                       impl="mosaic kernel split" if split else "mosaic kernel")
+
+            def fwd(x, *wb, split=split):
+                return mosaic_conv.conv_fwd_mosaic(x, wb[:nd], wb[nd:], nheads=h, split=split,
+                                                   **kw)
+            if looped:
+                run.time(loop_fn(fwd, loop), (xbc, *wb), calls=loop, loop=loop, **row,
+                         **{"pass": "fwd (loop)"})
+                continue
+            run.time(jax.jit(fwd), (xbc, *wb), **row, **{"pass": "fwd"})
+
+            def bwd_g(x, d, *wb, split=split):
+                return mosaic_conv.conv_bwd_g_mosaic(x, wb[:nd], wb[nd:], *d, split=split, **kw)
+            run.time(jax.jit(bwd_g), (xbc, douts, *wb), **row, **{"pass": "bwd_g"})
 
 
 def main(argv=None):
@@ -423,6 +456,9 @@ def main(argv=None):
     p.add_argument("--bwd-sums", default="64:8:1,64:8:1024,256:8:1024,256:4:1024,1024:8:1024",
                    help="conv backward: ROWS:STEP:MIN_PROGRAMS_BWD triples timed with "
                         "sums_bwd 'tile' at the best backward warps and columns ('' = none)")
+    p.add_argument("--mosaic-kernels", action="store_true",
+                   help="also time the bare Mosaic conv kernels, both directions per program "
+                        "and one (`mosaic_kernel_rows`)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=400.0)
@@ -446,6 +482,8 @@ def main(argv=None):
     if a.batch1:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)
+    if "conv" in kernels and a.batch and a.mosaic_kernels:
+        mosaic_kernel_rows(run, dims, a.batch, a.batch1_loop)
     if a.batch1_loop:
         programs = [int(v) for v in a.programs.split(",")]
         for kernel in kernels:

@@ -32,10 +32,12 @@ def test_interpreter_gives_the_reference_bits(nd):
     """Two row blocks of 64 (block 0 reads zero halos, block 1 its neighbours' rows), xBC at
     column 8 of a wider array: x, B, C (both halves, the backward one in scan time) are the
     jnp reference's bits but for rare one-ulp bf16 roundings (the float32 sums are the
-    reference's order; the interpreter compiles the kernel's SiLU in one program)."""
+    reference's order; the interpreter compiles the kernel's SiLU in one program). Both
+    directions here with one direction per program (`split`); `fused_conv`'s tests below run
+    the kernels with both per program."""
     xbc, ws, bs = _args(2, 128, 8)
     got = mosaic_conv.conv_fwd_mosaic(xbc, ws[:nd], bs[:nd], nheads=H, ngroups=G, d_state=N,
-                                      xo=8, interpret=True)
+                                      xo=8, interpret=True, split=nd == 2)
     dt = xbc[..., 8 + C:].astype(jnp.float32)
     if nd == 2:
         want = fused_conv.bidirectional_conv_xla(xbc[..., 8:8 + C], dt, *ws, *bs, ngroups=G,
@@ -54,14 +56,15 @@ def test_interpreter_gives_the_reference_bits(nd):
 def test_backward_g_kernel_gives_the_reference_in_the_interpreter(nd):
     """`conv_bwd_g_mosaic` over two row blocks, xBC at column 8: g = dout * silu'(a) per
     direction (both halves in original time) within a bf16 rounding of jnp's, and the
-    programs' weight and bias partial sums adding up to jnp's sums over the sequence."""
+    programs' weight and bias partial sums adding up to jnp's sums over the sequence (both
+    directions: one direction per program, `split`)."""
     xbc, ws, bs = _args(2, 128, 8)
     k = jax.random.split(jax.random.key(5), 3)
     douts = [jax.random.normal(k[0], (2, 128, nd * H * P), jnp.bfloat16),
              jax.random.normal(k[1], (2, 128, nd * G * N), jnp.bfloat16),
              jax.random.normal(k[2], (2, 128, nd * G * N), jnp.bfloat16)]
     g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws[:nd], bs[:nd], *douts, ngroups=G, d_state=N,
-                                          xo=8, interpret=True)
+                                          xo=8, interpret=True, split=nd == 2)
     assert g.shape == (2, 128, nd, C) and g.dtype == jnp.bfloat16
     assert dw.shape == (2, 2, nd, K + 1, C) and dw.dtype == jnp.float32
     x = xbc[..., 8:8 + C].astype(jnp.float32)
@@ -161,6 +164,10 @@ def test_lowers_for_hopper(nheads, d_state, nd):
         text = jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
         bwd_text = jax.jit(bwd).trace(*shapes, *douts).lower(
             lowering_platforms=("cuda",)).as_text()
+        for kernel, args in ((f, shapes), (bwd, shapes + douts)):  # one direction per program
+            split = jax.jit(functools.partial(kernel, split=True)).trace(*args).lower(
+                lowering_platforms=("cuda",)).as_text()
+            assert split.count("mosaic_gpu") >= 1
     assert text.count("mosaic_gpu") >= 1 and "conv_fwd" in text
     assert bwd_text.count("mosaic_gpu") >= 1 and "conv_bwd_g" in bwd_text
 
@@ -191,13 +198,14 @@ def _base_args(batch, seqlen, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,seqlen", [(1, 1024), (4, 256)])
-def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen):
-    """configs/base.py's mixer sizes compiled: within a bf16 rounding of the jnp reference
-    (both compute float32 sums; the compilers may contract them differently)."""
+@pytest.mark.parametrize("batch,seqlen,split", [(1, 1024, False), (4, 256, True)])
+def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen, split):
+    """configs/base.py's mixer sizes compiled (both directions per program, or one):
+    within a bf16 rounding of the jnp reference (both compute float32 sums; the compilers may
+    contract them differently)."""
     nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 3)
     got = jax.jit(functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
-                                    d_state=d_state, xo=d_inner))(zx, ws, bs)
+                                    d_state=d_state, xo=d_inner, split=split))(zx, ws, bs)
     dt = zx[..., d_inner + conv_dim:].astype(jnp.float32)
     want = jax.jit(functools.partial(fused_conv.bidirectional_conv_xla, ngroups=1,
                                      d_state=d_state))(zx[..., d_inner:d_inner + conv_dim], dt,
@@ -237,3 +245,19 @@ def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen):
         g, w = np.float32(g), np.float32(w)
         scale = np.max(np.abs(w))
         np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.gpu
+def test_compiled_backward_kernel_split_gives_the_same_bits_on_gpu():
+    """The backward's first kernel compiled with one direction per program (`split`) gives
+    the bits of both directions per program (the same float32 sums in the same order)."""
+    nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(2, 512, 6)
+    k = jax.random.split(jax.random.key(7), 3)
+    douts = (jax.random.normal(k[0], (2, 512, 2 * d_inner), jnp.bfloat16),
+             jax.random.normal(k[1], (2, 512, 2 * d_state), jnp.bfloat16),
+             jax.random.normal(k[2], (2, 512, 2 * d_state), jnp.bfloat16))
+    got = [jax.jit(functools.partial(mosaic_conv.conv_bwd_g_mosaic, ngroups=1, d_state=d_state,
+                                     xo=d_inner, split=split))(zx, ws, bs, *douts)
+           for split in (False, True)]
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(np.float32(a), np.float32(b))

@@ -117,16 +117,24 @@ def _regions(sz: _Sizes):
 
 
 class _Program:
-    """What both kernels do first in their program (column tile j, row block ti, batch row bi):
-    the TMA loads of the two xBC row blocks (`load_blocks`) and of the weight and bias tiles, and
-    each direction's float32 (q, w) pre-activation from them (`pre`), in the reference's order.
+    """What both kernels do in their program (column tile j, row block ti, batch row bi, and
+    with `split` one direction): the TMA loads of a direction's xBC row block
+    (`start_loads`) and of its weight and bias tiles, its float32 pre-activation from them
+    (`pre`) in the reference's order, and the row stores of its outputs (`store_rows`).
 
-    bufs (nd, q + K - 1, w) in xbc's dtype; w_smem (nd, K, w) and b_smem (nd, w) float32; bars:
-    4 * nd one-arrival barriers (block, weights, bias per direction, then one halo each)."""
+    split: False = one program per (j, ti, bi) does every direction (loads all issued first);
+    True = the column grid axis is nd times longer, its programs each do one direction with
+    half the shared memory (more programs in flight per SM). Buffers have one slot per
+    direction a program does: bufs (slots, q + K - 1, w) in xbc's dtype; w_smem (slots, K, w)
+    and b_smem (slots, w) float32; bars: 4 * slots one-arrival barriers (block, weights, bias
+    per slot, then one halo each)."""
 
-    def __init__(self, plgpu, sz: _Sizes, seqlen: int, xo: int, interpret: bool, vec: int = 8):
+    def __init__(self, plgpu, sz: _Sizes, seqlen: int, xo: int, interpret: bool, vec: int = 8,
+                 split: bool = False):
         self.plgpu, self.sz, self.seqlen, self.xo = plgpu, sz, seqlen, xo
-        self.interpret = interpret
+        self.interpret, self.split = interpret, bool(split) and sz.nd > 1
+        self.slots = 1 if self.split else sz.nd
+        self.ncols = sz.d_inner // sz.w + 2 * (sz.gn // sz.w)
         self.layout = _rows_layout(plgpu, sz.w, vec)
         self.col = self.layout.reduce(0)
         self.load = hopper.smem_loader(plgpu, interpret)
@@ -135,74 +143,92 @@ class _Program:
         self.load_vec = hopper.smem_loader(plgpu, interpret, optimized=False)
 
     def scratch(self, dtype):
-        plgpu, sz = self.plgpu, self.sz
+        plgpu, sz, n = self.plgpu, self.sz, self.slots
         f32 = jnp.float32
-        return [plgpu.SMEM((sz.nd, sz.q + sz.k_width - 1, sz.w), dtype),
-                plgpu.SMEM((sz.nd, sz.k_width, sz.w), f32), plgpu.SMEM((sz.nd, sz.w), f32),
-                plgpu.Barrier(num_barriers=4 * sz.nd)]
+        return [plgpu.SMEM((n, sz.q + sz.k_width - 1, sz.w), dtype),
+                plgpu.SMEM((n, sz.k_width, sz.w), f32), plgpu.SMEM((n, sz.w), f32),
+                plgpu.Barrier(num_barriers=4 * n)]
 
     def ids(self):
-        return lax.axis_index("col"), lax.axis_index("row"), lax.axis_index("batch")
+        """(column tile j, row block ti, batch row bi) of this program."""
+        c = lax.axis_index("col")
+        j = c % self.ncols if self.split else c
+        return j, lax.axis_index("row"), lax.axis_index("batch")
 
-    def load_blocks(self, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars):
-        """Starts the loads: forward block original rows [t0 - (K-1), t0 + q) into buffer rows
-        [0, q + K - 1), backward block [L - t0 - q, L - t0 + K - 1) likewise; the halo rows past
-        either end of the sequence are zeros (row block 0: K zero rows, the halo and the block
-        row beside it, which the block's TMA then overwrites: Mosaic stores need 128-element
-        multiples)."""
+    def for_directions(self, start, body):
+        """start(h, slot) issues direction h's loads, body(h, slot) waits for them and does its
+        work: every direction's loads first, then each body (one program for all), or (split)
+        the program's one direction, chosen by its column index."""
+        if not self.split:
+            for h in range(self.sz.nd):
+                start(h, h)
+            for h in range(self.sz.nd):
+                body(h, h)
+            return
+        direction = lax.axis_index("col") // self.ncols
+        for h in range(self.sz.nd):
+            @pl.when(direction == h)
+            def _(h=h):
+                start(h, 0)
+                body(h, 0)
+
+    def start_loads(self, h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars):
+        """Starts direction h's loads into `slot`: forward block original rows
+        [t0 - (K-1), t0 + q) into buffer rows [0, q + K - 1), backward block
+        [L - t0 - q, L - t0 + K - 1) likewise; the halo rows past either end of the sequence are
+        zeros (row block 0: K zero rows, the halo and the block row beside it, which the
+        block's TMA then overwrites: Mosaic stores need 128-element multiples)."""
         plgpu, sz, seqlen = self.plgpu, self.sz, self.seqlen
         q, km, w = sz.q, sz.k_width - 1, sz.w
         j, ti, bi = self.ids()
         t0 = ti * q
         cols = pl.ds(self.xo + j * w, w)
-        main = (t0, seqlen - t0 - q)
-        halo = ((0, t0 - km), (q, seqlen - t0))  # (buffer row, first original row)
+        main = (t0, seqlen - t0 - q)[h]
+        halo_row, halo_src = ((0, t0 - km), (q, seqlen - t0))[h]  # buffer row, original row
 
         @pl.when(ti == 0)
         def _():
-            for h in range(sz.nd):
-                bufs.at[h, pl.ds(halo[h][0] - (h == 1), sz.k_width)][...] = jnp.zeros(
-                    (sz.k_width, w), bufs.dtype)
+            bufs.at[slot, pl.ds(halo_row - (h == 1), sz.k_width)][...] = jnp.zeros(
+                (sz.k_width, w), bufs.dtype)
             plgpu.commit_smem()
 
-        for h in range(sz.nd):
-            plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(main[h], q), cols],
-                                    bufs.at[h, pl.ds(km * (h == 0), q)], bars.at[3 * h])
-            plgpu.copy_gmem_to_smem(w_hbm[h].at[:, pl.ds(j * w, w)], w_smem.at[h],
-                                    bars.at[3 * h + 1])
-            plgpu.copy_gmem_to_smem(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[h],
-                                    bars.at[3 * h + 2])
-            pl.when(ti > 0)(functools.partial(
-                plgpu.copy_gmem_to_smem, x_hbm.at[bi, pl.ds(halo[h][1], km), cols],
-                bufs.at[h, pl.ds(halo[h][0], km)], bars.at[3 * sz.nd + h]))
-        plgpu.commit_smem()
+        plgpu.copy_gmem_to_smem(x_hbm.at[bi, pl.ds(main, q), cols],
+                                bufs.at[slot, pl.ds(km * (h == 0), q)], bars.at[3 * slot])
+        plgpu.copy_gmem_to_smem(w_hbm[h].at[:, pl.ds(j * w, w)], w_smem.at[slot],
+                                bars.at[3 * slot + 1])
+        plgpu.copy_gmem_to_smem(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[slot],
+                                bars.at[3 * slot + 2])
+        pl.when(ti > 0)(functools.partial(
+            plgpu.copy_gmem_to_smem, x_hbm.at[bi, pl.ds(halo_src, km), cols],
+            bufs.at[slot, pl.ds(halo_row, km)], bars.at[3 * self.slots + slot]))
 
-    def wait(self, h, bars):
-        """Waits for direction h's block, halo, weights and bias."""
+    def wait(self, slot, bars):
+        """Waits for a slot's block, halo, weights and bias."""
         ti = lax.axis_index("row")
         for bar in range(3):
-            self.plgpu.barrier_wait(bars.at[3 * h + bar])
-        pl.when(ti > 0)(functools.partial(self.plgpu.barrier_wait, bars.at[3 * self.sz.nd + h]))
+            self.plgpu.barrier_wait(bars.at[3 * slot + bar])
+        pl.when(ti > 0)(functools.partial(self.plgpu.barrier_wait,
+                                          bars.at[3 * self.slots + slot]))
 
     def bcast(self, v, rows=None):  # (w,) -> (rows, w) (default q rows) in the rows layout
         v = lax.broadcast_in_dim(v, (rows or self.sz.q, self.sz.w), [1])
         return v if self.interpret else self.plgpu.layout_cast(v, self.layout)
 
-    def tap(self, h, k, bufs, r0=0, rows=None):
+    def tap(self, h, slot, k, bufs, r0=0, rows=None):
         """Direction h's tap k at the block's rows [r0, r0 + rows) (default all q), float32:
         forward out row i takes buffer row i + k; backward (original time, buffer row r =
         original row L - t0 - q + r): row r takes buffer row r + (K-1) - k."""
         shift = k if h == 0 else self.sz.k_width - 1 - k
-        return self.load(bufs.at[h, pl.ds(r0 + shift, rows or self.sz.q)],
+        return self.load(bufs.at[slot, pl.ds(r0 + shift, rows or self.sz.q)],
                          self.layout).astype(jnp.float32)
 
-    def pre(self, h, bufs, w_smem, b_smem, r0=0, rows=None, taps=None):
+    def pre(self, h, slot, bufs, w_smem, b_smem, r0=0, rows=None, taps=None):
         """Direction h's float32 pre-activation at rows [r0, r0 + rows) (default all q):
         bias + sum_k w[k] * tap k (taps: those K taps if already loaded)."""
-        acc = self.bcast(self.load_vec(b_smem.at[h], self.col), rows)
+        acc = self.bcast(self.load_vec(b_smem.at[slot], self.col), rows)
         for k in range(self.sz.k_width):
-            tap = self.tap(h, k, bufs, r0, rows) if taps is None else taps[k]
-            acc = acc + tap * self.bcast(self.load_vec(w_smem.at[h, k], self.col), rows)
+            tap = self.tap(h, slot, k, bufs, r0, rows) if taps is None else taps[k]
+            acc = acc + tap * self.bcast(self.load_vec(w_smem.at[slot, k], self.col), rows)
         return acc
 
     def store_rows(self, src, dst, h, t0):
@@ -222,7 +248,7 @@ class _Program:
         plgpu, sz = self.plgpu, self.sz
         return hopper.kernel_call(
             plgpu, body, out_type, scratch,
-            grid=(sz.d_inner // sz.w + 2 * (sz.gn // sz.w), sz.nt, args[0].shape[0]),
+            grid=(self.ncols * (sz.nd if self.split else 1), sz.nt, args[0].shape[0]),
             grid_names=("col", "row", "batch"),
             **({"interpret": hopper.interpret_params()} if self.interpret
                else {"compiler_params": hopper.compiler_params(plgpu, semantics,
@@ -231,7 +257,8 @@ class _Program:
 
 
 def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo: int = 0,
-                    dtype=None, interpret: bool = False, semantics: str = "lane"):
+                    dtype=None, interpret: bool = False, semantics: str = "lane",
+                    split: bool = False):
     """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel.
 
     Args:
@@ -242,6 +269,7 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
       dtype: the outputs' dtype (default xbc.dtype).
       interpret: run in the Mosaic GPU interpreter (any device; tests).
       semantics: Mosaic GPU lowering semantics ("lane"; see `hopper.compiler_params`).
+      split: one direction per program (`_Program`).
     Returns:
       x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns.
     """
@@ -251,7 +279,7 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     bsz, seqlen, _ = xbc.shape
     nd, q, w = sz.nd, sz.q, sz.w
     dtype = jnp.dtype(dtype or xbc.dtype)
-    prog = _Program(plgpu, sz, seqlen, xo, interpret)
+    prog = _Program(plgpu, sz, seqlen, xo, interpret, split=split)
     regions = _regions(sz)
 
     def conv_fwd(x_hbm, *refs):
@@ -259,25 +287,29 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
         outs = refs[2 * nd:2 * nd + 3]
         bufs, w_smem, b_smem, bars, o_smem = refs[2 * nd + 3:]
         j, ti, bi = prog.ids()
-        prog.load_blocks(x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
-        for h in range(nd):
-            prog.wait(h, bars)
-            o_smem.at[h][...] = jax.nn.silu(prog.pre(h, bufs, w_smem, b_smem)).astype(dtype)
-        plgpu.commit_smem()
-        for (first, count, total), out in zip(regions, outs):
-            @pl.when((j >= first) & (j < first + count))
-            def _(first=first, total=total, out=out):
-                for h in range(nd):
+
+        def start(h, slot):
+            prog.start_loads(h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
+
+        def body(h, slot):
+            prog.wait(slot, bars)
+            o_smem.at[slot][...] = jax.nn.silu(prog.pre(h, slot, bufs, w_smem,
+                                                        b_smem)).astype(dtype)
+            plgpu.commit_smem()
+            for (first, count, total), out in zip(regions, outs):
+                @pl.when((j >= first) & (j < first + count))
+                def _(first=first, total=total, out=out):
                     oc = pl.ds(h * total + (j - first) * w, w)
-                    prog.store_rows(o_smem.at[h], lambda rows, oc=oc: out.at[bi, rows, oc], h,
+                    prog.store_rows(o_smem.at[slot], lambda rows: out.at[bi, rows, oc], h,
                                     ti * q)
 
+        prog.for_directions(start, body)
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.d_inner), dtype),
                 jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype),
                 jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype))
-    scratch = prog.scratch(xbc.dtype) + [plgpu.SMEM((nd, q, w), dtype)]
+    scratch = prog.scratch(xbc.dtype) + [plgpu.SMEM((prog.slots, q, w), dtype)]
     return prog.call(conv_fwd, "bidir_conv_fwd", out_type, scratch,
                      (xbc, *[wt.astype(jnp.float32) for wt in ws],
                       *[b.astype(jnp.float32) for b in bs]), semantics)
@@ -290,7 +322,7 @@ def _dsilu(a):
 
 
 def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo: int = 0,
-                      interpret: bool = False, semantics: str = "lane"):
+                      interpret: bool = False, semantics: str = "lane", split: bool = False):
     """The conv backward's first kernel ("bidir_conv_bwd_g"; `fused_conv`'s module docstring has
     the math): g = dout * silu'(a) of both directions from the recomputed pre-activations, and
     the programs' partial sums of the weight and bias gradients.
@@ -298,10 +330,12 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
     Per program, besides the forward's loads: the cotangents' forward half at rows
     [t0, t0 + q) by one TMA and the backward half at scan rows t0 + q - 1 - r into buffer row r
     (original time) by q one-row TMAs, so every product is formed in original time; both
-    halves of g are stored in original time, one TMA each.
+    halves of g are stored in original time, one TMA each. SUB rows at a time (few registers
+    per thread), the weight and bias sums elementwise over the steps and reduced across rows
+    once per program.
 
     Args:
-      xbc, ws, bs, xo, interpret, semantics: as `conv_fwd_mosaic`.
+      xbc, ws, bs, xo, interpret, semantics, split: as `conv_fwd_mosaic`.
       dx (b, L, nd*H*P), dbm, dcm (b, L, nd*G*N): the cotangents of the forward's outputs.
     Returns:
       g (b, L, nd, C) in xbc's dtype ([g_f[t] | g_b[L-1-t]]: both halves in original time) and
@@ -313,7 +347,7 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
     bsz, seqlen, _ = xbc.shape
     nd, q, w, k_width, c = sz.nd, sz.q, sz.w, sz.k_width, sz.c
     f32 = jnp.float32
-    prog = _Program(plgpu, sz, seqlen, xo, interpret, vec=4)
+    prog = _Program(plgpu, sz, seqlen, xo, interpret, vec=4, split=split)
     regions = _regions(sz)
 
     def conv_bwd_g(x_hbm, *refs):
@@ -323,47 +357,50 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
         bufs, w_smem, b_smem, bars, d_smem, g_smem, dw_smem, d_bars, rev_bar = refs[2 * nd + 5:]
         j, ti, bi = prog.ids()
         t0 = ti * q
-        prog.load_blocks(x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
-        for (first, count, total), d_ref in zip(regions, d_hbm):
-            @pl.when((j >= first) & (j < first + count))
-            def _(first=first, total=total, d_ref=d_ref):
-                for h in range(nd):
+
+        def start(h, slot):
+            prog.start_loads(h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
+            for (first, count, total), d_ref in zip(regions, d_hbm):
+                @pl.when((j >= first) & (j < first + count))
+                def _(first=first, total=total, d_ref=d_ref):
                     dc = pl.ds(h * total + (j - first) * w, w)
                     if h == 0:
-                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0, q), dc], d_smem.at[0],
-                                                d_bars.at[0])
-                        continue
-                    @pl.loop(0, q)
-                    def _(r, d_ref=d_ref, dc=dc):
-                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0 + q - 1 - r, 1), dc],
-                                                d_smem.at[1, pl.ds(r, 1)], rev_bar.at[0])
+                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0, q), dc],
+                                                d_smem.at[slot], d_bars.at[slot])
+                        return
 
-        for h in range(nd):
-            prog.wait(h, bars)
-            plgpu.barrier_wait(d_bars.at[0] if h == 0 else rev_bar.at[0])
-            # SUB rows at a time (few registers per thread); the weight and bias sums
-            # elementwise over the steps, reduced across rows once per program
+                    @pl.loop(0, q)
+                    def _(r):
+                        plgpu.copy_gmem_to_smem(d_ref.at[bi, pl.ds(t0 + q - 1 - r, 1), dc],
+                                                d_smem.at[slot, pl.ds(r, 1)], rev_bar.at[0])
+
+        def body(h, slot):
+            prog.wait(slot, bars)
+            plgpu.barrier_wait(d_bars.at[slot] if h == 0 else rev_bar.at[0])
             sums = [jnp.zeros((SUB, w), f32)] * (k_width + 1)
             for r0 in range(0, q, SUB):
-                taps = [prog.tap(h, k, bufs, r0, SUB) for k in range(k_width)]
-                g = prog.load(d_smem.at[h, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
-                    prog.pre(h, bufs, w_smem, b_smem, r0, SUB, taps))
-                g_smem.at[h, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
+                taps = [prog.tap(h, slot, k, bufs, r0, SUB) for k in range(k_width)]
+                g = prog.load(d_smem.at[slot, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
+                    prog.pre(h, slot, bufs, w_smem, b_smem, r0, SUB, taps))
+                g_smem.at[slot, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
                 sums = [s + g * t for s, t in zip(sums, taps)] + [sums[-1] + g]
             for k in range(k_width + 1):
-                dw_smem.at[h, k][...] = jnp.sum(sums[k], axis=0)
-        plgpu.commit_smem()
-        cols = pl.ds(j * w, w)
-        for h, first in enumerate((t0, seqlen - t0 - q)[:nd]):
-            plgpu.copy_smem_to_gmem(g_smem.at[h], g_hbm.at[bi, pl.ds(first, q), h, cols])
-        plgpu.copy_smem_to_gmem(dw_smem, dw_hbm.at[bi, ti, :, :, cols])
+                dw_smem.at[slot, k][...] = jnp.sum(sums[k], axis=0)
+            plgpu.commit_smem()
+            cols = pl.ds(j * w, w)
+            plgpu.copy_smem_to_gmem(g_smem.at[slot],
+                                    g_hbm.at[bi, pl.ds((t0, seqlen - t0 - q)[h], q), h, cols])
+            plgpu.copy_smem_to_gmem(dw_smem.at[slot], dw_hbm.at[bi, ti, h, :, cols])
+
+        prog.for_directions(start, body)
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),
                 jax.ShapeDtypeStruct((bsz, sz.nt, nd, k_width + 1, c), f32))
+    n = prog.slots
     scratch = prog.scratch(xbc.dtype) + [
-        plgpu.SMEM((nd, q, w), dx.dtype), plgpu.SMEM((nd, q, w), xbc.dtype),
-        plgpu.SMEM((nd, k_width + 1, w), f32), plgpu.Barrier(num_barriers=1),
+        plgpu.SMEM((n, q, w), dx.dtype), plgpu.SMEM((n, q, w), xbc.dtype),
+        plgpu.SMEM((n, k_width + 1, w), f32), plgpu.Barrier(num_barriers=n),
         plgpu.Barrier(num_arrivals=q, num_barriers=1)]
     return prog.call(conv_bwd_g, "bidir_conv_bwd_g", out_type, scratch,
                      (xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs],
