@@ -298,12 +298,6 @@ def _fwd_kernel(xbc_ref, dt_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, co
             pl.when(pl.program_id(2) == (shift + m) % splits)(dt_piece)
 
 
-def _dsilu(a):
-    """silu'(a) = sig(a) * (1 + a * (1 - sig(a)))."""
-    sig = jax.nn.sigmoid(a)
-    return sig * (1.0 + a * (1.0 - sig))
-
-
 def _pieces(count):
     """[0, count) as power-of-two column pieces, widest first: (first column, width) pairs
     (24 -> (0, 16), (16, 8)), so a (rows, count) block moves as a few whole tiles."""
@@ -361,8 +355,8 @@ def _bwd_g_kernel(xbc_ref, *refs, q, seqlen, nh, p, ng, n, k_width, nd, cols, st
                 for half, (rows, offsets) in enumerate(dirs):
                     w, bias = vecs[half]
                     xs = {d: _shifted(xbc_ref, rows, d, src, seqlen) for d in offsets}
-                    g = d_ref[rs, pl.ds(half * total + c * width, width)].astype(f32) * _dsilu(
-                        _pre(xs, w, bias, offsets))
+                    dout = d_ref[rs, pl.ds(half * total + c * width, width)].astype(f32)
+                    g = dout * mosaic_conv.dsilu(_pre(xs, w, bias, offsets))
                     g_ref[rs, half, cs] = g.astype(g_ref.dtype)
                     terms = [g * xs[d] for d in offsets] + [g]
                     if not elementwise:
@@ -519,11 +513,12 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
-    g_time = "original" if tiles.kernel == "mosaic" else "scan"
-    if tiles.kernel == "mosaic":
+    if tiles.kernel == "mosaic":  # g's backward half in original time
+        g_time = "original"
         g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
                                               xo=kw["xo"], interpret=interpret)
-    else:
+    else:  # in scan time
+        g_time = "scan"
         g, dw = pl.pallas_call(
             functools.partial(_bwd_g_kernel, splits=splits, sums=tiles.sums, **kw),
             out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd, c), xbc.dtype),

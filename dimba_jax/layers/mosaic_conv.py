@@ -315,8 +315,9 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
                       *[b.astype(jnp.float32) for b in bs]), semantics)
 
 
-def _dsilu(a):
-    """silu'(a) = sig(a) * (1 + a * (1 - sig(a)))."""
+def dsilu(a):
+    """silu'(a) = sig(a) * (1 + a * (1 - sig(a))) (both conv backwards' g, here and in
+    `fused_conv`)."""
     sig = jax.nn.sigmoid(a)
     return sig * (1.0 + a * (1.0 - sig))
 
@@ -380,8 +381,8 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
             sums = [jnp.zeros((SUB, w), f32)] * (k_width + 1)
             for r0 in range(0, q, SUB):
                 taps = [prog.tap(h, slot, k, bufs, r0, SUB) for k in range(k_width)]
-                g = prog.load(d_smem.at[slot, pl.ds(r0, SUB)], prog.layout).astype(f32) * _dsilu(
-                    prog.pre(h, slot, bufs, w_smem, b_smem, r0, SUB, taps))
+                dout = prog.load(d_smem.at[slot, pl.ds(r0, SUB)], prog.layout).astype(f32)
+                g = dout * dsilu(prog.pre(h, slot, bufs, w_smem, b_smem, r0, SUB, taps))
                 g_smem.at[slot, pl.ds(r0, SUB)][...] = g.astype(g_smem.dtype)
                 sums = [s + g * t for s, t in zip(sums, taps)] + [sums[-1] + g]
             for k in range(k_width + 1):
