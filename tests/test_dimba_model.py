@@ -364,3 +364,24 @@ def test_unknown_head_dtype_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"model\.head_dtype must be one of") as err:
         DimbaModel(model_cfg(head_dtype="float16"), V, rngs=nnx.Rngs(0))
     assert "\n" not in str(err.value)
+
+
+def test_stem_is_the_input_projection_with_the_mask_column_as_a_rank1_term():
+    """`stem` = `in_proj` on [features | mask] (the GEMM over the features only): same values
+    for a random kernel and bias and a 0/1 mask column, and the same gradient to the kernel."""
+    model = DimbaModel(model_cfg(head_dtype="float32"), V, rngs=nnx.Rngs(0))
+    n = model.in_proj.kernel.shape[0]
+    k = jax.random.split(jax.random.key(11), 3)
+    model.in_proj.kernel[...] = jax.random.normal(k[0], model.in_proj.kernel.shape)
+    model.in_proj.bias[...] = jax.random.normal(k[1], model.in_proj.bias.shape)
+    feats = jax.random.normal(k[2], (B, L, n - 1))
+    mask = (jnp.arange(L) % 3 == 0).astype(jnp.float32)[None, :, None] * jnp.ones((B, 1, 1))
+    x = jnp.concatenate([feats, mask], axis=-1)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(model.stem(x)), np.asarray(model.in_proj(x)), rtol=1e-5, atol=1e-4)
+
+        grads = [nnx.grad(lambda m, f=f: jnp.sum(jnp.sin(getattr(m, f)(x))))(model)["in_proj"]
+                 for f in ("stem", "in_proj")]
+        for name in ("kernel", "bias"):
+            np.testing.assert_allclose(np.asarray(grads[0][name][...]), np.asarray(grads[1][name][...]),
+                                       rtol=1e-4, atol=1e-4)

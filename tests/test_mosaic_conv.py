@@ -119,7 +119,7 @@ def test_fused_conv_with_mosaic_kernels_equals_triton(nd, fwd="mosaic", bwd="mos
         np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=1e-5, atol=1e-4)
 
 
-def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot():
+def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot(monkeypatch):
     assert "multiple of 64" in mosaic_conv.size_error(96, 1536, 128, 1536, 2, False)
     assert "power-of-two" in mosaic_conv.size_error(64, 1536, 96, 1536, 2, False)
     assert "16-byte" in mosaic_conv.size_error(64, 1536, 128, 3, 2, False)
@@ -137,6 +137,15 @@ def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot():
                                    interpret=True, dt_offset=C, nheads=H,
                                    forward_kernel="mosaic")
     assert cfg[3][0].kernel == "mosaic"
+    # compiled (not interpreted), the Mosaic kernels run on a Hopper GPU only
+    nheads, d_state, d_inner, conv_dim, zx, wb, bb = _base_args(1, 64, 0)
+    for hopper_gpu in (True, False):
+        monkeypatch.setattr(hopper, "on_hopper_gpu", lambda v=hopper_gpu: v)
+        cfg = fused_conv.kernel_config(zx, zx, wb, bb, ngroups=1, d_state=d_state,
+                                       dtype=jnp.bfloat16, interpret=False, xbc_offset=d_inner,
+                                       dt_offset=d_inner + conv_dim, nheads=nheads,
+                                       forward_kernel="mosaic", backward_kernel="mosaic")
+        assert {t.kernel for t in cfg[3]} == {"mosaic" if hopper_gpu else "triton"}
     with pytest.raises(ValueError, match="model.conv_forward must be one of"):
         fused_conv.bidirectional_conv_pallas(xbc, xbc, *ws, *bs, ngroups=G, d_state=N,
                                              dt_offset=C, nheads=H, interpret=True,

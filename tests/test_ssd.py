@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dimba_jax.ssd as ssd_package
-from dimba_jax.ssd import resolve_impl, ssd
+from dimba_jax.ssd import hopper, resolve_impl, ssd
 
 
 def make_inputs(seed, batch=2, seqlen=19, nheads=4, headdim=3, ngroups=2, dstate=5,
@@ -309,7 +309,7 @@ class _FakeKernelModule:
 
 def test_auto_dispatch_on_a_hopper_with_and_without_a_working_kernel(monkeypatch):
     args, kw = make_inputs(52, seqlen=6)
-    monkeypatch.setattr(ssd_package, "_on_hopper_gpu", lambda: True)
+    monkeypatch.setattr(hopper, "on_hopper_gpu", lambda: True)
     # a kernel that works is used by auto (here it answers with the reference: exact match)
     monkeypatch.setattr(ssd_package, "_load_pallas", lambda: (_FakeKernelModule(), ""))
     assert resolve_impl("auto", **args, chunk_size=4)[0] == "pallas"

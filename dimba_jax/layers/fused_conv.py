@@ -59,6 +59,7 @@ from dimba_jax.layers import mosaic_conv
 from dimba_jax.layers.triton_common import (DEFAULT_BLOCK_ROWS, DEFAULT_MIN_PROGRAMS,
                                             compiler_params, default_tiles, is_power_of_two,
                                             kernel_tiles, split_count, tile_width)
+from dimba_jax.ssd import hopper
 
 # The bidirectional backward kernels' default tiles: 64 rows in steps of 8, weight sums
 # elementwise over the steps ("tile"), column splits up to 1024 programs (fastest forward +
@@ -618,8 +619,9 @@ def _call(xbc, dt, ws, bs, ngroups, d_state, dtype, interpret, tiles, packed=(0,
            bool(interpret), (xo, do, nh))
     if error:
         raise ValueError(error)
-    if mosaic_conv.size_error(xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
-                              jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
+    if (not interpret and not hopper.on_hopper_gpu()) or mosaic_conv.size_error(
+            xbc.shape[1], c - 2 * ngroups * d_state, ngroups * d_state, xo,
+            jnp.dtype(xbc.dtype).itemsize, bool(interpret), ws[0].shape[0]):
         cfg = cfg[:3] + (tuple(t._replace(kernel="triton") for t in cfg[3]),) + cfg[4:]
     return cfg if config_only else _fused_call(xbc, dt, tuple(ws), tuple(bs), cfg)
 
@@ -679,8 +681,8 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       forward_kernel: "triton" (the forward kernel above, shaped by the forward tile
         arguments) or "mosaic" (`mosaic_conv.conv_fwd_mosaic`: one Mosaic GPU program per
         64-row block and column tile, TMA in and out, dt_cat by jnp; Hopper, or the Mosaic GPU
-        interpreter with `interpret`; where it does not take the sizes, `mosaic_conv.size_error`,
-        the Triton forward runs).
+        interpreter with `interpret`; on another device, or where it does not take the sizes
+        (`mosaic_conv.size_error`), the Triton forward runs).
       backward_kernel: the backward's first kernel (g and the weight sums): "triton" (shaped
         by the backward tile arguments) or "mosaic" (`mosaic_conv.conv_bwd_g_mosaic`, the
         same program shape and fallback as the Mosaic forward). The second kernel (dxbc, ddt)

@@ -323,7 +323,7 @@ def dsilu(a):
 
 
 def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo: int = 0,
-                      interpret: bool = False, semantics: str = "lane", split: bool = False):
+                      interpret: bool = False, semantics: str = "lane", split: bool = True):
     """The conv backward's first kernel ("bidir_conv_bwd_g"; `fused_conv`'s module docstring has
     the math): g = dout * silu'(a) of both directions from the recomputed pre-activations, and
     the programs' partial sums of the weight and bias gradients.
@@ -336,7 +336,8 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
     once per program.
 
     Args:
-      xbc, ws, bs, xo, interpret, semantics, split: as `conv_fwd_mosaic`.
+      xbc, ws, bs, xo, interpret, semantics, split: as `conv_fwd_mosaic` (split on by default
+        here: this kernel's ~113 KB of shared memory a program halves).
       dx (b, L, nd*H*P), dbm, dcm (b, L, nd*G*N): the cotangents of the forward's outputs.
     Returns:
       g (b, L, nd, C) in xbc's dtype ([g_f[t] | g_b[L-1-t]]: both halves in original time) and

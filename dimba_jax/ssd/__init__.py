@@ -25,7 +25,7 @@ import math
 
 import jax
 
-from dimba_jax.ssd import _common
+from dimba_jax.ssd import _common, hopper
 from dimba_jax.ssd.chunked import chunked_scan
 from dimba_jax.ssd.kernel_config import DEFAULT as DEFAULT_KERNELS
 from dimba_jax.ssd.kernel_config import KernelConfig
@@ -39,21 +39,6 @@ logger = logging.getLogger(__name__)
 
 def _warn_once(message: str) -> None:
     _common.warn_once(logger, message)
-
-
-def _on_hopper_gpu() -> bool:
-    """True when the default backend is an NVIDIA GPU of compute capability 9.x (H100/H200)."""
-    try:
-        if jax.default_backend() != "gpu":
-            return False
-        device = jax.devices()[0]
-    except RuntimeError:
-        return False
-    capability = str(getattr(device, "compute_capability", ""))
-    if capability:
-        return capability.split(".")[0] == "9"
-    kind = str(getattr(device, "device_kind", "")).upper()
-    return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
 
 
 def _load_pallas():
@@ -76,7 +61,7 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
     """
     if impl in ("reference", "xla"):
         return impl, ""
-    if impl == "auto" and not _on_hopper_gpu():
+    if impl == "auto" and not hopper.on_hopper_gpu():
         return "xla", "auto: not on a Hopper GPU"
     module, reason = _load_pallas()
     if module is None:

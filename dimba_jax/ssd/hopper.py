@@ -9,10 +9,11 @@ The hardware budget every Mosaic GPU kernel of this package plans its shared mem
   `REDUCTION_SCRATCH` is its default scratch for cross-warp reductions.
 - `NUM_SMS`: streaming multiprocessors of an H100 / H200 (132).
 
-And the calls to Pallas' Mosaic GPU backend that differ between jax versions (`mosaic_gpu`,
-`interpret_params`, `compiler_params`, `smem_loader`, `kernel_call`), the SMEM tile transforms,
-the operand checks and last store the 16-bit kernels share, and `cuda_lowering_context` (lowering
-for cuda on a CPU-only machine). Imports without a GPU.
+`on_hopper_gpu()` says whether the default device is one. And the calls to Pallas' Mosaic
+GPU backend that differ between jax versions (`mosaic_gpu`, `interpret_params`,
+`compiler_params`, `smem_loader`, `kernel_call`), the SMEM tile transforms, the operand checks
+and last store the 16-bit kernels share, and `cuda_lowering_context` (lowering for cuda on a
+CPU-only machine). Imports without a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ DEFAULT_SEMANTICS = "lane"  # Mosaic GPU lowering semantics of the forward kerne
 # faster for both on the H200 (chunk backward 0.62 vs 0.65 ms at q128, reverse pass 0.28-0.29
 # vs 0.31 ms at 1.3b-L2k; benchmarks/results/mosaic_bwd_stage_h200.md, mosaic_rev_stage_h200.md).
 BACKWARD_SEMANTICS = "warpgroup"
+
+
+def on_hopper_gpu() -> bool:
+    """True when the default backend is an NVIDIA GPU of compute capability 9.x (H100/H200)."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    capability = str(getattr(device, "compute_capability", ""))
+    if capability:
+        return capability.split(".")[0] == "9"
+    kind = str(getattr(device, "device_kind", "")).upper()
+    return any(name in kind for name in ("H100", "H200", "H800", "GH200"))
 
 
 def aligned(nbytes: int) -> int:
