@@ -237,30 +237,35 @@ def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,seqlen", [(2, 1024), (4, 256)])
-def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen):
-    """configs/base.py's mixer sizes, the Mosaic forward and backward's first kernel compiled
-    inside `bidirectional_conv_pallas`: its gradients against autodiff of the jnp reference,
-    within bf16 roundings (g is rounded to bf16 before the Triton dxbc kernel)."""
+@pytest.mark.parametrize("batch,seqlen,nd", [(2, 1024, 2), (4, 256, 2), (2, 1024, 1)])
+def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen, nd):
+    """configs/base.py's mixer sizes (nd 2; nd 1: the causal mixer of configs/ar_base.py),
+    the Mosaic forward and backward's first kernel compiled inside `bidirectional_conv_pallas`
+    / `causal_conv_pallas`: outputs (dt_cat exact) and gradients against autodiff of the jnp
+    reference, within bf16 roundings (g is rounded to bf16 before the Triton dxbc kernel)."""
     nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 4)
+    ws, bs = ws[:nd], bs[:nd]
     ct_key = jax.random.key(5)
     kw = dict(ngroups=1, d_state=d_state)
+    pallas = fused_conv.bidirectional_conv_pallas if nd == 2 else fused_conv.causal_conv_pallas
+    xla = fused_conv.bidirectional_conv_xla if nd == 2 else fused_conv.causal_conv_xla
+
+    def outputs(fused, zx, *wb):
+        if fused:
+            return pallas(zx, zx, *wb, xbc_offset=d_inner, dt_offset=d_inner + conv_dim,
+                          nheads=nheads, forward_kernel="mosaic", backward_kernel="mosaic", **kw)
+        return xla(zx[..., d_inner:d_inner + conv_dim], zx[..., d_inner + conv_dim:], *wb, **kw)
 
     def loss(fused, zx, *wb):
-        if fused:
-            outs = fused_conv.bidirectional_conv_pallas(
-                zx, zx, *wb, xbc_offset=d_inner, dt_offset=d_inner + conv_dim, nheads=nheads,
-                forward_kernel="mosaic", backward_kernel="mosaic", **kw)
-        else:
-            dt = zx[..., d_inner + conv_dim:]
-            outs = fused_conv.bidirectional_conv_xla(zx[..., d_inner:d_inner + conv_dim], dt,
-                                                     *wb, **kw)
+        outs = outputs(fused, zx, *wb)
         cts = [jax.random.normal(jax.random.fold_in(ct_key, i), o.shape) for i, o in
                enumerate(outs[:3])]
         return sum(jnp.sum(o.astype(jnp.float32).reshape(c.shape) * c)
                    for o, c in zip(outs[:3], cts))
 
-    grads = [jax.jit(jax.grad(functools.partial(loss, fused), argnums=tuple(range(5))))(
+    dtc = [jax.jit(functools.partial(outputs, fused))(zx, *ws, *bs)[3] for fused in (True, False)]
+    np.testing.assert_array_equal(np.float32(dtc[0]), np.float32(dtc[1]).reshape(dtc[0].shape))
+    grads = [jax.jit(jax.grad(functools.partial(loss, fused), argnums=tuple(range(1 + 2 * nd))))(
         zx, *ws, *bs) for fused in (True, False)]
     for g, w in zip(*grads):
         g, w = np.float32(g), np.float32(w)
