@@ -307,15 +307,21 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
                              f"of xbc's {xbc.shape[:2]} rows")
         dt_layout = None if interpret else plgpu.Layout.WG_STRIDED((q, nheads), vec_size=DT_VEC)
 
-    def dt_cat_rows(dt_hbm, dt_out, dt_in, dt_f32, dt_bar, bi, t0):
-        """dt's rows [t0, t0 + q) as float32 into dt_cat: the forward half at rows t0 + i, the
-        backward half at scan rows L - t0 - q + i (one-row stores in reverse, the flip)."""
+    def dt_cat_rows(dt_hbm, dt_out, dt_in, dt_f32, dt_rows, dt_bar, bi, t0):
+        """dt's rows [t0, t0 + q) as float32 into dt_cat: the forward half at rows t0 + i (one
+        TMA from the dense dt_f32), the backward half at scan rows L - t0 - q + i (one-row
+        stores in reverse, the flip, from dt_rows, whose rows are padded to 128 bytes: a TMA
+        reads shared memory from 128-byte aligned addresses)."""
         plgpu.barrier_wait(dt_bar.at[0])
-        dt_f32[...] = prog.load(dt_in, dt_layout).astype(jnp.float32)
+        value = prog.load(dt_in, dt_layout).astype(jnp.float32)
+        dt_f32[...] = value
+        if nd == 2:
+            dt_rows.at[:, pl.ds(0, nheads)][...] = value
         plgpu.commit_smem()
         for h in range(nd):
             heads = pl.ds(h * nheads, nheads)
-            prog.store_rows(dt_f32, lambda rows, heads=heads: dt_out.at[bi, rows, heads], h,
+            src = (dt_f32, dt_rows.at[:, pl.ds(0, nheads)])[h]
+            prog.store_rows(src, lambda rows, heads=heads: dt_out.at[bi, rows, heads], h,
                             (t0, seqlen - t0 - q)[h])
 
     def conv_fwd(x_hbm, *refs):
@@ -328,7 +334,7 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
         if with_dt:
             pl.when(dt_program)(functools.partial(
                 plgpu.copy_gmem_to_smem, dt_hbm.at[bi, pl.ds(ti * q, q), pl.ds(do, nheads)],
-                dt_scratch[0], dt_scratch[2].at[0]))
+                dt_scratch[0], dt_scratch[3].at[0]))
 
         def start(h, slot):
             prog.start_loads(h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
@@ -358,6 +364,7 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     if with_dt:
         out_type += (jax.ShapeDtypeStruct((bsz, seqlen, nd * nheads), jnp.float32),)
         scratch += [plgpu.SMEM((q, nheads), dt.dtype), plgpu.SMEM((q, nheads), jnp.float32),
+                    plgpu.SMEM((q, -(-nheads // 32) * 32), jnp.float32),
                     plgpu.Barrier(num_barriers=1)]
     return prog.call(conv_fwd, "bidir_conv_fwd", out_type, scratch,
                      (xbc, *([dt] if with_dt else []), *[wt.astype(jnp.float32) for wt in ws],
