@@ -176,8 +176,9 @@ def test_task_loss_eval_and_flops():
         cfg.model.posterior_input = True
     post = DimbaTask(cfg)
     e, d, v = cfg.model.d_model, cfg.model.d_model, post.tokenizer.vocab_size
-    # softmax @ E, x_t @ E^T when the output prior is off, and the stem's e more input rows
-    extra = 2.0 * e * v * (1 + (not cfg.model.skip_logits)) + 2.0 * e * d
+    # softmax @ E and x_t @ E^T (the prior on its own: with a tied head and no posterior input
+    # it is folded into the head's GEMM), and the stem's e more input rows
+    extra = 2.0 * e * v * (1 + (not cfg.model.skip_logits or cfg.model.tie_embeddings)) + 2.0 * e * d
     passes = 3 + (cfg.diffusion.self_cond_prob if cfg.model.self_condition else 0.0)
     assert post.flops_per_token(SEQ) == pytest.approx(f_bi + extra * passes)
     with cfg.unlocked():

@@ -385,3 +385,23 @@ def test_stem_is_the_input_projection_with_the_mask_column_as_a_rank1_term():
         for name in ("kernel", "bias"):
             np.testing.assert_allclose(np.asarray(grads[0][name][...]), np.asarray(grads[1][name][...]),
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_the_prior_folded_into_the_head_gemm_is_the_sum_of_both_logits():
+    """`logits_with_prior` (one GEMM over (scale x + w coef x_t)) = logits(x) + w prior_logits
+    (x_t), per-sequence and per-position log-SNR, with a logit bias; `predict` folds it where
+    the head is tied and there is no posterior input, and then computes no prior alone."""
+    model = DimbaModel(model_cfg(head_dtype="float32", logit_bias=True), V, rngs=nnx.Rngs(0))
+    model.logit_bias[...] = jax.random.normal(jax.random.key(3), (V,))
+    model.logit_scale[...] = jnp.asarray(0.7)
+    x, x_t = (jax.random.normal(jax.random.key(k), (B, L, D)) for k in (4, 5))
+    assert model.folds_prior()
+    for lam in (jnp.asarray([-3.0, 2.0]), jax.random.uniform(jax.random.key(6), (B, L), minval=-6, maxval=4)):
+        with jax.default_matmul_precision("highest"):
+            got = model.logits_with_prior(x, x_t, lam, weight=0.6)
+            want = model.logits(x) + 0.6 * model.prior_logits(x_t, lam)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+    known = jnp.zeros((B, L), bool)
+    assert model.stem_input(x_t, lam, known, x_t, None)[1] is None
+    post = DimbaModel(model_cfg(posterior_input=True), V, rngs=nnx.Rngs(0))
+    assert not post.folds_prior() and post.stem_input(x_t, lam, known, x_t, None)[1] is not None

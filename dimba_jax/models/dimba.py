@@ -52,7 +52,8 @@ Decisions:
   (CDCD's score interpolation: x0_hat stays on the vocabulary's hull, trained by cross-entropy);
   "direct" regresses x0_hat itself (the paper's x0-MSE) and reads logits off it through the head.
   `model.skip_logits` adds the output prior (`prior_logits`: the exact per-token Gaussian
-  likelihood of x_t under each row) to the logits, so the network only adds what context tells.
+  likelihood of x_t under each row) to the logits, so the network only adds what context tells;
+  both are linear in E, so with a tied head one GEMM computes their sum (`logits_with_prior`).
 * **Blocks.** Pre-norm residual blocks h <- h + Mamba2(cond(RMSNorm(h))), bidirectional
   (`BidirectionalMamba2`: forward scan plus flipped scan) by default, causal `Mamba2` when
   `model.bidirectional` is False; then a final RMSNorm and a linear map to width e (the head's input; x0_hat itself with
@@ -67,6 +68,7 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -101,10 +103,15 @@ def output_prior_logits(x_t: jax.Array, logsnr: jax.Array, table: jax.Array,
     lambda is clipped to the range the timestep embedding covers ([-28, 12]).
     x_t float (b, L, e), logsnr float (b,) or (b, L), table float (V, e) -> float32 (b, L, V);
     dtype: the GEMM's operand dtype (`head_einsum`)."""
+    return head_einsum("bld,vd->blv", x_t.astype(jnp.float32), table, dtype) * prior_coef(logsnr)
+
+
+def prior_coef(logsnr: jax.Array) -> jax.Array:
+    """The output prior's factor sqrt(ab) / (1 - ab), lambda clipped as `output_prior_logits`:
+    logsnr (b,) or (b, L) -> float32 (b, 1, 1) or (b, L, 1)."""
     lam = jnp.clip(logsnr.astype(jnp.float32), LOGSNR_TOP - 1000.0 / TIME_PER_LOGSNR, LOGSNR_TOP)
     coef = jnp.sqrt(jax.nn.sigmoid(lam)) / jax.nn.sigmoid(-lam)
-    coef = coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
-    return head_einsum("bld,vd->blv", x_t.astype(jnp.float32), table, dtype) * coef
+    return coef[:, :, None] if coef.ndim == 2 else coef[:, None, None]
 
 
 def noise_time(logsnr: jax.Array) -> jax.Array:
@@ -290,6 +297,24 @@ class DimbaModel(nnx.Module):
             out = out + self.logit_bias[...].astype(jnp.float32)
         return out
 
+    def folds_prior(self) -> bool:
+        """Whether `predict` folds the output prior into the head's GEMM (`logits_with_prior`):
+        with the prior on, a tied head and no posterior input (which needs the prior alone)."""
+        return self.skip_logits and self.tie_embeddings and not self.posterior_input
+
+    def logits_with_prior(self, x: jax.Array, x_t: jax.Array, logsnr: jax.Array,
+                          weight=1.0) -> jax.Array:
+        """logits(x) + weight * prior_logits(x_t, logsnr) as one GEMM over the tied table:
+        (scale x + weight coef x_t) @ E^T (+ the logit bias), both terms being linear in E.
+        x, x_t float (b, L, e); logsnr (b,) or (b, L); weight a float or float32 scalar ->
+        float32 (b, L, V). Tied head only."""
+        scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
+        operand = x.astype(jnp.float32) * scale + (weight * prior_coef(logsnr)) * x_t.astype(jnp.float32)
+        out = head_einsum("bld,vd->blv", operand, self.embedding_table(), self.head_dtype)
+        if self.use_logit_bias:
+            out = out + self.logit_bias[...].astype(jnp.float32)
+        return out
+
     def expected_embedding(self, probs: jax.Array) -> jax.Array:
         """probs @ E: float32 weights over the vocabulary (b, L, V) -> float32 (b, L, e), the
         GEMM's operands in model.head_dtype (`head_einsum`)."""
@@ -313,14 +338,15 @@ class DimbaModel(nnx.Module):
         (`known` bool (b, L)); logsnr (b,) or (b, L); self_cond (b, L, e) or None (= zeros).
         Returns ([x_in | self_cond | posterior | mask] float32 (b, L, in_proj's width), the
         self-conditioning and posterior channels only when on, both `shown` at known positions;
-        prior_logits(x_in) float32 (b, L, V), or None when neither skip_logits nor
-        posterior_input needs it).
+        prior_logits(x_in) float32 (b, L, V), or None where nothing needs it alone: the prior
+        off, or folded into the head's GEMM, `folds_prior`).
         """
         feats = [x_in]
         if self.self_condition:
             sc = jnp.zeros_like(x_in) if self_cond is None else self_cond.astype(jnp.float32)
             feats.append(jnp.where(known[..., None], shown, sc))
-        prior = self.prior_logits(x_in, logsnr) if self.skip_logits or self.posterior_input else None
+        prior = (self.prior_logits(x_in, logsnr)
+                 if self.posterior_input or (self.skip_logits and not self.folds_prior()) else None)
         if self.posterior_input:
             post = self.expected_embedding(jax.nn.softmax(prior, axis=-1))
             if not self.posterior_grad:
@@ -439,13 +465,18 @@ class DimbaModel(nnx.Module):
             delta = block.mixer(x, ssm=ssm)
         h = h + delta.astype(h.dtype)
         out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
-        prior = prior * prior_weight if self.skip_logits else 0.0
+        if self.folds_prior():
+            head = functools.partial(self.logits_with_prior, x_t=x_in, logsnr=logsnr,
+                                     weight=prior_weight)
+        else:
+            prior = prior * prior_weight if self.skip_logits else 0.0
+            head = lambda x: self.logits(x) + prior  # noqa: E731
         if self.readout == "score_interp":
-            logits = self.logits(out) + prior
+            logits = head(out)
             x0 = self.expected_embedding(jax.nn.softmax(logits, axis=-1))
         else:
             x0 = out
-            logits = self.logits(x0) + prior
+            logits = head(x0)
         return jnp.where(known[..., None], ctx.shown, x0), logits
 
     def __call__(self, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array, cond_mask: jax.Array, *,

@@ -118,8 +118,10 @@ class DimbaTask:
         forward = the Mamba-2 blocks (in/out projections once; conv + SSD twice when bidirectional,
                   since the two directions share their projections) + the tied head (2 e V, e the
                   diffusion width model.embed_dim) + 2 e V each for the score interpolation
-                  (softmax @ E) and the output prior (x_t @ E^T) when on, and 2 e V for the
-                  posterior input's softmax @ E (model.posterior_input; it shares the prior's x_t @ E^T)
+                  (softmax @ E) and the output prior (x_t @ E^T) where it runs alone (with the
+                  posterior input, or an untied head; a tied head folds it into its own GEMM,
+                  `DimbaModel.folds_prior`), and 2 e V for the posterior input's softmax @ E
+                  (model.posterior_input; it shares the prior's x_t @ E^T)
                 + the stem: input projection 2 (2e+1) d (or (e+1) d without self-conditioning,
                   e d more with the posterior input),
                   output projection 2 d e, prompt MLP 2 (e 2d + 2d d) (counted at every position),
@@ -133,7 +135,8 @@ class DimbaTask:
         post = bool(getattr(m, "posterior_input", False))
         n_in = e * (1 + bool(m.self_condition) + post) + 1
         stem = 2.0 * n_in * d + 2.0 * d * e + (2.0 * (e * 2 * d + 2 * d * d) if m.prompt_encoder == "mlp" else 0.0)
-        stem += 2.0 * e * v * ((m.readout == "score_interp") + bool(m.skip_logits or post) + post)
+        prior_alone = post or (bool(m.skip_logits) and not bool(m.tie_embeddings))
+        stem += 2.0 * e * v * ((m.readout == "score_interp") + prior_alone + post)
         if getattr(m, "position_levels", False):  # each position's level: timestep MLP + level_proj
             stem += 2.0 * (int(m.time_embed_dim) * d + 2 * d * d)
         # A bidirectional block shares in_proj / out_proj between its directions and computes
