@@ -309,7 +309,8 @@ class DimbaModel(nnx.Module):
         x, x_t float (b, L, e); logsnr (b,) or (b, L); weight a float or float32 scalar ->
         float32 (b, L, V). Tied head only."""
         scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
-        operand = x.astype(jnp.float32) * scale + (weight * prior_coef(logsnr)) * x_t.astype(jnp.float32)
+        operand = (x.astype(jnp.float32) * scale
+                   + (weight * prior_coef(logsnr)) * x_t.astype(jnp.float32))
         out = head_einsum("bld,vd->blv", operand, self.embedding_table(), self.head_dtype)
         if self.use_logit_bias:
             out = out + self.logit_bias[...].astype(jnp.float32)
