@@ -332,9 +332,10 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
         j, ti, bi = prog.ids()
         dt_program = lax.axis_index("col") == 0
         if with_dt:
+            dt_in, _, _, dt_bar = dt_scratch
             pl.when(dt_program)(functools.partial(
                 plgpu.copy_gmem_to_smem, dt_hbm.at[bi, pl.ds(ti * q, q), pl.ds(do, nheads)],
-                dt_scratch[0], dt_scratch[3].at[0]))
+                dt_in, dt_bar.at[0]))
 
         def start(h, slot):
             prog.start_loads(h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)

@@ -289,13 +289,19 @@ class DimbaModel(nnx.Module):
         plus the learned per-token bias (V,) with model.logit_bias."""
         x = x.astype(jnp.float32)
         if self.tie_embeddings:
-            scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
-            out = head_einsum("bld,vd->blv", x, self.embedding_table(), self.head_dtype) * scale
+            out = head_einsum("bld,vd->blv", x, self.embedding_table(),
+                              self.head_dtype) * self._head_scale()
         else:
             out = self.head(x).astype(jnp.float32)
-        if self.use_logit_bias:
-            out = out + self.logit_bias[...].astype(jnp.float32)
-        return out
+        return self._plus_logit_bias(out)
+
+    def _head_scale(self) -> jax.Array:
+        """The tied head's scale exp(logit_scale) / embed_norm, float32 ()."""
+        return jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
+
+    def _plus_logit_bias(self, out: jax.Array) -> jax.Array:
+        """out float32 (b, L, V) plus the learned per-token bias where model.logit_bias."""
+        return out + self.logit_bias[...].astype(jnp.float32) if self.use_logit_bias else out
 
     def folds_prior(self) -> bool:
         """Whether `predict` folds the output prior into the head's GEMM (`logits_with_prior`):
@@ -308,13 +314,10 @@ class DimbaModel(nnx.Module):
         (scale x + weight coef x_t) @ E^T (+ the logit bias), both terms being linear in E.
         x, x_t float (b, L, e); logsnr (b,) or (b, L); weight a float or float32 scalar ->
         float32 (b, L, V). Tied head only."""
-        scale = jnp.exp(self.logit_scale[...].astype(jnp.float32)) / self.embed_norm
-        operand = (x.astype(jnp.float32) * scale
+        operand = (x.astype(jnp.float32) * self._head_scale()
                    + (weight * prior_coef(logsnr)) * x_t.astype(jnp.float32))
-        out = head_einsum("bld,vd->blv", operand, self.embedding_table(), self.head_dtype)
-        if self.use_logit_bias:
-            out = out + self.logit_bias[...].astype(jnp.float32)
-        return out
+        return self._plus_logit_bias(
+            head_einsum("bld,vd->blv", operand, self.embedding_table(), self.head_dtype))
 
     def expected_embedding(self, probs: jax.Array) -> jax.Array:
         """probs @ E: float32 weights over the vocabulary (b, L, V) -> float32 (b, L, e), the
