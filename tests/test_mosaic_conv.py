@@ -326,25 +326,49 @@ def _core_grads(zx, ws, bs, jit, **kw):
 
 
 @pytest.mark.parametrize("nd", [2, 1])
-def test_fused_backward_writes_the_mixer_gradient_like_triton(nd):
-    """The mixer core's gradient with the fused Mosaic backward (`conv_bwd_mosaic` with
-    `into`: the z columns copied by its extra programs, dxBC written, ddt added by XLA) against
-    the Triton backward (dxBC and ddt written in place into the epilogue's buffer), three row
-    blocks (a middle one reads both halos): zx's gradient bit for bit, the conv weights' and
-    biases' to float32 rounding (other row sums)."""
-    nheads, d_state, p = 2, 64, 64  # 64-column tiles: halo_rows 8, the compiled kernel's
+def test_fused_backward_writes_the_wide_gradient_like_triton(nd):
+    """`fused_conv.bwd_call` with `into` (the mixer core's wide zx gradient [dz | dxBC | ddt],
+    dz already in it) by the fused Mosaic backward (z columns copied by its extra programs,
+    dxBC written, ddt added by XLA) and by the Triton backward (dxBC and ddt written in place),
+    three row blocks (a middle one reads both halos): the buffer bit for bit, the conv
+    weights' and biases' partial sums to float32 rounding (other row orders); without `into`
+    the same dxbc bits and ddt."""
+    nheads, d_state, p = 1, 64, 64  # 64-column tiles: halo_rows 8, as compiled
     d_inner, conv_dim = nheads * p, nheads * p + 2 * d_state
-    k = jax.random.split(jax.random.key(13), 5)
-    zx = jax.random.normal(k[0], (1, 192, d_inner + conv_dim + nheads), jnp.bfloat16)
+    width, seqlen = d_inner + conv_dim + nheads, 192
+    k = jax.random.split(jax.random.key(13), 9)
+    zx = jax.random.normal(k[0], (1, seqlen, width), jnp.bfloat16)
     ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(nd))
     bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(nd))
-    kw = dict(nheads=nheads, d_state=d_state, d_inner=d_inner, conv_dim=conv_dim,
-              interpret=True)
-    want = _core_grads(zx, ws, bs, jax.jit, conv_backward="triton", **kw)
-    got = _core_grads(zx, ws, bs, jax.jit, conv_backward="mosaic_fused", **kw)
-    np.testing.assert_array_equal(np.float32(got[0]), np.float32(want[0]))
-    for w, g in zip(jax.tree.leaves(want[1:]), jax.tree.leaves(got[1:])):
-        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=1e-5, atol=1e-4)
+    cts = (jax.random.normal(k[5], (1, seqlen, nd * nheads, p), jnp.bfloat16),
+           *(jax.random.normal(k[6 + i], (1, seqlen, nd, d_state), jnp.bfloat16)
+             for i in range(2)),
+           jax.random.normal(k[8], (1, seqlen, nd * nheads), jnp.float32))
+    into = jax.random.normal(k[0], (1, seqlen, width), jnp.bfloat16)  # dz: its first columns
+
+    def run(bwd):
+        cfg = fused_conv.kernel_config(zx, zx, ws, bs, ngroups=1, d_state=d_state,
+                                       dtype=jnp.bfloat16, interpret=True, xbc_offset=d_inner,
+                                       dt_offset=d_inner + conv_dim, nheads=nheads,
+                                       forward_kernel="mosaic", backward_kernel=bwd)
+        return jax.jit(lambda x, *a: (fused_conv.bwd_call(x, x, *a, cfg, into=into),
+                                      fused_conv.bwd_call(x, x, *a, cfg)))(zx, ws, bs, *cts)
+
+    ((want, _, want_dw), want_narrow), ((got, none, got_dw), got_narrow) = (
+        run("triton"), run("mosaic_fused"))
+    for w, g in zip(want_narrow, got_narrow):  # without into: dxbc (b, L, C), ddt, sums
+        assert w.shape == g.shape and w.dtype == g.dtype
+    for w, g in zip(want_narrow[:2], got_narrow[:2]):
+        np.testing.assert_array_equal(np.float32(g), np.float32(w))
+    # the backward direction's partial sums: over scan-time row blocks (Triton), original-time
+    # ones (fused); their totals agree
+    np.testing.assert_allclose(np.asarray(jnp.sum(got_narrow[2], (0, 1))),
+                               np.asarray(jnp.sum(want_narrow[2], (0, 1))), rtol=1e-5, atol=1e-4)
+    assert none is None and got.shape == want.shape == into.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.float32(got[..., :d_inner]), np.float32(into[..., :d_inner]))
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    np.testing.assert_allclose(np.asarray(jnp.sum(got_dw, (0, 1))),
+                               np.asarray(jnp.sum(want_dw, (0, 1))), rtol=1e-5, atol=1e-4)
 
 
 def test_fused_backward_checks_its_buffer():
