@@ -472,16 +472,10 @@ def fwd_call(xbc, dt, ws, bs, cfg):
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
     if tiles.kernel == "mosaic":
-        kernel_dt = not mosaic_conv.dt_size_error(nh, kw["do"], jnp.dtype(dt.dtype).itemsize,
-                                                  interpret)
-        x, bm, cm, *dtc = mosaic_conv.conv_fwd_mosaic(
-            xbc, ws, bs, nheads=nh, ngroups=ng, d_state=n, xo=kw["xo"], dtype=dtype,
-            interpret=interpret, dt=dt if kernel_dt else None, do=kw["do"])
-        if kernel_dt:
-            dtc = dtc[0]
-        else:
-            dts = dt[..., kw["do"]:kw["do"] + nh].astype(jnp.float32)
-            dtc = jnp.concatenate([dts, jnp.flip(dts, axis=1)], axis=2) if nd == 2 else dts
+        x, bm, cm = mosaic_conv.conv_fwd_mosaic(xbc, ws, bs, nheads=nh, ngroups=ng, d_state=n,
+                                                xo=kw["xo"], dtype=dtype, interpret=interpret)
+        dts = dt[..., kw["do"]:kw["do"] + nh].astype(jnp.float32)
+        dtc = jnp.concatenate([dts, jnp.flip(dts, axis=1)], axis=2) if nd == 2 else dts
         return (x.reshape(bsz, seqlen, nd * nh, p), bm.reshape(bsz, seqlen, nd * ng, n),
                 cm.reshape(bsz, seqlen, nd * ng, n), dtc)
     ntiles = sum(count for _, _, count, _ in _column_tiles(nh, p, ng, n, tiles.cols))
@@ -686,8 +680,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
         programs of many rows in small steps).
       forward_kernel: "triton" (the forward kernel above, shaped by the forward tile
         arguments) or "mosaic" (`mosaic_conv.conv_fwd_mosaic`: one Mosaic GPU program per
-        64-row block and column tile, TMA in and out, dt_cat too where
-        `mosaic_conv.dt_size_error` allows, else by jnp; Hopper, or the Mosaic GPU
+        64-row block and column tile, TMA in and out, dt_cat by jnp; Hopper, or the Mosaic GPU
         interpreter with `interpret`; on another device, or where it does not take the sizes
         (`mosaic_conv.size_error`), the Triton forward runs).
       backward_kernel: the backward's first kernel (g and the weight sums): "triton" (shaped

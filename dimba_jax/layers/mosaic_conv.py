@@ -16,11 +16,10 @@ and forms each direction's (q, w) pre-activation from K row-shifted slices of it
 (static offsets), float32, in the reference's order (bias, then the taps k = 0 .. K-1), the
 backward one in original time (an anti-causal conv over its block). The forward kernel stores
 the forward half by one TMA and the backward half row by row in reverse, q TMA stores of one
-row in a loop, which is the flip; given dt, the column-0 program of each row block also writes
-that block's rows of dt_cat (b, L, 2H) float32 the same way (one (q, H) TMA load, a cast).
-The backward kernel reads the backward half's cotangent the same way reversed (q one-row TMA
-loads), so all its products are in original time, and writes both halves of g in original
-time, one TMA each.
+row in a loop, which is the flip; dt_cat is not written here (the caller's jnp, a (b, L, 2H)
+concatenate). The backward kernel reads the backward half's cotangent the same way reversed
+(q one-row TMA loads), so all its products are in original time, and writes both halves of g
+in original time, one TMA each.
 
 Shapes: xbc (b, L, W) holding xBC at columns [xo, xo + C), C = H*P + 2*G*N; weights (K, C)
 and biases (C,) float32; outputs (b, L, nd*H*P), (b, L, nd*G*N) x 2 in `dtype`, nd = 1 (the
@@ -43,7 +42,6 @@ from dimba_jax.ssd import hopper
 
 ROWS = 64  # q: time rows per program (a multiple of `_rows_layout`'s 1024 / w rows per tile)
 SUB = 16  # rows per step of the backward's first kernel (a multiple of its layout's tile rows)
-DT_VEC = 4  # elements per thread vector of the forward's (q, H) dt tile (strided layout)
 MAX_COLS = 128  # w: columns per program, at most
 
 
@@ -258,40 +256,24 @@ class _Program:
         )(*args)
 
 
-def dt_size_error(nheads: int, do: int, itemsize: int, interpret: bool) -> str:
-    """Why `conv_fwd_mosaic` cannot write dt_cat for dt's H columns at column `do` of a dt
-    array of `itemsize`-byte elements ("" if it can): compiled, a (q, H) tile is one TMA box
-    (16-byte rows and first column) and a whole number of the warpgroup's 4-element vectors."""
-    if interpret:
-        return ""
-    if (nheads * itemsize) % 16 or (do * itemsize) % 16 or (ROWS * nheads) % (128 * DT_VEC):
-        return (f"the Mosaic conv writes dt_cat for nheads a multiple of 8 at a 16-byte aligned "
-                f"column, got nheads {nheads} at column {do}")
-    return ""
-
-
 def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo: int = 0,
-                    dt=None, do: int = 0, dtype=None, interpret: bool = False,
-                    semantics: str = "lane", split: bool = False):
-    """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel, and
-    with `dt` also dt_cat.
+                    dtype=None, interpret: bool = False, semantics: str = "lane",
+                    split: bool = False):
+    """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel.
 
     Args:
       xbc: (b, L, W) bf16 / f16 / f32, xBC at columns [xo, xo + C).
       ws: nd (K, C) float32 conv weights (forward, then backward); bs: nd (C,) float32 biases.
       nheads, ngroups, d_state: H, G, N (C = H*P + 2*G*N).
       xo: xBC's first column in xbc.
-      dt, do: None, or (b, L, W') any float dtype holding dt at columns [do, do + H)
-        (`dt_size_error`; it may be xbc itself): then the column-0 program of each row block
-        also writes that block's rows of dt_cat.
       dtype: the outputs' dtype (default xbc.dtype).
       interpret: run in the Mosaic GPU interpreter (any device; tests).
       semantics: Mosaic GPU lowering semantics ("lane"; see `hopper.compiler_params`).
       split: one direction per program (`_Program`).
     Returns:
-      x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns; with dt
-      also dt_cat (b, L, nd*H) float32 = [dt[t] | dt[L-1-t]] (the second half when nd = 2).
+      x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns.
     """
+    del nheads
     plgpu = hopper.mosaic_gpu()
     sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
     bsz, seqlen, _ = xbc.shape
@@ -299,43 +281,12 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     dtype = jnp.dtype(dtype or xbc.dtype)
     prog = _Program(plgpu, sz, seqlen, xo, interpret, split=split)
     regions = _regions(sz)
-    with_dt = dt is not None
-    if with_dt:
-        error = dt_size_error(nheads, do, jnp.dtype(dt.dtype).itemsize, interpret)
-        if error or do < 0 or do + nheads > dt.shape[-1] or dt.shape[:2] != xbc.shape[:2]:
-            raise ValueError(error or f"dt {dt.shape} must hold {nheads} columns at column {do} "
-                             f"of xbc's {xbc.shape[:2]} rows")
-        dt_layout = None if interpret else plgpu.Layout.WG_STRIDED((q, nheads), vec_size=DT_VEC)
-
-    def dt_cat_rows(dt_hbm, dt_out, dt_in, dt_f32, dt_rows, dt_bar, bi, t0):
-        """dt's rows [t0, t0 + q) as float32 into dt_cat: the forward half at rows t0 + i (one
-        TMA from the dense dt_f32), the backward half at scan rows L - t0 - q + i (one-row
-        stores in reverse, the flip, from dt_rows, whose rows are padded to 128 bytes: a TMA
-        reads shared memory from 128-byte aligned addresses)."""
-        plgpu.barrier_wait(dt_bar.at[0])
-        value = prog.load(dt_in, dt_layout).astype(jnp.float32)
-        dt_f32[...] = value
-        if nd == 2:
-            dt_rows.at[:, pl.ds(0, nheads)][...] = value
-        plgpu.commit_smem()
-        for h in range(nd):
-            heads = pl.ds(h * nheads, nheads)
-            src = (dt_f32, dt_rows.at[:, pl.ds(0, nheads)])[h]
-            prog.store_rows(src, lambda rows, heads=heads: dt_out.at[bi, rows, heads], h,
-                            (t0, seqlen - t0 - q)[h])
 
     def conv_fwd(x_hbm, *refs):
-        dt_hbm, refs = (refs[0], refs[1:]) if with_dt else (None, refs)
         w_hbm, b_hbm = refs[:nd], refs[nd:2 * nd]
-        outs = refs[2 * nd:2 * nd + 3 + with_dt]
-        bufs, w_smem, b_smem, bars, o_smem, *dt_scratch = refs[2 * nd + 3 + with_dt:]
+        outs = refs[2 * nd:2 * nd + 3]
+        bufs, w_smem, b_smem, bars, o_smem = refs[2 * nd + 3:]
         j, ti, bi = prog.ids()
-        dt_program = lax.axis_index("col") == 0
-        if with_dt:
-            dt_in, _, _, dt_bar = dt_scratch
-            pl.when(dt_program)(functools.partial(
-                plgpu.copy_gmem_to_smem, dt_hbm.at[bi, pl.ds(ti * q, q), pl.ds(do, nheads)],
-                dt_in, dt_bar.at[0]))
 
         def start(h, slot):
             prog.start_loads(h, slot, x_hbm, w_hbm, b_hbm, bufs, w_smem, b_smem, bars)
@@ -353,22 +304,14 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
                                     ti * q)
 
         prog.for_directions(start, body)
-        if with_dt:
-            pl.when(dt_program)(functools.partial(dt_cat_rows, dt_hbm, outs[3], *dt_scratch, bi,
-                                                  ti * q))
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.d_inner), dtype),
                 jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype),
                 jax.ShapeDtypeStruct((bsz, seqlen, nd * sz.gn), dtype))
     scratch = prog.scratch(xbc.dtype) + [plgpu.SMEM((prog.slots, q, w), dtype)]
-    if with_dt:
-        out_type += (jax.ShapeDtypeStruct((bsz, seqlen, nd * nheads), jnp.float32),)
-        scratch += [plgpu.SMEM((q, nheads), dt.dtype), plgpu.SMEM((q, nheads), jnp.float32),
-                    plgpu.SMEM((q, -(-nheads // 32) * 32), jnp.float32),
-                    plgpu.Barrier(num_barriers=1)]
     return prog.call(conv_fwd, "bidir_conv_fwd", out_type, scratch,
-                     (xbc, *([dt] if with_dt else []), *[wt.astype(jnp.float32) for wt in ws],
+                     (xbc, *[wt.astype(jnp.float32) for wt in ws],
                       *[b.astype(jnp.float32) for b in bs]), semantics)
 
 
