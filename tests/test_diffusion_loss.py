@@ -1,5 +1,8 @@
 """The training loss: masked terms against numpy, a tiny training run (the loss falls, the
-embeddings keep their norm; without normalisation they would shrink), self-conditioning."""
+embeddings keep their norm; without normalisation they would shrink), self-conditioning (the
+device's coin and the host's)."""
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +13,8 @@ from flax import nnx
 
 import dimba_jax.models.dimba as dimba_module
 from dimba_jax.config import default_config
-from dimba_jax.diffusion.losses import (denoise_terms, diffusion_loss, masked_accuracy, masked_cross_entropy,
-                                        masked_mse)
+from dimba_jax.diffusion.losses import (denoise_terms, diffusion_loss, host_self_cond_coin, masked_accuracy,
+                                        masked_cross_entropy, masked_mse)
 from dimba_jax.diffusion.schedule import cosine_schedule
 from dimba_jax.tasks.dimba import DimbaTask
 from dimba_jax.models.dimba import DimbaModel
@@ -142,6 +145,11 @@ def test_self_conditioning_pass():
     on = run(model, jnp.array(True))
     off = run(model, jnp.array(False))
     assert np.abs(np.asarray(on - off)).max() > 1e-4  # the coin selects the self-conditioning pass
+    # the host's coin (a Python bool: the pass traced in or out) gives the same values
+    for coin, want in ((True, on), (False, off)):
+        static = nnx.jit(lambda model, c=coin: denoise_terms(model, tokens, lam, mask, drop, noise, c, 1.0,
+                                                             1.0)["x0_hat"])(model)
+        np.testing.assert_allclose(np.asarray(static), np.asarray(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="batch, seq_len"):
         diffusion_loss(model, sch, tokens[0], jax.random.key(0), cfg.diffusion)
 
@@ -185,3 +193,34 @@ def test_task_loss_eval_and_flops():
         cfg.model.posterior_input = False
         cfg.model.bidirectional = False
     assert DimbaTask(cfg).flops_per_token(SEQ) < f_bi
+
+
+def test_host_self_cond_coin_compiles_the_step_without_a_conditional():
+    """diffusion.self_cond_coin "host": the coin is a function of (seed, step) with the
+    configured frequency; the task's step options carry it, and the train step compiled for
+    either value has no conditional, where the device coin's step has one (its lax.cond)."""
+    from benchmarks import train_throughput
+
+    coins = [host_self_cond_coin(0, step, 0.5) for step in range(2000)]
+    assert coins == [host_self_cond_coin(0, step, 0.5) for step in range(2000)]
+    assert coins != [host_self_cond_coin(1, step, 0.5) for step in range(2000)]
+    assert abs(np.mean(coins) - 0.5) < 0.05 and np.mean(
+        [host_self_cond_coin(0, s, 0.2) for s in range(2000)]) < 0.25
+    args = argparse.Namespace(config="configs/tiny.py", per_device_batch=2, seq_len=32, devices=1)
+    s = train_throughput.build_setup(args, [("diffusion.self_cond_coin", "host")])
+    assert s.task.step_option_sets() == [(("self_cond", False),), (("self_cond", True),)]
+    assert s.task.step_options(1) == (("self_cond", host_self_cond_coin(s.config.seed, 1, 0.5)),)
+    for options, conditional in ((("self_cond", True),), False), ((("self_cond", False),), False), ((), True):
+        text = s.train_step.lower(s.state, s.rest, s.batch, options).as_text()
+        assert ("stablehlo.case" in text or "stablehlo.if" in text) == conditional, options
+    cfg = tiny_config()
+    assert DimbaTask(cfg).step_options(3) == () and DimbaTask(cfg).step_option_sets() == [()]
+    with cfg.unlocked():
+        cfg.diffusion.update(self_cond_coin="host", self_cond_prob=1.0)
+    always = DimbaTask(cfg)  # every step with the pass, and no conditional: the coin's cost alone
+    assert always.step_option_sets() == [(("self_cond", True),)]
+    assert {always.step_options(s) for s in range(50)} == {(("self_cond", True),)}
+    with cfg.unlocked():
+        cfg.diffusion.self_cond_coin = "gpu"
+    with pytest.raises(ValueError, match="self_cond_coin must be one of"):
+        DimbaTask(cfg)

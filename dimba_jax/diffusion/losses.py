@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dimba_jax.diffusion import wavefront
 from dimba_jax.diffusion.layout import sample_layout
@@ -141,13 +142,25 @@ def sample_wavefront_logsnr(model, rng: jax.Array, cond_mask: jax.Array, diffusi
     return model.noise_warp.inverse_cdf(u)
 
 
-def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.Array, diffusion_cfg
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+SELF_COND_COINS = ("device", "host")  # diffusion.self_cond_coin
+
+
+def host_self_cond_coin(seed: int, step: int, prob: float) -> bool:
+    """The host's self-conditioning coin of train step `step` (diffusion.self_cond_coin "host"):
+    True with probability `prob`, a function of (seed, step) alone, so every process of a run
+    and a resumed run toss the same coins."""
+    return bool(np.random.default_rng((int(seed), int(step), 0x5C)).random() < float(prob))
+
+
+def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.Array, diffusion_cfg,
+                   self_cond: bool | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DIMBA training loss of one batch.
 
     model: a `DimbaModel`; tokens: int32 (b, L); rng: a PRNG key; diffusion_cfg: `config.diffusion`
     (mse_weight, ce_weight, self_cond_prob, prompt_drop_prob, layout_probs, max_prompt_frac,
-    noise_sampling, t_power, wavefront, wavefront_prob). With a noise warp on the model, its
+    noise_sampling, t_power, wavefront, wavefront_prob); self_cond: None = the self-conditioning
+    coin is tossed from `rng` (with probability self_cond_prob, a `lax.cond`), or the host's coin
+    as a Python bool (the pass is traced in or out). With a noise warp on the model, its
     regression on the observed cross-entropy is added (weight WARP_LOSS_WEIGHT; metric
     warp_mse): per example at one level per example, per generated position with a wavefront.
     Returns (float32 scalar loss, metrics dict of float32 scalars: loss, mse, ce, acc,
@@ -165,7 +178,8 @@ def diffusion_loss(model, schedule: CosineSchedule, tokens: jax.Array, rng: jax.
         logsnr = sample_logsnr(model, schedule, r_t, b, diffusion_cfg)
     drop = jax.random.bernoulli(r_drop, float(diffusion_cfg.prompt_drop_prob), (b,))
     noise = jax.random.normal(r_noise, (b, length, model.embed_dim), jnp.float32)
-    use_sc = jax.random.bernoulli(r_sc, float(diffusion_cfg.self_cond_prob))
+    use_sc = (jax.random.bernoulli(r_sc, float(diffusion_cfg.self_cond_prob)) if self_cond is None
+              else bool(self_cond))
     terms = denoise_terms(model, tokens, logsnr, cond_mask, drop, noise, use_sc,
                           float(diffusion_cfg.mse_weight), float(diffusion_cfg.ce_weight))
     ce_example = terms.pop("ce_example")

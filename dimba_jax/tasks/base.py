@@ -33,6 +33,10 @@ class Task(Protocol):
         """
         ...
 
+    # Optional: `step_options(step) -> tuple` of (name, value) pairs, static keywords of `loss`
+    # for train step `step` (the step is compiled once per distinct tuple; absent: ()), and
+    # `step_option_sets() -> list[tuple]`, every tuple it can return (`train.step`'s helpers).
+
     def sample_text(self, model: nnx.Module, rng: jax.Array, num: int) -> list[str]:
         """Generates `num` short unprompted samples as strings (for logs at an interval)."""
         ...

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from dimba_jax.diffusion import sampler as sampling
-from dimba_jax.diffusion.losses import denoise_terms, diffusion_loss
+from dimba_jax.diffusion.losses import (SELF_COND_COINS, denoise_terms, diffusion_loss,
+                                       host_self_cond_coin)
 from dimba_jax.diffusion.schedule import add_noise_logsnr, schedule_from_config
 from dimba_jax.diffusion.warp import NoiseWarp
 from dimba_jax.diffusion.wavefront import ORDERS as WAVEFRONT_ORDERS
@@ -67,6 +68,9 @@ class DimbaTask:
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
         check_wavefront(config)
+        if getattr(config.diffusion, "self_cond_coin", "device") not in SELF_COND_COINS:
+            raise ValueError(f"diffusion.self_cond_coin must be one of {SELF_COND_COINS}, got "
+                             f"{config.diffusion.self_cond_coin!r}")
         self.prompt_stack = prompt_stack  # FrozenStack of the donor run (prompt_encoder="frozen")
         self._eval_at = nnx.jit(self._eval_terms)
         self._loss_jit = nnx.jit(lambda m, tk, r: self.loss(m, {"tokens": tk}, r))
@@ -96,13 +100,39 @@ class DimbaTask:
                                 final_norm=model.final_norm)
         return model
 
-    def loss(self, model: DimbaModel, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, model: DimbaModel, batch: dict, rng: jax.Array,
+             self_cond: bool | None = None) -> tuple[jax.Array, dict]:
         """batch {"tokens": int32 (b, L)} -> (float32 loss, metrics: loss, mse, ce, acc, embed_norm,
-        embed_mean_dir, known_frac). Pure in (model state, batch, rng). See diffusion/losses.py."""
+        embed_mean_dir, known_frac). Pure in (model state, batch, rng); self_cond: the host's
+        self-conditioning coin (`step_options`), None = tossed from rng. See diffusion/losses.py."""
         if "tokens" not in batch:
             raise ValueError(f"batch needs a 'tokens' entry, got keys {sorted(batch)}")
         return diffusion_loss(model, self.schedule, jnp.asarray(batch["tokens"], jnp.int32), rng,
-                              self.config.diffusion)
+                              self.config.diffusion, self_cond=self_cond)
+
+    def _host_coin(self) -> bool:
+        """Whether the host tosses the self-conditioning coin (diffusion.self_cond_coin "host"
+        and a model with self-conditioning)."""
+        return (getattr(self.config.diffusion, "self_cond_coin", "device") == "host"
+                and bool(self.config.model.self_condition))
+
+    def step_options(self, step: int) -> tuple:
+        """The static loss options of train step `step` (`loss`'s keywords as (name, value)
+        pairs; the train step is compiled once per distinct value): (("self_cond", coin),)
+        with the host's coin (`diffusion.losses.host_self_cond_coin`), else ()."""
+        if not self._host_coin():
+            return ()
+        return (("self_cond", host_self_cond_coin(int(self.config.seed), step,
+                                                  float(self.config.diffusion.self_cond_prob))),)
+
+    def step_option_sets(self) -> list[tuple]:
+        """Every value `step_options` can return (what a benchmark compiles before timing): one
+        per coin side its probability reaches."""
+        if not self._host_coin():
+            return [()]
+        prob = float(self.config.diffusion.self_cond_prob)
+        return [(("self_cond", coin),) for coin in (False, True)
+                if (prob < 1.0 if not coin else prob > 0.0)]
 
     def sample_text(self, model: DimbaModel, rng: jax.Array, num: int) -> list[str]:
         """`num` unprompted samples of config.sample.length tokens with the config.sample settings."""

@@ -234,7 +234,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
         for step_done in range(start_step + 1, total_steps + 1):
             local = next(train_iter)
             batch = step_lib.global_batch(local, data_sharding)
-            state, metrics, health = train_step(state, rest, batch)
+            state, metrics, health = train_step(state, rest, batch,
+                                                step_lib.step_options(task, step_done))
             check(pending)
             pending = (step_done, metrics, health)
 

@@ -62,11 +62,25 @@ def _split_micro(batch: dict[str, jax.Array], accum: int, mesh: Mesh, spec: Part
     return jax.tree.map(split, batch)
 
 
+def step_options(task, step: int) -> tuple:
+    """The task's static loss options for train step `step` (`Task.step_options`; () if the task
+    has none): the last argument of the train step."""
+    fn = getattr(task, "step_options", None)
+    return tuple(fn(int(step))) if fn is not None else ()
+
+
+def step_option_sets(task) -> list[tuple]:
+    """Every value `step_options` can take for this task ([()] if it has none)."""
+    fn = getattr(task, "step_option_sets", None)
+    return list(fn()) if fn is not None else [()]
+
+
 def make_loss_fn(task, parts: ModelParts) -> Callable:
-    """(params, rest, batch, rng) -> (loss, metrics): the task's loss on the rebuilt model."""
-    def loss_fn(params, rest, batch, rng):
+    """(params, rest, batch, rng[, options]) -> (loss, metrics): the task's loss on the rebuilt
+    model, options = `step_options` pairs passed as its keywords."""
+    def loss_fn(params, rest, batch, rng, options=()):
         model = parts.merge(params, rest)
-        loss, metrics = task.loss(model, batch, rng)
+        loss, metrics = task.loss(model, batch, rng, **dict(options))
         return loss.astype(jnp.float32), metrics
     return loss_fn
 
@@ -77,7 +91,8 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
     """Builds the jitted train step.
 
     Returns:
-      step(state, rest, batch) -> (new_state, metrics, health) where
+      step(state, rest, batch, options=()) -> (new_state, metrics, health), options the static
+      `step_options(task, step)` of the step (one compiled program per distinct value), where
         metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm", "lr"
           (the parameters' norm is the loop's, on logging steps only);
         health: {"finite": bool scalar (loss and grad norm finite),
@@ -94,28 +109,30 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     spec = data_sharding.spec
 
-    def compute_grads(params, rest, batch, rng):
+    def compute_grads(params, rest, batch, rng, options):
         if accum == 1:
-            return grad_fn(params, rest, batch, rng)
+            return grad_fn(params, rest, batch, rng, options)
         micro = _split_micro(batch, accum, mesh, spec)
 
         def body(carry, xs):
             i, mb = xs
-            (loss, metrics), grads = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
+            (loss, metrics), grads = grad_fn(params, rest, mb, jax.random.fold_in(rng, i),
+                                             options)
             acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
             return acc, None
 
-        (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, params, rest,
-                                                   jax.tree.map(lambda x: x[0], micro), rng)
+        (loss0, metrics0), grads0 = jax.eval_shape(
+            lambda *a: grad_fn(*a, options), params, rest,
+            jax.tree.map(lambda x: x[0], micro), rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
         (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         scale = 1.0 / accum
         return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), \
             jax.tree.map(lambda g: g * scale, grads)
 
-    def step(state: TrainState, rest, batch):
+    def step(state: TrainState, rest, batch, options=()):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng)
+        (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng, options)
         new_step = state.step + 1
         params, opt_state, ema, grad_norm, grad_sq = optim.apply_update(
             tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay)
@@ -132,7 +149,8 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
 
     repl = mesh_lib.replicated(mesh)
     return jax.jit(step, in_shardings=(shardings, rest_shardings, data_sharding),
-                   out_shardings=(shardings, repl, repl), donate_argnums=(0,))
+                   out_shardings=(shardings, repl, repl), donate_argnums=(0,),
+                   static_argnums=(3,))
 
 
 def make_eval_step(task, parts: ModelParts, mesh: Mesh, param_shardings: Any,
