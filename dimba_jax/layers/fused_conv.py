@@ -514,6 +514,8 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
+    if tiles.kernel == "mosaic_fused":
+        return _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into)
     if tiles.kernel == "mosaic":  # g's backward half in original time
         g_time = "original"
         g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
@@ -562,6 +564,36 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
         name=_name(nd, "bwd_dx"),
     )(g, *ws, ddtc.astype(jnp.float32))
     return dxbc, ddt, dw
+
+
+def ddt_from_cat(ddtc, nheads: int):
+    """ddt (b, L, H) float32 from ddt_cat (b, L, nd*H): ddt[j] = ddt_cat[j, :H]
+    (+ ddt_cat[L-1-j, H:] with two directions), the float32 add of the Triton kernel's."""
+    ddtc = ddtc.astype(jnp.float32)
+    if ddtc.shape[-1] == nheads:
+        return ddtc
+    return ddtc[..., :nheads] + jnp.flip(ddtc[..., nheads:], axis=1)
+
+
+def _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into):
+    """`bwd_call` by `mosaic_conv.conv_bwd_mosaic` (ddt by `ddt_from_cat` in XLA; with `into`
+    the kernel writes the whole buffer, xbc's columns before xBC copied from `into`, and ddt
+    goes in by a dynamic_update_slice of that fresh buffer)."""
+    ng, n, _, _, interpret, (xo, do, nh) = cfg
+    c = ws[0].shape[1]
+    ddt = ddt_from_cat(ddtc, nh)
+    if into is None:
+        dxbc, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
+                                               xo=xo, interpret=interpret)
+        return dxbc, ddt.astype(dt.dtype), dw
+    width = into.shape[-1]
+    if (into.shape != (*xbc.shape[:2], width) or xbc is not dt or xbc.shape[-1] != width
+            or do != xo + c or width != do + nh):
+        raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of the "
+                         f"one array [.. | xBC | dt] read as xbc and dt, {xbc.shape}")
+    buf, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
+                                          xo=xo, into=into, interpret=interpret)
+    return jax.lax.dynamic_update_slice(buf, ddt.astype(buf.dtype), (0, 0, do)), None, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

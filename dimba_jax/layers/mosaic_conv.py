@@ -243,12 +243,18 @@ class _Program:
             self.plgpu.copy_smem_to_gmem(src.at[pl.ds(self.sz.q - 1 - i, 1)],
                                          dst(pl.ds(t0 + i, 1)))
 
-    def call(self, body, name, out_type, scratch, args, semantics, reduction_scratch_bytes=0):
+    def call(self, body, name, out_type, scratch, args, semantics, reduction_scratch_bytes=0,
+             extra_cols=0, warpgroups=1):
+        """Runs `body` over grid (column, row block, batch row): the column tiles of xBC (nd
+        times as many with `split`), then `extra_cols` more column programs; with
+        warpgroups = 2, two warpgroups per program (thread axis "wg")."""
         body.__name__ = name if self.sz.nd == 2 else name.removeprefix("bidir_")
         plgpu, sz = self.plgpu, self.sz
+        threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
         return hopper.kernel_call(
-            plgpu, body, out_type, scratch,
-            grid=(self.ncols * (sz.nd if self.split else 1), sz.nt, args[0].shape[0]),
+            plgpu, body, out_type, scratch, **threads,
+            grid=(self.ncols * (sz.nd if self.split else 1) + extra_cols, sz.nt,
+                  args[0].shape[0]),
             grid_names=("col", "row", "batch"),
             **({"interpret": hopper.interpret_params()} if self.interpret
                else {"compiler_params": hopper.compiler_params(plgpu, semantics,
@@ -409,3 +415,244 @@ def conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, 
                       dx, dbm, dcm), semantics,
                      # jnp.sum(axis=0) of a (SUB, w) float32 tile: 8 row groups of (w,) partials
                      reduction_scratch_bytes=8 * w * 4)
+
+
+def halo_rows(w: int, k_width: int) -> int:
+    """hr: the rows beyond its own q on one side at which a `conv_bwd_mosaic` program recomputes
+    g (K - 1 are needed), rounded up to whole row groups of its (rows, w) register tiles."""
+    group = 4 * max(1, 128 // w)  # `_rows_layout(w, vec=4)`: 4 warps x 32 * 4 / w rows each
+    return max(group, -(-(k_width - 1) // group) * group)
+
+
+def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo: int = 0,
+                    into=None, interpret: bool = False, semantics: str = "lane"):
+    """The whole conv backward but ddt in one kernel ("bidir_conv_bwd"; `fused_conv`'s module
+    docstring has the math): g = dout * silu'(a) of both directions, the programs' partial sums
+    of the weight and bias gradients, and dxbc from g, with g never leaving shared memory.
+
+    A program owns original rows [t0, t0 + q) of one column tile of one batch row. It reads xBC
+    at rows [t0 - hr, t0 + q + hr) (hr = `halo_rows`, >= K - 1; zeros past either end), the
+    forward cotangent at rows [t0, t0 + q + hr) and the backward one at the scan rows of
+    original rows [t0 - hr, t0 + q) (one-row TMA loads in reverse, so in original time), forms
+    g_f at its rows and the hr after them and g_b at its rows and the hr before them (the halo
+    rows recomputed by both neighbours: (q + hr) / q of the pre-activations, no HBM round trip
+    of g), rounded to xbc's dtype in place of the cotangents, and from them its rows of
+
+        dxbc[j] = sum_k w_f[k] * g_f[j + (K-1) - k] + w_b[k] * g_b[j - (K-1) + k]
+
+    in float32, the all-Triton backward's order of the same rounded g (so its bits). The weight
+    and bias sums take the float32 g of its own rows only. With two directions a program has
+    two warpgroups, one per direction (its loads, its g, its sums), that then form half of the
+    dx rows each from both directions' g (the one-warpgroup form, both directions in turn,
+    measured 0.487 ms a call at configs/base.py's mixer against 0.233 ms for
+    `conv_bwd_g_mosaic` split plus the Triton dx kernel: benchmarks/results/
+    fused_mosaic_fused_h100.md).
+
+    Args:
+      xbc, ws, bs, ngroups, d_state, xo, interpret, semantics: as `conv_fwd_mosaic`.
+      dx (b, L, nd*H*P), dbm, dcm (b, L, nd*G*N): the cotangents of the forward's outputs, one
+        dtype.
+      into: None, or the (b, L, W) gradient buffer of the array xbc is a view of, with xBC at
+        columns [xo, xo + C): the output is then (b, L, W), into's columns [0, xo) (copied by
+        xo / w more column programs; xo a multiple of w), dxbc at [xo, xo + C), columns past
+        xo + C unwritten (the caller's: ddt).
+    Returns:
+      dxbc (b, L, C) in xbc's dtype (with `into`: the (b, L, W) buffer) and the (b, L/q, nd,
+      K + 1, C) float32 partial sums over each program's q rows of [dw_0 .. dw_{K-1}; dbias]
+      per direction.
+    """
+    plgpu = hopper.mosaic_gpu()
+    sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
+    bsz, seqlen, _ = xbc.shape
+    nd, q, w, k_width, c, nt = sz.nd, sz.q, sz.w, sz.k_width, sz.c, sz.nt
+    hr, km, f32 = halo_rows(w, k_width), k_width - 1, jnp.float32
+    if len({dx.dtype, dbm.dtype, dcm.dtype}) > 1:
+        raise ValueError(f"conv_bwd_mosaic: the cotangents must share one dtype, got {dx.dtype}, "
+                         f"{dbm.dtype}, {dcm.dtype}")
+    ncopy = 0
+    if into is not None:
+        if (into.shape[:2] != (bsz, seqlen) or into.shape[-1] < xo + c or xo % w
+                or into.dtype != xbc.dtype):
+            raise ValueError(f"conv_bwd_mosaic: into {into.shape} {into.dtype} must hold xBC's "
+                             f"{c} columns at column {xo}, a multiple of {w}, of "
+                             f"{(bsz, seqlen)} rows, in xbc's dtype {xbc.dtype}")
+        ncopy = xo // w
+    prog = _Program(plgpu, sz, seqlen, xo, interpret, vec=4)
+    ncols, load, layout, regions = prog.ncols, prog.load, prog.layout, _regions(sz)
+
+    half = q // nd  # the dx rows of each warpgroup
+
+    def conv_bwd(x_hbm, *refs):
+        w_hbm, b_hbm, d_hbm = refs[:nd], refs[nd:2 * nd], refs[2 * nd:2 * nd + 3]
+        refs = refs[2 * nd + 3:]
+        into_hbm, refs = (refs[0], refs[1:]) if ncopy else (None, refs)
+        (out_hbm, dw_hbm, xbuf, w_smem, b_smem, dbuf, dw_smem, bars, rev, rev_halo, reduced,
+         formed) = refs
+        cidx, ti, bi = prog.ids()
+        t0, first_block, last_block = ti * q, ti == 0, ti == nt - 1
+        inner_top, inner_bottom = ti > 0, ti < nt - 1  # the halos that lie in the sequence
+        wg = lax.axis_index("wg") if nd == 2 else 0
+        copy = plgpu.copy_gmem_to_smem
+
+        def on(k):  # runs the decorated body on warpgroup k only
+            return (lambda body: body()) if nd == 1 else pl.when(wg == k)
+
+        if ncopy:
+            @pl.when((cidx >= ncols) & (wg == 0))
+            def _():  # a copy program: into's column tile cidx - ncols
+                cols = pl.ds((cidx - ncols) * w, w)
+                copy(into_hbm.at[bi, pl.ds(t0, q), cols], xbuf.at[pl.ds(0, q)], bars.at[0])
+                plgpu.barrier_wait(bars.at[0])
+                plgpu.copy_smem_to_gmem(xbuf.at[pl.ds(0, q)], out_hbm.at[bi, pl.ds(t0, q), cols])
+
+        def vec(ref):  # a (w,) float32 vector of shared memory, broadcastable on rows
+            return prog.load_vec(ref, prog.col)
+
+        def g_rows(h, r0, rows, sums):
+            """Direction h's g at dbuf[h] rows [r0, r0 + rows), written there in place (rounded
+            to xbc's dtype); with sums, those plus [g * tap_k; g]."""
+            taps = [load(xbuf.at[pl.ds(hr - km + r0 + k if h == 0 else r0 + km - k, rows)],
+                         layout).astype(f32) for k in range(k_width)]
+            a = prog.bcast(vec(b_smem.at[h]), rows)
+            for k in range(k_width):
+                a = a + taps[k] * prog.bcast(vec(w_smem.at[h, k]), rows)
+            g = load(dbuf.at[h, pl.ds(r0, rows)], layout).astype(f32) * dsilu(a)
+            dbuf.at[h, pl.ds(r0, rows)][...] = g.astype(xbc.dtype).astype(dbuf.dtype)
+            if sums is None:
+                return None
+            return [s + g * t for s, t in zip(sums, taps)] + [sums[-1] + g]
+
+        def direction(j, h):
+            """Warpgroup h's direction: its loads (warpgroup 0 also xBC's), zero halos at the
+            sequence's ends, its g over its rows and halo, its weight and bias sums."""
+            xcols = pl.ds(xo + j * w, w)
+            zeros = jnp.zeros((hr, w), xbuf.dtype)
+
+            @pl.when(first_block)
+            def _():
+                xbuf.at[pl.ds(0, hr)][...] = zeros
+                if h == 1:
+                    dbuf.at[1, pl.ds(0, hr)][...] = zeros.astype(dbuf.dtype)
+                plgpu.commit_smem()
+
+            @pl.when(last_block)
+            def _():
+                xbuf.at[pl.ds(hr + q, hr)][...] = zeros
+                if h == 0:
+                    dbuf.at[0, pl.ds(q, hr)][...] = zeros.astype(dbuf.dtype)
+                plgpu.commit_smem()
+
+            if h == 0:
+                copy(x_hbm.at[bi, pl.ds(t0, q), xcols], xbuf.at[pl.ds(hr, q)], bars.at[0])
+                pl.when(inner_top)(functools.partial(
+                    copy, x_hbm.at[bi, pl.ds(t0 - hr, hr), xcols], xbuf.at[pl.ds(0, hr)],
+                    bars.at[1]))
+                pl.when(inner_bottom)(functools.partial(
+                    copy, x_hbm.at[bi, pl.ds(t0 + q, hr), xcols], xbuf.at[pl.ds(hr + q, hr)],
+                    bars.at[2]))
+            copy(w_hbm[h].at[:, pl.ds(j * w, w)], w_smem.at[h], bars.at[5 + h])
+            copy(b_hbm[h].at[pl.ds(j * w, w)], b_smem.at[h], bars.at[5 + nd + h])
+            for (first, count, total), d_ref in zip(regions, d_hbm):
+                @pl.when((j >= first) & (j < first + count))
+                def _(first=first, total=total, d_ref=d_ref):
+                    dcol = pl.ds(h * total + (j - first) * w, w)
+                    if h == 0:
+                        copy(d_ref.at[bi, pl.ds(t0, q), dcol], dbuf.at[0, pl.ds(0, q)],
+                             bars.at[3])
+                        pl.when(inner_bottom)(functools.partial(
+                            copy, d_ref.at[bi, pl.ds(t0 + q, hr), dcol],
+                            dbuf.at[0, pl.ds(q, hr)], bars.at[4]))
+                        return
+                    # dbuf[1] row r: original row t0 - hr + r, scan row L - 1 - t0 + hr - r
+                    @pl.loop(0, q)
+                    def _(i):
+                        copy(d_ref.at[bi, pl.ds(seqlen - 1 - t0 - i, 1), dcol],
+                             dbuf.at[1, pl.ds(hr + i, 1)], rev.at[0])
+
+                    @pl.when(inner_top)
+                    def _():
+                        @pl.loop(0, hr)
+                        def _(i):
+                            copy(d_ref.at[bi, pl.ds(seqlen - 1 - t0 + hr - i, 1), dcol],
+                                 dbuf.at[1, pl.ds(i, 1)], rev_halo.at[0])
+
+            for bar in (0, 5 + h, 5 + nd + h):
+                plgpu.barrier_wait(bars.at[bar])
+            pl.when(inner_top)(functools.partial(plgpu.barrier_wait, bars.at[1]))
+            pl.when(inner_bottom)(functools.partial(plgpu.barrier_wait, bars.at[2]))
+            if h == 0:
+                plgpu.barrier_wait(bars.at[3])
+                pl.when(inner_bottom)(functools.partial(plgpu.barrier_wait, bars.at[4]))
+            else:
+                plgpu.barrier_wait(rev.at[0])
+                pl.when(inner_top)(functools.partial(plgpu.barrier_wait, rev_halo.at[0]))
+
+            own = 0 if h == 0 else hr  # dbuf[h]'s first own row; the halo: the rest
+            sums = [jnp.zeros((SUB, w), f32)] * (k_width + 1)
+            for r0 in range(0, q, SUB):
+                sums = g_rows(h, own + r0, SUB, sums)
+            g_rows(h, q if h == 0 else 0, hr, None)
+            return sums
+
+        def reduce_sums(h, sums):
+            for k in range(k_width + 1):
+                dw_smem.at[h, k][...] = jnp.sum(sums[k], axis=0)
+            plgpu.commit_smem()
+
+        def dx_rows(j, h):
+            """Warpgroup h's dx rows [h * half, (h + 1) * half) from both directions' g (the
+            forward taps, then the backward ones: the Triton kernel's order), stored."""
+            wts = [[prog.bcast(vec(w_smem.at[d, k]), SUB) for k in range(k_width)]
+                   for d in range(nd)]
+            for r0 in range(h * half, (h + 1) * half, SUB):
+                acc = jnp.zeros((SUB, w), f32)
+                for d in range(nd):
+                    for k in range(k_width):
+                        row = r0 + km - k if d == 0 else hr + r0 - km + k
+                        acc = acc + wts[d][k] * load(dbuf.at[d, pl.ds(row, SUB)],
+                                                     layout).astype(f32)
+                xbuf.at[pl.ds(r0, SUB)][...] = acc.astype(xbuf.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                xbuf.at[pl.ds(h * half, half)],
+                out_hbm.at[bi, pl.ds(t0 + h * half, half), pl.ds(ox + j * w, w)])
+            plgpu.copy_smem_to_gmem(dw_smem.at[h], dw_hbm.at[bi, ti, h, :, pl.ds(j * w, w)])
+
+        # One warpgroup per direction. Warpgroup 0 reduces its weight sums first and signals
+        # warpgroup 1 (`reduced`), which reduces its own after: the two never share Mosaic's
+        # reduction scratch at once. Both then meet at `formed` (each one's g visible to the
+        # other) and form half of the dx rows each.
+        for h in range(nd):
+            @on(h)
+            def _(h=h):
+                @pl.when(cidx < ncols)
+                def _():
+                    sums = direction(cidx, h)
+                    if nd == 2 and h == 1:
+                        plgpu.barrier_wait(reduced.at[0])
+                    reduce_sums(h, sums)
+                    if nd == 2:
+                        if h == 0:
+                            plgpu.barrier_arrive(reduced.at[0])
+                        plgpu.barrier_arrive(formed.at[0])
+                        plgpu.barrier_wait(formed.at[0])
+                    dx_rows(cidx, h)
+                plgpu.wait_smem_to_gmem(0)
+
+    ox = xo if ncopy else 0
+    out_shape = (bsz, seqlen, into.shape[-1] if ncopy else c)
+    out_type = (jax.ShapeDtypeStruct(out_shape, xbc.dtype),
+                jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), f32))
+    scratch = [plgpu.SMEM((q + 2 * hr, w), xbc.dtype), plgpu.SMEM((nd, k_width, w), f32),
+               plgpu.SMEM((nd, w), f32), plgpu.SMEM((nd, q + hr, w), dx.dtype),
+               plgpu.SMEM((nd, k_width + 1, w), f32),
+               plgpu.Barrier(num_barriers=5 + 2 * nd),
+               plgpu.Barrier(num_arrivals=q, num_barriers=1),
+               plgpu.Barrier(num_arrivals=hr, num_barriers=1),
+               plgpu.Barrier(num_barriers=1),  # warpgroup 0's sums reduced
+               plgpu.Barrier(num_arrivals=nd, num_barriers=1)]  # both directions' g formed
+    return prog.call(conv_bwd, "bidir_conv_bwd", out_type, scratch,
+                     (xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs],
+                      dx, dbm, dcm, *([into] if ncopy else [])), semantics,
+                     reduction_scratch_bytes=8 * w * 4, extra_cols=ncopy,
+                     warpgroups=nd)
