@@ -566,7 +566,7 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     return dxbc, ddt, dw
 
 
-def ddt_from_cat(ddtc, nheads: int):
+def _ddt_from_cat(ddtc, nheads: int):
     """ddt (b, L, H) float32 from ddt_cat (b, L, nd*H): ddt[j] = ddt_cat[j, :H]
     (+ ddt_cat[L-1-j, H:] with two directions), the float32 add of the Triton kernel's."""
     ddtc = ddtc.astype(jnp.float32)
@@ -576,12 +576,12 @@ def ddt_from_cat(ddtc, nheads: int):
 
 
 def _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into):
-    """`bwd_call` by `mosaic_conv.conv_bwd_mosaic` (ddt by `ddt_from_cat` in XLA; with `into`
+    """`bwd_call` by `mosaic_conv.conv_bwd_mosaic` (ddt by `_ddt_from_cat` in XLA; with `into`
     the kernel writes the whole buffer, xbc's columns before xBC copied from `into`, and ddt
     goes in by a dynamic_update_slice of that fresh buffer)."""
     ng, n, _, _, interpret, (xo, do, nh) = cfg
     c = ws[0].shape[1]
-    ddt = ddt_from_cat(ddtc, nh)
+    ddt = _ddt_from_cat(ddtc, nh)
     if into is None:
         dxbc, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
                                                xo=xo, interpret=interpret)
