@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.wavefront_order = "left_to_right"  # Which positions of a wavefront are cleaner: "left_to_right" or "random" (a permutation per example).
     d.wavefront_prob = 0.5  # Fraction of training examples drawn with a wavefront (width ~ U(0, wavefront)); the rest use one level.
     d.self_cond_prob = 0.5  # Probability of the self-conditioning pass during training (if model.self_condition).
-    d.self_cond_coin = "device"  # Who tosses that coin each train step: "device" (from the step's PRNG key, a lax.cond in the one compiled step: on a GPU the conditional's predicate goes to the host, the 5-12% idle of the base step's profiles) or "host" (from (seed, step) on the host, `diffusion.losses.host_self_cond_coin`: two compiled steps, one with the pass and one without, no conditional; every micro-batch of a step shares the coin). Not yet timed.
+    d.self_cond_coin = "device"  # Who tosses that coin each train step: "device" (from the step's PRNG key, a lax.cond in the one compiled step: on a GPU the conditional's predicate likely goes to the host, the likely cause of the 5-12% idle in the base step's profiles) or "host" (from (seed, step) on the host, `diffusion.losses.host_self_cond_coin`: two compiled steps, one with the pass and one without, no conditional; every micro-batch of a step shares the coin). Not yet timed.
     d.prompt_drop_prob = 0.1  # Probability of dropping the prompt (classifier-free guidance training).
     d.layout_probs = (0.3, 0.5, 0.2)  # Probabilities of prompt layouts per example: (none, prefix, infill).
     d.max_prompt_frac = 0.5  # Largest fraction of a window used as a prompt / kept context.
