@@ -602,15 +602,13 @@ def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo
         def dx_rows(j, h):
             """Warpgroup h's dx rows [h * half, (h + 1) * half) from both directions' g (the
             forward taps, then the backward ones: the Triton kernel's order), stored."""
-            wts = [[prog.bcast(vec(w_smem.at[d, k]), SUB) for k in range(k_width)]
-                   for d in range(nd)]
             for r0 in range(h * half, (h + 1) * half, SUB):
                 acc = jnp.zeros((SUB, w), f32)
                 for d in range(nd):
-                    for k in range(k_width):
+                    for k in range(k_width):  # each weight loaded where used: few live registers
                         row = r0 + km - k if d == 0 else hr + r0 - km + k
-                        acc = acc + wts[d][k] * load(dbuf.at[d, pl.ds(row, SUB)],
-                                                     layout).astype(f32)
+                        acc = acc + prog.bcast(vec(w_smem.at[d, k]), SUB) * load(
+                            dbuf.at[d, pl.ds(row, SUB)], layout).astype(f32)
                 xbuf.at[pl.ds(r0, SUB)][...] = acc.astype(xbuf.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(
