@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import shlex
@@ -322,7 +323,7 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
     # the task's static step options (the host's self-conditioning coin): every compiled
     # variant is built and run before timing; the timed steps take each step's own options
     option_sets = step_lib.step_option_sets(task)
-    counter = iter(range(1, 1 << 30))
+    counter = itertools.count(1)
 
     def one_step(st, options=None):
         opts = step_lib.step_options(task, next(counter)) if options is None else options

@@ -514,6 +514,11 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
+    if into is not None:
+        width = into.shape[-1]
+        if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
+            raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
+                             f"the one array read as xbc and dt, {xbc.shape}")
     if tiles.kernel == "mosaic_fused":
         return _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into)
     if tiles.kernel == "mosaic":  # g's backward half in original time
@@ -536,10 +541,6 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
             name=_name(nd, "bwd_g"),
         )(xbc, *ws, *bs, dx, dbm, dcm)
     if into is not None:
-        width = into.shape[-1]
-        if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
-            raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
-                             f"the one array read as xbc and dt, {xbc.shape}")
         (buf,) = pl.pallas_call(
             functools.partial(_bwd_dx_kernel, into=True, g_time=g_time, **kw),
             out_shape=(jax.ShapeDtypeStruct(into.shape, into.dtype),),
@@ -586,11 +587,9 @@ def _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into):
         dxbc, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
                                                xo=xo, interpret=interpret)
         return dxbc, ddt.astype(dt.dtype), dw
-    width = into.shape[-1]
-    if (into.shape != (*xbc.shape[:2], width) or xbc is not dt or xbc.shape[-1] != width
-            or do != xo + c or width != do + nh):
-        raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of the "
-                         f"one array [.. | xBC | dt] read as xbc and dt, {xbc.shape}")
+    if do != xo + c or into.shape[-1] != do + nh:  # `bwd_call` checked the rest
+        raise ValueError(f"bwd_call: the fused Mosaic backward writes into [.. | xBC | dt], got "
+                         f"xBC at {xo}, dt at {do} of {into.shape[-1]} columns")
     buf, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
                                           xo=xo, into=into, interpret=interpret)
     return jax.lax.dynamic_update_slice(buf, ddt.astype(buf.dtype), (0, 0, do)), None, dw

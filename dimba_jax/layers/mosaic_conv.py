@@ -469,8 +469,8 @@ def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo
     if len({dx.dtype, dbm.dtype, dcm.dtype}) > 1:
         raise ValueError(f"conv_bwd_mosaic: the cotangents must share one dtype, got {dx.dtype}, "
                          f"{dbm.dtype}, {dcm.dtype}")
-    ncopy = 0
-    if into is not None:
+    wide, ncopy = into is not None, 0
+    if wide:
         if (into.shape[:2] != (bsz, seqlen) or into.shape[-1] < xo + c or xo % w
                 or into.dtype != xbc.dtype):
             raise ValueError(f"conv_bwd_mosaic: into {into.shape} {into.dtype} must hold xBC's "
@@ -485,7 +485,7 @@ def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo
     def conv_bwd(x_hbm, *refs):
         w_hbm, b_hbm, d_hbm = refs[:nd], refs[nd:2 * nd], refs[2 * nd:2 * nd + 3]
         refs = refs[2 * nd + 3:]
-        into_hbm, refs = (refs[0], refs[1:]) if ncopy else (None, refs)
+        into_hbm, refs = (refs[0], refs[1:]) if wide else (None, refs)
         (out_hbm, dw_hbm, xbuf, w_smem, b_smem, dbuf, dw_smem, bars, rev, rev_halo, reduced,
          formed) = refs
         cidx, ti, bi = prog.ids()
@@ -637,8 +637,8 @@ def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo
                     dx_rows(cidx, h)
                 plgpu.wait_smem_to_gmem(0)
 
-    ox = xo if ncopy else 0
-    out_shape = (bsz, seqlen, into.shape[-1] if ncopy else c)
+    ox = xo if wide else 0
+    out_shape = (bsz, seqlen, into.shape[-1] if wide else c)
     out_type = (jax.ShapeDtypeStruct(out_shape, xbc.dtype),
                 jax.ShapeDtypeStruct((bsz, nt, nd, k_width + 1, c), f32))
     scratch = [plgpu.SMEM((q + 2 * hr, w), xbc.dtype), plgpu.SMEM((nd, k_width, w), f32),
@@ -651,6 +651,6 @@ def conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, *, ngroups: int, d_state: int, xo
                plgpu.Barrier(num_arrivals=nd, num_barriers=1)]  # both directions' g formed
     return prog.call(conv_bwd, "bidir_conv_bwd", out_type, scratch,
                      (xbc, *[wt.astype(f32) for wt in ws], *[b.astype(f32) for b in bs],
-                      dx, dbm, dcm, *([into] if ncopy else [])), semantics,
+                      dx, dbm, dcm, *([into] if wide else [])), semantics,
                      reduction_scratch_bytes=8 * w * 4, extra_cols=ncopy,
                      warpgroups=nd)
