@@ -28,9 +28,8 @@ each, which at batch 1 is mostly dispatch (tens of us for a few us of kernel), s
 sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference, the defaults and
 --rows x --warps x --programs (`min_programs`, the forward's grid target). For the conv, the
 rows "pallas (mosaic fwd)" time the defaults with the Mosaic GPU forward
-(`forward_kernel="mosaic"`, layers/mosaic_conv.py), "pallas (mosaic fwd+bwd)" also its
-backward's first kernel (`backward_kernel="mosaic"`) and "pallas (mosaic fwd+fused bwd)" the
-fused backward (`backward_kernel="mosaic_fused"`) beside the "pallas (defaults)" rows, where
+(`forward_kernel="mosaic"`, layers/mosaic_conv.py) and "pallas (mosaic fwd+bwd)" also its
+backward's first kernel (`backward_kernel="mosaic"`) beside the "pallas (defaults)" rows, where
 those kernels take the sizes (`mosaic_takes`). Off GPU the kernels
 run in the Pallas interpreter (for tests only; the times mean nothing there).
 
@@ -179,8 +178,6 @@ def hbm_bytes(kernel: str, pass_: str, dims: dict, batch: int, itemsize: int = 2
         raise ValueError(f"hbm_bytes: unknown kernel {kernel!r}")
     if pass_ == "bwd_g":  # the conv backward's first kernel alone
         return int(act * c + 2 * nd * act * c)
-    if pass_ == "bwd (fused)":  # the fused conv backward alone: xbc, cotangents in, dxbc out
-        return int(act * c * (2 + nd))
     return int(fwd + bwd) if pass_ == "fwdbwd" else int(fwd)
 
 
@@ -276,9 +273,6 @@ def sweep(run: Runner, kernel: str, dims: dict, batch: int, rows, warps, backwar
             both = dict(mosaic, backward_kernel="mosaic")
             run.time(fwdbwd(make(**both)), (cts, *args), **base,
                      impl="pallas (mosaic fwd+bwd)", **both, **{"pass": "fwdbwd"})
-            fused = dict(mosaic, backward_kernel="mosaic_fused")
-            run.time(fwdbwd(make(**fused)), (cts, *args), **base,
-                     impl="pallas (mosaic fwd+fused bwd)", **fused, **{"pass": "fwdbwd"})
     best = {}
 
     def phase(key, grid, timed):
@@ -412,9 +406,8 @@ def write(result, prefix):
 def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
     """The bare Mosaic conv kernels (`mosaic_conv`) at batch `batch`, both directions per
     program and one (`split`): the forward (and, loop > 0, the batch-1 forward as `loop` calls
-    in one jitted loop), the backward's first kernel (pass "bwd_g") and, both directions per
-    program, the fused backward (pass "bwd (fused)"), impl "mosaic kernel" / "mosaic kernel
-    split"."""
+    in one jitted loop) and the backward's first kernel (pass "bwd_g"), impl
+    "mosaic kernel" / "mosaic kernel split"."""
     if not mosaic_takes("conv", dims):
         return
     g, n, h, nd = dims["ngroups"], dims["d_state"], dims["nheads"], dims.get("directions", 2)
@@ -439,12 +432,6 @@ def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
             def bwd_g(x, d, *wb, split=split):
                 return mosaic_conv.conv_bwd_g_mosaic(x, wb[:nd], wb[nd:], *d, split=split, **kw)
             run.time(jax.jit(bwd_g), (xbc, douts, *wb), **row, **{"pass": "bwd_g"})
-            if split:
-                continue
-
-            def bwd(x, d, *wb):
-                return mosaic_conv.conv_bwd_mosaic(x, wb[:nd], wb[nd:], *d, **kw)
-            run.time(jax.jit(bwd), (xbc, douts, *wb), **row, **{"pass": "bwd (fused)"})
 
 
 def main(argv=None):

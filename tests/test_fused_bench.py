@@ -129,8 +129,8 @@ def test_hbm_bytes_count_each_array_once():
 
 def test_mosaic_kernel_rows_time_both_program_shapes(tmp_path, monkeypatch):
     """--mosaic-kernels: rows for the bare Mosaic conv kernels with both directions per
-    program and one (`split` reaches each kernel), the forward, the backward's first kernel, the
-    fused backward (both directions per program) and the batch-1 loop, each with its bandwidth; none where the Mosaic kernels do not take the
+    program and one (`split` reaches each kernel), the forward, the backward's first kernel and
+    the batch-1 loop, each with its bandwidth; none where the Mosaic kernels do not take the
     sizes. The kernels are tests/test_mosaic_conv.py's; here jnp functions of the same
     signature stand in for them (interpreting them would take a minute)."""
     import argparse
@@ -153,27 +153,20 @@ def test_mosaic_kernel_rows_time_both_program_shapes(tmp_path, monkeypatch):
         g = jnp.broadcast_to(xbc[:, :, None, :], (b, L, len(ws), c)) * jnp.sum(dx[..., :1])
         return g, jnp.zeros((b, L // 64, len(ws), ws[0].shape[0] + 1, c)) + bs[0][0]
 
-    def bwd(xbc, ws, bs, dx, dbm, dcm, *, ngroups, d_state, interpret):
-        seen.append(("bwd", None))
-        return bwd_g(xbc, ws, bs, dx, dbm, dcm, ngroups=ngroups, d_state=d_state, split=False,
-                     interpret=interpret)[0][:, :, 0], None
-
     monkeypatch.setattr(mosaic_conv, "conv_fwd_mosaic", fwd)
     monkeypatch.setattr(mosaic_conv, "conv_bwd_g_mosaic", bwd_g)
-    monkeypatch.setattr(mosaic_conv, "conv_bwd_mosaic", bwd)
     dims = dict(L=64, d_model=64, d_inner=128, nheads=8, headdim=16, ngroups=1, d_state=64,
                 d_conv=4, directions=2, conv_dim=256)
     a = argparse.Namespace(runs=1, inner=1, budget_s=600.0, out=str(tmp_path / "fb"))
     run = fused_bench.Runner(a, dims)
     fused_bench.mosaic_kernel_rows(run, dims, batch=2, loop=2)
     got = [(r["impl"], r["pass"], r["batch"]) for r in run.result["rows"]]
-    assert got == [("mosaic kernel", p, 2) for p in ("fwd", "bwd_g", "bwd (fused)")] + [
-        ("mosaic kernel split", p, 2) for p in ("fwd", "bwd_g")] + [
+    assert got == [(i, p, 2) for i in ("mosaic kernel", "mosaic kernel split")
+                   for p in ("fwd", "bwd_g")] + [
         (i, "fwd (loop)", 1) for i in ("mosaic kernel", "mosaic kernel split")]
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in run.result["rows"])
-    assert {("fwd", False), ("fwd", True), ("bwd_g", False), ("bwd_g", True),
-            ("bwd", None)} <= set(seen)
+    assert {("fwd", False), ("fwd", True), ("bwd_g", False), ("bwd_g", True)} <= set(seen)
     with open(tmp_path / "fb.md") as f:
         assert "| conv | 2 | bwd_g | mosaic kernel split |" in f.read()
     fused_bench.mosaic_kernel_rows(run, dict(dims, L=96), batch=2, loop=2)  # L % 64: none
-    assert len(run.result["rows"]) == 7
+    assert len(run.result["rows"]) == 6

@@ -155,8 +155,8 @@ def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot(monkeypat
 @pytest.mark.parametrize("nheads,d_state,nd", [(24, 128, 2), (16, 64, 1)])
 def test_lowers_for_hopper(nheads, d_state, nd):
     """configs/base.py's mixer (128-column tiles, both directions) and small.py's d_state 64
-    (64-column tiles, one direction): the forward, the backward's first kernel and the fused
-    backward each lower to one Mosaic GPU kernel for sm_90a."""
+    (64-column tiles, one direction): the forward and the backward's first kernel each lower
+    to one Mosaic GPU kernel for sm_90a."""
     d_inner = nheads * 64
     conv_dim = d_inner + 2 * d_state
     f = functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
@@ -176,13 +176,8 @@ def test_lowers_for_hopper(nheads, d_state, nd):
             split = jax.jit(functools.partial(kernel, split=True)).trace(*args).lower(
                 lowering_platforms=("cuda",)).as_text()
             assert split.count("mosaic_gpu") >= 1
-        fused = functools.partial(mosaic_conv.conv_bwd_mosaic, ngroups=1, d_state=d_state,
-                                  xo=d_inner)  # with into: the wide gradient of the mixer
-        fused_text = jax.jit(lambda *a: fused(*a, into=a[0])).trace(*shapes, *douts).lower(
-            lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and "conv_fwd" in text
     assert bwd_text.count("mosaic_gpu") >= 1 and "conv_bwd_g" in bwd_text
-    assert fused_text.count("mosaic_gpu") >= 1 and "conv_bwd_mosaic" in fused_text
 
 
 def test_model_knob_reaches_the_mixers_and_is_checked():
@@ -229,17 +224,12 @@ def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,seqlen,nd,bwd", [(2, 1024, 2, "mosaic"), (4, 256, 2, "mosaic"),
-                                                 (2, 1024, 1, "mosaic"),
-                                                 (2, 1024, 2, "mosaic_fused"),
-                                                 (4, 256, 2, "mosaic_fused"),
-                                                 (2, 1024, 1, "mosaic_fused")])
-def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen, nd, bwd):
+@pytest.mark.parametrize("batch,seqlen,nd", [(2, 1024, 2), (4, 256, 2), (2, 1024, 1)])
+def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen, nd):
     """configs/base.py's mixer sizes (nd 2; nd 1: the causal mixer of configs/ar_base.py),
-    the Mosaic forward and backward (its first kernel, or the fused one) compiled inside
-    `bidirectional_conv_pallas` / `causal_conv_pallas`: outputs (dt_cat exact) and gradients
-    against autodiff of the jnp reference, within bf16 roundings (g is rounded to bf16 before
-    dxbc)."""
+    the Mosaic forward and backward's first kernel compiled inside `bidirectional_conv_pallas`
+    / `causal_conv_pallas`: outputs (dt_cat exact) and gradients against autodiff of the jnp
+    reference, within bf16 roundings (g is rounded to bf16 before the Triton dxbc kernel)."""
     nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 4)
     ws, bs = ws[:nd], bs[:nd]
     ct_key = jax.random.key(5)
@@ -250,7 +240,7 @@ def test_compiled_backward_matches_the_reference_on_gpu(batch, seqlen, nd, bwd):
     def outputs(fused, zx, *wb):
         if fused:
             return pallas(zx, zx, *wb, xbc_offset=d_inner, dt_offset=d_inner + conv_dim,
-                          nheads=nheads, forward_kernel="mosaic", backward_kernel=bwd, **kw)
+                          nheads=nheads, forward_kernel="mosaic", backward_kernel="mosaic", **kw)
         return xla(zx[..., d_inner:d_inner + conv_dim], zx[..., d_inner + conv_dim:], *wb, **kw)
 
     def loss(fused, zx, *wb):
@@ -284,108 +274,3 @@ def test_compiled_backward_kernel_split_gives_the_same_bits_on_gpu():
            for split in (False, True)]
     for a, b in zip(*got):
         np.testing.assert_array_equal(np.float32(a), np.float32(b))
-
-
-def _mixer_core(zx, ws, bs, *, nheads, d_state, d_inner, conv_dim, conv_backward, interpret):
-    """`fused_mixer.mixer_core` on the packed zx with the XLA SSD (chunk 64) and fixed SSM
-    constants: its gradient runs the conv backward with `into` (the wide zx gradient)."""
-    from dimba_jax.layers import fused_mixer
-    nd, p = len(ws), d_inner // nheads
-    k = jax.random.split(jax.random.key(11), 3)
-    a = -jnp.exp(0.3 * jax.random.normal(k[0], (nd * nheads,)))
-    d = jax.random.normal(k[1], (nd * nheads, p))
-    bias = 0.2 * jax.random.normal(k[2], (nd * nheads,))
-    norm_ws = (jnp.ones((d_inner,)),) * nd
-    return fused_mixer.mixer_core(zx, ws, bs, a, d, bias, norm_ws, ngroups=1, d_state=d_state,
-                                  chunk_size=64, dt_limit=(0.0, float("inf")), ssd_impl="xla",
-                                  kernels=None, eps=1e-5, dtype=jnp.bfloat16,
-                                  interpret=interpret, xbc_offset=d_inner,
-                                  dt_offset=d_inner + conv_dim, nheads=nheads,
-                                  conv_forward="mosaic", conv_backward=conv_backward)
-
-
-def _core_grads(zx, ws, bs, jit, **kw):
-    ct = jax.random.normal(jax.random.key(12), (*zx.shape[:2], kw["d_inner"]), jnp.float32)
-
-    def loss(zx, ws, bs):
-        return jnp.sum(_mixer_core(zx, ws, bs, **kw).astype(jnp.float32) * ct)
-    return jit(jax.grad(loss, argnums=(0, 1, 2)))(zx, ws, bs)
-
-
-@pytest.mark.parametrize("nd", [2, 1])
-def test_fused_backward_writes_the_wide_gradient_like_triton(nd):
-    """`fused_conv.bwd_call` with `into` (the mixer core's wide zx gradient [dz | dxBC | ddt],
-    dz already in it) by the fused Mosaic backward (z columns copied by its extra programs,
-    dxBC written, ddt added by XLA) and by the Triton backward (dxBC and ddt written in place),
-    three row blocks (a middle one reads both halos): the buffer bit for bit, the conv
-    weights' and biases' partial sums to float32 rounding (other row orders); without `into`
-    (one direction: the same kernel body, one warpgroup) the same dxbc bits and ddt."""
-    nheads, d_state, p = 1, 64, 64  # 64-column tiles: halo_rows 8, as compiled
-    d_inner, conv_dim = nheads * p, nheads * p + 2 * d_state
-    width, seqlen = d_inner + conv_dim + nheads, 192
-    k = jax.random.split(jax.random.key(13), 9)
-    zx = jax.random.normal(k[0], (1, seqlen, width), jnp.bfloat16)
-    ws = tuple(0.5 * jax.random.normal(k[1 + i], (K, conv_dim)) for i in range(nd))
-    bs = tuple(0.1 * jax.random.normal(k[3 + i], (conv_dim,)) for i in range(nd))
-    cts = (jax.random.normal(k[5], (1, seqlen, nd * nheads, p), jnp.bfloat16),
-           *(jax.random.normal(k[6 + i], (1, seqlen, nd, d_state), jnp.bfloat16)
-             for i in range(2)),
-           jax.random.normal(k[8], (1, seqlen, nd * nheads), jnp.float32))
-    into = jax.random.normal(k[0], (1, seqlen, width), jnp.bfloat16)  # dz: its first columns
-
-    def run(bwd):
-        cfg = fused_conv.kernel_config(zx, zx, ws, bs, ngroups=1, d_state=d_state,
-                                       dtype=jnp.bfloat16, interpret=True, xbc_offset=d_inner,
-                                       dt_offset=d_inner + conv_dim, nheads=nheads,
-                                       forward_kernel="mosaic", backward_kernel=bwd)
-        return jax.jit(lambda x, *a: (fused_conv.bwd_call(x, x, *a, cfg, into=into),
-                                      fused_conv.bwd_call(x, x, *a, cfg) if nd == 1 else None))(
-            zx, ws, bs, *cts)
-
-    ((want, _, want_dw), want_narrow), ((got, none, got_dw), got_narrow) = (
-        run("triton"), run("mosaic_fused"))
-    for w, g in zip(want_narrow or (), got_narrow or ()):  # without into: dxbc, ddt, sums
-        assert w.shape == g.shape and w.dtype == g.dtype
-    for w, g in zip((want_narrow or ())[:2], (got_narrow or ())[:2]):
-        np.testing.assert_array_equal(np.float32(g), np.float32(w))
-    # the backward direction's partial sums: over scan-time row blocks (Triton), original-time
-    # ones (fused); their totals agree
-    if nd == 1:
-        np.testing.assert_allclose(np.asarray(jnp.sum(got_narrow[2], (0, 1))),
-                                   np.asarray(jnp.sum(want_narrow[2], (0, 1))), rtol=1e-5,
-                                   atol=1e-4)
-    assert none is None and got.shape == want.shape == into.shape and got.dtype == want.dtype
-    np.testing.assert_array_equal(np.float32(got[..., :d_inner]), np.float32(into[..., :d_inner]))
-    np.testing.assert_array_equal(np.float32(got), np.float32(want))
-    np.testing.assert_allclose(np.asarray(jnp.sum(got_dw, (0, 1))),
-                               np.asarray(jnp.sum(want_dw, (0, 1))), rtol=1e-5, atol=1e-4)
-
-
-def test_fused_backward_checks_its_buffer():
-    xbc, ws, bs = _args(1, 64, 16)
-    douts = (jnp.zeros((1, 64, 2 * H * P), jnp.bfloat16),
-             *(jnp.zeros((1, 64, 2 * G * N), jnp.bfloat16),) * 2)
-    kw = dict(ngroups=G, d_state=N, xo=16, interpret=True)
-    with pytest.raises(ValueError, match="must hold xBC"):
-        mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, *douts, into=xbc[:, :, :40], **kw)
-    with pytest.raises(ValueError, match="one dtype"):
-        mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, douts[0].astype(jnp.float32), *douts[1:],
-                                    **kw)
-    assert mosaic_conv.halo_rows(128, 4) == 4 and mosaic_conv.halo_rows(64, 4) == 8
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("nd", [2, 1])
-def test_compiled_fused_backward_writes_the_mixer_gradient_on_gpu(nd):
-    """configs/base.py's mixer sizes compiled (128-column tiles, halo 4), batch 2: the mixer
-    core's gradient with the fused Mosaic backward against the Triton backward's (zx's within
-    bf16 roundings: the compilers may contract the float32 sums differently)."""
-    nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(2, 1024, 8)
-    ws, bs = ws[:nd], bs[:nd]
-    kw = dict(nheads=nheads, d_state=d_state, d_inner=d_inner, conv_dim=conv_dim,
-              interpret=False)
-    want = _core_grads(zx, ws, bs, jax.jit, conv_backward="triton", **kw)
-    got = _core_grads(zx, ws, bs, jax.jit, conv_backward="mosaic_fused", **kw)
-    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        g, w = np.float32(g), np.float32(w)
-        np.testing.assert_allclose(g, w, rtol=2e-2, atol=2e-2 * np.max(np.abs(w)))

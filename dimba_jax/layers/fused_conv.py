@@ -514,13 +514,6 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
     seq, rows, mat, vec = _specs(seqlen, q, k_width, c)
     params = compiler_params(tiles, interpret)
     dx, dbm, dcm = (v.reshape(bsz, seqlen, -1) for v in (dx, dbm, dcm))
-    if into is not None:
-        width = into.shape[-1]
-        if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
-            raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
-                             f"the one array read as xbc and dt, {xbc.shape}")
-    if tiles.kernel == "mosaic_fused":
-        return _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into)
     if tiles.kernel == "mosaic":  # g's backward half in original time
         g_time = "original"
         g, dw = mosaic_conv.conv_bwd_g_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
@@ -541,6 +534,10 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
             name=_name(nd, "bwd_g"),
         )(xbc, *ws, *bs, dx, dbm, dcm)
     if into is not None:
+        width = into.shape[-1]
+        if into.shape != (bsz, seqlen, width) or xbc is not dt or xbc.shape[-1] != width:
+            raise ValueError(f"bwd_call: into {into.shape} must be the (batch, L, W) gradient of "
+                             f"the one array read as xbc and dt, {xbc.shape}")
         (buf,) = pl.pallas_call(
             functools.partial(_bwd_dx_kernel, into=True, g_time=g_time, **kw),
             out_shape=(jax.ShapeDtypeStruct(into.shape, into.dtype),),
@@ -565,34 +562,6 @@ def bwd_call(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into=None):
         name=_name(nd, "bwd_dx"),
     )(g, *ws, ddtc.astype(jnp.float32))
     return dxbc, ddt, dw
-
-
-def _ddt_from_cat(ddtc, nheads: int):
-    """ddt (b, L, H) float32 from ddt_cat (b, L, nd*H): ddt[j] = ddt_cat[j, :H]
-    (+ ddt_cat[L-1-j, H:] with two directions), the float32 add of the Triton kernel's."""
-    ddtc = ddtc.astype(jnp.float32)
-    if ddtc.shape[-1] == nheads:
-        return ddtc
-    return ddtc[..., :nheads] + jnp.flip(ddtc[..., nheads:], axis=1)
-
-
-def _bwd_fused_mosaic(xbc, dt, ws, bs, dx, dbm, dcm, ddtc, cfg, into):
-    """`bwd_call` by `mosaic_conv.conv_bwd_mosaic` (ddt by `_ddt_from_cat` in XLA; with `into`
-    the kernel writes the whole buffer, xbc's columns before xBC copied from `into`, and ddt
-    goes in by a dynamic_update_slice of that fresh buffer)."""
-    ng, n, _, _, interpret, (xo, do, nh) = cfg
-    c = ws[0].shape[1]
-    ddt = _ddt_from_cat(ddtc, nh)
-    if into is None:
-        dxbc, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
-                                               xo=xo, interpret=interpret)
-        return dxbc, ddt.astype(dt.dtype), dw
-    if do != xo + c or into.shape[-1] != do + nh:  # `bwd_call` checked the rest
-        raise ValueError(f"bwd_call: the fused Mosaic backward writes into [.. | xBC | dt], got "
-                         f"xBC at {xo}, dt at {do} of {into.shape[-1]} columns")
-    buf, dw = mosaic_conv.conv_bwd_mosaic(xbc, ws, bs, dx, dbm, dcm, ngroups=ng, d_state=n,
-                                          xo=xo, into=into, interpret=interpret)
-    return jax.lax.dynamic_update_slice(buf, ddt.astype(buf.dtype), (0, 0, do)), None, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -118,11 +118,8 @@ class Mamba2(nnx.Module):
       conv_forward: "triton" | "mosaic": the fused conv prologue's forward kernel (the Pallas
         Triton kernel, or the Mosaic GPU kernel of `layers/mosaic_conv.py`, Hopper only; the
         Triton one where the Mosaic one does not take the sizes).
-      conv_backward: "triton" | "mosaic" | "mosaic_fused": the backward's kernels: Triton's
-        two (g and the weight sums, then dxbc and ddt), the Mosaic GPU first kernel
-        (`mosaic_conv.conv_bwd_g_mosaic`) and Triton's second, or one Mosaic GPU kernel for
-        all but ddt (`mosaic_conv.conv_bwd_mosaic`; g stays in shared memory); Hopper only,
-        else Triton's.
+      conv_backward: "triton" | "mosaic": the same choice for the backward's first kernel (g
+        and the weight sums; `mosaic_conv.conv_bwd_g_mosaic`); its second is Triton's.
       core_vjp: where both fused kernels run (and, causal, without seq_idx or a returned
         cache), run prologue -> SSD -> epilogue as one custom VJP whose backward writes the
         in-projection output's gradient once (`layers/fused_mixer.py`) instead of three
@@ -167,8 +164,7 @@ class Mamba2(nnx.Module):
         self.norm_impl = check_impl("model.norm_impl", norm_impl)
         self.conv_impl = check_impl("model.conv_impl", conv_impl)
         self.conv_forward = check_conv_kernel("model.conv_forward", conv_forward)
-        self.conv_backward = check_conv_kernel("model.conv_backward", conv_backward,
-                                               backward=True)
+        self.conv_backward = check_conv_kernel("model.conv_backward", conv_backward)
         self.core_vjp = bool(core_vjp)
         self.d_inner, self.nheads = d_inner, nheads
         self.conv_dim = d_inner + 2 * ngroups * d_state

@@ -13,10 +13,8 @@ DEFAULT_BLOCK_ROWS = 16  # time rows per program, at most (see rows_per_program)
 # The forward kernels' grid target (`min_programs`): about 8 programs per SM of an H100 (132).
 DEFAULT_MIN_PROGRAMS = 1024
 SUMS = ("step", "tile")  # `Tiles.sums` values
-# `Tiles.kernel` values of the conv prologue's forward (model.conv_forward) and backward
-# (model.conv_backward: also "mosaic_fused", the whole backward in one Mosaic GPU kernel)
+# `Tiles.kernel` values of the conv prologue's passes (model.conv_forward, model.conv_backward)
 CONV_KERNELS = ("triton", "mosaic")
-CONV_BACKWARD_KERNELS = CONV_KERNELS + ("mosaic_fused",)
 
 
 def check_impl(knob: str, impl: str) -> str:
@@ -26,12 +24,11 @@ def check_impl(knob: str, impl: str) -> str:
     return impl
 
 
-def check_conv_kernel(knob: str, kernel: str, backward: bool = False) -> str:
-    """Returns `kernel` if it is one of CONV_KERNELS (a backward's: CONV_BACKWARD_KERNELS), else
-    raises a one-line ValueError naming `knob` (model.conv_forward or model.conv_backward)."""
-    allowed = CONV_BACKWARD_KERNELS if backward else CONV_KERNELS
-    if kernel not in allowed:
-        raise ValueError(f"{knob} must be one of {allowed}, got {kernel!r}")
+def check_conv_kernel(knob: str, kernel: str) -> str:
+    """Returns `kernel` if it is one of CONV_KERNELS, else raises a one-line ValueError naming
+    `knob` (model.conv_forward or model.conv_backward)."""
+    if kernel not in CONV_KERNELS:
+        raise ValueError(f"{knob} must be one of {CONV_KERNELS}, got {kernel!r}")
     return kernel
 
 
@@ -93,8 +90,7 @@ class Tiles(NamedTuple):
     spread over the program's threads); kernel: which kernel runs the pass, "triton" (the
     Pallas Triton kernels these tiles shape) or, for the conv prologue, "mosaic" (the Mosaic GPU
     kernels of `mosaic_conv`, which have their own fixed tiles: the forward, or the backward's
-    first kernel) or, for its backward, "mosaic_fused" (`mosaic_conv.conv_bwd_mosaic`: the
-    whole backward but ddt in one Mosaic GPU kernel).
+    first kernel).
     """
 
     rows: int
@@ -170,7 +166,7 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
     if sums_bwd not in SUMS:
         raise ValueError(f"sums_bwd must be one of {SUMS}, got {sums_bwd!r}")
     check_conv_kernel("model.conv_forward", forward_kernel)
-    check_conv_kernel("model.conv_backward", backward_kernel, backward=True)
+    check_conv_kernel("model.conv_backward", backward_kernel)
     stages = (int(num_stages), int(num_stages if num_stages_bwd is None else num_stages_bwd))
     cols = (int(block_cols), int(block_cols if block_cols_bwd is None else block_cols_bwd))
     steps = (int(step_rows), int(step_rows if step_rows_bwd is None else step_rows_bwd))
