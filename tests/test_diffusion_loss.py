@@ -214,6 +214,9 @@ def test_host_self_cond_coin_compiles_the_step_without_a_conditional():
         text = s.train_step.lower(s.state, s.rest, s.batch, options).as_text()
         assert ("stablehlo.case" in text or "stablehlo.if" in text) == conditional, options
     cfg = tiny_config()
+    assert cfg.diffusion.self_cond_coin == "host" and DimbaTask(cfg).step_options(3) != ()
+    with cfg.unlocked():
+        cfg.diffusion.self_cond_coin = "device"
     assert DimbaTask(cfg).step_options(3) == () and DimbaTask(cfg).step_option_sets() == [()]
     with cfg.unlocked():
         cfg.diffusion.update(self_cond_coin="host", self_cond_prob=1.0)

@@ -68,7 +68,7 @@ class DimbaTask:
         self.tokenizer = tokenizer
         self.schedule = schedule_from_config(config.diffusion)
         check_wavefront(config)
-        if getattr(config.diffusion, "self_cond_coin", "device") not in SELF_COND_COINS:
+        if getattr(config.diffusion, "self_cond_coin", "host") not in SELF_COND_COINS:
             raise ValueError(f"diffusion.self_cond_coin must be one of {SELF_COND_COINS}, got "
                              f"{config.diffusion.self_cond_coin!r}")
         self.prompt_stack = prompt_stack  # FrozenStack of the donor run (prompt_encoder="frozen")
@@ -113,7 +113,7 @@ class DimbaTask:
     def _host_coin(self) -> bool:
         """Whether the host tosses the self-conditioning coin (diffusion.self_cond_coin "host"
         and a model with self-conditioning)."""
-        return (getattr(self.config.diffusion, "self_cond_coin", "device") == "host"
+        return (getattr(self.config.diffusion, "self_cond_coin", "host") == "host"
                 and bool(self.config.model.self_condition))
 
     def step_options(self, step: int) -> tuple:
