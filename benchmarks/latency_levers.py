@@ -45,7 +45,9 @@ before jax starts, and an unknown flag aborts the process, which then only loses
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
 with block_until_ready; the calls are the pre-split jitted programs the harness uses:
-`sampler.sample_program(config.sample.gemm)`, `ar.generate_split`). Weights are random (timing does not depend on
+`sampler.bound_program(graphdef, treedef, config.sample.gemm, ...)` as `make_sample_fn` runs it,
+`ar.generate_split`; variant "unbound" times DIMBA through `sampler.sample_program`, the graph a
+static argument hashed at every call, as before the bound program). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
 changes the generated tokens. Per variant it also derives the cost of one DIMBA step and the
 fixed part of a call from T=64 and T=16: step_ms = (t64 - t16) / 48.
@@ -129,6 +131,7 @@ VARIANTS: dict[str, dict] = {
     "ssd_xla": {"overrides": [["model.ssd_impl", "xla"]]},
     "head_f32": {"overrides": [["model.head_dtype", "float32"]]},
     "tgemm_off": {"xla_flags": "--xla_gpu_enable_triton_gemm=false"},
+    "unbound": {"dispatch": "unbound", "cases": ["dimba_T{hi}", "dimba_T{lo}"]},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -384,12 +387,23 @@ def run_worker(args) -> None:
                 args_ = (graphdef, state, tokens, known, jax.random.PRNGKey(0), ts, ab_t, ab_prev,
                          jnp.float32(0.0), ones, ones)
 
-                program = sampling.sample_program(str(dimba_cfg.sample.gemm))
+                gemm = str(dimba_cfg.sample.gemm)
+                if settings.get("dispatch") == "unbound":  # the graph a static argument of each call
+                    program = sampling.sample_program(gemm)
 
-                def call():
-                    return program(*args_, **static)[0]
+                    def call():
+                        return program(*args_, **static)[0]
 
-                lowered = program.lower(*args_, **static)
+                    lowered = program.lower(*args_, **static)
+                else:  # what make_sample_fn runs
+                    leaves, treedef = jax.tree.flatten(state)
+                    program = sampling.bound_program(graphdef, treedef, gemm, **static)
+                    bound_args = (tuple(leaves),) + args_[2:]
+
+                    def call():
+                        return program(*bound_args)[0]
+
+                    lowered = program.lower(*bound_args)
                 info = {"model": "dimba", "steps": steps, "clamp": clamp,
                         "self_condition": bool(model.self_condition)}
             else:

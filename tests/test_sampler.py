@@ -384,3 +384,36 @@ def test_mixer_constants_passed_in_give_the_same_prediction(setup):
     got = model.predict(x_t, lam, tokens, mask, mixer_constants=consts)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
+    """make_sample_fn's calls run `bound_program` (graph, tree structure and settings bound):
+    after it is built, a call hashes no GraphDef (a whole-module-tree walk that jit does for a
+    static argument at every call), two builds share one jitted program, and the samples are
+    those of the unbound `sample_program` with the graph as a static argument."""
+    model, sch, tokens, mask = setup
+    kw = dict(steps=3, sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True)
+    fn = sampling.make_sample_fn(model, sch, **kw)
+    ids, x0 = fn(tokens, mask, jax.random.key(2))
+    graphdef, state = nnx.split(model)
+    hashes = []
+    original = type(graphdef).__hash__
+    monkeypatch.setattr(type(graphdef), "__hash__", lambda self: hashes.append(1) or original(self))
+    for seed in (2, 5):
+        again_ids, again_x0 = fn(tokens, mask, jax.random.key(seed))
+    assert hashes == [], f"{len(hashes)} GraphDef hashes in two calls"
+    monkeypatch.undo()
+    leaves, treedef = jax.tree.flatten(state)
+    static = dict(sampler="ddim", guidance=1.0, clamp=False, self_condition=True, temperature=0.0,
+                  unroll=1, reweight=False, wavefront=0.0, wavefront_order="left_to_right",
+                  score_min_p=0.0, draw_x0=False)
+    run = sampling.bound_program(graphdef, treedef, "auto", **static)
+    assert run is sampling.bound_program(graphdef, treedef, "auto", **static)
+    ts, ab_t, ab_prev = sampling.noise_grid(model, sch, 3, "uniform")
+    ones = jnp.ones((3,), jnp.float32)
+    want_ids, want_x0 = sampling.sample_program("auto")(
+        graphdef, state, tokens, mask, jax.random.key(2), ts, ab_t, ab_prev, jnp.float32(0.0),
+        ones, ones, **static)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(x0), np.asarray(want_x0))
+    assert not np.array_equal(np.asarray(again_x0), np.asarray(x0))  # seed 5 differs
