@@ -45,7 +45,7 @@ before jax starts, and an unknown flag aborts the process, which then only loses
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
 with block_until_ready; the calls are the pre-split jitted programs the harness uses:
-`sampler.bound_program(graphdef, treedef, config.sample.gemm, ...)` as `make_sample_fn` runs it,
+`sampler.bound_program(graphdef, state, config.sample.gemm, ...)` as `make_sample_fn` runs it,
 `ar.generate_split`; variant "unbound" times DIMBA through `sampler.sample_program`, the graph a
 static argument hashed at every call, as before the bound program). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
@@ -396,9 +396,8 @@ def run_worker(args) -> None:
 
                     lowered = program.lower(*args_, **static)
                 else:  # what make_sample_fn runs
-                    leaves, treedef = jax.tree.flatten(state)
-                    program = sampling.bound_program(graphdef, treedef, gemm, **static)
-                    bound_args = (tuple(leaves),) + args_[2:]
+                    program, params = sampling.bound_program(graphdef, state, gemm, **static)
+                    bound_args = (params,) + args_[2:]
 
                     def call():
                         return program(*bound_args)[0]

@@ -136,3 +136,17 @@ def test_variant_settings_reach_the_configs():
             assert changed <= set(want), (name, changed)
             assert all(cfg.model[k] == v for k, v in want.items())
     assert base_d.model.head_dtype == "bfloat16"
+
+
+def test_sampler_dispatch_smoke(tmp_path):
+    """benchmarks.sampler_dispatch on a tiny config: the three ways give the same tokens (it
+    checks) and the JSON / Markdown carry every way's medians."""
+    from benchmarks import sampler_dispatch
+
+    out = tmp_path / "sd"
+    sampler_dispatch.main(["--config", "configs/tiny.py", "--steps", "2", "--length", "32",
+                           "--repeats", "2", "--out", str(out)])
+    doc = json.loads((out.parent / "sd.json").read_text())
+    assert set(doc["ways"]) == set(sampler_dispatch.WAYS)
+    assert all(r["call_ms"] >= r["dispatch_ms"] > 0 for r in doc["ways"].values())
+    assert "| unbound |" in (out.parent / "sd.md").read_text()

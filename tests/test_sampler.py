@@ -387,10 +387,11 @@ def test_mixer_constants_passed_in_give_the_same_prediction(setup):
 
 
 def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
-    """make_sample_fn's calls run `bound_program` (graph, tree structure and settings bound):
+    """make_sample_fn's calls run `bound_program` (graph, state layout and settings bound):
     after it is built, a call hashes no GraphDef (a whole-module-tree walk that jit does for a
-    static argument at every call), two builds share one jitted program, and the samples are
-    those of the unbound `sample_program` with the graph as a static argument."""
+    static argument at every call) and passes the small state arrays packed, two builds share
+    one jitted program, and the samples are those of the unbound `sample_program` with the
+    graph as a static argument (packed or not)."""
     model, sch, tokens, mask = setup
     kw = dict(steps=3, sampler="ddim", eta=0.0, guidance=1.0, clamp=False, self_condition=True)
     fn = sampling.make_sample_fn(model, sch, **kw)
@@ -403,12 +404,15 @@ def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
         again_ids, again_x0 = fn(tokens, mask, jax.random.key(seed))
     assert hashes == [], f"{len(hashes)} GraphDef hashes in two calls"
     monkeypatch.undo()
-    leaves, treedef = jax.tree.flatten(state)
     static = dict(sampler="ddim", guidance=1.0, clamp=False, self_condition=True, temperature=0.0,
                   unroll=1, reweight=False, wavefront=0.0, wavefront_order="left_to_right",
                   score_min_p=0.0, draw_x0=False)
-    run = sampling.bound_program(graphdef, treedef, "auto", **static)
-    assert run is sampling.bound_program(graphdef, treedef, "auto", **static)
+    run, params = sampling.bound_program(graphdef, state, "auto", **static)
+    assert run is sampling.bound_program(graphdef, state, "auto", **static)[0]
+    n_arrays = len(jax.tree.leaves(state))
+    assert len(jax.tree.leaves(params)) < n_arrays // 2  # the small arrays travel packed
+    unpacked, all_big = sampling.bound_program(graphdef, state, "auto", pack_max=-1, **static)
+    assert unpacked is not run and len(all_big[0]) == n_arrays and all_big[1] == ()
     ts, ab_t, ab_prev = sampling.noise_grid(model, sch, 3, "uniform")
     ones = jnp.ones((3,), jnp.float32)
     want_ids, want_x0 = sampling.sample_program("auto")(
@@ -416,4 +420,8 @@ def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
         ones, ones, **static)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
     np.testing.assert_array_equal(np.asarray(x0), np.asarray(want_x0))
+    u_ids, u_x0 = unpacked(all_big, tokens, mask, jax.random.key(2), ts, ab_t, ab_prev,
+                           jnp.float32(0.0), ones, ones)
+    np.testing.assert_array_equal(np.asarray(u_ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(u_x0), np.asarray(want_x0))
     assert not np.array_equal(np.asarray(again_x0), np.asarray(x0))  # seed 5 differs

@@ -285,7 +285,6 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
     else:
         ts, ab_t, ab_prev = noise_grid(model, schedule, steps, grid)
     graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
     taus = step_values(float(score_temperature), float(score_temperature_final), int(steps),
                        float(score_temperature_final) > 0)
     pws = step_values(float(prior_weight), float(prior_weight_final), int(steps), float(prior_weight_final) >= 0)
@@ -294,11 +293,11 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                   reweight=bool(np.any(taus != 1.0)), wavefront=float(wavefront),
                   wavefront_order=str(wavefront_order), score_min_p=float(score_min_p),
                   draw_x0=bool(draw_x0))
-    run = bound_program(graphdef, treedef, gemm, **static)
-    leaves, taus, pws, eta = tuple(leaves), jnp.asarray(taus), jnp.asarray(pws), jnp.float32(eta)
+    run, params = bound_program(graphdef, state, gemm, **static)
+    taus, pws, eta = jnp.asarray(taus), jnp.asarray(pws), jnp.float32(eta)
 
     def fn(tokens_known, cond_mask, rng):
-        return run(leaves, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, eta, taus, pws)
+        return run(params, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, eta, taus, pws)
     return fn
 
 
@@ -425,23 +424,52 @@ def sample_program(gemm: str = "auto"):
     return _sample_jit if not options else _sample_jit_with(tuple(sorted(options.items())))
 
 
-def bound_program(graphdef, treedef, gemm: str = "auto", **static):
-    """`sample_program(gemm)` with the model's graph, its state's tree structure and the static
-    settings bound: `run(leaves, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws)`, leaves
-    the state's arrays as a tuple in `jax.tree.flatten` order, the rest as `_sample_program`'s.
-    The same program and results; a call hashes no static argument (a GraphDef's hash walks
-    the whole module tree, ~3 ms per call for configs/base.py on a 2-core host, and jit hashes
-    and compares its static arguments at every call) and flattens a tuple, not an nnx State:
-    the host's dispatch of one base-model sampler call 5.7 -> 0.9 ms there. One jitted function
-    per distinct (graphdef, treedef, gemm, static), kept."""
-    return _bound_program(graphdef, treedef, tuple(sorted(program_options(gemm).items())),
-                          tuple(sorted(static.items())))
+PACK_MAX_ELEMENTS = 1 << 16  # `bound_program`: state arrays at most this big travel packed
+
+
+def bound_program(graphdef, state, gemm: str = "auto", *, pack_max: int = PACK_MAX_ELEMENTS,
+                  **static):
+    """`sample_program(gemm)` with the model's graph, its state's layout and the static settings
+    bound. Returns (run, params): `run(params, tokens, known, rng, ts, ab_t, ab_prev, eta, taus,
+    pws)` is `_sample_program` on the model `nnx.merge(graphdef, state)`, the same program and
+    results. A call hashes no static argument (jit hashes and compares its static arguments at
+    every call; a GraphDef's hash walks the whole module tree) and passes few arrays: params =
+    (the state's arrays above `pack_max` elements (-1: every array), the smaller ones
+    concatenated into one 1-D array per dtype), built here once; the program slices the small
+    ones back out. jit's per-call cost grows with the argument count (configs/base.py: 428
+    state arrays, 80 of them above 65536 elements). One jitted function per distinct
+    (graphdef, layout, gemm, static), kept."""
+    leaves, treedef = jax.tree.flatten(state)
+    leaves = [jnp.asarray(x) for x in leaves]
+    big, groups, where = [], {}, []
+    for x in leaves:
+        if x.size > pack_max or not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == bool):
+            where.append((len(big),))
+            big.append(x)
+        else:
+            parts = groups.setdefault(x.dtype.name, [])
+            where.append((x.dtype.name, sum(int(p.size) for p in parts), tuple(x.shape)))
+            parts.append(x)
+    names = tuple(sorted(groups))
+    packed = tuple(jnp.concatenate([p.ravel() for p in groups[n]]) for n in names)
+    layout = (treedef, names, tuple(where))
+    run = _bound_program(graphdef, layout, tuple(sorted(program_options(gemm).items())),
+                         tuple(sorted(static.items())))
+    return run, (tuple(big), packed)
 
 
 @functools.cache
-def _bound_program(graphdef, treedef, options: tuple, static: tuple):
-    def run(leaves, *args):
-        return _sample_program(graphdef, jax.tree.unflatten(treedef, leaves), *args, **dict(static))
+def _bound_program(graphdef, layout, options: tuple, static: tuple):
+    treedef, names, where = layout
+
+    def run(params, *args):
+        big, packed = params
+        groups = dict(zip(names, packed))
+        leaves = [big[w[0]] if len(w) == 1 else
+                  jax.lax.slice(groups[w[0]], (w[1],), (w[1] + math.prod(w[2]),)).reshape(w[2])
+                  for w in where]
+        state = jax.tree.unflatten(treedef, leaves)
+        return _sample_program(graphdef, state, *args, **dict(static))
     return jax.jit(run, compiler_options=dict(options) or None)
 
 
