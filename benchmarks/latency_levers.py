@@ -46,7 +46,7 @@ Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
 with block_until_ready; the calls are the pre-split jitted programs the harness uses:
 `sampler.bound_program(graphdef, state, config.sample.gemm, ...)` as `make_sample_fn` runs it,
-`ar.generate_split`; variant "unbound" times DIMBA through `sampler.sample_program`, the graph a
+`ar.generate_bound`; variant "unbound" times DIMBA through `sampler.sample_program`, the graph a
 static argument hashed at every call, as before the bound program). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
 changes the generated tokens. Per variant it also derives the cost of one DIMBA step and the
@@ -409,14 +409,23 @@ def run_worker(args) -> None:
                 model, (graphdef, state), tok = armodel()
                 top_p = 1.0 if case == "ar_topp1" else float(ar_cfg.ar.top_p)
                 temp = float(ar_cfg.ar.temperature)
-                gen = ar.generate_split if unroll == 1 else _ar_generate_unrolled(unroll)
                 args_ = (graphdef, state, jnp.full((1, 1), int(tok.eos_id), jnp.int32), jax.random.PRNGKey(0),
                          jnp.float32(temp), jnp.float32(top_p))
+                if unroll == 1:  # what the harness's ArGenerator runs
+                    gen, params = ar.generate_bound(graphdef, state, L)
+                    bound_args = (params,) + args_[2:]
 
-                def call():
-                    return gen(*args_, num_new=L)
+                    def call():
+                        return gen(*bound_args)
 
-                lowered = gen.lower(*args_, num_new=L)
+                    lowered = gen.lower(*bound_args)
+                else:
+                    gen = _ar_generate_unrolled(unroll)
+
+                    def call():
+                        return gen(*args_, num_new=L)
+
+                    lowered = gen.lower(*args_, num_new=L)
                 info = {"model": "ar", "steps": L, "top_p": top_p, "temperature": temp}
             t_c = time.perf_counter()
             compiled = lowered.compile()  # shared with the jit cache: the warm-up call reuses it

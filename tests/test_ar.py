@@ -13,6 +13,7 @@ from flax import nnx
 
 from _nnx_jit import jitted, run_steps
 from dimba_jax.config import default_config
+from dimba_jax.models import ar
 from dimba_jax.models.ar import MambaLM, generate, sample_logits
 from dimba_jax.tasks.ar import ArTask
 
@@ -111,6 +112,20 @@ def test_generate_rejects_bad_arguments():
         generate(model, _ids(0, (1, 3)), 3, key, top_p=0.0)
     with pytest.raises(ValueError, match="prompt ids"):
         generate(model, jnp.full((1, 3), VOCAB), 3, key)
+
+
+def test_generate_bound_gives_generate_splits_tokens():
+    """ar.generate_bound (graph, state layout and length bound; what the harness's ArGenerator
+    runs) samples the tokens of generate_split, and is built once per length."""
+    model = _model(seed=3)
+    graphdef, state = nnx.split(model)
+    prompt, key = _ids(1, (2, 3)), jax.random.key(4)
+    t, p = jnp.float32(0.8), jnp.float32(0.9)
+    want = ar.generate_split(graphdef, state, prompt, key, t, p, 6)
+    run, params = ar.generate_bound(graphdef, state, 6)
+    np.testing.assert_array_equal(np.asarray(run(params, prompt, key, t, p)), np.asarray(want))
+    assert run is ar.generate_bound(graphdef, state, 6)[0]
+    assert ar.generate_bound(graphdef, state, 5)[0] is not run
 
 
 def _ar_config():

@@ -58,6 +58,7 @@ from flax import nnx
 
 from dimba_jax.diffusion import wavefront as wavefront_lib
 from dimba_jax.diffusion.schedule import CosineSchedule
+from dimba_jax.layers.bound import PACK_MAX_ELEMENTS, bind
 from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 
 SAMPLERS = ("ddpm", "ddim")
@@ -424,53 +425,15 @@ def sample_program(gemm: str = "auto"):
     return _sample_jit if not options else _sample_jit_with(tuple(sorted(options.items())))
 
 
-PACK_MAX_ELEMENTS = 1 << 16  # `bound_program`: state arrays at most this big travel packed
-
-
 def bound_program(graphdef, state, gemm: str = "auto", *, pack_max: int = PACK_MAX_ELEMENTS,
                   **static):
     """`sample_program(gemm)` with the model's graph, its state's layout and the static settings
-    bound. Returns (run, params): `run(params, tokens, known, rng, ts, ab_t, ab_prev, eta, taus,
-    pws)` is `_sample_program` on the model `nnx.merge(graphdef, state)`, the same program and
-    results. A call hashes no static argument (jit hashes and compares its static arguments at
-    every call; a GraphDef's hash walks the whole module tree) and passes few arrays: params =
-    (the state's arrays above `pack_max` elements (-1: every array), the smaller ones
-    concatenated into one 1-D array per dtype), built here once; the program slices the small
-    ones back out. jit's per-call cost grows with the argument count (configs/base.py: 428
-    state arrays, 80 of them above 65536 elements). One jitted function per distinct
-    (graphdef, layout, gemm, static), kept."""
-    leaves, treedef = jax.tree.flatten(state)
-    leaves = [jnp.asarray(x) for x in leaves]
-    big, groups, where = [], {}, []
-    for x in leaves:
-        if x.size > pack_max or not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == bool):
-            where.append((len(big),))
-            big.append(x)
-        else:
-            parts = groups.setdefault(x.dtype.name, [])
-            where.append((x.dtype.name, sum(int(p.size) for p in parts), tuple(x.shape)))
-            parts.append(x)
-    names = tuple(sorted(groups))
-    packed = tuple(jnp.concatenate([p.ravel() for p in groups[n]]) for n in names)
-    layout = (treedef, names, tuple(where))
-    run = _bound_program(graphdef, layout, tuple(sorted(program_options(gemm).items())),
-                         tuple(sorted(static.items())))
-    return run, (tuple(big), packed)
-
-
-@functools.cache
-def _bound_program(graphdef, layout, options: tuple, static: tuple):
-    treedef, names, where = layout
-
-    def run(params, *args):
-        big, packed = params
-        groups = dict(zip(names, packed))
-        leaves = [big[w[0]] if len(w) == 1 else
-                  jax.lax.slice(groups[w[0]], (w[1],), (w[1] + math.prod(w[2]),)).reshape(w[2])
-                  for w in where]
-        state = jax.tree.unflatten(treedef, leaves)
-        return _sample_program(graphdef, state, *args, **dict(static))
-    return jax.jit(run, compiler_options=dict(options) or None)
+    bound (`layers.bound.bind`). Returns (run, params): `run(params, tokens, known, rng, ts,
+    ab_t, ab_prev, eta, taus, pws)` is `_sample_program` on the model `nnx.merge(graphdef,
+    state)`, the same program and results; a call hashes no GraphDef and passes few arrays
+    (configs/base.py: 428 state arrays, 80 above 65536 elements, the rest packed into one)."""
+    return bind(_sample_program, graphdef, state, pack_max=pack_max,
+                compiler_options=tuple(sorted(program_options(gemm).items())), **static)
 
 
 @functools.cache

@@ -15,10 +15,12 @@ what a caller waits for.
 
 Pre-split fast path: the public wrappers re-split the nnx module into (graphdef, state) at every
 call, a few milliseconds of Python for a 30M-parameter stack, which a serving loop would do once.
-DIMBA's `make_sample_fn` splits once. The AR generator splits once and calls the jitted program
-its wrapper calls (`ar.generate_split`); the first call of every new shape also runs the public
-wrapper and checks the two results are identical; on any difference or error it falls back to
-the public wrapper for good (``self.fast`` turns False).
+Both split once and call their program bound (`layers.bound.bind`: the graph and the state's
+layout fixed, so a call hashes no GraphDef and passes few arrays): DIMBA's `make_sample_fn`,
+and the AR generator's `ar.generate_bound` per generated length (the program its public wrapper
+runs); the AR generator's first call of every new shape also runs the public wrapper and checks
+the two results are identical; on any difference or error it falls back to the public wrapper
+for good (``self.fast`` turns False).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class ArGenerator:
         self.top_p = float(top_p)
         self.eos_id = int(tokenizer.eos_id)
         self._graphdef, self._state = nnx.split(model)
-        self.fast, self._checked = True, set()
+        self.fast, self._checked, self._bound = True, set(), {}
 
     @classmethod
     def from_config(cls, model: Any, config: Any, tokenizer: Any) -> "ArGenerator":
@@ -66,9 +68,11 @@ class ArGenerator:
                                top_p=self.top_p)
 
         def fast():
-            return ar.generate_split(self._graphdef, self._state, jnp.asarray(prompts, jnp.int32),
-                                     rng, jnp.float32(self.temperature), jnp.float32(self.top_p),
-                                     int(spec.L_gen))
+            if spec.L_gen not in self._bound:
+                self._bound[spec.L_gen] = ar.generate_bound(self._graphdef, self._state, spec.L_gen)
+            run, params = self._bound[spec.L_gen]
+            return run(params, jnp.asarray(prompts, jnp.int32), rng,
+                       jnp.float32(self.temperature), jnp.float32(self.top_p))
 
         return _checked_fast(self, (prompts.shape, spec.L_gen), fast, public)
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dimba_jax.interop.mamba_ssm import padded_vocab
+from dimba_jax.layers.bound import bind
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.layers.precision import cast_linears_to_compute_dtype, head_einsum
@@ -238,14 +239,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p,
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_new"))
-def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new):
-    """`generate`'s jitted program on a model already split by `nnx.split` (no argument checks).
-
-    graphdef, state: `nnx.split(model)` of a MambaLM (split once by a serving loop);
-    prompt_ids int32 (batch, prompt_len); rng a PRNG key; temperature, top_p float32 scalars;
-    num_new static. Returns int32 (batch, num_new), the same as `generate`.
-    """
+def _generate_program(graphdef, state, prompt_ids, rng, temperature, top_p, num_new):
     model = nnx.merge(graphdef, state)
     cast_linears_to_compute_dtype(model)  # once, not at every decoded token
     logits, cache = model.prefill(prompt_ids)
@@ -260,6 +254,25 @@ def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new
 
     _, rest = jax.lax.scan(body, (cache, first), keys[1:])
     return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new"))
+def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new):
+    """`generate`'s jitted program on a model already split by `nnx.split` (no argument checks).
+
+    graphdef, state: `nnx.split(model)` of a MambaLM; prompt_ids int32 (batch, prompt_len); rng
+    a PRNG key; temperature, top_p float32 scalars; num_new static. Returns int32 (batch,
+    num_new), the same as `generate`. A serving loop calls `generate_bound`'s program instead
+    (the same program, no GraphDef hashed per call).
+    """
+    return _generate_program(graphdef, state, prompt_ids, rng, temperature, top_p, num_new)
+
+
+def generate_bound(graphdef, state, num_new: int):
+    """(run, params): `run(params, prompt_ids, rng, temperature, top_p)` is `generate_split`
+    with the graph, the state's layout and num_new bound (`layers.bound.bind`): the same
+    program and tokens, and a call hashes no GraphDef and passes few arrays."""
+    return bind(_generate_program, graphdef, state, num_new=int(num_new))
 
 
 def generate(model: MambaLM, prompt_ids, num_new: int, rng: jax.Array, temperature: float = 1.0,
