@@ -113,7 +113,7 @@ VARIANTS: dict[str, dict] = {
     "pallas": {"overrides": [["model.ssd_impl", "pallas"]]},
     "pallas_cb": {"overrides": [["model.ssd_impl", "pallas"]], "xla_flags": _CB_WHILE},
     "extras": {"cases": ["dimba_T{hi}_noclamp", "ar_topp1"]},
-    "unroll4": {"unroll": 4},
+    "unroll4": {"unroll": 4, "cases": ["dimba_T{hi}"]},
     "cb_off": {"xla_flags": "--xla_gpu_enable_command_buffer="},
     "matmul_pass": {"state_pass": "matmul"},
     "cb_matmul_pass": {"state_pass": "matmul", "xla_flags": _CB_WHILE},

@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.prior_weight_final = -1.0  # >= 0: the prior weight of the last step, linear in the step index from prior_weight at the first (< 0 = constant).
     s.temperature = 0.0  # Final token read-out: 0 = argmax of the head, >0 = sample at this temperature.
     s.gemm = "auto"  # The sampling program's GEMMs: "auto" | "xla" | "cublas". "cublas" compiles it with XLA's Triton GEMM emitter off, so GEMMs XLA would fuse with their operands' elementwise producers run as cuBLAS calls (diffusion/sampler.py:program_options); "auto" = "cublas" on a GPU (batch-1 base T=64, H100: 138.52 vs 141.97 ms with "xla", same tokens; benchmarks/results/latency_levers_gemm_h100.md), else "xla". No effect on training (its GEMMs are cuBLAS already: 111.8 vs 111.2 ms, train_throughput_tgemm_off_h100.md).
+    s.unroll = 1  # Unroll factor of the sampling loop's lax.scan (>= 1): the same computation and tokens in fewer loop iterations; the T = 64 base sampler idles 2.55 ms per call between kernels over its 64 iterations (benchmarks/results/latency_levers_prof12_h100_profile.md). Not yet timed (latency_levers variant unroll4); compile time grows with it.
 
     # ------------------------------------------------------------------ data
     a = c.data = ml_collections.ConfigDict()

@@ -318,7 +318,7 @@ def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_ha
     opts = sampling.sampler_options(c.sample)
     assert opts["prior_weight"] == 0.7 and opts["prior_weight_final"] == 0.3 and opts["steps"] == 7
     assert opts["wavefront_order"] == "random" and opts["clamp"] is True
-    assert opts["gemm"] == "auto"
+    assert opts["gemm"] == "auto" and opts["unroll"] == 1
     # every option is a keyword of the sampler's builder
     import inspect
     assert set(opts) <= set(inspect.signature(sampling.make_sample_fn).parameters)

@@ -125,8 +125,8 @@ def sampler_options(sample_config) -> dict:
     eta, guidance (float), clamp (bool), temperature (float), grid (str), score_temperature,
     score_temperature_final (float), wavefront (float), wavefront_order (str), prior_weight,
     prior_weight_final (float), score_min_p (float), draw_x0 (bool), gemm (str; "auto" where a
-    config saved before the knob lacks it). The one place a sample setting becomes a sampler
-    argument."""
+    config saved before the knob lacks it), unroll (int; 1 likewise). The one place a sample
+    setting becomes a sampler argument."""
     s = sample_config
     return dict(sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), guidance=float(s.guidance),
                 clamp=bool(s.clamp), temperature=float(s.temperature), grid=str(s.grid),
@@ -134,7 +134,8 @@ def sampler_options(sample_config) -> dict:
                 score_temperature_final=float(s.score_temperature_final), wavefront=float(s.wavefront),
                 wavefront_order=str(s.wavefront_order), prior_weight=float(s.prior_weight),
                 prior_weight_final=float(s.prior_weight_final), score_min_p=float(s.score_min_p),
-                draw_x0=bool(s.draw_x0), gemm=str(getattr(s, "gemm", "auto")))
+                draw_x0=bool(s.draw_x0), gemm=str(getattr(s, "gemm", "auto")),
+                unroll=int(getattr(s, "unroll", 1)))
 
 
 def respaced_alphas(schedule: CosineSchedule, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,7 +182,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
            grid: str = "uniform", score_temperature: float = 1.0, wavefront: float = 0.0,
            score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
            prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
-           draw_x0: bool = False, gemm: str = "auto"):
+           draw_x0: bool = False, gemm: str = "auto", unroll: int = 1):
     """Generates the unknown positions of token sequences.
 
     Args:
@@ -217,6 +218,8 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
         step's re-weighted scores (ancestral sampling with "ddpm"), not toward their mean.
       gemm: how the program's GEMMs compile, "auto" | "xla" | "cublas" (`program_options`;
         the same computation either way).
+      unroll: the step loop's `lax.scan` unroll factor (>= 1; the same computation and results,
+        fewer loop iterations).
     Returns:
       int32 (b, L) token ids (known positions equal tokens_known there); with return_x0, the
       pair (ids, x0 float32 (b, L, e)).
@@ -233,7 +236,7 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
                         score_temperature=score_temperature, wavefront=wavefront,
                         score_temperature_final=score_temperature_final, wavefront_order=wavefront_order,
                         prior_weight=prior_weight, prior_weight_final=prior_weight_final,
-                        score_min_p=score_min_p, draw_x0=draw_x0, gemm=gemm)
+                        score_min_p=score_min_p, draw_x0=draw_x0, gemm=gemm, unroll=unroll)
     ids, x0 = fn(tokens_known, cond_mask, rng)
     return (ids, x0) if return_x0 else ids
 
