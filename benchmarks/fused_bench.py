@@ -410,7 +410,7 @@ def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
     "mosaic kernel" / "mosaic kernel split"."""
     if not mosaic_takes("conv", dims):
         return
-    g, n, h, nd = dims["ngroups"], dims["d_state"], dims["nheads"], dims.get("directions", 2)
+    g, n, nd = dims["ngroups"], dims["d_state"], dims.get("directions", 2)
     kw = dict(ngroups=g, d_state=n, interpret=default_interpret())
     for b, looped in [(batch, False)] + ([(1, True)] if loop else []):
         _, _, args, cts, _ = make_case("conv", dims, b, jax.random.key(0))
@@ -421,7 +421,7 @@ def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
                        impl="mosaic kernel split" if split else "mosaic kernel")
 
             def fwd(x, *wb, split=split):
-                return mosaic_conv.conv_fwd_mosaic(x, wb[:nd], wb[nd:], nheads=h, split=split,
+                return mosaic_conv.conv_fwd_mosaic(x, wb[:nd], wb[nd:], split=split,
                                                    **kw)
             if looped:
                 run.time(loop_fn(fwd, loop), (xbc, *wb), calls=loop, loop=loop, **row,

@@ -141,9 +141,9 @@ def test_mosaic_kernel_rows_time_both_program_shapes(tmp_path, monkeypatch):
 
     seen = []
 
-    def fwd(xbc, ws, bs, *, nheads, ngroups, d_state, split, interpret):
+    def fwd(xbc, ws, bs, *, ngroups, d_state, split, interpret):
         seen.append(("fwd", split))
-        dt = jnp.zeros((*xbc.shape[:2], nheads), jnp.float32)
+        dt = jnp.zeros((*xbc.shape[:2], 8), jnp.float32)  # dims' nheads; x, B, C ignore dt
         return fused_conv.bidirectional_conv_xla(xbc, dt, *ws, *bs, ngroups=ngroups,
                                                  d_state=d_state)[:3]
 

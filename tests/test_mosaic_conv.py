@@ -36,7 +36,7 @@ def test_interpreter_gives_the_reference_bits(nd):
     directions here with one direction per program (`split`); `fused_conv`'s tests below run
     the kernels with both per program."""
     xbc, ws, bs = _args(2, 128, 8)
-    got = mosaic_conv.conv_fwd_mosaic(xbc, ws[:nd], bs[:nd], nheads=H, ngroups=G, d_state=N,
+    got = mosaic_conv.conv_fwd_mosaic(xbc, ws[:nd], bs[:nd], ngroups=G, d_state=N,
                                       xo=8, interpret=True, split=nd == 2)
     dt = xbc[..., 8 + C:].astype(jnp.float32)
     if nd == 2:
@@ -125,7 +125,7 @@ def test_sizes_are_checked_and_the_triton_forward_takes_what_it_cannot(monkeypat
     assert "16-byte" in mosaic_conv.size_error(64, 1536, 128, 3, 2, False)
     assert mosaic_conv.size_error(64, 32, 16, 3, 2, True) == ""  # the interpreter takes any
     with pytest.raises(ValueError, match="multiple of 64"):
-        mosaic_conv.conv_fwd_mosaic(*_args(1, 32, 0), nheads=H, ngroups=G, d_state=N,
+        mosaic_conv.conv_fwd_mosaic(*_args(1, 32, 0), ngroups=G, d_state=N,
                                     interpret=True)
     xbc, ws, bs = _args(1, 32, 0)
     cfg = fused_conv.kernel_config(xbc, xbc, ws, bs, ngroups=G, d_state=N, dtype=jnp.bfloat16,
@@ -159,7 +159,7 @@ def test_lowers_for_hopper(nheads, d_state, nd):
     to one Mosaic GPU kernel for sm_90a."""
     d_inner = nheads * 64
     conv_dim = d_inner + 2 * d_state
-    f = functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
+    f = functools.partial(mosaic_conv.conv_fwd_mosaic, ngroups=1,
                           d_state=d_state, xo=d_inner)
     shapes = (jax.ShapeDtypeStruct((2, 256, d_inner + conv_dim + nheads), jnp.bfloat16),
               (jax.ShapeDtypeStruct((K, conv_dim), jnp.float32),) * nd,
@@ -212,7 +212,7 @@ def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen, split):
     within a bf16 rounding of the jnp reference (both compute float32 sums; the compilers may
     contract them differently)."""
     nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(batch, seqlen, 3)
-    got = jax.jit(functools.partial(mosaic_conv.conv_fwd_mosaic, nheads=nheads, ngroups=1,
+    got = jax.jit(functools.partial(mosaic_conv.conv_fwd_mosaic, ngroups=1,
                                     d_state=d_state, xo=d_inner, split=split))(zx, ws, bs)
     dt = zx[..., d_inner + conv_dim:].astype(jnp.float32)
     want = jax.jit(functools.partial(fused_conv.bidirectional_conv_xla, ngroups=1,

@@ -472,7 +472,7 @@ def fwd_call(xbc, dt, ws, bs, cfg):
     bsz, seqlen, c, nh, p, kw = _statics(xbc, dt, ws, cfg, tiles)
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
     if tiles.kernel == "mosaic":
-        x, bm, cm = mosaic_conv.conv_fwd_mosaic(xbc, ws, bs, nheads=nh, ngroups=ng, d_state=n,
+        x, bm, cm = mosaic_conv.conv_fwd_mosaic(xbc, ws, bs, ngroups=ng, d_state=n,
                                                 xo=kw["xo"], dtype=dtype, interpret=interpret)
         dts = dt[..., kw["do"]:kw["do"] + nh].astype(jnp.float32)
         dtc = jnp.concatenate([dts, jnp.flip(dts, axis=1)], axis=2) if nd == 2 else dts

@@ -256,7 +256,7 @@ class _Program:
         )(*args)
 
 
-def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo: int = 0,
+def conv_fwd_mosaic(xbc, ws, bs, *, ngroups: int, d_state: int, xo: int = 0,
                     dtype=None, interpret: bool = False, semantics: str = "lane",
                     split: bool = False):
     """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel.
@@ -264,7 +264,7 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     Args:
       xbc: (b, L, W) bf16 / f16 / f32, xBC at columns [xo, xo + C).
       ws: nd (K, C) float32 conv weights (forward, then backward); bs: nd (C,) float32 biases.
-      nheads, ngroups, d_state: H, G, N (C = H*P + 2*G*N).
+      ngroups, d_state: G, N (C = H*P + 2*G*N, read off the weights).
       xo: xBC's first column in xbc.
       dtype: the outputs' dtype (default xbc.dtype).
       interpret: run in the Mosaic GPU interpreter (any device; tests).
@@ -273,7 +273,6 @@ def conv_fwd_mosaic(xbc, ws, bs, *, nheads: int, ngroups: int, d_state: int, xo:
     Returns:
       x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns.
     """
-    del nheads
     plgpu = hopper.mosaic_gpu()
     sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
     bsz, seqlen, _ = xbc.shape
