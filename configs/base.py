@@ -32,6 +32,11 @@ def get_config():
     # step 96.3 against 100.9 ms, compiled in 51 against 58 s (train_throughput_jit_core_h100.md).
     c.model.conv_forward = "mosaic"
     c.model.conv_backward = "mosaic"
+    # The stem and out_proj GEMMs in bf16 (float32 sums): one H100, same calls, batch-1 sampler
+    # T = 64 117.22 against 118.01 ms, train step 87.4 against 88.2 ms
+    # (benchmarks/results/latency_levers_io_h100.md, train_throughput_io_h100.md). Quality not
+    # measured: the same rounding in the head (model.head_dtype) measured none on configs/tiny.py.
+    c.model.io_dtype = "bfloat16"
     c.train.steps = 20000
     c.train.batch_size = 32
     c.train.lr = 6e-4

@@ -366,6 +366,75 @@ def test_unknown_head_dtype_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 
+def test_io_dtype_bfloat16_is_close_to_float32_and_pre_cast_parameters_give_the_same_bits():
+    """model.io_dtype "bfloat16" (the stem and out_proj in bf16, float32 sums): x0_hat and logits
+    float32, within bf16 rounding of the float32 projections' (same weights) and not identical;
+    the samplers' pre-cast (`cast_linears_to_compute_dtype`: in_proj and out_proj stored in
+    bf16) gives the same bits."""
+    from dimba_jax.layers.precision import cast_linears_to_compute_dtype
+
+    x_t, lam, tokens = inputs(3)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        model = DimbaModel(model_cfg(io_dtype=dt, self_condition=True), V, rngs=nnx.Rngs(0))
+        out[dt] = predict(model, x_t, lam, tokens, mask)
+    for ref, low in zip(out["float32"], out["bfloat16"]):
+        assert low.dtype == jnp.float32 and low.shape == ref.shape
+        assert not np.array_equal(np.asarray(low), np.asarray(ref))
+        err = float(jnp.max(jnp.abs(low - ref)) / jnp.max(jnp.abs(ref)))
+        assert err < 2e-2, err
+    assert cast_linears_to_compute_dtype(model) >= 4  # in_proj's and out_proj's kernel and bias
+    assert model.in_proj.kernel[...].dtype == jnp.bfloat16 == model.out_proj.bias[...].dtype
+    for a, b in zip(out["bfloat16"], predict(model, x_t, lam, tokens, mask)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_io_dtype_float32_is_the_float32_affine_map():
+    """io_dtype "float32": `project_out` is the float32 out_proj of the final norm, bit for bit,
+    and nothing is cast by the samplers' pre-cast."""
+    from dimba_jax.layers.precision import cast_linears_to_compute_dtype
+
+    model = DimbaModel(model_cfg(io_dtype="float32"), V, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(5), (B, L, D))
+    np.testing.assert_array_equal(np.asarray(model.project_out(h)),
+                                  np.asarray(model.out_proj(model.final_norm(h))))
+    assert model.in_proj.dtype is None and model.out_proj.dtype is None
+    assert cast_linears_to_compute_dtype(model) == 0
+
+
+def test_io_dtype_bfloat16_gradients_are_finite_and_close_to_float32():
+    """jax.grad through the model with the bf16 projections: every parameter's gradient is
+    finite and within a few percent (relative norm) of the float32 projections'."""
+    x_t, lam, tokens = inputs(4)
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    graphs = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = model_cfg(io_dtype=dt, bidirectional=False, ssd_impl="xla")
+        graphs[dt], params = nnx.split(DimbaModel(cfg, V, rngs=nnx.Rngs(0)))
+
+    def loss(params, graph):
+        model = nnx.merge(graph, params)
+        x0, logits = model.predict(x_t, lam, tokens, mask)
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1))
+        return ce + jnp.mean(jnp.square(x0 - model.embed(tokens)))
+
+    both = jax.jit(lambda p: {dt: jax.grad(loss)(p, g) for dt, g in graphs.items()}).lower(params)
+    grads = both.compile(compiler_options={"xla_backend_optimization_level": 0})(params)
+    ref, low = (jax.tree.leaves(grads[dt]) for dt in ("float32", "bfloat16"))
+    assert len(ref) == len(low) > 10
+    for r, g in zip(ref, low):
+        assert g.dtype == r.dtype and bool(jnp.all(jnp.isfinite(g)))
+        rel = float(jnp.linalg.norm(g - r) / jnp.maximum(jnp.linalg.norm(r), 1e-12))
+        assert rel < 5e-2, rel
+
+
+def test_unknown_io_dtype_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"model\.io_dtype must be one of") as err:
+        DimbaModel(model_cfg(io_dtype="float16"), V, rngs=nnx.Rngs(0))
+    assert "\n" not in str(err.value)
+
+
 def test_stem_is_the_input_projection_with_the_mask_column_as_a_rank1_term():
     """`stem` = `in_proj` on [features | mask] (the GEMM over the features only): same values
     for a random kernel and bias and a 0/1 mask column, and the same gradient to the kernel."""

@@ -43,6 +43,7 @@ def _loop_operands(jaxpr):
 def _bf16_config(task):
     c = load_config_file("configs/tiny.py")
     c.model.compute_dtype = "bfloat16"
+    c.model.io_dtype = "bfloat16"
     if task == "ar":
         c.task, c.model.bidirectional = "ar", False
     return c
@@ -65,6 +66,8 @@ def test_sampling_and_decoding_loops_take_the_kernels_in_the_compute_dtype():
         jax.random.key(0), ts, ab_t, ab_prev, jnp.float32(0.0), ones, ones)
     kernels = [a.dtype for a in _loop_operands(jaxpr.jaxpr) if a.shape == shape]
     assert kernels and all(d == jnp.bfloat16 for d in kernels), kernels
+    stem = [a.dtype for a in _loop_operands(jaxpr.jaxpr) if a.shape == model.in_proj.kernel.shape]
+    assert stem == [jnp.bfloat16], stem  # model.io_dtype: the stem's kernel, cast once
 
     cfg = _bf16_config("ar")
     lm, _, _ = loading.fresh_model(cfg, seed=1)

@@ -11,6 +11,7 @@ the results are the same bits.
 
 `head_einsum`: a vocabulary-sized GEMM (a tied head x @ E^T, DIMBA's softmax @ E) with its
 operands in a chosen dtype and float32 sums, forward and backward (`model.head_dtype`).
+`affine`: x @ W + b the same way (DIMBA's stem and output projection, `model.io_dtype`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def head_einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax
     if jnp.dtype(dtype) == jnp.float32:
         return jnp.einsum(spec, a, b)
     return _low_precision_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+def affine(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """x @ kernel + bias in float32, with x, kernel and bias rounded to `dtype` first.
+
+    x float (b, L, i), kernel float (i, o), bias float (o,) -> float32 (b, L, o). The GEMM is
+    `head_einsum` (operands in dtype, float32 sums, forward and backward); the bias is rounded
+    to dtype and added in float32. So parameters stored already in dtype (as
+    `cast_linears_to_compute_dtype` leaves an `nnx.Linear` whose compute dtype is dtype) give
+    the same bits as float32 ones; dtype float32 is the float32 affine map itself.
+    """
+    y = head_einsum("bli,io->blo", x, kernel, dtype)
+    return y + bias.astype(dtype).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

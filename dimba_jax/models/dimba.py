@@ -58,12 +58,15 @@ Decisions:
   (`BidirectionalMamba2`: forward scan plus flipped scan) by default, causal `Mamba2` when
   `model.bidirectional` is False; then a final RMSNorm and a linear map to width e (the head's input; x0_hat itself with
   the direct read-out). The residual
-  stream and the stem/head run in float32; the mixers compute in `model.compute_dtype`.
+  stream runs in float32; the mixers compute in `model.compute_dtype`.
 * **Head precision.** The vocabulary-sized GEMMs (the tied head x @ E^T, the output prior
   x_t @ E^T and every softmax @ E) take their operands in `model.head_dtype` ("float32" or
   "bfloat16") and accumulate in float32 (`layers.precision.head_einsum`, forward and backward); logits,
   softmaxes and x0_hat are float32 either way. A config without the key (a run saved before
-  it existed) keeps "float32", the precision it was trained at.
+  it existed) keeps "float32", the precision it was trained at. The diffusion-space
+  projections (the stem, [x_t | self-cond | ...] -> d, and `out_proj`, d -> e) likewise take
+  their operands and parameters in `model.io_dtype` (`layers.precision.affine`), float32 out;
+  "float32" where the key is absent.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, 
                                            make_block_conditioning)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
-from dimba_jax.layers.precision import head_einsum
+from dimba_jax.layers.precision import affine, head_einsum
 from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -195,7 +198,7 @@ class DimbaModel(nnx.Module):
       model_cfg: `config.model` (d_model, n_layers, d_state, expand, headdim, ngroups, d_conv,
         chunk_size, ssd_impl, norm_impl, conv_impl, conv_forward, conv_backward, mixer_core_vjp, bidirectional, conditioning,
         prompt_encoder, prompt_encoder_checkpoint, tie_embeddings, embed_scale, time_embed_dim,
-        self_condition, compute_dtype, head_dtype, readout, skip_logits, posterior_input,
+        self_condition, compute_dtype, head_dtype, io_dtype, readout, skip_logits, posterior_input,
         posterior_grad, logit_bias, position_levels).
       vocab_size: number of token ids (embedding rows).
       param_dtype: parameter dtype (config.train.param_dtype).
@@ -231,6 +234,10 @@ class DimbaModel(nnx.Module):
         if head_dtype not in HEAD_DTYPES:
             raise ValueError(f"model.head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
         self.head_dtype = _DTYPES[head_dtype]
+        io_dtype = str(getattr(m, "io_dtype", "float32"))
+        if io_dtype not in HEAD_DTYPES:
+            raise ValueError(f"model.io_dtype must be one of {HEAD_DTYPES}, got {io_dtype!r}")
+        self.io_dtype = _DTYPES[io_dtype]
         self.skip_logits = bool(m.skip_logits)
         self.posterior_input = bool(getattr(m, "posterior_input", False))
         self.posterior_grad = bool(getattr(m, "posterior_grad", True))
@@ -249,7 +256,8 @@ class DimbaModel(nnx.Module):
                 rngs.params(), (vocab_size,), param_dtype))
 
         n_in = e * (1 + self.self_condition + self.posterior_input) + 1
-        self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype)
+        io = None if self.io_dtype == jnp.float32 else self.io_dtype  # the samplers' pre-cast
+        self.in_proj = dense(n_in, d, (None, "embed"), rngs=rngs, param_dtype=param_dtype, dtype=io)
         self.time_embed = TimestepEmbedding(int(m.time_embed_dim), d, param_dtype=param_dtype, rngs=rngs)
         self.pool_proj = dense(d, d, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
         self.position_levels = bool(getattr(m, "position_levels", False))
@@ -269,7 +277,7 @@ class DimbaModel(nnx.Module):
         self.blocks = nnx.List([DimbaBlock(m, dtype=self.compute_dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(int(m.n_layers))])
         self.final_norm = RMSNorm(d, param_dtype=param_dtype, rngs=rngs)
-        self.out_proj = dense(d, e, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+        self.out_proj = dense(d, e, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype, dtype=io)
 
     # ------------------------------------------------------------------ embeddings and head
     def embedding_table(self) -> jax.Array:
@@ -364,11 +372,19 @@ class DimbaModel(nnx.Module):
 
         The same affine map as `in_proj`, with the mask column (the last) applied as a rank-1
         term: the GEMM then contracts the embedding channels only (2e or 3e, multiples of 8), not
-        2e + 1, whose unaligned width GPUs run as a slower kernel.
+        2e + 1, whose unaligned width GPUs run as a slower kernel. Operands and parameters in
+        model.io_dtype, float32 sums (`affine`).
         """
-        w = self.in_proj.kernel[...].astype(jnp.float32)
-        h = jnp.einsum("bli,id->bld", stem_in[..., :-1], w[:-1]) + stem_in[..., -1:] * w[-1]
-        return h + self.in_proj.bias[...].astype(jnp.float32)
+        w = self.in_proj.kernel[...]
+        mask_row = w[-1].astype(self.io_dtype).astype(jnp.float32)
+        return (affine(stem_in[..., :-1], w[:-1], self.in_proj.bias[...], self.io_dtype)
+                + stem_in[..., -1:] * mask_row)
+
+    def project_out(self, h: jax.Array) -> jax.Array:
+        """`out_proj` of the final norm of the residual stream: float (b, L, d) -> float32
+        (b, L, e), operands and parameters in model.io_dtype, float32 sums (`affine`)."""
+        return affine(self.final_norm(h), self.out_proj.kernel[...], self.out_proj.bias[...],
+                      self.io_dtype)
 
     def prompt_context(self, tokens: jax.Array, cond_mask: jax.Array,
                        drop_prompt: jax.Array | None = None) -> PromptContext:
@@ -468,7 +484,7 @@ class DimbaModel(nnx.Module):
             h, x = block.prenorm(h, delta, mod)
             delta = block.mixer(x, ssm=ssm)
         h = h + delta.astype(h.dtype)
-        out = self.out_proj(self.final_norm(h)).astype(jnp.float32)
+        out = self.project_out(h)
         if self.folds_prior():
             head = functools.partial(self.logits_with_prior, x_t=x_in, logsnr=logsnr,
                                      weight=prior_weight)
