@@ -22,7 +22,8 @@ bf16, headdim 64, d_state 128, one group, chunk 256); steps = T of DIMBA's DDIM 
 sizes, compile seconds, the peer's own fields). The Markdown table and the plot come from
 `python -m benchmarks.vs_mamba_ssm_report` (ratios computed only within one file).
 
-What is timed, in this order (each item starts only if its expected time, ITEM_SECONDS, fits
+What is timed, by part in the order --parts gives (default: as numbered below; each item
+starts only if its expected time, ITEM_SECONDS, fits
 in what is left of --budget-s; an item that does not fit is listed in "skipped", one that
 raises in "failed", and the rest still runs; the file is rewritten after every row):
   1. SSD, ours: `ssd(impl=--ssd-impl)` forward and forward+backward (vjp w.r.t. x, dt, A, B, C,
@@ -129,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=520.0,
                    help="wall-clock budget of the whole call; items that would pass it are skipped")
     p.add_argument("--parts", default="ssd,train_step,generate",
-                   help="comma list of ssd, train_step, generate (in this order)")
+                   help="comma list of ssd, train_step, generate, run in the order given (what "
+                        "comes last is what a short budget skips)")
     p.add_argument("--peer-dir", default="",
                    help="folder with mamba_ssm/ and the anchor_*.py scripts (default .peer; "
                         "tests/fake_peer with --smoke)")
@@ -155,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="CPU, tiny shapes and models, the stand-in peer (tests)")
     args = p.parse_args(argv)
-    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    args.parts = list(dict.fromkeys(s.strip() for s in args.parts.split(",") if s.strip()))
     unknown = set(args.parts) - set(PEER_SCRIPTS)
     if unknown:
         raise ValueError(f"--parts: unknown {sorted(unknown)}; known {list(PEER_SCRIPTS)}")
@@ -534,19 +536,21 @@ def main(argv=None) -> dict:
     need_ssd = lambda recs: set(SHAPE_NAMES) <= {r.get("name") for r in recs}  # noqa: E731
     need_train = lambda recs: any(r.get("model") == "130m" for r in recs)  # noqa: E731
     need_gen = lambda recs: any(_is_peer_decode_case(r) for r in recs)  # noqa: E731
-    if "ssd" in args.parts:
-        _item(call, "ssd:dimba_jax", our_ssd_rows, call)
-        _peer_item(call, "ssd", need_ssd, lambda recs: peer_ssd_rows(recs, args.peer_ssd_time))
-    if "train_step" in args.parts:
-        _peer_item(call, "train_step", need_train, lambda recs: peer_train_rows(recs, peak))
-        _item(call, "train_step:dimba_base", our_train_row, call, "dimba_base", args.dimba_config)
-        gc.collect()
-        _item(call, "train_step:ar_base", our_train_row, call, "ar_base", args.ar_config)
-        gc.collect()
-    if "generate" in args.parts:
-        _peer_item(call, "generate", need_gen, lambda recs: peer_generate_rows(recs))
-        _item(call, "generate:dimba_base", our_generate_rows, call, "dimba_base")
-        _item(call, "generate:ar_base", our_generate_rows, call, "ar_base")
+    for part in args.parts:
+        if part == "ssd":
+            _item(call, "ssd:dimba_jax", our_ssd_rows, call)
+            _peer_item(call, "ssd", need_ssd, lambda recs: peer_ssd_rows(recs, args.peer_ssd_time))
+        elif part == "train_step":
+            _peer_item(call, "train_step", need_train, lambda recs: peer_train_rows(recs, peak))
+            _item(call, "train_step:dimba_base", our_train_row, call, "dimba_base",
+                  args.dimba_config)
+            gc.collect()
+            _item(call, "train_step:ar_base", our_train_row, call, "ar_base", args.ar_config)
+            gc.collect()
+        else:
+            _peer_item(call, "generate", need_gen, lambda recs: peer_generate_rows(recs))
+            _item(call, "generate:dimba_base", our_generate_rows, call, "dimba_base")
+            _item(call, "generate:ar_base", our_generate_rows, call, "ar_base")
     call.doc["finished_utc"] = utc_now()
     call.write()
     report.validate(call.doc)

@@ -72,6 +72,17 @@ def test_items_past_the_budget_are_skipped_with_a_note(tmp_path):
     assert [s["item"] for s in doc["skipped"]] == list(vs.ITEM_SECONDS)
 
 
+def test_parts_run_in_the_order_given(tmp_path):
+    """--parts generate,ssd,generate: the generation items first, the SSD's after, once each
+    (seen in the order a zero budget skips them)."""
+    doc = vs.main(["--smoke", "--budget-s", "0", "--parts", "generate,ssd,generate",
+                   "--out", str(tmp_path / "vs.json")])
+    skipped = [s["item"] for s in doc["skipped"]]
+    gen = [i for i in vs.ITEM_SECONDS if i.startswith("generate")]
+    ssd = [i for i in vs.ITEM_SECONDS if i.startswith("ssd")]
+    assert gen and ssd and skipped == gen + ssd
+
+
 def test_a_peer_script_is_stopped_at_its_time_limit(tmp_path):
     args = vs.parse_args(["--smoke", "--peer-max-s", "1", "--out", str(tmp_path / "vs.json")])
     call = vs.Call(args, [])
