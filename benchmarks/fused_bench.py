@@ -30,7 +30,8 @@ sampler's scan runs them; pass "fwd (loop)", ms per call) for the XLA reference,
 rows "pallas (mosaic fwd)" time the defaults with the Mosaic GPU forward
 (`forward_kernel="mosaic"`, layers/mosaic_conv.py) and "pallas (mosaic fwd+bwd)" also its
 backward's first kernel (`backward_kernel="mosaic"`) beside the "pallas (defaults)" rows, where
-those kernels take the sizes (`mosaic_takes`). Off GPU the kernels
+those kernels take the sizes (`mosaic_takes`). `--norm-passes` times the norm kernels reading
+each group's column tiles once (`passes` 1) beside twice (`norm_passes_rows`). Off GPU the kernels
 run in the Pallas interpreter (for tests only; the times mean nothing there).
 
 Output: PREFIX.json ({"device", "jax", "command", "dims", "rows": [...]}, one row per timing:
@@ -63,8 +64,9 @@ from dimba_jax.layers.triton_common import default_interpret
 # defaults are.
 PLAIN = dict(block_rows=16, num_warps=4, num_stages=1, block_cols=0, step_rows=0,
              num_stages_bwd=1, block_cols_bwd=0, step_rows_bwd=0, min_programs=1,
-             min_programs_bwd=1, sums_bwd="step")
-TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows", "min_programs")
+             min_programs_bwd=1, sums_bwd="step", passes=2, passes_bwd=2)
+TILE_ARGS = ("block_rows", "num_warps", "num_stages", "block_cols", "step_rows", "min_programs",
+             "passes")
 
 
 def tile_defaults(fn) -> dict:
@@ -354,6 +356,8 @@ def tile_text(r: dict, suffix: str = "") -> str:
         text += f" sums-{r['sums' + suffix]} p{r['min_programs' + suffix]}"
     if not suffix and r.get("min_programs") not in (None, PLAIN.get("min_programs")):
         text += f" p{r['min_programs']}"
+    if r.get("passes" + suffix, 2) == 1:
+        text += " 1-pass"
     if not suffix and r.get("forward_kernel", "triton") != "triton":
         text += f" {r['forward_kernel']}"
     if suffix and r.get("backward_kernel", "triton") != "triton":
@@ -434,6 +438,43 @@ def mosaic_kernel_rows(run, dims: dict, batch: int, loop: int):
             run.time(jax.jit(bwd_g), (xbc, douts, *wb), **row, **{"pass": "bwd_g"})
 
 
+def norm_passes_rows(run, dims: dict, batch: int, loop: int, rows, warps):
+    """The norm kernels reading a group's column tiles once (passes 1) beside twice (2): at the
+    defaults, forward and forward + backward at batch `batch` (and, loop > 0, the batch-1
+    forward as `loop` calls in one jitted loop); then with passes 1, the forward over rows x
+    warps and the backward over rows x warps (its register need grows with the rows)."""
+    ref, make, args, cts, defaults = make_case("norm", dims, batch, jax.random.key(0))
+    base = dict(kernel="norm", batch=batch)
+    for passes in (2, 1):
+        t = dict(defaults, passes=passes, passes_bwd=passes)
+        run.time(fwd(make(**t)), args, **base, impl=f"pallas (defaults, {passes} passes)", **t,
+                 **{"pass": "fwd"})
+        f = fwdbwd(make(**t))
+        row = run.time(f, (cts, *args), **base, impl=f"pallas (defaults, {passes} passes)",
+                       **t, **{"pass": "fwdbwd"})
+        row["max_rel_err_vs_xla"] = max_rel(f(cts, *args), fwdbwd(ref)(cts, *args))
+    if loop:
+        _, make1, args1, _, defaults1 = make_case("norm", dims, 1, jax.random.key(0))
+        for passes in (2, 1):
+            t = dict(defaults1, passes=passes, passes_bwd=passes)
+            run.time(loop_fn(make1(**t), loop), args1, calls=loop, kernel="norm", batch=1,
+                     loop=loop, impl=f"pallas (defaults, {passes} passes)", **t,
+                     **{"pass": "fwd (loop)"})
+    for r in rows:
+        for w in warps:
+            if run.out_of_time():
+                return
+            t = dict(defaults, block_rows=r, num_warps=w, passes=1, passes_bwd=2)
+            run.time(fwd(make(**t)), args, **base, impl="pallas", **t, **{"pass": "fwd"})
+    for r in rows:
+        for w in warps:
+            if run.out_of_time():
+                return
+            t = dict(defaults, block_rows_bwd=r, num_warps_bwd=w, passes=2, passes_bwd=1)
+            run.time(fwdbwd(make(**t)), (cts, *args), **base, impl="pallas", **t,
+                     **{"pass": "fwdbwd"})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
@@ -459,6 +500,8 @@ def main(argv=None):
     p.add_argument("--mosaic-kernels", action="store_true",
                    help="also time the bare Mosaic conv kernels, both directions per program "
                         "and one (`mosaic_kernel_rows`)")
+    p.add_argument("--norm-passes", action="store_true",
+                   help="also time the norm kernels in one pass beside two (`norm_passes_rows`)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=400.0)
@@ -484,6 +527,8 @@ def main(argv=None):
             sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)
     if "conv" in kernels and a.batch and a.mosaic_kernels:
         mosaic_kernel_rows(run, dims, a.batch, a.batch1_loop)
+    if "norm" in kernels and a.batch and a.norm_passes:
+        norm_passes_rows(run, dims, a.batch, a.batch1_loop, rows, warps)
     if a.batch1_loop:
         programs = [int(v) for v in a.programs.split(",")]
         for kernel in kernels:

@@ -170,3 +170,33 @@ def test_mosaic_kernel_rows_time_both_program_shapes(tmp_path, monkeypatch):
         assert "| conv | 2 | bwd_g | mosaic kernel split |" in f.read()
     fused_bench.mosaic_kernel_rows(run, dict(dims, L=96), batch=2, loop=2)  # L % 64: none
     assert len(run.result["rows"]) == 6
+
+
+def test_norm_passes_rows_time_one_pass_beside_two(tmp_path):
+    """--norm-passes: the norm kernels at their defaults in two passes and in one (forward,
+    forward + backward checked against XLA, the batch-1 loop), then one-pass sweeps of the
+    forward's and the backward's rows x warps; the table marks the one-pass rows."""
+    import argparse
+
+    from dimba_jax.config import load_config_file
+
+    config = load_config_file("configs/tiny.py")
+    config.data.seq_len = 8
+    dims = fused_bench.mixer_dims(config)
+    a = argparse.Namespace(runs=1, inner=1, budget_s=600.0, out=str(tmp_path / "fb"))
+    run = fused_bench.Runner(a, dims)
+    fused_bench.norm_passes_rows(run, dims, batch=1, loop=2, rows=[4], warps=[1])
+    rows = run.result["rows"]
+    assert all("ms" in r for r in rows), [r for r in rows if "ms" not in r]
+    got = [(r["impl"], r["pass"], r.get("passes"), r.get("passes_bwd")) for r in rows]
+    assert got == [
+        ("pallas (defaults, 2 passes)", "fwd", 2, 2),
+        ("pallas (defaults, 2 passes)", "fwdbwd", 2, 2),
+        ("pallas (defaults, 1 passes)", "fwd", 1, 1),
+        ("pallas (defaults, 1 passes)", "fwdbwd", 1, 1),
+        ("pallas (defaults, 2 passes)", "fwd (loop)", 2, 2),
+        ("pallas (defaults, 1 passes)", "fwd (loop)", 1, 1),
+        ("pallas", "fwd", 1, 2), ("pallas", "fwdbwd", 2, 1)]
+    assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in rows if "max_rel_err_vs_xla" in r)
+    with open(tmp_path / "fb.md") as f:
+        assert f.read().count("1-pass") >= 4

@@ -86,6 +86,34 @@ def test_odd_seqlen_uses_single_rows():
         np.testing.assert_allclose(g, r, **F32_TOL)
 
 
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_one_pass_kernels_give_the_two_pass_bits(ngroups):
+    """passes 1 (a group's tiles read once, kept) against 2 (read twice), forward and backward,
+    bidirectional and causal, at 4-column tiles (2 or 4 per group; the forward's grid target
+    off, so its tiles stay that narrow): the same bits, values and every gradient."""
+    args = _args(jnp.bfloat16, seed=11)
+    ct = jax.random.normal(jax.random.key(12), (B, L, H * P)).astype(jnp.bfloat16)
+    causal = (args[0][:, :, :H], args[1], args[2])
+    got = {}
+    for passes in (1, 2):
+        bidi = functools.partial(fn.bidirectional_gated_norm_pallas, ngroups=ngroups,
+                                 interpret=True, block_rows=4, block_cols=4, passes=passes,
+                                 min_programs=1)
+        one = functools.partial(fn.gated_norm_pallas, ngroups=ngroups, interpret=True,
+                                block_rows=4, block_cols=4, passes=passes, min_programs=1)
+        out, vjp = jax.vjp(bidi, *args)
+        c_out, c_vjp = jax.vjp(one, *causal)
+        got[passes] = jax.tree.leaves((out, vjp(ct), c_out, c_vjp(ct)))
+    assert len(got[1]) == 9  # two outputs, seven gradients
+    for a, b in zip(got[1], got[2]):
+        np.testing.assert_array_equal(np.float32(a), np.float32(b))
+
+
+def test_passes_other_than_one_or_two_are_refused():
+    with pytest.raises(ValueError, match="passes must be 1 or 2"):
+        fn.bidirectional_gated_norm_pallas(*_args(jnp.float32), interpret=True, passes_bwd=3)
+
+
 def _bidi(norm_impl, share=True, dtype=jnp.float32):
     bidi = BidirectionalMamba2(32, share_projections=share, rngs=nnx.Rngs(5), ssd_impl="xla",
                                norm_impl=norm_impl, d_state=8, expand=2, headdim=8, ngroups=2,
@@ -148,9 +176,10 @@ def test_mixer_falls_back_to_xla_without_shared_projections_or_with_seq_idx():
                                       jitted(_bidi("xla", share))(u, **kw))
 
 
-def test_kernels_lower_to_triton_for_cuda():
+@pytest.mark.parametrize("passes", [2, 1])
+def test_kernels_lower_to_triton_for_cuda(passes):
     """Forward and backward lower through the Pallas Triton backend (no GPU needed), at the
-    base config's widths (24 heads of 64: not a power of two)."""
+    base config's widths (24 heads of 64: not a power of two), in two passes or one."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
     shapes = (jax.ShapeDtypeStruct((2, 64, 48, 64), jnp.bfloat16),
@@ -159,8 +188,8 @@ def test_kernels_lower_to_triton_for_cuda():
               jax.ShapeDtypeStruct((24 * 64,), jnp.float32))
 
     def f(*args):
-        out, vjp = jax.vjp(functools.partial(fn.bidirectional_gated_norm_pallas, ngroups=2),
-                           *args)
+        out, vjp = jax.vjp(functools.partial(fn.bidirectional_gated_norm_pallas, ngroups=2,
+                                             passes=passes), *args)
         return out, vjp(jnp.ones_like(out))
 
     with cuda_lowering_context():
@@ -169,8 +198,9 @@ def test_kernels_lower_to_triton_for_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("passes", [2, 1])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_compiled_kernels_match_reference_on_gpu(dtype):
+def test_compiled_kernels_match_reference_on_gpu(dtype, passes):
     args = _args(dtype, seed=4)
     ct = jax.random.normal(jax.random.key(9), (B, L, H * P)).astype(dtype)
     tol = BF16_TOL if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
@@ -182,7 +212,7 @@ def test_compiled_kernels_match_reference_on_gpu(dtype):
     ref, ref_grads = jax.jit(lambda: run(functools.partial(
         fn.bidirectional_gated_norm_xla, ngroups=2)))()
     out, grads = jax.jit(lambda: run(functools.partial(
-        fn.bidirectional_gated_norm_pallas, ngroups=2, block_rows=4)))()
+        fn.bidirectional_gated_norm_pallas, ngroups=2, block_rows=4, passes=passes)))()
     np.testing.assert_allclose(np.float32(out), np.float32(ref), **tol)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.float32(g), np.float32(r), **tol)

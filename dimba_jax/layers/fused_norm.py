@@ -125,51 +125,66 @@ def _rows(t0, q, seqlen, nd):
     return (pl.ds(t0, q), (seqlen - 1 - t0) - i)[:nd]
 
 
-def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo):
+def _tile_loop(count: int, body, init, cached: bool):
+    """body(j, carry) -> carry over a group's column tiles j = 0 .. count-1: a fori_loop, or
+    with `cached` a Python loop (j a Python int indexing the tiles loaded beforehand)."""
+    if not cached:
+        return jax.lax.fori_loop(0, count, body, init)
+    for j in range(count):
+        init = body(j, init)
+    return init
+
+
+def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo, passes=2):
     """ys_ref: (L, nd*D) of batch bi (direction-major); z_ref: (q, W) rows holding the gate at
     columns [zo, zo + D); refs: nd weight refs (D,), then o_ref (q, D) and rstd_ref (nd * G, q)
-    float32. w: columns per tile (divides D / G)."""
+    float32. w: columns per tile (divides D / G). passes: 2 = a group's tiles read from memory
+    twice (sums of squares, then the outputs); 1 = read once and kept (as loaded) for both."""
     f32 = jnp.float32
     w_refs, (o_ref, rstd_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
     per_group = d // ngroups
     hpg = per_group // w  # tiles per group
 
-    def tiles(h):
-        cols = pl.ds(h * w, w)
-        s, _ = _silu_parts(z_ref[:, pl.ds(zo + h * w, w)].astype(f32))
-        return cols, [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) * s
-                      for k, r in enumerate(rows)]
+    def load(h):
+        return (z_ref[:, pl.ds(zo + h * w, w)],
+                [ys_ref[r, pl.ds(k * d + h * w, w)] for k, r in enumerate(rows)])
+
+    def gated(raw):
+        s, _ = _silu_parts(raw[0].astype(f32))
+        return [y.astype(f32) * s for y in raw[1]]
 
     for gi in range(ngroups):
-        def sumsq(j, acc):
-            _, gs = tiles(gi * hpg + j)
-            return tuple(a + jnp.sum(g * g, axis=1) for a, g in zip(acc, gs))
+        cache = [load(gi * hpg + j) for j in range(hpg)] if passes == 1 else None
+        raw = (lambda j, gi=gi: load(gi * hpg + j)) if cache is None else cache.__getitem__
 
-        ss = jax.lax.fori_loop(0, hpg, sumsq, (jnp.zeros((q,), f32),) * nd)
+        def sumsq(j, acc, raw=raw):
+            return tuple(a + jnp.sum(g * g, axis=1) for a, g in zip(acc, gated(raw(j))))
+
+        ss = _tile_loop(hpg, sumsq, (jnp.zeros((q,), f32),) * nd, cache is not None)
         rs = [jax.lax.rsqrt(v / per_group + eps) for v in ss]
         for k, r in enumerate(rs):
             rstd_ref[k * ngroups + gi, :] = r
 
-        def write(j, carry):
-            cols, gs = tiles(gi * hpg + j)
+        def write(j, carry, gi=gi, raw=raw, rs=rs):
+            cols = pl.ds((gi * hpg + j) * w, w)
             outs = [(g * r[:, None] * wr[cols].astype(f32)[None, :]).astype(o_ref.dtype)
-                    for g, r, wr in zip(gs, rs, w_refs)]
+                    for g, r, wr in zip(gated(raw(j)), rs, w_refs)]
             if nd == 2:  # each half rounded to the output dtype, then the mean
                 outs = [((outs[0].astype(f32) + outs[1].astype(f32)) * 0.5).astype(o_ref.dtype)]
             o_ref[:, cols] = outs[0]
             return carry
 
-        jax.lax.fori_loop(0, hpg, write, 0)
+        _tile_loop(hpg, write, 0, cache is not None)
 
 
-def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0):
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, passes=2):
     """ys_ref: (L, nd*D) of batch bi; z_ref: (q, W) rows holding the gate at columns
     [zo, zo + D); refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
     (q, D), then the outputs dys_ref (L, nd*D) of batch bi (rows of each half written as read
     in the forward), dz_ref (q, D), or (q, W') holding dz at columns [dzo, dzo + D) and
     nothing else, and dw_ref (nd, D): this program's partial sums of the weights' gradients.
-    w: columns per tile."""
+    w: columns per tile. passes: as `_fwd_kernel`'s (the row sums m, then the gradients)."""
     f32 = jnp.float32
     w_refs, (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref) = refs[:nd], refs[nd:]
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
@@ -177,31 +192,39 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0):
     hpg = per_group // w
     half = 0.5 if nd == 2 else 1.0  # the mean's factor
 
+    def load(h):
+        return (z_ref[:, pl.ds(zo + h * w, w)],
+                [ys_ref[r, pl.ds(k * d + h * w, w)] for k, r in enumerate(rows)],
+                do_ref[:, pl.ds(h * w, w)])
+
     for gi in range(ngroups):
         rs = [rstd_ref[k * ngroups + gi, :] for k in range(nd)]
+        cache = [load(gi * hpg + j) for j in range(hpg)] if passes == 1 else None
+        raw = (lambda j, gi=gi: load(gi * hpg + j)) if cache is None else cache.__getitem__
 
-        def tiles(h):
-            cols = pl.ds(h * w, w)
-            z = z_ref[:, pl.ds(zo + h * w, w)].astype(f32)
+        def tiles(j, raw=raw, gi=gi, rs=rs):
+            z_raw, y_raw, do_raw = raw(j)
+            cols = pl.ds((gi * hpg + j) * w, w)
+            z = z_raw.astype(f32)
             s, sig = _silu_parts(z)
-            ys = [ys_ref[r, pl.ds(k * d + h * w, w)].astype(f32) for k, r in enumerate(rows)]
+            ys = [y.astype(f32) for y in y_raw]
             ns = [y * s * r[:, None] for y, r in zip(ys, rs)]
-            do = do_ref[:, cols].astype(f32) * half
+            do = do_raw.astype(f32) * half
             dns = [do * wr[cols].astype(f32)[None, :] for wr in w_refs]
             return cols, z, s, sig, ys, ns, do, dns
 
-        def dots(j, acc):
-            cols, _, _, _, _, ns, do, dns = tiles(gi * hpg + j)
+        def dots(j, acc, tiles=tiles):
+            cols, _, _, _, _, ns, do, dns = tiles(j)
             for k, n in enumerate(ns):
                 dw_ref[k, cols] = jnp.sum(do * n, axis=0)
             return tuple(a + jnp.sum(dn * n, axis=1) for a, dn, n in zip(acc, dns, ns))
 
-        cs = jax.lax.fori_loop(0, hpg, dots, (jnp.zeros((q,), f32),) * nd)
+        cs = _tile_loop(hpg, dots, (jnp.zeros((q,), f32),) * nd, cache is not None)
         cs = [c / per_group for c in cs]
 
-        def write(j, carry):
+        def write(j, carry, tiles=tiles, gi=gi, rs=rs, cs=cs):
             h = gi * hpg + j
-            cols, z, s, sig, ys, ns, _, dns = tiles(h)
+            cols, z, s, sig, ys, ns, _, dns = tiles(j)
             dz = 0.0
             for k, r in enumerate(rows):
                 dg = rs[k][:, None] * (dns[k] - ns[k] * cs[k][:, None])
@@ -211,7 +234,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0):
             dz_ref[:, pl.ds(dzo + h * w, w)] = (dz * dsilu).astype(dz_ref.dtype)
             return carry
 
-        jax.lax.fori_loop(0, hpg, write, 0)
+        _tile_loop(hpg, write, 0, cache is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +275,7 @@ def fwd_call(y, z, ws, cfg):
     seq, rows, vec, rstd = _specs(seqlen, d, q, ngroups, nd)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, eps=eps, nd=nd,
-                          w=_width(y, d, ngroups, tiles), zo=zo),
+                          w=_width(y, d, ngroups, tiles), zo=zo, passes=tiles.passes),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, d), jnp.dtype(out_dtype)),
                    jax.ShapeDtypeStruct((bsz, nd * ngroups, seqlen), jnp.float32)),
         grid=(bsz, seqlen // q),
@@ -281,7 +304,8 @@ def bwd_call(y, z, ws, rstd, dout, cfg, dz_wide: bool = False):
     # of one batch element share that output block but never an element of it.
     dy, dz, dw = pl.pallas_call(
         functools.partial(_bwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, nd=nd,
-                          w=_width(y, d, ngroups, tiles), zo=zo, dzo=zo if dz_wide else 0),
+                          w=_width(y, d, ngroups, tiles), zo=zo, dzo=zo if dz_wide else 0,
+                          passes=tiles.passes),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * d), y.dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, dz_width), z.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
@@ -353,6 +377,7 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
                                     num_stages_bwd: int | None = None, block_cols: int = 256,
                                     block_cols_bwd: int | None = None,
                                     min_programs: int = DEFAULT_MIN_PROGRAMS,
+                                    passes: int = 2, passes_bwd: int | None = None,
                                     z_offset: int = 0):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
@@ -373,6 +398,9 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
         (batch 1 in the sampler), the forward takes fewer rows per program and as many times
         wider column tiles (`triton_common.narrower_rows`); 1 = never. The backward keeps its
         tiles.
+      passes, passes_bwd: 2 = each program reads a group's column tiles from memory twice (the
+        row sums, then the outputs); 1 = once, kept in registers for both (fewer bytes read,
+        more registers); backward None = the forward's.
       z_offset: z may be a wider array (the input projection's whole output [z | xBC | dt]):
         the kernels read the gate from its columns [z_offset, z_offset + d_inner), so no slice
         of it is copied; z's gradient is then z's width, zero elsewhere.
@@ -386,7 +414,8 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd, min_programs=min_programs)
+                 block_cols_bwd=block_cols_bwd, min_programs=min_programs, passes=passes,
+                 passes_bwd=passes_bwd)
     return _call(y, z, (w_f, w_b), ngroups, eps, dtype, interpret, tiles, z_offset)
 
 
@@ -395,14 +424,15 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
                       block_rows_bwd: int | None = 16, num_warps_bwd: int | None = None,
                       num_stages: int = 2, num_stages_bwd: int | None = 1, block_cols: int = 128,
                       block_cols_bwd: int | None = 256,
-                      min_programs: int = DEFAULT_MIN_PROGRAMS, z_offset: int = 0):
+                      min_programs: int = DEFAULT_MIN_PROGRAMS, passes: int = 2,
+                      passes_bwd: int | None = None, z_offset: int = 0):
     """The causal mixer's gated norm as the same kernels with one direction (custom VJP):
     gated_rms_norm(y.reshape(batch, L, d_inner).astype(dtype), z, w, ngroups, eps, dtype).
 
     Args:
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
         norm weight; the rest as `bidirectional_gated_norm_pallas` (min_programs likewise;
-        z_offset: the gate's first column of a wider z). The default tiles were the fastest forward
+        passes likewise; z_offset: the gate's first column of a wider z). The default tiles were the fastest forward
         + backward that `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100,
         0.272 ms against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps,
         one stage, natural width; benchmarks/results/fused_bench_ar_h100.md).
@@ -421,5 +451,6 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
     tiles = dict(block_rows=block_rows, num_warps=num_warps, block_rows_bwd=block_rows_bwd,
                  num_warps_bwd=num_warps_bwd, num_stages=num_stages,
                  num_stages_bwd=num_stages_bwd, block_cols=block_cols,
-                 block_cols_bwd=block_cols_bwd, min_programs=min_programs)
+                 block_cols_bwd=block_cols_bwd, min_programs=min_programs, passes=passes,
+                 passes_bwd=passes_bwd)
     return _call(y, z, (w,), ngroups, eps, dtype, interpret, tiles, z_offset)

@@ -90,7 +90,8 @@ class Tiles(NamedTuple):
     spread over the program's threads); kernel: which kernel runs the pass, "triton" (the
     Pallas Triton kernels these tiles shape) or, for the conv prologue, "mosaic" (the Mosaic GPU
     kernels of `mosaic_conv`, which have their own fixed tiles: the forward, or the backward's
-    first kernel).
+    first kernel); passes: how often the norm kernels read a group's column tiles from memory,
+    2 (a reduction pass, then a write pass) or 1 (read once, kept in registers for both).
     """
 
     rows: int
@@ -101,13 +102,14 @@ class Tiles(NamedTuple):
     programs: int = 1
     sums: str = "step"
     kernel: str = "triton"
+    passes: int = 2
 
 
 # The tile keywords of the fused kernels' public functions (each takes a subset).
 TILE_KWARGS = ("block_rows", "num_warps", "block_rows_bwd", "num_warps_bwd", "num_stages",
                "num_stages_bwd", "block_cols", "block_cols_bwd", "step_rows", "step_rows_bwd",
                "min_programs", "min_programs_bwd", "sums_bwd", "forward_kernel",
-               "backward_kernel")
+               "backward_kernel", "passes", "passes_bwd")
 
 
 def default_tiles(fn) -> dict:
@@ -153,13 +155,19 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
                  step_rows_bwd: int | None = None,
                  min_programs: int = DEFAULT_MIN_PROGRAMS, min_programs_bwd: int = 1,
                  sums_bwd: str = "step", forward_kernel: str = "triton",
-                 backward_kernel: str = "triton") -> tuple[Tiles, Tiles]:
+                 backward_kernel: str = "triton", passes: int = 2,
+                 passes_bwd: int | None = None) -> tuple[Tiles, Tiles]:
     """(forward Tiles, backward Tiles) of a fused kernel: rows by `rows_per_program`, steps
     clipped to the rows; a backward value of None = the forward's (for rows and warps also 0);
     min_programs / min_programs_bwd the grid targets (`Tiles.programs`); sums_bwd the
-    backward's `Tiles.sums`; forward_kernel / backward_kernel the passes' `Tiles.kernel`.
+    backward's `Tiles.sums`; forward_kernel / backward_kernel the passes' `Tiles.kernel`;
+    passes / passes_bwd their `Tiles.passes` (backward None = the forward's).
     ValueError for a stage count or grid target below 1, a negative / non-power-of-two column
-    width or step, or an unknown sums_bwd, forward_kernel or backward_kernel."""
+    width or step, passes other than 1 or 2, or an unknown sums_bwd, forward_kernel or
+    backward_kernel."""
+    passes = (int(passes), int(passes if passes_bwd is None else passes_bwd))
+    if any(v not in (1, 2) for v in passes):
+        raise ValueError(f"passes must be 1 or 2, got {passes}")
     for name, value in (("min_programs", min_programs), ("min_programs_bwd", min_programs_bwd)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -181,8 +189,9 @@ def kernel_tiles(seqlen: int, block_rows: int, num_warps: int, block_rows_bwd: i
     warps = (int(num_warps), int(num_warps_bwd or num_warps))
     steps = tuple(min(v, r) if v else 0 for v, r in zip(steps, rows))
     fwd, bwd = (Tiles(*t) for t in zip(rows, warps, stages, cols, steps))
-    return (fwd._replace(programs=int(min_programs), kernel=forward_kernel),
-            bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd, kernel=backward_kernel))
+    return (fwd._replace(programs=int(min_programs), kernel=forward_kernel, passes=passes[0]),
+            bwd._replace(programs=int(min_programs_bwd), sums=sums_bwd, kernel=backward_kernel,
+                         passes=passes[1]))
 
 
 def tile_width(total: int, natural: int, cols: int) -> int:
