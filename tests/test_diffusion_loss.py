@@ -15,7 +15,7 @@ import dimba_jax.models.dimba as dimba_module
 from dimba_jax.config import default_config
 from dimba_jax.diffusion.losses import (denoise_terms, diffusion_loss, host_self_cond_coin, masked_accuracy,
                                         masked_cross_entropy, masked_mse)
-from dimba_jax.diffusion.schedule import cosine_schedule
+from dimba_jax.diffusion.schedule import add_noise_logsnr, cosine_schedule
 from dimba_jax.tasks.dimba import DimbaTask
 from dimba_jax.models.dimba import DimbaModel
 
@@ -152,6 +152,41 @@ def test_self_conditioning_pass():
         np.testing.assert_allclose(np.asarray(static), np.asarray(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="batch, seq_len"):
         diffusion_loss(model, sch, tokens[0], jax.random.key(0), cfg.diffusion)
+
+
+def test_self_conditioning_pass_takes_no_tangent_and_keeps_the_gradients():
+    """The self-conditioning pass runs with its parameters and inputs under stop_gradient: the
+    gradients equal those of a loss that stops the gradient at the pass's output alone, and in
+    the gradient's program the pass's custom-VJP GEMMs (the bf16 head) run as primal calls, not
+    as forward rules keeping residuals."""
+    cfg = tiny_config()
+    with cfg.unlocked():
+        cfg.model.update(n_layers=1, head_dtype="bfloat16")
+    sch = cosine_schedule(cfg.diffusion.timesteps)
+    graphdef, params = nnx.split(DimbaModel(cfg.model, V, rngs=nnx.Rngs(2)))
+    tokens = _batch()
+    lam = jnp.full((BATCH,), float(sch.logsnr_table()[30]), jnp.float32)
+    mask = jnp.zeros(tokens.shape, bool)
+    noise = jax.random.normal(jax.random.key(3), (BATCH, SEQ, 32))
+    drop = jnp.zeros((BATCH,), bool)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        return denoise_terms(model, tokens, lam, mask, drop, noise, True, 1.0, 1.0)["loss"]
+
+    def loss_output_stopped(params):
+        model = nnx.merge(graphdef, params)
+        x_t = add_noise_logsnr(model.embed(tokens), lam, noise)
+        sc = jax.lax.stop_gradient(model(x_t, lam, tokens, mask, drop_prompt=drop))
+        x0_hat, logits = model.predict(x_t, lam, tokens, mask, self_cond=sc, drop_prompt=drop)
+        mse = masked_mse(x0_hat, model.embed(tokens), ~mask)
+        return mse + masked_cross_entropy(logits, tokens, ~mask)
+
+    got, want = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(loss_output_stopped))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+    primal = lambda f: str(jax.make_jaxpr(jax.grad(f))(params)).count("custom_vjp_call")  # noqa: E731
+    assert primal(loss) > primal(loss_output_stopped)
 
 
 def test_task_loss_eval_and_flops():

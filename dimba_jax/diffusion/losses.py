@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dimba_jax.diffusion import wavefront
 from dimba_jax.diffusion.layout import sample_layout
@@ -69,6 +70,24 @@ def embedding_stats(table: jax.Array) -> dict[str, jax.Array]:
     return {"embed_norm": jnp.mean(norms), "embed_mean_dir": jnp.linalg.norm(jnp.mean(unit, 0))}
 
 
+def _no_tangent(tree):
+    """`tree` with every floating-point leaf under stop_gradient (keys and integers as they are)."""
+    return jax.tree.map(lambda a: jax.lax.stop_gradient(a)
+                        if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact) else a, tree)
+
+
+def self_cond_estimate(model, x_t: jax.Array, logsnr: jax.Array, tokens: jax.Array,
+                       cond_mask: jax.Array, drop_prompt: jax.Array) -> jax.Array:
+    """The self-conditioning pass: x0_hat float32 (b, L, e) of `model` without self-conditioning,
+    carrying no gradient. Its parameters and inputs enter under stop_gradient (not only its
+    output), so under jax.grad no tangent reaches it: its custom-VJP kernels run their primal
+    (inference) programs and keep no residuals for a backward that never comes."""
+    graphdef, state = nnx.split(model)
+    frozen = nnx.merge(graphdef, _no_tangent(state))
+    return frozen(*_no_tangent((x_t, logsnr)), tokens, cond_mask, self_cond=None,
+                  drop_prompt=drop_prompt)
+
+
 def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Array,
                   drop_prompt: jax.Array, noise: jax.Array, use_self_cond: jax.Array | bool,
                   mse_weight: float, ce_weight: float) -> dict[str, jax.Array]:
@@ -86,8 +105,7 @@ def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Ar
     self_cond = None
     if model.self_condition:
         def first_pass():
-            return jax.lax.stop_gradient(model(x_t, logsnr, tokens, cond_mask, self_cond=None,
-                                               drop_prompt=drop_prompt))
+            return self_cond_estimate(model, x_t, logsnr, tokens, cond_mask, drop_prompt)
         if isinstance(use_self_cond, bool):
             self_cond = first_pass() if use_self_cond else jnp.zeros_like(x0)
         else:
