@@ -502,6 +502,9 @@ def main(argv=None):
                         "and one (`mosaic_kernel_rows`)")
     p.add_argument("--norm-passes", action="store_true",
                    help="also time the norm kernels in one pass beside two (`norm_passes_rows`)")
+    p.add_argument("--no-sweeps", action="store_true",
+                   help="skip the tile sweeps (and --batch1 / --batch1-loop's): only the rows "
+                        "--mosaic-kernels and --norm-passes ask for")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=400.0)
@@ -519,17 +522,17 @@ def main(argv=None):
     run = Runner(a, dims)
     kernels = a.kernels.split(",")
     bwd_sums = [tuple(int(v) for v in t.split(":")) for t in a.bwd_sums.split(",") if t]
-    for kernel in kernels if a.batch else ():
+    for kernel in kernels if a.batch and not a.no_sweeps else ():
         sweep(run, kernel, dims, a.batch, rows, warps, backward=True, stages=stages, cols=cols,
               bwd_sums=bwd_sums)
-    if a.batch1:
+    if a.batch1 and not a.no_sweeps:
         for kernel in kernels:
             sweep(run, kernel, dims, 1, rows, warps, backward=False, stages=stages, cols=cols)
     if "conv" in kernels and a.batch and a.mosaic_kernels:
         mosaic_kernel_rows(run, dims, a.batch, a.batch1_loop)
     if "norm" in kernels and a.batch and a.norm_passes:
         norm_passes_rows(run, dims, a.batch, a.batch1_loop, rows, warps)
-    if a.batch1_loop:
+    if a.batch1_loop and not a.no_sweeps:
         programs = [int(v) for v in a.programs.split(",")]
         for kernel in kernels:
             sweep_loop(run, kernel, dims, rows, warps, programs, a.batch1_loop)

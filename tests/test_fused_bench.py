@@ -200,3 +200,14 @@ def test_norm_passes_rows_time_one_pass_beside_two(tmp_path):
     assert all(r["max_rel_err_vs_xla"] < 2e-2 for r in rows if "max_rel_err_vs_xla" in r)
     with open(tmp_path / "fb.md") as f:
         assert f.read().count("1-pass") >= 4
+
+
+def test_no_sweeps_times_only_the_rows_asked_for(tmp_path):
+    """--no-sweeps --norm-passes: no sweep rows, only norm_passes_rows' (batch 1 here)."""
+    result = fused_bench.main(["--config", "configs/tiny.py", "--batch", "1", "--seq-len", "8",
+                               "--kernels", "norm", "--norm-passes", "--no-sweeps",
+                               "--rows", "4", "--warps", "1", "--runs", "1", "--inner", "1",
+                               "--out", str(tmp_path / "fb")])
+    impls = {r["impl"] for r in result["rows"]}
+    assert impls == {"pallas (defaults, 2 passes)", "pallas (defaults, 1 passes)", "pallas"}
+    assert len(result["rows"]) == 6 and all("ms" in r for r in result["rows"])
