@@ -57,6 +57,25 @@ def weight_decay_mask(params: Any, logical_axes: Any, decay_embeddings: bool = F
     return jax.tree.unflatten(treedef, [decide(p, x, a) for (p, x), a in zip(flat, axes_leaves)])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm's rule (each update t -> t where the global norm is below
+    max_norm, else t / norm * max_norm; state optax.EmptyState, so checkpoints of either load
+    into the other) with the norm taken by `leaf_square_sums`, whose grouped reductions XLA
+    then computes once for this and for `apply_update`'s gradient norm."""
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(sum(jax.tree.leaves(leaf_square_sums(updates)), jnp.float32(0.0)))
+        keep = norm < max_norm
+        return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(train_config, params: Any, logical_axes: Any) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, weight_decay, mask).
 
@@ -69,7 +88,7 @@ def make_optimizer(train_config, params: Any, logical_axes: Any) -> optax.Gradie
     mask = weight_decay_mask(params, logical_axes, bool(t.decay_embeddings))
     parts = []
     if float(t.grad_clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(t.grad_clip)))
+        parts.append(clip_by_global_norm(float(t.grad_clip)))
     parts.append(optax.adamw(learning_rate_schedule(t), b1=float(t.b1), b2=float(t.b2),
                              eps=1e-8, weight_decay=float(t.weight_decay), mask=mask))
     return optax.chain(*parts)
@@ -92,9 +111,30 @@ def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
                         ema, params)
 
 
+GROUP_MAX_ELEMENTS = 1 << 16  # leaves at most this big share one reduction per shape and dtype
+
+
 def leaf_square_sums(tree: Any) -> Any:
-    """The sum of squares of each leaf, in float32: a pytree like `tree` of float32 scalars."""
-    return jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))), tree)
+    """The sum of squares of each leaf, in float32: a pytree like `tree` of float32 scalars.
+
+    Leaves of at most GROUP_MAX_ELEMENTS elements with the same shape and dtype (a model's
+    per-layer biases, norm weights, SSM constants: hundreds of small arrays) are stacked and
+    reduced by one reduction per group, not one per leaf; larger leaves are reduced alone.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sums: list = [None] * len(leaves)
+    groups: dict = {}
+    for i, x in enumerate(leaves):
+        if x.size > GROUP_MAX_ELEMENTS:
+            sums[i] = jnp.sum(jnp.square(x.astype(jnp.float32)))
+        else:
+            groups.setdefault((tuple(x.shape), jnp.dtype(x.dtype).name), []).append(i)
+    for members in groups.values():
+        stacked = jnp.stack([leaves[i] for i in members]).astype(jnp.float32)
+        per_leaf = jnp.sum(jnp.square(stacked), axis=tuple(range(1, stacked.ndim)))
+        for j, i in enumerate(members):
+            sums[i] = per_leaf[j]
+    return jax.tree.unflatten(treedef, sums)
 
 
 def global_norm(tree: Any) -> jax.Array:
