@@ -316,15 +316,18 @@ def test_head_einsum_bfloat16_forward_and_gradients(spec):
         assert 0.0 < err < 2e-2, err
 
 
-def test_head_dtype_bfloat16_keeps_float32_outputs_close_to_float32():
-    """model.head_dtype "bfloat16": x0_hat and logits are float32, within bf16 rounding of the
-    float32 head's (same weights, output prior and posterior input on) and not identical."""
+@pytest.mark.parametrize("knob", ["head_dtype", "io_dtype"])
+def test_bfloat16_gemms_keep_float32_outputs_close_to_float32(knob):
+    """model.head_dtype (the head, the output prior, softmax @ E) or model.io_dtype (the stem
+    and out_proj) "bfloat16": x0_hat and logits are float32, within bf16 rounding of the
+    float32 GEMMs' (same weights, output prior, posterior input and self-conditioning on) and
+    not identical."""
     x_t, lam, tokens = inputs(2)
     mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
     out = {}
     for dt in ("float32", "bfloat16"):
-        model = DimbaModel(model_cfg(head_dtype=dt, posterior_input=True), V, rngs=nnx.Rngs(0))
-        out[dt] = predict(model, x_t, lam, tokens, mask)
+        cfg = model_cfg(**{knob: dt}, posterior_input=True, self_condition=True)
+        out[dt] = predict(DimbaModel(cfg, V, rngs=nnx.Rngs(0)), x_t, lam, tokens, mask)
     for ref, low in zip(out["float32"], out["bfloat16"]):
         assert low.dtype == jnp.float32 and low.shape == ref.shape
         assert not np.array_equal(np.asarray(low), np.asarray(ref))
@@ -369,27 +372,19 @@ def test_unknown_gemm_dtype_is_a_one_line_error(knob):
     assert "\n" not in str(err.value)
 
 
-def test_io_dtype_bfloat16_is_close_to_float32_and_pre_cast_parameters_give_the_same_bits():
-    """model.io_dtype "bfloat16" (the stem and out_proj in bf16, float32 sums): x0_hat and logits
-    float32, within bf16 rounding of the float32 projections' (same weights) and not identical;
-    the samplers' pre-cast (`cast_linears_to_compute_dtype`: in_proj and out_proj stored in
-    bf16) gives the same bits."""
+def test_io_dtype_bfloat16_parameters_pre_cast_by_the_samplers_give_the_same_bits():
+    """model.io_dtype "bfloat16": the samplers' pre-cast (`cast_linears_to_compute_dtype`:
+    in_proj's and out_proj's kernel and bias stored in bf16) leaves x0_hat and logits bit for
+    bit."""
     from dimba_jax.layers.precision import cast_linears_to_compute_dtype
 
     x_t, lam, tokens = inputs(3)
     mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
-    out = {}
-    for dt in ("float32", "bfloat16"):
-        model = DimbaModel(model_cfg(io_dtype=dt, self_condition=True), V, rngs=nnx.Rngs(0))
-        out[dt] = predict(model, x_t, lam, tokens, mask)
-    for ref, low in zip(out["float32"], out["bfloat16"]):
-        assert low.dtype == jnp.float32 and low.shape == ref.shape
-        assert not np.array_equal(np.asarray(low), np.asarray(ref))
-        err = float(jnp.max(jnp.abs(low - ref)) / jnp.max(jnp.abs(ref)))
-        assert err < 2e-2, err
-    assert cast_linears_to_compute_dtype(model) >= 4  # in_proj's and out_proj's kernel and bias
+    model = DimbaModel(model_cfg(io_dtype="bfloat16", self_condition=True), V, rngs=nnx.Rngs(0))
+    before = predict(model, x_t, lam, tokens, mask)
+    assert cast_linears_to_compute_dtype(model) >= 4
     assert model.in_proj.kernel[...].dtype == jnp.bfloat16 == model.out_proj.bias[...].dtype
-    for a, b in zip(out["bfloat16"], predict(model, x_t, lam, tokens, mask)):
+    for a, b in zip(before, predict(model, x_t, lam, tokens, mask)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
