@@ -156,9 +156,9 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo, pas
 
     for gi in range(ngroups):
         cache = [load(gi * hpg + j) for j in range(hpg)] if passes == 1 else None
-        raw = (lambda j, gi=gi: load(gi * hpg + j)) if cache is None else cache.__getitem__
+        raw = (lambda j: load(gi * hpg + j)) if cache is None else cache.__getitem__
 
-        def sumsq(j, acc, raw=raw):
+        def sumsq(j, acc):
             return tuple(a + jnp.sum(g * g, axis=1) for a, g in zip(acc, gated(raw(j))))
 
         ss = _tile_loop(hpg, sumsq, (jnp.zeros((q,), f32),) * nd, cache is not None)
@@ -166,7 +166,7 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo, pas
         for k, r in enumerate(rs):
             rstd_ref[k * ngroups + gi, :] = r
 
-        def write(j, carry, gi=gi, raw=raw, rs=rs):
+        def write(j, carry):
             cols = pl.ds((gi * hpg + j) * w, w)
             outs = [(g * r[:, None] * wr[cols].astype(f32)[None, :]).astype(o_ref.dtype)
                     for g, r, wr in zip(gated(raw(j)), rs, w_refs)]
@@ -200,9 +200,9 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
     for gi in range(ngroups):
         rs = [rstd_ref[k * ngroups + gi, :] for k in range(nd)]
         cache = [load(gi * hpg + j) for j in range(hpg)] if passes == 1 else None
-        raw = (lambda j, gi=gi: load(gi * hpg + j)) if cache is None else cache.__getitem__
+        raw = (lambda j: load(gi * hpg + j)) if cache is None else cache.__getitem__
 
-        def tiles(j, raw=raw, gi=gi, rs=rs):
+        def tiles(j):
             z_raw, y_raw, do_raw = raw(j)
             cols = pl.ds((gi * hpg + j) * w, w)
             z = z_raw.astype(f32)
@@ -213,7 +213,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
             dns = [do * wr[cols].astype(f32)[None, :] for wr in w_refs]
             return cols, z, s, sig, ys, ns, do, dns
 
-        def dots(j, acc, tiles=tiles):
+        def dots(j, acc):
             cols, _, _, _, _, ns, do, dns = tiles(j)
             for k, n in enumerate(ns):
                 dw_ref[k, cols] = jnp.sum(do * n, axis=0)
@@ -222,7 +222,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
         cs = _tile_loop(hpg, dots, (jnp.zeros((q,), f32),) * nd, cache is not None)
         cs = [c / per_group for c in cs]
 
-        def write(j, carry, tiles=tiles, gi=gi, rs=rs, cs=cs):
+        def write(j, carry):
             h = gi * hpg + j
             cols, z, s, sig, ys, ns, _, dns = tiles(j)
             dz = 0.0
