@@ -60,15 +60,15 @@ def weight_decay_mask(params: Any, logical_axes: Any, decay_embeddings: bool = F
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm's rule (each update t -> t where the global norm is below
     max_norm, else t / norm * max_norm; state optax.EmptyState, so checkpoints of either load
-    into the other) with the norm taken by `leaf_square_sums`, whose grouped reductions XLA
-    then computes once for this and for `apply_update`'s gradient norm."""
+    into the other) with the norm taken by `global_norm` (`leaf_square_sums`), whose grouped
+    reductions XLA then computes once for this and for `apply_update`'s gradient norm."""
     def init_fn(params):
         del params
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
         del params
-        norm = jnp.sqrt(sum(jax.tree.leaves(leaf_square_sums(updates)), jnp.float32(0.0)))
+        norm = global_norm(updates)
         keep = norm < max_norm
         return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm),
                             updates), state
