@@ -382,8 +382,7 @@ def run_worker(args) -> None:
                 tokens = jnp.zeros((1, L), jnp.int32)
                 known = jnp.zeros((1, L), bool)
                 static = dict(sampler="ddim", guidance=1.0, clamp=clamp,
-                              self_condition=bool(model.self_condition), temperature=0.0, unroll=unroll,
-                              noise=False)  # DDIM at eta 0 draws no step noise (as make_sample_fn)
+                              self_condition=bool(model.self_condition), temperature=0.0, unroll=unroll)
                 ones = jnp.ones((steps,), jnp.float32)  # score temperature and prior weight 1 at every step
                 args_ = (graphdef, state, tokens, known, jax.random.PRNGKey(0), ts, ab_t, ab_prev,
                          jnp.float32(0.0), ones, ones)

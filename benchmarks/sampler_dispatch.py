@@ -62,7 +62,7 @@ def callers(cfg, steps: int, length: int) -> dict:
     static = dict(sampler="ddim", guidance=1.0, clamp=False,
                   self_condition=bool(model.self_condition), temperature=0.0, unroll=1,
                   reweight=False, wavefront=0.0, wavefront_order="left_to_right", score_min_p=0.0,
-                  draw_x0=False, noise=False)
+                  draw_x0=False)
     bound, params = sampling.bound_program(graphdef, state, gemm, pack_max=-1, **static)
     unbound = sampling.sample_program(gemm)
     rest = (tokens, known, rng, ts, ab_t, ab_prev, eta, ones, ones)

@@ -425,33 +425,3 @@ def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
     np.testing.assert_array_equal(np.asarray(u_ids), np.asarray(want_ids))
     np.testing.assert_array_equal(np.asarray(u_x0), np.asarray(want_x0))
     assert not np.array_equal(np.asarray(again_x0), np.asarray(x0))  # seed 5 differs
-
-
-def test_ddim_at_eta_zero_draws_no_step_noise_and_keeps_its_samples(setup):
-    """make_sample_fn at DDIM eta 0 compiles the loop without each step's Gaussian draw
-    (`noise` False: its std is 0) and gives the same bits as the program that draws it; at
-    eta > 0 the draw stays."""
-    model, sch, tokens, mask = setup
-    graphdef, state = nnx.split(model)
-    ts, ab_t, ab_prev = sampling.noise_grid(model, sch, 3, "uniform")
-    ones = jnp.ones((3,), jnp.float32)
-    static = dict(sampler="ddim", guidance=1.0, clamp=False, self_condition=True,
-                  temperature=0.0, unroll=1, reweight=False, wavefront=0.0,
-                  wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False)
-    args = (tokens, mask, jax.random.key(4), ts, ab_t, ab_prev, jnp.float32(0.0), ones, ones)
-
-    def draws_in_loop(noise):
-        jaxpr = jax.make_jaxpr(lambda st, *a: sampling._sample_program(
-            graphdef, st, *a, noise=noise, **static))(state, *args)
-        body = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan").params["jaxpr"]
-        return str(body).count("random_bits")
-
-    assert draws_in_loop(True) > draws_in_loop(False)
-    fn = sampling.make_sample_fn(model, sch, steps=3, eta=0.0, clamp=False, self_condition=True)
-    got = fn(tokens, mask, jax.random.key(4))
-    want = sampling.sample_program("auto")(graphdef, state, *args, noise=True, **static)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    noisy = sampling.make_sample_fn(model, sch, steps=3, eta=0.5, clamp=False, self_condition=True)
-    assert not np.array_equal(np.asarray(noisy(tokens, mask, jax.random.key(4))[1]),
-                              np.asarray(got[1]))
