@@ -371,13 +371,13 @@ def kernel_config(y, nd: int, *, ngroups: int, eps: float, dtype, interpret: boo
 
 def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: float = 1e-5,
                                     dtype=None, interpret: bool = False,
-                                    block_rows: int = DEFAULT_BLOCK_ROWS, num_warps: int = 4,
-                                    block_rows_bwd: int | None = None,
+                                    block_rows: int = 2, num_warps: int = 4,
+                                    block_rows_bwd: int | None = DEFAULT_BLOCK_ROWS,
                                     num_warps_bwd: int | None = 8, num_stages: int = 2,
                                     num_stages_bwd: int | None = None, block_cols: int = 256,
                                     block_cols_bwd: int | None = None,
                                     min_programs: int = DEFAULT_MIN_PROGRAMS,
-                                    passes: int = 2, passes_bwd: int | None = None,
+                                    passes: int = 1, passes_bwd: int | None = 2,
                                     z_offset: int = 0):
     """The fused epilogue (Pallas kernels, custom VJP); same math and arguments as
     `bidirectional_gated_norm_xla`.
@@ -391,16 +391,20 @@ def bidirectional_gated_norm_pallas(y, z, w_f, w_b, *, ngroups: int = 1, eps: fl
         (backward None = the forward's); 1 = no software pipelining.
       block_cols, block_cols_bwd: columns per tile (0 = headdim; else a power of two, narrowed
         to divide d_inner / ngroups; backward None = the forward's).
-        The default tiles were the fastest forward + backward that `benchmarks.fused_bench`
+        The backward's tiles were the fastest forward + backward that `benchmarks.fused_bench`
         found at configs/base.py's mixer on an H100, 0.377 ms against 0.424 ms at one stage
-        and the natural width (benchmarks/results/fused_bench3_h100.md).
+        and the natural width (benchmarks/results/fused_bench3_h100.md); the forward's (2 rows,
+        one pass) its fastest at batch 16 in one later call, 0.104 ms against 0.143 ms at the
+        former 16 rows and two passes, and the batch-1 loop (narrowed to one row either way)
+        0.0147 ms in both (benchmarks/results/fused_bench_passes_h100.md).
       min_programs: the forward's grid target: where batch x row blocks falls short of it
         (batch 1 in the sampler), the forward takes fewer rows per program and as many times
         wider column tiles (`triton_common.narrower_rows`); 1 = never. The backward keeps its
         tiles.
       passes, passes_bwd: 2 = each program reads a group's column tiles from memory twice (the
         row sums, then the outputs); 1 = once, kept in registers for both (fewer bytes read,
-        more registers); backward None = the forward's.
+        more registers: at the former 16 rows it measured 2.4x slower); backward None = the
+        forward's.
       z_offset: z may be a wider array (the input projection's whole output [z | xBC | dt]):
         the kernels read the gate from its columns [z_offset, z_offset + d_inner), so no slice
         of it is copied; z's gradient is then z's width, zero elsewhere.
