@@ -11,6 +11,9 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   cb_min1     --xla_gpu_graph_min_graph_size=1 (default command-buffer types; small regions too)
   pallas      ssd_impl "pallas" (the Triton-backend SSD kernel, forward only when sampling)
   pallas_cb   pallas + cb_while
+  generator   DIMBA T=64 as the program alone beside the harness's whole call
+              (`DimbaGenerator.generate`: the host arrays, the key and the output slice too;
+              what benchmarks/vs_mamba_ssm.py times), in one process
   extras      what two sampling settings cost: DIMBA without clamping ("noclamp": no vocabulary
               softmax per step; changes the samples) and AR with top_p = 1 (no nucleus sort per
               token; changes the samples)
@@ -44,8 +47,8 @@ before jax starts, and an unknown flag aborts the process, which then only loses
 
 Every variant times DIMBA DDIM T=64 and T=16 at L_gen tokens and the AR baseline generating
 L_gen tokens (batch 1, unprompted, median of --repeats calls, compile excluded, synchronised
-with block_until_ready; the calls are the pre-split jitted programs the harness uses:
-`sampler.bound_program(graphdef, state, config.sample.gemm, ...)` as `make_sample_fn` runs it,
+with block_until_ready; the calls are the pre-split jitted programs the harness uses, with the config's sample
+settings (guidance 1: unprompted): `sampler.sampler_parts`' bound program as `make_sample_fn` runs it,
 `ar.generate_bound`; variant "unbound" times DIMBA through `sampler.sample_program`, the graph a
 static argument hashed at every call, as before the bound program). Weights are random (timing does not depend on
 them) and the same in every variant (fixed seeds), so `same_ids_as_base` says whether a variant
@@ -132,6 +135,7 @@ VARIANTS: dict[str, dict] = {
     "head_f32": {"overrides": [["model.head_dtype", "float32"]]},
     "tgemm_off": {"xla_flags": "--xla_gpu_enable_triton_gemm=false"},
     "unbound": {"dispatch": "unbound", "cases": ["dimba_T{hi}", "dimba_T{lo}"]},
+    "generator": {"cases": ["dimba_T{hi}", "dimba_T{hi}_generator"]},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -361,8 +365,8 @@ def run_worker(args) -> None:
 
     def dimba():
         if "dimba" not in models:
-            model, _, _ = loading.fresh_model(dimba_cfg, seed=0)
-            models["dimba"] = (model, nnx.split(model), schedule_from_config(dimba_cfg.diffusion))
+            model, _, tok = loading.fresh_model(dimba_cfg, seed=0)
+            models["dimba"] = (model, nnx.split(model), schedule_from_config(dimba_cfg.diffusion), tok)
         return models["dimba"]
 
     def armodel():
@@ -377,34 +381,38 @@ def run_worker(args) -> None:
             if case.startswith("dimba_T"):
                 steps = int(case.split("_")[1][1:])
                 clamp = bool(dimba_cfg.sample.clamp) and not case.endswith("noclamp")
-                model, (graphdef, state), schedule = dimba()
-                ts, ab_t, ab_prev = sampling.noise_grid(model, schedule, steps, str(dimba_cfg.sample.grid))
-                tokens = jnp.zeros((1, L), jnp.int32)
-                known = jnp.zeros((1, L), bool)
-                static = dict(sampler="ddim", guidance=1.0, clamp=clamp,
-                              self_condition=bool(model.self_condition), temperature=0.0, unroll=unroll)
-                ones = jnp.ones((steps,), jnp.float32)  # score temperature and prior weight 1 at every step
-                args_ = (graphdef, state, tokens, known, jax.random.PRNGKey(0), ts, ab_t, ab_prev,
-                         jnp.float32(0.0), ones, ones)
+                model, (graphdef, state), schedule, tok = dimba()
+                # the config's sampler, unprompted (guidance 1), as the harness's DimbaGenerator
+                opts = dict(sampling.sampler_options(dimba_cfg.sample), steps=steps, sampler="ddim",
+                            guidance=1.0, clamp=clamp, unroll=unroll)
+                parts = sampling.sampler_parts(model, schedule, **opts)
+                args_ = (jnp.zeros((1, L), jnp.int32), jnp.zeros((1, L), bool),
+                         jax.random.PRNGKey(0)) + parts.consts
+                if case.endswith("_generator"):  # the harness's whole call (host arrays, key, slice)
+                    from dimba_jax.evaluate.generators import DimbaGenerator
+                    from dimba_jax.evaluate.harness import RunSpec
 
-                gemm = str(dimba_cfg.sample.gemm)
-                if settings.get("dispatch") == "unbound":  # the graph a static argument of each call
-                    program = sampling.sample_program(gemm)
+                    gen, spec = DimbaGenerator(model, dimba_cfg, tok), RunSpec("dimba", "ddim", steps, L, False)
 
                     def call():
-                        return program(*args_, **static)[0]
+                        return gen.generate(spec, None, 1, 0)
 
-                    lowered = program.lower(*args_, **static)
+                    lowered = parts.run.lower(parts.params, *args_)
+                elif settings.get("dispatch") == "unbound":  # the graph a static argument of each call
+                    program = sampling.sample_program(opts["gemm"])
+
+                    def call():
+                        return program(graphdef, state, *args_, **parts.static)[0]
+
+                    lowered = program.lower(graphdef, state, *args_, **parts.static)
                 else:  # what make_sample_fn runs
-                    program, params = sampling.bound_program(graphdef, state, gemm, **static)
-                    bound_args = (params,) + args_[2:]
-
                     def call():
-                        return program(*bound_args)[0]
+                        return parts.run(parts.params, *args_)[0]
 
-                    lowered = program.lower(*bound_args)
+                    lowered = parts.run.lower(parts.params, *args_)
                 info = {"model": "dimba", "steps": steps, "clamp": clamp,
-                        "self_condition": bool(model.self_condition)}
+                        "self_condition": bool(model.self_condition),
+                        "sampler_options": {k: v for k, v in opts.items()}}
             else:
                 model, (graphdef, state), tok = armodel()
                 top_p = 1.0 if case == "ar_topp1" else float(ar_cfg.ar.top_p)

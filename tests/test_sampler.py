@@ -321,7 +321,7 @@ def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_ha
     assert opts["gemm"] == "auto" and opts["unroll"] == 1
     # every option is a keyword of the sampler's builder
     import inspect
-    assert set(opts) <= set(inspect.signature(sampling.make_sample_fn).parameters)
+    assert set(opts) <= set(inspect.signature(sampling.sampler_parts).parameters)
     task = DimbaTask.__new__(DimbaTask)
     task.config = c
     kw = task._sampler_kwargs(steps=3, clamp=False)

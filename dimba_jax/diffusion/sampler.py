@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,23 +242,48 @@ def sample(model, schedule: CosineSchedule, tokens_known: jax.Array, cond_mask: 
     return (ids, x0) if return_x0 else ids
 
 
-def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
-                   guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
-                   temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
-                   score_temperature: float = 1.0, wavefront: float = 0.0,
-                   score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
-                   prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
-                   draw_x0: bool = False, gemm: str = "auto"):
+class SamplerParts(NamedTuple):
+    """A validated sampler, split once: `run(params, tokens, known, rng, *consts)` is the bound
+    sampling program (`bound_program`); consts = (ts, ab_t, ab_prev, eta, taus, pws), its
+    per-setting arrays; static its static settings, so that
+    `sample_program(gemm)(graphdef, state, tokens, known, rng, *consts, **static)` is the same
+    program unbound."""
+    run: Callable
+    params: Any
+    consts: tuple
+    static: dict
+
+
+def make_sample_fn(model, schedule: CosineSchedule, **options):
     """A low-overhead sampler for repeated calls (latency benchmarks, serving).
 
+    options: `sampler_parts`' keywords. Validates the settings and splits the model once;
+    returns `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L),
+    x0 float32 (b, L, e))`, the same computation as `sample` (same results for the same
+    arguments). The model's weights are captured at this call: build a new function after
+    updating them.
+    """
+    parts = sampler_parts(model, schedule, **options)
+
+    def fn(tokens_known, cond_mask, rng):
+        return parts.run(parts.params, tokens_known, cond_mask, rng, *parts.consts)
+    return fn
+
+
+def sampler_parts(model, schedule: CosineSchedule, *, steps: int, sampler: str = "ddim", eta: float = 0.0,
+                  guidance: float = 1.0, clamp: bool = True, self_condition: bool | None = None,
+                  temperature: float = 0.0, unroll: int = 1, grid: str = "uniform",
+                  score_temperature: float = 1.0, wavefront: float = 0.0,
+                  score_temperature_final: float = 0.0, wavefront_order: str = "left_to_right",
+                  prior_weight: float = 1.0, prior_weight_final: float = -1.0, score_min_p: float = 0.0,
+                  draw_x0: bool = False, gemm: str = "auto") -> SamplerParts:
+    """The program `make_sample_fn` calls, with its arguments (`SamplerParts`), for callers
+    that lower or time it themselves (benchmarks/latency_levers.py).
+
     `unroll` (>= 1) is the `lax.scan` unroll factor of the step loop: the same computation and
-    results, fewer loop iterations (a latency lever measured by benchmarks/latency_levers.py).
-    `gemm` picks the compiled program's GEMMs (`program_options`, `sample_program`); the other
-    arguments are `sample`'s.
-    Validates the settings and splits the model once; returns
-    `fn(tokens_known int32 (b, L), cond_mask bool (b, L), rng) -> (ids int32 (b, L), x0 float32 (b, L, e))`,
-    the same computation as `sample` (same results for the same arguments). The model's weights are
-    captured at this call: build a new function after updating them.
+    results, fewer loop iterations. `gemm` picks the compiled program's GEMMs
+    (`program_options`, `sample_program`); the other arguments are `sample`'s.
+    Raises ValueError for an unknown sampler or gemm and for settings out of range.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -298,11 +324,8 @@ def make_sample_fn(model, schedule: CosineSchedule, *, steps: int, sampler: str 
                   wavefront_order=str(wavefront_order), score_min_p=float(score_min_p),
                   draw_x0=bool(draw_x0))
     run, params = bound_program(graphdef, state, gemm, **static)
-    taus, pws, eta = jnp.asarray(taus), jnp.asarray(pws), jnp.float32(eta)
-
-    def fn(tokens_known, cond_mask, rng):
-        return run(params, tokens_known, cond_mask, rng, ts, ab_t, ab_prev, eta, taus, pws)
-    return fn
+    consts = (ts, ab_t, ab_prev, jnp.float32(eta), jnp.asarray(taus), jnp.asarray(pws))
+    return SamplerParts(run, params, consts, static)
 
 
 def _guided(a):
