@@ -412,7 +412,7 @@ def run_worker(args) -> None:
                     lowered = parts.run.lower(parts.params, *args_)
                 info = {"model": "dimba", "steps": steps, "clamp": clamp,
                         "self_condition": bool(model.self_condition),
-                        "sampler_options": {k: v for k, v in opts.items()}}
+                        "sampler_options": dict(opts)}
             else:
                 model, (graphdef, state), tok = armodel()
                 top_p = 1.0 if case == "ar_topp1" else float(ar_cfg.ar.top_p)
