@@ -56,6 +56,7 @@ timeout).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import itertools
 import json
@@ -329,8 +330,13 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
         opts = step_lib.step_options(task, next(counter)) if options is None else options
         return train_step(st, rest, batch, opts)
 
+    # every variant lowered in turn, then compiled concurrently (XLA compiles without the GIL;
+    # one of configs/base.py's two took 61.9 s on one H100, vs_mamba_ssm_record6_h100.json);
+    # the jitted step's calls reuse these programs. compile_s covers all of it.
     t_compile = time.perf_counter()
-    compiled = train_step.lower(state, rest, batch, option_sets[-1]).compile()
+    lowered = [train_step.lower(state, rest, batch, options) for options in option_sets]
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+        compiled = list(pool.map(lambda low: low.compile(), lowered))[-1]
     compile_s = time.perf_counter() - t_compile
     xla_flops, memory = compiled_costs(compiled)
 
