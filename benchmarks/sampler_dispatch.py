@@ -54,21 +54,15 @@ def callers(cfg, steps: int, length: int) -> dict:
     grid, gemm = str(cfg.sample.grid), str(cfg.sample.gemm)
     tokens, known = jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), bool)
     rng = jax.random.PRNGKey(0)
-    fn = sampling.make_sample_fn(model, schedule, steps=steps, sampler="ddim", clamp=False,
-                                 grid=grid, gemm=gemm)
+    parts = sampling.sampler_parts(model, schedule, steps=steps, sampler="ddim", clamp=False,
+                                   grid=grid, gemm=gemm)  # what make_sample_fn calls
     graphdef, state = nnx.split(model)
-    ts, ab_t, ab_prev = sampling.noise_grid(model, schedule, steps, grid)
-    ones, eta = jnp.ones((steps,), jnp.float32), jnp.float32(0.0)
-    static = dict(sampler="ddim", guidance=1.0, clamp=False,
-                  self_condition=bool(model.self_condition), temperature=0.0, unroll=1,
-                  reweight=False, wavefront=0.0, wavefront_order="left_to_right", score_min_p=0.0,
-                  draw_x0=False)
-    bound, params = sampling.bound_program(graphdef, state, gemm, pack_max=-1, **static)
+    bound, params = sampling.bound_program(graphdef, state, gemm, pack_max=-1, **parts.static)
     unbound = sampling.sample_program(gemm)
-    rest = (tokens, known, rng, ts, ab_t, ab_prev, eta, ones, ones)
-    return {"packed": lambda: fn(tokens, known, rng),
+    rest = (tokens, known, rng) + parts.consts
+    return {"packed": lambda: parts.run(parts.params, *rest),
             "bound": lambda: bound(params, *rest),
-            "unbound": lambda: unbound(graphdef, state, *rest, **static)}
+            "unbound": lambda: unbound(graphdef, state, *rest, **parts.static)}
 
 
 def measure(calls: dict, repeats: int) -> dict:
