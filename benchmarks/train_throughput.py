@@ -56,7 +56,6 @@ timeout).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import gc
 import itertools
 import json
@@ -330,13 +329,10 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
         opts = step_lib.step_options(task, next(counter)) if options is None else options
         return train_step(st, rest, batch, opts)
 
-    # every variant lowered in turn, then compiled concurrently (XLA compiles without the GIL;
-    # one of configs/base.py's two took 61.9 s on one H100, vs_mamba_ssm_record6_h100.json);
-    # the jitted step's calls reuse these programs. compile_s covers all of it.
+    # every variant compiled concurrently (one of configs/base.py's two took 61.9 s on one
+    # H100, vs_mamba_ssm_record6_h100.json); compile_s covers all of it.
     t_compile = time.perf_counter()
-    lowered = [train_step.lower(state, rest, batch, options) for options in option_sets]
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-        compiled = list(pool.map(lambda low: low.compile(), lowered))[-1]
+    compiled = step_lib.compile_variants(train_step, state, rest, batch, option_sets)[-1]
     compile_s = time.perf_counter() - t_compile
     xla_flops, memory = compiled_costs(compiled)
 

@@ -208,3 +208,43 @@ def test_param_norm_is_logged_on_logging_steps_and_not_by_the_step(tmp_path):
     _, metrics, health = _first_step(config, ToyTask(config))
     assert "param_norm" not in metrics and bool(health["finite"])
     assert not any(jax.tree.leaves(jax.device_get(health["nonfinite_grads"])))
+
+
+class _CoinTask(ToyTask):
+    """ToyTask with a host coin: steps 3, 6, ... take the static option flip=True (their own
+    compiled step, as the DIMBA task's self-conditioning coin)."""
+
+    def step_options(self, step):
+        return (("flip", step % 3 == 0),)
+
+    def step_option_sets(self):
+        return [(("flip", False),), (("flip", True),)]
+
+    def loss(self, model, batch, rng, flip=False):
+        loss, metrics = super().loss(model, batch, rng)
+        return (loss * 1.5 if flip else loss), metrics
+
+
+def test_every_step_variant_compiles_before_the_first_step(tmp_path):
+    """The loop compiles both variants of the step after reading the first batch (concurrently),
+    not the second one at step 3 where the coin first flips: every backend compile of the step
+    happens while one batch has been read, and there are exactly two."""
+    config = toy_config(4)
+    data, evals = toy_factories()
+    streams, compiles = [], []
+
+    def counting_data(*a):
+        streams.append(data(*a))
+        return streams[-1]
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and kw.get("fun_name") == "jit(step)":
+            compiles.append(streams[0].calls if streams else None)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train_and_evaluate(config, str(tmp_path), task=_CoinTask(config), data_factory=counting_data,
+                           eval_factory=evals)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [1, 1], compiles

@@ -234,6 +234,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
         for step_done in range(start_step + 1, total_steps + 1):
             local = next(train_iter)
             batch = step_lib.global_batch(local, data_sharding)
+            if step_done == start_step + 1:  # all step variants at once, not each at its first draw
+                step_lib.compile_variants(train_step, state, rest, batch,
+                                          step_lib.step_option_sets(task))
             state, metrics, health = train_step(state, rest, batch,
                                                 step_lib.step_options(task, step_done))
             check(pending)

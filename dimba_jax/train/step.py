@@ -8,6 +8,7 @@ resumed run repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any, Callable
 
 import jax
@@ -73,6 +74,21 @@ def step_option_sets(task) -> list[tuple]:
     """Every value `step_options` can take for this task ([()] if it has none)."""
     fn = getattr(task, "step_option_sets", None)
     return list(fn()) if fn is not None else [()]
+
+
+def compile_variants(train_step: Callable, state: TrainState, rest: Any, batch: dict[str, jax.Array],
+                     option_sets: list[tuple]) -> list:
+    """Every compiled program of `train_step` for these arguments, one per option set: each
+    lowered in turn (tracing holds the GIL), then all compiled concurrently in threads (XLA
+    compiles without it). The jitted step's later calls with the same argument shapes and
+    options reuse these programs instead of compiling at the first step that draws each
+    option set. Nothing is run and `state` is not consumed. -> the `jax.stages.Compiled`s, in
+    the order of option_sets."""
+    lowered = [train_step.lower(state, rest, batch, options) for options in option_sets]
+    if len(lowered) == 1:
+        return [lowered[0].compile()]
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+        return list(pool.map(lambda low: low.compile(), lowered))
 
 
 def make_loss_fn(task, parts: ModelParts) -> Callable:
