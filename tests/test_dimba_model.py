@@ -292,8 +292,32 @@ def test_head_dtype_float32_is_the_float32_einsum():
     np.testing.assert_array_equal(np.asarray(model.prior_logits(x, lam)),
                                   np.asarray(jnp.einsum("bld,vd->blv", x, table) * coef))
     p = jax.nn.softmax(model.logits(x), axis=-1)
-    np.testing.assert_array_equal(np.asarray(model.clamp_to_embeddings(x)),
-                                  np.asarray(jnp.einsum("blv,vd->bld", p, table)))
+    np.testing.assert_allclose(np.asarray(model.clamp_to_embeddings(x)),  # normalised after
+                               np.asarray(jnp.einsum("blv,vd->bld", p, table)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dtype", ["float32", "bfloat16"])
+def test_softmax_embedding_is_softmax_then_the_table_with_masked_scores(head_dtype):
+    """softmax_embedding (normalised after the GEMM) equals softmax(scores) @ E in float32, with
+    -inf scores (min-p) weighing nothing, and its gradient; in bfloat16 its values within the
+    rounding of the GEMM's operands (the same rounding as the probabilities' before)."""
+    model = DimbaModel(model_cfg(head_dtype=head_dtype), V, rngs=nnx.Rngs(0))
+    table = model.embedding_table()
+    scores = 4.0 * jax.random.normal(jax.random.key(3), (2, 5, V), jnp.float32)
+    scores = jnp.where(jnp.arange(V) % 3 == 1, -jnp.inf, scores)
+    want = jnp.einsum("blv,vd->bld", jax.nn.softmax(scores, axis=-1), table)
+    got = model.softmax_embedding(scores)
+    tol = dict(rtol=1e-5, atol=1e-6) if head_dtype == "float32" else dict(rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tol)
+    assert np.all(np.isfinite(np.asarray(got)))
+    if head_dtype != "float32":
+        return
+    masked = jnp.where(jnp.arange(V) % 3 == 1, 0.0, 1.0)
+    cot = jax.random.normal(jax.random.key(4), got.shape, jnp.float32)
+    g_got = jax.grad(lambda s: jnp.sum(model.softmax_embedding(s) * cot))(scores)
+    g_want = jax.grad(lambda s: jnp.sum(jnp.einsum("blv,vd->bld", jax.nn.softmax(s, -1), table)
+                                        * cot))(scores)
+    np.testing.assert_allclose(np.asarray(g_got * masked), np.asarray(g_want * masked), **tol)
 
 
 @pytest.mark.parametrize("spec", ["bld,vd->blv", "blv,vd->bld"])

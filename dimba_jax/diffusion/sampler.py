@@ -374,7 +374,7 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
     if score_min_p or not (isinstance(score_temperature, float) and score_temperature == 1.0):
         scores = step_scores(logits, score_temperature, score_min_p)
-        x0 = model.expected_embedding(jax.nn.softmax(scores, axis=-1))
+        x0 = model.softmax_embedding(scores)
     if clamp:
         x0 = model.clamp_to_embeddings(x0)
     return jnp.where(known[..., None], clean, x0), logits

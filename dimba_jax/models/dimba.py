@@ -332,9 +332,17 @@ class DimbaModel(nnx.Module):
         GEMM's operands in model.head_dtype (`head_einsum`)."""
         return head_einsum("blv,vd->bld", probs, self.embedding_table(), self.head_dtype)
 
+    def softmax_embedding(self, scores: jax.Array) -> jax.Array:
+        """softmax(scores) @ E, normalised after the GEMM: (exp(scores - max) @ E) / sum of
+        exp(scores - max), so the (b, L, V) probabilities are never written (the exponentials go
+        to the GEMM, their sums are taken beside them). scores float32 (b, L, V) (entries may
+        be -inf, not a whole row) -> float32 (b, L, e); the GEMM as `expected_embedding`."""
+        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        return self.expected_embedding(e) / jnp.sum(e, axis=-1, keepdims=True)
+
     def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
         """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, e) -> float32 (b, L, e)."""
-        return self.expected_embedding(jax.nn.softmax(self.logits(x), axis=-1))
+        return self.softmax_embedding(self.logits(x))
 
     # ------------------------------------------------------------------ denoiser
     def prior_logits(self, x_t: jax.Array, logsnr: jax.Array) -> jax.Array:
