@@ -13,7 +13,11 @@ before jax starts, and an unknown flag aborts the process, which then only loses
   pallas_cb   pallas + cb_while
   generator   DIMBA T=64 as the program alone beside the harness's whole call
               (`DimbaGenerator.generate`: the host arrays, the key and the output slice too;
-              what benchmarks/vs_mamba_ssm.py times), in one process
+              what benchmarks/vs_mamba_ssm.py times), in one process, and the program given
+              fresh device inputs at every call ("fresh": tokens, mask and key copied to new
+              buffers beforehand, so the call's input addresses change as a server's do)
+  generator_cb_off  generator without CUDA graphs (--xla_gpu_enable_command_buffer=): whether
+              the generator's extra time is the graphs' update for changed buffer addresses
   extras      what two sampling settings cost: DIMBA without clamping ("noclamp": no vocabulary
               softmax per step; changes the samples) and AR with top_p = 1 (no nucleus sort per
               token; changes the samples)
@@ -135,7 +139,9 @@ VARIANTS: dict[str, dict] = {
     "head_f32": {"overrides": [["model.head_dtype", "float32"]]},
     "tgemm_off": {"xla_flags": "--xla_gpu_enable_triton_gemm=false"},
     "unbound": {"dispatch": "unbound", "cases": ["dimba_T{hi}", "dimba_T{lo}"]},
-    "generator": {"cases": ["dimba_T{hi}", "dimba_T{hi}_generator"]},
+    "generator": {"cases": ["dimba_T{hi}", "dimba_T{hi}_fresh", "dimba_T{hi}_generator"]},
+    "generator_cb_off": {"cases": ["dimba_T{hi}", "dimba_T{hi}_fresh", "dimba_T{hi}_generator"],
+                         "xla_flags": "--xla_gpu_enable_command_buffer="},
 }
 DEFAULT_ORDER = list(VARIANTS)
 RESULT_TAG = "@@LEVER "
@@ -396,6 +402,15 @@ def run_worker(args) -> None:
 
                     def call():
                         return gen.generate(spec, None, 1, 0)
+
+                    lowered = parts.run.lower(parts.params, *args_)
+                elif case.endswith("_fresh"):  # new input buffers at every call (copies made beforehand)
+                    pool = [tuple(jnp.array(np.asarray(a)) for a in args_[:3]) + args_[3:]
+                            for _ in range(args.repeats + 2)]
+                    turn = iter(range(10 ** 9))
+
+                    def call():
+                        return parts.run(parts.params, *pool[next(turn) % len(pool)])[0]
 
                     lowered = parts.run.lower(parts.params, *args_)
                 elif settings.get("dispatch") == "unbound":  # the graph a static argument of each call
