@@ -368,7 +368,7 @@ class DimbaModel(nnx.Module):
         prior = (self.prior_logits(x_in, logsnr)
                  if self.posterior_input or (self.skip_logits and not self.folds_prior()) else None)
         if self.posterior_input:
-            post = self.expected_embedding(jax.nn.softmax(prior, axis=-1))
+            post = self.softmax_embedding(prior)
             if not self.posterior_grad:
                 post = jax.lax.stop_gradient(post)
             feats.append(jnp.where(known[..., None], shown, post))
@@ -501,7 +501,7 @@ class DimbaModel(nnx.Module):
             head = lambda x: self.logits(x) + prior  # noqa: E731
         if self.readout == "score_interp":
             logits = head(out)
-            x0 = self.expected_embedding(jax.nn.softmax(logits, axis=-1))
+            x0 = self.softmax_embedding(logits)
         else:
             x0 = out
             logits = head(x0)
