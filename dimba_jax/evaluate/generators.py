@@ -132,8 +132,8 @@ class DimbaGenerator:
         if key not in self._samplers:  # one compiled sampler per setting, model split once
             self._samplers[key] = sampling.make_sample_fn(self.model, self.schedule, steps=spec.steps,
                                                           sampler=spec.sampler, **opts)
-        ids, _ = self._samplers[key](jnp.asarray(tokens), jnp.asarray(known), rng)
-        return ids[:, p_len:]
+        ids, _ = self._samplers[key](tokens, known, rng)  # host arrays are the call's own arguments
+        return ids[:, p_len:] if p_len else ids
 
 
 def _checked_fast(gen, key, fast, public) -> jax.Array:
