@@ -332,6 +332,35 @@ def test_sampler_options_are_the_configs_sample_settings_for_the_task_and_the_ha
         k: v for k, v in opts.items() if k not in ("steps", "sampler")}
 
 
+def test_generator_keys_are_jaxs_and_its_host_arguments_give_the_programs_tokens():
+    """`prng_key` equals jax.random.PRNGKey at every seed (host-built in [0, 2**32)); the
+    generator, passing numpy tokens, mask and key to the program, returns what the program
+    returns for device arrays and jax's key, prompted (the prompt sliced off) and not."""
+    from dimba_jax.diffusion.schedule import schedule_from_config
+    from dimba_jax.evaluate.generators import DimbaGenerator, prng_key
+    from dimba_jax.evaluate.harness import RunSpec
+
+    for seed in (0, 1, 12345, 2 ** 31, 2 ** 32 - 1, 2 ** 32, -1):
+        np.testing.assert_array_equal(np.asarray(prng_key(seed)), np.asarray(jax.random.PRNGKey(seed)))
+    assert isinstance(prng_key(3), np.ndarray)
+    c = tiny_config()
+    with c.unlocked():
+        c.sample.grid = "uniform"  # the tiny model has no noise warp
+    model = DimbaModel(c.model, V, rngs=nnx.Rngs(0))
+    gen = DimbaGenerator(model, c, tokenizer=None)
+    prompt = np.array([[5, 6, 7]], np.int32)
+    for prompts, p_len in ((None, 0), (prompt, 3)):
+        spec = RunSpec("dimba", "ddim", 2, 8, prompts is not None)
+        ids = gen.generate(spec, prompts, 1, 4)
+        tokens, known = np.zeros((1, p_len + 8), np.int32), np.zeros((1, p_len + 8), bool)
+        tokens[:, :p_len], known[:, :p_len] = prompt[:, :p_len], True
+        fn = sampling.make_sample_fn(model, schedule_from_config(c.diffusion), steps=2, sampler="ddim",
+                                     **gen.options(spec))
+        want, _ = fn(jnp.asarray(tokens), jnp.asarray(known), jax.random.PRNGKey(4))
+        assert ids.shape == (1, 8)
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(want)[:, p_len:])
+
+
 def test_score_min_p_is_checked_and_named_by_variants(setup):
     from dimba_jax.evaluate.harness import variant_options
 

@@ -33,6 +33,16 @@ import numpy as np
 from flax import nnx
 
 
+def prng_key(seed: int):
+    """`jax.random.PRNGKey(seed)`, built on the host where that is exact: the default
+    threefry2x32 key of a seed in [0, 2**32) is the uint32 pair (0, seed), here a numpy array
+    that the jitted program takes as one of its call's arguments (no device op of its own per
+    call). Other seeds or PRNG implementations: `jax.random.PRNGKey(seed)`."""
+    if 0 <= seed < 2 ** 32 and getattr(jax.config, "jax_default_prng_impl", None) == "threefry2x32":
+        return np.array([0, seed], np.uint32)
+    return jax.random.PRNGKey(seed)
+
+
 class ArGenerator:
     """The AR baseline behind the harness interface (see module docstring)."""
 
@@ -61,7 +71,7 @@ class ArGenerator:
             prompts = np.full((batch, 1), self.eos_id, np.int32)
         if prompts.shape[0] != batch:
             raise ValueError(f"prompts have batch {prompts.shape[0]}, expected {batch}")
-        rng = jax.random.PRNGKey(seed)
+        rng = prng_key(seed)
 
         def public():
             return ar.generate(self.model, prompts, spec.L_gen, rng, temperature=self.temperature,
@@ -126,7 +136,7 @@ class DimbaGenerator:
             tokens[:, :p_len] = prompts
             known[:, :p_len] = True
         opts = self.options(spec)
-        rng = jax.random.PRNGKey(seed)
+        rng = prng_key(seed)
 
         key = (spec.steps, spec.sampler, tuple(sorted(opts.items())))
         if key not in self._samplers:  # one compiled sampler per setting, model split once
