@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -407,7 +408,7 @@ def run_worker(args) -> None:
                 elif case.endswith("_fresh"):  # new input buffers at every call (copies made beforehand)
                     pool = [tuple(jnp.array(np.asarray(a)) for a in args_[:3]) + args_[3:]
                             for _ in range(args.repeats + 2)]
-                    turn = iter(range(10 ** 9))
+                    turn = itertools.count()
 
                     def call():
                         return parts.run(parts.params, *pool[next(turn) % len(pool)])[0]
