@@ -1,15 +1,20 @@
-"""The batch-1 sampler's host dispatch: one DIMBA sampling call timed three ways in one process.
+"""The batch-1 sampler's host dispatch: one DIMBA sampling call timed five ways in one process.
 
 * `packed`: `make_sample_fn` (`sampler.bound_program`: graph, state layout and settings bound;
-  the state's small arrays packed into one array per dtype);
+  the state's small arrays packed into one array per dtype), its inputs device arrays made once;
 * `bound`: `bound_program(..., pack_max=-1)`, every state array its own argument;
 * `unbound`: `sampler.sample_program` with the graph as a static argument, which jit hashes and
-  compares at every call.
+  compares at every call;
+* `host_args`: `packed` given numpy tokens, mask and key (`generators.prng_key`), as the
+  harness's generator passes them: what the transfers cost;
+* `generator`: `DimbaGenerator.generate`, the harness's whole call (what
+  benchmarks/vs_mamba_ssm.py times): the rest of its host work.
 
 Each way is called in turn `--repeats` times (interleaved, so drifts of the device's clocks hit
-all three alike); per call the wall time until the call returns (the host's dispatch) and
-until its result is ready. All three give the same tokens (checked). Random weights (timing
-does not depend on them); unprompted; DDIM at `--steps` steps over `--length` positions.
+all alike); per call the wall time until the call returns (the host's dispatch) and until its
+result is ready. All give the same tokens (checked). Random weights (timing does not depend on
+them); unprompted, guidance 1, the config's other sample settings; DDIM at `--steps` steps over
+`--length` positions.
 
 GPU command (one H100, ~40 s):
 
@@ -28,9 +33,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-WAYS = ("packed", "bound", "unbound")
+WAYS = ("packed", "bound", "unbound", "host_args", "generator")
 
 
 def parse_args(argv=None):
@@ -48,21 +54,26 @@ def callers(cfg, steps: int, length: int) -> dict:
     from dimba_jax.diffusion import sampler as sampling
     from dimba_jax.diffusion.schedule import schedule_from_config
     from dimba_jax.evaluate import loading
+    from dimba_jax.evaluate.generators import DimbaGenerator, prng_key
+    from dimba_jax.evaluate.harness import RunSpec
 
-    model, _, _ = loading.fresh_model(cfg, seed=0)
+    model, _, tok = loading.fresh_model(cfg, seed=0)
     schedule = schedule_from_config(cfg.diffusion)
-    grid, gemm = str(cfg.sample.grid), str(cfg.sample.gemm)
-    tokens, known = jnp.zeros((1, length), jnp.int32), jnp.zeros((1, length), bool)
+    gen, spec = DimbaGenerator(model, cfg, tok), RunSpec("dimba", "ddim", steps, length, False)
+    options = gen.options(spec)  # the generator's settings, so every way runs one program
+    host = (np.zeros((1, length), np.int32), np.zeros((1, length), bool))
+    tokens, known = jnp.asarray(host[0]), jnp.asarray(host[1])
     rng = jax.random.PRNGKey(0)
-    parts = sampling.sampler_parts(model, schedule, steps=steps, sampler="ddim", clamp=False,
-                                   grid=grid, gemm=gemm)  # what make_sample_fn calls
+    parts = sampling.sampler_parts(model, schedule, steps=steps, sampler="ddim", **options)
     graphdef, state = nnx.split(model)
-    bound, params = sampling.bound_program(graphdef, state, gemm, pack_max=-1, **parts.static)
-    unbound = sampling.sample_program(gemm)
+    bound, params = sampling.bound_program(graphdef, state, options["gemm"], pack_max=-1, **parts.static)
+    unbound = sampling.sample_program(options["gemm"])
     rest = (tokens, known, rng) + parts.consts
     return {"packed": lambda: parts.run(parts.params, *rest),
             "bound": lambda: bound(params, *rest),
-            "unbound": lambda: unbound(graphdef, state, *rest, **parts.static)}
+            "unbound": lambda: unbound(graphdef, state, *rest, **parts.static),
+            "host_args": lambda: parts.run(parts.params, *host, prng_key(0), *parts.consts),
+            "generator": lambda: (gen.generate(spec, None, 1, 0),)}
 
 
 def measure(calls: dict, repeats: int) -> dict:
@@ -109,7 +120,7 @@ def main(argv=None) -> None:
                                                                            else argv),
            "steps": args.steps, "length": args.length, "repeats": args.repeats, "ways": ways}
     for w, r in ways.items():
-        print(f"[dispatch] {w:8s} dispatch {r['dispatch_ms']:.3f} ms  call {r['call_ms']:.3f} ms",
+        print(f"[dispatch] {w:9s} dispatch {r['dispatch_ms']:.3f} ms  call {r['call_ms']:.3f} ms",
               flush=True)
     if args.out:
         with open(args.out + ".json", "w") as f:

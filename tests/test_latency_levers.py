@@ -139,7 +139,7 @@ def test_variant_settings_reach_the_configs():
 
 
 def test_sampler_dispatch_smoke(tmp_path):
-    """benchmarks.sampler_dispatch on a tiny config: the three ways give the same tokens (it
+    """benchmarks.sampler_dispatch on a tiny config: every way gives the same tokens (it
     checks) and the JSON / Markdown carry every way's medians."""
     from benchmarks import sampler_dispatch
 
