@@ -16,6 +16,9 @@ before jax starts, and an unknown flag aborts the process, which then only loses
               what benchmarks/vs_mamba_ssm.py times), in one process, and the program given
               fresh device inputs at every call ("fresh": tokens, mask and key copied to new
               buffers beforehand, so the call's input addresses change as a server's do)
+  packing     DIMBA T=64 as make_sample_fn runs it (the state's small arrays packed into one
+              array per dtype, sliced out in the program) beside every state array its own
+              argument ("unpacked": `bound_program(..., pack_max=-1)`), in one process
   generator_cb_off  generator without CUDA graphs (--xla_gpu_enable_command_buffer=): whether
               the generator's extra time is the graphs' update for changed buffer addresses
   extras      what two sampling settings cost: DIMBA without clamping ("noclamp": no vocabulary
@@ -141,6 +144,7 @@ VARIANTS: dict[str, dict] = {
     "tgemm_off": {"xla_flags": "--xla_gpu_enable_triton_gemm=false"},
     "unbound": {"dispatch": "unbound", "cases": ["dimba_T{hi}", "dimba_T{lo}"]},
     "generator": {"cases": ["dimba_T{hi}", "dimba_T{hi}_fresh", "dimba_T{hi}_generator"]},
+    "packing": {"cases": ["dimba_T{hi}", "dimba_T{hi}_unpacked"]},
     "generator_cb_off": {"cases": ["dimba_T{hi}", "dimba_T{hi}_fresh", "dimba_T{hi}_generator"],
                          "xla_flags": "--xla_gpu_enable_command_buffer="},
 }
@@ -414,6 +418,14 @@ def run_worker(args) -> None:
                         return parts.run(parts.params, *pool[next(turn) % len(pool)])[0]
 
                     lowered = parts.run.lower(parts.params, *args_)
+                elif case.endswith("_unpacked"):  # every state array its own argument (no packing)
+                    run, params = sampling.bound_program(graphdef, state, opts.get("gemm", "auto"),
+                                                         pack_max=-1, **parts.static)
+
+                    def call():
+                        return run(params, *args_)[0]
+
+                    lowered = run.lower(params, *args_)
                 elif settings.get("dispatch") == "unbound":  # the graph a static argument of each call
                     program = sampling.sample_program(opts["gemm"])
 
