@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.init_from_mamba_ssm = ""  # Directory of a mamba_ssm / HF Mamba-2 checkpoint to warm-start the blocks and embedding.
     m.compute_dtype = "float32"  # Activations dtype: "float32" or "bfloat16" (params stay in train.param_dtype).
     m.head_dtype = "bfloat16"  # Operand dtype of the vocabulary-sized GEMMs (DIMBA: tied head x @ E^T, output prior, softmax @ E; the AR model: its head; forward and backward): "bfloat16" (float32 accumulation; logits, softmaxes and x0_hat stay float32) or "float32" (TF32 on GPUs). configs/tiny.py on CPU at equal tokens: bound 11.01 vs 10.96 bits/token, judge ppl 1565 vs 1581, against 10.89 bits / 1591 for float32 at seed 1 (benchmarks/results/quality_tiny_head_cpu.md). H100, configs/base.py, float32 in the same call: train step 111.1 vs 114.9 ms (benchmarks/results/train_throughput_head_gs_h100.md); batch-1 sampler T=64 146.0 vs 150.4 ms (latency_levers_segments_h100.md).
-    m.io_dtype = "float32"  # Operand and parameter dtype of the diffusion-space projections (DIMBA's stem x_t -> d_model and out_proj d_model -> e; forward and backward, float32 sums and outputs): "float32" (TF32 on GPUs) or "bfloat16" (configs/base.py, where it measured faster).
+    m.io_dtype = "float32"  # Operand and parameter dtype of the diffusion-space projections (DIMBA's stem x_t -> d_model, out_proj d_model -> e and the "mlp" prompt encoder's two GEMMs e -> 2 d_model -> d_model; forward and backward, float32 sums and outputs): "float32" (TF32 on GPUs) or "bfloat16" (configs/base.py, where it measured faster).
 
     # ------------------------------------------------------------ diffusion
     d = c.diffusion = ml_collections.ConfigDict()

@@ -464,3 +464,33 @@ def test_the_prior_folded_into_the_head_gemm_is_the_sum_of_both_logits():
     assert model.stem_input(x_t, lam, known, x_t, None)[1] is None
     post = DimbaModel(model_cfg(posterior_input=True), V, rngs=nnx.Rngs(0))
     assert not post.folds_prior() and post.stem_input(x_t, lam, known, x_t, None)[1] is not None
+
+
+@pytest.mark.parametrize("io_dtype", ["float32", "bfloat16"])
+def test_io_dtype_sets_the_prompt_mlps_gemm_operands(io_dtype):
+    """model.io_dtype reaches the "mlp" prompt encoder: both of its GEMMs take operands in it
+    (the jaxpr of `prompt_context`), its output is float32 and, in bf16, within bf16 rounding
+    of the float32 encoder's (same weights) but not identical."""
+    tokens = inputs(6)[2]
+    mask = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    model = DimbaModel(model_cfg(io_dtype=io_dtype), V, rngs=nnx.Rngs(0))
+    jaxpr = jax.make_jaxpr(lambda t, m: model.prompt_context(t, m).c_pos)(tokens, mask)
+
+    def dots_in(jx):  # dot_general operand dtypes, inside custom-VJP calls too
+        out = []
+        for e in jx.eqns:
+            if e.primitive.name == "dot_general":
+                out.append([v.aval.dtype for v in e.invars])
+            for sub in e.params.values():
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out += dots_in(sub)
+        return out
+
+    dots = dots_in(jaxpr.jaxpr)
+    assert len(dots) == 2 and all(d == [jnp.dtype(io_dtype)] * 2 for d in dots), dots
+    c_pos = model.prompt_context(tokens, mask).c_pos
+    ref = DimbaModel(model_cfg(io_dtype="float32"), V, rngs=nnx.Rngs(0)).prompt_context(tokens, mask).c_pos
+    assert c_pos.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(c_pos - ref)) / jnp.max(jnp.abs(ref)))
+    assert (err == 0.0) == (io_dtype == "float32") and err < 2e-2, err

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dimba_jax.layers.norms import partitioned
+from dimba_jax.layers.precision import affine
 
 
 class FrozenParam(nnx.Variable):
@@ -74,19 +75,29 @@ def _mask(x: jax.Array, visible: jax.Array) -> jax.Array:
 
 class MlpPromptEncoder(nnx.Module):
     """Per-position MLP over the prompt's clean embeddings: (b, L, d_in) -> (b, L, d_model), zero
-    where not visible. d_in defaults to d_model; hidden width defaults to 2 d_model."""
+    where not visible. d_in defaults to d_model; hidden width defaults to 2 d_model. dtype None:
+    float32 layers; a float dtype (DIMBA's model.io_dtype): both GEMMs take their operands and
+    parameters in it with float32 sums and outputs (`precision.affine`), the SiLU in float32."""
 
     def __init__(self, d_model: int, hidden: int | None = None, *, d_in: int | None = None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
         hidden = hidden or 2 * d_model
-        self.fc1 = dense(d_in or d_model, hidden, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
-        self.fc2 = dense(hidden, d_model, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype)
+        self.dtype = dtype
+        self.fc1 = dense(d_in or d_model, hidden, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype,
+                         dtype=dtype)
+        self.fc2 = dense(hidden, d_model, ("mlp", "embed"), rngs=rngs, param_dtype=param_dtype,
+                         dtype=dtype)
 
     def __call__(self, prompt_emb: jax.Array, tokens: jax.Array, visible: jax.Array) -> jax.Array:
         """prompt_emb: float (b, L, d_in) clean embeddings; tokens: int (b, L) (unused here);
         visible: bool (b, L). Returns float32 (b, L, d_model), zero at invisible positions."""
         del tokens
-        h = self.fc2(jax.nn.silu(self.fc1(_mask(prompt_emb.astype(jnp.float32), visible))))
+        x = _mask(prompt_emb.astype(jnp.float32), visible)
+        if self.dtype is None:
+            h = self.fc2(jax.nn.silu(self.fc1(x)))
+        else:
+            h = affine(x, self.fc1.kernel[...], self.fc1.bias[...], self.dtype)
+            h = affine(jax.nn.silu(h), self.fc2.kernel[...], self.fc2.bias[...], self.dtype)
         return _mask(h, visible)
 
 

@@ -64,7 +64,8 @@ Decisions:
   "bfloat16") and accumulate in float32 (`layers.precision.head_einsum`, forward and backward); logits,
   softmaxes and x0_hat are float32 either way. A config without the key (a run saved before
   it existed) keeps "float32", the precision it was trained at. The diffusion-space
-  projections (the stem, [x_t | self-cond | ...] -> d, and `out_proj`, d -> e) likewise take
+  projections (the stem, [x_t | self-cond | ...] -> d, `out_proj`, d -> e, and the "mlp"
+  prompt encoder's two GEMMs, e -> 2 d -> d) likewise take
   their operands and parameters in `model.io_dtype` (`layers.precision.affine`), float32 out;
   "float32" where the key is absent.
 """
@@ -266,7 +267,7 @@ class DimbaModel(nnx.Module):
         if prompt_encoder is not None:
             self.prompt_encoder = prompt_encoder
         elif m.prompt_encoder == "mlp":
-            self.prompt_encoder = MlpPromptEncoder(d, d_in=e, param_dtype=param_dtype, rngs=rngs)
+            self.prompt_encoder = MlpPromptEncoder(d, d_in=e, param_dtype=param_dtype, dtype=io, rngs=rngs)
         elif m.prompt_encoder == "frozen":  # built from the donor run by the task (train/tasks.py)
             raise ValueError("model.prompt_encoder='frozen' needs prompt_encoder= (a FrozenPromptEncoder; "
                              "dimba_jax.train.tasks.make_task builds it from model.prompt_encoder_checkpoint)")
