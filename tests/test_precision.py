@@ -78,3 +78,50 @@ def test_sampling_and_decoding_loops_take_the_kernels_in_the_compute_dtype():
         state, jnp.zeros((1, 1), jnp.int32), jax.random.key(0))
     kernels = [a.dtype for a in _loop_operands(jaxpr.jaxpr) if a.shape == shape]
     assert kernels and all(d == jnp.bfloat16 for d in kernels), kernels
+
+
+def _converts_of(jaxpr, shape):
+    """convert_element_type equations on arrays of `shape`, nested jaxprs included."""
+    n = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "convert_element_type" and e.invars[0].aval.shape == shape:
+            n += 1
+        for sub in e.params.values():
+            sub = getattr(sub, "jaxpr", sub)
+            if hasattr(sub, "eqns"):
+                n += _converts_of(sub, shape)
+    return n
+
+
+def test_bound_programs_take_the_linears_cast_once_and_leave_the_model_alone():
+    """`sampler.bound_program` and `ar.generate_bound` bind the weights with the compute-dtype
+    linears already cast (`cast_state_linears`): the bound program casts no in_proj kernel, the
+    caller's model keeps its float32 parameters, and the tokens (and x0) are those of the
+    unbound programs, bit for bit."""
+    cfg = _bf16_config("dimba")
+    model, _, _ = loading.fresh_model(cfg, seed=0)
+    shape = model.blocks[0].mixer.fwd.in_proj.kernel[...].shape
+    opts = dict(steps=2, sampler="ddim", guidance=1.0, clamp=True, temperature=0.0)
+    parts = sampling.sampler_parts(model, schedule_from_config(cfg.diffusion), **opts)
+    assert model.blocks[0].mixer.fwd.in_proj.kernel[...].dtype == jnp.float32
+    args = (jnp.zeros((1, 16), jnp.int32), jnp.zeros((1, 16), bool), jax.random.key(0)) + parts.consts
+    assert _converts_of(jax.make_jaxpr(parts.run)(parts.params, *args).jaxpr, shape) == 0
+    graphdef, state = nnx.split(model)
+    assert _converts_of(jax.make_jaxpr(functools.partial(sampling.sample_program("auto"), graphdef,
+                                                         **parts.static))(state, *args).jaxpr,
+                        shape) > 0  # the unbound program casts them itself
+    got = parts.run(parts.params, *args)
+    want = sampling.sample_program("auto")(graphdef, state, *args, **parts.static)
+    for g, w in zip(got, want):
+        assert bool(jnp.all(g == w))
+
+    cfg = _bf16_config("ar")
+    lm, _, _ = loading.fresh_model(cfg, seed=1)
+    graphdef, state = nnx.split(lm)
+    shape = lm.layers[0].mixer.in_proj.kernel[...].shape
+    run, params = ar.generate_bound(graphdef, state, 3)
+    assert lm.layers[0].mixer.in_proj.kernel[...].dtype == jnp.float32
+    ids, key, t, p = jnp.zeros((1, 2), jnp.int32), jax.random.key(3), jnp.float32(0.7), jnp.float32(0.9)
+    assert _converts_of(jax.make_jaxpr(run)(params, ids, key, t, p).jaxpr, shape) == 0
+    want = ar.generate_split(graphdef, state, ids, key, t, p, 3)
+    assert bool(jnp.all(run(params, ids, key, t, p) == want))

@@ -60,7 +60,7 @@ from flax import nnx
 from dimba_jax.diffusion import wavefront as wavefront_lib
 from dimba_jax.diffusion.schedule import CosineSchedule
 from dimba_jax.layers.bound import PACK_MAX_ELEMENTS, bind
-from dimba_jax.layers.precision import cast_linears_to_compute_dtype
+from dimba_jax.layers.precision import cast_linears_to_compute_dtype, cast_state_linears
 
 SAMPLERS = ("ddpm", "ddim")
 GEMMS = ("auto", "xla", "cublas")  # `sample.gemm` values (`program_options`)
@@ -457,7 +457,10 @@ def bound_program(graphdef, state, gemm: str = "auto", *, pack_max: int = PACK_M
     bound (`layers.bound.bind`). Returns (run, params): `run(params, tokens, known, rng, ts,
     ab_t, ab_prev, eta, taus, pws)` is `_sample_program` on the model `nnx.merge(graphdef,
     state)`, the same program and results; a call hashes no GraphDef and passes few arrays
-    (configs/base.py: 428 state arrays, 80 above 65536 elements, the rest packed into one)."""
+    (configs/base.py: 428 state arrays, 80 above 65536 elements, the rest packed into one).
+    The bound weights are the state's with the compute-dtype linears cast once here
+    (`precision.cast_state_linears`; the same bits), so a call casts no weights."""
+    graphdef, state = cast_state_linears(graphdef, state)
     return bind(_sample_program, graphdef, state, pack_max=pack_max,
                 compiler_options=tuple(sorted(program_options(gemm).items())), **static)
 

@@ -7,7 +7,8 @@ decoding loop the weights enter the loop in float32, so the cast runs at every s
 DIMBA base sampling at batch 1 ran two standalone `wrapped_convert` kernels per layer and step,
 7% of its kernel time, which these casts explain: benchmarks/results/latency_levers_h100_profile.md).
 The function does the cast once, before the loop; the layer's own cast is then the identity, so
-the results are the same bits.
+the results are the same bits. `cast_state_linears` does it once outside any program, on a copy of a split
+module, for programs bound to their weights (`sampler.bound_program`, `ar.generate_bound`).
 
 `head_einsum`: a vocabulary-sized GEMM (a tied head x @ E^T, DIMBA's softmax @ E) with its
 operands in a chosen dtype and float32 sums, forward and backward (`model.head_dtype`).
@@ -46,6 +47,17 @@ def cast_linears_to_compute_dtype(model: nnx.Module) -> int:
                     param.value = value.astype(dtype)
                 cast += 1
     return cast
+
+
+def cast_state_linears(graphdef, state):
+    """`cast_linears_to_compute_dtype` on a copy of the split module `(graphdef, state)`:
+    returns (graphdef, state) with every compute-dtype `nnx.Linear`'s kernel and bias stored in
+    that dtype, the other arrays the same. The caller's module and state are untouched (the
+    copy has its own Variables). A program over this state finds nothing left to cast: the
+    same bits, and no cast of the weights at each call (bound sampling / decoding programs)."""
+    copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    cast_linears_to_compute_dtype(copy)
+    return nnx.split(copy)
 
 
 def head_einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -29,7 +29,7 @@ from dimba_jax.layers.bound import bind
 from dimba_jax.layers.cross_entropy import token_nll_and_hit
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
-from dimba_jax.layers.precision import cast_linears_to_compute_dtype, head_einsum
+from dimba_jax.layers.precision import cast_linears_to_compute_dtype, cast_state_linears, head_einsum
 from dimba_jax.models import flops
 from dimba_jax.ssd import KernelConfig
 
@@ -272,7 +272,10 @@ def generate_split(graphdef, state, prompt_ids, rng, temperature, top_p, num_new
 def generate_bound(graphdef, state, num_new: int):
     """(run, params): `run(params, prompt_ids, rng, temperature, top_p)` is `generate_split`
     with the graph, the state's layout and num_new bound (`layers.bound.bind`): the same
-    program and tokens, and a call hashes no GraphDef and passes few arrays."""
+    program and tokens, and a call hashes no GraphDef and passes few arrays. The bound
+    weights have the compute-dtype linears cast once here (`precision.cast_state_linears`;
+    the same bits), so a call casts no weights."""
+    graphdef, state = cast_state_linears(graphdef, state)
     return bind(_generate_program, graphdef, state, num_new=int(num_new))
 
 
