@@ -7,8 +7,9 @@ decoding loop the weights enter the loop in float32, so the cast runs at every s
 DIMBA base sampling at batch 1 ran two standalone `wrapped_convert` kernels per layer and step,
 7% of its kernel time, which these casts explain: benchmarks/results/latency_levers_h100_profile.md).
 The function does the cast once, before the loop; the layer's own cast is then the identity, so
-the results are the same bits. `cast_state_linears` does it once outside any program, on a copy of a split
-module, for programs bound to their weights (`sampler.bound_program`, `ar.generate_bound`).
+the results are the same bits. `cast_state_linears` does it once outside any program, on a
+copy of a split module, for programs bound to their weights (`sampler.bound_program`,
+`ar.generate_bound`).
 
 `head_einsum`: a vocabulary-sized GEMM (a tied head x @ E^T, DIMBA's softmax @ E) with its
 operands in a chosen dtype and float32 sums, forward and backward (`model.head_dtype`).
