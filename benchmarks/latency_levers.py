@@ -419,7 +419,7 @@ def run_worker(args) -> None:
 
                     lowered = parts.run.lower(parts.params, *args_)
                 elif case.endswith("_unpacked"):  # every state array its own argument (no packing)
-                    run, params = sampling.bound_program(graphdef, state, opts.get("gemm", "auto"),
+                    run, params = sampling.bound_program(graphdef, state, opts["gemm"],
                                                          pack_max=-1, **parts.static)
 
                     def call():
