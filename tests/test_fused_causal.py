@@ -14,6 +14,7 @@ import functools
 import inspect
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,6 +163,43 @@ def test_gated_norm_kernel_matches_reference(dtype, ngroups):
     assert [jaxpr.count(f"name={k}") for k in ("gated_norm_fwd", "gated_norm_bwd")] == [1, 1]
     assert "bidir" not in jaxpr
     _check(ref, pallas, args, ("y", "z", "w"))
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_gated_norm_backward_from_the_output_keeps_the_gradients(ngroups):
+    """The causal backward's first pass reads (dout, out) (`bwd_call`'s out): against the same
+    kernel reading (y, z, dout), float32, 4-column tiles (2 or 4 per group): the weight's
+    gradient bit for bit (the same sums, moved to the second pass), dy and dz to float32
+    summation order; the custom VJP takes that path (its backward kernel reads one more
+    operand than the plain one)."""
+    y, z, w = _norm_args(jnp.float32, seed=5 + ngroups)
+    pallas = functools.partial(fn.gated_norm_pallas, ngroups=ngroups, interpret=True,
+                               block_rows=4, block_cols=4, block_cols_bwd=4, min_programs=1)
+    cfg = fn._config(y, ngroups, 1e-5, None, True, dict(
+        block_rows=4, num_warps=4, block_rows_bwd=4, num_warps_bwd=None, num_stages=2,
+        num_stages_bwd=1, block_cols=4, block_cols_bwd=4, min_programs=1, passes=1,
+        passes_bwd=2))
+    out, rstd = fn.fwd_call(y, z, (w,), cfg)
+    dout = jax.random.normal(jax.random.key(3), out.shape)
+    plain = fn.bwd_call(y, z, (w,), rstd, dout, cfg)
+    from_out = fn.bwd_call(y, z, (w,), rstd, dout, cfg, out=out)
+    np.testing.assert_array_equal(np.asarray(from_out[2]), np.asarray(plain[2]))
+    for g, r in zip(from_out[:2], plain[:2]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(pallas(*a) ** 2), argnums=(0, 1, 2)))(
+        y, z, w)
+    calls = {}
+
+    def walk(jp):
+        for e in jp.eqns:
+            if e.primitive.name == "pallas_call":
+                calls[str(e.params.get("name_and_src_info", e.params.get("name"))).split()[0]] = (
+                    len(e.invars))
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert calls == {"gated_norm_fwd": 3, "gated_norm_bwd": 6}, calls
 
 
 def test_gated_norm_rejects_bad_shapes():

@@ -56,13 +56,14 @@ def _core_fwd(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg):
     y, ssd_vjp = jax.vjp(run, x, dt, a, b, c, d, bias)
     y = y.astype(cfg[1][2])
     out, rstd = fused_norm.fwd_call(y, zx, norm_ws, cfg[1])
-    return out, (zx, conv_ws, conv_bs, norm_ws, y, rstd, ssd_vjp)
+    return out, (zx, conv_ws, conv_bs, norm_ws, y, rstd, out, ssd_vjp)
 
 
 def _core_bwd(cfg, res, dout):
     conv_cfg, norm_cfg, _ = cfg
-    zx, conv_ws, conv_bs, norm_ws, y, rstd, ssd_vjp = res
-    dy, dzx, dnw = fused_norm.bwd_call(y, zx, norm_ws, rstd, dout, norm_cfg, dz_wide=True)
+    zx, conv_ws, conv_bs, norm_ws, y, rstd, out, ssd_vjp = res
+    dy, dzx, dnw = fused_norm.bwd_call(y, zx, norm_ws, rstd, dout, norm_cfg, dz_wide=True,
+                                       out=out)
     dx, ddt, da, db, dc, dd, dbias = ssd_vjp(dy.astype(conv_cfg[2]))
     dzx, _, dcw = fused_conv.bwd_call(zx, zx, conv_ws, conv_bs, dx, db, dc, ddt, conv_cfg,
                                       into=dzx)

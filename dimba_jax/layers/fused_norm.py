@@ -178,15 +178,23 @@ def _fwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, eps, nd, w, zo, pas
         _tile_loop(hpg, write, 0, cache is not None)
 
 
-def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, passes=2):
+def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, passes=2,
+                from_out=False):
     """ys_ref: (L, nd*D) of batch bi; z_ref: (q, W) rows holding the gate at columns
     [zo, zo + D); refs: nd weight refs (D,), rstd_ref (nd * G, q), do_ref
-    (q, D), then the outputs dys_ref (L, nd*D) of batch bi (rows of each half written as read
-    in the forward), dz_ref (q, D), or (q, W') holding dz at columns [dzo, dzo + D) and
-    nothing else, and dw_ref (nd, D): this program's partial sums of the weights' gradients.
-    w: columns per tile. passes: as `_fwd_kernel`'s (the row sums m, then the gradients)."""
+    (q, D), with `from_out` o_ref (q, D) the forward's output, then the outputs dys_ref
+    (L, nd*D) of batch bi (rows of each half written as read in the forward), dz_ref (q, D),
+    or (q, W') holding dz at columns [dzo, dzo + D) and nothing else, and dw_ref (nd, D): this
+    program's partial sums of the weights' gradients. w: columns per tile. passes: as
+    `_fwd_kernel`'s (the row sums c, then the gradients). from_out (nd 1, passes 2): the first
+    pass reads (dout, out) instead of (y, z, dout), c = mean(dout * w * n) = mean(dout * out),
+    and the weight's gradient moves to the second pass."""
     f32 = jnp.float32
-    w_refs, (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref) = refs[:nd], refs[nd:]
+    w_refs, rest = refs[:nd], refs[nd:]
+    if from_out:
+        rstd_ref, do_ref, o_ref, dys_ref, dz_ref, dw_ref = rest
+    else:
+        (rstd_ref, do_ref, dys_ref, dz_ref, dw_ref), o_ref = rest, None
     rows = _rows(pl.program_id(1) * q, q, seqlen, nd)
     per_group = d // ngroups
     hpg = per_group // w
@@ -214,6 +222,10 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
             return cols, z, s, sig, ys, ns, do, dns
 
         def dots(j, acc):
+            if o_ref is not None:
+                cols = pl.ds((gi * hpg + j) * w, w)
+                do_o = do_ref[:, cols].astype(f32) * o_ref[:, cols].astype(f32)
+                return (acc[0] + jnp.sum(do_o, axis=1),)
             cols, _, _, _, _, ns, do, dns = tiles(j)
             for k, n in enumerate(ns):
                 dw_ref[k, cols] = jnp.sum(do * n, axis=0)
@@ -224,7 +236,9 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
 
         def write(j, carry):
             h = gi * hpg + j
-            cols, z, s, sig, ys, ns, _, dns = tiles(j)
+            cols, z, s, sig, ys, ns, do, dns = tiles(j)
+            if o_ref is not None:
+                dw_ref[0, cols] = jnp.sum(do * ns[0], axis=0)
             dz = 0.0
             for k, r in enumerate(rows):
                 dg = rs[k][:, None] * (dns[k] - ns[k] * cs[k][:, None])
@@ -287,14 +301,17 @@ def fwd_call(y, z, ws, cfg):
     )(y.reshape(bsz, seqlen, nd * d), z, *ws)
 
 
-def bwd_call(y, z, ws, rstd, dout, cfg, dz_wide: bool = False):
+def bwd_call(y, z, ws, rstd, dout, cfg, dz_wide: bool = False, out=None):
     """The backward kernel: (dy (y's shape, y.dtype), dz, dw partial sums (b, L/T, nd, D)
     float32). dz is (b, L, D) in z.dtype, or with dz_wide z's full width with dz at z's gate
     columns and every other column left unwritten (for a caller whose next kernel writes
-    them, `fused_mixer`). cfg: this module's (ngroups, eps, dtype name, tiles, interpret, z
-    offset)."""
+    them, `fused_mixer`). out: the forward's output (b, L, D), or None; where given with one
+    direction and two passes, the kernel's first pass reads (dout, out) instead of (y, z,
+    dout) (`_bwd_kernel`'s from_out). cfg: this module's (ngroups, eps, dtype name, tiles,
+    interpret, z offset)."""
     ngroups, _, _, (_, tiles), interpret, zo = cfg
     nd, q = len(ws), tiles.rows
+    from_out = out is not None and nd == 1 and tiles.passes == 2
     bsz, seqlen = y.shape[:2]
     d = ws[0].shape[0]
     nt = seqlen // q
@@ -305,18 +322,18 @@ def bwd_call(y, z, ws, rstd, dout, cfg, dz_wide: bool = False):
     dy, dz, dw = pl.pallas_call(
         functools.partial(_bwd_kernel, q=q, seqlen=seqlen, d=d, ngroups=ngroups, nd=nd,
                           w=_width(y, d, ngroups, tiles), zo=zo, dzo=zo if dz_wide else 0,
-                          passes=tiles.passes),
+                          passes=tiles.passes, from_out=from_out),
         out_shape=(jax.ShapeDtypeStruct((bsz, seqlen, nd * d), y.dtype),
                    jax.ShapeDtypeStruct((bsz, seqlen, dz_width), z.dtype),
                    jax.ShapeDtypeStruct((bsz, nt, nd, d), jnp.float32)),
         grid=(bsz, nt),
-        in_specs=[seq, rows(z.shape[-1])] + [vec] * nd + [rstd_spec, rows()],
+        in_specs=[seq, rows(z.shape[-1])] + [vec] * nd + [rstd_spec] + [rows()] * (1 + from_out),
         out_specs=(seq, rows(dz_width),
                    pl.BlockSpec((None, None, nd, d), lambda bi, ti: (bi, ti, 0, 0))),
         compiler_params=compiler_params(tiles, interpret),
         interpret=interpret,
         name=_name(nd, "bwd"),
-    )(y.reshape(bsz, seqlen, nd * d), z, *ws, rstd, dout)
+    )(y.reshape(bsz, seqlen, nd * d), z, *ws, rstd, dout, *((out,) if from_out else ()))
     return dy.reshape(y.shape), dz, dw
 
 
@@ -327,12 +344,12 @@ def _fused(y, z, ws, cfg):
 
 def _fused_fwd(y, z, ws, cfg):
     out, rstd = fwd_call(y, z, ws, cfg)
-    return out, (y, z, ws, rstd)
+    return out, (y, z, ws, rstd, out)
 
 
 def _fused_bwd(cfg, res, dout):
-    y, z, ws, rstd = res
-    dy, dz, dw = bwd_call(y, z, ws, rstd, dout, cfg)
+    y, z, ws, rstd, out = res
+    dy, dz, dw = bwd_call(y, z, ws, rstd, dout, cfg, out=out)
     if dz.shape != z.shape:  # the gate's columns of a wider z
         dz = jnp.pad(dz, ((0, 0), (0, 0), (cfg[5], z.shape[-1] - cfg[5] - dz.shape[-1])))
     dw = jnp.sum(dw, axis=(0, 1))
