@@ -27,7 +27,6 @@ from flax import nnx
 from dimba_jax.diffusion import wavefront
 from dimba_jax.diffusion.layout import sample_layout
 from dimba_jax.diffusion.schedule import CosineSchedule, add_noise_logsnr
-from dimba_jax.layers.cross_entropy import token_nll_and_hit
 
 
 def _weights(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,17 +44,22 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.sum(se * w) / (n * pred.shape[-1])
 
 
+def _token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """-log softmax(logits)[token] per position: logits (b, L, V), tokens int (b, L) -> float32 (b, L)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
 def masked_cross_entropy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean token cross-entropy over positions where mask. logits (b, L, V); tokens int (b, L)."""
     w, n = _weights(mask)
-    return jnp.sum(token_nll_and_hit(logits, tokens)[0] * w) / n
+    return jnp.sum(_token_nll(logits, tokens) * w) / n
 
 
 def masked_accuracy(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """Fraction of masked positions where the token's logit is the row's maximum (float32
-    scalar; a tie counts as a hit)."""
+    """Fraction of masked positions where argmax(logits) == tokens (float32 scalar)."""
     w, n = _weights(mask)
-    return jnp.sum(token_nll_and_hit(logits, tokens)[1].astype(jnp.float32) * w) / n
+    return jnp.sum((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32) * w) / n
 
 
 def embedding_stats(table: jax.Array) -> dict[str, jax.Array]:
@@ -109,12 +113,12 @@ def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Ar
     x0_hat, logits = model.predict(x_t, logsnr, tokens, cond_mask, self_cond=self_cond, drop_prompt=drop_prompt)
     generated = ~cond_mask
     mse = masked_mse(x0_hat, x0, generated)
-    nll, hit = token_nll_and_hit(logits, tokens)
-    w, n = _weights(generated)
-    ce = jnp.sum(nll * w) / n
+    nll = _token_nll(logits, tokens)
+    ce = masked_cross_entropy(logits, tokens, generated)
+    w = generated.astype(jnp.float32)
     ce_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
     return {"loss": mse_weight * mse + ce_weight * ce, "mse": mse, "ce": ce,
-            "acc": jnp.sum(hit.astype(jnp.float32) * w) / n, "x0_hat": x0_hat, "logits": logits,
+            "acc": masked_accuracy(logits, tokens, generated), "x0_hat": x0_hat, "logits": logits,
             "ce_example": ce_example, "nll": nll}
 
 

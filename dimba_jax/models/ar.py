@@ -26,7 +26,6 @@ from flax import nnx
 
 from dimba_jax.interop.mamba_ssm import padded_vocab
 from dimba_jax.layers.bound import bind
-from dimba_jax.layers.cross_entropy import token_nll_and_hit
 from dimba_jax.layers.mamba2 import Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.layers.precision import cast_linears_to_compute_dtype, cast_state_linears, head_einsum
@@ -341,18 +340,17 @@ def lm_from_config(model_config, vocab_size: int, *, param_dtype="float32",
                    head_dtype=as_dtype(getattr(m, "head_dtype", m.compute_dtype)), rngs=rngs)
 
 
-def next_token_metrics(logits: jax.Array, targets: jax.Array,
-                       valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy and accuracy (float32 scalars) over the valid positions.
+def next_token_metrics(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy and accuracy (float32 scalars).
 
-    logits (batch, L, V) float, targets (batch, L) int, valid bool (batch, L) or None (all
-    positions count). Accuracy: the target's logit is its row's maximum
-    (`layers.cross_entropy.token_nll_and_hit`; a tie counts as a hit).
+    logits (batch, L, V) float, targets (batch, L) int (all positions count).
     """
-    nll, hit = token_nll_and_hit(logits, targets)
-    w = jnp.ones(nll.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    return jnp.sum(nll * w) / n, jnp.sum(hit.astype(jnp.float32) * w) / n
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(logz - picked)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+    return ce, accuracy
 
 
 def ar_setting(config, name: str, default):

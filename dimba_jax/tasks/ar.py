@@ -24,11 +24,9 @@ class ArTask:
 
     Batches: {"tokens": int32 (batch, seq_len)}; the loss predicts tokens[:, 1:] from the
     prefixes before them (documents are EOS-separated windows; every position counts). The
-    model reads all seq_len tokens and the last position's logits are masked out of the loss
-    (not sliced off: a slice's gradient would pad the logits' cotangent back to full size):
-    causal, so the same predictions as reading tokens[:, :-1], at the batch's own length (a
-    power of two, as the fused mixer kernels' row blocks and the SSD chunks want; seq_len - 1
-    is odd).
+    model reads all seq_len tokens and the last position's logits are dropped: causal, so the
+    same predictions as reading tokens[:, :-1], at the batch's own length (a power of two, as
+    the fused mixer kernels' row blocks and the SSD chunks want; seq_len - 1 is odd).
     If config.model.init_from_mamba_ssm is set, `init_model` loads that checkpoint's weights.
     """
 
@@ -59,8 +57,8 @@ class ArTask:
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"ArTask.loss: tokens must be (batch, seq_len >= 2), got "
                              f"{tokens.shape}")
-        valid = jnp.broadcast_to(jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1, tokens.shape)
-        ce, accuracy = next_token_metrics(model(tokens), jnp.roll(tokens, -1, axis=1), valid)
+        logits = model(tokens)[:, :-1]
+        ce, accuracy = next_token_metrics(logits, tokens[:, 1:])
         return ce, {"ce": ce, "accuracy": accuracy}
 
     def _write(self, model: MambaLM, prompt_ids, num_new: int, rng: jax.Array) -> list[str]:
