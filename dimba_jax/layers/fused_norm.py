@@ -17,7 +17,8 @@ does (so the forward results agree to the last bit up to float32 summation order
 interpreter with `interpret=True`) with a custom VJP. The flip of the backward half is row
 arithmetic inside the kernels (row L-1-t is read in the forward, written in the backward). The
 backward recomputes the gate and normalised values from the inputs and the saved per-row
-rstd (b, 2 * ngroups, L) float32; nothing else is saved.
+rstd (b, 2 * ngroups, L) float32; it also keeps the output (the out projection's input, saved
+anyway), which the causal backward's first pass reads.
 The causal mixer's gated norm is the same kernels with one direction (`gated_norm_pallas`:
 out = N(y * s) * w, no flip, no mean; its reference is `gated_norm_xla`); kernel names
 then drop "bidir_". At a small batch (the sampler's denoiser at batch 1) the forward takes fewer,
@@ -26,6 +27,8 @@ wider rows per program (`min_programs`), so its grid still fills the GPU.
 Backward, per half and group (n = g * rstd, do = 0.5 * dout, dn = do * w, m = mean(dn * n)):
     dw = sum_rows(do * n);  dg = rstd * (dn - n * m);  dy = dg * s
     dz = (dg_f * y_f + dg_b * y_b') * silu'(z),  silu'(z) = sig(z) * (1 + z * (1 - sig(z)))
+With one direction dn * n = dout * out, so the causal backward's first pass takes m from
+(dout, out) and reads neither y nor z.
 """
 
 from __future__ import annotations
@@ -453,14 +456,17 @@ def gated_norm_pallas(y, z, w, *, ngroups: int = 1, eps: float = 1e-5, dtype=Non
     Args:
       y: (batch, L, nheads, headdim) SSD output; z: (batch, L, d_inner) gate; w: (d_inner,)
         norm weight; the rest as `bidirectional_gated_norm_pallas` (min_programs likewise;
-        passes likewise; z_offset: the gate's first column of a wider z). The default tiles were the fastest forward
-        + backward that `benchmarks.fused_bench` found at configs/ar_base.py's mixer on an H100,
+        passes likewise; z_offset: the gate's first column of a wider z). The default tiles
+        were the fastest forward + backward that `benchmarks.fused_bench` found at
+        configs/ar_base.py's mixer on an H100,
         0.272 ms against 0.297 ms at the bidirectional kernels' former defaults (16 rows x 4 warps,
         one stage, natural width; benchmarks/results/fused_bench_ar_h100.md). The forward reads
         its tiles once (passes 1: 0.078 / 0.095 ms against 0.104 / 0.149 in two passes, batch 16,
         two H100 calls, benchmarks/results/fused_bench_passes_ar*_h100.md), the backward twice
         (one pass at 16 rows measured 6x slower); the AR base train step 48.5 against 49.0 ms
-        (train_throughput_arnorm*_h100.md).
+        (train_throughput_arnorm*_h100.md). The backward's first pass reads (dout, out)
+        instead of (y, z, dout) (`bwd_call`'s out): the AR base train step 47.84 against
+        48.81 ms (benchmarks/results/train_throughput_arce_root_h100.md against _pk3_, one call).
     Returns:
       (batch, L, d_inner) in `dtype` (default y.dtype). Gradients: y, z, w (their dtypes).
     """
