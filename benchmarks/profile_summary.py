@@ -27,7 +27,9 @@ collective, copy/transpose, other) and the idle gap = step wall time - busy time
 With `--hlo` (the text of `compiled.as_text()` of the same program) each kernel is also mapped to
 its HLO instruction's source location (the stack frames XLA keeps in op metadata): kernels whose
 ops come from `dimba_jax/ssd/` are counted as SSD even when they are plain XLA fusions, and time
-is split into forward / backward (op_name under `transpose(`) and by innermost project function.
+is split into forward / backward (op_name under `transpose(`) and by innermost project function;
+the kernels no project frame names are grouped by the last three parts of their JAX op_name
+(autodiff's transposes, the optimizer, XLA's own splits).
 
 Completeness check (GPU profiles have come back with most kernels missing): with the HLO text
 (`--hlo`, or PROFILE_DIR/program.hlo.txt that benchmarks/train_throughput.py saves) the kernel
@@ -318,7 +320,7 @@ def hlo_attribution(hlo_op: str, sources: dict[str, dict]) -> dict:
     """
     ins = sources.get(hlo_op)
     if ins is None:
-        return {"ssd": False, "backward": False, "function": "", "opcodes": ()}
+        return {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": ""}
     children = [sources[c] for c in ins["fused"] if c in sources]
     opcodes = tuple(sorted({c["opcode"] for c in children} or {ins["opcode"]}))
     votes = [_is_ssd_source(c["frames"]) for c in children if c["frames"]]
@@ -331,7 +333,17 @@ def hlo_attribution(hlo_op: str, sources: dict[str, dict]) -> dict:
             function = _project_frame(c["frames"])
             if function:
                 break
-    return {"ssd": ssd, "backward": backward, "function": function, "opcodes": opcodes}
+    op_name = next((o for o in op_names if o), "")
+    return {"ssd": ssd, "backward": backward, "function": function, "opcodes": opcodes,
+            "op": op_path(op_name)}
+
+
+def op_path(op_name: str, depth: int = 3) -> str:
+    """The last `depth` components of a JAX op_name ("jit(step)/jit(main)/transpose(jvp(f))/
+    mul" -> "jit(main)/transpose(jvp(f))/mul"), naming kernels that no dimba_jax frame names
+    (autodiff's transposes, optax, XLA's own splits); "" for an empty op_name."""
+    parts = [p for p in op_name.split("/") if p]
+    return "/".join(parts[-depth:])
 
 
 # ------------------------------------------------------------------------ completeness check
@@ -647,6 +659,7 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
     per_kernel = defaultdict(lambda: {"count": 0, "us": 0.0, "hlo_ops": set(), "category": ""})
     per_cat = defaultdict(lambda: [0, 0.0])
     per_func = defaultdict(float)
+    per_op = defaultdict(lambda: [0, 0.0])
     direction = defaultdict(float)
     intervals = []
     for e in events:
@@ -656,7 +669,7 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         args = e.get("args") if isinstance(e.get("args"), dict) else {}
         hlo_op = str(args.get("hlo_op", ""))
         attr = hlo_attribution(hlo_op, sources) if sources else \
-            {"ssd": False, "backward": False, "function": "", "opcodes": ()}
+            {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": ""}
         cat = categorize(name, hlo_op, attr["ssd"], attr["opcodes"])
         k = per_kernel[name]
         k["count"] += 1
@@ -668,6 +681,9 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         per_cat[cat][1] += dur
         if sources:
             per_func[attr["function"] or "(outside dimba_jax)"] += dur
+            if not attr["function"]:
+                per_op[attr["op"] or "(no op_name)"][0] += 1
+                per_op[attr["op"] or "(no op_name)"][1] += dur
             direction["backward" if attr["backward"] else "forward/optimizer"] += dur
         intervals.append((ts, ts + dur))
     total_us = sum(v["us"] for v in per_kernel.values())
@@ -721,6 +737,11 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         out["by_function"] = [{"function": f, "ms_per_step": v / steps / 1e3,
                                "pct_of_kernel_time": 100.0 * v / total_us if total_us else None}
                               for f, v in sorted(per_func.items(), key=lambda kv: -kv[1])[:20]]
+        out["outside_by_op"] = [{"op": o, "count_per_step": cnt / steps,
+                                 "ms_per_step": us / steps / 1e3,
+                                 "pct_of_kernel_time": 100.0 * us / total_us if total_us else None}
+                                for o, (cnt, us) in sorted(per_op.items(),
+                                                           key=lambda kv: -kv[1][1])[:25]]
     return out
 
 
@@ -793,6 +814,12 @@ def to_markdown(summary: dict, title: str = "Profile summary") -> str:
         for f in s["by_function"]:
             lines.append(f"| {f['function']} | {_fmt(f['ms_per_step'])} | "
                          f"{_fmt(f['pct_of_kernel_time'], '.1f')} |")
+    if s.get("outside_by_op"):
+        lines += ["", "Kernels outside dimba_jax by the last three parts of their JAX op_name:", "",
+                  "| op_name | kernels/step | ms/step | % of kernel time |", "|---|---|---|---|"]
+        for o in s["outside_by_op"]:
+            lines.append(f"| `{o['op'][:120]}` | {_fmt(o['count_per_step'], '.1f')} | "
+                         f"{_fmt(o['ms_per_step'], '.3f')} | {_fmt(o['pct_of_kernel_time'], '.1f')} |")
     if s.get("top_families"):
         lines += ["", "Kernel families (instance suffixes stripped):", "",
                   "| family | category | count/step | ms/step | % of step |", "|---|---|---|---|---|"]

@@ -88,6 +88,13 @@ def test_cpu_trace_summary(tmp_path):
                 for f, _ in sources[c]["frames"])
     # grad => backward ops exist (op_name under transpose(...)).
     assert s["direction"].get("backward", {}).get("ms_per_step", 0) > 0
+    # The kernels outside the project, by op_name: every such kernel counted once, and this
+    # test's own code (outside dimba_jax) names its ops, the transposes included.
+    outside = next(f["ms_per_step"] for f in s["by_function"]
+                   if f["function"] == "(outside dimba_jax)")
+    assert sum(o["ms_per_step"] for o in s["outside_by_op"]) == pytest.approx(outside)
+    assert any("transpose(" in o["op"] for o in s["outside_by_op"]), s["outside_by_op"]
+    assert all(o["op"].count("/") <= 2 for o in s["outside_by_op"])
     # The CPU trace records every thunk: the completeness check must call it complete, and the
     # dot must be among the instructions it expects and finds.
     c = ps.completeness(events, steps, hlo)
@@ -97,7 +104,7 @@ def test_cpu_trace_summary(tmp_path):
     prefix = str(tmp_path / "out" / "prof")
     ps.write_summary(s, prefix)
     md = open(prefix + ".md").read()
-    assert "idle gap" in md and "| ssd |" in md
+    assert "idle gap" in md and "| ssd |" in md and "by the last three parts" in md
     assert json.load(open(prefix + ".json"))["steps"] == steps
 
 
