@@ -189,8 +189,8 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
     (L, nd*D) of batch bi (rows of each half written as read in the forward), dz_ref (q, D),
     or (q, W') holding dz at columns [dzo, dzo + D) and nothing else, and dw_ref (nd, D): this
     program's partial sums of the weights' gradients. w: columns per tile. passes: as
-    `_fwd_kernel`'s (the row sums c, then the gradients). from_out (nd 1, passes 2): the first
-    pass reads (dout, out) instead of (y, z, dout), c = mean(dout * w * n) = mean(dout * out),
+    `_fwd_kernel`'s (the row sums m, then the gradients). from_out (nd 1, passes 2): the first
+    pass reads (dout, out) instead of (y, z, dout), m = mean(dout * w * n) = mean(dout * out),
     and the weight's gradient moves to the second pass."""
     f32 = jnp.float32
     w_refs, rest = refs[:nd], refs[nd:]
