@@ -75,9 +75,10 @@ def _mask(x: jax.Array, visible: jax.Array) -> jax.Array:
 
 class MlpPromptEncoder(nnx.Module):
     """Per-position MLP over the prompt's clean embeddings: (b, L, d_in) -> (b, L, d_model), zero
-    where not visible. d_in defaults to d_model; hidden width defaults to 2 d_model. dtype None:
-    float32 layers; a float dtype (DIMBA's model.io_dtype): both GEMMs take their operands and
-    parameters in it with float32 sums and outputs (`precision.affine`), the SiLU in float32."""
+    where not visible. d_in defaults to d_model; hidden width defaults to 2 d_model. Both GEMMs
+    take their operands and parameters in `dtype` (DIMBA's model.io_dtype; None: float32, the
+    layers' compute dtype left unset) with float32 sums and outputs (`precision.affine`), the
+    SiLU in float32."""
 
     def __init__(self, d_model: int, hidden: int | None = None, *, d_in: int | None = None,
                  param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
@@ -93,11 +94,9 @@ class MlpPromptEncoder(nnx.Module):
         visible: bool (b, L). Returns float32 (b, L, d_model), zero at invisible positions."""
         del tokens
         x = _mask(prompt_emb.astype(jnp.float32), visible)
-        if self.dtype is None:
-            h = self.fc2(jax.nn.silu(self.fc1(x)))
-        else:
-            h = affine(x, self.fc1.kernel[...], self.fc1.bias[...], self.dtype)
-            h = affine(jax.nn.silu(h), self.fc2.kernel[...], self.fc2.bias[...], self.dtype)
+        dtype = self.dtype or jnp.float32
+        h = affine(x, self.fc1.kernel[...], self.fc1.bias[...], dtype)
+        h = affine(jax.nn.silu(h), self.fc2.kernel[...], self.fc2.bias[...], dtype)
         return _mask(h, visible)
 
 
