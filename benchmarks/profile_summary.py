@@ -28,8 +28,9 @@ With `--hlo` (the text of `compiled.as_text()` of the same program) each kernel 
 its HLO instruction's source location (the stack frames XLA keeps in op metadata): kernels whose
 ops come from `dimba_jax/ssd/` are counted as SSD even when they are plain XLA fusions, and time
 is split into forward / backward (op_name under `transpose(`) and by innermost project function;
-the kernels no project frame names are grouped by the last three parts of their JAX op_name
-(autodiff's transposes, the optimizer, XLA's own splits).
+the kernels no project frame names are grouped by their innermost source frame (optax's updates,
+a library's helper) and the last three parts of their JAX op_name (autodiff's transposes, XLA's
+own splits).
 
 Completeness check (GPU profiles have come back with most kernels missing): with the HLO text
 (`--hlo`, or PROFILE_DIR/program.hlo.txt that benchmarks/train_throughput.py saves) the kernel
@@ -306,6 +307,17 @@ def _project_frame(frames, marker: str = "dimba_jax/") -> str:
     return ""
 
 
+def _outer_frame(frames) -> str:
+    """The innermost frame as "dir/file.py:function" (the path's last two parts; for kernels no
+    project frame names: optax's moment updates, jax's own helpers, a caller's script); ""
+    when there are no frames."""
+    if not frames:
+        return ""
+    path, fn = frames[0]
+    tail = "/".join(path.replace("\\", "/").split("/")[-2:])
+    return tail + (f":{fn}" if fn else "")
+
+
 def _is_ssd_source(frames) -> bool:
     return any("/ssd/" in p.replace("\\", "/") for p, _ in frames)
 
@@ -320,7 +332,8 @@ def hlo_attribution(hlo_op: str, sources: dict[str, dict]) -> dict:
     """
     ins = sources.get(hlo_op)
     if ins is None:
-        return {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": ""}
+        return {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": "",
+                "frame": ""}
     children = [sources[c] for c in ins["fused"] if c in sources]
     opcodes = tuple(sorted({c["opcode"] for c in children} or {ins["opcode"]}))
     votes = [_is_ssd_source(c["frames"]) for c in children if c["frames"]]
@@ -333,9 +346,11 @@ def hlo_attribution(hlo_op: str, sources: dict[str, dict]) -> dict:
             function = _project_frame(c["frames"])
             if function:
                 break
+    frame = _outer_frame(ins["frames"]) or next(
+        (_outer_frame(c["frames"]) for c in children if c["frames"]), "")
     op_name = next((o for o in op_names if o), "")
     return {"ssd": ssd, "backward": backward, "function": function, "opcodes": opcodes,
-            "op": op_path(op_name)}
+            "op": op_path(op_name), "frame": frame}
 
 
 def op_path(op_name: str, depth: int = 3) -> str:
@@ -669,7 +684,7 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         args = e.get("args") if isinstance(e.get("args"), dict) else {}
         hlo_op = str(args.get("hlo_op", ""))
         attr = hlo_attribution(hlo_op, sources) if sources else \
-            {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": ""}
+            {"ssd": False, "backward": False, "function": "", "opcodes": (), "op": "", "frame": ""}
         cat = categorize(name, hlo_op, attr["ssd"], attr["opcodes"])
         k = per_kernel[name]
         k["count"] += 1
@@ -682,8 +697,9 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         if sources:
             per_func[attr["function"] or "(outside dimba_jax)"] += dur
             if not attr["function"]:
-                per_op[attr["op"] or "(no op_name)"][0] += 1
-                per_op[attr["op"] or "(no op_name)"][1] += dur
+                key = (attr["frame"], attr["op"] or "(no op_name)")
+                per_op[key][0] += 1
+                per_op[key][1] += dur
             direction["backward" if attr["backward"] else "forward/optimizer"] += dur
         intervals.append((ts, ts + dur))
     total_us = sum(v["us"] for v in per_kernel.values())
@@ -737,10 +753,10 @@ def summarize(events: list[dict], info: dict, steps: int, step_ms: float | None 
         out["by_function"] = [{"function": f, "ms_per_step": v / steps / 1e3,
                                "pct_of_kernel_time": 100.0 * v / total_us if total_us else None}
                               for f, v in sorted(per_func.items(), key=lambda kv: -kv[1])[:20]]
-        out["outside_by_op"] = [{"op": o, "count_per_step": cnt / steps,
+        out["outside_by_op"] = [{"frame": f, "op": o, "count_per_step": cnt / steps,
                                  "ms_per_step": us / steps / 1e3,
                                  "pct_of_kernel_time": 100.0 * us / total_us if total_us else None}
-                                for o, (cnt, us) in sorted(per_op.items(),
+                                for (f, o), (cnt, us) in sorted(per_op.items(),
                                                            key=lambda kv: -kv[1][1])[:25]]
     return out
 
@@ -815,10 +831,13 @@ def to_markdown(summary: dict, title: str = "Profile summary") -> str:
             lines.append(f"| {f['function']} | {_fmt(f['ms_per_step'])} | "
                          f"{_fmt(f['pct_of_kernel_time'], '.1f')} |")
     if s.get("outside_by_op"):
-        lines += ["", "Kernels outside dimba_jax by the last three parts of their JAX op_name:", "",
-                  "| op_name | kernels/step | ms/step | % of kernel time |", "|---|---|---|---|"]
+        lines += ["", "Kernels outside dimba_jax by their innermost source frame and the last "
+                  "three parts of their JAX op_name:", "",
+                  "| frame | op_name | kernels/step | ms/step | % of kernel time |",
+                  "|---|---|---|---|---|"]
         for o in s["outside_by_op"]:
-            lines.append(f"| `{o['op'][:120]}` | {_fmt(o['count_per_step'], '.1f')} | "
+            lines.append(f"| `{o.get('frame') or '—'}` | `{o['op'][:120]}` | "
+                         f"{_fmt(o['count_per_step'], '.1f')} | "
                          f"{_fmt(o['ms_per_step'], '.3f')} | {_fmt(o['pct_of_kernel_time'], '.1f')} |")
     if s.get("top_families"):
         lines += ["", "Kernel families (instance suffixes stripped):", "",

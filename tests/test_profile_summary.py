@@ -95,6 +95,8 @@ def test_cpu_trace_summary(tmp_path):
     assert sum(o["ms_per_step"] for o in s["outside_by_op"]) == pytest.approx(outside)
     assert any("transpose(" in o["op"] for o in s["outside_by_op"]), s["outside_by_op"]
     assert all(o["op"].count("/") <= 2 for o in s["outside_by_op"])
+    # ... and their innermost frame: this file, by its last two path parts.
+    assert any(o["frame"].startswith("tests/test_profile_summary.py:") for o in s["outside_by_op"])
     # The CPU trace records every thunk: the completeness check must call it complete, and the
     # dot must be among the instructions it expects and finds.
     c = ps.completeness(events, steps, hlo)
@@ -104,7 +106,7 @@ def test_cpu_trace_summary(tmp_path):
     prefix = str(tmp_path / "out" / "prof")
     ps.write_summary(s, prefix)
     md = open(prefix + ".md").read()
-    assert "idle gap" in md and "| ssd |" in md and "by the last three parts" in md
+    assert "idle gap" in md and "| ssd |" in md and "innermost source frame and the last" in md
     assert json.load(open(prefix + ".json"))["steps"] == steps
 
 
