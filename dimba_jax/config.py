@@ -133,6 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.b2 = 0.95  # AdamW beta2.
     t.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
     t.ema_decay = 0.999  # EMA of parameters used for sampling (0 = no EMA).
+    t.ema_every = 1  # Update the EMA on every k-th step only, with the product of its k steps' decays (the k steps' parameters taken as the last): k-1 of k steps skip its pass over the parameters (train/optim.py:update_ema; 1 = every step).
     t.param_dtype = "float32"  # Parameter and optimizer-state dtype.
     t.checkpoint_every = 100  # Save a checkpoint every this many steps (and at the end / on SIGTERM).
     t.keep_checkpoints = 3  # Keep the last N checkpoints.

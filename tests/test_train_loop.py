@@ -17,7 +17,7 @@ from dimba_jax.train import mesh as mesh_lib
 from dimba_jax.train import optim
 from dimba_jax.train import state as state_lib
 from dimba_jax.train import step as step_lib
-from dimba_jax.train.loop import train_and_evaluate
+from dimba_jax.train.loop import train_and_evaluate, validate_config
 from dimba_jax.train.metrics import read_metrics
 from train_toy import ToyData, ToyTask, toy_config, toy_factories
 
@@ -108,9 +108,9 @@ def test_nonfinite_loss_aborts_with_the_step_and_parameters_and_saves_nothing_ba
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
 
 
-def _first_step(config, task):
-    """(new state, metrics, health) of the jitted train step on one device from the
-    initial state, on the first ToyData batch."""
+def _step_setup(config, task):
+    """(jitted train step, initial state, rest, batch) on one device; the batch the first
+    ToyData batch."""
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
     tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
@@ -118,7 +118,14 @@ def _first_step(config, task):
     st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True)
     ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
     fn = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
-    return fn(st, rest, step_lib.global_batch(next(ToyData(8, 12)), ds))
+    return fn, st, rest, step_lib.global_batch(next(ToyData(8, 12)), ds)
+
+
+def _first_step(config, task):
+    """(new state, metrics, health) of the jitted train step on one device from the
+    initial state, on the first ToyData batch."""
+    fn, st, rest, batch = _step_setup(config, task)
+    return fn(st, rest, batch)
 
 
 def _one_step_params(accum):
@@ -154,6 +161,8 @@ def test_ema_and_learning_rate_schedule():
     np.testing.assert_allclose(early["w"], 2.0 / 11.0, rtol=1e-6)  # warm-up: (1+1)/(10+1)
     config = toy_config(100, warmup_steps=10, lr=1.0, final_lr_frac=0.1)
     lr = optim.learning_rate_schedule(config.train)
+    with pytest.raises(ValueError, match="ema_every must be >= 1, got 0"):
+        validate_config(toy_config(4, ema_every=0), 1, 1)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
     assert float(lr(10)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.1)
     assert float(lr(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # cosine midpoint
@@ -207,7 +216,9 @@ def test_param_norm_is_logged_on_logging_steps_and_not_by_the_step(tmp_path):
     assert rows[-1]["param_norm"] == pytest.approx(float(optim.global_norm(params)), rel=1e-6)
     _, metrics, health = _first_step(config, ToyTask(config))
     assert "param_norm" not in metrics and bool(health["finite"])
-    assert not any(jax.tree.leaves(jax.device_get(health["nonfinite_grads"])))
+    flags = np.asarray(jax.device_get(health["nonfinite_grads"]))
+    assert flags.dtype == bool and flags.shape == (len(jax.tree.leaves(params)),)
+    assert not flags.any()
 
 
 class _CoinTask(ToyTask):
@@ -248,3 +259,44 @@ def test_every_step_variant_compiles_before_the_first_step(tmp_path):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [1, 1], compiles
+
+
+def test_raise_if_nonfinite_names_the_flagged_parameters_of_the_flag_vector():
+    names = step_lib.param_leaf_names({"a": {"w": 1.0, "b": 2.0}, "z": 3.0})
+    assert names == ["a/b", "a/w", "z"]  # jax.tree.leaves order (sorted dict keys)
+    metrics = {"loss": jnp.float32(np.nan)}
+    ok = {"finite": jnp.bool_(True), "nonfinite_grads": jnp.zeros((3,), bool)}
+    step_lib.raise_if_nonfinite(7, metrics, ok, names)  # finite: nothing raised
+    bad = {"finite": jnp.bool_(False), "nonfinite_grads": jnp.array([False, True, True])}
+    with pytest.raises(step_lib.NonFiniteError, match=r"step 7.*\(2\): a/w, z\. "):
+        step_lib.raise_if_nonfinite(7, metrics, bad, names)
+    with pytest.raises(ValueError, match="one flag per parameter"):
+        step_lib.raise_if_nonfinite(7, metrics, bad, names[:2])
+
+
+def test_ema_every_k_steps_skips_the_others_and_matches_k_updates_of_still_parameters():
+    ema, params = {"w": jnp.array([1.0, -2.0, 3.0])}, {"w": jnp.array([0.5, 0.5, -1.0])}
+    update = jax.jit(optim.update_ema, static_argnums=(3, 4))
+    for step in (1, 2, 4, 5, 7):  # not a multiple of 3: untouched, bit for bit
+        out = update(ema, params, jnp.int32(step), 0.99, 3)
+        np.testing.assert_array_equal(out["w"], ema["w"])
+    for step in (3, 6, 300):  # k = 3 single-step updates (the warm-up's decays included)
+        want = ema
+        for s in (step - 2, step - 1, step):
+            want = optim.update_ema(want, params, jnp.int32(s), 0.99)
+        got = update(ema, params, jnp.int32(step), 0.99, 3)
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(got["w"], ema["w"])
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        optim.update_ema(ema, params, jnp.int32(3), 0.99, 0)
+
+
+def test_the_train_step_updates_the_ema_on_its_kth_steps_only():
+    for every, moved in ((2, False), (1, True)):  # step 1: skipped at k = 2, taken at k = 1
+        config = toy_config(4, ema_every=every)
+        fn, st, rest, batch = _step_setup(config, ToyTask(config))
+        init = jax.device_get(st.ema)
+        st, _, _ = fn(st, rest, batch)
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(st.ema)),
+                                                     jax.tree.leaves(init))]
+        assert (not all(same)) if moved else all(same), (every, same)

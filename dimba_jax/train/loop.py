@@ -51,6 +51,8 @@ def validate_config(config, num_processes: int, batch_shards: int) -> None:
     if (b // a) % batch_shards:
         raise ValueError(f"train.batch_size / grad_accum = {b // a} must be divisible by the "
                          f"{batch_shards} batch shards of the mesh (data x fsdp)")
+    if int(t.ema_every) < 1:
+        raise ValueError(f"train.ema_every must be >= 1, got {t.ema_every}")
     for name in ("checkpoint_every", "log_every", "sample_every", "eval_every"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name} must be >= 0, got {t[name]}")
@@ -195,9 +197,11 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     last_saved = start_step if restored is not None else None
     window_start, window_steps = None, 0
 
+    leaf_names = step_lib.param_leaf_names(abstract.params)
+
     def check(entry):
         if entry is not None:
-            step_lib.raise_if_nonfinite(*entry)
+            step_lib.raise_if_nonfinite(*entry, leaf_names)
 
     def save(step_done):
         nonlocal last_saved

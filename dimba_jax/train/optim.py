@@ -8,6 +8,7 @@ step (an explicit scan over micro-batches, see `dimba_jax.train.step`), not here
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -103,12 +104,25 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
-def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
-    """ema <- d * ema + (1 - d) * params with d = `ema_decay_at(step, decay)` (leafwise, in
-    the EMA's dtype)."""
-    d = ema_decay_at(step, decay)
-    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype),
-                        ema, params)
+def update_ema(ema: Any, params: Any, step: jax.Array, decay: float, every: int = 1) -> Any:
+    """ema <- d * ema + (1 - d) * params (leafwise, in the EMA's dtype).
+
+    every == 1: d = `ema_decay_at(step, decay)`, each step.
+    every == k > 1: on steps that are multiples of k only (a `lax.cond`; the other steps
+    return `ema` untouched), with d the product of `ema_decay_at` over steps step-k+1..step:
+    what k updates give when the parameters did not move in between.
+    """
+    if every < 1:
+        raise ValueError(f"ema every must be >= 1, got {every}")
+
+    def mix(e_tree, d):
+        return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype),
+                            e_tree, params)
+
+    if every == 1:
+        return mix(ema, ema_decay_at(step, decay))
+    d = functools.reduce(jnp.multiply, [ema_decay_at(step - j, decay) for j in range(every)])
+    return jax.lax.cond(step % every == 0, mix, lambda e_tree, _: e_tree, ema, d)
 
 
 GROUP_MAX_ELEMENTS = 1 << 16  # leaves at most this big share one reduction per shape and dtype
@@ -147,13 +161,13 @@ def global_norm(tree: Any) -> jax.Array:
 
 def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
                  ema: Any, step: jax.Array,
-                 ema_decay: float) -> tuple[Any, Any, Any, jax.Array, Any]:
+                 ema_decay: float, ema_every: int = 1) -> tuple[Any, Any, Any, jax.Array, Any]:
     """One optimizer step with `tx` from `make_optimizer`, then the EMA.
 
     Args:
       grads, params, ema: pytrees like the parameters (ema may be None); opt_state: tx's.
       step: int32 scalar, the optimizer step being completed (1-based; EMA warm-up).
-      ema_decay: `config.train.ema_decay`.
+      ema_decay, ema_every: `config.train.ema_decay`, `config.train.ema_every` (`update_ema`).
     Returns:
       (params, opt_state, ema or None, grad_norm, grad_square_sums): grad_norm the float32
       global norm of the gradients before clipping, grad_square_sums a pytree like the
@@ -167,5 +181,5 @@ def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
     grad_norm = jnp.sqrt(sum(leaves)) if leaves else jnp.float32(0.0)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    ema = None if ema is None else update_ema(ema, params, step, ema_decay)
+    ema = None if ema is None else update_ema(ema, params, step, ema_decay, ema_every)
     return params, opt_state, ema, grad_norm, square_sums

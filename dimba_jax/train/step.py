@@ -112,14 +112,16 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
         metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm", "lr"
           (the parameters' norm is the loop's, on logging steps only);
         health: {"finite": bool scalar (loss and grad norm finite),
-                 "nonfinite_grads": nested dict like params of bool scalars (True = this
-                 parameter's gradient's sum of squares is not finite: a NaN/Inf in it, or
-                 entries so large their squares overflow float32; read off the reductions
-                 of the gradient norm, so it costs no pass over the gradients of its own)}.
+                 "nonfinite_grads": bool (n_leaves,) in `jax.tree.leaves(params)` order
+                 (`param_leaf_names`; True = this parameter's gradient's sum of squares is
+                 not finite: a NaN/Inf in it, or entries so large their squares overflow
+                 float32; read off the reductions of the gradient norm, so it costs no pass
+                 over the gradients of its own, and one vector is one kernel and one output
+                 where a flag per parameter would be hundreds)}.
       `state` is donated: do not reuse it after the call.
     """
     accum = int(train_config.grad_accum)
-    ema_decay = float(train_config.ema_decay)
+    ema_decay, ema_every = float(train_config.ema_decay), int(train_config.ema_every)
     schedule = optim.learning_rate_schedule(train_config)
     loss_fn = make_loss_fn(task, parts)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -151,7 +153,7 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
         (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng, options)
         new_step = state.step + 1
         params, opt_state, ema, grad_norm, grad_sq = optim.apply_update(
-            tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay)
+            tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay, ema_every)
         new_state = TrainState(step=new_step, params=params, opt_state=opt_state, ema=ema,
                                rng=state.rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in task_metrics.items()}
@@ -159,7 +161,8 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         health = {
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-            "nonfinite_grads": jax.tree.map(lambda s: ~jnp.isfinite(s), grad_sq),
+            "nonfinite_grads": (~jnp.isfinite(jnp.stack(jax.tree.leaves(grad_sq)))
+                                if jax.tree.leaves(grad_sq) else jnp.zeros((0,), bool)),
         }
         return new_state, metrics, health
 
@@ -186,15 +189,28 @@ def make_eval_step(task, parts: ModelParts, mesh: Mesh, param_shardings: Any,
                    out_shardings=repl)
 
 
-def raise_if_nonfinite(step: int, metrics: dict[str, Any], health: dict[str, Any]) -> None:
+def param_leaf_names(params: Any) -> list[str]:
+    """The "/"-joined tree path of each leaf of `params`, in `jax.tree.leaves` order."""
+    return ["/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def raise_if_nonfinite(step: int, metrics: dict[str, Any], health: dict[str, Any],
+                       leaf_names: list[str]) -> None:
     """Raises NonFiniteError naming the step, the loss parts and the parameters whose
-    gradients are non-finite, if `health["finite"]` is False. Fetches values to the host."""
+    gradients are non-finite, if `health["finite"]` is False. Fetches values to the host.
+
+    Args:
+      leaf_names: `param_leaf_names(params)`, naming the entries of health["nonfinite_grads"].
+    """
     if bool(jax.device_get(health["finite"])):
         return
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    bad = jax.device_get(health["nonfinite_grads"])
-    flat = jax.tree_util.tree_flatten_with_path(bad)[0]
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, v in flat if bool(v)]
+    bad = np.asarray(jax.device_get(health["nonfinite_grads"]))
+    if bad.shape != (len(leaf_names),):
+        raise ValueError(f"health['nonfinite_grads'] has shape {bad.shape}, expected one flag "
+                         f"per parameter ({len(leaf_names)})")
+    names = [n for n, v in zip(leaf_names, bad) if v]
     parts = ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()))
     raise NonFiniteError(
         f"non-finite loss or gradient at step {step}: {parts}; parameters with non-finite "
