@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Parameters that are never decayed, by leaf name: the SSM's decay rates, time-step biases and
@@ -128,35 +129,38 @@ def update_ema(ema: Any, params: Any, step: jax.Array, decay: float, every: int 
 GROUP_MAX_ELEMENTS = 1 << 16  # leaves at most this big share one reduction per shape and dtype
 
 
-def leaf_square_sums(tree: Any) -> Any:
-    """The sum of squares of each leaf, in float32: a pytree like `tree` of float32 scalars.
+def leaf_square_sums(tree: Any) -> jax.Array:
+    """The sum of squares of each leaf, in float32: a (n_leaves,) vector in `jax.tree.leaves`
+    order.
 
     Leaves of at most GROUP_MAX_ELEMENTS elements with the same shape and dtype (a model's
     per-layer biases, norm weights, SSM constants: hundreds of small arrays) are stacked and
-    reduced by one reduction per group, not one per leaf; larger leaves are reduced alone.
+    reduced by one reduction per group, not one per leaf; larger leaves are reduced alone. The
+    per-group results are joined by one concatenation and put in leaf order by one gather, so
+    what reads them (the norm, the step's finiteness flags) reads one vector.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    sums: list = [None] * len(leaves)
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32)
+    parts, order = [], []
     groups: dict = {}
     for i, x in enumerate(leaves):
         if x.size > GROUP_MAX_ELEMENTS:
-            sums[i] = jnp.sum(jnp.square(x.astype(jnp.float32)))
+            parts.append(jnp.sum(jnp.square(x.astype(jnp.float32)))[None])
+            order.append(i)
         else:
             groups.setdefault((tuple(x.shape), jnp.dtype(x.dtype).name), []).append(i)
     for members in groups.values():
         stacked = jnp.stack([leaves[i] for i in members]).astype(jnp.float32)
-        per_leaf = jnp.sum(jnp.square(stacked), axis=tuple(range(1, stacked.ndim)))
-        for j, i in enumerate(members):
-            sums[i] = per_leaf[j]
-    return jax.tree.unflatten(treedef, sums)
+        parts.append(jnp.sum(jnp.square(stacked), axis=tuple(range(1, stacked.ndim))))
+        order.extend(members)
+    sums = jnp.concatenate(parts)
+    return sums if order == sorted(order) else sums[np.argsort(np.asarray(order))]
 
 
 def global_norm(tree: Any) -> jax.Array:
     """sqrt of the sum of squares of all leaves, in float32 (scalar)."""
-    leaves = jax.tree.leaves(leaf_square_sums(tree))
-    if not leaves:
-        return jnp.float32(0.0)
-    return jnp.sqrt(sum(leaves))
+    return jnp.sqrt(jnp.sum(leaf_square_sums(tree)))
 
 
 def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
@@ -170,15 +174,14 @@ def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
       ema_decay, ema_every: `config.train.ema_decay`, `config.train.ema_every` (`update_ema`).
     Returns:
       (params, opt_state, ema or None, grad_norm, grad_square_sums): grad_norm the float32
-      global norm of the gradients before clipping, grad_square_sums a pytree like the
-      parameters of each gradient's float32 sum of squares (`leaf_square_sums`; the same
+      global norm of the gradients before clipping, grad_square_sums the float32 (n_leaves,)
+      vector of each gradient's sum of squares in leaf order (`leaf_square_sums`; the same
       reductions give the norm, and the clip's own norm is the same expression, which XLA
       computes once). The parameters' norm is not computed here: it is a logging quantity,
       taken on the logging steps only (`global_norm`).
     """
     square_sums = leaf_square_sums(grads)
-    leaves = jax.tree.leaves(square_sums)
-    grad_norm = jnp.sqrt(sum(leaves)) if leaves else jnp.float32(0.0)
+    grad_norm = jnp.sqrt(jnp.sum(square_sums))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     ema = None if ema is None else update_ema(ema, params, step, ema_decay, ema_every)

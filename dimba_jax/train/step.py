@@ -161,8 +161,7 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         health = {
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-            "nonfinite_grads": (~jnp.isfinite(jnp.stack(jax.tree.leaves(grad_sq)))
-                                if jax.tree.leaves(grad_sq) else jnp.zeros((0,), bool)),
+            "nonfinite_grads": ~jnp.isfinite(grad_sq),
         }
         return new_state, metrics, health
 
