@@ -28,7 +28,10 @@ synchronised); the median window / steps is reported. Cases, in the order they r
   fwd_bwd       loss + gradients of the whole model (no optimizer), the real loss
                 (self-conditioning coin, layouts, CE) with a different RNG key per call
   optimizer     global-norm clip + AdamW + EMA + the gradient norm, on given gradients
-                (optim.apply_update)
+                (optim.apply_update; parameters, moments and EMA donated, as in the step)
+  optimizer_flat  the same update on ONE float32 vector of as many parameters: the same
+                bytes without a kernel per parameter (optimizer - optimizer_flat = what the
+                tree's hundreds of small leaves cost)
   train_step    the real jitted train step (dimba_jax.train.step, state donated)
   fwd           the loss alone (forward)
   fwd_bwd_sc0   fwd_bwd with diffusion.self_cond_prob = 0 (never the extra forward)
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -82,13 +86,14 @@ from dimba_jax.models import flops as flops_lib
 from dimba_jax.train import mesh as mesh_lib
 from dimba_jax.train import optim
 from dimba_jax.train import overrides as ov
+from dimba_jax.train import state as state_lib
 from dimba_jax.train import step as step_lib
 from dimba_jax.train.tasks import make_task
 
 # Cheap, most telling cases first; on an H200 the whole-model programs take ~30-80 s each to
 # compile, so a tight --budget-s drops the last ones.
-CASES = ("proj", "head", "block_ssd", "block_no_ssd", "fwd_bwd", "optimizer", "train_step",
-         "fwd", "fwd_bwd_sc0", "fwd_bwd_sc1")
+CASES = ("proj", "head", "block_ssd", "block_no_ssd", "fwd_bwd", "optimizer", "optimizer_flat",
+         "train_step", "fwd", "fwd_bwd_sc0", "fwd_bwd_sc1")
 N_KEYS = 8  # distinct RNG keys cycled through by the loss cases (the self-cond coin varies)
 
 
@@ -352,21 +357,55 @@ class Breakdown:
         r["note"] = "the loss alone (forward, incl. the self-cond pass when its coin says so)"
         return r
 
+    def _optimizer_case(self, params, opt_state, ema, grads, tx) -> dict:
+        """`optim.apply_update` (clip + AdamW + EMA + the gradient norm) on fixed gradients,
+        params / opt_state / EMA donated and threaded through the calls as the step does."""
+        t = self.config.train
+        decay, every = float(t.ema_decay), int(t.ema_every)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+        def update(params, opt_state, ema, step, grads):
+            p, o, e, norm, _ = optim.apply_update(tx, grads, opt_state, params, ema, step + 1,
+                                                  decay, every)
+            return p, o, e, step + 1, norm
+
+        holder = {"state": (params, opt_state, ema, jnp.int32(0))}
+
+        def make_run(c):
+            def run(i):
+                *state, norm = c(*holder["state"], grads)
+                holder["state"] = tuple(state)
+                return norm, state[0]
+            return run
+
+        return self._timed(update, holder["state"] + (grads,), make_run)
+
     def case_optimizer(self) -> dict:
         s = self.setup
-        tx, ema_decay = s.tx, float(self.config.train.ema_decay)
         grads = self.grads
         if grads is None:
             grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), s.state.params)
+        copy = functools.partial(jax.tree.map, jnp.copy)  # the train state stays usable
+        r = self._optimizer_case(copy(s.state.params), copy(s.state.opt_state),
+                                 copy(s.state.ema), grads, s.tx)
+        r["leaves"] = len(jax.tree.leaves(s.state.params))
+        r["note"] = ("clip + AdamW + EMA + grad norm over the model's parameter tree (donated, "
+                     "as in the step)")
+        return r
 
-        @jax.jit
-        def update(params, opt_state, ema, step, grads):
-            return optim.apply_update(tx, grads, opt_state, params, ema, step + 1, ema_decay)
-
-        st = s.state
-        args = (st.params, st.opt_state, st.ema, st.step, grads)
-        r = self._timed(update, args, lambda c: (lambda i: c(*args)))
-        r["note"] = "clip + AdamW + EMA + grad norm (not donated: new buffers per call)"
+    def case_optimizer_flat(self) -> dict:
+        """The same update on one float32 vector of all the parameters (one leaf): its kernels
+        move the same bytes with no per-parameter launches, so optimizer - optimizer_flat is
+        what the tree's leaves cost."""
+        n = state_lib.count_params(self.setup.state.params)
+        dtype = jnp.dtype(self.config.train.param_dtype)
+        params = {"w": jnp.zeros((1, n), dtype)}  # 2-D: weight-decayed, as most parameters
+        tx = optim.make_optimizer(self.config.train, params, {"w": ("mlp", None)})
+        ema = None if float(self.config.train.ema_decay) <= 0 else {"w": jnp.zeros((1, n), dtype)}
+        r = self._optimizer_case(params, tx.init(params), ema,
+                                 {"w": jnp.full((1, n), 1e-3, dtype)}, tx)
+        r["leaves"] = 1
+        r["note"] = f"the same update on one {dtype.name} vector of all {n:,} parameters"
         return r
 
     def case_train_step(self) -> dict:
@@ -450,6 +489,9 @@ def derive(cases: dict, n_layers: int, step_ms: float | None, peak: float | None
             "fwd_bwd - blocks_all - head (stem, prompt encoder, self-cond pass, loss)")
     if "fwd_bwd_sc1" in ms and "fwd_bwd_sc0" in ms:
         put("self_cond_pass", ms["fwd_bwd_sc1"] - ms["fwd_bwd_sc0"], "fwd_bwd_sc1 - fwd_bwd_sc0")
+    if "optimizer" in ms and "optimizer_flat" in ms:
+        put("optimizer_per_leaf_cost", ms["optimizer"] - ms["optimizer_flat"],
+            "optimizer - optimizer_flat (the parameter tree's leaves)")
     if "train_step" in ms and "fwd_bwd" in ms:
         put("step_minus_fwd_bwd", ms["train_step"] - ms["fwd_bwd"],
             "train_step - fwd_bwd (optimizer, EMA, norms, health checks)")

@@ -22,12 +22,12 @@ TINY = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--per-device-batc
 
 def test_cheap_cases_on_tiny_model(tmp_path):
     out = str(tmp_path / "sb")
-    report = sb.main(TINY + ["--cases", "proj,head,block_ssd,block_no_ssd,optimizer",
+    report = sb.main(TINY + ["--cases", "proj,head,block_ssd,block_no_ssd,optimizer,optimizer_flat",
                              "--step-ms", "10", "--out", out,
                              "--profile-dir", str(tmp_path / "prof"), "--profile-cases", "proj"])
     cases = report["cases"]
-    assert set(cases) == {"proj", "head", "block_ssd", "block_no_ssd", "optimizer"}, \
-        report["failed"]
+    assert set(cases) == {"proj", "head", "block_ssd", "block_no_ssd", "optimizer",
+                          "optimizer_flat"}, report["failed"]
     assert all(c["ms"] > 0 and c["compile_s"] > 0 for c in cases.values())
     # Analytic GEMM FLOPs, counted by hand: 32 tokens; d 32, d_inner 64, nheads 4,
     # d_in_proj = 2*64 + 2*8 + 4 = 148; fwd + bwd = 3 GEMMs of 2 m n k each.
@@ -40,6 +40,10 @@ def test_cheap_cases_on_tiny_model(tmp_path):
                                                      cases["block_no_ssd"]["ms"])
     assert d["ssd_all_blocks"]["ms"] == pytest.approx(2 * d["ssd_per_block"]["ms"])
     assert d["projections_all"]["pct_of_step"] == pytest.approx(100 * 2 * cases["proj"]["ms"] / 10)
+    # The optimizer over the tree and over one vector of as many parameters.
+    assert cases["optimizer"]["leaves"] > 10 and cases["optimizer_flat"]["leaves"] == 1
+    assert d["optimizer_per_leaf_cost"]["ms"] == pytest.approx(
+        cases["optimizer"]["ms"] - cases["optimizer_flat"]["ms"])
     gemm = d["gemm_only_tflops"]["tflops"]
     assert gemm == pytest.approx((cases["proj"]["gemm_flops"] + cases["head"]["gemm_flops"]) /
                                  (cases["proj"]["ms"] + cases["head"]["ms"]) / 1e9)
