@@ -56,11 +56,15 @@ def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
                                   nheads=H, **COMMON)
 
 
-def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit):
+def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit, xla_ulps=0):
     """Same output bits and the same gradient bits (zx, conv weights and biases, A, D,
     dt_bias, norm weights): the separate path adds three zx gradients that are zero outside
     their own columns, the core writes each column once. Each side one jitted program on the
-    CPU (an eager grad dispatches the interpreted kernels and the XLA SSD op by op)."""
+    CPU (an eager grad dispatches the interpreted kernels and the XLA SSD op by op).
+
+    xla_ulps > 0: the SSD parameters' gradients (A, D, dt_bias: sums over batch and time that
+    XLA computes, fused differently in the two programs) may differ by that many float32 ulps;
+    the kernels' gradients stay bit for bit, and a second run of the core must repeat its bits."""
     args = _args(nd, batch=batch)
     want, got = jit(_separate)(*args), jit(_core)(*args)
     np.testing.assert_array_equal(np.float32(got), np.float32(want))
@@ -71,9 +75,17 @@ def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit):
 
     g_want = jit(jax.grad(loss(_separate), argnums=tuple(range(7))))(*args)
     g_got = jit(jax.grad(loss(_core), argnums=tuple(range(7))))(*args)
-    for w, g in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
-        assert w.shape == g.shape and w.dtype == g.dtype
-        np.testing.assert_array_equal(np.float32(g), np.float32(w))
+    if xla_ulps:  # the tolerance is for fusion order, not for run-to-run noise: none allowed
+        again = jit(jax.grad(loss(_core), argnums=tuple(range(7))))(*args)
+        for g, h in zip(jax.tree.leaves(g_got), jax.tree.leaves(again)):
+            np.testing.assert_array_equal(np.float32(h), np.float32(g))
+    for i, (gw, gg) in enumerate(zip(g_want, g_got)):
+        for w, g in zip(jax.tree.leaves(gw), jax.tree.leaves(gg)):
+            assert w.shape == g.shape and w.dtype == g.dtype
+            if xla_ulps and i in (3, 4, 5):  # A, D, dt_bias
+                np.testing.assert_array_max_ulp(np.float32(g), np.float32(w), maxulp=xla_ulps)
+            else:
+                np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
 
 def test_mixers_of_one_shape_share_one_lowered_core():
@@ -171,7 +183,10 @@ def test_core_gradient_lowers_for_cuda_with_the_aliased_buffer(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("nd", [2, 1])
 def test_core_vjp_equals_the_separate_calls_on_gpu(nd, monkeypatch):
-    """Compiled on the GPU, two batch rows: the same output and gradient bits as the separate
-    calls (called eagerly, each kernel its own program)."""
+    """Compiled on the GPU, two batch rows: the same output bits and kernel gradient bits as
+    the separate calls (called eagerly, each kernel its own program); the SSD parameters'
+    XLA-reduced gradients within 4 ulps (one H100 gave 1 ulp in D at nd 1 and in a
+    (nd * nheads,) one at nd 2, each side deterministic run to run:
+    benchmarks/results/gpu_tests_s21_h100.md)."""
     monkeypatch.setitem(COMMON, "interpret", False)
-    test_core_vjp_equals_the_separate_calls(nd, batch=2, jit=lambda f: f)
+    test_core_vjp_equals_the_separate_calls(nd, batch=2, jit=lambda f: f, xla_ulps=4)
