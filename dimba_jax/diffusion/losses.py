@@ -114,8 +114,8 @@ def denoise_terms(model, tokens: jax.Array, logsnr: jax.Array, cond_mask: jax.Ar
     generated = ~cond_mask
     mse = masked_mse(x0_hat, x0, generated)
     nll = _token_nll(logits, tokens)
-    ce = masked_cross_entropy(logits, tokens, generated)
-    w = generated.astype(jnp.float32)
+    w, n = _weights(generated)
+    ce = jnp.sum(nll * w) / n  # masked_cross_entropy's, from the nll computed once
     ce_example = jnp.sum(nll * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
     return {"loss": mse_weight * mse + ce_weight * ce, "mse": mse, "ce": ce,
             "acc": masked_accuracy(logits, tokens, generated), "x0_hat": x0_hat, "logits": logits,

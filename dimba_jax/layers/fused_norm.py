@@ -213,9 +213,12 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
         cache = [load(gi * hpg + j) for j in range(hpg)] if passes == 1 else None
         raw = (lambda j: load(gi * hpg + j)) if cache is None else cache.__getitem__
 
+        def tile_cols(j):
+            return pl.ds((gi * hpg + j) * w, w)
+
         def tiles(j):
             z_raw, y_raw, do_raw = raw(j)
-            cols = pl.ds((gi * hpg + j) * w, w)
+            cols = tile_cols(j)
             z = z_raw.astype(f32)
             s, sig = _silu_parts(z)
             ys = [y.astype(f32) for y in y_raw]
@@ -226,7 +229,7 @@ def _bwd_kernel(ys_ref, z_ref, *refs, q, seqlen, d, ngroups, nd, w, zo, dzo=0, p
 
         def dots(j, acc):
             if o_ref is not None:
-                cols = pl.ds((gi * hpg + j) * w, w)
+                cols = tile_cols(j)
                 do_o = do_ref[:, cols].astype(f32) * o_ref[:, cols].astype(f32)
                 return (acc[0] + jnp.sum(do_o, axis=1),)
             cols, _, _, _, _, ns, do, dns = tiles(j)
