@@ -195,13 +195,18 @@ def build_setup(args, pairs) -> TrainSetup:
     task = make_task(config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
-    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes)
+    layout = state_lib.param_layout(parts, config.train, mesh, config.mesh.axis_rules)
+    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes,
+                              mask=None if layout is None else layout.group_mask)
     pdtype = jnp.dtype(config.train.param_dtype)
     use_ema = float(config.train.ema_decay) > 0
-    sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, pdtype, use_ema)
-    state, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, pdtype, use_ema)
+    sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, pdtype, use_ema,
+                                        layout)
+    state, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, pdtype, use_ema,
+                                               layout)
     ds = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
-    train_step = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds)
+    train_step = step_lib.make_train_step(task, parts, tx, config.train, mesh, sh, rsh, ds,
+                                          layout)
     vocab = task.tokenizer.vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab - 1, (config.train.batch_size, seq_len))
     batch = {"tokens": jax.device_put(tokens.astype(np.int32), ds)}

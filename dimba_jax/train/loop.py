@@ -85,8 +85,7 @@ def local_copy(tree: Any, mesh) -> Any:
     return jax.tree.map(lambda x: x.addressable_data(0), replicated)
 
 
-def _sample(task, parts, state, rest, mesh, seed: int, step: int, num: int) -> list[str]:
-    params = state.ema if state.ema is not None else state.params
+def _sample(task, parts, params, rest, mesh, seed: int, step: int, num: int) -> list[str]:
     model = parts.merge(local_copy(params, mesh), local_copy(rest, mesh))
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003 + step)
     return task.sample_text(model, rng, num)
@@ -139,14 +138,18 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     param_dtype = jnp.dtype(t.param_dtype)
 
     parts = state_lib.model_parts(task, jax.random.PRNGKey(seed))
-    tx = optim.make_optimizer(t, parts.abstract_params, parts.logical_axes)
+    layout = state_lib.param_layout(parts, t, mesh, config.mesh.axis_rules)
+    tx = optim.make_optimizer(t, parts.abstract_params, parts.logical_axes,
+                              mask=None if layout is None else layout.group_mask)
     shardings, rest_shardings = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules,
-                                                          param_dtype, use_ema)
+                                                          param_dtype, use_ema, layout)
+    to_saved, to_training = state_lib.form_converters(layout, shardings)
     data_sharding = step_lib.batch_sharding(mesh, config.mesh.axis_rules)
     train_step = step_lib.make_train_step(task, parts, tx, t, mesh, shardings, rest_shardings,
-                                          data_sharding)
+                                          data_sharding, layout)
     eval_step = step_lib.make_eval_step(task, parts, mesh, shardings.params, rest_shardings,
-                                        data_sharding)
+                                        data_sharding, layout)
+    as_tree = (lambda p: p) if layout is None else jax.jit(layout.unravel)
     param_norm = jax.jit(optim.global_norm)  # a logging quantity: logging steps only
     # The data pipeline is built before anything is written: a start that fails here (a bad
     # data source, say) leaves the workdir as it was.
@@ -166,14 +169,14 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     peak = flops_lib.peak_flops_per_device(jax.devices()[0], float(t.peak_flops))
 
     # =============================================================== restore
-    abstract = state_lib.abstract_train_state(parts, tx, shardings, param_dtype, use_ema)
+    abstract = state_lib.abstract_train_state(parts, tx, shardings, param_dtype, use_ema, layout)
     restored = checkpointer.restore(abstract)
     if restored is None:
         state, rest = state_lib.create_train_state(task, parts, tx, seed, shardings,
-                                                   rest_shardings, param_dtype, use_ema)
+                                                   rest_shardings, param_dtype, use_ema, layout)
         start_step = 0
     else:
-        state, start_step = restored.state, restored.step
+        state, start_step = to_training(restored.state), restored.step
         rest = state_lib.init_rest(task, parts, seed, rest_shardings)
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
@@ -208,7 +211,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
         if last_saved == step_done:
             return
         check(pending)  # never checkpoint a state produced by a non-finite step
-        checkpointer.save(step_done, state, train_iter.get_state())
+        checkpointer.save(step_done, to_saved(state), train_iter.get_state())
         last_saved = step_done
 
     def run_eval(step_done):
@@ -226,7 +229,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
     def run_samples(step_done):
         if int(config.sample.num_samples) <= 0:
             return []
-        samples = _sample(task, parts, state, rest, mesh, seed, step_done,
+        params = as_tree(state.ema if state.ema is not None else state.params)
+        samples = _sample(task, parts, params, rest, mesh, seed, step_done,
                           int(config.sample.num_samples))
         text = metrics_lib.write_samples(workdir, step_done, samples, enabled=is_main)
         if is_main:

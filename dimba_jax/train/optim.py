@@ -59,35 +59,39 @@ def weight_decay_mask(params: Any, logical_axes: Any, decay_embeddings: bool = F
     return jax.tree.unflatten(treedef, [decide(p, x, a) for (p, x), a in zip(flat, axes_leaves)])
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """optax.clip_by_global_norm's rule (each update t -> t where the global norm is below
     max_norm, else t / norm * max_norm; state optax.EmptyState, so checkpoints of either load
-    into the other) with the norm taken by `global_norm` (`leaf_square_sums`), whose grouped
-    reductions XLA then computes once for this and for `apply_update`'s gradient norm."""
+    into the other). The norm is the `grad_norm` extra argument of `update` where the caller
+    has it (`apply_update` passes the one it reports), else `global_norm(updates)`."""
     def init_fn(params):
         del params
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates) if grad_norm is None else grad_norm
         keep = norm < max_norm
         return jax.tree.map(lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm),
                             updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def make_optimizer(train_config, params: Any, logical_axes: Any) -> optax.GradientTransformation:
+def make_optimizer(train_config, params: Any, logical_axes: Any,
+                   mask: Any = None) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, weight_decay, mask).
 
     Args:
       train_config: `config.train`.
       params: the parameter pytree (arrays or ShapeDtypeStructs) — used only for the mask.
       logical_axes: logical axis names per parameter (see `weight_decay_mask`).
+      mask: the weight-decay mask to use instead of `weight_decay_mask(params, logical_axes)`
+        (a flat layout's `group_mask`, whose params are the flat vectors).
     """
     t = train_config
-    mask = weight_decay_mask(params, logical_axes, bool(t.decay_embeddings))
+    if mask is None:
+        mask = weight_decay_mask(params, logical_axes, bool(t.decay_embeddings))
     parts = []
     if float(t.grad_clip) > 0:
         parts.append(clip_by_global_norm(float(t.grad_clip)))
@@ -164,25 +168,27 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
-                 ema: Any, step: jax.Array,
-                 ema_decay: float, ema_every: int = 1) -> tuple[Any, Any, Any, jax.Array, Any]:
+                 ema: Any, step: jax.Array, ema_decay: float, ema_every: int = 1,
+                 square_sums: jax.Array | None = None) -> tuple[Any, Any, Any, jax.Array, Any]:
     """One optimizer step with `tx` from `make_optimizer`, then the EMA.
 
     Args:
       grads, params, ema: pytrees like the parameters (ema may be None); opt_state: tx's.
       step: int32 scalar, the optimizer step being completed (1-based; EMA warm-up).
       ema_decay, ema_every: `config.train.ema_decay`, `config.train.ema_every` (`update_ema`).
+      square_sums: the gradients' float32 sums of squares, one per parameter, where the
+        caller has them (a flat layout's `leaf_square_sums`); default `leaf_square_sums(grads)`.
     Returns:
       (params, opt_state, ema or None, grad_norm, grad_square_sums): grad_norm the float32
-      global norm of the gradients before clipping, grad_square_sums the float32 (n_leaves,)
-      vector of each gradient's sum of squares in leaf order (`leaf_square_sums`; the same
-      reductions give the norm, and the clip's own norm is the same expression, which XLA
-      computes once). The parameters' norm is not computed here: it is a logging quantity,
-      taken on the logging steps only (`global_norm`).
+      global norm of the gradients before clipping (sqrt of the square sums' total; the clip
+      reads the same value), grad_square_sums the float32 square sums. The parameters' norm
+      is not computed here: it is a logging quantity, taken on the logging steps only
+      (`global_norm`).
     """
-    square_sums = leaf_square_sums(grads)
+    if square_sums is None:
+        square_sums = leaf_square_sums(grads)
     grad_norm = jnp.sqrt(jnp.sum(square_sums))
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
     params = optax.apply_updates(params, updates)
     ema = None if ema is None else update_ema(ema, params, step, ema_decay, ema_every)
     return params, opt_state, ema, grad_norm, square_sums

@@ -8,6 +8,10 @@ An nnx model is split once into
 
 `TrainState` = step, params, opt_state, ema (or None), rng. Everything in it is checkpointed;
 `state_shardings` derives its shardings from the parameters' logical axis names.
+
+`config.train.param_layout` "flat" holds params, the optimizer's moments and the EMA as a
+`flat.FlatLayout`'s vectors while training (`param_layout`); checkpoints hold the tree form
+either way (`saved_form` / `training_form` convert), so a run may resume under the other.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dimba_jax.train import flat as flat_lib
 from dimba_jax.train import mesh as mesh_lib
+from dimba_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -30,9 +36,10 @@ class TrainState:
     """Everything that changes during training (all arrays; a pytree).
 
     step: int32 scalar, optimizer steps taken.
-    params: nested dict of float arrays (config.train.param_dtype).
+    params: nested dict of float arrays (config.train.param_dtype), or under a flat layout
+      its dict {group: (n,) vector} (`flat.FlatLayout`).
     opt_state: optax state for params.
-    ema: nested dict like params (the EMA used for sampling), or None when ema_decay == 0.
+    ema: like params (the EMA used for sampling), or None when ema_decay == 0.
     rng: uint32 (2,) base PRNG key; step n uses fold_in(rng, n), so resuming is exact.
     """
     step: jax.Array
@@ -127,33 +134,69 @@ def init_params_and_rest(task, parts: ModelParts, rng: jax.Array, param_dtype) -
     return cast_floats(nnx.to_pure_dict(params), param_dtype), nnx.to_pure_dict(rest)
 
 
+def param_layout(parts: ModelParts, train_config, mesh: Mesh,
+                 axis_rules) -> flat_lib.FlatLayout | None:
+    """The flat layout of `config.train.param_layout` "flat" (grouped by the weight-decay
+    mask), or None for "tree". Raises ValueError for another value, or for "flat" where the
+    mesh shards a parameter (the flat vectors are kept whole on every device)."""
+    name = str(train_config.param_layout)
+    if name not in ("tree", "flat"):
+        raise ValueError(f"train.param_layout must be 'tree' or 'flat', got {name!r}")
+    if name == "tree":
+        return None
+    sizes = dict(mesh.shape)
+    for spec in jax.tree.leaves(param_specs(parts, mesh, axis_rules),
+                                is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        for axes in spec:
+            for axis in (axes if isinstance(axes, tuple) else (axes,)):
+                if axis is not None and sizes[axis] > 1:
+                    raise ValueError(
+                        f"train.param_layout='flat' keeps every parameter whole on every "
+                        f"device, but the mesh shards parameters over {axis!r} (size "
+                        f"{sizes[axis]}): use param_layout='tree' with fsdp or tensor > 1")
+    abstract = cast_floats(parts.abstract_params, train_config.param_dtype)
+    mask = optim.weight_decay_mask(abstract, parts.logical_axes,
+                                   bool(train_config.decay_embeddings))
+    return flat_lib.FlatLayout.from_params(abstract, mask)
+
+
 def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh,
-                    axis_rules, param_dtype, use_ema: bool) -> tuple[TrainState, Any]:
+                    axis_rules, param_dtype, use_ema: bool,
+                    layout: flat_lib.FlatLayout | None = None) -> tuple[TrainState, Any]:
     """(TrainState of NamedShardings, rest shardings) for the jitted init, step and restore.
 
     Optimizer moments take their parameter's sharding (via optax.tree_map_params); counts and
-    other scalars are replicated.
+    other scalars are replicated. Under a flat layout (tx over its vectors) everything is
+    replicated.
     """
+    repl = mesh_lib.replicated(mesh)
+    rest_shard = jax.tree.map(lambda _: repl, nnx.to_pure_dict(parts.rest_template))
+    if layout is not None:
+        flat = layout.abstract()
+        state = TrainState(step=repl, params=jax.tree.map(lambda _: repl, flat),
+                           opt_state=jax.tree.map(lambda _: repl, jax.eval_shape(tx.init, flat)),
+                           ema=jax.tree.map(lambda _: repl, flat) if use_ema else None, rng=repl)
+        return state, rest_shard
     specs = param_specs(parts, mesh, axis_rules)
     p_shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                            is_leaf=lambda x: isinstance(x, PartitionSpec))
     abstract_params = cast_floats(parts.abstract_params, param_dtype)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    repl = mesh_lib.replicated(mesh)
     opt_shard = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, p_shard,
         transform_non_params=lambda _: repl,
         is_leaf=lambda x: isinstance(x, NamedSharding))
     state = TrainState(step=repl, params=p_shard, opt_state=opt_shard,
                        ema=p_shard if use_ema else None, rng=repl)
-    rest_shard = jax.tree.map(lambda _: repl, nnx.to_pure_dict(parts.rest_template))
     return state, rest_shard
 
 
 def create_train_state(task, parts: ModelParts, tx: optax.GradientTransformation, seed: int,
                        shardings: TrainState, rest_shardings: Any, param_dtype,
-                       use_ema: bool) -> tuple[TrainState, Any]:
-    """Initialises params, optimizer state and EMA directly in their shardings (one jit).
+                       use_ema: bool,
+                       layout: flat_lib.FlatLayout | None = None) -> tuple[TrainState, Any]:
+    """Initialises params, optimizer state and EMA directly in their shardings (one jit);
+    under a flat layout the params are raveled before tx.init (tx over the vectors).
 
     The model's init key is fold_in(PRNGKey(seed), 0); the train RNG is fold_in(.., 1).
     Returns (state, rest).
@@ -161,6 +204,8 @@ def create_train_state(task, parts: ModelParts, tx: optax.GradientTransformation
     def init():
         base = jax.random.PRNGKey(seed)
         params, rest = init_params_and_rest(task, parts, jax.random.fold_in(base, 0), param_dtype)
+        if layout is not None:
+            params = layout.ravel(params)
         ema = jax.tree.map(jnp.copy, params) if use_ema else None
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), ema=ema,
@@ -179,17 +224,39 @@ def init_rest(task, parts: ModelParts, seed: int, rest_shardings: Any) -> Any:
 
 
 def abstract_train_state(parts: ModelParts, tx, shardings: TrainState, param_dtype,
-                         use_ema: bool) -> TrainState:
-    """TrainState of ShapeDtypeStructs carrying the target shardings (restore targets)."""
+                         use_ema: bool,
+                         layout: flat_lib.FlatLayout | None = None) -> TrainState:
+    """TrainState of ShapeDtypeStructs carrying the target shardings (restore targets): the
+    saved form, whose params, moments and EMA are trees under either layout (under a flat one
+    `shardings` are its replicated ones and tx is over its vectors)."""
     def shapes():
         params = cast_floats(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                           parts.abstract_params), param_dtype)
+        if layout is not None:
+            params = layout.ravel(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), ema=params if use_ema else None,
                           rng=jax.random.PRNGKey(0))
     abstract = jax.eval_shape(shapes)
+    if layout is not None:
+        repl = shardings.step
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            jax.eval_shape(layout.flat_tree, abstract))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
+
+
+def form_converters(layout: flat_lib.FlatLayout | None, shardings: TrainState):
+    """(to_saved, to_training): jitted state -> state functions between the training form and
+    the saved one (checkpoints hold trees under either layout). Under the tree layout both are
+    the identity; under a flat one to_saved sets every flat vector of a state as its tree
+    (`FlatLayout.flat_tree`; the state is kept) and to_training ravels every parameter tree
+    into `shardings` (the flat layout's, all replicated)."""
+    if layout is None:
+        return (lambda state: state), (lambda state: state)
+    to_saved = jax.jit(layout.flat_tree, out_shardings=shardings.step)
+    to_training = jax.jit(layout.tree_flat, out_shardings=shardings)
+    return to_saved, to_training
 
 
 def count_params(params: Any) -> int:

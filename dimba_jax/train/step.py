@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dimba_jax.train import mesh as mesh_lib
 from dimba_jax.train import optim
+from dimba_jax.train.flat import FlatLayout
 from dimba_jax.train.state import ModelParts, TrainState
 
 
@@ -91,11 +92,12 @@ def compile_variants(train_step: Callable, state: TrainState, rest: Any, batch: 
         return list(pool.map(lambda low: low.compile(), lowered))
 
 
-def make_loss_fn(task, parts: ModelParts) -> Callable:
+def make_loss_fn(task, parts: ModelParts, layout: FlatLayout | None = None) -> Callable:
     """(params, rest, batch, rng[, options]) -> (loss, metrics): the task's loss on the rebuilt
-    model, options = `step_options` pairs passed as its keywords."""
+    model, options = `step_options` pairs passed as its keywords; under a flat layout params
+    are its vectors, unraveled for the model (their gradient arrives raveled)."""
     def loss_fn(params, rest, batch, rng, options=()):
-        model = parts.merge(params, rest)
+        model = parts.merge(params if layout is None else layout.unravel(params), rest)
         loss, metrics = task.loss(model, batch, rng, **dict(options))
         return loss.astype(jnp.float32), metrics
     return loss_fn
@@ -103,8 +105,9 @@ def make_loss_fn(task, parts: ModelParts) -> Callable:
 
 def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, train_config,
                     mesh: Mesh, shardings: TrainState, rest_shardings: Any,
-                    data_sharding: NamedSharding) -> Callable:
-    """Builds the jitted train step.
+                    data_sharding: NamedSharding, layout: FlatLayout | None = None) -> Callable:
+    """Builds the jitted train step; under a flat layout (`state.param_layout`) the state's
+    params, moments and EMA are its vectors and tx is over them.
 
     Returns:
       step(state, rest, batch, options=()) -> (new_state, metrics, health), options the static
@@ -112,7 +115,7 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
         metrics: dict of float32 scalars — the task's loss parts, "loss", "grad_norm", "lr"
           (the parameters' norm is the loop's, on logging steps only);
         health: {"finite": bool scalar (loss and grad norm finite),
-                 "nonfinite_grads": bool (n_leaves,) in `jax.tree.leaves(params)` order
+                 "nonfinite_grads": bool (n_leaves,) in the parameter tree's leaf order
                  (`param_leaf_names`; True = this parameter's gradient's sum of squares is
                  not finite: a NaN/Inf in it, or entries so large their squares overflow
                  float32; read off the reductions of the gradient norm, so it costs no pass
@@ -123,7 +126,7 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
     accum = int(train_config.grad_accum)
     ema_decay, ema_every = float(train_config.ema_decay), int(train_config.ema_every)
     schedule = optim.learning_rate_schedule(train_config)
-    loss_fn = make_loss_fn(task, parts)
+    loss_fn = make_loss_fn(task, parts, layout)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     spec = data_sharding.spec
 
@@ -152,8 +155,10 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, task_metrics), grads = compute_grads(state.params, rest, batch, rng, options)
         new_step = state.step + 1
+        sums = None if layout is None else layout.leaf_square_sums(grads)
         params, opt_state, ema, grad_norm, grad_sq = optim.apply_update(
-            tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay, ema_every)
+            tx, grads, state.opt_state, state.params, state.ema, new_step, ema_decay, ema_every,
+            square_sums=sums)
         new_state = TrainState(step=new_step, params=params, opt_state=opt_state, ema=ema,
                                rng=state.rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in task_metrics.items()}
@@ -172,10 +177,12 @@ def make_train_step(task, parts: ModelParts, tx: optax.GradientTransformation, t
 
 
 def make_eval_step(task, parts: ModelParts, mesh: Mesh, param_shardings: Any,
-                   rest_shardings: Any, data_sharding: NamedSharding) -> Callable:
+                   rest_shardings: Any, data_sharding: NamedSharding,
+                   layout: FlatLayout | None = None) -> Callable:
     """Jitted eval: (params, rest, batch, rng) -> dict of float32 scalar metrics ("loss" + the
-    task's parts), with a fixed rng so evaluations are comparable across steps."""
-    loss_fn = make_loss_fn(task, parts)
+    task's parts), with a fixed rng so evaluations are comparable across steps; params in the
+    train state's form (a flat layout's vectors under one)."""
+    loss_fn = make_loss_fn(task, parts, layout)
 
     def evaluate(params, rest, batch, rng):
         loss, metrics = loss_fn(params, rest, batch, rng)
