@@ -2,14 +2,16 @@
 
 * DIMBA's loss and gradients on a (data=2, fsdp=2, tensor=2) mesh equal those on one device;
 * the toy task trains to the same losses on the mesh as on one device;
-* a checkpoint written on 8 devices restores onto 4 devices (another mesh) and training
-  continues with the losses of the uninterrupted 8-device run.
+* a checkpoint written on 8 devices restores onto 4 devices (another mesh, or 4-way data
+  parallelism with the flat parameter layout) and training continues with the losses of the
+  uninterrupted 8-device run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -47,10 +49,12 @@ def test_dimba_loss_and_grads_on_a_2x2x2_mesh_equal_one_device():
 
 def test_mesh_training_matches_one_device_and_restores_onto_fewer_devices(tmp_path):
     ref8, cut = str(tmp_path / "ref8"), str(tmp_path / "cut")
-    runs = _worker(8, "train", ref8, "6", "2", "2", "2", cut, "3", "2", "2", "2")
+    runs = _worker(8, "train", ref8, "6", "2", "2", "2", "tree", cut, "3", "2", "2", "2", "tree")
     assert [r["step"] for r in runs] == [6, 3] and runs[0]["devices"] == 8
-    resumed = _worker(4, "train", cut, "6", "2", "2", "1")[0]
-    assert resumed == {"devices": 4, "start_step": 3, "step": 6}
+    flat = str(tmp_path / "flat")
+    shutil.copytree(cut, flat)
+    resumed = _worker(4, "train", cut, "6", "2", "2", "1", "tree", flat, "6", "4", "1", "1", "flat")
+    assert resumed == [{"devices": 4, "start_step": 3, "step": 6}] * 2
 
     config = toy_config(6, checkpoint_every=3, warmup_steps=0, final_lr_frac=1.0)
     config.model.d_model = 32
@@ -61,8 +65,10 @@ def test_mesh_training_matches_one_device_and_restores_onto_fewer_devices(tmp_pa
     one = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "ref1"))}
     eight = {r["step"]: r["loss"] for r in read_metrics(ref8)}
     moved = {r["step"]: r["loss"] for r in read_metrics(cut)}
-    assert sorted(moved) == list(range(1, 7))
+    data4 = {r["step"]: r["loss"] for r in read_metrics(flat)}  # data-parallel, flat params
+    assert sorted(moved) == sorted(data4) == list(range(1, 7))
     for s in range(1, 7):
         assert eight[s] == pytest.approx(one[s], rel=1e-5)
         assert moved[s] == pytest.approx(eight[s], rel=1e-5)
+        assert data4[s] == pytest.approx(eight[s], rel=1e-5)
     assert all(moved[s] == eight[s] for s in (1, 2, 3))  # same mesh, same program: bitwise

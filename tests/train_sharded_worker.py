@@ -2,7 +2,8 @@
 tests/test_train_sharding.py); prints one JSON line with its results.
 
   python train_sharded_worker.py equivalence          loss+grads+1 step on (2,2,2) vs 1 device
-  python train_sharded_worker.py train WORKDIR STEPS DATA FSDP TENSOR [...]   toy runs on meshes
+  python train_sharded_worker.py train WORKDIR STEPS DATA FSDP TENSOR LAYOUT [...]   toy runs
+                                                  on meshes, LAYOUT tree or flat
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def equivalence() -> dict:
             "grad_rel_diff": gdiff, "mesh_specs": specs}
 
 
-def train(workdir: str, steps: int, data: int, fsdp: int, tensor: int) -> dict:
-    """The toy task on a given mesh (constant lr so runs of different lengths agree)."""
+def train(workdir: str, steps: int, data: int, fsdp: int, tensor: int, layout: str) -> dict:
+    """The toy task on a given mesh and parameter layout (constant lr so runs of different
+    lengths agree)."""
     from train_toy import ToyTask, toy_config, toy_factories
     from dimba_jax.train.loop import train_and_evaluate
-    config = toy_config(steps, checkpoint_every=3, warmup_steps=0, final_lr_frac=1.0)
+    config = toy_config(steps, checkpoint_every=3, warmup_steps=0, final_lr_frac=1.0,
+                        param_layout=layout)
     config.model.d_model = 32
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
     dfac, efac = toy_factories()
@@ -83,7 +86,8 @@ def train(workdir: str, steps: int, data: int, fsdp: int, tensor: int) -> dict:
 if __name__ == "__main__":
     if sys.argv[1] == "equivalence":
         result = equivalence()
-    else:  # train WORKDIR STEPS DATA FSDP TENSOR [WORKDIR STEPS DATA FSDP TENSOR ...]
+    else:  # train WORKDIR STEPS DATA FSDP TENSOR LAYOUT [WORKDIR STEPS ...]
         args = sys.argv[2:]
-        result = [train(args[i], *map(int, args[i + 1:i + 5])) for i in range(0, len(args), 5)]
+        result = [train(args[i], *map(int, args[i + 1:i + 5]), args[i + 5])
+                  for i in range(0, len(args), 6)]
     print("RESULT " + json.dumps(result))
