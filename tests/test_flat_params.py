@@ -123,8 +123,9 @@ def test_flat_train_step_equals_the_tree_step(accum):
 def test_a_run_resumes_under_the_other_layout_and_saves_trees(tmp_path):
     data, evals = toy_factories()
 
-    def run(workdir, steps, layout, **kw):
+    def run(workdir, steps, layout, samples=0, **kw):
         config = toy_config(steps, checkpoint_every=2, param_layout=layout, **kw)
+        config.sample.num_samples = samples
         return train_and_evaluate(config, str(workdir), task=ToyTask(config),
                                   data_factory=data, eval_factory=evals)
     for name, first in (("ref", "tree"), ("mix", "flat")):  # the same run to 6, resumed at 4
@@ -135,8 +136,9 @@ def test_a_run_resumes_under_the_other_layout_and_saves_trees(tmp_path):
     mix = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "mix")}
     for s in range(1, 7):
         assert mix[s] == pytest.approx(ref[s], rel=1e-5), s
-    out = run(tmp_path / "mix", 8, "flat", eval_batches=1)  # tree -> flat, with eval
+    out = run(tmp_path / "mix", 8, "flat", samples=2, eval_batches=1)  # tree -> flat
     assert out["start_step"] == 6 and np.isfinite(out["eval"]["loss"])
+    assert len(out["samples"]) == 2  # sampled from the EMA's tree
     loaded = ckpt_lib.load_params_for_inference(str(tmp_path / "mix"), prefer_ema=True)
     assert loaded.step == 8 and loaded.params["w1"].shape == (16, 32)
 
