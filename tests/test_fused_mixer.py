@@ -56,15 +56,17 @@ def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws):
                                   nheads=H, **COMMON)
 
 
-def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit, xla_ulps=0):
+def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit, xla_tol=0.0):
     """Same output bits and the same gradient bits (zx, conv weights and biases, A, D,
     dt_bias, norm weights): the separate path adds three zx gradients that are zero outside
     their own columns, the core writes each column once. Each side one jitted program on the
     CPU (an eager grad dispatches the interpreted kernels and the XLA SSD op by op).
 
-    xla_ulps > 0: the SSD parameters' gradients (A, D, dt_bias: sums over batch and time that
-    XLA computes, fused differently in the two programs) may differ by that many float32 ulps;
-    the kernels' gradients stay bit for bit, and a second run of the core must repeat its bits."""
+    xla_tol > 0: the SSD parameters' gradients (A, D, dt_bias: sums over batch and time that
+    XLA computes, fused differently in the two programs) may differ by xla_tol times the
+    largest entry of that gradient (summation order: terms of both signs cancel, so an entry's
+    own ulps say nothing); the kernels' gradients stay bit for bit, and a second run of the
+    core must repeat its bits."""
     args = _args(nd, batch=batch)
     want, got = jit(_separate)(*args), jit(_core)(*args)
     np.testing.assert_array_equal(np.float32(got), np.float32(want))
@@ -75,15 +77,17 @@ def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit, xla_ulps
 
     g_want = jit(jax.grad(loss(_separate), argnums=tuple(range(7))))(*args)
     g_got = jit(jax.grad(loss(_core), argnums=tuple(range(7))))(*args)
-    if xla_ulps:  # the tolerance is for fusion order, not for run-to-run noise: none allowed
+    if xla_tol:  # the tolerance is for fusion order, not for run-to-run noise: none allowed
         again = jit(jax.grad(loss(_core), argnums=tuple(range(7))))(*args)
         for g, h in zip(jax.tree.leaves(g_got), jax.tree.leaves(again)):
             np.testing.assert_array_equal(np.float32(h), np.float32(g))
     for i, (gw, gg) in enumerate(zip(g_want, g_got)):
         for w, g in zip(jax.tree.leaves(gw), jax.tree.leaves(gg)):
             assert w.shape == g.shape and w.dtype == g.dtype
-            if xla_ulps and i in (3, 4, 5):  # A, D, dt_bias
-                np.testing.assert_array_max_ulp(np.float32(g), np.float32(w), maxulp=xla_ulps)
+            if xla_tol and i in (3, 4, 5):  # A, D, dt_bias
+                scale = float(np.max(np.abs(np.float32(w))))
+                np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=0,
+                                           atol=xla_tol * scale)
             else:
                 np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
@@ -185,8 +189,8 @@ def test_core_gradient_lowers_for_cuda_with_the_aliased_buffer(monkeypatch):
 def test_core_vjp_equals_the_separate_calls_on_gpu(nd, monkeypatch):
     """Compiled on the GPU, two batch rows: the same output bits and kernel gradient bits as
     the separate calls (called eagerly, each kernel its own program); the SSD parameters'
-    XLA-reduced gradients within 4 ulps (one H100 gave 1 ulp in D at nd 1 and in a
-    (nd * nheads,) one at nd 2, each side deterministic run to run:
-    benchmarks/results/gpu_tests_s21_h100.md)."""
+    XLA-reduced gradients within 1e-4 of their largest entry (one H100 gave 1 ulp, another
+    112-128 ulps of an entry, each side deterministic run to run:
+    benchmarks/results/gpu_tests_s21_h100.md, gpu_tests_s22_h100.log)."""
     monkeypatch.setitem(COMMON, "interpret", False)
-    test_core_vjp_equals_the_separate_calls(nd, batch=2, jit=lambda f: f, xla_ulps=4)
+    test_core_vjp_equals_the_separate_calls(nd, batch=2, jit=lambda f: f, xla_tol=1e-4)

@@ -116,10 +116,14 @@ class FlatLayout:
 
     def leaf_square_sums(self, flat: dict) -> jax.Array:
         """Each leaf's sum of squares, float32 (n_leaves,) in leaf order: per group, the
-        vector's row sums (one reduction) added up per leaf (one sorted segment sum)."""
+        vector's row sums (one reduction) added up per leaf (one sorted segment sum over the
+        rows). An optimization barrier keeps the row sums a reduction of their own: fused into
+        the segment sum's scatter, each scatter thread summed a row serially (45 ms of one
+        H100 step, benchmarks/results/train_throughput_flat_h100_profile.md)."""
         sums = []
         for g, n in self.rows.items():
             rows = jnp.sum(jnp.square(flat[g].astype(jnp.float32).reshape(n, ROW)), axis=1)
+            rows = jax.lax.optimization_barrier(rows)
             members = [i for i in range(self.n_leaves) if self.group[i] == g]
             ids = np.empty((n,), np.int32)
             for k, i in enumerate(members):
