@@ -117,10 +117,10 @@ class FlatLayout:
     def leaf_square_sums(self, flat: dict) -> jax.Array:
         """Each leaf's sum of squares, float32 (n_leaves,) in leaf order: per group, the
         vector's row sums (one reduction) added up per leaf (one sorted segment sum over the
-        rows). An optimization barrier keeps the row sums a reduction of their own: fused into
-        the segment sum's scatter, each scatter thread summed a row serially (45 ms of one
-        H100 step, benchmarks/results/train_throughput_flat_h100_profile.md)."""
-        sums = []
+        rows). An optimization barrier keeps the row sums a reduction of their own: XLA's GPU
+        backend otherwise fuses them into the segment sum's scatter, where each thread sums a
+        row serially (benchmarks/results/train_throughput_flat_h100_profile.md)."""
+        sizes, sums = self._sizes(), []
         for g, n in self.rows.items():
             rows = jnp.sum(jnp.square(flat[g].astype(jnp.float32).reshape(n, ROW)), axis=1)
             rows = jax.lax.optimization_barrier(rows)
@@ -128,7 +128,7 @@ class FlatLayout:
             ids = np.empty((n,), np.int32)
             for k, i in enumerate(members):
                 first = self.offset[i] // ROW
-                ids[first:first + -(-self._sizes()[i] // ROW)] = k
+                ids[first:first + -(-sizes[i] // ROW)] = k
             sums.append((members, jax.ops.segment_sum(rows, jnp.asarray(ids), len(members),
                                                       indices_are_sorted=True)))
         order = np.argsort(np.concatenate([np.asarray(m, np.int64) for m, _ in sums]))

@@ -11,7 +11,7 @@ An nnx model is split once into
 
 `config.train.param_layout` "flat" holds params, the optimizer's moments and the EMA as a
 `flat.FlatLayout`'s vectors while training (`param_layout`); checkpoints hold the tree form
-either way (`saved_form` / `training_form` convert), so a run may resume under the other.
+either way (`form_converters`), so a run may resume under the other.
 """
 
 from __future__ import annotations
