@@ -73,7 +73,6 @@ import numpy as np
 from benchmarks import profile_summary
 from dimba_jax.models import flops as flops_lib
 from dimba_jax.train import mesh as mesh_lib
-from dimba_jax.train import optim
 from dimba_jax.train import overrides as ov
 from dimba_jax.train import state as state_lib
 from dimba_jax.train import step as step_lib
@@ -196,8 +195,7 @@ def build_setup(args, pairs) -> TrainSetup:
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
     layout = state_lib.param_layout(parts, config.train, mesh, config.mesh.axis_rules)
-    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes,
-                              mask=None if layout is None else layout.group_mask)
+    tx = state_lib.optimizer_for(parts, config.train, layout)
     pdtype = jnp.dtype(config.train.param_dtype)
     use_ema = float(config.train.ema_decay) > 0
     sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, pdtype, use_ema,

@@ -86,8 +86,7 @@ def _steps(config, n):
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
     parts = state_lib.model_parts(task, jax.random.PRNGKey(0))
     layout = state_lib.param_layout(parts, config.train, mesh, config.mesh.axis_rules)
-    tx = optim.make_optimizer(config.train, parts.abstract_params, parts.logical_axes,
-                              mask=None if layout is None else layout.group_mask)
+    tx = state_lib.optimizer_for(parts, config.train, layout)
     sh, rsh = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules, jnp.float32,
                                         True, layout)
     st, rest = state_lib.create_train_state(task, parts, tx, 0, sh, rsh, jnp.float32, True, layout)

@@ -156,11 +156,7 @@ class FlatLayout:
     def tree_flat(self, x: Any) -> Any:
         """x with every parameter tree replaced by its flat dict (`ravel`)."""
         return jax.tree.map(lambda v: self.ravel(v) if self.is_tree(v) else v, x,
-                            is_leaf=lambda v: not _is_leaf_array(v) and self.is_tree(v))
-
-
-def _is_leaf_array(v: Any) -> bool:
-    return hasattr(v, "shape") and not isinstance(v, dict)
+                            is_leaf=self.is_tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

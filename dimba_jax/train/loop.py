@@ -139,8 +139,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, data_factory: DataFac
 
     parts = state_lib.model_parts(task, jax.random.PRNGKey(seed))
     layout = state_lib.param_layout(parts, t, mesh, config.mesh.axis_rules)
-    tx = optim.make_optimizer(t, parts.abstract_params, parts.logical_axes,
-                              mask=None if layout is None else layout.group_mask)
+    tx = state_lib.optimizer_for(parts, t, layout)
     shardings, rest_shardings = state_lib.state_shardings(parts, tx, mesh, config.mesh.axis_rules,
                                                           param_dtype, use_ema, layout)
     to_saved, to_training = state_lib.form_converters(layout, shardings)

@@ -160,6 +160,14 @@ def param_layout(parts: ModelParts, train_config, mesh: Mesh,
     return flat_lib.FlatLayout.from_params(abstract, mask)
 
 
+def optimizer_for(parts: ModelParts, train_config,
+                  layout: flat_lib.FlatLayout | None = None) -> optax.GradientTransformation:
+    """`optim.make_optimizer` for this model's params, or under a flat layout for its vectors
+    (the weight-decay mask its `group_mask`)."""
+    return optim.make_optimizer(train_config, parts.abstract_params, parts.logical_axes,
+                                mask=None if layout is None else layout.group_mask)
+
+
 def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh,
                     axis_rules, param_dtype, use_ema: bool,
                     layout: flat_lib.FlatLayout | None = None) -> tuple[TrainState, Any]:
