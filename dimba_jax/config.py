@@ -135,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.ema_decay = 0.999  # EMA of parameters used for sampling (0 = no EMA).
     t.ema_every = 1  # Update the EMA on every k-th step only, with the product of its k steps' decays (the k steps' parameters taken as the last): k-1 of k steps skip its pass over the parameters (train/optim.py:update_ema; 1 = every step).
     t.param_dtype = "float32"  # Parameter and optimizer-state dtype.
-    t.param_layout = "tree"  # How the train step holds params, moments and EMA: "tree" (one array per parameter, sharded by the mesh's rules) or "flat" (one vector per weight-decay group, train/flat.py: the update, the EMA and the gradient norm a few kernels over a few vectors; parameters replicated, so fsdp and tensor must be 1). Checkpoints hold trees either way.
+    t.param_layout = "tree"  # How the train step holds params, moments and EMA: "tree" (one array per parameter, sharded by the mesh's rules), "flat" (one vector per weight-decay group, train/flat.py: the update, the EMA and the gradient norm a few kernels over a few vectors; parameters replicated, so fsdp and tensor must be 1) or "auto" (flat where the mesh shards no parameter, else tree). Checkpoints hold trees either way.
     t.checkpoint_every = 100  # Save a checkpoint every this many steps (and at the end / on SIGTERM).
     t.keep_checkpoints = 3  # Keep the last N checkpoints.
     t.log_every = 10  # Metrics (JSON lines + TensorBoard) every this many steps.

@@ -146,8 +146,13 @@ def test_flat_layout_refuses_an_unknown_name_and_a_sharding_mesh():
     config = toy_config(1, param_layout="flat")
     parts = state_lib.model_parts(ToyTask(config), jax.random.PRNGKey(0))
     fsdp2 = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 1})
+    data2 = types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1})
     with pytest.raises(ValueError, match="param_layout='flat' keeps every parameter whole.*'fsdp'"):
         state_lib.param_layout(parts, config.train, fsdp2, config.mesh.axis_rules)
+    config.train.param_layout = "auto"  # flat where no parameter is sharded, else the tree
+    assert state_lib.param_layout(parts, config.train, fsdp2, config.mesh.axis_rules) is None
+    auto = state_lib.param_layout(parts, config.train, data2, config.mesh.axis_rules)
+    assert isinstance(auto, flat_lib.FlatLayout)
     config.train.param_layout = "flattened"
-    with pytest.raises(ValueError, match="param_layout must be 'tree' or 'flat', got 'flattened'"):
+    with pytest.raises(ValueError, match="param_layout must be 'tree', 'flat' or 'auto', got 'flattened'"):
         state_lib.param_layout(parts, config.train, fsdp2, config.mesh.axis_rules)

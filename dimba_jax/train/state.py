@@ -137,11 +137,12 @@ def init_params_and_rest(task, parts: ModelParts, rng: jax.Array, param_dtype) -
 def param_layout(parts: ModelParts, train_config, mesh: Mesh,
                  axis_rules) -> flat_lib.FlatLayout | None:
     """The flat layout of `config.train.param_layout` "flat" (grouped by the weight-decay
-    mask), or None for "tree". Raises ValueError for another value, or for "flat" where the
-    mesh shards a parameter (the flat vectors are kept whole on every device)."""
+    mask), or None for "tree"; "auto" is "flat" where the mesh shards no parameter, else
+    "tree". Raises ValueError for another value, or for "flat" where the mesh shards a
+    parameter (the flat vectors are kept whole on every device)."""
     name = str(train_config.param_layout)
-    if name not in ("tree", "flat"):
-        raise ValueError(f"train.param_layout must be 'tree' or 'flat', got {name!r}")
+    if name not in ("tree", "flat", "auto"):
+        raise ValueError(f"train.param_layout must be 'tree', 'flat' or 'auto', got {name!r}")
     if name == "tree":
         return None
     sizes = dict(mesh.shape)
@@ -150,6 +151,8 @@ def param_layout(parts: ModelParts, train_config, mesh: Mesh,
         for axes in spec:
             for axis in (axes if isinstance(axes, tuple) else (axes,)):
                 if axis is not None and sizes[axis] > 1:
+                    if name == "auto":
+                        return None
                     raise ValueError(
                         f"train.param_layout='flat' keeps every parameter whole on every "
                         f"device, but the mesh shards parameters over {axis!r} (size "
