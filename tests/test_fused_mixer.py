@@ -92,6 +92,76 @@ def test_core_vjp_equals_the_separate_calls(nd=2, batch=B, jit=jax.jit, xla_tol=
                 np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
 
+def test_forward_only_core_reads_dt_in_place(monkeypatch):
+    """Forward only (as the samplers run it) the core hands the SSD the projection's output
+    with its dt columns (`ssd`'s dt_layout), so with the Mosaic SSD and its prologue kernel
+    and the Mosaic conv forward (which leaves dt_cat to XLA), all in their interpreters (8
+    heads of 64 per direction, the prologue's block), the program forms no (b, L, 2H) dt_cat:
+    the same output bits as the separate calls, which concatenate it, and no such
+    concatenation left in the compiled program."""
+    import functools
+    import types
+
+    import dimba_jax.ssd as ssd_package
+    from dimba_jax.ssd import KernelConfig, pallas_mosaic, pallas_select
+
+    # impl="pallas" on the CPU: the Mosaic forward in its interpreter, the device check off
+    real_supported = pallas_mosaic.supported
+    monkeypatch.setattr(pallas_mosaic, "supported",
+                        lambda **kw: real_supported(**dict(kw, check_device=False)))
+    interpreted = types.SimpleNamespace(
+        supported=lambda **kw: (True, ""),
+        ssd_pallas=functools.partial(pallas_select.ssd_pallas, interpret=True))
+    monkeypatch.setattr(ssd_package, "_load_pallas", lambda: (interpreted, ""))
+    sources = []
+    real_forward = pallas_mosaic.ssd_mosaic_forward
+
+    def spy(*args, **kw):
+        sources.append(kw.get("dt_source") is not None)
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(pallas_mosaic, "ssd_mosaic_forward", spy)
+
+    h, p, n, length = 8, 64, 64, 64
+    c_dim = h * p + 2 * n
+    width = h * p + c_dim + h
+    k = jax.random.split(jax.random.key(3), 8)
+    zx = jax.random.normal(k[0], (1, length, width), jnp.float32).astype(jnp.bfloat16)
+    conv_ws = tuple(0.3 * jax.random.normal(k[1 + i], (K, c_dim)) for i in range(2))
+    conv_bs = tuple(0.1 * jax.random.normal(k[3 + i], (c_dim,)) for i in range(2))
+    a = -jnp.exp(0.3 * jax.random.normal(k[5], (2 * h,)))
+    d = jax.random.normal(k[6], (2 * h, p))
+    bias = 0.2 * jax.random.normal(k[7], (2 * h,)) - 1.0
+    norm_ws = (jnp.ones((h * p,)), 1.1 * jnp.ones((h * p,)))
+    kernels = KernelConfig(block_len=64, prologue="pallas")
+    packed = dict(xbc_offset=h * p, dt_offset=h * p + c_dim, nheads=h)
+
+    def separate(zx):
+        x, b, c, dt = fused_conv.bidirectional_conv_pallas(zx, zx, *conv_ws, *conv_bs,
+                                                           d_state=n, forward_kernel="mosaic",
+                                                           **packed, **COMMON)
+        y = ssd(x, dt, a, b, c, 64, D=d, dt_bias=bias, dt_softplus=True, impl="pallas",
+                kernels=kernels)
+        return fused_norm.bidirectional_gated_norm_pallas(y, zx, *norm_ws, eps=1e-5, **COMMON)
+
+    def core(zx):
+        return fused_mixer.mixer_core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, d_state=n,
+                                      chunk_size=64, dt_limit=(0.0, float("inf")),
+                                      ssd_impl="pallas", kernels=kernels, eps=1e-5, **packed,
+                                      conv_forward="mosaic", **COMMON)
+
+    want, got = jax.jit(separate)(zx), jax.jit(core)(zx)
+    assert sources == [False, True]  # the Mosaic forward ran both times, the core's in place
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    dt_cat = f"f32[1,{length},{2 * h}]"
+    concats = [ln for ln in jax.jit(core).lower(zx).compile().as_text().splitlines()
+               if " concatenate(" in ln and dt_cat in ln.split("=")[1].split("concatenate")[0]]
+    assert not concats, concats
+    built = [ln for ln in jax.jit(separate).lower(zx).compile().as_text().splitlines()
+             if " concatenate(" in ln and dt_cat in ln.split("=")[1].split("concatenate")[0]]
+    assert built  # the check can see a dt_cat where one is formed
+
+
 def test_mixers_of_one_shape_share_one_lowered_core():
     """Three mixers of one shape in one jitted gradient (the layers of a model): the core, the
     separate path's conv and norm calls are each lowered once, not once per call site, so a

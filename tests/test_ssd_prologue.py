@@ -13,6 +13,7 @@ import pytest
 
 from dimba_jax.ssd import (KernelConfig, _common, pallas_gpu, pallas_mosaic, pallas_mosaic_fwd,
                            pallas_prologue)
+from dimba_jax.ssd import ssd as ssd_api
 
 
 def _args(seqlen=40, nh=16, dtype=jnp.float32, seed=0):
@@ -68,6 +69,42 @@ def test_kernel_matches_reference_values_and_gradients(seqlen, q, dtype, kw, dec
                                    atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("directions", [1, 2])
+def test_kernel_reads_a_column_window_in_place(directions):
+    """With layout (offset, directions) the kernel reads 16 heads' step sizes from a wider
+    array (columns [5, 5 + 16 / directions); a second direction's in reversed time): values
+    and gradients (to the wide array, zero outside the window) equal those of the kernel on
+    `_common.window_dt`'s (b, L, 16) array; an out-of-range window is refused."""
+    k = jax.random.split(jax.random.key(7), 2)
+    wide = 2.0 * jax.random.normal(k[0], (2, 40, 24))
+    _, A, bias = _args()
+    layout = (5, directions)
+    kw = dict(q=16, dt_bias=bias, dt_softplus=True, weights=True, dec_cols=8, interpret=True)
+    cts = jax.tree.map(lambda a: jax.random.normal(k[1], a.shape),
+                       pallas_prologue.prepare_dt_pallas(jnp.zeros((2, 40, 16)), A, **kw))
+
+    def windowed(w):
+        return pallas_prologue.prepare_dt_pallas(_common.window_dt(w, layout, 16), A, **kw)
+
+    def in_place(w):
+        return pallas_prologue.prepare_dt_pallas(w, A, layout=layout, **kw)
+
+    def run(f):
+        out, vjp = jax.vjp(f, wide)
+        return out, vjp(cts)[0]
+
+    want, want_g = jax.jit(lambda: run(windowed))()
+    got, g = jax.jit(lambda: run(in_place))()
+    for o, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want_g), rtol=1e-6, atol=1e-6)
+    outside = np.ones(24, bool)
+    outside[5:5 + 16 // directions] = False
+    assert not np.asarray(g)[..., outside].any() and np.asarray(g)[..., ~outside].any()
+    with pytest.raises(ValueError, match="dt_layout"):
+        pallas_prologue.prepare_dt_pallas(wide, A, layout=(20, directions), **kw)
+
+
 def test_sizes_it_does_not_take_raise_and_prepare_chunks_takes_given_chunks():
     dt, A, bias = _args(nh=12)
     assert not pallas_prologue.prologue_supported(12, 16)
@@ -109,18 +146,22 @@ def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
         KernelConfig(prologue="cuda")
 
 
-def test_kernel_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("layout", [None, (3328, 2)])
+def test_kernel_lowers_to_triton_for_cuda(layout):
     """The forward lowers through the Pallas Triton backend (no GPU needed) at the base
     config's SSD call (48 heads: both directions, L 1024, chunk 128, the decays repeated over
-    headdim 64 as ssd_mosaic_forward asks); its backward is XLA's."""
+    headdim 64 as ssd_mosaic_forward asks), from dt_cat or in place from the mixer's
+    projection output [z 1536 | xBC 1792 | dt 24] (the forward-only mixer core's call); its
+    backward is XLA's."""
     from dimba_jax.ssd.hopper import cuda_lowering_context
 
-    dt = jax.ShapeDtypeStruct((1, 1024, 48), jnp.float32)
+    dt = jax.ShapeDtypeStruct((1, 1024, 48 if layout is None else 3352), jnp.float32)
     A = jax.ShapeDtypeStruct((48,), jnp.float32)
 
     def f(dt, A, bias):
         out, vjp = jax.vjp(lambda d, a, b: pallas_prologue.prepare_dt_pallas(
-            d, a, 128, dt_bias=b, dt_softplus=True, weights=True, dec_cols=64), dt, A, bias)
+            d, a, 128, dt_bias=b, dt_softplus=True, weights=True, dec_cols=64, layout=layout),
+            dt, A, bias)
         return out, vjp(jax.tree.map(jnp.ones_like, out))
 
     with cuda_lowering_context():
@@ -149,6 +190,22 @@ def test_compiled_kernel_matches_reference_on_gpu():
     assert rows.shape == (2, 48, 2, 64)
     np.testing.assert_allclose(np.asarray(rows), np.asarray(want[3])[..., None].repeat(64, -1),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_reads_a_column_window_on_gpu():
+    """Compiled, reading 48 heads' step sizes in place from a (2, 200, 3352) projection output
+    (columns [3328, 3352), the second direction in reversed time): the same bits as the
+    kernel on `_common.window_dt`'s (2, 200, 48) array."""
+    wide = 2.0 * jax.random.normal(jax.random.key(5), (2, 200, 3352))
+    _, A, bias = _args(nh=48, seed=3)
+    kw = dict(dt_bias=bias, dt_softplus=True, weights=True, dec_cols=64)
+    want = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(
+        _common.window_dt(wide, (3328, 2), 48), A, 128, **kw))()
+    got = jax.jit(lambda: pallas_prologue.prepare_dt_pallas(wide, A, 128, layout=(3328, 2),
+                                                            **kw))()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients():
@@ -184,3 +241,46 @@ def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients
     assert rel_error(got[0], want[0]) < 1e-3 and rel_error(got[1], want[1]) < 1e-3
     for g, w in zip(got[2], want[2]):
         assert rel_error(g, w) < 1e-3
+
+
+def test_ssd_reads_dt_through_its_layout_values_and_gradients():
+    """`ssd(..., dt_layout=(offset, 2))` on a wider dt equals `ssd` on `_common.window_dt`'s
+    array, values and the gradient to the wide array (XLA path; and the Mosaic forward in its
+    interpreter with its prologue kernel reading the wide array in place, differentiated);
+    a layout outside the array is a one-line error."""
+    from _ssd_testing import rel_error
+
+    ks = jax.random.split(jax.random.key(11), 7)
+    b, l, h, p, n = 1, 64, 16, 64, 64
+    x = jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16)
+    wide = jax.random.normal(ks[1], (b, l, 13)) - 1.0
+    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0))
+    B, C = (jax.random.normal(k, (b, l, 1, n)).astype(jnp.bfloat16) for k in ks[3:5])
+    kw = dict(dt_bias=0.5 * jax.random.normal(ks[5], (h,)), dt_softplus=True)
+    dy = jax.random.normal(ks[6], (b, l, h, p)).astype(jnp.bfloat16)
+    layout = (3, 2)
+
+    def grads(f):
+        y, vjp = jax.vjp(f, wide)
+        return y, vjp(dy)[0]
+
+    def via_window(fn):
+        return lambda w: fn(x, _common.window_dt(w, layout, h), A, B, C)
+
+    xla = functools.partial(ssd_api, chunk_size=32, impl="xla", **kw)
+    want = jax.jit(lambda: grads(via_window(xla)))()
+    got = jax.jit(lambda: grads(lambda w: xla(x, w, A, B, C, dt_layout=layout)))()
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(np.float32(g), np.float32(w_))
+    assert not np.asarray(got[1])[..., 11:].any() and np.asarray(got[1])[..., 3:11].any()
+
+    mosaic = functools.partial(pallas_mosaic.ssd_mosaic_forward, chunk_size=64, interpret=True,
+                               kernels=KernelConfig(block_len=64, backward="triton",
+                                                    prologue="pallas"), **kw)
+    want = jax.jit(lambda: grads(via_window(mosaic)))()
+    got = jax.jit(lambda: grads(lambda w: mosaic(x, _common.window_dt(w, layout, h), A, B, C,
+                                                 dt_source=(w, layout))))()
+    np.testing.assert_array_equal(np.float32(got[0]), np.float32(want[0]))
+    assert rel_error(got[1], want[1]) < 1e-5
+    with pytest.raises(ValueError, match="dt_layout"):
+        ssd_api(x, wide, A, B, C, 32, dt_layout=(8, 2), **kw)

@@ -12,7 +12,10 @@ gradient of zx, with no add. Values and every gradient are those of the two cust
 composed (`mixer_core` against the same three calls made separately: tests/test_fused_mixer.py).
 
 `mixer_core` takes both directions of the bidirectional mixer (two conv weights / biases and
-two norm weights) or the causal mixer's one.
+two norm weights) or the causal mixer's one. Forward only (sampling, evaluation: the custom
+VJP's primal) the SSD reads dt from zx in place (`ssd`'s dt_layout), so where its prologue
+kernel runs no program forms the (b, L, nd*H) dt_cat; under differentiation it takes dt_cat,
+whose cotangent the prologue's second backward kernel writes into the gradient buffer.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from dimba_jax.layers import fused_conv, fused_norm
 from dimba_jax.ssd import ssd
 
 
-def _ssd_fn(ssd_kw):
+def _ssd_fn(ssd_kw, dt_layout=None):
     """ssd(x, dt, a, b, c, chunk_size, D=d, dt_bias=bias, dt_softplus=True, ...) with the
-    call's static settings ssd_kw ((name, value) pairs: chunk_size, dt_limit, impl, kernels)."""
+    call's static settings ssd_kw ((name, value) pairs: chunk_size, dt_limit, impl, kernels)
+    and `ssd`'s dt_layout (dt then the projection's whole output)."""
     kw = dict(ssd_kw)
     chunk = kw.pop("chunk_size")
 
     def run(x, dt, a, b, c, d, bias):
-        return ssd(x, dt, a, b, c, chunk, D=d, dt_bias=bias, dt_softplus=True, **kw)
+        return ssd(x, dt, a, b, c, chunk, D=d, dt_bias=bias, dt_softplus=True,
+                   dt_layout=dt_layout, **kw)
     return run
 
 
@@ -46,8 +51,11 @@ def _forward(zx, conv_ws, conv_bs, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg):
-    x, b, c, dt, run = _forward(zx, conv_ws, conv_bs, cfg)
-    y = run(x, dt, a, b, c, d, bias)
+    # Forward only (sampling, evaluation): the SSD reads dt from zx in place (dt_layout), so
+    # no program forms dt_cat where the SSD's prologue kernel runs.
+    x, b, c, _, _ = _forward(zx, conv_ws, conv_bs, cfg)
+    layout = (cfg[0][5][1], len(conv_ws))  # (dt's column offset in zx, directions)
+    y = _ssd_fn(cfg[2], layout)(x, zx, a, b, c, d, bias)
     return fused_norm.fwd_call(y.astype(cfg[1][2]), zx, norm_ws, cfg[1])[0]
 
 

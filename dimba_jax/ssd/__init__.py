@@ -77,7 +77,8 @@ def resolve_impl(impl: str, **kwargs) -> tuple[str, str]:
 
 def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, math.inf), initial_states=None, seq_idx=None,
-        return_final_states=False, impl="auto", kernels: KernelConfig = DEFAULT_KERNELS):
+        return_final_states=False, impl="auto", kernels: KernelConfig = DEFAULT_KERNELS,
+        dt_layout=None):
     """Mamba-2 SSD scan with the semantics of mamba_ssm's `mamba_chunk_scan_combined`.
 
     dt <- clip(softplus?(dt + dt_bias), *dt_limit) (float32);
@@ -103,6 +104,13 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
       impl: "auto" | "xla" | "reference" | "pallas".
       kernels: the Pallas kernels (a frozen, hashable `KernelConfig`; static) for "pallas" and
         for "auto" on Hopper; ignored by "xla" / "reference".
+      dt_layout: None, or (offset, directions): dt is then a wider (batch, seqlen, W) array
+        (a mixer's whole input projection) holding the step sizes of nheads / directions heads
+        at columns [offset, offset + nheads / directions); with directions 2 heads
+        [nheads / 2, nheads) read those columns in reversed time (row seqlen-1-t: a
+        bidirectional mixer's backward direction in scan time). The Pallas forward's step-size
+        prologue kernel reads them in place; every other path forms the (batch, seqlen,
+        nheads) array (`_common.window_dt`). Gradients go to the wide dt.
     Returns:
       y: (batch, seqlen, nheads, headdim) in x.dtype, and, if return_final_states,
       final_states: (batch, nheads, headdim, dstate) float32.
@@ -110,6 +118,14 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
       ValueError on wrong shapes/ranks, mismatched batch/seqlen, nheads % ngroups != 0,
       chunk_size <= 0, a bad dt_limit or an unknown impl.
     """
+    dt_source = None
+    if dt_layout is not None:
+        nheads = x.shape[2] if getattr(x, "ndim", 0) == 4 else 0
+        why = _common.dt_window_error(getattr(dt, "shape", ()), dt_layout, nheads)
+        if why:
+            raise ValueError(why)
+        dt_source = (dt, (int(dt_layout[0]), int(dt_layout[1])))
+        dt = _common.window_dt(dt, dt_layout, nheads)
     _common.validate_inputs(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                             dt_limit=dt_limit, initial_states=initial_states,
                             seq_idx=seq_idx, impl=impl)
@@ -122,10 +138,13 @@ def ssd(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=None, dt_softplus
         _warn_once(f"ssd(impl='pallas') falls back to 'xla': {reason}")
     if chosen == "pallas":
         module, _ = _load_pallas()
+        source = {} if dt_source is None else {"dt_source": dt_source}
         if impl == "pallas":  # asked for explicitly: a kernel error is a bug, let it surface
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **source,
+                                     **options)
         try:
-            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **options)
+            return module.ssd_pallas(x, dt, A, B, C, chunk_size, kernels=kernels, **source,
+                                     **options)
         except Exception as e:  # auto must never fail because of the kernel (trace-time errors)
             _warn_once(f"ssd(impl='auto'): pallas kernel failed ({type(e).__name__}: {e}); using 'xla'")
 

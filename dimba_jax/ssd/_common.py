@@ -155,6 +155,33 @@ def process_dt(dt, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, math.inf))
     return out
 
 
+def dt_window_error(dt_shape, layout, nheads: int) -> str:
+    """Why `layout` = (offset, directions) cannot read nheads heads' step sizes from an array
+    of shape dt_shape (`window_dt`), "" if it can."""
+    try:
+        offset, directions = (int(v) for v in layout)
+    except (TypeError, ValueError):
+        return f"ssd: dt_layout must be (offset, directions), got {layout!r}"
+    if directions not in (1, 2) or nheads % directions:
+        return (f"ssd: dt_layout's directions must be 1 or 2 and divide nheads {nheads}, got "
+                f"{directions}")
+    if len(dt_shape) != 3 or offset < 0 or offset + nheads // directions > dt_shape[-1]:
+        return (f"ssd: dt_layout {tuple(layout)} reads columns [{offset}, "
+                f"{offset + nheads // directions}) of dt, which must be (batch, seqlen, "
+                f"columns) holding them; got {tuple(dt_shape)}")
+    return ""
+
+
+def window_dt(dt, layout, nheads: int) -> jax.Array:
+    """The (batch, seqlen, nheads) step sizes that `layout` = (offset, directions) reads from
+    the wider dt (batch, seqlen, W): its columns [offset, offset + nheads / directions), and
+    with two directions the same columns again in reversed time for heads [nheads / 2,
+    nheads) (a bidirectional mixer's backward direction, in scan time). dt's dtype."""
+    offset, directions = (int(v) for v in layout)
+    cols = dt[..., offset:offset + nheads // directions]
+    return cols if directions == 1 else jnp.concatenate([cols, jnp.flip(cols, axis=1)], axis=2)
+
+
 def prepare_dt(dt, A, q: int, *, dt_bias=None, dt_softplus=False,
                dt_limit=(0.0, math.inf)) -> tuple[jax.Array, jax.Array]:
     """The step sizes in the chunk kernels' layout: dt (b, L, h) any float dtype, A (h,), q the

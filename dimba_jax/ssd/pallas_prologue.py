@@ -20,6 +20,11 @@ for w and dec; here it is one: a program takes one chunk of q rows of `HEADS` he
 them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores its outputs transposed.
 The backward (a custom VJP) is the XLA reference's, recomputed from the saved inputs: the
 tensors are small and this saves the forward's launches where they count, in sampling.
+
+With a `layout` (offset, directions) (`ssd`'s dt_layout) dt is a wider (b, L, W) array, the
+mixer's projection output: head j < h / directions reads column offset + j, and with two
+directions head h / 2 + j reads column offset + j at row L-1-t (the backward direction in scan
+time), so the (b, L, h) concatenation of both directions' step sizes is never formed.
 """
 
 from __future__ import annotations
@@ -38,20 +43,26 @@ from dimba_jax.ssd.pallas_mosaic_fwd import state_weights
 HEADS = 8  # heads per program; the kernel takes nheads that are a multiple of it
 
 
-def prologue_supported(nheads: int, q: int) -> bool:
-    """Whether the kernel takes these sizes: nheads a multiple of HEADS, q a power of two >= 16."""
-    return nheads % HEADS == 0 and q >= 16 and not q & (q - 1)
+def prologue_supported(nheads: int, q: int, directions: int = 1) -> bool:
+    """Whether the kernel takes these sizes: each direction's nheads / directions heads a
+    multiple of HEADS, q a power of two >= 16."""
+    return nheads % (HEADS * directions) == 0 and q >= 16 and not q & (q - 1)
 
 
 def _kernel(dt_ref, bias_ref, a_ref, dtk_ref, sk_ref, *w_dec, q, seqlen, softplus, lo, hi,
-            dec_cols):
-    """dt_ref: the whole (L, h) dt of batch row bi; bias_ref, a_ref (HEADS,) float32; outputs
-    dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block pl.program_id(2);
-    with weights also w_ref (HEADS, q) and dec_ref (HEADS,) float32, or (HEADS, dec_cols)
-    with dec_cols > 0."""
+            dec_cols, offset, per_dir):
+    """dt_ref: the whole (L, W) dt of batch row bi, head j's step sizes at column offset + j
+    (j < per_dir) or, for the heads j >= per_dir of a second direction, at column
+    offset + j - per_dir in reversed time (row L-1-t); bias_ref, a_ref (HEADS,) float32;
+    outputs dtk_ref, sk_ref (HEADS, q) float32: chunk pl.program_id(1) of heads block
+    pl.program_id(2); with weights also w_ref (HEADS, q) and dec_ref (HEADS,) float32, or
+    (HEADS, dec_cols) with dec_cols > 0."""
     rows = pl.program_id(1) * q + jax.lax.broadcasted_iota(jnp.int32, (q,), 0)
-    heads = pl.ds(pl.program_id(2) * HEADS, HEADS)
-    v = dt_ref[jnp.clip(rows, 0, seqlen - 1), heads].astype(jnp.float32)
+    first = pl.program_id(2) * HEADS
+    d = first // per_dir  # the block's direction, 0 or 1 (per_dir is a multiple of HEADS)
+    src = rows + d * ((seqlen - 1) - 2 * rows)  # row L-1-t in the second direction
+    heads = pl.ds(offset + first - d * per_dir, HEADS)
+    v = dt_ref[jnp.clip(src, 0, seqlen - 1), heads].astype(jnp.float32)
     v = v + bias_ref[...][None, :]
     if softplus:
         v = _common.softplus(v)
@@ -79,8 +90,9 @@ def _triton_params():
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _prologue(dt, A, bias, cfg):
-    q, softplus, limit, interpret, weights, dec_cols = cfg
-    bsz, seqlen, nh = dt.shape
+    q, softplus, limit, interpret, weights, dec_cols, (offset, directions) = cfg
+    bsz, seqlen, width = dt.shape
+    nh = A.shape[0]
     lp = -(-seqlen // q) * q
     out = jax.ShapeDtypeStruct((bsz, nh, lp), jnp.float32)
     block = pl.BlockSpec((None, HEADS, q), lambda bi, ci, hi: (bi, hi, ci))
@@ -95,10 +107,11 @@ def _prologue(dt, A, bias, cfg):
         out_specs += [block, pl.BlockSpec((None, HEADS, None), lambda bi, ci, hi: (bi, hi, ci))]
     return pl.pallas_call(
         functools.partial(_kernel, q=q, seqlen=seqlen, softplus=softplus, lo=float(limit[0]),
-                          hi=float(limit[1]), dec_cols=dec_cols),
+                          hi=float(limit[1]), dec_cols=dec_cols, offset=offset,
+                          per_dir=nh // directions),
         out_shape=tuple(out_shape),
         grid=(bsz, lp // q, nh // HEADS),
-        in_specs=[pl.BlockSpec((None, seqlen, nh), lambda bi, ci, hi: (bi, 0, 0)), vec, vec],
+        in_specs=[pl.BlockSpec((None, seqlen, width), lambda bi, ci, hi: (bi, 0, 0)), vec, vec],
         out_specs=tuple(out_specs),
         compiler_params=None if interpret else _triton_params(),
         interpret=interpret,
@@ -107,7 +120,8 @@ def _prologue(dt, A, bias, cfg):
 
 
 def _reference(dt, A, bias, cfg):
-    q, softplus, limit, _, weights, dec_cols = cfg
+    q, softplus, limit, _, weights, dec_cols, layout = cfg
+    dt = _common.window_dt(dt, layout, A.shape[0])
     dtk, sk = _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
     if not weights:
         return dtk, sk
@@ -131,27 +145,34 @@ _prologue.defvjp(_prologue_fwd, _prologue_bwd)
 
 def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
                       dt_limit=(0.0, math.inf), weights: bool = False, dec_cols: int = 0,
-                      interpret: bool = False):
+                      layout=None, interpret: bool = False):
     """`_common.prepare_dt` as the fused kernel (differentiable: the reference's VJP).
 
-    Args: dt (b, L, h) any float dtype; A (h,); q the chunk length (a power of two >= 16);
-    dt_bias (h,) or None; dt_softplus, dt_limit as `ssd`; weights: also the state pass's w and
+    Args: dt (b, L, h) any float dtype, or with `layout` a wider (b, L, W) array holding the
+    step sizes where `layout` says; A (h,); q the chunk length (a power of two >= 16); dt_bias
+    (h,) or None; dt_softplus, dt_limit as `ssd`; weights: also the state pass's w and
     chunk-end decays; dec_cols: 0, or a power of two: the decays repeated along a last axis of
-    this width (the state pass's rows, headdim); interpret: the Pallas interpreter.
+    this width (the state pass's rows, headdim); layout: None, or (offset, directions) as
+    `ssd`'s dt_layout (`_common.window_dt`: the kernel reads the columns, and a second
+    direction's rows in reversed time, in place); interpret: the Pallas interpreter.
     Returns: (dtk, sk) float32 (b, h, Lp) [+ (w (b, h, Lp), dec (b, h, Lp / q) or
     (b, h, Lp / q, dec_cols)) with weights].
     Raises ValueError for sizes the kernel does not take (`prologue_supported`).
     """
-    nh = dt.shape[-1]
-    if dt.ndim != 3 or A.shape != (nh,) or (dt_bias is not None and dt_bias.shape != (nh,)):
-        raise ValueError(f"prepare_dt_pallas: dt (b, L, h), A and dt_bias (h,); got {dt.shape}, "
-                         f"{A.shape}, {None if dt_bias is None else dt_bias.shape}")
-    if not prologue_supported(nh, q):
-        raise ValueError(f"prepare_dt_pallas: nheads {nh} must be a multiple of {HEADS} and the "
-                         f"chunk {q} a power of two >= 16")
+    nh = A.shape[0] if A.ndim == 1 else -1
+    layout = (0, 1) if layout is None else (int(layout[0]), int(layout[1]))
+    why = _common.dt_window_error(dt.shape, layout, nh) if nh > 0 else ""
+    if nh <= 0 or why or (layout == (0, 1) and dt.shape[-1] != nh) or (
+            dt_bias is not None and dt_bias.shape != (nh,)):
+        raise ValueError(f"prepare_dt_pallas: dt (b, L, h) (or wider, as dt_layout says), A and "
+                         f"dt_bias (h,); got {dt.shape}, {A.shape}, "
+                         f"{None if dt_bias is None else dt_bias.shape}{'; ' + why if why else ''}")
+    if not prologue_supported(nh, q, layout[1]):
+        raise ValueError(f"prepare_dt_pallas: nheads {nh} per direction must be a multiple of "
+                         f"{HEADS} and the chunk {q} a power of two >= 16")
     if dec_cols and (dec_cols < 0 or dec_cols & (dec_cols - 1)):
         raise ValueError(f"prepare_dt_pallas: dec_cols must be 0 or a power of two, got {dec_cols}")
     bias = jnp.zeros((nh,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
     cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret),
-           bool(weights), int(dec_cols))
+           bool(weights), int(dec_cols), layout)
     return _prologue(dt, A.astype(jnp.float32), bias, cfg)

@@ -31,11 +31,14 @@ def supported(**kwargs) -> tuple[bool, str]:
     return pallas_gpu.supported(**kwargs)
 
 
-def ssd_pallas(x, dt, A, B, C, chunk_size, *, kernels: KernelConfig = DEFAULT, **options):
+def ssd_pallas(x, dt, A, B, C, chunk_size, *, kernels: KernelConfig = DEFAULT, dt_source=None,
+               **options):
     """`ssd(..., impl="pallas")`: the Mosaic or Triton forward as `kernels.forward` says.
 
     Args and returns: those of `dimba_jax.ssd.ssd` (x (batch, seqlen, nheads, headdim) in
-    bf16 / f16 / f32; y in x.dtype, final states float32), without `impl`.
+    bf16 / f16 / f32; y in x.dtype, final states float32), without `impl`; dt the (batch,
+    seqlen, nheads) step sizes and dt_source None or (the wide array, dt_layout) they were
+    read from, which the Mosaic forward's prologue kernel reads in place.
     """
     from dimba_jax.ssd import pallas_gpu  # late: imports Pallas' Triton backend
 
@@ -50,7 +53,8 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, *, kernels: KernelConfig = DEFAULT, *
                                               block_len=kernels.block_len)
             if ok:
                 return pallas_mosaic.ssd_mosaic_forward(x, dt, A, B, C, chunk_size,
-                                                        kernels=kernels, **options)
+                                                        kernels=kernels, dt_source=dt_source,
+                                                        **options)
             _warn_once(f"ssd(impl='pallas'): Mosaic GPU forward does not take this call ({why}); "
                        f"using the Triton forward")
     return pallas_gpu.ssd_pallas(x, dt, A, B, C, chunk_size, **options)
