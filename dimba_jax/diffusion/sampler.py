@@ -372,9 +372,10 @@ def predict_x0(model, x_t, logsnr, tokens, known, clean, self_cond, *, guidance:
                                              self_cond=_guided(self_cond), **kw)
         x0 = both_x0[b:] + guidance * (both_x0[:b] - both_x0[b:])
         logits = both_logits[b:] + guidance * (both_logits[:b] - both_logits[b:])
-    if score_min_p or not (isinstance(score_temperature, float) and score_temperature == 1.0):
-        scores = step_scores(logits, score_temperature, score_min_p)
-        x0 = model.softmax_embedding(scores)
+    if score_min_p:
+        x0 = model.softmax_embedding(step_scores(logits, score_temperature, score_min_p))
+    elif not (isinstance(score_temperature, float) and score_temperature == 1.0):
+        x0 = model.softmax_embedding(logits, score_temperature)  # the division in its pass
     if clamp:
         x0 = model.clamp_to_embeddings(x0)
     return jnp.where(known[..., None], clean, x0), logits

@@ -82,9 +82,11 @@ from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
                                            make_block_conditioning)
+from dimba_jax.layers.fused_softmax import numerator_size_error, softmax_numerator_pallas
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.layers.precision import affine, head_einsum
+from dimba_jax.layers.triton_common import check_impl, default_interpret, use_fused
 from dimba_jax.ssd import KernelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -239,6 +241,8 @@ class DimbaModel(nnx.Module):
         if io_dtype not in HEAD_DTYPES:
             raise ValueError(f"model.io_dtype must be one of {HEAD_DTYPES}, got {io_dtype!r}")
         self.io_dtype = _DTYPES[io_dtype]
+        self.softmax_impl = check_impl("model.softmax_impl",
+                                       str(getattr(m, "softmax_impl", "xla")))
         self.skip_logits = bool(m.skip_logits)
         self.posterior_input = bool(getattr(m, "posterior_input", False))
         self.posterior_grad = bool(getattr(m, "posterior_grad", True))
@@ -333,11 +337,20 @@ class DimbaModel(nnx.Module):
         GEMM's operands in model.head_dtype (`head_einsum`)."""
         return head_einsum("blv,vd->bld", probs, self.embedding_table(), self.head_dtype)
 
-    def softmax_embedding(self, scores: jax.Array) -> jax.Array:
-        """softmax(scores) @ E, normalised after the GEMM: (exp(scores - max) @ E) / sum of
-        exp(scores - max), so the (b, L, V) probabilities are never written (the exponentials go
-        to the GEMM, their sums are taken beside them). scores float32 (b, L, V) (entries may
-        be -inf, not a whole row) -> float32 (b, L, e); the GEMM as `expected_embedding`."""
+    def softmax_embedding(self, scores: jax.Array, temperature=1.0) -> jax.Array:
+        """softmax(scores / temperature) @ E, normalised after the GEMM: (exp(s - max) @ E) /
+        sum of exp(s - max), s = scores / temperature, so the (b, L, V) probabilities are never
+        written (the exponentials go to the GEMM, their sums are taken beside them). scores
+        float32 (b, L, V) (entries may be -inf, not a whole row), temperature a float or
+        float32 scalar -> float32 (b, L, e); the GEMM as `expected_embedding`. With
+        model.softmax_impl the numerator is one Pallas kernel (`layers/fused_softmax.py`)."""
+        if use_fused(self.softmax_impl, True,
+                     shape_supported=not numerator_size_error(scores.shape[-1])):
+            e, total = softmax_numerator_pallas(scores, temperature, self.head_dtype,
+                                                interpret=default_interpret())
+            return self.expected_embedding(e) / total[..., None]
+        if not (isinstance(temperature, float) and temperature == 1.0):
+            scores = scores / temperature
         e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
         return self.expected_embedding(e) / jnp.sum(e, axis=-1, keepdims=True)
 
