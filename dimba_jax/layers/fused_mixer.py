@@ -15,7 +15,7 @@ composed (`mixer_core` against the same three calls made separately: tests/test_
 two norm weights) or the causal mixer's one. Forward only (sampling, evaluation: the custom
 VJP's primal) the SSD reads dt from zx in place (`ssd`'s dt_layout), so where its prologue
 kernel runs no program forms the (b, L, nd*H) dt_cat; under differentiation it takes dt_cat,
-whose cotangent the prologue's second backward kernel writes into the gradient buffer.
+whose cotangent the conv's second backward kernel writes into the gradient buffer.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def _forward(zx, conv_ws, conv_bs, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg):
-    # Forward only (sampling, evaluation): the SSD reads dt from zx in place (dt_layout), so
-    # no program forms dt_cat where the SSD's prologue kernel runs.
-    x, b, c, _, _ = _forward(zx, conv_ws, conv_bs, cfg)
+    x, b, c, _, _ = _forward(zx, conv_ws, conv_bs, cfg)  # dt_cat unused: dt read from zx
     layout = (cfg[0][5][1], len(conv_ws))  # (dt's column offset in zx, directions)
     y = _ssd_fn(cfg[2], layout)(x, zx, a, b, c, d, bias)
     return fused_norm.fwd_call(y.astype(cfg[1][2]), zx, norm_ws, cfg[1])[0]

@@ -104,7 +104,8 @@ def _fused_bwd(cfg, res, cts):
     de, dtotal = cts
     s = scores / temperature
     g = (de.astype(jnp.float32) + dtotal[:, None]) * jnp.exp(s - m[:, None])
-    return g / temperature, -jnp.sum(jnp.where(g != 0, g * s, 0.0)) / temperature  # s may be -inf
+    dt = -jnp.sum(jnp.where(g != 0, g * s, 0.0)) / temperature  # -inf scores carry no weight
+    return g / temperature, dt
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
