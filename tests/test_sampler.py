@@ -1,6 +1,8 @@
 """Samplers: posterior algebra, a Python-loop reference, determinism, CFG, respacing, one trace."""
 
+import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -454,3 +456,33 @@ def test_make_sample_fn_hashes_no_graphdef_per_call(setup, monkeypatch):
     np.testing.assert_array_equal(np.asarray(u_ids), np.asarray(want_ids))
     np.testing.assert_array_equal(np.asarray(u_x0), np.asarray(want_x0))
     assert not np.array_equal(np.asarray(again_x0), np.asarray(x0))  # seed 5 differs
+
+
+def test_ddim_at_eta_zero_draws_no_noise(setup):
+    """DDIM at eta 0 (std 0) runs its steps without the Gaussian draw (`noise` False, which
+    `sampler_parts` sets): the same ids and x0 bits as the program that draws and multiplies
+    by zero, and one random-normal fewer per step in the traced program; eta > 0 and DDPM
+    keep it."""
+    model, sch, tokens, mask = setup
+    graphdef, state = nnx.split(model)
+    static = dict(sampler="ddim", guidance=1.0, clamp=False, self_condition=False,
+                  temperature=0.0, unroll=1, reweight=False, wavefront=0.0,
+                  wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False)
+    ts, ab_t, ab_prev = sampling.noise_grid(model, sch, 3, "uniform")
+    ones = jnp.ones((3,), jnp.float32)
+    args = (graphdef, state, tokens, mask, jax.random.key(4), ts, ab_t, ab_prev,
+            jnp.float32(0.0), ones, ones)
+    program = sampling.sample_program("auto")
+    drawn = program(*args, noise=True, **static)
+    skipped = program(*args, noise=False, **static)
+    for a, b in zip(drawn, skipped):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def normals(noise):
+        text = str(jax.make_jaxpr(functools.partial(sampling._sample_program, noise=noise,
+                                                    **static), static_argnums=(0,))(*args))
+        return len(re.findall(r"name=_normal\b", text))  # one per Gaussian draw (x_T's too)
+    assert normals(True) == normals(False) + 1
+    for kw in (dict(sampler="ddim", eta=0.5), dict(sampler="ddpm")):
+        assert sampling.sampler_parts(model, sch, steps=2, **kw).static["noise"]
+    assert not sampling.sampler_parts(model, sch, steps=2, sampler="ddim").static["noise"]

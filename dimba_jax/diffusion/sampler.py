@@ -322,7 +322,7 @@ def sampler_parts(model, schedule: CosineSchedule, *, steps: int, sampler: str =
                   self_condition=bool(self_condition), temperature=float(temperature), unroll=int(unroll),
                   reweight=bool(np.any(taus != 1.0)), wavefront=float(wavefront),
                   wavefront_order=str(wavefront_order), score_min_p=float(score_min_p),
-                  draw_x0=bool(draw_x0))
+                  draw_x0=bool(draw_x0), noise=bool(sampler != "ddim" or eta > 0))
     run, params = bound_program(graphdef, state, gemm, **static)
     consts = (ts, ab_t, ab_prev, jnp.float32(eta), jnp.asarray(taus), jnp.asarray(pws))
     return SamplerParts(run, params, consts, static)
@@ -441,7 +441,7 @@ def step_values(first: float, last: float, steps: int, scheduled: bool) -> np.nd
 
 
 _STATIC_ARGNAMES = ("graphdef", "sampler", "guidance", "clamp", "self_condition", "temperature", "unroll",
-                    "reweight", "wavefront", "wavefront_order", "score_min_p", "draw_x0")
+                    "reweight", "wavefront", "wavefront_order", "score_min_p", "draw_x0", "noise")
 
 
 def sample_program(gemm: str = "auto"):
@@ -474,11 +474,13 @@ def _sample_jit_with(options: tuple):
 
 def _sample_program(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta, taus, pws, *, sampler, guidance,
                     clamp, self_condition, temperature, unroll=1, reweight=False, wavefront=0.0,
-                    wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False):
+                    wavefront_order="left_to_right", score_min_p=0.0, draw_x0=False, noise=True):
     """The reverse process as one program. taus, pws float32 (S,): each step's score temperature
     and prior weight (traced: a sweep over them compiles once); `reweight` False skips the
     score re-weighting (every tau is 1); `draw_x0` steps toward the embedding of a token drawn
-    from each step's scores instead of their mean (self-conditioning still reads the mean)."""
+    from each step's scores instead of their mean (self-conditioning still reads the mean);
+    `noise` False (DDIM at eta 0, whose std is 0) skips each step's Gaussian draw: the same
+    results without a (b, L, e) random normal per step."""
     model = nnx.merge(graphdef, state)
     cast_linears_to_compute_dtype(model)  # once, not at every step of the loop
     b, length = tokens.shape
@@ -517,7 +519,7 @@ def _sample_program(graphdef, state, tokens, known, rng, ts, ab_t, ab_prev, eta,
             mean, std = ddpm_posterior(x_t, target, a_t, a_prev)
         else:
             mean, std = ddim_posterior(x_t, target, a_t, a_prev, eta)
-        x_next = mean + std * jax.random.normal(sub, x_t.shape, jnp.float32)
+        x_next = mean + std * jax.random.normal(sub, x_t.shape, jnp.float32) if noise else mean
         x_next = jnp.where(known[..., None], clean, x_next)
         return (x_next, x0, logits, key), None
 
