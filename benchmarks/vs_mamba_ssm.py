@@ -27,8 +27,10 @@ starts only if its expected time, ITEM_SECONDS, fits
 in what is left of --budget-s; an item that does not fit is listed in "skipped", one that
 raises in "failed", and the rest still runs; the file is rewritten after every row):
   1. SSD, ours: `ssd(impl=--ssd-impl)` forward and forward+backward (vjp w.r.t. x, dt, A, B, C,
-     D with dt_bias + softplus) at the four shapes, timed by ssd_pallas_bench.time_ms (wall
-     time of --ssd-inner back-to-back calls + one block_until_ready, median of --ssd-runs).
+     D with dt_bias + softplus) at the four shapes, with the Pallas kernels of --ssd-kernels
+     ("model": the KernelConfig that --dimba-config's models run, its dt prologue kernel
+     included; "default": `ssd()`'s own), timed by ssd_pallas_bench.time_ms (wall time of
+     --ssd-inner back-to-back calls + one block_until_ready, median of --ssd-runs).
   2. SSD, the peer: `anchor_ssd_torch.py` (mamba_chunk_scan_combined; triton do_bench and the
      same wall-of-5 method as ours); fwd_ms / fwdbwd_ms per --peer-ssd-time.
   3. Train steps: the peer's `anchor_train_torch.py` (130M, 16 x 1024 tokens, eager PyTorch,
@@ -140,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the peer's SSD time of a row: triton do_bench (GPU time, L2 flushed), "
                         "wall5 (our method), or best = the smaller of the two")
     p.add_argument("--ssd-impl", default="auto", help="impl of our ssd() (auto: what the models use)")
+    p.add_argument("--ssd-kernels", default="model", choices=("model", "default"),
+                   help="our ssd()'s KernelConfig: that of --dimba-config's models (model) or "
+                        "ssd()'s default")
     p.add_argument("--ssd-runs", type=int, default=30, help="timed samples per SSD case (median)")
     p.add_argument("--ssd-inner", type=int, default=5, help="back-to-back calls per SSD sample")
     p.add_argument("--dimba-config", default="configs/base.py")
@@ -392,13 +397,16 @@ def our_ssd_rows(call: Call) -> None:
     import jax.numpy as jnp
 
     from benchmarks import ssd_pallas_bench as sb
-    from dimba_jax.ssd import resolve_impl, ssd
+    from dimba_jax.ssd import KernelConfig, resolve_impl, ssd
 
     args = call.args
     shapes, p, n, chunk = ssd_geometry(args)
+    kernels = (KernelConfig.from_config(_gen_config(args, args.dimba_config).model)
+               if args.ssd_kernels == "model" else KernelConfig())
 
     def fn(x, dt, A, B, C, D=None, dt_bias=None):
-        return ssd(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, impl=args.ssd_impl)
+        return ssd(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, impl=args.ssd_impl,
+                   kernels=kernels)
 
     jitted = {}  # (batch, seqlen, nheads) -> (forward, forward+backward) programs
     for name, b, l, h in shapes:
@@ -413,6 +421,7 @@ def our_ssd_rows(call: Call) -> None:
         call.add({"what": "ssd", "system": "dimba_jax", "shape": name, "fwd_ms": fwd[0],
                   "fwdbwd_ms": fb[0],
                   "detail": {"impl": args.ssd_impl, "resolved_impl": chosen, "why": reason,
+                             "kernels": f"{args.ssd_kernels}: {kernels}",
                              "B": b, "L": l, "H": h, "P": p, "N": n, "chunk": chunk,
                              "dtype": "bfloat16", "fwd_p10_p90": list(fwd[1:]), "fwdbwd_p10_p90": list(fb[1:]),
                              "time": f"wall of {args.ssd_inner} back-to-back calls + one sync, "
