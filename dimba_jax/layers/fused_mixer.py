@@ -42,18 +42,22 @@ def _ssd_fn(ssd_kw, dt_layout=None):
     return run
 
 
-def _forward(zx, conv_ws, conv_bs, cfg):
-    """The prologue's outputs (x, B, C, dt_cat) and the SSD as a function of its inputs."""
+def _forward(zx, conv_ws, conv_bs, cfg, in_place: bool = False):
+    """The prologue's outputs (x, B, C, dt) and the SSD as a function of its inputs: dt is
+    dt_cat, or with `in_place` zx itself, which the SSD then reads through its dt_layout
+    (dt_cat left unused, so a forward-only program never forms it)."""
     conv_cfg, _, ssd_kw = cfg
     x, b, c, dt = fused_conv.fwd_call(zx, zx, conv_ws, conv_bs, conv_cfg)
-    return x, b, c, dt, _ssd_fn(ssd_kw)
+    if not in_place:
+        return x, b, c, dt, _ssd_fn(ssd_kw)
+    _, dt_offset, _ = conv_cfg[-1]  # (xbc offset, dt offset, nheads) in zx
+    return x, b, c, zx, _ssd_fn(ssd_kw, (dt_offset, len(conv_ws)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(zx, conv_ws, conv_bs, a, d, bias, norm_ws, cfg):
-    x, b, c, _, _ = _forward(zx, conv_ws, conv_bs, cfg)  # dt_cat unused: dt read from zx
-    layout = (cfg[0][5][1], len(conv_ws))  # (dt's column offset in zx, directions)
-    y = _ssd_fn(cfg[2], layout)(x, zx, a, b, c, d, bias)
+    x, b, c, dt, run = _forward(zx, conv_ws, conv_bs, cfg, in_place=True)
+    y = run(x, dt, a, b, c, d, bias)
     return fused_norm.fwd_call(y.astype(cfg[1][2]), zx, norm_ws, cfg[1])[0]
 
 

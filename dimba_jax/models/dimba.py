@@ -82,7 +82,8 @@ from flax import nnx
 
 from dimba_jax.layers.conditioning import (MlpPromptEncoder, TimestepEmbedding, dense,
                                            make_block_conditioning)
-from dimba_jax.layers.fused_softmax import numerator_size_error, softmax_numerator_pallas
+from dimba_jax.layers.fused_softmax import (numerator_size_error, softmax_numerator_pallas,
+                                            softmax_numerator_xla)
 from dimba_jax.layers.mamba2 import BidirectionalMamba2, Mamba2
 from dimba_jax.layers.norms import RMSNorm, partitioned, prenorm
 from dimba_jax.layers.precision import affine, head_einsum
@@ -343,16 +344,15 @@ class DimbaModel(nnx.Module):
         written (the exponentials go to the GEMM, their sums are taken beside them). scores
         float32 (b, L, V) (entries may be -inf, not a whole row), temperature a float or
         float32 scalar -> float32 (b, L, e); the GEMM as `expected_embedding`. With
-        model.softmax_impl the numerator is one Pallas kernel (`layers/fused_softmax.py`)."""
+        model.softmax_impl the numerator is one Pallas kernel (`layers/fused_softmax.py`),
+        whose e is in model.head_dtype, so its gradient arrives rounded to that dtype."""
         if use_fused(self.softmax_impl, True,
                      shape_supported=not numerator_size_error(scores.shape[-1])):
             e, total = softmax_numerator_pallas(scores, temperature, self.head_dtype,
                                                 interpret=default_interpret())
-            return self.expected_embedding(e) / total[..., None]
-        if not (isinstance(temperature, float) and temperature == 1.0):
-            scores = scores / temperature
-        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-        return self.expected_embedding(e) / jnp.sum(e, axis=-1, keepdims=True)
+        else:  # float32 e: the GEMM's VJP hands its gradient back unrounded
+            e, total = softmax_numerator_xla(scores, temperature, jnp.float32)
+        return self.expected_embedding(e) / total[..., None]
 
     def clamp_to_embeddings(self, x: jax.Array) -> jax.Array:
         """Softmax-weighted embedding: softmax(logits(x)) @ E. float (b, L, e) -> float32 (b, L, e)."""

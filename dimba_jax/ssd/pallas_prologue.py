@@ -160,9 +160,10 @@ def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
     Raises ValueError for sizes the kernel does not take (`prologue_supported`).
     """
     nh = A.shape[0] if A.ndim == 1 else -1
-    layout = (0, 1) if layout is None else (int(layout[0]), int(layout[1]))
+    narrow = layout is None  # dt is exactly (b, L, h)
+    layout = (0, 1) if narrow else (int(layout[0]), int(layout[1]))
     why = _common.dt_window_error(dt.shape, layout, nh) if nh > 0 else ""
-    if nh <= 0 or why or (layout == (0, 1) and dt.shape[-1] != nh) or (
+    if nh <= 0 or why or (narrow and dt.shape[-1] != nh) or (
             dt_bias is not None and dt_bias.shape != (nh,)):
         raise ValueError(f"prepare_dt_pallas: dt (b, L, h) (or wider, as dt_layout says), A and "
                          f"dt_bias (h,); got {dt.shape}, {A.shape}, "
