@@ -1,6 +1,7 @@
 """The Colab notebook cannot rot: its source script runs top to bottom, and the committed
 .ipynb is exactly what notebooks/build_notebook.py makes from that script."""
 
+import glob
 import json
 import os
 import re
@@ -69,3 +70,21 @@ def test_readme_matches_ci_and_its_links_exist():
     assert "docs/dataflow.png" in links
     missing = [link for link in links if not os.path.exists(os.path.join(REPO, link))]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_relative_links_of_the_docs_exist():
+    """Every relative link in README.md and docs/**/*.md names a file or folder of the repo."""
+    pages = ["README.md"] + sorted(
+        os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "**", "*.md"),
+                                                    recursive=True))
+    assert "docs/performance_log.md" in pages
+    missing = []
+    for page in pages:
+        text = open(os.path.join(REPO, page), encoding="utf-8").read()
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:|#", link):
+                continue
+            target = os.path.normpath(os.path.join(REPO, os.path.dirname(page), link.split("#")[0]))
+            if not os.path.exists(target):
+                missing.append(f"{page}: {link}")
+    assert not missing, f"links to missing files: {missing}"
