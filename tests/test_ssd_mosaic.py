@@ -472,3 +472,110 @@ def test_gpu_two_warpgroup_chunk_output_and_gradients():
     assert _rel(y2, y1) < 1e-3 and _rel(y2, y_ref) < 1.5e-2
     for name, a, b, r in zip(("x", "dt", "A", "B", "C"), g1, g2, vjp_ref(dy)):
         assert _rel(b, a) < 1e-3 and _rel(b, r) < 1.5e-2, name
+
+
+def _out_operands(seed, b, l, h, p, g, n, q, dtype=jnp.bfloat16):
+    """chunk_out_mosaic's operands: x, B, C in `dtype`, processed dt and its chunk-local cumsum
+    s (b, h, L) float32, the incoming states hprev (b, h, L / q, P, N) and D (h, P)."""
+    ks = jax.random.split(jax.random.key(seed), 7)
+    dtk = jax.nn.softplus(jax.random.normal(ks[3], (b, h, l)) - 1.0)
+    a = -jnp.exp(jax.random.uniform(ks[4], (h,), minval=-1.0, maxval=1.0))
+    s = jnp.cumsum((dtk * a[None, :, None]).reshape(b, h, l // q, q), -1).reshape(b, h, l)
+    return (jax.random.normal(ks[0], (b, l, h, p)).astype(dtype),
+            jax.random.normal(ks[1], (b, l, g, n)).astype(dtype),
+            jax.random.normal(ks[2], (b, l, g, n)).astype(dtype), dtk, s,
+            (0.3 * jax.random.normal(ks[5], (b, h, l // q, p, n))).astype(dtype),
+            jax.random.normal(ks[6], (h, p)))
+
+
+@pytest.mark.parametrize("programs,slots", [(1, 2), (4, 2), (1, 3)])
+def test_persistent_chunk_output_in_the_interpreter(programs, slots):
+    """chunk_out_persistent_mosaic gives chunk_out_mosaic(warpgroups=2)'s y bit for bit: one
+    program walking all six tiles (every slot refilled), the tiles dealt unevenly over four
+    programs, three slots in flight."""
+    args = _out_operands(11, 1, 256, 3, 64, 1, 64, 128)
+    want = pallas_mosaic_fwd.chunk_out_mosaic(*args, q=128, hpg=3, interpret=True, warpgroups=2)
+    got = pallas_mosaic_fwd.chunk_out_persistent_mosaic(*args, q=128, hpg=3, interpret=True,
+                                                        programs=programs, slots=slots)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_persistent_chunk_output_refuses_what_it_does_not_take():
+    """One-line errors for float32 x, chunk 64, tiles past shared memory, fewer than 2 slots."""
+    f = pallas_mosaic_fwd.chunk_out_persistent_mosaic
+    x, b, c, dtk, s, h, d = _out_operands(12, 1, 128, 2, 64, 1, 64, 128)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        f(x.astype(jnp.float32), b, c, dtk, s, h, d, q=128, hpg=2, interpret=True)
+    with pytest.raises(ValueError, match="block_len 128"):
+        f(x, b, c, dtk, s, h, d, q=64, hpg=2, interpret=True)
+    with pytest.raises(ValueError, match="slots must be >= 2"):
+        f(x, b, c, dtk, s, h, d, q=128, hpg=2, interpret=True, slots=1)
+    wide = jnp.zeros((1, 128, 2, 128), jnp.bfloat16), jnp.zeros((1, 128, 1, 128), jnp.bfloat16)
+    assert "shared memory" in pallas_mosaic_fwd.persistent_error(*wide, 128)
+    assert pallas_mosaic_fwd.persistent_error(x, b, 128) == ""
+    assert (pallas_mosaic_fwd.persistent_smem_bytes(128, 64, 128)
+            <= hopper.SMEM_LIMIT < pallas_mosaic_fwd.persistent_smem_bytes(128, 64, 128, slots=3))
+
+
+@pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
+def test_output_persistent_reaches_the_chunk_output_and_lowers(monkeypatch, semantics):
+    """KernelConfig.output_persistent (config.model.ssd_output_persistent, off by default)
+    runs the persistent kernel in the forward of chunk 128, and the forward with its gradient
+    lowers for cuda at base sizes (Mosaic GPU checks shared memory, layouts and wgmma shapes
+    while lowering)."""
+    from dimba_jax.config import default_config
+    m = default_config().model
+    assert KernelConfig.from_config(m).output_persistent is False
+    m.ssd_output_persistent = True
+    assert KernelConfig.from_config(m).output_persistent is True
+    seen = []
+    real = pallas_mosaic_fwd.chunk_out_persistent_mosaic
+
+    def spy(*a, **k):
+        seen.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pallas_mosaic_fwd, "chunk_out_persistent_mosaic", spy)
+    jax.clear_caches()
+    s = jax.ShapeDtypeStruct
+    b, l, h, p, g, n = 1, 1024, 8, 64, 2, 128
+    shapes = (s((b, l, h, p), jnp.bfloat16), s((b, l, h), jnp.float32), s((h,), jnp.float32),
+              s((b, l, g, n), jnp.bfloat16), s((b, l, g, n), jnp.bfloat16))
+    kernels = KernelConfig(block_len=128, forward_only_block_len=None, output_persistent=True)
+
+    def loss(*a):
+        y = pallas_mosaic.ssd_mosaic_forward(*a, CHUNK, dt_softplus=True, kernels=kernels,
+                                             semantics=semantics)
+        return y.astype(jnp.float32).sum()
+
+    with hopper.cuda_lowering_context():
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 3, 4))).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert seen == [(b, l, h, p)] and "custom_call @mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,l,h,g", [(1, 1024, 48, 2), (4, 1024, 48, 2), (2, 2048, 24, 1)])
+def test_gpu_persistent_chunk_output_matches_the_per_tile_kernel(b, l, h, g):
+    """Compiled, bf16, chunk 128: the persistent chunk output's y equals the per-tile
+    two-warpgroup kernel's bit for bit (the sampler's batch 1 with both directions' 48 heads,
+    a training-like batch, one group), and so do the SSD forward and every gradient with
+    `output_persistent` on and off."""
+    args = _out_operands(20261208, b, l, h, 64, g, 128, 128)
+    want = pallas_mosaic_fwd.chunk_out_mosaic(*args, q=128, hpg=h // g, warpgroups=2)
+    got = pallas_mosaic_fwd.chunk_out_persistent_mosaic(*args, q=128, hpg=h // g)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    sargs, kw, dy = _inputs(20261208, b, l, h, 64, g, 128, jnp.bfloat16)
+
+    def run(persistent):
+        def f(*a):
+            return pallas_mosaic.ssd_mosaic_forward(
+                *a, CHUNK, **kw, kernels=KernelConfig(block_len=128, forward_only_block_len=None,
+                                                      output_persistent=persistent))
+        y, vjp = jax.vjp(jax.jit(f), *sargs)
+        return y, vjp(dy)
+
+    (y0, g0), (y1, g1) = run(False), run(True)
+    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y0, np.float32))
+    for a, c in zip(g0, g1):
+        np.testing.assert_array_equal(np.asarray(c, np.float32), np.asarray(a, np.float32))

@@ -70,6 +70,11 @@ class KernelConfig:
       135.9 ms (latency_levers_owg2_h200.md), so 2. Forward-only calls at chunk 128 with it
       stay slower than at chunk 64 at the benchmark's shapes (0.444 against 0.390 ms at
       1.3b-L2k), so `forward_only_block_len` stays 64.
+    output_persistent: with two output warpgroups, whether the chunk output runs as the
+      persistent kernel (`pallas_mosaic_fwd.chunk_out_persistent_mosaic`: one program per SM
+      walking its tiles with the next tile's loads in flight; the same bits) where
+      `persistent_error` takes the call (16-bit x at chunk 128), or one program per tile. Off
+      until timed on a GPU.
     """
     forward: str = "mosaic"
     backward: str = "mosaic"
@@ -79,6 +84,7 @@ class KernelConfig:
     backward_group_sums: bool = False
     backward_warpgroups: int = 2
     output_warpgroups: int = 2
+    output_persistent: bool = False
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -103,8 +109,8 @@ class KernelConfig:
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
         ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_group_sums,
-        ssd_backward_warpgroups and ssd_output_warpgroups; a missing field keeps the default
-        (older runs)."""
+        ssd_backward_warpgroups, ssd_output_warpgroups and ssd_output_persistent; a missing
+        field keeps the default (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -118,7 +124,9 @@ class KernelConfig:
                    backward_warpgroups=int(get("ssd_backward_warpgroups",
                                                default.backward_warpgroups)),
                    output_warpgroups=int(get("ssd_output_warpgroups",
-                                             default.output_warpgroups)))
+                                             default.output_warpgroups)),
+                   output_persistent=bool(get("ssd_output_persistent",
+                                              default.output_persistent)))
 
 
 DEFAULT = KernelConfig()

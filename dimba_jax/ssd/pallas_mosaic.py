@@ -112,11 +112,11 @@ def supported(*, x, dt=None, A=None, B, C=None, chunk_size=None, D=None, z=None,
 # --------------------------------------------------------------------------------------------
 
 def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, pre=None):
-    """The forward kernels; forward = (semantics, KernelConfig.output_warpgroups); pre = (w,
-    dec_rows): the state pass's weights (b, h, Lp) and chunk-end decays repeated over the
-    head's channels (b, h, Lp / q, P) of (dt, s) at chunk q, computed beforehand
-    (`pallas_prologue`), or None (computed here)."""
-    semantics, out_wgs = forward
+    """The forward kernels; forward = (semantics, KernelConfig.output_warpgroups,
+    KernelConfig.output_persistent); pre = (w, dec_rows): the state pass's weights (b, h, Lp)
+    and chunk-end decays repeated over the head's channels (b, h, Lp / q, P) of (dt, s) at
+    chunk q, computed beforehand (`pallas_prologue`), or None (computed here)."""
+    semantics, out_wgs, persistent = forward
     tf32 = x.dtype == jnp.float32
     xin = jnp.transpose(x, (0, 2, 3, 1)) if tf32 else x  # tf32: K-major x, (b, h, P, Lp)
     bin_ = jnp.transpose(b, (0, 2, 3, 1)) if tf32 else b  # (b, g, N, Lp)
@@ -128,8 +128,12 @@ def _fwd_impl(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, pre=None):
     hprev, fin = _fwd.segmented_statepass(xin, bin_, w, dec_rows, h0,
                                           q=q, hpg=hpg, hprev_dtype=x.dtype,
                                           interpret=interpret, semantics=semantics)
-    y = _fwd.chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg, interpret=interpret,
-                              semantics=semantics, warpgroups=out_wgs)
+    if persistent and out_wgs == 2 and not _fwd.persistent_error(xin, b, q):
+        y = _fwd.chunk_out_persistent_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg,
+                                             interpret=interpret, semantics=semantics)
+    else:
+        y = _fwd.chunk_out_mosaic(xin, b, c, dt, s, hprev, d, q=q, hpg=hpg,
+                                  interpret=interpret, semantics=semantics, warpgroups=out_wgs)
     return y, fin, hprev
 
 
@@ -289,7 +293,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     else:
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret),
-                   (semantics, kernels.output_warpgroups),
+                   (semantics, kernels.output_warpgroups, kernels.output_persistent),
                    (kernels.backward, kernels.backward_group_sums, kernels.backward_warpgroups),
                    kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]

@@ -31,6 +31,7 @@ The combining module is `pallas_mosaic` (the differentiable forward with its bac
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,96 @@ from dimba_jax.ssd.hopper import DEFAULT_SEMANTICS
 
 
 SLAB = 64  # rows per consumer warpgroup of the two-warpgroup chunk output
+
+
+class OutTile(NamedTuple):
+    """One chunk's operands of the chunk output in shared memory, and how to wait for them.
+
+    x (q, P), b and c (q, N), h (P, N): 16-bit tiles (x transposed, (P, q), for tf32); s, s_col,
+    dt (q,) and d (P,) float32 vectors (s twice: see `_out_front`). ready(name) waits for the
+    TMA load of the named operand ("x", "b", "c", "h", "s", "s_col", "dt", "d")."""
+    x: Any
+    b: Any
+    c: Any
+    h: Any
+    s: Any
+    s_col: Any
+    dt: Any
+    d: Any
+    ready: Callable[[str], None]
+
+
+def _out_front(plgpu, t: OutTile, r0, nrows, w, *, p, cdt, interpret):
+    """Rows [r0, r0 + nrows) of M = ((C B^T) o L) dt_j over columns [0, w), rounded to cdt, and
+    of the off-chunk term exp(s_i) (C h^T): (nrows, w), (nrows, P) in registers (WGMMA layout).
+    Returns once x's load is in too (the caller's next product reads it)."""
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    row = wgmma_layout.reduce(1)
+    col = wgmma_layout.reduce(0)
+    load = hopper.smem_loader(plgpu, interpret)
+    sl, k = pl.ds(r0, nrows), pl.ds(0, w)
+    t.ready("c")
+    t.ready("b")
+    t.ready("h")
+
+    def products(g_acc, off_acc):
+        plgpu.wgmma(g_acc, t.c.at[sl], t.b.at[k].transpose((1, 0)))  # C B^T
+        plgpu.wgmma(off_acc, t.c.at[sl], t.h.transpose((1, 0)))       # C h^T
+        return g_acc[...], off_acc[...]
+
+    # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the elementwise
+    # math, but its wgmma takes neither transposed operands nor A in registers, and it has no
+    # plgpu.load / layouts: there the products are plain dots.
+    if interpret:
+        c_val = t.c.at[sl][...]
+        nt = (((1,), (1,)), ((), ()))
+        g = lax.dot_general(c_val, t.b.at[k][...], nt, preferred_element_type=f32)
+        off = lax.dot_general(c_val, t.h[...], nt, preferred_element_type=f32)
+    else:
+        g, off = pl.run_scoped(products, plgpu.ACC((nrows, w), f32), plgpu.ACC((nrows, p), f32))
+    t.ready("s")
+    t.ready("dt")
+    t.ready("s_col")
+    s_i = load(t.s.at[sl], row)
+    s_j = load(t.s_col.at[k], col)
+    dt_j = load(t.dt.at[k], col)
+
+    def iota(dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (nrows, w), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (nrows, w), dim, layout=wgmma_layout)
+
+    i_idx = iota(0) + r0 if r0 else iota(0)
+    j_idx = iota(1)
+    diff = (lax.broadcast_in_dim(s_i, (nrows, w), [0])
+            - lax.broadcast_in_dim(s_j, (nrows, w), [1]))
+    decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
+    m = (g * decay * lax.broadcast_in_dim(dt_j, (nrows, w), [1])).astype(cdt)
+    y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (nrows, p), [0])
+    t.ready("x")
+    return m, y0
+
+
+def _out_rows_16bit(plgpu, t: OutTile, r0, nrows, w, *, p, cdt, interpret):
+    """16-bit x: rows [r0, r0 + nrows) of y = y0 + M (x) + D x, float32 (nrows, P) in
+    registers (WGMMA layout); every read of the tile's operands is complete on return."""
+    f32 = jnp.float32
+    wgmma_layout = plgpu.Layout.WGMMA
+    load = hopper.smem_loader(plgpu, interpret)
+    sl, k = pl.ds(r0, nrows), pl.ds(0, w)
+    m, y0 = _out_front(plgpu, t, r0, nrows, w, p=p, cdt=cdt, interpret=interpret)
+    if interpret:  # the interpreter's wgmma takes no A in registers: same product
+        y = y0 + jnp.dot(m, t.x.at[k][...], preferred_element_type=f32)
+    else:  # accumulate M (x) straight onto the off-chunk term
+        def intra_init(acc_ref):
+            plgpu.wgmma(acc_ref, m, t.x.at[k])                          # y0 + M (x)
+
+        y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
+    t.ready("d")
+    d_p = load(t.d, wgmma_layout.reduce(0))
+    xr = load(t.x.at[sl], wgmma_layout).astype(f32)
+    return y + xr * lax.broadcast_in_dim(d_p, (nrows, p), [1])
 
 
 def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
@@ -84,16 +175,6 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     if tf32 or q != 2 * SLAB:
         warpgroups = 1
     f32 = jnp.float32
-    wgmma_layout = plgpu.Layout.WGMMA
-    row = plgpu.Layout.WGMMA.reduce(1)  # (q,) vector indexed by the row i
-    col = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by the column j
-
-    load = hopper.smem_loader(plgpu, interpret)
-
-    def iota(shape, dim):
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
     def ssd_chunk_out(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
              x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem, d_smem, bars,
@@ -120,62 +201,15 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
                 plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
             plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
 
-        def front(r0, nrows, w):
-            """Rows [r0, r0 + nrows) of M = ((C B^T) o L) dt_j over columns [0, w), rounded to
-            cdt, and of the off-chunk term exp(s_i) (C h^T): (nrows, w), (nrows, P)."""
-            sl, k = pl.ds(r0, nrows), pl.ds(0, w)
-            plgpu.barrier_wait(bars.at[0])
-            plgpu.barrier_wait(bars.at[1])
-            plgpu.barrier_wait(bars.at[2])
-
-            def products(g_acc, off_acc):
-                plgpu.wgmma(g_acc, c_smem.at[sl], b_smem.at[k].transpose((1, 0)))  # C B^T
-                plgpu.wgmma(off_acc, c_smem.at[sl], h_smem.transpose((1, 0)))       # C h^T
-                return g_acc[...], off_acc[...]
-
-            # The Mosaic GPU interpreter (CPU tests) runs TMA copies, barriers and the
-            # elementwise math of this kernel, but its wgmma takes neither transposed operands
-            # nor A in registers, and it has no plgpu.load / layouts: there the products are
-            # plain dots.
-            if interpret:
-                c_val = c_smem.at[sl][...]
-                nt = (((1,), (1,)), ((), ()))
-                g = lax.dot_general(c_val, b_smem.at[k][...], nt, preferred_element_type=f32)
-                off = lax.dot_general(c_val, h_smem[...], nt, preferred_element_type=f32)
-            else:
-                g, off = pl.run_scoped(products, plgpu.ACC((nrows, w), f32),
-                                       plgpu.ACC((nrows, p), f32))
-            plgpu.barrier_wait(bars.at[3])
-            plgpu.barrier_wait(bars.at[4])
-            plgpu.barrier_wait(bars.at[7])
-            s_i = load(s_smem.at[sl], row)
-            s_j = load(s_col_smem.at[k], col)
-            dt_j = load(dt_smem.at[k], col)
-            i_idx = iota((nrows, w), 0) + r0 if r0 else iota((nrows, w), 0)
-            j_idx = iota((nrows, w), 1)
-            diff = (lax.broadcast_in_dim(s_i, (nrows, w), [0])
-                    - lax.broadcast_in_dim(s_j, (nrows, w), [1]))
-            decay = jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
-            m = (g * decay * lax.broadcast_in_dim(dt_j, (nrows, w), [1])).astype(cdt)
-            y0 = off * lax.broadcast_in_dim(jnp.exp(s_i), (nrows, p), [0])
-            plgpu.barrier_wait(bars.at[5])
-            return m, y0
+        barrier = dict(c=0, b=1, h=2, s=3, dt=4, x=5, d=6, s_col=7)
+        tile = OutTile(x=x_smem, b=b_smem, c=c_smem, h=h_smem, s=s_smem, s_col=s_col_smem,
+                       dt=dt_smem, d=d_smem,
+                       ready=lambda name: plgpu.barrier_wait(bars.at[barrier[name]]))
 
         def rows_16bit(r0, nrows, w, y_smem):
-            """16-bit x: rows [r0, r0 + nrows) of y = y0 + M (x) + D x, stored by TMA."""
-            sl, k = pl.ds(r0, nrows), pl.ds(0, w)
-            m, y0 = front(r0, nrows, w)
-            if interpret:  # the interpreter's wgmma takes no A in registers: same product
-                y = y0 + jnp.dot(m, x_smem.at[k][...], preferred_element_type=f32)
-            else:  # accumulate M (x) straight onto the off-chunk term
-                def intra_init(acc_ref):
-                    plgpu.wgmma(acc_ref, m, x_smem.at[k])                          # y0 + M (x)
-
-                y = pl.run_state(intra_init)(plgpu.ACC.init(y0))
-            plgpu.barrier_wait(bars.at[6])
-            d_p = load(d_smem, col)
-            xr = load(x_smem.at[sl], wgmma_layout).astype(f32)
-            y = y + xr * lax.broadcast_in_dim(d_p, (nrows, p), [1])
+            """16-bit x: rows [r0, r0 + nrows) of y, stored by TMA."""
+            sl = pl.ds(r0, nrows)
+            y = _out_rows_16bit(plgpu, tile, r0, nrows, w, p=p, cdt=cdt, interpret=interpret)
             y_smem.at[sl][...] = y.astype(cdt)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_smem.at[sl], y_ref.at[bi, pl.ds(ci * q + r0, nrows), hi])
@@ -200,7 +234,7 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
             return
         # tf32 wgmma: A only from SMEM and both operands K-major, so M goes through SMEM and x
         # is read as the transpose of its (P, q) tile. D x is added by the caller.
-        m, y0 = front(0, q, q)
+        m, y0 = _out_front(plgpu, tile, 0, q, q, p=p, cdt=cdt, interpret=interpret)
         m_smem, y_smem = extra_smem
         if interpret:
             y = y0 + jnp.dot(m, x_smem[...].T, preferred_element_type=f32)
@@ -240,6 +274,177 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
     return hopper.kernel_call(
         plgpu, ssd_chunk_out, jax.ShapeDtypeStruct(y_shape, cdt), scratch,
         grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
+        **({"interpret": hopper.interpret_params()} if interpret
+           else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
+    )(x, b, c, dt, s, hprev, d)
+
+
+# --------------------------------------------------------------------------------------------
+# The persistent chunk output: one program per SM walking its tiles, the next ones' loads in
+# flight.
+# --------------------------------------------------------------------------------------------
+
+PERSISTENT_SLOTS = 2  # tiles in flight per program of the persistent chunk output
+_OUT_OPERANDS = ("c", "b", "h", "s", "s_col", "dt", "x", "d")  # its TMA loads, in issue order
+
+
+def persistent_smem_bytes(q: int, p: int, n: int, itemsize: int = 2,
+                          slots: int = PERSISTENT_SLOTS) -> int:
+    """Shared memory of `chunk_out_persistent_mosaic` in bytes: `slots` copies of the x, B, C,
+    h tiles and of the s, s, dt, D vectors; one y staging tile; the barriers (each buffer
+    aligned as Mosaic GPU allocates it, `hopper.aligned`)."""
+    a = hopper.aligned
+    tiles = a(slots * itemsize * q * p) + 2 * a(slots * itemsize * q * n) + a(
+        slots * itemsize * p * n)
+    vectors = 3 * a(slots * 4 * q) + a(slots * 4 * p)
+    return tiles + vectors + a(itemsize * q * p) + 8 * (len(_OUT_OPERANDS) * slots + slots)
+
+
+def persistent_error(x, b, q: int, slots: int = PERSISTENT_SLOTS) -> str:
+    """Why `chunk_out_persistent_mosaic` cannot take these operands ("" if it can): 16-bit x
+    (batch, Lp, nheads, P) at chunk 128 (its two warpgroups take one 64-row slab each), the
+    Mosaic tiles' sizes, and its slots of tiles within shared memory."""
+    why = hopper.tile_operand_reason("persistent chunk output", x, b, q)
+    if why:
+        return why
+    if q != 2 * SLAB:
+        return f"the persistent chunk output needs block_len {2 * SLAB}, got {q}"
+    need = persistent_smem_bytes(q, x.shape[-1], b.shape[-1], jnp.dtype(x.dtype).itemsize,
+                                 slots)
+    if need > hopper.SMEM_LIMIT:
+        return (f"the persistent chunk output needs {need} bytes of shared memory at headdim "
+                f"{x.shape[-1]}, dstate {b.shape[-1]}, {slots} slots; limit {hopper.SMEM_LIMIT}")
+    return ""
+
+
+def chunk_out_persistent_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
+                                semantics: str = DEFAULT_SEMANTICS, programs: int | None = None,
+                                slots: int = PERSISTENT_SLOTS):
+    """`chunk_out_mosaic(..., warpgroups=2)` as a persistent kernel: the same y, bit for bit.
+
+    The (chunk, head, batch) tiles, chunk fastest (the launch order of `chunk_out_mosaic`'s
+    grid), are dealt round-robin to `programs` programs (default: one per SM, at most one per
+    tile). A program walks its tiles with two consumer warpgroups, warpgroup k computing rows
+    [64 k, 64 k + 64) of each tile as `chunk_out_mosaic` does (`_out_rows_16bit`), and keeps the
+    loads of its next `slots` - 1 tiles in flight: warpgroup 0 issues every TMA load, the first
+    `slots` tiles' up front and each later tile's into the slot of the tile `slots` before it
+    once both warpgroups have arrived on that slot's barrier (their last read of it done).
+    Each warpgroup stores its y rows from its own half of one staging tile, waiting for its
+    previous store to have read it. Where `chunk_out_mosaic` runs one program per tile and one
+    block per SM (its tiles take 118,848 bytes at P 64, N 128), so that a program's loads,
+    products and store follow each other, here a tile's loads overlap the tiles before it.
+
+    Args: as `chunk_out_mosaic` for 16-bit x (batch, Lp, nheads, P) (`persistent_error`
+    says what it takes); programs: how many programs (default hopper.NUM_SMS, at most the
+    tile count); slots: tiles in flight per program, >= 2.
+    Returns: y (batch, Lp, nheads, P) x.dtype.
+    Raises: ValueError (one line) for operands it does not take or slots < 2.
+    """
+    why = persistent_error(x, b, q, slots)
+    if why:
+        raise ValueError(why)
+    if slots < 2:
+        raise ValueError(f"chunk_out_persistent_mosaic: slots must be >= 2, got {slots}")
+    plgpu = hopper.mosaic_gpu()
+    bsz, lp, nh, p = x.shape
+    n = b.shape[-1]
+    nc = lp // q
+    cdt = x.dtype
+    f32 = jnp.float32
+    ntiles = nc * nh * bsz
+    nprog = max(1, min(int(programs or hopper.NUM_SMS), ntiles))
+    k = int(slots)
+    nops = len(_OUT_OPERANDS)
+
+    def ssd_chunk_out_persistent(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, y_ref,
+                                 x_smem, b_smem, c_smem, h_smem, s_smem, s_col_smem, dt_smem,
+                                 d_smem, y_smem, load_bars, free_bars):
+        pid = lax.axis_index("prog")
+        wg = lax.axis_index("wg")
+        ntl = lax.div(ntiles - 1 - pid, nprog) + 1  # this program's tiles: pid, pid + nprog, ...
+
+        def coords(j):
+            t = pid + j * nprog
+            return lax.rem(t, nc), lax.rem(lax.div(t, nc), nh), lax.div(t, nc * nh)
+
+        def fetch(j, slot):
+            ci, hi, bi = coords(j)
+            gi = lax.div(hi, jnp.array(hpg, hi.dtype))
+            rows = pl.ds(ci * q, q)
+            src = dict(c=c_ref.at[bi, rows, gi], b=b_ref.at[bi, rows, gi], h=h_ref.at[bi, hi, ci],
+                       s=s_ref.at[bi, hi, rows], s_col=s_ref.at[bi, hi, rows],
+                       dt=dt_ref.at[bi, hi, rows], x=x_ref.at[bi, rows, hi], d=d_ref.at[hi])
+            dst = dict(c=c_smem, b=b_smem, h=h_smem, s=s_smem, s_col=s_col_smem, dt=dt_smem,
+                       x=x_smem, d=d_smem)
+            for i, name in enumerate(_OUT_OPERANDS):
+                plgpu.copy_gmem_to_smem(src[name], dst[name].at[slot], load_bars.at[i * k + slot])
+
+        def walk(si):
+            """Warpgroup si's rows [64 si, 64 si + 64) of each of the program's tiles."""
+            r0 = si * SLAB
+            sl = pl.ds(r0, SLAB)
+
+            def step(j, carry):
+                slot = lax.rem(j, k)
+                ci, hi, bi = coords(j)
+                tile = OutTile(
+                    x=x_smem.at[slot], b=b_smem.at[slot], c=c_smem.at[slot], h=h_smem.at[slot],
+                    s=s_smem.at[slot], s_col=s_col_smem.at[slot], dt=dt_smem.at[slot],
+                    d=d_smem.at[slot],
+                    ready=lambda name: plgpu.barrier_wait(
+                        load_bars.at[_OUT_OPERANDS.index(name) * k + slot]))
+                y = _out_rows_16bit(plgpu, tile, r0, SLAB, r0 + SLAB, p=p, cdt=cdt,
+                                    interpret=interpret)
+                plgpu.barrier_arrive(free_bars.at[slot])  # this warpgroup's reads of the slot done
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last y store has read
+                y_smem.at[sl][...] = y.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(y_smem.at[sl], y_ref.at[bi, pl.ds(ci * q + r0, SLAB), hi])
+                if si == 0:
+                    @pl.when(j + k < ntl)
+                    def _refill():
+                        plgpu.barrier_wait(free_bars.at[slot])  # both warpgroups are done with it
+                        fetch(j + k, slot)
+                return carry
+
+            lax.fori_loop(0, ntl, step, 0)
+            if si == 0:  # the last tiles' slot releases, never waited for above
+                for back in range(k, 0, -1):
+                    @pl.when(ntl - back >= 0)
+                    def _drain():
+                        plgpu.barrier_wait(free_bars.at[lax.rem(ntl - back, k)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 0)
+        def _():
+            for j0 in range(k):
+                @pl.when(j0 < ntl)
+                def _first():
+                    fetch(j0, j0)
+
+            walk(0)
+
+        @pl.when(wg == 1)
+        def _():
+            walk(1)
+
+    tr = functools.partial(hopper.smem_transforms, plgpu)
+    scratch = [
+        plgpu.SMEM((k, q, p), cdt, transforms=tr(p, cdt)),    # x
+        plgpu.SMEM((k, q, n), cdt, transforms=tr(n, cdt)),    # B
+        plgpu.SMEM((k, q, n), cdt, transforms=tr(n, cdt)),    # C
+        plgpu.SMEM((k, p, n), cdt, transforms=tr(n, cdt)),    # h
+        plgpu.SMEM((k, q), f32),                              # s (rows)
+        plgpu.SMEM((k, q), f32),                              # s (columns; see OutTile)
+        plgpu.SMEM((k, q), f32),                              # dt
+        plgpu.SMEM((k, p), f32),                              # D
+        plgpu.SMEM((q, p), cdt, transforms=tr(p, cdt)),       # y staging, a half per warpgroup
+        plgpu.Barrier(num_barriers=nops * k),                 # loads: operand i, slot j at i k + j
+        plgpu.Barrier(num_arrivals=2, num_barriers=k),        # a slot's reads done, both warpgroups
+    ]
+    return hopper.kernel_call(
+        plgpu, ssd_chunk_out_persistent, jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt), scratch,
+        grid=(nprog,), grid_names=("prog",), num_threads=2, thread_name="wg",
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )(x, b, c, dt, s, hprev, d)
