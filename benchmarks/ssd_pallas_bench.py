@@ -92,7 +92,8 @@ def parse_variant(spec):
     "+": "sums" (dB / dC summed per group in the Mosaic chunk backward,
     `KernelConfig.backward_group_sums`), "wg2" (two consumer warpgroups in it,
     `KernelConfig.backward_warpgroups`), "owg2" (two in the chunk output,
-    `KernelConfig.output_warpgroups`), "fo128" (forward-only calls at chunk 128 instead of 64,
+    `KernelConfig.output_warpgroups`), "persist" (that output as the persistent kernel,
+    `KernelConfig.output_persistent`), "fo128" (forward-only calls at chunk 128 instead of 64,
     `KernelConfig.forward_only_block_len`);
     "default" -> ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
     if spec == "default":
@@ -101,13 +102,14 @@ def parse_variant(spec):
         parts = spec.split(":") + ["", "", "", ""]
         block = int(parts[1]) if parts[1] else None
         flags = set(parts[4].split("+")) - {""}
-        if flags - {"sums", "wg2", "owg2", "fo128"}:
+        if flags - {"sums", "wg2", "owg2", "persist", "fo128"}:
             raise ValueError(f"variant {spec!r}: the fifth field joins 'sums', 'wg2', 'owg2', "
-                             f"'fo128' by '+'")
+                             f"'persist', 'fo128' by '+'")
         kernels = KernelConfig(block_len=block, backward=parts[2] or "triton",
                                prologue=parts[3] or "xla", backward_group_sums="sums" in flags,
                                backward_warpgroups=2 if "wg2" in flags else 1,
                                output_warpgroups=2 if "owg2" in flags else 1,
+                               output_persistent="persist" in flags,
                                forward_only_block_len=128 if "fo128" in flags else 64)
         label_block = block or pallas_mosaic.DEFAULT_BLOCK_LEN
         label = f"mosaic_{label_block}_{kernels.backward}_bwd"
@@ -120,6 +122,8 @@ def parse_variant(spec):
             label, fields["backward_warpgroups"] = f"{label}_wg2", 2
         if kernels.output_warpgroups == 2:
             label, fields["output_warpgroups"] = f"{label}_owg2", 2
+        if kernels.output_persistent:
+            label, fields["output_persistent"] = f"{label}_persist", True
         if "fo128" in flags:
             label, fields["forward_only_block_len"] = f"{label}_fo128", 128
         return label, fields, mosaic_ssd(kernels)
