@@ -52,6 +52,33 @@ def test_interpreter_gives_the_reference_bits(nd):
         assert np.mean(g != w) < 1e-3
 
 
+def test_forward_rows_follow_the_grid_target():
+    """fwd_rows: 64 rows where batch x row blocks x column tiles reaches the target (the base
+    train step: 16 x 16 x 14 programs), halved down to 16 where it does not (the base sampler:
+    1 x 16 x 14); target 1 keeps 64."""
+    assert mosaic_conv.fwd_rows(16, 1024, 14, 1024) == 64
+    assert mosaic_conv.fwd_rows(1, 1024, 14, 1024) == 16
+    assert mosaic_conv.fwd_rows(4, 1024, 14, 1024) == 32
+    assert mosaic_conv.fwd_rows(1, 1024, 14, 1) == 64
+    assert mosaic_conv.fwd_rows(1, 64, 2, 10 ** 6) == mosaic_conv.MIN_FWD_ROWS
+
+
+@pytest.mark.parametrize("nd", [2, 1])
+def test_forward_with_fewer_rows_per_program_gives_the_same_bits(nd):
+    """A grid target that halves the rows per program (16 and 32 rows: more halo reads, more
+    programs, the flip in shorter loops) gives the 64-row forward's outputs bit for bit (each
+    row's taps and their order do not depend on the blocking)."""
+    xbc, ws, bs = _args(1, 128, 8, seed=5)
+    run = functools.partial(mosaic_conv.conv_fwd_mosaic, xbc, ws[:nd], bs[:nd], ngroups=G,
+                            d_state=N, xo=8, interpret=True)
+    want = run()
+    ncols = 32 // 16 + 2 * (16 // 16)  # 16-column tiles: x's two, B's one, C's one
+    assert [mosaic_conv.fwd_rows(1, 128, ncols, t) for t in (16, 2 ** 30)] == [32, 16]
+    for target in (16, 2 ** 30):
+        for g, w in zip(run(min_programs=target), want):
+            np.testing.assert_array_equal(np.float32(g), np.float32(w))
+
+
 @pytest.mark.parametrize("nd", [2, 1])
 def test_backward_g_kernel_gives_the_reference_in_the_interpreter(nd):
     """`conv_bwd_g_mosaic` over two row blocks, xBC at column 8: g = dout * silu'(a) per
@@ -178,6 +205,11 @@ def test_lowers_for_hopper(nheads, d_state, nd):
             assert split.count("mosaic_gpu") >= 1
     assert text.count("mosaic_gpu") >= 1 and "conv_fwd" in text
     assert bwd_text.count("mosaic_gpu") >= 1 and "conv_bwd_g" in bwd_text
+    with hopper.cuda_lowering_context():  # the sampler's batch 1: 16 rows per program
+        one = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in shapes[:1])
+        small = jax.jit(functools.partial(f, min_programs=2 ** 20)).trace(
+            *one, *shapes[1:]).lower(lowering_platforms=("cuda",)).as_text()
+    assert small.count("mosaic_gpu") >= 1
 
 
 def test_model_knob_reaches_the_mixers_and_is_checked():
@@ -221,6 +253,19 @@ def test_compiled_kernel_matches_the_reference_on_gpu(batch, seqlen, split):
     for g, w in zip(got, want[:3]):
         np.testing.assert_allclose(np.float32(g), np.float32(w.reshape(g.shape)), rtol=1e-2,
                                    atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_compiled_forward_at_16_rows_gives_the_64_row_bits_on_gpu():
+    """The sampler's shape (batch 1, base mixer): the forward at the grid target's 16 rows per
+    program equals the 64-row forward bit for bit."""
+    nheads, d_state, d_inner, conv_dim, zx, ws, bs = _base_args(1, 1024, 4)
+    run = lambda target: jax.jit(functools.partial(  # noqa: E731
+        mosaic_conv.conv_fwd_mosaic, ngroups=1, d_state=d_state, xo=d_inner,
+        min_programs=target))(zx, ws, bs)
+    assert mosaic_conv.fwd_rows(1, 1024, (d_inner + 2 * d_state) // 128, 1024) == 16
+    for g, w in zip(run(1024), run(1)):
+        np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
 
 @pytest.mark.gpu

@@ -473,7 +473,8 @@ def fwd_call(xbc, dt, ws, bs, cfg):
     nd, dtype, q = len(ws), jnp.dtype(out_dtype), tiles.rows
     if tiles.kernel == "mosaic":
         x, bm, cm = mosaic_conv.conv_fwd_mosaic(xbc, ws, bs, ngroups=ng, d_state=n,
-                                                xo=kw["xo"], dtype=dtype, interpret=interpret)
+                                                xo=kw["xo"], dtype=dtype, interpret=interpret,
+                                                min_programs=tiles.programs)
         dts = dt[..., kw["do"]:kw["do"] + nh].astype(jnp.float32)
         dtc = jnp.concatenate([dts, jnp.flip(dts, axis=1)], axis=2) if nd == 2 else dts
         return (x.reshape(bsz, seqlen, nd * nh, p), bm.reshape(bsz, seqlen, nd * ng, n),
@@ -673,6 +674,7 @@ def bidirectional_conv_pallas(xbc, dt, w_f, w_b, bias_f, bias_b, *, ngroups: int
       min_programs: the forward's grid target: where batch x row blocks falls short of it
         (batch 1 in the sampler: 64 programs, each walking every column tile), a third grid
         axis splits the column tiles over programs (`triton_common.split_count`); 1 = never.
+        The Mosaic forward takes fewer rows per program instead (`mosaic_conv.fwd_rows`).
       min_programs_bwd: the same grid target for the backward's first kernel (the one that
         sums the weight gradients); 1 = batch x row blocks.
       sums_bwd: how that kernel sums the weight gradients over its row steps (`Tiles.sums`):

@@ -24,8 +24,9 @@ in original time, one TMA each.
 Shapes: xbc (b, L, W) holding xBC at columns [xo, xo + C), C = H*P + 2*G*N; weights (K, C)
 and biases (C,) float32; outputs (b, L, nd*H*P), (b, L, nd*G*N) x 2 in `dtype`, nd = 1 (the
 causal mixer: the forward half only) or 2. Constraints (`size_error`): L a multiple of
-q = 64, w = the largest power of two <= 128 dividing both H*P and G*N, at least 64 columns
-compiled (TMA boxes and shared-memory rows 128-byte aligned), xBC's columns 16-byte aligned.
+64 (`ROWS`; the forward's q is 64, or 32 or 16 on small grids: `fwd_rows`), w = the largest
+power of two <= 128 dividing both H*P and G*N, at least 64 columns compiled (TMA boxes and
+shared-memory rows 128-byte aligned), xBC's columns 16-byte aligned.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from jax.experimental import pallas as pl
 from dimba_jax.ssd import hopper
 
 ROWS = 64  # q: time rows per program (a multiple of `_rows_layout`'s 1024 / w rows per tile)
+MIN_FWD_ROWS = 16  # the fewest rows per program of the forward (`fwd_rows`)
 SUB = 16  # rows per step of the backward's first kernel (a multiple of its layout's tile rows)
 MAX_COLS = 128  # w: columns per program, at most
 
@@ -97,16 +99,30 @@ class _Sizes(NamedTuple):
     nt: int
 
 
-def _sizes(xbc, ws, ngroups, d_state, xo, interpret) -> _Sizes:
+def fwd_rows(batch: int, seqlen: int, ncols: int, min_programs: int) -> int:
+    """q of the forward kernel: ROWS, halved (down to MIN_FWD_ROWS) while batch x row blocks x
+    column tiles stays under the grid target `min_programs`. At batch 1 (the sampler) the base
+    mixer has 14 column tiles x 16 row blocks = 224 programs at 64 rows, all resident at once,
+    so a call lasts as long as one program, whose backward half is q one-row TMA stores in a
+    loop (the flip); at 16 rows, 896 programs of 16 such stores each."""
+    q = ROWS
+    while q > MIN_FWD_ROWS and batch * (seqlen // q) * ncols < min_programs:
+        q //= 2
+    return q
+
+
+def _sizes(xbc, ws, ngroups, d_state, xo, interpret, min_programs: int = 1) -> _Sizes:
     nd, (k_width, c) = len(ws), ws[0].shape
-    seqlen = xbc.shape[1]
+    bsz, seqlen = xbc.shape[:2]
     gn = ngroups * d_state
     d_inner = c - 2 * gn
     error = size_error(seqlen, d_inner, gn, xo, jnp.dtype(xbc.dtype).itemsize, interpret,
                        k_width)
     if error:
         raise ValueError(error)
-    return _Sizes(nd, k_width, c, d_inner, gn, tile_cols(d_inner, gn), ROWS, seqlen // ROWS)
+    w = tile_cols(d_inner, gn)
+    q = fwd_rows(bsz, seqlen, d_inner // w + 2 * (gn // w), min_programs)
+    return _Sizes(nd, k_width, c, d_inner, gn, w, q, seqlen // q)
 
 
 def _regions(sz: _Sizes):
@@ -258,7 +274,7 @@ class _Program:
 
 def conv_fwd_mosaic(xbc, ws, bs, *, ngroups: int, d_state: int, xo: int = 0,
                     dtype=None, interpret: bool = False, semantics: str = "lane",
-                    split: bool = False):
+                    split: bool = False, min_programs: int = 1):
     """Both directions' conv + SiLU (nd = len(ws)), the module docstring's forward kernel.
 
     Args:
@@ -270,11 +286,12 @@ def conv_fwd_mosaic(xbc, ws, bs, *, ngroups: int, d_state: int, xo: int = 0,
       interpret: run in the Mosaic GPU interpreter (any device; tests).
       semantics: Mosaic GPU lowering semantics ("lane"; see `hopper.compiler_params`).
       split: one direction per program (`_Program`).
+      min_programs: the grid target that sets the rows per program (`fwd_rows`; 1 = ROWS).
     Returns:
       x (b, L, nd*H*P), bm, cm (b, L, nd*G*N) in `dtype`, direction-major columns.
     """
     plgpu = hopper.mosaic_gpu()
-    sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret)
+    sz = _sizes(xbc, ws, ngroups, d_state, xo, interpret, min_programs)
     bsz, seqlen, _ = xbc.shape
     nd, q, w = sz.nd, sz.q, sz.w
     dtype = jnp.dtype(dtype or xbc.dtype)
