@@ -53,7 +53,8 @@ class OutTile(NamedTuple):
     """One chunk's operands of the chunk output in shared memory, and how to wait for them.
 
     x (q, P), b and c (q, N), h (P, N): 16-bit tiles (x transposed, (P, q), for tf32); s, s_col,
-    dt (q,) and d (P,) float32 vectors (s twice: see `_out_front`). ready(name) waits for the
+    dt (q,) and d (P,) float32 vectors (s twice, one copy per register layout: see
+    `chunk_out_mosaic`'s loads). ready(name) waits for the
     TMA load of the named operand ("x", "b", "c", "h", "s", "s_col", "dt", "d")."""
     x: Any
     b: Any
