@@ -54,8 +54,8 @@ class OutTile(NamedTuple):
 
     x (q, P), b and c (q, N), h (P, N): 16-bit tiles (x transposed, (P, q), for tf32); s, s_col,
     dt (q,) and d (P,) float32 vectors (s twice, one copy per register layout: see
-    `chunk_out_mosaic`'s loads). ready(name) waits for the
-    TMA load of the named operand ("x", "b", "c", "h", "s", "s_col", "dt", "d")."""
+    `chunk_out_mosaic`'s loads). ready(name) waits for the TMA load of the named operand
+    ("x", "b", "c", "h", "s", "s_col", "dt", "d")."""
     x: Any
     b: Any
     c: Any
