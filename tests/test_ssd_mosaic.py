@@ -517,6 +517,21 @@ def test_persistent_chunk_output_refuses_what_it_does_not_take():
             <= hopper.SMEM_LIMIT < pallas_mosaic_fwd.persistent_smem_bytes(128, 64, 128, slots=3))
 
 
+def test_output_persistent_gives_the_same_forward_in_the_interpreter():
+    """ssd_mosaic_forward at chunk 128 in the Mosaic GPU interpreter: y and the final states
+    with `KernelConfig.output_persistent` are those of the per-tile chunk output, bit for
+    bit (the prologue and state pass are shared; the output kernels give the same y)."""
+    args, kw, _ = _inputs(3, 1, 256, 2, 64, 1, 64, jnp.bfloat16)
+    y0, fin0, y1, fin1 = (
+        v for persistent in (False, True)
+        for v in pallas_mosaic.ssd_mosaic_forward(
+            *args, 128, interpret=True, return_final_states=True, **kw,
+            kernels=KernelConfig(block_len=128, forward_only_block_len=None,
+                                 output_persistent=persistent)))
+    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y0, np.float32))
+    np.testing.assert_array_equal(np.asarray(fin1), np.asarray(fin0))
+
+
 @pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
 def test_output_persistent_reaches_the_chunk_output_and_lowers(monkeypatch, semantics):
     """KernelConfig.output_persistent (config.model.ssd_output_persistent, off by default)
