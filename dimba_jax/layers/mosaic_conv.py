@@ -99,6 +99,11 @@ class _Sizes(NamedTuple):
     nt: int
 
 
+def column_tiles(d_inner: int, gn: int, w: int) -> int:
+    """Column tiles of xBC, w columns each: x's d_inner / w, then B's and C's gn / w each."""
+    return d_inner // w + 2 * (gn // w)
+
+
 def fwd_rows(batch: int, seqlen: int, ncols: int, min_programs: int) -> int:
     """q of the forward kernel: ROWS, halved (down to MIN_FWD_ROWS) while batch x row blocks x
     column tiles stays under the grid target `min_programs`. At batch 1 (the sampler) the base
@@ -121,7 +126,7 @@ def _sizes(xbc, ws, ngroups, d_state, xo, interpret, min_programs: int = 1) -> _
     if error:
         raise ValueError(error)
     w = tile_cols(d_inner, gn)
-    q = fwd_rows(bsz, seqlen, d_inner // w + 2 * (gn // w), min_programs)
+    q = fwd_rows(bsz, seqlen, column_tiles(d_inner, gn, w), min_programs)
     return _Sizes(nd, k_width, c, d_inner, gn, w, q, seqlen // q)
 
 
@@ -150,7 +155,7 @@ class _Program:
         self.plgpu, self.sz, self.seqlen, self.xo = plgpu, sz, seqlen, xo
         self.interpret, self.split = interpret, bool(split) and sz.nd > 1
         self.slots = 1 if self.split else sz.nd
-        self.ncols = sz.d_inner // sz.w + 2 * (sz.gn // sz.w)
+        self.ncols = column_tiles(sz.d_inner, sz.gn, sz.w)
         self.layout = _rows_layout(plgpu, sz.w, vec)
         self.col = self.layout.reduce(0)
         self.load = hopper.smem_loader(plgpu, interpret)

@@ -67,6 +67,23 @@ class OutTile(NamedTuple):
     ready: Callable[[str], None]
 
 
+_OUT_OPERANDS = ("c", "b", "h", "s", "s_col", "dt", "x", "d")  # the chunk output's TMA loads, in issue order
+
+
+def _out_sources(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, *, ci, hi, bi, gi, rows,
+                 tf32=False) -> dict:
+    """The HBM slices that the chunk output loads for tile (chunk ci, head hi, batch bi; group
+    gi, rows the chunk's positions), by operand name (`OutTile`'s fields). s comes twice: it is read along rows (s_i) and along
+    columns (s_j), two register layouts, and two loads of one SMEM buffer are merged by CSE
+    into one value that Warpgroup layout inference cannot relayout to both, so the column
+    copy gets its own buffer. tf32 x arrives transposed, (batch, nheads, P, Lp): a (P, q)
+    tile."""
+    x = x_ref.at[bi, hi, pl.ds(0, x_ref.shape[2]), rows] if tf32 else x_ref.at[bi, rows, hi]
+    return dict(c=c_ref.at[bi, rows, gi], b=b_ref.at[bi, rows, gi], h=h_ref.at[bi, hi, ci],
+                s=s_ref.at[bi, hi, rows], s_col=s_ref.at[bi, hi, rows],
+                dt=dt_ref.at[bi, hi, rows], x=x, d=d_ref.at[hi])
+
+
 def _out_front(plgpu, t: OutTile, r0, nrows, w, *, p, cdt, interpret):
     """Rows [r0, r0 + nrows) of M = ((C B^T) o L) dt_j over columns [0, w), rounded to cdt, and
     of the off-chunk term exp(s_i) (C h^T): (nrows, w), (nrows, P) in registers (WGMMA layout).
@@ -185,27 +202,16 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
-
-        def issue_loads():
-            plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, gi], c_smem, bars.at[0])
-            plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, gi], b_smem, bars.at[1])
-            plgpu.copy_gmem_to_smem(h_ref.at[bi, hi, ci], h_smem, bars.at[2])
-            plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_smem, bars.at[3])
-            # s is needed along rows (s_i) and along columns (s_j), two register layouts. Two
-            # loads of one SMEM buffer are merged by CSE into one value that Warpgroup layout
-            # inference cannot relayout to both, so the column copy gets its own buffer.
-            plgpu.copy_gmem_to_smem(s_ref.at[bi, hi, rows], s_col_smem, bars.at[7])
-            plgpu.copy_gmem_to_smem(dt_ref.at[bi, hi, rows], dt_smem, bars.at[4])
-            if tf32:  # x arrives transposed, (batch, nheads, P, Lp): a (P, q) tile
-                plgpu.copy_gmem_to_smem(x_ref.at[bi, hi, pl.ds(0, p), rows], x_smem, bars.at[5])
-            else:
-                plgpu.copy_gmem_to_smem(x_ref.at[bi, rows, hi], x_smem, bars.at[5])
-            plgpu.copy_gmem_to_smem(d_ref.at[hi], d_smem, bars.at[6])
-
         barrier = dict(c=0, b=1, h=2, s=3, dt=4, x=5, d=6, s_col=7)
         tile = OutTile(x=x_smem, b=b_smem, c=c_smem, h=h_smem, s=s_smem, s_col=s_col_smem,
                        dt=dt_smem, d=d_smem,
                        ready=lambda name: plgpu.barrier_wait(bars.at[barrier[name]]))
+
+        def issue_loads():
+            src = _out_sources(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, ci=ci, hi=hi,
+                               bi=bi, gi=gi, rows=rows, tf32=tf32)
+            for name in _OUT_OPERANDS:
+                plgpu.copy_gmem_to_smem(src[name], getattr(tile, name), bars.at[barrier[name]])
 
         def rows_16bit(r0, nrows, w, y_smem):
             """16-bit x: rows [r0, r0 + nrows) of y, stored by TMA."""
@@ -286,7 +292,6 @@ def chunk_out_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=False,
 # --------------------------------------------------------------------------------------------
 
 PERSISTENT_SLOTS = 2  # tiles in flight per program of the persistent chunk output
-_OUT_OPERANDS = ("c", "b", "h", "s", "s_col", "dt", "x", "d")  # its TMA loads, in issue order
 
 
 def persistent_smem_bytes(q: int, p: int, n: int, itemsize: int = 2,
@@ -368,17 +373,17 @@ def chunk_out_persistent_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=F
             t = pid + j * nprog
             return lax.rem(t, nc), lax.rem(lax.div(t, nc), nh), lax.div(t, nc * nh)
 
+        slots = OutTile(x=x_smem, b=b_smem, c=c_smem, h=h_smem, s=s_smem, s_col=s_col_smem,
+                        dt=dt_smem, d=d_smem, ready=None)  # (k, ...) buffers, a tile per slot
+
         def fetch(j, slot):
             ci, hi, bi = coords(j)
-            gi = lax.div(hi, jnp.array(hpg, hi.dtype))
-            rows = pl.ds(ci * q, q)
-            src = dict(c=c_ref.at[bi, rows, gi], b=b_ref.at[bi, rows, gi], h=h_ref.at[bi, hi, ci],
-                       s=s_ref.at[bi, hi, rows], s_col=s_ref.at[bi, hi, rows],
-                       dt=dt_ref.at[bi, hi, rows], x=x_ref.at[bi, rows, hi], d=d_ref.at[hi])
-            dst = dict(c=c_smem, b=b_smem, h=h_smem, s=s_smem, s_col=s_col_smem, dt=dt_smem,
-                       x=x_smem, d=d_smem)
+            src = _out_sources(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, ci=ci, hi=hi,
+                               bi=bi, gi=lax.div(hi, jnp.array(hpg, hi.dtype)),
+                               rows=pl.ds(ci * q, q))
             for i, name in enumerate(_OUT_OPERANDS):
-                plgpu.copy_gmem_to_smem(src[name], dst[name].at[slot], load_bars.at[i * k + slot])
+                plgpu.copy_gmem_to_smem(src[name], getattr(slots, name).at[slot],
+                                        load_bars.at[i * k + slot])
 
         def walk(si):
             """Warpgroup si's rows [64 si, 64 si + 64) of each of the program's tiles."""
@@ -388,10 +393,8 @@ def chunk_out_persistent_mosaic(x, b, c, dt, s, hprev, d, *, q, hpg, interpret=F
             def step(j, carry):
                 slot = lax.rem(j, k)
                 ci, hi, bi = coords(j)
-                tile = OutTile(
-                    x=x_smem.at[slot], b=b_smem.at[slot], c=c_smem.at[slot], h=h_smem.at[slot],
-                    s=s_smem.at[slot], s_col=s_col_smem.at[slot], dt=dt_smem.at[slot],
-                    d=d_smem.at[slot],
+                tile = slots._replace(
+                    **{name: getattr(slots, name).at[slot] for name in _OUT_OPERANDS},
                     ready=lambda name: plgpu.barrier_wait(
                         load_bars.at[_OUT_OPERANDS.index(name) * k + slot]))
                 y = _out_rows_16bit(plgpu, tile, r0, SLAB, r0 + SLAB, p=p, cdt=cdt,
