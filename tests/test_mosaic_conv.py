@@ -263,7 +263,8 @@ def test_compiled_forward_at_16_rows_gives_the_64_row_bits_on_gpu():
     run = lambda target: jax.jit(functools.partial(  # noqa: E731
         mosaic_conv.conv_fwd_mosaic, ngroups=1, d_state=d_state, xo=d_inner,
         min_programs=target))(zx, ws, bs)
-    assert mosaic_conv.fwd_rows(1, 1024, mosaic_conv.column_tiles(d_inner, d_state, 128), 1024) == 16
+    ncols = mosaic_conv.column_tiles(d_inner, d_state, 128)
+    assert mosaic_conv.fwd_rows(1, 1024, ncols, 1024) == 16
     for g, w in zip(run(1024), run(1)):
         np.testing.assert_array_equal(np.float32(g), np.float32(w))
 
