@@ -67,17 +67,18 @@ class OutTile(NamedTuple):
     ready: Callable[[str], None]
 
 
-_OUT_OPERANDS = ("c", "b", "h", "s", "s_col", "dt", "x", "d")  # the chunk output's TMA loads, in issue order
+# The chunk output's TMA loads, in issue order.
+_OUT_OPERANDS = ("c", "b", "h", "s", "s_col", "dt", "x", "d")
 
 
 def _out_sources(x_ref, b_ref, c_ref, dt_ref, s_ref, h_ref, d_ref, *, ci, hi, bi, gi, rows,
                  tf32=False) -> dict:
     """The HBM slices that the chunk output loads for tile (chunk ci, head hi, batch bi; group
-    gi, rows the chunk's positions), by operand name (`OutTile`'s fields). s comes twice: it is read along rows (s_i) and along
-    columns (s_j), two register layouts, and two loads of one SMEM buffer are merged by CSE
-    into one value that Warpgroup layout inference cannot relayout to both, so the column
-    copy gets its own buffer. tf32 x arrives transposed, (batch, nheads, P, Lp): a (P, q)
-    tile."""
+    gi, rows the chunk's positions), by operand name (`OutTile`'s fields). s comes twice: it
+    is read along rows (s_i) and along columns (s_j), two register layouts, and two loads of
+    one SMEM buffer are merged by CSE into one value that Warpgroup layout inference cannot
+    relayout to both, so the column copy gets its own buffer. tf32 x arrives transposed,
+    (batch, nheads, P, Lp): a (P, q) tile."""
     x = x_ref.at[bi, hi, pl.ds(0, x_ref.shape[2]), rows] if tf32 else x_ref.at[bi, rows, hi]
     return dict(c=c_ref.at[bi, rows, gi], b=b_ref.at[bi, rows, gi], h=h_ref.at[bi, hi, ci],
                 s=s_ref.at[bi, hi, rows], s_col=s_ref.at[bi, hi, rows],
