@@ -89,8 +89,7 @@ def parse_variant(spec):
     "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:FLAGS]]]]" -> the Mosaic forward at chunk BLOCK
     (default per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the
     dt PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and FLAGS joined by
-    "+": "sums" (dB / dC summed per group in the Mosaic chunk backward,
-    `KernelConfig.backward_group_sums`), "wg2" (two consumer warpgroups in it,
+    "+": "wg2" (two consumer warpgroups in the Mosaic chunk backward,
     `KernelConfig.backward_warpgroups`), "owg2" (two in the chunk output,
     `KernelConfig.output_warpgroups`), "persist" (that output as the persistent kernel,
     `KernelConfig.output_persistent`), "fo128" (forward-only calls at chunk 128 instead of 64,
@@ -102,11 +101,11 @@ def parse_variant(spec):
         parts = spec.split(":") + ["", "", "", ""]
         block = int(parts[1]) if parts[1] else None
         flags = set(parts[4].split("+")) - {""}
-        if flags - {"sums", "wg2", "owg2", "persist", "fo128"}:
-            raise ValueError(f"variant {spec!r}: the fifth field joins 'sums', 'wg2', 'owg2', "
+        if flags - {"wg2", "owg2", "persist", "fo128"}:
+            raise ValueError(f"variant {spec!r}: the fifth field joins 'wg2', 'owg2', "
                              f"'persist', 'fo128' by '+'")
         kernels = KernelConfig(block_len=block, backward=parts[2] or "triton",
-                               prologue=parts[3] or "xla", backward_group_sums="sums" in flags,
+                               prologue=parts[3] or "xla",
                                backward_warpgroups=2 if "wg2" in flags else 1,
                                output_warpgroups=2 if "owg2" in flags else 1,
                                output_persistent="persist" in flags,
@@ -116,8 +115,6 @@ def parse_variant(spec):
         fields = {"block_len": label_block, "backward": kernels.backward}
         if kernels.prologue != "xla":
             label, fields["prologue"] = f"{label}_{kernels.prologue}_prologue", kernels.prologue
-        if kernels.backward_group_sums:
-            label, fields["backward_group_sums"] = f"{label}_group_sums", True
         if kernels.backward_warpgroups == 2:
             label, fields["backward_warpgroups"] = f"{label}_wg2", 2
         if kernels.output_warpgroups == 2:

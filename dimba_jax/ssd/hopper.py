@@ -19,7 +19,6 @@ CPU-only machine). Imports without a GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 
 import jax
@@ -157,22 +156,6 @@ def kernel_call(plgpu, body, out_type, scratch_types, **kwargs):
     out_key = "out_type" if "out_type" in params else "out_shape"
     scratch_key = "scratch_types" if "scratch_types" in params else "scratch_shapes"
     return plgpu.kernel(body, **{out_key: out_type, scratch_key: scratch_types}, **kwargs)
-
-
-def mesh_kernel_call(plgpu, body, out_type, scratch_types, *, grid, grid_names,
-                     compiler_params):
-    """Like `kernel_call`, through `pl.kernel` on a `plgpu.Mesh`: this takes `Ref` operands
-    (`jax.new_ref`), which the kernel reads and writes in place, where `plgpu.kernel` rejects
-    them (jax 0.10). Its kernel is not named after `body` in profiles (jax names it itself). The scratch buffers are allocated around `body` (`pl.run_scoped`). The
-    Mosaic GPU interpreter does not take `Ref` operands: compiled calls only."""
-    from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-
-    def scoped(*refs):
-        pl.run_scoped(functools.partial(body, *refs), *scratch_types)
-
-
-    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names)
-    return pl.kernel(scoped, out_type=out_type, mesh=mesh, compiler_params=compiler_params)
 
 
 def smem_transforms(plgpu, minor: int, dtype):

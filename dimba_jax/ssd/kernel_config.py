@@ -44,20 +44,10 @@ class KernelConfig:
       fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so
       "xla" here; the models' default (`config.model.ssd_prologue`) is "pallas", which the
       batch-1 sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md).
-    backward_group_sums: under the Mosaic chunk backward, whether each program reduce-adds its
-      dB / dC into float32 per-group accumulators by TMA (`pallas_mosaic_bwd.group_sums_taken`
-      says where: compiled calls with several heads per group) instead of writing them per head
-      for XLA to sum: ~0.8 GB less traffic per base-sized call, but the order of the adds, so
-      dB / dC's rounding, varies from run to run, and at block_len 64 the float32 staging
-      leaves one block per SM instead of two. On an H100 the SSD's forward+backward at
-      130m-L2k takes 0.833 / 0.844 ms with it against 0.854 / 0.864 ms without (two repeats,
-      one call; benchmarks/results/ssd_group_sums_h100.md): 2-3% faster; the configs/base.py train
-      step 110.6 against 111.1 ms, within its windows' noise (train_throughput_head_gs_h100.md).
-      Not worth run-to-run rounding by default, so off.
     backward_warpgroups: consumer warpgroups per program of the Mosaic chunk backward: 1, or 2
       (one per 64-row slab of a 128-chunk, each issuing its own wgmmas, so the two slabs'
       products overlap; `pallas_mosaic_bwd.warpgroups_fit` says where it fits: chunk 128,
-      headdim 64, dstate up to 128, no group sums; elsewhere one). The same bits as 1. On an
+      headdim 64, dstate up to 128; elsewhere one). The same bits as 1. On an
       H200 the SSD's forward+backward takes 1.600 against 1.904 ms at 1.3b-L2k, 1.598 against
       1.776 at 130m-L32k, 0.750 against 0.855 at 130m-L2k (one call,
       benchmarks/results/ssd_wg2_h200.md), so 2.
@@ -81,7 +71,6 @@ class KernelConfig:
     block_len: int | None = None
     forward_only_block_len: int | None = 64
     prologue: str = "xla"
-    backward_group_sums: bool = False
     backward_warpgroups: int = 2
     output_warpgroups: int = 2
     output_persistent: bool = False
@@ -108,9 +97,9 @@ class KernelConfig:
     @classmethod
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
-        ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_group_sums,
-        ssd_backward_warpgroups, ssd_output_warpgroups and ssd_output_persistent; a missing
-        field keeps the default (older runs)."""
+        ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_warpgroups,
+        ssd_output_warpgroups and ssd_output_persistent; a missing field keeps the default
+        (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -119,8 +108,6 @@ class KernelConfig:
                    forward_only_block_len=int(get("ssd_forward_only_block_len",
                                                   default.forward_only_block_len)) or None,
                    prologue=str(get("ssd_prologue", default.prologue)),
-                   backward_group_sums=bool(get("ssd_backward_group_sums",
-                                                default.backward_group_sums)),
                    backward_warpgroups=int(get("ssd_backward_warpgroups",
                                                default.backward_warpgroups)),
                    output_warpgroups=int(get("ssd_output_warpgroups",

@@ -461,8 +461,8 @@ def _core_fwd(x, b, c, dt, s, h0, d, seg, cfg):
 def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     """The custom_vjp backward of `_core`: the Triton dout chunk-state and reverse state-pass
     kernels, then `chunk_bwd` (default `_chunk_bwd_call`; pallas_mosaic passes its Mosaic GPU
-    kernel, same signature and outputs, except that its dB and dC may come summed per group,
-    (b, Lp, ngroups, N), instead of per head) for dx, dB, dC, ddt, ds and dD.
+    kernel, same signature and outputs) for dx, dB, dC, ddt, ds and dD; dB and dC come per
+    head, (b, Lp, nheads, N), and are summed over each group's heads here.
 
     state_bwd: None (the two Triton kernels) or a replacement for both,
       state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret) -> (dstates
@@ -495,7 +495,7 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     f32 = jnp.float32
 
     def per_group(v, dtype):
-        if v.shape[2] != g:  # per head: sum each group's heads
+        if hpg > 1:  # sum each group's heads
             v = v.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32)
         return v.astype(dtype)
 

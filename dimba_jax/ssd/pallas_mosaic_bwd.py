@@ -49,11 +49,7 @@ Data flow. Grid (chunk, head, batch), one warpgroup (128 threads) per program.
     next slab waits until they have been read); ddt and ds (float32, Q) gathered in SMEM and
     stored once; dD (float32, P) accumulated over the slabs (a cross-warp column sum) and
     stored once. sum(v) over the chunk is carried from slab to slab to the last position.
-    With `group_sums` the dB / dC slabs are staged in float32 and reduce-added by TMA
-    (`reduction_op="add"`) into zeroed float32 (batch, Lp, ngroups, N) accumulators, passed in
-    as `jax.new_ref`s (the call goes through `pl.kernel` on a `plgpu.Mesh`, which takes `Ref`
-    operands), so no per-head dB / dC reaches HBM and XLA sums nothing; the order of the adds
-    varies from run to run.
+    dB and dC leave per head; XLA sums each group's heads (`pallas_gpu.core_backward`).
   * Shared memory (`smem_bytes`, exact against Mosaic GPU's own count): 112,736 bytes at
     Q = 64, P = 64, N = 128 (dB / dC share a staging tile, dS 16-bit: two blocks per SM) and
     212,064 at Q = 128 (dS converted in the kernel; one block per SM).
@@ -86,22 +82,19 @@ _NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
 
 
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
-               share_staging: bool = False, group_sums: bool = False,
-               warpgroups: int = 1) -> int:
+               share_staging: bool = False, warpgroups: int = 1) -> int:
     """Shared memory of `chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
     cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
     (this matched Mosaic GPU's own count exactly at six configurations, jax 0.10.2 and 0.11.2).
 
     convert_dstates: whether a float32 dS tile is staged in SMEM for in-kernel conversion.
     share_staging: whether the dB and dC slabs share one staging tile.
-    group_sums: whether the dB / dC slabs are staged in float32 (reduce-added per group).
     warpgroups: consumer warpgroups per program (2: one per 64-row slab, each with its own
       staging tiles, plus the slab-0 -> slab-1 exchange vector and its barrier).
     """
     a = hopper.aligned
     tiles = 2 * a(itemsize * q * p) + 2 * a(itemsize * q * n) + 2 * a(itemsize * p * n)
-    bc_item = 4 if group_sums else itemsize
-    staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(bc_item * SLAB * n)
+    staging = a(itemsize * SLAB * p) + (1 if share_staging else 2) * a(itemsize * SLAB * n)
     vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
     f32_dst = a(4 * p * n) if convert_dstates else 0
     exchange = (a(4 * SLAB) + 8) if warpgroups == 2 else 0
@@ -109,10 +102,9 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
             + hopper.REDUCTION_SCRATCH + 8 * _NUM_BARRIERS)
 
 
-def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool,
-              group_sums: bool = False) -> tuple[bool, bool, int]:
-    """How the kernel lays out shared memory for chunk length q, headdim p, dstate n (with
-    group_sums: float32 dB / dC staging).
+def smem_plan(q: int, p: int, n: int, itemsize: int,
+              dstates_f32: bool) -> tuple[bool, bool, int]:
+    """How the kernel lays out shared memory for chunk length q, headdim p, dstate n.
 
     float32 dS (dstates_f32) is converted in the kernel when that still fits, else in XLA; the
     dB / dC slabs share a staging tile when that is what lets two blocks share an SM (or what
@@ -124,14 +116,14 @@ def smem_plan(q: int, p: int, n: int, itemsize: int, dstates_f32: bool,
     best = None
     for convert in ((True, False) if dstates_f32 else (False,)):
         for share in (False, True):
-            need = smem_bytes(q, p, n, itemsize, convert, share, group_sums)
+            need = smem_bytes(q, p, n, itemsize, convert, share)
             if need > hopper.SMEM_LIMIT:
                 continue
             key = (need <= hopper.TWO_BLOCKS_SMEM, convert, not share)  # occupancy, fewer bytes moved
             if best is None or key > best[0]:
                 best = (key, (convert, share, need))
     if best is None:
-        return False, True, smem_bytes(q, p, n, itemsize, False, True, group_sums)
+        return False, True, smem_bytes(q, p, n, itemsize, False, True)
     return best[1]
 
 
@@ -176,20 +168,8 @@ def _end_decay(s, q):
     return jnp.exp(sc[..., -1:] - sc).reshape(bsz, nh, lp)
 
 
-def group_sums_taken(*, x, b, q: int, hpg: int, interpret: bool) -> bool:
-    """Whether `chunk_bwd_mosaic(..., group_sums=True)` sums dB / dC per group in the kernel:
-    compiled calls (the Mosaic GPU interpreter takes no accumulator `Ref`) with more than one
-    head per group whose float32 staging fits shared memory."""
-    if interpret or hpg == 1:
-        return False
-    _, _, need = smem_plan(q, x.shape[-1], b.shape[-1], jnp.dtype(x.dtype).itemsize,
-                           dstates_f32=False, group_sums=True)
-    return need <= hopper.SMEM_LIMIT
-
-
 def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
-                      semantics: str = hopper.DEFAULT_SEMANTICS, group_sums: bool = False,
-                      warpgroups: int = 1):
+                      semantics: str = hopper.DEFAULT_SEMANTICS, warpgroups: int = 1):
     """Chunk backward on Hopper; drop-in for `pallas_gpu._chunk_bwd_call(..., seg=None)`.
 
     Args:
@@ -204,16 +184,12 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
       interpret: run in the Mosaic GPU interpreter (any device; products as plain dots).
       semantics: Mosaic GPU lowering semantics, "lane" or "warpgroup" (pinned, see
         `pallas_mosaic._compiler_params`).
-      group_sums: where `group_sums_taken`, each program reduce-adds its float32 dB / dC slabs
-        into per-group accumulators by TMA (`reduction_op="add"`; the order of the adds, so
-        the rounding, varies from run to run); elsewhere per head.
       warpgroups: 1, or 2: two consumer warpgroups per program, one per 64-row slab, where
-        `warpgroups_fit` and no group sums are taken (else one); float32 dS is then rounded
+        `warpgroups_fit` (else one); float32 dS is then rounded
         to x.dtype in XLA. The same bits as one warpgroup.
     Returns:
       dx: (batch, Lp, nheads, P) x.dtype;
-      db, dc: (batch, Lp, nheads, N) x.dtype per head (sum over a group's heads outside), or
-        with group sums taken (batch, Lp, ngroups, N) float32, already summed;
+      db, dc: (batch, Lp, nheads, N) x.dtype per head (sum over a group's heads outside);
       ddt, ds: (batch, nheads, Lp) float32 (ds without the state pass's d s_end term);
       dd: (batch, nheads, Lp // q, P) float32, this chunk's partial sums of dD.
     Raises:
@@ -240,37 +216,29 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
     if warpgroups not in (1, 2):
         raise ValueError(f"chunk_bwd_mosaic: warpgroups must be 1 or 2, got {warpgroups!r}")
     dst_f32 = jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
-    sums = group_sums and group_sums_taken(x=x, b=b, q=q, hpg=hpg, interpret=interpret)
     itemsize = jnp.dtype(cdt).itemsize
-    if warpgroups == 2 and not sums and warpgroups_fit(q, p, n, itemsize):
+    if warpgroups == 2 and warpgroups_fit(q, p, n, itemsize):
         convert, share = False, False
     else:
         warpgroups = 1
-        convert, share, _ = smem_plan(q, p, n, itemsize, dst_f32, group_sums=sums)
+        convert, share, _ = smem_plan(q, p, n, itemsize, dst_f32)
     # float32 dS: converted in the kernel (its float32 tile staged in SMEM) where that fits,
     # else here in XLA (one extra pass over dstates).
     dstates = dstates.astype(jnp.float32 if convert else cdt)
     kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
                            convert=convert, share_staging=share, interpret=interpret,
-                           semantics=semantics, group_sums=sums, warpgroups=warpgroups)
+                           semantics=semantics, warpgroups=warpgroups)
     f32 = jnp.float32
     args = (x, b.astype(cdt), c.astype(cdt), dt.astype(f32), s.astype(f32),
             _end_decay(s.astype(f32), q), dy.astype(cdt), hprev.astype(cdt), dstates,
             d.astype(f32))
-    if not sums:
-        return kernel(*args)
-    db = jax.new_ref(jnp.zeros((bsz, lp, g, n), f32))
-    dc = jax.new_ref(jnp.zeros((bsz, lp, g, n), f32))
-    dx, ddt, ds, dd = kernel(*args, db, dc)
-    return dx, db[...], dc[...], ddt, ds, dd
+    return kernel(*args)
 
 
 def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,
-                  semantics, group_sums=False, warpgroups=1):
+                  semantics, warpgroups=1):
     """The plgpu.kernel callable of `chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
-    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd). With group_sums: arguments also
-    the zeroed float32 (batch, Lp, ngroups, N) dB and dC accumulator `Ref`s, which the kernel
-    reduce-adds into; outputs dx, ddt, ds, dd.
+    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd).
 
     convert: dstates arrive in float32 and are converted in the kernel (else in cdt).
     share_staging: the dB and dC slabs go through one SMEM staging tile (saves SLAB x N
@@ -285,7 +253,6 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
     row = wgmma_layout.reduce(1)  # vector indexed by the slab row r
     col = wgmma_layout.reduce(0)  # vector indexed by the column (position k, or P / N index)
     nslab = q // SLAB
-    bc_dtype = f32 if group_sums else cdt  # dB / dC slabs as stored
 
     load = hopper.smem_loader(plgpu, interpret)
 
@@ -334,7 +301,6 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
         gi = lax.div(hi, jnp.array(hpg, hi.dtype))
-        bc_col = gi if group_sums else hi  # dB / dC: per group (reduce-added) or per head
         rows = pl.ds(ci * q, q)
         # Vectors share three buffers (each SMEM buffer takes >= 1 KB). vin rows: s and dt
         # twice each, one copy per register layout (two loads of one buffer in two layouts
@@ -379,13 +345,10 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
 
             return ready
 
-        def store(val, st, dst_ref_slice, add=False):
+        def store(val, st, dst_ref_slice):
             st[...] = val
             plgpu.commit_smem()
-            if add:
-                plgpu.copy_smem_to_gmem(st, dst_ref_slice, reduction_op="add")
-            else:
-                plgpu.copy_smem_to_gmem(st, dst_ref_slice)
+            plgpu.copy_smem_to_gmem(st, dst_ref_slice)
 
         def decay(sl, r0, c0, width, transposed):
             """Rows R of L (or, if transposed, of L^T), columns [c0, c0 + width): (SLAB, width)
@@ -432,7 +395,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last slab's stores read
-            store(dc.astype(bc_dtype), dc_st, dc_ref.at[bi, out_rows, bc_col], add=group_sums)
+            store(dc.astype(cdt), dc_st, dc_ref.at[bi, out_rows, hi])
 
             # Orientation 2: rows R of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
             # (L^T)_R is zero before column r0: only columns [r0, q) are formed.
@@ -460,7 +423,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             db = acc_product(xds * rows_bcast(dt_r * ee_r, (SLAB, n)), dgt, c_smem.at[k2])
             if share_staging:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dC store has read it
-            store(db.astype(bc_dtype), db_st, db_ref.at[bi, out_rows, bc_col], add=group_sums)
+            store(db.astype(cdt), db_st, db_ref.at[bi, out_rows, hi])
             bs = bs * rows_bcast(ee_r, (SLAB, p))                        # e_end o (B dS^T)
             dxd = acc_product(bs, mt16, dy_smem.at[k2])                    # + M^T dy
             x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
@@ -551,11 +514,11 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         plgpu.SMEM((2, q), f32),                             # ddt, ds
         plgpu.SMEM((2, p), f32),                             # D, dD
         plgpu.SMEM((SLAB, p), cdt, transforms=tr(p, cdt)),   # dx slab
-        plgpu.SMEM((SLAB, n), bc_dtype, transforms=tr(n, bc_dtype)),  # dC (if shared, dB) slab
+        plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),   # dC (if shared, dB) slab
         plgpu.Barrier(num_barriers=_NUM_BARRIERS),
     ]
     if not share_staging:
-        scratch.append(plgpu.SMEM((SLAB, n), bc_dtype, transforms=tr(n, bc_dtype)))  # dB slab
+        scratch.append(plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)))  # dB slab
     if convert:
         scratch.append(plgpu.SMEM((p, n), f32, transforms=tr(n, f32)))  # dS float32
     if warpgroups == 2:  # slab 1's dx, dC, dB staging; slab 0's v rows and their barrier
@@ -568,16 +531,6 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             jax.ShapeDtypeStruct((bsz, nh, lp), f32),
             jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
     dx_type = jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt)
-    if group_sums:
-        def ssd_chunk_bwd_sums(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
-                      db_ref, dc_ref, dx_ref, ddt_ref, ds_ref, dd_ref, *scratch_refs):
-            ssd_chunk_bwd(x_ref, b_ref, c_ref, dt_ref, s_ref, ee_ref, dy_ref, h_ref, dst_ref, d_ref,
-                 dx_ref, db_ref, dc_ref, ddt_ref, ds_ref, dd_ref, *scratch_refs)
-
-        return hopper.mesh_kernel_call(
-            plgpu, ssd_chunk_bwd_sums, (dx_type, *tail), scratch, grid=(nc, nh, bsz),
-            grid_names=("chunk", "head", "batch"),
-            compiler_params=hopper.compiler_params(plgpu, semantics))
     out_type = (dx_type,
                 jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
                 jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
