@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import itertools
 import json
 import os
@@ -103,6 +104,9 @@ def parse_args(argv):
     p.add_argument("--profile-dir", default="", help="write a jax.profiler trace of 3 steps here")
     p.add_argument("--profile-variants", default="",
                    help="comma-separated variant names to profile; 'all'; default: the first")
+    p.add_argument("--hlo-dir", default="",
+                   help="write each compiled step program's optimized HLO here, gzipped text "
+                        "(VARIANT_K.hlo.txt.gz: which ops XLA fused into which kernels)")
     p.add_argument("--out", default="", help="output prefix: PREFIX.json + PREFIX.md")
     args = p.parse_args(rest)
     if args.per_device_batch < 1 or args.steps < 1 or args.repeats < 1:
@@ -211,6 +215,19 @@ def build_setup(args, pairs) -> TrainSetup:
     return TrainSetup(config=config, task=task, devices=devices, mesh=mesh, parts=parts, tx=tx,
                       shardings=sh, rest_shardings=rsh, state=state, rest=rest,
                       data_sharding=ds, train_step=train_step, batch=batch, seq_len=seq_len)
+
+
+def write_hlo(directory: str, name: str, programs) -> list[str]:
+    """Writes each compiled program's optimized HLO text, gzipped, as
+    directory/NAME_K.hlo.txt.gz (K: the index of its step options). Returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for k, compiled in enumerate(programs):
+        path = os.path.join(directory, f"{name}_{k}.hlo.txt.gz")
+        with gzip.open(path, "wt") as f:
+            f.write(compiled.as_text())
+        paths.append(path)
+    return paths
 
 
 def compiled_costs(compiled) -> tuple[float | None, dict]:
@@ -335,8 +352,11 @@ def measure(args, pairs, profile_dir: str = "", variant: str = "",
     # every variant compiled concurrently (one of configs/base.py's two took 61.9 s on one
     # H100, vs_mamba_ssm_record6_h100.json); compile_s covers all of it.
     t_compile = time.perf_counter()
-    compiled = step_lib.compile_variants(train_step, state, rest, batch, option_sets)[-1]
+    programs = step_lib.compile_variants(train_step, state, rest, batch, option_sets)
     compile_s = time.perf_counter() - t_compile
+    if getattr(args, "hlo_dir", ""):
+        write_hlo(args.hlo_dir, variant or "base", programs)
+    compiled = programs[-1]
     xla_flops, memory = compiled_costs(compiled)
 
     t0 = time.perf_counter()
