@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 def rel_error(a, b) -> float:
@@ -29,3 +30,18 @@ def ssd_args(seed, bsz, seqlen, nh, p, g, n):
               dt_softplus=True, initial_states=jax.random.normal(ks[7], (bsz, nh, p, n)))
     dy = jax.random.normal(ks[8], (bsz, seqlen, nh, p)).astype(bf16)
     return args, kw, dy
+
+
+def check_kernel_knob(field, default, other, bad):
+    """`config.model.ssd_<field>` reaches `KernelConfig.<field>`: `default` in the default
+    config and in KernelConfig(), `other` once set; KernelConfig(<field>=bad) is a ValueError
+    naming the field."""
+    from dimba_jax.config import default_config
+    from dimba_jax.ssd import KernelConfig
+    m = default_config().model
+    assert getattr(KernelConfig(), field) == default
+    assert getattr(KernelConfig.from_config(m), field) == default
+    setattr(m, f"ssd_{field}", other)
+    assert getattr(KernelConfig.from_config(m), field) == other
+    with pytest.raises(ValueError, match=field):
+        KernelConfig(**{field: bad})

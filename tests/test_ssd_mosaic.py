@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_fwd, ssd
-from _ssd_testing import rel_error as _rel
+from _ssd_testing import check_kernel_knob, rel_error as _rel
 
 CHUNK = 256
 
@@ -420,13 +420,7 @@ def test_output_warpgroups_reach_the_chunk_output_kernel(monkeypatch):
     """KernelConfig.output_warpgroups (from config.model.ssd_output_warpgroups, 2 by default)
     reaches chunk_out_mosaic, and the two-warpgroup kernel lowers for cuda inside the forward
     (chunk 128, the sampler's forward-only chunk)."""
-    from dimba_jax.config import default_config
-    m = default_config().model
-    assert KernelConfig.from_config(m).output_warpgroups == 2
-    m.ssd_output_warpgroups = 1
-    assert KernelConfig.from_config(m).output_warpgroups == 1
-    with pytest.raises(ValueError, match="output_warpgroups"):
-        KernelConfig(output_warpgroups=0)
+    check_kernel_knob("output_warpgroups", 2, 1, 0)
     seen = []
     real = pallas_mosaic_fwd.chunk_out_mosaic
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
-from _ssd_testing import rel_error as _rel, ssd_args
+from _ssd_testing import check_kernel_knob, rel_error as _rel, ssd_args
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
 
@@ -306,14 +306,7 @@ def test_two_warpgroups_shared_memory_and_where_they_are_taken():
     assert one < need <= hopper.SMEM_LIMIT and need > hopper.TWO_BLOCKS_SMEM
     assert fit(128, 64, 128, 2) and fit(128, 64, 64, 2)
     assert not fit(64, 64, 128, 2) and not fit(128, 128, 128, 2)
-    assert KernelConfig().backward_warpgroups == 2
-    from dimba_jax.config import default_config
-    m = default_config().model
-    assert KernelConfig.from_config(m).backward_warpgroups == 2
-    m.ssd_backward_warpgroups = 1
-    assert KernelConfig.from_config(m).backward_warpgroups == 1
-    with pytest.raises(ValueError, match="backward_warpgroups"):
-        KernelConfig(backward_warpgroups=3)
+    check_kernel_knob("backward_warpgroups", 2, 1, 3)
     args = _inputs(3, 1, 1, 64, 2, 1, 64, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="warpgroups must be 1 or 2"):
         pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=64, hpg=2, warpgroups=4)
@@ -367,26 +360,30 @@ def test_gpu_two_warpgroups_give_the_bits_of_one(dtype, n):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), name)
 
 
+def _grads_through_the_forward(seed, h, g, kernels):
+    """Compiled jax.grad of a loss of ssd_mosaic_forward (batch 2, L 512, bf16, headdim 64,
+    dstate 128, dt_softplus) w.r.t. x, dt, A, B, C, with these KernelConfig kernels."""
+    b, l, p, n = 2, 512, 64, 128
+    ks = jax.random.split(jax.random.key(seed), 5)
+    args = (jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16),
+            jax.random.normal(ks[1], (b, l, h)) - 1.0,
+            -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
+            jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16),
+            jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16))
+
+    def loss(*a):
+        y = pallas_mosaic.ssd_mosaic_forward(*a, 256, dt_softplus=True, kernels=kernels)
+        return jnp.square(y.astype(jnp.float32)).sum()
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+
+
 @pytest.mark.gpu
 def test_gpu_full_gradient_with_two_warpgroups():
     """jax.grad through ssd_mosaic_forward with KernelConfig(backward_warpgroups=2) gives the
     gradients of backward_warpgroups=1 bit for bit (chunk 128, bf16, 2 heads per group)."""
-    b, l, h, p, g, n = 2, 512, 4, 64, 2, 128
-    ks = jax.random.split(jax.random.key(11), 5)
-    x = jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16)
-    dt = jax.random.normal(ks[1], (b, l, h)) - 1.0
-    a = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0))
-    bm = jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16)
-    cm = jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16)
-
-    def loss(wgs, *args):
-        y = pallas_mosaic.ssd_mosaic_forward(
-            *args, 256, dt_softplus=True,
-            kernels=KernelConfig(block_len=128, backward="mosaic", backward_warpgroups=wgs))
-        return jnp.square(y.astype(jnp.float32)).sum()
-
-    grads = {w: jax.jit(jax.grad(functools.partial(loss, w), argnums=(0, 1, 2, 3, 4)))(
-        x, dt, a, bm, cm) for w in (1, 2)}
+    grads = {w: _grads_through_the_forward(11, 4, 2, KernelConfig(
+        block_len=128, backward="mosaic", backward_warpgroups=w)) for w in (1, 2)}
     for one, two in zip(grads[1], grads[2]):
         np.testing.assert_array_equal(np.asarray(two), np.asarray(one))
 
@@ -403,14 +400,7 @@ def test_heads_per_program_where_they_are_taken():
     assert taken(2, 4, 2, 64, 64, 128, 2) == 1  # chunk 64: no two-warpgroup kernel
     sb = functools.partial(pallas_mosaic_bwd.smem_bytes, 128, 64, 128, 2, False, warpgroups=2)
     assert sb(heads=2) == sb(heads=4) == sb() + 8 <= hopper.SMEM_LIMIT
-    assert KernelConfig().backward_heads == 1
-    from dimba_jax.config import default_config
-    m = default_config().model
-    assert KernelConfig.from_config(m).backward_heads == 1
-    m.ssd_backward_heads = 4
-    assert KernelConfig.from_config(m).backward_heads == 4
-    with pytest.raises(ValueError, match="backward_heads"):
-        KernelConfig(backward_heads=3)
+    check_kernel_knob("backward_heads", 1, 4, 3)
     args = _inputs(3, 1, 1, 128, 4, 1, 64, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="heads must be a power of two"):
         pallas_mosaic_bwd.chunk_bwd_mosaic(*args, q=128, hpg=4, warpgroups=2, heads=3)
@@ -497,22 +487,8 @@ def test_gpu_full_gradient_with_heads_per_program():
     backward_heads=1 (chunk 128, bf16, 4 heads per group): the gradients of x, dt and A
     equal bit for bit (they do not go through dB / dC), those of B and C within the rounding
     of the running sums."""
-    b, l, h, p, g, n = 2, 512, 8, 64, 2, 128
-    ks = jax.random.split(jax.random.key(12), 5)
-    x = jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16)
-    dt = jax.random.normal(ks[1], (b, l, h)) - 1.0
-    a = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0))
-    bm = jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16)
-    cm = jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16)
-
-    def loss(k, *args):
-        y = pallas_mosaic.ssd_mosaic_forward(
-            *args, 256, dt_softplus=True,
-            kernels=KernelConfig(block_len=128, backward="mosaic", backward_heads=k))
-        return jnp.square(y.astype(jnp.float32)).sum()
-
-    grads = {k: jax.jit(jax.grad(functools.partial(loss, k), argnums=(0, 1, 2, 3, 4)))(
-        x, dt, a, bm, cm) for k in (1, 2)}
+    grads = {k: _grads_through_the_forward(12, 8, 2, KernelConfig(
+        block_len=128, backward="mosaic", backward_heads=k)) for k in (1, 2)}
     for name, one, two in zip("x dt A".split(), grads[1][:3], grads[2][:3]):
         np.testing.assert_array_equal(np.asarray(two), np.asarray(one), name)
     for name, one, two in zip("B C".split(), grads[1][3:], grads[2][3:]):
