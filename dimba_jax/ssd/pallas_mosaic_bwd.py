@@ -60,6 +60,12 @@ Data flow. Grid (chunk, head, batch), one warpgroup (128 threads) per program.
     rows, and hands its v rows to warpgroup 1 through SMEM and an mbarrier; it makes no
     cross-warp reduction, so the two never use Mosaic's reduction scratch at once. Warpgroup 1
     forms sum(v) and dD (from both slabs' tiles) in the one-warpgroup order: the same bits.
+  * k heads per program (`heads=k`, two warpgroups only; grid (chunk, nheads / k, batch)):
+    the program walks k consecutive heads of one group. B and C are loaded for the first head
+    only; each later head's tiles are loaded over the previous head's once both warpgroups
+    have arrived on a release barrier after their last read of them. Each warpgroup adds its
+    dB / dC slab (float32) to the running sum in its staging tile (x.dtype) and stores it by
+    TMA after the last head: dB / dC leave as (batch, Lp, nheads / k, N).
 
 float32 inputs are not supported (tf32 wgmma takes no transposed operands; `supported_bwd`
 says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machine with
@@ -199,8 +205,8 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
       semantics: Mosaic GPU lowering semantics, "lane" or "warpgroup" (pinned, see
         `pallas_mosaic._compiler_params`).
       warpgroups: 1, or 2: two consumer warpgroups per program, one per 64-row slab, where
-        `warpgroups_fit` (else one); float32 dS is then rounded
-        to x.dtype in XLA. The same bits as one warpgroup.
+        `warpgroups_fit` (else one); float32 dS is then rounded to x.dtype in XLA. The same
+        bits as one warpgroup.
       heads: heads per program, a power of two: each program walks `heads` consecutive heads
         of one group (B and C loaded once) and stores dB / dC once, summed over them: each
         warpgroup adds each head's float32 slab to a running sum kept in x.dtype in its
