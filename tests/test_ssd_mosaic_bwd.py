@@ -5,12 +5,19 @@ pallas_gpu's Triton kernel in the Triton interpreter (same inputs) and vs an ind
 NumPy computation of the per-chunk formulas; lowering for cuda without a GPU (Mosaic GPU's layout
 inference and wgmma checks run there), both lowering semantics.
 End to end in the interpreters: the full SSD gradient with the Mosaic kernel swapped in for
-pallas_gpu's `_chunk_bwd_call` (monkeypatched in the test only) vs the sequential reference.
-GPU (`gpu` marker): the compiled kernel vs the compiled Triton kernel, bf16 and f16.
+pallas_gpu's `_chunk_bwd_call` (monkeypatched in the test only) vs the sequential reference,
+and at chunk 128 with two warpgroups and k heads per program (in a subprocess with 8 host
+devices). Two warpgroups and k heads per program against one.
+GPU (`gpu` marker): the compiled kernel vs the compiled Triton kernel, bf16 and f16; two
+warpgroups and k heads against one, kernel and full gradient.
 """
 
 import functools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -493,3 +500,56 @@ def test_gpu_full_gradient_with_heads_per_program():
         np.testing.assert_array_equal(np.asarray(two), np.asarray(one), name)
     for name, one, two in zip("B C".split(), grads[1][3:], grads[2][3:]):
         assert _rel(two, one) < 1e-2, name
+
+
+_FULL_GRADIENT_WORKER = """
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from _ssd_testing import rel_error
+from dimba_jax.ssd import KernelConfig, pallas_mosaic, ssd
+b, l, h, p, g, n = 1, 256, 4, 64, 1, 64
+ks = jax.random.split(jax.random.key(3), 6)
+args = (jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16),
+        jax.random.normal(ks[1], (b, l, h)) - 1.0,
+        -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
+        jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16),
+        jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16))
+dy = jax.random.normal(ks[5], (b, l, h, p)).astype(jnp.bfloat16)
+grads = {}
+for k in (1, 2):
+    kernels = KernelConfig(block_len=128, backward="mosaic", backward_heads=k)
+    _, vjp = jax.vjp(lambda *a: pallas_mosaic.ssd_mosaic_forward(
+        *a, 256, interpret=True, dt_softplus=True, kernels=kernels), *args)
+    grads[k] = vjp(dy)
+with jax.default_matmul_precision("highest"):
+    _, vjp = jax.vjp(lambda *a: ssd(*a, 256, impl="reference", dt_softplus=True), *args)
+ref = vjp(dy)
+print(json.dumps({name: [rel_error(grads[1][i], ref[i]), rel_error(grads[2][i], ref[i]),
+                         rel_error(grads[2][i], grads[1][i])]
+                  for i, name in enumerate(("x", "dt", "A", "B", "C"))}))
+"""
+
+
+def test_heads_per_program_full_gradient_in_the_interpreter():
+    """The whole SSD gradient through ssd_mosaic_forward at chunk 128 with the Mosaic backward
+    (two warpgroups) in the interpreters, 2 heads per chunk-backward program against 1, beside
+    the sequential reference (bf16, four heads in one group): the gradients of x, dt and A the
+    same bits, those of B and C (summed per block of heads in the kernel, then per group by
+    the caller) as close to the reference as with one head. In a subprocess with 8 host
+    devices: with one, the Mosaic GPU interpreter's two warpgroup threads deadlock on a
+    2-core machine when the kernel runs inside the gradient's jitted backward (they finish
+    there with 8)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", _FULL_GRADIENT_WORKER, here], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("x", "dt", "A"):
+        assert errors[name][2] == 0.0, (name, errors[name])
+    for name in ("B", "C"):
+        one, two, between = errors[name]
+        assert one < 1.5e-2 and two < 1.5e-2 and between < 1e-2, (name, errors[name])
