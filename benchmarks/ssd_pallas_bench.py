@@ -88,14 +88,15 @@ def parse_variant(spec):
     """"128x4x8" -> Triton (block_len, warps_fwd, warps_bwd);
     "mosaic[:BLOCK[:BACKWARD[:PROLOGUE[:FLAGS]]]]" -> the Mosaic forward at chunk BLOCK
     (default per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the
-    dt PROLOGUE ("xla", the default, or "pallas": `KernelConfig.prologue`) and FLAGS joined by
-    "+": "wg2" (two consumer warpgroups in the Mosaic chunk backward,
+    dt PROLOGUE ("xla", the default here, "pallas" or "auto": `KernelConfig.prologue`) and
+    FLAGS joined by "+": "wg2" (two consumer warpgroups in the Mosaic chunk backward,
     `KernelConfig.backward_warpgroups`), "h2" / "h4" (two / four heads per program in it,
     `KernelConfig.backward_heads`), "owg2" (two in the chunk output,
     `KernelConfig.output_warpgroups`), "persist" (that output as the persistent kernel,
     `KernelConfig.output_persistent`), "fo128" (forward-only calls at chunk 128 instead of 64,
     `KernelConfig.forward_only_block_len`);
-    "default" -> ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for the row, fn)."""
+    "default" -> ssd(impl="pallas") with the default KernelConfig. Returns (label, fields for
+    the row, fn)."""
     if spec == "default":
         return ("pallas_default", {"kernels": repr(KernelConfig())}, dispatcher_ssd)
     if spec.startswith("mosaic"):

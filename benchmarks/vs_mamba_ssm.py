@@ -28,8 +28,9 @@ in what is left of --budget-s; an item that does not fit is listed in "skipped",
 raises in "failed", and the rest still runs; the file is rewritten after every row):
   1. SSD, ours: `ssd(impl=--ssd-impl)` forward and forward+backward (vjp w.r.t. x, dt, A, B, C,
      D with dt_bias + softplus) at the four shapes, with the Pallas kernels of --ssd-kernels
-     ("model": the KernelConfig that --dimba-config's models run, its dt prologue kernel
-     included; "default": `ssd()`'s own), timed by ssd_pallas_bench.time_ms (wall time of
+     ("default": `ssd()`'s own KernelConfig, the dt prologue kernel in the forward-only calls;
+     "model": the KernelConfig that --dimba-config's models run, whose forward-only chunk is
+     the sampler's 128), timed by ssd_pallas_bench.time_ms (wall time of
      --ssd-inner back-to-back calls + one block_until_ready, median of --ssd-runs).
   2. SSD, the peer: `anchor_ssd_torch.py` (mamba_chunk_scan_combined; triton do_bench and the
      same wall-of-5 method as ours); fwd_ms / fwdbwd_ms per --peer-ssd-time.
@@ -142,9 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the peer's SSD time of a row: triton do_bench (GPU time, L2 flushed), "
                         "wall5 (our method), or best = the smaller of the two")
     p.add_argument("--ssd-impl", default="auto", help="impl of our ssd() (auto: what the models use)")
-    p.add_argument("--ssd-kernels", default="model", choices=("model", "default"),
-                   help="our ssd()'s KernelConfig: that of --dimba-config's models (model) or "
-                        "ssd()'s default")
+    p.add_argument("--ssd-kernels", default="default", choices=("default", "model"),
+                   help="our ssd()'s KernelConfig: ssd()'s default or that of --dimba-config's "
+                        "models (model)")
     p.add_argument("--ssd-runs", type=int, default=30, help="timed samples per SSD case (median)")
     p.add_argument("--ssd-inner", type=int, default=5, help="back-to-back calls per SSD sample")
     p.add_argument("--dimba-config", default="configs/base.py")

@@ -124,9 +124,9 @@ def test_sizes_it_does_not_take_raise_and_prepare_chunks_takes_given_chunks():
 
 
 def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
-    """KernelConfig(prologue="pallas") makes ssd_mosaic_forward take its dt chunks (and the
-    state pass's weights) from the kernel; the default keeps XLA's; an unknown value is
-    refused."""
+    """KernelConfig(prologue="pallas"), and "auto" (the default) in a call without a gradient,
+    make ssd_mosaic_forward take its dt chunks (and the state pass's weights) from the
+    prologue; "xla" forms them in XLA; an unknown value is refused."""
     seen = []
 
     def spy(*a, **k):
@@ -137,11 +137,13 @@ def test_kernel_config_prologue_routes_the_mosaic_path(monkeypatch):
     dt, A, bias = _args(seqlen=64)
     x = jnp.zeros((2, 64, 16, 64), jnp.bfloat16)
     bc = jnp.zeros((2, 64, 1, 64), jnp.bfloat16)
-    for cfg in (KernelConfig(), KernelConfig(prologue="pallas")):
+    assert KernelConfig().prologue == "auto"
+    for prologue in ("xla", "auto", "pallas"):
         with pytest.raises(RuntimeError, match="stop"):
             pallas_mosaic.ssd_mosaic_forward(x, dt, A, bc, bc, 64, dt_bias=bias, dt_softplus=True,
-                                             kernels=cfg, interpret=True)
-    assert seen == [False, True]
+                                             kernels=KernelConfig(prologue=prologue),
+                                             interpret=True)
+    assert seen == [False, True, True]
     with pytest.raises(ValueError, match="KernelConfig.prologue"):
         KernelConfig(prologue="cuda")
 
@@ -209,9 +211,11 @@ def test_compiled_kernel_reads_a_column_window_on_gpu():
 
 
 def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients():
-    """ssd_mosaic_forward with KernelConfig(prologue="pallas") against the default (both in the
+    """ssd_mosaic_forward with KernelConfig(prologue="pallas") against "xla" (both in the
     interpreters; 8 heads, a length that pads): the same y and every gradient, forward-only
-    and differentiated."""
+    and differentiated. "auto" runs the kernel only where no gradient is taken: its
+    forward-only y is "pallas"'s, its differentiated y and gradients "xla"'s (the kernel's
+    pallas_call is in the forward-only program and not in the gradient's)."""
     from _ssd_testing import rel_error
 
     ks = jax.random.split(jax.random.key(4), 7)
@@ -234,13 +238,21 @@ def test_mosaic_forward_with_the_prologue_kernel_equals_xla_values_and_gradients
         # jitted: one dispatch each instead of an eager op-by-op vjp through the interpreters
         y_only = jax.jit(f)(x, dt, A, B, C)
         y, grads = jax.jit(value_and_grads)(x, dt, A, B, C)
-        return y_only, y, grads
+        kernel_in = ["ssd_dt_prologue" in str(jax.make_jaxpr(g)(x, dt, A, B, C))
+                     for g in (f, value_and_grads)]
+        return y_only, y, grads, kernel_in
 
     want = run("xla")
     got = run("pallas")
     assert rel_error(got[0], want[0]) < 1e-3 and rel_error(got[1], want[1]) < 1e-3
     for g, w in zip(got[2], want[2]):
         assert rel_error(g, w) < 1e-3
+    auto = run("auto")
+    assert (want[3], got[3], auto[3]) == ([False, False], [True, True], [True, False])
+    np.testing.assert_array_equal(np.float32(auto[0]), np.float32(got[0]))
+    assert rel_error(auto[1], want[1]) < 1e-6
+    for g, w in zip(auto[2], want[2]):
+        assert rel_error(g, w) < 1e-6
 
 
 def test_ssd_reads_dt_through_its_layout_values_and_gradients():

@@ -40,9 +40,9 @@ def test_smoke_run_writes_one_call_of_rows_and_the_report(tmp_path, monkeypatch)
     assert (peer["fwd_ms"], peer["fwdbwd_ms"]) == (1.0, 3.5)
     ours = rows[("ssd", "dimba_jax", None, "130m-L2k", None)]
     assert ours["detail"]["resolved_impl"] == "xla" and ours["fwd_ms"] > 0
-    # the SSD runs with the kernels the DIMBA config's models run (their dt prologue kernel)
-    assert ours["detail"]["kernels"].startswith("model: KernelConfig(")
-    assert "prologue='pallas'" in ours["detail"]["kernels"]
+    # the SSD runs with ssd()'s own kernels (the dt prologue kernel where no gradient is taken)
+    assert ours["detail"]["kernels"].startswith("default: KernelConfig(")
+    assert "prologue='auto'" in ours["detail"]["kernels"]
     train = rows[("train_step", "dimba_jax", "ar_base", None, None)]
     assert train["detail"]["config"] == "configs/ar_base.py" and train["tokens_per_s"] > 0
     assert train["mfu"] is None  # CPU: no peak

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 FORWARDS = ("mosaic", "triton")
-PROLOGUES = ("xla", "pallas")
+PROLOGUES = ("xla", "pallas", "auto")
 BACKWARDS = ("mosaic", "triton")
 BLOCK_LENS = (64, 128)
 BACKWARD_HEADS = (1, 2, 4)
@@ -39,12 +39,14 @@ class KernelConfig:
       (benchmarks/results/latency_levers_fo2_h100.md, latency_levers_fo_h100.md).
     prologue: the step sizes in front of the Mosaic kernels (dt bias, softplus, limits, the
       layout transpose, the chunk-local cumulative sum of dt * A, the state pass's weights and
-      chunk-end decays): "xla" (six to seven kernels per call) or "pallas" (one Triton kernel,
-      `pallas_prologue`, where it takes the head count; its backward is XLA's). On an H100
-      the kernel makes the forward 3-13% faster at three of the four benchmark shapes and
-      fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so
-      "xla" here; the models' default (`config.model.ssd_prologue`) is "pallas", which the
-      batch-1 sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md).
+      chunk-end decays): "xla" (six to seven kernels per call), "pallas" (one Triton kernel,
+      `pallas_prologue`, where it takes the head count; its backward is XLA's) or "auto" (the
+      kernel in calls no gradient goes through, XLA's forward under differentiation). On an
+      H100 the kernel makes the forward 3-13% faster at three of the four benchmark shapes and
+      fwd+bwd 0.2-1.5% slower at all four (benchmarks/results/ssd_prologue_h100.md), so "auto"
+      here; the models' default (`config.model.ssd_prologue`) is "pallas", which the batch-1
+      sampler measured faster (156.8 vs 158.2 ms, latency_levers_prenorm_prologue_h100.md) and
+      the train step no slower (122.4 vs 122.8 ms, train_throughput_prenorm_prologue*_h100.md).
     backward_warpgroups: consumer warpgroups per program of the Mosaic chunk backward: 1, or 2
       (one per 64-row slab of a 128-chunk, each issuing its own wgmmas, so the two slabs'
       products overlap; `pallas_mosaic_bwd.warpgroups_fit` says where it fits: chunk 128,
@@ -80,7 +82,7 @@ class KernelConfig:
     backward: str = "mosaic"
     block_len: int | None = None
     forward_only_block_len: int | None = 64
-    prologue: str = "xla"
+    prologue: str = "auto"
     backward_warpgroups: int = 2
     backward_heads: int = 1
     output_warpgroups: int = 2

@@ -248,8 +248,8 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
       semantics: Mosaic GPU lowering semantics of the forward kernels, "lane" or "warpgroup"
         (both lower; see `hopper.compiler_params`); the backward kernels use BACKWARD_SEMANTICS.
       dt_source: None, or (wide, layout): the array dt was read from and `ssd`'s dt_layout;
-        the prologue kernel (KernelConfig.prologue "pallas") then reads wide in place, so a
-        forward-only program never forms dt.
+        the prologue kernel (KernelConfig.prologue "pallas", or "auto" without a gradient)
+        then reads wide in place, so a forward-only program never forms dt.
     Returns:
       y (batch, seqlen, nheads, headdim) in x.dtype [, final_states (batch, nheads, headdim,
       dstate) float32]. Differentiable: pallas_gpu's backward, with kernels.backward "mosaic"
@@ -281,9 +281,12 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
     dt_chunks, pre = None, None
     src, layout = dt_source if dt_source is not None else (dt, None)
     directions = 1 if layout is None else layout[1]
-    if kernels.prologue == "pallas" and prologue_supported(nh, q, directions) and not p & (p - 1):
+    if (kernels.prologue != "xla" and prologue_supported(nh, q, directions)
+            and not p & (p - 1)):
         dtk, sk, w, dec_rows = prepare_dt_pallas(src, A, q, weights=True, dec_cols=p,
-                                                 layout=layout, interpret=interpret, **dt_kw)
+                                                 layout=layout, interpret=interpret,
+                                                 grad_kernel=kernels.prologue == "pallas",
+                                                 **dt_kw)
         dt_chunks, pre = (dtk, sk), (w, dec_rows)
     xk, bk, ck, dtk, sk, h0 = _tri.prepare_chunks(x, dt, A, B, C, q, cdt, **dt_kw,
                                                   initial_states=initial_states,

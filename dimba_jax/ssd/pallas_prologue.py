@@ -19,7 +19,9 @@ broadcast kernel of its own). In XLA that is four to five kernels per SSD call
 for w and dec; here it is one: a program takes one chunk of q rows of `HEADS` heads, processes
 them, sums them along the rows (`jnp.cumsum`, Triton's scan) and stores its outputs transposed.
 The backward (a custom VJP) is the XLA reference's, recomputed from the saved inputs: the
-tensors are small and this saves the forward's launches where they count, in sampling.
+tensors are small and this saves the forward's launches where they count, in sampling. With
+`grad_kernel` False the forward under differentiation is the XLA reference too, so the kernel
+runs only in calls no gradient goes through (`KernelConfig.prologue` "auto").
 
 With a `layout` (offset, directions) (`ssd`'s dt_layout) dt is a wider (b, L, W) array, the
 mixer's projection output: head j < h / directions reads column offset + j, and with two
@@ -90,7 +92,7 @@ def _triton_params():
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _prologue(dt, A, bias, cfg):
-    q, softplus, limit, interpret, weights, dec_cols, (offset, directions) = cfg
+    q, softplus, limit, interpret, weights, dec_cols, (offset, directions), _ = cfg
     bsz, seqlen, width = dt.shape
     nh = A.shape[0]
     lp = -(-seqlen // q) * q
@@ -120,7 +122,7 @@ def _prologue(dt, A, bias, cfg):
 
 
 def _reference(dt, A, bias, cfg):
-    q, softplus, limit, _, weights, dec_cols, layout = cfg
+    q, softplus, limit, _, weights, dec_cols, layout, _ = cfg
     dt = _common.window_dt(dt, layout, A.shape[0])
     dtk, sk = _common.prepare_dt(dt, A, q, dt_bias=bias, dt_softplus=softplus, dt_limit=limit)
     if not weights:
@@ -132,7 +134,9 @@ def _reference(dt, A, bias, cfg):
 
 
 def _prologue_fwd(dt, A, bias, cfg):
-    return _prologue(dt, A, bias, cfg), (dt, A, bias)
+    grad_kernel = cfg[-1]
+    out = _prologue(dt, A, bias, cfg) if grad_kernel else _reference(dt, A, bias, cfg)
+    return out, (dt, A, bias)
 
 
 def _prologue_bwd(cfg, res, cts):
@@ -145,7 +149,7 @@ _prologue.defvjp(_prologue_fwd, _prologue_bwd)
 
 def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
                       dt_limit=(0.0, math.inf), weights: bool = False, dec_cols: int = 0,
-                      layout=None, interpret: bool = False):
+                      layout=None, interpret: bool = False, grad_kernel: bool = True):
     """`_common.prepare_dt` as the fused kernel (differentiable: the reference's VJP).
 
     Args: dt (b, L, h) any float dtype, or with `layout` a wider (b, L, W) array holding the
@@ -154,7 +158,9 @@ def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
     chunk-end decays; dec_cols: 0, or a power of two: the decays repeated along a last axis of
     this width (the state pass's rows, headdim); layout: None, or (offset, directions) as
     `ssd`'s dt_layout (`_common.window_dt`: the kernel reads the columns, and a second
-    direction's rows in reversed time, in place); interpret: the Pallas interpreter.
+    direction's rows in reversed time, in place); interpret: the Pallas interpreter;
+    grad_kernel: whether the kernel also runs under differentiation (else the XLA reference's
+    forward there; the kernel runs in calls without a gradient only).
     Returns: (dtk, sk) float32 (b, h, Lp) [+ (w (b, h, Lp), dec (b, h, Lp / q) or
     (b, h, Lp / q, dec_cols)) with weights].
     Raises ValueError for sizes the kernel does not take (`prologue_supported`).
@@ -175,5 +181,5 @@ def prepare_dt_pallas(dt, A, q: int, *, dt_bias=None, dt_softplus: bool = False,
         raise ValueError(f"prepare_dt_pallas: dec_cols must be 0 or a power of two, got {dec_cols}")
     bias = jnp.zeros((nh,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
     cfg = (int(q), bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])), bool(interpret),
-           bool(weights), int(dec_cols), layout)
+           bool(weights), int(dec_cols), layout, bool(grad_kernel))
     return _prologue(dt, A.astype(jnp.float32), bias, cfg)
