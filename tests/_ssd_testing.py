@@ -15,6 +15,19 @@ def rel_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def plain_ssd_args(seed, bsz, seqlen, nh, p, g, n):
+    """Fresh random bf16 SSD operands without the optional ones: args (x (b, L, h, P),
+    dt (b, L, h), A (h,), B, C (b, L, g, N)) and dy (b, L, h, P), the output cotangent."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    bf16 = jnp.bfloat16
+    args = (jax.random.normal(ks[0], (bsz, seqlen, nh, p)).astype(bf16),
+            jax.random.normal(ks[1], (bsz, seqlen, nh)) - 1.0,
+            -jnp.exp(jax.random.uniform(ks[2], (nh,), minval=-1.0, maxval=1.0)),
+            jax.random.normal(ks[3], (bsz, seqlen, g, n)).astype(bf16),
+            jax.random.normal(ks[4], (bsz, seqlen, g, n)).astype(bf16))
+    return args, jax.random.normal(ks[5], (bsz, seqlen, nh, p)).astype(bf16)
+
+
 def ssd_args(seed, bsz, seqlen, nh, p, g, n):
     """Fresh random bf16 SSD operands (never zero) for a full forward + gradient check:
     args (x (b, L, h, P), dt (b, L, h), A (h,), B, C (b, L, g, N)); kw (D (h, P), dt_bias,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dimba_jax.ssd import KernelConfig, hopper, pallas_gpu, pallas_mosaic, pallas_mosaic_bwd, ssd
-from _ssd_testing import check_kernel_knob, rel_error as _rel, ssd_args
+from _ssd_testing import check_kernel_knob, plain_ssd_args, rel_error as _rel, ssd_args
 
 NAMES = ("dx", "db", "dc", "ddt", "ds", "dd")
 
@@ -251,14 +251,8 @@ def test_dispatcher_runs_the_mosaic_backward_when_asked(monkeypatch):
 
     monkeypatch.setattr(pallas_mosaic_bwd, "chunk_bwd_mosaic", spy)
     jax.clear_caches()  # the backward is jitted once per config: trace it again, with the spy
-    ks = jax.random.split(jax.random.key(20261204), 6)
-    b, l, h, p, g, n = 1, 100, 4, 64, 1, 64
-    args = (jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16),
-            jax.random.normal(ks[1], (b, l, h)) - 1.0,
-            -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
-            jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16),
-            jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16))
-    dy = jax.random.normal(ks[5], (b, l, h, p)).astype(jnp.bfloat16)
+    h = 4
+    args, dy = plain_ssd_args(20261204, 1, 100, h, 64, 1, 64)
     kw = dict(dt_softplus=True, D=jnp.ones((h,)))
 
     def mosaic(*a):
@@ -370,13 +364,7 @@ def test_gpu_two_warpgroups_give_the_bits_of_one(dtype, n):
 def _grads_through_the_forward(seed, h, g, kernels):
     """Compiled jax.grad of a loss of ssd_mosaic_forward (batch 2, L 512, bf16, headdim 64,
     dstate 128, dt_softplus) w.r.t. x, dt, A, B, C, with these KernelConfig kernels."""
-    b, l, p, n = 2, 512, 64, 128
-    ks = jax.random.split(jax.random.key(seed), 5)
-    args = (jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16),
-            jax.random.normal(ks[1], (b, l, h)) - 1.0,
-            -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
-            jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16),
-            jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16))
+    args, _ = plain_ssd_args(seed, 2, 512, h, 64, g, 128)
 
     def loss(*a):
         y = pallas_mosaic.ssd_mosaic_forward(*a, 256, dt_softplus=True, kernels=kernels)
@@ -504,18 +492,11 @@ def test_gpu_full_gradient_with_heads_per_program():
 
 _FULL_GRADIENT_WORKER = """
 import json, sys
-import jax, jax.numpy as jnp
+import jax
 sys.path.insert(0, sys.argv[1])
-from _ssd_testing import rel_error
+from _ssd_testing import plain_ssd_args, rel_error
 from dimba_jax.ssd import KernelConfig, pallas_mosaic, ssd
-b, l, h, p, g, n = 1, 256, 4, 64, 1, 64
-ks = jax.random.split(jax.random.key(3), 6)
-args = (jax.random.normal(ks[0], (b, l, h, p)).astype(jnp.bfloat16),
-        jax.random.normal(ks[1], (b, l, h)) - 1.0,
-        -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.0)),
-        jax.random.normal(ks[3], (b, l, g, n)).astype(jnp.bfloat16),
-        jax.random.normal(ks[4], (b, l, g, n)).astype(jnp.bfloat16))
-dy = jax.random.normal(ks[5], (b, l, h, p)).astype(jnp.bfloat16)
+args, dy = plain_ssd_args(3, 1, 256, 4, 64, 1, 64)
 grads = {}
 for k in (1, 2):
     kernels = KernelConfig(block_len=128, backward="mosaic", backward_heads=k)
