@@ -29,12 +29,14 @@ def test_kernel_config_defaults_validation_and_config_fields():
     # sampler's best)
     config = default_config()
     assert KernelConfig.from_config(config.model) == KernelConfig(forward_only_block_len=128,
-                                                                  prologue="pallas")
+                                                                  prologue="pallas",
+                                                                  output_persistent=True)
     with config.unlocked():
         config.model.update(ssd_forward="triton", ssd_backward="triton", ssd_block_len=64,
                             ssd_forward_only_block_len=0)
     assert KernelConfig.from_config(config.model) == KernelConfig("triton", "triton", 64, None,
-                                                                  prologue="pallas")
+                                                                  prologue="pallas",
+                                                                  output_persistent=True)
     assert KernelConfig.from_config(object()) == KernelConfig()  # an older config: defaults
 
 
