@@ -90,8 +90,7 @@ def parse_variant(spec):
     (default per dtype) with the BACKWARD kernels ("triton", the default here, or "mosaic"), the
     dt PROLOGUE ("xla", the default here, "pallas" or "auto": `KernelConfig.prologue`) and
     FLAGS joined by "+": "wg2" (two consumer warpgroups in the Mosaic chunk backward,
-    `KernelConfig.backward_warpgroups`), "h2" / "h4" (two / four heads per program in it,
-    `KernelConfig.backward_heads`), "owg2" (two in the chunk output,
+    `KernelConfig.backward_warpgroups`), "owg2" (two in the chunk output,
     `KernelConfig.output_warpgroups`), "persist" (that output as the persistent kernel,
     `KernelConfig.output_persistent`), "fo128" (forward-only calls at chunk 128 instead of 64,
     `KernelConfig.forward_only_block_len`);
@@ -103,13 +102,12 @@ def parse_variant(spec):
         parts = spec.split(":") + ["", "", "", ""]
         block = int(parts[1]) if parts[1] else None
         flags = set(parts[4].split("+")) - {""}
-        if flags - {"wg2", "h2", "h4", "owg2", "persist", "fo128"} or {"h2", "h4"} <= flags:
-            raise ValueError(f"variant {spec!r}: the fifth field joins 'wg2', 'h2' or 'h4', "
-                             f"'owg2', 'persist', 'fo128' by '+'")
+        if flags - {"wg2", "owg2", "persist", "fo128"}:
+            raise ValueError(f"variant {spec!r}: the fifth field joins 'wg2', 'owg2', "
+                             f"'persist', 'fo128' by '+'")
         kernels = KernelConfig(block_len=block, backward=parts[2] or "triton",
                                prologue=parts[3] or "xla",
                                backward_warpgroups=2 if "wg2" in flags else 1,
-                               backward_heads=4 if "h4" in flags else 2 if "h2" in flags else 1,
                                output_warpgroups=2 if "owg2" in flags else 1,
                                output_persistent="persist" in flags,
                                forward_only_block_len=128 if "fo128" in flags else 64)
@@ -120,9 +118,6 @@ def parse_variant(spec):
             label, fields["prologue"] = f"{label}_{kernels.prologue}_prologue", kernels.prologue
         if kernels.backward_warpgroups == 2:
             label, fields["backward_warpgroups"] = f"{label}_wg2", 2
-        if kernels.backward_heads > 1:
-            label = f"{label}_h{kernels.backward_heads}"
-            fields["backward_heads"] = kernels.backward_heads
         if kernels.output_warpgroups == 2:
             label, fields["output_warpgroups"] = f"{label}_owg2", 2
         if kernels.output_persistent:

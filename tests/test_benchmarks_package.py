@@ -76,11 +76,6 @@ def test_ssd_bench_variants_name_two_warpgroups():
     label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:owg2+fo128")
     assert label.endswith("_owg2_fo128") and fields["forward_only_block_len"] == 128
     assert "output_persistent" not in fields
-    label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2+h4")
-    assert label.endswith("_wg2_h4") and fields["backward_heads"] == 4
-    assert "backward_heads" not in bench.parse_variant("mosaic:128:mosaic:pallas:wg2")[1]
-    with pytest.raises(ValueError, match="fifth field"):
-        bench.parse_variant("mosaic:128:mosaic:pallas:wg2+h2+h4")
     label, fields, _ = bench.parse_variant("mosaic:128:mosaic:pallas:wg2+owg2+persist")
     assert label.endswith("_wg2_owg2_persist") and fields["output_persistent"] is True
     with pytest.raises(ValueError, match="fifth field"):

@@ -528,15 +528,15 @@ def test_output_persistent_gives_the_same_forward_in_the_interpreter():
 
 @pytest.mark.parametrize("semantics", ["lane", "warpgroup"])
 def test_output_persistent_reaches_the_chunk_output_and_lowers(monkeypatch, semantics):
-    """KernelConfig.output_persistent (config.model.ssd_output_persistent, off by default)
-    runs the persistent kernel in the forward of chunk 128, and the forward with its gradient
+    """KernelConfig.output_persistent (config.model.ssd_output_persistent: on in the models,
+    off in ssd()'s default) runs the persistent kernel in the forward of chunk 128, and the
+    forward with its gradient
     lowers for cuda at base sizes (Mosaic GPU checks shared memory, layouts and wgmma shapes
     while lowering)."""
     from dimba_jax.config import default_config
     m = default_config().model
-    assert KernelConfig.from_config(m).output_persistent is False
-    m.ssd_output_persistent = True
     assert KernelConfig.from_config(m).output_persistent is True
+    assert KernelConfig().output_persistent is False
     seen = []
     real = pallas_mosaic_fwd.chunk_out_persistent_mosaic
 

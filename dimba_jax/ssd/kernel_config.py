@@ -15,7 +15,6 @@ FORWARDS = ("mosaic", "triton")
 PROLOGUES = ("xla", "pallas", "auto")
 BACKWARDS = ("mosaic", "triton")
 BLOCK_LENS = (64, 128)
-BACKWARD_HEADS = (1, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +53,6 @@ class KernelConfig:
       H200 the SSD's forward+backward takes 1.600 against 1.904 ms at 1.3b-L2k, 1.598 against
       1.776 at 130m-L32k, 0.750 against 0.855 at 130m-L2k (one call,
       benchmarks/results/ssd_wg2_h200.md), so 2.
-    backward_heads: heads per program of the Mosaic chunk backward: 1, 2 or 4. With k > 1 a
-      program walks k consecutive heads of one group (B and C loaded once), each warpgroup
-      adding each head's dB / dC slab to a running sum in its staging tile (x.dtype), stored
-      once: the kernel writes 1/k of the per-head dB / dC and XLA's sums over a group's heads
-      read 1/k as much (at configs/base.py ~400 MB a call each way at k = 1). Taken with two
-      backward warpgroups where k divides the heads per group
-      (`pallas_mosaic_bwd.heads_taken`), else 1. dx, ddt, ds, dD the same bits; dB / dC round
-      the running sum to x.dtype after each head instead of each head alone. 1 until timed
-      on a GPU.
     output_warpgroups: consumer warpgroups per program of the Mosaic chunk output: 1, or 2
       (16-bit x at chunk 128: one per 64-row slab, over the columns the causal mask keeps;
       `pallas_mosaic_fwd.chunk_out_mosaic`; elsewhere one). Used in training (chunk 128) and in
@@ -84,7 +74,6 @@ class KernelConfig:
     forward_only_block_len: int | None = 64
     prologue: str = "auto"
     backward_warpgroups: int = 2
-    backward_heads: int = 1
     output_warpgroups: int = 2
     output_persistent: bool = False
 
@@ -101,9 +90,6 @@ class KernelConfig:
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"KernelConfig.{name} must be 1 or 2, got "
                                  f"{getattr(self, name)!r}")
-        if self.backward_heads not in BACKWARD_HEADS:
-            raise ValueError(f"KernelConfig.backward_heads must be one of {BACKWARD_HEADS}, got "
-                             f"{self.backward_heads!r}")
         for name in ("block_len", "forward_only_block_len"):
             value = getattr(self, name)
             if value is not None and value not in BLOCK_LENS:
@@ -114,8 +100,8 @@ class KernelConfig:
     def from_config(cls, model_config) -> "KernelConfig":
         """From `config.model`: ssd_forward, ssd_backward, ssd_block_len,
         ssd_forward_only_block_len (0 = None), ssd_prologue, ssd_backward_warpgroups,
-        ssd_backward_heads, ssd_output_warpgroups and ssd_output_persistent; a missing field
-        keeps the default (older runs)."""
+        ssd_output_warpgroups and ssd_output_persistent; a missing field keeps the default
+        (older runs)."""
         get = lambda name, default: getattr(model_config, name, default)  # noqa: E731
         default = cls()
         return cls(forward=str(get("ssd_forward", default.forward)),
@@ -126,7 +112,6 @@ class KernelConfig:
                    prologue=str(get("ssd_prologue", default.prologue)),
                    backward_warpgroups=int(get("ssd_backward_warpgroups",
                                                default.backward_warpgroups)),
-                   backward_heads=int(get("ssd_backward_heads", default.backward_heads)),
                    output_warpgroups=int(get("ssd_output_warpgroups",
                                              default.output_warpgroups)),
                    output_persistent=bool(get("ssd_output_persistent",

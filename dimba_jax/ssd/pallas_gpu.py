@@ -462,8 +462,7 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     """The custom_vjp backward of `_core`: the Triton dout chunk-state and reverse state-pass
     kernels, then `chunk_bwd` (default `_chunk_bwd_call`; pallas_mosaic passes its Mosaic GPU
     kernel, same signature and outputs) for dx, dB, dC, ddt, ds and dD; dB and dC come per
-    head, or per block of a group's heads (b, Lp, nheads / k, N), and are summed over each
-    group's heads (or blocks) here.
+    head, (b, Lp, nheads, N), and are summed over each group's heads here.
 
     state_bwd: None (the two Triton kernels) or a replacement for both,
       state_bwd(dy, c, dt, s, hprev, dec, dfin, seg, *, q, hpg, interpret) -> (dstates
@@ -496,8 +495,8 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     f32 = jnp.float32
 
     def per_group(v, dtype):
-        if v.shape[2] != g:  # per head or per block of heads: sum each group's
-            v = v.reshape(bsz, lp, g, v.shape[2] // g, n).sum(axis=3, dtype=f32)
+        if hpg > 1:  # sum each group's heads
+            v = v.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32)
         return v.astype(dtype)
 
     db, dc = per_group(db_h, b.dtype), per_group(dc_h, c.dtype)

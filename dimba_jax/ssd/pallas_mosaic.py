@@ -166,12 +166,10 @@ def _core_fwd(x, b, c, dt, s, h0, d, q, hpg, interpret, forward, backward, q_fwd
     return (y, fin), (x, b, c, dt, s, hprev, d, pre)
 
 
-def _mosaic_chunk_bwd(x, b, q, semantics, warpgroups, heads):
+def _mosaic_chunk_bwd(x, b, q, semantics, warpgroups):
     """The Mosaic GPU chunk-backward kernel as a drop-in for pallas_gpu._chunk_bwd_call (with
-    warpgroups 2, two consumer warpgroups per program where they fit; with heads > 1, that
-    many heads per program where `pallas_mosaic_bwd.heads_taken` says, dB / dC summed over
-    them), or None (with a logged reason) where pallas_mosaic_bwd does not take these
-    shapes."""
+    warpgroups 2, two consumer warpgroups per program where they fit), or None (with a logged
+    reason) where pallas_mosaic_bwd does not take these shapes."""
     ok, why = pallas_mosaic_bwd.supported_bwd(x=x, b=b, q=q)
     if not ok:
         _warn_once(f"Mosaic GPU SSD backward does not take this call ({why}); using Triton's")
@@ -181,8 +179,7 @@ def _mosaic_chunk_bwd(x, b, q, semantics, warpgroups, heads):
         del seg, num_warps  # no seq_idx on the Mosaic path; one warpgroup per program
         return pallas_mosaic_bwd.chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, q=q,
                                                   hpg=hpg, interpret=interpret,
-                                                  semantics=semantics, warpgroups=warpgroups,
-                                                  heads=heads)
+                                                  semantics=semantics, warpgroups=warpgroups)
 
     return chunk_bwd
 
@@ -211,10 +208,10 @@ def _core_bwd(q, hpg, interpret, forward, backward, q_fwd, res, grads):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _bwd_impl_once(q, hpg, interpret, backward, res, grads):
     """The custom_vjp backward, jitted once for all call sites (see `_fwd_impl_once`).
-    backward: (KernelConfig.backward, .backward_warpgroups, .backward_heads)."""
+    backward: (KernelConfig.backward, .backward_warpgroups)."""
     x, b, c, dt, s, hprev, d = res
-    backward, warpgroups, heads = backward
-    chunk_bwd = (_mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS, warpgroups, heads)
+    backward, warpgroups = backward
+    chunk_bwd = (_mosaic_chunk_bwd(x, b, q, BACKWARD_SEMANTICS, warpgroups)
                  if backward == "mosaic" else None)
     state_bwd = _mosaic_state_bwd(x, b, q, BACKWARD_SEMANTICS) if backward == "mosaic" else None
     cfg = (q, hpg, 4, 8, interpret)  # pallas_gpu's (q, heads/group, warps fwd, warps bwd, interpret)
@@ -298,7 +295,7 @@ def ssd_mosaic_forward(x, dt, A, B, C, chunk_size, *, D=None, z=None, dt_bias=No
         d = jnp.broadcast_to(D.astype(jnp.float32).reshape(nh, -1), (nh, p))
     y, fin = _core(xk, bk, ck, dtk, sk, h0, d, q, nh // g, bool(interpret),
                    (semantics, kernels.output_warpgroups, kernels.output_persistent),
-                   (kernels.backward, kernels.backward_warpgroups, kernels.backward_heads),
+                   (kernels.backward, kernels.backward_warpgroups),
                    kernels.forward_only_block_len, pre)
     y = y[:, :seqlen]
     if (tf32 and D is not None) or z is not None:

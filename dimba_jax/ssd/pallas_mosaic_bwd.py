@@ -60,12 +60,6 @@ Data flow. Grid (chunk, head, batch), one warpgroup (128 threads) per program.
     rows, and hands its v rows to warpgroup 1 through SMEM and an mbarrier; it makes no
     cross-warp reduction, so the two never use Mosaic's reduction scratch at once. Warpgroup 1
     forms sum(v) and dD (from both slabs' tiles) in the one-warpgroup order: the same bits.
-  * k heads per program (`heads=k`, two warpgroups only; grid (chunk, nheads / k, batch)):
-    the program walks k consecutive heads of one group. B and C are loaded for the first head
-    only; each later head's tiles are loaded over the previous head's once both warpgroups
-    have arrived on a release barrier after their last read of them. Each warpgroup adds its
-    dB / dC slab (float32) to the running sum in its staging tile (x.dtype) and stores it by
-    TMA after the last head: dB / dC leave as (batch, Lp, nheads / k, N).
 
 float32 inputs are not supported (tf32 wgmma takes no transposed operands; `supported_bwd`
 says so). No seq_idx. Imports without a GPU; lowers for cuda on a CPU-only machine with
@@ -88,7 +82,7 @@ _NUM_BARRIERS = 12  # one per TMA load; 8 bytes each
 
 
 def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool = True,
-               share_staging: bool = False, warpgroups: int = 1, heads: int = 1) -> int:
+               share_staging: bool = False, warpgroups: int = 1) -> int:
     """Shared memory of `chunk_bwd_mosaic`'s kernel in bytes (tiles, staging, vectors, the
     cross-warp reduction scratch, barriers), each buffer aligned as Mosaic GPU allocates it
     (this matched Mosaic GPU's own count exactly at six configurations, jax 0.10.2 and 0.11.2).
@@ -97,7 +91,6 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
     share_staging: whether the dB and dC slabs share one staging tile.
     warpgroups: consumer warpgroups per program (2: one per 64-row slab, each with its own
       staging tiles, plus the slab-0 -> slab-1 exchange vector and its barrier).
-    heads: heads per program (> 1: one more barrier, the tiles' release between heads).
     """
     a = hopper.aligned
     tiles = 2 * a(itemsize * q * p) + 2 * a(itemsize * q * n) + 2 * a(itemsize * p * n)
@@ -105,8 +98,7 @@ def smem_bytes(q: int, p: int, n: int, itemsize: int = 2, convert_dstates: bool 
     vectors = a(4 * 5 * q) + a(4 * 2 * q) + a(4 * 2 * p)  # s, dt x2, e_end; ddt, ds; D, dD
     f32_dst = a(4 * p * n) if convert_dstates else 0
     exchange = (a(4 * SLAB) + 8) if warpgroups == 2 else 0
-    release = 8 if heads > 1 else 0
-    return (tiles + warpgroups * staging + vectors + f32_dst + exchange + release
+    return (tiles + warpgroups * staging + vectors + f32_dst + exchange
             + hopper.REDUCTION_SCRATCH + 8 * _NUM_BARRIERS)
 
 
@@ -143,17 +135,6 @@ def warpgroups_fit(q: int, p: int, n: int, itemsize: int) -> bool:
                                         warpgroups=2) <= hopper.SMEM_LIMIT
 
 
-def heads_taken(heads: int, hpg: int, warpgroups: int, q: int, p: int, n: int,
-                itemsize: int) -> int:
-    """Heads per program the kernel runs when asked for `heads`: `heads` where it divides the
-    group's hpg heads and the two-warpgroup kernel runs (each warpgroup keeps its slab's
-    running dB / dC sum in its own staging tiles), else 1."""
-    if heads == 1 or hpg % heads or warpgroups != 2 or not warpgroups_fit(q, p, n, itemsize):
-        return 1
-    need = smem_bytes(q, p, n, itemsize, convert_dstates=False, warpgroups=2, heads=heads)
-    return heads if need <= hopper.SMEM_LIMIT else 1
-
-
 def supported_bwd(*, x, b, q: int) -> tuple[bool, str]:
     """Whether `chunk_bwd_mosaic` handles these operands.
 
@@ -188,8 +169,7 @@ def _end_decay(s, q):
 
 
 def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret=False,
-                      semantics: str = hopper.DEFAULT_SEMANTICS, warpgroups: int = 1,
-                      heads: int = 1):
+                      semantics: str = hopper.DEFAULT_SEMANTICS, warpgroups: int = 1):
     """Chunk backward on Hopper; drop-in for `pallas_gpu._chunk_bwd_call(..., seg=None)`.
 
     Args:
@@ -207,15 +187,9 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
       warpgroups: 1, or 2: two consumer warpgroups per program, one per 64-row slab, where
         `warpgroups_fit` (else one); float32 dS is then rounded to x.dtype in XLA. The same
         bits as one warpgroup.
-      heads: heads per program, a power of two: each program walks `heads` consecutive heads
-        of one group (B and C loaded once) and stores dB / dC once, summed over them: each
-        warpgroup adds each head's float32 slab to a running sum kept in x.dtype in its
-        staging tile. Taken where `heads_taken` says (two warpgroups, heads dividing the
-        group's), else 1. dx, ddt, ds and dd the same bits as heads 1.
     Returns:
       dx: (batch, Lp, nheads, P) x.dtype;
-      db, dc: (batch, Lp, nheads // k, N) x.dtype, each over k heads taken per program (per
-        head at k = 1; the caller sums each group's);
+      db, dc: (batch, Lp, nheads, N) x.dtype per head (sum over a group's heads outside);
       ddt, ds: (batch, nheads, Lp) float32 (ds without the state pass's d s_end term);
       dd: (batch, nheads, Lp // q, P) float32, this chunk's partial sums of dD.
     Raises:
@@ -241,8 +215,6 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
         raise ValueError(f"semantics must be 'lane' or 'warpgroup', got {semantics!r}")
     if warpgroups not in (1, 2):
         raise ValueError(f"chunk_bwd_mosaic: warpgroups must be 1 or 2, got {warpgroups!r}")
-    if heads < 1 or heads & (heads - 1):
-        raise ValueError(f"chunk_bwd_mosaic: heads must be a power of two, got {heads!r}")
     dst_f32 = jnp.dtype(dstates.dtype) != jnp.dtype(cdt)
     itemsize = jnp.dtype(cdt).itemsize
     if warpgroups == 2 and warpgroups_fit(q, p, n, itemsize):
@@ -250,13 +222,12 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
     else:
         warpgroups = 1
         convert, share, _ = smem_plan(q, p, n, itemsize, dst_f32)
-    heads = heads_taken(heads, hpg, warpgroups, q, p, n, itemsize)
     # float32 dS: converted in the kernel (its float32 tile staged in SMEM) where that fits,
     # else here in XLA (one extra pass over dstates).
     dstates = dstates.astype(jnp.float32 if convert else cdt)
     kernel = _build_kernel(bsz=bsz, lp=lp, nh=nh, p=p, n=n, q=q, hpg=hpg, cdt=cdt,
                            convert=convert, share_staging=share, interpret=interpret,
-                           semantics=semantics, warpgroups=warpgroups, heads=heads)
+                           semantics=semantics, warpgroups=warpgroups)
     f32 = jnp.float32
     args = (x, b.astype(cdt), c.astype(cdt), dt.astype(f32), s.astype(f32),
             _end_decay(s.astype(f32), q), dy.astype(cdt), hprev.astype(cdt), dstates,
@@ -265,16 +236,15 @@ def chunk_bwd_mosaic(x, b, c, dt, s, dy, hprev, dstates, d, *, q, hpg, interpret
 
 
 def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, interpret,
-                  semantics, warpgroups=1, heads=1):
+                  semantics, warpgroups=1):
     """The plgpu.kernel callable of `chunk_bwd_mosaic` (arguments x, b, c, dt, s, e_end, dy,
-    hprev, dstates, d; outputs dx, db, dc, ddt, ds, dd).
+    hprev, dstates, d; outputs dx, db_h, dc_h, ddt, ds, dd).
 
     convert: dstates arrive in float32 and are converted in the kernel (else in cdt).
     share_staging: the dB and dC slabs go through one SMEM staging tile (saves SLAB x N
       16-bit items; dB waits until the dC store has read it).
     warpgroups: 1, or 2 (q = 128, per-head dB / dC, dS in cdt, separate staging: see
       `warpgroups_fit`): one consumer warpgroup per 64-row slab, each with its own staging.
-    heads: heads per program (> 1 with two warpgroups only: see `heads_taken`).
     """
     plgpu = hopper.mosaic_gpu()
     nc = lp // q
@@ -328,10 +298,9 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
              x_smem, dy_smem, b_smem, c_smem, h_smem, dst_smem, vin, vout, pvec, dx_st, dc_st,
              bars, *extra):
         ci = lax.axis_index("chunk")
-        hb = lax.axis_index("head")  # the program's block of `heads` heads (its head at 1)
+        hi = lax.axis_index("head")
         bi = lax.axis_index("batch")
-        first = hb if heads == 1 else hb * heads
-        gi = lax.div(first, jnp.array(hpg, hb.dtype))
+        gi = lax.div(hi, jnp.array(hpg, hi.dtype))
         rows = pl.ds(ci * q, q)
         # Vectors share three buffers (each SMEM buffer takes >= 1 KB). vin rows: s and dt
         # twice each, one copy per register layout (two loads of one buffer in two layouts
@@ -345,38 +314,27 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         if warpgroups == 2:  # slab 1's staging tiles, the slab-0 v vector and its barrier
             staging = [(dx_st, dc_st, db_st), tuple(extra[:3])]
             v_xch, xbar = extra[3], extra[4]
-            release = extra[5] if heads > 1 else None  # both warpgroups done with a head's tiles
         else:
             staging = [(dx_st, dc_st, db_st)] * nslab
+        # TMA loads in the order of first use, each waited for just before it (the first slab
+        # computes while the later tiles arrive).
+        loads = [(dy_ref.at[bi, rows, hi], dy_smem), (x_ref.at[bi, rows, hi], x_smem),
+                 (dt_ref.at[bi, hi, rows], dt_col), (c_ref.at[bi, rows, gi], c_smem),
+                 (b_ref.at[bi, rows, gi], b_smem), (s_ref.at[bi, hi, rows], s_row),
+                 (s_ref.at[bi, hi, rows], s_col), (h_ref.at[bi, hi, ci], h_smem),
+                 (d_ref.at[hi], d_smem), (dt_ref.at[bi, hi, rows], dt_row),
+                 (ee_ref.at[bi, hi, rows], ee_row),
+                 (dst_ref.at[bi, hi, ci], dst32 if convert else dst_smem)]
 
-        def head(j):
-            """The program's j-th head."""
-            return hb if heads == 1 else first + j
+        def issue_loads():
+            for k, (src, dst) in enumerate(loads):
+                plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
 
-        def loads(hi):
-            """Head hi's TMA loads in the order of first use, each waited for just before it
-            (the first slab computes while the later tiles arrive)."""
-            return [(dy_ref.at[bi, rows, hi], dy_smem), (x_ref.at[bi, rows, hi], x_smem),
-                    (dt_ref.at[bi, hi, rows], dt_col), (c_ref.at[bi, rows, gi], c_smem),
-                    (b_ref.at[bi, rows, gi], b_smem), (s_ref.at[bi, hi, rows], s_row),
-                    (s_ref.at[bi, hi, rows], s_col), (h_ref.at[bi, hi, ci], h_smem),
-                    (d_ref.at[hi], d_smem), (dt_ref.at[bi, hi, rows], dt_row),
-                    (ee_ref.at[bi, hi, rows], ee_row),
-                    (dst_ref.at[bi, hi, ci], dst32 if convert else dst_smem)]
+        bar_of = [dst for _, dst in loads]
 
-        bar_of = [dst for _, dst in loads(hb)]
-        group_tiles = {k for k, ref in enumerate(bar_of)
-                       if ref is b_smem or ref is c_smem}  # loaded by the first head only
-
-        def issue_loads(hi, with_group_tiles=True):
-            for k, (src, dst) in enumerate(loads(hi)):
-                if with_group_tiles or k not in group_tiles:
-                    plgpu.copy_gmem_to_smem(src, dst, bars.at[k])
-
-        def waiter(group_tiles_waited=False):
-            """ready(*smems): wait (once per warpgroup and head) for the TMA loads into these
-            buffers; B and C only for the first head (group_tiles_waited: a later head)."""
-            waited = set(group_tiles) if group_tiles_waited else set()
+        def waiter():
+            """ready(*smems): wait (once per warpgroup) for the TMA loads into these buffers."""
+            waited = set()
 
             def ready(*smems):
                 for ref in smems:
@@ -392,18 +350,6 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(st, dst_ref_slice)
 
-        def put(val, st, dst_ref_slice, sums):
-            """A dB / dC slab (float32) of one head: stored, or with sums = (first, last) over
-            the program's heads added to the running sum in st (x.dtype) and stored after the
-            last head."""
-            first_head, last_head = sums
-            if not first_head:
-                val = val + load(st, wgmma_layout).astype(f32)
-            if last_head:
-                store(val.astype(cdt), st, dst_ref_slice)
-            else:
-                st[...] = val.astype(cdt)
-
         def decay(sl, r0, c0, width, transposed):
             """Rows R of L (or, if transposed, of L^T), columns [c0, c0 + width): (SLAB, width)
             float32. Built where used (iotas, s rows / columns reloaded from SMEM) so that no
@@ -418,11 +364,11 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                 return jnp.exp(jnp.where(j_idx >= i_idx, -diff, -jnp.inf))
             return jnp.exp(jnp.where(i_idx >= j_idx, diff, -jnp.inf))
 
-        def slab(si, ready, hi, sums=(True, True), dd=True):
-            """Slab si (rows r0 = 64 si ...) of head hi: dx rows stored, dC and dB rows put
-            (`put`, sums), ddt rows into ddt_st. Returns the ds rows without the chunk's
-            sum(v) term and the v rows ((SLAB,) float32 each), and with dd colsum(dy o x) over
-            the slab's rows ((P,) float32: a cross-warp reduction), else None."""
+        def slab(si, ready, dd=True):
+            """Slab si (rows r0 = 64 si ...): dC, dB and dx rows stored, ddt rows into ddt_st.
+            Returns the ds rows without the chunk's sum(v) term and the v rows ((SLAB,)
+            float32 each), and with dd colsum(dy o x) over the slab's rows ((P,) float32: a
+            cross-warp reduction), else None."""
             dx_st, dc_st, db_st = staging[si]
             r0 = si * SLAB
             sl = pl.ds(r0, SLAB)
@@ -449,7 +395,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             dy_r = load(dy_smem.at[sl], wgmma_layout).astype(f32)
             t_off = es_r * jnp.sum(dy_r * y_off, axis=1)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last slab's stores read
-            put(dc, dc_st, dc_ref.at[bi, out_rows, hb], sums)
+            store(dc.astype(cdt), dc_st, dc_ref.at[bi, out_rows, hi])
 
             # Orientation 2: rows R of dM^T, M^T, dG^T -> dB_R, dxd_R, colsum(w) for columns R.
             # (L^T)_R is zero before column r0: only columns [r0, q) are formed.
@@ -477,7 +423,7 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             db = acc_product(xds * rows_bcast(dt_r * ee_r, (SLAB, n)), dgt, c_smem.at[k2])
             if share_staging:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the dC store has read it
-            put(db, db_st, db_ref.at[bi, out_rows, hb], sums)
+            store(db.astype(cdt), db_st, db_ref.at[bi, out_rows, hi])
             bs = bs * rows_bcast(ee_r, (SLAB, p))                        # e_end o (B dS^T)
             dxd = acc_product(bs, mt16, dy_smem.at[k2])                    # + M^T dy
             x_r = load(x_smem.at[sl], wgmma_layout).astype(f32)
@@ -502,15 +448,14 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
             last = iota((SLAB,), 0, row) == SLAB - 1
             return ds_r + jnp.where(last, v_total, 0.0)
 
-        if warpgroups == 1:  # one head per program
-            hi = hb
-            issue_loads(hi)
+        if warpgroups == 1:
+            issue_loads()
             ready = waiter()
             dd_acc = None
             v_total = None
             for si in range(nslab):
                 sl = pl.ds(si * SLAB, SLAB)
-                ds_r, v, dd_r = slab(si, ready, hi)
+                ds_r, v, dd_r = slab(si, ready)
                 v_sum = jnp.sum(v, axis=0)
                 v_total = v_sum if v_total is None else v_total + v_sum
                 ds_st.at[sl][...] = with_last(ds_r, v_total) if si == nslab - 1 else ds_r
@@ -527,49 +472,34 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
         # and hands its v rows to warpgroup 1 through SMEM (v_xch, barrier xbar); it makes no
         # cross-warp reduction, so the two never share Mosaic's reduction scratch at once.
         # Warpgroup 1 forms every sum (sum(v) over the chunk, dD over both slabs) after the
-        # barrier, in the one-warpgroup kernel's order (the same bits). With several heads,
-        # the heads follow each other: both warpgroups arrive on `release` after their last
-        # read of a head's tiles (and warpgroup 1 after reading its v rows), and warpgroup 0
-        # waits for both before loading the next head over them.
+        # barrier, in the one-warpgroup kernel's order (the same bits).
         wg = lax.axis_index("wg")
 
         @pl.when(wg == 0)
         def _():
-            for j in range(heads):
-                hi = head(j)
-                if j:
-                    plgpu.barrier_wait(release.at[0])
-                issue_loads(hi, with_group_tiles=j == 0)
-                ds_r, v, _ = slab(0, waiter(j > 0), hi, (j == 0, j == heads - 1),
-                                  dd=False)  # its dD sum: warpgroup 1's to form
-                if j < heads - 1:
-                    plgpu.barrier_arrive(release.at[0])
-                sl = pl.ds(0, SLAB)
-                ds_st.at[sl][...] = ds_r
-                v_xch[...] = v
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(xbar.at[0])
-                plgpu.copy_smem_to_gmem(ddt_st.at[sl], ddt_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
-                plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
+            issue_loads()
+            ds_r, v, _ = slab(0, waiter(), dd=False)  # its dD sum: warpgroup 1's to form
+            sl = pl.ds(0, SLAB)
+            ds_st.at[sl][...] = ds_r
+            v_xch[...] = v
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(xbar.at[0])
+            plgpu.copy_smem_to_gmem(ddt_st.at[sl], ddt_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
+            plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q, SLAB)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 1)
         def _():
-            for j in range(heads):
-                hi = head(j)
-                ds_r, v, dd_1 = slab(1, waiter(j > 0), hi, (j == 0, j == heads - 1))
-                plgpu.barrier_wait(xbar.at[0])
-                v_total = jnp.sum(load(v_xch, row), axis=0) + jnp.sum(v, axis=0)
-                sl = pl.ds(SLAB, SLAB)
-                ds_st.at[sl][...] = with_last(ds_r, v_total)
-                dd_st[...] = dd_rows(0) + dd_1
-                if j < heads - 1:
-                    plgpu.barrier_arrive(release.at[0])
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ddt_st.at[sl],
-                                        ddt_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
-                plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
-                plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
+            ds_r, v, dd_1 = slab(1, waiter())
+            plgpu.barrier_wait(xbar.at[0])
+            v_total = jnp.sum(load(v_xch, row), axis=0) + jnp.sum(v, axis=0)
+            sl = pl.ds(SLAB, SLAB)
+            ds_st.at[sl][...] = with_last(ds_r, v_total)
+            dd_st[...] = dd_rows(0) + dd_1
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ddt_st.at[sl], ddt_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
+            plgpu.copy_smem_to_gmem(ds_st.at[sl], ds_ref.at[bi, hi, pl.ds(ci * q + SLAB, SLAB)])
+            plgpu.copy_smem_to_gmem(dd_st, dd_ref.at[bi, hi, ci])
             plgpu.wait_smem_to_gmem(0)
 
     tr = functools.partial(hopper.smem_transforms, plgpu)
@@ -597,20 +527,18 @@ def _build_kernel(*, bsz, lp, nh, p, n, q, hpg, cdt, convert, share_staging, int
                     plgpu.SMEM((SLAB, n), cdt, transforms=tr(n, cdt)),
                     plgpu.SMEM((SLAB,), f32),
                     plgpu.Barrier(num_barriers=1)]
-        if heads > 1:  # the heads' release: both warpgroups done with a head's tiles
-            scratch.append(plgpu.Barrier(num_arrivals=2, num_barriers=1))
     tail = (jax.ShapeDtypeStruct((bsz, nh, lp), f32),
             jax.ShapeDtypeStruct((bsz, nh, lp), f32),
             jax.ShapeDtypeStruct((bsz, nh, nc, p), f32))
     dx_type = jax.ShapeDtypeStruct((bsz, lp, nh, p), cdt)
     out_type = (dx_type,
-                jax.ShapeDtypeStruct((bsz, lp, nh // heads, n), cdt),
-                jax.ShapeDtypeStruct((bsz, lp, nh // heads, n), cdt),
+                jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
+                jax.ShapeDtypeStruct((bsz, lp, nh, n), cdt),
                 *tail)
     threads = {"num_threads": 2, "thread_name": "wg"} if warpgroups == 2 else {}
     return hopper.kernel_call(
         plgpu, ssd_chunk_bwd, out_type, scratch,
-        grid=(nc, nh // heads, bsz), grid_names=("chunk", "head", "batch"), **threads,
+        grid=(nc, nh, bsz), grid_names=("chunk", "head", "batch"), **threads,
         **({"interpret": hopper.interpret_params()} if interpret
            else {"compiler_params": hopper.compiler_params(plgpu, semantics)}),
     )
