@@ -530,9 +530,8 @@ def test_output_persistent_gives_the_same_forward_in_the_interpreter():
 def test_output_persistent_reaches_the_chunk_output_and_lowers(monkeypatch, semantics):
     """KernelConfig.output_persistent (config.model.ssd_output_persistent: on in the models,
     off in ssd()'s default) runs the persistent kernel in the forward of chunk 128, and the
-    forward with its gradient
-    lowers for cuda at base sizes (Mosaic GPU checks shared memory, layouts and wgmma shapes
-    while lowering)."""
+    forward with its gradient lowers for cuda at base sizes (Mosaic GPU checks shared memory,
+    layouts and wgmma shapes while lowering)."""
     from dimba_jax.config import default_config
     m = default_config().model
     assert KernelConfig.from_config(m).output_persistent is True
