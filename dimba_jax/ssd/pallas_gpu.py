@@ -495,7 +495,7 @@ def core_backward(cfg, res, grads, chunk_bwd=None, state_bwd=None):
     f32 = jnp.float32
 
     def per_group(v, dtype):
-        if hpg > 1:  # sum each group's heads
+        if v.shape[2] != g:  # per head: sum each group's heads
             v = v.reshape(bsz, lp, g, hpg, n).sum(axis=3, dtype=f32)
         return v.astype(dtype)
 
